@@ -1,0 +1,209 @@
+"""The values that travel through relay. Imports nothing from the package."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RecipientStatus(enum.StrEnum):
+    SCHEDULED = "scheduled"
+    QUEUED = "queued"
+    DEFERRED = "deferred"
+    HELD = "held"
+    FAILED = "failed"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    EXPIRED = "expired"
+    SUPPRESSED = "suppressed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset(
+    {
+        RecipientStatus.DELIVERED,
+        RecipientStatus.BOUNCED,
+        RecipientStatus.EXPIRED,
+        RecipientStatus.SUPPRESSED,
+        RecipientStatus.CANCELLED,
+    }
+)
+
+# While any recipient is in one of these, the message takes the first that applies.
+_PENDING_PRECEDENCE = (
+    RecipientStatus.SCHEDULED,
+    RecipientStatus.HELD,
+    RecipientStatus.QUEUED,
+    RecipientStatus.DEFERRED,
+    RecipientStatus.FAILED,
+)
+
+
+def message_status(statuses: list[RecipientStatus] | list[str]) -> str:
+    """A message's status, derived from its recipients' (DESIGN.md section 3)."""
+    present = {RecipientStatus(s) for s in statuses}
+    for status in _PENDING_PRECEDENCE:
+        if status in present:
+            return status.value
+    if not present:
+        return RecipientStatus.QUEUED.value
+    if present == {RecipientStatus.DELIVERED}:
+        return "delivered"
+    if RecipientStatus.DELIVERED in present:
+        return "partially_delivered"
+    if present & {RecipientStatus.BOUNCED, RecipientStatus.EXPIRED}:
+        return "bounced"
+    if present == {RecipientStatus.SUPPRESSED}:
+        return "suppressed"
+    if present == {RecipientStatus.CANCELLED}:
+        return "cancelled"
+    return "bounced" if RecipientStatus.SUPPRESSED in present else "cancelled"
+
+
+class Stream(enum.StrEnum):
+    TRANSACTIONAL = "transactional"
+    BROADCAST = "broadcast"
+
+
+class EventType(enum.StrEnum):
+    QUEUED = "email.queued"
+    SCHEDULED = "email.scheduled"
+    DEFERRED = "email.deferred"
+    DELIVERED = "email.delivered"
+    BOUNCED = "email.bounced"
+    EXPIRED = "email.expired"
+    DELAYED = "email.delayed"
+    DROPPED = "email.dropped"
+    CANCELLED = "email.cancelled"
+    HELD = "email.held"
+    RELEASED = "email.released"
+    FAILED = "email.failed"
+    OPENED = "email.opened"
+    CLICKED = "email.clicked"
+    UNSUBSCRIBED = "email.unsubscribed"
+    COMPLAINED = "email.complained"
+    WEBHOOK_DISABLED = "webhook.disabled"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnvelopeRecipient:
+    """One RCPT: the address and its DSN parameters (RFC 3461)."""
+
+    address: str
+    notify: tuple[str, ...] = ()  # NEVER | SUCCESS, FAILURE, DELAY; empty = default
+    orcpt: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Submission:
+    """What every entry point hands to `submit`: one message, its envelope and options."""
+
+    mail_from: str  # envelope sender; "" is the null sender
+    recipients: tuple[EnvelopeRecipient, ...]
+    data: bytes  # RFC 5322 bytes with CRLF line endings
+    source: str = "smtp"  # smtp | api
+    api_key_id: str | None = None
+    tags: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    stream: Stream = Stream.TRANSACTIONAL
+    idempotency_key: str | None = None
+    scheduled_at: float | None = None
+    dsn_ret: str | None = None  # FULL | HDRS
+    dsn_envid: str | None = None
+    smtputf8: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmitResult:
+    message_id: str
+    duplicate: bool = False  # an idempotency key repeated: nothing new was queued
+    status: str = "queued"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    id: str
+    created_at: float
+    mail_from: str
+    size: int
+    source: str
+    api_key_id: str | None
+    tags: tuple[str, ...]
+    metadata: dict[str, Any]
+    stream: Stream
+    status: str
+    subject: str = ""
+    header_from: str = ""
+    dsn_ret: str | None = None
+    dsn_envid: str | None = None
+    smtputf8: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipient:
+    id: int
+    message_id: str
+    address: str
+    domain: str
+    status: RecipientStatus
+    attempts: int = 0
+    next_attempt_at: float | None = None
+    last_reply: str | None = None
+    notify: tuple[str, ...] = ()
+    orcpt: str | None = None
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attempt:
+    id: int
+    recipient_id: int
+    message_id: str
+    started_at: float
+    duration: float
+    mx_host: str | None
+    ip: str | None
+    port: int | None
+    tls_version: str | None
+    tls_cipher: str | None
+    code: int | None
+    enhanced: str | None
+    text: str
+    outcome: str  # delivered | deferred | bounced
+    signed: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    id: int
+    message_id: str | None
+    recipient_id: int | None
+    type: str
+    created_at: float
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiKey:
+    id: str  # the public prefix, e.g. "rk_3f9a…"
+    name: str
+    scopes: tuple[str, ...]
+    domains: tuple[str, ...]  # empty = any sender domain
+    created_at: float
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+
+
+SCOPES = (
+    "emails:send",
+    "emails:read",
+    "domains:manage",
+    "webhooks:manage",
+    "suppressions:manage",
+    "keys:manage",
+)
