@@ -53,10 +53,13 @@ class PermanentFailure(DeliveryFailure):
 
 
 class ValidationError(RelayError):
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    """Bad input. `param` names the field or header; `smtp` is the reply an SMTP client gets."""
+
+    def __init__(self, message: str, *, param: str | None = None, smtp: str = "550 5.6.0") -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.smtp = smtp
 
 
 class StoreError(RelayError):

@@ -112,10 +112,15 @@ class Submission:
     metadata: dict[str, Any] = field(default_factory=dict)
     stream: Stream = Stream.TRANSACTIONAL
     idempotency_key: str | None = None
+    idempotency_fingerprint: str | None = None  # a hash of the request, to tell a replay from a reuse
     scheduled_at: float | None = None
     dsn_ret: str | None = None  # FULL | HDRS
     dsn_envid: str | None = None
     smtputf8: bool = False
+    allowed_domains: tuple[str, ...] = ()  # sender domains the key may use; empty = any
+    # trace for the Received: header, e.g. ("client.example ([192.0.2.1])", "ESMTPSA")
+    received_from: str | None = None
+    received_with: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,336 @@
+"""The `relay` command: init, serve, send, keys and queue."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import os
+import smtplib
+import ssl
+import sys
+from collections.abc import Awaitable, Callable
+from email.message import EmailMessage
+from email.utils import make_msgid
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from . import keys
+from .config import Config
+from .errors import ConfigError, StoreError, ValidationError
+from .service import run
+from .store import MessageDetail, SQLiteStore
+from .tlsutil import ensure_self_signed
+from .types import SCOPES
+
+EXIT_CONFIG = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_CONFIG
+    logging.basicConfig(level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_mod.load(args.config) if args.func is not cmd_init else None
+        result: int = args.func(args, config)
+        return result
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    except (ValidationError, StoreError) as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relay", description="SMTP relay and mail API")
+    p.add_argument("--config", metavar="PATH", default=None,
+                   help="config file (default: $RELAY_CONFIG, else embedded defaults)")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    s = sub.add_parser("init", help="write a config, make the data dir, a TLS cert and a key")
+    s.add_argument("--write-config", metavar="PATH",
+                   help="where to write a commented config file (not overwritten)")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("serve", help="run relay")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("send", help="send a test message through the running relay")
+    s.add_argument("--to", required=True, action="append")
+    s.add_argument("--from", dest="sender", default=None)
+    s.add_argument("--subject", default="Test message from relay")
+    s.add_argument("--key", default=os.environ.get("RELAY_API_KEY"),
+                   help="API key for AUTH (default $RELAY_API_KEY, else a one-off key)")
+    s.set_defaults(func=cmd_send)
+
+    k = sub.add_parser("keys", help="API keys").add_subparsers(metavar="ACTION")
+    s = k.add_parser("create", help="create a key; the secret is printed once")
+    s.add_argument("--name", required=True)
+    s.add_argument("--scope", action="append", choices=SCOPES,
+                   help="repeat for more (default: emails:send)")
+    s.add_argument("--domain", action="append", default=[],
+                   help="limit to this sender domain (repeatable)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_keys_create)
+    s = k.add_parser("list", help="list keys")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_keys_list)
+    s = k.add_parser("revoke", help="revoke a key")
+    s.add_argument("id")
+    s.set_defaults(func=cmd_keys_revoke)
+
+    q = sub.add_parser("queue", help="the mail queue").add_subparsers(metavar="ACTION")
+    s = q.add_parser("list", help="messages, newest first")
+    s.add_argument("--status", default=None)
+    s.add_argument("--limit", type=int, default=100)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_queue_list)
+    s = q.add_parser("show", help="one message: recipients, attempts, events")
+    s.add_argument("id")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_queue_show)
+    return p
+
+
+def _with_store(config: Config, fn: Callable[[SQLiteStore], Awaitable[Any]]) -> Any:
+    async def go() -> Any:
+        store = SQLiteStore(config.db_path)
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+# -- init and serve -------------------------------------------------------------
+
+
+def example_config() -> str:
+    return resources.files("relay").joinpath("relay.toml").read_text("utf-8")
+
+
+def cmd_init(args: argparse.Namespace, _: Config | None) -> int:
+    if args.write_config:
+        target = Path(args.write_config)
+        if target.exists():
+            print(f"relay: {target} exists; not overwritten", file=sys.stderr)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(example_config(), "utf-8")
+            print(f"wrote {target} (edit it, then: relay --config {target} serve)")
+    config = config_mod.load(args.config or (args.write_config if args.write_config else None))
+    cert, _ = ensure_self_signed(config.server.data_dir, config.server.hostname)
+    print(f"data dir {config.server.data_dir} (TLS certificate {cert})")
+    _first_key(config, always=True)
+    return 0
+
+
+def _first_key(config: Config, *, always: bool = False) -> None:
+    async def go(store: SQLiteStore) -> tuple[Any, str] | None:
+        if not always and await store.list_api_keys():
+            return None
+        return await keys.create_key(store, name="first key", scopes=SCOPES)
+
+    made = _with_store(config, go)
+    if made:
+        key, secret = made
+        print(f"API key {key.id} (all scopes), shown once; keep it:\n\n    {secret}\n", flush=True)
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    config.server.data_dir.mkdir(parents=True, exist_ok=True)
+    _first_key(config)
+    for lst in config.smtp.listeners:
+        print(f"SMTP {lst.mode} on {lst.address}:{lst.port} (tls: {lst.tls})", flush=True)
+    sub = next((lst for lst in config.smtp.listeners if lst.mode == "submission"), None)
+    if sub is not None:
+        print(f"Send a first message: swaks --server {sub.address}:{sub.port} -tls "
+              f"--auth-user relay --auth-password <API key> --from you@example.com "
+              f"--to someone@example.com   (or: relay send --to someone@example.com)", flush=True)
+    asyncio.run(run(config))
+    return 0
+
+
+# -- send ---------------------------------------------------------------------------
+
+
+def cmd_send(args: argparse.Namespace, config: Config) -> int:
+    listener = next((lst for lst in config.smtp.listeners if lst.mode != "inbound"), None)
+    if listener is None:
+        print("relay: no submission or relay listener is configured", file=sys.stderr)
+        return 1
+    sender = args.sender or f"relay@{config.server.hostname}"
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = sender, ", ".join(args.to), args.subject
+    msg["Message-ID"] = make_msgid(domain=config.server.hostname)
+    msg.set_content(f"A test message sent by `relay send` at "
+                    f"{datetime.datetime.now(datetime.timezone.utc).isoformat()}.\n")
+    secret, temp_id = args.key, None
+    if listener.mode == "submission" and not secret:
+        key, secret = _with_store(config, lambda s: keys.create_key(
+            s, name="relay send (one-off)", scopes=["emails:send"]))
+        temp_id = key.id
+    host = "127.0.0.1" if listener.address in ("0.0.0.0", "::") else listener.address
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # our own, possibly self-signed
+    try:
+        if listener.tls == "implicit":
+            client: smtplib.SMTP = smtplib.SMTP_SSL(host, listener.port, context=ctx, timeout=30)
+        else:
+            client = smtplib.SMTP(host, listener.port, timeout=30)
+        with client:
+            client.ehlo()
+            if listener.tls == "starttls":
+                client.starttls(context=ctx)
+                client.ehlo()
+            if listener.mode == "submission":
+                client.login("relay", secret)
+            client.send_message(msg)
+            code, text = client.noop()
+    except (OSError, smtplib.SMTPException) as exc:
+        print(f"relay: sending failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if temp_id:
+            _with_store(config, lambda s: s.revoke_api_key(temp_id, datetime.datetime.now()
+                                                            .timestamp()))
+    print(f"sent to {', '.join(args.to)} through {host}:{listener.port}")
+    return 0
+
+
+# -- keys ------------------------------------------------------------------------------
+
+
+def cmd_keys_create(args: argparse.Namespace, config: Config) -> int:
+    scopes = args.scope or ["emails:send"]
+    key, secret = _with_store(config, lambda s: keys.create_key(
+        s, name=args.name, scopes=scopes, domains=args.domain))
+    if args.json:
+        print(json.dumps({"id": key.id, "key": secret, "scopes": list(key.scopes),
+                          "domains": list(key.domains)}))
+    else:
+        print(f"created {key.id} ({', '.join(key.scopes)})"
+              + (f" for {', '.join(key.domains)}" if key.domains else ""))
+        print(f"key (shown once): {secret}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace, config: Config) -> int:
+    found = _with_store(config, lambda s: s.list_api_keys())
+    if args.json:
+        print(json.dumps([{"id": k.id, "name": k.name, "scopes": list(k.scopes),
+                           "domains": list(k.domains), "createdAt": _iso(k.created_at),
+                           "revoked": k.revoked_at is not None} for k in found], indent=2))
+        return 0
+    rows = [("ID", "NAME", "SCOPES", "DOMAINS", "CREATED", "STATE")]
+    rows += [(k.id, k.name, ",".join(k.scopes), ",".join(k.domains) or "*",
+              _iso(k.created_at), "revoked" if k.revoked_at else "active") for k in found]
+    _table(rows)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace, config: Config) -> int:
+    when = datetime.datetime.now().timestamp()
+    if not _with_store(config, lambda s: s.revoke_api_key(args.id, when)):
+        print(f"relay: no active key {args.id}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.id}")
+    return 0
+
+
+# -- queue -------------------------------------------------------------------------------
+
+
+def message_json(d: MessageDetail, *, full: bool = False) -> dict[str, Any]:
+    m = d.message
+    out: dict[str, Any] = {
+        "id": m.id, "createdAt": _iso(m.created_at), "status": m.status, "from": m.mail_from,
+        "headerFrom": m.header_from, "subject": m.subject, "size": m.size, "source": m.source,
+        "stream": m.stream.value, "tags": list(m.tags), "metadata": m.metadata,
+        "recipients": [{"email": r.address, "status": r.status.value, "attempts": r.attempts,
+                        "nextAttemptAt": _iso(r.next_attempt_at) if r.next_attempt_at else None,
+                        "lastReply": r.last_reply} for r in d.recipients],
+    }
+    if full:
+        out["attempts"] = [{"recipient": a.recipient_id, "at": _iso(a.started_at),
+                            "mxHost": a.mx_host, "ip": a.ip, "port": a.port, "tls": a.tls_version,
+                            "code": a.code, "enhanced": a.enhanced, "reply": a.text,
+                            "outcome": a.outcome, "duration": round(a.duration, 3)}
+                           for a in d.attempts]
+        out["events"] = [{"type": e.type, "at": _iso(e.created_at), "recipient": e.recipient_id,
+                          "data": e.data} for e in d.events]
+    return out
+
+
+def cmd_queue_list(args: argparse.Namespace, config: Config) -> int:
+    page = _with_store(config, lambda s: s.list_messages(limit=args.limit, status=args.status))
+    if args.json:
+        print(json.dumps([message_json(d) for d in page.items], indent=2))
+        return 0
+    rows = [("ID", "CREATED", "STATUS", "FROM", "RECIPIENT", "RCPT STATUS", "NEXT", "LAST REPLY")]
+    for d in page.items:
+        for i, r in enumerate(d.recipients):
+            rows.append((d.message.id if i == 0 else "", _iso(d.message.created_at) if i == 0
+                         else "", d.message.status if i == 0 else "",
+                         (d.message.mail_from or "<>") if i == 0 else "", r.address,
+                         r.status.value, _iso(r.next_attempt_at) if r.next_attempt_at and
+                         not r.status.final else "", (r.last_reply or "")[:60]))
+    _table(rows)
+    return 0
+
+
+def cmd_queue_show(args: argparse.Namespace, config: Config) -> int:
+    detail = _with_store(config, lambda s: s.get_message(args.id))
+    if detail is None:
+        print(f"relay: no message {args.id}", file=sys.stderr)
+        return 1
+    data = message_json(detail, full=True)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for label in ("id", "status", "createdAt", "from", "headerFrom", "subject", "size", "tags"):
+        print(f"{label:>11}: {data[label]}")
+    print()
+    _table([("RECIPIENT", "STATUS", "ATTEMPTS", "NEXT", "LAST REPLY")] + [
+        (r["email"], r["status"], str(r["attempts"]), r["nextAttemptAt"] or "",
+         r["lastReply"] or "") for r in data["recipients"]])
+    if data["attempts"]:
+        print()
+        _table([("AT", "MX", "IP", "TLS", "REPLY", "OUTCOME")] + [
+            (a["at"], a["mxHost"] or "", a["ip"] or "", a["tls"] or "-",
+             f"{a['code'] or ''} {a['enhanced'] or ''} {a['reply']}".strip()[:70], a["outcome"])
+            for a in data["attempts"]])
+    print()
+    _table([("AT", "EVENT", "RECIPIENT")] + [(e["at"], e["type"], str(e["recipient"] or ""))
+                                            for e in data["events"]])
+    return 0
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(
+        timespec="seconds").replace("+00:00", "Z")
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The master: opens the store and starts every listener in one event loop, then drains on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+from dataclasses import dataclass, field
+
+from .config import Config, ListenerConfig
+from .errors import ConfigError
+from .smtpd import AuthThrottle, make_server_factory
+from .store import SQLiteStore
+from .submit import Submitter
+from .tlsutil import ensure_self_signed, server_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    config: Config
+    store: SQLiteStore = field(init=False)
+    submitter: Submitter = field(init=False)
+    servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    bound: list[tuple[str, int]] = field(default_factory=list)  # (address, port) per listener
+
+    def __post_init__(self) -> None:
+        self.store = SQLiteStore(self.config.db_path)
+        self.submitter = Submitter(self.config, self.store)
+
+    async def start(self) -> None:
+        """Open the store, then listen. Raises ConfigError when a listener cannot start."""
+        self.config.server.data_dir.mkdir(parents=True, exist_ok=True)
+        contexts = [self._tls_context(i, lst) for i, lst in enumerate(self.config.smtp.listeners)]
+        await self.store.open()
+        limits = self.config.limits
+        throttle = AuthThrottle(delay_after=limits.auth_failures_before_delay,
+                                block_after=limits.auth_failures_before_block,
+                                block_seconds=limits.auth_block_seconds)
+        try:
+            for i, (listener, ctx) in enumerate(zip(self.config.smtp.listeners, contexts)):
+                factory = make_server_factory(self.config, listener, self.store, self.submitter,
+                                              throttle, ctx)
+                try:
+                    server = await asyncio.get_running_loop().create_server(
+                        factory, listener.address, listener.port,
+                        ssl=ctx if listener.tls == "implicit" else None,
+                        reuse_address=True,
+                    )
+                except OSError as exc:
+                    raise ConfigError(self.config.source, f"smtp.listeners[{i}]",
+                                      f"cannot listen on {listener.address}:{listener.port}: "
+                                      f"{exc.strerror or exc}") from None
+                self.servers.append(server)
+                self.bound.append(server.sockets[0].getsockname()[:2])
+                log.info("SMTP %s listener on %s:%s (tls %s)", listener.mode,
+                         *self.bound[-1], listener.tls)
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _tls_context(self, index: int, listener: ListenerConfig) -> ssl.SSLContext | None:
+        if listener.tls == "none":
+            if listener.mode == "submission":
+                raise ConfigError(self.config.source, f"smtp.listeners[{index}].tls",
+                                  "a submission listener needs TLS (AUTH is only offered over "
+                                  "TLS); use starttls or implicit")
+            return None
+        cert, key = listener.tls_cert, listener.tls_key
+        if not cert:
+            cert_path, key_path = ensure_self_signed(self.config.server.data_dir,
+                                                     self.config.server.hostname)
+            cert, key = str(cert_path), str(key_path)
+        try:
+            return server_context(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(self.config.source, f"smtp.listeners[{index}].tls_cert",
+                              f"cannot load the certificate and key: {exc}") from None
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers.clear()
+        await self.store.close()
+
+
+async def run(config: Config, *, on_ready: "asyncio.Future[None] | None" = None) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    service = Service(config)
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    _sd_notify("READY=1")
+    if on_ready is not None:
+        on_ready.set_result(None)
+    try:
+        await stop.wait()
+    finally:
+        _sd_notify("STOPPING=1")
+        log.info("stopping")
+        await service.stop()
+
+
+def _sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) where we are; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(state.encode())
+        except OSError:
+            log.warning("could not notify systemd at %s", address)

@@ -1,0 +1,411 @@
+"""The SMTP listeners: aiosmtpd handlers that apply relay's policy and hand mail to `submit`.
+
+aiosmtpd speaks the protocol; this module decides who may send what. Three
+modes: `submission` (AUTH with an API key, only over TLS), `relay` (no AUTH,
+only from `allowed_networks`) and `inbound` (reserved for bounce handling;
+refuses every recipient for now). No mode is ever an open relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import re
+import ssl
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from . import keys, rawmail
+from .config import Config, ListenerConfig
+from .errors import StoreError, ValidationError
+from .store import Store
+from .submit import Submitter, normalize_address
+from .types import ApiKey, EnvelopeRecipient, Stream, Submission
+
+log = logging.getLogger(__name__)
+
+# Enhanced status codes (RFC 3463) for the replies aiosmtpd writes without one.
+_ENHANCED_BY_CODE = {
+    "421": "4.7.0", "451": "4.3.0", "452": "4.5.3",
+    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+    "530": "5.7.0", "550": "5.0.0", "552": "5.3.4", "553": "5.1.3", "554": "5.7.0",
+    "555": "5.5.4",
+}
+_HAS_ENHANCED = re.compile(r"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}\b")
+_REPLY = re.compile(r"^([245]\d\d)([ -])(.*)$", re.S)
+_DSN_MAIL_PARAMS = ("RET", "ENVID", "AUTH")
+_DSN_RCPT_PARAMS = ("NOTIFY", "ORCPT")
+_NOTIFY_VALUES = {"SUCCESS", "FAILURE", "DELAY"}
+_MAX_METADATA = 8192
+
+
+def with_enhanced(status: str) -> str:
+    """Add an enhanced status code to a reply that has none (not to greetings or 354/334)."""
+    if status in ("250 OK", "221 Bye"):
+        return status[:4] + "2.0.0 " + status[4:]
+    if _HAS_ENHANCED.match(status):
+        return status
+    m = _REPLY.match(status)
+    if not m or m.group(1) not in _ENHANCED_BY_CODE or m.group(2) == "-":
+        return status
+    code, _, text = m.groups()
+    if status.startswith("552 Error: Too much mail data") or "exceeds fixed maximum" in status:
+        text = "Message too big for system"
+    return f"{code} {_ENHANCED_BY_CODE[code]} {text}"
+
+
+class AuthThrottle:
+    """Failed logins per client IP: slowed after a few, refused (421) for a while after many."""
+
+    def __init__(self, *, delay_after: int, block_after: int, block_seconds: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._delay_after, self._block_after = delay_after, block_after
+        self._block_seconds = block_seconds
+        self._clock = clock
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def blocked(self, ip: str) -> bool:
+        count, last = self._failures.get(ip, (0, 0.0))
+        if count and self._clock() - last > self._block_seconds:
+            del self._failures[ip]
+            return False
+        return count >= self._block_after
+
+    def failed(self, ip: str) -> float:
+        """Record a failure; returns how long to wait before answering it."""
+        count, _ = self._failures.get(ip, (0, 0.0))
+        count += 1
+        self._failures[ip] = (count, self._clock())
+        if len(self._failures) > 100_000:  # bound memory under a spray of addresses
+            oldest = min(self._failures, key=lambda k: self._failures[k][1])
+            del self._failures[oldest]
+        return float(min(count - self._delay_after, 5)) if count > self._delay_after else 0.0
+
+    def succeeded(self, ip: str) -> None:
+        self._failures.pop(ip, None)
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with enhanced status codes, DSN parameters and async key checks."""
+
+    line_length_limit = 32768  # accept long lines; render makes them safe before delivery
+
+    def __init__(self, handler: "RelayHandler", *, implicit_tls: bool, **kwargs: Any) -> None:
+        self.implicit_tls = implicit_tls
+        with warnings.catch_warnings():
+            # With implicit TLS every byte is encrypted, so AUTH need not wait for STARTTLS.
+            warnings.simplefilter("ignore")
+            super().__init__(handler, auth_require_tls=not implicit_tls, **kwargs)
+
+    @property
+    def secure(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str):
+            status = with_enhanced(status)
+        await super().push(status)
+
+    # DSN (RFC 3461) parameters are taken off before aiosmtpd sees them; it knows none.
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        arg, params = _take_params(arg, _DSN_MAIL_PARAMS)
+        error = _check_mail_params(params)
+        if error:
+            await self.push(error)
+            return
+        await super().smtp_MAIL(arg)
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            self.envelope.dsn_ret = params.get("RET", "").upper() or None  # type: ignore[attr-defined]
+            self.envelope.dsn_envid = params.get("ENVID")  # type: ignore[attr-defined]
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        arg, params = _take_params(arg, _DSN_RCPT_PARAMS)
+        notify = tuple(v.strip().upper() for v in params.get("NOTIFY", "").split(",") if v.strip())
+        if notify and not (notify == ("NEVER",) or set(notify) <= _NOTIFY_VALUES):
+            await self.push("501 5.5.4 NOTIFY is NEVER or a list of SUCCESS, FAILURE, DELAY")
+            return
+        assert self.envelope is not None
+        before = len(self.envelope.rcpt_tos)
+        await super().smtp_RCPT(arg)
+        if len(self.envelope.rcpt_tos) > before:
+            dsn = getattr(self.envelope, "dsn_rcpt", [])
+            dsn.append((notify, params.get("ORCPT")))
+            self.envelope.dsn_rcpt = dsn  # type: ignore[attr-defined]
+
+    # AUTH: aiosmtpd parses PLAIN and LOGIN; the key is checked here, asynchronously.
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        return AuthResult(success=False, handled=False, auth_data=auth_data)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._check(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._check(await super().auth_LOGIN(_, args))
+
+    async def _check(self, result: AuthResult) -> AuthResult:
+        if result.success or result.handled or not isinstance(result.auth_data, LoginPassword):
+            return result
+        handler: RelayHandler = self.event_handler
+        return await handler.check_login(self, result.auth_data)
+
+
+def _take_params(arg: str | None, names: tuple[str, ...]) -> tuple[str | None, dict[str, str]]:
+    if not arg:
+        return arg, {}
+    kept, taken = [], {}
+    parts = arg.split(" ")
+    for i, part in enumerate(parts):
+        name, eq, value = part.partition("=")
+        if i > 0 and eq and name.upper() in names:
+            taken[name.upper()] = value
+        else:
+            kept.append(part)
+    return " ".join(kept), taken
+
+
+def _check_mail_params(params: dict[str, str]) -> str | None:
+    if "RET" in params and params["RET"].upper() not in ("FULL", "HDRS"):
+        return "501 5.5.4 RET is FULL or HDRS"
+    if "ENVID" in params and len(params["ENVID"]) > 100:
+        return "501 5.5.4 ENVID is longer than 100 characters"
+    return None
+
+
+class RelayHandler:
+    """The policy of one listener."""
+
+    def __init__(self, config: Config, listener: ListenerConfig, store: Store,
+                 submitter: Submitter, throttle: AuthThrottle) -> None:
+        self.config = config
+        self.listener = listener
+        self.store = store
+        self.submitter = submitter
+        self.throttle = throttle
+
+    # -- connection and login ------------------------------------------------
+
+    async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        if self.throttle.blocked(_ip(session)):
+            _close_soon(server)
+            return ["421 4.7.0 Too many failed logins from your address; try again later"]
+        session.host_name = hostname
+        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
+        if self.listener.mode != "submission":
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
+        return responses[:-1] + extra + responses[-1:]
+
+    async def handle_HELO(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                          hostname: str) -> str:
+        if self.throttle.blocked(_ip(session)):
+            _close_soon(server)
+            return "421 4.7.0 Too many failed logins from your address; try again later"
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
+    async def check_login(self, server: RelaySMTP, creds: LoginPassword) -> AuthResult:
+        assert server.session is not None
+        ip = _ip(server.session)
+        if self.throttle.blocked(ip):
+            await server.push("421 4.7.0 Too many failed logins from your address; try again later")
+            _close_soon(server)
+            return AuthResult(success=False, handled=True)
+        secret = creds.password.decode("utf-8", "replace")
+        try:
+            key = await keys.authenticate(self.store, secret)
+        except StoreError:
+            log.exception("key lookup failed")
+            return AuthResult(success=False, handled=False,
+                              message="454 4.7.0 Temporary authentication failure")
+        if key is None or "emails:send" not in key.scopes:
+            delay = self.throttle.failed(ip)
+            log.warning("failed login from %s", ip)
+            if delay:
+                await asyncio.sleep(delay)
+            return AuthResult(success=False, handled=False)
+        self.throttle.succeeded(ip)
+        return AuthResult(success=True, auth_data=key)
+
+    # -- the envelope ---------------------------------------------------------
+
+    async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        mode = self.listener.mode
+        if mode == "relay" and not self._allowed_network(session):
+            return "554 5.7.1 Relay access denied"
+        if address:
+            try:
+                normalize_address(address, smtputf8=envelope.smtp_utf8, param="MAIL FROM")
+            except ValidationError as exc:
+                return f"{exc.smtp} {exc.message}"
+            domain = address.rpartition("@")[2].lower()
+            if not keys.may_send_as(self._allowed_domains(session), domain):
+                return f"553 5.7.1 <{address}>: sender not allowed for this login"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if self.listener.mode == "inbound":
+            return f"550 5.7.1 <{address}>: recipient not accepted here"
+        if len(envelope.rcpt_tos) >= self.config.limits.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        try:
+            normalize_address(address, smtputf8=envelope.smtp_utf8, param="RCPT TO")
+        except ValidationError as exc:
+            return f"{exc.smtp} {exc.message}"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        data = envelope.original_content or b""
+        try:
+            controls = read_controls(data)
+            sub = self._submission(server, session, envelope, data, controls)
+            result = await self.submitter.submit(sub)
+        except ValidationError as exc:
+            return f"{exc.smtp} {exc.message}"
+        except StoreError as exc:
+            log.error("could not queue a message: %s", exc)
+            return "451 4.3.0 Temporary failure: the queue could not store the message; try again"
+        except Exception:
+            log.exception("unexpected error while queueing a message")
+            return "451 4.3.0 Temporary internal error; try again"
+        return f"250 2.0.0 Ok: queued as {result.message_id}"
+
+    def _submission(self, server: RelaySMTP, session: Session, envelope: Envelope, data: bytes,
+                    controls: dict[str, Any]) -> Submission:
+        dsn_rcpt = getattr(envelope, "dsn_rcpt", [])
+        recipients = tuple(
+            EnvelopeRecipient(address=addr, notify=dsn_rcpt[i][0] if i < len(dsn_rcpt) else (),
+                              orcpt=dsn_rcpt[i][1] if i < len(dsn_rcpt) else None)
+            for i, addr in enumerate(envelope.rcpt_tos)
+        )
+        key: ApiKey | None = session.auth_data if isinstance(session.auth_data, ApiKey) else None
+        helo = session.host_name or "unknown"
+        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        if server.secure:
+            protocol += "S"
+        if key is not None:
+            protocol += "A"
+        return Submission(
+            mail_from=envelope.mail_from or "",
+            recipients=recipients,
+            data=data,
+            source="smtp",
+            api_key_id=key.id if key else None,
+            allowed_domains=self._allowed_domains(session),
+            tags=controls.get("tags", ()),
+            metadata=controls.get("metadata", {}),
+            stream=controls.get("stream", Stream.TRANSACTIONAL),
+            idempotency_key=controls.get("idempotency_key"),
+            dsn_ret=getattr(envelope, "dsn_ret", None),
+            dsn_envid=getattr(envelope, "dsn_envid", None),
+            smtputf8=bool(envelope.smtp_utf8),
+            received_from=f"{_clean(helo)} ([{_ip(session)}])",
+            received_with=protocol,
+        )
+
+    def _allowed_network(self, session: Session) -> bool:
+        try:
+            ip = ipaddress.ip_address(_ip(session))
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.listener.allowed_networks)
+
+    def _allowed_domains(self, session: Session) -> tuple[str, ...]:
+        """A key's own domain limit, else the listener's `allowed_from_domains`; empty = any."""
+        key = session.auth_data if isinstance(session.auth_data, ApiKey) else None
+        if key is not None and key.domains:
+            return key.domains
+        return self.listener.allowed_from_domains
+
+
+def read_controls(data: bytes) -> dict[str, Any]:
+    """The X-Relay-* control headers of a message; a bad value names its header."""
+    headers, _ = rawmail.split(rawmail.normalize_newlines(data))
+    out: dict[str, Any] = {}
+    for h in headers:
+        if not h.key.startswith("x-relay-"):
+            continue
+        value = h.value
+        if h.key == "x-relay-tags":
+            tags = tuple(t.strip() for t in value.split(",") if t.strip())
+            if any(len(t) > 256 for t in tags) or len(tags) > 20:
+                raise ValidationError("X-Relay-Tags: at most 20 tags of 256 characters",
+                                      param=h.name)
+            out["tags"] = tags
+        elif h.key == "x-relay-metadata":
+            try:
+                meta = json.loads(value)
+            except ValueError:
+                meta = None
+            if not isinstance(meta, dict) or len(value) > _MAX_METADATA:
+                raise ValidationError("X-Relay-Metadata must be a JSON object (at most 8 KB)",
+                                      param=h.name)
+            out["metadata"] = meta
+        elif h.key == "x-relay-stream":
+            try:
+                out["stream"] = Stream(value.strip().lower())
+            except ValueError:
+                raise ValidationError("X-Relay-Stream must be transactional or broadcast",
+                                      param=h.name) from None
+        elif h.key == "x-relay-idempotency-key":
+            if not value.strip() or len(value) > 255:
+                raise ValidationError("X-Relay-Idempotency-Key must be 1 to 255 characters",
+                                      param=h.name)
+            out["idempotency_key"] = value.strip()
+        else:
+            raise ValidationError(f"{h.name}: unknown relay control header", param=h.name)
+    return out
+
+
+def _ip(session: Session) -> str:
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"[^\x21-\x7e]", "?", text)[:255]
+
+
+def _close_soon(server: SMTP) -> None:
+    loop = asyncio.get_running_loop()
+    loop.call_soon(lambda: server.transport.close() if server.transport else None)
+
+
+def make_server_factory(config: Config, listener: ListenerConfig, store: Store,
+                        submitter: Submitter, throttle: AuthThrottle,
+                        tls_context: ssl.SSLContext | None) -> Callable[[], RelaySMTP]:
+    handler = RelayHandler(config, listener, store, submitter, throttle)
+    limits = config.limits
+    submission = listener.mode == "submission"
+    implicit = listener.tls == "implicit"
+
+    def factory() -> RelaySMTP:
+        return RelaySMTP(
+            handler,
+            implicit_tls=implicit,
+            data_size_limit=limits.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=config.server.hostname,
+            ident="relay",
+            tls_context=tls_context if listener.tls == "starttls" else None,
+            timeout=limits.idle_timeout,
+            auth_required=submission,
+            auth_exclude_mechanism=() if submission else ("PLAIN", "LOGIN"),
+            command_call_limit=limits.max_commands,
+        )
+
+    return factory

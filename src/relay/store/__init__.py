@@ -1,0 +1,6 @@
+"""The queue and every table; only this package speaks SQL."""
+
+from .base import MessageDetail, MessagePage, NewMessage, NewRecipient, Store
+from .sqlite import SQLiteStore
+
+__all__ = ["MessageDetail", "MessagePage", "NewMessage", "NewRecipient", "SQLiteStore", "Store"]

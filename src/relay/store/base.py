@@ -1,0 +1,82 @@
+"""The store interface every backend implements (SQLite now, PostgreSQL later)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..types import ApiKey, Attempt, Event, Message, Recipient, Stream, SubmitResult
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewRecipient:
+    address: str
+    domain: str  # lower-case A-label
+    notify: tuple[str, ...] = ()
+    orcpt: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewMessage:
+    """A validated message ready to commit, as `submit` prepares it."""
+
+    id: str
+    created_at: float
+    mail_from: str
+    recipients: tuple[NewRecipient, ...]
+    body: bytes
+    source: str
+    api_key_id: str | None = None
+    tags: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    stream: Stream = Stream.TRANSACTIONAL
+    subject: str = ""
+    header_from: str = ""
+    dsn_ret: str | None = None
+    dsn_envid: str | None = None
+    smtputf8: bool = False
+    scheduled_at: float | None = None
+    idempotency_scope: str = ""
+    idempotency_key: str | None = None
+    idempotency_fingerprint: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MessageDetail:
+    message: Message
+    recipients: tuple[Recipient, ...]
+    attempts: tuple[Attempt, ...] = ()
+    events: tuple[Event, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class MessagePage:
+    items: tuple[MessageDetail, ...]
+    next_cursor: str | None
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # the way in
+    async def enqueue(self, message: NewMessage) -> SubmitResult: ...
+
+    # reading the queue
+    async def get_message(self, message_id: str) -> MessageDetail | None: ...
+
+    async def get_body(self, message_id: str) -> bytes | None: ...
+
+    async def list_messages(
+        self, *, limit: int = 50, cursor: str | None = None, status: str | None = None
+    ) -> MessagePage: ...
+
+    # API keys: the secret never reaches the store, only its SHA-256
+    async def add_api_key(self, key: ApiKey, secret_hash: bytes) -> None: ...
+
+    async def find_api_key(self, key_id: str) -> tuple[ApiKey, bytes] | None: ...
+
+    async def list_api_keys(self) -> list[ApiKey]: ...
+
+    async def revoke_api_key(self, key_id: str, when: float) -> bool: ...

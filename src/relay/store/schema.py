@@ -1,0 +1,115 @@
+"""The SQLite schema as numbered forward migrations; `migrate` applies the missing ones."""
+
+from __future__ import annotations
+
+import aiosqlite
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: messages, bodies, recipients, attempts, events, idempotency keys, API keys
+    """
+    CREATE TABLE messages (
+        id           TEXT PRIMARY KEY,
+        created_at   REAL NOT NULL,
+        mail_from    TEXT NOT NULL,
+        size         INTEGER NOT NULL,
+        source       TEXT NOT NULL,
+        api_key_id   TEXT,
+        tags         TEXT NOT NULL DEFAULT '[]',
+        metadata     TEXT NOT NULL DEFAULT '{}',
+        stream       TEXT NOT NULL DEFAULT 'transactional',
+        subject      TEXT NOT NULL DEFAULT '',
+        header_from  TEXT NOT NULL DEFAULT '',
+        dsn_ret      TEXT,
+        dsn_envid    TEXT,
+        smtputf8     INTEGER NOT NULL DEFAULT 0,
+        scheduled_at REAL
+    );
+    CREATE INDEX messages_created ON messages(created_at, id);
+    CREATE TABLE bodies (
+        message_id TEXT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+        data       BLOB NOT NULL
+    );
+    CREATE TABLE recipients (
+        id              INTEGER PRIMARY KEY,
+        message_id      TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        address         TEXT NOT NULL,
+        domain          TEXT NOT NULL,
+        status          TEXT NOT NULL,
+        next_attempt_at REAL,
+        leased_until    REAL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        last_reply      TEXT,
+        notify          TEXT NOT NULL DEFAULT '',
+        orcpt           TEXT,
+        updated_at      REAL NOT NULL
+    );
+    CREATE INDEX recipients_due ON recipients(status, next_attempt_at);
+    CREATE INDEX recipients_message ON recipients(message_id);
+    CREATE TABLE attempts (
+        id           INTEGER PRIMARY KEY,
+        recipient_id INTEGER NOT NULL REFERENCES recipients(id) ON DELETE CASCADE,
+        message_id   TEXT NOT NULL,
+        started_at   REAL NOT NULL,
+        duration     REAL NOT NULL,
+        mx_host      TEXT,
+        ip           TEXT,
+        port         INTEGER,
+        tls_version  TEXT,
+        tls_cipher   TEXT,
+        code         INTEGER,
+        enhanced     TEXT,
+        text         TEXT NOT NULL,
+        outcome      TEXT NOT NULL,
+        signed       TEXT
+    );
+    CREATE INDEX attempts_message ON attempts(message_id);
+    CREATE TABLE events (
+        id           INTEGER PRIMARY KEY,
+        message_id   TEXT,
+        recipient_id INTEGER,
+        type         TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        data         TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_message ON events(message_id);
+    CREATE TABLE idempotency (
+        scope       TEXT NOT NULL,
+        key         TEXT NOT NULL,
+        fingerprint TEXT,
+        message_id  TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        PRIMARY KEY (scope, key)
+    );
+    CREATE TABLE api_keys (
+        id           TEXT PRIMARY KEY,
+        name         TEXT NOT NULL,
+        hash         BLOB NOT NULL,
+        scopes       TEXT NOT NULL,
+        domains      TEXT NOT NULL DEFAULT '[]',
+        created_at   REAL NOT NULL,
+        revoked_at   REAL,
+        last_used_at REAL
+    );
+    """,
+)
+
+
+async def migrate(conn: aiosqlite.Connection) -> int:
+    """Bring the schema up to the newest version; returns that version."""
+    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    async with conn.execute("SELECT version FROM schema_version") as cur:
+        row = await cur.fetchone()
+    current = row[0] if row else 0
+    if current > len(MIGRATIONS):
+        raise RuntimeError(
+            f"the database schema is version {current}, newer than this relay knows "
+            f"({len(MIGRATIONS)}); upgrade relay"
+        )
+    for version in range(current + 1, len(MIGRATIONS) + 1):
+        await conn.executescript(
+            "BEGIN IMMEDIATE;\n" + MIGRATIONS[version - 1]
+            + ("\nDELETE FROM schema_version;" if current else "")
+            + f"\nINSERT INTO schema_version (version) VALUES ({version});\nCOMMIT;"
+        )
+        current = version
+    return current

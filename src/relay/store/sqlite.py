@@ -1,0 +1,312 @@
+"""The queue and every table in one SQLite file (WAL, synchronous=FULL), via aiosqlite."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from ..errors import StoreError
+from ..types import (
+    ApiKey,
+    Attempt,
+    Event,
+    EventType,
+    Message,
+    Recipient,
+    RecipientStatus,
+    Stream,
+    SubmitResult,
+    message_status,
+)
+from .base import MessageDetail, MessagePage, NewMessage
+from .groupcommit import GroupCommitWriter
+from .schema import migrate
+
+IDEMPOTENCY_WINDOW = 24 * 3600.0
+
+_MESSAGE_COLUMNS = (
+    "id, created_at, mail_from, size, source, api_key_id, tags, metadata, stream, "
+    "subject, header_from, dsn_ret, dsn_envid, smtputf8"
+)
+_RECIPIENT_COLUMNS = (
+    "id, message_id, address, domain, status, attempts, next_attempt_at, last_reply, "
+    "notify, orcpt, updated_at"
+)
+
+
+class SQLiteStore:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._write_conn: aiosqlite.Connection | None = None
+        self._read_conn: aiosqlite.Connection | None = None
+        self.writer: GroupCommitWriter | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write = await _connect(self.path)
+            await migrate(write)
+            read = await _connect(self.path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open the database: {exc}") from exc
+        os.chmod(self.path, 0o600)
+        self._write_conn, self._read_conn = write, read
+        self.writer = GroupCommitWriter(write)
+        self.writer.start()
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            await self.writer.stop()
+            self.writer = None
+        for conn in (self._read_conn, self._write_conn):
+            if conn is not None:
+                await conn.close()
+        self._read_conn = self._write_conn = None
+
+    @property
+    def _reader(self) -> aiosqlite.Connection:
+        if self._read_conn is None:
+            raise StoreError("the store is not open")
+        return self._read_conn
+
+    async def _write(self, op: Any) -> Any:
+        if self.writer is None:
+            raise StoreError("the store is not open")
+        return await self.writer.write(op)
+
+    # -- the way in ----------------------------------------------------------
+
+    async def enqueue(self, message: NewMessage) -> SubmitResult:
+        async def op(conn: aiosqlite.Connection) -> SubmitResult:
+            if message.idempotency_key is not None:
+                first = await _idempotent_hit(conn, message)
+                if first is not None:
+                    return first
+            await _insert_message(conn, message)
+            status = "scheduled" if message.scheduled_at else "queued"
+            return SubmitResult(message_id=message.id, status=status)
+
+        result: SubmitResult = await self._write(op)
+        return result
+
+    # -- reading ---------------------------------------------------------------
+
+    async def get_message(self, message_id: str) -> MessageDetail | None:
+        conn = self._reader
+        async with conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        recipients = await self._recipients([message_id])
+        async with conn.execute(
+            "SELECT id, recipient_id, message_id, started_at, duration, mx_host, ip, port, "
+            "tls_version, tls_cipher, code, enhanced, text, outcome, signed "
+            "FROM attempts WHERE message_id = ? ORDER BY id",
+            (message_id,),
+        ) as cur:
+            attempts = tuple(Attempt(**dict(zip(_ATTEMPT_FIELDS, r))) for r in await cur.fetchall())
+        async with conn.execute(
+            "SELECT id, message_id, recipient_id, type, created_at, data "
+            "FROM events WHERE message_id = ? ORDER BY id",
+            (message_id,),
+        ) as cur:
+            events = tuple(_event(r) for r in await cur.fetchall())
+        rcpts = recipients.get(message_id, ())
+        return MessageDetail(
+            message=_message(row, rcpts), recipients=rcpts, attempts=attempts, events=events
+        )
+
+    async def get_body(self, message_id: str) -> bytes | None:
+        async with self._reader.execute(
+            "SELECT data FROM bodies WHERE message_id = ?", (message_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return bytes(row[0]) if row else None
+
+    async def list_messages(
+        self, *, limit: int = 50, cursor: str | None = None, status: str | None = None
+    ) -> MessagePage:
+        """Newest first; the cursor is the id of the last message of the previous page."""
+        where, args = [], []
+        if cursor:
+            where.append("(created_at, id) < (SELECT created_at, id FROM messages WHERE id = ?)")
+            args.append(cursor)
+        if status:
+            where.append("id IN (SELECT message_id FROM recipients WHERE status = ?)")
+            args.append(status)
+        sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        async with self._reader.execute(sql, (*args, limit + 1)) as cur:
+            rows = list(await cur.fetchall())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        recipients = await self._recipients([r[0] for r in rows])
+        items = tuple(
+            MessageDetail(message=_message(r, recipients.get(r[0], ())),
+                          recipients=recipients.get(r[0], ()))
+            for r in rows
+        )
+        return MessagePage(items=items, next_cursor=rows[-1][0] if more and rows else None)
+
+    async def _recipients(self, message_ids: list[str]) -> dict[str, tuple[Recipient, ...]]:
+        if not message_ids:
+            return {}
+        marks = ",".join("?" * len(message_ids))
+        out: dict[str, list[Recipient]] = {}
+        async with self._reader.execute(
+            f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id IN ({marks}) ORDER BY id",
+            message_ids,
+        ) as cur:
+            for r in await cur.fetchall():
+                out.setdefault(r[1], []).append(_recipient(r))
+        return {k: tuple(v) for k, v in out.items()}
+
+    # -- API keys ----------------------------------------------------------------
+
+    async def add_api_key(self, key: ApiKey, secret_hash: bytes) -> None:
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO api_keys (id, name, hash, scopes, domains, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (key.id, key.name, secret_hash, json.dumps(list(key.scopes)),
+                 json.dumps(list(key.domains)), key.created_at),
+            )
+
+        await self._write(op)
+
+    async def find_api_key(self, key_id: str) -> tuple[ApiKey, bytes] | None:
+        async with self._reader.execute(
+            "SELECT id, name, scopes, domains, created_at, revoked_at, last_used_at, hash "
+            "FROM api_keys WHERE id = ?",
+            (key_id,),
+        ) as cur:
+            row = await cur.fetchone()
+        return (_api_key(row), bytes(row[7])) if row else None
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        async with self._reader.execute(
+            "SELECT id, name, scopes, domains, created_at, revoked_at, last_used_at "
+            "FROM api_keys ORDER BY created_at"
+        ) as cur:
+            return [_api_key(r) for r in await cur.fetchall()]
+
+    async def revoke_api_key(self, key_id: str, when: float) -> bool:
+        async def op(conn: aiosqlite.Connection) -> bool:
+            cur = await conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (when, key_id),
+            )
+            return cur.rowcount == 1
+
+        result: bool = await self._write(op)
+        return result
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path, isolation_level=None, timeout=30.0)
+    await conn.execute("PRAGMA journal_mode = WAL")
+    await conn.execute("PRAGMA synchronous = FULL")
+    await conn.execute("PRAGMA foreign_keys = ON")
+    await conn.execute("PRAGMA busy_timeout = 30000")
+    return conn
+
+
+async def _idempotent_hit(conn: aiosqlite.Connection, message: NewMessage) -> SubmitResult | None:
+    async with conn.execute(
+        "SELECT message_id, created_at, fingerprint FROM idempotency WHERE scope = ? AND key = ?",
+        (message.idempotency_scope, message.idempotency_key),
+    ) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    if row[1] < message.created_at - IDEMPOTENCY_WINDOW:
+        await conn.execute(
+            "DELETE FROM idempotency WHERE scope = ? AND key = ?",
+            (message.idempotency_scope, message.idempotency_key),
+        )
+        return None
+    if message.idempotency_fingerprint and row[2] and row[2] != message.idempotency_fingerprint:
+        return SubmitResult(message_id=row[0], duplicate=True, status="conflict")
+    return SubmitResult(message_id=row[0], duplicate=True)
+
+
+async def _insert_message(conn: aiosqlite.Connection, m: NewMessage) -> None:
+    now = m.created_at
+    await conn.execute(
+        "INSERT INTO messages (id, created_at, mail_from, size, source, api_key_id, tags, "
+        "metadata, stream, subject, header_from, dsn_ret, dsn_envid, smtputf8, scheduled_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (m.id, now, m.mail_from, len(m.body), m.source, m.api_key_id, json.dumps(list(m.tags)),
+         json.dumps(m.metadata), m.stream.value, m.subject, m.header_from, m.dsn_ret,
+         m.dsn_envid, int(m.smtputf8), m.scheduled_at),
+    )
+    await conn.execute("INSERT INTO bodies (message_id, data) VALUES (?, ?)", (m.id, m.body))
+    status = RecipientStatus.SCHEDULED if m.scheduled_at else RecipientStatus.QUEUED
+    due = m.scheduled_at if m.scheduled_at else now
+    await conn.executemany(
+        "INSERT INTO recipients (message_id, address, domain, status, next_attempt_at, notify, "
+        "orcpt, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(m.id, r.address, r.domain, status.value, due, ",".join(r.notify), r.orcpt, now)
+         for r in m.recipients],
+    )
+    event = EventType.SCHEDULED if m.scheduled_at else EventType.QUEUED
+    await conn.execute(
+        "INSERT INTO events (message_id, recipient_id, type, created_at, data) "
+        "SELECT message_id, id, ?, ?, json_object('email', address) FROM recipients "
+        "WHERE message_id = ?",
+        (event.value, now, m.id),
+    )
+    if m.idempotency_key is not None:
+        await conn.execute(
+            "INSERT INTO idempotency (scope, key, fingerprint, message_id, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (m.idempotency_scope, m.idempotency_key, m.idempotency_fingerprint, m.id, now),
+        )
+
+
+_ATTEMPT_FIELDS = (
+    "id", "recipient_id", "message_id", "started_at", "duration", "mx_host", "ip", "port",
+    "tls_version", "tls_cipher", "code", "enhanced", "text", "outcome", "signed",
+)
+
+
+def _message(row: Any, recipients: tuple[Recipient, ...]) -> Message:
+    return Message(
+        id=row[0], created_at=row[1], mail_from=row[2], size=row[3], source=row[4],
+        api_key_id=row[5], tags=tuple(json.loads(row[6])), metadata=json.loads(row[7]),
+        stream=Stream(row[8]), subject=row[9], header_from=row[10], dsn_ret=row[11],
+        dsn_envid=row[12], smtputf8=bool(row[13]),
+        status=message_status([r.status for r in recipients]),
+    )
+
+
+def _recipient(row: Any) -> Recipient:
+    return Recipient(
+        id=row[0], message_id=row[1], address=row[2], domain=row[3],
+        status=RecipientStatus(row[4]), attempts=row[5], next_attempt_at=row[6],
+        last_reply=row[7], notify=tuple(n for n in row[8].split(",") if n), orcpt=row[9],
+        updated_at=row[10],
+    )
+
+
+def _event(row: Any) -> Event:
+    return Event(id=row[0], message_id=row[1], recipient_id=row[2], type=row[3],
+                 created_at=row[4], data=json.loads(row[5]))
+
+
+def _api_key(row: Any) -> ApiKey:
+    return ApiKey(id=row[0], name=row[1], scopes=tuple(json.loads(row[2])),
+                  domains=tuple(json.loads(row[3])), created_at=row[4], revoked_at=row[5],
+                  last_used_at=row[6])
+

@@ -1,0 +1,183 @@
+"""The single way into the queue: validate a Submission, finish its headers, commit it."""
+
+from __future__ import annotations
+
+import email.errors
+import email.header
+import email.utils
+import os
+import re
+import time
+from collections.abc import Callable
+
+from . import rawmail
+from .config import Config
+from .errors import ValidationError
+from .keys import may_send_as
+from .store import NewMessage, NewRecipient, Store
+from .types import EnvelopeRecipient, Submission, SubmitResult
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_CONTROL_PREFIX = "x-relay-"
+
+
+def new_message_id(now: float | None = None) -> str:
+    """"msg_" + 26 Crockford base32 characters: 48 bits of milliseconds, 80 random bits."""
+    ms = int((time.time() if now is None else now) * 1000)
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        value, digit = divmod(value, 32)
+        chars.append(_CROCKFORD[digit])
+    return "msg_" + "".join(reversed(chars))
+
+
+def normalize_address(address: str, *, smtputf8: bool, param: str) -> tuple[str, str]:
+    """An envelope address with its domain as a lower-case A-label → (address, domain)."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise ValidationError(f"{address!r} is not an address (local@domain)", param=param,
+                              smtp="501 5.1.3")
+    if len(local.encode("utf-8")) > 64:
+        raise ValidationError(f"{address!r}: local part longer than 64 octets", param=param,
+                              smtp="553 5.1.3")
+    if not local.isascii() and not smtputf8:
+        raise ValidationError(f"{address!r}: a non-ASCII local part needs SMTPUTF8", param=param,
+                              smtp="553 5.6.7")
+    if any(c in local for c in "\r\n\x00 "):
+        raise ValidationError(f"{address!r}: bad characters in the local part", param=param,
+                              smtp="501 5.1.3")
+    return f"{local}@{(d := normalize_domain(domain, param=param))}", d
+
+
+def normalize_domain(domain: str, *, param: str) -> str:
+    domain = domain.rstrip(".").lower()
+    if domain.startswith("[") and domain.endswith("]"):
+        return domain  # address literal
+    try:
+        ace = domain.encode("idna").decode("ascii")
+    except (UnicodeError, ValueError):
+        raise ValidationError(f"{domain!r} is not a valid domain", param=param,
+                              smtp="501 5.1.2") from None
+    labels = ace.split(".")
+    if len(ace) > 253 or len(labels) < 2 or not all(_LABEL.match(lbl) for lbl in labels):
+        raise ValidationError(f"{domain!r} is not a valid domain", param=param, smtp="501 5.1.2")
+    return ace
+
+
+def collapse_recipients(
+    recipients: tuple[EnvelopeRecipient, ...], *, smtputf8: bool
+) -> tuple[NewRecipient, ...]:
+    """Normalised and without duplicates (the first occurrence wins)."""
+    seen: dict[str, NewRecipient] = {}
+    for i, r in enumerate(recipients):
+        address, domain = normalize_address(r.address, smtputf8=smtputf8, param=f"to[{i}]")
+        if address not in seen:
+            seen[address] = NewRecipient(address=address, domain=domain, notify=r.notify,
+                                         orcpt=r.orcpt)
+    return tuple(seen.values())
+
+
+def decoded(value: str | None) -> str:
+    if not value:
+        return ""
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
+        return value
+
+
+def header_from_domains(value: str) -> list[str]:
+    return [addr.rpartition("@")[2] for _, addr in email.utils.getaddresses([value]) if "@" in addr]
+
+
+class Submitter:
+    def __init__(self, config: Config, store: Store, *, clock: Callable[[], float] = time.time):
+        self._config = config
+        self._store = store
+        self._clock = clock
+
+    async def submit(self, sub: Submission) -> SubmitResult:
+        """Validate and commit; returns only after the commit (or raises StoreError)."""
+        message = self.prepare(sub)
+        return await self._store.enqueue(message)
+
+    def prepare(self, sub: Submission) -> NewMessage:
+        limits = self._config.limits
+        now = self._clock()
+        if not sub.recipients:
+            raise ValidationError("at least one recipient is required", param="to",
+                                  smtp="554 5.5.1")
+        recipients = collapse_recipients(sub.recipients, smtputf8=sub.smtputf8)
+        if len(recipients) > limits.max_recipients:
+            raise ValidationError(f"more than {limits.max_recipients} recipients", param="to",
+                                  smtp="452 4.5.3")
+        mail_from = ""
+        if sub.mail_from:
+            mail_from, from_domain = normalize_address(sub.mail_from, smtputf8=sub.smtputf8,
+                                                       param="envelope_from")
+            if not may_send_as(sub.allowed_domains, from_domain):
+                raise ValidationError(f"this key may not send as {from_domain}",
+                                      param="envelope_from", smtp="553 5.7.1")
+        data = sub.data
+        if b"\x00" in data:
+            raise ValidationError("the message contains a NUL character", param="data")
+        data = rawmail.normalize_newlines(data)
+        if len(data) > limits.max_message_size:
+            raise ValidationError(f"the message is larger than {limits.max_message_size} octets",
+                                  param="data", smtp="552 5.3.4")
+        headers, body = rawmail.split(data)
+        froms = rawmail.find(headers, "From")
+        if len(froms) != 1:
+            raise ValidationError(f"a message needs exactly one From header, not {len(froms)}",
+                                  param="From")
+        for domain in header_from_domains(froms[0].value):
+            if not may_send_as(sub.allowed_domains, domain.lower()):
+                raise ValidationError(f"this key may not send as {domain}", param="From",
+                                      smtp="550 5.7.1")
+        if len(rawmail.find(headers, "Received")) > limits.max_received_headers:
+            raise ValidationError(
+                f"more than {limits.max_received_headers} Received headers: a mail loop",
+                param="Received", smtp="554 5.4.6")
+        message_id = new_message_id(now)
+        headers = [h for h in headers
+                   if h.key != "bcc" and not h.key.startswith(_CONTROL_PREFIX)]
+        headers = self._trace(sub, message_id, now, recipients) + headers
+        if not rawmail.find(headers, "Message-ID"):
+            headers.append(rawmail.make(
+                "Message-ID", f"<{message_id.removeprefix('msg_')}@{self._config.server.hostname}>"))
+        if not rawmail.find(headers, "Date"):
+            headers.append(rawmail.make("Date", email.utils.formatdate(now, localtime=True)))
+        return NewMessage(
+            id=message_id,
+            created_at=now,
+            mail_from=mail_from,
+            recipients=recipients,
+            body=rawmail.join(headers, body),
+            source=sub.source,
+            api_key_id=sub.api_key_id,
+            tags=sub.tags,
+            metadata=sub.metadata,
+            stream=sub.stream,
+            subject=decoded(rawmail.first_value(headers, "Subject")),
+            header_from=decoded(froms[0].value),
+            dsn_ret=sub.dsn_ret,
+            dsn_envid=sub.dsn_envid,
+            smtputf8=sub.smtputf8,
+            scheduled_at=sub.scheduled_at if sub.scheduled_at and sub.scheduled_at > now else None,
+            idempotency_scope=sub.api_key_id or "",
+            idempotency_key=sub.idempotency_key,
+            idempotency_fingerprint=sub.idempotency_fingerprint,
+        )
+
+    def _trace(self, sub: Submission, message_id: str, now: float,
+               recipients: tuple[NewRecipient, ...]) -> list[rawmail.Header]:
+        if sub.received_from is None:
+            return []
+        value = (f"from {sub.received_from}\r\n\tby {self._config.server.hostname} (relay) "
+                 f"with {sub.received_with or 'ESMTP'} id {message_id}")
+        if len(recipients) == 1:
+            value += f"\r\n\tfor <{recipients[0].address}>"
+        value += f"; {email.utils.formatdate(now, localtime=True)}"
+        return [rawmail.Header("Received", f"Received: {value}\r\n".encode("utf-8"))]
