@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .config import Config, ListenerConfig
 from .errors import ConfigError
-from .smtpd import AuthThrottle, make_server_factory
+from .smtpd import AuthThrottle, RelayHandler, make_server_factory
 from .store import SQLiteStore
 from .submit import Submitter
 from .tlsutil import ensure_self_signed, server_context
@@ -27,6 +27,7 @@ class Service:
     submitter: Submitter = field(init=False)
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
     bound: list[tuple[str, int]] = field(default_factory=list)  # (address, port) per listener
+    handlers: list[RelayHandler] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.store = SQLiteStore(self.config.db_path)
@@ -43,8 +44,9 @@ class Service:
                                 block_seconds=limits.auth_block_seconds)
         try:
             for i, (listener, ctx) in enumerate(zip(self.config.smtp.listeners, contexts)):
-                factory = make_server_factory(self.config, listener, self.store, self.submitter,
-                                              throttle, ctx)
+                handler = RelayHandler(self.config, listener, self.store, self.submitter, throttle)
+                self.handlers.append(handler)
+                factory = make_server_factory(handler, ctx)
                 try:
                     server = await asyncio.get_running_loop().create_server(
                         factory, listener.address, listener.port,
@@ -84,9 +86,15 @@ class Service:
     async def stop(self) -> None:
         for server in self.servers:
             server.close()
+        for handler in self.handlers:
+            for conn in list(handler.connections):
+                conn.close()
         for server in self.servers:
             await server.wait_closed()
+        for _ in range(3):  # let connection_lost callbacks run
+            await asyncio.sleep(0)
         self.servers.clear()
+        self.handlers.clear()
         await self.store.close()
 
 

@@ -103,6 +103,21 @@ class RelaySMTP(SMTP):
             warnings.simplefilter("ignore")
             super().__init__(handler, auth_require_tls=not implicit_tls, **kwargs)
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.event_handler.connections.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.event_handler.connections.discard(self)
+        super().connection_lost(error)
+
+    def close(self) -> None:
+        """Drop the connection (service shutdown)."""
+        if self._original_transport is not None:
+            self._original_transport.close()
+        if self.transport is not None:
+            self.transport.close()
+
     @property
     def secure(self) -> bool:
         return self.implicit_tls or self._tls_protocol is not None
@@ -187,6 +202,7 @@ class RelayHandler:
         self.store = store
         self.submitter = submitter
         self.throttle = throttle
+        self.connections: set[RelaySMTP] = set()
 
     # -- connection and login ------------------------------------------------
 
@@ -384,10 +400,9 @@ def _close_soon(server: SMTP) -> None:
     loop.call_soon(lambda: server.transport.close() if server.transport else None)
 
 
-def make_server_factory(config: Config, listener: ListenerConfig, store: Store,
-                        submitter: Submitter, throttle: AuthThrottle,
+def make_server_factory(handler: RelayHandler,
                         tls_context: ssl.SSLContext | None) -> Callable[[], RelaySMTP]:
-    handler = RelayHandler(config, listener, store, submitter, throttle)
+    config, listener = handler.config, handler.listener
     limits = config.limits
     submission = listener.mode == "submission"
     implicit = listener.tls == "implicit"

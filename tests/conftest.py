@@ -1,0 +1,142 @@
+"""Shared fixtures: configs on free loopback ports, relay in-process or as a real process."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.config import (
+    Config,
+    ListenerConfig,
+    ServerConfig,
+    SmtpConfig,
+)
+from relay.service import Service
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_config(tmp_path: Path, *listeners: ListenerConfig, **sections: Any) -> Config:
+    if not listeners:
+        listeners = (ListenerConfig(port=free_port()),)
+    return Config(
+        server=ServerConfig(hostname="relay.test", data_dir=tmp_path / "data"),
+        smtp=SmtpConfig(listeners=listeners),
+        **sections,
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+async def service(config: Config) -> AsyncIterator[Service]:
+    svc = Service(config)
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.write_text(text, "utf-8")
+    return path
+
+
+def relay_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "relay.cli", *args]
+
+
+def run_relay(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    full_env.update(env or {})
+    return subprocess.run(relay_cmd(*args), capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=timeout)
+
+
+def wait_port(port: int, *, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None
+              ) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"relay exited with {proc.returncode}: {out}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+class RelayProcess:
+    """`relay serve` as a real process, for SIGKILL and CLI tests."""
+
+    def __init__(self, config_path: Path, port: int, cwd: Path) -> None:
+        self.config_path, self.port, self.cwd = config_path, port, cwd
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "RELAY_LOG_LEVEL": "WARNING"}
+        env.pop("RELAY_CONFIG", None)
+        self.proc = subprocess.Popen(
+            relay_cmd("--config", str(self.config_path), "serve"), cwd=self.cwd, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_port(self.port, proc=self.proc)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc is not None and self.proc.stdout:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def relay_process(tmp_path: Path) -> Iterator[Any]:
+    started: list[RelayProcess] = []
+
+    def start(toml: str, port: int) -> RelayProcess:
+        path = write_toml(tmp_path / "relay.toml", toml)
+        rp = RelayProcess(path, port, tmp_path)
+        rp.start()
+        started.append(rp)
+        return rp
+
+    yield start
+    for rp in started:
+        rp.stop()
+
+
+def with_listener(config: Config, **changes: Any) -> Config:
+    listener = dataclasses.replace(config.smtp.listeners[0], **changes)
+    return dataclasses.replace(config, smtp=SmtpConfig(listeners=(listener,)))

@@ -1,0 +1,572 @@
+"""The SMTP listener against real smtplib clients over real TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import smtplib
+import socket
+import ssl
+import time
+
+import pytest
+
+from relay import keys
+from relay.config import LimitsConfig, ListenerConfig
+from relay.service import Service
+from relay.store import SQLiteStore
+
+from .conftest import free_port, make_config
+from .smtputil import MESSAGE, client_tls, connect, in_thread, send
+
+
+async def make_key(svc: Service, **kw: object) -> str:
+    _, secret = await keys.create_key(svc.store, name="test", scopes=["emails:send"], **kw)
+    return secret
+
+
+def login(port: int, secret: str) -> None:
+    with connect(port) as s:
+        s.login("anyone", secret)
+
+
+async def stored_bodies(svc: Service) -> list[bytes]:
+    page = await svc.store.list_messages(limit=1000)
+    return [await svc.store.get_body(d.message.id) or b"" for d in page.items]
+
+
+# -- submission: TLS, AUTH, keys ---------------------------------------------------
+
+
+async def test_starttls_and_valid_key_queue_the_message(service: Service) -> None:
+    key = await make_key(service)
+    port = service.bound[0][1]
+    code, text = await in_thread(send, port, key)
+    assert code == 250, text
+    assert b"queued as msg_" in text
+    message_id = text.split(b"queued as ")[1].decode()
+    detail = await service.store.get_message(message_id)
+    assert detail is not None
+    assert [r.address for r in detail.recipients] == ["bob@example.org"]
+    assert detail.message.status == "queued"
+
+
+async def test_wrong_key_gets_535(service: Service) -> None:
+    await make_key(service)
+    port = service.bound[0][1]
+
+    def attempt() -> None:
+        with connect(port) as s:
+            s.login("anyone", "rk_000000000000_not-a-real-key")
+
+    with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+        await in_thread(attempt)
+    assert err.value.smtp_code == 535
+    assert err.value.smtp_error.startswith(b"5.7.8")
+
+
+async def test_key_without_send_scope_is_refused(service: Service) -> None:
+    _, secret = await keys.create_key(service.store, name="reader", scopes=["emails:read"])
+    port = service.bound[0][1]
+    with pytest.raises(smtplib.SMTPAuthenticationError):
+        await in_thread(login, port, secret)
+
+
+async def test_revoked_key_is_refused(service: Service) -> None:
+    key, secret = await keys.create_key(service.store, name="t", scopes=["emails:send"])
+    await service.store.revoke_api_key(key.id, 0.0)
+    with pytest.raises(smtplib.SMTPAuthenticationError):
+        await in_thread(login, service.bound[0][1], secret)
+
+
+async def test_auth_is_not_offered_before_starttls(service: Service) -> None:
+    port = service.bound[0][1]
+
+    def attempt() -> tuple[bool, int]:
+        with connect(port, starttls=False) as s:
+            offered = s.has_extn("auth")
+            code, _ = s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0u\0p").decode())
+            return offered, code
+
+    offered, code = await in_thread(attempt)
+    assert not offered
+    assert code == 538
+
+
+async def test_mail_without_auth_gets_530(service: Service) -> None:
+    def attempt() -> tuple[int, bytes]:
+        with connect(service.bound[0][1]) as s:
+            return s.mail("alice@example.com")
+
+    code, text = await in_thread(attempt)
+    assert code == 530
+    assert text.startswith(b"5.7.0")
+
+
+async def test_implicit_tls_listener(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = make_config(tmp_path, ListenerConfig(port=free_port(), tls="implicit"))
+    svc = Service(config)
+    await svc.start()
+    try:
+        key = await make_key(svc)
+
+        def go() -> tuple[int, bytes]:
+            with connect(svc.bound[0][1], starttls=False, implicit=True, key=key) as s:
+                return s.sendmail("alice@example.com", ["bob@example.org"], MESSAGE) or (250, b"")
+
+        code, _ = await in_thread(go)
+        assert code == 250
+        assert len(await stored_bodies(svc)) == 1
+    finally:
+        await svc.stop()
+
+
+async def test_repeated_failures_are_slowed_then_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = make_config(tmp_path, limits=LimitsConfig(auth_failures_before_delay=1,
+                                                       auth_failures_before_block=3))
+    svc = Service(config)
+    await svc.start()
+    try:
+        good = await make_key(svc)
+        port = svc.bound[0][1]
+
+        def failures() -> tuple[list[int], float]:
+            codes = []
+            wrong = base64.b64encode(b"\0x\0rk_000000000000_wrong").decode()
+            started = time.monotonic()
+            with connect(port) as s:
+                for _ in range(3):
+                    codes.append(s.docmd("AUTH", "PLAIN " + wrong)[0])
+            return codes, time.monotonic() - started
+
+        codes, took = await in_thread(failures)
+        assert codes == [535, 535, 535]
+        assert took >= 1.0  # the later failures were answered slowly
+
+        def now_blocked() -> tuple[int, bytes]:
+            s = smtplib.SMTP("127.0.0.1", port, timeout=10)
+            try:
+                return s.ehlo("client.test")
+            finally:
+                s.close()
+
+        code, text = await in_thread(now_blocked)
+        assert code == 421 and text.startswith(b"4.7.0")  # the client is refused for a while
+        del good
+    finally:
+        await svc.stop()
+
+
+# -- relay mode ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("networks, expected", [(("10.0.0.0/8",), 554), (("127.0.0.0/8",), 250)])
+async def test_relay_listener_checks_allowed_networks(tmp_path, networks, expected) -> None:  # type: ignore[no-untyped-def]
+    import ipaddress
+
+    listener = ListenerConfig(port=free_port(), mode="relay", tls="none",
+                              allowed_networks=tuple(ipaddress.ip_network(n) for n in networks))
+    svc = Service(make_config(tmp_path, listener))
+    await svc.start()
+    try:
+        code, text = await in_thread(send, svc.bound[0][1], None, MESSAGE, "alice@example.com",
+                                     ("bob@example.org",), False)
+        assert code == expected, text
+        if expected == 554:
+            assert text.startswith(b"5.7.1")
+            assert await stored_bodies(svc) == []
+        else:
+            assert len(await stored_bodies(svc)) == 1
+    finally:
+        await svc.stop()
+
+
+async def test_relay_listener_without_networks_is_closed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    svc = Service(make_config(tmp_path, ListenerConfig(port=free_port(), mode="relay", tls="none")))
+    await svc.start()
+    try:
+        code, _ = await in_thread(send, svc.bound[0][1], None, MESSAGE, "alice@example.com",
+                                  ("bob@example.org",), False)
+        assert code == 554
+    finally:
+        await svc.stop()
+
+
+# -- who may send as whom ----------------------------------------------------------------
+
+
+async def test_domain_limited_key_cannot_send_as_other_domain(service: Service) -> None:
+    key = await make_key(service, domains=["example.com"])
+    port = service.bound[0][1]
+    code, text = await in_thread(send, port, key, MESSAGE, "alice@other.test")
+    assert code == 553
+    assert text.startswith(b"5.7.1")
+    code, _ = await in_thread(send, port, key, MESSAGE, "alice@example.com")
+    assert code == 250
+
+
+async def test_domain_limited_key_checks_header_from(service: Service) -> None:
+    key = await make_key(service, domains=["example.com"])
+    data = MESSAGE.replace(b"alice@example.com", b"mallory@other.test")
+    code, text = await in_thread(send, service.bound[0][1], key, data, "alice@example.com")
+    assert code == 550
+    assert text.startswith(b"5.7.1")
+
+
+# -- message checks -------------------------------------------------------------------------
+
+
+async def test_two_from_headers_are_refused(service: Service) -> None:
+    key = await make_key(service)
+    data = b"From: a@example.com\r\n" + MESSAGE
+    code, text = await in_thread(send, service.bound[0][1], key, data)
+    assert code == 550
+    assert text.startswith(b"5.6.0")
+    assert await stored_bodies(service) == []
+
+
+async def test_no_from_header_is_refused(service: Service) -> None:
+    key = await make_key(service)
+    code, _ = await in_thread(send, service.bound[0][1], key, b"Subject: x\r\n\r\nbody\r\n")
+    assert code == 550
+
+
+async def test_51_received_headers_are_a_loop(service: Service) -> None:
+    key = await make_key(service)
+    port = service.bound[0][1]
+    hop = b"Received: from a by b; Sun, 22 Nov 2026 10:00:00 +0000\r\n"
+    code, text = await in_thread(send, port, key, hop * 51 + MESSAGE)
+    assert code == 554
+    assert text.startswith(b"5.4.6")
+    code, _ = await in_thread(send, port, key, hop * 50 + MESSAGE)
+    assert code == 250
+
+
+async def test_bcc_header_never_reaches_the_store(service: Service) -> None:
+    key = await make_key(service)
+    data = MESSAGE.replace(b"Subject:", b"Bcc: secret@example.net\r\nSubject:")
+    code, _ = await in_thread(send, service.bound[0][1], key, data, "alice@example.com",
+                              ("bob@example.org", "secret@example.net"))
+    assert code == 250
+    (body,) = await stored_bodies(service)
+    assert b"secret@example.net" not in body.lower()
+    assert b"bcc:" not in body.lower()
+
+
+async def test_duplicate_recipients_are_collapsed(service: Service) -> None:
+    key = await make_key(service)
+    def go() -> tuple[int, bytes]:
+        with connect(service.bound[0][1], key=key) as s:
+            s.mail("alice@example.com", ["SMTPUTF8"])
+            for rcpt in ("bob@example.org", "bob@EXAMPLE.ORG", "Bob@example.org",
+                         "x@bücher.example", "x@xn--bcher-kva.example"):
+                assert s.rcpt(rcpt)[0] == 250
+            return s.data(MESSAGE)
+
+    code, text = await in_thread(go)
+    assert code == 250, text
+    detail = await service.store.get_message(text.split(b"queued as ")[1].decode())
+    assert detail is not None
+    assert [r.address for r in detail.recipients] == [
+        "bob@example.org", "Bob@example.org", "x@xn--bcher-kva.example"]
+
+
+async def test_relay_adds_received_message_id_and_date(service: Service) -> None:
+    key = await make_key(service)
+    code, _ = await in_thread(send, service.bound[0][1], key)
+    assert code == 250
+    (body,) = await stored_bodies(service)
+    head = body.split(b"\r\n\r\n")[0]
+    assert head.startswith(b"Received: from client.test ([127.0.0.1])")
+    assert b"by relay.test (relay) with ESMTPSA id msg_" in head
+    assert b"\r\nMessage-ID: <" in head and b"@relay.test>" in head
+    assert b"\r\nDate: " in head
+
+
+async def test_existing_message_id_is_kept(service: Service) -> None:
+    key = await make_key(service)
+    data = b"Message-ID: <mine@example.com>\r\n" + MESSAGE
+    assert (await in_thread(send, service.bound[0][1], key, data))[0] == 250
+    (body,) = await stored_bodies(service)
+    assert body.count(b"Message-ID:") == 1 and b"<mine@example.com>" in body
+
+
+async def test_size_is_advertised_and_enforced(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    svc = Service(make_config(tmp_path, limits=LimitsConfig(max_message_size=2000)))
+    await svc.start()
+    try:
+        key = await make_key(svc)
+
+        def go() -> tuple[str, tuple[int, bytes], tuple[int, bytes]]:
+            with connect(svc.bound[0][1], key=key) as s:
+                size = s.esmtp_features["size"]
+                declared = s.mail("alice@example.com", ["SIZE=5000"])
+                s.rset()
+                s.mail("alice@example.com")
+                s.rcpt("bob@example.org")
+                sent = s.data(MESSAGE + b"x" * 3000 + b"\r\n")
+                return size, declared, sent
+
+        size, declared, sent = await in_thread(go)
+        assert size == "2000"
+        assert declared[0] == 552 and declared[1].startswith(b"5.3.4")
+        assert sent[0] == 552 and sent[1].startswith(b"5.3.4")
+        assert await stored_bodies(svc) == []
+    finally:
+        await svc.stop()
+
+
+async def test_too_many_recipients_get_452(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    svc = Service(make_config(tmp_path, limits=LimitsConfig(max_recipients=2)))
+    await svc.start()
+    try:
+        key = await make_key(svc)
+
+        def go() -> list[tuple[int, bytes]]:
+            with connect(svc.bound[0][1], key=key) as s:
+                s.mail("alice@example.com")
+                return [s.rcpt(f"r{i}@example.org") for i in range(3)]
+
+        replies = await in_thread(go)
+        assert [c for c, _ in replies] == [250, 250, 452]
+        assert replies[2][1].startswith(b"4.5.3")
+    finally:
+        await svc.stop()
+
+
+@pytest.mark.parametrize("address", ["<no-at-sign>", "<a@b@c>", "<a@-bad-.example>", "<@x.org>"])
+async def test_malformed_addresses_get_an_enhanced_code(service: Service, address: str) -> None:
+    key = await make_key(service)
+
+    def go() -> tuple[int, bytes]:
+        with connect(service.bound[0][1], key=key) as s:
+            s.mail("alice@example.com")
+            return s.docmd("RCPT TO:" + address)
+
+    code, text = await in_thread(go)
+    assert code in (501, 553), text
+    assert text[:1] == b"5" and text[1:2] == b"."
+
+
+async def test_dsn_parameters_are_accepted_and_stored(service: Service) -> None:
+    key = await make_key(service)
+
+    def go() -> tuple[int, bytes]:
+        with connect(service.bound[0][1], key=key) as s:
+            assert s.has_extn("dsn")
+            s.mail("alice@example.com", ["RET=HDRS", "ENVID=abc123"])
+            s.rcpt("bob@example.org", ["NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;bob@example.org"])
+            s.rcpt("carol@example.org", ["NOTIFY=NEVER"])
+            return s.data(MESSAGE)
+
+    code, text = await in_thread(go)
+    assert code == 250
+    detail = await service.store.get_message(text.split(b"queued as ")[1].decode())
+    assert detail is not None
+    assert detail.message.dsn_ret == "HDRS" and detail.message.dsn_envid == "abc123"
+    assert [r.notify for r in detail.recipients] == [("FAILURE", "DELAY"), ("NEVER",)]
+    assert detail.recipients[0].orcpt == "rfc822;bob@example.org"
+
+
+async def test_smtputf8_is_honoured(service: Service) -> None:
+    key = await make_key(service)
+    data = "From: José <josé@example.com>\r\nTo: zoë@example.org\r\nSubject: olá\r\n\r\nçà\r\n"
+
+    def go() -> tuple[int, bytes]:
+        with connect(service.bound[0][1], key=key) as s:
+            assert s.has_extn("smtputf8") and s.has_extn("8bitmime")
+            return s.sendmail("josé@example.com", ["zoë@example.org"], data.encode(),
+                              mail_options=["SMTPUTF8", "BODY=8BITMIME"]) or (250, b"")
+
+    assert (await in_thread(go))[0] == 250
+    page = await service.store.list_messages()
+    assert page.items[0].message.smtputf8
+    assert page.items[0].recipients[0].address == "zoë@example.org"
+
+
+# -- control headers ---------------------------------------------------------------------
+
+
+async def test_control_headers_are_stored_and_stripped(service: Service) -> None:
+    key = await make_key(service)
+    data = (b"X-Relay-Tags: welcome, onboarding\r\nX-Relay-Metadata: {\"user\": 42}\r\n"
+            b"X-Relay-Stream: broadcast\r\n" + MESSAGE)
+    code, text = await in_thread(send, service.bound[0][1], key, data)
+    assert code == 250
+    detail = await service.store.get_message(text.split(b"queued as ")[1].decode())
+    assert detail is not None
+    assert detail.message.tags == ("welcome", "onboarding")
+    assert detail.message.metadata == {"user": 42}
+    assert detail.message.stream == "broadcast"
+    body = await service.store.get_body(detail.message.id)
+    assert body is not None and b"x-relay" not in body.lower()
+
+
+@pytest.mark.parametrize("header", [b"X-Relay-Metadata: [1, 2]", b"X-Relay-Stream: spam",
+                                    b"X-Relay-Bogus: 1"])
+async def test_bad_control_header_names_itself(service: Service, header: bytes) -> None:
+    key = await make_key(service)
+    code, text = await in_thread(send, service.bound[0][1], key, header + b"\r\n" + MESSAGE)
+    assert code == 550
+    assert text.startswith(b"5.6.0") and header.split(b":")[0] in text
+
+
+async def test_idempotency_key_repeat_queues_nothing(service: Service) -> None:
+    key = await make_key(service)
+    data = b"X-Relay-Idempotency-Key: order-77\r\n" + MESSAGE
+    first = await in_thread(send, service.bound[0][1], key, data)
+    second = await in_thread(send, service.bound[0][1], key, data)
+    assert first[0] == second[0] == 250
+    assert first[1].split(b"queued as ")[1] == second[1].split(b"queued as ")[1]
+    assert len(await stored_bodies(service)) == 1
+
+
+# -- SMTP smuggling and STARTTLS injection -------------------------------------------------
+
+
+def raw_session(port: int, key: str, payload: bytes) -> bytes:
+    """Send DATA bytes exactly as given over STARTTLS; returns everything the server said."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    f = sock.makefile("rb")
+
+    def reply() -> bytes:
+        lines = []
+        while True:
+            line = f.readline()
+            lines.append(line)
+            if line[3:4] != b"-":
+                return b"".join(lines)
+
+    reply()
+    sock.sendall(b"EHLO client.test\r\n")
+    reply()
+    sock.sendall(b"STARTTLS\r\n")
+    reply()
+    tls = client_tls().wrap_socket(sock, server_hostname="relay.test")
+    f = tls.makefile("rb")
+    out = b""
+    auth = base64.b64encode(b"\0u\0" + key.encode()).decode()
+    for cmd in (b"EHLO client.test", f"AUTH PLAIN {auth}".encode(),
+                b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@example.org>", b"DATA"):
+        tls.sendall(cmd + b"\r\n")
+        out += reply()
+    tls.sendall(payload)
+    out += reply()
+    tls.sendall(b"QUIT\r\n")
+    try:
+        out += reply()
+    except (OSError, ssl.SSLError):
+        pass
+    tls.close()
+    return out
+
+
+SMUGGLED = (b"MAIL FROM:<admin@example.com>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
+            b"From: admin@example.com\r\nSubject: smuggled\r\n\r\nevil\r\n")
+
+
+@pytest.mark.parametrize("ending", [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n\x00.\r\n"])
+async def test_smuggling_never_splits_a_message(service: Service, ending: bytes) -> None:
+    key = await make_key(service)
+    payload = MESSAGE.rstrip(b"\r\n") + ending + SMUGGLED + b".\r\n"
+    out = await in_thread(raw_session, service.bound[0][1], key, payload)
+    bodies = await stored_bodies(service)
+    assert len(bodies) <= 1, out
+    assert out.count(b"queued as") <= 1
+    page = await service.store.list_messages()
+    assert all(r.address == "bob@example.org" for d in page.items for r in d.recipients)
+    for body in bodies:
+        assert body.count(b"\r") == body.count(b"\r\n") == body.count(b"\n")
+
+
+async def test_bare_newlines_are_normalised(service: Service) -> None:
+    key = await make_key(service)
+    payload = b"From: alice@example.com\nSubject: lf\n\nline one\nline two\rthree\r\n.\r\n"
+    out = await in_thread(raw_session, service.bound[0][1], key, payload)
+    assert b"queued as" in out
+    (body,) = await stored_bodies(service)
+    assert body.endswith(b"line one\r\nline two\r\nthree\r\n")
+    assert body.count(b"\r") == body.count(b"\n") == body.count(b"\r\n")
+
+
+async def test_commands_pipelined_after_starttls_are_discarded(service: Service) -> None:
+    port = service.bound[0][1]
+
+    def go() -> bytes:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(b"EHLO client.test\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        # STARTTLS with a command injected behind it in the same packet
+        sock.sendall(b"STARTTLS\r\nNOOP injected\r\n")
+        assert f.readline().startswith(b"220")
+        tls = client_tls().wrap_socket(sock, server_hostname="relay.test")
+        tls.sendall(b"QUIT\r\n")
+        data = b""
+        while True:
+            chunk = tls.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+            if b"221" in data:
+                break
+        tls.close()
+        return data
+
+    data = await in_thread(go)
+    # Had the injected NOOP survived, its 250 would come before the 221.
+    assert data.startswith(b"221"), data
+
+
+# -- store failure ------------------------------------------------------------------------
+
+
+async def test_store_failure_gives_451_and_the_server_keeps_serving(service: Service) -> None:
+    key = await make_key(service)
+    port = service.bound[0][1]
+    writer = service.store.writer
+    assert writer is not None
+    # A real SQLITE_FULL: the database may not grow past its current size.
+    async with writer.conn.execute("PRAGMA page_count") as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    await writer.conn.execute(f"PRAGMA max_page_count = {row[0]}")
+    big = MESSAGE + b"x" * 200 + (b"y" * 990 + b"\r\n") * 40
+    code, text = await in_thread(send, port, key, big)
+    assert code == 451, text
+    assert text.startswith(b"4.3.0")
+    assert await stored_bodies(service) == []
+    await writer.conn.execute("PRAGMA max_page_count = 1073741823")
+    code, _ = await in_thread(send, port, key, big)
+    assert code == 250
+    assert len(await stored_bodies(service)) == 1
+
+
+async def test_read_only_database_gives_451(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = make_config(tmp_path)
+    svc = Service(config)
+    await svc.start()
+    try:
+        key = await make_key(svc)
+        assert svc.store.writer is not None
+        await svc.store.writer.conn.execute("PRAGMA query_only = ON")
+        code, text = await in_thread(send, svc.bound[0][1], key)
+        assert code == 451 and text.startswith(b"4.3.0")
+        await svc.store.writer.conn.execute("PRAGMA query_only = OFF")
+        assert (await in_thread(send, svc.bound[0][1], key))[0] == 250
+    finally:
+        await svc.stop()
+
+
+async def test_many_concurrent_sessions_share_commits(service: Service) -> None:
+    key = await make_key(service)
+    port = service.bound[0][1]
+    results = await asyncio.gather(*(in_thread(send, port, key) for _ in range(20)))
+    assert all(code == 250 for code, _ in results)
+    store = service.store
+    assert isinstance(store, SQLiteStore) and store.writer is not None
+    page = await store.list_messages(limit=100)
+    assert len(page.items) == 20
+
