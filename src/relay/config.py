@@ -211,8 +211,12 @@ def load(path: str | os.PathLike[str] | None = None,
     return config
 
 
+# RELAY_* variables that are not settings: the config path, log level, and `relay send`'s key.
+NOT_SETTINGS = frozenset({"RELAY_CONFIG", "RELAY_LOG_LEVEL", "RELAY_API_KEY"})
+
+
 def _env_keys(environ: Mapping[str, str]) -> set[str]:
-    return {k for k in environ if k.startswith("RELAY_") and k != "RELAY_CONFIG"}
+    return {k for k in environ if k.startswith("RELAY_") and k not in NOT_SETTINGS}
 
 
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -321,14 +325,27 @@ def _check_tls_files(config: Config) -> None:
                               "tls_cert and tls_key must be set together")
         for name in ("tls_cert", "tls_key"):
             path = getattr(listener, name)
-            if path and not os.access(path, os.R_OK):
-                reason = "no such file" if not os.path.exists(path) else "not readable"
+            reason = _unreadable(path) if path else None
+            if reason:
                 raise ConfigError(config.source, f"smtp.listeners[{i}].{name}", f"{path}: {reason}")
     ports = [(lst.address, lst.port) for lst in config.smtp.listeners if lst.port]
     for i, where in enumerate(ports):
         if where in ports[:i]:
             raise ConfigError(config.source, f"smtp.listeners[{i}].port",
                               f"{where[0]}:{where[1]} is used by another listener")
-    if config.delivery.tls_ca_file and not os.access(config.delivery.tls_ca_file, os.R_OK):
-        raise ConfigError(config.source, "delivery.tls_ca_file",
-                          f"{config.delivery.tls_ca_file}: not readable")
+    ca_file = config.delivery.tls_ca_file
+    if ca_file and (reason := _unreadable(ca_file)):
+        raise ConfigError(config.source, "delivery.tls_ca_file", f"{ca_file}: {reason}")
+
+
+def _unreadable(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except FileNotFoundError:
+        return "no such file"
+    except IsADirectoryError:
+        return "is a directory, not a file"
+    except OSError as exc:
+        return f"not readable ({exc.strerror or exc})"
+    return None

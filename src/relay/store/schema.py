@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import aiosqlite
 
+from ..errors import StoreError
+
 MIGRATIONS: tuple[str, ...] = (
     # 1: messages, bodies, recipients, attempts, events, idempotency keys, API keys
     """
@@ -101,7 +103,7 @@ async def migrate(conn: aiosqlite.Connection) -> int:
         row = await cur.fetchone()
     current = row[0] if row else 0
     if current > len(MIGRATIONS):
-        raise RuntimeError(
+        raise StoreError(
             f"the database schema is version {current}, newer than this relay knows "
             f"({len(MIGRATIONS)}); upgrade relay"
         )

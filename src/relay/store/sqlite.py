@@ -50,12 +50,18 @@ class SQLiteStore:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        write = read = None
         try:
             write = await _connect(self.path)
             await migrate(write)
             read = await _connect(self.path)
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: cannot open the database: {exc}") from exc
+        except BaseException as exc:
+            for conn in (write, read):
+                if conn is not None:
+                    await conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"{self.path}: cannot open the database: {exc}") from exc
+            raise
         os.chmod(self.path, 0o600)
         self._write_conn, self._read_conn = write, read
         self.writer = GroupCommitWriter(write)

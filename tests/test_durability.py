@@ -1,0 +1,96 @@
+"""No 250 before the commit: SIGKILL relay while 20 clients send, then count."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import smtplib
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from relay.store import SQLiteStore
+
+from .conftest import free_port, run_relay
+from .smtputil import connect
+
+SENDERS = 20
+
+
+def sender(port: int, key: str, n: int, outcomes: dict[str, str], stop: threading.Event) -> None:
+    """Many messages per session, so that DATA is often in flight when the kill comes."""
+    i = 0
+    while not stop.is_set():
+        try:
+            with connect(port, key=key) as s:
+                while True:
+                    token = f"t{n}-{i}"
+                    i += 1
+                    s.mail("alice@example.com")
+                    s.rcpt("bob@example.org")
+                    outcomes[token] = "sent"  # DATA under way: no reply seen yet
+                    code, text = s.data(f"From: alice@example.com\r\nSubject: {token}\r\n\r\n"
+                                        f"body {token}\r\n".encode())
+                    outcomes[token] = (f"250 {text.decode().split()[-1]}" if code == 250
+                                       else "refused")
+        except (OSError, smtplib.SMTPException):
+            if stop.is_set():
+                return
+            time.sleep(0.05)
+
+
+def test_sigkill_loses_no_acknowledged_message(tmp_path: Path, relay_process: Any) -> None:
+    port = free_port()
+    toml = (f"[server]\nhostname = 'relay.test'\ndata_dir = '{tmp_path / 'data'}'\n"
+            f"[[smtp.listeners]]\nport = {port}\n")
+    (tmp_path / "relay.toml").write_text(toml)
+    made = run_relay("--config", str(tmp_path / "relay.toml"), "keys", "create", "--name", "t",
+                     "--json")
+    key = json.loads(made.stdout)["key"]
+    relay = relay_process(toml, port)
+
+    outcomes: dict[str, str] = {}
+    stop = threading.Event()
+    threads = [threading.Thread(target=sender, args=(port, key, n, outcomes, stop))
+               for n in range(SENDERS)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while sum(v.startswith("250") for v in outcomes.values()) < 150:
+        assert time.monotonic() < deadline, "relay accepted too little mail"
+        time.sleep(0.01)
+    relay.kill()  # SIGKILL mid-stream
+    stop.set()
+    for t in threads:
+        t.join(30)
+
+    relay.start()  # restarts on the same data, recovering the WAL
+    relay.stop()
+
+    async def stored_subjects() -> dict[str, str]:
+        store = SQLiteStore(tmp_path / "data" / "relay.sqlite")
+        await store.open()
+        try:
+            out = {}
+            cursor = None
+            while True:
+                page = await store.list_messages(limit=500, cursor=cursor)
+                out.update({d.message.subject: d.message.id for d in page.items})
+                cursor = page.next_cursor
+                if not cursor:
+                    return out
+        finally:
+            await store.close()
+
+    stored = asyncio.run(stored_subjects())
+    acked = {t: v.split()[1] for t, v in outcomes.items() if v.startswith("250")}
+    refused = [t for t, v in outcomes.items() if v == "refused"]
+    unanswered = [t for t, v in outcomes.items() if v in ("sent", "noreply")]
+    print(f"\nacknowledged with 250: {len(acked)}; refused: {len(refused)}; "
+          f"no reply: {len(unanswered)} (of which stored: "
+          f"{sum(t in stored for t in unanswered)})")
+    missing = [t for t in acked if stored.get(t) != acked[t]]
+    assert not missing, f"acknowledged but lost: {missing}"
+    assert not [t for t in refused if t in stored]
+    assert set(stored) <= set(outcomes)

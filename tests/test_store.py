@@ -1,0 +1,138 @@
+"""The SQLite store: schema, group commit, isolation of a bad write, durability settings."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+import pytest
+
+from relay.errors import StoreError
+from relay.store import NewMessage, NewRecipient, SQLiteStore
+from relay.store.schema import MIGRATIONS
+from relay.submit import new_message_id
+
+
+def new_message(i: int = 0, **kw: object) -> NewMessage:
+    fields: dict[str, object] = dict(
+        id=new_message_id(), created_at=1_800_000_000.0 + i, mail_from="a@example.com",
+        recipients=(NewRecipient(address=f"r{i}@example.org", domain="example.org"),),
+        body=b"From: a@example.com\r\n\r\nbody\r\n", source="smtp")
+    fields.update(kw)
+    return NewMessage(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = SQLiteStore(tmp_path / "q.sqlite")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_wal_and_full_sync(store: SQLiteStore) -> None:
+    assert store.writer is not None
+    async with store.writer.conn.execute("PRAGMA journal_mode") as cur:
+        assert (await cur.fetchone()) == ("wal",)
+    async with store.writer.conn.execute("PRAGMA synchronous") as cur:
+        assert (await cur.fetchone()) == (2,)  # FULL
+    assert (store.path.stat().st_mode & 0o777) == 0o600
+
+
+async def test_schema_is_versioned_and_reopening_is_idempotent(tmp_path: Path) -> None:
+    s = SQLiteStore(tmp_path / "q.sqlite")
+    await s.open()
+    await s.close()
+    await s.open()
+    async with s._reader.execute("SELECT version FROM schema_version") as cur:
+        assert await cur.fetchall() == [(len(MIGRATIONS),)]
+    await s.close()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite"
+    async with aiosqlite.connect(path) as conn:
+        await conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        await conn.execute("INSERT INTO schema_version VALUES (999)")
+        await conn.commit()
+    with pytest.raises(StoreError, match="newer than this relay knows"):
+        await SQLiteStore(path).open()
+
+
+async def test_concurrent_writes_share_one_commit(store: SQLiteStore) -> None:
+    assert store.writer is not None
+    before = store.writer.batches
+    results = await asyncio.gather(*(store.enqueue(new_message(i)) for i in range(50)))
+    assert len({r.message_id for r in results}) == 50
+    commits = store.writer.batches - before
+    assert commits < 50  # grouped: far fewer fsyncs than messages
+    page = await store.list_messages(limit=100)
+    assert len(page.items) == 50
+
+
+async def test_one_bad_write_does_not_fail_its_batch(store: SQLiteStore) -> None:
+    dup = new_message(1)
+    await store.enqueue(dup)
+    outcomes = await asyncio.gather(
+        store.enqueue(new_message(2)), store.enqueue(dup), store.enqueue(new_message(3)),
+        return_exceptions=True)
+    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    assert not isinstance(outcomes[0], BaseException) and not isinstance(outcomes[2], BaseException)
+    assert len((await store.list_messages()).items) == 3
+
+
+async def test_failed_commit_leaves_nothing_half_written(store: SQLiteStore) -> None:
+    assert store.writer is not None
+    await store.writer.conn.execute("PRAGMA query_only = ON")
+    with pytest.raises(StoreError):
+        await store.enqueue(new_message(1))
+    await store.writer.conn.execute("PRAGMA query_only = OFF")
+    for table in ("messages", "bodies", "recipients", "events"):
+        async with store._reader.execute(f"SELECT count(*) FROM {table}") as cur:
+            assert await cur.fetchone() == (0,), table
+
+
+async def test_enqueue_records_queued_events(store: SQLiteStore) -> None:
+    m = new_message(1, recipients=(NewRecipient(address="x@a.org", domain="a.org"),
+                                   NewRecipient(address="y@b.org", domain="b.org")))
+    await store.enqueue(m)
+    detail = await store.get_message(m.id)
+    assert detail is not None
+    assert [e.type for e in detail.events] == ["email.queued", "email.queued"]
+    assert [e.data["email"] for e in detail.events] == ["x@a.org", "y@b.org"]
+    assert await store.get_body(m.id) == m.body
+
+
+async def test_idempotency_key_returns_the_first_message(store: SQLiteStore) -> None:
+    first = new_message(1, idempotency_key="k1", idempotency_scope="rk_a")
+    again = new_message(2, idempotency_key="k1", idempotency_scope="rk_a")
+    other_scope = new_message(3, idempotency_key="k1", idempotency_scope="rk_b")
+    r1, r2, r3 = (await store.enqueue(first), await store.enqueue(again),
+                  await store.enqueue(other_scope))
+    assert r2.duplicate and r2.message_id == r1.message_id == first.id
+    assert not r3.duplicate
+    assert len((await store.list_messages()).items) == 2
+
+
+async def test_idempotency_window_is_24_hours(store: SQLiteStore) -> None:
+    first = new_message(0, idempotency_key="k")
+    later = new_message(0, idempotency_key="k", created_at=first.created_at + 24 * 3600 + 1)
+    await store.enqueue(first)
+    assert not (await store.enqueue(later)).duplicate
+
+
+async def test_list_messages_paginates_newest_first(store: SQLiteStore) -> None:
+    ids = [(await store.enqueue(new_message(i))).message_id for i in range(5)]
+    page1 = await store.list_messages(limit=2)
+    assert [d.message.id for d in page1.items] == ids[::-1][:2]
+    page2 = await store.list_messages(limit=2, cursor=page1.next_cursor)
+    assert [d.message.id for d in page2.items] == ids[::-1][2:4]
+    page3 = await store.list_messages(limit=2, cursor=page2.next_cursor)
+    assert [d.message.id for d in page3.items] == ids[:1] and page3.next_cursor is None
+
+
+async def test_message_ids_sort_by_time() -> None:
+    a, b = new_message_id(1_800_000_000.0), new_message_id(1_800_000_000.002)
+    assert a.startswith("msg_") and len(a) == 30 and a < b
