@@ -570,3 +570,39 @@ async def test_many_concurrent_sessions_share_commits(service: Service) -> None:
     page = await store.list_messages(limit=100)
     assert len(page.items) == 20
 
+
+
+# -- DATA reading ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wire, expected", [
+    (b".\r\n", b""),
+    (b"a\r\n.\r\n", b"a\r\n"),
+    (b"Hello Bob.\r\nBye.\r\n.\r\n", b"Hello Bob.\r\nBye.\r\n"),
+    (b"..leading\r\n..\r\nx\r\n.\r\n", b".leading\r\n.\r\nx\r\n"),
+    (b"a\n.\nb\r\n.\r\n", b"a\n.\nb\r\n"),
+    (b"x" * 70000 + b"\r\n.\r\n", b"x" * 70000 + b"\r\n"),
+    (b"y" * 40000 + b".\r\nz\r\n.\r\n", b"y" * 40000 + b".\r\nz\r\n"),
+])
+async def test_data_is_read_as_aiosmtpd_would(wire: bytes, expected: bytes) -> None:
+    from relay.smtpd import RelaySMTP
+
+    proto = RelaySMTP.__new__(RelaySMTP)
+    proto._reader = asyncio.StreamReader(limit=RelaySMTP.line_length_limit)
+    proto.data_size_limit = 100000
+    for i in range(0, len(wire), 7):  # arrives in small pieces
+        proto._reader.feed_data(wire[i:i + 7])
+    proto._reader.feed_data(b"QUIT\r\n")
+    assert await proto._read_data() == expected
+    assert await proto._reader.readline() == b"QUIT\r\n"  # nothing after the end was eaten
+
+
+async def test_data_over_the_limit_is_read_to_its_end_and_refused() -> None:
+    from relay.smtpd import RelaySMTP
+
+    proto = RelaySMTP.__new__(RelaySMTP)
+    proto._reader = asyncio.StreamReader(limit=RelaySMTP.line_length_limit)
+    proto.data_size_limit = 1000
+    proto._reader.feed_data(b"z" * 50000 + b"\r\n.\r\nQUIT\r\n")
+    assert await proto._read_data() is None
+    assert await proto._reader.readline() == b"QUIT\r\n"

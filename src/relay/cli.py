@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     logging.basicConfig(level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # aiosmtpd logs every command at INFO: far too much for a busy relay
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
     try:
         config = config_mod.load(args.config) if args.func is not cmd_init else None
         result: int = args.func(args, config)

@@ -56,7 +56,7 @@ def normalize_domain(domain: str, *, param: str) -> str:
     if domain.startswith("[") and domain.endswith("]"):
         return domain  # address literal
     try:
-        ace = domain.encode("idna").decode("ascii")
+        ace = domain if domain.isascii() else domain.encode("idna").decode("ascii")
     except (UnicodeError, ValueError):
         raise ValidationError(f"{domain!r} is not a valid domain", param=param,
                               smtp="501 5.1.2") from None
@@ -80,8 +80,9 @@ def collapse_recipients(
 
 
 def decoded(value: str | None) -> str:
-    if not value:
-        return ""
+    """A header value with its RFC 2047 encoded words decoded."""
+    if not value or "=?" not in value:
+        return value or ""
     try:
         return str(email.header.make_header(email.header.decode_header(value)))
     except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
@@ -132,7 +133,7 @@ class Submitter:
         if len(froms) != 1:
             raise ValidationError(f"a message needs exactly one From header, not {len(froms)}",
                                   param="From")
-        for domain in header_from_domains(froms[0].value):
+        for domain in header_from_domains(froms[0].value) if sub.allowed_domains else ():
             if not may_send_as(sub.allowed_domains, domain.lower()):
                 raise ValidationError(f"this key may not send as {domain}", param="From",
                                       smtp="550 5.7.1")
@@ -141,14 +142,15 @@ class Submitter:
                 f"more than {limits.max_received_headers} Received headers: a mail loop",
                 param="Received", smtp="554 5.4.6")
         message_id = new_message_id(now)
+        date = email.utils.formatdate(now, localtime=True)
         headers = [h for h in headers
                    if h.key != "bcc" and not h.key.startswith(_CONTROL_PREFIX)]
-        headers = self._trace(sub, message_id, now, recipients) + headers
+        headers = self._trace(sub, message_id, date, recipients) + headers
         if not rawmail.find(headers, "Message-ID"):
             headers.append(rawmail.make(
                 "Message-ID", f"<{message_id.removeprefix('msg_')}@{self._config.server.hostname}>"))
         if not rawmail.find(headers, "Date"):
-            headers.append(rawmail.make("Date", email.utils.formatdate(now, localtime=True)))
+            headers.append(rawmail.make("Date", date))
         return NewMessage(
             id=message_id,
             created_at=now,
@@ -171,7 +173,7 @@ class Submitter:
             idempotency_fingerprint=sub.idempotency_fingerprint,
         )
 
-    def _trace(self, sub: Submission, message_id: str, now: float,
+    def _trace(self, sub: Submission, message_id: str, date: str,
                recipients: tuple[NewRecipient, ...]) -> list[rawmail.Header]:
         if sub.received_from is None:
             return []
@@ -179,5 +181,5 @@ class Submitter:
                  f"with {sub.received_with or 'ESMTP'} id {message_id}")
         if len(recipients) == 1:
             value += f"\r\n\tfor <{recipients[0].address}>"
-        value += f"; {email.utils.formatdate(now, localtime=True)}"
+        value += f"; {date}"
         return [rawmail.Header("Received", f"Received: {value}\r\n".encode("utf-8"))]

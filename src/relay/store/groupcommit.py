@@ -2,10 +2,12 @@
 
 Every caller hands in an operation and awaits its own commit. Operations that
 arrive while a commit is in progress are taken as one batch: one transaction,
-one fsync. If an operation raises, the batch is rolled back and each of its
-operations is retried in a transaction of its own, so one bad write cannot
-fail the others. Nothing is ever half-written: a failed commit rolls back and
-every caller of that batch gets `StoreError`.
+one fsync. Operations of the same `Batched` kind are run together (one
+`executemany` per table instead of a statement per item). If an operation
+raises, the batch is rolled back and each of its operations is retried in a
+transaction of its own, so one bad write cannot fail the others. Nothing is
+ever half-written: a failed commit rolls back and every caller of that batch
+gets `StoreError`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import aiosqlite
 
@@ -22,14 +26,26 @@ from ..errors import StoreError
 log = logging.getLogger(__name__)
 
 Operation = Callable[[aiosqlite.Connection], Awaitable[Any]]
+RunMany = Callable[[aiosqlite.Connection, Sequence[Any]], Awaitable[list[Any]]]
 
 MAX_BATCH = 512
+
+
+@dataclass(frozen=True)
+class Batched:
+    """An item for `run_many`, which writes many items at once and returns one result each."""
+
+    run_many: RunMany
+    item: Any
+
+
+Work = Operation | Batched
 
 
 class GroupCommitWriter:
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self.conn = conn
-        self._queue: asyncio.Queue[tuple[Operation, asyncio.Future[Any]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Work, asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # commits made; lets tests and benches see the grouping
         self.operations = 0
@@ -50,11 +66,11 @@ class GroupCommitWriter:
             if not fut.done():
                 fut.set_exception(StoreError("the store is closing"))
 
-    async def write(self, op: Operation) -> Any:
+    async def write(self, work: Work) -> Any:
         if self._task is None or self._task.done():
             raise StoreError("the store is not open")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._queue.put((op, fut))
+        await self._queue.put((work, fut))
         return await fut
 
     async def _run(self) -> None:
@@ -62,18 +78,18 @@ class GroupCommitWriter:
             batch = [await self._queue.get()]
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            live = [(op, fut) for op, fut in batch if not fut.cancelled()]
+            live = [(work, fut) for work, fut in batch if not fut.cancelled()]
             if live:
                 await self._commit(live)
 
-    async def _commit(self, batch: list[tuple[Operation, asyncio.Future[Any]]]) -> None:
+    async def _commit(self, batch: list[tuple[Work, asyncio.Future[Any]]]) -> None:
         try:
-            results = await self._transaction([op for op, _ in batch])
+            results = await self._transaction([work for work, _ in batch])
         except _OperationFailed:
             # Isolate the failing operation: each one alone.
-            for op, fut in batch:
+            for work, fut in batch:
                 try:
-                    (result,) = await self._transaction([op])
+                    (result,) = await self._transaction([work])
                 except _OperationFailed as exc:
                     _settle(fut, exc=exc.__cause__ or exc)
                 except StoreError as exc:
@@ -88,24 +104,14 @@ class GroupCommitWriter:
         for (_, fut), result in zip(batch, results):
             _settle(fut, result=result)
 
-    async def _transaction(self, ops: list[Operation]) -> list[Any]:
+    async def _transaction(self, works: list[Work]) -> list[Any]:
         conn = self.conn
         try:
             await conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot begin a transaction: {exc}") from exc
-        results = []
         try:
-            for op in ops:
-                try:
-                    results.append(await op(conn))
-                except (sqlite3.IntegrityError, sqlite3.ProgrammingError) as exc:
-                    raise _OperationFailed() from exc
-                except sqlite3.Error as exc:
-                    # disk full, I/O error, read-only, locked: the store itself failed
-                    raise StoreError(f"write failed: {exc}") from exc
-                except Exception as exc:
-                    raise _OperationFailed() from exc
+            results = await _run_all(conn, works)
             try:
                 await conn.commit()
             except sqlite3.Error as exc:
@@ -117,8 +123,38 @@ class GroupCommitWriter:
                 log.exception("rollback failed")
             raise
         self.batches += 1
-        self.operations += len(ops)
+        self.operations += len(works)
         return results
+
+
+async def _run_all(conn: aiosqlite.Connection, works: list[Work]) -> list[Any]:
+    """Run each operation; items of one `run_many` together, results in input order."""
+    results: list[Any] = [None] * len(works)
+    groups: dict[RunMany, list[int]] = {}
+    for i, work in enumerate(works):
+        if isinstance(work, Batched):
+            groups.setdefault(work.run_many, []).append(i)
+        else:
+            results[i] = await _guard(work(conn))
+    for run_many, indexes in groups.items():
+        items = [works[i].item for i in indexes]  # type: ignore[union-attr]
+        for i, result in zip(indexes, await _guard(run_many(conn, items))):
+            results[i] = result
+    return results
+
+
+async def _guard(pending: Awaitable[Any]) -> Any:
+    try:
+        return await pending
+    except (sqlite3.IntegrityError, sqlite3.ProgrammingError) as exc:
+        raise _OperationFailed() from exc
+    except sqlite3.Error as exc:
+        # disk full, I/O error, read-only, locked: the store itself failed
+        raise StoreError(f"write failed: {exc}") from exc
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise _OperationFailed() from exc
 
 
 class _OperationFailed(Exception):

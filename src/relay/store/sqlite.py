@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from ..types import (
     message_status,
 )
 from .base import MessageDetail, MessagePage, NewMessage
-from .groupcommit import GroupCommitWriter
+from .groupcommit import Batched, GroupCommitWriter
 from .schema import migrate
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0
@@ -90,16 +91,7 @@ class SQLiteStore:
     # -- the way in ----------------------------------------------------------
 
     async def enqueue(self, message: NewMessage) -> SubmitResult:
-        async def op(conn: aiosqlite.Connection) -> SubmitResult:
-            if message.idempotency_key is not None:
-                first = await _idempotent_hit(conn, message)
-                if first is not None:
-                    return first
-            await _insert_message(conn, message)
-            status = "scheduled" if message.scheduled_at else "queued"
-            return SubmitResult(message_id=message.id, status=status)
-
-        result: SubmitResult = await self._write(op)
+        result: SubmitResult = await self._write(Batched(_enqueue_many, message))
         return result
 
     # -- reading ---------------------------------------------------------------
@@ -228,6 +220,28 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     return conn
 
 
+async def _enqueue_many(conn: aiosqlite.Connection,
+                        messages: Sequence[NewMessage]) -> list[SubmitResult]:
+    """Insert a batch of messages with a few statements; idempotent repeats insert nothing."""
+    results: list[SubmitResult] = []
+    fresh: list[NewMessage] = []
+    seen: dict[tuple[str, str], SubmitResult] = {}
+    for m in messages:
+        hit = None
+        if m.idempotency_key is not None:
+            scope_key = (m.idempotency_scope, m.idempotency_key)
+            hit = seen.get(scope_key) or await _idempotent_hit(conn, m)
+            if hit is None:
+                seen[scope_key] = SubmitResult(message_id=m.id, duplicate=True)
+        if hit is None:
+            fresh.append(m)
+            hit = SubmitResult(message_id=m.id, status="scheduled" if m.scheduled_at else "queued")
+        results.append(hit)
+    if fresh:
+        await _insert_messages(conn, fresh)
+    return results
+
+
 async def _idempotent_hit(conn: aiosqlite.Connection, message: NewMessage) -> SubmitResult | None:
     async with conn.execute(
         "SELECT message_id, created_at, fingerprint FROM idempotency WHERE scope = ? AND key = ?",
@@ -247,37 +261,42 @@ async def _idempotent_hit(conn: aiosqlite.Connection, message: NewMessage) -> Su
     return SubmitResult(message_id=row[0], duplicate=True)
 
 
-async def _insert_message(conn: aiosqlite.Connection, m: NewMessage) -> None:
-    now = m.created_at
-    await conn.execute(
+async def _insert_messages(conn: aiosqlite.Connection, batch: list[NewMessage]) -> None:
+    await conn.executemany(
         "INSERT INTO messages (id, created_at, mail_from, size, source, api_key_id, tags, "
         "metadata, stream, subject, header_from, dsn_ret, dsn_envid, smtputf8, scheduled_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (m.id, now, m.mail_from, len(m.body), m.source, m.api_key_id, json.dumps(list(m.tags)),
-         json.dumps(m.metadata), m.stream.value, m.subject, m.header_from, m.dsn_ret,
-         m.dsn_envid, int(m.smtputf8), m.scheduled_at),
+        [(m.id, m.created_at, m.mail_from, len(m.body), m.source, m.api_key_id,
+          json.dumps(list(m.tags)), json.dumps(m.metadata), m.stream.value, m.subject,
+          m.header_from, m.dsn_ret, m.dsn_envid, int(m.smtputf8), m.scheduled_at)
+         for m in batch],
     )
-    await conn.execute("INSERT INTO bodies (message_id, data) VALUES (?, ?)", (m.id, m.body))
-    status = RecipientStatus.SCHEDULED if m.scheduled_at else RecipientStatus.QUEUED
-    due = m.scheduled_at if m.scheduled_at else now
+    await conn.executemany("INSERT INTO bodies (message_id, data) VALUES (?, ?)",
+                           [(m.id, m.body) for m in batch])
     await conn.executemany(
         "INSERT INTO recipients (message_id, address, domain, status, next_attempt_at, notify, "
         "orcpt, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [(m.id, r.address, r.domain, status.value, due, ",".join(r.notify), r.orcpt, now)
-         for r in m.recipients],
+        [(m.id, r.address, r.domain,
+          (RecipientStatus.SCHEDULED if m.scheduled_at else RecipientStatus.QUEUED).value,
+          m.scheduled_at or m.created_at, ",".join(r.notify), r.orcpt, m.created_at)
+         for m in batch for r in m.recipients],
     )
-    event = EventType.SCHEDULED if m.scheduled_at else EventType.QUEUED
-    await conn.execute(
-        "INSERT INTO events (message_id, recipient_id, type, created_at, data) "
-        "SELECT message_id, id, ?, ?, json_object('email', address) FROM recipients "
-        "WHERE message_id = ?",
-        (event.value, now, m.id),
-    )
-    if m.idempotency_key is not None:
+    for i in range(0, len(batch), 500):  # stay under SQLite's limit on bound parameters
+        ids = [m.id for m in batch[i:i + 500]]
         await conn.execute(
+            "INSERT INTO events (message_id, recipient_id, type, created_at, data) "
+            "SELECT message_id, id, CASE status WHEN 'scheduled' THEN ? ELSE ? END, updated_at, "
+            "json_object('email', address) FROM recipients "
+            f"WHERE message_id IN ({','.join('?' * len(ids))}) ORDER BY id",
+            (EventType.SCHEDULED.value, EventType.QUEUED.value, *ids),
+        )
+    keyed = [m for m in batch if m.idempotency_key is not None]
+    if keyed:
+        await conn.executemany(
             "INSERT INTO idempotency (scope, key, fingerprint, message_id, created_at) "
             "VALUES (?, ?, ?, ?, ?)",
-            (m.idempotency_scope, m.idempotency_key, m.idempotency_fingerprint, m.id, now),
+            [(m.idempotency_scope, m.idempotency_key, m.idempotency_fingerprint, m.id,
+              m.created_at) for m in keyed],
         )
 
 
