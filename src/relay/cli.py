@@ -52,13 +52,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `relay queue list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relay", description="SMTP relay and mail API")
     p.add_argument("--config", metavar="PATH", default=None,
                    help="config file (default: $RELAY_CONFIG, else embedded defaults)")
-    sub = p.add_subparsers(metavar="COMMAND")
+    # `relay serve --config X` works as well as `relay --config X serve`
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+    sub = _Subparsers(p.add_subparsers(metavar="COMMAND"), common)
 
     s = sub.add_parser("init", help="write a config, make the data dir, a TLS cert and a key")
     s.add_argument("--write-config", metavar="PATH",
@@ -76,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="API key for AUTH (default $RELAY_API_KEY, else a one-off key)")
     s.set_defaults(func=cmd_send)
 
-    k = sub.add_parser("keys", help="API keys").add_subparsers(metavar="ACTION")
+    k = _Subparsers(sub.add_parser("keys", help="API keys").add_subparsers(metavar="ACTION"),
+                    common)
     s = k.add_parser("create", help="create a key; the secret is printed once")
     s.add_argument("--name", required=True)
     s.add_argument("--scope", action="append", choices=SCOPES,
@@ -92,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.set_defaults(func=cmd_keys_revoke)
 
-    q = sub.add_parser("queue", help="the mail queue").add_subparsers(metavar="ACTION")
+    q = _Subparsers(sub.add_parser("queue", help="the mail queue").add_subparsers(
+        metavar="ACTION"), common)
     s = q.add_parser("list", help="messages, newest first")
     s.add_argument("--status", default=None)
     s.add_argument("--limit", type=int, default=100)
@@ -103,6 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_queue_show)
     return p
+
+
+class _Subparsers:
+    """add_subparsers() whose every parser also takes --config."""
+
+    def __init__(self, action: Any, common: argparse.ArgumentParser) -> None:
+        self._action, self._common = action, common
+
+    def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._action.add_parser(
+            name, parents=[self._common], **kw)
+        return parser
 
 
 def _with_store(config: Config, fn: Callable[[SQLiteStore], Awaitable[Any]]) -> Any:
