@@ -24,7 +24,8 @@ MIGRATIONS: tuple[str, ...] = (
         dsn_ret      TEXT,
         dsn_envid    TEXT,
         smtputf8     INTEGER NOT NULL DEFAULT 0,
-        scheduled_at REAL
+        scheduled_at REAL,
+        report_of    TEXT
     );
     CREATE INDEX messages_created ON messages(created_at, id);
     CREATE TABLE bodies (
@@ -43,8 +44,11 @@ MIGRATIONS: tuple[str, ...] = (
         last_reply      TEXT,
         notify          TEXT NOT NULL DEFAULT '',
         orcpt           TEXT,
+        bounce_class    TEXT,
+        dsn_pending     TEXT,
         updated_at      REAL NOT NULL
     );
+    CREATE INDEX recipients_dsn ON recipients(dsn_pending) WHERE dsn_pending IS NOT NULL;
     CREATE INDEX recipients_due ON recipients(status, next_attempt_at);
     CREATE INDEX recipients_message ON recipients(message_id);
     CREATE TABLE attempts (

@@ -14,33 +14,26 @@ import aiosqlite
 from ..errors import StoreError
 from ..types import (
     ApiKey,
-    Attempt,
-    Event,
-    EventType,
-    Message,
     Recipient,
-    RecipientStatus,
-    Stream,
     SubmitResult,
-    message_status,
 )
 from .base import MessageDetail, MessagePage, NewMessage
+from .delivery import DeliveryQueries
 from .groupcommit import Batched, GroupCommitWriter
+from .rows import (
+    MESSAGE_COLUMNS,
+    RECIPIENT_COLUMNS,
+    api_key_row,
+    insert_messages,
+    load_detail,
+    message_row,
+    recipient_row,
+)
 from .schema import migrate
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 
-_MESSAGE_COLUMNS = (
-    "id, created_at, mail_from, size, source, api_key_id, tags, metadata, stream, "
-    "subject, header_from, dsn_ret, dsn_envid, smtputf8"
-)
-_RECIPIENT_COLUMNS = (
-    "id, message_id, address, domain, status, attempts, next_attempt_at, last_reply, "
-    "notify, orcpt, updated_at"
-)
-
-
-class SQLiteStore:
+class SQLiteStore(DeliveryQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: aiosqlite.Connection | None = None
@@ -97,31 +90,7 @@ class SQLiteStore:
     # -- reading ---------------------------------------------------------------
 
     async def get_message(self, message_id: str) -> MessageDetail | None:
-        conn = self._reader
-        async with conn.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        recipients = await self._recipients([message_id])
-        async with conn.execute(
-            "SELECT id, recipient_id, message_id, started_at, duration, mx_host, ip, port, "
-            "tls_version, tls_cipher, code, enhanced, text, outcome, signed "
-            "FROM attempts WHERE message_id = ? ORDER BY id",
-            (message_id,),
-        ) as cur:
-            attempts = tuple(Attempt(**dict(zip(_ATTEMPT_FIELDS, r))) for r in await cur.fetchall())
-        async with conn.execute(
-            "SELECT id, message_id, recipient_id, type, created_at, data "
-            "FROM events WHERE message_id = ? ORDER BY id",
-            (message_id,),
-        ) as cur:
-            events = tuple(_event(r) for r in await cur.fetchall())
-        rcpts = recipients.get(message_id, ())
-        return MessageDetail(
-            message=_message(row, rcpts), recipients=rcpts, attempts=attempts, events=events
-        )
+        return await load_detail(self._reader, message_id)
 
     async def get_body(self, message_id: str) -> bytes | None:
         async with self._reader.execute(
@@ -141,7 +110,7 @@ class SQLiteStore:
         if status:
             where.append("id IN (SELECT message_id FROM recipients WHERE status = ?)")
             args.append(status)
-        sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+        sql = f"SELECT {MESSAGE_COLUMNS} FROM messages"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
@@ -151,7 +120,7 @@ class SQLiteStore:
         rows = rows[:limit]
         recipients = await self._recipients([r[0] for r in rows])
         items = tuple(
-            MessageDetail(message=_message(r, recipients.get(r[0], ())),
+            MessageDetail(message=message_row(r, recipients.get(r[0], ())),
                           recipients=recipients.get(r[0], ()))
             for r in rows
         )
@@ -163,11 +132,11 @@ class SQLiteStore:
         marks = ",".join("?" * len(message_ids))
         out: dict[str, list[Recipient]] = {}
         async with self._reader.execute(
-            f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id IN ({marks}) ORDER BY id",
+            f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE message_id IN ({marks}) ORDER BY id",
             message_ids,
         ) as cur:
             for r in await cur.fetchall():
-                out.setdefault(r[1], []).append(_recipient(r))
+                out.setdefault(r[1], []).append(recipient_row(r))
         return {k: tuple(v) for k, v in out.items()}
 
     # -- API keys ----------------------------------------------------------------
@@ -190,14 +159,14 @@ class SQLiteStore:
             (key_id,),
         ) as cur:
             row = await cur.fetchone()
-        return (_api_key(row), bytes(row[7])) if row else None
+        return (api_key_row(row), bytes(row[7])) if row else None
 
     async def list_api_keys(self) -> list[ApiKey]:
         async with self._reader.execute(
             "SELECT id, name, scopes, domains, created_at, revoked_at, last_used_at "
             "FROM api_keys ORDER BY created_at"
         ) as cur:
-            return [_api_key(r) for r in await cur.fetchall()]
+            return [api_key_row(r) for r in await cur.fetchall()]
 
     async def revoke_api_key(self, key_id: str, when: float) -> bool:
         async def op(conn: aiosqlite.Connection) -> bool:
@@ -238,7 +207,7 @@ async def _enqueue_many(conn: aiosqlite.Connection,
             hit = SubmitResult(message_id=m.id, status="scheduled" if m.scheduled_at else "queued")
         results.append(hit)
     if fresh:
-        await _insert_messages(conn, fresh)
+        await insert_messages(conn, fresh)
     return results
 
 
@@ -260,78 +229,4 @@ async def _idempotent_hit(conn: aiosqlite.Connection, message: NewMessage) -> Su
         return SubmitResult(message_id=row[0], duplicate=True, status="conflict")
     return SubmitResult(message_id=row[0], duplicate=True)
 
-
-async def _insert_messages(conn: aiosqlite.Connection, batch: list[NewMessage]) -> None:
-    await conn.executemany(
-        "INSERT INTO messages (id, created_at, mail_from, size, source, api_key_id, tags, "
-        "metadata, stream, subject, header_from, dsn_ret, dsn_envid, smtputf8, scheduled_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(m.id, m.created_at, m.mail_from, len(m.body), m.source, m.api_key_id,
-          json.dumps(list(m.tags)), json.dumps(m.metadata), m.stream.value, m.subject,
-          m.header_from, m.dsn_ret, m.dsn_envid, int(m.smtputf8), m.scheduled_at)
-         for m in batch],
-    )
-    await conn.executemany("INSERT INTO bodies (message_id, data) VALUES (?, ?)",
-                           [(m.id, m.body) for m in batch])
-    await conn.executemany(
-        "INSERT INTO recipients (message_id, address, domain, status, next_attempt_at, notify, "
-        "orcpt, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [(m.id, r.address, r.domain,
-          (RecipientStatus.SCHEDULED if m.scheduled_at else RecipientStatus.QUEUED).value,
-          m.scheduled_at or m.created_at, ",".join(r.notify), r.orcpt, m.created_at)
-         for m in batch for r in m.recipients],
-    )
-    for i in range(0, len(batch), 500):  # stay under SQLite's limit on bound parameters
-        ids = [m.id for m in batch[i:i + 500]]
-        await conn.execute(
-            "INSERT INTO events (message_id, recipient_id, type, created_at, data) "
-            "SELECT message_id, id, CASE status WHEN 'scheduled' THEN ? ELSE ? END, updated_at, "
-            "json_object('email', address) FROM recipients "
-            f"WHERE message_id IN ({','.join('?' * len(ids))}) ORDER BY id",
-            (EventType.SCHEDULED.value, EventType.QUEUED.value, *ids),
-        )
-    keyed = [m for m in batch if m.idempotency_key is not None]
-    if keyed:
-        await conn.executemany(
-            "INSERT INTO idempotency (scope, key, fingerprint, message_id, created_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(m.idempotency_scope, m.idempotency_key, m.idempotency_fingerprint, m.id,
-              m.created_at) for m in keyed],
-        )
-
-
-_ATTEMPT_FIELDS = (
-    "id", "recipient_id", "message_id", "started_at", "duration", "mx_host", "ip", "port",
-    "tls_version", "tls_cipher", "code", "enhanced", "text", "outcome", "signed",
-)
-
-
-def _message(row: Any, recipients: tuple[Recipient, ...]) -> Message:
-    return Message(
-        id=row[0], created_at=row[1], mail_from=row[2], size=row[3], source=row[4],
-        api_key_id=row[5], tags=tuple(json.loads(row[6])), metadata=json.loads(row[7]),
-        stream=Stream(row[8]), subject=row[9], header_from=row[10], dsn_ret=row[11],
-        dsn_envid=row[12], smtputf8=bool(row[13]),
-        status=message_status([r.status for r in recipients]),
-    )
-
-
-def _recipient(row: Any) -> Recipient:
-    return Recipient(
-        id=row[0], message_id=row[1], address=row[2], domain=row[3],
-        status=RecipientStatus(row[4]), attempts=row[5], next_attempt_at=row[6],
-        last_reply=row[7], notify=tuple(n for n in row[8].split(",") if n), orcpt=row[9],
-        updated_at=row[10],
-    )
-
-
-def _event(row: Any) -> Event:
-    return Event(id=row[0], message_id=row[1], recipient_id=row[2], type=row[3],
-                 created_at=row[4], data=json.loads(row[5]))
-
-
-def _api_key(row: Any) -> ApiKey:
-    return ApiKey(id=row[0], name=row[1], scopes=tuple(json.loads(row[2])),
-                  domains=tuple(json.loads(row[3])), created_at=row[4], revoked_at=row[5],
-                  last_used_at=row[6])
 

@@ -1,0 +1,236 @@
+"""The delivery side of the SQLite queue: leases, outcomes, reports and operator actions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosqlite
+
+from ..types import EventType, RecipientStatus
+from .base import MessageDetail, NewMessage
+from .groupcommit import Batched
+from .rows import insert_messages, load_detail
+
+PENDING = ("queued", "deferred", "scheduled")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DueRecipient:
+    """A leased recipient with what delivery needs of its message."""
+
+    id: int
+    message_id: str
+    address: str
+    domain: str
+    attempts: int
+    notify: tuple[str, ...]
+    orcpt: str | None
+    mail_from: str
+    created_at: float
+    smtputf8: bool
+    dsn_ret: str | None
+    dsn_envid: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttemptRecord:
+    started_at: float
+    duration: float
+    mx_host: str | None
+    ip: str | None
+    port: int | None
+    tls_version: str | None
+    tls_cipher: str | None
+    code: int | None
+    enhanced: str | None
+    text: str
+    outcome: str
+    signed: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """What became of one leased recipient: its new status, the attempt and the event."""
+
+    recipient_id: int
+    message_id: str
+    status: RecipientStatus
+    at: float
+    event: EventType
+    event_data: dict[str, Any] = field(default_factory=dict)
+    attempt: AttemptRecord | None = None
+    next_attempt_at: float | None = None
+    last_reply: str | None = None
+    bounce_class: str | None = None
+    dsn: str | None = None  # "failed" | "delayed" | "delivered": a report to send the sender
+
+
+# Makes the report on a message for its marked recipients ({recipient id: action}); None = none.
+ReportMaker = Callable[[MessageDetail, dict[int, str]], NewMessage | None]
+
+
+class DeliveryQueries:
+    """Mixed into SQLiteStore: every query the scheduler and the operator need."""
+
+    _write: Callable[[Any], Any]
+    _reader: aiosqlite.Connection
+
+    async def recover(self) -> int:
+        """At start-up: one node owns this file, so every lease left by a crash is void."""
+        async def op(conn: aiosqlite.Connection) -> int:
+            cur = await conn.execute(
+                "UPDATE recipients SET leased_until = NULL WHERE leased_until IS NOT NULL")
+            return cur.rowcount
+
+        count: int = await self._write(op)
+        return count
+
+    async def lease_due(self, now: float, limit: int, lease_for: float) -> list[DueRecipient]:
+        async def op(conn: aiosqlite.Connection) -> list[DueRecipient]:
+            async with conn.execute(
+                "UPDATE recipients SET leased_until = ? WHERE id IN ("
+                " SELECT id FROM recipients WHERE status IN ('queued', 'deferred', 'scheduled')"
+                " AND next_attempt_at <= ? AND (leased_until IS NULL OR leased_until < ?)"
+                " ORDER BY next_attempt_at LIMIT ?) RETURNING id",
+                (now + lease_for, now, now, limit),
+            ) as cur:
+                ids = [r[0] for r in await cur.fetchall()]
+            if not ids:
+                return []
+            async with conn.execute(
+                "SELECT r.id, r.message_id, r.address, r.domain, r.attempts, r.notify, r.orcpt,"
+                " m.mail_from, m.created_at, m.smtputf8, m.dsn_ret, m.dsn_envid"
+                " FROM recipients r JOIN messages m ON m.id = r.message_id"
+                f" WHERE r.id IN ({','.join('?' * len(ids))}) ORDER BY r.id", ids,
+            ) as cur:
+                rows = await cur.fetchall()
+            return [DueRecipient(
+                id=r[0], message_id=r[1], address=r[2], domain=r[3], attempts=r[4],
+                notify=tuple(n for n in r[5].split(",") if n), orcpt=r[6], mail_from=r[7],
+                created_at=r[8], smtputf8=bool(r[9]), dsn_ret=r[10], dsn_envid=r[11],
+            ) for r in rows]
+
+        due: list[DueRecipient] = await self._write(op)
+        return due
+
+    async def next_due_at(self) -> float | None:
+        async with self._reader.execute(
+            "SELECT min(next_attempt_at) FROM recipients"
+            " WHERE status IN ('queued', 'deferred', 'scheduled') AND leased_until IS NULL"
+        ) as cur:
+            row = await cur.fetchone()
+        return row[0] if row else None
+
+    async def record(self, outcomes: Sequence[Outcome]) -> None:
+        """Store each outcome: status, lease released, attempt row and event, in one commit."""
+        await asyncio.gather(*(self._write(Batched(_record_many, o)) for o in outcomes))
+
+    async def pending_reports(self) -> list[str]:
+        async with self._reader.execute(
+            "SELECT DISTINCT message_id FROM recipients WHERE dsn_pending IS NOT NULL"
+        ) as cur:
+            return [r[0] for r in await cur.fetchall()]
+
+    async def emit_report(self, message_id: str, make: ReportMaker) -> str | None:
+        """Make the report for a message's marked recipients, queue it, clear the marks."""
+        async def op(conn: aiosqlite.Connection) -> str | None:
+            detail = await load_detail(conn, message_id)
+            async with conn.execute(
+                "UPDATE recipients SET dsn_pending = NULL WHERE message_id = ?"
+                " AND dsn_pending IS NOT NULL RETURNING id, dsn_pending", (message_id,),
+            ) as cur:
+                marks = {r[0]: r[1] for r in await cur.fetchall()}
+            if detail is None or not marks:
+                return None
+            report = make(detail, marks)
+            if report is None:
+                return None
+            await insert_messages(conn, [report])
+            return report.id
+
+        made: str | None = await self._write(op)
+        return made
+
+    # -- operator actions ------------------------------------------------------------
+
+    async def hold(self, message_id: str, by: str, now: float) -> int:
+        return await self._change(message_id, ("queued", "deferred", "scheduled", "failed"),
+                                  RecipientStatus.HELD, EventType.HELD, by, now)
+
+    async def release(self, message_id: str, by: str, now: float) -> int:
+        return await self._change(message_id, ("held", "failed"), RecipientStatus.QUEUED,
+                                  EventType.RELEASED, by, now, due=now)
+
+    async def cancel(self, message_id: str, by: str, now: float,
+                     only: tuple[str, ...] = ("queued", "deferred", "scheduled", "held",
+                                              "failed")) -> int:
+        return await self._change(message_id, only, RecipientStatus.CANCELLED,
+                                  EventType.CANCELLED, by, now)
+
+    async def retry_now(self, message_id: str | None, now: float) -> int:
+        """Make deferred (or all pending) recipients due now; returns how many."""
+        async def op(conn: aiosqlite.Connection) -> int:
+            where = "status IN ('queued', 'deferred')"
+            args: tuple[Any, ...] = (now,)
+            if message_id is not None:
+                where += " AND message_id = ?"
+                args += (message_id,)
+            cur = await conn.execute(f"UPDATE recipients SET next_attempt_at = ? WHERE {where}",
+                                     args)
+            return cur.rowcount
+
+        count: int = await self._write(op)
+        return count
+
+    async def _change(self, message_id: str, from_statuses: tuple[str, ...],
+                      to: RecipientStatus, event: EventType, by: str, now: float,
+                      due: float | None = None) -> int:
+        async def op(conn: aiosqlite.Connection) -> int:
+            marks = ",".join("?" * len(from_statuses))
+            async with conn.execute(
+                f"UPDATE recipients SET status = ?, updated_at = ?,"
+                f" next_attempt_at = coalesce(?, next_attempt_at), leased_until = NULL"
+                f" WHERE message_id = ? AND status IN ({marks}) RETURNING id, address",
+                (to.value, now, due, message_id, *from_statuses),
+            ) as cur:
+                rows = await cur.fetchall()
+            await conn.executemany(
+                "INSERT INTO events (message_id, recipient_id, type, created_at, data)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(message_id, r[0], event.value, now, json.dumps({"email": r[1], "by": by}))
+                 for r in rows],
+            )
+            return len(rows)
+
+        count: int = await self._write(op)
+        return count
+
+
+async def _record_many(conn: aiosqlite.Connection, outcomes: Sequence[Outcome]) -> list[None]:
+    await conn.executemany(
+        "UPDATE recipients SET status = ?, leased_until = NULL, updated_at = ?,"
+        " next_attempt_at = ?, attempts = attempts + ?, last_reply = coalesce(?, last_reply),"
+        " bounce_class = coalesce(?, bounce_class), dsn_pending = coalesce(?, dsn_pending)"
+        " WHERE id = ?",
+        [(o.status.value, o.at, o.next_attempt_at, 1 if o.attempt else 0, o.last_reply,
+          o.bounce_class, o.dsn, o.recipient_id) for o in outcomes],
+    )
+    attempts = [(o.recipient_id, o.message_id, a.started_at, a.duration, a.mx_host, a.ip,
+                 a.port, a.tls_version, a.tls_cipher, a.code, a.enhanced, a.text, a.outcome,
+                 a.signed) for o in outcomes if (a := o.attempt) is not None]
+    if attempts:
+        await conn.executemany(
+            "INSERT INTO attempts (recipient_id, message_id, started_at, duration, mx_host, ip,"
+            " port, tls_version, tls_cipher, code, enhanced, text, outcome, signed)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", attempts)
+    await conn.executemany(
+        "INSERT INTO events (message_id, recipient_id, type, created_at, data)"
+        " VALUES (?, ?, ?, ?, ?)",
+        [(o.message_id, o.recipient_id, o.event.value, o.at, json.dumps(o.event_data))
+         for o in outcomes],
+    )
+    return [None] * len(outcomes)

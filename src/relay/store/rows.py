@@ -1,0 +1,134 @@
+"""Row shapes shared by the SQLite queries: columns, row → value mappers, message inserts."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiosqlite
+
+from ..types import (
+    ApiKey,
+    Attempt,
+    Event,
+    EventType,
+    Message,
+    Recipient,
+    RecipientStatus,
+    Stream,
+    message_status,
+)
+from .base import MessageDetail, NewMessage
+
+MESSAGE_COLUMNS = (
+    "id, created_at, mail_from, size, source, api_key_id, tags, metadata, stream, "
+    "subject, header_from, dsn_ret, dsn_envid, smtputf8"
+)
+RECIPIENT_COLUMNS = (
+    "id, message_id, address, domain, status, attempts, next_attempt_at, last_reply, "
+    "notify, orcpt, updated_at"
+)
+
+
+async def insert_messages(conn: aiosqlite.Connection, batch: list[NewMessage]) -> None:
+    await conn.executemany(
+        "INSERT INTO messages (id, created_at, mail_from, size, source, api_key_id, tags, "
+        "metadata, stream, subject, header_from, dsn_ret, dsn_envid, smtputf8, scheduled_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(m.id, m.created_at, m.mail_from, len(m.body), m.source, m.api_key_id,
+          json.dumps(list(m.tags)), json.dumps(m.metadata), m.stream.value, m.subject,
+          m.header_from, m.dsn_ret, m.dsn_envid, int(m.smtputf8), m.scheduled_at)
+         for m in batch],
+    )
+    await conn.executemany("INSERT INTO bodies (message_id, data) VALUES (?, ?)",
+                           [(m.id, m.body) for m in batch])
+    await conn.executemany(
+        "INSERT INTO recipients (message_id, address, domain, status, next_attempt_at, notify, "
+        "orcpt, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(m.id, r.address, r.domain,
+          (RecipientStatus.SCHEDULED if m.scheduled_at else RecipientStatus.QUEUED).value,
+          m.scheduled_at or m.created_at, ",".join(r.notify), r.orcpt, m.created_at)
+         for m in batch for r in m.recipients],
+    )
+    for i in range(0, len(batch), 500):  # stay under SQLite's limit on bound parameters
+        ids = [m.id for m in batch[i:i + 500]]
+        await conn.execute(
+            "INSERT INTO events (message_id, recipient_id, type, created_at, data) "
+            "SELECT message_id, id, CASE status WHEN 'scheduled' THEN ? ELSE ? END, updated_at, "
+            "json_object('email', address) FROM recipients "
+            f"WHERE message_id IN ({','.join('?' * len(ids))}) ORDER BY id",
+            (EventType.SCHEDULED.value, EventType.QUEUED.value, *ids),
+        )
+    keyed = [m for m in batch if m.idempotency_key is not None]
+    if keyed:
+        await conn.executemany(
+            "INSERT INTO idempotency (scope, key, fingerprint, message_id, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(m.idempotency_scope, m.idempotency_key, m.idempotency_fingerprint, m.id,
+              m.created_at) for m in keyed],
+        )
+
+
+ATTEMPT_FIELDS = (
+    "id", "recipient_id", "message_id", "started_at", "duration", "mx_host", "ip", "port",
+    "tls_version", "tls_cipher", "code", "enhanced", "text", "outcome", "signed",
+)
+
+
+def message_row(row: Any, recipients: tuple[Recipient, ...]) -> Message:
+    return Message(
+        id=row[0], created_at=row[1], mail_from=row[2], size=row[3], source=row[4],
+        api_key_id=row[5], tags=tuple(json.loads(row[6])), metadata=json.loads(row[7]),
+        stream=Stream(row[8]), subject=row[9], header_from=row[10], dsn_ret=row[11],
+        dsn_envid=row[12], smtputf8=bool(row[13]),
+        status=message_status([r.status for r in recipients]),
+    )
+
+
+def recipient_row(row: Any) -> Recipient:
+    return Recipient(
+        id=row[0], message_id=row[1], address=row[2], domain=row[3],
+        status=RecipientStatus(row[4]), attempts=row[5], next_attempt_at=row[6],
+        last_reply=row[7], notify=tuple(n for n in row[8].split(",") if n), orcpt=row[9],
+        updated_at=row[10],
+    )
+
+
+def event_row(row: Any) -> Event:
+    return Event(id=row[0], message_id=row[1], recipient_id=row[2], type=row[3],
+                 created_at=row[4], data=json.loads(row[5]))
+
+
+def api_key_row(row: Any) -> ApiKey:
+    return ApiKey(id=row[0], name=row[1], scopes=tuple(json.loads(row[2])),
+                  domains=tuple(json.loads(row[3])), created_at=row[4], revoked_at=row[5],
+                  last_used_at=row[6])
+
+
+
+async def load_detail(conn: aiosqlite.Connection, message_id: str) -> MessageDetail | None:
+    """A message with its recipients, attempts and events."""
+    async with conn.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+    ) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    async with conn.execute(
+        f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ? ORDER BY id",
+        (message_id,),
+    ) as cur:
+        recipients = tuple(recipient_row(r) for r in await cur.fetchall())
+    async with conn.execute(
+        f"SELECT {', '.join(ATTEMPT_FIELDS)} FROM attempts WHERE message_id = ? ORDER BY id",
+        (message_id,),
+    ) as cur:
+        attempts = tuple(Attempt(**dict(zip(ATTEMPT_FIELDS, r))) for r in await cur.fetchall())
+    async with conn.execute(
+        "SELECT id, message_id, recipient_id, type, created_at, data "
+        "FROM events WHERE message_id = ? ORDER BY id",
+        (message_id,),
+    ) as cur:
+        events = tuple(event_row(r) for r in await cur.fetchall())
+    return MessageDetail(message=message_row(row, recipients), recipients=recipients,
+                         attempts=attempts, events=events)
