@@ -17,6 +17,7 @@ import pytest
 
 from relay.config import (
     Config,
+    DeliveryConfig,
     ListenerConfig,
     ServerConfig,
     SmtpConfig,
@@ -31,8 +32,10 @@ def free_port() -> int:
 
 
 def make_config(tmp_path: Path, *listeners: ListenerConfig, **sections: Any) -> Config:
+    """A config on free ports; delivery is paused unless a [delivery] section is given."""
     if not listeners:
         listeners = (ListenerConfig(port=free_port()),)
+    sections.setdefault("delivery", DeliveryConfig(paused=True))
     return Config(
         server=ServerConfig(hostname="relay.test", data_dir=tmp_path / "data"),
         smtp=SmtpConfig(listeners=listeners),

@@ -15,7 +15,7 @@ def setup(tmp_path: Path) -> tuple[Path, int, str]:
     port = free_port()
     path = tmp_path / "relay.toml"
     path.write_text(f"[server]\nhostname = 'relay.test'\ndata_dir = '{tmp_path / 'data'}'\n"
-                    f"[[smtp.listeners]]\nport = {port}\n")
+                    f"[[smtp.listeners]]\nport = {port}\n[delivery]\npaused = true\n")
     return path, port, path.read_text()
 
 

@@ -43,7 +43,7 @@ def sender(port: int, key: str, n: int, outcomes: dict[str, str], stop: threadin
 def test_sigkill_loses_no_acknowledged_message(tmp_path: Path, relay_process: Any) -> None:
     port = free_port()
     toml = (f"[server]\nhostname = 'relay.test'\ndata_dir = '{tmp_path / 'data'}'\n"
-            f"[[smtp.listeners]]\nport = {port}\n")
+            f"[[smtp.listeners]]\nport = {port}\n[delivery]\npaused = true\n")
     (tmp_path / "relay.toml").write_text(toml)
     made = run_relay("--config", str(tmp_path / "relay.toml"), "keys", "create", "--name", "t",
                      "--json")

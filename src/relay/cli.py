@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import getpass
 import json
 import logging
 import os
 import smtplib
 import ssl
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from email.utils import make_msgid
@@ -111,6 +113,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_queue_show)
+    s = q.add_parser("retry", help="deliver deferred recipients now")
+    target = s.add_mutually_exclusive_group(required=True)
+    target.add_argument("id", nargs="?")
+    target.add_argument("--all", action="store_true")
+    s.set_defaults(func=cmd_queue_retry)
+    for name, help_text in (("hold", "hold a message's pending recipients"),
+                            ("release", "release held (or failed) recipients"),
+                            ("delete", "cancel a message's pending recipients (recorded)")):
+        s = q.add_parser(name, help=help_text)
+        s.add_argument("id")
+        s.set_defaults(func=cmd_queue_action, action=name)
     return p
 
 
@@ -339,6 +352,32 @@ def cmd_queue_show(args: argparse.Namespace, config: Config) -> int:
     print()
     _table([("AT", "EVENT", "RECIPIENT")] + [(e["at"], e["type"], str(e["recipient"] or ""))
                                             for e in data["events"]])
+    return 0
+
+
+def cmd_queue_retry(args: argparse.Namespace, config: Config) -> int:
+    now = time.time()
+    count = _with_store(config, lambda s: s.retry_now(None if args.all else args.id, now))
+    print(f"{count} recipient(s) due now")
+    return 0
+
+
+def cmd_queue_action(args: argparse.Namespace, config: Config) -> int:
+    by = f"cli:{getpass.getuser()}"
+    now = time.time()
+    actions = {"hold": "hold", "release": "release", "delete": "cancel"}
+
+    async def go(store: SQLiteStore) -> int | None:
+        if await store.get_message(args.id) is None:
+            return None
+        count: int = await getattr(store, actions[args.action])(args.id, by, now)
+        return count
+
+    count = _with_store(config, go)
+    if count is None:
+        print(f"relay: no message {args.id}", file=sys.stderr)
+        return 1
+    print(f"{args.action}: {count} recipient(s) of {args.id}")
     return 0
 
 

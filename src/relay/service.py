@@ -11,7 +11,11 @@ import ssl
 from dataclasses import dataclass, field
 
 from .config import Config, ListenerConfig
+from .deliver import Deliverer
 from .errors import ConfigError
+from .mx import MXResolver
+from .reports import ReportMaker
+from .scheduler import Scheduler
 from .smtpd import AuthThrottle, RelayHandler, make_server_factory
 from .store import SQLiteStore
 from .submit import Submitter
@@ -28,6 +32,8 @@ class Service:
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
     bound: list[tuple[str, int]] = field(default_factory=list)  # (address, port) per listener
     handlers: list[RelayHandler] = field(default_factory=list)
+
+    scheduler: Scheduler | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.store = SQLiteStore(self.config.db_path)
@@ -61,9 +67,20 @@ class Service:
                 self.bound.append(server.sockets[0].getsockname()[:2])
                 log.info("SMTP %s listener on %s:%s (tls %s)", listener.mode,
                          *self.bound[-1], listener.tls)
+            if not self.config.delivery.paused:
+                await self._start_delivery()
         except BaseException:
             await self.stop()
             raise
+
+    async def _start_delivery(self) -> None:
+        config = self.config
+        deliverer = Deliverer(hostname=config.server.hostname, delivery=config.delivery,
+                              own_listeners=self.bound, smarthost=bool(config.delivery.smarthost))
+        self.scheduler = Scheduler(config, self.store, MXResolver(config.dns), deliverer,
+                                   ReportMaker(self.submitter, config.server.hostname))
+        self.submitter.on_queued.append(self.scheduler.notify)
+        await self.scheduler.start()
 
     def _tls_context(self, index: int, listener: ListenerConfig) -> ssl.SSLContext | None:
         if listener.tls == "none":
@@ -86,6 +103,9 @@ class Service:
     async def stop(self) -> None:
         for server in self.servers:
             server.close()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+            self.scheduler = None
         for handler in self.handlers:
             for conn in list(handler.connections):
                 conn.close()

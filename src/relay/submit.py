@@ -98,11 +98,16 @@ class Submitter:
         self._config = config
         self._store = store
         self._clock = clock
+        self.on_queued: list[Callable[[], None]] = []  # told after each commit of new mail
 
     async def submit(self, sub: Submission) -> SubmitResult:
         """Validate and commit; returns only after the commit (or raises StoreError)."""
         message = self.prepare(sub)
-        return await self._store.enqueue(message)
+        result = await self._store.enqueue(message)
+        if not result.duplicate:
+            for callback in self.on_queued:
+                callback()
+        return result
 
     def prepare(self, sub: Submission) -> NewMessage:
         limits = self._config.limits

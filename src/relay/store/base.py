@@ -47,6 +47,7 @@ class MessageDetail:
     recipients: tuple[Recipient, ...]
     attempts: tuple[Attempt, ...] = ()
     events: tuple[Event, ...] = ()
+    body: bytes | None = None  # only when asked for
 
 
 @dataclass(frozen=True, kw_only=True)

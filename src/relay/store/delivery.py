@@ -138,12 +138,14 @@ class DeliveryQueries:
     async def emit_report(self, message_id: str, make: ReportMaker) -> str | None:
         """Make the report for a message's marked recipients, queue it, clear the marks."""
         async def op(conn: aiosqlite.Connection) -> str | None:
-            detail = await load_detail(conn, message_id)
+            detail = await load_detail(conn, message_id, with_body=True)
             async with conn.execute(
-                "UPDATE recipients SET dsn_pending = NULL WHERE message_id = ?"
-                " AND dsn_pending IS NOT NULL RETURNING id, dsn_pending", (message_id,),
+                "SELECT id, dsn_pending FROM recipients WHERE message_id = ?"
+                " AND dsn_pending IS NOT NULL", (message_id,),
             ) as cur:
                 marks = {r[0]: r[1] for r in await cur.fetchall()}
+            await conn.execute("UPDATE recipients SET dsn_pending = NULL WHERE message_id = ?"
+                               " AND dsn_pending IS NOT NULL", (message_id,))
             if detail is None or not marks:
                 return None
             report = make(detail, marks)

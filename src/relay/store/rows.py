@@ -106,8 +106,9 @@ def api_key_row(row: Any) -> ApiKey:
 
 
 
-async def load_detail(conn: aiosqlite.Connection, message_id: str) -> MessageDetail | None:
-    """A message with its recipients, attempts and events."""
+async def load_detail(conn: aiosqlite.Connection, message_id: str, *,
+                      with_body: bool = False) -> MessageDetail | None:
+    """A message with its recipients, attempts and events (and its bytes when asked)."""
     async with conn.execute(
         f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
     ) as cur:
@@ -130,5 +131,11 @@ async def load_detail(conn: aiosqlite.Connection, message_id: str) -> MessageDet
         (message_id,),
     ) as cur:
         events = tuple(event_row(r) for r in await cur.fetchall())
+    body = None
+    if with_body:
+        async with conn.execute("SELECT data FROM bodies WHERE message_id = ?",
+                                (message_id,)) as cur:
+            found = await cur.fetchone()
+        body = bytes(found[0]) if found else None
     return MessageDetail(message=message_row(row, recipients), recipients=recipients,
-                         attempts=attempts, events=events)
+                         attempts=attempts, events=events, body=body)

@@ -1,0 +1,299 @@
+"""Takes due recipients with a lease, delivers them by destination within concurrency limits,
+and turns every result into an outcome: delivered, deferred with backoff, bounced or expired."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import Config, parse_hostport
+from .deliver import Deliverer, OutMessage, OutRecipient, Result, Target
+from .errors import DeliveryFailure, StoreError
+from .mx import MXResolver
+from .reports import ReportMaker
+from .store import SQLiteStore
+from .store.delivery import AttemptRecord, DueRecipient, Outcome
+from .types import EventType, RecipientStatus
+
+log = logging.getLogger(__name__)
+
+SMARTHOST = "[smarthost]"
+IDLE_POLL = 2.0  # the destination key of everything when a smarthost is set
+
+
+def backoff(attempts: int, *, minimum: float, maximum: float,
+            rand: Callable[[], float] = random.random) -> float:
+    """Seconds to wait after the `attempts`-th failure: doubling from minimum, capped, ±10 %."""
+    base = min(maximum, minimum * 2 ** max(0, attempts - 1))
+    return min(maximum, base * (0.9 + 0.2 * rand()))
+
+
+def wants_report(notify: tuple[str, ...], kind: str) -> bool:
+    """RFC 3461: no NOTIFY means failures only; NEVER means nothing."""
+    if not notify:
+        return kind == "FAILURE"
+    return kind in notify
+
+
+@dataclass
+class _Job:
+    destination: str
+    recipients: list[DueRecipient]
+
+
+class Scheduler:
+    def __init__(self, config: Config, store: SQLiteStore, resolver: MXResolver,
+                 deliverer: Deliverer, reports: ReportMaker, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._delivery = config.delivery
+        self._store = store
+        self._resolver = resolver
+        self._deliverer = deliverer
+        self._reports = reports
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._per_destination: dict[str, asyncio.Semaphore] = {}
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    def notify(self) -> None:
+        """New work was committed (or capacity freed): look at the queue now."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        await self._store.recover()
+        for message_id in await self._store.pending_reports():
+            await self._emit_report(message_id)  # reports a crash left unsent
+        self._loop_task = asyncio.create_task(self._run(), name="scheduler")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        if self._jobs:
+            # Let sessions in flight finish; what is cut off stays leased and is retried.
+            _, pending = await asyncio.wait(self._jobs, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self._deliverer.close()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            free = self._delivery.concurrency - len(self._jobs)
+            if free > 0:
+                try:
+                    due = await self._store.lease_due(
+                        self._clock(), free * self._delivery.messages_per_session,
+                        self._delivery.lease)
+                except StoreError:
+                    log.exception("could not lease work; retrying")
+                    due = []
+                    await asyncio.sleep(1)
+                if due:
+                    self._dispatch(due)
+                    continue
+                timeout = await self._until_next_due()
+            else:
+                timeout = None  # a finishing job wakes us
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _until_next_due(self) -> float:
+        try:
+            nxt = await self._store.next_due_at()
+        except StoreError:
+            return 5.0
+        # Polled at least every IDLE_POLL seconds: `relay queue retry` and friends run in
+        # another process and change the queue without telling us.
+        if nxt is None:
+            return IDLE_POLL
+        return min(IDLE_POLL, max(0.0, nxt - self._clock()))
+
+    def _dispatch(self, due: list[DueRecipient]) -> None:
+        by_destination: dict[str, list[DueRecipient]] = defaultdict(list)
+        for r in due:
+            by_destination[SMARTHOST if self._delivery.smarthost else r.domain].append(r)
+        per_job = self._delivery.messages_per_session
+        for destination, recipients in by_destination.items():
+            by_message: dict[str, list[DueRecipient]] = defaultdict(list)
+            for r in recipients:
+                by_message[r.message_id].append(r)
+            groups = list(by_message.values())
+            for i in range(0, len(groups), per_job):
+                job = _Job(destination, [r for g in groups[i:i + per_job] for r in g])
+                task = asyncio.create_task(self._run_job(job), name=f"deliver {destination}")
+                self._jobs.add(task)
+                task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        self._jobs.discard(task)
+        self._wake.set()
+
+    async def _run_job(self, job: _Job) -> None:
+        sem = self._per_destination.setdefault(
+            job.destination, asyncio.Semaphore(self._delivery.concurrency_per_destination))
+        records: list[asyncio.Task[None]] = []
+        recorded: set[int] = set()
+
+        def record(outcomes: list[Outcome]) -> None:
+            # Each message's outcomes are committed as soon as its transaction ends, so a
+            # crash repeats at most the messages in flight, never a whole session's worth.
+            recorded.update(o.recipient_id for o in outcomes)
+            records.append(asyncio.create_task(self._record(outcomes)))
+
+        async with sem:
+            try:
+                await self._deliver(job, record)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a stage crashed on this work: park it, never drop it
+                log.exception("delivery to %s crashed", job.destination)
+                record([self._outcome_failed(r, exc) for r in job.recipients
+                        if r.id not in recorded])
+        await asyncio.gather(*records)
+
+    async def _record(self, outcomes: list[Outcome]) -> None:
+        if not outcomes:
+            return
+        try:
+            await self._store.record(outcomes)
+        except StoreError:
+            log.exception("could not record %d outcomes; their leases will expire and they "
+                          "will be tried again", len(outcomes))
+            return
+        for message_id in {o.message_id for o in outcomes if o.dsn}:
+            await self._emit_report(message_id)
+
+    async def _emit_report(self, message_id: str) -> None:
+        try:
+            if await self._store.emit_report(message_id, self._reports.make):
+                self.notify()
+        except StoreError:
+            log.exception("could not queue the report on %s", message_id)
+
+    # -- one destination ------------------------------------------------------------------
+
+    async def _deliver(self, job: _Job, record: Callable[[list[Outcome]], None]) -> None:
+        started = self._clock()
+        try:
+            targets = await self._targets(job)
+        except DeliveryFailure as failure:
+            record([self._outcome_from_failure(r, failure, started) for r in job.recipients])
+            return
+        by_id = {r.id: r for r in job.recipients}
+        messages = []
+        by_message: dict[str, list[DueRecipient]] = defaultdict(list)
+        for r in job.recipients:
+            by_message[r.message_id].append(r)
+        for message_id, recipients in by_message.items():
+            body = await self._store.get_body(message_id)
+            if body is None:  # deleted under us
+                continue
+            first = recipients[0]
+            messages.append(OutMessage(
+                id=message_id, mail_from=first.mail_from, data=body, smtputf8=first.smtputf8,
+                dsn_ret=first.dsn_ret, dsn_envid=first.dsn_envid,
+                recipients=tuple(OutRecipient(id=r.id, address=r.address, notify=r.notify,
+                                              orcpt=r.orcpt) for r in recipients)))
+        await self._deliverer.deliver(targets, messages, lambda results: record(
+            [self._outcome(by_id[res.recipient_id], res) for res in results
+             if res.recipient_id in by_id]))
+
+    async def _targets(self, job: _Job) -> list[Target]:
+        if job.destination == SMARTHOST:
+            host, port = parse_hostport(self._delivery.smarthost, default_port=25)
+            return [Target(hostname=host, address=a, port=port)
+                    for a in await self._resolver.addresses(host)]
+        hosts = await self._resolver.resolve(job.destination)
+        return [Target(hostname=h.name, address=a, port=self._delivery.mx_port)
+                for h in hosts for a in h.addresses]
+
+    # -- outcomes ------------------------------------------------------------------------------
+
+    def _outcome(self, r: DueRecipient, res: Result) -> Outcome:
+        attempt = AttemptRecord(
+            started_at=res.started_at, duration=res.duration, mx_host=res.mx_host, ip=res.ip,
+            port=res.port, tls_version=res.tls_version, tls_cipher=res.tls_cipher,
+            code=res.code, enhanced=res.enhanced, text=res.text, outcome=res.outcome)
+        reply = _reply(res.code, res.enhanced, res.text)
+        data = {"email": r.address, "mxHost": res.mx_host, "code": res.code,
+                "enhanced": res.enhanced, "reply": res.text}
+        now = self._clock()
+        if res.outcome == "delivered":
+            return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
+                           status=RecipientStatus.DELIVERED, event=EventType.DELIVERED,
+                           event_data=data, last_reply=reply)
+        if res.outcome == "bounced":
+            return self._bounced(r, now, attempt, reply, data, hard=res.hard)
+        return self._deferred(r, now, attempt, reply, data)
+
+    def _outcome_from_failure(self, r: DueRecipient, failure: DeliveryFailure,
+                              started: float) -> Outcome:
+        now = self._clock()
+        attempt = AttemptRecord(
+            started_at=started, duration=now - started, mx_host=None, ip=None, port=None,
+            tls_version=None, tls_cipher=None, code=failure.code, enhanced=failure.enhanced,
+            text=failure.text, outcome="bounced" if failure.permanent else "deferred")
+        reply = _reply(failure.code, failure.enhanced, failure.text)
+        data = {"email": r.address, "code": failure.code, "enhanced": failure.enhanced,
+                "reply": failure.text}
+        if failure.permanent:
+            return self._bounced(r, now, attempt, reply, data, hard=failure.hard)
+        return self._deferred(r, now, attempt, reply, data)
+
+    def _bounced(self, r: DueRecipient, now: float, attempt: AttemptRecord, reply: str,
+                 data: dict[str, object], *, hard: bool) -> Outcome:
+        klass = "hard" if hard else "soft"
+        return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
+                       status=RecipientStatus.BOUNCED, event=EventType.BOUNCED,
+                       event_data={**data, "class": klass, "reason": reply}, last_reply=reply,
+                       bounce_class=klass,
+                       dsn="failed" if wants_report(r.notify, "FAILURE") else None)
+
+    def _deferred(self, r: DueRecipient, now: float, attempt: AttemptRecord, reply: str,
+                  data: dict[str, object]) -> Outcome:
+        expires = r.created_at + self._delivery.queue_lifetime
+        if now >= expires:
+            return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
+                           status=RecipientStatus.EXPIRED, event=EventType.EXPIRED,
+                           event_data={**data, "reason": f"expired after the queue lifetime; "
+                                                         f"last reply: {reply}"},
+                           last_reply=reply, bounce_class="soft",
+                           dsn="failed" if wants_report(r.notify, "FAILURE") else None)
+        wait = backoff(r.attempts + 1, minimum=self._delivery.retry_min,
+                       maximum=self._delivery.retry_max)
+        next_at = min(now + wait, expires)
+        first = r.attempts == 0
+        return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
+                       status=RecipientStatus.DEFERRED, event=EventType.DEFERRED,
+                       event_data={**data, "nextAttemptAt": next_at}, next_attempt_at=next_at,
+                       last_reply=reply,
+                       dsn="delayed" if first and wants_report(r.notify, "DELAY") else None)
+
+    def _outcome_failed(self, r: DueRecipient, exc: BaseException) -> Outcome:
+        return Outcome(recipient_id=r.id, message_id=r.message_id, at=self._clock(),
+                       status=RecipientStatus.FAILED, event=EventType.FAILED,
+                       event_data={"email": r.address, "error": f"{type(exc).__name__}: {exc}"},
+                       last_reply=f"internal error: {type(exc).__name__}")
+
+
+def _reply(code: int | None, enhanced: str | None, text: str) -> str:
+    """"550 5.1.1 text", the way a remote server said it (its text often repeats the code)."""
+    parts = [str(code)] if code else []
+    if enhanced and not text.startswith(enhanced):
+        parts.append(enhanced)
+    return " ".join([*parts, text])
+
