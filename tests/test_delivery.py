@@ -25,7 +25,7 @@ from .sink import Sink
 from .smtputil import connect, in_thread
 
 FAST = dict(retry_min=0.2, retry_max=0.5, connect_timeout=2.0, command_timeout=5.0,
-            session_idle=0.5)
+            session_idle=0.5, process=False)
 
 
 @pytest.fixture

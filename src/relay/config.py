@@ -130,6 +130,7 @@ class ApiConfig:
 @dataclass(frozen=True, kw_only=True)
 class DeliveryConfig:
     paused: bool = False  # accept and queue, but deliver nothing (maintenance, staging)
+    process: bool = True  # deliver from a process of its own: accepting and delivering get a core each
     smarthost: str = field(default="", metadata=_meta(_check_hostport))
     smarthost_tls: str = field(default="starttls", metadata=_meta(_one_of(*SMARTHOST_TLS)))
     smarthost_tls_verify: bool = True

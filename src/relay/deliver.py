@@ -377,7 +377,7 @@ class Deliverer:
         args = [b"FROM:<" + msg.mail_from.encode("utf-8") + b">"]
         if session.supports("size"):
             args.append(f"SIZE={len(msg.data)}".encode())
-        if session.supports("8bitmime") and any(b > 127 for b in msg.data):
+        if session.supports("8bitmime") and not msg.data.isascii():
             args.append(b"BODY=8BITMIME")
         if msg.smtputf8:
             args.append(b"SMTPUTF8")

@@ -19,7 +19,9 @@ from .scheduler import Scheduler
 from .smtpd import AuthThrottle, RelayHandler, make_server_factory
 from .store import SQLiteStore
 from .submit import Submitter
+from .supervise import WorkerProcess
 from .tlsutil import ensure_self_signed, server_context
+from .worker import WorkerArgs
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,8 @@ class Service:
     bound: list[tuple[str, int]] = field(default_factory=list)  # (address, port) per listener
     handlers: list[RelayHandler] = field(default_factory=list)
 
-    scheduler: Scheduler | None = field(init=False, default=None)
+    scheduler: Scheduler | None = field(init=False, default=None)  # delivery in this process
+    worker: WorkerProcess | None = field(init=False, default=None)  # or in its own
 
     def __post_init__(self) -> None:
         self.store = SQLiteStore(self.config.db_path)
@@ -74,13 +77,13 @@ class Service:
             raise
 
     async def _start_delivery(self) -> None:
-        config = self.config
-        deliverer = Deliverer(hostname=config.server.hostname, delivery=config.delivery,
-                              own_listeners=self.bound, smarthost=bool(config.delivery.smarthost))
-        self.scheduler = Scheduler(config, self.store, MXResolver(config.dns), deliverer,
-                                   ReportMaker(self.submitter, config.server.hostname))
-        self.submitter.on_queued.append(self.scheduler.notify)
-        await self.scheduler.start()
+        if self.config.delivery.process:
+            self.worker = WorkerProcess(WorkerArgs(self.config, tuple(self.bound)))
+            await self.worker.start()
+            self.submitter.on_queued.append(self.worker.poke)
+        else:
+            _, self.scheduler = delivery_stack(self.config, self.bound, self.store, self.submitter)
+            await self.scheduler.start()
 
     def _tls_context(self, index: int, listener: ListenerConfig) -> ssl.SSLContext | None:
         if listener.tls == "none":
@@ -106,6 +109,9 @@ class Service:
         if self.scheduler is not None:
             await self.scheduler.stop()
             self.scheduler = None
+        if self.worker is not None:
+            await self.worker.stop()
+            self.worker = None
         for handler in self.handlers:
             for conn in list(handler.connections):
                 conn.close()
@@ -116,6 +122,20 @@ class Service:
         self.servers.clear()
         self.handlers.clear()
         await self.store.close()
+
+
+def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],
+                   store: SQLiteStore | None = None, submitter: Submitter | None = None
+                   ) -> tuple[SQLiteStore, Scheduler]:
+    """The parts that deliver: a scheduler over the store, an MX resolver and a deliverer."""
+    store = store or SQLiteStore(config.db_path)
+    submitter = submitter or Submitter(config, store)
+    deliverer = Deliverer(hostname=config.server.hostname, delivery=config.delivery,
+                          own_listeners=own_listeners, smarthost=bool(config.delivery.smarthost))
+    scheduler = Scheduler(config, store, MXResolver(config.dns), deliverer,
+                          ReportMaker(submitter, config.server.hostname))
+    submitter.on_queued.append(scheduler.notify)
+    return store, scheduler
 
 
 async def run(config: Config, *, on_ready: "asyncio.Future[None] | None" = None) -> None:

@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""End-to-end relaying benchmark: relay vs Postfix, same machine, same sink, same load.
+
+For each side: Postfix's `smtp-sink` is the destination; `smtp-source` sends
+MESSAGES messages of SIZE bytes over SESSIONS concurrent sessions (one message
+per connection, smtp-source's default; --reuse sends many per connection) to
+the relay under test, which relays everything to the sink:
+
+  relay:   a relay-mode listener, [delivery] smarthost = the sink (no TLS)
+  Postfix: a private instance (its own config, queue and data directories in a
+           temp dir, nothing of /etc/postfix touched) with
+           relayhost = [127.0.0.1]:<sink>, mynetworks = 127.0.0.0/8,
+           everything else at its defaults
+
+The time runs from the first connection to the last message received by the
+sink (smtp-sink -c prints a running "mesg=N" count, which the script reads).
+Prints each side's rate and the ratio relay/Postfix.
+
+Usage: python bench/deliver.py [--messages 5000] [--sessions 20] [--size 5120]
+                               [--only relay|postfix] [--reuse] [--timeout 300]
+Needs Debian's postfix package (smtp-source, smtp-sink, postfix); installed if missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SINK_RATE = re.compile(rb"mesg=(\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_postfix() -> None:
+    if all(os.path.exists(f"/usr/sbin/{b}") for b in ("smtp-source", "smtp-sink", "postfix")):
+        return
+    print("installing postfix ...", file=sys.stderr)
+    subprocess.run(["apt-get", "install", "-y", "-q", "postfix"], check=True,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                   stdout=subprocess.DEVNULL)
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+class Sink:
+    """smtp-sink, counting the messages it has received."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        user = ["-u", "postfix"] if os.geteuid() == 0 else []
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/smtp-sink", *user, "-c", f"127.0.0.1:{self.port}", "1024"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.count = 0
+        threading.Thread(target=self._read, daemon=True).start()
+        wait_port(self.port)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := self.proc.stdout.read1(65536):  # type: ignore[attr-defined]
+            found = SINK_RATE.findall(chunk)
+            if found:
+                self.count = int(found[-1])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def start_relay(tmp: Path, sink_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    conf = tmp / "relay.toml"
+    conf.write_text(
+        f"[server]\nhostname = 'relay.bench'\ndata_dir = '{tmp / 'relay-data'}'\n"
+        f"[[smtp.listeners]]\nport = {port}\nmode = 'relay'\ntls = 'none'\n"
+        f"allowed_networks = ['127.0.0.0/8']\n"
+        f"[delivery]\nsmarthost = '127.0.0.1:{sink_port}'\nsmarthost_tls = 'none'\n")
+    proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "--config", str(conf), "serve"],
+                            env={**os.environ, "RELAY_LOG_LEVEL": "WARNING"},
+                            stdout=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
+def start_postfix(tmp: Path, sink_port: int) -> tuple[Path, int]:
+    d = tmp / "postfix"
+    for sub in ("etc", "queue", "data"):
+        (d / sub).mkdir(parents=True)
+    shutil.copy("/etc/postfix/master.cf", d / "etc" / "master.cf")
+    (d / "etc" / "main.cf").write_text("compatibility_level = 3.6\n")
+    port = free_port()
+    settings = {
+        "queue_directory": d / "queue", "data_directory": d / "data",
+        "myhostname": "postfix.bench", "mydestination": "", "inet_interfaces": "127.0.0.1",
+        "inet_protocols": "ipv4", "relayhost": f"[127.0.0.1]:{sink_port}",
+        "mynetworks": "127.0.0.0/8", "maillog_file": d / "maillog",
+        "maillog_file_prefixes": tmp,
+        "alias_maps": "", "alias_database": "", "local_recipient_maps": "",
+    }
+    etc = str(d / "etc")
+    subprocess.run(["postconf", "-c", etc, "-e", *(f"{k}={v}" for k, v in settings.items())],
+                   check=True)
+    # a private instance: its smtpd on a free loopback port, no chroot (its own queue dir)
+    subprocess.run(["postconf", "-c", etc, "-M#", "smtp/inet"], check=True)
+    subprocess.run(["postconf", "-c", etc, "-Me",
+                    f"127.0.0.1:{port}/inet = 127.0.0.1:{port} inet n - n - - smtpd"], check=True)
+    subprocess.run(["postconf", "-c", etc, "-F", "*/*/chroot = n"], check=True)
+    if os.geteuid() == 0:
+        tmp.chmod(0o755)  # postfix's own processes must reach their directories
+        shutil.chown(d / "data", "postfix")  # master's lock file lives there
+    started = subprocess.run(["postfix", "-c", etc, "start"], capture_output=True, text=True)
+    if started.returncode:
+        log = (d / "maillog").read_text() if (d / "maillog").exists() else ""
+        raise SystemExit(f"postfix did not start: {started.stderr}{log[-2000:]}")
+    wait_port(port)
+    return d, port
+
+
+def stop_postfix(d: Path) -> None:
+    subprocess.run(["postfix", "-c", str(d / "etc"), "stop"], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
+def run(port: int, sink: Sink, args: argparse.Namespace) -> tuple[float, int]:
+    cmd = ["/usr/sbin/smtp-source", "-c", "-l", str(args.size), "-m", str(args.messages),
+           "-s", str(args.sessions), "-f", "sender@example.com", "-t", "rcpt@example.org"]
+    if args.reuse:
+        cmd.append("-d")
+    before = sink.count
+    started = time.perf_counter()
+    subprocess.run([*cmd, f"127.0.0.1:{port}"], check=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + args.timeout
+    while sink.count - before < args.messages and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return time.perf_counter() - started, sink.count - before
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=5000)
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--size", type=int, default=5120)
+    ap.add_argument("--only", choices=("relay", "postfix"))
+    ap.add_argument("--reuse", action="store_true", help="many messages per connection (-d)")
+    ap.add_argument("--timeout", type=float, default=300)
+    args = ap.parse_args()
+    ensure_postfix()
+    rates: dict[str, float] = {}
+    for side in ("relay", "postfix"):
+        if args.only and side != args.only:
+            continue
+        with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as t:
+            tmp = Path(t)
+            sink = Sink()
+            try:
+                if side == "relay":
+                    proc, port = start_relay(tmp, sink.port)
+                    try:
+                        took, got = run(port, sink, args)
+                    finally:
+                        proc.terminate()
+                        proc.wait(30)
+                else:
+                    pdir, port = start_postfix(tmp, sink.port)
+                    try:
+                        took, got = run(port, sink, args)
+                    finally:
+                        stop_postfix(pdir)
+            finally:
+                sink.stop()
+        rates[side] = got / took
+        print(f"{side:8s} {got} of {args.messages} messages of {args.size} B over "
+              f"{args.sessions} sessions, source to sink, in {took:.2f} s = "
+              f"{rates[side]:.0f} msg/s", flush=True)
+    if len(rates) == 2:
+        print(f"ratio relay/Postfix = {rates['relay'] / rates['postfix']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The master's handle on the delivery worker: start it, wake it, restart it if it dies, stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import sys
+
+from .worker import WorkerArgs
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY = 1.0
+
+
+class WorkerProcess:
+    def __init__(self, args: WorkerArgs) -> None:
+        self._args = args
+        self._proc: asyncio.subprocess.Process | None = None
+        self._wake_w: int | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._watch = asyncio.create_task(self._supervise(), name="worker-supervisor")
+
+    async def _spawn(self) -> None:
+        read_end, write_end = os.pipe()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relay.worker", str(read_end),
+                stdin=asyncio.subprocess.PIPE, pass_fds=(read_end,))
+        finally:
+            os.close(read_end)
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(pickle.dumps(self._args))
+        await self._proc.stdin.drain()
+        self._proc.stdin.close()
+        os.set_blocking(write_end, False)
+        if self._wake_w is not None:
+            os.close(self._wake_w)
+        self._wake_w = write_end
+        self.poke()  # whatever is due now
+
+    def poke(self) -> None:
+        """New mail was committed: wake the worker's scheduler."""
+        if self._wake_w is None:
+            return
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self._wake_w, b"\0")  # a full pipe already means "wake up"
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if self._stopping:
+                return
+            log.error("the delivery worker exited with %s; restarting it", code)
+            await asyncio.sleep(RESTART_DELAY)
+            await self._spawn()
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._wake_w is not None:
+            os.close(self._wake_w)
+            self._wake_w = None

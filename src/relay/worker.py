@@ -1,0 +1,82 @@
+"""The delivery process: its own store connection and scheduler, woken through the master's pipe.
+
+Accepting and delivering each take a core this way (Python runs one thread of
+Python at a time per process), the way Postfix splits smtpd from qmgr and smtp.
+The master writes a byte to the pipe after each commit of new mail; EOF on the
+pipe means the master is gone, and the worker stops (on Linux the kernel also
+kills it at once if the master dies, so no orphan delivers behind a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import sys
+from dataclasses import dataclass
+
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    config: Config
+    own_listeners: tuple[tuple[str, int], ...]
+
+
+async def serve(args: WorkerArgs, wake_fd: int) -> None:
+    from .service import delivery_stack  # the same parts as inline delivery
+
+    store, scheduler = delivery_stack(args.config, list(args.own_listeners))
+    await store.open()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            data = os.read(wake_fd, 4096)
+        except BlockingIOError:
+            return
+        if data:
+            scheduler.notify()
+        else:  # the master closed its end: it is gone
+            stop.set()
+
+    os.set_blocking(wake_fd, False)
+    loop.add_reader(wake_fd, readable)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await scheduler.start()
+        await stop.wait()
+    finally:
+        loop.remove_reader(wake_fd)
+        await scheduler.stop()
+        await store.close()
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def main() -> None:
+    _die_with_parent()
+    wake_fd = int(sys.argv[1])
+    args: WorkerArgs = pickle.load(sys.stdin.buffer)  # from our own master, over a pipe
+    logging.basicConfig(level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
+    if os.getppid() == 1:  # the master died before we could ask to die with it
+        return
+    asyncio.run(serve(args, wake_fd))
+
+
+if __name__ == "__main__":
+    main()
