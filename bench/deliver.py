@@ -182,7 +182,7 @@ def main() -> None:
                         took, got = run(port, sink, args)
                     finally:
                         proc.terminate()
-                        proc.wait(30)
+                        proc.wait(120)
                 else:
                     pdir, port = start_postfix(tmp, sink.port)
                     try:

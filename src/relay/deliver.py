@@ -151,14 +151,17 @@ class Deliverer:
                           results: list[Result]) -> None:
         """Send what it can over sessions to this target; raises _Failure to move on."""
         while remaining:
-            session = await self._session(target)
+            session, reused = await self._session(target)
             try:
                 while remaining and session.sent < self._cfg.messages_per_session:
                     results.extend(await self._transaction(session, remaining[0]))
                     remaining.pop(0)
                     session.sent += 1
+                    reused = False
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
                 session.smtp.close()
+                if reused:  # the server closed it while it was parked: nothing was sent
+                    continue
                 raise _Failure(f"connection to {target.hostname} lost: {exc}") from None
             if session.sent >= self._cfg.messages_per_session:
                 await _quit(session)
@@ -167,29 +170,23 @@ class Deliverer:
 
     # -- sessions -------------------------------------------------------------------------
 
-    async def _session(self, target: Target) -> _Session:
+    async def _session(self, target: Target) -> tuple[_Session, bool]:
+        """A parked session to this target (True) or a new one (False)."""
         key = (target.address, target.port)
         idle = self._idle.get(key, [])
         while idle:
             session = idle.pop()
-            if time.monotonic() - session.idle_since > self._cfg.session_idle:
-                await _quit(session)
-                continue
-            try:  # a parked session may have been closed by the server meanwhile
-                reply = await session.smtp.execute_command(b"RSET",
-                                                           timeout=self._cfg.command_timeout)
-                if reply.code == 250:
-                    return session
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
-                pass
-            session.smtp.close()
+            if (time.monotonic() - session.idle_since <= self._cfg.session_idle
+                    and session.smtp.is_connected):
+                return session, True
+            await _quit(session)
         plain = self._plain_only.get(key, 0) > time.monotonic()
         try:
-            return await self._connect(target, use_starttls=not plain)
+            return await self._connect(target, use_starttls=not plain), False
         except _Failure as failure:
             if failure.retry_plain:  # opportunistic TLS failed: this host in plain text
                 self._plain_only[key] = time.monotonic() + 3600
-                return await self._connect(target, use_starttls=False)
+                return await self._connect(target, use_starttls=False), False
             raise
 
     def _park(self, session: _Session) -> None:

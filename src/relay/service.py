@@ -112,11 +112,17 @@ class Service:
         if self.worker is not None:
             await self.worker.stop()
             self.worker = None
-        for handler in self.handlers:
-            for conn in list(handler.connections):
-                conn.close()
         for server in self.servers:
-            await server.wait_closed()
+            # Connections accepted in the meantime register late: close until none is left.
+            for _ in range(50):
+                for handler in self.handlers:
+                    for conn in list(handler.connections):
+                        conn.close()
+                try:
+                    await asyncio.wait_for(asyncio.shield(server.wait_closed()), 0.2)
+                    break
+                except asyncio.TimeoutError:
+                    continue
         for _ in range(3):  # let connection_lost callbacks run
             await asyncio.sleep(0)
         self.servers.clear()
