@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ class _Handler:
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        return responses[:-1] + ["250-DSN"] + responses[-1:]
+        return responses[:-1] + (["250-DSN"] if self.sink.dsn else []) + responses[-1:]
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -93,7 +94,12 @@ class Sink:
 
     def __init__(self, *, tls: ssl.SSLContext | None = None, broken_tls: bool = False,
                  replies: dict[str, list[str]] | None = None, address: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, size_limit: int | None = None, smtputf8: bool = True,
+                 authenticator: Any = None, auth_require_tls: bool = True,
+                 dsn: bool = True) -> None:
+        self.dsn = dsn
+        self.options = dict(data_size_limit=size_limit, enable_SMTPUTF8=smtputf8,
+                            authenticator=authenticator, auth_require_tls=auth_require_tls)
         self.tls, self.broken_tls = tls, broken_tls
         self.replies = replies or {}
         self.address, self.port = address, port
@@ -120,8 +126,10 @@ class Sink:
 
         def factory() -> SMTP:
             self.connections += 1
-            proto = _SinkSMTP(handler, hostname="sink.test", tls_context=self.tls,
-                              require_starttls=False, enable_SMTPUTF8=True, data_size_limit=None)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # plain-text AUTH, for the test that needs it
+                proto = _SinkSMTP(handler, hostname="sink.test", tls_context=self.tls,
+                                  require_starttls=False, **self.options)
             proto.broken_tls = self.broken_tls
             self._protocols.add(proto)
             return proto

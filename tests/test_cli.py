@@ -102,3 +102,31 @@ def test_commands_work_on_the_embedded_defaults(tmp_path: Path) -> None:
     result = run_relay("queue", "list", "--json", cwd=tmp_path)
     assert result.returncode == 0 and json.loads(result.stdout) == []
     assert (tmp_path / "relay-data" / "relay.sqlite").exists()
+
+
+def test_queue_hold_release_delete_and_retry(tmp_path: Path, relay_process: Any) -> None:
+    path, port, toml = setup(tmp_path)
+    key = json.loads(relay(path, "keys", "create", "--name", "t", "--json").stdout)["key"]
+    relay_process(toml, port)
+    code, text = send(port, key, rcpts=("bob@example.org",))
+    assert code == 250
+    mid = text.decode().split()[-1]
+
+    def status() -> str:
+        return str(json.loads(relay(path, "queue", "show", mid, "--json").stdout)
+                   ["recipients"][0]["status"])
+
+    assert "hold: 1 recipient" in relay(path, "queue", "hold", mid).stdout
+    assert status() == "held"
+    assert "release: 1 recipient" in relay(path, "queue", "release", mid).stdout
+    assert status() == "queued"
+    assert "1 recipient(s) due now" in relay(path, "queue", "retry", "--all").stdout
+    assert "delete: 1 recipient" in relay(path, "queue", "delete", mid).stdout
+    shown = json.loads(relay(path, "queue", "show", mid, "--json").stdout)
+    assert shown["status"] == "cancelled"
+    events = [(e["type"], e["data"].get("by", "")) for e in shown["events"]]
+    assert [t for t, _ in events] == ["email.queued", "email.held", "email.released",
+                                      "email.cancelled"]
+    assert events[-1][1].startswith("cli:")  # who deleted it
+    missing = run_relay("--config", str(path), "queue", "hold", "msg_nope")
+    assert missing.returncode == 1 and "no message" in missing.stderr

@@ -388,3 +388,22 @@ async def test_sigkill_during_delivery_loses_nothing(tmp_path: Path, dns: DNSSer
               f"{len(subjects) - len(unique)}")
         assert unique == {f"m{i}".encode() for i in range(total)}
         assert len(subjects) - len(unique) <= 100  # only what was in flight may repeat
+
+
+async def test_notify_success_to_a_peer_without_dsn_reports_relayed(tmp_path: Path,
+                                                                    dns: DNSServer) -> None:
+    async with Sink(dsn=False) as sink:
+        route(dns, "a.test", (10, "mx.a.test", "127.0.0.1"))
+        route(dns, "sender.test", (10, "mx.sender.test", "127.0.0.1"))
+        svc, key = await start_relay(tmp_path, dns, sink.port)
+        try:
+            mid = await in_thread(lambda: submit(
+                svc.bound[0][1], key, ["x@a.test"],
+                rcpt_options={"x@a.test": ["NOTIFY=SUCCESS,FAILURE"]}))
+            await wait_final(svc, mid)
+            await sink.wait_for(lambda s: bool(s.delivered_to("alice@sender.test")))
+            (report,) = sink.delivered_to("alice@sender.test")
+            assert b"Action: relayed" in report.data
+            assert b"Subject: Successful Mail Delivery Report" in report.data
+        finally:
+            await svc.stop()

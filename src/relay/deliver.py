@@ -67,6 +67,7 @@ class Result:
     tls_cipher: str | None
     started_at: float
     duration: float
+    peer_dsn: bool = False  # the peer took our DSN request (RFC 3461): reporting is its job now
 
 
 def enhanced_code(text: str) -> str | None:
@@ -336,7 +337,7 @@ class Deliverer:
                 mx_host=session.target.hostname, ip=session.target.address,
                 port=session.target.port, tls_version=session.tls_version,
                 tls_cipher=session.tls_cipher, started_at=started,
-                duration=time.time() - started)
+                duration=time.time() - started, peer_dsn=session.supports("dsn"))
 
         if msg.smtputf8 and not session.supports("smtputf8"):
             return [done(r, None, f"{session.target.hostname} does not support SMTPUTF8, "
@@ -461,10 +462,13 @@ def _xtext(value: str) -> bytes:
 
 
 def _why(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
+    cause: BaseException | None = exc
+    while cause is not None:  # aiosmtplib wraps the OS error
+        if isinstance(cause, asyncio.TimeoutError):
+            return "timed out"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        cause = cause.__cause__
     return str(exc) or type(exc).__name__
 
 

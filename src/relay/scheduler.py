@@ -233,9 +233,11 @@ class Scheduler:
                 "enhanced": res.enhanced, "reply": res.text}
         now = self._clock()
         if res.outcome == "delivered":
+            # NOTIFY=SUCCESS: a peer without DSN cannot report delivery, so we say "relayed"
+            relayed = wants_report(r.notify, "SUCCESS") and not res.peer_dsn
             return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
                            status=RecipientStatus.DELIVERED, event=EventType.DELIVERED,
-                           event_data=data, last_reply=reply)
+                           event_data=data, last_reply=reply, dsn="relayed" if relayed else None)
         if res.outcome == "bounced":
             return self._bounced(r, now, attempt, reply, data, hard=res.hard)
         return self._deferred(r, now, attempt, reply, data)
