@@ -65,6 +65,7 @@ def start_relay(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
         f"[server]\nhostname = 'relay.bench'\ndata_dir = '{tmp / 'data'}'\n"
         f"[[smtp.listeners]]\nport = {port}\nmode = 'relay'\ntls = 'none'\n"
         f"allowed_networks = ['127.0.0.0/8']\n"
+        "[delivery]\npaused = true\n"  # acceptance alone: bench/deliver.py measures delivery
     )
     env = {**os.environ, "RELAY_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "--config", str(conf), "serve"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ import aiosqlite
 from ..types import EventType, RecipientStatus
 from .base import MessageDetail, NewMessage
 from .groupcommit import Batched
-from .rows import insert_messages, load_detail
+from .rows import insert_messages, load_detail_sync
 
 PENDING = ("queued", "deferred", "scheduled")
 
@@ -81,8 +82,8 @@ class DeliveryQueries:
 
     async def recover(self) -> int:
         """At start-up: one node owns this file, so every lease left by a crash is void."""
-        async def op(conn: aiosqlite.Connection) -> int:
-            cur = await conn.execute(
+        def op(db: sqlite3.Connection) -> int:
+            cur = db.execute(
                 "UPDATE recipients SET leased_until = NULL WHERE leased_until IS NOT NULL")
             return cur.rowcount
 
@@ -90,24 +91,22 @@ class DeliveryQueries:
         return count
 
     async def lease_due(self, now: float, limit: int, lease_for: float) -> list[DueRecipient]:
-        async def op(conn: aiosqlite.Connection) -> list[DueRecipient]:
-            async with conn.execute(
+        def op(db: sqlite3.Connection) -> list[DueRecipient]:
+            ids = [r[0] for r in db.execute(
                 "UPDATE recipients SET leased_until = ? WHERE id IN ("
                 " SELECT id FROM recipients WHERE status IN ('queued', 'deferred', 'scheduled')"
                 " AND next_attempt_at <= ? AND (leased_until IS NULL OR leased_until < ?)"
                 " ORDER BY next_attempt_at LIMIT ?) RETURNING id",
                 (now + lease_for, now, now, limit),
-            ) as cur:
-                ids = [r[0] for r in await cur.fetchall()]
+            ).fetchall()]
             if not ids:
                 return []
-            async with conn.execute(
+            rows = db.execute(
                 "SELECT r.id, r.message_id, r.address, r.domain, r.attempts, r.notify, r.orcpt,"
                 " m.mail_from, m.created_at, m.smtputf8, m.dsn_ret, m.dsn_envid"
                 " FROM recipients r JOIN messages m ON m.id = r.message_id"
                 f" WHERE r.id IN ({','.join('?' * len(ids))}) ORDER BY r.id", ids,
-            ) as cur:
-                rows = await cur.fetchall()
+            ).fetchall()
             return [DueRecipient(
                 id=r[0], message_id=r[1], address=r[2], domain=r[3], attempts=r[4],
                 notify=tuple(n for n in r[5].split(",") if n), orcpt=r[6], mail_from=r[7],
@@ -137,21 +136,19 @@ class DeliveryQueries:
 
     async def emit_report(self, message_id: str, make: ReportMaker) -> str | None:
         """Make the report for a message's marked recipients, queue it, clear the marks."""
-        async def op(conn: aiosqlite.Connection) -> str | None:
-            detail = await load_detail(conn, message_id, with_body=True)
-            async with conn.execute(
+        def op(db: sqlite3.Connection) -> str | None:
+            detail = load_detail_sync(db, message_id, with_body=True)
+            marks = {r[0]: r[1] for r in db.execute(
                 "SELECT id, dsn_pending FROM recipients WHERE message_id = ?"
-                " AND dsn_pending IS NOT NULL", (message_id,),
-            ) as cur:
-                marks = {r[0]: r[1] for r in await cur.fetchall()}
-            await conn.execute("UPDATE recipients SET dsn_pending = NULL WHERE message_id = ?"
-                               " AND dsn_pending IS NOT NULL", (message_id,))
+                " AND dsn_pending IS NOT NULL", (message_id,))}
+            db.execute("UPDATE recipients SET dsn_pending = NULL WHERE message_id = ?"
+                       " AND dsn_pending IS NOT NULL", (message_id,))
             if detail is None or not marks:
                 return None
             report = make(detail, marks)
             if report is None:
                 return None
-            await insert_messages(conn, [report])
+            insert_messages(db, [report])
             return report.id
 
         made: str | None = await self._write(op)
@@ -175,14 +172,13 @@ class DeliveryQueries:
 
     async def retry_now(self, message_id: str | None, now: float) -> int:
         """Make deferred (or all pending) recipients due now; returns how many."""
-        async def op(conn: aiosqlite.Connection) -> int:
+        def op(db: sqlite3.Connection) -> int:
             where = "status IN ('queued', 'deferred')"
             args: tuple[Any, ...] = (now,)
             if message_id is not None:
                 where += " AND message_id = ?"
                 args += (message_id,)
-            cur = await conn.execute(f"UPDATE recipients SET next_attempt_at = ? WHERE {where}",
-                                     args)
+            cur = db.execute(f"UPDATE recipients SET next_attempt_at = ? WHERE {where}", args)
             return cur.rowcount
 
         count: int = await self._write(op)
@@ -191,16 +187,15 @@ class DeliveryQueries:
     async def _change(self, message_id: str, from_statuses: tuple[str, ...],
                       to: RecipientStatus, event: EventType, by: str, now: float,
                       due: float | None = None) -> int:
-        async def op(conn: aiosqlite.Connection) -> int:
+        def op(db: sqlite3.Connection) -> int:
             marks = ",".join("?" * len(from_statuses))
-            async with conn.execute(
+            rows = db.execute(
                 f"UPDATE recipients SET status = ?, updated_at = ?,"
                 f" next_attempt_at = coalesce(?, next_attempt_at), leased_until = NULL"
                 f" WHERE message_id = ? AND status IN ({marks}) RETURNING id, address",
                 (to.value, now, due, message_id, *from_statuses),
-            ) as cur:
-                rows = await cur.fetchall()
-            await conn.executemany(
+            ).fetchall()
+            db.executemany(
                 "INSERT INTO events (message_id, recipient_id, type, created_at, data)"
                 " VALUES (?, ?, ?, ?, ?)",
                 [(message_id, r[0], event.value, now, json.dumps({"email": r[1], "by": by}))
@@ -212,8 +207,8 @@ class DeliveryQueries:
         return count
 
 
-async def _record_many(conn: aiosqlite.Connection, outcomes: Sequence[Outcome]) -> list[None]:
-    await conn.executemany(
+def _record_many(db: sqlite3.Connection, outcomes: Sequence[Outcome]) -> list[None]:
+    db.executemany(
         "UPDATE recipients SET status = ?, leased_until = NULL, updated_at = ?,"
         " next_attempt_at = ?, attempts = attempts + ?, last_reply = coalesce(?, last_reply),"
         " bounce_class = coalesce(?, bounce_class), dsn_pending = coalesce(?, dsn_pending)"
@@ -225,11 +220,11 @@ async def _record_many(conn: aiosqlite.Connection, outcomes: Sequence[Outcome]) 
                  a.port, a.tls_version, a.tls_cipher, a.code, a.enhanced, a.text, a.outcome,
                  a.signed) for o in outcomes if (a := o.attempt) is not None]
     if attempts:
-        await conn.executemany(
+        db.executemany(
             "INSERT INTO attempts (recipient_id, message_id, started_at, duration, mx_host, ip,"
             " port, tls_version, tls_cipher, code, enhanced, text, outcome, signed)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", attempts)
-    await conn.executemany(
+    db.executemany(
         "INSERT INTO events (message_id, recipient_id, type, created_at, data)"
         " VALUES (?, ?, ?, ?, ?)",
         [(o.message_id, o.recipient_id, o.event.value, o.at, json.dumps(o.event_data))

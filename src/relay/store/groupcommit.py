@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +25,9 @@ from ..errors import StoreError
 
 log = logging.getLogger(__name__)
 
-Operation = Callable[[aiosqlite.Connection], Awaitable[Any]]
-RunMany = Callable[[aiosqlite.Connection, Sequence[Any]], Awaitable[list[Any]]]
+# Both run on the database thread, inside the batch's transaction, and must not block on I/O.
+Operation = Callable[[sqlite3.Connection], Any]
+RunMany = Callable[[sqlite3.Connection, Sequence[Any]], list[Any]]
 
 MAX_BATCH = 512
 
@@ -105,29 +106,45 @@ class GroupCommitWriter:
             _settle(fut, result=result)
 
     async def _transaction(self, works: list[Work]) -> list[Any]:
-        conn = self.conn
-        try:
-            await conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot begin a transaction: {exc}") from exc
-        try:
-            results = await _run_all(conn, works)
-            try:
-                await conn.commit()
-            except sqlite3.Error as exc:
-                raise StoreError(f"commit failed: {exc}") from exc
-        except BaseException:
-            try:
-                await conn.rollback()
-            except sqlite3.Error:
-                log.exception("rollback failed")
-            raise
+        results: list[Any] = await run_sync(self.conn, _transaction, works)
         self.batches += 1
         self.operations += len(works)
         return results
 
 
-async def _run_all(conn: aiosqlite.Connection, works: list[Work]) -> list[Any]:
+async def run_sync(conn: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(sqlite3_connection, *args), run on aiosqlite's own thread in one go.
+
+    A transaction must not wait for the event loop between its statements: the
+    write lock is held meanwhile, and another process (the delivery worker, or
+    the master) would sleep in SQLite's busy handler for as long. aiosqlite has
+    no public call for this; `_execute` is what each of its own methods uses.
+    """
+    db = conn._conn  # noqa: SLF001
+    return await conn._execute(fn, db, *args)  # noqa: SLF001
+
+
+def _transaction(db: sqlite3.Connection, works: list[Work]) -> list[Any]:
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot begin a transaction: {exc}") from exc
+    try:
+        results = _run_all(db, works)
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"commit failed: {exc}") from exc
+    except BaseException:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.exception("rollback failed")
+        raise
+    return results
+
+
+def _run_all(db: sqlite3.Connection, works: list[Work]) -> list[Any]:
     """Run each operation; items of one `run_many` together, results in input order."""
     results: list[Any] = [None] * len(works)
     groups: dict[RunMany, list[int]] = {}
@@ -135,17 +152,17 @@ async def _run_all(conn: aiosqlite.Connection, works: list[Work]) -> list[Any]:
         if isinstance(work, Batched):
             groups.setdefault(work.run_many, []).append(i)
         else:
-            results[i] = await _guard(work(conn))
+            results[i] = _guard(work, db)
     for run_many, indexes in groups.items():
         items = [works[i].item for i in indexes]  # type: ignore[union-attr]
-        for i, result in zip(indexes, await _guard(run_many(conn, items))):
+        for i, result in zip(indexes, _guard(run_many, db, items)):
             results[i] = result
     return results
 
 
-async def _guard(pending: Awaitable[Any]) -> Any:
+def _guard(fn: Callable[..., Any], *args: Any) -> Any:
     try:
-        return await pending
+        return fn(*args)
     except (sqlite3.IntegrityError, sqlite3.ProgrammingError) as exc:
         raise _OperationFailed() from exc
     except sqlite3.Error as exc:

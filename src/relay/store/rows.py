@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 import aiosqlite
@@ -19,6 +20,7 @@ from ..types import (
     message_status,
 )
 from .base import MessageDetail, NewMessage
+from .groupcommit import run_sync
 
 MESSAGE_COLUMNS = (
     "id, created_at, mail_from, size, source, api_key_id, tags, metadata, stream, "
@@ -30,8 +32,8 @@ RECIPIENT_COLUMNS = (
 )
 
 
-async def insert_messages(conn: aiosqlite.Connection, batch: list[NewMessage]) -> None:
-    await conn.executemany(
+def insert_messages(db: sqlite3.Connection, batch: list[NewMessage]) -> None:
+    db.executemany(
         "INSERT INTO messages (id, created_at, mail_from, size, source, api_key_id, tags, "
         "metadata, stream, subject, header_from, dsn_ret, dsn_envid, smtputf8, scheduled_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -40,9 +42,9 @@ async def insert_messages(conn: aiosqlite.Connection, batch: list[NewMessage]) -
           m.header_from, m.dsn_ret, m.dsn_envid, int(m.smtputf8), m.scheduled_at)
          for m in batch],
     )
-    await conn.executemany("INSERT INTO bodies (message_id, data) VALUES (?, ?)",
-                           [(m.id, m.body) for m in batch])
-    await conn.executemany(
+    db.executemany("INSERT INTO bodies (message_id, data) VALUES (?, ?)",
+                   [(m.id, m.body) for m in batch])
+    db.executemany(
         "INSERT INTO recipients (message_id, address, domain, status, next_attempt_at, notify, "
         "orcpt, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [(m.id, r.address, r.domain,
@@ -52,7 +54,7 @@ async def insert_messages(conn: aiosqlite.Connection, batch: list[NewMessage]) -
     )
     for i in range(0, len(batch), 500):  # stay under SQLite's limit on bound parameters
         ids = [m.id for m in batch[i:i + 500]]
-        await conn.execute(
+        db.execute(
             "INSERT INTO events (message_id, recipient_id, type, created_at, data) "
             "SELECT message_id, id, CASE status WHEN 'scheduled' THEN ? ELSE ? END, updated_at, "
             "json_object('email', address) FROM recipients "
@@ -61,7 +63,7 @@ async def insert_messages(conn: aiosqlite.Connection, batch: list[NewMessage]) -
         )
     keyed = [m for m in batch if m.idempotency_key is not None]
     if keyed:
-        await conn.executemany(
+        db.executemany(
             "INSERT INTO idempotency (scope, key, fingerprint, message_id, created_at) "
             "VALUES (?, ?, ?, ?, ?)",
             [(m.idempotency_scope, m.idempotency_key, m.idempotency_fingerprint, m.id,
@@ -108,34 +110,30 @@ def api_key_row(row: Any) -> ApiKey:
 
 async def load_detail(conn: aiosqlite.Connection, message_id: str, *,
                       with_body: bool = False) -> MessageDetail | None:
+    detail: MessageDetail | None = await run_sync(conn, load_detail_sync, message_id, with_body)
+    return detail
+
+
+def load_detail_sync(db: sqlite3.Connection, message_id: str,
+                     with_body: bool = False) -> MessageDetail | None:
     """A message with its recipients, attempts and events (and its bytes when asked)."""
-    async with conn.execute(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
-    ) as cur:
-        row = await cur.fetchone()
+    row = db.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?",
+                     (message_id,)).fetchone()
     if row is None:
         return None
-    async with conn.execute(
+    recipients = tuple(recipient_row(r) for r in db.execute(
         f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ? ORDER BY id",
-        (message_id,),
-    ) as cur:
-        recipients = tuple(recipient_row(r) for r in await cur.fetchall())
-    async with conn.execute(
+        (message_id,)))
+    attempts = tuple(Attempt(**dict(zip(ATTEMPT_FIELDS, r))) for r in db.execute(
         f"SELECT {', '.join(ATTEMPT_FIELDS)} FROM attempts WHERE message_id = ? ORDER BY id",
-        (message_id,),
-    ) as cur:
-        attempts = tuple(Attempt(**dict(zip(ATTEMPT_FIELDS, r))) for r in await cur.fetchall())
-    async with conn.execute(
+        (message_id,)))
+    events = tuple(event_row(r) for r in db.execute(
         "SELECT id, message_id, recipient_id, type, created_at, data "
-        "FROM events WHERE message_id = ? ORDER BY id",
-        (message_id,),
-    ) as cur:
-        events = tuple(event_row(r) for r in await cur.fetchall())
+        "FROM events WHERE message_id = ? ORDER BY id", (message_id,)))
     body = None
     if with_body:
-        async with conn.execute("SELECT data FROM bodies WHERE message_id = ?",
-                                (message_id,)) as cur:
-            found = await cur.fetchone()
+        found = db.execute("SELECT data FROM bodies WHERE message_id = ?",
+                           (message_id,)).fetchone()
         body = bytes(found[0]) if found else None
     return MessageDetail(message=message_row(row, recipients), recipients=recipients,
                          attempts=attempts, events=events, body=body)

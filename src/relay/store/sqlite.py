@@ -142,8 +142,8 @@ class SQLiteStore(DeliveryQueries):
     # -- API keys ----------------------------------------------------------------
 
     async def add_api_key(self, key: ApiKey, secret_hash: bytes) -> None:
-        async def op(conn: aiosqlite.Connection) -> None:
-            await conn.execute(
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
                 "INSERT INTO api_keys (id, name, hash, scopes, domains, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (key.id, key.name, secret_hash, json.dumps(list(key.scopes)),
@@ -169,8 +169,8 @@ class SQLiteStore(DeliveryQueries):
             return [api_key_row(r) for r in await cur.fetchall()]
 
     async def revoke_api_key(self, key_id: str, when: float) -> bool:
-        async def op(conn: aiosqlite.Connection) -> bool:
-            cur = await conn.execute(
+        def op(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                 (when, key_id),
             )
@@ -189,8 +189,7 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     return conn
 
 
-async def _enqueue_many(conn: aiosqlite.Connection,
-                        messages: Sequence[NewMessage]) -> list[SubmitResult]:
+def _enqueue_many(db: sqlite3.Connection, messages: Sequence[NewMessage]) -> list[SubmitResult]:
     """Insert a batch of messages with a few statements; idempotent repeats insert nothing."""
     results: list[SubmitResult] = []
     fresh: list[NewMessage] = []
@@ -199,7 +198,7 @@ async def _enqueue_many(conn: aiosqlite.Connection,
         hit = None
         if m.idempotency_key is not None:
             scope_key = (m.idempotency_scope, m.idempotency_key)
-            hit = seen.get(scope_key) or await _idempotent_hit(conn, m)
+            hit = seen.get(scope_key) or _idempotent_hit(db, m)
             if hit is None:
                 seen[scope_key] = SubmitResult(message_id=m.id, duplicate=True)
         if hit is None:
@@ -207,20 +206,19 @@ async def _enqueue_many(conn: aiosqlite.Connection,
             hit = SubmitResult(message_id=m.id, status="scheduled" if m.scheduled_at else "queued")
         results.append(hit)
     if fresh:
-        await insert_messages(conn, fresh)
+        insert_messages(db, fresh)
     return results
 
 
-async def _idempotent_hit(conn: aiosqlite.Connection, message: NewMessage) -> SubmitResult | None:
-    async with conn.execute(
+def _idempotent_hit(db: sqlite3.Connection, message: NewMessage) -> SubmitResult | None:
+    row = db.execute(
         "SELECT message_id, created_at, fingerprint FROM idempotency WHERE scope = ? AND key = ?",
         (message.idempotency_scope, message.idempotency_key),
-    ) as cur:
-        row = await cur.fetchone()
+    ).fetchone()
     if row is None:
         return None
     if row[1] < message.created_at - IDEMPOTENCY_WINDOW:
-        await conn.execute(
+        db.execute(
             "DELETE FROM idempotency WHERE scope = ? AND key = ?",
             (message.idempotency_scope, message.idempotency_key),
         )
