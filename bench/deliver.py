@@ -157,6 +157,19 @@ def run(port: int, sink: Sink, args: argparse.Namespace) -> tuple[float, int]:
     return time.perf_counter() - started, sink.count - before
 
 
+def report_stuck(db_path: Path) -> None:
+    """Say what became of messages the sink has not seen."""
+    import sqlite3
+
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute("SELECT status, count(*), max(last_reply), max(attempts),"
+                          " max(leased_until) - unixepoch('subsec') FROM recipients"
+                          " WHERE status != 'delivered' GROUP BY status").fetchall()
+    for status, count, reply, attempts, lease in rows:
+        print(f"  relay: {count} recipient(s) {status} after {attempts} attempt(s); last reply:"
+              f" {reply}; lease ends in {lease} s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,6 +193,8 @@ def main() -> None:
                     proc, port = start_relay(tmp, sink.port)
                     try:
                         took, got = run(port, sink, args)
+                        if got < args.messages:
+                            report_stuck(tmp / "relay-data" / "relay.sqlite")
                     finally:
                         proc.terminate()
                         proc.wait(120)

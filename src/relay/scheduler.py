@@ -89,27 +89,32 @@ class Scheduler:
 
     async def _run(self) -> None:
         while True:
-            self._wake.clear()
-            free = self._delivery.concurrency - len(self._jobs)
-            if free > 0:
-                try:
-                    due = await self._store.lease_due(
-                        self._clock(), free * self._delivery.messages_per_session,
-                        self._delivery.lease)
-                except StoreError:
-                    log.exception("could not lease work; retrying")
-                    due = []
-                    await asyncio.sleep(1)
-                if due:
-                    self._dispatch(due)
-                    continue
-                timeout = await self._until_next_due()
-            else:
-                timeout = None  # a finishing job wakes us
+            try:
+                timeout = await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop must outlive any one failure
+                log.exception("scheduler step failed; retrying in a second")
+                timeout = 1.0
+            if timeout is not None and timeout <= 0:
+                continue
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
+
+    async def _step(self) -> float | None:
+        """Lease and dispatch what is due; returns how long to sleep (None: until woken)."""
+        self._wake.clear()
+        free = self._delivery.concurrency - len(self._jobs)
+        if free <= 0:
+            return None  # a finishing job wakes us
+        due = await self._store.lease_due(
+            self._clock(), free * self._delivery.messages_per_session, self._delivery.lease)
+        if due:
+            self._dispatch(due)
+            return 0.0
+        return await self._until_next_due()
 
     async def _until_next_due(self) -> float:
         try:
@@ -200,7 +205,8 @@ class Scheduler:
             by_message[r.message_id].append(r)
         for message_id, recipients in by_message.items():
             body = await self._store.get_body(message_id)
-            if body is None:  # deleted under us
+            if body is None:  # deleted under us; its lease lapses and nothing is lost
+                log.warning("message %s has no body; skipped", message_id)
                 continue
             first = recipients[0]
             messages.append(OutMessage(

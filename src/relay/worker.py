@@ -52,6 +52,7 @@ async def serve(args: WorkerArgs, wake_fd: int) -> None:
     loop.add_reader(wake_fd, readable)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)  # `kill -USR1`: what is it waiting on?
     try:
         await scheduler.start()
         await stop.wait()
@@ -59,6 +60,13 @@ async def serve(args: WorkerArgs, wake_fd: int) -> None:
         loop.remove_reader(wake_fd)
         await scheduler.stop()
         await store.close()
+
+
+def _dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()}", file=sys.stderr)
+        task.print_stack(limit=12, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _die_with_parent() -> None:

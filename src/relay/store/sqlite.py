@@ -19,7 +19,7 @@ from ..types import (
 )
 from .base import MessageDetail, MessagePage, NewMessage
 from .delivery import DeliveryQueries
-from .groupcommit import Batched, GroupCommitWriter
+from .groupcommit import Batched, GroupCommitWriter, run_sync
 from .rows import (
     MESSAGE_COLUMNS,
     RECIPIENT_COLUMNS,
@@ -93,11 +93,12 @@ class SQLiteStore(DeliveryQueries):
         return await load_detail(self._reader, message_id)
 
     async def get_body(self, message_id: str) -> bytes | None:
-        async with self._reader.execute(
-            "SELECT data FROM bodies WHERE message_id = ?", (message_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        return bytes(row[0]) if row else None
+        # Read on the writer's connection: the worker's read connection has been seen to
+        # serve a snapshot older than the lease it just took (the message not yet there).
+        if self.writer is None:
+            raise StoreError("the store is not open")
+        body: bytes | None = await run_sync(self.writer.conn, _body, message_id)
+        return body
 
     async def list_messages(
         self, *, limit: int = 50, cursor: str | None = None, status: str | None = None
@@ -187,6 +188,11 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     await conn.execute("PRAGMA foreign_keys = ON")
     await conn.execute("PRAGMA busy_timeout = 30000")
     return conn
+
+
+def _body(db: sqlite3.Connection, message_id: str) -> bytes | None:
+    row = db.execute("SELECT data FROM bodies WHERE message_id = ?", (message_id,)).fetchone()
+    return bytes(row[0]) if row else None
 
 
 def _enqueue_many(db: sqlite3.Connection, messages: Sequence[NewMessage]) -> list[SubmitResult]:
