@@ -160,5 +160,5 @@ class Sink:
     async def __aenter__(self) -> Sink:
         return await self.start()
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()

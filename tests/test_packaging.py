@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 def quickstart_commands() -> list[str]:
     text = (REPO / "README.md").read_text()
     section = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
-    return [block.strip() for block in re.findall(r"```sh\n(.*?)```", section, re.S)][:2]
+    return [block.strip() for block in re.findall(r"```sh\n(.*?)```", section, re.DOTALL)][:2]
 
 
 def test_readme_has_two_quickstart_commands() -> None:
@@ -30,4 +30,4 @@ def test_systemd_unit() -> None:
     for line in ("User=relay", "AmbientCapabilities=CAP_NET_BIND_SERVICE", "NoNewPrivileges=true",
                  "ProtectSystem=strict", "ReadWritePaths=/var/lib/relay", "PrivateTmp=true"):
         assert line in unit.splitlines(), line
-    assert re.search(r"^ExecStart=\S*relay serve --config /etc/relay/relay.toml$", unit, re.M)
+    assert re.search(r"^ExecStart=\S*relay serve --config /etc/relay/relay.toml$", unit, re.MULTILINE)

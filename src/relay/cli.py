@@ -213,7 +213,7 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
     msg["From"], msg["To"], msg["Subject"] = sender, ", ".join(args.to), args.subject
     msg["Message-ID"] = make_msgid(domain=config.server.hostname)
     msg.set_content(f"A test message sent by `relay send` at "
-                    f"{datetime.datetime.now(datetime.timezone.utc).isoformat()}.\n")
+                    f"{datetime.datetime.now(datetime.UTC).isoformat()}.\n")
     secret, temp_id = args.key, None
     if listener.mode == "submission" and not secret:
         key, secret = _with_store(config, lambda s: keys.create_key(
@@ -384,7 +384,7 @@ def cmd_queue_action(args: argparse.Namespace, config: Config) -> int:
 def _iso(ts: float | None) -> str:
     if ts is None:
         return ""
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(
         timespec="seconds").replace("+00:00", "Z")
 
 

@@ -12,9 +12,10 @@ import os
 import socket
 import tomllib
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -37,7 +38,7 @@ def _check_port(value: int) -> int:
     return value
 
 
-def _check_positive(value: int | float) -> int | float:
+def _check_positive(value: float) -> int | float:
     if value <= 0:
         raise ValueError("must be greater than zero")
     return value

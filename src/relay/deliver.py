@@ -159,7 +159,7 @@ class Deliverer:
                     remaining.pop(0)
                     session.sent += 1
                     reused = False
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                 session.smtp.close()
                 if reused:  # the server closed it while it was parked: nothing was sent
                     continue
@@ -220,7 +220,7 @@ class Deliverer:
             smtp.close()
             raise _Failure(f"{target.hostname} greeted with {exc.code} {exc.message}",
                            code=exc.code, permanent=exc.code >= 500) from None
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
             smtp.close()
             raise _Failure(f"cannot connect to {target.hostname} [{target.address}]:"
                            f"{target.port}: {_why(exc)}") from None
@@ -235,7 +235,7 @@ class Deliverer:
         except _Failure:
             smtp.close()
             raise
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
             raise _Failure(f"{target.hostname}: {_why(exc)}") from None
         return session
@@ -274,7 +274,7 @@ class Deliverer:
             reply = await session.smtp.starttls(server_hostname=session.target.hostname,
                                                 tls_context=self._tls_context(verify),
                                                 validate_certs=verify)
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
             raise _Failure(f"STARTTLS with {session.target.hostname} failed: {_why(exc)}",
                            retry_plain=policy == "may") from None
         if reply.code != 220:
@@ -440,14 +440,14 @@ def _note_tls(session: _Session) -> None:
 async def _rset(smtp: aiosmtplib.SMTP) -> None:
     try:
         await smtp.execute_command(b"RSET")
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
         smtp.close()
 
 
 async def _quit(session: _Session) -> None:
     try:
         await asyncio.wait_for(session.smtp.quit(), 5)
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
         pass
     finally:
         session.smtp.close()

@@ -85,4 +85,4 @@ def make(name: str, value: str) -> Header:
     """A new header field; the value must not carry CR or LF (checked by callers)."""
     if "\r" in value or "\n" in value:
         raise ValueError(f"{name}: header values may not contain CR or LF")
-    return Header(name, f"{name}: {value}\r\n".encode("utf-8"))
+    return Header(name, f"{name}: {value}\r\n".encode())

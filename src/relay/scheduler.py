@@ -100,7 +100,7 @@ class Scheduler:
                 continue
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _step(self) -> float | None:

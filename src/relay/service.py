@@ -121,7 +121,7 @@ class Service:
                 try:
                     await asyncio.wait_for(asyncio.shield(server.wait_closed()), 0.2)
                     break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
         for _ in range(3):  # let connection_lost callbacks run
             await asyncio.sleep(0)
@@ -144,7 +144,7 @@ def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],
     return store, scheduler
 
 
-async def run(config: Config, *, on_ready: "asyncio.Future[None] | None" = None) -> None:
+async def run(config: Config, *, on_ready: asyncio.Future[None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT."""
     service = Service(config)
     await service.start()

@@ -41,7 +41,7 @@ _ENHANCED_BY_CODE = {
     "555": "5.5.4",
 }
 _HAS_ENHANCED = re.compile(r"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}\b")
-_REPLY = re.compile(r"^([245]\d\d)([ -])(.*)$", re.S)
+_REPLY = re.compile(r"^([245]\d\d)([ -])(.*)$", re.DOTALL)
 # <local@domain> with a dot-atom local part (RFC 5321 4.1.2), then the parameters
 _SIMPLE_PATH = re.compile(
     r"^\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
@@ -103,7 +103,7 @@ class RelaySMTP(SMTP):
 
     line_length_limit = 32768  # accept long lines; render makes them safe before delivery
 
-    def __init__(self, handler: "RelayHandler", *, implicit_tls: bool, **kwargs: Any) -> None:
+    def __init__(self, handler: RelayHandler, *, implicit_tls: bool, **kwargs: Any) -> None:
         self.implicit_tls = implicit_tls
         with warnings.catch_warnings(), _fast_introspection():
             # With implicit TLS every byte is encrypted, so AUTH need not wait for STARTTLS.

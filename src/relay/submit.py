@@ -187,4 +187,4 @@ class Submitter:
         if len(recipients) == 1:
             value += f"\r\n\tfor <{recipients[0].address}>"
         value += f"; {date}"
-        return [rawmail.Header("Received", f"Received: {value}\r\n".encode("utf-8"))]
+        return [rawmail.Header("Received", f"Received: {value}\r\n".encode())]

@@ -73,7 +73,7 @@ class WorkerProcess:
             proc.terminate()
             try:
                 await asyncio.wait_for(proc.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
         if self._wake_w is not None:

@@ -120,8 +120,8 @@ async def run_sync(conn: aiosqlite.Connection, fn: Callable[..., Any], *args: An
     the master) would sleep in SQLite's busy handler for as long. aiosqlite has
     no public call for this; `_execute` is what each of its own methods uses.
     """
-    db = conn._conn  # noqa: SLF001
-    return await conn._execute(fn, db, *args)  # noqa: SLF001
+    db = conn._conn
+    return await conn._execute(fn, db, *args)
 
 
 def _transaction(db: sqlite3.Connection, works: list[Work]) -> list[Any]:
