@@ -235,7 +235,6 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
             if listener.mode == "submission":
                 client.login("relay", secret)
             client.send_message(msg)
-            code, text = client.noop()
     except (OSError, smtplib.SMTPException) as exc:
         print(f"relay: sending failed: {exc}", file=sys.stderr)
         return 1

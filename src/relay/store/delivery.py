@@ -13,7 +13,7 @@ import aiosqlite
 
 from ..types import EventType, RecipientStatus
 from .base import MessageDetail, NewMessage
-from .groupcommit import Batched
+from .groupcommit import Batched, run_sync
 from .rows import insert_messages, load_detail_sync
 
 PENDING = ("queued", "deferred", "scheduled")
@@ -117,22 +117,16 @@ class DeliveryQueries:
         return due
 
     async def next_due_at(self) -> float | None:
-        async with self._reader.execute(
-            "SELECT min(next_attempt_at) FROM recipients"
-            " WHERE status IN ('queued', 'deferred', 'scheduled') AND leased_until IS NULL"
-        ) as cur:
-            row = await cur.fetchone()
-        return row[0] if row else None
+        due: float | None = await run_sync(self._reader, _next_due_at)
+        return due
 
     async def record(self, outcomes: Sequence[Outcome]) -> None:
         """Store each outcome: status, lease released, attempt row and event, in one commit."""
         await asyncio.gather(*(self._write(Batched(_record_many, o)) for o in outcomes))
 
     async def pending_reports(self) -> list[str]:
-        async with self._reader.execute(
-            "SELECT DISTINCT message_id FROM recipients WHERE dsn_pending IS NOT NULL"
-        ) as cur:
-            return [r[0] for r in await cur.fetchall()]
+        ids: list[str] = await run_sync(self._reader, _pending_reports)
+        return ids
 
     async def emit_report(self, message_id: str, make: ReportMaker) -> str | None:
         """Make the report for a message's marked recipients, queue it, clear the marks."""
@@ -205,6 +199,18 @@ class DeliveryQueries:
 
         count: int = await self._write(op)
         return count
+
+
+def _next_due_at(db: sqlite3.Connection) -> float | None:
+    rows = db.execute("SELECT min(next_attempt_at) FROM recipients"
+                      " WHERE status IN ('queued', 'deferred', 'scheduled')"
+                      " AND leased_until IS NULL").fetchall()
+    return rows[0][0] if rows else None
+
+
+def _pending_reports(db: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in db.execute(
+        "SELECT DISTINCT message_id FROM recipients WHERE dsn_pending IS NOT NULL")]
 
 
 def _record_many(db: sqlite3.Connection, outcomes: Sequence[Outcome]) -> list[None]:

@@ -117,8 +117,11 @@ async def run_sync(conn: aiosqlite.Connection, fn: Callable[..., Any], *args: An
 
     A transaction must not wait for the event loop between its statements: the
     write lock is held meanwhile, and another process (the delivery worker, or
-    the master) would sleep in SQLite's busy handler for as long. aiosqlite has
-    no public call for this; `_execute` is what each of its own methods uses.
+    the master) would sleep in SQLite's busy handler for as long. And a read
+    must run to its end before the next read on the connection starts: a cursor
+    left open keeps its read transaction, so a read that interleaves with it
+    sees that older snapshot (a message committed since would look missing).
+    aiosqlite has no public call for this; `_execute` is what its methods use.
     """
     db = conn._conn
     return await conn._execute(fn, db, *args)

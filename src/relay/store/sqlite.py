@@ -93,11 +93,7 @@ class SQLiteStore(DeliveryQueries):
         return await load_detail(self._reader, message_id)
 
     async def get_body(self, message_id: str) -> bytes | None:
-        # Read on the writer's connection: the worker's read connection has been seen to
-        # serve a snapshot older than the lease it just took (the message not yet there).
-        if self.writer is None:
-            raise StoreError("the store is not open")
-        body: bytes | None = await run_sync(self.writer.conn, _body, message_id)
+        body: bytes | None = await run_sync(self._reader, _body, message_id)
         return body
 
     async def list_messages(
@@ -191,8 +187,8 @@ async def _connect(path: Path) -> aiosqlite.Connection:
 
 
 def _body(db: sqlite3.Connection, message_id: str) -> bytes | None:
-    row = db.execute("SELECT data FROM bodies WHERE message_id = ?", (message_id,)).fetchone()
-    return bytes(row[0]) if row else None
+    rows = db.execute("SELECT data FROM bodies WHERE message_id = ?", (message_id,)).fetchall()
+    return bytes(rows[0][0]) if rows else None
 
 
 def _enqueue_many(db: sqlite3.Connection, messages: Sequence[NewMessage]) -> list[SubmitResult]:
