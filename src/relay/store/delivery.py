@@ -71,7 +71,7 @@ class Outcome:
 
 
 # Makes the report on a message for its marked recipients ({recipient id: action}); None = none.
-ReportMaker = Callable[[MessageDetail, dict[int, str]], NewMessage | None]
+MakeReport = Callable[[MessageDetail, dict[int, str]], NewMessage | None]
 
 
 class DeliveryQueries:
@@ -128,7 +128,7 @@ class DeliveryQueries:
         ids: list[str] = await run_sync(self._reader, _pending_reports)
         return ids
 
-    async def emit_report(self, message_id: str, make: ReportMaker) -> str | None:
+    async def emit_report(self, message_id: str, make: MakeReport) -> str | None:
         """Make the report for a message's marked recipients, queue it, clear the marks."""
         def op(db: sqlite3.Connection) -> str | None:
             detail = load_detail_sync(db, message_id, with_body=True)
