@@ -24,6 +24,8 @@ from relay.config import (
 )
 from relay.service import Service
 
+from .dnsserver import DNSServer
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -41,6 +43,13 @@ def make_config(tmp_path: Path, *listeners: ListenerConfig, **sections: Any) -> 
         smtp=SmtpConfig(listeners=listeners),
         **sections,
     )
+
+
+@pytest.fixture
+async def dns() -> AsyncIterator[DNSServer]:
+    """An authoritative DNS server on loopback; point [dns] nameservers at dns.nameserver."""
+    async with DNSServer() as server:
+        yield server
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import asyncio
 import email
 import email.policy
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,6 @@ from .smtputil import connect, in_thread
 
 FAST = dict(retry_min=0.2, retry_max=0.5, connect_timeout=2.0, command_timeout=5.0,
             session_idle=0.5, process=False)
-
-
-@pytest.fixture
-async def dns() -> AsyncIterator[DNSServer]:
-    async with DNSServer() as server:
-        yield server
 
 
 @pytest.fixture

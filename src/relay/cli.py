@@ -1,4 +1,4 @@
-"""The `relay` command: init, serve, send, keys and queue."""
+"""The `relay` command: init, serve, send, keys, domains and queue."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import smtplib
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from email.utils import make_msgid
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from . import cli_domains, keys
 from . import config as config_mod
-from . import keys
+from .cliutil import Subparsers, iso, table, with_store
 from .config import Config
 from .errors import ConfigError, StoreError, ValidationError
 from .service import run
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)
-    sub = _Subparsers(p.add_subparsers(metavar="COMMAND"), common)
+    sub = Subparsers(p.add_subparsers(metavar="COMMAND"), common)
 
     s = sub.add_parser("init", help="write a config, make the data dir, a TLS cert and a key")
     s.add_argument("--write-config", metavar="PATH",
@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="API key for AUTH (default $RELAY_API_KEY, else a one-off key)")
     s.set_defaults(func=cmd_send)
 
-    k = _Subparsers(sub.add_parser("keys", help="API keys").add_subparsers(metavar="ACTION"),
+    k = Subparsers(sub.add_parser("keys", help="API keys").add_subparsers(metavar="ACTION"),
                     common)
     s = k.add_parser("create", help="create a key; the secret is printed once")
     s.add_argument("--name", required=True)
@@ -102,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.set_defaults(func=cmd_keys_revoke)
 
-    q = _Subparsers(sub.add_parser("queue", help="the mail queue").add_subparsers(
+    cli_domains.add_parsers(sub, common)
+
+    q = Subparsers(sub.add_parser("queue", help="the mail queue").add_subparsers(
         metavar="ACTION"), common)
     s = q.add_parser("list", help="messages, newest first")
     s.add_argument("--status", default=None)
@@ -125,30 +127,6 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("id")
         s.set_defaults(func=cmd_queue_action, action=name)
     return p
-
-
-class _Subparsers:
-    """add_subparsers() whose every parser also takes --config."""
-
-    def __init__(self, action: Any, common: argparse.ArgumentParser) -> None:
-        self._action, self._common = action, common
-
-    def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = self._action.add_parser(
-            name, parents=[self._common], **kw)
-        return parser
-
-
-def _with_store(config: Config, fn: Callable[[SQLiteStore], Awaitable[Any]]) -> Any:
-    async def go() -> Any:
-        store = SQLiteStore(config.db_path)
-        await store.open()
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(go())
 
 
 # -- init and serve -------------------------------------------------------------
@@ -180,7 +158,7 @@ def _first_key(config: Config, *, always: bool = False) -> None:
             return None
         return await keys.create_key(store, name="first key", scopes=SCOPES)
 
-    made = _with_store(config, go)
+    made = with_store(config, go)
     if made:
         key, secret = made
         print(f"API key {key.id} (all scopes), shown once; keep it:\n\n    {secret}\n", flush=True)
@@ -216,7 +194,7 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
                     f"{datetime.datetime.now(datetime.UTC).isoformat()}.\n")
     secret, temp_id = args.key, None
     if listener.mode == "submission" and not secret:
-        key, secret = _with_store(config, lambda s: keys.create_key(
+        key, secret = with_store(config, lambda s: keys.create_key(
             s, name="relay send (one-off)", scopes=["emails:send"]))
         temp_id = key.id
     host = "127.0.0.1" if listener.address in ("0.0.0.0", "::") else listener.address
@@ -240,7 +218,7 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
         return 1
     finally:
         if temp_id:
-            _with_store(config, lambda s: s.revoke_api_key(temp_id, datetime.datetime.now()
+            with_store(config, lambda s: s.revoke_api_key(temp_id, datetime.datetime.now()
                                                             .timestamp()))
     print(f"sent to {', '.join(args.to)} through {host}:{listener.port}")
     return 0
@@ -251,7 +229,7 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_keys_create(args: argparse.Namespace, config: Config) -> int:
     scopes = args.scope or ["emails:send"]
-    key, secret = _with_store(config, lambda s: keys.create_key(
+    key, secret = with_store(config, lambda s: keys.create_key(
         s, name=args.name, scopes=scopes, domains=args.domain))
     if args.json:
         print(json.dumps({"id": key.id, "key": secret, "scopes": list(key.scopes),
@@ -264,22 +242,22 @@ def cmd_keys_create(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace, config: Config) -> int:
-    found = _with_store(config, lambda s: s.list_api_keys())
+    found = with_store(config, lambda s: s.list_api_keys())
     if args.json:
         print(json.dumps([{"id": k.id, "name": k.name, "scopes": list(k.scopes),
-                           "domains": list(k.domains), "createdAt": _iso(k.created_at),
+                           "domains": list(k.domains), "createdAt": iso(k.created_at),
                            "revoked": k.revoked_at is not None} for k in found], indent=2))
         return 0
     rows = [("ID", "NAME", "SCOPES", "DOMAINS", "CREATED", "STATE")]
     rows += [(k.id, k.name, ",".join(k.scopes), ",".join(k.domains) or "*",
-              _iso(k.created_at), "revoked" if k.revoked_at else "active") for k in found]
-    _table(rows)
+              iso(k.created_at), "revoked" if k.revoked_at else "active") for k in found]
+    table(rows)
     return 0
 
 
 def cmd_keys_revoke(args: argparse.Namespace, config: Config) -> int:
     when = datetime.datetime.now().timestamp()
-    if not _with_store(config, lambda s: s.revoke_api_key(args.id, when)):
+    if not with_store(config, lambda s: s.revoke_api_key(args.id, when)):
         print(f"relay: no active key {args.id}", file=sys.stderr)
         return 1
     print(f"revoked {args.id}")
@@ -292,43 +270,44 @@ def cmd_keys_revoke(args: argparse.Namespace, config: Config) -> int:
 def message_json(d: MessageDetail, *, full: bool = False) -> dict[str, Any]:
     m = d.message
     out: dict[str, Any] = {
-        "id": m.id, "createdAt": _iso(m.created_at), "status": m.status, "from": m.mail_from,
+        "id": m.id, "createdAt": iso(m.created_at), "status": m.status, "from": m.mail_from,
         "headerFrom": m.header_from, "subject": m.subject, "size": m.size, "source": m.source,
         "stream": m.stream.value, "tags": list(m.tags), "metadata": m.metadata,
         "recipients": [{"email": r.address, "status": r.status.value, "attempts": r.attempts,
-                        "nextAttemptAt": _iso(r.next_attempt_at) if r.next_attempt_at else None,
+                        "nextAttemptAt": iso(r.next_attempt_at) if r.next_attempt_at else None,
                         "lastReply": r.last_reply} for r in d.recipients],
     }
     if full:
-        out["attempts"] = [{"recipient": a.recipient_id, "at": _iso(a.started_at),
+        out["attempts"] = [{"recipient": a.recipient_id, "at": iso(a.started_at),
                             "mxHost": a.mx_host, "ip": a.ip, "port": a.port, "tls": a.tls_version,
                             "code": a.code, "enhanced": a.enhanced, "reply": a.text,
-                            "outcome": a.outcome, "duration": round(a.duration, 3)}
+                            "outcome": a.outcome, "duration": round(a.duration, 3),
+                            "dkim": a.signed}
                            for a in d.attempts]
-        out["events"] = [{"type": e.type, "at": _iso(e.created_at), "recipient": e.recipient_id,
+        out["events"] = [{"type": e.type, "at": iso(e.created_at), "recipient": e.recipient_id,
                           "data": e.data} for e in d.events]
     return out
 
 
 def cmd_queue_list(args: argparse.Namespace, config: Config) -> int:
-    page = _with_store(config, lambda s: s.list_messages(limit=args.limit, status=args.status))
+    page = with_store(config, lambda s: s.list_messages(limit=args.limit, status=args.status))
     if args.json:
         print(json.dumps([message_json(d) for d in page.items], indent=2))
         return 0
     rows = [("ID", "CREATED", "STATUS", "FROM", "RECIPIENT", "RCPT STATUS", "NEXT", "LAST REPLY")]
     for d in page.items:
         for i, r in enumerate(d.recipients):
-            rows.append((d.message.id if i == 0 else "", _iso(d.message.created_at) if i == 0
+            rows.append((d.message.id if i == 0 else "", iso(d.message.created_at) if i == 0
                          else "", d.message.status if i == 0 else "",
                          (d.message.mail_from or "<>") if i == 0 else "", r.address,
-                         r.status.value, _iso(r.next_attempt_at) if r.next_attempt_at and
+                         r.status.value, iso(r.next_attempt_at) if r.next_attempt_at and
                          not r.status.final else "", (r.last_reply or "")[:60]))
-    _table(rows)
+    table(rows)
     return 0
 
 
 def cmd_queue_show(args: argparse.Namespace, config: Config) -> int:
-    detail = _with_store(config, lambda s: s.get_message(args.id))
+    detail = with_store(config, lambda s: s.get_message(args.id))
     if detail is None:
         print(f"relay: no message {args.id}", file=sys.stderr)
         return 1
@@ -339,24 +318,24 @@ def cmd_queue_show(args: argparse.Namespace, config: Config) -> int:
     for label in ("id", "status", "createdAt", "from", "headerFrom", "subject", "size", "tags"):
         print(f"{label:>11}: {data[label]}")
     print()
-    _table([("RECIPIENT", "STATUS", "ATTEMPTS", "NEXT", "LAST REPLY")] + [
+    table([("RECIPIENT", "STATUS", "ATTEMPTS", "NEXT", "LAST REPLY")] + [
         (r["email"], r["status"], str(r["attempts"]), r["nextAttemptAt"] or "",
          r["lastReply"] or "") for r in data["recipients"]])
     if data["attempts"]:
         print()
-        _table([("AT", "MX", "IP", "TLS", "REPLY", "OUTCOME")] + [
+        table([("AT", "MX", "IP", "TLS", "REPLY", "OUTCOME", "DKIM")] + [
             (a["at"], a["mxHost"] or "", a["ip"] or "", a["tls"] or "-",
-             f"{a['code'] or ''} {a['enhanced'] or ''} {a['reply']}".strip()[:70], a["outcome"])
-            for a in data["attempts"]])
+             f"{a['code'] or ''} {a['enhanced'] or ''} {a['reply']}".strip()[:70], a["outcome"],
+             a["dkim"] or "") for a in data["attempts"]])
     print()
-    _table([("AT", "EVENT", "RECIPIENT")] + [(e["at"], e["type"], str(e["recipient"] or ""))
+    table([("AT", "EVENT", "RECIPIENT")] + [(e["at"], e["type"], str(e["recipient"] or ""))
                                             for e in data["events"]])
     return 0
 
 
 def cmd_queue_retry(args: argparse.Namespace, config: Config) -> int:
     now = time.time()
-    count = _with_store(config, lambda s: s.retry_now(None if args.all else args.id, now))
+    count = with_store(config, lambda s: s.retry_now(None if args.all else args.id, now))
     print(f"{count} recipient(s) due now")
     return 0
 
@@ -372,25 +351,12 @@ def cmd_queue_action(args: argparse.Namespace, config: Config) -> int:
         count: int = await getattr(store, actions[args.action])(args.id, by, now)
         return count
 
-    count = _with_store(config, go)
+    count = with_store(config, go)
     if count is None:
         print(f"relay: no message {args.id}", file=sys.stderr)
         return 1
     print(f"{args.action}: {count} recipient(s) of {args.id}")
     return 0
-
-
-def _iso(ts: float | None) -> str:
-    if ts is None:
-        return ""
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(
-        timespec="seconds").replace("+00:00", "Z")
-
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 if __name__ == "__main__":

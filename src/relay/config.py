@@ -159,6 +159,30 @@ class DnsConfig:
     timeout: float = field(default=5.0, metadata=_meta(_check_positive))
 
 
+def _check_optional_domain(value: str) -> str:
+    return _check_domain(value) if value.strip() else ""
+
+
+def _check_label(value: str) -> str:
+    value = value.strip().lower()
+    if not value or not all(c.isalnum() or c == "-" for c in value) or len(value) > 63:
+        raise ValueError(f"{value!r} is not a DNS label (letters, digits, '-')")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class DkimConfig:
+    enabled: bool = True  # sign outgoing mail with the sending domain's keys
+    # signs mail whose From domain has no keys of its own (it needs keys: relay domains add)
+    default_domain: str = field(default="", metadata=_meta(_check_optional_domain))
+    # the return-path (MAIL FROM) host of a domain's mail is <label>.<domain>
+    return_path_label: str = field(default="bounces", metadata=_meta(_check_label))
+    # rua= of the DMARC record `relay domains add` suggests; empty = dmarc-reports@<domain>
+    dmarc_report_address: str = ""
+    # after `relay domains rotate --activate`, the old selectors stay published this long
+    rotation_overlap_days: float = field(default=7.0, metadata=_meta(_check_positive))
+
+
 @dataclass(frozen=True, kw_only=True)
 class LimitsConfig:
     max_message_size: int = field(default=26214400, metadata=_meta(_check_positive))
@@ -178,6 +202,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 

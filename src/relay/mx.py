@@ -46,7 +46,7 @@ class _Lookup:
     error: str | None = None  # set when some query failed temporarily
 
 
-def _make_resolver(config: DnsConfig) -> dns.asyncresolver.Resolver:
+def make_resolver(config: DnsConfig) -> dns.asyncresolver.Resolver:
     if config.nameservers:
         resolver = dns.asyncresolver.Resolver(configure=False)
         servers: list[str | dns.nameserver.Nameserver] = []
@@ -100,7 +100,7 @@ class MXResolver:
     """Resolves MX hosts and host addresses; results and permanent failures are cached."""
 
     def __init__(self, config: DnsConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._resolver = _make_resolver(config)
+        self._resolver = make_resolver(config)
         self._clock = clock
         self._mx_cache: dict[str, tuple[float, list[MXHost] | PermanentFailure]] = {}
         self._host_cache: dict[str, tuple[float, list[str] | PermanentFailure]] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import re
 from dataclasses import dataclass
 
@@ -86,3 +87,9 @@ def make(name: str, value: str) -> Header:
     if "\r" in value or "\n" in value:
         raise ValueError(f"{name}: header values may not contain CR or LF")
     return Header(name, f"{name}: {value}\r\n".encode())
+
+
+def address_domains(value: str) -> list[str]:
+    """The domains of the addresses in a header value such as From's, as written."""
+    return [addr.rpartition("@")[2] for _, addr in email.utils.getaddresses([value])
+            if "@" in addr]

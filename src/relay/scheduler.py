@@ -15,6 +15,7 @@ from .config import Config, parse_hostport
 from .deliver import Deliverer, OutMessage, OutRecipient, Result, Target
 from .errors import DeliveryFailure, StoreError
 from .mx import MXResolver
+from .render import Renderer
 from .reports import ReportMaker
 from .store import SQLiteStore
 from .store.delivery import AttemptRecord, DueRecipient, Outcome
@@ -48,7 +49,7 @@ class _Job:
 
 class Scheduler:
     def __init__(self, config: Config, store: SQLiteStore, resolver: MXResolver,
-                 deliverer: Deliverer, reports: ReportMaker, *,
+                 deliverer: Deliverer, reports: ReportMaker, renderer: Renderer, *,
                  clock: Callable[[], float] = time.time) -> None:
         self._config = config
         self._delivery = config.delivery
@@ -56,6 +57,7 @@ class Scheduler:
         self._resolver = resolver
         self._deliverer = deliverer
         self._reports = reports
+        self._renderer = renderer
         self._clock = clock
         self._wake = asyncio.Event()
         self._per_destination: dict[str, asyncio.Semaphore] = {}
@@ -200,23 +202,32 @@ class Scheduler:
             return
         by_id = {r.id: r for r in job.recipients}
         messages = []
+        signed: dict[str, str] = {}
         by_message: dict[str, list[DueRecipient]] = defaultdict(list)
         for r in job.recipients:
             by_message[r.message_id].append(r)
+        await self._renderer.fresh()
         for message_id, recipients in by_message.items():
-            body = await self._store.get_body(message_id)
-            if body is None:  # deleted under us; its lease lapses and nothing is lost
+            outgoing = await self._store.get_outgoing(message_id)
+            if outgoing is None:  # deleted under us; its lease lapses and nothing is lost
                 log.warning("message %s has no body; skipped", message_id)
                 continue
             first = recipients[0]
+            try:
+                rendered = self._renderer.render(outgoing, smtputf8=first.smtputf8)
+            except Exception as exc:  # park this message, deliver the others
+                log.exception("rendering %s failed", message_id)
+                record([self._outcome_failed(r, exc) for r in recipients])
+                continue
+            signed[message_id] = rendered.signed
             messages.append(OutMessage(
-                id=message_id, mail_from=first.mail_from, data=body, smtputf8=first.smtputf8,
-                dsn_ret=first.dsn_ret, dsn_envid=first.dsn_envid,
+                id=message_id, mail_from=first.mail_from, data=rendered.data,
+                smtputf8=rendered.smtputf8, dsn_ret=first.dsn_ret, dsn_envid=first.dsn_envid,
                 recipients=tuple(OutRecipient(id=r.id, address=r.address, notify=r.notify,
                                               orcpt=r.orcpt) for r in recipients)))
         await self._deliverer.deliver(targets, messages, lambda results: record(
-            [self._outcome(by_id[res.recipient_id], res) for res in results
-             if res.recipient_id in by_id]))
+            [self._outcome(by_id[res.recipient_id], res, signed.get(res.message_id))
+             for res in results if res.recipient_id in by_id]))
 
     async def _targets(self, job: _Job) -> list[Target]:
         if job.destination == SMARTHOST:
@@ -229,11 +240,12 @@ class Scheduler:
 
     # -- outcomes ------------------------------------------------------------------------------
 
-    def _outcome(self, r: DueRecipient, res: Result) -> Outcome:
+    def _outcome(self, r: DueRecipient, res: Result, signed: str | None = None) -> Outcome:
         attempt = AttemptRecord(
             started_at=res.started_at, duration=res.duration, mx_host=res.mx_host, ip=res.ip,
             port=res.port, tls_version=res.tls_version, tls_cipher=res.tls_cipher,
-            code=res.code, enhanced=res.enhanced, text=res.text, outcome=res.outcome)
+            code=res.code, enhanced=res.enhanced, text=res.text, outcome=res.outcome,
+            signed=signed)
         reply = _reply(res.code, res.enhanced, res.text)
         data = {"email": r.address, "mxHost": res.mx_host, "code": res.code,
                 "enhanced": res.enhanced, "reply": res.text}

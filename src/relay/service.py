@@ -14,6 +14,7 @@ from .config import Config, ListenerConfig
 from .deliver import Deliverer
 from .errors import ConfigError
 from .mx import MXResolver
+from .render import KeyRing, Renderer
 from .reports import ReportMaker
 from .scheduler import Scheduler
 from .smtpd import AuthThrottle, RelayHandler, make_server_factory
@@ -139,7 +140,8 @@ def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],
     deliverer = Deliverer(hostname=config.server.hostname, delivery=config.delivery,
                           own_listeners=own_listeners, smarthost=bool(config.delivery.smarthost))
     scheduler = Scheduler(config, store, MXResolver(config.dns), deliverer,
-                          ReportMaker(submitter, config.server.hostname))
+                          ReportMaker(submitter, config.server.hostname),
+                          Renderer(config.dkim, KeyRing(store)))
     submitter.on_queued.append(scheduler.notify)
     return store, scheduler
 

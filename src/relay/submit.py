@@ -10,12 +10,12 @@ import re
 import time
 from collections.abc import Callable
 
-from . import rawmail
+from . import dkim, rawmail
 from .config import Config
 from .errors import ValidationError
 from .keys import may_send_as
 from .store import NewMessage, NewRecipient, Store
-from .types import EnvelopeRecipient, Submission, SubmitResult
+from .types import EnvelopeRecipient, GivenDkimKey, Submission, SubmitResult
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -89,10 +89,6 @@ def decoded(value: str | None) -> str:
         return value
 
 
-def header_from_domains(value: str) -> list[str]:
-    return [addr.rpartition("@")[2] for _, addr in email.utils.getaddresses([value]) if "@" in addr]
-
-
 class Submitter:
     def __init__(self, config: Config, store: Store, *, clock: Callable[[], float] = time.time):
         self._config = config
@@ -138,7 +134,7 @@ class Submitter:
         if len(froms) != 1:
             raise ValidationError(f"a message needs exactly one From header, not {len(froms)}",
                                   param="From")
-        for domain in header_from_domains(froms[0].value) if sub.allowed_domains else ():
+        for domain in rawmail.address_domains(froms[0].value) if sub.allowed_domains else ():
             if not may_send_as(sub.allowed_domains, domain.lower()):
                 raise ValidationError(f"this key may not send as {domain}", param="From",
                                       smtp="550 5.7.1")
@@ -146,6 +142,7 @@ class Submitter:
             raise ValidationError(
                 f"more than {limits.max_received_headers} Received headers: a mail loop",
                 param="Received", smtp="554 5.4.6")
+        given = self._given_key(sub)
         message_id = new_message_id(now)
         date = email.utils.formatdate(now, localtime=True)
         headers = [h for h in headers
@@ -176,7 +173,27 @@ class Submitter:
             idempotency_scope=sub.api_key_id or "",
             idempotency_key=sub.idempotency_key,
             idempotency_fingerprint=sub.idempotency_fingerprint,
+            sign_domains=sub.allowed_domains,
+            dkim=given,
         )
+
+    @staticmethod
+    def _given_key(sub: Submission) -> GivenDkimKey | None:
+        """A key given with the message must be readable and for a domain the sender may use."""
+        if sub.dkim is None:
+            return None
+        domain = normalize_domain(sub.dkim.domain, param="dkim_domain")
+        if not may_send_as(sub.allowed_domains, domain):
+            raise ValidationError(f"this key may not sign for {domain}", param="dkim_domain",
+                                  smtp="550 5.7.1")
+        selector = sub.dkim.selector.strip()
+        if not selector or not all(c.isalnum() or c in "-_." for c in selector):
+            raise ValidationError(f"{selector!r} is not a DKIM selector", param="dkim_selector")
+        try:
+            dkim.load_private_key(sub.dkim.private_key)
+        except dkim.KeyError_ as exc:
+            raise ValidationError(str(exc), param="dkim_private_key") from None
+        return GivenDkimKey(domain=domain, selector=selector, private_key=sub.dkim.private_key)
 
     def _trace(self, sub: Submission, message_id: str, date: str,
                recipients: tuple[NewRecipient, ...]) -> list[rawmail.Header]:

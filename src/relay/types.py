@@ -100,6 +100,19 @@ class EnvelopeRecipient:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GivenDkimKey:
+    """A DKIM key that comes with one message (the MailChannels shape); never shown again and
+    wiped from the store when the message ends."""
+
+    domain: str
+    selector: str
+    private_key: str  # PEM, or an Ed25519 seed in base64
+
+    def __repr__(self) -> str:  # keeps the key out of logs and tracebacks
+        return f"GivenDkimKey(domain={self.domain!r}, selector={self.selector!r})"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Submission:
     """What every entry point hands to `submit`: one message, its envelope and options."""
 
@@ -118,6 +131,7 @@ class Submission:
     dsn_envid: str | None = None
     smtputf8: bool = False
     allowed_domains: tuple[str, ...] = ()  # sender domains the key may use; empty = any
+    dkim: GivenDkimKey | None = None  # sign with this key instead of the domain's own
     # trace for the Received: header, e.g. ("client.example ([192.0.2.1])", "ESMTPSA")
     received_from: str | None = None
     received_with: str | None = None
@@ -191,6 +205,29 @@ class Event:
     type: str
     created_at: float
     data: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DkimKeyInfo:
+    """One of a sending domain's DKIM keys; the private half lives in a 0600 file at `path`."""
+
+    domain: str
+    selector: str
+    algorithm: str  # rsa-sha256 | ed25519-sha256
+    public_key: str  # the p= value
+    path: str
+    state: str  # pending (new, not signing yet) | active | retiring (kept published)
+    created_at: float
+    activated_at: float | None = None
+    retire_after: float | None = None  # retiring: its record may go after this time
+
+
+@dataclass(frozen=True, kw_only=True)
+class Domain:
+    name: str  # lower-case A-label
+    created_at: float
+    return_path: str  # the MAIL FROM host of its mail (SPF, bounces)
+    keys: tuple[DkimKeyInfo, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,7 @@
 """The queue and every table; only this package speaks SQL."""
 
-from .base import MessageDetail, MessagePage, NewMessage, NewRecipient, Store
+from .base import MessageDetail, MessagePage, NewMessage, NewRecipient, Outgoing, Store
 from .sqlite import SQLiteStore
 
-__all__ = ["MessageDetail", "MessagePage", "NewMessage", "NewRecipient", "SQLiteStore", "Store"]
+__all__ = ["MessageDetail", "MessagePage", "NewMessage", "NewRecipient", "Outgoing", "SQLiteStore",
+           "Store"]

@@ -5,7 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..types import ApiKey, Attempt, Event, Message, Recipient, Stream, SubmitResult
+from ..types import (
+    ApiKey,
+    Attempt,
+    DkimKeyInfo,
+    Domain,
+    Event,
+    GivenDkimKey,
+    Message,
+    Recipient,
+    Stream,
+    SubmitResult,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +50,17 @@ class NewMessage:
     idempotency_scope: str = ""
     idempotency_key: str | None = None
     idempotency_fingerprint: str | None = None
+    sign_domains: tuple[str, ...] = ()  # domains its DKIM signature may name; empty = any
+    dkim: GivenDkimKey | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outgoing:
+    """What render needs of a message to be delivered."""
+
+    body: bytes
+    sign_domains: tuple[str, ...]
+    dkim: GivenDkimKey | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +91,8 @@ class Store(Protocol):
 
     async def get_body(self, message_id: str) -> bytes | None: ...
 
+    async def get_outgoing(self, message_id: str) -> Outgoing | None: ...
+
     async def list_messages(
         self, *, limit: int = 50, cursor: str | None = None, status: str | None = None
     ) -> MessagePage: ...
@@ -81,3 +105,14 @@ class Store(Protocol):
     async def list_api_keys(self) -> list[ApiKey]: ...
 
     async def revoke_api_key(self, key_id: str, when: float) -> bool: ...
+
+    # sending domains and their DKIM keys (the private halves stay in files)
+    async def save_domain(self, domain: Domain, *, replace: bool = False) -> None: ...
+
+    async def get_domain(self, name: str) -> Domain | None: ...
+
+    async def list_domains(self) -> list[Domain]: ...
+
+    async def remove_domain(self, name: str) -> bool: ...
+
+    async def signing_keys(self) -> list[DkimKeyInfo]: ...

@@ -195,6 +195,8 @@ class DeliveryQueries:
                 [(message_id, r[0], event.value, now, json.dumps({"email": r[1], "by": by}))
                  for r in rows],
             )
+            if to.final:
+                wipe_given_keys(db, [message_id])
             return len(rows)
 
         count: int = await self._write(op)
@@ -236,4 +238,16 @@ def _record_many(db: sqlite3.Connection, outcomes: Sequence[Outcome]) -> list[No
         [(o.message_id, o.recipient_id, o.event.value, o.at, json.dumps(o.event_data))
          for o in outcomes],
     )
+    wipe_given_keys(db, sorted({o.message_id for o in outcomes if o.status.final}))
     return [None] * len(outcomes)
+
+
+def wipe_given_keys(db: sqlite3.Connection, message_ids: Sequence[str]) -> None:
+    """A key given with a message goes as soon as no recipient of it is pending."""
+    for i in range(0, len(message_ids), 500):
+        ids = message_ids[i:i + 500]
+        db.execute(
+            f"DELETE FROM message_dkim WHERE message_id IN ({','.join('?' * len(ids))})"
+            " AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_id ="
+            " message_dkim.message_id AND r.status NOT IN"
+            " ('delivered', 'bounced', 'expired', 'suppressed', 'cancelled'))", ids)

@@ -97,6 +97,33 @@ MIGRATIONS: tuple[str, ...] = (
         last_used_at REAL
     );
     """,
+    # 2: sending domains and their DKIM keys; keys given with a message; what a message may sign
+    """
+    CREATE TABLE domains (
+        name        TEXT PRIMARY KEY,
+        created_at  REAL NOT NULL,
+        return_path TEXT NOT NULL
+    );
+    CREATE TABLE dkim_keys (
+        domain       TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+        selector     TEXT NOT NULL,
+        algorithm    TEXT NOT NULL,
+        public_key   TEXT NOT NULL,
+        path         TEXT NOT NULL,
+        state        TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        activated_at REAL,
+        retire_after REAL,
+        PRIMARY KEY (domain, selector)
+    );
+    CREATE TABLE message_dkim (
+        message_id  TEXT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+        domain      TEXT NOT NULL,
+        selector    TEXT NOT NULL,
+        private_key TEXT NOT NULL
+    );
+    ALTER TABLE messages ADD COLUMN sign_domains TEXT NOT NULL DEFAULT '[]';
+    """,
 )
 
 

@@ -14,11 +14,13 @@ import aiosqlite
 from ..errors import StoreError
 from ..types import (
     ApiKey,
+    GivenDkimKey,
     Recipient,
     SubmitResult,
 )
-from .base import MessageDetail, MessagePage, NewMessage
+from .base import MessageDetail, MessagePage, NewMessage, Outgoing
 from .delivery import DeliveryQueries
+from .domains import DomainQueries
 from .groupcommit import Batched, GroupCommitWriter, run_sync
 from .rows import (
     MESSAGE_COLUMNS,
@@ -33,7 +35,7 @@ from .schema import migrate
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 
-class SQLiteStore(DeliveryQueries):
+class SQLiteStore(DeliveryQueries, DomainQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: aiosqlite.Connection | None = None
@@ -95,6 +97,10 @@ class SQLiteStore(DeliveryQueries):
     async def get_body(self, message_id: str) -> bytes | None:
         body: bytes | None = await run_sync(self._reader, _body, message_id)
         return body
+
+    async def get_outgoing(self, message_id: str) -> Outgoing | None:
+        found: Outgoing | None = await run_sync(self._reader, _outgoing, message_id)
+        return found
 
     async def list_messages(
         self, *, limit: int = 50, cursor: str | None = None, status: str | None = None
@@ -183,12 +189,27 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     await conn.execute("PRAGMA synchronous = FULL")
     await conn.execute("PRAGMA foreign_keys = ON")
     await conn.execute("PRAGMA busy_timeout = 30000")
+    # deleted rows are overwritten, not just unlinked: keys given with messages are wiped
+    await conn.execute("PRAGMA secure_delete = ON")
     return conn
 
 
 def _body(db: sqlite3.Connection, message_id: str) -> bytes | None:
     rows = db.execute("SELECT data FROM bodies WHERE message_id = ?", (message_id,)).fetchall()
     return bytes(rows[0][0]) if rows else None
+
+
+def _outgoing(db: sqlite3.Connection, message_id: str) -> Outgoing | None:
+    rows = db.execute(
+        "SELECT b.data, m.sign_domains, k.domain, k.selector, k.private_key FROM messages m"
+        " JOIN bodies b ON b.message_id = m.id LEFT JOIN message_dkim k ON k.message_id = m.id"
+        " WHERE m.id = ?", (message_id,)).fetchall()
+    if not rows:
+        return None
+    data, domains, k_domain, k_selector, k_private = rows[0]
+    given = (GivenDkimKey(domain=k_domain, selector=k_selector, private_key=k_private)
+             if k_domain is not None else None)
+    return Outgoing(body=bytes(data), sign_domains=tuple(json.loads(domains)), dkim=given)
 
 
 def _enqueue_many(db: sqlite3.Connection, messages: Sequence[NewMessage]) -> list[SubmitResult]:

@@ -1,0 +1,49 @@
+"""What the `relay` subcommands share: parsers that take --config, the store, tables."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .config import Config
+from .store import SQLiteStore
+
+
+class Subparsers:
+    """add_subparsers() whose every parser also takes --config."""
+
+    def __init__(self, action: Any, common: argparse.ArgumentParser) -> None:
+        self._action, self._common = action, common
+
+    def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._action.add_parser(
+            name, parents=[self._common], **kw)
+        return parser
+
+
+def with_store(config: Config, fn: Callable[[SQLiteStore], Awaitable[Any]]) -> Any:
+    async def go() -> Any:
+        store = SQLiteStore(config.db_path)
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def iso(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(
+        timespec="seconds").replace("+00:00", "Z")
+
+
+def table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -1,0 +1,142 @@
+"""The last changes to a message's bytes before delivery: make it 7-bit clean for any peer,
+then DKIM-sign it (always last) with the right domain's keys."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import dkim, rawmail, transcode
+from .config import DkimConfig
+from .keys import may_send_as
+from .store import Outgoing, SQLiteStore
+from .types import GivenDkimKey
+
+log = logging.getLogger(__name__)
+
+KEYRING_REFRESH = 30.0  # seconds between re-reads of the domains' keys from the store
+GIVEN_CACHE = 256  # parsed keys given with messages, kept by the hash of their text
+
+
+@dataclass(frozen=True)
+class Rendered:
+    data: bytes
+    smtputf8: bool  # its header needs an SMTPUTF8 transport (RFC 6532)
+    signed: str  # for the attempt log: which keys signed it, or why none did
+
+
+class KeyRing:
+    """Every domain's active keys, parsed once and kept in memory; re-read now and then, so
+    that `relay domains add` and `rotate --activate` reach a running relay."""
+
+    def __init__(self, store: SQLiteStore, *, refresh: float = KEYRING_REFRESH,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._refresh = refresh
+        self._clock = clock
+        self._loaded_at: float | None = None
+        self._by_domain: dict[str, list[dkim.SigningKey]] = {}
+        self._parsed: dict[tuple[str, float], dkim.SigningKey] = {}
+
+    async def fresh(self) -> None:
+        if self._loaded_at is not None and self._clock() - self._loaded_at < self._refresh:
+            return
+        self._loaded_at = self._clock()
+        by_domain: dict[str, list[dkim.SigningKey]] = {}
+        parsed = {}
+        for info in await self._store.signing_keys():
+            cache_key = (info.path, info.created_at)
+            key = self._parsed.get(cache_key)
+            if key is None:
+                try:
+                    key = dkim.SigningKey(info.domain, info.selector,
+                                          dkim.load_private_key(Path(info.path).read_bytes()))
+                except (OSError, dkim.KeyError_) as exc:
+                    log.error("DKIM key %s of %s is unusable: %s", info.selector, info.domain,
+                              exc)
+                    continue
+            parsed[cache_key] = key
+            by_domain.setdefault(info.domain, []).append(key)
+        self._by_domain, self._parsed = by_domain, parsed
+
+    def keys_for(self, domain: str) -> list[dkim.SigningKey]:
+        return self._by_domain.get(domain, [])
+
+
+class Renderer:
+    def __init__(self, config: DkimConfig, keyring: KeyRing) -> None:
+        self._config = config
+        self._keyring = keyring
+        self._given: dict[bytes, dkim.SigningKey] = {}
+
+    async def fresh(self) -> None:
+        await self._keyring.fresh()
+
+    def render(self, message: Outgoing, *, smtputf8: bool = False) -> Rendered:
+        data = transcode.seven_bit(message.body)
+        needs_utf8 = smtputf8 or transcode.needs_smtputf8(data)
+        keys, note = self._choose(message, data)
+        if keys:
+            data = dkim.sign(data, keys)
+        return Rendered(data=data, smtputf8=needs_utf8, signed=note)
+
+    def _choose(self, message: Outgoing, data: bytes) -> tuple[list[dkim.SigningKey], str]:
+        """The keys that sign and a line saying so. A key signs only for domains the sender
+        may use; the default domain is the operator's own and signs for anyone."""
+        if not self._config.enabled:
+            return [], "unsigned: [dkim] enabled = false"
+        allowed = message.sign_domains
+        refused = ""
+        given = message.dkim
+        if given is not None:
+            if may_send_as(allowed, given.domain):
+                key = self._given_key(given)
+                return [key], f"signed: {key.describe()} (the key given with the message)"
+            refused = f"; the key given for {given.domain} was refused (not a sender domain)"
+        headers, _ = rawmail.split(data)
+        domains = rawmail.address_domains(rawmail.first_value(headers, "From") or "")
+        from_domain = _a_label(domains[0]) if domains else ""
+        for candidate in _self_and_parents(from_domain):
+            keys = self._keyring.keys_for(candidate)
+            if keys and may_send_as(allowed, candidate):
+                return keys, "signed: " + ", ".join(k.describe() for k in keys) + refused
+        default = self._config.default_domain
+        keys = self._keyring.keys_for(default) if default else []
+        if keys:
+            return keys, ("signed: " + ", ".join(k.describe() for k in keys)
+                          + f" (the default domain; {from_domain or 'the From domain'} has no "
+                          f"key){refused}")
+        why = (f"the default domain {default} has no key either" if default
+               else "no [dkim] default_domain is set")
+        return [], f"unsigned: no DKIM key for {from_domain or 'the From domain'} and {why}" \
+                   + refused
+
+    def _given_key(self, given: GivenDkimKey) -> dkim.SigningKey:
+        digest = hashlib.sha256(
+            f"{given.domain}\0{given.selector}\0{given.private_key}".encode()).digest()
+        key = self._given.get(digest)
+        if key is None:
+            if len(self._given) >= GIVEN_CACHE:
+                self._given.clear()
+            key = dkim.SigningKey(given.domain, given.selector,
+                                  dkim.load_private_key(given.private_key))
+            self._given[digest] = key
+        return key
+
+
+def _a_label(domain: str) -> str:
+    domain = domain.strip().rstrip(".").lower()
+    try:
+        return domain if domain.isascii() else domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
+
+
+def _self_and_parents(domain: str) -> list[str]:
+    """news.example.com, example.com: a parent's key is aligned too (relaxed DMARC)."""
+    labels = domain.split(".")
+    return [".".join(labels[i:]) for i in range(len(labels) - 1)] if domain else []

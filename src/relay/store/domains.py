@@ -1,0 +1,84 @@
+"""Sending domains and their DKIM keys in the SQLite store (the private halves stay in files)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import aiosqlite
+
+from ..types import DkimKeyInfo, Domain
+from .groupcommit import run_sync
+
+_KEY_COLUMNS = ("domain, selector, algorithm, public_key, path, state, created_at, activated_at,"
+                " retire_after")
+
+
+class DomainQueries:
+    """Mixed into SQLiteStore."""
+
+    _write: Callable[[Any], Any]
+    _reader: aiosqlite.Connection
+
+    async def save_domain(self, domain: Domain, *, replace: bool = False) -> None:
+        """Insert the domain with its keys; with `replace`, its old keys are dropped first.
+        Raises ValueError when it exists and `replace` is false."""
+        def op(db: sqlite3.Connection) -> None:
+            exists = db.execute("SELECT 1 FROM domains WHERE name = ?", (domain.name,)).fetchall()
+            if exists and not replace:
+                raise ValueError(f"{domain.name} exists")
+            db.execute("DELETE FROM dkim_keys WHERE domain = ?", (domain.name,))
+            db.execute("INSERT INTO domains (name, created_at, return_path) VALUES (?, ?, ?)"
+                       " ON CONFLICT (name) DO UPDATE SET return_path = excluded.return_path",
+                       (domain.name, domain.created_at, domain.return_path))
+            db.executemany(
+                f"INSERT INTO dkim_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(k.domain, k.selector, k.algorithm, k.public_key, k.path, k.state,
+                  k.created_at, k.activated_at, k.retire_after) for k in domain.keys])
+
+        await self._write(op)
+
+    async def get_domain(self, name: str) -> Domain | None:
+        found: list[Domain] = await run_sync(self._reader, _domains, name)
+        return found[0] if found else None
+
+    async def list_domains(self) -> list[Domain]:
+        found: list[Domain] = await run_sync(self._reader, _domains, None)
+        return found
+
+    async def remove_domain(self, name: str) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute("DELETE FROM domains WHERE name = ?", (name,)).rowcount == 1
+
+        removed: bool = await self._write(op)
+        return removed
+
+    async def signing_keys(self) -> list[DkimKeyInfo]:
+        """Every active key of every domain."""
+        def op(db: sqlite3.Connection) -> list[DkimKeyInfo]:
+            return [_key_row(r) for r in db.execute(
+                f"SELECT {_KEY_COLUMNS} FROM dkim_keys WHERE state = 'active'"
+                " ORDER BY domain, algorithm DESC")]
+
+        keys: list[DkimKeyInfo] = await run_sync(self._reader, op)
+        return keys
+
+
+def _domains(db: sqlite3.Connection, name: str | None) -> list[Domain]:
+    where, args = ("WHERE name = ?", (name,)) if name is not None else ("", ())
+    domains = db.execute(
+        f"SELECT name, created_at, return_path FROM domains {where} ORDER BY name", args
+    ).fetchall()
+    keys: dict[str, list[DkimKeyInfo]] = {}
+    key_where = "WHERE domain = ?" if name is not None else ""
+    for r in db.execute(f"SELECT {_KEY_COLUMNS} FROM dkim_keys {key_where}"
+                        " ORDER BY created_at, algorithm DESC", args):
+        keys.setdefault(r[0], []).append(_key_row(r))
+    return [Domain(name=d[0], created_at=d[1], return_path=d[2], keys=tuple(keys.get(d[0], ())))
+            for d in domains]
+
+
+def _key_row(r: sqlite3.Row | tuple[Any, ...]) -> DkimKeyInfo:
+    return DkimKeyInfo(domain=r[0], selector=r[1], algorithm=r[2], public_key=r[3], path=r[4],
+                       state=r[5], created_at=r[6], activated_at=r[7], retire_after=r[8])
