@@ -18,6 +18,9 @@ Prints each side's rate and the ratio relay/Postfix.
 
 Usage: python bench/deliver.py [--messages 5000] [--sessions 20] [--size 5120]
                                [--only relay|postfix] [--reuse] [--timeout 300]
+                               [--dkim off|on|compare]
+  --dkim compare: relay with DKIM off, then on (an RSA-2048 and an Ed25519 signature on
+  every message), same load, and the ratio on/off.
 Needs Debian's postfix package (smtp-source, smtp-sink, postfix); installed if missing.
 """
 
@@ -89,14 +92,21 @@ class Sink:
         self.proc.wait(10)
 
 
-def start_relay(tmp: Path, sink_port: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_relay(tmp: Path, sink_port: int, dkim: bool = False
+                ) -> tuple[subprocess.Popen[bytes], int]:
+    """relay on its defaults; with `dkim`, example.com (smtp-source's From domain) has keys
+    (RSA-2048 and Ed25519: two signatures a message), else signing is off."""
     port = free_port()
     conf = tmp / "relay.toml"
     conf.write_text(
         f"[server]\nhostname = 'relay.bench'\ndata_dir = '{tmp / 'relay-data'}'\n"
         f"[[smtp.listeners]]\nport = {port}\nmode = 'relay'\ntls = 'none'\n"
         f"allowed_networks = ['127.0.0.0/8']\n"
-        f"[delivery]\nsmarthost = '127.0.0.1:{sink_port}'\nsmarthost_tls = 'none'\n")
+        f"[delivery]\nsmarthost = '127.0.0.1:{sink_port}'\nsmarthost_tls = 'none'\n"
+        f"[dkim]\nenabled = {'true' if dkim else 'false'}\n")
+    if dkim:
+        subprocess.run([sys.executable, "-m", "relay.cli", "--config", str(conf), "domains",
+                        "add", "example.com"], check=True, stdout=subprocess.DEVNULL)
     proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "--config", str(conf), "serve"],
                             env={**os.environ, "RELAY_LOG_LEVEL": "WARNING"},
                             stdout=subprocess.DEVNULL)
@@ -179,18 +189,23 @@ def main() -> None:
     ap.add_argument("--only", choices=("relay", "postfix"))
     ap.add_argument("--reuse", action="store_true", help="many messages per connection (-d)")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--dkim", choices=("off", "on", "compare"), default="off",
+                    help="relay's signing: off, on (RSA + Ed25519), or compare: relay with "
+                         "DKIM off, then on, and the ratio on/off (no Postfix)")
     args = ap.parse_args()
     ensure_postfix()
     rates: dict[str, float] = {}
-    for side in ("relay", "postfix"):
+    sides = ["relay-nodkim", "relay-dkim"] if args.dkim == "compare" else ["relay", "postfix"]
+    for side in sides:
         if args.only and side != args.only:
             continue
         with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as t:
             tmp = Path(t)
             sink = Sink()
             try:
-                if side == "relay":
-                    proc, port = start_relay(tmp, sink.port)
+                if side.startswith("relay"):
+                    signing = side == "relay-dkim" or (side == "relay" and args.dkim == "on")
+                    proc, port = start_relay(tmp, sink.port, dkim=signing)
                     try:
                         took, got = run(port, sink, args)
                         if got < args.messages:
@@ -207,11 +222,13 @@ def main() -> None:
             finally:
                 sink.stop()
         rates[side] = got / took
-        print(f"{side:8s} {got} of {args.messages} messages of {args.size} B over "
+        print(f"{side:12s} {got} of {args.messages} messages of {args.size} B over "
               f"{args.sessions} sessions, source to sink, in {took:.2f} s = "
               f"{rates[side]:.0f} msg/s", flush=True)
-    if len(rates) == 2:
+    if "relay" in rates and "postfix" in rates:
         print(f"ratio relay/Postfix = {rates['relay'] / rates['postfix']:.2f}")
+    if len(rates) == 2 and args.dkim == "compare":
+        print(f"ratio DKIM on/off = {rates['relay-dkim'] / rates['relay-nodkim']:.2f}")
 
 
 if __name__ == "__main__":

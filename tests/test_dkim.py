@@ -325,6 +325,16 @@ def test_relaxed_body_matches_dkimpy() -> None:
         assert dkim.relaxed_body(body) == policy.canonicalize_body(body), body
 
 
+def test_relaxed_header_matches_dkimpy() -> None:
+    policy = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    rnd = random.Random(8)
+    pieces = [b" ", b"\t", b"\r\n ", b"\r\n\t", b"a", b"B", b"  ", b":"]
+    for _ in range(20000):
+        value = b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 12))) + b"\r\n"
+        ((name, canonical),) = policy.canonicalize_headers([(b"Sub ject ", value)])
+        assert dkim.relaxed_header(b"Sub ject ", value) + b"\r\n" == name + b":" + canonical
+
+
 def test_oversigning_lists_each_header_once_more_than_it_occurs_and_never_l() -> None:
     key = dkim.SigningKey("example.test", "s", ed25519.Ed25519PrivateKey.generate())
     data = (b"From: a@example.test\r\nTo: b@x.test\r\nTo: c@x.test\r\nSubject: s\r\n"

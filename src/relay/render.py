@@ -3,10 +3,12 @@ then DKIM-sign it (always last) with the right domain's keys."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from .types import GivenDkimKey
 log = logging.getLogger(__name__)
 
 KEYRING_REFRESH = 30.0  # seconds between re-reads of the domains' keys from the store
+RENDER_THREADS = 2
 GIVEN_CACHE = 256  # parsed keys given with messages, kept by the hash of their text
 
 
@@ -68,13 +71,33 @@ class KeyRing:
 
 
 class Renderer:
-    def __init__(self, config: DkimConfig, keyring: KeyRing) -> None:
+    def __init__(self, config: DkimConfig, keyring: KeyRing, *, threads: int = RENDER_THREADS
+                 ) -> None:
         self._config = config
         self._keyring = keyring
         self._given: dict[bytes, dkim.SigningKey] = {}
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="render")
 
-    async def fresh(self) -> None:
+    async def render_all(self, messages: Sequence[tuple[Outgoing, bool]]
+                         ) -> list[Rendered | Exception]:
+        """Each (message, smtputf8) rendered, off the event loop: the RSA signature (most of
+        the cost) runs without the GIL, beside the loop. A failure is returned, not raised."""
         await self._keyring.fresh()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._render_each, messages)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _render_each(self, messages: Sequence[tuple[Outgoing, bool]]
+                     ) -> list[Rendered | Exception]:
+        out: list[Rendered | Exception] = []
+        for message, smtputf8 in messages:
+            try:
+                out.append(self.render(message, smtputf8=smtputf8))
+            except Exception as exc:  # noqa: BLE001 - the caller parks that one message
+                out.append(exc)
+        return out
 
     def render(self, message: Outgoing, *, smtputf8: bool = False) -> Rendered:
         data = transcode.seven_bit(message.body)

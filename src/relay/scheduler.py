@@ -86,6 +86,7 @@ class Scheduler:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self._deliverer.close()
+        self._renderer.close()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -206,22 +207,20 @@ class Scheduler:
         by_message: dict[str, list[DueRecipient]] = defaultdict(list)
         for r in job.recipients:
             by_message[r.message_id].append(r)
-        await self._renderer.fresh()
-        for message_id, recipients in by_message.items():
-            outgoing = await self._store.get_outgoing(message_id)
-            if outgoing is None:  # deleted under us; its lease lapses and nothing is lost
-                log.warning("message %s has no body; skipped", message_id)
-                continue
+        found = await self._store.get_outgoing_many(list(by_message))
+        todo = [(found[m], recipients[0].smtputf8, recipients)
+                for m, recipients in by_message.items() if m in found]
+        # a message missing here was deleted under us; its lease lapses and nothing is lost
+        rendered_all = await self._renderer.render_all([(o, utf8) for o, utf8, _ in todo])
+        for (_, _, recipients), rendered in zip(todo, rendered_all, strict=True):
             first = recipients[0]
-            try:
-                rendered = self._renderer.render(outgoing, smtputf8=first.smtputf8)
-            except Exception as exc:  # park this message, deliver the others
-                log.exception("rendering %s failed", message_id)
-                record([self._outcome_failed(r, exc) for r in recipients])
+            if isinstance(rendered, Exception):  # park this message, deliver the others
+                log.error("rendering %s failed", first.message_id, exc_info=rendered)
+                record([self._outcome_failed(r, rendered) for r in recipients])
                 continue
-            signed[message_id] = rendered.signed
+            signed[first.message_id] = rendered.signed
             messages.append(OutMessage(
-                id=message_id, mail_from=first.mail_from, data=rendered.data,
+                id=first.message_id, mail_from=first.mail_from, data=rendered.data,
                 smtputf8=rendered.smtputf8, dsn_ret=first.dsn_ret, dsn_envid=first.dsn_envid,
                 recipients=tuple(OutRecipient(id=r.id, address=r.address, notify=r.notify,
                                               orcpt=r.orcpt) for r in recipients)))

@@ -99,7 +99,12 @@ class SQLiteStore(DeliveryQueries, DomainQueries):
         return body
 
     async def get_outgoing(self, message_id: str) -> Outgoing | None:
-        found: Outgoing | None = await run_sync(self._reader, _outgoing, message_id)
+        found = await self.get_outgoing_many([message_id])
+        return found.get(message_id)
+
+    async def get_outgoing_many(self, message_ids: list[str]) -> dict[str, Outgoing]:
+        """What render needs of each message, in one read; deleted ones are left out."""
+        found: dict[str, Outgoing] = await run_sync(self._reader, _outgoing, message_ids)
         return found
 
     async def list_messages(
@@ -199,17 +204,20 @@ def _body(db: sqlite3.Connection, message_id: str) -> bytes | None:
     return bytes(rows[0][0]) if rows else None
 
 
-def _outgoing(db: sqlite3.Connection, message_id: str) -> Outgoing | None:
-    rows = db.execute(
-        "SELECT b.data, m.sign_domains, k.domain, k.selector, k.private_key FROM messages m"
-        " JOIN bodies b ON b.message_id = m.id LEFT JOIN message_dkim k ON k.message_id = m.id"
-        " WHERE m.id = ?", (message_id,)).fetchall()
-    if not rows:
-        return None
-    data, domains, k_domain, k_selector, k_private = rows[0]
-    given = (GivenDkimKey(domain=k_domain, selector=k_selector, private_key=k_private)
-             if k_domain is not None else None)
-    return Outgoing(body=bytes(data), sign_domains=tuple(json.loads(domains)), dkim=given)
+def _outgoing(db: sqlite3.Connection, message_ids: list[str]) -> dict[str, Outgoing]:
+    out = {}
+    for i in range(0, len(message_ids), 500):
+        ids = message_ids[i:i + 500]
+        for m_id, data, domains, k_domain, k_selector, k_private in db.execute(
+                "SELECT m.id, b.data, m.sign_domains, k.domain, k.selector, k.private_key"
+                " FROM messages m JOIN bodies b ON b.message_id = m.id"
+                " LEFT JOIN message_dkim k ON k.message_id = m.id"
+                f" WHERE m.id IN ({','.join('?' * len(ids))})", ids):
+            given = (GivenDkimKey(domain=k_domain, selector=k_selector, private_key=k_private)
+                     if k_domain is not None else None)
+            out[m_id] = Outgoing(body=bytes(data), sign_domains=tuple(json.loads(domains)),
+                                 dkim=given)
+    return out
 
 
 def _enqueue_many(db: sqlite3.Connection, messages: Sequence[NewMessage]) -> list[SubmitResult]:
