@@ -180,6 +180,16 @@ def report_stuck(db_path: Path) -> None:
               f" {reply}; lease ends in {lease} s", flush=True)
 
 
+def report_signing(db_path: Path) -> None:
+    """How many attempts were DKIM-signed, and how (the attempt log's line)."""
+    import sqlite3
+
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute("SELECT signed, count(*) FROM attempts GROUP BY signed").fetchall()
+    for signed, count in rows:
+        print(f"  {count} attempt(s): {signed}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +220,7 @@ def main() -> None:
                         took, got = run(port, sink, args)
                         if got < args.messages:
                             report_stuck(tmp / "relay-data" / "relay.sqlite")
+                        report_signing(tmp / "relay-data" / "relay.sqlite")
                     finally:
                         proc.terminate()
                         proc.wait(120)

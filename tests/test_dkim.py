@@ -3,6 +3,7 @@ mail relayed to a real SMTP sink and verified there with dkimpy's verifier."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import email
@@ -25,8 +26,10 @@ from relay import dkim, keys, transcode
 from relay.config import Config, DeliveryConfig, DkimConfig, DnsConfig, ListenerConfig
 from relay.domains import split_txt
 from relay.errors import ValidationError
+from relay.render import KeyRing, Rendered, Renderer
 from relay.service import Service
-from relay.types import EnvelopeRecipient, GivenDkimKey, Submission
+from relay.store import Outgoing
+from relay.types import DkimKeyInfo, EnvelopeRecipient, GivenDkimKey, Submission
 
 from .conftest import make_config, run_relay
 from .dnsserver import DNSServer
@@ -417,3 +420,31 @@ def test_attempt_log_shows_signing_in_queue_show_json(tmp_path: Path) -> None:
                                          signed="signed: rsa-sha256 d=a.test s=r"),))
     assert json.loads(json.dumps(message_json(detail, full=True)))["attempts"][0]["dkim"] == (
         "signed: rsa-sha256 d=a.test s=r")
+
+
+async def test_keyring_callers_wait_for_the_first_load_and_keys_are_limited_to_the_sender(
+        tmp_path: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    path = tmp_path / "k.pem"
+    path.write_bytes(dkim.private_pem(key))
+
+    class SlowStore:
+        async def signing_keys(self) -> list[DkimKeyInfo]:
+            await asyncio.sleep(0.05)
+            return [DkimKeyInfo(domain="example.test", selector="e1", algorithm="ed25519-sha256",
+                                public_key="", path=str(path), state="active", created_at=1.0)]
+
+    ring = KeyRing(SlowStore())  # type: ignore[arg-type]
+    renderer = Renderer(DkimConfig(), ring)
+    data = b"From: a@example.test\r\nTo: b@x.test\r\n\r\nhi\r\n"
+    try:
+        # concurrent jobs at start-up: none may sign with an empty ring
+        results = await asyncio.gather(*(renderer.render_all(
+            [(Outgoing(body=data, sign_domains=(), dkim=None), False)]) for _ in range(5)))
+        assert all(r[0].signed.startswith("signed: ed25519-sha256 d=example.test s=e1")
+                   for r in results), results
+        (limited,) = await renderer.render_all(
+            [(Outgoing(body=data, sign_domains=("other.test",), dkim=None), False)])
+        assert isinstance(limited, Rendered) and limited.signed.startswith("unsigned: ")
+    finally:
+        renderer.close()

@@ -44,11 +44,21 @@ class KeyRing:
         self._loaded_at: float | None = None
         self._by_domain: dict[str, list[dkim.SigningKey]] = {}
         self._parsed: dict[tuple[str, float], dkim.SigningKey] = {}
+        self._lock = asyncio.Lock()
+
+    def _stale(self) -> bool:
+        return self._loaded_at is None or self._clock() - self._loaded_at >= self._refresh
 
     async def fresh(self) -> None:
-        if self._loaded_at is not None and self._clock() - self._loaded_at < self._refresh:
+        """Loaded, and re-read when stale; callers meanwhile wait (none signs with nothing)."""
+        if not self._stale():
             return
-        self._loaded_at = self._clock()
+        async with self._lock:
+            if self._stale():
+                await self._load()
+                self._loaded_at = self._clock()
+
+    async def _load(self) -> None:
         by_domain: dict[str, list[dkim.SigningKey]] = {}
         parsed = {}
         for info in await self._store.signing_keys():
