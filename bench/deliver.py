@@ -180,6 +180,24 @@ def report_stuck(db_path: Path) -> None:
               f" {reply}; lease ends in {lease} s", flush=True)
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def report_cpu(pid: int, messages: int) -> None:
+    """CPU time per message of relay's main process and of its delivery worker (Linux)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        parts = {"main (accept)": _cpu_seconds(pid)}
+        parts.update({f"worker {c}": _cpu_seconds(int(c)) for c in children})
+    except OSError:
+        return
+    print("  relay CPU per message: " + ", ".join(
+        f"{name} {1000 * cpu / max(1, messages):.2f} ms" for name, cpu in parts.items()),
+        flush=True)
+
+
 def report_signing(db_path: Path) -> None:
     """How many attempts were DKIM-signed, and how (the attempt log's line)."""
     import sqlite3
@@ -221,6 +239,7 @@ def main() -> None:
                         if got < args.messages:
                             report_stuck(tmp / "relay-data" / "relay.sqlite")
                         report_signing(tmp / "relay-data" / "relay.sqlite")
+                        report_cpu(proc.pid, got)
                     finally:
                         proc.terminate()
                         proc.wait(120)
