@@ -35,7 +35,7 @@ from .conftest import make_config, run_relay
 from .dnsserver import DNSServer
 from .sink import Sink
 from .smtputil import connect, in_thread
-from .test_delivery import FAST, wait_final
+from .test_delivery import FAST, route, wait_final
 from .test_domains import printed_records, publish
 
 YEAR = time.gmtime().tm_year
@@ -124,8 +124,7 @@ async def test_both_signatures_verify_against_the_printed_records(tmp_path: Path
     async with Sink(smtputf8=True) as sink:
         config = dkim_config(tmp_path, dns, sink.port)
         publish(dns, printed_records(await in_thread(add_domain, config, "example.test")))
-        dns.add("dest.test", "MX", "10 mx.dest.test.")
-        dns.add("mx.dest.test", "A", "127.0.0.1")
+        route(dns, "dest.test", (10, "mx.dest.test", "127.0.0.1"))
         svc, key = await start(config)
         try:
             for name, data in MESSAGES.items():
@@ -150,8 +149,7 @@ async def test_8bit_body_and_1200_octet_line_arrive_7bit_clean_and_verify(
     async with Sink() as sink:
         config = dkim_config(tmp_path, dns, sink.port)
         publish(dns, printed_records(await in_thread(add_domain, config, "example.test")))
-        dns.add("dest.test", "MX", "10 127.0.0.1.")
-        dns.add("127.0.0.1", "A", "127.0.0.1")
+        route(dns, "dest.test", (10, "mx.dest.test", "127.0.0.1"))
         svc, key = await start(config)
         long_line = ("z" * 600 + "\u00e9" * 300).encode()  # 1,200 octets
         body = "Hallo W\u00f6rld\r\n".encode() + long_line + b"\r\nlast line\r\n"
@@ -177,8 +175,7 @@ async def test_8bit_body_and_1200_octet_line_arrive_7bit_clean_and_verify(
 async def test_domain_without_keys_goes_unsigned_or_with_the_default_domain(
         tmp_path: Path, dns: DNSServer) -> None:
     async with Sink() as sink:
-        dns.add("dest.test", "MX", "10 mx.dest.test.")
-        dns.add("mx.dest.test", "A", "127.0.0.1")
+        route(dns, "dest.test", (10, "mx.dest.test", "127.0.0.1"))
         data = b"From: x@nokeys.test\r\nTo: bob@dest.test\r\nSubject: s\r\n\r\nhi\r\n"
         config = dkim_config(tmp_path / "a", dns, sink.port)
         svc, key = await start(config)
@@ -211,8 +208,7 @@ async def test_domain_without_keys_goes_unsigned_or_with_the_default_domain(
 async def test_subdomain_from_is_signed_by_the_parent_domain_and_dkim_can_be_off(
         tmp_path: Path, dns: DNSServer) -> None:
     async with Sink() as sink:
-        dns.add("dest.test", "MX", "10 mx.dest.test.")
-        dns.add("mx.dest.test", "A", "127.0.0.1")
+        route(dns, "dest.test", (10, "mx.dest.test", "127.0.0.1"))
         config = dkim_config(tmp_path, dns, sink.port)
         publish(dns, printed_records(await in_thread(add_domain, config, "example.test")))
         svc, key = await start(config)
@@ -244,8 +240,7 @@ def ed25519_seed() -> tuple[str, str]:
 async def test_key_given_with_the_message_signs_and_is_wiped_when_final(
         tmp_path: Path, dns: DNSServer) -> None:
     async with Sink() as sink:
-        dns.add("dest.test", "MX", "10 mx.dest.test.")
-        dns.add("mx.dest.test", "A", "127.0.0.1")
+        route(dns, "dest.test", (10, "mx.dest.test", "127.0.0.1"))
         rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         pem = dkim.private_pem(rsa_key).decode()
         dns.add("given._domainkey.client.test", "TXT",
@@ -303,8 +298,7 @@ async def test_key_given_with_the_message_signs_and_is_wiped_when_final(
 async def test_utf8_header_to_a_peer_without_smtputf8_bounces_with_5_6_7(
         tmp_path: Path, dns: DNSServer) -> None:
     async with Sink(smtputf8=False) as sink:
-        dns.add("dest.test", "MX", "10 mx.dest.test.")
-        dns.add("mx.dest.test", "A", "127.0.0.1")
+        route(dns, "dest.test", (10, "mx.dest.test", "127.0.0.1"))
         svc, key = await start(dkim_config(tmp_path, dns, sink.port))
         try:
             data = "From: alice@example.test\r\nSubject: Gr\u00fc\u00dfe\r\n\r\nhi\r\n".encode()
