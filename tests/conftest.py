@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from relay.config import (
+    ApiConfig,
     Config,
     DeliveryConfig,
     ListenerConfig,
@@ -38,6 +39,7 @@ def make_config(tmp_path: Path, *listeners: ListenerConfig, **sections: Any) -> 
     if not listeners:
         listeners = (ListenerConfig(port=free_port()),)
     sections.setdefault("delivery", DeliveryConfig(paused=True))
+    sections.setdefault("api", ApiConfig(port=0))
     return Config(
         server=ServerConfig(hostname="relay.test", data_dir=tmp_path / "data"),
         smtp=SmtpConfig(listeners=listeners),

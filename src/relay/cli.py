@@ -21,11 +21,12 @@ from typing import Any
 
 from . import cli_domains, keys
 from . import config as config_mod
+from .api.views import message_json
 from .cliutil import Subparsers, iso, table, with_store
 from .config import Config
 from .errors import ConfigError, StoreError, ValidationError
 from .service import run
-from .store import MessageDetail, SQLiteStore
+from .store import SQLiteStore
 from .tlsutil import ensure_self_signed
 from .types import SCOPES
 
@@ -265,28 +266,6 @@ def cmd_keys_revoke(args: argparse.Namespace, config: Config) -> int:
 
 
 # -- queue -------------------------------------------------------------------------------
-
-
-def message_json(d: MessageDetail, *, full: bool = False) -> dict[str, Any]:
-    m = d.message
-    out: dict[str, Any] = {
-        "id": m.id, "createdAt": iso(m.created_at), "status": m.status, "from": m.mail_from,
-        "headerFrom": m.header_from, "subject": m.subject, "size": m.size, "source": m.source,
-        "stream": m.stream.value, "tags": list(m.tags), "metadata": m.metadata,
-        "recipients": [{"email": r.address, "status": r.status.value, "attempts": r.attempts,
-                        "nextAttemptAt": iso(r.next_attempt_at) if r.next_attempt_at else None,
-                        "lastReply": r.last_reply} for r in d.recipients],
-    }
-    if full:
-        out["attempts"] = [{"recipient": a.recipient_id, "at": iso(a.started_at),
-                            "mxHost": a.mx_host, "ip": a.ip, "port": a.port, "tls": a.tls_version,
-                            "code": a.code, "enhanced": a.enhanced, "reply": a.text,
-                            "outcome": a.outcome, "duration": round(a.duration, 3),
-                            "dkim": a.signed}
-                           for a in d.attempts]
-        out["events"] = [{"type": e.type, "at": iso(e.created_at), "recipient": e.recipient_id,
-                          "data": e.data} for e in d.events]
-    return out
 
 
 def cmd_queue_list(args: argparse.Namespace, config: Config) -> int:

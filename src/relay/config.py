@@ -123,6 +123,7 @@ class SmtpConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ApiConfig:
+    enabled: bool = True
     address: str = field(default="127.0.0.1", metadata=_meta(_check_address))
     port: int = field(default=8025, metadata=_meta(_check_port))
     public_url: str = "http://127.0.0.1:8025"
@@ -187,6 +188,9 @@ class DkimConfig:
 class LimitsConfig:
     max_message_size: int = field(default=26214400, metadata=_meta(_check_positive))
     max_recipients: int = field(default=1000, metadata=_meta(_check_positive))
+    # API attachments, decoded octets: one file, and all of a message's together
+    max_attachment_size: int = field(default=10485760, metadata=_meta(_check_positive))
+    max_attachments_size: int = field(default=26214400, metadata=_meta(_check_positive))
     max_received_headers: int = field(default=50, metadata=_meta(_check_positive))
     max_commands: int = field(default=10000, metadata=_meta(_check_positive))
     idle_timeout: float = field(default=300.0, metadata=_meta(_check_positive))

@@ -10,6 +10,9 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 
+from aiohttp import web
+
+from .api.app import make_app
 from .config import Config, ListenerConfig
 from .deliver import Deliverer
 from .errors import ConfigError
@@ -36,6 +39,8 @@ class Service:
     bound: list[tuple[str, int]] = field(default_factory=list)  # (address, port) per listener
     handlers: list[RelayHandler] = field(default_factory=list)
 
+    api_bound: tuple[str, int] | None = None  # (address, port) of the HTTP API
+    api_runner: web.AppRunner | None = field(init=False, default=None)
     scheduler: Scheduler | None = field(init=False, default=None)  # delivery in this process
     worker: WorkerProcess | None = field(init=False, default=None)  # or in its own
 
@@ -71,11 +76,31 @@ class Service:
                 self.bound.append(server.sockets[0].getsockname()[:2])
                 log.info("SMTP %s listener on %s:%s (tls %s)", listener.mode,
                          *self.bound[-1], listener.tls)
+            await self._start_api()
             if not self.config.delivery.paused:
                 await self._start_delivery()
         except BaseException:
             await self.stop()
             raise
+
+    async def _start_api(self) -> None:
+        api = self.config.api
+        if not api.enabled:
+            return
+        self.api_runner = web.AppRunner(make_app(self.config, self.store, self.submitter),
+                                        access_log=None, handle_signals=False)
+        await self.api_runner.setup()
+        site = web.TCPSite(self.api_runner, api.address, api.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(self.config.source, "api.port",
+                              f"cannot listen on {api.address}:{api.port}: "
+                              f"{exc.strerror or exc}") from None
+        server = site._server
+        assert server is not None and server.sockets
+        self.api_bound = server.sockets[0].getsockname()[:2]
+        log.info("HTTP API on %s:%s", *self.api_bound)
 
     async def _start_delivery(self) -> None:
         if self.config.delivery.process:
@@ -107,6 +132,9 @@ class Service:
     async def stop(self) -> None:
         for server in self.servers:
             server.close()
+        if self.api_runner is not None:
+            await self.api_runner.cleanup()
+            self.api_runner = None
         if self.scheduler is not None:
             await self.scheduler.stop()
             self.scheduler = None
@@ -149,11 +177,11 @@ def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],
 async def run(config: Config, *, on_ready: asyncio.Future[None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT."""
     service = Service(config)
-    await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a stop while starting waits
         loop.add_signal_handler(sig, stop.set)
+    await service.start()
     _sd_notify("READY=1")
     if on_ready is not None:
         on_ready.set_result(None)

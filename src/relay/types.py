@@ -113,6 +113,36 @@ class GivenDkimKey:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Mailbox:
+    email: str
+    name: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attachment:
+    filename: str
+    content: bytes  # decoded
+    content_type: str = "application/octet-stream"
+    content_id: str | None = None  # set: an inline part, referred to as cid:<content_id>
+
+
+@dataclass(frozen=True, kw_only=True)
+class Composition:
+    """A message as the JSON APIs describe it; compose.py turns it into RFC 5322 bytes."""
+
+    sender: Mailbox
+    to: tuple[Mailbox, ...] = ()
+    cc: tuple[Mailbox, ...] = ()
+    reply_to: tuple[Mailbox, ...] = ()
+    subject: str = ""
+    text: str | None = None
+    html: str | None = None
+    attachments: tuple[Attachment, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()  # checked: no reserved names, no CR or LF
+    ical: str | None = None  # a calendar invite: text/calendar alternative + invite.ics
+
+
+@dataclass(frozen=True, kw_only=True)
 class Submission:
     """What every entry point hands to `submit`: one message, its envelope and options."""
 

@@ -1,0 +1,127 @@
+"""The aiohttp application: routes, request ids, typed JSON errors, the body limit, OpenAPI."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from typing import Any
+
+from aiohttp import web
+
+from ..config import Config
+from ..store import SQLiteStore
+from ..submit import Submitter
+from .errors import ApiError
+from .native import Handler, NativeApi
+from .schemas import SendBatch, SendEmail
+
+log = logging.getLogger(__name__)
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+BODY_LIMIT = web.AppKey("body_limit", int)
+
+
+def body_limit(config: Config) -> int:
+    """Base64 is 4/3 of what it carries; the limits are stated in decoded octets."""
+    limits = config.limits
+    largest = max(limits.max_message_size, limits.max_attachments_size)
+    return largest * 4 // 3 + 1024 * 1024
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes {"error": {"type", "message", "param"?}}; never HTML or a trace."""
+    given = request.headers.get("X-Request-Id", "")
+    request["request_id"] = given if _CLIENT_ID.match(given) else "req_" + secrets.token_hex(8)
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 413:
+            return ApiError(413, "the request body is larger than this server takes "
+                            f"({request.app[BODY_LIMIT]} octets)").response()
+        message = {404: f"no route {request.method} {request.path}",
+                   405: f"{request.method} is not allowed on {request.path}"}.get(
+            exc.status, exc.reason)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return ApiError(exc.status, message, headers=headers).response()
+    except Exception:
+        log.exception("%s %s failed (request %s)", request.method, request.path,
+                      request["request_id"])
+        return ApiError(500, "an internal error; the request id names it in relay's log",
+                        type="internal_error").response()
+
+
+async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["X-Request-Id"] = request.get("request_id") or "req_" + secrets.token_hex(8)
+
+
+def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=body_limit(config))
+    app[BODY_LIMIT] = body_limit(config)
+    native = NativeApi(config, store, submitter)
+    app.add_routes(native.routes())
+    app.add_routes([web.get("/v1/openapi.json", openapi_handler)])
+    app.on_response_prepare.append(_stamp)
+    return app
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    return web.json_response(openapi())
+
+
+def openapi() -> dict[str, Any]:
+    """OpenAPI 3.1, generated from the same pydantic models the handlers validate with."""
+    defs: dict[str, Any] = {}
+
+    def schema(model: Any) -> dict[str, Any]:
+        s = model.model_json_schema(ref_template="#/components/schemas/{model}", by_alias=True)
+        defs.update(s.pop("$defs", {}))
+        defs[model.__name__] = s
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    error = {"description": "a typed error", "content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/Error"}}}}
+    id_param = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    errors_ = {str(c): error for c in (400, 401, 403, 404, 409, 413, 415, 422, 500)}
+
+    def op(summary: str, *, body: Any = None, status: str = "200",
+           params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"summary": summary, "responses": {status: ok, **errors_}}
+        if body is not None:
+            out["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": schema(body)}}}
+        if params:
+            out["parameters"] = params
+        return out
+
+    list_params = [{"name": n, "in": "query", "required": False, "schema": {"type": t}}
+                   for n, t in (("status", "string"), ("limit", "integer"),
+                                ("cursor", "string"))]
+    paths = {
+        "/v1/emails": {"post": op("Send an email", body=SendEmail, status="202"),
+                       "get": op("List emails, newest first", params=list_params)},
+        "/v1/emails/batch": {"post": op("Send up to 100 emails", body=SendBatch, status="207")},
+        "/v1/emails/{id}": {"get": op("An email: recipients, attempts, events",
+                                      params=id_param)},
+        "/v1/emails/{id}/body": {"get": op("An email's text, html and raw bytes",
+                                           params=id_param)},
+        "/v1/emails/{id}/cancel": {"post": op("Cancel a scheduled email", params=id_param)},
+    }
+    defs["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["type", "message"], "properties": {
+            "type": {"type": "string"}, "message": {"type": "string"},
+            "param": {"type": "string"}}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "relay", "version": "1"},
+        "components": {"schemas": defs,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": paths,
+    }

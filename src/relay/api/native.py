@@ -1,0 +1,286 @@
+"""The native API at /v1 (Drin's shape, seed 003): each request becomes one Submission and goes
+through `submit`, the single way into the queue that SMTP mail takes too."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import mimetypes
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pydantic
+from aiohttp import web
+
+from .. import compose, templates
+from ..config import Config
+from ..errors import StoreError, ValidationError
+from ..store import SQLiteStore
+from ..submit import Submitter, normalize_address
+from ..types import ApiKey, Attachment, Composition, EnvelopeRecipient, Mailbox, Stream, Submission
+from . import auth
+from .errors import ApiError
+from .schemas import BROADCAST_HEADERS, RESERVED_HEADERS, SendBatch, SendEmail
+from .views import message_json
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_PARAM_PART = re.compile(r"^[a-z][A-Za-z0-9_]*$")
+
+
+class NativeApi:
+    def __init__(self, config: Config, store: SQLiteStore, submitter: Submitter) -> None:
+        self._config = config
+        self._store = store
+        self._submitter = submitter
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/emails", self.send),
+            web.post("/v1/emails/batch", self.send_batch),
+            web.get("/v1/emails", self.list),
+            web.get("/v1/emails/{id}", self.get),
+            web.get("/v1/emails/{id}/body", self.body),
+            web.post("/v1/emails/{id}/cancel", self.cancel),
+        ]
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def send(self, request: web.Request) -> web.Response:
+        key = await auth.require(request, self._store, "emails:send")
+        model = parse(SendEmail, await json_body(request))
+        try:
+            sub = to_submission(model, key, self._config)
+        except ValidationError as exc:
+            raise ApiError(422, str(exc), param=exc.param) from None
+        result = await self._submit(sub)
+        return web.json_response({"id": result[0], "status": result[1]}, status=202)
+
+    async def send_batch(self, request: web.Request) -> web.Response:
+        """Always 207: each item validated and queued on its own, reported by index."""
+        key = await auth.require(request, self._store, "emails:send")
+        batch = parse(SendBatch, await json_body(request))
+        results: list[dict[str, Any]] = [{} for _ in batch.emails]
+        pending = []
+        for i, item in enumerate(batch.emails):
+            try:
+                model = parse(SendEmail, item, prefix=f"emails[{i}]")
+                pending.append((i, to_submission(model, key, self._config)))
+            except (ApiError, ValidationError) as exc:
+                results[i] = {"index": i, "error": _error_body(exc, prefix=f"emails[{i}]")}
+        done = await asyncio.gather(*(self._submit(sub) for _, sub in pending),
+                                    return_exceptions=True)
+        for (i, _), outcome in zip(pending, done, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, ApiError):
+                    raise outcome
+                results[i] = {"index": i, "error": _error_body(outcome, prefix=f"emails[{i}]")}
+            else:
+                results[i] = {"index": i, "id": outcome[0], "status": outcome[1]}
+        return web.json_response({"results": results}, status=207)
+
+    async def _submit(self, sub: Submission) -> tuple[str, str]:
+        try:
+            result = await self._submitter.submit(sub)
+        except ValidationError as exc:
+            status = 413 if exc.smtp.startswith("552") else 422
+            raise ApiError(status, str(exc), param=exc.param) from None
+        except StoreError as exc:
+            raise ApiError(503, f"the queue cannot take mail now: {exc}", type="internal_error",
+                           headers={"Retry-After": "5"}) from None
+        return result.message_id, result.status
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def list(self, request: web.Request) -> web.Response:
+        await auth.require(request, self._store, "emails:read")
+        q = request.query
+        limit = _int_param(q.get("limit"), "limit", default=50, low=1, high=100)
+        page = await self._store.list_messages(limit=limit, cursor=q.get("cursor") or None,
+                                               status=q.get("status") or None)
+        return web.json_response({"data": [message_json(d) for d in page.items],
+                                  "nextCursor": page.next_cursor})
+
+    async def get(self, request: web.Request) -> web.Response:
+        await auth.require(request, self._store, "emails:read")
+        detail = await self._store.get_message(request.match_info["id"])
+        if detail is None:
+            raise ApiError(404, f"no email {request.match_info['id']}", param="id")
+        return web.json_response(message_json(detail, full=True))
+
+    async def body(self, request: web.Request) -> web.Response:
+        await auth.require(request, self._store, "emails:read")
+        message_id = request.match_info["id"]
+        raw = await self._store.get_body(message_id)
+        if raw is None:
+            raise ApiError(404, f"no email {message_id}", param="id")
+        parsed = email.message_from_bytes(raw)
+        text = html = None
+        for part in parsed.walk():
+            if part.get_content_maintype() == "multipart" or part.get_filename():
+                continue
+            payload = part.get_payload(decode=True)
+            if not isinstance(payload, bytes):
+                continue
+            decoded = payload.decode(part.get_content_charset() or "utf-8", "replace")
+            if part.get_content_type() == "text/plain" and text is None:
+                text = decoded
+            elif part.get_content_type() == "text/html" and html is None:
+                html = decoded
+        return web.json_response({"id": message_id, "text": text, "html": html,
+                                  "raw": raw.decode("utf-8", "replace")})
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        key = await auth.require(request, self._store, "emails:send")
+        message_id = request.match_info["id"]
+        detail = await self._store.get_message(message_id)
+        if detail is None:
+            raise ApiError(404, f"no email {message_id}", param="id")
+        count = await self._store.cancel(message_id, f"api:{key.id}", time.time(),
+                                         only=("scheduled",))
+        if not count:
+            raise ApiError(409, f"{message_id} is {detail.message.status}; only a scheduled "
+                           "email can be cancelled")
+        return web.json_response({"id": message_id, "status": "cancelled"})
+
+
+# -- request → Submission ---------------------------------------------------------------------
+
+async def json_body(request: web.Request) -> bytes:
+    if request.content_type != "application/json":
+        raise ApiError(415, "send the body as JSON (Content-Type: application/json)")
+    return await request.read()
+
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+
+def parse(model: type[M], raw: bytes | dict[str, Any], *, prefix: str = "") -> M:
+    try:
+        if isinstance(raw, bytes):
+            return model.model_validate_json(raw)
+        return model.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise ApiError(400, f"the body is not valid JSON: {first['msg']}") from None
+        param = _param(first["loc"], prefix)
+        raise ApiError(422, f"{param or 'body'}: {first['msg']}", param=param or None) from None
+
+
+def _param(loc: tuple[int | str, ...], prefix: str) -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _PARAM_PART.match(part):
+            name = "from" if part == "from_" else part
+            out += f".{name}" if out else name
+    return out
+
+
+def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
+    data = m.data or {}
+    subject = templates.render(m.subject or "", data, escape=False, param="subject")
+    text = templates.render(m.text, data, escape=False, param="text") if m.text else m.text
+    html = templates.render(m.html, data, escape=True, param="html") if m.html else m.html
+    if text is None and html is None and not m.icalEvent:
+        raise ApiError(422, "an email needs text, html or an icalEvent", param="text")
+    stream = Stream(m.stream)
+    headers = []
+    for name, value in m.headers.items():
+        lower = name.lower()
+        if lower in RESERVED_HEADERS or lower.startswith("x-relay-") or (
+                stream is Stream.BROADCAST and lower in BROADCAST_HEADERS):
+            raise ApiError(422, f"the {name} header is set by relay; it cannot be given",
+                           param=f"headers.{name}")
+        headers.append((name, value))
+    sender = _mailbox(m.from_, "from")
+    to = _mailboxes(m.to, "to")
+    cc = _mailboxes(m.cc, "cc")
+    bcc = _mailboxes(m.bcc, "bcc")
+    if not (to or cc or bcc):
+        raise ApiError(422, "an email needs at least one recipient in to, cc or bcc",
+                       param="to")
+    composition = Composition(
+        sender=sender, to=to, cc=cc, reply_to=_mailboxes(m.replyTo or [], "replyTo"),
+        subject=subject, text=text, html=html, headers=tuple(headers), ical=m.icalEvent,
+        attachments=_attachments(m, config))
+    utf8 = any(not mb.email.isascii() for mb in (sender, *to, *cc, *bcc))
+    return Submission(
+        mail_from=sender.email,
+        recipients=tuple(EnvelopeRecipient(address=mb.email) for mb in (*to, *cc, *bcc)),
+        data=compose.build(composition),
+        source="api", api_key_id=key.id, allowed_domains=key.domains,
+        tags=tuple(t.name + (f":{t.value}" if t.value else "") for t in m.tags),
+        metadata=m.metadata, stream=stream, smtputf8=utf8,
+        scheduled_at=m.scheduledAt.timestamp() if m.scheduledAt else None)
+
+
+def _mailboxes(value: Any, param: str) -> tuple[Mailbox, ...]:
+    items = value if isinstance(value, list) else [value]
+    return tuple(_mailbox(v, f"{param}[{i}]") for i, v in enumerate(items))
+
+
+def _mailbox(value: Any, param: str) -> Mailbox:
+    if isinstance(value, str):
+        name, address = email.utils.parseaddr(value)
+        if not address or "@" not in address:
+            raise ApiError(422, f"{value!r} is not an email address", param=param)
+    else:
+        name, address = value.name or "", value.email
+    try:
+        address, _ = normalize_address(address, smtputf8=True, param=param)
+    except ValidationError as exc:
+        raise ApiError(422, str(exc), param=param) from None
+    return Mailbox(email=address, name=name or None)
+
+
+def _attachments(m: SendEmail, config: Config) -> tuple[Attachment, ...]:
+    limits = config.limits
+    out, total = [], 0
+    for i, a in enumerate(m.attachments):
+        try:
+            content = base64.b64decode(a.content, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(422, "content is not valid base64",
+                           param=f"attachments[{i}].content") from None
+        if len(content) > limits.max_attachment_size:
+            raise ApiError(413, f"{a.filename} is {len(content)} bytes; at most "
+                           f"{limits.max_attachment_size} a file", param=f"attachments[{i}]")
+        total += len(content)
+        if total > limits.max_attachments_size:
+            raise ApiError(413, f"the attachments are over {limits.max_attachments_size} "
+                           "bytes in all", param="attachments")
+        out.append(Attachment(filename=a.filename, content=content,
+                              content_type=a.contentType or _guess_type(a.filename),
+                              content_id=a.contentId))
+    return tuple(out)
+
+
+def _guess_type(filename: str) -> str:
+    return mimetypes.guess_type(filename)[0] or "application/octet-stream"
+
+
+def _int_param(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(422, f"{name} must be an integer", param=name) from None
+    if not low <= value <= high:
+        raise ApiError(422, f"{name} must be between {low} and {high}", param=name)
+    return value
+
+
+def _error_body(exc: ApiError | ValidationError, *, prefix: str) -> dict[str, Any]:
+    if isinstance(exc, ValidationError):
+        exc = ApiError(422, str(exc), param=exc.param)
+    body = exc.body()["error"]
+    if body.get("param") and not str(body["param"]).startswith(prefix):
+        body["param"] = f"{prefix}.{body['param']}"
+    return dict(body)

@@ -1,0 +1,83 @@
+"""Request bodies of the native API as pydantic models: the server validates with them and
+/v1/openapi.json is generated from them, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_BATCH = 100
+
+# Headers relay writes itself; `headers` may not set them (case-insensitive). On broadcast
+# mail List-Unsubscribe and List-Unsubscribe-Post are relay's too.
+RESERVED_HEADERS = frozenset({
+    "from", "to", "cc", "bcc", "subject", "message-id", "dkim-signature", "content-type",
+    "content-transfer-encoding", "mime-version", "return-path", "received",
+    "authentication-results", "reply-to", "date",
+})
+BROADCAST_HEADERS = frozenset({"list-unsubscribe", "list-unsubscribe-post"})
+
+HeaderName = Annotated[str, StringConstraints(pattern=r"^[!-9;-~]{1,76}$")]
+HeaderValue = Annotated[str, StringConstraints(pattern=r"^[^\r\n]*$", max_length=998)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class AddressObject(Strict):
+    email: Annotated[str, StringConstraints(min_length=3, max_length=320)]
+    name: Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\r\n]*$")] | None = None
+
+
+Address = Annotated[str, StringConstraints(min_length=3, max_length=600,
+                                            pattern=r"^[^\r\n]*$")] | AddressObject
+
+
+class AttachmentIn(Strict):
+    filename: Annotated[str, StringConstraints(min_length=1, max_length=255,
+                                                pattern=r"^[^\r\n/\\]*$")]
+    content: str = Field(description="the file, base64")
+    contentType: Annotated[str, StringConstraints(
+        pattern=r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+$")] | None = None
+    contentId: Annotated[str, StringConstraints(
+        min_length=1, max_length=200, pattern=r"^[^\s<>\"]+$")] | None = Field(
+        default=None, description="makes it an inline part, referred to as cid:<contentId>")
+
+
+class TagIn(Strict):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    value: Annotated[str, StringConstraints(max_length=256)] = ""
+
+
+class SendEmail(Strict):
+    from_: Address = Field(alias="from")
+    to: list[Address] | Address = Field(default_factory=list)
+    cc: list[Address] | Address = Field(default_factory=list)
+    bcc: list[Address] | Address = Field(default_factory=list)
+    replyTo: list[Address] | Address | None = None
+    subject: Annotated[str, StringConstraints(max_length=998)] | None = None
+    html: str | None = None
+    text: str | None = None
+    data: dict[str, Any] | None = Field(
+        default=None, description="values for {{var}} and {{var ?? 'fallback'}} in the "
+                                  "subject, html and text")
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
+    tags: list[TagIn] = Field(default_factory=list, max_length=50)
+    attachments: list[AttachmentIn] = Field(default_factory=list, max_length=100)
+    icalEvent: str | None = Field(default=None, description="an iCalendar invite (VCALENDAR)")
+    scheduledAt: AwareDatetime | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict,
+                                     description="stored with the message, never sent")
+    stream: Literal["transactional", "broadcast"] = "transactional"
+
+
+class SendBatch(Strict):
+    emails: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH,
+                                         description=f"1 to {MAX_BATCH} SendEmail objects")
+
+
+class Queued(BaseModel):
+    id: str
+    status: Literal["queued", "scheduled"]

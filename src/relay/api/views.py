@@ -1,0 +1,42 @@
+"""The JSON shapes of messages, shared by the API and `relay queue … --json`."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from ..store import MessageDetail
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
+def tag_objects(tags: tuple[str, ...]) -> list[dict[str, str]]:
+    """Tags are stored as "name" or "name:value" (the API's {name, value})."""
+    return [{"name": name, "value": value} for name, _, value in (t.partition(":") for t in tags)]
+
+
+def message_json(d: MessageDetail, *, full: bool = False) -> dict[str, Any]:
+    m = d.message
+    out: dict[str, Any] = {
+        "id": m.id, "createdAt": iso(m.created_at), "status": m.status, "from": m.mail_from,
+        "headerFrom": m.header_from, "subject": m.subject, "size": m.size, "source": m.source,
+        "stream": m.stream.value, "tags": tag_objects(m.tags), "metadata": m.metadata,
+        "recipients": [{"email": r.address, "status": r.status.value, "attempts": r.attempts,
+                        "nextAttemptAt": iso(r.next_attempt_at) if r.next_attempt_at else None,
+                        "lastReply": r.last_reply} for r in d.recipients],
+    }
+    if full:
+        out["attempts"] = [{"recipient": a.recipient_id, "at": iso(a.started_at),
+                            "mxHost": a.mx_host, "ip": a.ip, "port": a.port, "tls": a.tls_version,
+                            "code": a.code, "enhanced": a.enhanced, "reply": a.text,
+                            "outcome": a.outcome, "duration": round(a.duration, 3),
+                            "dkim": a.signed}
+                           for a in d.attempts]
+        out["events"] = [{"type": e.type, "at": iso(e.created_at), "recipient": e.recipient_id,
+                          "data": e.data} for e in d.events]
+    return out
