@@ -32,7 +32,7 @@ def test_defaults_serve_a_developer_on_one_machine() -> None:
         ("127.0.0.1", 2525, "submission")]
     assert (c.api.address, c.api.port) == ("127.0.0.1", 8025)
     assert c.delivery.mx_port == 25 and c.delivery.smarthost == ""
-    assert c.limits.max_message_size == 26214400 and c.limits.max_recipients == 1000
+    assert c.limits.max_message_size == 37748736 and c.limits.max_recipients == 1000
 
 
 def test_the_issue_keys_load(tmp_path: Path) -> None:

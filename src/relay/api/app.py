@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 BODY_LIMIT = web.AppKey("body_limit", int)
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 def body_limit(config: Config) -> int:
@@ -33,7 +34,7 @@ def body_limit(config: Config) -> int:
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes {"error": {"type", "message", "param"?}}; never HTML or a trace."""
     given = request.headers.get("X-Request-Id", "")
-    request["request_id"] = given if _CLIENT_ID.match(given) else "req_" + secrets.token_hex(8)
+    request[REQUEST_ID] = given if _CLIENT_ID.match(given) else "req_" + secrets.token_hex(8)
     try:
         return await handler(request)
     except ApiError as exc:
@@ -51,13 +52,13 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return ApiError(exc.status, message, headers=headers).response()
     except Exception:
         log.exception("%s %s failed (request %s)", request.method, request.path,
-                      request["request_id"])
+                      request[REQUEST_ID])
         return ApiError(500, "an internal error; the request id names it in relay's log",
                         type="internal_error").response()
 
 
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["X-Request-Id"] = request.get("request_id") or "req_" + secrets.token_hex(8)
+    response.headers["X-Request-Id"] = request.get(REQUEST_ID) or "req_" + secrets.token_hex(8)
 
 
 def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Application:

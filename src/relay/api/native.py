@@ -28,7 +28,8 @@ from .schemas import BROADCAST_HEADERS, RESERVED_HEADERS, SendBatch, SendEmail
 from .views import message_json
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_PARAM_PART = re.compile(r"^[a-z][A-Za-z0-9_]*$")
+_TYPE_TAG = re.compile(r"[\[\]]|^constrained-|^function-")  # union members pydantic names
+_MODEL_NAMES = frozenset({"AddressObject", "AttachmentIn", "TagIn", "SendEmail", "str"})
 
 
 class NativeApi:
@@ -86,8 +87,10 @@ class NativeApi:
         try:
             result = await self._submitter.submit(sub)
         except ValidationError as exc:
-            status = 413 if exc.smtp.startswith("552") else 422
-            raise ApiError(status, str(exc), param=exc.param) from None
+            if exc.smtp.startswith("552"):  # too large: what makes a JSON email large
+                raise ApiError(413, f"the built message is too large: {exc}",
+                               param="attachments") from None
+            raise ApiError(422, str(exc), param=exc.param) from None
         except StoreError as exc:
             raise ApiError(503, f"the queue cannot take mail now: {exc}", type="internal_error",
                            headers={"Retry-After": "5"}) from None
@@ -164,19 +167,22 @@ def parse(model: type[M], raw: bytes | dict[str, Any], *, prefix: str = "") -> M
             return model.model_validate_json(raw)
         return model.model_validate(raw)
     except pydantic.ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        if first["type"] == "json_invalid":
-            raise ApiError(400, f"the body is not valid JSON: {first['msg']}") from None
-        param = _param(first["loc"], prefix)
-        raise ApiError(422, f"{param or 'body'}: {first['msg']}", param=param or None) from None
+        found = exc.errors(include_url=False)
+        if found[0]["type"] == "json_invalid":
+            raise ApiError(400, f"the body is not valid JSON: {found[0]['msg']}") from None
+        # of a union's alternatives, the error that went deepest says what is wrong
+        best = max(found, key=lambda e: len(_param(e["loc"], "")))
+        param = _param(best["loc"], prefix)
+        raise ApiError(422, f"{param or 'body'}: {best['msg']}", param=param or None) from None
 
 
 def _param(loc: tuple[int | str, ...], prefix: str) -> str:
+    """pydantic's error location as a field path, e.g. to[0].name or headers.X-Campaign."""
     out = prefix
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif _PARAM_PART.match(part):
+        elif not _TYPE_TAG.search(part) and part not in _MODEL_NAMES:
             name = "from" if part == "from_" else part
             out += f".{name}" if out else name
     return out
@@ -199,9 +205,10 @@ def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
                            param=f"headers.{name}")
         headers.append((name, value))
     sender = _mailbox(m.from_, "from")
-    to = _mailboxes(m.to, "to")
-    cc = _mailboxes(m.cc, "cc")
-    bcc = _mailboxes(m.bcc, "bcc")
+    seen: set[str] = set()  # one copy of each address: to first, then cc, then bcc
+    to = _unique(_mailboxes(m.to, "to"), seen)
+    cc = _unique(_mailboxes(m.cc, "cc"), seen)
+    bcc = _unique(_mailboxes(m.bcc, "bcc"), seen)
     if not (to or cc or bcc):
         raise ApiError(422, "an email needs at least one recipient in to, cc or bcc",
                        param="to")
@@ -218,6 +225,15 @@ def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
         tags=tuple(t.name + (f":{t.value}" if t.value else "") for t in m.tags),
         metadata=m.metadata, stream=stream, smtputf8=utf8,
         scheduled_at=m.scheduledAt.timestamp() if m.scheduledAt else None)
+
+
+def _unique(boxes: tuple[Mailbox, ...], seen: set[str]) -> tuple[Mailbox, ...]:
+    out = []
+    for mb in boxes:
+        if mb.email not in seen:
+            seen.add(mb.email)
+            out.append(mb)
+    return tuple(out)
 
 
 def _mailboxes(value: Any, param: str) -> tuple[Mailbox, ...]:

@@ -1,0 +1,332 @@
+"""The native /v1 API through real HTTP on loopback, against a relay service in this loop."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import email.policy
+import io
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from relay import keys
+from relay.config import Config, DeliveryConfig, DnsConfig
+from relay.service import Service
+
+from .conftest import make_config
+from .dnsserver import DNSServer
+from .sink import Sink
+from .test_delivery import FAST, route, wait_final
+
+
+class Api:
+    """An aiohttp client bound to the service's API with a key."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str, key: str) -> None:
+        self.session, self.base, self.key = session, base, key
+
+    async def call(self, method: str, path: str, body: Any = None, *, key: str | None = "",
+                   headers: dict[str, str] | None = None, raw: bytes | None = None
+                   ) -> tuple[int, Any, aiohttp.ClientResponse]:
+        hdrs = dict(headers or {})
+        use = self.key if key == "" else key
+        if use is not None:
+            hdrs.setdefault("Authorization", f"Bearer {use}")
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                            else None)
+        if data is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        payload = io.BytesIO(data) if data is not None else None
+        async with self.session.request(method, self.base + path, data=payload,
+                                        headers=hdrs) as resp:
+            text = await resp.text()
+            try:
+                parsed = json.loads(text) if text else None
+            except ValueError:
+                parsed = text
+            return resp.status, parsed, resp
+
+
+async def open_api(svc: Service, scopes: tuple[str, ...] = ("emails:send", "emails:read"),
+                   domains: tuple[str, ...] = ()) -> tuple[aiohttp.ClientSession, str]:
+    _, secret = await keys.create_key(svc.store, name="api", scopes=scopes, domains=domains)
+    return aiohttp.ClientSession(), secret
+
+
+@pytest.fixture
+async def api(service: Service) -> AsyncIterator[Api]:
+    session, secret = await open_api(service)
+    assert service.api_bound is not None
+    host, port = service.api_bound
+    try:
+        yield Api(session, f"http://{host}:{port}", secret)
+    finally:
+        await session.close()
+
+
+SIMPLE = {"from": "Alice <alice@example.com>", "to": ["bob@example.org"], "subject": "Hi",
+          "text": "Hello Bob.", "html": "<p>Hello Bob.</p>"}
+
+
+async def test_send_get_list_and_body(api: Api) -> None:
+    status, body, resp = await api.call("POST", "/v1/emails", SIMPLE)
+    assert status == 202 and body["status"] == "queued" and body["id"].startswith("msg_")
+    assert resp.headers["X-Request-Id"].startswith("req_")
+    status, detail, _ = await api.call("GET", f"/v1/emails/{body['id']}")
+    assert status == 200
+    assert [(r["email"], r["status"]) for r in detail["recipients"]] == [
+        ("bob@example.org", "queued")]
+    assert [e["type"] for e in detail["events"]] == ["email.queued"]
+    assert detail["subject"] == "Hi" and detail["source"] == "api"
+    status, page, _ = await api.call("GET", "/v1/emails?limit=1")
+    assert status == 200 and [m["id"] for m in page["data"]] == [body["id"]]
+    assert page["nextCursor"] in (None, body["id"])
+    status, content, _ = await api.call("GET", f"/v1/emails/{body['id']}/body")
+    assert status == 200 and content["text"].strip() == "Hello Bob."
+    assert content["html"].strip() == "<p>Hello Bob.</p>"
+    assert "Message-ID: <" in content["raw"]
+
+
+async def test_list_pages_with_next_cursor(api: Api) -> None:
+    ids = []
+    for i in range(5):
+        _, body, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "subject": f"n{i}"})
+        ids.append(body["id"])
+    seen, cursor = [], None
+    while True:
+        q = "/v1/emails?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        status, page, _ = await api.call("GET", q)
+        assert status == 200
+        seen += [m["id"] for m in page["data"]]
+        cursor = page["nextCursor"]
+        if not cursor:
+            break
+    assert seen == list(reversed(ids))
+
+
+async def test_keys_scopes_and_header_forms(api: Api, service: Service) -> None:
+    status, body, resp = await api.call("POST", "/v1/emails", SIMPLE, key=None)
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    assert "X-Request-Id" in resp.headers
+    status, body, _ = await api.call("POST", "/v1/emails", SIMPLE, key="rk_000000000000_nope")
+    assert status == 401
+    _, reader = await keys.create_key(service.store, name="r", scopes=["emails:read"])
+    status, body, _ = await api.call("POST", "/v1/emails", SIMPLE, key=reader)
+    assert status == 403 and body["error"]["type"] == "permission_error"
+    for header in ("X-Api-Key", "X-API-Key"):
+        status, body, _ = await api.call("POST", "/v1/emails", SIMPLE, key=None,
+                                         headers={header: api.key})
+        assert status == 202, body
+    _, limited = await keys.create_key(service.store, name="l", scopes=["emails:send"],
+                                       domains=["other.test"])
+    status, body, _ = await api.call("POST", "/v1/emails", SIMPLE, key=limited)
+    assert status == 422 and body["error"]["param"] in ("envelope_from", "From")
+
+
+@pytest.mark.parametrize(("change", "status", "param"), [
+    ({"bogus": 1}, 422, "bogus"),
+    ({"to": ["not an address"]}, 422, "to[0]"),
+    ({"to": [{"email": "a@b.test", "name": "x\r\nBcc: evil@x.test"}]}, 422, "to[0].name"),
+    ({"headers": {"Subject": "x"}}, 422, "headers.Subject"),
+    ({"headers": {"X-Relay-Tags": "x"}}, 422, "headers.X-Relay-Tags"),
+    ({"headers": {"X-Ok": "a\r\nBcc: evil@x.test"}}, 422, "headers.X-Ok"),
+    ({"attachments": [{"filename": "a.txt", "content": "%%%"}]}, 422, "attachments[0].content"),
+    ({"text": None, "html": None}, 422, "text"),
+    ({"to": [], "cc": []}, 422, "to"),
+    ({"scheduledAt": "2026-07-01T09:00:00"}, 422, "scheduledAt"),
+    ({"stream": "bulk"}, 422, "stream"),
+    ({"subject": "{{name}}", "data": {}}, 422, "data.name"),
+])
+async def test_bad_input_is_a_typed_error_naming_the_field(api: Api, change: dict[str, Any],
+                                                           status: int, param: str) -> None:
+    body = {**SIMPLE, **change}
+    got, error, _ = await api.call("POST", "/v1/emails", body)
+    assert got == status, error
+    assert error["error"]["type"] == "validation_error"
+    assert error["error"]["param"] == param, error
+
+
+async def test_protocol_errors_are_json_too(api: Api) -> None:
+    status, body, _ = await api.call("POST", "/v1/emails", raw=b"{not json")
+    assert status == 400 and body["error"]["type"] == "validation_error"
+    status, body, _ = await api.call("POST", "/v1/emails", raw=b"a=b",
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 415 and body["error"]["type"] == "unsupported_media_type"
+    status, body, resp = await api.call("GET", "/v1/nothing")
+    assert status == 404 and body["error"]["type"] == "not_found"
+    assert resp.headers["Content-Type"].startswith("application/json")
+    status, body, resp = await api.call("DELETE", "/v1/emails")
+    assert status == 405 and body["error"]["type"] == "method_not_allowed"
+    status, body, _ = await api.call("GET", "/v1/emails/msg_nope")
+    assert status == 404 and body["error"]["param"] == "id"
+    status, body, _ = await api.call("GET", "/v1/emails?limit=1000")
+    assert status == 422 and body["error"]["param"] == "limit"
+
+
+async def test_batch_queues_the_good_items_and_names_the_bad_one(api: Api) -> None:
+    emails = [SIMPLE, {**SIMPLE, "to": ["broken"]}, {**SIMPLE, "subject": "third"}]
+    status, body, _ = await api.call("POST", "/v1/emails/batch", {"emails": emails})
+    assert status == 207
+    results = body["results"]
+    assert [r["index"] for r in results] == [0, 1, 2]
+    assert results[0]["status"] == "queued" and results[2]["status"] == "queued"
+    assert results[1]["error"]["type"] == "validation_error"
+    assert results[1]["error"]["param"] == "emails[1].to[0]"
+    _, page, _ = await api.call("GET", "/v1/emails")
+    assert {m["id"] for m in page["data"]} == {results[0]["id"], results[2]["id"]}
+    status, body, _ = await api.call("POST", "/v1/emails/batch",
+                                     {"emails": [SIMPLE] * 101})
+    assert status == 422 and body["error"]["param"] == "emails"
+
+
+async def test_scheduled_email_can_be_cancelled_until_released(api: Api) -> None:
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    status, body, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "scheduledAt": later})
+    assert status == 202 and body["status"] == "scheduled"
+    status, cancelled, _ = await api.call("POST", f"/v1/emails/{body['id']}/cancel")
+    assert status == 200 and cancelled["status"] == "cancelled"
+    _, detail, _ = await api.call("GET", f"/v1/emails/{body['id']}")
+    assert detail["status"] == "cancelled"
+    status, again, _ = await api.call("POST", f"/v1/emails/{body['id']}/cancel")
+    assert status == 409 and again["error"]["type"] == "conflict"
+    past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    status, now, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "scheduledAt": past})
+    assert status == 202 and now["status"] == "queued"
+    status, body, _ = await api.call("POST", f"/v1/emails/{now['id']}/cancel")
+    assert status == 409
+
+
+async def test_openapi_describes_the_routes(api: Api) -> None:
+    status, doc, _ = await api.call("GET", "/v1/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.1")
+    assert {"/v1/emails", "/v1/emails/batch", "/v1/emails/{id}", "/v1/emails/{id}/body",
+            "/v1/emails/{id}/cancel"} <= set(doc["paths"])
+    send = doc["components"]["schemas"]["SendEmail"]
+    assert {"from", "to", "attachments", "scheduledAt", "metadata"} <= set(send["properties"])
+    assert send["additionalProperties"] is False
+
+
+async def test_attachments_up_to_the_limit_and_413_past_it(api: Api) -> None:
+    chunk = base64.b64encode(b"\x01" * (10 * 1024 * 1024)).decode()
+    files = [{"filename": f"f{i}.bin", "content": chunk} for i in range(2)]  # 20 MiB
+    status, body, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "attachments": files})
+    assert status == 202, body
+    big = base64.b64encode(b"\x01" * (10 * 1024 * 1024 + 1)).decode()
+    status, body, _ = await api.call("POST", "/v1/emails", {
+        **SIMPLE, "attachments": [{"filename": "big.bin", "content": big}]})
+    assert status == 413 and body["error"]["param"] == "attachments[0]"
+    three = files + [{"filename": "f3.bin", "content": chunk}]  # 30 MiB in all
+    status, body, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "attachments": three})
+    assert status == 413 and body["error"]["param"] == "attachments"
+
+
+# -- end to end: the API to a real SMTP sink -----------------------------------------------
+
+async def started(tmp_path: Path, dns: DNSServer, sink: Sink) -> tuple[Service, Config]:
+    config = make_config(tmp_path, delivery=DeliveryConfig(mx_port=sink.port, **FAST),
+                         dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0))
+    svc = Service(config)
+    await svc.start()
+    return svc, config
+
+
+async def test_api_mail_reaches_the_sink_with_correct_mime(tmp_path: Path,
+                                                           dns: DNSServer) -> None:
+    pdf = bytes(range(256)) * 40
+    png = b"\x89PNG\r\n\x1a\n" + bytes(300)
+    ical = ("BEGIN:VCALENDAR\r\nMETHOD:REQUEST\r\nBEGIN:VEVENT\r\nSUMMARY:Sync\r\n"
+            "END:VEVENT\r\nEND:VCALENDAR\r\n")
+    async with Sink() as sink:
+        route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
+        svc, _ = await started(tmp_path, dns, sink)
+        session, key = await open_api(svc)
+        assert svc.api_bound is not None
+        api = Api(session, "http://{}:{}".format(*svc.api_bound), key)
+        try:
+            status, body, _ = await api.call("POST", "/v1/emails", {
+                "from": {"email": "alice@example.com", "name": "Zoë Ålund"},
+                "to": ["bob@example.org", "Bob <bob@EXAMPLE.org>"],
+                "bcc": ["hidden@example.org"],
+                "replyTo": "help@example.com",
+                "subject": "Grüße, {{name}}", "data": {"name": "Bob & Co"},
+                "text": "Hi {{name}}, see {{missing ?? 'the file'}}.",
+                "html": "<p>Hi {{name}}</p><img src=\"cid:logo\">",
+                "headers": {"X-Campaign": "q3"},
+                "attachments": [
+                    {"filename": "report.pdf", "content": base64.b64encode(pdf).decode(),
+                     "contentType": "application/pdf"},
+                    {"filename": "logo.png", "content": base64.b64encode(png).decode(),
+                     "contentId": "logo"}],
+                "icalEvent": ical,
+                "metadata": {"userId": 42, "secret": "metadata-never-sent"},
+                "tags": [{"name": "kind", "value": "invite"}]})
+            assert status == 202, body
+            detail = await wait_final(svc, body["id"])
+            assert sorted((r.address, r.status.value) for r in detail.recipients) == [
+                ("bob@example.org", "delivered"), ("hidden@example.org", "delivered")]
+            (got,) = sink.messages
+            raw = got.data
+            assert b"hidden@example.org" not in raw and b"metadata-never-sent" not in raw
+            assert sorted(got.rcpt_tos) == ["bob@example.org", "hidden@example.org"]
+            m = email.message_from_bytes(raw, policy=email.policy.default)
+            assert str(m["From"]) == "Zoë Ålund <alice@example.com>"
+            assert str(m["Subject"]) == "Grüße, Bob & Co"
+            assert m["X-Campaign"] == "q3" and m["Reply-To"] == "help@example.com"
+            assert m["To"] == "bob@example.org"  # the duplicate collapsed
+            types = [p.get_content_type() for p in m.walk()]
+            assert types[:2] == ["multipart/mixed", "multipart/related"]
+            assert "multipart/alternative" in types and types.count("text/calendar") == 2
+            text = m.get_body(preferencelist=("plain",))
+            html = m.get_body(preferencelist=("html",))
+            assert text is not None and text.get_content() == "Hi Bob & Co, see the file."
+            assert html is not None and "<p>Hi Bob &amp; Co</p>" in html.get_content()
+            files = {p.get_filename(): p for p in m.walk() if p.get_filename()}
+            assert files["report.pdf"].get_payload(decode=True) == pdf
+            assert files["report.pdf"].get_content_type() == "application/pdf"
+            assert files["logo.png"].get_payload(decode=True) == png
+            assert files["logo.png"]["Content-ID"] == "<logo>"
+            assert files["invite.ics"].get_payload(decode=True).decode() == ical
+            assert all(len(line) <= 998 for line in raw.split(b"\r\n")) and raw.isascii()
+            _, shown, _ = await api.call("GET", f"/v1/emails/{body['id']}")
+            assert shown["metadata"] == {"userId": 42, "secret": "metadata-never-sent"}
+            assert shown["tags"] == [{"name": "kind", "value": "invite"}]
+        finally:
+            await session.close()
+            await svc.stop()
+
+
+async def test_scheduled_email_waits_for_its_time_and_a_cancelled_one_never_goes(
+        tmp_path: Path, dns: DNSServer) -> None:
+    async with Sink() as sink:
+        route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
+        svc, _ = await started(tmp_path, dns, sink)
+        session, key = await open_api(svc)
+        assert svc.api_bound is not None
+        api = Api(session, "http://{}:{}".format(*svc.api_bound), key)
+        try:
+            when = datetime.now(UTC) + timedelta(seconds=2)
+            _, soon, _ = await api.call("POST", "/v1/emails", {
+                **SIMPLE, "subject": "soon", "scheduledAt": when.isoformat()})
+            _, never, _ = await api.call("POST", "/v1/emails", {
+                **SIMPLE, "subject": "never", "scheduledAt": when.isoformat()})
+            assert soon["status"] == never["status"] == "scheduled"
+            status, _, _ = await api.call("POST", f"/v1/emails/{never['id']}/cancel")
+            assert status == 200
+            await asyncio.sleep(1.0)
+            assert not sink.messages  # not before its time
+            detail = await wait_final(svc, soon["id"])
+            assert detail.recipients[0].status.value == "delivered"
+            assert time.time() >= when.timestamp()
+            await asyncio.sleep(0.5)
+            assert [m.data.count(b"Subject: soon") for m in sink.messages] == [1]
+        finally:
+            await session.close()
+            await svc.stop()
