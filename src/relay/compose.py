@@ -6,8 +6,10 @@ subjects are RFC 2047 encoded, and Bcc never appears."""
 
 from __future__ import annotations
 
+import base64
 import email.charset
 import email.utils
+import json
 from email.generator import BytesGenerator
 from email.header import Header
 from email.mime.application import MIMEApplication
@@ -124,3 +126,55 @@ def _unstructured(value: str) -> str:
     if value.isascii():
         return value
     return Header(value, _UTF8_QP).encode()
+
+
+# -- stored form: a composition is queued as JSON and built at delivery ---------------------
+
+def dumps(c: Composition, *, message_id: str, date: str) -> bytes:
+    """The composition with its fixed Message-ID and Date, as the queue stores it."""
+    def box(m: Mailbox) -> list[str | None]:
+        return [m.email, m.name]
+
+    return json.dumps({
+        "v": 1, "messageId": message_id, "date": date, "from": box(c.sender),
+        "to": [box(m) for m in c.to], "cc": [box(m) for m in c.cc],
+        "replyTo": [box(m) for m in c.reply_to], "subject": c.subject, "text": c.text,
+        "html": c.html, "headers": [list(h) for h in c.headers], "ical": c.ical,
+        "attachments": [{"filename": a.filename, "contentType": a.content_type,
+                         "contentId": a.content_id,
+                         "content": base64.b64encode(a.content).decode("ascii")}
+                        for a in c.attachments],
+    }, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def loads(stored: bytes) -> tuple[Composition, str, str]:
+    d = json.loads(stored)
+
+    def box(v: list[str | None]) -> Mailbox:
+        return Mailbox(email=str(v[0]), name=v[1])
+
+    c = Composition(
+        sender=box(d["from"]), to=tuple(box(v) for v in d["to"]),
+        cc=tuple(box(v) for v in d["cc"]), reply_to=tuple(box(v) for v in d["replyTo"]),
+        subject=d["subject"], text=d["text"], html=d["html"],
+        headers=tuple((n, v) for n, v in d["headers"]), ical=d["ical"],
+        attachments=tuple(Attachment(filename=a["filename"], content_type=a["contentType"],
+                                     content_id=a["contentId"],
+                                     content=base64.b64decode(a["content"]))
+                          for a in d["attachments"]))
+    return c, d["messageId"], d["date"]
+
+
+def materialize(stored: bytes, kind: str) -> bytes:
+    """The message's bytes from what the queue holds (raw bytes, or a composition)."""
+    if kind == "raw":
+        return stored
+    c, message_id, date = loads(stored)
+    return build(c, message_id=message_id, date=date)
+
+
+def estimated_size(c: Composition) -> int:
+    """About what `build` will make, without building it: base64 is 4/3 plus line ends."""
+    text = sum(len(x.encode()) * 1.05 for x in (c.text, c.html, c.ical, c.subject) if x)
+    files = sum(len(a.content) * 4 / 3 * 78 / 76 + 300 for a in c.attachments)
+    return int(text + files + 1000 + sum(len(n) + len(v) + 4 for n, v in c.headers))

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import dkim, rawmail, transcode
+from . import compose, dkim, rawmail, transcode
 from .config import DkimConfig
 from .keys import may_send_as
 from .store import Outgoing, SQLiteStore
@@ -110,7 +110,7 @@ class Renderer:
         return out
 
     def render(self, message: Outgoing, *, smtputf8: bool = False) -> Rendered:
-        data = transcode.seven_bit(message.body)
+        data = transcode.seven_bit(compose.materialize(message.body, message.kind))
         needs_utf8 = smtputf8 or transcode.needs_smtputf8(data)
         keys, note = self._choose(message, data)
         if keys:

@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import Callable
 
-from . import dkim, rawmail
+from . import compose, dkim, rawmail
 from .config import Config
 from .errors import ValidationError
 from .keys import may_send_as
@@ -122,6 +122,44 @@ class Submitter:
             if not may_send_as(sub.allowed_domains, from_domain):
                 raise ValidationError(f"this key may not send as {from_domain}",
                                       param="envelope_from", smtp="553 5.7.1")
+        given = self._given_key(sub)
+        message_id = new_message_id(now)
+        date = email.utils.formatdate(now, localtime=True)
+        if sub.composition is not None:
+            body, kind, size, subject, header_from = self._composed(sub, message_id, date)
+        else:
+            body, subject, header_from = self._raw(sub, message_id, date, recipients)
+            kind, size = "raw", None
+        return NewMessage(
+            id=message_id,
+            created_at=now,
+            mail_from=mail_from,
+            recipients=recipients,
+            body=body,
+            body_kind=kind,
+            size=size,
+            source=sub.source,
+            api_key_id=sub.api_key_id,
+            tags=sub.tags,
+            metadata=sub.metadata,
+            stream=sub.stream,
+            subject=subject,
+            header_from=header_from,
+            dsn_ret=sub.dsn_ret,
+            dsn_envid=sub.dsn_envid,
+            smtputf8=sub.smtputf8,
+            scheduled_at=sub.scheduled_at if sub.scheduled_at and sub.scheduled_at > now else None,
+            idempotency_scope=sub.api_key_id or "",
+            idempotency_key=sub.idempotency_key,
+            idempotency_fingerprint=sub.idempotency_fingerprint,
+            sign_domains=sub.allowed_domains,
+            dkim=given,
+        )
+
+    def _raw(self, sub: Submission, message_id: str, date: str,
+             recipients: tuple[NewRecipient, ...]) -> tuple[bytes, str, str]:
+        """Checked bytes with trace, Message-ID and Date added; Bcc and control headers gone."""
+        limits = self._config.limits
         data = sub.data
         if b"\x00" in data:
             raise ValidationError("the message contains a NUL character", param="data")
@@ -142,40 +180,38 @@ class Submitter:
             raise ValidationError(
                 f"more than {limits.max_received_headers} Received headers: a mail loop",
                 param="Received", smtp="554 5.4.6")
-        given = self._given_key(sub)
-        message_id = new_message_id(now)
-        date = email.utils.formatdate(now, localtime=True)
         headers = [h for h in headers
                    if h.key != "bcc" and not h.key.startswith(_CONTROL_PREFIX)]
         headers = self._trace(sub, message_id, date, recipients) + headers
         if not rawmail.find(headers, "Message-ID"):
-            headers.append(rawmail.make(
-                "Message-ID", f"<{message_id.removeprefix('msg_')}@{self._config.server.hostname}>"))
+            headers.append(rawmail.make("Message-ID", self._message_id_header(message_id)))
         if not rawmail.find(headers, "Date"):
             headers.append(rawmail.make("Date", date))
-        return NewMessage(
-            id=message_id,
-            created_at=now,
-            mail_from=mail_from,
-            recipients=recipients,
-            body=rawmail.join(headers, body),
-            source=sub.source,
-            api_key_id=sub.api_key_id,
-            tags=sub.tags,
-            metadata=sub.metadata,
-            stream=sub.stream,
-            subject=decoded(rawmail.first_value(headers, "Subject")),
-            header_from=decoded(froms[0].value),
-            dsn_ret=sub.dsn_ret,
-            dsn_envid=sub.dsn_envid,
-            smtputf8=sub.smtputf8,
-            scheduled_at=sub.scheduled_at if sub.scheduled_at and sub.scheduled_at > now else None,
-            idempotency_scope=sub.api_key_id or "",
-            idempotency_key=sub.idempotency_key,
-            idempotency_fingerprint=sub.idempotency_fingerprint,
-            sign_domains=sub.allowed_domains,
-            dkim=given,
-        )
+        return (rawmail.join(headers, body), decoded(rawmail.first_value(headers, "Subject")),
+                decoded(froms[0].value))
+
+    def _composed(self, sub: Submission, message_id: str, date: str
+                  ) -> tuple[bytes, str, int, str, str]:
+        """A composition is checked and stored as it is; compose builds it at delivery, so
+        accepting costs no MIME work (body, kind, estimated size, subject, From)."""
+        c = sub.composition
+        assert c is not None
+        domain = c.sender.email.rpartition("@")[2]
+        if not may_send_as(sub.allowed_domains, domain):
+            raise ValidationError(f"this key may not send as {domain}", param="from",
+                                  smtp="550 5.7.1")
+        size = compose.estimated_size(c)
+        if size > self._config.limits.max_message_size:
+            raise ValidationError(
+                f"the message would be about {size} octets, over "
+                f"{self._config.limits.max_message_size}", param="attachments",
+                smtp="552 5.3.4")
+        stored = compose.dumps(c, message_id=self._message_id_header(message_id), date=date)
+        sender = f"{c.sender.name} <{c.sender.email}>" if c.sender.name else c.sender.email
+        return stored, "composition", size, c.subject, sender
+
+    def _message_id_header(self, message_id: str) -> str:
+        return f"<{message_id.removeprefix('msg_')}@{self._config.server.hostname}>"
 
     @staticmethod
     def _given_key(sub: Submission) -> GivenDkimKey | None:

@@ -148,7 +148,8 @@ class Submission:
 
     mail_from: str  # envelope sender; "" is the null sender
     recipients: tuple[EnvelopeRecipient, ...]
-    data: bytes  # RFC 5322 bytes with CRLF line endings
+    data: bytes = b""  # RFC 5322 bytes with CRLF line endings; or else:
+    composition: Composition | None = None  # built into bytes at delivery (compose.py)
     source: str = "smtp"  # smtp | api
     api_key_id: str | None = None
     tags: tuple[str, ...] = ()

@@ -50,6 +50,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             exc.status, exc.reason)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return ApiError(exc.status, message, headers=headers).response()
+    except ConnectionResetError:
+        raise  # the client went away mid-request: nothing to answer, nothing to log
     except Exception:
         log.exception("%s %s failed (request %s)", request.method, request.path,
                       request[REQUEST_ID])

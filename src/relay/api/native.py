@@ -117,9 +117,10 @@ class NativeApi:
     async def body(self, request: web.Request) -> web.Response:
         await auth.require(request, self._store, "emails:read")
         message_id = request.match_info["id"]
-        raw = await self._store.get_body(message_id)
-        if raw is None:
+        stored = await self._store.get_outgoing(message_id)
+        if stored is None:
             raise ApiError(404, f"no email {message_id}", param="id")
+        raw = compose.materialize(stored.body, stored.kind)
         parsed = email.message_from_bytes(raw)
         text = html = None
         for part in parsed.walk():
@@ -220,7 +221,7 @@ def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
     return Submission(
         mail_from=sender.email,
         recipients=tuple(EnvelopeRecipient(address=mb.email) for mb in (*to, *cc, *bcc)),
-        data=compose.build(composition),
+        composition=composition,
         source="api", api_key_id=key.id, allowed_domains=key.domains,
         tags=tuple(t.name + (f":{t.value}" if t.value else "") for t in m.tags),
         metadata=m.metadata, stream=stream, smtputf8=utf8,

@@ -37,6 +37,8 @@ class NewMessage:
     recipients: tuple[NewRecipient, ...]
     body: bytes
     source: str
+    body_kind: str = "raw"  # raw | composition (compose.py builds it at delivery)
+    size: int | None = None  # the built size when the body is a composition
     api_key_id: str | None = None
     tags: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -61,6 +63,7 @@ class Outgoing:
     body: bytes
     sign_domains: tuple[str, ...]
     dkim: GivenDkimKey | None
+    kind: str = "raw"  # raw | composition
 
 
 @dataclass(frozen=True, kw_only=True)

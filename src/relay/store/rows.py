@@ -37,7 +37,7 @@ def insert_messages(db: sqlite3.Connection, batch: list[NewMessage]) -> None:
         "INSERT INTO messages (id, created_at, mail_from, size, source, api_key_id, tags, "
         "metadata, stream, subject, header_from, dsn_ret, dsn_envid, smtputf8, scheduled_at, "
         "sign_domains) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(m.id, m.created_at, m.mail_from, len(m.body), m.source, m.api_key_id,
+        [(m.id, m.created_at, m.mail_from, m.size or len(m.body), m.source, m.api_key_id,
           json.dumps(list(m.tags)), json.dumps(m.metadata), m.stream.value, m.subject,
           m.header_from, m.dsn_ret, m.dsn_envid, int(m.smtputf8), m.scheduled_at,
           json.dumps(list(m.sign_domains)))
@@ -50,8 +50,8 @@ def insert_messages(db: sqlite3.Connection, batch: list[NewMessage]) -> None:
             " VALUES (?, ?, ?, ?)",
             [(m.id, k.domain, k.selector, k.private_key)
              for m in given if (k := m.dkim) is not None])
-    db.executemany("INSERT INTO bodies (message_id, data) VALUES (?, ?)",
-                   [(m.id, m.body) for m in batch])
+    db.executemany("INSERT INTO bodies (message_id, data, kind) VALUES (?, ?, ?)",
+                   [(m.id, m.body, m.body_kind) for m in batch])
     db.executemany(
         "INSERT INTO recipients (message_id, address, domain, status, next_attempt_at, notify, "
         "orcpt, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -124,6 +124,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE messages ADD COLUMN sign_domains TEXT NOT NULL DEFAULT '[]';
     """,
+    # 3: a body is raw RFC 5322 bytes, or a composition (JSON) that is built at delivery
+    """
+    ALTER TABLE bodies ADD COLUMN kind TEXT NOT NULL DEFAULT 'raw';
+    """,
 )
 
 

@@ -208,15 +208,16 @@ def _outgoing(db: sqlite3.Connection, message_ids: list[str]) -> dict[str, Outgo
     out = {}
     for i in range(0, len(message_ids), 500):
         ids = message_ids[i:i + 500]
-        for m_id, data, domains, k_domain, k_selector, k_private in db.execute(
-                "SELECT m.id, b.data, m.sign_domains, k.domain, k.selector, k.private_key"
+        for m_id, data, kind, domains, k_domain, k_selector, k_private in db.execute(
+                "SELECT m.id, b.data, b.kind, m.sign_domains, k.domain, k.selector,"
+                " k.private_key"
                 " FROM messages m JOIN bodies b ON b.message_id = m.id"
                 " LEFT JOIN message_dkim k ON k.message_id = m.id"
                 f" WHERE m.id IN ({','.join('?' * len(ids))})", ids):
             given = (GivenDkimKey(domain=k_domain, selector=k_selector, private_key=k_private)
                      if k_domain is not None else None)
             out[m_id] = Outgoing(body=bytes(data), sign_domains=tuple(json.loads(domains)),
-                                 dkim=given)
+                                 dkim=given, kind=kind)
     return out
 
 

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""HTTP API benchmark: durable sends per second over loopback.
+
+Starts relay (delivery paused, so only accepting is measured) on a temp data dir, makes a
+key, then posts with CONNECTIONS concurrent keep-alive connections from `wrk` (C, one
+thread: a Python client would take as much CPU as the server) for SECONDS each:
+
+  single   POST /v1/emails, a text+html message each; each 202 means committed to disk
+  batch    POST /v1/emails/batch with 100 such messages each
+
+Prints requests/s and messages/s for each, how many answers were not 202/207, and relay's
+CPU per message (Linux /proc). Needs Debian's wrk (installed if missing).
+
+Usage: python bench/api.py [--seconds 10] [--connections 32] [--only single|batch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+EMAIL = {"from": "Alice <alice@example.com>", "to": ["bob@example.org"],
+         "subject": "Your receipt", "text": "Thanks for your order.\n" * 20,
+         "html": "<p>Thanks for your order.</p>" * 20, "tags": [{"name": "kind", "value": "r"}]}
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")
+local f = io.open(os.getenv("BENCH_BODY"), "rb")
+wrk.body = f:read("*a")
+f:close()
+bad = 0
+response = function(status, headers, body)
+  if status ~= 202 and status ~= 207 then bad = bad + 1 end
+end
+done = function(summary, latency, requests)
+  io.write(string.format("requests=%d seconds=%.3f p50ms=%.2f p99ms=%.2f\\n",
+    summary.requests, summary.duration / 1e6, latency:percentile(50) / 1000,
+    latency:percentile(99) / 1000))
+end
+"""
+
+
+def ensure_wrk() -> None:
+    if shutil.which("wrk"):
+        return
+    print("installing wrk ...", file=sys.stderr)
+    subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                   stdout=subprocess.DEVNULL)
+
+
+def drive(tmp: Path, url: str, key: str, body: bytes, seconds: float,
+          connections: int) -> tuple[int, float, str]:
+    script, payload = tmp / "post.lua", tmp / "body.json"
+    script.write_text(WRK_SCRIPT)
+    payload.write_bytes(body)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "30s", "-s",
+         str(script), url], capture_output=True, text=True, check=True,
+        env={**os.environ, "BENCH_KEY": key, "BENCH_BODY": str(payload)}).stdout
+    found = re.search(r"requests=(\d+) seconds=([\d.]+) p50ms=([\d.]+) p99ms=([\d.]+)", out)
+    if not found:
+        raise SystemExit(f"wrk said:\n{out}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise SystemExit(f"{errors.group(1)} requests failed:\n{out}")
+    return (int(found.group(1)), float(found.group(2)),
+            f"p50 {found.group(3)} ms, p99 {found.group(4)} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--only", choices=("single", "batch"))
+    args = ap.parse_args()
+    ensure_wrk()
+    with tempfile.TemporaryDirectory(prefix="bench-api-") as t:
+        tmp = Path(t)
+        port = free_port()
+        conf = tmp / "relay.toml"
+        conf.write_text(f"[server]\nhostname = 'relay.bench'\ndata_dir = '{tmp / 'data'}'\n"
+                        f"[[smtp.listeners]]\nport = {free_port()}\n"
+                        f"[api]\nport = {port}\n[delivery]\npaused = true\n")
+        made = subprocess.run([sys.executable, "-m", "relay.cli", "--config", str(conf), "keys",
+                               "create", "--name", "bench", "--json"],
+                              check=True, capture_output=True, text=True)
+        key = json.loads(made.stdout)["key"]
+        proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "--config", str(conf),
+                                 "serve"], env={**os.environ, "RELAY_LOG_LEVEL": "WARNING"},
+                                stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise SystemExit("relay did not start") from None
+                    time.sleep(0.05)
+            base = f"http://127.0.0.1:{port}"
+            single = json.dumps(EMAIL).encode()
+            batch = json.dumps({"emails": [EMAIL] * 100}).encode()
+            for name, path, body, per in (("single", "/v1/emails", single, 1),
+                                          ("batch", "/v1/emails/batch", batch, 100)):
+                if args.only and name != args.only:
+                    continue
+                cpu = cpu_seconds(proc.pid)
+                requests, took, latency = drive(tmp, base + path, key, body, args.seconds,
+                                                args.connections)
+                cpu = cpu_seconds(proc.pid) - cpu
+                print(f"{name:6s} {requests} requests, {requests * per} messages, "
+                      f"{args.connections} connections: {took:.2f} s = "
+                      f"{requests / took:.0f} requests/s, {requests * per / took:.0f} "
+                      f"messages/s ({latency}); relay CPU "
+                      f"{1000 * cpu / max(1, requests * per):.2f} ms/message", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+if __name__ == "__main__":
+    main()
