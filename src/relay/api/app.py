@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import secrets
@@ -19,6 +20,8 @@ from .schemas import SendBatch, SendEmail
 log = logging.getLogger(__name__)
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_BOOT = secrets.token_hex(4)  # request ids: this process's random prefix and a counter
+_COUNTER = itertools.count(1)
 BODY_LIMIT = web.AppKey("body_limit", int)
 REQUEST_ID = web.RequestKey("request_id", str)
 
@@ -34,7 +37,7 @@ def body_limit(config: Config) -> int:
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes {"error": {"type", "message", "param"?}}; never HTML or a trace."""
     given = request.headers.get("X-Request-Id", "")
-    request[REQUEST_ID] = given if _CLIENT_ID.match(given) else "req_" + secrets.token_hex(8)
+    request[REQUEST_ID] = given if _CLIENT_ID.match(given) else f"req_{_BOOT}{next(_COUNTER):x}"
     try:
         return await handler(request)
     except ApiError as exc:
@@ -60,7 +63,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["X-Request-Id"] = request.get(REQUEST_ID) or "req_" + secrets.token_hex(8)
+    response.headers["X-Request-Id"] = request.get(REQUEST_ID) or f"req_{_BOOT}{next(_COUNTER):x}"
 
 
 def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Application:

@@ -243,7 +243,9 @@ def _mailboxes(value: Any, param: str) -> tuple[Mailbox, ...]:
 
 
 def _mailbox(value: Any, param: str) -> Mailbox:
-    if isinstance(value, str):
+    if isinstance(value, str) and not any(c in value for c in '<"(,;'):
+        name, address = "", value.strip()  # a bare address, the common case: no parsing
+    elif isinstance(value, str):
         name, address = email.utils.parseaddr(value)
         if not address or "@" not in address:
             raise ApiError(422, f"{value!r} is not an email address", param=param)
