@@ -330,3 +330,59 @@ async def test_scheduled_email_waits_for_its_time_and_a_cancelled_one_never_goes
         finally:
             await session.close()
             await svc.stop()
+
+
+# -- idempotency -------------------------------------------------------------------------------
+
+async def count_messages(svc: Service) -> int:
+    page = await svc.store.list_messages(limit=100)
+    return len(page.items)
+
+
+async def test_idempotent_replay_returns_the_first_answer_and_queues_nothing(
+        api: Api, service: Service) -> None:
+    key = {"Idempotency-Key": "order-77"}
+    first = await api.call("POST", "/v1/emails", SIMPLE, headers=key)
+    again = await api.call("POST", "/v1/emails", SIMPLE, headers=key)
+    assert first[0] == again[0] == 202 and first[1] == again[1]
+    assert await count_messages(service) == 1
+    # the same body written differently is the same request
+    reordered = json.loads(json.dumps(SIMPLE))
+    reordered = dict(reversed(list(reordered.items())))
+    assert (await api.call("POST", "/v1/emails", reordered, headers=key))[1] == first[1]
+    status, body, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "subject": "other"},
+                                     headers=key)
+    assert status == 409 and body["error"]["type"] == "conflict"
+    assert body["error"]["param"] == "Idempotency-Key"
+    assert await count_messages(service) == 1
+    # a 4xx answer is kept too; the key is per API key
+    bad = {**SIMPLE, "to": ["nope"]}
+    one = await api.call("POST", "/v1/emails", bad, headers={"Idempotency-Key": "k2"})
+    two = await api.call("POST", "/v1/emails", bad, headers={"Idempotency-Key": "k2"})
+    assert one[0] == two[0] == 422 and one[1] == two[1]
+    _, other = await keys.create_key(service.store, name="o", scopes=["emails:send"])
+    status, body, _ = await api.call("POST", "/v1/emails", SIMPLE, key=other, headers=key)
+    assert status == 202 and body["id"] != first[1]["id"]
+    status, body, _ = await api.call("POST", "/v1/emails", SIMPLE,
+                                     headers={"Idempotency-Key": "x" * 256})
+    assert status == 422 and body["error"]["param"] == "Idempotency-Key"
+
+
+async def test_twenty_concurrent_requests_with_one_key_make_one_message(
+        api: Api, service: Service) -> None:
+    answers = await asyncio.gather(*(
+        api.call("POST", "/v1/emails", SIMPLE, headers={"Idempotency-Key": "burst"})
+        for _ in range(20)))
+    assert {a[0] for a in answers} == {202}
+    assert len({a[1]["id"] for a in answers}) == 1
+    assert await count_messages(service) == 1
+
+
+async def test_idempotent_batch_replays_its_results(api: Api, service: Service) -> None:
+    emails = {"emails": [SIMPLE, {**SIMPLE, "to": ["broken"]}, SIMPLE]}
+    first = await api.call("POST", "/v1/emails/batch", emails,
+                           headers={"Idempotency-Key": "batch-1"})
+    again = await api.call("POST", "/v1/emails/batch", emails,
+                           headers={"Idempotency-Key": "batch-1"})
+    assert first[0] == again[0] == 207 and first[1] == again[1]
+    assert await count_messages(service) == 2

@@ -15,7 +15,7 @@ from . import compose, dkim, rawmail
 from .config import Config
 from .errors import ValidationError
 from .keys import may_send_as
-from .store import NewMessage, NewRecipient, Store
+from .store import NewMessage, NewRecipient, Remembered, Store
 from .types import EnvelopeRecipient, GivenDkimKey, Submission, SubmitResult
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -120,12 +120,27 @@ class Submitter:
 
     async def submit(self, sub: Submission) -> SubmitResult:
         """Validate and commit; returns only after the commit (or raises StoreError)."""
-        message = self.prepare(sub)
+        return await self.commit(self.prepare(sub))
+
+    async def commit(self, message: NewMessage) -> SubmitResult:
+        """Commit a prepared message; returns only after the commit (or raises StoreError)."""
         result = await self._store.enqueue(message)
         if not result.duplicate:
-            for callback in self.on_queued:
-                callback()
+            self._queued()
         return result
+
+    async def commit_all(self, messages: list[NewMessage], record: Remembered | None
+                         ) -> tuple[list[SubmitResult], Remembered | None]:
+        """Prepared messages and an idempotency key's answer in one transaction; when the key
+        has an answer already, nothing is queued and that answer comes back."""
+        results, existing = await self._store.enqueue_all(messages, record)
+        if results:
+            self._queued()
+        return results, existing
+
+    def _queued(self) -> None:
+        for callback in self.on_queued:
+            callback()
 
     def prepare(self, sub: Submission) -> NewMessage:
         limits = self._config.limits

@@ -3,9 +3,9 @@ through `submit`, the single way into the queue that SMTP mail takes too."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
+import dataclasses
 import email.utils
 import mimetypes
 import re
@@ -19,11 +19,12 @@ from aiohttp import web
 from .. import compose, templates
 from ..config import Config
 from ..errors import StoreError, ValidationError
-from ..store import SQLiteStore
+from ..store import NewMessage, SQLiteStore
 from ..submit import Submitter, normalize_address
 from ..types import ApiKey, Attachment, Composition, EnvelopeRecipient, Mailbox, Stream, Submission
 from . import auth
 from .errors import ApiError
+from .idempotency import Answer, Claim, Idempotency, replay
 from .schemas import BROADCAST_HEADERS, RESERVED_HEADERS, SendBatch, SendEmail
 from .views import message_json
 
@@ -37,6 +38,7 @@ class NativeApi:
         self._config = config
         self._store = store
         self._submitter = submitter
+        self._idempotency = Idempotency(store)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -52,49 +54,68 @@ class NativeApi:
 
     async def send(self, request: web.Request) -> web.Response:
         key = await auth.require(request, self._store, "emails:send")
-        model = parse(SendEmail, await json_body(request))
-        try:
-            sub = to_submission(model, key, self._config)
-        except ValidationError as exc:
-            raise ApiError(422, str(exc), param=exc.param) from None
-        result = await self._submit(sub)
-        return web.json_response({"id": result[0], "status": result[1]}, status=202)
+        raw = await json_body(request)
+
+        async def produce(claim: Claim | None) -> Answer:
+            message = self._prepare(parse(SendEmail, raw), key)
+            answer = Answer.of(202, {"id": message.id, "status": _status(message)})
+            if claim is not None:
+                message = dataclasses.replace(
+                    message, idempotency_scope=claim.scope, idempotency_key=claim.key,
+                    idempotency_fingerprint=claim.fingerprint, idempotency_status=answer.status,
+                    idempotency_response=answer.body)
+            result = await self._store_call(self._submitter.commit(message))
+            if result.duplicate and claim is not None:  # the key was taken meanwhile
+                found = await self._store.recall(claim.scope, claim.key, time.time())
+                if found is not None:
+                    return replay(found, claim)
+            return answer
+
+        return await self._idempotency.answer(request, key.id, raw, produce)
 
     async def send_batch(self, request: web.Request) -> web.Response:
-        """Always 207: each item validated and queued on its own, reported by index."""
+        """Always 207: each item validated on its own and reported by index; the valid ones
+        are queued together in one transaction (with the idempotency key's answer)."""
         key = await auth.require(request, self._store, "emails:send")
-        batch = parse(SendBatch, await json_body(request))
-        results: list[dict[str, Any]] = [{} for _ in batch.emails]
-        pending = []
-        for i, item in enumerate(batch.emails):
-            try:
-                model = parse(SendEmail, item, prefix=f"emails[{i}]")
-                pending.append((i, to_submission(model, key, self._config)))
-            except (ApiError, ValidationError) as exc:
-                results[i] = {"index": i, "error": _error_body(exc, prefix=f"emails[{i}]")}
-        done = await asyncio.gather(*(self._submit(sub) for _, sub in pending),
-                                    return_exceptions=True)
-        for (i, _), outcome in zip(pending, done, strict=True):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, ApiError):
-                    raise outcome
-                results[i] = {"index": i, "error": _error_body(outcome, prefix=f"emails[{i}]")}
-            else:
-                results[i] = {"index": i, "id": outcome[0], "status": outcome[1]}
-        return web.json_response({"results": results}, status=207)
+        raw = await json_body(request)
 
-    async def _submit(self, sub: Submission) -> tuple[str, str]:
+        async def produce(claim: Claim | None) -> Answer:
+            batch = parse(SendBatch, raw)
+            results: list[dict[str, Any]] = []
+            messages = []
+            for i, item in enumerate(batch.emails):
+                try:
+                    message = self._prepare(parse(SendEmail, item, prefix=f"emails[{i}]"), key)
+                except ApiError as exc:
+                    results.append({"index": i, "error": _error_body(exc, f"emails[{i}]")})
+                    continue
+                messages.append(message)
+                results.append({"index": i, "id": message.id, "status": _status(message)})
+            answer = Answer.of(207, {"results": results})
+            _, existing = await self._store_call(self._submitter.commit_all(
+                messages, claim.record(answer) if claim is not None else None))
+            if existing is not None and claim is not None:
+                return replay(existing, claim)
+            return answer
+
+        return await self._idempotency.answer(request, key.id, raw, produce)
+
+    def _prepare(self, model: SendEmail, key: ApiKey) -> NewMessage:
         try:
-            result = await self._submitter.submit(sub)
+            return self._submitter.prepare(to_submission(model, key, self._config))
         except ValidationError as exc:
             if exc.smtp.startswith("552"):  # too large: what makes a JSON email large
                 raise ApiError(413, f"the built message is too large: {exc}",
                                param="attachments") from None
             raise ApiError(422, str(exc), param=exc.param) from None
+
+    @staticmethod
+    async def _store_call(call: Awaitable[T]) -> T:
+        try:
+            return await call
         except StoreError as exc:
             raise ApiError(503, f"the queue cannot take mail now: {exc}", type="internal_error",
                            headers={"Retry-After": "5"}) from None
-        return result.message_id, result.status
 
     # -- reading -------------------------------------------------------------------------
 
@@ -160,6 +181,7 @@ async def json_body(request: web.Request) -> bytes:
 
 
 M = TypeVar("M", bound=pydantic.BaseModel)
+T = TypeVar("T")
 
 
 def parse(model: type[M], raw: bytes | dict[str, Any], *, prefix: str = "") -> M:
@@ -296,9 +318,11 @@ def _int_param(raw: str | None, name: str, *, default: int, low: int, high: int)
     return value
 
 
-def _error_body(exc: ApiError | ValidationError, *, prefix: str) -> dict[str, Any]:
-    if isinstance(exc, ValidationError):
-        exc = ApiError(422, str(exc), param=exc.param)
+def _status(message: NewMessage) -> str:
+    return "scheduled" if message.scheduled_at else "queued"
+
+
+def _error_body(exc: ApiError, prefix: str) -> dict[str, Any]:
     body = exc.body()["error"]
     if body.get("param") and not str(body["param"]).startswith(prefix):
         body["param"] = f"{prefix}.{body['param']}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,8 +53,23 @@ class NewMessage:
     idempotency_scope: str = ""
     idempotency_key: str | None = None
     idempotency_fingerprint: str | None = None
+    idempotency_status: int | None = None  # the API's answer, replayed for the same key
+    idempotency_response: bytes | None = None
     sign_domains: tuple[str, ...] = ()  # domains its DKIM signature may name; empty = any
     dkim: GivenDkimKey | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Remembered:
+    """An idempotency key's first answer, kept 24 h for its scope (the API key)."""
+
+    scope: str
+    key: str
+    fingerprint: str | None
+    status: int | None  # None: a key from SMTP, which has only the message id
+    response: bytes | None
+    message_id: str  # "" when the answer queued no single message
+    created_at: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +104,14 @@ class Store(Protocol):
 
     # the way in
     async def enqueue(self, message: NewMessage) -> SubmitResult: ...
+
+    async def enqueue_all(self, messages: Sequence[NewMessage], record: Remembered | None
+                          ) -> tuple[list[SubmitResult], Remembered | None]: ...
+
+    # idempotency keys' first answers
+    async def recall(self, scope: str, key: str, now: float) -> Remembered | None: ...
+
+    async def remember(self, record: Remembered) -> Remembered | None: ...
 
     # reading the queue
     async def get_message(self, message_id: str) -> MessageDetail | None: ...

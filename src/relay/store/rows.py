@@ -72,10 +72,10 @@ def insert_messages(db: sqlite3.Connection, batch: list[NewMessage]) -> None:
     keyed = [m for m in batch if m.idempotency_key is not None]
     if keyed:
         db.executemany(
-            "INSERT INTO idempotency (scope, key, fingerprint, message_id, created_at) "
-            "VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO idempotency (scope, key, fingerprint, message_id, created_at, status,"
+            " response) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(m.idempotency_scope, m.idempotency_key, m.idempotency_fingerprint, m.id,
-              m.created_at) for m in keyed],
+              m.created_at, m.idempotency_status, m.idempotency_response) for m in keyed],
         )
 
 

@@ -128,6 +128,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE bodies ADD COLUMN kind TEXT NOT NULL DEFAULT 'raw';
     """,
+    # 4: an idempotency key keeps the API's first answer, to replay it
+    """
+    ALTER TABLE idempotency ADD COLUMN status INTEGER;
+    ALTER TABLE idempotency ADD COLUMN response BLOB;
+    """,
 )
 
 

@@ -22,6 +22,7 @@ from .base import MessageDetail, MessagePage, NewMessage, Outgoing
 from .delivery import DeliveryQueries
 from .domains import DomainQueries
 from .groupcommit import Batched, GroupCommitWriter, run_sync
+from .idempotency import IDEMPOTENCY_WINDOW, IdempotencyQueries
 from .rows import (
     MESSAGE_COLUMNS,
     RECIPIENT_COLUMNS,
@@ -33,9 +34,8 @@ from .rows import (
 )
 from .schema import migrate
 
-IDEMPOTENCY_WINDOW = 24 * 3600.0
 
-class SQLiteStore(DeliveryQueries, DomainQueries):
+class SQLiteStore(DeliveryQueries, DomainQueries, IdempotencyQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: aiosqlite.Connection | None = None
