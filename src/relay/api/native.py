@@ -30,6 +30,7 @@ from .views import message_json
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _TYPE_TAG = re.compile(r"[\[\]]|^constrained-|^function-")  # union members pydantic names
+_NAME_ADDR = re.compile(r"^\s*([^<>\"(),;:@\\]*?)\s*<([^<>\s\"(),;\\]+@[^<>\s\"(),;\\]+)>\s*$")
 _MODEL_NAMES = frozenset({"AddressObject", "AttachmentIn", "TagIn", "SendEmail", "str"})
 
 
@@ -265,8 +266,11 @@ def _mailboxes(value: Any, param: str) -> tuple[Mailbox, ...]:
 
 
 def _mailbox(value: Any, param: str) -> Mailbox:
+    simple = _NAME_ADDR.match(value) if isinstance(value, str) else None
     if isinstance(value, str) and not any(c in value for c in '<"(,;'):
         name, address = "", value.strip()  # a bare address, the common case: no parsing
+    elif simple is not None:  # Name <address>, the other common case
+        name, address = simple.group(1).strip(), simple.group(2)
     elif isinstance(value, str):
         name, address = email.utils.parseaddr(value)
         if not address or "@" not in address:
