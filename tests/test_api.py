@@ -386,3 +386,33 @@ async def test_idempotent_batch_replays_its_results(api: Api, service: Service) 
                            headers={"Idempotency-Key": "batch-1"})
     assert first[0] == again[0] == 207 and first[1] == again[1]
     assert await count_messages(service) == 2
+
+
+async def test_list_filters_by_status_tag_to_from_and_since(api: Api) -> None:
+    _, a, _ = await api.call("POST", "/v1/emails", {
+        **SIMPLE, "tags": [{"name": "kind", "value": "receipt"}]})
+    _, b, _ = await api.call("POST", "/v1/emails", {
+        **SIMPLE, "to": ["carol@example.net"], "from": "Ops <ops@example.com>",
+        "tags": [{"name": "urgent"}]})
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    _, c, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "scheduledAt": later})
+
+    async def ids(query: str) -> list[str]:
+        status, page, _ = await api.call("GET", "/v1/emails?" + query)
+        assert status == 200, page
+        return [m["id"] for m in page["data"]]
+
+    assert await ids("tag=kind") == [a["id"]]
+    assert await ids("tag=kind:receipt") == [a["id"]]
+    assert await ids("tag=urgent") == [b["id"]]
+    assert await ids("tag=ki%25") == []  # LIKE wildcards are literal
+    assert await ids("to=CAROL@EXAMPLE.NET") == []  # the local part is case-sensitive
+    assert await ids("to=carol@EXAMPLE.NET") == [b["id"]]
+    assert await ids("from=ops@example.com") == [b["id"]]
+    assert await ids("status=scheduled") == [c["id"]]
+    assert set(await ids("since=2000-01-01T00:00:00Z")) == {a["id"], b["id"], c["id"]}
+    assert await ids("since=2999-01-01T00:00:00%2B02:00") == []
+    for bad, param in (("status=nope", "status"), ("since=yesterday", "since"),
+                       ("to=x", "to"), ("since=2026-01-01T00:00:00", "since")):
+        status, body, _ = await api.call("GET", "/v1/emails?" + bad)
+        assert status == 422 and body["error"]["param"] == param, (bad, body)

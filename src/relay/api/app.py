@@ -108,7 +108,8 @@ def openapi() -> dict[str, Any]:
 
     list_params = [{"name": n, "in": "query", "required": False, "schema": {"type": t}}
                    for n, t in (("status", "string"), ("limit", "integer"),
-                                ("cursor", "string"))]
+                                ("cursor", "string"), ("tag", "string"), ("to", "string"),
+                                ("from", "string"), ("since", "string"))]
     paths = {
         "/v1/emails": {"post": op("Send an email", body=SendEmail, status="202"),
                        "get": op("List emails, newest first", params=list_params)},

@@ -11,6 +11,7 @@ import mimetypes
 import re
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import pydantic
@@ -21,7 +22,16 @@ from ..config import Config
 from ..errors import StoreError, ValidationError
 from ..store import NewMessage, SQLiteStore
 from ..submit import Submitter, normalize_address
-from ..types import ApiKey, Attachment, Composition, EnvelopeRecipient, Mailbox, Stream, Submission
+from ..types import (
+    ApiKey,
+    Attachment,
+    Composition,
+    EnvelopeRecipient,
+    Mailbox,
+    RecipientStatus,
+    Stream,
+    Submission,
+)
 from . import auth
 from .errors import ApiError
 from .idempotency import Answer, Claim, Idempotency, replay
@@ -124,8 +134,14 @@ class NativeApi:
         await auth.require(request, self._store, "emails:read")
         q = request.query
         limit = _int_param(q.get("limit"), "limit", default=50, low=1, high=100)
-        page = await self._store.list_messages(limit=limit, cursor=q.get("cursor") or None,
-                                               status=q.get("status") or None)
+        status = q.get("status") or None
+        if status is not None and status not in {s.value for s in RecipientStatus}:
+            raise ApiError(422, f"status must be one of {', '.join(RecipientStatus)}",
+                           param="status")
+        page = await self._store.list_messages(
+            limit=limit, cursor=q.get("cursor") or None, status=status,
+            tag=q.get("tag") or None, to=_address_param(q.get("to"), "to"),
+            sender=_address_param(q.get("from"), "from"), since=_time_param(q.get("since")))
         return web.json_response({"data": [message_json(d) for d in page.items],
                                   "nextCursor": page.next_cursor})
 
@@ -308,6 +324,28 @@ def _attachments(m: SendEmail, config: Config) -> tuple[Attachment, ...]:
 
 def _guess_type(filename: str) -> str:
     return mimetypes.guess_type(filename)[0] or "application/octet-stream"
+
+
+def _address_param(raw: str | None, name: str) -> str | None:
+    if not raw:
+        return None
+    try:
+        return normalize_address(raw.strip(), smtputf8=True, param=name)[0]
+    except ValidationError as exc:
+        raise ApiError(422, str(exc), param=name) from None
+
+
+def _time_param(raw: str | None) -> float | None:
+    if not raw:
+        return None
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ApiError(422, "since must be an ISO-8601 time with an offset or Z",
+                       param="since") from None
+    if when.tzinfo is None:
+        raise ApiError(422, "since needs an offset or Z", param="since")
+    return when.timestamp()
 
 
 def _int_param(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:

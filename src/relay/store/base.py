@@ -123,7 +123,9 @@ class Store(Protocol):
     async def get_outgoing_many(self, message_ids: list[str]) -> dict[str, Outgoing]: ...
 
     async def list_messages(
-        self, *, limit: int = 50, cursor: str | None = None, status: str | None = None
+        self, *, limit: int = 50, cursor: str | None = None, status: str | None = None,
+        tag: str | None = None, to: str | None = None, sender: str | None = None,
+        since: float | None = None,
     ) -> MessagePage: ...
 
     # API keys: the secret never reaches the store, only its SHA-256

@@ -108,10 +108,29 @@ class SQLiteStore(DeliveryQueries, DomainQueries, IdempotencyQueries):
         return found
 
     async def list_messages(
-        self, *, limit: int = 50, cursor: str | None = None, status: str | None = None
+        self, *, limit: int = 50, cursor: str | None = None, status: str | None = None,
+        tag: str | None = None, to: str | None = None, sender: str | None = None,
+        since: float | None = None,
     ) -> MessagePage:
-        """Newest first; the cursor is the id of the last message of the previous page."""
-        where, args = [], []
+        """Newest first; the cursor is the id of the last message of the previous page.
+        `tag` matches a tag's name (or name:value), `to` a recipient, `sender` the envelope
+        or From address, `since` the creation time."""
+        where: list[str] = []
+        args: list[Any] = []
+        if tag:
+            where.append("EXISTS (SELECT 1 FROM json_each(messages.tags) t"
+                         " WHERE t.value = ? OR t.value LIKE ? ESCAPE '\\')")
+            args += [tag, tag.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                     + ":%"]
+        if to:
+            where.append("id IN (SELECT message_id FROM recipients WHERE address = ?)")
+            args.append(to)
+        if sender:
+            where.append("(mail_from = ? OR instr(lower(header_from), ?) > 0)")
+            args += [sender, sender.lower()]
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since)
         if cursor:
             where.append("(created_at, id) < (SELECT created_at, id FROM messages WHERE id = ?)")
             args.append(cursor)
