@@ -416,3 +416,26 @@ async def test_list_filters_by_status_tag_to_from_and_since(api: Api) -> None:
                        ("to=x", "to"), ("since=2026-01-01T00:00:00", "since")):
         status, body, _ = await api.call("GET", "/v1/emails?" + bad)
         assert status == 422 and body["error"]["param"] == param, (bad, body)
+
+
+async def test_api_keys_are_made_listed_and_revoked_over_http(api: Api, service: Service) -> None:
+    _, admin = await keys.create_key(service.store, name="admin", scopes=["keys:manage"])
+    status, made, _ = await api.call("POST", "/v1/api-keys", {
+        "name": "app", "scopes": ["emails:send"], "domains": ["example.com"]}, key=admin)
+    assert status == 201 and made["key"].startswith(made["id"] + "_")
+    status, sent, _ = await api.call("POST", "/v1/emails", SIMPLE, key=made["key"])
+    assert status == 202, sent
+    status, listed, _ = await api.call("GET", "/v1/api-keys", key=admin)
+    assert made["id"] in [k["id"] for k in listed["data"]]
+    assert made["key"] not in json.dumps(listed)  # the secret is shown once
+    status, body, _ = await api.call("POST", "/v1/api-keys", {"name": "x",
+                                                              "scopes": ["root"]}, key=admin)
+    assert status == 422 and body["error"]["param"].startswith("scopes")
+    status, body, _ = await api.call("POST", "/v1/api-keys", {"name": "x"})
+    assert status == 403  # the fixture's key lacks keys:manage
+    status, _, _ = await api.call("DELETE", f"/v1/api-keys/{made['id']}", key=admin)
+    assert status == 200
+    status, body, _ = await api.call("POST", "/v1/emails", SIMPLE, key=made["key"])
+    assert status == 401
+    status, body, _ = await api.call("DELETE", f"/v1/api-keys/{made['id']}", key=admin)
+    assert status == 404

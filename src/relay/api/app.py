@@ -14,8 +14,9 @@ from ..config import Config
 from ..store import SQLiteStore
 from ..submit import Submitter
 from .errors import ApiError
+from .manage import ManageApi
 from .native import Handler, NativeApi
-from .schemas import SendBatch, SendEmail
+from .schemas import CreateApiKey, SendBatch, SendEmail
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
 def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=body_limit(config))
     app[BODY_LIMIT] = body_limit(config)
-    native = NativeApi(config, store, submitter)
-    app.add_routes(native.routes())
+    app.add_routes(NativeApi(config, store, submitter).routes())
+    app.add_routes(ManageApi(store).routes())
     app.add_routes([web.get("/v1/openapi.json", openapi_handler)])
     app.on_response_prepare.append(_stamp)
     return app
@@ -119,6 +120,10 @@ def openapi() -> dict[str, Any]:
         "/v1/emails/{id}/body": {"get": op("An email's text, html and raw bytes",
                                            params=id_param)},
         "/v1/emails/{id}/cancel": {"post": op("Cancel a scheduled email", params=id_param)},
+        "/v1/api-keys": {"post": op("Create an API key (its secret is shown once)",
+                                    body=CreateApiKey, status="201"),
+                         "get": op("List API keys")},
+        "/v1/api-keys/{id}": {"delete": op("Revoke an API key", params=id_param)},
     }
     defs["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["type", "message"], "properties": {

@@ -56,3 +56,8 @@ async def _authenticate(store: Store, secret: str) -> ApiKey | None:
             _cache.clear()
         _cache[digest] = (key, now + CACHE_SECONDS)
     return key
+
+
+def forget() -> None:
+    """Drop remembered keys (a key was revoked through this process)."""
+    _cache.clear()

@@ -81,3 +81,13 @@ class SendBatch(Strict):
 class Queued(BaseModel):
     id: str
     status: Literal["queued", "scheduled"]
+
+
+class CreateApiKey(Strict):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100,
+                                            pattern=r"^[^\r\n]*$")]
+    scopes: list[Literal["emails:send", "emails:read", "domains:manage", "webhooks:manage",
+                         "suppressions:manage", "keys:manage"]] = Field(
+        default_factory=lambda: ["emails:send"], min_length=1)
+    domains: list[Annotated[str, StringConstraints(min_length=1, max_length=253)]] = Field(
+        default_factory=list, description="sender domains the key may use; empty = any")

@@ -1,0 +1,68 @@
+"""Management routes of the native API: API keys (the secret is shown once, at creation)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from .. import keys
+from ..errors import ValidationError
+from ..store import SQLiteStore
+from ..types import ApiKey
+from . import auth
+from .errors import ApiError
+from .native import json_body, parse
+from .schemas import CreateApiKey
+from .views import iso
+
+SCOPE = "keys:manage"
+
+
+class ManageApi:
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/api-keys", self.create_key),
+            web.get("/v1/api-keys", self.list_keys),
+            web.delete("/v1/api-keys/{id}", self.revoke_key),
+        ]
+
+    async def create_key(self, request: web.Request) -> web.Response:
+        caller = await auth.require(request, self._store, SCOPE)
+        body = parse(CreateApiKey, await json_body(request))
+        # a key limited to some domains makes keys limited to those domains at most
+        if caller.domains and (not body.domains or not all(
+                keys.may_send_as(caller.domains, d) for d in body.domains)):
+            raise ApiError(403, "a key limited to domains can only make keys limited to "
+                           "them", param="domains")
+        try:
+            key, secret = await keys.create_key(self._store, name=body.name,
+                                                scopes=body.scopes, domains=body.domains)
+        except ValidationError as exc:
+            raise ApiError(422, str(exc), param=exc.param) from None
+        return web.json_response({**key_json(key), "key": secret}, status=201)
+
+    async def list_keys(self, request: web.Request) -> web.Response:
+        await auth.require(request, self._store, SCOPE)
+        found = await self._store.list_api_keys()
+        return web.json_response({"data": [key_json(k) for k in found], "nextCursor": None})
+
+    async def revoke_key(self, request: web.Request) -> web.Response:
+        caller = await auth.require(request, self._store, SCOPE)
+        key_id = request.match_info["id"]
+        if key_id == caller.id:
+            raise ApiError(409, "a key cannot revoke itself", param="id")
+        if not await self._store.revoke_api_key(key_id, time.time()):
+            raise ApiError(404, f"no active key {key_id}", param="id")
+        auth.forget()
+        return web.json_response({"id": key_id, "revoked": True})
+
+
+def key_json(k: ApiKey) -> dict[str, Any]:
+    return {"id": k.id, "name": k.name, "scopes": list(k.scopes), "domains": list(k.domains),
+            "createdAt": iso(k.created_at), "revokedAt": iso(k.revoked_at),
+            "lastUsedAt": iso(k.last_used_at)}
