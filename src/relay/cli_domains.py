@@ -12,10 +12,10 @@ import time
 from typing import Any
 
 from . import domains
+from .addresses import normalize_domain
 from .cliutil import Subparsers, iso, table, with_store
 from .config import Config
 from .errors import ValidationError
-from .submit import normalize_domain
 from .types import Domain
 
 

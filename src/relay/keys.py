@@ -8,6 +8,7 @@ import secrets
 import time
 from collections.abc import Iterable
 
+from .addresses import normalize_domain
 from .errors import ValidationError
 from .store import Store
 from .types import SCOPES, ApiKey
@@ -64,10 +65,7 @@ async def authenticate(store: Store, secret: str) -> ApiKey | None:
 
 
 def _domain(value: str) -> str:
-    value = value.strip().lower().rstrip(".")
-    if not value or "@" in value or " " in value:
-        raise ValidationError(f"{value!r} is not a domain name", param="domains")
-    return value.encode("idna").decode("ascii")
+    return normalize_domain(value.strip(), param="domains")
 
 
 def may_send_as(allowed: tuple[str, ...], domain: str) -> bool:

@@ -25,10 +25,11 @@ import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from . import keys, rawmail
+from .addresses import normalize_address
 from .config import Config, ListenerConfig
 from .errors import StoreError, ValidationError
 from .store import Store
-from .submit import Submitter, normalize_address
+from .submit import Submitter
 from .types import ApiKey, EnvelopeRecipient, Stream, Submission
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ import email.header
 import email.utils
 import functools
 import os
-import re
 import time
 from collections.abc import Callable
 
 from . import compose, dkim, rawmail
+from .addresses import normalize_address, normalize_domain
 from .config import Config
 from .errors import ValidationError
 from .keys import may_send_as
@@ -20,7 +20,6 @@ from .store import NewMessage, NewRecipient, Remembered, Store
 from .types import EnvelopeRecipient, GivenDkimKey, Submission, SubmitResult
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _CONTROL_PREFIX = "x-relay-"
 
 
@@ -54,48 +53,6 @@ def new_message_id(now: float | None = None) -> str:
 @functools.lru_cache(maxsize=4)
 def _date_header(second: int) -> str:
     return email.utils.formatdate(second, localtime=True)
-
-
-def normalize_address(address: str, *, smtputf8: bool, param: str) -> tuple[str, str]:
-    """An envelope address with its domain as a lower-case A-label → (address, domain)."""
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain:
-        raise ValidationError(f"{address!r} is not an address (local@domain)", param=param,
-                              smtp="501 5.1.3")
-    if len(local.encode("utf-8")) > 64:
-        raise ValidationError(f"{address!r}: local part longer than 64 octets", param=param,
-                              smtp="553 5.1.3")
-    if not local.isascii() and not smtputf8:
-        raise ValidationError(f"{address!r}: a non-ASCII local part needs SMTPUTF8", param=param,
-                              smtp="553 5.6.7")
-    if any(c in local for c in "\r\n\x00 "):
-        raise ValidationError(f"{address!r}: bad characters in the local part", param=param,
-                              smtp="501 5.1.3")
-    return f"{local}@{(d := normalize_domain(domain, param=param))}", d
-
-
-def normalize_domain(domain: str, *, param: str) -> str:
-    ace = _a_label(domain)
-    if ace is None:
-        raise ValidationError(f"{domain.rstrip('.').lower()!r} is not a valid domain",
-                              param=param, smtp="501 5.1.2")
-    return ace
-
-
-@functools.lru_cache(maxsize=8192)
-def _a_label(domain: str) -> str | None:
-    """The lower-case A-label, or None; remembered, as bulk mail repeats its domains."""
-    domain = domain.rstrip(".").lower()
-    if domain.startswith("[") and domain.endswith("]"):
-        return domain  # address literal
-    try:
-        ace = domain if domain.isascii() else domain.encode("idna").decode("ascii")
-    except (UnicodeError, ValueError):
-        return None
-    labels = ace.split(".")
-    if len(ace) > 253 or len(labels) < 2 or not all(_LABEL.match(lbl) for lbl in labels):
-        return None
-    return ace
 
 
 def collapse_recipients(

@@ -18,10 +18,11 @@ import pydantic
 from aiohttp import web
 
 from .. import compose, templates
+from ..addresses import normalize_address
 from ..config import Config
 from ..errors import StoreError, ValidationError
 from ..store import NewMessage, SQLiteStore
-from ..submit import Submitter, normalize_address
+from ..submit import Submitter
 from ..types import (
     ApiKey,
     Attachment,
