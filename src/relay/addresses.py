@@ -8,6 +8,7 @@ import re
 
 from .errors import ValidationError
 
+_BAD_LOCAL = re.compile(r"[\r\n\x00 ]")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
@@ -23,7 +24,7 @@ def normalize_address(address: str, *, smtputf8: bool, param: str) -> tuple[str,
     if not local.isascii() and not smtputf8:
         raise ValidationError(f"{address!r}: a non-ASCII local part needs SMTPUTF8", param=param,
                               smtp="553 5.6.7")
-    if any(c in local for c in "\r\n\x00 "):
+    if _BAD_LOCAL.search(local):
         raise ValidationError(f"{address!r}: bad characters in the local part", param=param,
                               smtp="501 5.1.3")
     return f"{local}@{(d := normalize_domain(domain, param=param))}", d

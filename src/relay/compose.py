@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import email.charset
 import email.utils
-import json
 from email.generator import BytesGenerator
 from email.header import Header
 from email.mime.application import MIMEApplication
@@ -18,6 +17,8 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
 from email.mime.text import MIMEText
 from io import BytesIO
+
+import orjson
 
 from .types import Attachment, Composition, Mailbox
 
@@ -135,7 +136,7 @@ def dumps(c: Composition, *, message_id: str, date: str) -> bytes:
     def box(m: Mailbox) -> list[str | None]:
         return [m.email, m.name]
 
-    return json.dumps({
+    return orjson.dumps({
         "v": 1, "messageId": message_id, "date": date, "from": box(c.sender),
         "to": [box(m) for m in c.to], "cc": [box(m) for m in c.cc],
         "replyTo": [box(m) for m in c.reply_to], "subject": c.subject, "text": c.text,
@@ -144,11 +145,11 @@ def dumps(c: Composition, *, message_id: str, date: str) -> bytes:
                          "contentId": a.content_id,
                          "content": base64.b64encode(a.content).decode("ascii")}
                         for a in c.attachments],
-    }, ensure_ascii=False, separators=(",", ":")).encode()
+    })
 
 
 def loads(stored: bytes) -> tuple[Composition, str, str]:
-    d = json.loads(stored)
+    d = orjson.loads(stored)
 
     def box(v: list[str | None]) -> Mailbox:
         return Mailbox(email=str(v[0]), name=v[1])
@@ -175,6 +176,8 @@ def materialize(stored: bytes, kind: str) -> bytes:
 
 def estimated_size(c: Composition) -> int:
     """About what `build` will make, without building it: base64 is 4/3 plus line ends."""
-    text = sum(len(x.encode()) * 1.05 for x in (c.text, c.html, c.ical, c.subject) if x)
+    # quoted-printable makes a non-ASCII octet three (=XX); ASCII text stays as it is
+    text = sum(len(x) * 1.05 if x.isascii() else len(x.encode()) * 3
+               for x in (c.text, c.html, c.ical, c.subject) if x)
     files = sum(len(a.content) * 4 / 3 * 78 / 76 + 300 for a in c.attachments)
     return int(text + files + 1000 + sum(len(n) + len(v) + 4 for n, v in c.headers))

@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import orjson
 from aiohttp import web
 
 from ..store import Remembered, SQLiteStore
@@ -31,7 +32,7 @@ class Answer:
 
     @staticmethod
     def of(status: int, value: object) -> Answer:
-        return Answer(status, json.dumps(value, separators=(",", ":")).encode())
+        return Answer(status, orjson.dumps(value))
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,11 @@ class Idempotency:
 def fingerprint(request: web.Request, raw: bytes) -> str:
     """The same request: method, path and the JSON body in canonical form."""
     try:
-        body = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
-    except ValueError:
+        body = orjson.dumps(orjson.loads(raw), option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONDecodeError:
         body = raw
+    except orjson.JSONEncodeError:  # numbers past 64 bits: the slower canonical form
+        body = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
     h = hashlib.sha256(f"{request.method} {request.path}\n".encode())
     h.update(body)
     return h.hexdigest()

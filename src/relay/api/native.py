@@ -41,6 +41,7 @@ from .views import message_json
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _TYPE_TAG = re.compile(r"[\[\]]|^constrained-|^function-")  # union members pydantic names
+_SPECIAL = re.compile(r'[<"(,;]')  # none of these: a bare address
 _NAME_ADDR = re.compile(r"^\s*([^<>\"(),;:@\\]*?)\s*<([^<>\s\"(),;\\]+@[^<>\s\"(),;\\]+)>\s*$")
 _MODEL_NAMES = frozenset({"AddressObject", "AttachmentIn", "TagIn", "SendEmail", "str"})
 
@@ -284,7 +285,7 @@ def _mailboxes(value: Any, param: str) -> tuple[Mailbox, ...]:
 
 def _mailbox(value: Any, param: str) -> Mailbox:
     simple = _NAME_ADDR.match(value) if isinstance(value, str) else None
-    if isinstance(value, str) and not any(c in value for c in '<"(,;'):
+    if isinstance(value, str) and not _SPECIAL.search(value):
         name, address = "", value.strip()  # a bare address, the common case: no parsing
     elif simple is not None:  # Name <address>, the other common case
         name, address = simple.group(1).strip(), simple.group(2)
