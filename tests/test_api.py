@@ -439,3 +439,22 @@ async def test_api_keys_are_made_listed_and_revoked_over_http(api: Api, service:
     assert status == 401
     status, body, _ = await api.call("DELETE", f"/v1/api-keys/{made['id']}", key=admin)
     assert status == 404
+
+
+async def test_a_body_over_the_limit_is_a_json_413(tmp_path: Path) -> None:
+    from relay.config import LimitsConfig
+    config = make_config(tmp_path, limits=LimitsConfig(max_message_size=1000,
+                                                       max_attachments_size=1000))
+    svc = Service(config)
+    await svc.start()
+    session, secret = await open_api(svc)
+    try:
+        api = Api(session, "http://{}:{}".format(*svc.api_bound or ("", 0)), secret)
+        big = {**SIMPLE, "text": "x" * (2 * 1024 * 1024)}
+        status, body, _ = await api.call("POST", "/v1/emails", big)
+        assert status == 413 and body["error"]["type"] == "payload_too_large"
+        status, body, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "text": "y" * 5000})
+        assert status == 413 and body["error"]["param"] == "attachments"  # the built size
+    finally:
+        await session.close()
+        await svc.stop()
