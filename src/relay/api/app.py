@@ -16,7 +16,16 @@ from ..submit import Submitter
 from .errors import ApiError
 from .manage import ManageApi
 from .native import Handler, NativeApi
-from .schemas import CreateApiKey, SendBatch, SendEmail
+from .schemas import (
+    BatchResults,
+    Cancelled,
+    CreateApiKey,
+    EmailDetail,
+    Page,
+    Queued,
+    SendBatch,
+    SendEmail,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +103,12 @@ def openapi() -> dict[str, Any]:
     error = {"description": "a typed error", "content": {"application/json": {"schema": {
         "$ref": "#/components/schemas/Error"}}}}
     id_param = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
-    ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
-    errors_ = {str(c): error for c in (400, 401, 403, 404, 409, 413, 415, 422, 500)}
+    errors_ = {str(c): error for c in (400, 401, 403, 404, 409, 413, 415, 422, 500, 503)}
 
-    def op(summary: str, *, body: Any = None, status: str = "200",
+    def op(summary: str, *, body: Any = None, status: str = "200", answer: Any = None,
            params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        shape = schema(answer) if answer is not None else {"type": "object"}
+        ok = {"description": "OK", "content": {"application/json": {"schema": shape}}}
         out: dict[str, Any] = {"summary": summary, "responses": {status: ok, **errors_}}
         if body is not None:
             out["requestBody"] = {"required": True, "content": {"application/json": {
@@ -112,23 +122,26 @@ def openapi() -> dict[str, Any]:
                                 ("cursor", "string"), ("tag", "string"), ("to", "string"),
                                 ("from", "string"), ("since", "string"))]
     paths = {
-        "/v1/emails": {"post": op("Send an email", body=SendEmail, status="202"),
-                       "get": op("List emails, newest first", params=list_params)},
-        "/v1/emails/batch": {"post": op("Send up to 100 emails", body=SendBatch, status="207")},
+        "/v1/emails": {"post": op("Send an email", body=SendEmail, status="202", answer=Queued),
+                       "get": op("List emails, newest first", params=list_params,
+                                 answer=Page)},
+        "/v1/emails/batch": {"post": op("Send up to 100 emails", body=SendBatch, status="207",
+                                        answer=BatchResults)},
         "/v1/emails/{id}": {"get": op("An email: recipients, attempts, events",
-                                      params=id_param)},
+                                      params=id_param, answer=EmailDetail)},
         "/v1/emails/{id}/body": {"get": op("An email's text, html and raw bytes",
                                            params=id_param)},
-        "/v1/emails/{id}/cancel": {"post": op("Cancel a scheduled email", params=id_param)},
+        "/v1/emails/{id}/cancel": {"post": op("Cancel a scheduled email", params=id_param,
+                                              answer=Cancelled)},
         "/v1/api-keys": {"post": op("Create an API key (its secret is shown once)",
                                     body=CreateApiKey, status="201"),
-                         "get": op("List API keys")},
+                         "get": op("List API keys", answer=Page)},
         "/v1/api-keys/{id}": {"delete": op("Revoke an API key", params=id_param)},
     }
     defs["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
-        "type": "object", "required": ["type", "message"], "properties": {
-            "type": {"type": "string"}, "message": {"type": "string"},
-            "param": {"type": "string"}}}}}
+        "type": "object", "required": ["type", "message"], "additionalProperties": False,
+        "properties": {"type": {"type": "string"}, "message": {"type": "string"},
+                       "param": {"type": "string"}}}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "relay", "version": "1"},

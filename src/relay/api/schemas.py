@@ -83,6 +83,40 @@ class Queued(BaseModel):
     status: Literal["queued", "scheduled"]
 
 
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None = None
+
+
+class BatchItem(BaseModel):
+    index: int
+    id: str | None = None
+    status: Literal["queued", "scheduled"] | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchResults(BaseModel):
+    results: list[BatchItem]
+
+
+class Page(BaseModel):
+    data: list[dict[str, Any]]
+    nextCursor: str | None
+
+
+class EmailDetail(BaseModel):
+    id: str
+    status: str
+    createdAt: str | None
+    recipients: list[dict[str, Any]]
+
+
+class Cancelled(BaseModel):
+    id: str
+    status: Literal["cancelled"]
+
+
 class CreateApiKey(Strict):
     name: Annotated[str, StringConstraints(min_length=1, max_length=100,
                                             pattern=r"^[^\r\n]*$")]
