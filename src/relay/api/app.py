@@ -45,9 +45,17 @@ def body_limit(config: Config) -> int:
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure becomes {"error": {"type", "message", "param"?}}; never HTML or a trace."""
+    """Every answer carries X-Request-Id (the client's, when it sent a sane one), and every
+    failure becomes {"error": {"type", "message", "param"?}}: never HTML or a trace."""
     given = request.headers.get("X-Request-Id", "")
-    request[REQUEST_ID] = given if _CLIENT_ID.match(given) else f"req_{_BOOT}{next(_COUNTER):x}"
+    request_id = given if _CLIENT_ID.match(given) else f"req_{_BOOT}{next(_COUNTER):x}"
+    request[REQUEST_ID] = request_id
+    response = await _answer(request, handler)
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
@@ -82,7 +90,6 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     app.add_routes(NativeApi(config, store, submitter).routes())
     app.add_routes(ManageApi(store).routes())
     app.add_routes([web.get("/v1/openapi.json", openapi_handler)])
-    app.on_response_prepare.append(_stamp)
     return app
 
 

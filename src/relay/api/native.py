@@ -258,7 +258,7 @@ def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
         sender=sender, to=to, cc=cc, reply_to=_mailboxes(m.replyTo or [], "replyTo"),
         subject=subject, text=text, html=html, headers=tuple(headers), ical=m.icalEvent,
         attachments=_attachments(m, config))
-    utf8 = any(not mb.email.isascii() for mb in (sender, *to, *cc, *bcc))
+    utf8 = not all(mb.email.isascii() for mb in (sender, *to, *cc, *bcc))
     return Submission(
         mail_from=sender.email,
         recipients=tuple(EnvelopeRecipient(address=mb.email) for mb in (*to, *cc, *bcc)),
@@ -279,8 +279,11 @@ def _unique(boxes: tuple[Mailbox, ...], seen: set[str]) -> tuple[Mailbox, ...]:
 
 
 def _mailboxes(value: Any, param: str) -> tuple[Mailbox, ...]:
-    items = value if isinstance(value, list) else [value]
-    return tuple(_mailbox(v, f"{param}[{i}]") for i, v in enumerate(items))
+    if not value:
+        return ()
+    if not isinstance(value, list):
+        return (_mailbox(value, f"{param}[0]"),)
+    return tuple([_mailbox(v, f"{param}[{i}]") for i, v in enumerate(value)])
 
 
 def _mailbox(value: Any, param: str) -> Mailbox:

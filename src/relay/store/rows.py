@@ -7,6 +7,7 @@ import sqlite3
 from typing import Any
 
 import aiosqlite
+import orjson
 
 from ..types import (
     ApiKey,
@@ -32,15 +33,23 @@ RECIPIENT_COLUMNS = (
 )
 
 
+def _json(value: Any) -> str:
+    """orjson where it can (about 15x faster), json where it cannot (integers past 64 bits)."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value)
+
+
 def insert_messages(db: sqlite3.Connection, batch: list[NewMessage]) -> None:
     db.executemany(
         "INSERT INTO messages (id, created_at, mail_from, size, source, api_key_id, tags, "
         "metadata, stream, subject, header_from, dsn_ret, dsn_envid, smtputf8, scheduled_at, "
         "sign_domains) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(m.id, m.created_at, m.mail_from, m.size or len(m.body), m.source, m.api_key_id,
-          json.dumps(list(m.tags)), json.dumps(m.metadata), m.stream.value, m.subject,
+          _json(m.tags), _json(m.metadata), m.stream.value, m.subject,
           m.header_from, m.dsn_ret, m.dsn_envid, int(m.smtputf8), m.scheduled_at,
-          json.dumps(list(m.sign_domains)))
+          _json(m.sign_domains))
          for m in batch],
     )
     given = [m for m in batch if m.dkim is not None]
