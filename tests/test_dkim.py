@@ -25,7 +25,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 from relay import dkim, keys, transcode
 from relay.config import Config, DeliveryConfig, DkimConfig, DnsConfig, ListenerConfig
 from relay.domains import split_txt
-from relay.errors import ValidationError
+from relay.errors import StoreError, TemporaryFailure, ValidationError
 from relay.render import KeyRing, Rendered, Renderer
 from relay.service import Service
 from relay.store import Outgoing
@@ -442,3 +442,31 @@ async def test_keyring_callers_wait_for_the_first_load_and_keys_are_limited_to_t
         assert isinstance(limited, Rendered) and limited.signed.startswith("unsigned: ")
     finally:
         renderer.close()
+
+
+async def test_unreadable_keys_defer_at_first_and_keep_the_loaded_ones_later(
+        tmp_path: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    path = tmp_path / "k.pem"
+    path.write_bytes(dkim.private_pem(key))
+    now = [0.0]
+
+    class FlakyStore:
+        fail = True
+
+        async def signing_keys(self) -> list[DkimKeyInfo]:
+            if self.fail:
+                raise StoreError("database is locked")
+            return [DkimKeyInfo(domain="example.test", selector="e1", algorithm="ed25519-sha256",
+                                public_key="", path=str(path), state="active", created_at=1.0)]
+
+    store = FlakyStore()
+    ring = KeyRing(store, refresh=30.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    with pytest.raises(TemporaryFailure):
+        await ring.fresh()  # never loaded: the delivery is deferred, not sent unsigned
+    store.fail = False
+    await ring.fresh()
+    assert [k.selector for k in ring.keys_for("example.test")] == ["e1"]
+    store.fail, now[0] = True, 60.0
+    await ring.fresh()  # stale and unreadable: the loaded keys stay
+    assert [k.selector for k in ring.keys_for("example.test")] == ["e1"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import compose, dkim, rawmail, transcode
 from .config import DkimConfig
+from .errors import StoreError, TemporaryFailure
 from .keys import may_send_as
 from .store import Outgoing, SQLiteStore
 from .types import GivenDkimKey
@@ -54,9 +55,16 @@ class KeyRing:
         if not self._stale():
             return
         async with self._lock:
-            if self._stale():
+            if not self._stale():
+                return
+            try:
                 await self._load()
-                self._loaded_at = self._clock()
+            except StoreError as exc:
+                if self._loaded_at is None:  # never loaded: sign nothing wrongly, wait
+                    raise TemporaryFailure(f"the DKIM keys cannot be read: {exc}",
+                                           code=451, enhanced="4.3.0") from exc
+                log.error("DKIM keys not re-read (%s); signing with the ones loaded", exc)
+            self._loaded_at = self._clock()
 
     async def _load(self) -> None:
         by_domain: dict[str, list[dkim.SigningKey]] = {}

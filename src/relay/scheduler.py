@@ -211,7 +211,11 @@ class Scheduler:
         todo = [(found[m], recipients[0].smtputf8, recipients)
                 for m, recipients in by_message.items() if m in found]
         # a message missing here was deleted under us; its lease lapses and nothing is lost
-        rendered_all = await self._renderer.render_all([(o, utf8) for o, utf8, _ in todo])
+        try:
+            rendered_all = await self._renderer.render_all([(o, utf8) for o, utf8, _ in todo])
+        except DeliveryFailure as failure:  # e.g. the keys cannot be read yet: try later
+            record([self._outcome_from_failure(r, failure, started) for r in job.recipients])
+            return
         for (_, _, recipients), rendered in zip(todo, rendered_all, strict=True):
             first = recipients[0]
             if isinstance(rendered, Exception):  # park this message, deliver the others
