@@ -31,7 +31,7 @@ def normalize_address(address: str, *, smtputf8: bool, param: str) -> tuple[str,
 
 
 def normalize_domain(domain: str, *, param: str) -> str:
-    ace = _a_label(domain)
+    ace = a_label(domain)
     if ace is None:
         raise ValidationError(f"{domain.rstrip('.').lower()!r} is not a valid domain",
                               param=param, smtp="501 5.1.2")
@@ -39,7 +39,7 @@ def normalize_domain(domain: str, *, param: str) -> str:
 
 
 @functools.lru_cache(maxsize=8192)
-def _a_label(domain: str) -> str | None:
+def a_label(domain: str) -> str | None:
     """The lower-case A-label, or None; remembered, as bulk mail repeats its domains."""
     domain = domain.rstrip(".").lower()
     if domain.startswith("[") and domain.endswith("]"):

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from . import compose, dkim, rawmail
-from .addresses import normalize_address, normalize_domain
+from .addresses import a_label, normalize_address, normalize_domain
 from .config import Config
 from .errors import ValidationError
 from .keys import may_send_as
@@ -96,11 +96,13 @@ class Submitter:
             self._queued()
         return result
 
-    async def commit_all(self, messages: list[NewMessage], record: Remembered | None
+    async def commit_all(self, messages: list[NewMessage],
+                         claim: tuple[str, str, float] | None = None,
+                         answer: Callable[[list[SubmitResult]], Remembered] | None = None,
                          ) -> tuple[list[SubmitResult], Remembered | None]:
         """Prepared messages and an idempotency key's answer in one transaction; when the key
         has an answer already, nothing is queued and that answer comes back."""
-        results, existing = await self._store.enqueue_all(messages, record)
+        results, existing = await self._store.enqueue_all(messages, claim, answer)
         if results:
             self._queued()
         return results, existing
@@ -131,9 +133,12 @@ class Submitter:
         date = _date_header(int(now))
         if sub.composition is not None:
             body, kind, size, subject, header_from = self._composed(sub, message_id, date)
+            sender_domain = sub.composition.sender.email.rpartition("@")[2]
         else:
             body, subject, header_from = self._raw(sub, message_id, date, recipients)
             kind, size = "raw", None
+            found = rawmail.address_domains(header_from)
+            sender_domain = found[0] if found else ""
         return NewMessage(
             id=message_id,
             created_at=now,
@@ -158,6 +163,8 @@ class Submitter:
             idempotency_fingerprint=sub.idempotency_fingerprint,
             sign_domains=sub.allowed_domains,
             dkim=given,
+            sender_domain=a_label(sender_domain) or "",
+            refuse_if_suppressed=sub.refuse_if_suppressed,
         )
 
     def _raw(self, sub: Submission, message_id: str, date: str,

@@ -163,6 +163,7 @@ class Submission:
     smtputf8: bool = False
     allowed_domains: tuple[str, ...] = ()  # sender domains the key may use; empty = any
     dkim: GivenDkimKey | None = None  # sign with this key instead of the domain's own
+    refuse_if_suppressed: bool = False  # every recipient suppressed: queue nothing (the API)
     # trace for the Received: header, e.g. ("client.example ([192.0.2.1])", "ESMTPSA")
     received_from: str | None = None
     received_with: str | None = None
@@ -172,7 +173,8 @@ class Submission:
 class SubmitResult:
     message_id: str
     duplicate: bool = False  # an idempotency key repeated: nothing new was queued
-    status: str = "queued"
+    status: str = "queued"  # queued | scheduled | suppressed (every recipient) | conflict
+    suppressed: tuple[tuple[str, str], ...] = ()  # (address, reason) dropped at submit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,6 +261,21 @@ class Domain:
     created_at: float
     return_path: str  # the MAIL FROM host of its mail (SPF, bounces)
     keys: tuple[DkimKeyInfo, ...] = ()
+
+
+SUPPRESSION_REASONS = ("unsubscribed", "hard_bounce", "complaint", "manual")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Suppression:
+    """Mail to `address` is not sent: all of it when `scope` is "", or else only broadcast
+    mail from the sending domain `scope` (an unsubscribe leaves one sender's list only)."""
+
+    address: str
+    scope: str
+    reason: str  # unsubscribed | hard_bounce | complaint | manual
+    source: str
+    created_at: float
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,7 @@ from .. import compose, templates
 from ..addresses import normalize_address
 from ..config import Config
 from ..errors import StoreError, ValidationError
-from ..store import NewMessage, SQLiteStore
+from ..store import NewMessage, Remembered, SQLiteStore
 from ..submit import Submitter
 from ..types import (
     ApiKey,
@@ -32,6 +32,7 @@ from ..types import (
     RecipientStatus,
     Stream,
     Submission,
+    SubmitResult,
 )
 from . import auth
 from .errors import ApiError
@@ -82,6 +83,8 @@ class NativeApi:
                 found = await self._store.recall(claim.scope, claim.key, time.time())
                 if found is not None:
                     return replay(found, claim)
+            if result.status == "suppressed":
+                raise suppressed_error(result)
             return answer
 
         return await self._idempotency.answer(request, key.id, raw, produce)
@@ -104,12 +107,25 @@ class NativeApi:
                     continue
                 messages.append(message)
                 results.append({"index": i, "id": message.id, "status": _status(message)})
-            answer = Answer.of(207, {"results": results})
-            _, existing = await self._store_call(self._submitter.commit_all(
-                messages, claim.record(answer) if claim is not None else None))
+            def answer(queued: list[SubmitResult]) -> Answer:
+                done = iter(queued)
+                final = [r if "error" in r else _batch_item(r["index"], next(done))
+                         for r in results]
+                return Answer.of(207, {"results": final})
+
+            answers: list[Answer] = []
+
+            def remembered(queued: list[SubmitResult]) -> Remembered:
+                answers.append(answer(queued))
+                assert claim is not None
+                return claim.record(answers[-1])
+
+            queued, existing = await self._store_call(self._submitter.commit_all(
+                messages, (claim.scope, claim.key, time.time()) if claim else None,
+                remembered if claim else None))
             if existing is not None and claim is not None:
                 return replay(existing, claim)
-            return answer
+            return answers[-1] if answers else answer(queued)
 
         return await self._idempotency.answer(request, key.id, raw, produce)
 
@@ -265,7 +281,7 @@ def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
         composition=composition,
         source="api", api_key_id=key.id, allowed_domains=key.domains,
         tags=tuple(t.name + (f":{t.value}" if t.value else "") for t in m.tags),
-        metadata=m.metadata, stream=stream, smtputf8=utf8,
+        metadata=m.metadata, stream=stream, smtputf8=utf8, refuse_if_suppressed=True,
         scheduled_at=m.scheduledAt.timestamp() if m.scheduledAt else None)
 
 
@@ -363,6 +379,18 @@ def _int_param(raw: str | None, name: str, *, default: int, low: int, high: int)
     if not low <= value <= high:
         raise ApiError(422, f"{name} must be between {low} and {high}", param=name)
     return value
+
+
+def suppressed_error(result: SubmitResult) -> ApiError:
+    why = ", ".join(f"{address} ({reason})" for address, reason in result.suppressed)
+    return ApiError(409, f"every recipient is on the suppression list: {why}",
+                    type="suppressed", param="to")
+
+
+def _batch_item(index: int, result: SubmitResult) -> dict[str, Any]:
+    if result.status == "suppressed":
+        return {"index": index, "error": suppressed_error(result).body()["error"]}
+    return {"index": index, "id": result.message_id, "status": result.status}
 
 
 def _status(message: NewMessage) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -56,6 +56,8 @@ class NewMessage:
     idempotency_status: int | None = None  # the API's answer, replayed for the same key
     idempotency_response: bytes | None = None
     sign_domains: tuple[str, ...] = ()  # domains its DKIM signature may name; empty = any
+    sender_domain: str = ""  # the From domain: an unsubscribe's scope
+    refuse_if_suppressed: bool = False  # every recipient suppressed: queue nothing (the API)
     dkim: GivenDkimKey | None = None
 
 
@@ -105,7 +107,9 @@ class Store(Protocol):
     # the way in
     async def enqueue(self, message: NewMessage) -> SubmitResult: ...
 
-    async def enqueue_all(self, messages: Sequence[NewMessage], record: Remembered | None
+    async def enqueue_all(self, messages: Sequence[NewMessage],
+                          claim: tuple[str, str, float] | None = None,
+                          answer: Callable[[list[SubmitResult]], Remembered] | None = None,
                           ) -> tuple[list[SubmitResult], Remembered | None]: ...
 
     # idempotency keys' first answers

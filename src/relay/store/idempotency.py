@@ -13,6 +13,7 @@ from ..types import SubmitResult
 from .base import NewMessage, Remembered
 from .groupcommit import run_sync
 from .rows import insert_messages
+from .suppressions import screened
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 
@@ -38,21 +39,30 @@ class IdempotencyQueries:
         found: Remembered | None = await self._write(op)
         return found
 
-    async def enqueue_all(self, messages: Sequence[NewMessage], record: Remembered | None
+    async def enqueue_all(self, messages: Sequence[NewMessage],
+                          claim: tuple[str, str, float] | None = None,
+                          answer: Callable[[list[SubmitResult]], Remembered] | None = None,
                           ) -> tuple[list[SubmitResult], Remembered | None]:
-        """Many messages (a batch) in one transaction with the key's answer. If the key has an
-        answer already, nothing is queued and that answer is returned instead."""
+        """Many messages (a batch) screened and queued in one transaction, with the answer
+        `answer` makes of their results, kept for the idempotency key `claim` (scope, key,
+        now). If that key has an answer already, nothing is queued and it comes back."""
         def op(db: sqlite3.Connection) -> tuple[list[SubmitResult], Remembered | None]:
-            if record is not None:
-                existing = _recall(db, record.scope, record.key, record.created_at)
+            if claim is not None:
+                existing = _recall(db, *claim)
                 if existing is not None:
                     return [], existing
-                _insert(db, record)
-            if messages:
-                insert_messages(db, list(messages))
-            return [SubmitResult(message_id=m.id,
-                                 status="scheduled" if m.scheduled_at else "queued")
-                    for m in messages], None
+            suppressed: dict[str, dict[str, str]] = {}
+            results, kept = [], []
+            for m in messages:
+                result, keep = screened(db, m, suppressed)
+                results.append(result)
+                if keep:
+                    kept.append(m)
+            if kept:
+                insert_messages(db, kept, suppressed)
+            if claim is not None and answer is not None:
+                _insert(db, answer(results))
+            return results, None
 
         done: tuple[list[SubmitResult], Remembered | None] = await self._write(op)
         return done

@@ -33,6 +33,12 @@ RECIPIENT_COLUMNS = (
 )
 
 
+def _first_status(m: NewMessage, suppressed_for: str | None) -> str:
+    if suppressed_for:
+        return RecipientStatus.SUPPRESSED.value
+    return (RecipientStatus.SCHEDULED if m.scheduled_at else RecipientStatus.QUEUED).value
+
+
 def _json(value: Any) -> str:
     """orjson where it can (about 15x faster), json where it cannot (integers past 64 bits)."""
     try:
@@ -41,15 +47,19 @@ def _json(value: Any) -> str:
         return json.dumps(value)
 
 
-def insert_messages(db: sqlite3.Connection, batch: list[NewMessage]) -> None:
+def insert_messages(db: sqlite3.Connection, batch: list[NewMessage],
+                    suppressed: dict[str, dict[str, str]] | None = None) -> None:
+    """Insert messages with their bodies, recipients and first events; a recipient in
+    `suppressed` ({message id: {address: reason}}) is stored suppressed, with a dropped event."""
+    suppressed = suppressed or {}
     db.executemany(
         "INSERT INTO messages (id, created_at, mail_from, size, source, api_key_id, tags, "
         "metadata, stream, subject, header_from, dsn_ret, dsn_envid, smtputf8, scheduled_at, "
-        "sign_domains) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "sign_domains, sender_domain) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(m.id, m.created_at, m.mail_from, m.size or len(m.body), m.source, m.api_key_id,
           _json(m.tags), _json(m.metadata), m.stream.value, m.subject,
           m.header_from, m.dsn_ret, m.dsn_envid, int(m.smtputf8), m.scheduled_at,
-          _json(m.sign_domains))
+          _json(m.sign_domains), m.sender_domain)
          for m in batch],
     )
     given = [m for m in batch if m.dkim is not None]
@@ -63,20 +73,23 @@ def insert_messages(db: sqlite3.Connection, batch: list[NewMessage]) -> None:
                    [(m.id, m.body, m.body_kind) for m in batch])
     db.executemany(
         "INSERT INTO recipients (message_id, address, domain, status, next_attempt_at, notify, "
-        "orcpt, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [(m.id, r.address, r.domain,
-          (RecipientStatus.SCHEDULED if m.scheduled_at else RecipientStatus.QUEUED).value,
-          m.scheduled_at or m.created_at, ",".join(r.notify), r.orcpt, m.created_at)
-         for m in batch for r in m.recipients],
+        "orcpt, updated_at, last_reply) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(m.id, r.address, r.domain, _first_status(m, why), None if why else
+          (m.scheduled_at or m.created_at), ",".join(r.notify), r.orcpt, m.created_at,
+          f"suppressed: {why}" if why else None)
+         for m in batch for r in m.recipients
+         for why in (suppressed.get(m.id, {}).get(r.address),)],
     )
     for i in range(0, len(batch), 500):  # stay under SQLite's limit on bound parameters
         ids = [m.id for m in batch[i:i + 500]]
         db.execute(
             "INSERT INTO events (message_id, recipient_id, type, created_at, data) "
-            "SELECT message_id, id, CASE status WHEN 'scheduled' THEN ? ELSE ? END, updated_at, "
-            "json_object('email', address) FROM recipients "
+            "SELECT message_id, id, CASE status WHEN 'scheduled' THEN ? WHEN 'suppressed' THEN ?"
+            " ELSE ? END, updated_at, CASE status WHEN 'suppressed' THEN json_object('email',"
+            " address, 'reason', substr(last_reply, 13), 'stage', 'submit')"
+            " ELSE json_object('email', address) END FROM recipients "
             f"WHERE message_id IN ({','.join('?' * len(ids))}) ORDER BY id",
-            (EventType.SCHEDULED.value, EventType.QUEUED.value, *ids),
+            (EventType.SCHEDULED.value, EventType.DROPPED.value, EventType.QUEUED.value, *ids),
         )
     keyed = [m for m in batch if m.idempotency_key is not None]
     if keyed:

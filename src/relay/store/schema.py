@@ -133,6 +133,18 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE idempotency ADD COLUMN status INTEGER;
     ALTER TABLE idempotency ADD COLUMN response BLOB;
     """,
+    # 5: the suppression list; the domain a message is sent from (an unsubscribe's scope)
+    """
+    CREATE TABLE suppressions (
+        address    TEXT NOT NULL,
+        scope      TEXT NOT NULL DEFAULT '',
+        reason     TEXT NOT NULL,
+        source     TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        PRIMARY KEY (address, scope)
+    );
+    ALTER TABLE messages ADD COLUMN sender_domain TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 

@@ -33,9 +33,10 @@ from .rows import (
     recipient_row,
 )
 from .schema import migrate
+from .suppressions import SuppressionQueries, screened
 
 
-class SQLiteStore(DeliveryQueries, DomainQueries, IdempotencyQueries):
+class SQLiteStore(DeliveryQueries, DomainQueries, IdempotencyQueries, SuppressionQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: aiosqlite.Connection | None = None
@@ -244,6 +245,7 @@ def _enqueue_many(db: sqlite3.Connection, messages: Sequence[NewMessage]) -> lis
     """Insert a batch of messages with a few statements; idempotent repeats insert nothing."""
     results: list[SubmitResult] = []
     fresh: list[NewMessage] = []
+    suppressed: dict[str, dict[str, str]] = {}
     seen: dict[tuple[str, str], SubmitResult] = {}
     for m in messages:
         hit = None
@@ -253,11 +255,12 @@ def _enqueue_many(db: sqlite3.Connection, messages: Sequence[NewMessage]) -> lis
             if hit is None:
                 seen[scope_key] = SubmitResult(message_id=m.id, duplicate=True)
         if hit is None:
-            fresh.append(m)
-            hit = SubmitResult(message_id=m.id, status="scheduled" if m.scheduled_at else "queued")
+            hit, kept = screened(db, m, suppressed)
+            if kept:
+                fresh.append(m)
         results.append(hit)
     if fresh:
-        insert_messages(db, fresh)
+        insert_messages(db, fresh, suppressed)
     return results
 
 

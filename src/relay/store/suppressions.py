@@ -1,0 +1,107 @@
+"""The suppression list in the SQLite store, and the screening of recipients against it, which
+runs inside the transaction that queues a message (no extra read on the way in)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import aiosqlite
+
+from ..types import Stream, SubmitResult, Suppression
+from .base import NewMessage
+from .groupcommit import run_sync
+
+_COLUMNS = "address, scope, reason, source, created_at"
+
+
+class SuppressionQueries:
+    """Mixed into SQLiteStore."""
+
+    _write: Callable[[Any], Any]
+    _reader: aiosqlite.Connection
+
+    async def add_suppression(self, entry: Suppression) -> bool:
+        """Added (True) or already there (False; the first reason stays)."""
+        def op(db: sqlite3.Connection) -> bool:
+            cur = db.execute(f"INSERT OR IGNORE INTO suppressions ({_COLUMNS})"
+                             " VALUES (?, ?, ?, ?, ?)",
+                             (entry.address, entry.scope, entry.reason, entry.source,
+                              entry.created_at))
+            return cur.rowcount == 1
+
+        added: bool = await self._write(op)
+        return added
+
+    async def remove_suppression(self, address: str, scope: str | None = None) -> int:
+        """Removes the address's entries (of one scope, or all of them); returns how many."""
+        def op(db: sqlite3.Connection) -> int:
+            if scope is None:
+                return db.execute("DELETE FROM suppressions WHERE address = ?",
+                                  (address,)).rowcount
+            return db.execute("DELETE FROM suppressions WHERE address = ? AND scope = ?",
+                              (address, scope)).rowcount
+
+        count: int = await self._write(op)
+        return count
+
+    async def list_suppressions(self, *, limit: int = 100, after: str | None = None,
+                                address: str | None = None) -> list[Suppression]:
+        """By address; `after` is the last address of the previous page."""
+        def op(db: sqlite3.Connection) -> list[Suppression]:
+            where, args = [], []
+            if address:
+                where.append("address = ?")
+                args.append(address)
+            if after:
+                where.append("address > ?")
+                args.append(after)
+            sql = f"SELECT {_COLUMNS} FROM suppressions"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            rows = db.execute(sql + " ORDER BY address, scope LIMIT ?", (*args, limit))
+            return [Suppression(address=r[0], scope=r[1], reason=r[2], source=r[3],
+                                created_at=r[4]) for r in rows]
+
+        found: list[Suppression] = await run_sync(self._reader, op)
+        return found
+
+    async def suppressed(self, addresses: Sequence[str], *, stream: Stream,
+                         sender_domain: str) -> dict[str, str]:
+        """{address: reason} of those that may not get this kind of mail now."""
+        found: dict[str, str] = await run_sync(self._reader, screen, addresses, stream,
+                                                sender_domain)
+        return found
+
+
+def screen(db: sqlite3.Connection, addresses: Iterable[str], stream: Stream | str,
+           sender_domain: str) -> dict[str, str]:
+    """{address: reason} for the suppressed ones: a global entry stops all mail, a scoped one
+    stops broadcast mail from that sending domain."""
+    wanted = list(dict.fromkeys(addresses))
+    out: dict[str, str] = {}
+    broadcast = str(stream) == Stream.BROADCAST.value
+    for i in range(0, len(wanted), 500):
+        chunk = wanted[i:i + 500]
+        marks = ",".join("?" * len(chunk))
+        for address, reason in db.execute(
+                f"SELECT address, reason FROM suppressions WHERE address IN ({marks})"
+                " AND (scope = '' OR (? AND scope = ?)) ORDER BY scope",
+                (*chunk, broadcast, sender_domain)):
+            out.setdefault(address, reason)
+    return out
+
+
+def screened(db: sqlite3.Connection, m: NewMessage, suppressed: dict[str, dict[str, str]]
+              ) -> tuple[SubmitResult, bool]:
+    """Screen a message's recipients; (its result, whether to insert it)."""
+    found = screen(db, [r.address for r in m.recipients], m.stream, m.sender_domain)
+    if found:
+        suppressed[m.id] = found
+    every = len(found) == len({r.address for r in m.recipients})
+    if every and m.refuse_if_suppressed:
+        return SubmitResult(message_id=m.id, status="suppressed",
+                            suppressed=tuple(found.items())), False
+    status = "suppressed" if every else "scheduled" if m.scheduled_at else "queued"
+    return SubmitResult(message_id=m.id, status=status, suppressed=tuple(found.items())), True
