@@ -25,6 +25,7 @@ from relay.config import (
 )
 from relay.service import Service
 
+from .apiutil import Api, open_api
 from .dnsserver import DNSServer
 
 
@@ -154,3 +155,14 @@ def relay_process(tmp_path: Path) -> Iterator[Any]:
 def with_listener(config: Config, **changes: Any) -> Config:
     listener = dataclasses.replace(config.smtp.listeners[0], **changes)
     return dataclasses.replace(config, smtp=SmtpConfig(listeners=(listener,)))
+
+
+@pytest.fixture
+async def api(service: Service) -> AsyncIterator[Api]:
+    session, secret = await open_api(service)
+    assert service.api_bound is not None
+    host, port = service.api_bound
+    try:
+        yield Api(session, f"http://{host}:{port}", secret)
+    finally:
+        await session.close()

@@ -6,74 +6,23 @@ import asyncio
 import base64
 import email
 import email.policy
-import io
 import json
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from relay import keys
 from relay.config import Config, DeliveryConfig, DnsConfig
 from relay.service import Service
 
+from .apiutil import SIMPLE, Api, open_api
 from .conftest import make_config
 from .dnsserver import DNSServer
 from .sink import Sink
 from .test_delivery import FAST, route, wait_final
-
-
-class Api:
-    """An aiohttp client bound to the service's API with a key."""
-
-    def __init__(self, session: aiohttp.ClientSession, base: str, key: str) -> None:
-        self.session, self.base, self.key = session, base, key
-
-    async def call(self, method: str, path: str, body: Any = None, *, key: str | None = "",
-                   headers: dict[str, str] | None = None, raw: bytes | None = None
-                   ) -> tuple[int, Any, aiohttp.ClientResponse]:
-        hdrs = dict(headers or {})
-        use = self.key if key == "" else key
-        if use is not None:
-            hdrs.setdefault("Authorization", f"Bearer {use}")
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
-                                            else None)
-        if data is not None:
-            hdrs.setdefault("Content-Type", "application/json")
-        payload = io.BytesIO(data) if data is not None else None
-        async with self.session.request(method, self.base + path, data=payload,
-                                        headers=hdrs) as resp:
-            text = await resp.text()
-            try:
-                parsed = json.loads(text) if text else None
-            except ValueError:
-                parsed = text
-            return resp.status, parsed, resp
-
-
-async def open_api(svc: Service, scopes: tuple[str, ...] = ("emails:send", "emails:read"),
-                   domains: tuple[str, ...] = ()) -> tuple[aiohttp.ClientSession, str]:
-    _, secret = await keys.create_key(svc.store, name="api", scopes=scopes, domains=domains)
-    return aiohttp.ClientSession(), secret
-
-
-@pytest.fixture
-async def api(service: Service) -> AsyncIterator[Api]:
-    session, secret = await open_api(service)
-    assert service.api_bound is not None
-    host, port = service.api_bound
-    try:
-        yield Api(session, f"http://{host}:{port}", secret)
-    finally:
-        await session.close()
-
-
-SIMPLE = {"from": "Alice <alice@example.com>", "to": ["bob@example.org"], "subject": "Hi",
-          "text": "Hello Bob.", "html": "<p>Hello Bob.</p>"}
 
 
 async def test_send_get_list_and_body(api: Api) -> None:

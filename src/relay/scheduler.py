@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 from .config import Config, parse_hostport
 from .deliver import Deliverer, OutMessage, OutRecipient, Result, Target
-from .errors import DeliveryFailure, StoreError
+from .errors import DeliveryFailure, StoreError, TemporaryFailure
 from .mx import MXResolver
 from .render import Renderer
 from .reports import ReportMaker
 from .store import SQLiteStore
 from .store.delivery import AttemptRecord, DueRecipient, Outcome
-from .types import EventType, RecipientStatus
+from .types import EventType, RecipientStatus, Stream
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,40 @@ class Scheduler:
 
     # -- one destination ------------------------------------------------------------------
 
+    async def _screen(self, job: _Job, record: Callable[[list[Outcome]], None]) -> _Job:
+        """The suppression list again at send time (it may have grown since the mail was
+        queued): a suppressed recipient is dropped, with an event and no SMTP attempt."""
+        groups: dict[tuple[str, str], list[DueRecipient]] = defaultdict(list)
+        for r in job.recipients:
+            groups[(r.stream, r.sender_domain)].append(r)
+        dropped: dict[int, str] = {}
+        for (stream, sender_domain), members in groups.items():
+            found = await self._store.suppressed([r.address for r in members],
+                                                 stream=Stream(stream),
+                                                 sender_domain=sender_domain)
+            dropped.update({r.id: found[r.address] for r in members if r.address in found})
+        if not dropped:
+            return job
+        now = self._clock()
+        record([Outcome(recipient_id=r.id, message_id=r.message_id, at=now,
+                        status=RecipientStatus.SUPPRESSED, event=EventType.DROPPED,
+                        event_data={"email": r.address, "reason": dropped[r.id],
+                                    "stage": "send"},
+                        last_reply=f"suppressed: {dropped[r.id]}")
+                for r in job.recipients if r.id in dropped])
+        return _Job(job.destination, [r for r in job.recipients if r.id not in dropped])
+
     async def _deliver(self, job: _Job, record: Callable[[list[Outcome]], None]) -> None:
         started = self._clock()
+        try:
+            job = await self._screen(job, record)
+        except StoreError as exc:  # cannot tell who is suppressed: send nothing, try later
+            failure = TemporaryFailure(f"the suppression list cannot be read: {exc}",
+                                       code=451, enhanced="4.3.0")
+            record([self._outcome_from_failure(r, failure, started) for r in job.recipients])
+            return
+        if not job.recipients:
+            return
         try:
             targets = await self._targets(job)
         except DeliveryFailure as failure:

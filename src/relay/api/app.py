@@ -11,12 +11,14 @@ from typing import Any
 from aiohttp import web
 
 from ..config import Config
+from ..errors import ValidationError
 from ..store import SQLiteStore
 from ..submit import Submitter
 from .errors import ApiError
 from .manage import ManageApi
 from .native import Handler, NativeApi
 from .schemas import (
+    AddSuppression,
     BatchResults,
     Cancelled,
     CreateApiKey,
@@ -60,6 +62,8 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as exc:
         return exc.response()
+    except ValidationError as exc:  # bad input found below the handlers: still a 422
+        return ApiError(422, str(exc), param=exc.param).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -144,6 +148,16 @@ def openapi() -> dict[str, Any]:
                                     body=CreateApiKey, status="201"),
                          "get": op("List API keys", answer=Page)},
         "/v1/api-keys/{id}": {"delete": op("Revoke an API key", params=id_param)},
+        "/v1/suppressions": {
+            "get": op("The suppression list, by address", answer=Page, params=[
+                {"name": n, "in": "query", "required": False, "schema": {"type": t}}
+                for n, t in (("email", "string"), ("limit", "integer"), ("cursor", "string"))]),
+            "post": op("Suppress an address (all mail, or one domain's broadcast mail)",
+                       body=AddSuppression, status="201")},
+        "/v1/suppressions/{email}": {"delete": op("Remove an address's suppressions", params=[
+            {"name": "email", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "scope", "in": "query", "required": False,
+             "schema": {"type": "string"}}])},
     }
     defs["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["type", "message"], "additionalProperties": False,

@@ -8,16 +8,18 @@ from typing import Any
 from aiohttp import web
 
 from .. import keys
+from ..addresses import normalize_domain
 from ..errors import ValidationError
 from ..store import SQLiteStore
-from ..types import ApiKey
+from ..types import ApiKey, Suppression
 from . import auth
 from .errors import ApiError
-from .native import json_body, parse
-from .schemas import CreateApiKey
+from .native import address_param, int_param, json_body, parse
+from .schemas import AddSuppression, CreateApiKey
 from .views import iso
 
 SCOPE = "keys:manage"
+SUPPRESSIONS = "suppressions:manage"
 
 
 class ManageApi:
@@ -29,7 +31,40 @@ class ManageApi:
             web.post("/v1/api-keys", self.create_key),
             web.get("/v1/api-keys", self.list_keys),
             web.delete("/v1/api-keys/{id}", self.revoke_key),
+            web.get("/v1/suppressions", self.list_suppressions),
+            web.post("/v1/suppressions", self.add_suppression),
+            web.delete("/v1/suppressions/{email}", self.remove_suppression),
         ]
+
+    async def list_suppressions(self, request: web.Request) -> web.Response:
+        await auth.require(request, self._store, SUPPRESSIONS)
+        q = request.query
+        limit = int_param(q.get("limit"), "limit", default=100, low=1, high=1000)
+        email = address_param(q.get("email"), "email")
+        found = await self._store.list_suppressions(limit=limit + 1, after=q.get("cursor"),
+                                                    address=email)
+        more = len(found) > limit
+        found = found[:limit]
+        return web.json_response({"data": [suppression_json(e) for e in found],
+                                  "nextCursor": found[-1].address if more and found else None})
+
+    async def add_suppression(self, request: web.Request) -> web.Response:
+        await auth.require(request, self._store, SUPPRESSIONS)
+        body = parse(AddSuppression, await json_body(request))
+        email = address_param(body.email, "email") or ""
+        scope = normalize_domain(body.scope, param="scope") if body.scope else ""
+        entry = Suppression(address=email, scope=scope, reason=body.reason, source="api",
+                            created_at=time.time())
+        added = await self._store.add_suppression(entry)
+        return web.json_response(suppression_json(entry), status=201 if added else 200)
+
+    async def remove_suppression(self, request: web.Request) -> web.Response:
+        await auth.require(request, self._store, SUPPRESSIONS)
+        email = address_param(request.match_info["email"], "email") or ""
+        scope = request.query.get("scope")
+        if not await self._store.remove_suppression(email, scope):
+            raise ApiError(404, f"{email} is not suppressed", param="email")
+        return web.json_response({"email": email, "removed": True})
 
     async def create_key(self, request: web.Request) -> web.Response:
         caller = await auth.require(request, self._store, SCOPE)
@@ -60,6 +95,11 @@ class ManageApi:
             raise ApiError(404, f"no active key {key_id}", param="id")
         auth.forget()
         return web.json_response({"id": key_id, "revoked": True})
+
+
+def suppression_json(e: Suppression) -> dict[str, Any]:
+    return {"email": e.address, "scope": e.scope or None, "reason": e.reason,
+            "source": e.source, "createdAt": iso(e.created_at)}
 
 
 def key_json(k: ApiKey) -> dict[str, Any]:

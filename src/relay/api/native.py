@@ -151,15 +151,15 @@ class NativeApi:
     async def list(self, request: web.Request) -> web.Response:
         await auth.require(request, self._store, "emails:read")
         q = request.query
-        limit = _int_param(q.get("limit"), "limit", default=50, low=1, high=100)
+        limit = int_param(q.get("limit"), "limit", default=50, low=1, high=100)
         status = q.get("status") or None
         if status is not None and status not in {s.value for s in RecipientStatus}:
             raise ApiError(422, f"status must be one of {', '.join(RecipientStatus)}",
                            param="status")
         page = await self._store.list_messages(
             limit=limit, cursor=q.get("cursor") or None, status=status,
-            tag=q.get("tag") or None, to=_address_param(q.get("to"), "to"),
-            sender=_address_param(q.get("from"), "from"), since=_time_param(q.get("since")))
+            tag=q.get("tag") or None, to=address_param(q.get("to"), "to"),
+            sender=address_param(q.get("from"), "from"), since=_time_param(q.get("since")))
         return web.json_response({"data": [message_json(d) for d in page.items],
                                   "nextCursor": page.next_cursor})
 
@@ -347,7 +347,7 @@ def _guess_type(filename: str) -> str:
     return mimetypes.guess_type(filename)[0] or "application/octet-stream"
 
 
-def _address_param(raw: str | None, name: str) -> str | None:
+def address_param(raw: str | None, name: str) -> str | None:
     if not raw:
         return None
     try:
@@ -369,7 +369,7 @@ def _time_param(raw: str | None) -> float | None:
     return when.timestamp()
 
 
-def _int_param(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:
+def int_param(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:
     if raw is None or raw == "":
         return default
     try:

@@ -125,3 +125,11 @@ class CreateApiKey(Strict):
         default_factory=lambda: ["emails:send"], min_length=1)
     domains: list[Annotated[str, StringConstraints(min_length=1, max_length=253)]] = Field(
         default_factory=list, description="sender domains the key may use; empty = any")
+
+
+class AddSuppression(Strict):
+    email: Annotated[str, StringConstraints(min_length=3, max_length=320)]
+    reason: Literal["unsubscribed", "hard_bounce", "complaint", "manual"] = "manual"
+    scope: Annotated[str, StringConstraints(max_length=253)] = Field(
+        default="", description="empty: all mail; a sending domain: that domain's broadcast "
+                                "mail only")
