@@ -13,7 +13,7 @@ from ..types import SubmitResult
 from .base import NewMessage, Remembered
 from .groupcommit import run_sync
 from .rows import insert_messages
-from .suppressions import screened
+from .suppressions import listed, screened
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 
@@ -52,9 +52,10 @@ class IdempotencyQueries:
                 if existing is not None:
                     return [], existing
             suppressed: dict[str, dict[str, str]] = {}
+            candidates = listed(db, messages)
             results, kept = [], []
             for m in messages:
-                result, keep = screened(db, m, suppressed)
+                result, keep = screened(db, m, suppressed, candidates)
                 results.append(result)
                 if keep:
                     kept.append(m)

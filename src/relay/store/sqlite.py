@@ -33,7 +33,7 @@ from .rows import (
     recipient_row,
 )
 from .schema import migrate
-from .suppressions import SuppressionQueries, screened
+from .suppressions import SuppressionQueries, listed, screened
 
 
 class SQLiteStore(DeliveryQueries, DomainQueries, IdempotencyQueries, SuppressionQueries):
@@ -246,6 +246,7 @@ def _enqueue_many(db: sqlite3.Connection, messages: Sequence[NewMessage]) -> lis
     results: list[SubmitResult] = []
     fresh: list[NewMessage] = []
     suppressed: dict[str, dict[str, str]] = {}
+    candidates = listed(db, messages)
     seen: dict[tuple[str, str], SubmitResult] = {}
     for m in messages:
         hit = None
@@ -255,7 +256,7 @@ def _enqueue_many(db: sqlite3.Connection, messages: Sequence[NewMessage]) -> lis
             if hit is None:
                 seen[scope_key] = SubmitResult(message_id=m.id, duplicate=True)
         if hit is None:
-            hit, kept = screened(db, m, suppressed)
+            hit, kept = screened(db, m, suppressed, candidates)
             if kept:
                 fresh.append(m)
         results.append(hit)

@@ -93,10 +93,25 @@ def screen(db: sqlite3.Connection, addresses: Iterable[str], stream: Stream | st
     return out
 
 
-def screened(db: sqlite3.Connection, m: NewMessage, suppressed: dict[str, dict[str, str]]
-              ) -> tuple[SubmitResult, bool]:
-    """Screen a message's recipients; (its result, whether to insert it)."""
-    found = screen(db, [r.address for r in m.recipients], m.stream, m.sender_domain)
+def listed(db: sqlite3.Connection, messages: Sequence[NewMessage]) -> set[str]:
+    """Which of these messages' recipients have any entry: one query for a whole group
+    commit, so that the usual case (none) costs no query per message."""
+    wanted = list({r.address for m in messages for r in m.recipients})
+    out: set[str] = set()
+    for i in range(0, len(wanted), 500):
+        chunk = wanted[i:i + 500]
+        out.update(r[0] for r in db.execute(
+            f"SELECT DISTINCT address FROM suppressions WHERE address IN"
+            f" ({','.join('?' * len(chunk))})", chunk))
+    return out
+
+
+def screened(db: sqlite3.Connection, m: NewMessage, suppressed: dict[str, dict[str, str]],
+             candidates: set[str]) -> tuple[SubmitResult, bool]:
+    """Screen a message's recipients; (its result, whether to insert it). `candidates` is
+    what `listed` found for the transaction."""
+    addresses = [r.address for r in m.recipients if r.address in candidates]
+    found = screen(db, addresses, m.stream, m.sender_domain) if addresses else {}
     if found:
         suppressed[m.id] = found
     every = len(found) == len({r.address for r in m.recipients})
