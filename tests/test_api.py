@@ -22,6 +22,7 @@ from .apiutil import SIMPLE, Api, open_api
 from .conftest import make_config
 from .dnsserver import DNSServer
 from .sink import Sink
+from .smtputil import in_thread, send
 from .test_delivery import FAST, route, wait_final
 
 
@@ -407,3 +408,37 @@ async def test_a_body_over_the_limit_is_a_json_413(tmp_path: Path) -> None:
     finally:
         await session.close()
         await svc.stop()
+
+
+async def test_a_5xx_is_not_remembered_so_a_retry_with_the_key_goes_through(
+        api: Api, service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    from relay.errors import StoreError
+    real = service.store.enqueue
+    calls = []
+
+    async def failing_once(message: Any) -> Any:
+        calls.append(message.id)
+        if len(calls) == 1:
+            raise StoreError("disk I/O error")
+        return await real(message)
+
+    monkeypatch.setattr(service.store, "enqueue", failing_once)
+    status, body, resp = await api.call("POST", "/v1/emails", SIMPLE,
+                                        headers={"Idempotency-Key": "retry-me"})
+    assert status == 503 and body["error"]["type"] == "internal_error"
+    assert resp.headers["Retry-After"] == "5"
+    status, body, _ = await api.call("POST", "/v1/emails", SIMPLE,
+                                     headers={"Idempotency-Key": "retry-me"})
+    assert status == 202 and body["id"] == calls[1]
+
+
+async def test_the_smtp_idempotency_header_shares_the_keys(api: Api, service: Service) -> None:
+    data = (b"From: Alice <alice@example.com>\r\nTo: bob@example.org\r\nSubject: hi\r\n"
+            b"X-Relay-Idempotency-Key: shared-1\r\n\r\nHello.\r\n")
+    code, text = await in_thread(send, service.bound[0][1], api.key, data)
+    assert code == 250
+    smtp_id = text.decode().split()[-1]
+    status, body, _ = await api.call("POST", "/v1/emails", SIMPLE,
+                                     headers={"Idempotency-Key": "shared-1"})
+    assert status == 202 and body["id"] == smtp_id
+    assert len((await service.store.list_messages()).items) == 1
