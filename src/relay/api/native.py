@@ -97,35 +97,36 @@ class NativeApi:
 
         async def produce(claim: Claim | None) -> Answer:
             batch = parse(SendBatch, raw)
-            results: list[dict[str, Any]] = []
-            messages = []
+            failed: dict[int, dict[str, Any]] = {}
+            messages, indexes = [], []
             for i, item in enumerate(batch.emails):
                 try:
-                    message = self._prepare(parse(SendEmail, item, prefix=f"emails[{i}]"), key)
+                    messages.append(
+                        self._prepare(parse(SendEmail, item, prefix=f"emails[{i}]"), key))
+                    indexes.append(i)
                 except ApiError as exc:
-                    results.append({"index": i, "error": _error_body(exc, f"emails[{i}]")})
-                    continue
-                messages.append(message)
-                results.append({"index": i, "id": message.id, "status": _status(message)})
-            def answer(queued: list[SubmitResult]) -> Answer:
-                done = iter(queued)
-                final = [r if "error" in r else _batch_item(r["index"], next(done))
-                         for r in results]
-                return Answer.of(207, {"results": final})
+                    failed[i] = _error_body(exc, f"emails[{i}]")
 
-            answers: list[Answer] = []
+            def answer(queued: list[SubmitResult]) -> Answer:
+                """Made inside the transaction, once screening has said who is suppressed."""
+                by_index = dict(zip(indexes, queued, strict=True))
+                return Answer.of(207, {"results": [
+                    {"index": i, "error": failed[i]} if i in failed else _batch_item(i, by_index[i])
+                    for i in range(len(batch.emails))]})
+
+            made: list[Answer] = []
 
             def remembered(queued: list[SubmitResult]) -> Remembered:
-                answers.append(answer(queued))
+                made.append(answer(queued))
                 assert claim is not None
-                return claim.record(answers[-1])
+                return claim.record(made[0])
 
             queued, existing = await self._store_call(self._submitter.commit_all(
                 messages, (claim.scope, claim.key, time.time()) if claim else None,
                 remembered if claim else None))
             if existing is not None and claim is not None:
                 return replay(existing, claim)
-            return answers[-1] if answers else answer(queued)
+            return made[0] if made else answer(queued)
 
         return await self._idempotency.answer(request, key.id, raw, produce)
 
