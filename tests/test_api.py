@@ -78,7 +78,11 @@ async def test_keys_scopes_and_header_forms(api: Api, service: Service) -> None:
     _, limited = await keys.create_key(service.store, name="l", scopes=["emails:send"],
                                        domains=["other.test"])
     status, body, _ = await api.call("POST", "/v1/emails", SIMPLE, key=limited)
-    assert status == 422 and body["error"]["param"] in ("envelope_from", "From")
+    assert status == 403 and body["error"]["type"] == "permission_error"
+    assert body["error"]["param"] in ("envelope_from", "from")
+    status, body, _ = await api.call("POST", "/v1/emails", {
+        **SIMPLE, "from": "app@news.other.test"}, key=limited)
+    assert status == 202, body  # its subdomains are allowed
 
 
 @pytest.mark.parametrize(("change", "status", "param"), [

@@ -137,6 +137,8 @@ class NativeApi:
             if exc.smtp.startswith("552"):  # too large: what makes a JSON email large
                 raise ApiError(413, f"the built message is too large: {exc}",
                                param="attachments") from None
+            if " 5.7.1" in exc.smtp:  # a sender domain this key may not use
+                raise ApiError(403, str(exc), param=exc.param) from None
             raise ApiError(422, str(exc), param=exc.param) from None
 
     @staticmethod
