@@ -141,6 +141,8 @@ def relay_process(tmp_path: Path) -> Iterator[Any]:
     started: list[RelayProcess] = []
 
     def start(toml: str, port: int) -> RelayProcess:
+        if "[api]" not in toml:  # never the default 8025: another test's or the machine's
+            toml += f"\n[api]\nport = {free_port()}\n"
         path = write_toml(tmp_path / "relay.toml", toml)
         rp = RelayProcess(path, port, tmp_path)
         rp.start()

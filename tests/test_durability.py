@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import smtplib
 import threading
@@ -94,3 +95,79 @@ def test_sigkill_loses_no_acknowledged_message(tmp_path: Path, relay_process: An
     assert not missing, f"acknowledged but lost: {missing}"
     assert not [t for t in refused if t in stored]
     assert set(stored) <= set(outcomes)
+
+
+def api_sender(port: int, key: str, n: int, outcomes: dict[str, str],
+               stop: threading.Event) -> None:
+    """Keep-alive HTTP: a 202 must mean the message is on disk."""
+    i = 0
+    while not stop.is_set():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            while True:
+                token = f"a{n}-{i}"
+                i += 1
+                body = json.dumps({"from": "alice@example.com", "to": ["bob@example.org"],
+                                   "subject": token, "text": f"body {token}"})
+                outcomes[token] = "sent"
+                conn.request("POST", "/v1/emails", body, {
+                    "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+                resp = conn.getresponse()
+                answer = json.loads(resp.read() or b"{}")
+                outcomes[token] = (f"202 {answer['id']}" if resp.status == 202
+                                   else f"refused {resp.status}")
+        except (OSError, http.client.HTTPException, ValueError):
+            if stop.is_set():
+                return
+            time.sleep(0.05)
+        finally:
+            conn.close()
+
+
+def test_sigkill_loses_no_message_the_api_answered_202(tmp_path: Path,
+                                                        relay_process: Any) -> None:
+    port, api = free_port(), free_port()
+    toml = (f"[server]\nhostname = 'relay.test'\ndata_dir = '{tmp_path / 'data'}'\n"
+            f"[[smtp.listeners]]\nport = {port}\n[api]\nport = {api}\n"
+            "[delivery]\npaused = true\n")
+    (tmp_path / "relay.toml").write_text(toml)
+    made = run_relay("--config", str(tmp_path / "relay.toml"), "keys", "create", "--name", "t",
+                     "--json")
+    key = json.loads(made.stdout)["key"]
+    relay = relay_process(toml, api)
+    outcomes: dict[str, str] = {}
+    stop = threading.Event()
+    threads = [threading.Thread(target=api_sender, args=(api, key, n, outcomes, stop))
+               for n in range(SENDERS)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while sum(v.startswith("202") for v in outcomes.values()) < 300:
+        assert time.monotonic() < deadline, "relay accepted too little mail"
+        time.sleep(0.01)
+    relay.kill()  # SIGKILL mid-stream
+    stop.set()
+    for t in threads:
+        t.join(30)
+    relay.start()
+    relay.stop()
+
+    async def stored() -> dict[str, str]:
+        store = SQLiteStore(tmp_path / "data" / "relay.sqlite")
+        await store.open()
+        try:
+            out, cursor = {}, None
+            while True:
+                page = await store.list_messages(limit=500, cursor=cursor)
+                out.update({d.message.subject: d.message.id for d in page.items})
+                cursor = page.next_cursor
+                if not cursor:
+                    return out
+        finally:
+            await store.close()
+
+    found = asyncio.run(stored())
+    acked = {t: v.split()[1] for t, v in outcomes.items() if v.startswith("202")}
+    missing = [t for t in acked if found.get(t) != acked[t]]
+    assert not missing, f"answered 202 but lost: {missing}"
+    assert set(found) <= set(outcomes)
