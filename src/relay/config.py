@@ -185,6 +185,18 @@ class DkimConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WebhooksConfig:
+    # loopback, private, link-local and metadata targets are refused unless this is true
+    allow_private_targets: bool = False
+    timeout: float = field(default=15.0, metadata=_meta(_check_positive))
+    # an endpoint whose deliveries have all failed this long is disabled
+    disable_after_days: float = field(default=5.0, metadata=_meta(_check_positive))
+    # multiplies the Standard Webhooks retry schedule (5 s, 5 min, 30 min, 2 h, ... 24 h)
+    retry_scale: float = field(default=1.0, metadata=_meta(_check_positive))
+    concurrency: int = field(default=20, metadata=_meta(_check_positive))
+
+
+@dataclass(frozen=True, kw_only=True)
 class LimitsConfig:
     # the built message, encoded: 25 MiB of attachments take about 34.2 MiB in base64
     max_message_size: int = field(default=37748736, metadata=_meta(_check_positive))
@@ -208,6 +220,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 

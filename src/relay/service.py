@@ -25,6 +25,7 @@ from .store import SQLiteStore
 from .submit import Submitter
 from .supervise import WorkerProcess
 from .tlsutil import ensure_self_signed, server_context
+from .webhooks import WebhookDispatcher
 from .worker import WorkerArgs
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Service:
 
     api_bound: tuple[str, int] | None = None  # (address, port) of the HTTP API
     api_runner: web.AppRunner | None = field(init=False, default=None)
+    webhooks: WebhookDispatcher | None = field(init=False, default=None)
     scheduler: Scheduler | None = field(init=False, default=None)  # delivery in this process
     worker: WorkerProcess | None = field(init=False, default=None)  # or in its own
 
@@ -77,6 +79,9 @@ class Service:
                 log.info("SMTP %s listener on %s:%s (tls %s)", listener.mode,
                          *self.bound[-1], listener.tls)
             await self._start_api()
+            self.webhooks = WebhookDispatcher(self.config.webhooks, self.store)
+            await self.webhooks.start()
+            self.submitter.on_queued.append(self.webhooks.notify)
             if not self.config.delivery.paused:
                 await self._start_delivery()
         except BaseException:
@@ -135,6 +140,9 @@ class Service:
         if self.api_runner is not None:
             await self.api_runner.cleanup()
             self.api_runner = None
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+            self.webhooks = None
         if self.scheduler is not None:
             await self.scheduler.stop()
             self.scheduler = None

@@ -263,6 +263,22 @@ class Domain:
     keys: tuple[DkimKeyInfo, ...] = ()
 
 
+@dataclass(frozen=True, kw_only=True)
+class WebhookEndpoint:
+    id: str  # "wh_" + 16 hex
+    url: str
+    secret: str  # whsec_…, shown once at creation
+    events: tuple[str, ...]  # empty = every event
+    enabled: bool = True
+    created_at: float = 0.0
+    disabled_at: float | None = None
+    disabled_reason: str | None = None
+    failing_since: float | None = None
+
+    def __repr__(self) -> str:  # keeps the secret out of logs
+        return f"WebhookEndpoint(id={self.id!r}, url={self.url!r}, enabled={self.enabled})"
+
+
 SUPPRESSION_REASONS = ("unsubscribed", "hard_bounce", "complaint", "manual")
 
 

@@ -6,20 +6,42 @@ this attempt's, so every retry is signed anew (its verifiers refuse anything ove
 Drin (`Drin-Signature: t=<unix s>,v1=<hex>`): the key is the whole `whsec_…` string as UTF-8
 and `t` is the event's createdAt floored to seconds.
 
-(This module signs; the outbox and its dispatcher come with the rest of webhooks.)"""
+The dispatcher takes due deliveries from the outbox (filled in each event's own transaction),
+POSTs them without following redirects, and retries on the Standard Webhooks schedule; 2xx is
+success, 410 disables the endpoint, Retry-After is honoured. Targets on private addresses are
+refused at connect time, unless [webhooks] allow_private_targets."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
+import logging
 import os
+import socket
+import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import orjson
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from .api.views import iso
+from .config import WebhooksConfig
+from .store import SQLiteStore
+from .store.webhooks import Delivery
+
+log = logging.getLogger(__name__)
+
+# Standard Webhooks' retry schedule (seconds after the previous attempt): about 3 days in all
+SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
+LEASE = 120.0
+IDLE_POLL = 1.0
+METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 
 SECRET_PREFIX = "whsec_"
 
@@ -58,3 +80,146 @@ def signed_headers(secret: str, event_id: str, created_at: float, body: bytes,
         "webhook-signature": standard_signature(secret, event_id, timestamp, body),
         "Drin-Signature": drin_signature(secret, created_at, body),
     }
+
+
+def private(address: str) -> bool:
+    """Loopback, private, link-local, metadata and other non-global addresses."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip in METADATA_ADDRESSES or not ip.is_global
+
+
+class RefusedTarget(OSError):
+    """A webhook target that resolves only to addresses relay may not connect to."""
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves as usual, then drops private addresses: the check is on the very addresses
+    connected to, so a name that re-resolves (DNS rebinding) cannot get around it."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        allowed = [r for r in found if not private(r["host"])]
+        if not allowed:
+            raise RefusedTarget(f"{host} resolves only to private addresses")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def literal_refused(url: str, allow_private: bool) -> str | None:
+    """Why a URL whose host is an IP literal may not be called (the resolver never sees it)."""
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if not allow_private and private(host):
+        return f"{host} is a private address (set [webhooks] allow_private_targets)"
+    return None
+
+
+class WebhookDispatcher:
+    def __init__(self, config: WebhooksConfig, store: SQLiteStore, *,
+                 clock: Any = time.time) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        resolver = None if self._config.allow_private_targets else GuardedResolver()
+        connector = aiohttp.TCPConnector(resolver=resolver, limit=self._config.concurrency)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=self._config.timeout),
+            headers={"User-Agent": "relay-webhooks"})
+        self._task = asyncio.create_task(self._run(), name="webhooks")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                due = await self._store.lease_deliveries(self._clock(), 100, LEASE)
+                if due:
+                    await asyncio.gather(*(self._deliver(d) for d in due))
+                    continue
+                wait = IDLE_POLL
+                next_at = await self._store.next_delivery_at()
+                if next_at is not None:
+                    wait = max(0.0, min(wait, next_at - self._clock()))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bad round must not end the dispatcher
+                log.exception("webhook dispatch failed; trying again")
+                wait = IDLE_POLL
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                pass
+
+    async def _deliver(self, d: Delivery) -> None:
+        body = payload(f"evt_{d.event_id}", d.event_type, d.created_at, d.data)
+        status: int | None = None
+        error: str | None = None
+        retry_after: float | None = None
+        refused = literal_refused(d.endpoint.url, self._config.allow_private_targets)
+        if refused:
+            error = refused
+        else:
+            assert self._session is not None
+            headers = signed_headers(d.endpoint.secret, f"evt_{d.event_id}", d.created_at, body,
+                                     self._clock())
+            try:
+                async with self._session.post(d.endpoint.url, data=body, headers=headers,
+                                              allow_redirects=False) as resp:
+                    status = resp.status
+                    await resp.read()
+                    retry_after = _seconds(resp.headers.get("Retry-After"))
+                    if not 200 <= status < 300:
+                        error = f"HTTP {status}"
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                cause = exc.__cause__ if isinstance(exc.__cause__, RefusedTarget) else exc
+                error = f"{type(cause).__name__}: {cause}"[:300]
+        now = self._clock()
+        disable = None
+        if status == 410:
+            disable = "the endpoint answered 410 Gone"
+        elif error and d.endpoint.failing_since is not None and (
+                now - d.endpoint.failing_since > self._config.disable_after_days * 86400):
+            disable = (f"every delivery failed for {self._config.disable_after_days:g} days; "
+                       f"last: {error}")
+        next_at = None
+        if error and d.attempts < len(SCHEDULE):
+            delay = SCHEDULE[d.attempts] * self._config.retry_scale
+            next_at = now + max(delay, min(retry_after or 0.0, 86400.0))
+        await self._store.record_delivery(d, now=now, status=status, error=error,
+                                          next_at=next_at, disable=disable)
+
+
+def _seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None

@@ -145,6 +145,40 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE messages ADD COLUMN sender_domain TEXT NOT NULL DEFAULT '';
     """,
+    # 6: webhook endpoints and the outbox, filled by a trigger in the event's own transaction
+    """
+    CREATE TABLE webhook_endpoints (
+        id              TEXT PRIMARY KEY,
+        url             TEXT NOT NULL,
+        secret          TEXT NOT NULL,
+        events          TEXT NOT NULL DEFAULT '[]',
+        enabled         INTEGER NOT NULL DEFAULT 1,
+        created_at      REAL NOT NULL,
+        disabled_at     REAL,
+        disabled_reason TEXT,
+        failing_since   REAL
+    );
+    CREATE TABLE webhook_outbox (
+        id              INTEGER PRIMARY KEY,
+        endpoint_id     TEXT NOT NULL REFERENCES webhook_endpoints(id) ON DELETE CASCADE,
+        event_id        INTEGER NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        leased_until    REAL,
+        delivered_at    REAL,
+        last_status     INTEGER,
+        last_error      TEXT,
+        created_at      REAL NOT NULL
+    );
+    CREATE INDEX webhook_outbox_due ON webhook_outbox(next_attempt_at)
+        WHERE delivered_at IS NULL AND next_attempt_at IS NOT NULL;
+    CREATE TRIGGER events_fan_out AFTER INSERT ON events BEGIN
+        INSERT INTO webhook_outbox (endpoint_id, event_id, next_attempt_at, created_at)
+        SELECT w.id, NEW.id, NEW.created_at, NEW.created_at FROM webhook_endpoints w
+        WHERE w.enabled AND (w.events = '[]' OR EXISTS (
+            SELECT 1 FROM json_each(w.events) WHERE json_each.value = NEW.type));
+    END;
+    """,
 )
 
 

@@ -34,9 +34,11 @@ from .rows import (
 )
 from .schema import migrate
 from .suppressions import SuppressionQueries, listed, screened
+from .webhooks import WebhookQueries
 
 
-class SQLiteStore(DeliveryQueries, DomainQueries, IdempotencyQueries, SuppressionQueries):
+class SQLiteStore(DeliveryQueries, DomainQueries, IdempotencyQueries, SuppressionQueries,
+                  WebhookQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: aiosqlite.Connection | None = None

@@ -1,0 +1,145 @@
+"""Webhook endpoints and the outbox in the SQLite store. The outbox is filled by a trigger on
+the events table, so each event's deliveries are written in that event's own transaction."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+from ..types import EventType, WebhookEndpoint
+from .groupcommit import run_sync
+
+_COLUMNS = ("id, url, secret, events, enabled, created_at, disabled_at, disabled_reason,"
+            " failing_since")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Delivery:
+    """One event for one endpoint, leased for an attempt."""
+
+    outbox_id: int
+    attempts: int
+    endpoint: WebhookEndpoint
+    event_id: int
+    event_type: str
+    created_at: float
+    data: dict[str, Any]
+
+
+class WebhookQueries:
+    """Mixed into SQLiteStore."""
+
+    _write: Callable[[Any], Any]
+    _reader: aiosqlite.Connection
+
+    async def add_endpoint(self, ep: WebhookEndpoint) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(f"INSERT INTO webhook_endpoints ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                       (ep.id, ep.url, ep.secret, json.dumps(list(ep.events)), int(ep.enabled),
+                        ep.created_at, ep.disabled_at, ep.disabled_reason, ep.failing_since))
+
+        await self._write(op)
+
+    async def list_endpoints(self) -> list[WebhookEndpoint]:
+        def op(db: sqlite3.Connection) -> list[WebhookEndpoint]:
+            return [_endpoint(r) for r in db.execute(
+                f"SELECT {_COLUMNS} FROM webhook_endpoints ORDER BY created_at")]
+
+        found: list[WebhookEndpoint] = await run_sync(self._reader, op)
+        return found
+
+    async def lease_deliveries(self, now: float, limit: int, lease_for: float) -> list[Delivery]:
+        def op(db: sqlite3.Connection) -> list[Delivery]:
+            ids = [r[0] for r in db.execute(
+                "UPDATE webhook_outbox SET leased_until = ? WHERE id IN ("
+                " SELECT o.id FROM webhook_outbox o JOIN webhook_endpoints w"
+                " ON w.id = o.endpoint_id WHERE o.delivered_at IS NULL AND w.enabled"
+                " AND o.next_attempt_at <= ? AND (o.leased_until IS NULL OR o.leased_until < ?)"
+                " ORDER BY o.next_attempt_at LIMIT ?) RETURNING id",
+                (now + lease_for, now, now, limit))]
+            if not ids:
+                return []
+            rows = db.execute(
+                f"SELECT o.id, o.attempts, e.id, e.type, e.created_at, e.data, e.message_id,"
+                f" m.metadata, m.tags, {', '.join('w.' + c.strip() for c in _COLUMNS.split(','))}"
+                " FROM webhook_outbox o JOIN events e ON e.id = o.event_id"
+                " JOIN webhook_endpoints w ON w.id = o.endpoint_id"
+                " LEFT JOIN messages m ON m.id = e.message_id"
+                f" WHERE o.id IN ({','.join('?' * len(ids))}) ORDER BY o.id", ids).fetchall()
+            out = []
+            for r in rows:
+                data = {"messageId": r[6], **json.loads(r[5] or "{}")}
+                if r[7] is not None:
+                    data["metadata"] = json.loads(r[7])
+                    data["tags"] = [{"name": n, "value": v} for n, _, v in
+                                    (t.partition(":") for t in json.loads(r[8]))]
+                out.append(Delivery(outbox_id=r[0], attempts=r[1], endpoint=_endpoint(r[9:]),
+                                    event_id=r[2], event_type=r[3], created_at=r[4], data=data))
+            return out
+
+        leased: list[Delivery] = await self._write(op)
+        return leased
+
+    async def next_delivery_at(self) -> float | None:
+        def op(db: sqlite3.Connection) -> float | None:
+            row = db.execute("SELECT min(next_attempt_at) FROM webhook_outbox"
+                             " WHERE delivered_at IS NULL AND next_attempt_at IS NOT NULL"
+                             " AND leased_until IS NULL").fetchone()
+            return row[0] if row else None
+
+        found: float | None = await run_sync(self._reader, op)
+        return found
+
+    async def record_delivery(self, d: Delivery, *, now: float, status: int | None,
+                              error: str | None, next_at: float | None,
+                              disable: str | None = None) -> None:
+        """An attempt's outcome: delivered (2xx), to be retried at `next_at`, or given up
+        (`next_at` None). `disable` disables the endpoint and records webhook.disabled."""
+        ok = status is not None and 200 <= status < 300
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE webhook_outbox SET attempts = attempts + 1, leased_until = NULL,"
+                " last_status = ?, last_error = ?, delivered_at = ?, next_attempt_at = ?"
+                " WHERE id = ?", (status, error, now if ok else None,
+                                  None if ok else next_at, d.outbox_id))
+            if ok:
+                db.execute("UPDATE webhook_endpoints SET failing_since = NULL WHERE id = ?",
+                           (d.endpoint.id,))
+            else:
+                db.execute("UPDATE webhook_endpoints SET failing_since ="
+                           " coalesce(failing_since, ?) WHERE id = ?", (now, d.endpoint.id))
+            if disable and db.execute(
+                    "UPDATE webhook_endpoints SET enabled = 0, disabled_at = ?,"
+                    " disabled_reason = ? WHERE id = ? AND enabled",
+                    (now, disable, d.endpoint.id)).rowcount:
+                db.execute("INSERT INTO events (message_id, recipient_id, type, created_at, data)"
+                           " VALUES (NULL, NULL, ?, ?, ?)",
+                           (EventType.WEBHOOK_DISABLED.value, now, json.dumps(
+                               {"endpointId": d.endpoint.id, "url": d.endpoint.url,
+                                "reason": disable})))
+
+        await self._write(op)
+
+    async def outbox(self, endpoint_id: str) -> list[dict[str, Any]]:
+        """An endpoint's deliveries, oldest first (for tests and operators)."""
+        def op(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            cols = ("id", "event_id", "attempts", "next_attempt_at", "delivered_at",
+                    "last_status", "last_error")
+            return [dict(zip(cols, r, strict=True)) for r in db.execute(
+                f"SELECT {', '.join(cols)} FROM webhook_outbox WHERE endpoint_id = ?"
+                " ORDER BY id", (endpoint_id,))]
+
+        found: list[dict[str, Any]] = await run_sync(self._reader, op)
+        return found
+
+
+def _endpoint(r: Any) -> WebhookEndpoint:
+    return WebhookEndpoint(id=r[0], url=r[1], secret=r[2], events=tuple(json.loads(r[3])),
+                           enabled=bool(r[4]), created_at=r[5], disabled_at=r[6],
+                           disabled_reason=r[7], failing_since=r[8])

@@ -1,0 +1,205 @@
+"""Webhooks end to end: events fan out through the outbox to a real HTTP receiver on loopback,
+which checks every POST with the standardwebhooks library and the drin SDK's verifier."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from drin.webhooks import verify_webhook
+from standardwebhooks import Webhook
+
+from relay import webhooks
+from relay.config import ApiConfig, Config, WebhooksConfig
+from relay.service import Service
+from relay.types import WebhookEndpoint
+
+from .apiutil import SIMPLE, Api, open_api
+from .conftest import free_port, make_config
+
+
+class Receiver:
+    """An HTTP server that answers from a script and records what it got."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.got: list[tuple[dict[str, str], bytes]] = []
+        self.answers: list[int] = []  # consumed in order; then 200
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        self.got.append((dict(request.headers), await request.read()))
+        status = self.answers.pop(0) if self.answers else 200
+        return web.Response(status=status, text="ok")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self._hook)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver()
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.stop()
+
+
+def hook_config(tmp_path: Path, **options: Any) -> Config:
+    opts = {"allow_private_targets": True, "retry_scale": 0.02, **options}
+    return make_config(tmp_path, api=ApiConfig(port=0), webhooks=WebhooksConfig(**opts))
+
+
+async def endpoint(svc: Service, url: str, events: tuple[str, ...] = ()) -> WebhookEndpoint:
+    ep = WebhookEndpoint(id="wh_" + secrets.token_hex(8), url=url,
+                         secret=webhooks.new_secret(), events=events, created_at=time.time())
+    await svc.store.add_endpoint(ep)
+    return ep
+
+
+async def until(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def send_one(svc: Service) -> str:
+    session, key = await open_api(svc)
+    try:
+        api = Api(session, "http://{}:{}".format(*svc.api_bound or ("", 0)), key)
+        status, body, _ = await api.call("POST", "/v1/emails", {
+            **SIMPLE, "metadata": {"userId": 7}, "tags": [{"name": "kind", "value": "r"}]})
+        assert status == 202
+        return str(body["id"])
+    finally:
+        await session.close()
+
+
+def verified(ep: WebhookEndpoint, headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    event = Webhook(ep.secret).verify(body, headers)
+    drin = verify_webhook(body, headers["Drin-Signature"], ep.secret)
+    assert drin.payload == event
+    return dict(event)
+
+
+async def test_events_arrive_signed_both_ways(tmp_path: Path, receiver: Receiver) -> None:
+    svc = Service(hook_config(tmp_path))
+    await svc.start()
+    try:
+        ep = await endpoint(svc, receiver.url, ("email.queued",))
+        message_id = await send_one(svc)
+        await until(lambda: receiver.got)
+        headers, body = receiver.got[0]
+        event = verified(ep, headers, body)
+        assert event["type"] == "email.queued" and event["id"].startswith("evt_")
+        assert event["data"]["messageId"] == message_id
+        assert event["data"]["email"] == "bob@example.org"
+        assert event["data"]["metadata"] == {"userId": 7}
+        assert event["data"]["tags"] == [{"name": "kind", "value": "r"}]
+        await svc.store.cancel(message_id, "test", time.time())  # email.cancelled: not asked for
+        await asyncio.sleep(0.5)
+        assert len(receiver.got) == 1
+    finally:
+        await svc.stop()
+
+
+async def test_failures_are_retried_and_a_410_disables(tmp_path: Path,
+                                                        receiver: Receiver) -> None:
+    svc = Service(hook_config(tmp_path))
+    await svc.start()
+    try:
+        ep = await endpoint(svc, receiver.url, ("email.queued",))
+        receiver.answers = [500, 503]
+        await send_one(svc)
+        await until(lambda: len(receiver.got) == 3)
+        ids = {h["webhook-id"] for h, _ in receiver.got}
+        assert len(ids) == 1  # the same event, signed anew each time
+        for headers, body in receiver.got:
+            verified(ep, headers, body)
+        await asyncio.sleep(0.2)
+        rows = await svc.store.outbox(ep.id)
+        assert rows[0]["attempts"] == 3 and rows[0]["delivered_at"] is not None
+
+        receiver.answers = [410]
+        await send_one(svc)
+        await until(lambda: len(receiver.got) == 4)
+        await asyncio.sleep(0.3)
+        (listed,) = await svc.store.list_endpoints()
+        assert not listed.enabled and "410" in (listed.disabled_reason or "")
+        await send_one(svc)
+        await asyncio.sleep(0.5)
+        assert len(receiver.got) == 4  # nothing more to a disabled endpoint
+    finally:
+        await svc.stop()
+
+
+async def test_deliveries_survive_a_restart_while_the_receiver_is_down(tmp_path: Path) -> None:
+    down = Receiver()  # not started: connections are refused
+    config = hook_config(tmp_path)
+    svc = Service(config)
+    await svc.start()
+    try:
+        ep = await endpoint(svc, down.url, ("email.queued",))
+        await send_one(svc)
+        await asyncio.sleep(0.5)
+        rows = await svc.store.outbox(ep.id)
+        assert rows and rows[0]["attempts"] >= 1 and rows[0]["delivered_at"] is None
+    finally:
+        await svc.stop()
+    await down.start()
+    svc = Service(config)
+    await svc.start()
+    try:
+        await until(lambda: len(down.got) >= 1)
+        verified(ep, *down.got[0])
+    finally:
+        await svc.stop()
+        await down.stop()
+
+
+async def test_private_targets_are_refused_by_default(tmp_path: Path,
+                                                      receiver: Receiver) -> None:
+    svc = Service(hook_config(tmp_path, allow_private_targets=False))
+    await svc.start()
+    try:
+        by_ip = await endpoint(svc, receiver.url, ("email.queued",))
+        by_name = await endpoint(svc, f"http://localhost:{receiver.port}/hook",
+                                 ("email.queued",))
+        await send_one(svc)
+        await asyncio.sleep(1.0)
+        assert receiver.got == []
+        (ip_row,) = await svc.store.outbox(by_ip.id)
+        (name_row,) = await svc.store.outbox(by_name.id)
+        assert "private address" in ip_row["last_error"]
+        assert "private addresses" in name_row["last_error"]
+    finally:
+        await svc.stop()
+
+
+def test_private_address_rules() -> None:
+    for address in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1",
+                    "fe80::1", "::ffff:127.0.0.1", "100.64.0.1", "0.0.0.0"):
+        assert webhooks.private(address), address
+    for address in ("93.184.216.34", "2606:4700::1111"):
+        assert not webhooks.private(address), address
