@@ -4,6 +4,7 @@ which checks every POST with the standardwebhooks library and the drin SDK's ver
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -203,3 +204,93 @@ def test_private_address_rules() -> None:
         assert webhooks.private(address), address
     for address in ("93.184.216.34", "2606:4700::1111"):
         assert not webhooks.private(address), address
+
+
+async def test_manage_endpoints_over_http_and_redeliver(tmp_path: Path,
+                                                        receiver: Receiver) -> None:
+    svc = Service(hook_config(tmp_path))
+    await svc.start()
+    session, admin = await open_api(svc, scopes=("webhooks:manage", "emails:send"))
+    api = Api(session, "http://{}:{}".format(*svc.api_bound or ("", 0)), admin)
+    try:
+        status, made, _ = await api.call("POST", "/v1/webhooks", {
+            "url": receiver.url, "events": ["email.queued"]})
+        assert status == 201 and made["signingSecret"].startswith("whsec_")
+        status, listed, _ = await api.call("GET", "/v1/webhooks")
+        assert [e["id"] for e in listed["data"]] == [made["id"]]
+        assert "signingSecret" not in listed["data"][0] and "secret" not in str(listed)
+        await send_one(svc)
+        await until(lambda: len(receiver.got) == 1)
+        headers, body = receiver.got[0]
+        Webhook(made["signingSecret"]).verify(body, headers)
+        event_id = headers["webhook-id"]
+        status, rotated, _ = await api.call("POST", f"/v1/webhooks/{made['id']}/rotate-secret")
+        assert status == 200 and rotated["signingSecret"] != made["signingSecret"]
+        status, _, _ = await api.call("POST", f"/v1/webhooks/{made['id']}/redeliver",
+                                      {"eventId": event_id})
+        assert status == 202
+        await until(lambda: len(receiver.got) == 2)
+        headers, body = receiver.got[1]
+        assert headers["webhook-id"] == event_id
+        Webhook(rotated["signingSecret"]).verify(body, headers)  # signed with the new secret
+        status, body, _ = await api.call("POST", f"/v1/webhooks/{made['id']}/redeliver",
+                                         {"eventId": "evt_999999"})
+        assert status == 404
+        status, shown, _ = await api.call("PATCH", f"/v1/webhooks/{made['id']}",
+                                          {"enabled": False})
+        assert status == 200 and shown["enabled"] is False
+        status, _, _ = await api.call("DELETE", f"/v1/webhooks/{made['id']}")
+        assert status == 200
+        status, _, _ = await api.call("GET", f"/v1/webhooks/{made['id']}")
+        assert status == 404
+        status, body, _ = await api.call("POST", "/v1/webhooks", {"url": "ftp://x.test/"})
+        assert status == 422 and body["error"]["param"] == "url"
+        status, body, _ = await api.call("POST", "/v1/webhooks", {
+            "url": receiver.url, "events": ["email.nonsense"]})
+        assert status == 422 and body["error"]["param"].startswith("events")
+    finally:
+        await session.close()
+        await svc.stop()
+
+
+async def test_private_targets_are_refused_at_registration(tmp_path: Path) -> None:
+    svc = Service(hook_config(tmp_path, allow_private_targets=False))
+    await svc.start()
+    session, admin = await open_api(svc, scopes=("webhooks:manage",))
+    api = Api(session, "http://{}:{}".format(*svc.api_bound or ("", 0)), admin)
+    try:
+        for url in ("http://127.0.0.1:9/hook", "http://[::1]:9/", "http://169.254.169.254/",
+                    "http://10.0.0.8/hook", "http://localhost:9/hook"):
+            status, body, _ = await api.call("POST", "/v1/webhooks", {"url": url})
+            assert status == 422 and body["error"]["param"] == "url", (url, body)
+        assert await svc.store.list_endpoints() == []
+    finally:
+        await session.close()
+        await svc.stop()
+
+
+def test_cli_adds_lists_rotates_and_deletes(tmp_path: Path) -> None:
+    from .conftest import run_relay
+    path = tmp_path / "relay.toml"
+    path.write_text(f"[server]\nhostname = 'relay.test'\ndata_dir = '{tmp_path / 'data'}'\n"
+                    "[webhooks]\nallow_private_targets = true\n")
+
+    def relay(*args: str, code: int = 0) -> str:
+        result = run_relay("--config", str(path), "webhooks", *args)
+        assert result.returncode == code, result.stderr
+        return result.stdout + result.stderr
+
+    made = json.loads(relay("add", "http://127.0.0.1:9/hook", "--events",
+                            "email.delivered,email.bounced", "--json"))
+    assert made["signingSecret"].startswith("whsec_")
+    assert made["events"] == ["email.delivered", "email.bounced"]
+    listed = json.loads(relay("list", "--json"))
+    assert [e["id"] for e in listed] == [made["id"]] and "whsec_" not in json.dumps(listed)
+    assert "signing secret (shown once): whsec_" in relay("rotate", made["id"])
+    assert "disable" in relay("disable", made["id"])
+    assert json.loads(relay("list", "--json"))[0]["enabled"] is False
+    relay("delete", made["id"])
+    assert "no webhook" in relay("delete", made["id"], code=1)
+    assert "unknown event" in relay("add", "http://127.0.0.1:9/", "--events", "nope", code=2)
+    path.write_text(f"[server]\nhostname = 'relay.test'\ndata_dir = '{tmp_path / 'data'}'\n")
+    assert "private address" in relay("add", "http://127.0.0.1:9/hook", code=1)

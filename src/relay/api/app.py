@@ -15,6 +15,7 @@ from ..errors import ValidationError
 from ..store import SQLiteStore
 from ..submit import Submitter
 from .errors import ApiError
+from .hooks import HooksApi
 from .manage import ManageApi
 from .native import Handler, NativeApi
 from .schemas import (
@@ -22,11 +23,14 @@ from .schemas import (
     BatchResults,
     Cancelled,
     CreateApiKey,
+    CreateWebhook,
     EmailDetail,
     Page,
     Queued,
+    Redeliver,
     SendBatch,
     SendEmail,
+    UpdateWebhook,
 )
 
 log = logging.getLogger(__name__)
@@ -93,6 +97,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     app[BODY_LIMIT] = body_limit(config)
     app.add_routes(NativeApi(config, store, submitter).routes())
     app.add_routes(ManageApi(store).routes())
+    app.add_routes(HooksApi(config, store).routes())
     app.add_routes([web.get("/v1/openapi.json", openapi_handler)])
     return app
 
@@ -154,6 +159,18 @@ def openapi() -> dict[str, Any]:
                 for n, t in (("email", "string"), ("limit", "integer"), ("cursor", "string"))]),
             "post": op("Suppress an address (all mail, or one domain's broadcast mail)",
                        body=AddSuppression, status="201")},
+        "/v1/webhooks": {"post": op("Add a webhook endpoint (its signing secret is shown once)",
+                                    body=CreateWebhook, status="201"),
+                         "get": op("List webhook endpoints", answer=Page)},
+        "/v1/webhooks/{id}": {"get": op("A webhook endpoint", params=id_param),
+                              "patch": op("Enable or disable an endpoint", body=UpdateWebhook,
+                                          params=id_param),
+                              "delete": op("Delete an endpoint", params=id_param)},
+        "/v1/webhooks/{id}/rotate-secret": {"post": op("A new signing secret, shown once",
+                                                       params=id_param)},
+        "/v1/webhooks/{id}/redeliver": {"post": op("Send an event to the endpoint again",
+                                                   body=Redeliver, status="202",
+                                                   params=id_param)},
         "/v1/suppressions/{email}": {"delete": op("Remove an address's suppressions", params=[
             {"name": "email", "in": "path", "required": True, "schema": {"type": "string"}},
             {"name": "scope", "in": "query", "required": False,

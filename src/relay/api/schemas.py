@@ -133,3 +133,25 @@ class AddSuppression(Strict):
     scope: Annotated[str, StringConstraints(max_length=253)] = Field(
         default="", description="empty: all mail; a sending domain: that domain's broadcast "
                                 "mail only")
+
+
+EVENT_TYPES = Literal[
+    "email.queued", "email.scheduled", "email.deferred", "email.delivered", "email.bounced",
+    "email.expired", "email.delayed", "email.dropped", "email.cancelled", "email.held",
+    "email.released", "email.failed", "email.opened", "email.clicked", "email.unsubscribed",
+    "email.complained", "webhook.disabled"]
+
+
+class CreateWebhook(Strict):
+    url: Annotated[str, StringConstraints(min_length=8, max_length=2048,
+                                          pattern=r"^https?://[^\s]+$")]
+    events: list[EVENT_TYPES] = Field(default_factory=list,
+                                      description="the event types to send; empty = all")
+
+
+class UpdateWebhook(Strict):
+    enabled: bool
+
+
+class Redeliver(Strict):
+    eventId: Annotated[str, StringConstraints(pattern=r"^evt_[0-9]+$")]

@@ -53,6 +53,53 @@ class WebhookQueries:
         found: list[WebhookEndpoint] = await run_sync(self._reader, op)
         return found
 
+    async def get_endpoint(self, endpoint_id: str) -> WebhookEndpoint | None:
+        def op(db: sqlite3.Connection) -> WebhookEndpoint | None:
+            row = db.execute(f"SELECT {_COLUMNS} FROM webhook_endpoints WHERE id = ?",
+                             (endpoint_id,)).fetchone()
+            return _endpoint(row) if row else None
+
+        found: WebhookEndpoint | None = await run_sync(self._reader, op)
+        return found
+
+    async def update_endpoint(self, endpoint_id: str, *, enabled: bool | None = None,
+                              secret: str | None = None, now: float = 0.0) -> bool:
+        """Enable (failures forgotten) or disable by hand, or set a new secret."""
+        def op(db: sqlite3.Connection) -> bool:
+            changed = False
+            if enabled is not None:
+                changed |= db.execute(
+                    "UPDATE webhook_endpoints SET enabled = ?, disabled_at = ?,"
+                    " disabled_reason = ?, failing_since = NULL WHERE id = ?",
+                    (int(enabled), None if enabled else now,
+                     None if enabled else "disabled by an operator", endpoint_id)).rowcount > 0
+            if secret is not None:
+                changed |= db.execute("UPDATE webhook_endpoints SET secret = ? WHERE id = ?",
+                                      (secret, endpoint_id)).rowcount > 0
+            return changed
+
+        done: bool = await self._write(op)
+        return done
+
+    async def delete_endpoint(self, endpoint_id: str) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute("DELETE FROM webhook_endpoints WHERE id = ?",
+                              (endpoint_id,)).rowcount == 1
+
+        done: bool = await self._write(op)
+        return done
+
+    async def redeliver(self, endpoint_id: str, event_id: int, now: float) -> bool:
+        """Queue one event for one endpoint again, due now; False when either is unknown."""
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute(
+                "INSERT INTO webhook_outbox (endpoint_id, event_id, next_attempt_at, created_at)"
+                " SELECT w.id, e.id, ?, ? FROM webhook_endpoints w, events e"
+                " WHERE w.id = ? AND e.id = ?", (now, now, endpoint_id, event_id)).rowcount == 1
+
+        done: bool = await self._write(op)
+        return done
+
     async def lease_deliveries(self, now: float, limit: int, lease_for: float) -> list[Delivery]:
         def op(db: sqlite3.Connection) -> list[Delivery]:
             ids = [r[0] for r in db.execute(
