@@ -294,3 +294,28 @@ def test_cli_adds_lists_rotates_and_deletes(tmp_path: Path) -> None:
     assert "unknown event" in relay("add", "http://127.0.0.1:9/", "--events", "nope", code=2)
     path.write_text(f"[server]\nhostname = 'relay.test'\ndata_dir = '{tmp_path / 'data'}'\n")
     assert "private address" in relay("add", "http://127.0.0.1:9/hook", code=1)
+
+
+async def test_a_delivery_long_after_its_event_verifies_both_ways(tmp_path: Path,
+                                                                  receiver: Receiver) -> None:
+    """Standard Webhooks refuses a timestamp over 5 minutes old, Drin wants t = createdAt:
+    a retry made 10 minutes after the event must satisfy both."""
+    import sqlite3
+    config = hook_config(tmp_path)
+    svc = Service(config)
+    await svc.start()
+    try:
+        ep = await endpoint(svc, receiver.url)
+        old = time.time() - 600
+        with sqlite3.connect(config.db_path) as db:  # an event from 10 minutes ago
+            db.execute("INSERT INTO events (message_id, recipient_id, type, created_at, data)"
+                       " VALUES (NULL, NULL, 'email.delivered', ?, '{\"email\": \"b@x.test\"}')",
+                       (old,))
+        await until(lambda: receiver.got)
+        headers, body = receiver.got[0]
+        event = verified(ep, headers, body)
+        assert int(headers["webhook-timestamp"]) >= int(time.time()) - 5
+        assert headers["Drin-Signature"].startswith(f"t={int(old)},")
+        assert event["data"]["email"] == "b@x.test"
+    finally:
+        await svc.stop()
