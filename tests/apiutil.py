@@ -18,6 +18,9 @@ class Api:
     def __init__(self, session: aiohttp.ClientSession, base: str, key: str) -> None:
         self.session, self.base, self.key = session, base, key
 
+    async def close(self) -> None:
+        await self.session.close()
+
     async def call(self, method: str, path: str, body: Any = None, *, key: str | None = "",
                    headers: dict[str, str] | None = None, raw: bytes | None = None
                    ) -> tuple[int, Any, aiohttp.ClientResponse]:
@@ -48,3 +51,11 @@ async def open_api(svc: Service, scopes: tuple[str, ...] = ("emails:send", "emai
 
 SIMPLE = {"from": "Alice <alice@example.com>", "to": ["bob@example.org"], "subject": "Hi",
           "text": "Hello Bob.", "html": "<p>Hello Bob.</p>"}
+
+
+async def api_client(svc: Service, scopes: tuple[str, ...] = ("emails:send", "emails:read")
+                     ) -> Api:
+    """A client of the service's API with a new key; close it with `await api.close()`."""
+    session, secret = await open_api(svc, scopes)
+    assert svc.api_bound is not None
+    return Api(session, "http://{}:{}".format(*svc.api_bound), secret)

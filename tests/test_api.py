@@ -18,7 +18,7 @@ from relay import keys
 from relay.config import Config, DeliveryConfig, DnsConfig
 from relay.service import Service
 
-from .apiutil import SIMPLE, Api, open_api
+from .apiutil import SIMPLE, Api, api_client
 from .conftest import make_config
 from .dnsserver import DNSServer
 from .sink import Sink
@@ -201,9 +201,7 @@ async def test_api_mail_reaches_the_sink_with_correct_mime(tmp_path: Path,
     async with Sink() as sink:
         route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
         svc, _ = await started(tmp_path, dns, sink)
-        session, key = await open_api(svc)
-        assert svc.api_bound is not None
-        api = Api(session, "http://{}:{}".format(*svc.api_bound), key)
+        api = await api_client(svc)
         try:
             status, body, _ = await api.call("POST", "/v1/emails", {
                 "from": {"email": "alice@example.com", "name": "Zoë Ålund"},
@@ -253,7 +251,7 @@ async def test_api_mail_reaches_the_sink_with_correct_mime(tmp_path: Path,
             assert shown["metadata"] == {"userId": 42, "secret": "metadata-never-sent"}
             assert shown["tags"] == [{"name": "kind", "value": "invite"}]
         finally:
-            await session.close()
+            await api.close()
             await svc.stop()
 
 
@@ -262,9 +260,7 @@ async def test_scheduled_email_waits_for_its_time_and_a_cancelled_one_never_goes
     async with Sink() as sink:
         route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
         svc, _ = await started(tmp_path, dns, sink)
-        session, key = await open_api(svc)
-        assert svc.api_bound is not None
-        api = Api(session, "http://{}:{}".format(*svc.api_bound), key)
+        api = await api_client(svc)
         try:
             when = datetime.now(UTC) + timedelta(seconds=2)
             _, soon, _ = await api.call("POST", "/v1/emails", {
@@ -282,7 +278,7 @@ async def test_scheduled_email_waits_for_its_time_and_a_cancelled_one_never_goes
             await asyncio.sleep(0.5)
             assert [m.data.count(b"Subject: soon") for m in sink.messages] == [1]
         finally:
-            await session.close()
+            await api.close()
             await svc.stop()
 
 
@@ -401,16 +397,15 @@ async def test_a_body_over_the_limit_is_a_json_413(tmp_path: Path) -> None:
                                                        max_attachments_size=1000))
     svc = Service(config)
     await svc.start()
-    session, secret = await open_api(svc)
+    api = await api_client(svc)
     try:
-        api = Api(session, "http://{}:{}".format(*svc.api_bound or ("", 0)), secret)
         big = {**SIMPLE, "text": "x" * (2 * 1024 * 1024)}
         status, body, _ = await api.call("POST", "/v1/emails", big)
         assert status == 413 and body["error"]["type"] == "payload_too_large"
         status, body, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "text": "y" * 5000})
         assert status == 413 and body["error"]["param"] == "attachments"  # the built size
     finally:
-        await session.close()
+        await api.close()
         await svc.stop()
 
 

@@ -41,6 +41,25 @@ def sender(port: int, key: str, n: int, outcomes: dict[str, str], stop: threadin
             time.sleep(0.05)
 
 
+def stored_subjects(db_path: Path) -> dict[str, str]:
+    """{subject: message id} of every message in the store (the tests' tokens are subjects)."""
+    async def read() -> dict[str, str]:
+        store = SQLiteStore(db_path)
+        await store.open()
+        try:
+            out, cursor = {}, None
+            while True:
+                page = await store.list_messages(limit=500, cursor=cursor)
+                out.update({d.message.subject: d.message.id for d in page.items})
+                cursor = page.next_cursor
+                if not cursor:
+                    return out
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
 def test_sigkill_loses_no_acknowledged_message(tmp_path: Path, relay_process: Any) -> None:
     port = free_port()
     toml = (f"[server]\nhostname = 'relay.test'\ndata_dir = '{tmp_path / 'data'}'\n"
@@ -69,22 +88,7 @@ def test_sigkill_loses_no_acknowledged_message(tmp_path: Path, relay_process: An
     relay.start()  # restarts on the same data, recovering the WAL
     relay.stop()
 
-    async def stored_subjects() -> dict[str, str]:
-        store = SQLiteStore(tmp_path / "data" / "relay.sqlite")
-        await store.open()
-        try:
-            out = {}
-            cursor = None
-            while True:
-                page = await store.list_messages(limit=500, cursor=cursor)
-                out.update({d.message.subject: d.message.id for d in page.items})
-                cursor = page.next_cursor
-                if not cursor:
-                    return out
-        finally:
-            await store.close()
-
-    stored = asyncio.run(stored_subjects())
+    stored = stored_subjects(tmp_path / "data" / "relay.sqlite")
     acked = {t: v.split()[1] for t, v in outcomes.items() if v.startswith("250")}
     refused = [t for t, v in outcomes.items() if v == "refused"]
     unanswered = [t for t, v in outcomes.items() if v in ("sent", "noreply")]
@@ -152,21 +156,7 @@ def test_sigkill_loses_no_message_the_api_answered_202(tmp_path: Path,
     relay.start()
     relay.stop()
 
-    async def stored() -> dict[str, str]:
-        store = SQLiteStore(tmp_path / "data" / "relay.sqlite")
-        await store.open()
-        try:
-            out, cursor = {}, None
-            while True:
-                page = await store.list_messages(limit=500, cursor=cursor)
-                out.update({d.message.subject: d.message.id for d in page.items})
-                cursor = page.next_cursor
-                if not cursor:
-                    return out
-        finally:
-            await store.close()
-
-    found = asyncio.run(stored())
+    found = stored_subjects(tmp_path / "data" / "relay.sqlite")
     acked = {t: v.split()[1] for t, v in outcomes.items() if v.startswith("202")}
     missing = [t for t in acked if found.get(t) != acked[t]]
     assert not missing, f"answered 202 but lost: {missing}"

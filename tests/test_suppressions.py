@@ -14,7 +14,7 @@ from relay.config import DeliveryConfig, DnsConfig
 from relay.service import Service
 from relay.types import Suppression
 
-from .apiutil import SIMPLE, Api, open_api
+from .apiutil import SIMPLE, Api, api_client
 from .conftest import make_config, run_relay
 from .dnsserver import DNSServer
 from .sink import Sink
@@ -102,8 +102,7 @@ async def test_suppressed_after_queueing_is_dropped_when_the_mail_goes_out(
                              dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0))
         svc = Service(config)
         await svc.start()
-        session, key = await open_api(svc)
-        api = Api(session, "http://{}:{}".format(*svc.api_bound or ("", 0)), key)
+        api = await api_client(svc)
         try:
             when = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
             status, body, _ = await api.call("POST", "/v1/emails", {
@@ -120,7 +119,7 @@ async def test_suppressed_after_queueing_is_dropped_when_the_mail_goes_out(
             assert dropped == [{"email": "late@example.org", "reason": "complaint",
                                 "stage": "send"}]
         finally:
-            await session.close()
+            await api.close()
             await svc.stop()
 
 

@@ -21,7 +21,7 @@ from relay.config import ApiConfig, Config, WebhooksConfig
 from relay.service import Service
 from relay.types import WebhookEndpoint
 
-from .apiutil import SIMPLE, Api, open_api
+from .apiutil import SIMPLE, api_client
 from .conftest import free_port, make_config
 
 
@@ -86,15 +86,14 @@ async def until(predicate: Any, timeout: float = 15.0) -> None:
 
 
 async def send_one(svc: Service) -> str:
-    session, key = await open_api(svc)
+    api = await api_client(svc)
     try:
-        api = Api(session, "http://{}:{}".format(*svc.api_bound or ("", 0)), key)
         status, body, _ = await api.call("POST", "/v1/emails", {
             **SIMPLE, "metadata": {"userId": 7}, "tags": [{"name": "kind", "value": "r"}]})
         assert status == 202
         return str(body["id"])
     finally:
-        await session.close()
+        await api.close()
 
 
 def verified(ep: WebhookEndpoint, headers: dict[str, str], body: bytes) -> dict[str, Any]:
@@ -210,8 +209,7 @@ async def test_manage_endpoints_over_http_and_redeliver(tmp_path: Path,
                                                         receiver: Receiver) -> None:
     svc = Service(hook_config(tmp_path))
     await svc.start()
-    session, admin = await open_api(svc, scopes=("webhooks:manage", "emails:send"))
-    api = Api(session, "http://{}:{}".format(*svc.api_bound or ("", 0)), admin)
+    api = await api_client(svc, ("webhooks:manage", "emails:send"))
     try:
         status, made, _ = await api.call("POST", "/v1/webhooks", {
             "url": receiver.url, "events": ["email.queued"]})
@@ -249,15 +247,14 @@ async def test_manage_endpoints_over_http_and_redeliver(tmp_path: Path,
             "url": receiver.url, "events": ["email.nonsense"]})
         assert status == 422 and body["error"]["param"].startswith("events")
     finally:
-        await session.close()
+        await api.close()
         await svc.stop()
 
 
 async def test_private_targets_are_refused_at_registration(tmp_path: Path) -> None:
     svc = Service(hook_config(tmp_path, allow_private_targets=False))
     await svc.start()
-    session, admin = await open_api(svc, scopes=("webhooks:manage",))
-    api = Api(session, "http://{}:{}".format(*svc.api_bound or ("", 0)), admin)
+    api = await api_client(svc, ("webhooks:manage",))
     try:
         for url in ("http://127.0.0.1:9/hook", "http://[::1]:9/", "http://169.254.169.254/",
                     "http://10.0.0.8/hook", "http://localhost:9/hook"):
@@ -265,7 +262,7 @@ async def test_private_targets_are_refused_at_registration(tmp_path: Path) -> No
             assert status == 422 and body["error"]["param"] == "url", (url, body)
         assert await svc.store.list_endpoints() == []
     finally:
-        await session.close()
+        await api.close()
         await svc.stop()
 
 
