@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from relay import domains
 from relay.config import (
     ApiConfig,
     Config,
@@ -22,6 +23,7 @@ from relay.config import (
     ListenerConfig,
     ServerConfig,
     SmtpConfig,
+    TrackingConfig,
 )
 from relay.service import Service
 
@@ -41,6 +43,7 @@ def make_config(tmp_path: Path, *listeners: ListenerConfig, **sections: Any) -> 
         listeners = (ListenerConfig(port=free_port()),)
     sections.setdefault("delivery", DeliveryConfig(paused=True))
     sections.setdefault("api", ApiConfig(port=0))
+    sections.setdefault("tracking", TrackingConfig(allow_insecure_public_url=True))
     return Config(
         server=ServerConfig(hostname="relay.test", data_dir=tmp_path / "data"),
         smtp=SmtpConfig(listeners=listeners),
@@ -53,6 +56,12 @@ async def dns() -> AsyncIterator[DNSServer]:
     """An authoritative DNS server on loopback; point [dns] nameservers at dns.nameserver."""
     async with DNSServer() as server:
         yield server
+
+
+async def add_signing_domain(svc: Service, name: str) -> None:
+    """DKIM keys for a sending domain, as `relay domains add` makes them (broadcast mail
+    needs them: its unsubscribe headers must be signed)."""
+    await svc.store.save_domain(domains.make_domain(svc.config, name, time.time()))
 
 
 @pytest.fixture

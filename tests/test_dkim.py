@@ -26,7 +26,7 @@ from relay import dkim, keys, transcode
 from relay.config import Config, DeliveryConfig, DkimConfig, DnsConfig, ListenerConfig
 from relay.domains import split_txt
 from relay.errors import StoreError, TemporaryFailure, ValidationError
-from relay.render import KeyRing, Rendered, Renderer
+from relay.render import Job, KeyRing, Rendered, Renderer
 from relay.service import Service
 from relay.store import Outgoing
 from relay.types import DkimKeyInfo, EnvelopeRecipient, GivenDkimKey, Submission
@@ -434,11 +434,11 @@ async def test_keyring_callers_wait_for_the_first_load_and_keys_are_limited_to_t
     try:
         # concurrent jobs at start-up: none may sign with an empty ring
         results = await asyncio.gather(*(renderer.render_all(
-            [(Outgoing(body=data, sign_domains=(), dkim=None), False)]) for _ in range(5)))
+            [Job(Outgoing(body=data, sign_domains=(), dkim=None))]) for _ in range(5)))
         assert all(r[0].signed.startswith("signed: ed25519-sha256 d=example.test s=e1")
                    for r in results), results
         (limited,) = await renderer.render_all(
-            [(Outgoing(body=data, sign_domains=("other.test",), dkim=None), False)])
+            [Job(Outgoing(body=data, sign_domains=("other.test",), dkim=None))])
         assert isinstance(limited, Rendered) and limited.signed.startswith("unsigned: ")
     finally:
         renderer.close()

@@ -16,7 +16,7 @@ from relay.config import LimitsConfig, ListenerConfig
 from relay.service import Service
 from relay.store import SQLiteStore
 
-from .conftest import free_port, make_config
+from .conftest import add_signing_domain, free_port, make_config
 from .smtputil import MESSAGE, client_tls, connect, in_thread, send
 
 
@@ -389,6 +389,7 @@ async def test_smtputf8_is_honoured(service: Service) -> None:
 
 async def test_control_headers_are_stored_and_stripped(service: Service) -> None:
     key = await make_key(service)
+    await add_signing_domain(service, "example.com")  # broadcast mail must be signable
     data = (b"X-Relay-Tags: welcome, onboarding\r\nX-Relay-Metadata: {\"user\": 42}\r\n"
             b"X-Relay-Stream: broadcast\r\n" + MESSAGE)
     code, text = await in_thread(send, service.bound[0][1], key, data)

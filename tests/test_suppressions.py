@@ -15,7 +15,7 @@ from relay.service import Service
 from relay.types import Suppression
 
 from .apiutil import SIMPLE, Api, api_client
-from .conftest import make_config, run_relay
+from .conftest import add_signing_domain, make_config, run_relay
 from .dnsserver import DNSServer
 from .sink import Sink
 from .smtputil import in_thread, send
@@ -82,6 +82,8 @@ async def test_suppressed_recipients_are_dropped_at_submit(api: Api, service: Se
 
 async def test_an_unsubscribe_stops_that_domains_broadcast_mail_only(api: Api,
                                                                      service: Service) -> None:
+    await add_signing_domain(service, "example.com")
+    await add_signing_domain(service, "other.example")
     await service.store.add_suppression(entry("reader@example.org", "example.com",
                                               "unsubscribed"))
     to_reader = {**SIMPLE, "to": ["reader@example.org"]}

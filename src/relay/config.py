@@ -185,6 +185,13 @@ class DkimConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    # RFC 8058 needs https for one-click unsubscribe; true lets broadcast mail use an http
+    # [api] public_url (tests, a lab)
+    allow_insecure_public_url: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class WebhooksConfig:
     # loopback, private, link-local and metadata targets are refused unless this is true
     allow_private_targets: bool = False
@@ -221,6 +228,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import compose, dkim, rawmail, transcode
+from . import compose, dkim, rawmail, tracking, transcode
 from .config import DkimConfig
 from .errors import StoreError, TemporaryFailure
 from .keys import may_send_as
@@ -24,6 +24,28 @@ log = logging.getLogger(__name__)
 KEYRING_REFRESH = 30.0  # seconds between re-reads of the domains' keys from the store
 RENDER_THREADS = 2
 GIVEN_CACHE = 256  # parsed keys given with messages, kept by the hash of their text
+
+
+@dataclass(frozen=True)
+class Job:
+    """One rendering: a message for all its recipients in a delivery, or, for broadcast
+    mail, for one recipient (its own unsubscribe link)."""
+
+    message: Outgoing
+    smtputf8: bool = False
+    recipient_id: int | None = None
+    stream: str = "transactional"
+    sender_domain: str = ""
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    """How render builds List-Unsubscribe: the token key, the public base URL, and the label
+    of the return-path host that receives the mailto: form."""
+
+    tokens: tracking.Tokens
+    public_url: str
+    return_path_label: str
 
 
 @dataclass(frozen=True)
@@ -89,41 +111,57 @@ class KeyRing:
 
 
 class Renderer:
-    def __init__(self, config: DkimConfig, keyring: KeyRing, *, threads: int = RENDER_THREADS
-                 ) -> None:
+    def __init__(self, config: DkimConfig, keyring: KeyRing, *, threads: int = RENDER_THREADS,
+                 unsubscribe: Unsubscribe | None = None) -> None:
         self._config = config
         self._keyring = keyring
+        self._unsubscribe = unsubscribe
         self._given: dict[bytes, dkim.SigningKey] = {}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="render")
 
-    async def render_all(self, messages: Sequence[tuple[Outgoing, bool]]
-                         ) -> list[Rendered | Exception]:
-        """Each (message, smtputf8) rendered, off the event loop: the RSA signature (most of
-        the cost) runs without the GIL, beside the loop. A failure is returned, not raised."""
+    async def render_all(self, jobs: Sequence[Job]) -> list[Rendered | Exception]:
+        """Each job rendered, off the event loop: the RSA signature (most of the cost) runs
+        without the GIL, beside the loop. A failure is returned, not raised."""
         await self._keyring.fresh()
         return await asyncio.get_running_loop().run_in_executor(
-            self._pool, self._render_each, messages)
+            self._pool, self._render_each, jobs)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _render_each(self, messages: Sequence[tuple[Outgoing, bool]]
-                     ) -> list[Rendered | Exception]:
+    def _render_each(self, jobs: Sequence[Job]) -> list[Rendered | Exception]:
         out: list[Rendered | Exception] = []
-        for message, smtputf8 in messages:
+        for job in jobs:
             try:
-                out.append(self.render(message, smtputf8=smtputf8))
+                out.append(self.render(job.message, smtputf8=job.smtputf8, job=job))
             except Exception as exc:  # noqa: BLE001 - the caller parks that one message
                 out.append(exc)
         return out
 
-    def render(self, message: Outgoing, *, smtputf8: bool = False) -> Rendered:
-        data = transcode.seven_bit(compose.materialize(message.body, message.kind))
+    def render(self, message: Outgoing, *, smtputf8: bool = False,
+               job: Job | None = None) -> Rendered:
+        data = compose.materialize(message.body, message.kind)
+        if job is not None and job.stream == "broadcast" and job.recipient_id is not None \
+                and self._unsubscribe is not None:
+            data = self._add_unsubscribe(data, job.recipient_id, job.sender_domain)
+        data = transcode.seven_bit(data)
         needs_utf8 = smtputf8 or transcode.needs_smtputf8(data)
         keys, note = self._choose(message, data)
         if keys:
             data = dkim.sign(data, keys)
         return Rendered(data=data, smtputf8=needs_utf8, signed=note)
+
+    def _add_unsubscribe(self, data: bytes, recipient_id: int, sender_domain: str) -> bytes:
+        """RFC 8058's two headers, before signing so that h= covers them."""
+        u = self._unsubscribe
+        assert u is not None
+        host = f"{u.return_path_label}.{sender_domain}" if sender_domain else ""
+        headers, body = rawmail.split(data)
+        headers = [h for h in headers if h.key not in ("list-unsubscribe",
+                                                        "list-unsubscribe-post")]
+        headers += [rawmail.make(n, v) for n, v in
+                    tracking.unsubscribe_headers(u.tokens, recipient_id, u.public_url, host)]
+        return rawmail.join(headers, body)
 
     def _choose(self, message: Outgoing, data: bytes) -> tuple[list[dkim.SigningKey], str]:
         """The keys that sign and a line saying so. A key signs only for domains the sender

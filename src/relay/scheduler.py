@@ -15,7 +15,7 @@ from .config import Config, parse_hostport
 from .deliver import Deliverer, OutMessage, OutRecipient, Result, Target
 from .errors import DeliveryFailure, StoreError, TemporaryFailure
 from .mx import MXResolver
-from .render import Renderer
+from .render import Job, Renderer
 from .reports import ReportMaker
 from .store import SQLiteStore
 from .store.delivery import AttemptRecord, DueRecipient, Outcome
@@ -240,15 +240,23 @@ class Scheduler:
         for r in job.recipients:
             by_message[r.message_id].append(r)
         found = await self._store.get_outgoing_many(list(by_message))
-        todo = [(found[m], recipients[0].smtputf8, recipients)
-                for m, recipients in by_message.items() if m in found]
         # a message missing here was deleted under us; its lease lapses and nothing is lost
+        todo: list[tuple[Job, list[DueRecipient]]] = []
+        for message_id, recipients in by_message.items():
+            if message_id not in found:
+                continue
+            first = recipients[0]
+            if first.stream == Stream.BROADCAST.value:  # each its own unsubscribe link
+                todo += [(Job(found[message_id], r.smtputf8, r.id, r.stream, r.sender_domain),
+                          [r]) for r in recipients]
+            else:
+                todo.append((Job(found[message_id], first.smtputf8), recipients))
         try:
-            rendered_all = await self._renderer.render_all([(o, utf8) for o, utf8, _ in todo])
+            rendered_all = await self._renderer.render_all([j for j, _ in todo])
         except DeliveryFailure as failure:  # e.g. the keys cannot be read yet: try later
             record([self._outcome_from_failure(r, failure, started) for r in job.recipients])
             return
-        for (_, _, recipients), rendered in zip(todo, rendered_all, strict=True):
+        for (_, recipients), rendered in zip(todo, rendered_all, strict=True):
             first = recipients[0]
             if isinstance(rendered, Exception):  # park this message, deliver the others
                 log.error("rendering %s failed", first.message_id, exc_info=rendered)

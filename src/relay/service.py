@@ -17,7 +17,7 @@ from .config import Config, ListenerConfig
 from .deliver import Deliverer
 from .errors import ConfigError
 from .mx import MXResolver
-from .render import KeyRing, Renderer
+from .render import KeyRing, Renderer, Unsubscribe
 from .reports import ReportMaker
 from .scheduler import Scheduler
 from .smtpd import AuthThrottle, RelayHandler, make_server_factory
@@ -25,6 +25,7 @@ from .store import SQLiteStore
 from .submit import Submitter
 from .supervise import WorkerProcess
 from .tlsutil import ensure_self_signed, server_context
+from .tracking import Tokens, load_key
 from .webhooks import WebhookDispatcher
 from .worker import WorkerArgs
 
@@ -55,6 +56,7 @@ class Service:
         self.config.server.data_dir.mkdir(parents=True, exist_ok=True)
         contexts = [self._tls_context(i, lst) for i, lst in enumerate(self.config.smtp.listeners)]
         await self.store.open()
+        load_key(self.config.server.data_dir)  # made once, before any process needs it
         limits = self.config.limits
         throttle = AuthThrottle(delay_after=limits.auth_failures_before_delay,
                                 block_after=limits.auth_failures_before_block,
@@ -177,7 +179,9 @@ def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],
                           own_listeners=own_listeners, smarthost=bool(config.delivery.smarthost))
     scheduler = Scheduler(config, store, MXResolver(config.dns), deliverer,
                           ReportMaker(submitter, config.server.hostname),
-                          Renderer(config.dkim, KeyRing(store)))
+                          Renderer(config.dkim, KeyRing(store), unsubscribe=Unsubscribe(
+                              Tokens(load_key(config.server.data_dir)), config.api.public_url,
+                              config.dkim.return_path_label)))
     submitter.on_queued.append(scheduler.notify)
     return store, scheduler
 

@@ -16,7 +16,7 @@ from .config import Config
 from .errors import ValidationError
 from .keys import may_send_as
 from .store import NewMessage, NewRecipient, Remembered, Store
-from .types import EnvelopeRecipient, GivenDkimKey, Submission, SubmitResult
+from .types import EnvelopeRecipient, GivenDkimKey, Stream, Submission, SubmitResult
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 _CONTROL_PREFIX = "x-relay-"
@@ -84,6 +84,8 @@ class Submitter:
         self._store = store
         self._clock = clock
         self.on_queued: list[Callable[[], None]] = []  # told after each commit of new mail
+        self._domains: set[str] = set()  # domains with DKIM keys, re-read every 30 s
+        self._domains_at: float | None = None
 
     async def submit(self, sub: Submission) -> SubmitResult:
         """Validate and commit; returns only after the commit (or raises StoreError)."""
@@ -91,6 +93,7 @@ class Submitter:
 
     async def commit(self, message: NewMessage) -> SubmitResult:
         """Commit a prepared message; returns only after the commit (or raises StoreError)."""
+        await self.check_broadcast(message)
         result = await self._store.enqueue(message)
         if not result.duplicate:
             self._queued()
@@ -106,6 +109,33 @@ class Submitter:
         if results:
             self._queued()
         return results, existing
+
+    async def check_broadcast(self, message: NewMessage) -> None:
+        """Broadcast mail gets one-click unsubscribe links (RFC 8058): they need an https
+        public URL and a DKIM signature covering them, so a signing key for the sender."""
+        if message.stream is not Stream.BROADCAST:
+            return
+        if not self._config.api.public_url.startswith("https://") and \
+                not self._config.tracking.allow_insecure_public_url:
+            raise ValidationError(
+                "broadcast mail needs an https [api] public_url for its one-click unsubscribe "
+                "links (RFC 8058)", param="stream", smtp="550 5.7.0")
+        domains = await self._signing_domains()
+        labels = message.sender_domain.split(".")
+        mine = {".".join(labels[i:]) for i in range(len(labels) - 1)}
+        default = self._config.dkim.default_domain
+        if not self._config.dkim.enabled or not (mine & domains or default in domains):
+            raise ValidationError(
+                f"broadcast mail must be DKIM-signed (RFC 8058) and "
+                f"{message.sender_domain or 'its sender'} has no key: relay domains add",
+                param="stream", smtp="550 5.7.0")
+
+    async def _signing_domains(self) -> set[str]:
+        now = time.monotonic()
+        if self._domains_at is None or now - self._domains_at > 30.0:
+            self._domains = {k.domain for k in await self._store.signing_keys()}
+            self._domains_at = now
+        return self._domains
 
     def _queued(self) -> None:
         for callback in self.on_queued:

@@ -78,6 +78,7 @@ class NativeApi:
                     message, idempotency_scope=claim.scope, idempotency_key=claim.key,
                     idempotency_fingerprint=claim.fingerprint, idempotency_status=answer.status,
                     idempotency_response=answer.body)
+            await self._checked(message)
             result = await self._store_call(self._submitter.commit(message))
             if result.duplicate and claim is not None:  # the key was taken meanwhile
                 found = await self._store.recall(claim.scope, claim.key, time.time())
@@ -101,11 +102,13 @@ class NativeApi:
             messages, indexes = [], []
             for i, item in enumerate(batch.emails):
                 try:
-                    messages.append(
-                        self._prepare(parse(SendEmail, item, prefix=f"emails[{i}]"), key))
-                    indexes.append(i)
+                    message = self._prepare(parse(SendEmail, item, prefix=f"emails[{i}]"), key)
+                    await self._checked(message)
                 except ApiError as exc:
                     failed[i] = _error_body(exc, f"emails[{i}]")
+                    continue
+                messages.append(message)
+                indexes.append(i)
 
             def answer(queued: list[SubmitResult]) -> Answer:
                 """Made inside the transaction, once screening has said who is suppressed."""
@@ -139,6 +142,12 @@ class NativeApi:
                                param="attachments") from None
             if " 5.7.1" in exc.smtp:  # a sender domain this key may not use
                 raise ApiError(403, str(exc), param=exc.param) from None
+            raise ApiError(422, str(exc), param=exc.param) from None
+
+    async def _checked(self, message: NewMessage) -> None:
+        try:
+            await self._submitter.check_broadcast(message)
+        except ValidationError as exc:
             raise ApiError(422, str(exc), param=exc.param) from None
 
     @staticmethod

@@ -3,13 +3,14 @@ runs inside the transaction that queues a message (no extra read on the way in).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import aiosqlite
 
-from ..types import Stream, SubmitResult, Suppression
+from ..types import EventType, Stream, SubmitResult, Suppression
 from .base import NewMessage
 from .groupcommit import run_sync
 
@@ -66,6 +67,30 @@ class SuppressionQueries:
 
         found: list[Suppression] = await run_sync(self._reader, op)
         return found
+
+    async def unsubscribe(self, recipient_id: int, now: float) -> tuple[str, str] | None:
+        """A recipient leaves its sender's broadcast mail: a suppression scoped to the sending
+        domain and an email.unsubscribed event, once. (address, scope), or None."""
+        def op(db: sqlite3.Connection) -> tuple[str, str] | None:
+            row = db.execute(
+                "SELECT r.address, m.sender_domain, r.message_id FROM recipients r"
+                " JOIN messages m ON m.id = r.message_id WHERE r.id = ?",
+                (recipient_id,)).fetchone()
+            if row is None:
+                return None
+            address, scope, message_id = row
+            added = db.execute(
+                f"INSERT OR IGNORE INTO suppressions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                (address, scope, "unsubscribed", f"unsubscribe:{message_id}", now)).rowcount
+            if added:
+                db.execute("INSERT INTO events (message_id, recipient_id, type, created_at, data)"
+                           " VALUES (?, ?, ?, ?, ?)",
+                           (message_id, recipient_id, EventType.UNSUBSCRIBED.value, now,
+                            json.dumps({"email": address, "scope": scope})))
+            return address, scope
+
+        done: tuple[str, str] | None = await self._write(op)
+        return done
 
     async def suppressed(self, addresses: Sequence[str], *, stream: Stream,
                          sender_domain: str) -> dict[str, str]:

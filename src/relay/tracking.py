@@ -1,0 +1,133 @@
+"""Signed per-recipient tokens, and what is built on them: the one-click unsubscribe headers
+of broadcast mail (RFC 8058) and the HTTP endpoint they point to.
+
+A token is the recipient's id and 80 bits of HMAC-SHA256 over it, in lower-case base32: an
+altered or made-up token maps to nothing (404), never to another recipient."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import html
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from .store import SQLiteStore
+
+TOKEN_KEY_FILE = "token.key"
+_MAC_BYTES = 10
+
+
+def load_key(data_dir: Path) -> bytes:
+    """The key every process of this relay signs tokens with, made once (0600) in data_dir."""
+    path = data_dir / TOKEN_KEY_FILE
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = os.urandom(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    return key
+
+
+class Tokens:
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def make(self, kind: str, recipient_id: int) -> str:
+        raw = recipient_id.to_bytes(8, "big")
+        return _b32(raw + self._mac(kind, raw))
+
+    def read(self, kind: str, token: str) -> int | None:
+        """The recipient id, or None for anything not made by `make` for this kind."""
+        try:
+            raw = base64.b32decode(token.upper() + "=" * (-len(token) % 8))
+        except (ValueError, TypeError):
+            return None
+        if len(raw) != 8 + _MAC_BYTES:
+            return None
+        if not hmac.compare_digest(raw[8:], self._mac(kind, raw[:8])):
+            return None
+        return int.from_bytes(raw[:8], "big")
+
+    def _mac(self, kind: str, raw: bytes) -> bytes:
+        return hmac.new(self._key, kind.encode() + b"\0" + raw, hashlib.sha256).digest()[
+            :_MAC_BYTES]
+
+
+def _b32(raw: bytes) -> str:
+    return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+
+
+def unsubscribe_headers(tokens: Tokens, recipient_id: int, public_url: str,
+                        return_path_host: str) -> list[tuple[str, str]]:
+    """RFC 8058: an HTTPS one-click URL and a mailto: address for the inbound listener."""
+    token = tokens.make("unsubscribe", recipient_id)
+    url = f"{public_url.rstrip('/')}/u/{token}"
+    mailto = f"mailto:unsub+{token}@{return_path_host}" if return_path_host else ""
+    value = f"<{url}>" + (f", <{mailto}>" if mailto else "")
+    return [("List-Unsubscribe", value),
+            ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
+
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Unsubscribe</title>
+<meta name="viewport" content="width=device-width"></head><body style="font-family:sans-serif">
+<h1>{title}</h1><p>{text}</p>{form}</body></html>"""
+
+
+class UnsubscribeRoutes:
+    """POST /u/TOKEN with List-Unsubscribe=One-Click (what mail clients send, RFC 8058)
+    unsubscribes and answers 200, no redirect. GET shows a page with a button and changes
+    nothing (link scanners follow GETs). Cookies are neither set nor read."""
+
+    def __init__(self, store: SQLiteStore, tokens: Tokens) -> None:
+        self._store = store
+        self._tokens = tokens
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/u/{token}", self.page), web.post("/u/{token}", self.one_click)]
+
+    async def page(self, request: web.Request) -> web.Response:
+        self._recipient(request)
+        form = ('<form method="post"><input type="hidden" name="List-Unsubscribe" '
+                'value="One-Click"><button type="submit">Unsubscribe</button></form>')
+        return _html(200, "Unsubscribe?", "Press the button to stop this sender's mailings.",
+                     form)
+
+    async def one_click(self, request: web.Request) -> web.Response:
+        recipient_id = self._recipient(request)
+        form = await request.post()
+        if form.get("List-Unsubscribe") != "One-Click":
+            return _html(400, "Not unsubscribed",
+                         "The request lacks List-Unsubscribe=One-Click.", "")
+        done = await self._store.unsubscribe(recipient_id, time.time())
+        if done is None:
+            raise web.HTTPNotFound()
+        address, scope = done
+        return _html(200, "Unsubscribed", f"{html.escape(address)} gets no more mailings "
+                     f"from {html.escape(scope or 'this sender')}.", "")
+
+    def _recipient(self, request: web.Request) -> int:
+        found = self._tokens.read("unsubscribe", request.match_info["token"])
+        if found is None:
+            raise web.HTTPNotFound()  # a made-up or altered token: nothing to say
+        return found
+
+
+def _html(status: int, title: str, text: str, form: str) -> web.Response:
+    return web.Response(status=status, content_type="text/html",
+                        text=_PAGE.format(title=title, text=text, form=form))
