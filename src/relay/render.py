@@ -4,6 +4,7 @@ then DKIM-sign it (always last) with the right domain's keys."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -36,6 +37,7 @@ class Job:
     recipient_id: int | None = None
     stream: str = "transactional"
     sender_domain: str = ""
+    track: str = ""  # "opens", "clicks" or both: the html rewritten for this recipient
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ class Renderer:
 
     def render(self, message: Outgoing, *, smtputf8: bool = False,
                job: Job | None = None) -> Rendered:
-        data = compose.materialize(message.body, message.kind)
+        data = self._materialize(message, job)
         if job is not None and job.stream == "broadcast" and job.recipient_id is not None \
                 and self._unsubscribe is not None:
             data = self._add_unsubscribe(data, job.recipient_id, job.sender_domain)
@@ -150,6 +152,20 @@ class Renderer:
         if keys:
             data = dkim.sign(data, keys)
         return Rendered(data=data, smtputf8=needs_utf8, signed=note)
+
+    def _materialize(self, message: Outgoing, job: Job | None) -> bytes:
+        """The message's bytes; a tracked composition gets this recipient's links and pixel
+        (mail that came in by SMTP is never rewritten)."""
+        u = self._unsubscribe
+        if job is None or not job.track or job.recipient_id is None or u is None or \
+                message.kind != "composition":
+            return compose.materialize(message.body, message.kind)
+        c, message_id, date = compose.loads(message.body)
+        if c.html:
+            c = dataclasses.replace(c, html=tracking.rewrite_html(
+                c.html, u.tokens, job.recipient_id, u.public_url,
+                opens="opens" in job.track, clicks="clicks" in job.track))
+        return compose.build(c, message_id=message_id, date=date)
 
     def _add_unsubscribe(self, data: bytes, recipient_id: int, sender_domain: str) -> bytes:
         """RFC 8058's two headers, before signing so that h= covers them."""

@@ -246,9 +246,9 @@ class Scheduler:
             if message_id not in found:
                 continue
             first = recipients[0]
-            if first.stream == Stream.BROADCAST.value:  # each its own unsubscribe link
-                todo += [(Job(found[message_id], r.smtputf8, r.id, r.stream, r.sender_domain),
-                          [r]) for r in recipients]
+            if first.stream == Stream.BROADCAST.value or first.track:  # links per recipient
+                todo += [(Job(found[message_id], r.smtputf8, r.id, r.stream, r.sender_domain,
+                              r.track), [r]) for r in recipients]
             else:
                 todo.append((Job(found[message_id], first.smtputf8), recipients))
         try:

@@ -195,6 +195,8 @@ class Submitter:
             dkim=given,
             sender_domain=a_label(sender_domain) or "",
             refuse_if_suppressed=sub.refuse_if_suppressed,
+            track=",".join(k for k, on in (("opens", sub.track_opens),
+                                           ("clicks", sub.track_clicks)) if on),
         )
 
     def _raw(self, sub: Submission, message_id: str, date: str,

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import html
 import os
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,6 +65,24 @@ class Tokens:
             return None
         return int.from_bytes(raw[:8], "big")
 
+    def make_link(self, recipient_id: int, url: str) -> str:
+        """A click token: the recipient and the original URL, signed."""
+        raw = recipient_id.to_bytes(8, "big") + url.encode("utf-8")
+        return base64.urlsafe_b64encode(raw + self._mac("click", raw)).decode().rstrip("=")
+
+    def read_link(self, token: str) -> tuple[int, str] | None:
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (ValueError, TypeError):
+            return None
+        body, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
+        if len(body) < 9 or not hmac.compare_digest(mac, self._mac("click", body)):
+            return None
+        try:
+            return int.from_bytes(body[:8], "big"), body[8:].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
     def _mac(self, kind: str, raw: bytes) -> bytes:
         return hmac.new(self._key, kind.encode() + b"\0" + raw, hashlib.sha256).digest()[
             :_MAC_BYTES]
@@ -71,6 +90,51 @@ class Tokens:
 
 def _b32(raw: bytes) -> str:
     return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+
+
+_HREF = re.compile(r"""(<a\b[^>]*?\bhref\s*=\s*)(["'])(https?://[^"']+)\2""", re.IGNORECASE)
+_BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
+
+
+def rewrite_html(html_text: str, tokens: Tokens, recipient_id: int, public_url: str, *,
+                 opens: bool, clicks: bool) -> str:
+    """Links through signed redirects, and an open pixel before </body>."""
+    base = public_url.rstrip("/")
+    if clicks:
+        def link(m: re.Match[str]) -> str:
+            url = html.unescape(m.group(3))
+            return f"{m.group(1)}{m.group(2)}{base}/c/{tokens.make_link(recipient_id, url)}" \
+                   f"{m.group(2)}"
+
+        html_text = _HREF.sub(link, html_text)
+    if opens:
+        pixel = (f'<img src="{base}/o/{tokens.make("open", recipient_id)}" width="1" '
+                 'height="1" alt="" style="display:block;border:0;width:1px;height:1px">')
+        found = _BODY_END.search(html_text)
+        html_text = (html_text[:found.start()] + pixel + html_text[found.start():]
+                     if found else html_text + pixel)
+    return html_text
+
+
+# Named rules that mark an open or a click as a machine's, not a person's
+PROXY_AGENTS = (("google-image-proxy", "GoogleImageProxy"), ("yahoo-mail-proxy", "YahooMailProxy"),
+                ("outlook-link-scanner", "Microsoft Office/"), ("bot", "bot"))
+CLICK_TOO_SOON = 2.0  # seconds after delivery: a scanner, not a reader
+
+
+def machine_rule(method: str, user_agent: str, kind: str, seconds_since_delivery: float | None
+                 ) -> str | None:
+    if method == "HEAD":
+        return "head-request"
+    if user_agent.strip() == "Mozilla/5.0":  # Apple Mail Privacy Protection's prefetch
+        return "apple-mail-privacy-proxy"
+    for name, needle in PROXY_AGENTS:
+        if needle.lower() in user_agent.lower():
+            return name
+    if kind == "click" and seconds_since_delivery is not None and \
+            seconds_since_delivery < CLICK_TOO_SOON:
+        return "click-within-2s-of-delivery"
+    return None
 
 
 def unsubscribe_headers(tokens: Tokens, recipient_id: int, public_url: str,
@@ -131,3 +195,46 @@ class UnsubscribeRoutes:
 def _html(status: int, title: str, text: str, form: str) -> web.Response:
     return web.Response(status=status, content_type="text/html",
                         text=_PAGE.format(title=title, text=text, form=form))
+
+
+_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
+
+
+class TrackingRoutes:
+    """GET/HEAD /o/TOKEN (the pixel) and /c/TOKEN (a link): an opened or clicked event with
+    time, user agent and address, flagged when a named rule says a machine did it."""
+
+    def __init__(self, store: SQLiteStore, tokens: Tokens) -> None:
+        self._store = store
+        self._tokens = tokens
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/o/{token}", self.open), web.get("/c/{token}", self.click)]
+        # aiohttp answers HEAD for GET routes through the same handlers
+
+    async def open(self, request: web.Request) -> web.Response:
+        recipient_id = self._tokens.read("open", request.match_info["token"])
+        if recipient_id is None:
+            raise web.HTTPNotFound()
+        await self._record(request, recipient_id, "email.opened", "open", {})
+        return web.Response(body=_GIF, content_type="image/gif",
+                            headers={"Cache-Control": "no-store, max-age=0"})
+
+    async def click(self, request: web.Request) -> web.Response:
+        found = self._tokens.read_link(request.match_info["token"])
+        if found is None:
+            raise web.HTTPNotFound()  # never a redirect for a token relay did not sign
+        recipient_id, url = found
+        await self._record(request, recipient_id, "email.clicked", "click", {"url": url})
+        raise web.HTTPFound(url, headers={"Cache-Control": "no-store"})
+
+    async def _record(self, request: web.Request, recipient_id: int, event: str, kind: str,
+                      extra: dict[str, object]) -> None:
+        now = time.time()
+        user_agent = request.headers.get("User-Agent", "")
+        delivered = await self._store.delivered_at(recipient_id)
+        rule = machine_rule(request.method, user_agent, kind,
+                            None if delivered is None else now - delivered)
+        await self._store.add_recipient_event(recipient_id, event, now, {
+            **extra, "userAgent": user_agent, "ip": request.remote,
+            "machine": rule is not None, "machineRule": rule})

@@ -164,6 +164,8 @@ class Submission:
     allowed_domains: tuple[str, ...] = ()  # sender domains the key may use; empty = any
     dkim: GivenDkimKey | None = None  # sign with this key instead of the domain's own
     refuse_if_suppressed: bool = False  # every recipient suppressed: queue nothing (the API)
+    track_opens: bool = False  # an open pixel in the html (per recipient, at delivery)
+    track_clicks: bool = False  # the html's links through signed redirects
     # trace for the Received: header, e.g. ("client.example ([192.0.2.1])", "ESMTPSA")
     received_from: str | None = None
     received_with: str | None = None

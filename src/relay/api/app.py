@@ -14,7 +14,7 @@ from ..config import Config
 from ..errors import ValidationError
 from ..store import SQLiteStore
 from ..submit import Submitter
-from ..tracking import Tokens, UnsubscribeRoutes, load_key
+from ..tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_key
 from .errors import ApiError
 from .hooks import HooksApi
 from .manage import ManageApi
@@ -101,6 +101,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     app.add_routes(HooksApi(config, store).routes())
     tokens = Tokens(load_key(config.server.data_dir))
     app.add_routes(UnsubscribeRoutes(store, tokens).routes())
+    app.add_routes(TrackingRoutes(store, tokens).routes())
     app.add_routes([web.get("/v1/openapi.json", openapi_handler)])
     return app
 

@@ -71,6 +71,8 @@ class SendEmail(Strict):
     metadata: dict[str, Any] = Field(default_factory=dict,
                                      description="stored with the message, never sent")
     stream: Literal["transactional", "broadcast"] = "transactional"
+    trackOpens: bool = False
+    trackClicks: bool = False
 
 
 class SendBatch(Strict):

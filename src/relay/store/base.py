@@ -58,6 +58,7 @@ class NewMessage:
     sign_domains: tuple[str, ...] = ()  # domains its DKIM signature may name; empty = any
     sender_domain: str = ""  # the From domain: an unsubscribe's scope
     refuse_if_suppressed: bool = False  # every recipient suppressed: queue nothing (the API)
+    track: str = ""  # "opens", "clicks", "opens,clicks" or ""
     dkim: GivenDkimKey | None = None
 
 

@@ -179,6 +179,10 @@ MIGRATIONS: tuple[str, ...] = (
             SELECT 1 FROM json_each(w.events) WHERE json_each.value = NEW.type));
     END;
     """,
+    # 7: open and click tracking, asked for per message ("opens", "clicks", both, or "")
+    """
+    ALTER TABLE messages ADD COLUMN track TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 
