@@ -316,3 +316,46 @@ async def test_a_delivery_long_after_its_event_verifies_both_ways(tmp_path: Path
         assert event["data"]["email"] == "b@x.test"
     finally:
         await svc.stop()
+
+
+async def test_redirects_are_not_followed_and_long_failure_disables(tmp_path: Path) -> None:
+    import sqlite3
+    hits: list[str] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        if request.path == "/hook":
+            raise web.HTTPFound("/elsewhere")
+        return web.Response(text="should not be reached")
+
+    app = web.Application()
+    app.router.add_post("/hook", redirect)
+    app.router.add_post("/elsewhere", redirect)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    config = hook_config(tmp_path, disable_after_days=1.0)
+    svc = Service(config)
+    await svc.start()
+    try:
+        ep = await endpoint(svc, f"http://127.0.0.1:{port}/hook", ("email.queued",))
+        await send_one(svc)
+        await until(lambda: len(hits) >= 1)
+        await asyncio.sleep(0.3)
+        assert "/elsewhere" not in hits
+        rows = await svc.store.outbox(ep.id)
+        assert rows[0]["last_status"] == 302 and rows[0]["delivered_at"] is None
+        with sqlite3.connect(config.db_path) as db:  # failing for two days already
+            db.execute("UPDATE webhook_endpoints SET failing_since = ?", (time.time() - 2 * 86400,))
+        seen = len(hits)
+        await until(lambda: len(hits) > seen, 20)
+        await asyncio.sleep(0.3)
+        (listed,) = await svc.store.list_endpoints()
+        assert not listed.enabled and "failed for 1 days" in (listed.disabled_reason or "")
+        with sqlite3.connect(config.db_path) as db:
+            kinds = [r[0] for r in db.execute("SELECT type FROM events")]
+        assert "webhook.disabled" in kinds
+    finally:
+        await svc.stop()
+        await runner.cleanup()

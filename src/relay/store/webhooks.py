@@ -123,6 +123,7 @@ class WebhookQueries:
                 data = {"messageId": r[6], **json.loads(r[5] or "{}")}
                 if r[7] is not None:
                     data["metadata"] = json.loads(r[7])
+                    data["campaignId"] = data["metadata"].get("campaignId")
                     data["tags"] = [{"name": n, "value": v} for n, _, v in
                                     (t.partition(":") for t in json.loads(r[8]))]
                 out.append(Delivery(outbox_id=r[0], attempts=r[1], endpoint=_endpoint(r[9:]),
