@@ -32,6 +32,8 @@ class Receiver:
         self.port = free_port()
         self.got: list[tuple[dict[str, str], bytes]] = []
         self.answers: list[int] = []  # consumed in order; then 200
+        self.times: list[float] = []
+        self.retry_after = ""
         self._runner: web.AppRunner | None = None
 
     @property
@@ -40,8 +42,10 @@ class Receiver:
 
     async def _hook(self, request: web.Request) -> web.Response:
         self.got.append((dict(request.headers), await request.read()))
+        self.times.append(time.monotonic())
         status = self.answers.pop(0) if self.answers else 200
-        return web.Response(status=status, text="ok")
+        headers = {"Retry-After": self.retry_after} if self.retry_after and status >= 400 else {}
+        return web.Response(status=status, text="ok", headers=headers)
 
     async def start(self) -> None:
         app = web.Application()
@@ -359,3 +363,16 @@ async def test_redirects_are_not_followed_and_long_failure_disables(tmp_path: Pa
     finally:
         await svc.stop()
         await runner.cleanup()
+
+
+async def test_retry_after_is_honoured(tmp_path: Path, receiver: Receiver) -> None:
+    svc = Service(hook_config(tmp_path))  # the schedule alone would retry after 0.1 s
+    await svc.start()
+    try:
+        await endpoint(svc, receiver.url, ("email.queued",))
+        receiver.answers, receiver.retry_after = [429], "2"
+        await send_one(svc)
+        await until(lambda: len(receiver.got) == 2, 20)
+        assert receiver.times[1] - receiver.times[0] >= 1.9
+    finally:
+        await svc.stop()
