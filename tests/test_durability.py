@@ -60,33 +60,45 @@ def stored_subjects(db_path: Path) -> dict[str, str]:
     return asyncio.run(read())
 
 
-def test_sigkill_loses_no_acknowledged_message(tmp_path: Path, relay_process: Any) -> None:
-    port = free_port()
+def relay_with_key(tmp_path: Path, relay_process: Any, smtp: int, api: int
+                   ) -> tuple[Any, str]:
+    """relay serving (delivery paused) on these ports, and a key made by the CLI."""
     toml = (f"[server]\nhostname = 'relay.test'\ndata_dir = '{tmp_path / 'data'}'\n"
-            f"[[smtp.listeners]]\nport = {port}\n[delivery]\npaused = true\n")
+            f"[[smtp.listeners]]\nport = {smtp}\n[api]\nport = {api}\n"
+            "[delivery]\npaused = true\n")
     (tmp_path / "relay.toml").write_text(toml)
     made = run_relay("--config", str(tmp_path / "relay.toml"), "keys", "create", "--name", "t",
                      "--json")
-    key = json.loads(made.stdout)["key"]
-    relay = relay_process(toml, port)
+    return relay_process(toml, smtp), json.loads(made.stdout)["key"]
 
+
+def kill_while_sending(relay: Any, target: Any, port: int, key: str, ok: str,
+                       enough: int) -> dict[str, str]:
+    """SENDERS threads send until `enough` answers start with `ok`; then SIGKILL, restart
+    on the same data (recovering the WAL), stop. Returns each token's outcome."""
     outcomes: dict[str, str] = {}
     stop = threading.Event()
-    threads = [threading.Thread(target=sender, args=(port, key, n, outcomes, stop))
+    threads = [threading.Thread(target=target, args=(port, key, n, outcomes, stop))
                for n in range(SENDERS)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
-    while sum(v.startswith("250") for v in outcomes.values()) < 150:
+    while sum(v.startswith(ok) for v in outcomes.values()) < enough:
         assert time.monotonic() < deadline, "relay accepted too little mail"
         time.sleep(0.01)
     relay.kill()  # SIGKILL mid-stream
     stop.set()
     for t in threads:
         t.join(30)
-
-    relay.start()  # restarts on the same data, recovering the WAL
+    relay.start()
     relay.stop()
+    return outcomes
+
+
+def test_sigkill_loses_no_acknowledged_message(tmp_path: Path, relay_process: Any) -> None:
+    port = free_port()
+    relay, key = relay_with_key(tmp_path, relay_process, port, free_port())
+    outcomes = kill_while_sending(relay, sender, port, key, "250", 150)
 
     stored = stored_subjects(tmp_path / "data" / "relay.sqlite")
     acked = {t: v.split()[1] for t, v in outcomes.items() if v.startswith("250")}
@@ -130,31 +142,9 @@ def api_sender(port: int, key: str, n: int, outcomes: dict[str, str],
 
 def test_sigkill_loses_no_message_the_api_answered_202(tmp_path: Path,
                                                         relay_process: Any) -> None:
-    port, api = free_port(), free_port()
-    toml = (f"[server]\nhostname = 'relay.test'\ndata_dir = '{tmp_path / 'data'}'\n"
-            f"[[smtp.listeners]]\nport = {port}\n[api]\nport = {api}\n"
-            "[delivery]\npaused = true\n")
-    (tmp_path / "relay.toml").write_text(toml)
-    made = run_relay("--config", str(tmp_path / "relay.toml"), "keys", "create", "--name", "t",
-                     "--json")
-    key = json.loads(made.stdout)["key"]
-    relay = relay_process(toml, api)
-    outcomes: dict[str, str] = {}
-    stop = threading.Event()
-    threads = [threading.Thread(target=api_sender, args=(api, key, n, outcomes, stop))
-               for n in range(SENDERS)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while sum(v.startswith("202") for v in outcomes.values()) < 300:
-        assert time.monotonic() < deadline, "relay accepted too little mail"
-        time.sleep(0.01)
-    relay.kill()  # SIGKILL mid-stream
-    stop.set()
-    for t in threads:
-        t.join(30)
-    relay.start()
-    relay.stop()
+    api = free_port()
+    relay, key = relay_with_key(tmp_path, relay_process, free_port(), api)
+    outcomes = kill_while_sending(relay, api_sender, api, key, "202", 300)
 
     found = stored_subjects(tmp_path / "data" / "relay.sqlite")
     acked = {t: v.split()[1] for t, v in outcomes.items() if v.startswith("202")}

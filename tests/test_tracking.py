@@ -12,14 +12,12 @@ import aiohttp
 import pytest
 
 from relay import tracking
-from relay.config import ApiConfig, DeliveryConfig, DnsConfig
-from relay.service import Service
 
 from .apiutil import SIMPLE, api_client
-from .conftest import free_port, make_config
 from .dnsserver import DNSServer
 from .sink import Sink
-from .test_delivery import FAST, route, wait_final
+from .test_delivery import wait_final
+from .test_unsubscribe import delivering
 
 HTML = ('<html><body><p>Hi</p><a href="https://shop.example/item?id=1&amp;ref=mail">Buy</a>'
         ' <A HREF=\'http://example.net/x\'>x</A> <a href="mailto:help@example.com">help</a>'
@@ -29,13 +27,7 @@ HTML = ('<html><body><p>Hi</p><a href="https://shop.example/item?id=1&amp;ref=ma
 async def test_links_and_pixel_are_tracked_per_recipient(tmp_path: Path, dns: DNSServer,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     async with Sink() as sink:
-        route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
-        port = free_port()
-        config = make_config(tmp_path, delivery=DeliveryConfig(mx_port=sink.port, **FAST),
-                             dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0),
-                             api=ApiConfig(port=port, public_url=f"http://127.0.0.1:{port}"))
-        svc = Service(config)
-        await svc.start()
+        svc = await delivering(tmp_path, dns, sink)
         api = await api_client(svc)
         try:
             status, sent, _ = await api.call("POST", "/v1/emails", {

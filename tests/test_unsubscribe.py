@@ -30,15 +30,23 @@ def publish(dns: DNSServer, config: object, domain: domains.Domain) -> None:
             dns.add(r.name, "TXT", " ".join(f'"{c}"' for c in domains.split_txt(r.value)))
 
 
+async def delivering(tmp_path: Path, dns: DNSServer, sink: Sink) -> Service:
+    """relay delivering to `sink` as example.org's MX, its public URL its real API port (the
+    links in the mail must reach it)."""
+    route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
+    port = free_port()
+    svc = Service(make_config(
+        tmp_path, delivery=DeliveryConfig(mx_port=sink.port, **FAST),
+        dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0),
+        api=ApiConfig(port=port, public_url=f"http://127.0.0.1:{port}")))
+    await svc.start()
+    return svc
+
+
 async def test_broadcast_mail_unsubscribes_in_one_click(tmp_path: Path, dns: DNSServer) -> None:
     async with Sink() as sink:
-        route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
-        port = free_port()
-        config = make_config(tmp_path, delivery=DeliveryConfig(mx_port=sink.port, **FAST),
-                             dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0),
-                             api=ApiConfig(port=port, public_url=f"http://127.0.0.1:{port}"))
-        svc = Service(config)
-        await svc.start()
+        svc = await delivering(tmp_path, dns, sink)
+        config = svc.config
         domain = domains.make_domain(config, "example.com", time.time())
         await svc.store.save_domain(domain)
         publish(dns, config, domain)
