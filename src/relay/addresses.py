@@ -52,3 +52,9 @@ def a_label(domain: str) -> str | None:
     if len(ace) > 253 or len(labels) < 2 or not all(_LABEL.match(lbl) for lbl in labels):
         return None
     return ace
+
+
+def self_and_parents(domain: str) -> list[str]:
+    """news.example.com, example.com: a parent's DKIM key is aligned too (relaxed DMARC)."""
+    labels = domain.split(".")
+    return [".".join(labels[i:]) for i in range(len(labels) - 1)] if domain else []

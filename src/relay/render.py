@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import compose, dkim, rawmail, tracking, transcode
+from .addresses import a_label, self_and_parents
 from .config import DkimConfig
 from .errors import StoreError, TemporaryFailure
 from .keys import may_send_as
@@ -194,8 +195,8 @@ class Renderer:
             refused = f"; the key given for {given.domain} was refused (not a sender domain)"
         headers, _ = rawmail.split(data)
         domains = rawmail.address_domains(rawmail.first_value(headers, "From") or "")
-        from_domain = _a_label(domains[0]) if domains else ""
-        for candidate in _self_and_parents(from_domain):
+        from_domain = (a_label(domains[0]) or domains[0].lower()) if domains else ""
+        for candidate in self_and_parents(from_domain):
             keys = self._keyring.keys_for(candidate)
             if keys and may_send_as(allowed, candidate):
                 return keys, "signed: " + ", ".join(k.describe() for k in keys) + refused
@@ -221,17 +222,3 @@ class Renderer:
                                   dkim.load_private_key(given.private_key))
             self._given[digest] = key
         return key
-
-
-def _a_label(domain: str) -> str:
-    domain = domain.strip().rstrip(".").lower()
-    try:
-        return domain if domain.isascii() else domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return domain
-
-
-def _self_and_parents(domain: str) -> list[str]:
-    """news.example.com, example.com: a parent's key is aligned too (relaxed DMARC)."""
-    labels = domain.split(".")
-    return [".".join(labels[i:]) for i in range(len(labels) - 1)] if domain else []

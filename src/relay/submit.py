@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from . import compose, dkim, rawmail
-from .addresses import a_label, normalize_address, normalize_domain
+from .addresses import a_label, normalize_address, normalize_domain, self_and_parents
 from .config import Config
 from .errors import ValidationError
 from .keys import may_send_as
@@ -121,8 +121,7 @@ class Submitter:
                 "broadcast mail needs an https [api] public_url for its one-click unsubscribe "
                 "links (RFC 8058)", param="stream", smtp="550 5.7.0")
         domains = await self._signing_domains()
-        labels = message.sender_domain.split(".")
-        mine = {".".join(labels[i:]) for i in range(len(labels) - 1)}
+        mine = set(self_and_parents(message.sender_domain))
         default = self._config.dkim.default_domain
         if not self._config.dkim.enabled or not (mine & domains or default in domains):
             raise ValidationError(
