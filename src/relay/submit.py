@@ -226,7 +226,7 @@ class Submitter:
                    if h.key != "bcc" and not h.key.startswith(_CONTROL_PREFIX)]
         headers = self._trace(sub, message_id, date, recipients) + headers
         if not rawmail.find(headers, "Message-ID"):
-            headers.append(rawmail.make("Message-ID", self._message_id_header(message_id)))
+            headers.append(rawmail.make("Message-ID", self.message_id_header(message_id)))
         if not rawmail.find(headers, "Date"):
             headers.append(rawmail.make("Date", date))
         return (rawmail.join(headers, body), decoded(rawmail.first_value(headers, "Subject")),
@@ -248,11 +248,12 @@ class Submitter:
                 f"the message would be about {size} octets, over "
                 f"{self._config.limits.max_message_size}", param="attachments",
                 smtp="552 5.3.4")
-        stored = compose.dumps(c, message_id=self._message_id_header(message_id), date=date)
+        stored = compose.dumps(c, message_id=self.message_id_header(message_id), date=date)
         sender = f"{c.sender.name} <{c.sender.email}>" if c.sender.name else c.sender.email
         return stored, "composition", size, c.subject, sender
 
-    def _message_id_header(self, message_id: str) -> str:
+    def message_id_header(self, message_id: str) -> str:
+        """The Message-ID header value of a message relay composes (the id without "msg_")."""
         return f"<{message_id.removeprefix('msg_')}@{self._config.server.hostname}>"
 
     @staticmethod

@@ -10,7 +10,7 @@ import email.utils
 import mimetypes
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -45,6 +45,7 @@ _TYPE_TAG = re.compile(r"[\[\]]|^constrained-|^function-")  # union members pyda
 _SPECIAL = re.compile(r'[<"(,;]')  # none of these: a bare address
 _NAME_ADDR = re.compile(r"^\s*([^<>\"(),;:@\\]*?)\s*<([^<>\s\"(),;\\]+@[^<>\s\"(),;\\]+)>\s*$")
 _MODEL_NAMES = frozenset({"AddressObject", "AttachmentIn", "TagIn", "SendEmail", "str"})
+_NATIVE_NAMES = {"from_": "from"}  # a field's Python name → its JSON name, in error params
 
 
 class NativeApi:
@@ -231,7 +232,8 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 T = TypeVar("T")
 
 
-def parse(model: type[M], raw: bytes | dict[str, Any], *, prefix: str = "") -> M:
+def parse(model: type[M], raw: bytes | dict[str, Any], *, prefix: str = "",
+          renames: Mapping[str, str] = _NATIVE_NAMES) -> M:
     try:
         if isinstance(raw, bytes):
             return model.model_validate_json(raw)
@@ -242,18 +244,19 @@ def parse(model: type[M], raw: bytes | dict[str, Any], *, prefix: str = "") -> M
             raise ApiError(400, f"the body is not valid JSON: {found[0]['msg']}") from None
         # of a union's alternatives, the error that went deepest says what is wrong
         best = max(found, key=lambda e: len(_param(e["loc"], "")))
-        param = _param(best["loc"], prefix)
+        param = _param(best["loc"], prefix, renames)
         raise ApiError(422, f"{param or 'body'}: {best['msg']}", param=param or None) from None
 
 
-def _param(loc: tuple[int | str, ...], prefix: str) -> str:
+def _param(loc: tuple[int | str, ...], prefix: str,
+           renames: Mapping[str, str] = _NATIVE_NAMES) -> str:
     """pydantic's error location as a field path, e.g. to[0].name or headers.X-Campaign."""
     out = prefix
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         elif not _TYPE_TAG.search(part) and part not in _MODEL_NAMES:
-            name = "from" if part == "from_" else part
+            name = renames.get(part, part)
             out += f".{name}" if out else name
     return out
 
