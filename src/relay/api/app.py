@@ -15,6 +15,8 @@ from ..errors import ValidationError
 from ..store import SQLiteStore
 from ..submit import Submitter
 from ..tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_key
+from .dialects.mailerlogic import MailerLogicApi
+from .dialects.piisend import PiiSendApi
 from .errors import ApiError
 from .hooks import HooksApi
 from .manage import ManageApi
@@ -99,6 +101,8 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     app.add_routes(NativeApi(config, store, submitter).routes())
     app.add_routes(ManageApi(store).routes())
     app.add_routes(HooksApi(config, store).routes())
+    app.add_routes(PiiSendApi(config, store, submitter).routes())
+    app.add_routes(MailerLogicApi(config, store, submitter).routes())
     tokens = Tokens(load_key(config.server.data_dir))
     app.add_routes(UnsubscribeRoutes(store, tokens).routes())
     app.add_routes(TrackingRoutes(store, tokens).routes())

@@ -183,6 +183,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE messages ADD COLUMN track TEXT NOT NULL DEFAULT '';
     """,
+    # 8: a resent message names the one it copies in metadata.resend_of (PiiSend's resend)
+    """
+    CREATE INDEX messages_resend_of ON messages(json_extract(metadata, '$.resend_of'))
+        WHERE json_extract(metadata, '$.resend_of') IS NOT NULL;
+    """,
 )
 
 

@@ -21,6 +21,7 @@ from ..types import (
 from .base import MessageDetail, MessagePage, NewMessage, Outgoing
 from .delivery import DeliveryQueries
 from .domains import DomainQueries
+from .emails import EmailQueries
 from .events import EventQueries
 from .groupcommit import Batched, GroupCommitWriter, run_sync
 from .idempotency import IDEMPOTENCY_WINDOW, IdempotencyQueries
@@ -38,8 +39,8 @@ from .suppressions import SuppressionQueries, listed, screened
 from .webhooks import WebhookQueries
 
 
-class SQLiteStore(DeliveryQueries, DomainQueries, EventQueries, IdempotencyQueries,
-                  SuppressionQueries, WebhookQueries):
+class SQLiteStore(DeliveryQueries, DomainQueries, EmailQueries, EventQueries,
+                  IdempotencyQueries, SuppressionQueries, WebhookQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: aiosqlite.Connection | None = None
