@@ -314,4 +314,25 @@ SCOPES = (
     "webhooks:manage",
     "suppressions:manage",
     "keys:manage",
+    "templates:manage",
 )
+
+
+TEMPLATE_TYPES = ("transactional", "marketing")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Template:
+    """A stored message: subject, html and text with {{var}} placeholders, and a default
+    sender. A marketing template is not sent to an unsubscribed contact."""
+
+    id: str
+    name: str
+    type: str  # transactional | marketing
+    subject: str
+    html: str
+    text: str | None = None
+    from_email: str | None = None
+    from_name: str | None = None
+    created_at: float
+    updated_at: float

@@ -33,6 +33,7 @@ from .schemas import (
     SendEmail,
     UpdateWebhook,
 )
+from .templates import TemplatesApi
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     app.add_routes(NativeApi(config, store, submitter).routes())
     app.add_routes(ManageApi(store).routes())
     app.add_routes(HooksApi(config, store).routes())
+    app.add_routes(TemplatesApi(store).routes())
     tokens = Tokens(load_key(config.server.data_dir))
     app.add_routes(UnsubscribeRoutes(store, tokens).routes())
     app.add_routes(TrackingRoutes(store, tokens).routes())

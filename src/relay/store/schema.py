@@ -183,6 +183,22 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE messages ADD COLUMN track TEXT NOT NULL DEFAULT '';
     """,
+    # 8: stored templates (subject, html, text with {{var}}; a type; a default sender)
+    """
+    CREATE TABLE templates (
+        id         TEXT PRIMARY KEY,
+        name       TEXT NOT NULL,
+        type       TEXT NOT NULL CHECK (type IN ('transactional', 'marketing')),
+        subject    TEXT NOT NULL,
+        html       TEXT NOT NULL,
+        text       TEXT,
+        from_email TEXT,
+        from_name  TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX templates_created ON templates(created_at, id);
+    """,
 )
 
 

@@ -35,11 +35,12 @@ from .rows import (
 )
 from .schema import migrate
 from .suppressions import SuppressionQueries, listed, screened
+from .templates import TemplateQueries
 from .webhooks import WebhookQueries
 
 
 class SQLiteStore(DeliveryQueries, DomainQueries, EventQueries, IdempotencyQueries,
-                  SuppressionQueries, WebhookQueries):
+                  SuppressionQueries, TemplateQueries, WebhookQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: aiosqlite.Connection | None = None
