@@ -315,6 +315,7 @@ SCOPES = (
     "suppressions:manage",
     "keys:manage",
     "templates:manage",
+    "contacts:manage",
 )
 
 
@@ -334,5 +335,18 @@ class Template:
     text: str | None = None
     from_email: str | None = None
     from_name: str | None = None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Contact:
+    """Someone relay has mailed or been told about: their data fills {{var}} in the mail
+    they get, and `subscribed` says whether marketing mail may reach them."""
+
+    id: str
+    email: str
+    subscribed: bool
+    data: dict[str, Any] = field(default_factory=dict)
     created_at: float
     updated_at: float

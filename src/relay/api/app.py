@@ -15,6 +15,7 @@ from ..errors import ValidationError
 from ..store import SQLiteStore
 from ..submit import Submitter
 from ..tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_key
+from .contacts import ContactsApi
 from .errors import ApiError
 from .hooks import HooksApi
 from .manage import ManageApi
@@ -101,6 +102,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     app.add_routes(ManageApi(store).routes())
     app.add_routes(HooksApi(config, store).routes())
     app.add_routes(TemplatesApi(store).routes())
+    app.add_routes(ContactsApi(store).routes())
     tokens = Tokens(load_key(config.server.data_dir))
     app.add_routes(UnsubscribeRoutes(store, tokens).routes())
     app.add_routes(TrackingRoutes(store, tokens).routes())

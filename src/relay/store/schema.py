@@ -199,6 +199,25 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX templates_created ON templates(created_at, id);
     """,
+    # 9: contacts (one per address, their data and subscription state) and their events
+    """
+    CREATE TABLE contacts (
+        id         TEXT PRIMARY KEY,
+        email      TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        subscribed INTEGER NOT NULL DEFAULT 0,
+        data       TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE contact_events (
+        id         INTEGER PRIMARY KEY,
+        contact_id TEXT NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+        name       TEXT NOT NULL,
+        data       TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX contact_events_contact ON contact_events(contact_id, created_at);
+    """,
 )
 
 

@@ -19,6 +19,7 @@ from ..types import (
     SubmitResult,
 )
 from .base import MessageDetail, MessagePage, NewMessage, Outgoing
+from .contacts import ContactQueries
 from .delivery import DeliveryQueries
 from .domains import DomainQueries
 from .events import EventQueries
@@ -39,8 +40,8 @@ from .templates import TemplateQueries
 from .webhooks import WebhookQueries
 
 
-class SQLiteStore(DeliveryQueries, DomainQueries, EventQueries, IdempotencyQueries,
-                  SuppressionQueries, TemplateQueries, WebhookQueries):
+class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EventQueries,
+                  IdempotencyQueries, SuppressionQueries, TemplateQueries, WebhookQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: aiosqlite.Connection | None = None
