@@ -9,6 +9,7 @@ import base64
 import email
 import email.policy
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from relay import keys
 from relay.api.dialects import piisend
 from relay.service import Service
-from relay.types import RecipientStatus
+from relay.types import RecipientStatus, Template
 
 from .apiutil import Api, api_client
 from .conftest import add_signing_domain
@@ -281,12 +282,41 @@ async def test_five_files_of_five_mib_in_all_are_taken(api: Api) -> None:
     assert status == 202, sent
 
 
-async def test_template_id_is_refused_while_relay_stores_no_templates(api: Api) -> None:
-    body = {"to": ["bob@example.org"], "from_": "billing@example.com", "template_id": "tpl_1",
-            "template_vars": {"name": "Bob"}}
-    status, error, _ = await api.call("POST", "/api/v1/emails", body)
-    assert status == 422 and error["field"] == "template_id"
-    assert "templates are not available" in error["detail"]
+async def test_a_stored_template_filled_with_template_vars(tmp_path: Path,
+                                                          dns: DNSServer) -> None:
+    async with Sink() as sink:
+        svc = await delivering(tmp_path, dns, sink)
+        await svc.store.add_template(Template(
+            id="tpl_receipt", name="receipt", type="transactional",
+            subject="Receipt {{order}}", html="<p>Thanks, {{name}} &amp; co</p>",
+            text="Thanks, {{name}}. {{note ?? 'No note.'}}", from_email="shop@example.com",
+            from_name="Shop", created_at=time.time(), updated_at=time.time()))
+        api = await api_client(svc)
+        try:
+            body = {"to": ["bob@example.org"], "template_id": "tpl_receipt",
+                    "template_vars": {"order": "A-1", "name": "<Bob>"}}
+            status, sent, _ = await api.call("POST", "/api/v1/emails", body)
+            assert status == 202 and set(sent) == EMAIL_KEYS, sent
+            assert sent["subject"] == "Receipt A-1"
+            await wait_final(svc, sent["id"])
+            m = parsed(sink.messages[0].data)
+            assert m["From"] == "Shop <shop@example.com>" and m["Subject"] == "Receipt A-1"
+            html = m.get_body(preferencelist=("html",))
+            text = m.get_body(preferencelist=("plain",))
+            assert html is not None and "Thanks, &lt;Bob&gt;" in html.get_content()
+            assert text is not None and text.get_content().strip() == "Thanks, <Bob>. No note."
+            status, sent, _ = await api.call("POST", "/api/v1/emails", {
+                **body, "from_": "billing@example.com"})  # from_ beats the template's
+            detail = await wait_final(svc, sent["id"])
+            assert detail.message.header_from == "billing@example.com"
+            for change, code, field in [
+                    ({"template_id": "tpl_none"}, 404, "template_id"),
+                    ({"template_vars": {"order": "A-1"}}, 422, "template_vars.name")]:
+                status, error, _ = await api.call("POST", "/api/v1/emails", {**body, **change})
+                assert status == code and set(error) == ERROR_KEYS and error["field"] == field
+        finally:
+            await api.close()
+            await svc.stop()
 
 
 async def test_idempotency_scopes_and_auth(api: Api, service: Service) -> None:

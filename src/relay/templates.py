@@ -1,14 +1,17 @@
 """{{var}} and {{var ?? 'fallback'}} in subjects and bodies, filled from a `data` object;
-values are HTML-escaped in HTML. A variable with no value and no fallback is an error."""
+values are HTML-escaped in HTML. A variable with no value and no fallback is an error.
+`render_stored` does the same for a stored template, for every API that names one."""
 
 from __future__ import annotations
 
 import html
 import re
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from .errors import ValidationError
+from .types import Template
 
 _TAG = re.compile(r"\{\{\s*([A-Za-z_][\w.-]*)\s*(?:\?\?\s*'((?:[^'\\]|\\.)*)'\s*)?\}\}")
 
@@ -31,6 +34,11 @@ def render(text: str, data: Mapping[str, Any], *, escape: bool, param: str) -> s
     return _TAG.sub(fill, text)
 
 
+def tags(text: str) -> list[str]:
+    """The variable names of the well-formed tags in `text`, in order."""
+    return [m.group(1) for m in _TAG.finditer(text)]
+
+
 def _lookup(data: Mapping[str, Any], path: str) -> Any:
     value: Any = data
     for part in path.split("."):
@@ -44,3 +52,43 @@ def _plain(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+class UnknownTemplate(ValidationError):
+    """No stored template has the id given (an API answers 404)."""
+
+
+class TemplateSource(Protocol):
+    async def get_template(self, template_id: str) -> Template | None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class Filled:
+    """A template's parts with the variables filled in (or the caller's overrides)."""
+
+    template: Template
+    subject: str
+    html: str
+    text: str | None
+
+
+async def render_stored(source: TemplateSource, template_id: str, data: Mapping[str, Any], *,
+                        param: str = "templateId", subject: str | None = None,
+                        html: str | None = None, text: str | None = None) -> Filled:
+    """Look the template up and fill its subject, html and text with `data`; a part given
+    here replaces the template's own (a request's fields beat the template's)."""
+    found = await source.get_template(template_id)
+    if found is None:
+        raise UnknownTemplate(f"no template {template_id}", param=param)
+    return fill(found, data, subject=subject, html=html, text=text)
+
+
+def fill(t: Template, data: Mapping[str, Any], *, subject: str | None = None,
+         html: str | None = None, text: str | None = None) -> Filled:
+    body_text = text if text is not None else t.text
+    return Filled(
+        template=t,
+        subject=render(subject if subject is not None else t.subject, data, escape=False,
+                       param="subject"),
+        html=render(html if html is not None else t.html, data, escape=True, param="html"),
+        text=render(body_text, data, escape=False, param="text") if body_text else None)

@@ -314,4 +314,39 @@ SCOPES = (
     "webhooks:manage",
     "suppressions:manage",
     "keys:manage",
+    "templates:manage",
+    "contacts:manage",
 )
+
+
+TEMPLATE_TYPES = ("transactional", "marketing")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Template:
+    """A stored message: subject, html and text with {{var}} placeholders, and a default
+    sender. A marketing template is not sent to an unsubscribed contact."""
+
+    id: str
+    name: str
+    type: str  # transactional | marketing
+    subject: str
+    html: str
+    text: str | None = None
+    from_email: str | None = None
+    from_name: str | None = None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Contact:
+    """Someone relay has mailed or been told about: their data fills {{var}} in the mail
+    they get, and `subscribed` says whether marketing mail may reach them."""
+
+    id: str
+    email: str
+    subscribed: bool
+    data: dict[str, Any] = field(default_factory=dict)
+    created_at: float
+    updated_at: float

@@ -15,6 +15,7 @@ from ..errors import ValidationError
 from ..store import SQLiteStore
 from ..submit import Submitter
 from ..tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_key
+from .contacts import ContactsApi
 from .dialects.mailerlogic import MailerLogicApi
 from .dialects.piisend import PiiSendApi
 from .errors import ApiError
@@ -35,6 +36,7 @@ from .schemas import (
     SendEmail,
     UpdateWebhook,
 )
+from .templates import TemplatesApi
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,8 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     app.add_routes(NativeApi(config, store, submitter).routes())
     app.add_routes(ManageApi(store).routes())
     app.add_routes(HooksApi(config, store).routes())
+    app.add_routes(TemplatesApi(store).routes())
+    app.add_routes(ContactsApi(store).routes())
     app.add_routes(PiiSendApi(config, store, submitter).routes())
     app.add_routes(MailerLogicApi(config, store, submitter).routes())
     tokens = Tokens(load_key(config.server.data_dir))

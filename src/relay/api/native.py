@@ -277,7 +277,7 @@ def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
             raise ApiError(422, f"the {name} header is set by relay; it cannot be given",
                            param=f"headers.{name}")
         headers.append((name, value))
-    sender = _mailbox(m.from_, "from")
+    sender = mailbox(m.from_, "from")
     seen: set[str] = set()  # one copy of each address: to first, then cc, then bcc
     to = _unique(_mailboxes(m.to, "to"), seen)
     cc = _unique(_mailboxes(m.cc, "cc"), seen)
@@ -314,11 +314,11 @@ def _mailboxes(value: Any, param: str) -> tuple[Mailbox, ...]:
     if not value:
         return ()
     if not isinstance(value, list):
-        return (_mailbox(value, f"{param}[0]"),)
-    return tuple([_mailbox(v, f"{param}[{i}]") for i, v in enumerate(value)])
+        return (mailbox(value, f"{param}[0]"),)
+    return tuple([mailbox(v, f"{param}[{i}]") for i, v in enumerate(value)])
 
 
-def _mailbox(value: Any, param: str) -> Mailbox:
+def mailbox(value: Any, param: str) -> Mailbox:
     simple = _NAME_ADDR.match(value) if isinstance(value, str) else None
     if isinstance(value, str) and not _SPECIAL.search(value):
         name, address = "", value.strip()  # a bare address, the common case: no parsing

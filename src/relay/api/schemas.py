@@ -123,7 +123,8 @@ class CreateApiKey(Strict):
     name: Annotated[str, StringConstraints(min_length=1, max_length=100,
                                             pattern=r"^[^\r\n]*$")]
     scopes: list[Literal["emails:send", "emails:read", "domains:manage", "webhooks:manage",
-                         "suppressions:manage", "keys:manage"]] = Field(
+                         "suppressions:manage", "keys:manage", "templates:manage",
+                         "contacts:manage"]] = Field(
         default_factory=lambda: ["emails:send"], min_length=1)
     domains: list[Annotated[str, StringConstraints(min_length=1, max_length=253)]] = Field(
         default_factory=list, description="sender domains the key may use; empty = any")

@@ -183,7 +183,42 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE messages ADD COLUMN track TEXT NOT NULL DEFAULT '';
     """,
-    # 8: a resent message names the one it copies in metadata.resend_of (PiiSend's resend)
+    # 8: stored templates (subject, html, text with {{var}}; a type; a default sender)
+    """
+    CREATE TABLE templates (
+        id         TEXT PRIMARY KEY,
+        name       TEXT NOT NULL,
+        type       TEXT NOT NULL CHECK (type IN ('transactional', 'marketing')),
+        subject    TEXT NOT NULL,
+        html       TEXT NOT NULL,
+        text       TEXT,
+        from_email TEXT,
+        from_name  TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX templates_created ON templates(created_at, id);
+    """,
+    # 9: contacts (one per address, their data and subscription state) and their events
+    """
+    CREATE TABLE contacts (
+        id         TEXT PRIMARY KEY,
+        email      TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        subscribed INTEGER NOT NULL DEFAULT 0,
+        data       TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE contact_events (
+        id         INTEGER PRIMARY KEY,
+        contact_id TEXT NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+        name       TEXT NOT NULL,
+        data       TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX contact_events_contact ON contact_events(contact_id, created_at);
+    """,
+    # 10: a resent message names the one it copies in metadata.resend_of (PiiSend's resend)
     """
     CREATE INDEX messages_resend_of ON messages(json_extract(metadata, '$.resend_of'))
         WHERE json_extract(metadata, '$.resend_of') IS NOT NULL;

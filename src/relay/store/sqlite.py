@@ -19,6 +19,7 @@ from ..types import (
     SubmitResult,
 )
 from .base import MessageDetail, MessagePage, NewMessage, Outgoing
+from .contacts import ContactQueries
 from .delivery import DeliveryQueries
 from .domains import DomainQueries
 from .emails import EmailQueries
@@ -36,11 +37,12 @@ from .rows import (
 )
 from .schema import migrate
 from .suppressions import SuppressionQueries, listed, screened
+from .templates import TemplateQueries
 from .webhooks import WebhookQueries
 
 
-class SQLiteStore(DeliveryQueries, DomainQueries, EmailQueries, EventQueries,
-                  IdempotencyQueries, SuppressionQueries, WebhookQueries):
+class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, EventQueries,
+                  IdempotencyQueries, SuppressionQueries, TemplateQueries, WebhookQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: aiosqlite.Connection | None = None

@@ -27,7 +27,7 @@ from ...types import (
 )
 from .. import auth
 from ..errors import ApiError
-from ..native import _mailbox, _mailboxes, _unique, json_body, parse  # the native forms
+from ..native import _mailboxes, _unique, json_body, mailbox, parse  # the native forms
 from ..schemas import Strict
 from ..views import iso
 from .common import checked_headers, commit, decode_base64, in_shape, named, prepare
@@ -124,7 +124,7 @@ class MailerLogicApi:
         first verified domain. Verified: relay holds an active DKIM key for it (or a parent)."""
         known = sorted(await self._store.list_domains(), key=lambda d: (d.created_at, d.name))
         verified = [d.name for d in known if any(k.state == "active" for k in d.keys)]
-        sender = _mailbox(m.from_, "from").email if m.from_ else None
+        sender = mailbox(m.from_, "from").email if m.from_ else None
         if m.domain is not None:
             try:
                 name = normalize_domain(m.domain.strip(), param="domain")
@@ -162,7 +162,7 @@ class MailerLogicApi:
         stream = Stream.BROADCAST if m.stream_type == "broadcast" else Stream.TRANSACTIONAL
         if m.text is None and m.html is None and not m.icalEvent:
             raise ApiError(422, "an email needs text, html or an icalEvent", param="text")
-        sender = _mailbox(m.from_, "from") if m.from_ else Mailbox(email=f"noreply@{domain}")
+        sender = mailbox(m.from_, "from") if m.from_ else Mailbox(email=f"noreply@{domain}")
         reply_to = _mailboxes(m.reply_to, "reply_to") if m.reply_to else ()
         given = []
         for name, value in m.headers.items():
@@ -173,7 +173,7 @@ class MailerLogicApi:
             if not isinstance(value, str):
                 raise ApiError(422, "headers.Reply-To: a header value is a string",
                                param=f"headers.{name}")
-            from_header = _mailbox(value, f"headers.{name}")
+            from_header = mailbox(value, f"headers.{name}")
             if reply_to and reply_to != (from_header,):
                 raise ApiError(422, "reply_to and headers.Reply-To name different addresses; "
                                "give one", param=f"headers.{name}")

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from aiohttp import web
 from pydantic import Field, StringConstraints
 
-from ... import compose, rawmail
+from ... import compose, rawmail, templates
 from ...addresses import normalize_domain, self_and_parents
 from ...config import Config
 from ...errors import ValidationError
@@ -39,7 +39,7 @@ from ...types import (
 from .. import auth
 from ..errors import ApiError
 from ..idempotency import Answer, Claim, Idempotency, replay
-from ..native import _mailbox, _mailboxes, _unique, int_param, json_body, parse
+from ..native import _mailboxes, _unique, int_param, json_body, mailbox, parse
 from ..schemas import Strict
 from ..views import iso
 from .common import commit, decode_base64, in_shape, named, prepare, reshaped, store_call
@@ -166,31 +166,38 @@ class PiiSendApi:
         if m.template_vars and m.template_id is None:
             raise ApiError(400, "template_vars go with a template_id; raw content takes no "
                            "variables", param="template_vars")
+        subject, html, text = m.subject, m.html, m.text
+        template_sender = None
         if m.template_id is not None:
-            raise ApiError(422, "stored templates are not available in this relay",
-                           param="template_id")
-        if m.html is None and m.text is None:
+            filled = await self._template(m.template_id, m.template_vars)
+            subject, html, text = filled.subject, filled.html, filled.text
+            if filled.template.from_email:
+                template_sender = Mailbox(email=filled.template.from_email,
+                                          name=filled.template.from_name)
+        elif html is None and text is None:
             raise ApiError(422, "an email needs html or text (or a template_id)", param="html")
-        if m.subject is None:
+        elif subject is None:
             raise ApiError(422, "raw content needs a subject", param="subject")
         domain = await self._domain(m.domain_id, key)
         if m.from_ is not None:
-            sender = _mailbox(m.from_, "from_")
-            if domain is not None and domain not in self_and_parents(
-                    sender.email.rpartition("@")[2]):
-                raise ApiError(422, f"from_ {sender.email} is not an address at {domain}",
-                               param="from_")
+            sender = mailbox(m.from_, "from_")
+        elif template_sender is not None:
+            sender = mailbox(template_sender.email, "template_id")
+            sender = Mailbox(email=sender.email, name=template_sender.name)
         elif domain is not None:
             sender = Mailbox(email=f"noreply@{domain}")
         else:
             raise ApiError(422, "give from_ or a domain_id to send from", param="from_")
+        if domain is not None and domain not in self_and_parents(sender.email.rpartition("@")[2]):
+            raise ApiError(422, f"from_ {sender.email} is not an address at {domain}",
+                           param="from_")
         seen: set[str] = set()
         to = _unique(_mailboxes(m.to, "to"), seen)
         cc = _unique(_mailboxes(m.cc, "cc"), seen)
         stream = Stream.BROADCAST if m.enable_unsubscribe else Stream.TRANSACTIONAL
         composition = Composition(
             sender=sender, to=to, cc=cc, reply_to=_mailboxes(m.reply_to, "reply_to"),
-            subject=m.subject, text=m.text, html=m.html, attachments=_attachments(m))
+            subject=subject or "", text=text, html=html, attachments=_attachments(m))
         utf8 = not all(mb.email.isascii() for mb in (sender, *to, *cc))
         return Submission(
             mail_from=sender.email,
@@ -201,6 +208,21 @@ class PiiSendApi:
             stream=stream, smtputf8=utf8, refuse_if_suppressed=True,
             track_opens=m.track_opens, track_clicks=m.track_clicks,
             scheduled_at=_scheduled(m.scheduled_at))
+
+    async def _template(self, template_id: str, data: dict[str, Any]) -> templates.Filled:
+        """A stored template filled with template_vars (a variable it lacks is the caller's
+        error, named as template_vars.<name>)."""
+        try:
+            return await templates.render_stored(self._store, template_id, data,
+                                                 param="template_id")
+        except templates.UnknownTemplate as exc:
+            raise ApiError(404, str(exc), param="template_id") from None
+        except ValidationError as exc:
+            param = exc.param or "template_vars"
+            if param.startswith("data."):
+                param = "template_vars." + param.removeprefix("data.")
+            raise ApiError(422, str(exc).replace("data does not", "template_vars does not"),
+                           param=param) from None
 
     async def _domain(self, domain_id: str | None, key: ApiKey) -> str | None:
         """A domain_id is a sending domain's name (relay's domain objects are named so)."""

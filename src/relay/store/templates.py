@@ -1,0 +1,87 @@
+"""Stored templates in the SQLite store."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
+
+import aiosqlite
+
+from ..types import Template
+from .groupcommit import run_sync
+
+_FIELDS = tuple(f.name for f in fields(Template))
+_COLUMNS = ", ".join(_FIELDS)
+_EDITABLE = frozenset(_FIELDS) - {"id", "created_at"}
+
+
+class TemplateQueries:
+    """Mixed into SQLiteStore."""
+
+    _write: Callable[[Any], Any]
+    _reader: aiosqlite.Connection
+
+    async def add_template(self, t: Template) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(f"INSERT INTO templates ({_COLUMNS}) VALUES"
+                       f" ({','.join('?' * len(_FIELDS))})",
+                       tuple(getattr(t, name) for name in _FIELDS))
+
+        await self._write(op)
+
+    async def get_template(self, template_id: str) -> Template | None:
+        def op(db: sqlite3.Connection) -> Template | None:
+            row = db.execute(f"SELECT {_COLUMNS} FROM templates WHERE id = ?",
+                             (template_id,)).fetchone()
+            return _template(row) if row else None
+
+        found: Template | None = await run_sync(self._reader, op)
+        return found
+
+    async def list_templates(self, *, limit: int = 100,
+                             after: str | None = None) -> list[Template]:
+        """Oldest first; `after` is the id of the last template of the previous page."""
+        def op(db: sqlite3.Connection) -> list[Template]:
+            sql, args = f"SELECT {_COLUMNS} FROM templates", []
+            if after:
+                sql += (" WHERE (created_at, id) >"
+                        " (SELECT created_at, id FROM templates WHERE id = ?)")
+                args.append(after)
+            rows = db.execute(sql + " ORDER BY created_at, id LIMIT ?", (*args, limit))
+            return [_template(r) for r in rows]
+
+        found: list[Template] = await run_sync(self._reader, op)
+        return found
+
+    async def update_template(self, template_id: str, changes: dict[str, Any]
+                              ) -> Template | None:
+        """Sets the given columns (and updated_at); the template as it is now, or None."""
+        unknown = set(changes) - _EDITABLE
+        if unknown:
+            raise ValueError(f"not editable: {', '.join(sorted(unknown))}")
+
+        def op(db: sqlite3.Connection) -> Template | None:
+            if changes:
+                names = list(changes)
+                db.execute(f"UPDATE templates SET {', '.join(f'{n} = ?' for n in names)}"
+                           " WHERE id = ?", (*(changes[n] for n in names), template_id))
+            row = db.execute(f"SELECT {_COLUMNS} FROM templates WHERE id = ?",
+                             (template_id,)).fetchone()
+            return _template(row) if row else None
+
+        found: Template | None = await self._write(op)
+        return found
+
+    async def delete_template(self, template_id: str) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            return db.execute("DELETE FROM templates WHERE id = ?",
+                              (template_id,)).rowcount == 1
+
+        done: bool = await self._write(op)
+        return done
+
+
+def _template(row: tuple[Any, ...]) -> Template:
+    return Template(**dict(zip(_FIELDS, row, strict=True)))
