@@ -1,0 +1,470 @@
+"""Read a bounce, complaint or auto-reply: who it is about, what happened, and why.
+
+Pure parsing, no I/O: RFC 3464 delivery-status reports, RFC 5965 (ARF) complaints,
+RFC 3834 auto-replies, and the older non-standard bounce formats, whose recipients
+flufl.bounce's detectors find; relay reads the status code and the remote's sentence
+near each recipient itself.  `classify` turns a status, a reply code and the text into
+a reason and a hard/soft class: hard only when the address itself is bad for good.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import logging
+import re
+from dataclasses import dataclass, field
+from email.message import Message
+
+from flufl.bounce import all_failures
+
+log = logging.getLogger(__name__)
+
+REASONS: tuple[str, ...] = (
+    "userunknown", "hostunknown", "hasmoved", "mailboxfull", "mesgtoobig", "exceedlimit",
+    "filtered", "rejected", "blocked", "spamdetected", "virusdetected", "policyviolation",
+    "authfailure", "requireptr", "badreputation", "notcompliantrfc", "expired", "suspend",
+    "onhold", "networkerror", "systemerror", "systemfull", "toomanyconn", "speeding",
+    "norelaying", "notaccept", "securityerror", "syntaxerror", "contenterror", "mailererror",
+    "vacation", "feedback", "delivered", "undefined",
+)
+# the address is bad and stays bad: the only reasons that may suppress a recipient
+HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class BouncedRecipient:
+    address: str
+    action: str
+    status: str | None
+    reason: str
+    bounce_class: str
+    diagnostic: str
+    remote_mta: str | None
+    reply_code: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Original:
+    return_path: str | None = None
+    message_id: str | None = None
+    feedback_id: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Report:
+    type: str
+    feedback_type: str | None = None
+    recipients: tuple[BouncedRecipient, ...] = ()
+    original: Original = field(default_factory=Original)
+
+    @property
+    def is_bounce(self) -> bool:
+        return self.type == "dsn" and any(r.action == "failed" for r in self.recipients)
+
+
+# -- classification -----------------------------------------------------------------
+
+# Phrases that say what went wrong, most specific first.  Read whatever the code says:
+# many servers send 5.0.0 or 5.7.1 for everything, and the sentence is then the fact.
+_PHRASES: tuple[tuple[str, str], ...] = (
+    ("virusdetected", r"virus|malware|infected|trojan"),
+    ("requireptr", r"reverse (dns|lookup|hostname)|\bptr\b|rdns|no (dns|host ?name) for"
+                   r"|(ip|client).{0,40}(not|cannot be|could not be) resolved"
+                   r"|cannot find your (reverse )?hostname|hostname.{0,20}(lookup|resolve)"),
+    ("authfailure", r"\bspf\b|\bdkim\b|\bdmarc\b|sender policy framework"
+                    r"|authenticat(ion|ed).{0,30}(fail|requir)|not authenticated"),
+    ("badreputation", r"reputation|(ip|sender).{0,20}(has been )?temporarily (deferred|rate)"),
+    ("spamdetected", r"\bspam|junk mail|unsolicited|bulk mail|content.{0,20}rejected"
+                     r"|message (has been |was )?(classified|identified|considered|marked) as"),
+    ("blocked", r"black ?list|block ?list|\bdnsbl|\brbl\b|spamhaus|spamcop|sorbs|barracuda"
+                r"|(ip|address|host|connection|client).{0,40}(blocked|banned|denied|refused)"
+                r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"),
+    ("norelaying", r"relay(ing)? (access )?(denied|not (permitted|allowed))|unable to relay"
+                   r"|not permitted to relay|no relaying|relay not permitted|not a gateway"
+                   r"|relaying (mail )?to .{1,80} (is )?not allowed"),
+    ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent)"
+                    r"|connection (rate|limit)"),
+    ("speeding", r"rate limit|too many (messages|recipients|mails)|sending too (fast|much)"
+                 r"|try again later.{0,20}(too|rate)|exceeded .{0,20}rate"),
+    ("mesgtoobig", r"(message|mail|size).{0,30}(too (big|large|long)|exceeds?.{0,20}(size|limit))"
+                   r"|exceeds? .{0,30}(size limit|maximum (message )?size)|message size"),
+    ("mailboxfull", r"(mailbox|mail box|inbox|mail ?folder|account|user|disk|storage)"
+                    r".{0,40}(full|quota|exceed|over)|quota|insufficient (storage|disk)"
+                    r"|not enough (storage|space)|full mailbox|mailbox size limit"),
+    ("exceedlimit", r"exceed(s|ed)? .{0,30}limit"),
+    ("hasmoved", r"has moved|moved to|no longer (valid|available) at|forwarding address"),
+    ("suspend", r"(account|mailbox|user|address).{0,40}(disabled|suspended|inactive|deactivated"
+                r"|expired|locked|frozen|not active|blocked|closed)|suspended"),
+    ("hostunknown", r"host (or domain name )?(not found|unknown)|unknown host|domain"
+                    r" (not found|does not exist|unknown|is not valid)|unknown domain"
+                    r"|no such (domain|host)|name or service not known|host not found"
+                    r"|nxdomain|domain name not found|unrouteable (mail )?domain"
+                    r"|unrouteable address|(no|null) mx|bad destination host|no route to host"
+                    r"|unresolvable"),
+    ("userunknown", r"(user|recipient|mailbox|address|account|addressee|destination)"
+                    r".{0,50}(unknown|not (found|exist|known|valid|listed)|does( not|n.?t)"
+                    r" exist|doesn.?t have|invalid|no such|unavailable|rejected)"
+                    r"|no such (user|recipient|mailbox|address|account|person)"
+                    r"|unknown (user|recipient|local|mailbox|address|alias|addressee)"
+                    r"|invalid (recipient|mailbox|address|user)|mailbox not found"
+                    r"|(user|recipient) doesn.?t|not our customer|no mailbox here"
+                    r"|address rejected|unrouteable|not a valid (user|mailbox|recipient)"
+                    r"|no valid recipients|recipient rejected|bad recipient"
+                    r"|undeliverable address|user not found|no account by that name"),
+    ("notcompliantrfc", r"rfc ?(2822|5322|822|5321|1123)|not (rfc|standards).{0,10}compliant"
+                        r"|duplicate (header|message-id)|malformed|improperly formatted"),
+    ("securityerror", r"tls|starttls|encryption|certificate|security|authentication required"
+                      r"|must (issue|use) .{0,20}(auth|starttls)"),
+    ("policyviolation", r"policy|prohibited|not allowed|violat|administrat(ive|or)"
+                        r"|forbidden"),
+    ("contenterror", r"content|header.{0,20}(invalid|error)|(mime|encoding|charset) error"
+                     r"|8-?bit|attachment"),
+    ("filtered", r"filter|refused by|rejected by (the )?recipient|recipient.{0,20}refus"),
+    ("expired", r"(retry|delivery|queue|time|lifetime).{0,40}(expired|exceeded|timeout|time out)"
+                r"|could not be delivered (for|within|in) .{0,20}(days|hours)|too long"
+                r"|gave up|giving up|has been delayed|not (yet )?been delivered"
+                r"|delivery (attempts|time).{0,20}(failed|exhausted)|expired"),
+    ("systemfull", r"(system|disk|server).{0,20}(full|out of space)|insufficient system"),
+    ("networkerror", r"connection (refused|timed? ?out|reset|closed|lost|dropped)"
+                     r"|timed? ?out|network|unreachable|cannot connect|could not connect"
+                     r"|unable to connect|dns (error|failure|lookup)|routing loop|mail loop"
+                     r"|too many hops|loop detected"),
+    ("mailererror", r"mailer|(pipe|command|program).{0,30}(fail|error|exit)|x-unix|unix;"
+                    r"|procmail|local delivery failed|exit (code|status)"),
+    ("systemerror", r"system error|internal (server )?error|temporary (failure|error)"
+                    r"|server error|local error|try again later|service (not available"
+                    r"|unavailable)|resources"),
+    ("syntaxerror", r"syntax error|command unrecognized|unrecognized command"
+                    r"|command not (recognized|implemented)"),
+    ("rejected", r"sender.{0,40}(reject|denied|refused|invalid|unknown|not allowed|blocked)"
+                 r"|(reject|denied|refused).{0,30}sender|envelope.from|mail from"
+                 r"|domain of sender|from address|return.path|rejected|denied|refused"),
+    ("onhold", r"on hold|held"),
+)
+_PHRASE_RES = tuple((reason, re.compile(pattern, re.I)) for reason, pattern in _PHRASES)
+
+# RFC 3463 subject.detail codes whose meaning is precise enough to stand alone
+_BY_STATUS: dict[str, str] = {
+    "1.1": "userunknown", "1.2": "hostunknown", "1.3": "userunknown", "1.4": "userunknown",
+    "1.5": "userunknown", "1.6": "hasmoved", "1.7": "rejected", "1.8": "rejected",
+    "1.10": "notaccept", "2.1": "suspend", "2.2": "mailboxfull", "2.3": "exceedlimit",
+    "2.4": "mailererror", "3.1": "systemfull", "3.2": "notaccept", "3.3": "mailererror",
+    "3.4": "mesgtoobig", "3.5": "systemerror", "4.0": "networkerror", "4.1": "networkerror",
+    "4.2": "networkerror", "4.3": "systemerror", "4.4": "hostunknown", "4.5": "networkerror",
+    "4.6": "networkerror", "4.7": "expired", "5.0": "syntaxerror", "5.1": "syntaxerror",
+    "5.2": "syntaxerror", "5.3": "exceedlimit", "5.4": "syntaxerror", "6.0": "contenterror",
+    "6.1": "contenterror", "6.2": "contenterror", "6.3": "contenterror", "6.5": "contenterror",
+    "6.6": "contenterror", "6.7": "contenterror", "6.8": "contenterror", "6.9": "contenterror",
+    "7.2": "rejected", "7.3": "securityerror", "7.4": "securityerror", "7.5": "securityerror",
+    "7.6": "securityerror", "7.7": "securityerror", "7.8": "authfailure", "7.9": "policyviolation",
+    "7.10": "securityerror", "7.11": "securityerror", "7.13": "suspend", "7.14": "securityerror",
+    "7.15": "securityerror", "7.16": "mesgtoobig", "7.17": "suspend", "7.18": "suspend",
+    "7.19": "policyviolation", "7.20": "authfailure", "7.21": "authfailure",
+    "7.22": "authfailure", "7.23": "authfailure", "7.24": "authfailure", "7.25": "requireptr",
+    "7.26": "authfailure", "7.27": "notaccept", "7.28": "spamdetected", "7.29": "authfailure",
+    "7.30": "securityerror",
+}
+# codes that say little: a phrase in the text wins over them
+_VAGUE = frozenset({"0.0", "7.0", "7.1", "5.0", "1.0", "2.0", "3.0", "4.0", "7.2", "1.1",
+                    "4.7", "4.4", "5.2", "4.1", "4.2", "2.1", "3.0", "6.0", "1.3", "1.10"})
+_BY_REPLY = {421: "systemerror", 450: "mailboxfull", 451: "systemerror", 452: "mailboxfull",
+             550: "userunknown", 551: "hasmoved", 552: "mailboxfull", 553: "userunknown",
+             554: "rejected", 556: "notaccept", 500: "syntaxerror", 501: "syntaxerror",
+             530: "securityerror", 535: "securityerror"}
+
+
+def _phrase_reason(text: str) -> str | None:
+    for reason, regex in _PHRASE_RES:
+        if regex.search(text):
+            return reason
+    return None
+
+
+def classify(status: str | None, reply_code: int | None, text: str) -> tuple[str, str]:
+    """(reason, "hard"|"soft") from an RFC 3463 status, an SMTP reply code and the text."""
+    cls, detail = "", ""
+    if status and (m := _STATUS_RE.fullmatch(status.strip())):
+        cls, detail = m.group(1), f"{int(m.group(2))}.{int(m.group(3))}"
+    if not cls and reply_code:
+        cls = str(reply_code)[0]
+    if cls == "2":
+        return "delivered", "soft"
+    phrase = _phrase_reason(text) if text else None
+    reason = None
+    if detail and detail not in _VAGUE:
+        reason = _BY_STATUS.get(detail)
+    if reason is None or (phrase and detail in _VAGUE):
+        reason = phrase or _BY_STATUS.get(detail) or (
+            _BY_REPLY.get(reply_code) if reply_code else None)
+    if reason is None:
+        reason = "expired" if cls == "4" else "undefined"
+    hard = reason in HARD_REASONS and cls != "4"
+    return reason, "hard" if hard else "soft"
+
+
+# -- parsing ------------------------------------------------------------------------
+
+_STATUS_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})")
+_STATUS_IN_TEXT = re.compile(r"(?<![\d.])([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
+_REPLY_IN_TEXT = re.compile(r"(?<![\d.\-])([245][0-5]\d)(?:[ \-]|$)", re.M)
+_ADDR_RE = re.compile(r"[\w.!#$%&'*+/=?^`{|}~\-]+@[\w\-]+(?:\.[\w\-]+)+", re.U)
+
+
+def parse(raw: bytes) -> Report:
+    """What a message reports; never raises: a message not understood is type "unknown"."""
+    try:
+        msg = email.message_from_bytes(raw)
+        return _parse(msg)
+    except Exception:  # garbage in must never become a traceback in the inbound path
+        log.debug("bounce not understood", exc_info=True)
+        return Report(type="unknown")
+
+
+def _parse(msg: Message) -> Report:
+    parts = list(msg.walk())
+    types = {p.get_content_type() for p in parts}
+    original = _original(parts)
+    if "message/feedback-report" in types or (
+            msg.get_content_type() == "multipart/report"
+            and (msg.get_param("report-type") or "").lower() == "feedback-report"):
+        return _arf(parts, original)
+    if "message/delivery-status" in types or "message/global-delivery-status" in types:
+        recipients = _dsn_recipients(parts)
+        if recipients:
+            return Report(type="dsn", recipients=recipients, original=original)
+    if _is_autoreply(msg):
+        return Report(type="autoreply", original=original, recipients=(
+            BouncedRecipient(address=_from_address(msg), action="", status=None,
+                             reason="vacation", bounce_class="soft",
+                             diagnostic=str(msg.get("Subject", "")), remote_mta=None),))
+    recipients = _heuristic_recipients(msg)
+    if recipients:
+        return Report(type="dsn", recipients=recipients, original=original)
+    return Report(type="unknown", original=original)
+
+
+def _text(part: Message) -> str:
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return ""
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        return payload.decode(charset, "replace")
+    except LookupError:
+        return payload.decode("utf-8", "replace")
+
+
+def _fields(part: Message) -> list[Message]:
+    """The field blocks of a delivery-status part (the first is per-message)."""
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        return [p for p in payload if isinstance(p, Message)]
+    text = payload if isinstance(payload, str) else ""
+    return [email.message_from_string(block.strip() + "\n")
+            for block in re.split(r"\n\s*\n", text.replace("\r\n", "\n")) if block.strip()]
+
+
+def _address_of(value: str | None) -> str:
+    if not value:
+        return ""
+    value = re.sub(r"\s+", " ", str(value)).strip()
+    if ";" in value:
+        value = value.split(";", 1)[1]
+    value = value.strip().strip("<>").strip()
+    m = _ADDR_RE.search(value)
+    return _lower_domain(m.group(0) if m else value)
+
+
+def _lower_domain(address: str) -> str:
+    local, at, domain = address.rpartition("@")
+    return f"{local}@{domain.lower()}" if at else address
+
+
+def _after_type(value: str | None) -> str:
+    text = re.sub(r"\s+", " ", str(value or "")).strip()
+    return text.split(";", 1)[1].strip() if ";" in text else text
+
+
+def _dsn_recipients(parts: list[Message]) -> tuple[BouncedRecipient, ...]:
+    found: list[BouncedRecipient] = []
+    human = " ".join(_text(p) for p in parts if p.get_content_type() == "text/plain")[:20000]
+    for part in parts:
+        if part.get_content_type() not in ("message/delivery-status",
+                                           "message/global-delivery-status"):
+            continue
+        blocks = _fields(part)
+        per_message_mta = next((_after_type(b["Reporting-MTA"]) for b in blocks
+                                if b["Reporting-MTA"]), None)
+        for block in blocks:
+            rcpt = block["Final-Recipient"] or block["Original-Recipient"]
+            if not rcpt:
+                continue
+            address = _address_of(rcpt)
+            action = str(block.get("Action", "failed")).strip().lower().split()[0] \
+                if block.get("Action") else "failed"
+            diagnostic = _after_type(block["Diagnostic-Code"])
+            status = _status(str(block.get("Status", "")))
+            text_status = _status(diagnostic)
+            if text_status and (not status or status.endswith(".0.0")) and \
+                    text_status[0] == (status or text_status)[0]:
+                status = text_status
+            if not diagnostic:
+                diagnostic = _sentence_near(human, address)
+            reply = _reply_code(diagnostic)
+            remote = _after_type(block["Remote-MTA"]) or None
+            found.append(_recipient(address, action, status, reply, diagnostic, remote))
+        del per_message_mta
+    return tuple(found)
+
+
+def _recipient(address: str, action: str, status: str | None, reply: int | None,
+               diagnostic: str, remote: str | None) -> BouncedRecipient:
+    if action in ("delivered", "relayed", "expanded"):
+        reason, cls = "delivered", "soft"
+    else:
+        if action == "delayed" and status and status[0] == "5":
+            status = "4" + status[1:]
+        reason, cls = classify(status, reply, diagnostic)
+        if action == "delayed":
+            cls = "soft"
+    return BouncedRecipient(address=address, action=action, status=status, reason=reason,
+                            bounce_class=cls, diagnostic=diagnostic, remote_mta=remote,
+                            reply_code=reply)
+
+
+def _status(text: str) -> str | None:
+    m = _STATUS_IN_TEXT.search(text or "")
+    return m.group(1) if m else None
+
+
+def _reply_code(text: str) -> int | None:
+    m = _REPLY_IN_TEXT.search(text or "")
+    return int(m.group(1)) if m else None
+
+
+# -- ARF (RFC 5965) ----------------------------------------------------------------
+
+
+def _arf(parts: list[Message], original: Original) -> Report:
+    report = next((p for p in parts if p.get_content_type() == "message/feedback-report"), None)
+    fields = _fields(report)[0] if report is not None and _fields(report) else Message()
+    if report is not None and not fields.keys():
+        text = _text(report) or str(report.get_payload())
+        fields = email.message_from_string(text.strip() + "\n")
+    feedback_type = str(fields.get("Feedback-Type", "")).strip().lower() or "abuse"
+    rcpt = _address_of(fields["Original-Rcpt-To"] or fields["Removal-Recipient"])
+    if not rcpt:
+        to = dict((k.lower(), v) for k, v in original.headers).get("to", "")
+        rcpt = _address_of(to)
+    mta = _after_type(fields["Reporting-MTA"]) or None
+    return Report(type="arf", feedback_type=feedback_type, original=original, recipients=(
+        BouncedRecipient(address=rcpt, action="", status=None, reason="feedback",
+                         bounce_class="soft", diagnostic=feedback_type, remote_mta=mta),))
+
+
+# -- auto-replies (RFC 3834) --------------------------------------------------------
+
+_AUTOREPLY_SUBJECT = re.compile(
+    r"out of (the )?office|auto(matic|matisch)?[ -]?(reply|response|antwort|respon)"
+    r"|^auto:|vacation|away (from|until)|abwesen|absence|abwesenheit|r[ée]ponse automatique"
+    r"|i am away|on leave|on holiday", re.I)
+_BOUNCE_SUBJECT = re.compile(
+    r"undeliver|delivery (status|failure|notification|has failed)|returned mail|failure notice"
+    r"|mail delivery|not (be )?delivered|delivery failed|rejected|bounce", re.I)
+
+
+def _is_autoreply(msg: Message) -> bool:
+    subject = str(msg.get("Subject", ""))
+    if _BOUNCE_SUBJECT.search(subject):
+        return False
+    sender = str(msg.get("From", "")).lower()
+    if "mailer-daemon" in sender or "postmaster" in sender:
+        return False
+    if str(msg.get("Auto-Submitted", "")).strip().lower().startswith("auto-replied"):
+        return True
+    if msg.get("X-Autoreply") or msg.get("X-Autorespond") or msg.get("X-Autoresponder"):
+        return True
+    if str(msg.get("Precedence", "")).strip().lower() == "auto_reply":
+        return True
+    return bool(_AUTOREPLY_SUBJECT.search(subject))
+
+
+def _from_address(msg: Message) -> str:
+    return _address_of(str(msg.get("From", "")))
+
+
+# -- non-standard bounces -----------------------------------------------------------
+
+
+def _heuristic_recipients(msg: Message) -> tuple[BouncedRecipient, ...]:
+    temporary, permanent = all_failures(msg)
+    text = "\n".join(_text(p) for p in msg.walk()
+                     if p.get_content_maintype() == "text")[:50000]
+    found: list[BouncedRecipient] = []
+    for addresses, action in ((permanent, "failed"), (temporary, "delayed")):
+        for raw in sorted(addresses):
+            address = _lower_domain(raw.decode("ascii", "replace").strip("<>"))
+            if not address or "@" not in address:
+                continue
+            diagnostic = _sentence_near(text, address)
+            status = _status(diagnostic)
+            found.append(_recipient(address, action, status, _reply_code(diagnostic),
+                                    diagnostic, _remote_near(diagnostic)))
+    return tuple(found)
+
+
+_COPY_MARKER = re.compile(
+    r"^.*(original message|message headers follow|copy of the message|returned message"
+    r"|unsent message below|--- below this line|headers of the original).*$", re.I | re.M)
+
+
+def _sentence_near(text: str, address: str) -> str:
+    """The remote's words about an address: the lines around its first mention, up to the
+    copy of the original message."""
+    cut = _COPY_MARKER.search(text)
+    body = text[:cut.start()] if cut else text
+    at = body.lower().find(address.lower()) if address else -1
+    if at < 0:
+        lines = [line.strip() for line in body.splitlines() if line.strip()]
+        return " ".join(lines)[:1000]
+    start = body.rfind("\n\n", 0, at)
+    start = 0 if start < 0 else start
+    end = body.find("\n\n", at + len(address))
+    chunk = body[start:end if end > 0 else len(body)]
+    if len(chunk.strip()) <= len(address) + 10:
+        end2 = body.find("\n\n", (end if end > 0 else at) + 2)
+        chunk = body[start:end2 if end2 > 0 else len(body)]
+    return re.sub(r"\s+", " ", chunk).strip()[:1000]
+
+
+_HOST_RE = re.compile(r"\b(?:host|server|mx)\s+\[?([a-z0-9][a-z0-9.\-]+\.[a-z]{2,})", re.I)
+
+
+def _remote_near(text: str) -> str | None:
+    m = _HOST_RE.search(text)
+    return m.group(1).lower() if m else None
+
+
+# -- the original message -----------------------------------------------------------
+
+
+def _original(parts: list[Message]) -> Original:
+    for part in parts:
+        ctype = part.get_content_type()
+        enclosed: Message | None = None
+        if ctype in ("message/rfc822", "message/global"):
+            payload = part.get_payload()
+            if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+                enclosed = payload[0]
+        elif ctype in ("text/rfc822-headers", "message/global-headers"):
+            enclosed = email.message_from_string(_text(part) or str(part.get_payload()))
+        if enclosed is not None and enclosed.keys():
+            headers = tuple((k, re.sub(r"\s+", " ", str(v)).strip())
+                            for k, v in enclosed.items())
+            get = {k.lower(): v for k, v in reversed(headers)}
+            return Original(return_path=_address_of(get.get("return-path")) or None,
+                            message_id=get.get("message-id"),
+                            feedback_id=get.get("feedback-id"), headers=headers)
+    return Original()
