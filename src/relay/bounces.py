@@ -69,6 +69,11 @@ class Report:
 # Phrases that say what went wrong, most specific first.  Read whatever the code says:
 # many servers send 5.0.0 or 5.7.1 for everything, and the sentence is then the fact.
 _PHRASES: tuple[tuple[str, str], ...] = (
+    ("notcompliantrfc", r"rfc ?(2822|5322|822|5321|1123)|not (rfc|standards).{0,10}compliant"
+                        r"|duplicate (header|message-id)|multiple \w+ headers|multiple .{0,20}addresses in from"),
+    ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)"),
+    ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent)"
+                    r"|connection (rate|limit)|frequency limit"),
     ("virusdetected", r"virus|malware|infected|trojan"),
     ("requireptr", r"reverse (dns|lookup|hostname)|\bptr\b|rdns|no (dns|host ?name) for"
                    r"|(ip|client).{0,40}(not|cannot be|could not be) resolved"
@@ -80,62 +85,64 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                      r"|message (has been |was )?(classified|identified|considered|marked) as"),
     ("blocked", r"black ?list|block ?list|\bdnsbl|\brbl\b|spamhaus|spamcop|sorbs|barracuda"
                 r"|(ip|address|host|connection|client).{0,40}(blocked|banned|denied|refused)"
-                r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"),
+                r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"
+                r"|client host rejected|invalid ip"),
     ("norelaying", r"relay(ing)? (access )?(denied|not (permitted|allowed))|unable to relay"
                    r"|not permitted to relay|no relaying|relay not permitted|not a gateway"
                    r"|relaying (mail )?to .{1,80} (is )?not allowed"),
-    ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent)"
-                    r"|connection (rate|limit)"),
     ("speeding", r"rate limit|too many (messages|recipients|mails)|sending too (fast|much)"
                  r"|try again later.{0,20}(too|rate)|exceeded .{0,20}rate"),
     ("mesgtoobig", r"(message|mail|size).{0,30}(too (big|large|long)|exceeds?.{0,20}(size|limit))"
                    r"|exceeds? .{0,30}(size limit|maximum (message )?size)|message size"),
-    ("mailboxfull", r"(mailbox|mail box|inbox|mail ?folder|account|user|disk|storage)"
+    ("systemfull", r"(system|disk|server).{0,20}(full|out of space)|insufficient (system|disk)"),
+    ("mailboxfull", r"(mailbox|mail box|inbox|mail ?folder|account|user|storage)"
                     r".{0,40}(full|quota|exceed|over)|quota|insufficient (storage|disk)"
                     r"|not enough (storage|space)|full mailbox|mailbox size limit"),
     ("exceedlimit", r"exceed(s|ed)? .{0,30}limit"),
     ("hasmoved", r"has moved|moved to|no longer (valid|available) at|forwarding address"),
     ("suspend", r"(account|mailbox|user|address).{0,40}(disabled|suspended|inactive|deactivated"
                 r"|expired|locked|frozen|not active|blocked|closed)|suspended"),
+    ("networkerror", r"try again.{0,10}$|temporary (dns|lookup)"),
     ("hostunknown", r"host (or domain name )?(not found|unknown)|unknown host|domain"
                     r" (not found|does not exist|unknown|is not valid)|unknown domain"
                     r"|no such (domain|host)|name or service not known|host not found"
                     r"|nxdomain|domain name not found|unrouteable (mail )?domain"
                     r"|unrouteable address|(no|null) mx|bad destination host|no route to host"
-                    r"|unresolvable"),
+                    r"|unresolvable|domain (is )?not reachable"),
     ("userunknown", r"(user|recipient|mailbox|address|account|addressee|destination)"
                     r".{0,50}(unknown|not (found|exist|known|valid|listed)|does( not|n.?t)"
-                    r" exist|doesn.?t have|invalid|no such|unavailable|rejected)"
+                    r" exist|doesn.?t have|invalid|no such|unavailable)"
                     r"|no such (user|recipient|mailbox|address|account|person)"
                     r"|unknown (user|recipient|local|mailbox|address|alias|addressee)"
                     r"|invalid (recipient|mailbox|address|user)|mailbox not found"
                     r"|(user|recipient) doesn.?t|not our customer|no mailbox here"
-                    r"|address rejected|unrouteable|not a valid (user|mailbox|recipient)"
+                    r"|unrouteable|not a valid (user|mailbox|recipient)|not recogni[sz]ed"
+                    r"|invalid .{0,20}userid|illegal user"
                     r"|no valid recipients|recipient rejected|bad recipient"
                     r"|undeliverable address|user not found|no account by that name"),
     ("notcompliantrfc", r"rfc ?(2822|5322|822|5321|1123)|not (rfc|standards).{0,10}compliant"
                         r"|duplicate (header|message-id)|malformed|improperly formatted"),
     ("securityerror", r"tls|starttls|encryption|certificate|security|authentication required"
-                      r"|must (issue|use) .{0,20}(auth|starttls)"),
+                      r"|must (issue|use) .{0,20}(auth|starttls)|smtp auth"),
     ("policyviolation", r"policy|prohibited|not allowed|violat|administrat(ive|or)"
                         r"|forbidden"),
     ("contenterror", r"content|header.{0,20}(invalid|error)|(mime|encoding|charset) error"
                      r"|8-?bit|attachment"),
-    ("filtered", r"filter|refused by|rejected by (the )?recipient|recipient.{0,20}refus"),
+    ("filtered", r"filter|recipient preferences|refused by|rejected by (the )?recipient|recipient.{0,20}refus"),
     ("expired", r"(retry|delivery|queue|time|lifetime).{0,40}(expired|exceeded|timeout|time out)"
                 r"|could not be delivered (for|within|in) .{0,20}(days|hours)|too long"
                 r"|gave up|giving up|has been delayed|not (yet )?been delivered"
                 r"|delivery (attempts|time).{0,20}(failed|exhausted)|expired"),
-    ("systemfull", r"(system|disk|server).{0,20}(full|out of space)|insufficient system"),
     ("networkerror", r"connection (refused|timed? ?out|reset|closed|lost|dropped)"
                      r"|timed? ?out|network|unreachable|cannot connect|could not connect"
                      r"|unable to connect|dns (error|failure|lookup)|routing loop|mail loop"
                      r"|too many hops|loop detected"),
-    ("mailererror", r"mailer|(pipe|command|program).{0,30}(fail|error|exit)|x-unix|unix;"
+    ("notaccept", r"no smtp service|does not accept (e-?)?mail|null mx|accepts no mail"),
+    ("mailererror", r"mailer (error|program)|(pipe|command|program).{0,30}(fail|error|exit)|x-unix|unix;"
                     r"|procmail|local delivery failed|exit (code|status)"),
     ("systemerror", r"system error|internal (server )?error|temporary (failure|error)"
-                    r"|server error|local error|try again later|service (not available"
-                    r"|unavailable)|resources"),
+                    r"|server error|local error|try (again )?later|service.{0,20}(not available"
+                    r"|unavailable|refused?)|resources|transaction failed"),
     ("syntaxerror", r"syntax error|command unrecognized|unrecognized command"
                     r"|command not (recognized|implemented)"),
     ("rejected", r"sender.{0,40}(reject|denied|refused|invalid|unknown|not allowed|blocked)"
@@ -167,12 +174,16 @@ _BY_STATUS: dict[str, str] = {
     "7.30": "securityerror",
 }
 # codes that say little: a phrase in the text wins over them
-_VAGUE = frozenset({"0.0", "7.0", "7.1", "5.0", "1.0", "2.0", "3.0", "4.0", "7.2", "1.1",
+_VAGUE = frozenset({"5.5", "0.0", "7.0", "7.1", "5.0", "1.0", "2.0", "3.0", "4.0", "7.2", "1.1",
                     "4.7", "4.4", "5.2", "4.1", "4.2", "2.1", "3.0", "6.0", "1.3", "1.10"})
 _BY_REPLY = {421: "systemerror", 450: "mailboxfull", 451: "systemerror", 452: "mailboxfull",
              550: "userunknown", 551: "hasmoved", 552: "mailboxfull", 553: "userunknown",
              554: "rejected", 556: "notaccept", 500: "syntaxerror", 501: "syntaxerror",
              530: "securityerror", 535: "securityerror"}
+
+
+_GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time|timeout|period) (exceeded|expired)|delivery time"
+                      r" expired|could not be delivered (for|within) \d", re.I)
 
 
 def _phrase_reason(text: str) -> str | None:
@@ -192,6 +203,8 @@ def classify(status: str | None, reply_code: int | None, text: str) -> tuple[str
     if cls == "2":
         return "delivered", "soft"
     phrase = _phrase_reason(text) if text else None
+    if text and _GAVE_UP.search(text):
+        phrase = "expired"
     reason = None
     if detail and detail not in _VAGUE:
         reason = _BY_STATUS.get(detail)
@@ -200,6 +213,8 @@ def classify(status: str | None, reply_code: int | None, text: str) -> tuple[str
             _BY_REPLY.get(reply_code) if reply_code else None)
     if reason is None:
         reason = "expired" if cls == "4" else "undefined"
+    if reason == "hostunknown" and cls == "4":
+        reason = "networkerror"  # a DNS answer that may still change
     hard = reason in HARD_REASONS and cls != "4"
     return reason, "hard" if hard else "soft"
 
@@ -239,7 +254,7 @@ def _parse(msg: Message) -> Report:
             BouncedRecipient(address=_from_address(msg), action="", status=None,
                              reason="vacation", bounce_class="soft",
                              diagnostic=str(msg.get("Subject", "")), remote_mta=None),))
-    recipients = _heuristic_recipients(msg)
+    recipients = _heuristic_recipients(msg) or _inline_dsn_recipients(msg)
     if recipients:
         return Report(type="dsn", recipients=recipients, original=original)
     return Report(type="unknown", original=original)
@@ -310,17 +325,18 @@ def _dsn_recipients(parts: list[Message]) -> tuple[BouncedRecipient, ...]:
             if text_status and (not status or status.endswith(".0.0")) and \
                     text_status[0] == (status or text_status)[0]:
                 status = text_status
-            if not diagnostic:
-                diagnostic = _sentence_near(human, address)
+            near = _sentence_near(human, address)
+            diagnostic = diagnostic or near
             reply = _reply_code(diagnostic)
             remote = _after_type(block["Remote-MTA"]) or None
-            found.append(_recipient(address, action, status, reply, diagnostic, remote))
+            found.append(_recipient(address, action, status, reply, diagnostic, remote,
+                                    context=f"{near} {diagnostic}"))
         del per_message_mta
     return tuple(found)
 
 
 def _recipient(address: str, action: str, status: str | None, reply: int | None,
-               diagnostic: str, remote: str | None) -> BouncedRecipient:
+               diagnostic: str, remote: str | None, context: str = "") -> BouncedRecipient:
     if action in ("delivered", "relayed", "expanded"):
         reason, cls = "delivered", "soft"
     else:
@@ -329,9 +345,23 @@ def _recipient(address: str, action: str, status: str | None, reply: int | None,
         reason, cls = classify(status, reply, diagnostic)
         if action == "delayed":
             cls = "soft"
+        elif action == "failed" and (status or "").startswith("4") and reason in _TRANSIENT:
+            # failed with a temporary status: relay's peer retried until its queue ran out
+            reason = "expired"
+        if reason == "userunknown" and _AFTER_DATA.search(context or diagnostic):
+            # the server took RCPT TO and refused only the content: the mailbox exists
+            reason, cls = "filtered", "soft"
     return BouncedRecipient(address=address, action=action, status=status, reason=reason,
                             bounce_class=cls, diagnostic=diagnostic, remote_mta=remote,
                             reply_code=reply)
+
+
+# what a retrying queue saw last, not why the message failed in the end
+_TRANSIENT = frozenset({"networkerror", "systemerror", "undefined", "hostunknown", "expired",
+                        "onhold", "mailererror", "syntaxerror"})
+
+
+_AFTER_DATA = re.compile(r">>> DATA|(in reply to|after) (end of )?DATA\b", re.I)
 
 
 def _status(text: str) -> str | None:
@@ -354,14 +384,18 @@ def _arf(parts: list[Message], original: Original) -> Report:
         text = _text(report) or str(report.get_payload())
         fields = email.message_from_string(text.strip() + "\n")
     feedback_type = str(fields.get("Feedback-Type", "")).strip().lower() or "abuse"
-    rcpt = _address_of(fields["Original-Rcpt-To"] or fields["Removal-Recipient"])
-    if not rcpt:
+    rcpts = [_address_of(v) for v in (fields.get_all("Original-Rcpt-To") or
+                                      fields.get_all("Removal-Recipient") or [])]
+    if not any(rcpts):
         to = dict((k.lower(), v) for k, v in original.headers).get("to", "")
-        rcpt = _address_of(to)
+        rcpts = [_address_of(to)]
+    # "Undisclosed Recipients" and the like: the report hides who it is about
+    rcpts = [r if "@" in r else "" for r in rcpts] or [""]
     mta = _after_type(fields["Reporting-MTA"]) or None
-    return Report(type="arf", feedback_type=feedback_type, original=original, recipients=(
+    return Report(type="arf", feedback_type=feedback_type, original=original, recipients=tuple(
         BouncedRecipient(address=rcpt, action="", status=None, reason="feedback",
-                         bounce_class="soft", diagnostic=feedback_type, remote_mta=mta),))
+                         bounce_class="soft", diagnostic=feedback_type, remote_mta=mta)
+        for rcpt in dict.fromkeys(rcpts)))
 
 
 # -- auto-replies (RFC 3834) --------------------------------------------------------
@@ -403,39 +437,101 @@ def _heuristic_recipients(msg: Message) -> tuple[BouncedRecipient, ...]:
     text = "\n".join(_text(p) for p in msg.walk()
                      if p.get_content_maintype() == "text")[:50000]
     found: list[BouncedRecipient] = []
-    for addresses, action in ((permanent, "failed"), (temporary, "delayed")):
-        for raw in sorted(addresses):
-            address = _lower_domain(raw.decode("ascii", "replace").strip("<>"))
-            if not address or "@" not in address:
-                continue
-            diagnostic = _sentence_near(text, address)
+    named = [(m.group(0), action) for addresses, action in
+             ((permanent, "failed"), (temporary, "delayed")) for raw in sorted(addresses)
+             if (m := _ADDR_RE.search(raw.decode("ascii", "replace")))]
+    others = tuple(a for a, _ in named)
+    for raw_address, action in named:
+        if True:
+            address = _lower_domain(raw_address)
+            diagnostic = _sentence_near(text, address, others)
             status = _status(diagnostic)
             found.append(_recipient(address, action, status, _reply_code(diagnostic),
                                     diagnostic, _remote_near(diagnostic)))
+    if not found and _looks_like_bounce(msg):
+        listed = tuple(_addresses_in_error(msg, text))
+        found = [_recipient(address, "failed", _status(d), _reply_code(d), d, _remote_near(d))
+                 for address in listed for d in [_sentence_near(text, address, listed)]]
     return tuple(found)
 
 
+_INLINE_FIELDS = re.compile(r"^(Final|Original)-Recipient:.*(?:\n(?!\s*\n).*)*", re.I | re.M)
+
+
+def _inline_dsn_recipients(msg: Message) -> tuple[BouncedRecipient, ...]:
+    """Delivery-status fields quoted in the text of a report whose MIME structure broke."""
+    text = "\n".join(_text(p) for p in msg.walk() if p.get_content_maintype() == "text")
+    fake = Message()
+    fake.set_type("message/delivery-status")
+    fake.set_payload("\n\n".join(m.group(0) for m in _INLINE_FIELDS.finditer(text)))
+    return _dsn_recipients([msg, fake]) if fake.get_payload() else ()
+
+
+def _looks_like_bounce(msg: Message) -> bool:
+    sender = str(msg.get("From", "")).lower()
+    return bool("mailer-daemon" in sender or "postmaster" in sender
+                or _BOUNCE_SUBJECT.search(str(msg.get("Subject", "")))
+                or str(msg.get("Return-Path", "x")).strip() == "<>")
+
+
+_NOT_RECIPIENT = re.compile(r"^(mailer-daemon|postmaster|root|abuse|noreply|no-reply)@", re.I)
+
+
+def _addresses_in_error(msg: Message, text: str) -> list[str]:
+    """Where no detector knows the format: the addresses the error text names, other than
+    the bounce's own sender and receiver."""
+    cut = _COPY_MARKER.search(text)
+    body = text[:cut.start()] if cut else text
+    own = {_address_of(str(msg.get(h, ""))).lower() for h in ("From", "To", "Reply-To")}
+    found: list[str] = []
+    for m in _ADDR_RE.finditer(body):
+        address = _lower_domain(m.group(0).strip("."))
+        if address.lower() in own or _NOT_RECIPIENT.match(address) or address in found:
+            continue
+        found.append(address)
+    return found[:1] if len(found) > 1 and not _many_listed(body, found) else found
+
+
+def _many_listed(body: str, found: list[str]) -> bool:
+    """Several failed recipients are listed one a line; a single one is mentioned in prose."""
+    lines = [line for line in body.splitlines() if any(a in line for a in found)]
+    return len(lines) >= len(found) and all(len(line.strip()) < 120 for line in lines)
+
+
+# the line after which a bounce quotes the original message (not "The original message
+# was received at ...", which opens Sendmail's report)
 _COPY_MARKER = re.compile(
-    r"^.*(original message|message headers follow|copy of the message|returned message"
-    r"|unsent message below|--- below this line|headers of the original).*$", re.I | re.M)
+    r"^.*(original message (follows|below|headers|is (attached|included))|message headers follow"
+    r"|copy of the (original )?message|returned message|unsent message below|below this line"
+    r"|headers of the original|original message ?-{2,}|-{3,} ?original message"
+    r"|^content-type: message/rfc822).*$", re.I | re.M)
 
 
-def _sentence_near(text: str, address: str) -> str:
-    """The remote's words about an address: the lines around its first mention, up to the
-    copy of the original message."""
+def _sentence_near(text: str, address: str, others: tuple[str, ...] = ()) -> str:
+    """The remote's words about an address: from the line naming it to the next one that
+    names another failed recipient, the copy of the original, or a status code's paragraph."""
     cut = _COPY_MARKER.search(text)
     body = text[:cut.start()] if cut else text
     at = body.lower().find(address.lower()) if address else -1
     if at < 0:
         lines = [line.strip() for line in body.splitlines() if line.strip()]
         return " ".join(lines)[:1000]
-    start = body.rfind("\n\n", 0, at)
-    start = 0 if start < 0 else start
-    end = body.find("\n\n", at + len(address))
-    chunk = body[start:end if end > 0 else len(body)]
-    if len(chunk.strip()) <= len(address) + 10:
-        end2 = body.find("\n\n", (end if end > 0 else at) + 2)
-        chunk = body[start:end2 if end2 > 0 else len(body)]
+    start = body.rfind("\n", 0, at) + 1
+    if len(body[start:at].strip()) > 0 and not _STATUS_IN_TEXT.search(body[at:at + 300]):
+        start = max(body.rfind("\n\n", 0, at), 0)  # the address is mid-sentence
+    end = at + len(address)
+    for other in others:
+        if other.lower() != address.lower():
+            pos = body.lower().find(other.lower(), end)
+            if pos > 0:
+                body = body[:body.rfind("\n", 0, pos) + 1 or pos]
+    chunk = body[start:]
+    for _ in range(3):  # the paragraph naming it, and the next ones until a code shows up
+        nxt = body.find("\n\n", end + 2)
+        end = nxt if nxt > 0 else len(body)
+        chunk = body[start:end]
+        if _STATUS_IN_TEXT.search(chunk) or _REPLY_IN_TEXT.search(chunk) or end == len(body):
+            break
     return re.sub(r"\s+", " ", chunk).strip()[:1000]
 
 
