@@ -69,7 +69,7 @@ class Report:
 # Phrases that say what went wrong, most specific first.  Read whatever the code says:
 # many servers send 5.0.0 or 5.7.1 for everything, and the sentence is then the fact.
 _PHRASES: tuple[tuple[str, str], ...] = (
-    ("notcompliantrfc", r"rfc ?(2822|5322|822|5321|1123)|not (rfc|standards).{0,10}compliant"
+    ("notcompliantrfc", r"\brfc ?(2822|5322|5321|1123)\b|not (rfc|standards).{0,10}compliant"
                         r"|duplicate (header|message-id)|multiple \w+ headers|multiple .{0,20}addresses in from"),
     ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)"),
     ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent)"
@@ -120,8 +120,6 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|invalid .{0,20}userid|illegal user"
                     r"|no valid recipients|recipient rejected|bad recipient"
                     r"|undeliverable address|user not found|no account by that name"),
-    ("notcompliantrfc", r"rfc ?(2822|5322|822|5321|1123)|not (rfc|standards).{0,10}compliant"
-                        r"|duplicate (header|message-id)|malformed|improperly formatted"),
     ("securityerror", r"tls|starttls|encryption|certificate|security|authentication required"
                       r"|must (issue|use) .{0,20}(auth|starttls)|smtp auth"),
     ("policyviolation", r"policy|prohibited|not allowed|violat|administrat(ive|or)"
@@ -271,6 +269,18 @@ def _text(part: Message) -> str:
         return payload.decode("utf-8", "replace")
 
 
+def _all_text(msg: Message) -> str:
+    """The readable text of a message, including parts whose MIME structure broke."""
+    texts = []
+    for part in msg.walk():
+        if part.get_content_maintype() == "text":
+            texts.append(_text(part))
+        elif part.is_multipart() is False and isinstance(part.get_payload(), str) and \
+                part.get_content_maintype() == "multipart":
+            texts.append(str(part.get_payload()))
+    return "\n".join(texts)
+
+
 def _fields(part: Message) -> list[Message]:
     """The field blocks of a delivery-status part (the first is per-message)."""
     payload = part.get_payload()
@@ -287,6 +297,7 @@ def _address_of(value: str | None) -> str:
     value = re.sub(r"\s+", " ", str(value)).strip()
     if ";" in value:
         value = value.split(";", 1)[1]
+    value = re.sub(r"<?@[^:<>@\s]+:", "", value.strip())  # an RFC 821 source route
     value = value.strip().strip("<>").strip()
     m = _ADDR_RE.search(value)
     return _lower_domain(m.group(0) if m else value)
@@ -309,14 +320,15 @@ def _dsn_recipients(parts: list[Message]) -> tuple[BouncedRecipient, ...]:
         if part.get_content_type() not in ("message/delivery-status",
                                            "message/global-delivery-status"):
             continue
-        blocks = _fields(part)
+        blocks = [group for block in _fields(part) for group in _split_recipients(block)]
         per_message_mta = next((_after_type(b["Reporting-MTA"]) for b in blocks
                                 if b["Reporting-MTA"]), None)
         for block in blocks:
-            rcpt = block["Final-Recipient"] or block["Original-Recipient"]
-            if not rcpt:
+            if not (block["Final-Recipient"] or block["Original-Recipient"]):
                 continue
-            address = _address_of(rcpt)
+            address = _address_of(block["Final-Recipient"])
+            if not address.partition("@")[0]:
+                address = _address_of(block["Original-Recipient"]) or address
             action = str(block.get("Action", "failed")).strip().lower().split()[0] \
                 if block.get("Action") else "failed"
             diagnostic = _after_type(block["Diagnostic-Code"])
@@ -335,6 +347,22 @@ def _dsn_recipients(parts: list[Message]) -> tuple[BouncedRecipient, ...]:
     return tuple(found)
 
 
+_RECIPIENT_FIELDS = ("final-recipient", "original-recipient")
+
+
+def _split_recipients(block: Message) -> list[Message]:
+    """One block per recipient, for reports that leave out the blank lines between them."""
+    groups: list[Message] = []
+    current = Message()
+    for name, value in block.items():
+        if name.lower() in _RECIPIENT_FIELDS and name.lower() in (
+                k.lower() for k in current.keys()):
+            groups.append(current)
+            current = Message()
+        current[name] = value
+    return groups + [current]
+
+
 def _recipient(address: str, action: str, status: str | None, reply: int | None,
                diagnostic: str, remote: str | None, context: str = "") -> BouncedRecipient:
     if action in ("delivered", "relayed", "expanded"):
@@ -345,23 +373,17 @@ def _recipient(address: str, action: str, status: str | None, reply: int | None,
         reason, cls = classify(status, reply, diagnostic)
         if action == "delayed":
             cls = "soft"
-        elif action == "failed" and (status or "").startswith("4") and reason in _TRANSIENT:
+        elif action == "failed" and (status or "").startswith("4") and (
+                reason == "undefined" or status == "4.4.7" or _TIMED_OUT.search(diagnostic)):
             # failed with a temporary status: relay's peer retried until its queue ran out
             reason = "expired"
-        if reason == "userunknown" and _AFTER_DATA.search(context or diagnostic):
-            # the server took RCPT TO and refused only the content: the mailbox exists
-            reason, cls = "filtered", "soft"
     return BouncedRecipient(address=address, action=action, status=status, reason=reason,
                             bounce_class=cls, diagnostic=diagnostic, remote_mta=remote,
                             reply_code=reply)
 
 
 # what a retrying queue saw last, not why the message failed in the end
-_TRANSIENT = frozenset({"networkerror", "systemerror", "undefined", "hostunknown", "expired",
-                        "onhold", "mailererror", "syntaxerror"})
-
-
-_AFTER_DATA = re.compile(r">>> DATA|(in reply to|after) (end of )?DATA\b", re.I)
+_TIMED_OUT = re.compile(r"timed? ?out", re.I)
 
 
 def _status(text: str) -> str | None:
@@ -434,8 +456,7 @@ def _from_address(msg: Message) -> str:
 
 def _heuristic_recipients(msg: Message) -> tuple[BouncedRecipient, ...]:
     temporary, permanent = all_failures(msg)
-    text = "\n".join(_text(p) for p in msg.walk()
-                     if p.get_content_maintype() == "text")[:50000]
+    text = _all_text(msg)[:50000]
     found: list[BouncedRecipient] = []
     named = [(m.group(0), action) for addresses, action in
              ((permanent, "failed"), (temporary, "delayed")) for raw in sorted(addresses)
@@ -460,7 +481,7 @@ _INLINE_FIELDS = re.compile(r"^(Final|Original)-Recipient:.*(?:\n(?!\s*\n).*)*",
 
 def _inline_dsn_recipients(msg: Message) -> tuple[BouncedRecipient, ...]:
     """Delivery-status fields quoted in the text of a report whose MIME structure broke."""
-    text = "\n".join(_text(p) for p in msg.walk() if p.get_content_maintype() == "text")
+    text = _all_text(msg)
     fake = Message()
     fake.set_type("message/delivery-status")
     fake.set_payload("\n\n".join(m.group(0) for m in _INLINE_FIELDS.finditer(text)))
