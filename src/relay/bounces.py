@@ -180,8 +180,10 @@ _BY_REPLY = {421: "systemerror", 450: "mailboxfull", 451: "systemerror", 452: "m
              530: "securityerror", 535: "securityerror"}
 
 
-_GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time|timeout|period) (exceeded|expired)|delivery time"
-                      r" expired|could not be delivered (for|within) \d", re.I)
+_GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time|timeout|period)"
+                      r" (exceeded|expired)|delivery time expired|could not be delivered"
+                      r" (for|within) \d|failing for a long time|will be retried|envelope"
+                      r" expired|message expired|been delayed|still undeliver", re.I)
 
 
 def _phrase_reason(text: str) -> str | None:
@@ -200,6 +202,7 @@ def classify(status: str | None, reply_code: int | None, text: str) -> tuple[str
         cls = str(reply_code)[0]
     if cls == "2":
         return "delivered", "soft"
+    text = _ADDR_RE.sub(" ", text or "")  # a local part such as "mailbox-full" says nothing
     phrase = _phrase_reason(text) if text else None
     if text and _GAVE_UP.search(text):
         phrase = "expired"
@@ -342,7 +345,7 @@ def _dsn_recipients(parts: list[Message]) -> tuple[BouncedRecipient, ...]:
             reply = _reply_code(diagnostic)
             remote = _after_type(block["Remote-MTA"]) or None
             found.append(_recipient(address, action, status, reply, diagnostic, remote,
-                                    context=f"{near} {diagnostic}"))
+                                    context=f"{near} {diagnostic}", transcript=human))
         del per_message_mta
     return tuple(found)
 
@@ -364,13 +367,20 @@ def _split_recipients(block: Message) -> list[Message]:
 
 
 def _recipient(address: str, action: str, status: str | None, reply: int | None,
-               diagnostic: str, remote: str | None, context: str = "") -> BouncedRecipient:
+               diagnostic: str, remote: str | None, context: str = "",
+               transcript: str = "") -> BouncedRecipient:
     if action in ("delivered", "relayed", "expanded"):
         reason, cls = "delivered", "soft"
     else:
         if action == "delayed" and status and status[0] == "5":
             status = "4" + status[1:]
         reason, cls = classify(status, reply, diagnostic)
+        command = _smtp_command(context or diagnostic, address, diagnostic, transcript)
+        if command == "DATA" and reason == "userunknown":
+            # the server took RCPT TO and refused only the content: the mailbox exists
+            reason, cls = "filtered", "soft"
+        elif command == "MAIL" and reason in ("userunknown", "undefined", "filtered"):
+            reason, cls = "rejected", "soft"  # it refused the sender, not the recipient
         if action == "delayed":
             cls = "soft"
         elif action == "failed" and (status or "").startswith("4") and (
@@ -380,6 +390,34 @@ def _recipient(address: str, action: str, status: str | None, reply: int | None,
     return BouncedRecipient(address=address, action=action, status=status, reason=reason,
                             bounce_class=cls, diagnostic=diagnostic, remote_mta=remote,
                             reply_code=reply)
+
+
+_COMMAND_SAID = re.compile(r"(?:in reply to|after|while sending|during) (end of data|DATA|RCPT"
+                           r"|MAIL|initial connection|connect)\b", re.I)
+_TRANSCRIPT_SENT = re.compile(r"^\s*>>> (\w+)", re.M)
+_COMMAND_NAMES = {"end of data": "DATA", "data": "DATA", "rcpt": "RCPT", "mail": "MAIL",
+                  "initial connection": "CONN", "connect": "CONN"}
+
+
+def _smtp_command(context: str, address: str, diagnostic: str,
+                  transcript: str = "") -> str | None:
+    """The SMTP command the remote refused: what the report says it replied to, or in a
+    session transcript, the last command sent before the reply about this recipient."""
+    if m := _COMMAND_SAID.search(context):
+        return _COMMAND_NAMES[m.group(1).lower()]
+    if "ail" in context and "sent the message" in context:  # qmail: "failed after I sent..."
+        return "DATA"
+    transcript = transcript or context
+    probe = (_reply_line(diagnostic) or address).lower()
+    at = transcript.lower().find(probe) if probe else -1
+    sent = [m.group(1).upper() for m in
+            _TRANSCRIPT_SENT.finditer(transcript[:at if at > 0 else 0])]
+    return sent[-1] if sent else None
+
+
+def _reply_line(diagnostic: str) -> str:
+    m = re.search(r"[245]\d\d[ -].{0,20}", diagnostic)
+    return m.group(0) if m else ""
 
 
 # what a retrying queue saw last, not why the message failed in the end
@@ -463,15 +501,14 @@ def _heuristic_recipients(msg: Message) -> tuple[BouncedRecipient, ...]:
              if (m := _ADDR_RE.search(raw.decode("ascii", "replace")))]
     others = tuple(a for a, _ in named)
     for raw_address, action in named:
-        if True:
-            address = _lower_domain(raw_address)
-            diagnostic = _sentence_near(text, address, others)
-            status = _status(diagnostic)
-            found.append(_recipient(address, action, status, _reply_code(diagnostic),
-                                    diagnostic, _remote_near(diagnostic)))
+        address = _lower_domain(raw_address)
+        diagnostic = _sentence_near(text, address, others)
+        found.append(_recipient(address, action, _status(diagnostic), _reply_code(diagnostic),
+                                diagnostic, _remote_near(diagnostic), transcript=text))
     if not found and _looks_like_bounce(msg):
         listed = tuple(_addresses_in_error(msg, text))
-        found = [_recipient(address, "failed", _status(d), _reply_code(d), d, _remote_near(d))
+        found = [_recipient(address, "failed", _status(d), _reply_code(d), d, _remote_near(d),
+                            transcript=text)
                  for address in listed for d in [_sentence_near(text, address, listed)]]
     return tuple(found)
 
