@@ -71,43 +71,51 @@ class Report:
 _PHRASES: tuple[tuple[str, str], ...] = (
     ("notcompliantrfc", r"\brfc ?(2822|5322|5321|1123)\b|not (rfc|standards).{0,10}compliant"
                         r"|duplicate (header|message-id)|multiple \w+ headers|multiple .{0,20}addresses in from"),
+    ("norelaying", r"relay(ing)? (access )?(denied|not (permitted|allowed))|unable to relay"
+                   r"|not permitted to relay|no relaying|relay not permitted|not a gateway"
+                   r"|relaying (mail )?to .{1,80} (is )?not allowed|not configured to relay"
+                   r"|insecure mail relay|we do not relay"),
     ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)"),
     ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent)"
                     r"|connection (rate|limit)|frequency limit"),
     ("virusdetected", r"virus|malware|infected|trojan"),
     ("requireptr", r"reverse (dns|lookup|hostname)|\bptr\b|rdns|no (dns|host ?name) for"
-                   r"|(ip|client).{0,40}(not|cannot be|could not be) resolved"
-                   r"|cannot find your (reverse )?hostname|hostname.{0,20}(lookup|resolve)"),
+                   r"|(ip|client).{0,40}(not|cannot be|could not be) resolved|unverif[iy]able"
+                   r"|cannot find your (reverse )?hostname|hostname.{0,20}(lookup|resolve)"
+                   r"|(ip|host) ?name lookup failed"),
+    ("spamdetected", r"(spam|junk) (classification|score|content)|classified as (spam|junk)"
+                     r"|blacklisted (url|link|domain in)|\buribl\b|surbl"),
     ("authfailure", r"\bspf\b|\bdkim\b|\bdmarc\b|sender policy framework"
-                    r"|authenticat(ion|ed).{0,30}(fail|requir)|not authenticated"),
+                    r"|authenticat(ion|ed).{0,30}fail|not authenticated"),
     ("badreputation", r"reputation|(ip|sender).{0,20}(has been )?temporarily (deferred|rate)"),
-    ("spamdetected", r"\bspam|junk mail|unsolicited|bulk mail|content.{0,20}rejected"
-                     r"|message (has been |was )?(classified|identified|considered|marked) as"),
     ("blocked", r"black ?list|block ?list|\bdnsbl|\brbl\b|spamhaus|spamcop|sorbs|barracuda"
                 r"|(ip|address|host|connection|client).{0,40}(blocked|banned|denied|refused)"
                 r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"
-                r"|client host rejected|invalid ip"),
-    ("norelaying", r"relay(ing)? (access )?(denied|not (permitted|allowed))|unable to relay"
-                   r"|not permitted to relay|no relaying|relay not permitted|not a gateway"
-                   r"|relaying (mail )?to .{1,80} (is )?not allowed"),
+                r"|client host rejected|invalid ip|not accepting connections"),
+    ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk mail|content.{0,20}rejected"
+                     r"|message (has been |was )?(classified|identified|considered|marked) as"),
     ("speeding", r"rate limit|too many (messages|recipients|mails)|sending too (fast|much)"
-                 r"|try again later.{0,20}(too|rate)|exceeded .{0,20}rate"),
-    ("mesgtoobig", r"(message|mail|size).{0,30}(too (big|large|long)|exceeds?.{0,20}(size|limit))"
-                   r"|exceeds? .{0,30}(size limit|maximum (message )?size)|message size"),
-    ("systemfull", r"(system|disk|server).{0,20}(full|out of space)|insufficient (system|disk)"),
+                 r"|try again later.{0,20}(too|rate)|exceeded .{0,20}rate|at a rate"),
     ("mailboxfull", r"(mailbox|mail box|inbox|mail ?folder|account|user|storage)"
-                    r".{0,40}(full|quota|exceed|over)|quota|insufficient (storage|disk)"
+                    r".{0,40}(full|quota|exceed|over)|quota|insufficient storage"
                     r"|not enough (storage|space)|full mailbox|mailbox size limit"),
+    ("mesgtoobig", r"(message|mail|size).{0,30}(too (big|large|long)|exceed(s|ed)?.{0,20}"
+                   r"(size|limit))|exceeds? .{0,30}(size limit|maximum (message )?size)"
+                   r"|message size|size limit"),
+    ("systemfull", r"(system|disk|server).{0,20}(full|out of space)|insufficient (system|disk)"),
     ("exceedlimit", r"exceed(s|ed)? .{0,30}limit"),
     ("hasmoved", r"has moved|moved to|no longer (valid|available) at|forwarding address"),
     ("suspend", r"(account|mailbox|user|address).{0,40}(disabled|suspended|inactive|deactivated"
                 r"|expired|locked|frozen|not active|blocked|closed)|suspended"),
-    ("networkerror", r"try again.{0,10}$|temporary (dns|lookup)"),
+    ("notaccept", r"no smtp service|(does not|doesn.?t) (accept|receive) (e-?)?mail|null mx"
+                  r"|accepts no mail"),
+    ("networkerror", r"try again.{0,10}$|temporary (dns|lookup)|host not reachable"
+                     r"|unexpected name server reply"),
     ("hostunknown", r"host (or domain name )?(not found|unknown)|unknown host|domain"
                     r" (not found|does not exist|unknown|is not valid)|unknown domain"
                     r"|no such (domain|host)|name or service not known|host not found"
                     r"|nxdomain|domain name not found|unrouteable (mail )?domain"
-                    r"|unrouteable address|(no|null) mx|bad destination host|no route to host"
+                    r"|unrouteable address|no mx|bad destination host|no route to host"
                     r"|unresolvable|domain (is )?not reachable"),
     ("userunknown", r"(user|recipient|mailbox|address|account|addressee|destination)"
                     r".{0,50}(unknown|not (found|exist|known|valid|listed)|does( not|n.?t)"
@@ -135,7 +143,6 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                      r"|timed? ?out|network|unreachable|cannot connect|could not connect"
                      r"|unable to connect|dns (error|failure|lookup)|routing loop|mail loop"
                      r"|too many hops|loop detected"),
-    ("notaccept", r"no smtp service|does not accept (e-?)?mail|null mx|accepts no mail"),
     ("mailererror", r"mailer (error|program)|(pipe|command|program).{0,30}(fail|error|exit)|x-unix|unix;"
                     r"|procmail|local delivery failed|exit (code|status)"),
     ("systemerror", r"system error|internal (server )?error|temporary (failure|error)"
@@ -143,6 +150,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|unavailable|refused?)|resources|transaction failed"),
     ("syntaxerror", r"syntax error|command unrecognized|unrecognized command"
                     r"|command not (recognized|implemented)"),
+    ("userunknown", r"(recipient )?address rejected"),
     ("rejected", r"sender.{0,40}(reject|denied|refused|invalid|unknown|not allowed|blocked)"
                  r"|(reject|denied|refused).{0,30}sender|envelope.from|mail from"
                  r"|domain of sender|from address|return.path|rejected|denied|refused"),
@@ -183,7 +191,7 @@ _BY_REPLY = {421: "systemerror", 450: "mailboxfull", 451: "systemerror", 452: "m
 _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time|timeout|period)"
                       r" (exceeded|expired)|delivery time expired|could not be delivered"
                       r" (for|within) \d|failing for a long time|will be retried|envelope"
-                      r" expired|message expired|been delayed|still undeliver", re.I)
+                      r" expired|message expired|still undeliver", re.I)
 
 
 def _phrase_reason(text: str) -> str | None:
@@ -337,8 +345,7 @@ def _dsn_recipients(parts: list[Message]) -> tuple[BouncedRecipient, ...]:
             diagnostic = _after_type(block["Diagnostic-Code"])
             status = _status(str(block.get("Status", "")))
             text_status = _status(diagnostic)
-            if text_status and (not status or status.endswith(".0.0")) and \
-                    text_status[0] == (status or text_status)[0]:
+            if text_status and text_status[0] == (status or text_status)[0]:
                 status = text_status
             near = _sentence_near(human, address)
             diagnostic = diagnostic or near
@@ -383,6 +390,8 @@ def _recipient(address: str, action: str, status: str | None, reply: int | None,
             reason, cls = "rejected", "soft"  # it refused the sender, not the recipient
         if action == "delayed":
             cls = "soft"
+        elif reason in HARD_REASONS:
+            cls = "hard"  # the remote said so, however transient its code, until giving up
         elif action == "failed" and (status or "").startswith("4") and (
                 reason == "undefined" or status == "4.4.7" or _TIMED_OUT.search(diagnostic)):
             # failed with a temporary status: relay's peer retried until its queue ran out
