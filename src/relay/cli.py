@@ -1,4 +1,5 @@
-"""The `relay` command: init, serve, send, keys, domains, suppressions, webhooks, queue."""
+"""The `relay` command: init, serve, send, keys, domains, suppressions, webhooks, bounces,
+queue."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import cli_domains, cli_suppressions, cli_webhooks, keys
+from . import cli_bounces, cli_domains, cli_suppressions, cli_webhooks, keys
 from . import config as config_mod
 from .api.views import message_json
 from .cliutil import Subparsers, iso, table, with_store
@@ -106,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_domains.add_parsers(sub, common)
     cli_suppressions.add_parsers(sub, common)
     cli_webhooks.add_parsers(sub, common)
+    cli_bounces.add_parsers(sub, common)
 
     q = Subparsers(sub.add_parser("queue", help="the mail queue").add_subparsers(
         metavar="ACTION"), common)
