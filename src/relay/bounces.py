@@ -75,6 +75,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                    r"|not permitted to relay|no relaying|relay not permitted|not a gateway"
                    r"|relaying (mail )?to .{1,80} (is )?not allowed|not configured to relay"
                    r"|insecure mail relay|we do not relay"),
+    ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"),
     ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)"),
     ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent)"
                     r"|connection (rate|limit)|frequency limit"),
@@ -264,6 +265,8 @@ def _parse(msg: Message) -> Report:
                              reason="vacation", bounce_class="soft",
                              diagnostic=str(msg.get("Subject", "")), remote_mta=None),))
     recipients = _heuristic_recipients(msg) or _inline_dsn_recipients(msg)
+    if not recipients and _looks_like_bounce(msg):
+        recipients = _enclosed_recipient(msg, original)
     if recipients:
         return Report(type="dsn", recipients=recipients, original=original)
     return Report(type="unknown", original=original)
@@ -390,7 +393,7 @@ def _recipient(address: str, action: str, status: str | None, reply: int | None,
             reason, cls = "rejected", "soft"  # it refused the sender, not the recipient
         if action == "delayed":
             cls = "soft"
-        elif reason in HARD_REASONS:
+        elif reason == "userunknown":
             cls = "hard"  # the remote said so, however transient its code, until giving up
         elif action == "failed" and (status or "").startswith("4") and (
                 reason == "undefined" or status == "4.4.7" or _TIMED_OUT.search(diagnostic)):
@@ -504,22 +507,53 @@ def _from_address(msg: Message) -> str:
 def _heuristic_recipients(msg: Message) -> tuple[BouncedRecipient, ...]:
     temporary, permanent = all_failures(msg)
     text = _all_text(msg)[:50000]
-    found: list[BouncedRecipient] = []
     named = [(m.group(0), action) for addresses, action in
              ((permanent, "failed"), (temporary, "delayed")) for raw in sorted(addresses)
              if (m := _ADDR_RE.search(raw.decode("ascii", "replace")))]
+    if not named and _looks_like_bounce(msg):
+        named = [(a, "failed") for a in _addresses_in_error(msg, text)] or [
+            (a, "failed") for a in _original_to(text)]
     others = tuple(a for a, _ in named)
+    found: list[BouncedRecipient] = []
     for raw_address, action in named:
         address = _lower_domain(raw_address)
         diagnostic = _sentence_near(text, address, others)
+        if not _says_why(diagnostic):
+            # the reason is often stated once, above the list of recipients
+            diagnostic = _error_text(text) or diagnostic
         found.append(_recipient(address, action, _status(diagnostic), _reply_code(diagnostic),
                                 diagnostic, _remote_near(diagnostic), transcript=text))
-    if not found and _looks_like_bounce(msg):
-        listed = tuple(_addresses_in_error(msg, text))
-        found = [_recipient(address, "failed", _status(d), _reply_code(d), d, _remote_near(d),
-                            transcript=text)
-                 for address in listed for d in [_sentence_near(text, address, listed)]]
     return tuple(found)
+
+
+def _enclosed_recipient(msg: Message, original: Original) -> tuple[BouncedRecipient, ...]:
+    """A bounce that names nobody: the one recipient of the message it returns, if one."""
+    to = [v for k, v in original.headers if k.lower() == "to"]
+    addresses = [m.group(0) for m in _ADDR_RE.finditer(to[0])] if to else []
+    if len(addresses) != 1:
+        return ()
+    diagnostic = _error_text(_all_text(msg))
+    return (_recipient(_lower_domain(addresses[0]), "failed", _status(diagnostic),
+                       _reply_code(diagnostic), diagnostic, None),)
+
+
+def _says_why(text: str) -> bool:
+    return bool(_STATUS_IN_TEXT.search(text) or _REPLY_IN_TEXT.search(text)
+                or _phrase_reason(_ADDR_RE.sub(" ", text)))
+
+
+def _error_text(text: str) -> str:
+    cut = _COPY_MARKER.search(text)
+    return re.sub(r"\s+", " ", text[:cut.start()] if cut else text).strip()[:1000]
+
+
+def _original_to(text: str) -> list[str]:
+    """The recipients of the quoted original, for a bounce that names no address itself."""
+    cut = _COPY_MARKER.search(text)
+    if not cut:
+        return []
+    m = re.search(r"^To:\s*(.+)$", text[cut.end():], re.M | re.I)
+    return [a.group(0) for a in _ADDR_RE.finditer(m.group(1))][:1] if m else []
 
 
 _INLINE_FIELDS = re.compile(r"^(Final|Original)-Recipient:.*(?:\n(?!\s*\n).*)*", re.I | re.M)
@@ -571,7 +605,7 @@ _COPY_MARKER = re.compile(
     r"^.*(original message (follows|below|headers|is (attached|included))|message headers follow"
     r"|copy of the (original )?message|returned message|unsent message below|below this line"
     r"|headers of the original|original message ?-{2,}|-{3,} ?original message"
-    r"|^content-type: message/rfc822).*$", re.I | re.M)
+    r"|^content-type: message/rfc822|^\s*original message:?\s*$).*$", re.I | re.M)
 
 
 def _sentence_near(text: str, address: str, others: tuple[str, ...] = ()) -> str:
@@ -584,7 +618,9 @@ def _sentence_near(text: str, address: str, others: tuple[str, ...] = ()) -> str
         lines = [line.strip() for line in body.splitlines() if line.strip()]
         return " ".join(lines)[:1000]
     start = body.rfind("\n", 0, at) + 1
-    if len(body[start:at].strip()) > 0 and not _STATUS_IN_TEXT.search(body[at:at + 300]):
+    prefix = body[start:at]
+    if prefix.strip() and not (_STATUS_IN_TEXT.search(body[at:at + 300])
+                               or re.match(r"\s*([245]\d\d\b|>>>|<<<)", prefix)):
         start = max(body.rfind("\n\n", 0, at), 0)  # the address is mid-sentence
     end = at + len(address)
     for other in others:

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # aiosmtpd logs every command at INFO: far too much for a busy relay
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("flufl.bounce").setLevel(logging.WARNING)  # a line per detector tried
     try:
         config = config_mod.load(args.config) if args.func is not cmd_init else None
         result: int = args.func(args, config)
