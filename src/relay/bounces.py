@@ -76,6 +76,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                    r"|relaying (mail )?to .{1,80} (is )?not allowed|not configured to relay"
                    r"|insecure mail relay|we do not relay"),
     ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"),
+    ("userunknown", r"(account|mailbox|address|recipient|user)( or domain)? (may|does) not exist"),
     ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)"),
     ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent)"
                     r"|connection (rate|limit)|frequency limit"),
