@@ -181,13 +181,15 @@ _BY_STATUS: dict[str, str] = {
     "7.26": "authfailure", "7.27": "notaccept", "7.28": "spamdetected", "7.29": "authfailure",
     "7.30": "securityerror",
 }
-# codes that say little: a phrase in the text wins over them
+# codes that say little: a phrase in the text wins over them (servers send 5.1.1, 5.7.1 or
+# 5.0.0 for rejections of every kind; the sentence then says which)
 _VAGUE = frozenset({"5.5", "0.0", "7.0", "7.1", "5.0", "1.0", "2.0", "3.0", "4.0", "7.2", "1.1",
                     "4.7", "4.4", "5.2", "4.1", "4.2", "2.1", "3.0", "6.0", "1.3", "1.10"})
-_BY_REPLY = {421: "systemerror", 450: "mailboxfull", 451: "systemerror", 452: "mailboxfull",
-             550: "userunknown", 551: "hasmoved", 552: "mailboxfull", 553: "userunknown",
-             554: "rejected", 556: "notaccept", 500: "syntaxerror", 501: "syntaxerror",
-             530: "securityerror", 535: "securityerror"}
+# RFC 5321 reply codes, where one means one thing (550 and 553 carry anything, so they
+# say nothing about the address by themselves)
+_BY_REPLY = {421: "systemerror", 451: "systemerror", 452: "systemfull", 551: "hasmoved",
+             552: "mailboxfull", 554: "rejected", 556: "notaccept", 500: "syntaxerror",
+             501: "syntaxerror", 530: "securityerror", 535: "securityerror"}
 
 
 _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time|timeout|period)"
@@ -336,8 +338,6 @@ def _dsn_recipients(parts: list[Message]) -> tuple[BouncedRecipient, ...]:
                                            "message/global-delivery-status"):
             continue
         blocks = [group for block in _fields(part) for group in _split_recipients(block)]
-        per_message_mta = next((_after_type(b["Reporting-MTA"]) for b in blocks
-                                if b["Reporting-MTA"]), None)
         for block in blocks:
             if not (block["Final-Recipient"] or block["Original-Recipient"]):
                 continue
@@ -357,7 +357,6 @@ def _dsn_recipients(parts: list[Message]) -> tuple[BouncedRecipient, ...]:
             remote = _after_type(block["Remote-MTA"]) or None
             found.append(_recipient(address, action, status, reply, diagnostic, remote,
                                     context=f"{near} {diagnostic}", transcript=human))
-        del per_message_mta
     return tuple(found)
 
 
