@@ -202,6 +202,9 @@ def test_qmail_bounce_per_recipient() -> None:
     got = {r.address: (r.status, r.reason, r.bounce_class) for r in report.recipients}
     assert got == {"nobody@example.com": ("5.1.1", "userunknown", "hard"),
                    "quota@example.net": ("5.2.2", "mailboxfull", "soft")}
+    # the quoted original, for matching where the return path was not relay's own
+    assert report.original.return_path == "bounces+x@sender.test"
+    assert ("Subject", "hello") in report.original.headers
 
 
 def test_exim_bounce_with_auto_submitted_is_a_bounce_and_a_block_is_soft() -> None:

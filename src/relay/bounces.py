@@ -24,7 +24,6 @@ __all__ = ["REASONS", "BouncedRecipient", "Original", "Report", "classify", "par
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class BouncedRecipient:
     address: str
@@ -90,6 +89,8 @@ def _parse(msg: Message) -> Report:
             BouncedRecipient(address=_from_address(msg), action="", status=None,
                              reason="vacation", bounce_class="soft",
                              diagnostic=str(msg.get("Subject", "")), remote_mta=None),))
+    if not original.headers:
+        original = _quoted_original(_all_text(msg))
     recipients = _heuristic_recipients(msg) or _inline_dsn_recipients(msg)
     if not recipients and _looks_like_bounce(msg):
         recipients = _enclosed_recipient(msg, original)
@@ -472,6 +473,23 @@ def _remote_near(text: str) -> str | None:
 # -- the original message -----------------------------------------------------------
 
 
+def _quoted_original(text: str) -> Original:
+    """The headers a non-MIME bounce quotes after its "copy of the message" line."""
+    cut = _COPY_MARKER.search(text)
+    if not cut:
+        return Original()
+    quoted = text[cut.end():].lstrip("\r\n").replace("\r\n", "\n")
+    return _original_of(email.message_from_string(quoted.split("\n\n", 1)[0] + "\n"))
+
+
+def _original_of(enclosed: Message) -> Original:
+    headers = tuple((k, re.sub(r"\s+", " ", str(v)).strip()) for k, v in enclosed.items())
+    get = {k.lower(): v for k, v in reversed(headers)}
+    return Original(return_path=_address_of(get.get("return-path")) or None,
+                    message_id=get.get("message-id"), feedback_id=get.get("feedback-id"),
+                    headers=headers)
+
+
 def _original(parts: list[Message]) -> Original:
     for part in parts:
         ctype = part.get_content_type()
@@ -483,10 +501,5 @@ def _original(parts: list[Message]) -> Original:
         elif ctype in ("text/rfc822-headers", "message/global-headers"):
             enclosed = email.message_from_string(_text(part) or str(part.get_payload()))
         if enclosed is not None and enclosed.keys():
-            headers = tuple((k, re.sub(r"\s+", " ", str(v)).strip())
-                            for k, v in enclosed.items())
-            get = {k.lower(): v for k, v in reversed(headers)}
-            return Original(return_path=_address_of(get.get("return-path")) or None,
-                            message_id=get.get("message-id"),
-                            feedback_id=get.get("feedback-id"), headers=headers)
+            return _original_of(enclosed)
     return Original()
