@@ -1,5 +1,5 @@
 """The `relay` command: init, serve, send, keys, domains, suppressions, webhooks, templates,
-contacts, queue."""
+contacts, bounces, queue."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import cli_contacts, cli_domains, cli_suppressions, cli_templates, cli_webhooks, keys
+from . import (cli_bounces, cli_contacts, cli_domains, cli_suppressions, cli_templates,
+               cli_webhooks, keys)
 from . import config as config_mod
 from .api.views import message_json
 from .cliutil import Subparsers, iso, table, with_store
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # aiosmtpd logs every command at INFO: far too much for a busy relay
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("flufl.bounce").setLevel(logging.WARNING)  # a line per detector tried
     try:
         config = config_mod.load(args.config) if args.func is not cmd_init else None
         result: int = args.func(args, config)
@@ -109,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_webhooks.add_parsers(sub, common)
     cli_templates.add_parsers(sub, common)
     cli_contacts.add_parsers(sub, common)
+    cli_bounces.add_parsers(sub, common)
 
     q = Subparsers(sub.add_parser("queue", help="the mail queue").add_subparsers(
         metavar="ACTION"), common)

@@ -1,0 +1,193 @@
+"""Why a message bounced: a reason from a fixed vocabulary, and a hard/soft class.
+
+Read from the RFC 3463 enhanced status code, the SMTP reply code and the remote's text
+together: a precise code stands alone; a vague one (5.0.0, 5.7.1, ...) yields to what the
+sentence says.  Hard only when the address itself is bad and will stay bad.
+"""
+
+from __future__ import annotations
+
+import re
+
+REASONS: tuple[str, ...] = (
+    "userunknown", "hostunknown", "hasmoved", "mailboxfull", "mesgtoobig", "exceedlimit",
+    "filtered", "rejected", "blocked", "spamdetected", "virusdetected", "policyviolation",
+    "authfailure", "requireptr", "badreputation", "notcompliantrfc", "expired", "suspend",
+    "onhold", "networkerror", "systemerror", "systemfull", "toomanyconn", "speeding",
+    "norelaying", "notaccept", "securityerror", "syntaxerror", "contenterror", "mailererror",
+    "vacation", "feedback", "delivered", "undefined",
+)
+# the address is bad and stays bad: the only reasons that may suppress a recipient
+HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept"})
+
+STATUS_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})")
+ADDRESS_RE = re.compile(r"[\w.!#$%&'*+/=?^`{|}~\-]+@[\w\-]+(?:\.[\w\-]+)+", re.U)
+
+
+# Phrases that say what went wrong, most specific first.  Read whatever the code says:
+# many servers send 5.0.0 or 5.7.1 for everything, and the sentence is then the fact.
+_PHRASES: tuple[tuple[str, str], ...] = (
+    ("notcompliantrfc", r"\brfc ?(2822|5322|5321|1123)\b|not (rfc|standards).{0,10}compliant"
+                        r"|duplicate (header|message-id)|multiple \w+ headers"
+                        r"|multiple .{0,20}addresses in from"),
+    ("norelaying", r"relay(ing)? (access )?(denied|not (permitted|allowed))|unable to relay"
+                   r"|not permitted to relay|no relaying|relay not permitted|not a gateway"
+                   r"|relaying (mail )?to .{1,80} (is )?not allowed|not configured to relay"
+                   r"|insecure mail relay|we do not relay"),
+    ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"),
+    ("userunknown", r"(account|mailbox|address|recipient|user)( or domain)? (may|does) not exist"),
+    ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)"),
+    ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent)"
+                    r"|connection (rate|limit)|frequency limit"),
+    ("virusdetected", r"virus|malware|infected|trojan"),
+    ("requireptr", r"reverse (dns|lookup|hostname)|\bptr\b|rdns|no (dns|host ?name) for"
+                   r"|(ip|client).{0,40}(not|cannot be|could not be) resolved|unverif[iy]able"
+                   r"|cannot find your (reverse )?hostname|hostname.{0,20}(lookup|resolve)"
+                   r"|(ip|host) ?name lookup failed"),
+    ("spamdetected", r"(spam|junk) (classification|score|content)|classified as (spam|junk)"
+                     r"|blacklisted (url|link|domain in)|\buribl\b|surbl"),
+    ("authfailure", r"\bspf\b|\bdkim\b|\bdmarc\b|sender policy framework"
+                    r"|authenticat(ion|ed).{0,30}fail|not authenticated"),
+    ("badreputation", r"reputation|(ip|sender).{0,20}(has been )?temporarily (deferred|rate)"),
+    ("blocked", r"black ?list|block ?list|\bdnsbl|\brbl\b|spamhaus|spamcop|sorbs|barracuda"
+                r"|(ip|address|host|connection|client).{0,40}(blocked|banned|denied|refused)"
+                r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"
+                r"|client host rejected|invalid ip|not accepting connections"),
+    ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk mail|content.{0,20}rejected"
+                     r"|message (has been |was )?(classified|identified|considered|marked) as"),
+    ("speeding", r"rate limit|too many (messages|recipients|mails)|sending too (fast|much)"
+                 r"|try again later.{0,20}(too|rate)|exceeded .{0,20}rate|at a rate"),
+    ("mailboxfull", r"(mailbox|mail box|inbox|mail ?folder|account|user|storage)"
+                    r".{0,40}(full|quota|exceed|over)|quota|insufficient storage"
+                    r"|not enough (storage|space)|full mailbox|mailbox size limit"),
+    ("mesgtoobig", r"(message|mail|size).{0,30}(too (big|large|long)|exceed(s|ed)?.{0,20}"
+                   r"(size|limit))|exceeds? .{0,30}(size limit|maximum (message )?size)"
+                   r"|message size|size limit"),
+    ("systemfull", r"(system|disk|server).{0,20}(full|out of space)|insufficient (system|disk)"),
+    ("exceedlimit", r"exceed(s|ed)? .{0,30}limit"),
+    ("hasmoved", r"has moved|moved to|no longer (valid|available) at|forwarding address"),
+    ("suspend", r"(account|mailbox|user|address).{0,40}(disabled|suspended|inactive|deactivated"
+                r"|expired|locked|frozen|not active|blocked|closed)|suspended"),
+    ("notaccept", r"no smtp service|(does not|doesn.?t) (accept|receive) (e-?)?mail|null mx"
+                  r"|accepts no mail"),
+    ("networkerror", r"try again.{0,10}$|temporary (dns|lookup)|host not reachable"
+                     r"|unexpected name server reply"),
+    ("hostunknown", r"host (or domain name )?(not found|unknown)|unknown host|domain"
+                    r" (not found|does not exist|unknown|is not valid)|unknown domain"
+                    r"|no such (domain|host)|name or service not known|host not found"
+                    r"|nxdomain|domain name not found|unrouteable (mail )?domain"
+                    r"|unrouteable address|no mx|bad destination host|no route to host"
+                    r"|unresolvable|domain (is )?not reachable"),
+    ("userunknown", r"(user|recipient|mailbox|address|account|addressee|destination)"
+                    r".{0,50}(unknown|not (found|exist|known|valid|listed)|does( not|n.?t)"
+                    r" exist|doesn.?t have|invalid|no such|unavailable)"
+                    r"|no such (user|recipient|mailbox|address|account|person)"
+                    r"|unknown (user|recipient|local|mailbox|address|alias|addressee)"
+                    r"|invalid (recipient|mailbox|address|user)|mailbox not found"
+                    r"|(user|recipient) doesn.?t|not our customer|no mailbox here"
+                    r"|unrouteable|not a valid (user|mailbox|recipient)|not recogni[sz]ed"
+                    r"|invalid .{0,20}userid|illegal user"
+                    r"|no valid recipients|recipient rejected|bad recipient"
+                    r"|undeliverable address|user not found|no account by that name"),
+    ("securityerror", r"tls|starttls|encryption|certificate|security|authentication required"
+                      r"|must (issue|use) .{0,20}(auth|starttls)|smtp auth"),
+    ("policyviolation", r"policy|prohibited|not allowed|violat|administrat(ive|or)"
+                        r"|forbidden"),
+    ("contenterror", r"content|header.{0,20}(invalid|error)|(mime|encoding|charset) error"
+                     r"|8-?bit|attachment"),
+    ("filtered", r"filter|recipient preferences|refused by|rejected by (the )?recipient"
+                 r"|recipient.{0,20}refus"),
+    ("expired", r"(retry|delivery|queue|time|lifetime).{0,40}(expired|exceeded|timeout|time out)"
+                r"|could not be delivered (for|within|in) .{0,20}(days|hours)|too long"
+                r"|gave up|giving up|has been delayed|not (yet )?been delivered"
+                r"|delivery (attempts|time).{0,20}(failed|exhausted)|expired"),
+    ("networkerror", r"connection (refused|timed? ?out|reset|closed|lost|dropped)"
+                     r"|timed? ?out|network|unreachable|cannot connect|could not connect"
+                     r"|unable to connect|dns (error|failure|lookup)|routing loop|mail loop"
+                     r"|too many hops|loop detected"),
+    ("mailererror", r"mailer (error|program)|(pipe|command|program).{0,30}(fail|error|exit)"
+                    r"|x-unix|unix;"
+                    r"|procmail|local delivery failed|exit (code|status)"),
+    ("systemerror", r"system error|internal (server )?error|temporary (failure|error)"
+                    r"|server error|local error|try (again )?later|service.{0,20}(not available"
+                    r"|unavailable|refused?)|resources|transaction failed"),
+    ("syntaxerror", r"syntax error|command unrecognized|unrecognized command"
+                    r"|command not (recognized|implemented)"),
+    ("userunknown", r"(recipient )?address rejected"),
+    ("rejected", r"sender.{0,40}(reject|denied|refused|invalid|unknown|not allowed|blocked)"
+                 r"|(reject|denied|refused).{0,30}sender|envelope.from|mail from"
+                 r"|domain of sender|from address|return.path|rejected|denied|refused"),
+    ("onhold", r"on hold|held"),
+)
+_PHRASE_RES = tuple((reason, re.compile(pattern, re.I)) for reason, pattern in _PHRASES)
+
+# RFC 3463 subject.detail codes whose meaning is precise enough to stand alone
+_BY_STATUS: dict[str, str] = {
+    "1.1": "userunknown", "1.2": "hostunknown", "1.3": "userunknown", "1.4": "userunknown",
+    "1.5": "userunknown", "1.6": "hasmoved", "1.7": "rejected", "1.8": "rejected",
+    "1.10": "notaccept", "2.1": "suspend", "2.2": "mailboxfull", "2.3": "exceedlimit",
+    "2.4": "mailererror", "3.1": "systemfull", "3.2": "notaccept", "3.3": "mailererror",
+    "3.4": "mesgtoobig", "3.5": "systemerror", "4.0": "networkerror", "4.1": "networkerror",
+    "4.2": "networkerror", "4.3": "systemerror", "4.4": "hostunknown", "4.5": "networkerror",
+    "4.6": "networkerror", "4.7": "expired", "5.0": "syntaxerror", "5.1": "syntaxerror",
+    "5.2": "syntaxerror", "5.3": "exceedlimit", "5.4": "syntaxerror", "6.0": "contenterror",
+    "6.1": "contenterror", "6.2": "contenterror", "6.3": "contenterror", "6.5": "contenterror",
+    "6.6": "contenterror", "6.7": "contenterror", "6.8": "contenterror", "6.9": "contenterror",
+    "7.2": "rejected", "7.3": "securityerror", "7.4": "securityerror", "7.5": "securityerror",
+    "7.6": "securityerror", "7.7": "securityerror", "7.8": "authfailure", "7.9": "policyviolation",
+    "7.10": "securityerror", "7.11": "securityerror", "7.13": "suspend", "7.14": "securityerror",
+    "7.15": "securityerror", "7.16": "mesgtoobig", "7.17": "suspend", "7.18": "suspend",
+    "7.19": "policyviolation", "7.20": "authfailure", "7.21": "authfailure",
+    "7.22": "authfailure", "7.23": "authfailure", "7.24": "authfailure", "7.25": "requireptr",
+    "7.26": "authfailure", "7.27": "notaccept", "7.28": "spamdetected", "7.29": "authfailure",
+    "7.30": "securityerror",
+}
+# codes that say little: a phrase in the text wins over them (servers send 5.1.1, 5.7.1 or
+# 5.0.0 for rejections of every kind; the sentence then says which)
+_VAGUE = frozenset({"5.5", "0.0", "7.0", "7.1", "5.0", "1.0", "2.0", "3.0", "4.0", "7.2", "1.1",
+                    "4.7", "4.4", "5.2", "4.1", "4.2", "2.1", "3.0", "6.0", "1.3", "1.10"})
+# RFC 5321 reply codes, where one means one thing (550 and 553 carry anything, so they
+# say nothing about the address by themselves)
+_BY_REPLY = {421: "systemerror", 451: "systemerror", 452: "systemfull", 551: "hasmoved",
+             552: "mailboxfull", 554: "rejected", 556: "notaccept", 500: "syntaxerror",
+             501: "syntaxerror", 530: "securityerror", 535: "securityerror"}
+
+
+_GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time|timeout|period)"
+                      r" (exceeded|expired)|delivery time expired|could not be delivered"
+                      r" (for|within) \d|failing for a long time|will be retried|envelope"
+                      r" expired|message expired|still undeliver", re.I)
+
+
+def phrase_reason(text: str) -> str | None:
+    for reason, regex in _PHRASE_RES:
+        if regex.search(text):
+            return reason
+    return None
+
+
+def classify(status: str | None, reply_code: int | None, text: str) -> tuple[str, str]:
+    """(reason, "hard"|"soft") from an RFC 3463 status, an SMTP reply code and the text."""
+    cls, detail = "", ""
+    if status and (m := STATUS_RE.fullmatch(status.strip())):
+        cls, detail = m.group(1), f"{int(m.group(2))}.{int(m.group(3))}"
+    if not cls and reply_code:
+        cls = str(reply_code)[0]
+    if cls == "2":
+        return "delivered", "soft"
+    text = ADDRESS_RE.sub(" ", text or "")  # a local part such as "mailbox-full" says nothing
+    phrase = phrase_reason(text) if text else None
+    if text and _GAVE_UP.search(text):
+        phrase = "expired"
+    reason = None
+    if detail and detail not in _VAGUE:
+        reason = _BY_STATUS.get(detail)
+    if reason is None or (phrase and detail in _VAGUE):
+        reason = phrase or _BY_STATUS.get(detail) or (
+            _BY_REPLY.get(reply_code) if reply_code else None)
+    if reason is None:
+        reason = "expired" if cls == "4" else "undefined"
+    if reason == "hostunknown" and cls == "4":
+        reason = "networkerror"  # a DNS answer that may still change
+    hard = reason in HARD_REASONS and cls != "4"
+    return reason, "hard" if hard else "soft"

@@ -1,0 +1,278 @@
+"""bounces.py: DSNs, ARF complaints, auto-replies and non-standard bounces, read into
+recipients with a reason and a hard/soft class; and `relay bounces parse`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from relay import bounces
+
+from .conftest import run_relay
+
+DSN = b"""\
+From: Mail Delivery System <MAILER-DAEMON@mx.sender.test>
+To: bounces+abc@sender.test
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+--B
+Content-Type: text/plain
+
+I'm sorry to have to inform you that your message could not be delivered.
+
+--B
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.sender.test
+
+Final-Recipient: rfc822; Gone@Example.ORG
+Original-Recipient: rfc822; gone@example.org
+Action: failed
+Status: 5.1.1
+Remote-MTA: dns; mx.example.org
+Diagnostic-Code: smtp; 550 5.1.1 <gone@example.org>: Recipient address rejected:
+ User unknown in local recipient table
+
+Final-Recipient: rfc822; full@example.org
+Action: failed
+Status: 5.2.2
+Remote-MTA: dns; mx.example.org
+Diagnostic-Code: smtp; 552 5.2.2 Mailbox full
+
+Final-Recipient: rfc822; slow@example.net
+Action: delayed
+Status: 4.4.1
+Diagnostic-Code: smtp; 421 4.4.1 Connection timed out
+
+--B
+Content-Type: message/rfc822
+
+Return-Path: <bounces+abc@sender.test>
+Message-ID: <m1@sender.test>
+Feedback-ID: c1:relay
+From: app@sender.test
+To: gone@example.org
+Subject: hello
+
+hi
+--B--
+"""
+
+
+def test_rfc3464_dsn_per_recipient() -> None:
+    report = bounces.parse(DSN)
+    assert report.type == "dsn" and report.is_bounce
+    gone, full, slow = report.recipients
+    assert (gone.address, gone.action, gone.status, gone.reason, gone.bounce_class,
+            gone.remote_mta, gone.reply_code) == (
+        "Gone@example.org", "failed", "5.1.1", "userunknown", "hard", "mx.example.org", 550)
+    assert "User unknown in local recipient table" in gone.diagnostic  # folded line kept
+    assert (full.reason, full.bounce_class, full.status) == ("mailboxfull", "soft", "5.2.2")
+    assert (slow.action, slow.reason, slow.bounce_class) == ("delayed", "networkerror", "soft")
+    assert report.original.return_path == "bounces+abc@sender.test"
+    assert report.original.message_id == "<m1@sender.test>"
+    assert report.original.feedback_id == "c1:relay"
+    assert ("Subject", "hello") in report.original.headers
+
+
+def test_a_dsn_only_delayed_is_not_a_bounce() -> None:
+    delayed = DSN.replace(b"Action: failed", b"Action: delayed")
+    report = bounces.parse(delayed)
+    assert report.type == "dsn" and not report.is_bounce
+    assert {r.bounce_class for r in report.recipients} == {"soft"}
+
+
+ARF = b"""\
+From: feedback@isp.test
+To: fbl@sender.test
+Subject: complaint
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=feedback-report; boundary="F"
+
+--F
+Content-Type: text/plain
+
+This is an email abuse report.
+
+--F
+Content-Type: message/feedback-report
+
+Feedback-Type: abuse
+User-Agent: isp-fbl/1.0
+Version: 1
+Original-Rcpt-To: <Reader@Mail.ISP.test>
+Reporting-MTA: dns; fbl.isp.test
+
+--F
+Content-Type: text/rfc822-headers
+
+Return-Path: <bounces+tok@sender.test>
+Message-ID: <m2@sender.test>
+From: app@sender.test
+To: reader@mail.isp.test
+Subject: offer
+--F--
+"""
+
+
+def test_arf_complaint() -> None:
+    report = bounces.parse(ARF)
+    assert (report.type, report.feedback_type, report.is_bounce) == ("arf", "abuse", False)
+    (who,) = report.recipients
+    assert (who.address, who.reason, who.action) == ("Reader@mail.isp.test", "feedback", "")
+    assert report.original.return_path == "bounces+tok@sender.test"
+    assert report.original.message_id == "<m2@sender.test>"
+
+
+def test_arf_that_hides_the_recipient_takes_the_enclosed_to_or_none() -> None:
+    no_rcpt = ARF.replace(b"Original-Rcpt-To: <Reader@Mail.ISP.test>\n", b"")
+    assert [r.address for r in bounces.parse(no_rcpt).recipients] == ["reader@mail.isp.test"]
+    hidden = no_rcpt.replace(b"To: reader@mail.isp.test", b"To: Undisclosed recipients:;")
+    assert [r.address for r in bounces.parse(hidden).recipients] == [""]
+
+
+@pytest.mark.parametrize("header", [b"Auto-Submitted: auto-replied",
+                                    b"X-Autoreply: yes", b"Precedence: auto_reply",
+                                    b"Subject: Out of Office: hello"])
+def test_auto_replies_are_never_bounces(header: bytes) -> None:
+    subject = b"" if header.startswith(b"Subject") else b"Subject: Re: hello\n"
+    raw = (b"From: Kim <kim@example.org>\nTo: app@sender.test\n" + subject
+           + header + b"\n\nI am away until Monday; your mail about user unknown "
+           b"mailbox full 550 5.1.1 will be read then.\n")
+    report = bounces.parse(raw)
+    assert report.type == "autoreply" and not report.is_bounce
+    assert [(r.address, r.reason) for r in report.recipients] == [
+        ("kim@example.org", "vacation")]
+
+
+QMAIL = b"""\
+From: MAILER-DAEMON@mail.sender.test
+To: bounces+x@sender.test
+Subject: failure notice
+
+Hi. This is the qmail-send program at mail.sender.test.
+I'm afraid I wasn't able to deliver your message to the following addresses.
+This is a permanent error; I've given up. Sorry it didn't work out.
+
+<nobody@example.com>:
+192.0.2.1 does not like recipient.
+Remote host said: 550 5.1.1 <nobody@example.com>: No such user here
+Giving up on 192.0.2.1.
+
+<quota@example.net>:
+192.0.2.2 failed after I sent the message.
+Remote host said: 552 5.2.2 Mailbox quota exceeded
+
+--- Below this line is a copy of the message.
+
+Return-Path: <bounces+x@sender.test>
+To: nobody@example.com
+Subject: hello
+"""
+
+EXIM = b"""\
+From: Mail Delivery System <Mailer-Daemon@mx.sender.test>
+To: bounces+y@sender.test
+Subject: Mail delivery failed: returning message to sender
+Auto-Submitted: auto-replied
+
+This message was created automatically by mail delivery software.
+
+A message that you sent could not be delivered to one or more of its
+recipients. This is a permanent error. The following address(es) failed:
+
+  blocked@example.org
+    host mx.example.org [192.0.2.9]
+    SMTP error from remote mail server after RCPT TO:<blocked@example.org>:
+    554 5.7.1 Service unavailable; Client host [203.0.113.5] blocked using zen.spamhaus.org
+
+------ This is a copy of the message, including all the headers. ------
+
+Subject: hello
+"""
+
+
+def test_qmail_bounce_per_recipient() -> None:
+    report = bounces.parse(QMAIL)
+    assert report.type == "dsn" and report.is_bounce
+    got = {r.address: (r.status, r.reason, r.bounce_class) for r in report.recipients}
+    assert got == {"nobody@example.com": ("5.1.1", "userunknown", "hard"),
+                   "quota@example.net": ("5.2.2", "mailboxfull", "soft")}
+    # the quoted original, for matching where the return path was not relay's own
+    assert report.original.return_path == "bounces+x@sender.test"
+    assert ("Subject", "hello") in report.original.headers
+
+
+def test_exim_bounce_with_auto_submitted_is_a_bounce_and_a_block_is_soft() -> None:
+    report = bounces.parse(EXIM)
+    assert report.type == "dsn" and report.is_bounce
+    (r,) = report.recipients
+    assert (r.address, r.status, r.reason, r.bounce_class) == (
+        "blocked@example.org", "5.7.1", "blocked", "soft")
+    assert "spamhaus" in r.diagnostic and r.remote_mta == "mx.example.org"
+
+
+@pytest.mark.parametrize(("status", "code", "text", "expected"), [
+    ("5.1.1", 550, "User unknown", ("userunknown", "hard")),
+    ("5.1.2", 550, "Host unknown", ("hostunknown", "hard")),
+    ("5.1.6", 551, "User has moved", ("hasmoved", "hard")),
+    ("5.1.10", 550, "Recipient address has null MX", ("notaccept", "hard")),
+    ("5.2.2", 552, "Mailbox full", ("mailboxfull", "soft")),
+    ("5.7.1", 550, "Message rejected as spam", ("spamdetected", "soft")),
+    ("5.7.1", 554, "Client host blocked using zen.spamhaus.org", ("blocked", "soft")),
+    ("5.7.26", 550, "Unauthenticated email is not accepted, DMARC policy", ("authfailure",
+                                                                         "soft")),
+    ("5.7.25", 550, "The sending IP has no PTR record", ("requireptr", "soft")),
+    ("5.3.4", 552, "Message too big", ("mesgtoobig", "soft")),
+    ("4.4.7", None, "Delivery time expired", ("expired", "soft")),
+    ("5.0.0", 550, "No such user here", ("userunknown", "hard")),
+    (None, 550, "Relaying denied", ("norelaying", "soft")),
+    (None, None, "", ("undefined", "soft")),
+    ("2.0.0", 250, "OK", ("delivered", "soft")),
+])
+def test_classify(status: str | None, code: int | None, text: str,
+                  expected: tuple[str, str]) -> None:
+    assert bounces.classify(status, code, text) == expected
+    assert expected[0] in bounces.REASONS
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x00\xff\xfe garbage", b"not: a\n\nbounce at all",
+                                 b"Content-Type: multipart/report; boundary=\n\n--\n--",
+                                 b"Content-Type: message/delivery-status\n\nFinal-Recipient:",
+                                 bytes(range(256)) * 40])
+def test_garbage_is_unknown_and_never_raises(raw: bytes) -> None:
+    report = bounces.parse(raw)
+    assert report.type in ("unknown", "dsn") and not report.is_bounce
+
+
+def test_cli_parse_json_and_an_unreadable_file(tmp_path: Path) -> None:
+    dsn = tmp_path / "dsn.eml"
+    dsn.write_bytes(DSN)
+    arf = tmp_path / "arf.eml"
+    arf.write_bytes(ARF)
+    missing = tmp_path / "missing.eml"
+    result = run_relay("bounces", "parse", "--json", str(dsn), str(missing), str(arf))
+    assert result.returncode == 1
+    assert f"cannot read {missing}" in result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(o["file"], o["type"], o["feedbackType"]) for o in lines] == [
+        (str(dsn), "dsn", None), (str(arf), "arf", "abuse")]
+    first = lines[0]["recipients"][0]
+    assert first == {"address": "Gone@example.org", "action": "failed", "status": "5.1.1",
+                     "reason": "userunknown", "class": "hard",
+                     "diagnostic": first["diagnostic"], "remoteMta": "mx.example.org"}
+    assert first["diagnostic"].startswith("550 5.1.1")
+
+
+def test_cli_parse_text(tmp_path: Path) -> None:
+    dsn = tmp_path / "dsn.eml"
+    dsn.write_bytes(DSN)
+    result = run_relay("bounces", "parse", str(dsn))
+    assert result.returncode == 0, result.stderr
+    assert f"{dsn}: dsn" in result.stdout
+    assert "status 5.2.2  reason mailboxfull  class soft" in result.stdout
+    assert "remote MTA mx.example.org" in result.stdout
