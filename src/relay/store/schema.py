@@ -183,6 +183,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE messages ADD COLUMN track TEXT NOT NULL DEFAULT '';
     """,
+    # 8: a webhook endpoint's format: the body and signing it gets (native | mailchannels)
+    """
+    ALTER TABLE webhook_endpoints ADD COLUMN format TEXT NOT NULL DEFAULT 'native';
+    """,
 )
 
 
