@@ -88,3 +88,25 @@ async def test_native_webhooks_api_takes_a_format(tmp_path: Path) -> None:
     finally:
         await api.close()
         await svc.stop()
+
+
+async def test_the_sdk_fetches_the_public_key_relay_signs_with(tmp_path: Path) -> None:
+    import asyncio
+
+    import mailchannels
+    svc = Service(hook_config(tmp_path))
+    await svc.start()
+    try:
+        assert svc.api_bound is not None
+        client = mailchannels.Client(base_url="http://{}:{}/tx/v1".format(*svc.api_bound))
+        signer = webhooks_mailchannels.Signer.load(svc.config.server.data_dir)
+        got = await asyncio.to_thread(client.webhooks.public_key, signer.key_id)
+        assert got["id"] == signer.key_id and got["key"] == signer.public_key_json()["key"]
+        body = b'[{"event": "delivered"}]'
+        headers = signer.headers(body, time.time())
+        assert verify_webhook_signature(headers, body, got)
+        with __import__("pytest").raises(mailchannels.NotFoundError):
+            await asyncio.to_thread(client.webhooks.public_key, "nope")
+        client.close()
+    finally:
+        await svc.stop()

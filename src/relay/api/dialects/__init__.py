@@ -1,0 +1,1 @@
+"""One module per foreign API shape, each only translating to and from Submission."""
