@@ -28,6 +28,8 @@ def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     s.add_argument("url")
     s.add_argument("--events", default="",
                    help=f"comma-separated event types (default: all): {', '.join(EVENTS)}")
+    s.add_argument("--format", choices=("native", "mailchannels"), default="native",
+                   help="the body and signing of its POSTs (default: native)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_add)
     s = w.add_parser("list", help="list endpoints")
@@ -54,7 +56,8 @@ def cmd_add(args: argparse.Namespace, config: Config) -> int:
         print(f"relay: {exc.message}", file=sys.stderr)
         return 1
     ep = WebhookEndpoint(id="wh_" + secrets.token_hex(8), url=args.url,
-                         secret=webhooks.new_secret(), events=events, created_at=time.time())
+                         secret=webhooks.new_secret(), events=events, created_at=time.time(),
+                         format=args.format)
     with_store(config, lambda s: s.add_endpoint(ep))
     if args.json:
         print(json.dumps({**endpoint_json(ep), "signingSecret": ep.secret}))

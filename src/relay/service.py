@@ -26,6 +26,7 @@ from .submit import Submitter
 from .supervise import WorkerProcess
 from .tlsutil import ensure_self_signed, server_context
 from .tracking import Tokens, load_key
+from . import webhooks_mailchannels
 from .webhooks import WebhookDispatcher
 from .worker import WorkerArgs
 
@@ -81,7 +82,9 @@ class Service:
                 log.info("SMTP %s listener on %s:%s (tls %s)", listener.mode,
                          *self.bound[-1], listener.tls)
             await self._start_api()
-            self.webhooks = WebhookDispatcher(self.config.webhooks, self.store)
+            self.webhooks = WebhookDispatcher(
+                self.config.webhooks, self.store,
+                signer=webhooks_mailchannels.Signer.load(self.config.server.data_dir))
             await self.webhooks.start()
             self.submitter.on_queued.append(self.webhooks.notify)
             if not self.config.delivery.paused:

@@ -25,9 +25,10 @@ TOKEN_KEY_FILE = "token.key"
 _MAC_BYTES = 10
 
 
-def load_key(data_dir: Path) -> bytes:
-    """The key every process of this relay signs tokens with, made once (0600) in data_dir."""
-    path = data_dir / TOKEN_KEY_FILE
+def load_key(data_dir: Path, name: str = TOKEN_KEY_FILE) -> bytes:
+    """The key every process of this relay signs tokens with, made once (0600) in data_dir
+    (32 random octets; under another `name`, e.g. an Ed25519 seed for webhook signatures)."""
+    path = data_dir / name
     try:
         return path.read_bytes()
     except FileNotFoundError:

@@ -166,6 +166,8 @@ class Submission:
     refuse_if_suppressed: bool = False  # every recipient suppressed: queue nothing (the API)
     track_opens: bool = False  # an open pixel in the html (per recipient, at delivery)
     track_clicks: bool = False  # the html's links through signed redirects
+    # the submitter chose the envelope sender: relay does not put its VERP return path there
+    keep_mail_from: bool = False
     # trace for the Received: header, e.g. ("client.example ([192.0.2.1])", "ESMTPSA")
     received_from: str | None = None
     received_with: str | None = None
@@ -276,6 +278,7 @@ class WebhookEndpoint:
     disabled_at: float | None = None
     disabled_reason: str | None = None
     failing_since: float | None = None
+    format: str = "native"  # the body and signing: native | mailchannels
 
     def __repr__(self) -> str:  # keeps the secret out of logs
         return f"WebhookEndpoint(id={self.id!r}, url={self.url!r}, enabled={self.enabled})"

@@ -9,7 +9,10 @@ and `t` is the event's createdAt floored to seconds.
 The dispatcher takes due deliveries from the outbox (filled in each event's own transaction),
 POSTs them without following redirects, and retries on the Standard Webhooks schedule; 2xx is
 success, 410 disables the endpoint, Retry-After is honoured. Targets on private addresses are
-refused at connect time, unless [webhooks] allow_private_targets."""
+refused at connect time, unless [webhooks] allow_private_targets.
+
+An endpoint's `format` picks the body and the signing of each POST: "native" (above) or
+"mailchannels" (webhooks_mailchannels.py: its event names, Ed25519 HTTP Message Signatures)."""
 
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import aiohttp
 import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from . import webhooks_mailchannels
 from .api.views import iso
 from .config import WebhooksConfig
 from .store import SQLiteStore
@@ -127,10 +131,12 @@ def literal_refused(url: str, allow_private: bool) -> str | None:
 
 class WebhookDispatcher:
     def __init__(self, config: WebhooksConfig, store: SQLiteStore, *,
-                 clock: Any = time.time) -> None:
+                 clock: Any = time.time,
+                 signer: webhooks_mailchannels.Signer | None = None) -> None:
         self._config = config
         self._store = store
         self._clock = clock
+        self._signer = signer  # for endpoints of the mailchannels format
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -177,18 +183,36 @@ class WebhookDispatcher:
             except TimeoutError:
                 pass
 
+    def _body(self, d: Delivery) -> bytes | None:
+        if d.endpoint.format == webhooks_mailchannels.FORMAT:
+            return webhooks_mailchannels.payload(d)
+        return payload(f"evt_{d.event_id}", d.event_type, d.created_at, d.data)
+
+    def _headers(self, d: Delivery, body: bytes) -> dict[str, str]:
+        """Signed at each attempt, by the endpoint's format."""
+        if d.endpoint.format == webhooks_mailchannels.FORMAT:
+            if self._signer is None:
+                raise RuntimeError("no signing key for mailchannels webhooks")
+            return self._signer.headers(body, self._clock())
+        return signed_headers(d.endpoint.secret, f"evt_{d.event_id}", d.created_at, body,
+                              self._clock())
+
     async def _deliver(self, d: Delivery) -> None:
-        body = payload(f"evt_{d.event_id}", d.event_type, d.created_at, d.data)
+        body = self._body(d)
         status: int | None = None
         error: str | None = None
         retry_after: float | None = None
         refused = literal_refused(d.endpoint.url, self._config.allow_private_targets)
+        if body is None:  # the format has no name for this event: nothing to send, ever
+            await self._store.record_delivery(d, now=self._clock(), status=None,
+                                              error=f"{d.event_type} has no name in the "
+                                                    f"{d.endpoint.format} format", next_at=None)
+            return
         if refused:
             error = refused
         else:
             assert self._session is not None
-            headers = signed_headers(d.endpoint.secret, f"evt_{d.event_id}", d.created_at, body,
-                                     self._clock())
+            headers = self._headers(d, body)
             try:
                 async with self._session.post(d.endpoint.url, data=body, headers=headers,
                                               allow_redirects=False) as resp:

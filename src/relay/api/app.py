@@ -15,7 +15,9 @@ from ..errors import ValidationError
 from ..store import SQLiteStore
 from ..submit import Submitter
 from ..tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_key
+from ..webhooks_mailchannels import Signer
 from .contacts import ContactsApi
+from .dialects.mailchannels import MailChannelsApi
 from .dialects.mailerlogic import MailerLogicApi
 from .dialects.piisend import PiiSendApi
 from .errors import ApiError
@@ -110,6 +112,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     tokens = Tokens(load_key(config.server.data_dir))
     app.add_routes(UnsubscribeRoutes(store, tokens).routes())
     app.add_routes(TrackingRoutes(store, tokens).routes())
+    app.add_routes(MailChannelsApi(Signer.load(config.server.data_dir)).routes())
     app.add_routes([web.get("/v1/openapi.json", openapi_handler)])
     return app
 

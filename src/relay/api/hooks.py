@@ -47,7 +47,7 @@ class HooksApi:
         await check_target(body.url, self._config.webhooks.allow_private_targets)
         ep = WebhookEndpoint(id="wh_" + secrets.token_hex(8), url=body.url,
                              secret=webhooks.new_secret(), events=tuple(dict.fromkeys(
-                                 body.events)), created_at=time.time())
+                                 body.events)), created_at=time.time(), format=body.format)
         await self._store.add_endpoint(ep)
         return web.json_response({**endpoint_json(ep), "signingSecret": ep.secret}, status=201)
 
@@ -119,6 +119,7 @@ async def check_target(url: str, allow_private: bool) -> None:
 
 
 def endpoint_json(e: WebhookEndpoint) -> dict[str, Any]:
-    return {"id": e.id, "url": e.url, "events": list(e.events), "enabled": e.enabled,
+    return {"id": e.id, "url": e.url, "format": e.format, "events": list(e.events),
+            "enabled": e.enabled,
             "createdAt": iso(e.created_at), "disabledAt": iso(e.disabled_at),
             "disabledReason": e.disabled_reason, "failingSince": iso(e.failing_since)}

@@ -10,7 +10,7 @@ import email.utils
 import mimetypes
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -37,7 +37,7 @@ from ..types import (
 from . import auth
 from .errors import ApiError
 from .idempotency import Answer, Claim, Idempotency, replay
-from .schemas import BROADCAST_HEADERS, RESERVED_HEADERS, SendBatch, SendEmail
+from .schemas import BROADCAST_HEADERS, RESERVED_HEADERS, AttachmentIn, SendBatch, SendEmail
 from .views import message_json
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -288,7 +288,7 @@ def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
     composition = Composition(
         sender=sender, to=to, cc=cc, reply_to=_mailboxes(m.replyTo or [], "replyTo"),
         subject=subject, text=text, html=html, headers=tuple(headers), ical=m.icalEvent,
-        attachments=_attachments(m, config))
+        attachments=decode_attachments(m.attachments, config))
     utf8 = not all(mb.email.isascii() for mb in (sender, *to, *cc, *bcc))
     return Submission(
         mail_from=sender.email,
@@ -337,10 +337,12 @@ def mailbox(value: Any, param: str) -> Mailbox:
     return Mailbox(email=address, name=name or None)
 
 
-def _attachments(m: SendEmail, config: Config) -> tuple[Attachment, ...]:
+def decode_attachments(items: Sequence[AttachmentIn], config: Config
+                       ) -> tuple[Attachment, ...]:
+    """Base64 decoded and held to [limits] (every dialect's attachments come through here)."""
     limits = config.limits
     out, total = [], 0
-    for i, a in enumerate(m.attachments):
+    for i, a in enumerate(items):
         try:
             content = base64.b64decode(a.content, validate=True)
         except (binascii.Error, ValueError):

@@ -150,6 +150,8 @@ class CreateWebhook(Strict):
                                           pattern=r"^https?://[^\s]+$")]
     events: list[EVENT_TYPES] = Field(default_factory=list,
                                       description="the event types to send; empty = all")
+    format: Literal["native", "mailchannels"] = Field(
+        default="native", description="the body and signing: relay's own, or MailChannels'")
 
 
 class UpdateWebhook(Strict):

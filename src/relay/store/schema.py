@@ -223,6 +223,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_resend_of ON messages(json_extract(metadata, '$.resend_of'))
         WHERE json_extract(metadata, '$.resend_of') IS NOT NULL;
     """,
+    # 11: a webhook endpoint's format: the body and signing it gets (native | mailchannels)
+    """
+    ALTER TABLE webhook_endpoints ADD COLUMN format TEXT NOT NULL DEFAULT 'native';
+    """,
 )
 
 

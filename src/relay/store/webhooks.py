@@ -15,7 +15,7 @@ from ..types import EventType, WebhookEndpoint
 from .groupcommit import run_sync
 
 _COLUMNS = ("id, url, secret, events, enabled, created_at, disabled_at, disabled_reason,"
-            " failing_since")
+            " failing_since, format")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +29,8 @@ class Delivery:
     event_type: str
     created_at: float
     data: dict[str, Any]
+    sender: str = ""  # the message's From (some formats name it)
+    api_key_id: str | None = None  # the key that sent the message
 
 
 class WebhookQueries:
@@ -39,9 +41,10 @@ class WebhookQueries:
 
     async def add_endpoint(self, ep: WebhookEndpoint) -> None:
         def op(db: sqlite3.Connection) -> None:
-            db.execute(f"INSERT INTO webhook_endpoints ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+            db.execute(f"INSERT INTO webhook_endpoints ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
                        (ep.id, ep.url, ep.secret, json.dumps(list(ep.events)), int(ep.enabled),
-                        ep.created_at, ep.disabled_at, ep.disabled_reason, ep.failing_since))
+                        ep.created_at, ep.disabled_at, ep.disabled_reason, ep.failing_since,
+                        ep.format))
 
         await self._write(op)
 
@@ -113,7 +116,8 @@ class WebhookQueries:
                 return []
             rows = db.execute(
                 f"SELECT o.id, o.attempts, e.id, e.type, e.created_at, e.data, e.message_id,"
-                f" m.metadata, m.tags, {', '.join('w.' + c.strip() for c in _COLUMNS.split(','))}"
+                f" m.metadata, m.tags, m.header_from, m.api_key_id,"
+                f" {', '.join('w.' + c.strip() for c in _COLUMNS.split(','))}"
                 " FROM webhook_outbox o JOIN events e ON e.id = o.event_id"
                 " JOIN webhook_endpoints w ON w.id = o.endpoint_id"
                 " LEFT JOIN messages m ON m.id = e.message_id"
@@ -126,8 +130,9 @@ class WebhookQueries:
                     data["campaignId"] = data["metadata"].get("campaignId")
                     data["tags"] = [{"name": n, "value": v} for n, _, v in
                                     (t.partition(":") for t in json.loads(r[8]))]
-                out.append(Delivery(outbox_id=r[0], attempts=r[1], endpoint=_endpoint(r[9:]),
-                                    event_id=r[2], event_type=r[3], created_at=r[4], data=data))
+                out.append(Delivery(outbox_id=r[0], attempts=r[1], endpoint=_endpoint(r[11:]),
+                                    event_id=r[2], event_type=r[3], created_at=r[4], data=data,
+                                    sender=r[9] or "", api_key_id=r[10]))
             return out
 
         leased: list[Delivery] = await self._write(op)
@@ -190,4 +195,4 @@ class WebhookQueries:
 def _endpoint(r: Any) -> WebhookEndpoint:
     return WebhookEndpoint(id=r[0], url=r[1], secret=r[2], events=tuple(json.loads(r[3])),
                            enabled=bool(r[4]), created_at=r[5], disabled_at=r[6],
-                           disabled_reason=r[7], failing_since=r[8])
+                           disabled_reason=r[7], failing_since=r[8], format=r[9])
