@@ -16,6 +16,7 @@ from ..store import SQLiteStore
 from ..submit import Submitter
 from ..tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_key
 from .contacts import ContactsApi
+from .dialects.plunk import PlunkApi
 from .errors import ApiError
 from .hooks import HooksApi
 from .manage import ManageApi
@@ -103,6 +104,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     app.add_routes(HooksApi(config, store).routes())
     app.add_routes(TemplatesApi(store).routes())
     app.add_routes(ContactsApi(store).routes())
+    app.add_routes(PlunkApi(config, store, submitter).routes())
     tokens = Tokens(load_key(config.server.data_dir))
     app.add_routes(UnsubscribeRoutes(store, tokens).routes())
     app.add_routes(TrackingRoutes(store, tokens).routes())
