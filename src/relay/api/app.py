@@ -15,7 +15,7 @@ from ..errors import ValidationError
 from ..store import SQLiteStore
 from ..submit import Submitter
 from ..tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_key
-from .contacts import ContactsApi
+from .contacts import ContactsApi, UpsertContact
 from .dialects.plunk import PlunkApi
 from .errors import ApiError
 from .hooks import HooksApi
@@ -35,7 +35,7 @@ from .schemas import (
     SendEmail,
     UpdateWebhook,
 )
-from .templates import TemplatesApi
+from .templates import CreateTemplate, TemplatesApi, UpdateTemplate
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,17 @@ def openapi() -> dict[str, Any]:
             {"name": "email", "in": "path", "required": True, "schema": {"type": "string"}},
             {"name": "scope", "in": "query", "required": False,
              "schema": {"type": "string"}}])},
+        "/v1/templates": {"post": op("Store a template", body=CreateTemplate, status="201"),
+                          "get": op("List templates, oldest first", answer=Page)},
+        "/v1/templates/{id}": {"get": op("A template", params=id_param),
+                               "patch": op("Change a template", body=UpdateTemplate,
+                                           params=id_param),
+                               "delete": op("Delete a template", params=id_param)},
+        "/v1/contacts": {"post": op("Add or change a contact (a null in data deletes the "
+                                    "field)", body=UpsertContact),
+                         "get": op("List contacts, by address", answer=Page)},
+        "/v1/contacts/{id}": {"get": op("A contact, by id or address", params=id_param),
+                              "delete": op("Delete a contact", params=id_param)},
     }
     defs["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["type", "message"], "additionalProperties": False,
