@@ -9,6 +9,7 @@ import email
 import email.policy
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -224,6 +225,17 @@ async def test_marketing_template_skips_an_unsubscribed_contact(relay: Relay) ->
     # omitted `subscribed` leaves dave as he is: subscribed
     again = await relay.sdk.send({"to": "dave@example.org", "template": news["id"]})
     assert again["data"]["emails"][0]["email"] is not None
+
+    # the one-click unsubscribe in the marketing mail unsubscribes the contact
+    link = re.match(r"<(http://[^>]+)>", str(news_mail["List-Unsubscribe"]))
+    assert link is not None
+    async with relay.admin.session.post(link.group(1), allow_redirects=False,
+                                        data={"List-Unsubscribe": "One-Click"}) as resp:
+        assert resp.status == 200
+    status, dave, _ = await relay.admin.call("GET", "/v1/contacts/dave@example.org")
+    assert status == 200 and dave["subscribed"] is False
+    after = await relay.sdk.send({"to": "dave@example.org", "template": news["id"]})
+    assert after["data"]["emails"][0]["skipped"]["reason"] == "unsubscribed"
 
 
 async def test_persistent_data_is_saved_and_non_persistent_is_not(relay: Relay) -> None:
