@@ -132,6 +132,9 @@ class PlunkApi:
         return await self._idempotency.answer(request, key.id, raw, produce)
 
     async def _send(self, m: PlunkSend, key: ApiKey, claim: Claim | None) -> Answer:
+        """Every recipient's email is built and checked before anything is written; then
+        the contacts are upserted, then the mail is queued in one transaction with the
+        idempotency key's answer (which is 200 only once that has committed)."""
         if m.type == "markdown":
             raise ApiError(422, "relay sends html bodies; markdown is not rendered",
                            param="type")
