@@ -16,10 +16,11 @@ from ..store import SQLiteStore
 from ..submit import Submitter
 from ..tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_key
 from ..webhooks_mailchannels import Signer
-from .contacts import ContactsApi
+from .contacts import ContactsApi, UpsertContact
 from .dialects.mailchannels import MailChannelsApi
 from .dialects.mailerlogic import MailerLogicApi
 from .dialects.piisend import PiiSendApi
+from .dialects.plunk import PlunkApi
 from .errors import ApiError
 from .hooks import HooksApi
 from .manage import ManageApi
@@ -38,7 +39,7 @@ from .schemas import (
     SendEmail,
     UpdateWebhook,
 )
-from .templates import TemplatesApi
+from .templates import CreateTemplate, TemplatesApi, UpdateTemplate
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     app.add_routes(ContactsApi(store).routes())
     app.add_routes(PiiSendApi(config, store, submitter).routes())
     app.add_routes(MailerLogicApi(config, store, submitter).routes())
+    app.add_routes(PlunkApi(config, store, submitter).routes())
     tokens = Tokens(load_key(config.server.data_dir))
     app.add_routes(UnsubscribeRoutes(store, tokens).routes())
     app.add_routes(TrackingRoutes(store, tokens).routes())
@@ -190,6 +192,17 @@ def openapi() -> dict[str, Any]:
             {"name": "email", "in": "path", "required": True, "schema": {"type": "string"}},
             {"name": "scope", "in": "query", "required": False,
              "schema": {"type": "string"}}])},
+        "/v1/templates": {"post": op("Store a template", body=CreateTemplate, status="201"),
+                          "get": op("List templates, oldest first", answer=Page)},
+        "/v1/templates/{id}": {"get": op("A template", params=id_param),
+                               "patch": op("Change a template", body=UpdateTemplate,
+                                           params=id_param),
+                               "delete": op("Delete a template", params=id_param)},
+        "/v1/contacts": {"post": op("Add or change a contact (a null in data deletes the "
+                                    "field)", body=UpsertContact),
+                         "get": op("List contacts, by address", answer=Page)},
+        "/v1/contacts/{id}": {"get": op("A contact, by id or address", params=id_param),
+                              "delete": op("Delete a contact", params=id_param)},
     }
     defs["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["type", "message"], "additionalProperties": False,

@@ -10,7 +10,7 @@ import email.utils
 import mimetypes
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -135,21 +135,10 @@ class NativeApi:
         return await self._idempotency.answer(request, key.id, raw, produce)
 
     def _prepare(self, model: SendEmail, key: ApiKey) -> NewMessage:
-        try:
-            return self._submitter.prepare(to_submission(model, key, self._config))
-        except ValidationError as exc:
-            if exc.smtp.startswith("552"):  # too large: what makes a JSON email large
-                raise ApiError(413, f"the built message is too large: {exc}",
-                               param="attachments") from None
-            if " 5.7.1" in exc.smtp:  # a sender domain this key may not use
-                raise ApiError(403, str(exc), param=exc.param) from None
-            raise ApiError(422, str(exc), param=exc.param) from None
+        return prepare(self._submitter, to_submission(model, key, self._config))
 
     async def _checked(self, message: NewMessage) -> None:
-        try:
-            await self._submitter.check_broadcast(message)
-        except ValidationError as exc:
-            raise ApiError(422, str(exc), param=exc.param) from None
+        await check_broadcast(self._submitter, message)
 
     @staticmethod
     async def _store_call(call: Awaitable[T]) -> T:
@@ -222,6 +211,26 @@ class NativeApi:
 
 # -- request → Submission ---------------------------------------------------------------------
 
+def prepare(submitter: Submitter, sub: Submission) -> NewMessage:
+    """submit's checks and the built message, its refusals as the API's errors."""
+    try:
+        return submitter.prepare(sub)
+    except ValidationError as exc:
+        if exc.smtp.startswith("552"):  # too large: what makes a JSON email large
+            raise ApiError(413, f"the built message is too large: {exc}",
+                           param="attachments") from None
+        if " 5.7.1" in exc.smtp:  # a sender domain this key may not use
+            raise ApiError(403, str(exc), param=exc.param) from None
+        raise ApiError(422, str(exc), param=exc.param) from None
+
+
+async def check_broadcast(submitter: Submitter, message: NewMessage) -> None:
+    try:
+        await submitter.check_broadcast(message)
+    except ValidationError as exc:
+        raise ApiError(422, str(exc), param=exc.param) from None
+
+
 async def json_body(request: web.Request) -> bytes:
     if request.content_type != "application/json":
         raise ApiError(415, "send the body as JSON (Content-Type: application/json)")
@@ -269,14 +278,7 @@ def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
     if text is None and html is None and not m.icalEvent:
         raise ApiError(422, "an email needs text, html or an icalEvent", param="text")
     stream = Stream(m.stream)
-    headers = []
-    for name, value in m.headers.items():
-        lower = name.lower()
-        if lower in RESERVED_HEADERS or lower.startswith("x-relay-") or (
-                stream is Stream.BROADCAST and lower in BROADCAST_HEADERS):
-            raise ApiError(422, f"the {name} header is set by relay; it cannot be given",
-                           param=f"headers.{name}")
-        headers.append((name, value))
+    headers = checked_headers(m.headers.items(), stream)
     sender = mailbox(m.from_, "from")
     seen: set[str] = set()  # one copy of each address: to first, then cc, then bcc
     to = _unique(_mailboxes(m.to, "to"), seen)
@@ -288,7 +290,8 @@ def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
     composition = Composition(
         sender=sender, to=to, cc=cc, reply_to=_mailboxes(m.replyTo or [], "replyTo"),
         subject=subject, text=text, html=html, headers=tuple(headers), ical=m.icalEvent,
-        attachments=decode_attachments(m.attachments, config))
+        attachments=decode_attachments(m.attachments, max_file=config.limits.max_attachment_size,
+                                       max_total=config.limits.max_attachments_size))
     utf8 = not all(mb.email.isascii() for mb in (sender, *to, *cc, *bcc))
     return Submission(
         mail_from=sender.email,
@@ -337,10 +340,31 @@ def mailbox(value: Any, param: str) -> Mailbox:
     return Mailbox(email=address, name=name or None)
 
 
-def decode_attachments(items: Sequence[AttachmentIn], config: Config
+def checked_headers(given: Iterable[tuple[str, Any]], stream: Stream, *, param: str = "headers",
+                    reserved: frozenset[str] = RESERVED_HEADERS) -> tuple[tuple[str, str], ...]:
+    """Custom headers: names relay writes itself are refused, as are CR and LF in values."""
+    out = []
+    for name, value in given:
+        lower = name.lower()
+        where = f"{param}.{name}"
+        if lower in reserved or lower.startswith("x-relay-") or (
+                stream is Stream.BROADCAST and lower in BROADCAST_HEADERS):
+            raise ApiError(422, f"the {name} header is set by relay; it cannot be given",
+                           param=where)
+        if not isinstance(value, str):
+            raise ApiError(422, f"{where}: a header value is a string", param=where)
+        if "\r" in value or "\n" in value or len(value) > 998:
+            raise ApiError(422, f"{where}: a header value may not contain CR or LF or be "
+                           "longer than 998 characters", param=where)
+        if not name or len(name) > 76 or not all(33 <= ord(c) <= 126 and c != ":" for c in name):
+            raise ApiError(422, f"{name!r} is not a header name", param=where)
+        out.append((name, value))
+    return tuple(out)
+
+
+def decode_attachments(items: Sequence[AttachmentIn], *, max_file: int, max_total: int
                        ) -> tuple[Attachment, ...]:
-    """Base64 decoded and held to [limits] (every dialect's attachments come through here)."""
-    limits = config.limits
+    """Base64 contents decoded and held to the limits (octets, decoded): 413 past them."""
     out, total = [], 0
     for i, a in enumerate(items):
         try:
@@ -348,13 +372,13 @@ def decode_attachments(items: Sequence[AttachmentIn], config: Config
         except (binascii.Error, ValueError):
             raise ApiError(422, "content is not valid base64",
                            param=f"attachments[{i}].content") from None
-        if len(content) > limits.max_attachment_size:
+        if len(content) > max_file:
             raise ApiError(413, f"{a.filename} is {len(content)} bytes; at most "
-                           f"{limits.max_attachment_size} a file", param=f"attachments[{i}]")
+                           f"{max_file} a file", param=f"attachments[{i}]")
         total += len(content)
-        if total > limits.max_attachments_size:
-            raise ApiError(413, f"the attachments are over {limits.max_attachments_size} "
-                           "bytes in all", param="attachments")
+        if total > max_total:
+            raise ApiError(413, f"the attachments are over {max_total} bytes in all",
+                           param="attachments")
         out.append(Attachment(filename=a.filename, content=content,
                               content_type=a.contentType or _guess_type(a.filename),
                               content_id=a.contentId))

@@ -77,7 +77,8 @@ class ContactQueries:
                             subscribed: bool | None = None) -> list[Contact]:
         """By address; `after` is the last address of the previous page."""
         def op(db: sqlite3.Connection) -> list[Contact]:
-            where, args = [], []
+            where: list[str] = []
+            args: list[Any] = []
             if after:
                 where.append("email > ?")
                 args.append(after)

@@ -87,6 +87,9 @@ class SuppressionQueries:
                            " VALUES (?, ?, ?, ?, ?)",
                            (message_id, recipient_id, EventType.UNSUBSCRIBED.value, now,
                             json.dumps({"email": address, "scope": scope})))
+            # a contact has one subscription state (Plunk's): leaving any list leaves it
+            db.execute("UPDATE contacts SET subscribed = 0, updated_at = ?"
+                       " WHERE email = ? AND subscribed = 1", (now, address))
             return address, scope
 
         done: tuple[str, str] | None = await self._write(op)

@@ -16,7 +16,7 @@ from ...store import NewMessage
 from ...submit import Submitter
 from ...types import Stream, Submission, SubmitResult
 from ..errors import ApiError
-from ..native import Handler
+from ..native import Handler, checked_headers
 from ..schemas import BROADCAST_HEADERS, RESERVED_HEADERS
 
 Shape = Callable[[ApiError], dict[str, Any]]
@@ -67,28 +67,6 @@ def in_shape(shape: Shape, statuses: Mapping[int, int] | None = None
                                             "server takes"), shape, statuses) from None
         return run
     return wrap
-
-
-def checked_headers(given: Iterable[tuple[str, Any]], stream: Stream, *, param: str = "headers",
-                    reserved: frozenset[str] = RESERVED_HEADERS) -> tuple[tuple[str, str], ...]:
-    """Custom headers: names relay writes itself are refused, as are CR and LF in values."""
-    out = []
-    for name, value in given:
-        lower = name.lower()
-        where = f"{param}.{name}"
-        if lower in reserved or lower.startswith("x-relay-") or (
-                stream is Stream.BROADCAST and lower in BROADCAST_HEADERS):
-            raise ApiError(422, f"the {name} header is set by relay; it cannot be given",
-                           param=where)
-        if not isinstance(value, str):
-            raise ApiError(422, f"{where}: a header value is a string", param=where)
-        if "\r" in value or "\n" in value or len(value) > 998:
-            raise ApiError(422, f"{where}: a header value may not contain CR or LF or be "
-                           "longer than 998 characters", param=where)
-        if not name or len(name) > 76 or not all(33 <= ord(c) <= 126 and c != ":" for c in name):
-            raise ApiError(422, f"{name!r} is not a header name", param=where)
-        out.append((name, value))
-    return tuple(out)
 
 
 def decode_base64(content: str, param: str) -> bytes:
