@@ -423,6 +423,9 @@ async def test_keyring_callers_wait_for_the_first_load_and_keys_are_limited_to_t
     path.write_bytes(dkim.private_pem(key))
 
     class SlowStore:
+        async def return_paths(self) -> dict[str, str]:
+            return {}
+
         async def signing_keys(self) -> list[DkimKeyInfo]:
             await asyncio.sleep(0.05)
             return [DkimKeyInfo(domain="example.test", selector="e1", algorithm="ed25519-sha256",
@@ -453,6 +456,9 @@ async def test_unreadable_keys_defer_at_first_and_keep_the_loaded_ones_later(
 
     class FlakyStore:
         fail = True
+
+        async def return_paths(self) -> dict[str, str]:
+            return {}
 
         async def signing_keys(self) -> list[DkimKeyInfo]:
             if self.fail:

@@ -304,6 +304,7 @@ def cmd_queue_show(args: argparse.Namespace, config: Config) -> int:
         return 0
     for label in ("id", "status", "createdAt", "from", "headerFrom", "subject", "size", "tags"):
         print(f"{label:>11}: {data[label]}")
+    print(f"{'returnPath':>11}: {data['returnPath']['mode']} ({data['returnPath']['note']})")
     print()
     table([("RECIPIENT", "STATUS", "ATTEMPTS", "NEXT", "LAST REPLY")] + [
         (r["email"], r["status"], str(r["attempts"]), r["nextAttemptAt"] or "",

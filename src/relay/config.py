@@ -191,6 +191,23 @@ class TrackingConfig:
     allow_insecure_public_url: bool = False
 
 
+def _check_mailbox(value: str) -> str:
+    local, at, domain = value.strip().rpartition("@")
+    if not at or not local or not domain:
+        raise ValueError(f"{value!r} is not an e-mail address (local@domain)")
+    return f"{local}@{_check_domain(domain)}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BouncesConfig:
+    # the return-path host of mail whose sending domain relay has no record of (relay domains
+    # add gives each domain its own, bounces.<domain>); empty = [server] hostname
+    domain: str = field(default="", metadata=_meta(_check_optional_domain))
+    # addresses registered with mailbox providers' feedback loops: an inbound listener
+    # accepts complaint reports (ARF) sent to them
+    complaint_addresses: tuple[str, ...] = field(default=(), metadata=_meta(item=_check_mailbox))
+
+
 @dataclass(frozen=True, kw_only=True)
 class WebhooksConfig:
     # loopback, private, link-local and metadata targets are refused unless this is true
@@ -229,6 +246,7 @@ class Config:
     dkim: DkimConfig = field(default_factory=DkimConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    bounces: BouncesConfig = field(default_factory=BouncesConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 

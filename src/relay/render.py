@@ -1,5 +1,6 @@
-"""The last changes to a message's bytes before delivery: make it 7-bit clean for any peer,
-then DKIM-sign it (always last) with the right domain's keys."""
+"""The last changes to a message's bytes before delivery: relay's marks (List-Unsubscribe,
+Feedback-ID, tracked links), then 7-bit clean for any peer, then DKIM-signed (always last)
+with the right domain's keys. Also the envelope sender: relay's VERP return path."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import compose, dkim, rawmail, tracking, transcode
+from . import compose, dkim, rawmail, tracking, transcode, verp
 from .addresses import a_label, self_and_parents
 from .config import DkimConfig
 from .errors import StoreError, TemporaryFailure
@@ -39,16 +40,17 @@ class Job:
     stream: str = "transactional"
     sender_domain: str = ""
     track: str = ""  # "opens", "clicks" or both: the html rewritten for this recipient
+    message_id: str = ""  # set when the mail goes out with relay's return path: Feedback-ID
 
 
 @dataclass(frozen=True)
-class Unsubscribe:
-    """How render builds List-Unsubscribe: the token key, the public base URL, and the label
-    of the return-path host that receives the mailto: form."""
+class Marks:
+    """What render signs relay's marks with: the token key, the public base URL of links,
+    and the return-path host of mail whose sending domain relay has no record of."""
 
     tokens: tracking.Tokens
     public_url: str
-    return_path_label: str
+    bounce_host: str
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class KeyRing:
         self._clock = clock
         self._loaded_at: float | None = None
         self._by_domain: dict[str, list[dkim.SigningKey]] = {}
+        self.return_paths: dict[str, str] = {}  # {domain: its return-path host}
         self._parsed: dict[tuple[str, float], dkim.SigningKey] = {}
         self._lock = asyncio.Lock()
 
@@ -107,6 +110,7 @@ class KeyRing:
                     continue
             parsed[cache_key] = key
             by_domain.setdefault(info.domain, []).append(key)
+        self.return_paths = await self._store.return_paths()
         self._by_domain, self._parsed = by_domain, parsed
 
     def keys_for(self, domain: str) -> list[dkim.SigningKey]:
@@ -115,10 +119,10 @@ class KeyRing:
 
 class Renderer:
     def __init__(self, config: DkimConfig, keyring: KeyRing, *, threads: int = RENDER_THREADS,
-                 unsubscribe: Unsubscribe | None = None) -> None:
+                 marks: Marks | None = None) -> None:
         self._config = config
         self._keyring = keyring
-        self._unsubscribe = unsubscribe
+        self._marks = marks
         self._given: dict[bytes, dkim.SigningKey] = {}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="render")
 
@@ -131,6 +135,18 @@ class Renderer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def return_path_host(self, sender_domain: str) -> str:
+        """Where bounces of a sending domain's mail come back (its SPF and MX name that host)."""
+        fallback = self._marks.bounce_host if self._marks is not None else ""
+        return verp.return_path_host(sender_domain, self._keyring.return_paths, fallback)
+
+    def envelope_sender(self, recipient_id: int, sender_domain: str) -> str | None:
+        """relay's VERP return path for one recipient, or None when render has no token key."""
+        if self._marks is None:
+            return None
+        return verp.bounce_address(self._marks.tokens, recipient_id,
+                                   self.return_path_host(sender_domain))
 
     def _render_each(self, jobs: Sequence[Job]) -> list[Rendered | Exception]:
         out: list[Rendered | Exception] = []
@@ -145,8 +161,10 @@ class Renderer:
                job: Job | None = None) -> Rendered:
         data = self._materialize(message, job)
         if job is not None and job.stream == "broadcast" and job.recipient_id is not None \
-                and self._unsubscribe is not None:
+                and self._marks is not None:
             data = self._add_unsubscribe(data, job.recipient_id, job.sender_domain)
+        if job is not None and job.message_id and self._marks is not None:
+            data = self._add_feedback_id(data, job)
         data = transcode.seven_bit(data)
         needs_utf8 = smtputf8 or transcode.needs_smtputf8(data)
         keys, note = self._choose(message, data)
@@ -157,7 +175,7 @@ class Renderer:
     def _materialize(self, message: Outgoing, job: Job | None) -> bytes:
         """The message's bytes; a tracked composition gets this recipient's links and pixel
         (mail that came in by SMTP is never rewritten)."""
-        u = self._unsubscribe
+        u = self._marks
         if job is None or not job.track or job.recipient_id is None or u is None or \
                 message.kind != "composition":
             return compose.materialize(message.body, message.kind)
@@ -170,15 +188,26 @@ class Renderer:
 
     def _add_unsubscribe(self, data: bytes, recipient_id: int, sender_domain: str) -> bytes:
         """RFC 8058's two headers, before signing so that h= covers them."""
-        u = self._unsubscribe
+        u = self._marks
         assert u is not None
-        host = f"{u.return_path_label}.{sender_domain}" if sender_domain else ""
+        host = self.return_path_host(sender_domain)
         headers, body = rawmail.split(data)
         headers = [h for h in headers if h.key not in ("list-unsubscribe",
                                                         "list-unsubscribe-post")]
         headers += [rawmail.make(n, v) for n, v in
                     tracking.unsubscribe_headers(u.tokens, recipient_id, u.public_url, host)]
         return rawmail.join(headers, body)
+
+    def _add_feedback_id(self, data: bytes, job: Job) -> bytes:
+        """Feedback-ID naming the message, for complaint reports that hide their recipient;
+        one the sender set stays (it is theirs to give a feedback loop)."""
+        assert self._marks is not None
+        headers, body = rawmail.split(data)
+        if rawmail.first_value(headers, verp.FEEDBACK_ID_HEADER) is not None:
+            return data
+        value = verp.feedback_id(self._marks.tokens, job.message_id, job.stream,
+                                 job.sender_domain)
+        return rawmail.join(headers + [rawmail.make(verp.FEEDBACK_ID_HEADER, value)], body)
 
     def _choose(self, message: Outgoing, data: bytes) -> tuple[list[dkim.SigningKey], str]:
         """The keys that sign and a line saying so. A key signs only for domains the sender

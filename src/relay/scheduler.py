@@ -246,11 +246,14 @@ class Scheduler:
             if message_id not in found:
                 continue
             first = recipients[0]
+            mark = message_id if _verp(first) else ""
             if first.stream == Stream.BROADCAST.value or first.track:  # links per recipient
                 todo += [(Job(found[message_id], r.smtputf8, r.id, r.stream, r.sender_domain,
-                              r.track), [r]) for r in recipients]
+                              r.track, mark), [r]) for r in recipients]
             else:
-                todo.append((Job(found[message_id], first.smtputf8), recipients))
+                todo.append((Job(found[message_id], first.smtputf8, stream=first.stream,
+                                 sender_domain=first.sender_domain, message_id=mark),
+                             recipients))
         try:
             rendered_all = await self._renderer.render_all([j for j, _ in todo])
         except DeliveryFailure as failure:  # e.g. the keys cannot be read yet: try later
@@ -263,11 +266,20 @@ class Scheduler:
                 record([self._outcome_failed(r, rendered) for r in recipients])
                 continue
             signed[first.message_id] = rendered.signed
-            messages.append(OutMessage(
-                id=first.message_id, mail_from=first.mail_from, data=rendered.data,
-                smtputf8=rendered.smtputf8, dsn_ret=first.dsn_ret, dsn_envid=first.dsn_envid,
-                recipients=tuple(OutRecipient(id=r.id, address=r.address, notify=r.notify,
-                                              orcpt=r.orcpt) for r in recipients)))
+            # relay's return path names one recipient, so each gets its own transaction (the
+            # bytes are the same); the sender's own envelope sender keeps them together
+            verp = _verp(first)
+            for group in ([[r] for r in recipients] if verp else [recipients]):
+                mail_from = first.mail_from
+                if verp:
+                    mail_from = self._renderer.envelope_sender(
+                        group[0].id, first.sender_domain) or mail_from
+                messages.append(OutMessage(
+                    id=first.message_id, mail_from=mail_from, data=rendered.data,
+                    smtputf8=rendered.smtputf8, dsn_ret=first.dsn_ret,
+                    dsn_envid=first.dsn_envid,
+                    recipients=tuple(OutRecipient(id=r.id, address=r.address, notify=r.notify,
+                                                  orcpt=r.orcpt) for r in group)))
         await self._deliverer.deliver(targets, messages, lambda results: record(
             [self._outcome(by_id[res.recipient_id], res, signed.get(res.message_id))
              for res in results if res.recipient_id in by_id]))
@@ -351,6 +363,12 @@ class Scheduler:
                        status=RecipientStatus.FAILED, event=EventType.FAILED,
                        event_data={"email": r.address, "error": f"{type(exc).__name__}: {exc}"},
                        last_reply=f"internal error: {type(exc).__name__}")
+
+
+def _verp(r: DueRecipient) -> bool:
+    """Mail goes out with relay's return path unless it is a report (null sender) or its
+    submitter chose the envelope sender."""
+    return bool(r.mail_from) and not r.keep_mail_from
 
 
 def _reply(code: int | None, enhanced: str | None, text: str) -> str:

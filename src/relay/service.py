@@ -16,8 +16,9 @@ from .api.app import make_app
 from .config import Config, ListenerConfig
 from .deliver import Deliverer
 from .errors import ConfigError
+from .inbound import Inbound
 from .mx import MXResolver
-from .render import KeyRing, Renderer, Unsubscribe
+from .render import KeyRing, Marks, Renderer
 from .reports import ReportMaker
 from .scheduler import Scheduler
 from .smtpd import AuthThrottle, RelayHandler, make_server_factory
@@ -26,6 +27,7 @@ from .submit import Submitter
 from .supervise import WorkerProcess
 from .tlsutil import ensure_self_signed, server_context
 from .tracking import Tokens, load_key
+from .verp import bounce_host
 from . import webhooks_mailchannels
 from .webhooks import WebhookDispatcher
 from .worker import WorkerArgs
@@ -62,9 +64,12 @@ class Service:
         throttle = AuthThrottle(delay_after=limits.auth_failures_before_delay,
                                 block_after=limits.auth_failures_before_block,
                                 block_seconds=limits.auth_block_seconds)
+        inbound = Inbound(self.config, self.store, self.submitter,
+                          Tokens(load_key(self.config.server.data_dir)))
         try:
             for i, (listener, ctx) in enumerate(zip(self.config.smtp.listeners, contexts)):
-                handler = RelayHandler(self.config, listener, self.store, self.submitter, throttle)
+                handler = RelayHandler(self.config, listener, self.store, self.submitter, throttle,
+                                       inbound)
                 self.handlers.append(handler)
                 factory = make_server_factory(handler, ctx)
                 try:
@@ -182,9 +187,9 @@ def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],
                           own_listeners=own_listeners, smarthost=bool(config.delivery.smarthost))
     scheduler = Scheduler(config, store, MXResolver(config.dns), deliverer,
                           ReportMaker(submitter, config.server.hostname),
-                          Renderer(config.dkim, KeyRing(store), unsubscribe=Unsubscribe(
+                          Renderer(config.dkim, KeyRing(store), marks=Marks(
                               Tokens(load_key(config.server.data_dir)), config.api.public_url,
-                              config.dkim.return_path_label)))
+                              bounce_host(config))))
     submitter.on_queued.append(scheduler.notify)
     return store, scheduler
 

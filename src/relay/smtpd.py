@@ -2,8 +2,9 @@
 
 aiosmtpd speaks the protocol; this module decides who may send what. Three
 modes: `submission` (AUTH with an API key, only over TLS), `relay` (no AUTH,
-only from `allowed_networks`) and `inbound` (reserved for bounce handling;
-refuses every recipient for now). No mode is ever an open relay.
+only from `allowed_networks`) and `inbound` (from anyone, without AUTH, but only for
+relay's own bounce, unsubscribe and complaint addresses: the reports go to inbound.py,
+never into the queue). No mode is ever an open relay.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from . import keys, rawmail
 from .addresses import normalize_address
 from .config import Config, ListenerConfig
 from .errors import StoreError, ValidationError
+from .inbound import Inbound
 from .store import Store
 from .submit import Submitter
 from .types import ApiKey, EnvelopeRecipient, Stream, Submission
@@ -51,6 +53,7 @@ _DSN_MAIL_PARAMS = ("RET", "ENVID", "AUTH")
 _DSN_RCPT_PARAMS = ("NOTIFY", "ORCPT")
 _NOTIFY_VALUES = {"SUCCESS", "FAILURE", "DELAY"}
 _MAX_METADATA = 8192
+NULL_SENDER = "<>"  # how aiosmtpd hands over MAIL FROM:<>
 
 
 def with_enhanced(status: str) -> str:
@@ -324,12 +327,14 @@ class RelayHandler:
     """The policy of one listener."""
 
     def __init__(self, config: Config, listener: ListenerConfig, store: Store,
-                 submitter: Submitter, throttle: AuthThrottle) -> None:
+                 submitter: Submitter, throttle: AuthThrottle,
+                 inbound: Inbound | None = None) -> None:
         self.config = config
         self.listener = listener
         self.store = store
         self.submitter = submitter
         self.throttle = throttle
+        self.inbound = inbound  # what an inbound listener hands its reports to
         self.connections: set[RelaySMTP] = set()
 
     # -- connection and login ------------------------------------------------
@@ -383,13 +388,14 @@ class RelayHandler:
         mode = self.listener.mode
         if mode == "relay" and not self._allowed_network(session):
             return "554 5.7.1 Relay access denied"
-        if address:
+        if address and address != NULL_SENDER:
             try:
                 normalize_address(address, smtputf8=envelope.smtp_utf8, param="MAIL FROM")
             except ValidationError as exc:
                 return f"{exc.smtp} {exc.message}"
             domain = address.rpartition("@")[2].lower()
-            if not keys.may_send_as(self._allowed_domains(session), domain):
+            if mode != "inbound" and not keys.may_send_as(self._allowed_domains(session),
+                                                          domain):
                 return f"553 5.7.1 <{address}>: sender not allowed for this login"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -397,20 +403,31 @@ class RelayHandler:
 
     async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
-        if self.listener.mode == "inbound":
-            return f"550 5.7.1 <{address}>: recipient not accepted here"
         if len(envelope.rcpt_tos) >= self.config.limits.max_recipients:
             return "452 4.5.3 Too many recipients"
         try:
             normalize_address(address, smtputf8=envelope.smtp_utf8, param="RCPT TO")
         except ValidationError as exc:
             return f"{exc.smtp} {exc.message}"
+        if self.listener.mode == "inbound":
+            try:
+                ours = self.inbound is not None and await self.inbound.accepts(address)
+            except StoreError:
+                return "451 4.3.0 Temporary failure; try again"
+            if not ours:
+                return f"550 5.7.1 <{address}>: recipient not accepted here"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Recipient OK"
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         data = envelope.original_content or b""
+        if self.listener.mode == "inbound" and self.inbound is not None:
+            try:
+                return await self.inbound.receive(_sender(envelope), envelope.rcpt_tos, data)
+            except Exception:
+                log.exception("unexpected error while reading an inbound report")
+                return "451 4.3.0 Temporary internal error; try again"
         try:
             controls = read_controls(data)
             sub = self._submission(server, session, envelope, data, controls)
@@ -441,7 +458,7 @@ class RelayHandler:
         if key is not None:
             protocol += "A"
         return Submission(
-            mail_from=envelope.mail_from or "",
+            mail_from=_sender(envelope),
             recipients=recipients,
             data=data,
             source="smtp",
@@ -512,6 +529,13 @@ def read_controls(data: bytes) -> dict[str, Any]:
         else:
             raise ValidationError(f"{h.name}: unknown relay control header", param=h.name)
     return out
+
+
+def _sender(envelope: Envelope) -> str:
+    """MAIL FROM's address; "" for the null sender (aiosmtpd keeps it as "<>", which its RCPT
+    check needs to be truthy)."""
+    address = envelope.mail_from or ""
+    return "" if address == NULL_SENDER else address
 
 
 def _ip(session: Session) -> str:

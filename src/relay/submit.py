@@ -96,7 +96,7 @@ class Submitter:
         await self.check_broadcast(message)
         result = await self._store.enqueue(message)
         if not result.duplicate:
-            self._queued()
+            self.notify_queued()
         return result
 
     async def commit_all(self, messages: list[NewMessage],
@@ -107,7 +107,7 @@ class Submitter:
         has an answer already, nothing is queued and that answer comes back."""
         results, existing = await self._store.enqueue_all(messages, claim, answer)
         if results:
-            self._queued()
+            self.notify_queued()
         return results, existing
 
     async def check_broadcast(self, message: NewMessage) -> None:
@@ -136,7 +136,8 @@ class Submitter:
             self._domains_at = now
         return self._domains
 
-    def _queued(self) -> None:
+    def notify_queued(self) -> None:
+        """Tell the scheduler (and webhooks) that new mail was committed, e.g. a report."""
         for callback in self.on_queued:
             callback()
 
@@ -194,6 +195,7 @@ class Submitter:
             dkim=given,
             sender_domain=a_label(sender_domain) or "",
             refuse_if_suppressed=sub.refuse_if_suppressed,
+            keep_mail_from=sub.keep_mail_from,
             track=",".join(k for k, on in (("opens", sub.track_opens),
                                            ("clicks", sub.track_clicks)) if on),
         )

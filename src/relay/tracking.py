@@ -84,6 +84,10 @@ class Tokens:
         except UnicodeDecodeError:
             return None
 
+    def mac(self, kind: str, raw: bytes) -> bytes:
+        """The MAC of anything else relay signs with this key (e.g. verp's Feedback-ID)."""
+        return self._mac(kind, raw)
+
     def _mac(self, kind: str, raw: bytes) -> bytes:
         return hmac.new(self._key, kind.encode() + b"\0" + raw, hashlib.sha256).digest()[
             :_MAC_BYTES]

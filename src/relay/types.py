@@ -198,6 +198,9 @@ class Message:
     dsn_ret: str | None = None
     dsn_envid: str | None = None
     smtputf8: bool = False
+    # bounces come back to relay's VERP return path ("verp"), or not: "kept" (the submitter
+    # chose the envelope sender) or "none" (the null sender)
+    return_path: str = "verp"
 
 
 @dataclass(frozen=True, kw_only=True)

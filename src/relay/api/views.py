@@ -20,12 +20,21 @@ def tag_objects(tags: tuple[str, ...]) -> list[dict[str, str]]:
     return [{"name": name, "value": value} for name, _, value in (t.partition(":") for t in tags)]
 
 
+RETURN_PATHS = {
+    "verp": "relay's return path, one per recipient: asynchronous bounces are matched",
+    "kept": "the envelope sender given with the message: relay cannot track this message's "
+            "asynchronous bounces",
+    "none": "the null sender (a delivery report): nothing comes back",
+}
+
+
 def message_json(d: MessageDetail, *, full: bool = False) -> dict[str, Any]:
     m = d.message
     out: dict[str, Any] = {
         "id": m.id, "createdAt": iso(m.created_at), "status": m.status, "from": m.mail_from,
         "headerFrom": m.header_from, "subject": m.subject, "size": m.size, "source": m.source,
         "stream": m.stream.value, "tags": tag_objects(m.tags), "metadata": m.metadata,
+        "returnPath": {"mode": m.return_path, "note": RETURN_PATHS[m.return_path]},
         "recipients": [{"email": r.address, "status": r.status.value, "attempts": r.attempts,
                         "nextAttemptAt": iso(r.next_attempt_at) if r.next_attempt_at else None,
                         "lastReply": r.last_reply} for r in d.recipients],

@@ -60,6 +60,7 @@ class NewMessage:
     refuse_if_suppressed: bool = False  # every recipient suppressed: queue nothing (the API)
     track: str = ""  # "opens", "clicks", "opens,clicks" or ""
     dkim: GivenDkimKey | None = None
+    keep_mail_from: bool = False  # no VERP return path: the submitter chose the envelope sender
 
 
 @dataclass(frozen=True, kw_only=True)

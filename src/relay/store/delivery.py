@@ -38,6 +38,7 @@ class DueRecipient:
     stream: str = "transactional"
     sender_domain: str = ""
     track: str = ""
+    keep_mail_from: bool = False  # the submitter's envelope sender goes out, not VERP
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,7 +108,7 @@ class DeliveryQueries:
             rows = db.execute(
                 "SELECT r.id, r.message_id, r.address, r.domain, r.attempts, r.notify, r.orcpt,"
                 " m.mail_from, m.created_at, m.smtputf8, m.dsn_ret, m.dsn_envid, m.stream,"
-                " m.sender_domain, m.track"
+                " m.sender_domain, m.track, m.keep_mail_from"
                 " FROM recipients r JOIN messages m ON m.id = r.message_id"
                 f" WHERE r.id IN ({','.join('?' * len(ids))}) ORDER BY r.id", ids,
             ).fetchall()
@@ -115,7 +116,7 @@ class DeliveryQueries:
                 id=r[0], message_id=r[1], address=r[2], domain=r[3], attempts=r[4],
                 notify=tuple(n for n in r[5].split(",") if n), orcpt=r[6], mail_from=r[7],
                 created_at=r[8], smtputf8=bool(r[9]), dsn_ret=r[10], dsn_envid=r[11],
-                stream=r[12], sender_domain=r[13], track=r[14],
+                stream=r[12], sender_domain=r[13], track=r[14], keep_mail_from=bool(r[15]),
             ) for r in rows]
 
         due: list[DueRecipient] = await self._write(op)

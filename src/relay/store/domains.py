@@ -54,6 +54,14 @@ class DomainQueries:
         removed: bool = await self._write(op)
         return removed
 
+    async def return_paths(self) -> dict[str, str]:
+        """{domain: its return-path host}, for the envelope sender of its mail."""
+        def op(db: sqlite3.Connection) -> dict[str, str]:
+            return dict(db.execute("SELECT name, return_path FROM domains").fetchall())
+
+        paths: dict[str, str] = await run_sync(self._reader, op)
+        return paths
+
     async def signing_keys(self) -> list[DkimKeyInfo]:
         """Every active key of every domain."""
         def op(db: sqlite3.Connection) -> list[DkimKeyInfo]:

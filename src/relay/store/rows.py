@@ -25,7 +25,7 @@ from .groupcommit import run_sync
 
 MESSAGE_COLUMNS = (
     "id, created_at, mail_from, size, source, api_key_id, tags, metadata, stream, "
-    "subject, header_from, dsn_ret, dsn_envid, smtputf8"
+    "subject, header_from, dsn_ret, dsn_envid, smtputf8, keep_mail_from"
 )
 RECIPIENT_COLUMNS = (
     "id, message_id, address, domain, status, attempts, next_attempt_at, last_reply, "
@@ -55,12 +55,12 @@ def insert_messages(db: sqlite3.Connection, batch: list[NewMessage],
     db.executemany(
         "INSERT INTO messages (id, created_at, mail_from, size, source, api_key_id, tags, "
         "metadata, stream, subject, header_from, dsn_ret, dsn_envid, smtputf8, scheduled_at, "
-        "sign_domains, sender_domain, track)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "sign_domains, sender_domain, track, keep_mail_from)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(m.id, m.created_at, m.mail_from, m.size or len(m.body), m.source, m.api_key_id,
           _json(m.tags), _json(m.metadata), m.stream.value, m.subject,
           m.header_from, m.dsn_ret, m.dsn_envid, int(m.smtputf8), m.scheduled_at,
-          _json(m.sign_domains), m.sender_domain, m.track)
+          _json(m.sign_domains), m.sender_domain, m.track, int(m.keep_mail_from))
          for m in batch],
     )
     given = [m for m in batch if m.dkim is not None]
@@ -114,6 +114,7 @@ def message_row(row: Any, recipients: tuple[Recipient, ...]) -> Message:
         api_key_id=row[5], tags=tuple(json.loads(row[6])), metadata=json.loads(row[7]),
         stream=Stream(row[8]), subject=row[9], header_from=row[10], dsn_ret=row[11],
         dsn_envid=row[12], smtputf8=bool(row[13]),
+        return_path="none" if not row[2] else "kept" if row[14] else "verp",
         status=message_status([r.status for r in recipients]),
     )
 

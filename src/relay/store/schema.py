@@ -227,6 +227,24 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE webhook_endpoints ADD COLUMN format TEXT NOT NULL DEFAULT 'native';
     """,
+    # 12: bounces and complaints: whether a message keeps its own envelope sender (no VERP),
+    # and every report that came back, matched or not
+    """
+    ALTER TABLE messages ADD COLUMN keep_mail_from INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE inbound_reports (
+        id           INTEGER PRIMARY KEY,
+        received_at  REAL NOT NULL,
+        envelope_to  TEXT NOT NULL,
+        mail_from    TEXT NOT NULL,
+        type         TEXT NOT NULL,
+        message_id   TEXT,
+        recipient_id INTEGER,
+        outcome      TEXT NOT NULL,
+        summary      TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX inbound_reports_message ON inbound_reports(message_id)
+        WHERE message_id IS NOT NULL;
+    """,
 )
 
 

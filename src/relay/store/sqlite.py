@@ -26,6 +26,7 @@ from .emails import EmailQueries
 from .events import EventQueries
 from .groupcommit import Batched, GroupCommitWriter, run_sync
 from .idempotency import IDEMPOTENCY_WINDOW, IdempotencyQueries
+from .inbound import InboundQueries
 from .rows import (
     MESSAGE_COLUMNS,
     RECIPIENT_COLUMNS,
@@ -42,7 +43,8 @@ from .webhooks import WebhookQueries
 
 
 class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, EventQueries,
-                  IdempotencyQueries, SuppressionQueries, TemplateQueries, WebhookQueries):
+                  IdempotencyQueries, InboundQueries, SuppressionQueries, TemplateQueries,
+                  WebhookQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: aiosqlite.Connection | None = None
