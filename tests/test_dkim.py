@@ -476,3 +476,39 @@ async def test_unreadable_keys_defer_at_first_and_keep_the_loaded_ones_later(
     store.fail, now[0] = True, 60.0
     await ring.fresh()  # stale and unreadable: the loaded keys stay
     assert [k.selector for k in ring.keys_for("example.test")] == ["e1"]
+
+
+async def test_small_and_large_messages_render_in_order_and_sign(tmp_path: Path) -> None:
+    """Small messages render in the loop's thread, large ones in the pool; the results come
+    back in the jobs' order, each signed, and a failure stays with its own job."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    path = tmp_path / "k.pem"
+    path.write_bytes(dkim.private_pem(key))
+
+    class Store:
+        async def return_paths(self) -> dict[str, str]:
+            return {}
+
+        async def signing_keys(self) -> list[DkimKeyInfo]:
+            return [DkimKeyInfo(domain="example.test", selector="e1", algorithm="ed25519-sha256",
+                                public_key="", path=str(path), state="active", created_at=1.0)]
+
+    from relay.render import INLINE_RENDER_MAX
+    renderer = Renderer(DkimConfig(), KeyRing(Store()))  # type: ignore[arg-type]
+    head = b"From: a@example.test\r\nTo: b@x.test\r\nSubject: s\r\n\r\n"
+    small = head + b"hi\r\n"
+    large = head + b"0123456789abcdef" * (INLINE_RENDER_MAX // 16 + 1) + b"\r\n"
+    given = GivenDkimKey(domain="example.test", selector="x", private_key="not a key")
+    try:
+        out = await renderer.render_all([
+            Job(Outgoing(body=large, sign_domains=(), dkim=None)),
+            Job(Outgoing(body=small, sign_domains=(), dkim=given)),
+            Job(Outgoing(body=small, sign_domains=(), dkim=None))])
+    finally:
+        renderer.close()
+    assert isinstance(out[0], Rendered) and isinstance(out[2], Rendered)
+    assert isinstance(out[1], Exception)  # the unreadable key given with that message
+    assert len(out[0].data) > INLINE_RENDER_MAX  # the large one (its long line re-wrapped)
+    assert out[0].signed.startswith("signed: ed25519-sha256") and \
+        out[2].signed.startswith("signed: ed25519-sha256")
+    assert len(out[0].data) > len(out[2].data)

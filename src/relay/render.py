@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 KEYRING_REFRESH = 30.0  # seconds between re-reads of the domains' keys from the store
 RENDER_THREADS = 2
+INLINE_RENDER_MAX = 256 * 1024  # octets of body: larger messages render in the thread pool
 GIVEN_CACHE = 256  # parsed keys given with messages, kept by the hash of their text
 
 
@@ -127,11 +128,25 @@ class Renderer:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="render")
 
     async def render_all(self, jobs: Sequence[Job]) -> list[Rendered | Exception]:
-        """Each job rendered, off the event loop: the RSA signature (most of the cost) runs
-        without the GIL, beside the loop. A failure is returned, not raised."""
+        """Each job rendered; a failure is returned, not raised.
+
+        Small messages are rendered in the loop's own thread, one at a time with the loop
+        served in between: the RSA signature (most of the cost) holds the GIL in the
+        `cryptography` library, so a thread pool only adds GIL hand-offs (measured: 2.48 ms
+        of worker CPU a message against 1.70 inline, bench/deliver.py --dkim on). Large ones
+        go to the pool, where hashing and re-encoding them (which free the GIL) run beside
+        the loop instead of stalling it."""
         await self._keyring.fresh()
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, self._render_each, jobs)
+        out: list[Rendered | Exception] = []
+        for i, job in enumerate(jobs):
+            if len(job.message.body) > INLINE_RENDER_MAX:
+                out += await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self._render_each, (job,))
+                continue
+            if i:
+                await asyncio.sleep(0)
+            out += self._render_each((job,))
+        return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
