@@ -139,6 +139,9 @@ async def test_550_and_250_bounce_one_deliver_the_other_and_report(tmp_path: Pat
             assert status["gone@a.test"] == ("bounced", "550 5.1.1 <gone@a.test>: no such user")
             bounce = [e for e in detail.events if e.type == "email.bounced"]
             assert bounce[0].data["class"] == "hard"
+            # the fields of a bounce that comes back later, read by the same classifier
+            assert (bounce[0].data["reason"], bounce[0].data["status"]) == \
+                ("userunknown", "5.1.1")
             await sink.wait_for(lambda s: bool(s.delivered_to("alice@sender.test")))
             (dsn,) = sink.delivered_to("alice@sender.test")
             assert dsn.mail_from in ("", "<>")  # the null return path (aiosmtpd shows "<>")

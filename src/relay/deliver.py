@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
+from . import bounce_reasons
 from .config import DeliveryConfig
 
 log = logging.getLogger(__name__)
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 # Enhanced codes that say the address itself is bad (RFC 3463, RFC 7505).
-_HARD = {"1.1", "1.2", "1.3", "1.10"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,13 +76,13 @@ def enhanced_code(text: str) -> str | None:
 
 
 def classify(code: int | None, enhanced: str | None, text: str = "") -> tuple[str, bool]:
-    """The one place that says what a reply means: (outcome, hard)."""
+    """What a reply means: (outcome, hard). Hard or soft as bounce_reasons says it of a
+    bounce that comes back later: only an address bad for good is hard."""
     if code is not None and 200 <= code < 300:
         return "delivered", False
     if code is None or code < 500:
         return "deferred", False
-    detail = enhanced.split(".", 1)[1] if enhanced else ""
-    return "bounced", detail in _HARD
+    return "bounced", bounce_reasons.classify(enhanced, code, text)[1] == "hard"
 
 
 class _Failure(Exception):

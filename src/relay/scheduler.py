@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import bounce_reasons
 from .config import Config, parse_hostport
 from .deliver import Deliverer, OutMessage, OutRecipient, Result, Target
 from .errors import DeliveryFailure, StoreError, TemporaryFailure
@@ -332,9 +333,13 @@ class Scheduler:
     def _bounced(self, r: DueRecipient, now: float, attempt: AttemptRecord, reply: str,
                  data: dict[str, object], *, hard: bool) -> Outcome:
         klass = "hard" if hard else "soft"
+        # the same fields as a bounce that comes back later (inbound.py)
+        reason, _ = bounce_reasons.classify(attempt.enhanced, attempt.code, attempt.text)
         return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
                        status=RecipientStatus.BOUNCED, event=EventType.BOUNCED,
-                       event_data={**data, "class": klass, "reason": reply}, last_reply=reply,
+                       event_data={**data, "class": klass, "reason": reason,
+                                   "status": attempt.enhanced, "diagnostic": reply,
+                                   "remoteMta": attempt.mx_host}, last_reply=reply,
                        bounce_class=klass,
                        dsn="failed" if wants_report(r.notify, "FAILURE") else None)
 

@@ -103,8 +103,9 @@ def payload(d: Delivery) -> bytes | None:
     }
     if data.get("code") is not None:
         event["status"] = str(data["code"])
-    if data.get("reason") or data.get("reply"):
-        event["reason"] = data.get("reason") or data.get("reply")
+    if data.get("diagnostic") or data.get("reply") or data.get("reason"):
+        # the remote's own words, as MailChannels gives them
+        event["reason"] = data.get("diagnostic") or data.get("reply") or data.get("reason")
     if name == "click" and data.get("url"):
         event["url"] = data["url"]
     if data.get("userAgent"):
