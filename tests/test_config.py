@@ -90,6 +90,8 @@ max_recipients = 1000
     ("[dns]\nnameservers = ['resolver.example']\n", "dns.nameservers", "item 0"),
     ("[delivery]\ntls = 'maybe'\n", "delivery.tls", "must be one of"),
     ("[limits]\nmax_recipients = true\n", "limits.max_recipients", "must be an integer"),
+    ("[bounces]\ncomplaint_addresses = ['fbl']\n", "bounces.complaint_addresses", "item 0"),
+    ("[bounces]\ndomain = 'not a host'\n", "bounces.domain", ""),
     ("[server\n", "-", "not valid TOML"),
 ])
 def test_bad_values_name_file_key_and_reason(tmp_path: Path, text: str, key: str,
