@@ -356,6 +356,8 @@ def test_keys_load_from_pem_and_seed_and_bad_ones_are_refused() -> None:
     assert isinstance(dkim.load_private_key(seed), ed25519.Ed25519PrivateKey)
     pem = dkim.private_pem(rsa.generate_private_key(public_exponent=65537, key_size=1024))
     assert isinstance(dkim.load_private_key(pem), rsa.RSAPrivateKey)
+    der = b"".join(line for line in pem.splitlines() if not line.startswith(b"-----"))
+    assert isinstance(dkim.load_private_key(der), rsa.RSAPrivateKey)  # MailChannels' form
     for bad, why in ((b"-----BEGIN PRIVATE KEY-----\nxx\n", "PEM"),
                      (b"not a key", "base64")):
         with pytest.raises(dkim.KeyError_, match=why):

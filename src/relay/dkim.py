@@ -60,8 +60,8 @@ class SigningKey:
 
 
 def load_private_key(data: bytes | str) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
-    """A PEM key (PKCS#1 or PKCS#8, RSA or Ed25519), or an Ed25519 seed in base64 as dkimpy
-    and `openssl` users write it."""
+    """A PEM key (PKCS#1 or PKCS#8, RSA or Ed25519), the same key as base64 DER, or an
+    Ed25519 seed in base64 as dkimpy and `openssl` users write it."""
     raw = data.encode() if isinstance(data, str) else data
     raw = raw.strip()
     if raw.startswith(b"-----BEGIN"):
@@ -69,21 +69,33 @@ def load_private_key(data: bytes | str) -> rsa.RSAPrivateKey | ed25519.Ed25519Pr
             key = serialization.load_pem_private_key(raw, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise KeyError_(f"not a readable unencrypted PEM private key ({exc})") from None
-        if isinstance(key, rsa.RSAPrivateKey):
-            if key.key_size < 1024:
-                raise KeyError_(f"an RSA key of {key.key_size} bits is too short "
-                                "(RFC 8301 requires at least 1024)")
-            return key
-        if isinstance(key, ed25519.Ed25519PrivateKey):
-            return key
-        raise KeyError_("the key is neither RSA nor Ed25519")
+        return _usable(key)
     try:
-        seed = base64.b64decode(raw, validate=True)
+        decoded = base64.b64decode(b"".join(raw.split()), validate=True)
     except ValueError:
-        raise KeyError_("not a PEM private key nor a base64 Ed25519 seed") from None
-    if len(seed) != 32:
-        raise KeyError_("not a PEM private key nor a base64 Ed25519 seed (32 octets)")
-    return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+        raise KeyError_(_UNREADABLE) from None
+    if len(decoded) == 32:
+        return ed25519.Ed25519PrivateKey.from_private_bytes(decoded)
+    try:  # a DER key in base64, as MailChannels' docs make it (openssl rsa -outform der)
+        key = serialization.load_der_private_key(decoded, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise KeyError_(_UNREADABLE) from None
+    return _usable(key)
+
+
+_UNREADABLE = ("not a PEM private key, a base64 DER private key nor a base64 Ed25519 seed "
+               "(32 octets)")
+
+
+def _usable(key: object) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < 1024:
+            raise KeyError_(f"an RSA key of {key.key_size} bits is too short "
+                            "(RFC 8301 requires at least 1024)")
+        return key
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key
+    raise KeyError_("the key is neither RSA nor Ed25519")
 
 
 def private_pem(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> bytes:

@@ -120,18 +120,26 @@ class Submitter:
             raise ValidationError(
                 "broadcast mail needs an https [api] public_url for its one-click unsubscribe "
                 "links (RFC 8058)", param="stream", smtp="550 5.7.0")
-        domains = await self._signing_domains()
+        if message.dkim is not None and self._config.dkim.enabled:
+            return  # signed with the key given with it (checked in prepare)
         mine = set(self_and_parents(message.sender_domain))
         default = self._config.dkim.default_domain
-        if not self._config.dkim.enabled or not (mine & domains or default in domains):
+
+        def signed(domains: set[str]) -> bool:
+            return bool(mine & domains) or default in domains
+
+        # the domains are remembered 30 s; a miss looks again (a domain just added)
+        if not self._config.dkim.enabled or not (
+                signed(await self._signing_domains()) or
+                signed(await self._signing_domains(fresh=True))):
             raise ValidationError(
                 f"broadcast mail must be DKIM-signed (RFC 8058) and "
                 f"{message.sender_domain or 'its sender'} has no key: relay domains add",
                 param="stream", smtp="550 5.7.0")
 
-    async def _signing_domains(self) -> set[str]:
+    async def _signing_domains(self, *, fresh: bool = False) -> set[str]:
         now = time.monotonic()
-        if self._domains_at is None or now - self._domains_at > 30.0:
+        if fresh or self._domains_at is None or now - self._domains_at > 30.0:
             self._domains = {k.domain for k in await self._store.signing_keys()}
             self._domains_at = now
         return self._domains

@@ -114,7 +114,8 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     tokens = Tokens(load_key(config.server.data_dir))
     app.add_routes(UnsubscribeRoutes(store, tokens).routes())
     app.add_routes(TrackingRoutes(store, tokens).routes())
-    app.add_routes(MailChannelsApi(Signer.load(config.server.data_dir)).routes())
+    app.add_routes(MailChannelsApi(config, store, submitter,
+                                   Signer.load(config.server.data_dir)).routes())
     app.add_routes([web.get("/v1/openapi.json", openapi_handler)])
     return app
 
