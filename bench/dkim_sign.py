@@ -17,6 +17,7 @@ Usage: python bench/dkim_sign.py [--seconds 3] [--size 5120]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -93,7 +94,7 @@ def main() -> None:
         seconds = args.seconds if not name.startswith("dkimpy") else min(args.seconds, 2.0)
         per_second = rate(fn, seconds)
         print(f"{name:22s} {per_second:9.0f}/s  {1000 / per_second:7.3f} ms each", flush=True)
-    renderer.close()
+    asyncio.run(renderer.close())
 
 
 if __name__ == "__main__":

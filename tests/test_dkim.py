@@ -446,7 +446,7 @@ async def test_keyring_callers_wait_for_the_first_load_and_keys_are_limited_to_t
             [Job(Outgoing(body=data, sign_domains=("other.test",), dkim=None))])
         assert isinstance(limited, Rendered) and limited.signed.startswith("unsigned: ")
     finally:
-        renderer.close()
+        await renderer.close()
 
 
 async def test_unreadable_keys_defer_at_first_and_keep_the_loaded_ones_later(
@@ -507,7 +507,7 @@ async def test_small_and_large_messages_render_in_order_and_sign(tmp_path: Path)
             Job(Outgoing(body=small, sign_domains=(), dkim=given)),
             Job(Outgoing(body=small, sign_domains=(), dkim=None))])
     finally:
-        renderer.close()
+        await renderer.close()
     assert isinstance(out[0], Rendered) and isinstance(out[2], Rendered)
     assert isinstance(out[1], Exception)  # the unreadable key given with that message
     assert len(out[0].data) > INLINE_RENDER_MAX  # the large one (its long line re-wrapped)

@@ -119,12 +119,21 @@ def record_text(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> str:
     return f"v=DKIM1; k={kind}; p={public_value(key)}"
 
 
-def sign(data: bytes, keys: list[SigningKey], *, now: float | None = None) -> bytes:
-    """`data` with one DKIM-Signature per key prepended (relaxed/relaxed, no l=).
+@dataclass(frozen=True)
+class Unsigned:
+    """A message with its DKIM-Signature fields written up to b=, each with the digest its
+    key signs: `finish` puts the signatures in (made here or in the signer process)."""
+
+    data: bytes
+    fields: tuple[tuple[SigningKey, bytes, bytes], ...]  # (key, field value up to b=, digest)
+
+
+def prepare(data: bytes, keys: list[SigningKey], *, now: float | None = None) -> Unsigned:
+    """Everything of signing but the private-key operations (relaxed/relaxed, no l=).
 
     The body is canonicalized and hashed once for all keys (all use SHA-256)."""
     if not keys:
-        return data
+        return Unsigned(data, ())
     headers, body = rawmail.split(data)
     body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
     by_name: dict[bytes, list[tuple[bytes, bytes]]] = {}
@@ -140,8 +149,26 @@ def sign(data: bytes, keys: list[SigningKey], *, now: float | None = None) -> by
         for n, v in reversed(found):
             signed.update(relaxed_header(n, v) + b"\r\n")
     stamp = str(int(time.time() if now is None else now)).encode()
-    fields = [_signature(signed, include, key, body_hash, stamp) for key in keys]
-    return b"".join(fields) + data
+    return Unsigned(data, tuple(_field_value(signed, include, key, body_hash, stamp)
+                                for key in keys))
+
+
+def raw_signature(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey, digest: bytes) -> bytes:
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(digest)  # RFC 8463: Ed25519 over the SHA-256 of the headers
+    return key.sign(digest, _PKCS1, _PREHASHED)
+
+
+def finish(u: Unsigned, signatures: list[bytes]) -> bytes:
+    """`u`'s data with one DKIM-Signature per key prepended, in the order of its keys."""
+    return b"".join(_field(value, signature) for (_, value, _), signature
+                    in zip(u.fields, signatures, strict=True)) + u.data
+
+
+def sign(data: bytes, keys: list[SigningKey], *, now: float | None = None) -> bytes:
+    """`data` with one DKIM-Signature per key prepended, signed in this process."""
+    u = prepare(data, keys, now=now)
+    return finish(u, [raw_signature(key.key, digest) for key, _, digest in u.fields])
 
 
 def relaxed_header(name: bytes, value: bytes) -> bytes:
@@ -170,9 +197,10 @@ def relaxed_body(body: bytes) -> bytes:
     return body[:end] + b"\r\n"
 
 
-def _signature(signed: hashlib._Hash, include: list[bytes], key: SigningKey,
-               body_hash: bytes, stamp: bytes) -> bytes:
-    """One DKIM-Signature field; `signed` holds the hash of the signed fields so far."""
+def _field_value(signed: hashlib._Hash, include: list[bytes], key: SigningKey,
+                 body_hash: bytes, stamp: bytes) -> tuple[SigningKey, bytes, bytes]:
+    """One DKIM-Signature's value up to b= and the digest to sign; `signed` holds the hash of
+    the signed fields so far."""
     tags = [
         (b"v", b"1"), (b"a", key.algorithm.encode()), (b"c", b"relaxed/relaxed"),
         (b"d", key.domain.encode()), (b"s", key.selector.encode()), (b"t", stamp),
@@ -183,11 +211,10 @@ def _signature(signed: hashlib._Hash, include: list[bytes], key: SigningKey,
     value = value[:value.rindex(b"b=") + 2]  # hashed with b= empty; b= is last and unfolded
     hasher = signed.copy()
     hasher.update(relaxed_header(_FIELD, value))  # itself, with b= empty and no CRLF
-    digest = hasher.digest()
-    if isinstance(key.key, ed25519.Ed25519PrivateKey):
-        signature = key.key.sign(digest)  # RFC 8463: Ed25519 over the SHA-256 of the headers
-    else:
-        signature = key.key.sign(digest, _PKCS1, _PREHASHED)
+    return key, value, hasher.digest()
+
+
+def _field(value: bytes, signature: bytes) -> bytes:
     b64 = base64.b64encode(signature)
     lines = [b64[i:i + B_LINE] for i in range(0, len(b64), B_LINE)]
     # the same layout as the hashed value, b= folded on its own lines (unfolded it would be

@@ -19,6 +19,7 @@ from .addresses import a_label, self_and_parents
 from .config import DkimConfig
 from .errors import StoreError, TemporaryFailure
 from .keys import may_send_as
+from .signer import SignerProcess
 from .store import Outgoing, SQLiteStore
 from .types import GivenDkimKey
 
@@ -120,8 +121,9 @@ class KeyRing:
 
 class Renderer:
     def __init__(self, config: DkimConfig, keyring: KeyRing, *, threads: int = RENDER_THREADS,
-                 marks: Marks | None = None) -> None:
+                 marks: Marks | None = None, signer: SignerProcess | None = None) -> None:
         self._config = config
+        self._signer = signer
         self._keyring = keyring
         self._marks = marks
         self._given: dict[bytes, dkim.SigningKey] = {}
@@ -130,26 +132,45 @@ class Renderer:
     async def render_all(self, jobs: Sequence[Job]) -> list[Rendered | Exception]:
         """Each job rendered; a failure is returned, not raised.
 
-        Small messages are rendered in the loop's own thread, one at a time with the loop
-        served in between: the RSA signature (most of the cost) holds the GIL in the
-        `cryptography` library, so a thread pool only adds GIL hand-offs (measured: 2.48 ms
-        of worker CPU a message against 1.70 inline, bench/deliver.py --dkim on). Large ones
-        go to the pool, where hashing and re-encoding them (which free the GIL) run beside
-        the loop instead of stalling it."""
+        Small messages are prepared in the loop's own thread, one at a time with the loop
+        served in between, and their RSA signatures made in one batch by the signer process
+        (signer.py): `cryptography` holds the GIL while it signs, so a thread pool only added
+        GIL hand-offs (measured: 2.48 ms of worker CPU a message against 1.70 inline,
+        bench/deliver.py --dkim on), and in the worker's own process the signatures took CPU
+        the delivery loop needs. Large ones go to the pool, where hashing and re-encoding
+        them (which free the GIL) run beside the loop instead of stalling it."""
         await self._keyring.fresh()
-        out: list[Rendered | Exception] = []
+        out: list[Rendered | Exception | None] = [None] * len(jobs)
+        pending: list[tuple[int, dkim.Unsigned, bool, str]] = []
         for i, job in enumerate(jobs):
             if len(job.message.body) > INLINE_RENDER_MAX:
-                out += await asyncio.get_running_loop().run_in_executor(
+                (out[i],) = await asyncio.get_running_loop().run_in_executor(
                     self._pool, self._render_each, (job,))
                 continue
             if i:
                 await asyncio.sleep(0)
-            out += self._render_each((job,))
-        return out
+            try:
+                pending.append((i, *self._unsigned(job.message, smtputf8=job.smtputf8,
+                                                   job=job)))
+            except Exception as exc:  # noqa: BLE001 - the caller parks that one message
+                out[i] = exc
+        rsa_items = [(key.key, digest) for _, u, _, _ in pending
+                     for key, _, digest in u.fields if key.algorithm == "rsa-sha256"]
+        if self._signer is not None and rsa_items:
+            made = iter(await self._signer.sign(rsa_items))  # type: ignore[arg-type]
+        else:
+            made = iter([dkim.raw_signature(key, digest) for key, digest in rsa_items])
+        for i, u, needs_utf8, note in pending:
+            signatures = [next(made) if key.algorithm == "rsa-sha256" else
+                          dkim.raw_signature(key.key, digest) for key, _, digest in u.fields]
+            out[i] = Rendered(data=dkim.finish(u, signatures), smtputf8=needs_utf8,
+                              signed=note)
+        return [r for r in out if r is not None]
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._signer is not None:
+            await self._signer.close()
 
     def return_path_host(self, sender_domain: str) -> str:
         """Where bounces of a sending domain's mail come back (its SPF and MX name that host)."""
@@ -174,6 +195,16 @@ class Renderer:
 
     def render(self, message: Outgoing, *, smtputf8: bool = False,
                job: Job | None = None) -> Rendered:
+        """One message rendered and signed in this thread."""
+        u, needs_utf8, note = self._unsigned(message, smtputf8=smtputf8, job=job)
+        data = dkim.finish(u, [dkim.raw_signature(key.key, digest)
+                               for key, _, digest in u.fields])
+        return Rendered(data=data, smtputf8=needs_utf8, signed=note)
+
+    def _unsigned(self, message: Outgoing, *, smtputf8: bool, job: Job | None
+                  ) -> tuple[dkim.Unsigned, bool, str]:
+        """Everything of rendering but the signatures: the final bytes, whether they need
+        SMTPUTF8, and the note on signing for the attempt log."""
         data = self._materialize(message, job)
         if job is not None and job.stream == "broadcast" and job.recipient_id is not None \
                 and self._marks is not None:
@@ -183,9 +214,7 @@ class Renderer:
         data = transcode.seven_bit(data)
         needs_utf8 = smtputf8 or transcode.needs_smtputf8(data)
         keys, note = self._choose(message, data)
-        if keys:
-            data = dkim.sign(data, keys)
-        return Rendered(data=data, smtputf8=needs_utf8, signed=note)
+        return dkim.prepare(data, keys), needs_utf8, note
 
     def _materialize(self, message: Outgoing, job: Job | None) -> bytes:
         """The message's bytes; a tracked composition gets this recipient's links and pixel

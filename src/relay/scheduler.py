@@ -87,7 +87,7 @@ class Scheduler:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self._deliverer.close()
-        self._renderer.close()
+        await self._renderer.close()
 
     # -- the loop ---------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from .mx import MXResolver
 from .render import KeyRing, Marks, Renderer
 from .reports import ReportMaker
 from .scheduler import Scheduler
+from .signer import SignerProcess
 from .smtpd import AuthThrottle, RelayHandler, make_server_factory
 from .store import SQLiteStore
 from .submit import Submitter
@@ -189,7 +190,7 @@ def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],
                           ReportMaker(submitter, config.server.hostname),
                           Renderer(config.dkim, KeyRing(store), marks=Marks(
                               Tokens(load_key(config.server.data_dir)), config.api.public_url,
-                              bounce_host(config))))
+                              bounce_host(config)), signer=SignerProcess()))
     submitter.on_queued.append(scheduler.notify)
     return store, scheduler
 

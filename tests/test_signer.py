@@ -1,0 +1,91 @@
+"""The DKIM signer process: RSA signatures made in a child process, the same bytes as in the
+worker; while it starts and after it dies, the worker signs itself and nothing fails."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import dkim as dkimpy
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from relay import dkim
+from relay.config import DkimConfig
+from relay.render import Job, KeyRing, Rendered, Renderer
+from relay.signer import SignerProcess
+from relay.store import Outgoing
+from relay.types import DkimKeyInfo
+
+
+async def ready(signer: SignerProcess, key: rsa.RSAPrivateKey) -> None:
+    await signer.sign([(key, bytes(32))])  # signed here; starts the child
+    deadline = time.monotonic() + 20
+    while not signer.ready:
+        assert time.monotonic() < deadline, "the signer process did not start"
+        await asyncio.sleep(0.05)
+
+
+async def test_signatures_come_from_the_child_and_equal_the_workers_own() -> None:
+    key, other = (rsa.generate_private_key(public_exponent=65537, key_size=2048)
+                  for _ in range(2))
+    signer = SignerProcess()
+    try:
+        await ready(signer, key)
+        items = [(k, hashlib.sha256(b"m%d" % i).digest())
+                 for i, k in enumerate((key, other, key))]
+        got = await signer.sign(items)
+        assert signer.remote == 3
+        assert got == [dkim.raw_signature(k, d) for k, d in items]  # PKCS#1 v1.5: the same
+
+        proc = signer._proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        again = await signer.sign(items)  # the child is gone: signed here, no error
+        assert again == got and signer.remote == 3 and not signer.ready
+    finally:
+        await signer.close()
+
+
+async def test_rendered_batches_verify_with_the_signatures_from_the_child(
+        tmp_path: Path) -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    infos = []
+    for selector, key, algorithm in (("r1", rsa_key, "rsa-sha256"),
+                                     ("e1", ed_key, "ed25519-sha256")):
+        path = tmp_path / f"{selector}.pem"
+        path.write_bytes(dkim.private_pem(key))
+        infos.append(DkimKeyInfo(domain="example.test", selector=selector, algorithm=algorithm,
+                                 public_key="", path=str(path), state="active",
+                                 created_at=1.0))
+    records = {b"r1._domainkey.example.test.": dkim.record_text(rsa_key).encode(),
+               b"e1._domainkey.example.test.": dkim.record_text(ed_key).encode()}
+
+    class Store:
+        async def return_paths(self) -> dict[str, str]:
+            return {}
+
+        async def signing_keys(self) -> list[DkimKeyInfo]:
+            return infos
+
+    signer = SignerProcess()
+    renderer = Renderer(DkimConfig(), KeyRing(Store()), signer=signer)  # type: ignore[arg-type]
+    try:
+        await ready(signer, rsa_key)
+        jobs = [Job(Outgoing(body=b"From: a@example.test\r\nTo: b@x.test\r\nSubject: %d\r\n"
+                             b"\r\nbody %d\r\n" % (i, i), sign_domains=(), dkim=None))
+                for i in range(5)]
+        out = await renderer.render_all(jobs)
+        assert signer.remote == 5  # one batch: the five RSA signatures
+        for r in out:
+            assert isinstance(r, Rendered)
+            d = dkimpy.DKIM(r.data)
+            for i in range(2):
+                assert d.verify(idx=i, dnsfunc=lambda name, timeout=5: records[name])
+    finally:
+        await renderer.close()
