@@ -165,10 +165,14 @@ def finish(u: Unsigned, signatures: list[bytes]) -> bytes:
                     in zip(u.fields, signatures, strict=True)) + u.data
 
 
+def finish_here(u: Unsigned) -> bytes:
+    """`finish` with the signatures made in this process."""
+    return finish(u, [raw_signature(key.key, digest) for key, _, digest in u.fields])
+
+
 def sign(data: bytes, keys: list[SigningKey], *, now: float | None = None) -> bytes:
     """`data` with one DKIM-Signature per key prepended, signed in this process."""
-    u = prepare(data, keys, now=now)
-    return finish(u, [raw_signature(key.key, digest) for key, _, digest in u.fields])
+    return finish_here(prepare(data, keys, now=now))
 
 
 def relaxed_header(name: bytes, value: bytes) -> bytes:

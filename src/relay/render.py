@@ -197,9 +197,7 @@ class Renderer:
                job: Job | None = None) -> Rendered:
         """One message rendered and signed in this thread."""
         u, needs_utf8, note = self._unsigned(message, smtputf8=smtputf8, job=job)
-        data = dkim.finish(u, [dkim.raw_signature(key.key, digest)
-                               for key, _, digest in u.fields])
-        return Rendered(data=data, smtputf8=needs_utf8, signed=note)
+        return Rendered(data=dkim.finish_here(u), smtputf8=needs_utf8, signed=note)
 
     def _unsigned(self, message: Outgoing, *, smtputf8: bool, job: Job | None
                   ) -> tuple[dkim.Unsigned, bool, str]:
