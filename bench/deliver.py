@@ -18,9 +18,11 @@ Prints each side's rate and the ratio relay/Postfix.
 
 Usage: python bench/deliver.py [--messages 5000] [--sessions 20] [--size 5120]
                                [--only relay|postfix] [--reuse] [--timeout 300]
-                               [--dkim off|on|compare]
+                               [--dkim off|on|compare] [--rounds N]
   --dkim compare: relay with DKIM off, then on (an RSA-2048 and an Ed25519 signature on
   every message), same load, and the ratio on/off.
+  --rounds N: the sides N times, alternating; each round's ratio and their median. Each run
+  also prints the host's steal time: on a busy host every rate drops and ratios scatter.
 Needs Debian's postfix package (smtp-source, smtp-sink, postfix); installed if missing.
 """
 
@@ -31,6 +33,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -186,16 +189,33 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def report_cpu(pid: int, messages: int) -> None:
-    """CPU time per message of relay's main process and of its delivery worker (Linux)."""
+    """CPU time per message of relay's main process, its delivery worker and the worker's
+    DKIM signer process (Linux)."""
+    def children(p: int) -> list[int]:
+        return [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+
     try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         parts = {"main (accept)": _cpu_seconds(pid)}
-        parts.update({f"worker {c}": _cpu_seconds(int(c)) for c in children})
+        for worker in children(pid):
+            parts[f"worker {worker}"] = _cpu_seconds(worker)
+            parts.update({f"signer {c}": _cpu_seconds(c) for c in children(worker)})
     except OSError:
         return
     print("  relay CPU per message: " + ", ".join(
         f"{name} {1000 * cpu / max(1, messages):.2f} ms" for name, cpu in parts.items()),
         flush=True)
+
+
+def cpu_ticks() -> list[int]:
+    """The machine's CPU time so far by kind (/proc/stat's first line)."""
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+def steal_share(before: list[int], after: list[int]) -> float:
+    """The share of the CPU time between two readings that the hypervisor took (steal): high
+    on a busy host, where every rate here is lower and the ratios noisier."""
+    delta = [b - a for a, b in zip(before, after)]
+    return delta[7] / max(1, sum(delta[:8])) if len(delta) > 7 else 0.0
 
 
 def report_signing(db_path: Path) -> None:
@@ -220,45 +240,63 @@ def main() -> None:
     ap.add_argument("--dkim", choices=("off", "on", "compare"), default="off",
                     help="relay's signing: off, on (RSA + Ed25519), or compare: relay with "
                          "DKIM off, then on, and the ratio on/off (no Postfix)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the sides this many times, alternating, and give each round's "
+                         "ratio and the median (a host's load drifts between runs)")
     args = ap.parse_args()
     ensure_postfix()
-    rates: dict[str, float] = {}
     sides = ["relay-nodkim", "relay-dkim"] if args.dkim == "compare" else ["relay", "postfix"]
-    for side in sides:
-        if args.only and side != args.only:
-            continue
-        with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as t:
-            tmp = Path(t)
-            sink = Sink()
-            try:
-                if side.startswith("relay"):
-                    signing = side == "relay-dkim" or (side == "relay" and args.dkim == "on")
-                    proc, port = start_relay(tmp, sink.port, dkim=signing)
-                    try:
-                        took, got = run(port, sink, args)
-                        if got < args.messages:
-                            report_stuck(tmp / "relay-data" / "relay.sqlite")
-                        report_signing(tmp / "relay-data" / "relay.sqlite")
-                        report_cpu(proc.pid, got)
-                    finally:
-                        proc.terminate()
-                        proc.wait(120)
-                else:
-                    pdir, port = start_postfix(tmp, sink.port)
-                    try:
-                        took, got = run(port, sink, args)
-                    finally:
-                        stop_postfix(pdir)
-            finally:
-                sink.stop()
-        rates[side] = got / took
-        print(f"{side:12s} {got} of {args.messages} messages of {args.size} B over "
-              f"{args.sessions} sessions, source to sink, in {took:.2f} s = "
-              f"{rates[side]:.0f} msg/s", flush=True)
-    if "relay" in rates and "postfix" in rates:
-        print(f"ratio relay/Postfix = {rates['relay'] / rates['postfix']:.2f}")
-    if len(rates) == 2 and args.dkim == "compare":
-        print(f"ratio DKIM on/off = {rates['relay-dkim'] / rates['relay-nodkim']:.2f}")
+    sides = [side for side in sides if not args.only or side == args.only]
+    first, second = sides[0], sides[-1]
+    ratios = []
+    for round_no in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            print(f"round {round_no} of {args.rounds}", flush=True)
+        rates = {side: run_side(side, args) for side in sides}
+        if len(rates) == 2:
+            ratios.append(rates[second] / rates[first])
+            name = "DKIM on/off" if args.dkim == "compare" else "relay/Postfix"
+            print(f"ratio {name} = {ratios[-1]:.2f}", flush=True)
+    if len(ratios) > 1:
+        print("ratios " + ", ".join(f"{r:.2f}" for r in ratios)
+              + f"; median {statistics.median(ratios):.2f}")
+
+
+def run_side(side: str, args: argparse.Namespace) -> float:
+    """One side's run on a fresh sink and a fresh relay or Postfix: its rate in msg/s."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as t:
+        tmp = Path(t)
+        sink = Sink()
+        try:
+            if side.startswith("relay"):
+                signing = side == "relay-dkim" or (side == "relay" and args.dkim == "on")
+                proc, port = start_relay(tmp, sink.port, dkim=signing)
+                try:
+                    ticks = cpu_ticks()
+                    took, got = run(port, sink, args)
+                    steal = steal_share(ticks, cpu_ticks())
+                    if got < args.messages:
+                        report_stuck(tmp / "relay-data" / "relay.sqlite")
+                    report_signing(tmp / "relay-data" / "relay.sqlite")
+                    report_cpu(proc.pid, got)
+                finally:
+                    proc.terminate()
+                    proc.wait(120)
+            else:
+                pdir, port = start_postfix(tmp, sink.port)
+                try:
+                    ticks = cpu_ticks()
+                    took, got = run(port, sink, args)
+                    steal = steal_share(ticks, cpu_ticks())
+                finally:
+                    stop_postfix(pdir)
+        finally:
+            sink.stop()
+    rate = got / took
+    print(f"{side:12s} {got} of {args.messages} messages of {args.size} B over "
+          f"{args.sessions} sessions, source to sink, in {took:.2f} s = {rate:.0f} msg/s "
+          f"(host steal {100 * steal:.0f}%)", flush=True)
+    return rate
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Prints, per second:
                              parse, relaxed canonicalization, body and header hashes, fold
   sign(rsa + ed25519)        the same with both keys, as relay signs by default
   render                     relay.render: 7-bit check, key choice and both signatures
+  prepare(rsa + ed25519)     relay.dkim.prepare: all of signing but the private-key operations
+                             (what the delivery worker does when RSA is left to the signer)
   dkimpy sign(rsa)           dkimpy's own DKIM.sign, pure-Python RSA, for comparison
 
 Usage: python bench/dkim_sign.py [--seconds 3] [--size 5120]
@@ -86,6 +88,7 @@ def main() -> None:
         ("sign(rsa)", lambda: dkim.sign(data, both[:1])),
         ("sign(rsa + ed25519)", lambda: dkim.sign(data, both)),
         ("render", lambda: renderer.render(outgoing)),
+        ("prepare(rsa + ed25519)", lambda: dkim.prepare(data, both)),
         ("dkimpy sign(rsa)", lambda: dkimpy.sign(
             data, b"r2026a", b"example.com", pem, canonicalize=(b"relaxed", b"relaxed"))),
     ]

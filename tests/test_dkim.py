@@ -351,6 +351,34 @@ def test_oversigning_lists_each_header_once_more_than_it_occurs_and_never_l() ->
     assert not dkimpy.DKIM(tampered).verify(dnsfunc=lambda n, timeout=5: dnsfunc(n))
 
 
+def test_the_field_folded_once_per_layout_is_the_field_folded_each_time() -> None:
+    """prepare folds a key's DKIM-Signature once per header layout, with stand-ins for t= and
+    bh=; the result must be what folding the real text gives, however long the names."""
+    ed = ed25519.Ed25519PrivateKey.generate()
+    rng = random.Random(7)
+    for domain, selector in (("example.test", "s"), ("a" * 63 + "." + "b" * 63 + ".test",
+                                                      "e2026a"), ("x.test", "s" * 60)):
+        key = dkim.SigningKey(domain, selector, ed)
+        for now in (1, 10**9 + 7, 1_800_000_000, 10**11):
+            counts = tuple(rng.choice((0, 0, 1, 2)) for _ in dkim.SIGNED_HEADERS)
+            body_hash = base64.b64encode(rng.randbytes(32))
+            signed = dkim.hashlib.sha256(b"the signed fields")
+            stamp = str(now).encode()
+            for _ in range(2):  # folded, then from the cache
+                _, value, digest = dkim._field_value(signed, counts, key, body_hash, stamp)
+                want, relaxed = dkim._folded(key, counts, stamp, body_hash)
+                hasher = signed.copy()
+                hasher.update(relaxed)
+                assert (value, digest) == (want, hasher.digest())
+    data = b"From: a@example.test\r\nTo: b@x.test\r\nSubject: s\r\n\r\nhi\r\n"
+    key = dkim.SigningKey("example.test", "s", ed)
+    dnsfunc = {b"s._domainkey.example.test.": dkim.record_text(ed).encode()}.get
+    for now in (int(time.time()) - 1, int(time.time())):  # the same layout, the cached fold
+        signed_data = dkim.sign(data, [key], now=now)
+        assert b"t=%d;" % now in signed_data
+        assert dkimpy.DKIM(signed_data).verify(dnsfunc=lambda n, timeout=5: dnsfunc(n))
+
+
 def test_keys_load_from_pem_and_seed_and_bad_ones_are_refused() -> None:
     seed, _ = ed25519_seed()
     assert isinstance(dkim.load_private_key(seed), ed25519.Ed25519PrivateKey)

@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import dkim as dkimpy
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from relay import dkim
+from relay import signer as signer_module
 from relay.config import DkimConfig
 from relay.render import Job, KeyRing, Rendered, Renderer
 from relay.signer import SignerProcess
@@ -41,12 +43,44 @@ async def test_signatures_come_from_the_child_and_equal_the_workers_own() -> Non
         assert signer.remote == 3
         assert got == [dkim.raw_signature(k, d) for k, d in items]  # PKCS#1 v1.5: the same
 
-        proc = signer._proc
-        assert proc is not None
-        os.kill(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        pipe, pid = signer._pipe, signer.pid
+        assert pipe is not None and pid is not None
+        os.kill(pid, signal.SIGKILL)
         again = await signer.sign(items)  # the child is gone: signed here, no error
-        assert again == got and signer.remote == 3 and not signer.ready
+        await asyncio.wait_for(pipe.exited, 10)
+        again += await signer.sign(items)
+        assert again == got + got and signer.remote == 3 and not signer.ready
+    finally:
+        await signer.close()
+
+
+async def test_pipelined_requests_get_their_own_answers() -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    signer = SignerProcess()
+    try:
+        await ready(signer, key)
+        digests = [[hashlib.sha256(b"%d.%d" % (i, j)).digest() for j in range(i % 3 + 1)]
+                   for i in range(30)]
+        got = await asyncio.gather(*[signer.sign([(key, d) for d in ds]) for ds in digests])
+        assert signer.remote == sum(map(len, digests))
+        assert got == [[dkim.raw_signature(key, d) for d in ds] for ds in digests]
+    finally:
+        await signer.close()
+
+
+async def test_a_stalled_child_is_given_up_and_the_worker_signs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    signer = SignerProcess()
+    try:
+        await ready(signer, key)
+        monkeypatch.setattr(signer_module, "TIMEOUT", 0.5)
+        assert signer.pid is not None
+        os.kill(signer.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        out = await asyncio.wait_for(signer.sign([(key, bytes(32))]), 10)
+        assert out == [dkim.raw_signature(key, bytes(32))] and signer.remote == 0
+        assert time.monotonic() - started < 5 and not signer.ready
     finally:
         await signer.close()
 

@@ -128,13 +128,15 @@ class Unsigned:
     fields: tuple[tuple[SigningKey, bytes, bytes], ...]  # (key, field value up to b=, digest)
 
 
-def prepare(data: bytes, keys: list[SigningKey], *, now: float | None = None) -> Unsigned:
+def prepare(data: bytes, keys: list[SigningKey], *, now: float | None = None,
+            parts: tuple[list[rawmail.Header], bytes] | None = None) -> Unsigned:
     """Everything of signing but the private-key operations (relaxed/relaxed, no l=).
 
-    The body is canonicalized and hashed once for all keys (all use SHA-256)."""
+    The body is canonicalized and hashed once for all keys (all use SHA-256). `parts` is
+    `rawmail.split(data)` when the caller has it already."""
     if not keys:
         return Unsigned(data, ())
-    headers, body = rawmail.split(data)
+    headers, body = rawmail.split(data) if parts is None else parts
     body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
     by_name: dict[bytes, list[tuple[bytes, bytes]]] = {}
     for h in headers:
@@ -142,14 +144,17 @@ def prepare(data: bytes, keys: list[SigningKey], *, now: float | None = None) ->
         by_name.setdefault(name.lower().rstrip(), []).append((name, value))
     # Each signed name once more than it occurs; a verifier takes the occurrences from the
     # bottom up (RFC 6376 5.4.2) and the extra one matches nothing, so none can be added.
-    include, signed = [], hashlib.sha256()
+    counts, signed = [], hashlib.sha256()
     for name in _SIGNED_BYTES:
-        found = by_name.get(name, [])
-        include += [name] * (len(found) + 1)
-        for n, v in reversed(found):
-            signed.update(relaxed_header(n, v) + b"\r\n")
+        found = by_name.get(name)
+        if found:
+            counts.append(len(found))
+            for n, v in reversed(found):
+                signed.update(relaxed_header(n, v) + b"\r\n")
+        else:
+            counts.append(0)
     stamp = str(int(time.time() if now is None else now)).encode()
-    return Unsigned(data, tuple(_field_value(signed, include, key, body_hash, stamp)
+    return Unsigned(data, tuple(_field_value(signed, tuple(counts), key, body_hash, stamp)
                                 for key in keys))
 
 
@@ -201,10 +206,32 @@ def relaxed_body(body: bytes) -> bytes:
     return body[:end] + b"\r\n"
 
 
-def _field_value(signed: hashlib._Hash, include: list[bytes], key: SigningKey,
-                 body_hash: bytes, stamp: bytes) -> tuple[SigningKey, bytes, bytes]:
-    """One DKIM-Signature's value up to b= and the digest to sign; `signed` holds the hash of
-    the signed fields so far."""
+# The DKIM-Signature of a key and a header layout is the same text each time but for t= and
+# bh=, whose lengths do not change (t= has ten digits until 2286; bh= is the base64 of 32
+# octets), so it is folded and canonicalized once with stand-ins of the same lengths that no
+# folding splits and no domain holds.
+_BH_MARK = b"\x01" * 44
+_TEMPLATES: dict[tuple[int, tuple[int, ...], int], tuple[SigningKey, bytes, bytes]] = {}
+_TEMPLATES_MAX = 4096
+
+
+def _template(key: SigningKey, counts: tuple[int, ...], t_mark: bytes
+              ) -> tuple[bytes, bytes]:
+    """The folded field value up to b= and its relaxed form, with the stand-ins."""
+    cache_key = (id(key), counts, len(t_mark))
+    hit = _TEMPLATES.get(cache_key)
+    if hit is not None and hit[0] is key:
+        return hit[1], hit[2]
+    value, relaxed = _folded(key, counts, t_mark, _BH_MARK)
+    if len(_TEMPLATES) >= _TEMPLATES_MAX:
+        _TEMPLATES.clear()
+    _TEMPLATES[cache_key] = (key, value, relaxed)  # holds the key: its id stays its own
+    return value, relaxed
+
+
+def _folded(key: SigningKey, counts: tuple[int, ...], stamp: bytes, body_hash: bytes
+            ) -> tuple[bytes, bytes]:
+    include = [name for name, n in zip(_SIGNED_BYTES, counts) for _ in range(n + 1)]
     tags = [
         (b"v", b"1"), (b"a", key.algorithm.encode()), (b"c", b"relaxed/relaxed"),
         (b"d", key.domain.encode()), (b"s", key.selector.encode()), (b"t", stamp),
@@ -213,8 +240,22 @@ def _field_value(signed: hashlib._Hash, include: list[bytes], key: SigningKey,
     ]
     value = dkimpy.fold(b"; ".join(b"=".join(t) for t in tags), namelen=len(_FIELD))
     value = value[:value.rindex(b"b=") + 2]  # hashed with b= empty; b= is last and unfolded
+    return value, relaxed_header(_FIELD, value)  # itself, with b= empty and no CRLF
+
+
+def _field_value(signed: hashlib._Hash, counts: tuple[int, ...], key: SigningKey,
+                 body_hash: bytes, stamp: bytes) -> tuple[SigningKey, bytes, bytes]:
+    """One DKIM-Signature's value up to b= and the digest to sign; `signed` holds the hash of
+    the signed fields so far, `counts` how often each of SIGNED_HEADERS occurs."""
+    t_mark = b"\x00" * len(stamp)
+    value, relaxed = _template(key, counts, t_mark)
+    if value.count(t_mark) == 1 and value.count(_BH_MARK) == 1:
+        value = value.replace(t_mark, stamp).replace(_BH_MARK, body_hash)
+        relaxed = relaxed.replace(t_mark, stamp).replace(_BH_MARK, body_hash)
+    else:  # a fold cut a stand-in (no layout of relay's does): fold the real text
+        value, relaxed = _folded(key, counts, stamp, body_hash)
     hasher = signed.copy()
-    hasher.update(relaxed_header(_FIELD, value))  # itself, with b= empty and no CRLF
+    hasher.update(relaxed)
     return key, value, hasher.digest()
 
 

@@ -29,6 +29,7 @@ KEYRING_REFRESH = 30.0  # seconds between re-reads of the domains' keys from the
 RENDER_THREADS = 2
 INLINE_RENDER_MAX = 256 * 1024  # octets of body: larger messages render in the thread pool
 GIVEN_CACHE = 256  # parsed keys given with messages, kept by the hash of their text
+FROM_CACHE = 4096  # From fields remembered with their domain
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class Renderer:
         self._keyring = keyring
         self._marks = marks
         self._given: dict[bytes, dkim.SigningKey] = {}
+        self._from_domains: dict[bytes, str] = {}  # From field's bytes -> its domain
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="render")
 
     async def render_all(self, jobs: Sequence[Job]) -> list[Rendered | Exception]:
@@ -203,16 +205,20 @@ class Renderer:
                   ) -> tuple[dkim.Unsigned, bool, str]:
         """Everything of rendering but the signatures: the final bytes, whether they need
         SMTPUTF8, and the note on signing for the attempt log."""
-        data = self._materialize(message, job)
+        data = transcode.seven_bit(self._materialize(message, job))
+        headers, body = rawmail.split(data)
+        marked = False  # relay's marks are short ASCII lines: added after the 7-bit pass
         if job is not None and job.stream == "broadcast" and job.recipient_id is not None \
                 and self._marks is not None:
-            data = self._add_unsubscribe(data, job.recipient_id, job.sender_domain)
+            headers = self._add_unsubscribe(headers, job.recipient_id, job.sender_domain)
+            marked = True
         if job is not None and job.message_id and self._marks is not None:
-            data = self._add_feedback_id(data, job)
-        data = transcode.seven_bit(data)
+            marked = self._add_feedback_id(headers, job) or marked
+        if marked:
+            data = rawmail.join(headers, body)
         needs_utf8 = smtputf8 or transcode.needs_smtputf8(data)
-        keys, note = self._choose(message, data)
-        return dkim.prepare(data, keys), needs_utf8, note
+        keys, note = self._choose(message, headers)
+        return dkim.prepare(data, keys, parts=(headers, body)), needs_utf8, note
 
     def _materialize(self, message: Outgoing, job: Job | None) -> bytes:
         """The message's bytes; a tracked composition gets this recipient's links and pixel
@@ -228,30 +234,31 @@ class Renderer:
                 opens="opens" in job.track, clicks="clicks" in job.track))
         return compose.build(c, message_id=message_id, date=date)
 
-    def _add_unsubscribe(self, data: bytes, recipient_id: int, sender_domain: str) -> bytes:
+    def _add_unsubscribe(self, headers: list[rawmail.Header], recipient_id: int,
+                         sender_domain: str) -> list[rawmail.Header]:
         """RFC 8058's two headers, before signing so that h= covers them."""
         u = self._marks
         assert u is not None
         host = self.return_path_host(sender_domain)
-        headers, body = rawmail.split(data)
         headers = [h for h in headers if h.key not in ("list-unsubscribe",
                                                         "list-unsubscribe-post")]
-        headers += [rawmail.make(n, v) for n, v in
-                    tracking.unsubscribe_headers(u.tokens, recipient_id, u.public_url, host)]
-        return rawmail.join(headers, body)
+        return headers + [rawmail.make(n, v) for n, v in
+                          tracking.unsubscribe_headers(u.tokens, recipient_id, u.public_url,
+                                                       host)]
 
-    def _add_feedback_id(self, data: bytes, job: Job) -> bytes:
-        """Feedback-ID naming the message, for complaint reports that hide their recipient;
-        one the sender set stays (it is theirs to give a feedback loop)."""
+    def _add_feedback_id(self, headers: list[rawmail.Header], job: Job) -> bool:
+        """Feedback-ID naming the message (appended to `headers`), for complaint reports that
+        hide their recipient; one the sender set stays (it is theirs to give a feedback
+        loop)."""
         assert self._marks is not None
-        headers, body = rawmail.split(data)
         if rawmail.first_value(headers, verp.FEEDBACK_ID_HEADER) is not None:
-            return data
-        value = verp.feedback_id(self._marks.tokens, job.message_id, job.stream,
-                                 job.sender_domain)
-        return rawmail.join(headers + [rawmail.make(verp.FEEDBACK_ID_HEADER, value)], body)
+            return False
+        headers.append(rawmail.make(verp.FEEDBACK_ID_HEADER, verp.feedback_id(
+            self._marks.tokens, job.message_id, job.stream, job.sender_domain)))
+        return True
 
-    def _choose(self, message: Outgoing, data: bytes) -> tuple[list[dkim.SigningKey], str]:
+    def _choose(self, message: Outgoing, headers: list[rawmail.Header]
+                ) -> tuple[list[dkim.SigningKey], str]:
         """The keys that sign and a line saying so. A key signs only for domains the sender
         may use; the default domain is the operator's own and signs for anyone."""
         if not self._config.enabled:
@@ -264,9 +271,7 @@ class Renderer:
                 key = self._given_key(given)
                 return [key], f"signed: {key.describe()} (the key given with the message)"
             refused = f"; the key given for {given.domain} was refused (not a sender domain)"
-        headers, _ = rawmail.split(data)
-        domains = rawmail.address_domains(rawmail.first_value(headers, "From") or "")
-        from_domain = (a_label(domains[0]) or domains[0].lower()) if domains else ""
+        from_domain = self._from_domain(headers)
         for candidate in self_and_parents(from_domain):
             keys = self._keyring.keys_for(candidate)
             if keys and may_send_as(allowed, candidate):
@@ -281,6 +286,20 @@ class Renderer:
                else "no [dkim] default_domain is set")
         return [], f"unsigned: no DKIM key for {from_domain or 'the From domain'} and {why}" \
                    + refused
+
+    def _from_domain(self, headers: list[rawmail.Header]) -> str:
+        """The A-label of the first From address's domain, remembered by the field's text
+        (bulk mail repeats its From; parsing an address costs more than a signature's hash)."""
+        found = rawmail.find(headers, "From")
+        raw = found[0].raw if found else b""
+        domain = self._from_domains.get(raw)
+        if domain is None:
+            domains = rawmail.address_domains(found[0].value if found else "")
+            domain = (a_label(domains[0]) or domains[0].lower()) if domains else ""
+            if len(self._from_domains) >= FROM_CACHE:
+                self._from_domains.clear()
+            self._from_domains[raw] = domain
+        return domain
 
     def _given_key(self, given: GivenDkimKey) -> dkim.SigningKey:
         digest = hashlib.sha256(
