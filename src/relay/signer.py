@@ -199,19 +199,13 @@ class _Pipe(asyncio.SubprocessProtocol):
             del buf[:1]
             self.alive = True
             self.listening.set_result(None)
-        pos = 0
-        while len(buf) - pos >= _LEN.size:
-            size = _LEN.unpack_from(buf, pos)[0]
-            if len(buf) - pos - _LEN.size < size:
-                break
-            start = pos + _LEN.size
-            pos = start + size
+        for body in _take_frames(buf):
             if not self._waiting:
                 self._fail("it answered what was not asked")
                 return
             future, count, _ = self._waiting.popleft()
             try:
-                out = pickle.loads(buf[start:pos])
+                out = pickle.loads(body)
             except (pickle.PickleError, EOFError, ValueError) as exc:
                 self._fail(f"it answered what cannot be read ({exc})")
                 return
@@ -220,7 +214,6 @@ class _Pipe(asyncio.SubprocessProtocol):
                 return
             if not future.done():  # its caller may have been cancelled meanwhile
                 future.set_result(out)
-        del buf[:pos]
 
     def _check(self) -> None:
         self._watchdog = None
@@ -268,6 +261,20 @@ def _frame(value: Any) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
+def _take_frames(buf: bytearray) -> list[bytes]:
+    """The bodies of the complete frames at the start of `buf`, taken out of it."""
+    pos, bodies = 0, []
+    while len(buf) - pos >= _LEN.size:
+        size = _LEN.unpack_from(buf, pos)[0]
+        if len(buf) - pos - _LEN.size < size:
+            break
+        start = pos + _LEN.size
+        pos = start + size
+        bodies.append(bytes(buf[start:pos]))
+    del buf[:pos]
+    return bodies
+
+
 def serve(stdin: int, stdout: int) -> None:
     """The child: sign until stdin ends (the worker is gone), answering all it has read at
     once."""
@@ -279,14 +286,9 @@ def serve(stdin: int, stdout: int) -> None:
         if not data:
             return
         buf += data
-        pos, answers = 0, []
-        while len(buf) - pos >= _LEN.size:
-            size = _LEN.unpack_from(buf, pos)[0]
-            if len(buf) - pos - _LEN.size < size:
-                break
-            start = pos + _LEN.size
-            pos = start + size
-            message = pickle.loads(buf[start:pos])
+        answers = []
+        for body in _take_frames(buf):
+            message = pickle.loads(body)
             if message[0] == "key":
                 keys[message[1]] = serialization.load_der_private_key(message[2],
                                                                       password=None)
@@ -295,7 +297,6 @@ def serve(stdin: int, stdout: int) -> None:
             elif message[0] == "sign":
                 answers.append(_frame([dkim.raw_signature(keys[kid], digest)
                                        for kid, digest in message[1]]))
-        del buf[:pos]
         if answers:
             _write_all(stdout, b"".join(answers))
 
