@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import gc
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -177,3 +180,41 @@ async def api(service: Service) -> AsyncIterator[Api]:
         yield Api(session, f"http://{host}:{port}", secret)
     finally:
         await session.close()
+
+
+# -- hangs ------------------------------------------------------------------------------------
+# pytest-timeout ends a hung run with every thread's stack, but a hung coroutine shows there
+# only as an event loop waiting in select(). Shortly before, the awaiting tasks are printed.
+
+TASK_DUMP_BEFORE = 10.0  # seconds before pytest-timeout's limit
+
+
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
+    timer = threading.Timer(max(1.0, settings.timeout - TASK_DUMP_BEFORE), _dump_tasks,
+                            (item.nodeid,))
+    timer.daemon = True
+    timer.start()
+    item.stash[_TASK_TIMER] = timer  # returns None: pytest-timeout sets its own timer too
+
+
+def pytest_timeout_cancel_timer(item: pytest.Item) -> None:
+    timer = item.stash.get(_TASK_TIMER, None)
+    if timer is not None:
+        timer.cancel()
+
+
+_TASK_TIMER = pytest.StashKey[threading.Timer]()
+
+
+def _dump_tasks(nodeid: str) -> None:
+    """Every pending task of every running event loop, with the line each awaits at."""
+    out = sys.__stderr__
+    assert out is not None
+    print(f"\n++++ {nodeid} is about to time out; its asyncio tasks:", file=out)
+    loops = [o for o in gc.get_objects()
+             if isinstance(o, asyncio.AbstractEventLoop) and o.is_running()]
+    for loop in loops:
+        for task in list(asyncio.all_tasks(loop)):
+            print(f"-- {task!r}", file=out)
+            task.print_stack(file=out)
+    out.flush()

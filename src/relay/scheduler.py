@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import bounce_reasons
+from .aio import sleep_until_set
 from .config import Config, parse_hostport
 from .deliver import Deliverer, OutMessage, OutRecipient, Result, Target
 from .errors import DeliveryFailure, StoreError, TemporaryFailure
@@ -102,10 +103,7 @@ class Scheduler:
                 timeout = 1.0
             if timeout is not None and timeout <= 0:
                 continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+            await sleep_until_set(self._wake, timeout)
 
     async def _step(self) -> float | None:
         """Lease and dispatch what is due; returns how long to sleep (None: until woken)."""

@@ -34,6 +34,7 @@ import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from . import webhooks_mailchannels
+from .aio import sleep_until_set
 from .api.views import iso
 from .config import WebhooksConfig
 from .store import SQLiteStore
@@ -178,10 +179,7 @@ class WebhookDispatcher:
                 log.exception("webhook dispatch failed; trying again")
                 wait = IDLE_POLL
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), wait)
-            except TimeoutError:
-                pass
+            await sleep_until_set(self._wake, wait)
 
     def _body(self, d: Delivery) -> bytes | None:
         if d.endpoint.format == webhooks_mailchannels.FORMAT:

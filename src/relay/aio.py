@@ -1,0 +1,22 @@
+"""asyncio helpers that more than one long-running loop needs."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+async def sleep_until_set(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait for `event` at most `timeout` seconds (None: no limit); True when it was set.
+
+    Not asyncio.wait_for: on Python 3.11, a task cancelled in the same turn of the loop as
+    the event is set gets the event's result from wait_for instead of CancelledError
+    (CPython gh-86296, fixed in 3.12). A service loop that sleeps that way loses the
+    cancellation that was its stop, and whoever awaits it waits forever: the scheduler did,
+    when a delivery job ended just as the service stopped. asyncio.timeout() is not affected.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
