@@ -34,6 +34,9 @@ class _Handler:
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         reply = self.sink.rcpt_reply(address)
+        delay = self.sink.rcpt_delay.get(address.lower())
+        if delay:
+            await asyncio.sleep(delay)
         if reply.startswith("250"):
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
@@ -90,14 +93,16 @@ def _split(arg: str | None, names: tuple[str, ...]) -> tuple[str | None, list[st
 
 
 class Sink:
-    """`replies` maps an address to a list of RCPT replies, used one per attempt (last repeats)."""
+    """`replies` maps an address to a list of RCPT replies, used one per attempt (last repeats);
+    `rcpt_delay` an address to the seconds its RCPT is answered late."""
 
     def __init__(self, *, tls: ssl.SSLContext | None = None, broken_tls: bool = False,
                  replies: dict[str, list[str]] | None = None, address: str = "127.0.0.1",
                  port: int = 0, size_limit: int | None = None, smtputf8: bool = True,
                  authenticator: Any = None, auth_require_tls: bool = True,
-                 dsn: bool = True) -> None:
+                 dsn: bool = True, rcpt_delay: dict[str, float] | None = None) -> None:
         self.dsn = dsn
+        self.rcpt_delay = rcpt_delay or {}
         self.options = dict(data_size_limit=size_limit, enable_SMTPUTF8=smtputf8,
                             authenticator=authenticator, auth_require_tls=auth_require_tls)
         self.tls, self.broken_tls = tls, broken_tls

@@ -268,7 +268,9 @@ async def test_opportunistic_tls_falls_back_to_plain_when_handshake_fails(
 async def test_two_bounces_in_one_run_make_one_dsn_and_never_means_none(
         tmp_path: Path, dns: DNSServer) -> None:
     replies = {a: ["550 5.1.1 no such user"] for a in ("x@a.test", "y@a.test", "z@a.test")}
-    async with Sink(replies=replies) as sink:
+    # Each recipient has its own transaction (relay's return path names it): y answered late
+    # means x's bounce is recorded while y is still being tried, and the report must wait.
+    async with Sink(replies=replies, rcpt_delay={"y@a.test": 1.0}) as sink:
         route(dns, "a.test", (10, "mx.a.test", "127.0.0.1"))
         route(dns, "sender.test", (10, "mx.sender.test", "127.0.0.1"))
         svc, key = await start_relay(tmp_path, dns, sink.port)

@@ -152,7 +152,7 @@ class Scheduler:
     async def _run_job(self, job: _Job) -> None:
         sem = self._per_destination.setdefault(
             job.destination, asyncio.Semaphore(self._delivery.concurrency_per_destination))
-        records: list[asyncio.Task[None]] = []
+        records: list[asyncio.Task[set[str]]] = []
         recorded: set[int] = set()
 
         def record(outcomes: list[Outcome]) -> None:
@@ -170,19 +170,23 @@ class Scheduler:
                 log.exception("delivery to %s crashed", job.destination)
                 record([self._outcome_failed(r, exc) for r in job.recipients
                         if r.id not in recorded])
-        await asyncio.gather(*records)
+        # One report per message and run: with relay's own return path each recipient has a
+        # transaction of its own, so a message's outcomes arrive in several records, and a
+        # report made after the first would miss the recipients still being tried.
+        for message_id in set().union(*await asyncio.gather(*records)):
+            await self._emit_report(message_id)
 
-    async def _record(self, outcomes: list[Outcome]) -> None:
+    async def _record(self, outcomes: list[Outcome]) -> set[str]:
+        """Commit outcomes; returns the messages that now owe their sender a report."""
         if not outcomes:
-            return
+            return set()
         try:
             await self._store.record(outcomes)
         except StoreError:
             log.exception("could not record %d outcomes; their leases will expire and they "
                           "will be tried again", len(outcomes))
-            return
-        for message_id in {o.message_id for o in outcomes if o.dsn}:
-            await self._emit_report(message_id)
+            return set()
+        return {o.message_id for o in outcomes if o.dsn}
 
     async def _emit_report(self, message_id: str) -> None:
         try:
