@@ -214,8 +214,8 @@ class Deliverer:
             use_tls=implicit, start_tls=False, validate_certs=verify,
             tls_context=self._tls_context(verify) if implicit else None)
         try:
-            await asyncio.wait_for(smtp.connect(timeout=cfg.connect_timeout),
-                                   cfg.connect_timeout + 1)
+            async with asyncio.timeout(cfg.connect_timeout + 1):  # not wait_for: see aio.py
+                await smtp.connect(timeout=cfg.connect_timeout)
         except aiosmtplib.SMTPConnectResponseError as exc:
             smtp.close()
             raise _Failure(f"{target.hostname} greeted with {exc.code} {exc.message}",
@@ -446,7 +446,8 @@ async def _rset(smtp: aiosmtplib.SMTP) -> None:
 
 async def _quit(session: _Session) -> None:
     try:
-        await asyncio.wait_for(session.smtp.quit(), 5)
+        async with asyncio.timeout(5):
+            await session.smtp.quit()
     except (TimeoutError, aiosmtplib.SMTPException, OSError):
         pass
     finally:
