@@ -214,7 +214,11 @@ def _dump_tasks(nodeid: str) -> None:
     loops = [o for o in gc.get_objects()
              if isinstance(o, asyncio.AbstractEventLoop) and o.is_running()]
     for loop in loops:
-        for task in list(asyncio.all_tasks(loop)):
+        try:  # read from another thread: the loop may change its set of tasks meanwhile
+            tasks = list(asyncio.all_tasks(loop))
+        except RuntimeError:
+            tasks = list(asyncio.all_tasks(loop))
+        for task in tasks:
             print(f"-- {task!r}", file=out)
             task.print_stack(file=out)
     out.flush()
