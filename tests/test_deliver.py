@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from relay.config import DeliveryConfig
-from relay.deliver import Deliverer, OutMessage, OutRecipient, Target, classify
+from relay.deliver import Deliverer, OutMessage, OutRecipient, Target, _is_local, classify
 
 from .sink import Sink
 
@@ -91,6 +93,20 @@ async def test_own_listener_is_a_loop_and_never_connected() -> None:
             await d.close()
         assert result.outcome == "bounced" and result.enhanced == "5.4.6"
         assert sink.connections == 0
+
+
+def test_own_addresses_are_known_without_a_name_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listener on 0.0.0.0 is reached through any address of this host; which ones those
+    are is asked of the kernel, not of the resolver (a lookup on the event loop at each
+    delivery)."""
+    def no_lookups(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a name lookup")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookups)
+    d = deliverer(own=[("0.0.0.0", 2525)])
+    assert _is_local(ipaddress.ip_address("127.0.0.2"))  # this host's, if not its name's
+    assert not _is_local(ipaddress.ip_address("192.0.2.1"))  # TEST-NET: nobody's here
+    assert not d._is_own(Target(hostname="mx.example.org", address="192.0.2.1", port=2525))
 
 
 async def test_size_over_the_advertised_limit_bounces_without_sending() -> None:

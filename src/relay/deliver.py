@@ -474,7 +474,13 @@ def _why(exc: BaseException) -> str:
 
 
 def _is_local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether `ip` is an address of this host: the kernel lets a socket bind only to its
+    own. (A name lookup of the host name, as before, ran on the event loop at each delivery
+    and missed the addresses the name does not list.)"""
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     try:
-        return str(ip) in {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)}
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((str(ip), 0))
     except OSError:
         return False
+    return True
