@@ -372,7 +372,8 @@ async def test_list_filters_by_status_tag_to_from_and_since(api: Api) -> None:
 
 
 async def test_api_keys_are_made_listed_and_revoked_over_http(api: Api, service: Service) -> None:
-    _, admin = await keys.create_key(service.store, name="admin", scopes=["keys:manage"])
+    _, admin = await keys.create_key(service.store, name="admin",
+                                     scopes=["keys:manage", "emails:send"])
     status, made, _ = await api.call("POST", "/v1/api-keys", {
         "name": "app", "scopes": ["emails:send"], "domains": ["example.com"]}, key=admin)
     assert status == 201 and made["key"].startswith(made["id"] + "_")

@@ -120,7 +120,8 @@ async def relay(tmp_path: Path, dns: DNSServer, plunk_sdk: Path) -> AsyncIterato
     async with Sink() as sink:
         svc = await delivering(tmp_path, dns, sink)
         await add_signing_domain(svc, "example.com")
-        _, secret = await keys.create_key(svc.store, name="plunk", scopes=["emails:send"])
+        _, secret = await keys.create_key(svc.store, name="plunk",
+                                          scopes=["emails:send", "contacts:manage"])
         _, admin_key = await keys.create_key(svc.store, name="admin", scopes=[
             "templates:manage", "contacts:manage"])
         assert svc.api_bound is not None
@@ -295,7 +296,8 @@ async def test_a_reused_idempotency_key_is_409(relay: Relay) -> None:
 
 @pytest.fixture
 async def plunk(service: Service) -> AsyncIterator[Api]:
-    _, secret = await keys.create_key(service.store, name="p", scopes=["emails:send"])
+    _, secret = await keys.create_key(service.store, name="p",
+                                      scopes=["emails:send", "contacts:manage"])
     assert service.api_bound is not None
     async with aiohttp.ClientSession() as session:
         yield Api(session, "http://{}:{}".format(*service.api_bound), secret)

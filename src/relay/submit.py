@@ -120,8 +120,19 @@ class Submitter:
             raise ValidationError(
                 "broadcast mail needs an https [api] public_url for its one-click unsubscribe "
                 "links (RFC 8058)", param="stream", smtp="550 5.7.0")
-        if message.dkim is not None and self._config.dkim.enabled:
-            return  # signed with the key given with it (checked in prepare)
+        if not await self.will_sign(message):
+            raise ValidationError(
+                f"broadcast mail must be DKIM-signed (RFC 8058) and "
+                f"{message.sender_domain or 'its sender'} has no key: relay domains add",
+                param="stream", smtp="550 5.7.0")
+
+    async def will_sign(self, message: NewMessage) -> bool:
+        """Whether the message will be DKIM-signed as its sender domain (or a parent, or
+        the default domain): a verified sending domain, with an active key in relay."""
+        if not self._config.dkim.enabled:
+            return False
+        if message.dkim is not None:
+            return True  # signed with the key given with it (checked in prepare)
         mine = set(self_and_parents(message.sender_domain))
         default = self._config.dkim.default_domain
 
@@ -129,13 +140,8 @@ class Submitter:
             return bool(mine & domains) or default in domains
 
         # the domains are remembered 30 s; a miss looks again (a domain just added)
-        if not self._config.dkim.enabled or not (
-                signed(await self._signing_domains()) or
-                signed(await self._signing_domains(fresh=True))):
-            raise ValidationError(
-                f"broadcast mail must be DKIM-signed (RFC 8058) and "
-                f"{message.sender_domain or 'its sender'} has no key: relay domains add",
-                param="stream", smtp="550 5.7.0")
+        return signed(await self._signing_domains()) or \
+            signed(await self._signing_domains(fresh=True))
 
     async def _signing_domains(self, *, fresh: bool = False) -> set[str]:
         now = time.monotonic()

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from . import owners
 from .errors import ValidationError
 from .types import Template
 
@@ -74,11 +75,13 @@ class Filled:
 
 async def render_stored(source: TemplateSource, template_id: str, data: Mapping[str, Any], *,
                         param: str = "templateId", subject: str | None = None,
-                        html: str | None = None, text: str | None = None) -> Filled:
+                        html: str | None = None, text: str | None = None,
+                        within: owners.Within = None) -> Filled:
     """Look the template up and fill its subject, html and text with `data`; a part given
-    here replaces the template's own (a request's fields beat the template's)."""
+    here replaces the template's own (a request's fields beat the template's). A template
+    out of the caller's reach (`within`) is unknown to it."""
     found = await source.get_template(template_id)
-    if found is None:
+    if found is None or not owners.sees(within, found.owner):
         raise UnknownTemplate(f"no template {template_id}", param=param)
     return fill(found, data, subject=subject, html=html, text=text)
 

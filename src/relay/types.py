@@ -201,6 +201,7 @@ class Message:
     # bounces come back to relay's VERP return path ("verp"), or not: "kept" (the submitter
     # chose the envelope sender) or "none" (the null sender)
     return_path: str = "verp"
+    sender_domain: str = ""  # the From domain: the message's owner (owners.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,6 +283,7 @@ class WebhookEndpoint:
     disabled_reason: str | None = None
     failing_since: float | None = None
     format: str = "native"  # the body and signing: native | mailchannels
+    owner: tuple[str, ...] = ()  # the domains of the key that made it; () = the relay
 
     def __repr__(self) -> str:  # keeps the secret out of logs
         return f"WebhookEndpoint(id={self.id!r}, url={self.url!r}, enabled={self.enabled})"
@@ -300,6 +302,7 @@ class Suppression:
     reason: str  # unsubscribed | hard_bounce | complaint | manual
     source: str
     created_at: float
+    owner: tuple[str, ...] = ()  # it stops only this owner's mail; () = everyone's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,6 +346,7 @@ class Template:
     from_name: str | None = None
     created_at: float
     updated_at: float
+    owner: tuple[str, ...] = ()  # the domains of the key that made it; () = the relay
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -356,3 +360,4 @@ class Contact:
     data: dict[str, Any] = field(default_factory=dict)
     created_at: float
     updated_at: float
+    owner: tuple[str, ...] = ()  # the domains of the key that made it; () = the relay

@@ -16,6 +16,7 @@ from ..store import SQLiteStore
 from ..submit import Submitter
 from ..tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_key
 from ..webhooks_mailchannels import Signer
+from . import auth
 from .contacts import ContactsApi, UpsertContact
 from .dialects.mailchannels import MailChannelsApi
 from .dialects.mailerlogic import MailerLogicApi
@@ -117,6 +118,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     app.add_routes(MailChannelsApi(config, store, submitter,
                                    Signer.load(config.server.data_dir)).routes())
     app.add_routes([web.get("/v1/openapi.json", openapi_handler)])
+    auth.check_routes(app)
     return app
 
 

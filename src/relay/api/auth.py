@@ -1,5 +1,7 @@
 """Who is calling: the API key from `Authorization: Bearer`, `X-Api-Key` or `X-API-Key`
-(every dialect's clients send one of them), its scopes and its sender domains."""
+(every dialect's clients send one of them), its scopes and its sender domains; and the one
+table of the scope each route needs (`ROUTE_SCOPES`), which `require` reads and `check_routes`
+holds every route of the application to, so a route without an entry cannot be served."""
 
 from __future__ import annotations
 
@@ -8,10 +10,84 @@ import time
 
 from aiohttp import web
 
-from .. import keys
+from .. import keys, owners
 from ..store import Store
 from ..types import ApiKey
 from .errors import ApiError
+
+PUBLIC = None  # a route anyone may call: signed links, the webhook key, the OpenAPI document
+
+# (method, path) -> the scope a key needs for it, or PUBLIC. Every route is listed here.
+ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
+    # native (/v1, Drin's shape)
+    ("POST", "/v1/emails"): "emails:send",
+    ("POST", "/v1/emails/batch"): "emails:send",
+    ("GET", "/v1/emails"): "emails:read",
+    ("GET", "/v1/emails/{id}"): "emails:read",
+    ("GET", "/v1/emails/{id}/body"): "emails:read",
+    ("POST", "/v1/emails/{id}/cancel"): "emails:send",
+    ("POST", "/v1/api-keys"): "keys:manage",
+    ("GET", "/v1/api-keys"): "keys:manage",
+    ("DELETE", "/v1/api-keys/{id}"): "keys:manage",
+    ("GET", "/v1/suppressions"): "suppressions:manage",
+    ("POST", "/v1/suppressions"): "suppressions:manage",
+    ("DELETE", "/v1/suppressions/{email}"): "suppressions:manage",
+    ("POST", "/v1/webhooks"): "webhooks:manage",
+    ("GET", "/v1/webhooks"): "webhooks:manage",
+    ("GET", "/v1/webhooks/{id}"): "webhooks:manage",
+    ("PATCH", "/v1/webhooks/{id}"): "webhooks:manage",
+    ("DELETE", "/v1/webhooks/{id}"): "webhooks:manage",
+    ("POST", "/v1/webhooks/{id}/rotate-secret"): "webhooks:manage",
+    ("POST", "/v1/webhooks/{id}/redeliver"): "webhooks:manage",
+    ("POST", "/v1/templates"): "templates:manage",
+    ("GET", "/v1/templates"): "templates:manage",
+    ("GET", "/v1/templates/{id}"): "templates:manage",
+    ("PATCH", "/v1/templates/{id}"): "templates:manage",
+    ("DELETE", "/v1/templates/{id}"): "templates:manage",
+    ("POST", "/v1/contacts"): "contacts:manage",
+    ("GET", "/v1/contacts"): "contacts:manage",
+    ("GET", "/v1/contacts/{id}"): "contacts:manage",
+    ("DELETE", "/v1/contacts/{id}"): "contacts:manage",
+    ("GET", "/v1/openapi.json"): PUBLIC,
+    # PiiSend
+    ("POST", "/api/v1/emails"): "emails:send",
+    ("GET", "/api/v1/emails"): "emails:read",
+    ("GET", "/api/v1/emails/{id}"): "emails:read",
+    ("POST", "/api/v1/emails/{id}/cancel"): "emails:send",
+    ("POST", "/api/v1/emails/{id}/resend"): "emails:send",
+    # MailerLogic
+    ("POST", "/api/v1/send"): "emails:send",
+    # Plunk: /v1/track changes contacts (and their subscription), so it needs that scope
+    ("POST", "/v1/send"): "emails:send",
+    ("POST", "/v1/track"): "contacts:manage",
+    # MailChannels
+    ("POST", "/tx/v1/send"): "emails:send",
+    ("POST", "/tx/v1/send-async"): "emails:send",
+    ("POST", "/tx/v1/webhook"): "webhooks:manage",
+    ("GET", "/tx/v1/webhook"): "webhooks:manage",
+    ("DELETE", "/tx/v1/webhook"): "webhooks:manage",
+    ("GET", "/tx/v1/webhook/public-key"): PUBLIC,
+    # signed links in the mail itself (tracking.py): the token is the credential
+    ("GET", "/u/{token}"): PUBLIC,
+    ("POST", "/u/{token}"): PUBLIC,
+    ("GET", "/o/{token}"): PUBLIC,
+    ("GET", "/c/{token}"): PUBLIC,
+}
+
+
+def check_routes(app: web.Application) -> None:
+    """Refuse to build an application with a route the table does not name (fail closed)."""
+    for route in app.router.routes():
+        method = "GET" if route.method == "HEAD" else route.method
+        if (method, route.resource.canonical) not in ROUTE_SCOPES:  # type: ignore[union-attr]
+            raise RuntimeError(f"{route.method} {route.resource.canonical} has no entry in "  # type: ignore[union-attr]
+                               "api.auth.ROUTE_SCOPES")
+
+
+def route_scope(request: web.Request) -> str | None:
+    route = request.match_info.route
+    method = "GET" if route.method == "HEAD" else route.method
+    return ROUTE_SCOPES[(method, route.resource.canonical)]  # type: ignore[union-attr]
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -27,8 +103,12 @@ CACHE_SIZE = 1024
 _cache: dict[bytes, tuple[ApiKey, float]] = {}
 
 
-async def require(request: web.Request, store: Store, scope: str) -> ApiKey:
-    """The caller's key if it is live and has `scope`; 401 or 403 otherwise."""
+async def require(request: web.Request, store: Store) -> ApiKey:
+    """The caller's key if it is live and has the scope ROUTE_SCOPES names for this route;
+    401 or 403 otherwise."""
+    scope = route_scope(request)
+    if scope is PUBLIC:
+        raise RuntimeError(f"{request.method} {request.path} is public; it takes no key")
     secret = presented_key(request)
     if not secret:
         raise ApiError(401, "an API key is required: Authorization: Bearer <key>",
@@ -61,3 +141,8 @@ async def _authenticate(store: Store, secret: str) -> ApiKey | None:
 def forget() -> None:
     """Drop remembered keys (a key was revoked through this process)."""
     _cache.clear()
+
+
+def reach(key: ApiKey) -> owners.Within:
+    """What a key may see and change: its domains, or the whole relay (owners.py)."""
+    return owners.within(key.domains)

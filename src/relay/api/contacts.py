@@ -18,7 +18,6 @@ from .native import address_param, int_param, json_body, parse
 from .schemas import Strict
 from .views import iso
 
-SCOPE = "contacts:manage"
 
 FieldName = Annotated[str, StringConstraints(min_length=1, max_length=100,
                                              pattern=r"^[^\r\n{}]*$")]
@@ -46,46 +45,48 @@ class ContactsApi:
         ]
 
     async def upsert(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
+        key = await auth.require(request, self._store)
         body = parse(UpsertContact, await json_body(request))
         email = address_param(body.email, "email") or ""
         (done,) = await self._store.upsert_contacts([contact_change(
-            email, body.data, subscribed=body.subscribed)], time.time())
+            email, body.data, subscribed=body.subscribed, owner=key.domains)], time.time())
         return web.json_response(contact_json(done.contact), status=201 if done.created else 200)
 
     async def list(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
+        key = await auth.require(request, self._store)
         q = request.query
         limit = int_param(q.get("limit"), "limit", default=100, low=1, high=1000)
         raw = q.get("subscribed")
         if raw not in (None, "true", "false"):
             raise ApiError(422, "subscribed must be true or false", param="subscribed")
         found = await self._store.list_contacts(limit=limit + 1, after=q.get("cursor"),
-                                                subscribed=None if raw is None else raw == "true")
+                                                subscribed=None if raw is None else raw == "true",
+                                                within=auth.reach(key))
         more = len(found) > limit
         found = found[:limit]
         return web.json_response({"data": [contact_json(c) for c in found],
                                   "nextCursor": found[-1].email if more and found else None})
 
     async def get(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
-        found = await self._store.get_contact(request.match_info["id"])
+        key = await auth.require(request, self._store)
+        found = await self._store.get_contact(request.match_info["id"], auth.reach(key))
         if found is None:
             raise ApiError(404, f"no contact {request.match_info['id']}", param="id")
         return web.json_response(contact_json(found))
 
     async def delete(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
+        key = await auth.require(request, self._store)
         ident = request.match_info["id"]
-        if not await self._store.delete_contact(ident):
+        if not await self._store.delete_contact(ident, auth.reach(key)):
             raise ApiError(404, f"no contact {ident}", param="id")
         return web.json_response({"id": ident, "deleted": True})
 
 
 def contact_change(email: str, data: dict[str, Any], *, subscribed: bool | None,
-                   subscribed_if_new: bool = False) -> ContactChange:
+                   subscribed_if_new: bool = False, owner: tuple[str, ...] = ()
+                   ) -> ContactChange:
     """A request's data as a change: a value sets the field, a null deletes it."""
-    return ContactChange(email=email, subscribed=subscribed,
+    return ContactChange(email=email, subscribed=subscribed, owner=owner,
                          subscribed_if_new=subscribed_if_new,
                          data={k: v for k, v in data.items() if v is not None},
                          remove=tuple(k for k, v in data.items() if v is None))

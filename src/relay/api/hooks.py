@@ -1,5 +1,6 @@
 """/v1/webhooks: endpoints (the signing secret shown once), enable/disable, rotate the
-secret, redeliver an event. A target must not be private unless [webhooks] allows it."""
+secret, redeliver an event. A target must not be private unless [webhooks] allows it. An
+endpoint belongs to the domains of the key that made it and gets only their mail's events."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .. import webhooks
+from .. import owners, webhooks
 from ..config import Config
 from ..store import SQLiteStore
 from ..types import WebhookEndpoint
@@ -22,7 +23,6 @@ from .native import json_body, parse
 from .schemas import CreateWebhook, Redeliver, UpdateWebhook
 from .views import iso
 
-SCOPE = "webhooks:manage"
 
 
 class HooksApi:
@@ -42,57 +42,56 @@ class HooksApi:
         ]
 
     async def create(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
+        key = await auth.require(request, self._store)
         body = parse(CreateWebhook, await json_body(request))
         await check_target(body.url, self._config.webhooks.allow_private_targets)
         ep = WebhookEndpoint(id="wh_" + secrets.token_hex(8), url=body.url,
                              secret=webhooks.new_secret(), events=tuple(dict.fromkeys(
-                                 body.events)), created_at=time.time(), format=body.format)
+                                 body.events)), created_at=time.time(), format=body.format,
+                             owner=key.domains)
         await self._store.add_endpoint(ep)
         return web.json_response({**endpoint_json(ep), "signingSecret": ep.secret}, status=201)
 
     async def list(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
-        found = await self._store.list_endpoints()
+        key = await auth.require(request, self._store)
+        found = await self._store.list_endpoints(auth.reach(key))
         return web.json_response({"data": [endpoint_json(e) for e in found],
                                   "nextCursor": None})
 
     async def get(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
         return web.json_response(endpoint_json(await self._found(request)))
 
     async def update(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
-        body = parse(UpdateWebhook, await json_body(request))
         ep = await self._found(request)
+        body = parse(UpdateWebhook, await json_body(request))
         await self._store.update_endpoint(ep.id, enabled=body.enabled, now=time.time())
         return web.json_response(endpoint_json(await self._found(request)))
 
     async def delete(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
         ep = await self._found(request)
         await self._store.delete_endpoint(ep.id)
         return web.json_response({"id": ep.id, "deleted": True})
 
     async def rotate(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
         ep = await self._found(request)
         secret = webhooks.new_secret()
         await self._store.update_endpoint(ep.id, secret=secret)
         return web.json_response({"id": ep.id, "signingSecret": secret})
 
     async def redeliver(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
-        body = parse(Redeliver, await json_body(request))
         ep = await self._found(request)
+        body = parse(Redeliver, await json_body(request))
         if not await self._store.redeliver(ep.id, int(body.eventId[4:]), time.time()):
             raise ApiError(404, f"no event {body.eventId}", param="eventId")
         return web.json_response({"id": ep.id, "eventId": body.eventId, "status": "queued"},
                                  status=202)
 
     async def _found(self, request: web.Request) -> WebhookEndpoint:
+        """The caller's key checked, then its endpoint named in the path; another owner's is
+        404, as if it did not exist."""
+        key = await auth.require(request, self._store)
         ep = await self._store.get_endpoint(request.match_info["id"])
-        if ep is None:
+        if ep is None or not owners.sees(auth.reach(key), ep.owner):
             raise ApiError(404, f"no webhook {request.match_info['id']}", param="id")
         return ep
 

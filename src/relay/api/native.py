@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 import pydantic
 from aiohttp import web
 
-from .. import compose, templates
+from .. import compose, owners, templates
 from ..addresses import normalize_address
 from ..config import Config
 from ..errors import StoreError, ValidationError
-from ..store import NewMessage, Remembered, SQLiteStore
+from ..store import MessageDetail, NewMessage, Remembered, SQLiteStore
 from ..submit import Submitter
 from ..types import (
     ApiKey,
@@ -68,7 +68,7 @@ class NativeApi:
     # -- sending -------------------------------------------------------------------------
 
     async def send(self, request: web.Request) -> web.Response:
-        key = await auth.require(request, self._store, "emails:send")
+        key = await auth.require(request, self._store)
         raw = await json_body(request)
 
         async def produce(claim: Claim | None) -> Answer:
@@ -94,7 +94,7 @@ class NativeApi:
     async def send_batch(self, request: web.Request) -> web.Response:
         """Always 207: each item validated on its own and reported by index; the valid ones
         are queued together in one transaction (with the idempotency key's answer)."""
-        key = await auth.require(request, self._store, "emails:send")
+        key = await auth.require(request, self._store)
         raw = await json_body(request)
 
         async def produce(claim: Claim | None) -> Answer:
@@ -151,7 +151,7 @@ class NativeApi:
     # -- reading -------------------------------------------------------------------------
 
     async def list(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, "emails:read")
+        key = await auth.require(request, self._store)
         q = request.query
         limit = int_param(q.get("limit"), "limit", default=50, low=1, high=100)
         status = q.get("status") or None
@@ -161,20 +161,20 @@ class NativeApi:
         page = await self._store.list_messages(
             limit=limit, cursor=q.get("cursor") or None, status=status,
             tag=q.get("tag") or None, to=address_param(q.get("to"), "to"),
-            sender=address_param(q.get("from"), "from"), since=_time_param(q.get("since")))
+            sender=address_param(q.get("from"), "from"), since=_time_param(q.get("since")),
+            within=auth.reach(key))
         return web.json_response({"data": [message_json(d) for d in page.items],
                                   "nextCursor": page.next_cursor})
 
     async def get(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, "emails:read")
-        detail = await self._store.get_message(request.match_info["id"])
-        if detail is None:
-            raise ApiError(404, f"no email {request.match_info['id']}", param="id")
+        key = await auth.require(request, self._store)
+        detail = await found_message(self._store, key, request.match_info["id"])
         return web.json_response(message_json(detail, full=True))
 
     async def body(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, "emails:read")
+        key = await auth.require(request, self._store)
         message_id = request.match_info["id"]
+        await owned_message(self._store, key, message_id)
         stored = await self._store.get_outgoing(message_id)
         if stored is None:
             raise ApiError(404, f"no email {message_id}", param="id")
@@ -196,17 +196,33 @@ class NativeApi:
                                   "raw": raw.decode("utf-8", "replace")})
 
     async def cancel(self, request: web.Request) -> web.Response:
-        key = await auth.require(request, self._store, "emails:send")
+        key = await auth.require(request, self._store)
         message_id = request.match_info["id"]
-        detail = await self._store.get_message(message_id)
-        if detail is None:
-            raise ApiError(404, f"no email {message_id}", param="id")
+        detail = await found_message(self._store, key, message_id)
         count = await self._store.cancel(message_id, f"api:{key.id}", time.time(),
                                          only=("scheduled",))
         if not count:
             raise ApiError(409, f"{message_id} is {detail.message.status}; only a scheduled "
                            "email can be cancelled")
         return web.json_response({"id": message_id, "status": "cancelled"})
+
+
+# -- owners -----------------------------------------------------------------------------------
+
+async def owned_message(store: SQLiteStore, key: ApiKey, message_id: str) -> None:
+    """404 unless the message exists and is the key's (owners.py): another owner's id is
+    answered as if it did not exist."""
+    domain = await store.sender_domain_of(message_id)
+    if domain is None or not owners.sees_domain(auth.reach(key), domain):
+        raise ApiError(404, f"no email {message_id}", param="id")
+
+
+async def found_message(store: SQLiteStore, key: ApiKey, message_id: str) -> MessageDetail:
+    """The message with its recipients, attempts and events, if it is the key's; else 404."""
+    detail = await store.get_message(message_id)
+    if detail is None or not owners.sees_domain(auth.reach(key), detail.message.sender_domain):
+        raise ApiError(404, f"no email {message_id}", param="id")
+    return detail
 
 
 # -- request → Submission ---------------------------------------------------------------------

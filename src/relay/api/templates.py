@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import Field, StringConstraints
 
-from .. import templates
+from .. import owners, templates
 from ..store import SQLiteStore
 from ..types import Template
 from . import auth
@@ -19,7 +19,6 @@ from .native import int_param, json_body, mailbox, parse
 from .schemas import Address, Strict
 from .views import iso
 
-SCOPE = "templates:manage"
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\r\n]*$")]
 Subject = Annotated[str, StringConstraints(max_length=998, pattern=r"^[^\r\n]*$")]
@@ -58,33 +57,32 @@ class TemplatesApi:
         ]
 
     async def create(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
-        t = new_template(parse(CreateTemplate, await json_body(request)))
+        key = await auth.require(request, self._store)
+        t = new_template(parse(CreateTemplate, await json_body(request)), owner=key.domains)
         await self._store.add_template(t)
         return web.json_response(template_json(t), status=201)
 
     async def list(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
+        key = await auth.require(request, self._store)
         q = request.query
         limit = int_param(q.get("limit"), "limit", default=100, low=1, high=1000)
-        found = await self._store.list_templates(limit=limit + 1, after=q.get("cursor"))
+        found = await self._store.list_templates(limit=limit + 1, after=q.get("cursor"),
+                                                 within=auth.reach(key))
         more = len(found) > limit
         found = found[:limit]
         return web.json_response({"data": [template_json(t) for t in found],
                                   "nextCursor": found[-1].id if more and found else None})
 
     async def get(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
         return web.json_response(template_json(await self._found(request)))
 
     async def update(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
+        old = await self._found(request)
         body = parse(UpdateTemplate, await json_body(request))
         given = body.model_fields_set
         for name in ("name", "type", "subject", "html"):
             if name in given and getattr(body, name) is None:
                 raise ApiError(422, f"{name} cannot be null", param=name)
-        old = await self._found(request)
         changes: dict[str, Any] = {n: getattr(body, n) for n in
                                    ("name", "type", "subject", "html", "text") if n in given}
         if "from_" in given:
@@ -100,20 +98,27 @@ class TemplatesApi:
         return web.json_response(template_json(t))
 
     async def delete(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, SCOPE)
-        template_id = request.match_info["id"]
-        if not await self._store.delete_template(template_id):
-            raise ApiError(404, f"no template {template_id}", param="id")
-        return web.json_response({"id": template_id, "deleted": True})
+        t = await self._found(request)
+        if not await self._store.delete_template(t.id):
+            raise ApiError(404, f"no template {t.id}", param="id")
+        return web.json_response({"id": t.id, "deleted": True})
 
     async def _found(self, request: web.Request) -> Template:
-        t = await self._store.get_template(request.match_info["id"])
-        if t is None:
-            raise ApiError(404, f"no template {request.match_info['id']}", param="id")
-        return t
+        key = await auth.require(request, self._store)
+        return await found_template(self._store, key.domains, request.match_info["id"])
 
 
-def new_template(body: CreateTemplate) -> Template:
+async def found_template(store: SQLiteStore, domains: tuple[str, ...], template_id: str,
+                         param: str = "id") -> Template:
+    """The template if it is within reach of a key with these domains; else 404, as if it
+    did not exist (the sending dialects use it too)."""
+    t = await store.get_template(template_id)
+    if t is None or not owners.sees(owners.within(domains), t.owner):
+        raise ApiError(404, f"no template {template_id}", param=param)
+    return t
+
+
+def new_template(body: CreateTemplate, owner: tuple[str, ...] = ()) -> Template:
     """A new template from a checked request (the API's or the CLI's)."""
     checked(body.subject, body.html, body.text)
     sender = mailbox(body.from_, "from") if body.from_ is not None else None
@@ -121,7 +126,8 @@ def new_template(body: CreateTemplate) -> Template:
     return Template(id="tpl_" + secrets.token_hex(8), name=body.name, type=body.type,
                     subject=body.subject, html=body.html, text=body.text,
                     from_email=sender.email if sender else None,
-                    from_name=sender.name if sender else None, created_at=now, updated_at=now)
+                    from_name=sender.name if sender else None, created_at=now, updated_at=now,
+                    owner=owner)
 
 
 def checked(subject: str, html: str, text: str | None) -> None:

@@ -131,7 +131,7 @@ class Store(Protocol):
     async def list_messages(
         self, *, limit: int = 50, cursor: str | None = None, status: str | None = None,
         tag: str | None = None, to: str | None = None, sender: str | None = None,
-        since: float | None = None,
+        since: float | None = None, within: tuple[str, ...] | None = None,
     ) -> MessagePage: ...
 
     # API keys: the secret never reaches the store, only its SHA-256

@@ -12,10 +12,12 @@ from typing import Any
 
 import aiosqlite
 
+from .. import owners
+from ..owners import Within
 from ..types import Contact
 from .groupcommit import run_sync
 
-_COLUMNS = "id, email, subscribed, data, created_at, updated_at"
+_COLUMNS = "id, email, subscribed, data, created_at, updated_at, owner"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +29,7 @@ class ContactChange:
     subscribed_if_new: bool = False  # the state of a contact this change creates
     data: dict[str, Any] = field(default_factory=dict)  # set these fields
     remove: tuple[str, ...] = ()  # and delete these
+    owner: tuple[str, ...] = ()  # whose contact: the caller's key's domains (() = relay)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,32 +66,28 @@ class ContactQueries:
         done: tuple[Upserted, int] = await self._write(op)
         return done
 
-    async def get_contact(self, id_or_email: str) -> Contact | None:
-        def op(db: sqlite3.Connection) -> Contact | None:
-            column = "email" if "@" in id_or_email else "id"
-            row = db.execute(f"SELECT {_COLUMNS} FROM contacts WHERE {column} = ?",
-                             (id_or_email,)).fetchone()
-            return _contact(row) if row else None
-
-        found: Contact | None = await run_sync(self._reader, op)
+    async def get_contact(self, id_or_email: str, within: Within = None) -> Contact | None:
+        """By id, within a caller's reach; by address, the caller's own contact (the one
+        owned by exactly its domains, the one an upsert of the caller's changes)."""
+        found: Contact | None = await run_sync(self._reader, _find, id_or_email, within)
         return found
 
     async def list_contacts(self, *, limit: int = 100, after: str | None = None,
-                            subscribed: bool | None = None) -> list[Contact]:
+                            subscribed: bool | None = None,
+                            within: Within = None) -> list[Contact]:
         """By address; `after` is the last address of the previous page."""
         def op(db: sqlite3.Connection) -> list[Contact]:
-            where: list[str] = []
-            args: list[Any] = []
+            clause, owner_args = owners.owner_sql(within)
+            where: list[str] = [clause]
+            args: list[Any] = list(owner_args)
             if after:
                 where.append("email > ?")
                 args.append(after)
             if subscribed is not None:
                 where.append("subscribed = ?")
                 args.append(int(subscribed))
-            sql = f"SELECT {_COLUMNS} FROM contacts"
-            if where:
-                sql += " WHERE " + " AND ".join(where)
-            return [_contact(r) for r in db.execute(sql + " ORDER BY email LIMIT ?",
+            sql = f"SELECT {_COLUMNS} FROM contacts WHERE " + " AND ".join(where)
+            return [_contact(r) for r in db.execute(sql + " ORDER BY email, owner LIMIT ?",
                                                     (*args, limit))]
 
         found: list[Contact] = await run_sync(self._reader, op)
@@ -104,28 +103,42 @@ class ContactQueries:
         found: list[tuple[str, dict[str, Any], float]] = await run_sync(self._reader, op)
         return found
 
-    async def delete_contact(self, id_or_email: str) -> bool:
+    async def delete_contact(self, id_or_email: str, within: Within = None) -> bool:
+        """Deletes the contact `get_contact` would find for this caller."""
         def op(db: sqlite3.Connection) -> bool:
-            column = "email" if "@" in id_or_email else "id"
-            return db.execute(f"DELETE FROM contacts WHERE {column} = ?",
-                              (id_or_email,)).rowcount == 1
+            found = _find(db, id_or_email, within)
+            return found is not None and db.execute(
+                "DELETE FROM contacts WHERE id = ?", (found.id,)).rowcount == 1
 
         done: bool = await self._write(op)
         return done
 
 
+def _find(db: sqlite3.Connection, id_or_email: str, within: Within) -> Contact | None:
+    if "@" not in id_or_email:
+        row = db.execute(f"SELECT {_COLUMNS} FROM contacts WHERE id = ?",
+                         (id_or_email,)).fetchone()
+        found = _contact(row) if row else None
+        return found if found is not None and owners.sees(within, found.owner) else None
+    row = db.execute(f"SELECT {_COLUMNS} FROM contacts WHERE email = ? AND owner = ?",
+                     (id_or_email, owners.encode(within or ()))).fetchone()
+    return _contact(row) if row else None
+
+
 def _upsert(db: sqlite3.Connection, change: ContactChange, now: float) -> Upserted:
-    row = db.execute(f"SELECT {_COLUMNS} FROM contacts WHERE email = ?",
-                     (change.email,)).fetchone()
+    owner = owners.encode(change.owner)
+    row = db.execute(f"SELECT {_COLUMNS} FROM contacts WHERE email = ? AND owner = ?",
+                     (change.email, owner)).fetchone()
     if row is None:
         data = {k: v for k, v in change.data.items() if k not in change.remove}
         subscribed = (change.subscribed if change.subscribed is not None
                       else change.subscribed_if_new)
         contact = Contact(id=str(uuid.uuid4()), email=change.email, subscribed=subscribed,
-                          data=data, created_at=now, updated_at=now)
-        db.execute(f"INSERT INTO contacts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                          data=data, created_at=now, updated_at=now,
+                          owner=owners.decode(owner))
+        db.execute(f"INSERT INTO contacts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                    (contact.id, contact.email, int(contact.subscribed), json.dumps(data),
-                    now, now))
+                    now, now, owner))
         return Upserted(contact=contact, created=True)
     old = _contact(row)
     data = {**old.data, **change.data}
@@ -137,10 +150,11 @@ def _upsert(db: sqlite3.Connection, change: ContactChange, now: float) -> Upsert
     db.execute("UPDATE contacts SET subscribed = ?, data = ?, updated_at = ? WHERE id = ?",
                (int(subscribed), json.dumps(data), now, old.id))
     return Upserted(contact=Contact(id=old.id, email=old.email, subscribed=subscribed,
-                                    data=data, created_at=old.created_at, updated_at=now),
+                                    data=data, created_at=old.created_at, updated_at=now,
+                                    owner=old.owner),
                     created=False)
 
 
 def _contact(row: tuple[Any, ...]) -> Contact:
     return Contact(id=row[0], email=row[1], subscribed=bool(row[2]), data=json.loads(row[3]),
-                   created_at=row[4], updated_at=row[5])
+                   created_at=row[4], updated_at=row[5], owner=owners.decode(row[6]))

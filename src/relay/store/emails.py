@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import aiosqlite
 
+from .. import owners
+from ..owners import Within
 from ..types import Recipient
 from .base import MessageDetail, MessagePage
 from .groupcommit import run_sync
@@ -22,13 +23,14 @@ class EmailQueries:
     _recipients: Callable[[list[str]], Awaitable[dict[str, tuple[Recipient, ...]]]]
 
     async def page_by_offset(self, *, statuses: tuple[str, ...] = (), limit: int = 50,
-                             offset: int = 0) -> MessagePage:
+                             offset: int = 0, within: Within = None) -> MessagePage:
         """Newest first, `offset` messages skipped; with `statuses`, only messages with a
-        recipient in one of them. next_cursor is set (to the last id) when more follow."""
-        sql = f"SELECT {MESSAGE_COLUMNS} FROM messages"
-        args: list[Any] = []
+        recipient in one of them; with `within`, only a caller's. next_cursor is set (to
+        the last id) when more follow."""
+        clause, args = owners.message_sql(within)
+        sql = f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE {clause}"
         if statuses:
-            sql += (" WHERE id IN (SELECT message_id FROM recipients WHERE status IN"
+            sql += (" AND id IN (SELECT message_id FROM recipients WHERE status IN"
                     f" ({','.join('?' * len(statuses))}))")
             args += statuses
         sql += " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
@@ -40,6 +42,16 @@ class EmailQueries:
         items = tuple(MessageDetail(message=message_row(r, recipients.get(r[0], ())),
                                     recipients=recipients.get(r[0], ())) for r in rows)
         return MessagePage(items=items, next_cursor=rows[-1][0] if more and rows else None)
+
+    async def sender_domain_of(self, message_id: str) -> str | None:
+        """A message's sender domain (its owner), or None when there is no such message."""
+        def op(db: sqlite3.Connection) -> str | None:
+            row = db.execute("SELECT sender_domain FROM messages WHERE id = ?",
+                             (message_id,)).fetchone()
+            return str(row[0]) if row else None
+
+        found: str | None = await run_sync(self._reader, op)
+        return found
 
     async def resends_of(self, message_id: str) -> list[str]:
         def op(db: sqlite3.Connection) -> list[str]:

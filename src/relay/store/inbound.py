@@ -15,6 +15,7 @@ import aiosqlite
 from ..types import EventType, RecipientStatus
 from .delivery import AttemptRecord, wipe_given_keys
 from .groupcommit import run_sync
+from .suppressions import owner_of_mail
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,9 +144,12 @@ def _apply(db: sqlite3.Connection, e: Effect, now: float) -> bool:
         if had:
             return False
     if e.suppress:
+        domain = db.execute("SELECT sender_domain FROM messages WHERE id = ?",
+                            (e.message_id,)).fetchone()
         db.execute("INSERT OR IGNORE INTO suppressions (address, scope, reason, source,"
-                   " created_at) VALUES (?, '', ?, ?, ?)",
-                   (e.address, e.suppress, f"{_SOURCE[e.event]}:{e.message_id}", now))
+                   " created_at, owner) VALUES (?, '', ?, ?, ?, ?)",
+                   (e.address, e.suppress, f"{_SOURCE[e.event]}:{e.message_id}", now,
+                    owner_of_mail(domain[0] if domain else "")))
     db.execute("INSERT INTO events (message_id, recipient_id, type, created_at, data)"
                " VALUES (?, ?, ?, ?, ?)",
                (e.message_id, e.recipient_id, e.event.value, now, json.dumps(e.event_data)))

@@ -25,7 +25,7 @@ from .groupcommit import run_sync
 
 MESSAGE_COLUMNS = (
     "id, created_at, mail_from, size, source, api_key_id, tags, metadata, stream, "
-    "subject, header_from, dsn_ret, dsn_envid, smtputf8, keep_mail_from"
+    "subject, header_from, dsn_ret, dsn_envid, smtputf8, keep_mail_from, sender_domain"
 )
 RECIPIENT_COLUMNS = (
     "id, message_id, address, domain, status, attempts, next_attempt_at, last_reply, "
@@ -115,7 +115,7 @@ def message_row(row: Any, recipients: tuple[Recipient, ...]) -> Message:
         stream=Stream(row[8]), subject=row[9], header_from=row[10], dsn_ret=row[11],
         dsn_envid=row[12], smtputf8=bool(row[13]),
         return_path="none" if not row[2] else "kept" if row[14] else "verp",
-        status=message_status([r.status for r in recipients]),
+        status=message_status([r.status for r in recipients]), sender_domain=row[15],
     )
 
 

@@ -245,6 +245,52 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX inbound_reports_message ON inbound_reports(message_id)
         WHERE message_id IS NOT NULL;
     """,
+    # 13: owners (DESIGN.md section 10): the domains of the key that made a webhook, template,
+    # suppression or contact ('[]': the whole relay). A suppression or contact is one per
+    # address and owner, so the tables are made again with owner in their keys.
+    """
+    ALTER TABLE webhook_endpoints ADD COLUMN owner TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE templates ADD COLUMN owner TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE suppressions_13 (
+        address    TEXT NOT NULL,
+        scope      TEXT NOT NULL DEFAULT '',
+        owner      TEXT NOT NULL DEFAULT '[]',
+        reason     TEXT NOT NULL,
+        source     TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        PRIMARY KEY (address, scope, owner)
+    );
+    INSERT INTO suppressions_13 (address, scope, reason, source, created_at)
+        SELECT address, scope, reason, source, created_at FROM suppressions;
+    DROP TABLE suppressions;
+    ALTER TABLE suppressions_13 RENAME TO suppressions;
+    CREATE TABLE contacts_13 (
+        id         TEXT PRIMARY KEY,
+        email      TEXT NOT NULL COLLATE NOCASE,
+        owner      TEXT NOT NULL DEFAULT '[]',
+        subscribed INTEGER NOT NULL DEFAULT 0,
+        data       TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        UNIQUE (owner, email)
+    );
+    INSERT INTO contacts_13 (id, email, subscribed, data, created_at, updated_at)
+        SELECT id, email, subscribed, data, created_at, updated_at FROM contacts;
+    DROP TABLE contacts;
+    ALTER TABLE contacts_13 RENAME TO contacts;
+    CREATE INDEX contacts_email ON contacts(email);
+    DROP TRIGGER events_fan_out;
+    CREATE TRIGGER events_fan_out AFTER INSERT ON events BEGIN
+        INSERT INTO webhook_outbox (endpoint_id, event_id, next_attempt_at, created_at)
+        SELECT w.id, NEW.id, NEW.created_at, NEW.created_at FROM webhook_endpoints w
+        WHERE w.enabled AND (w.events = '[]' OR EXISTS (
+            SELECT 1 FROM json_each(w.events) WHERE json_each.value = NEW.type))
+        AND (w.owner = '[]' OR EXISTS (
+            SELECT 1 FROM messages m, json_each(w.owner) o WHERE m.id = NEW.message_id
+            AND (m.sender_domain = o.value
+                 OR substr(m.sender_domain, -length(o.value) - 1) = '.' || o.value)));
+    END;
+    """,
 )
 
 
@@ -260,10 +306,13 @@ async def migrate(conn: aiosqlite.Connection) -> int:
             f"({len(MIGRATIONS)}); upgrade relay"
         )
     for version in range(current + 1, len(MIGRATIONS) + 1):
+        # foreign keys off while a step runs: a table made again (SQLite's way to change a
+        # key) must not take its dependants' rows with it when the old one is dropped
         await conn.executescript(
-            "BEGIN IMMEDIATE;\n" + MIGRATIONS[version - 1]
+            "PRAGMA foreign_keys = OFF;\nBEGIN IMMEDIATE;\n" + MIGRATIONS[version - 1]
             + ("\nDELETE FROM schema_version;" if current else "")
             + f"\nINSERT INTO schema_version (version) VALUES ({version});\nCOMMIT;"
+            + "\nPRAGMA foreign_keys = ON;"
         )
         current = version
     return current

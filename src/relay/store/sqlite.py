@@ -11,7 +11,9 @@ from typing import Any
 
 import aiosqlite
 
+from .. import owners
 from ..errors import StoreError
+from ..owners import Within
 from ..types import (
     ApiKey,
     GivenDkimKey,
@@ -119,13 +121,17 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
     async def list_messages(
         self, *, limit: int = 50, cursor: str | None = None, status: str | None = None,
         tag: str | None = None, to: str | None = None, sender: str | None = None,
-        since: float | None = None,
+        since: float | None = None, within: Within = None,
     ) -> MessagePage:
         """Newest first; the cursor is the id of the last message of the previous page.
         `tag` matches a tag's name (or name:value), `to` a recipient, `sender` the envelope
-        or From address, `since` the creation time."""
+        or From address, `since` the creation time, `within` a caller's reach."""
         where: list[str] = []
         args: list[Any] = []
+        if within is not None:
+            clause, more_args = owners.message_sql(within)
+            where.append(clause)
+            args += more_args
         if tag:
             where.append("EXISTS (SELECT 1 FROM json_each(messages.tags) t"
                          " WHERE t.value = ? OR t.value LIKE ? ESCAPE '\\')")

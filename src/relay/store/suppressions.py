@@ -10,11 +10,13 @@ from typing import Any
 
 import aiosqlite
 
+from .. import owners
+from ..owners import Within
 from ..types import EventType, Stream, SubmitResult, Suppression
 from .base import NewMessage
 from .groupcommit import run_sync
 
-_COLUMNS = "address, scope, reason, source, created_at"
+_COLUMNS = "address, scope, reason, source, created_at, owner"
 
 
 class SuppressionQueries:
@@ -27,43 +29,46 @@ class SuppressionQueries:
         """Added (True) or already there (False; the first reason stays)."""
         def op(db: sqlite3.Connection) -> bool:
             cur = db.execute(f"INSERT OR IGNORE INTO suppressions ({_COLUMNS})"
-                             " VALUES (?, ?, ?, ?, ?)",
+                             " VALUES (?, ?, ?, ?, ?, ?)",
                              (entry.address, entry.scope, entry.reason, entry.source,
-                              entry.created_at))
+                              entry.created_at, owners.encode(entry.owner)))
             return cur.rowcount == 1
 
         added: bool = await self._write(op)
         return added
 
-    async def remove_suppression(self, address: str, scope: str | None = None) -> int:
-        """Removes the address's entries (of one scope, or all of them); returns how many."""
+    async def remove_suppression(self, address: str, scope: str | None = None,
+                                 within: Within = None) -> int:
+        """Removes the address's entries (of one scope, or all of them) within a caller's
+        reach; returns how many."""
         def op(db: sqlite3.Connection) -> int:
+            clause, args = owners.owner_sql(within)
             if scope is None:
-                return db.execute("DELETE FROM suppressions WHERE address = ?",
-                                  (address,)).rowcount
-            return db.execute("DELETE FROM suppressions WHERE address = ? AND scope = ?",
-                              (address, scope)).rowcount
+                return db.execute(f"DELETE FROM suppressions WHERE address = ? AND {clause}",
+                                  (address, *args)).rowcount
+            return db.execute("DELETE FROM suppressions WHERE address = ? AND scope = ?"
+                              f" AND {clause}", (address, scope, *args)).rowcount
 
         count: int = await self._write(op)
         return count
 
     async def list_suppressions(self, *, limit: int = 100, after: str | None = None,
-                                address: str | None = None) -> list[Suppression]:
+                                address: str | None = None,
+                                within: Within = None) -> list[Suppression]:
         """By address; `after` is the last address of the previous page."""
         def op(db: sqlite3.Connection) -> list[Suppression]:
-            where, args = [], []
+            clause, owner_args = owners.owner_sql(within)
+            where, args = [clause], list(owner_args)
             if address:
                 where.append("address = ?")
                 args.append(address)
             if after:
                 where.append("address > ?")
                 args.append(after)
-            sql = f"SELECT {_COLUMNS} FROM suppressions"
-            if where:
-                sql += " WHERE " + " AND ".join(where)
-            rows = db.execute(sql + " ORDER BY address, scope LIMIT ?", (*args, limit))
+            sql = f"SELECT {_COLUMNS} FROM suppressions WHERE " + " AND ".join(where)
+            rows = db.execute(sql + " ORDER BY address, scope, owner LIMIT ?", (*args, limit))
             return [Suppression(address=r[0], scope=r[1], reason=r[2], source=r[3],
-                                created_at=r[4]) for r in rows]
+                                created_at=r[4], owner=owners.decode(r[5])) for r in rows]
 
         found: list[Suppression] = await run_sync(self._reader, op)
         return found
@@ -80,16 +85,21 @@ class SuppressionQueries:
                 return None
             address, scope, message_id = row
             added = db.execute(
-                f"INSERT OR IGNORE INTO suppressions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
-                (address, scope, "unsubscribed", f"unsubscribe:{message_id}", now)).rowcount
+                f"INSERT OR IGNORE INTO suppressions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (address, scope, "unsubscribed", f"unsubscribe:{message_id}", now,
+                 owner_of_mail(scope))).rowcount
             if added:
                 db.execute("INSERT INTO events (message_id, recipient_id, type, created_at, data)"
                            " VALUES (?, ?, ?, ?, ?)",
                            (message_id, recipient_id, EventType.UNSUBSCRIBED.value, now,
                             json.dumps({"email": address, "scope": scope})))
-            # a contact has one subscription state (Plunk's): leaving any list leaves it
+            # a contact has one subscription state (Plunk's): leaving any list of its
+            # owner's leaves it
             db.execute("UPDATE contacts SET subscribed = 0, updated_at = ?"
-                       " WHERE email = ? AND subscribed = 1", (now, address))
+                       " WHERE email = ? AND subscribed = 1 AND (owner = '[]' OR EXISTS ("
+                       " SELECT 1 FROM json_each(owner) o WHERE o.value = ?"
+                       " OR substr(?, -length(o.value) - 1) = '.' || o.value))",
+                       (now, address, scope, scope))
             return address, scope
 
         done: tuple[str, str] | None = await self._write(op)
@@ -106,19 +116,27 @@ class SuppressionQueries:
 def screen(db: sqlite3.Connection, addresses: Iterable[str], stream: Stream | str,
            sender_domain: str) -> dict[str, str]:
     """{address: reason} for the suppressed ones: a global entry stops all mail, a scoped one
-    stops broadcast mail from that sending domain."""
+    stops broadcast mail from that sending domain; either only the mail of its owner (a
+    relay-wide entry, everyone's)."""
     wanted = list(dict.fromkeys(addresses))
     out: dict[str, str] = {}
     broadcast = str(stream) == Stream.BROADCAST.value
     for i in range(0, len(wanted), 500):
         chunk = wanted[i:i + 500]
         marks = ",".join("?" * len(chunk))
-        for address, reason in db.execute(
-                f"SELECT address, reason FROM suppressions WHERE address IN ({marks})"
+        for address, reason, owner in db.execute(
+                f"SELECT address, reason, owner FROM suppressions WHERE address IN ({marks})"
                 " AND (scope = '' OR (? AND scope = ?)) ORDER BY scope",
                 (*chunk, broadcast, sender_domain)):
-            out.setdefault(address, reason)
+            if owner == "[]" or owners.covers(owners.decode(owner), sender_domain):
+                out.setdefault(address, reason)
     return out
+
+
+def owner_of_mail(sender_domain: str) -> str:
+    """The stored owner of what a message's outcome makes (a bounce's or unsubscribe's
+    suppression): its sender domain, or the relay for mail without one."""
+    return owners.encode((sender_domain,) if sender_domain else ())
 
 
 def listed(db: sqlite3.Connection, messages: Sequence[NewMessage]) -> set[str]:

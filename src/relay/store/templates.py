@@ -9,12 +9,14 @@ from typing import Any
 
 import aiosqlite
 
+from .. import owners
+from ..owners import Within
 from ..types import Template
 from .groupcommit import run_sync
 
 _FIELDS = tuple(f.name for f in fields(Template))
 _COLUMNS = ", ".join(_FIELDS)
-_EDITABLE = frozenset(_FIELDS) - {"id", "created_at"}
+_EDITABLE = frozenset(_FIELDS) - {"id", "created_at", "owner"}
 
 
 class TemplateQueries:
@@ -27,7 +29,7 @@ class TemplateQueries:
         def op(db: sqlite3.Connection) -> None:
             db.execute(f"INSERT INTO templates ({_COLUMNS}) VALUES"
                        f" ({','.join('?' * len(_FIELDS))})",
-                       tuple(getattr(t, name) for name in _FIELDS))
+                       tuple(_stored(t, name) for name in _FIELDS))
 
         await self._write(op)
 
@@ -40,13 +42,15 @@ class TemplateQueries:
         found: Template | None = await run_sync(self._reader, op)
         return found
 
-    async def list_templates(self, *, limit: int = 100,
-                             after: str | None = None) -> list[Template]:
-        """Oldest first; `after` is the id of the last template of the previous page."""
+    async def list_templates(self, *, limit: int = 100, after: str | None = None,
+                             within: Within = None) -> list[Template]:
+        """Oldest first; `after` is the id of the last template of the previous page;
+        `within` a caller's reach."""
         def op(db: sqlite3.Connection) -> list[Template]:
-            sql, args = f"SELECT {_COLUMNS} FROM templates", []
+            clause, args = owners.owner_sql(within)
+            sql = f"SELECT {_COLUMNS} FROM templates WHERE {clause}"
             if after:
-                sql += (" WHERE (created_at, id) >"
+                sql += (" AND (created_at, id) >"
                         " (SELECT created_at, id FROM templates WHERE id = ?)")
                 args.append(after)
             rows = db.execute(sql + " ORDER BY created_at, id LIMIT ?", (*args, limit))
@@ -83,5 +87,11 @@ class TemplateQueries:
         return done
 
 
+def _stored(t: Template, name: str) -> Any:
+    return owners.encode(t.owner) if name == "owner" else getattr(t, name)
+
+
 def _template(row: tuple[Any, ...]) -> Template:
-    return Template(**dict(zip(_FIELDS, row, strict=True)))
+    values = dict(zip(_FIELDS, row, strict=True))
+    values["owner"] = owners.decode(values["owner"])
+    return Template(**values)

@@ -11,11 +11,13 @@ from typing import Any
 
 import aiosqlite
 
+from .. import owners
+from ..owners import Within
 from ..types import EventType, WebhookEndpoint
 from .groupcommit import run_sync
 
 _COLUMNS = ("id, url, secret, events, enabled, created_at, disabled_at, disabled_reason,"
-            " failing_since, format")
+            " failing_since, format, owner")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,17 +43,20 @@ class WebhookQueries:
 
     async def add_endpoint(self, ep: WebhookEndpoint) -> None:
         def op(db: sqlite3.Connection) -> None:
-            db.execute(f"INSERT INTO webhook_endpoints ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            db.execute(f"INSERT INTO webhook_endpoints ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                        (ep.id, ep.url, ep.secret, json.dumps(list(ep.events)), int(ep.enabled),
                         ep.created_at, ep.disabled_at, ep.disabled_reason, ep.failing_since,
-                        ep.format))
+                        ep.format, owners.encode(ep.owner)))
 
         await self._write(op)
 
-    async def list_endpoints(self) -> list[WebhookEndpoint]:
+    async def list_endpoints(self, within: Within = None) -> list[WebhookEndpoint]:
+        """Those within a caller's reach (all of them for None), oldest first."""
         def op(db: sqlite3.Connection) -> list[WebhookEndpoint]:
+            where, args = owners.owner_sql(within)
             return [_endpoint(r) for r in db.execute(
-                f"SELECT {_COLUMNS} FROM webhook_endpoints ORDER BY created_at")]
+                f"SELECT {_COLUMNS} FROM webhook_endpoints WHERE {where} ORDER BY created_at",
+                args)]
 
         found: list[WebhookEndpoint] = await run_sync(self._reader, op)
         return found
@@ -93,12 +98,17 @@ class WebhookQueries:
         return done
 
     async def redeliver(self, endpoint_id: str, event_id: int, now: float) -> bool:
-        """Queue one event for one endpoint again, due now; False when either is unknown."""
+        """Queue one event for one endpoint again, due now; False when either is unknown or
+        the event is not the endpoint's owner's (it would never have gone there)."""
         def op(db: sqlite3.Connection) -> bool:
             return db.execute(
                 "INSERT INTO webhook_outbox (endpoint_id, event_id, next_attempt_at, created_at)"
                 " SELECT w.id, e.id, ?, ? FROM webhook_endpoints w, events e"
-                " WHERE w.id = ? AND e.id = ?", (now, now, endpoint_id, event_id)).rowcount == 1
+                " WHERE w.id = ? AND e.id = ? AND (w.owner = '[]' OR EXISTS ("
+                " SELECT 1 FROM messages m, json_each(w.owner) o WHERE m.id = e.message_id"
+                " AND (m.sender_domain = o.value"
+                " OR substr(m.sender_domain, -length(o.value) - 1) = '.' || o.value)))",
+                (now, now, endpoint_id, event_id)).rowcount == 1
 
         done: bool = await self._write(op)
         return done
@@ -195,4 +205,5 @@ class WebhookQueries:
 def _endpoint(r: Any) -> WebhookEndpoint:
     return WebhookEndpoint(id=r[0], url=r[1], secret=r[2], events=tuple(json.loads(r[3])),
                            enabled=bool(r[4]), created_at=r[5], disabled_at=r[6],
-                           disabled_reason=r[7], failing_since=r[8], format=r[9])
+                           disabled_reason=r[7], failing_since=r[8], format=r[9],
+                           owner=owners.decode(r[10]))

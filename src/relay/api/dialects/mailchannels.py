@@ -52,7 +52,6 @@ from ...types import (
 from ...webhooks_mailchannels import Signer
 from .. import auth
 from ..errors import ApiError
-from ..hooks import SCOPE as WEBHOOKS_SCOPE
 from ..hooks import check_target
 from ..native import _unique, decode_attachments, json_body, mailbox, parse
 from ..schemas import RESERVED_HEADERS, AddressObject, AttachmentIn, Strict
@@ -173,7 +172,7 @@ class MailChannelsApi:
     # -- sending -------------------------------------------------------------------------
 
     async def send(self, request: web.Request) -> web.Response:
-        key = await auth.require(request, self._store, "emails:send")
+        key = await auth.require(request, self._store)
         m = parse(McSend, await json_body(request))
         request_id = str(uuid.uuid4())
         messages = await self._prepared(m, key, request_id)
@@ -191,7 +190,7 @@ class MailChannelsApi:
         return web.json_response({"request_id": request_id, "results": out})
 
     async def send_async(self, request: web.Request) -> web.Response:
-        key = await auth.require(request, self._store, "emails:send")
+        key = await auth.require(request, self._store)
         m = parse(McSend, await json_body(request))
         request_id = str(uuid.uuid4())
         messages = await self._prepared(m, key, request_id)
@@ -305,7 +304,7 @@ class MailChannelsApi:
 
     async def enrol(self, request: web.Request) -> web.Response:
         """POST /webhook?endpoint=URL: events in MailChannels' shape go to URL."""
-        await auth.require(request, self._store, WEBHOOKS_SCOPE)
+        await auth.require(request, self._store)
         url = request.query.get("endpoint", "")
         if not url:
             raise ApiError(400, "the endpoint query parameter is required", param="endpoint")
@@ -320,14 +319,14 @@ class MailChannelsApi:
         return web.Response(status=201)
 
     async def webhooks(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, WEBHOOKS_SCOPE)
+        await auth.require(request, self._store)
         known = await self._store.list_endpoints()
         return web.json_response({"data": [{"webhook": e.url} for e in known
                                            if e.format == "mailchannels"]})
 
     async def unenrol(self, request: web.Request) -> web.Response:
         """DELETE /webhook: every endpoint of this format (MailChannels deletes them all)."""
-        await auth.require(request, self._store, WEBHOOKS_SCOPE)
+        await auth.require(request, self._store)
         for e in await self._store.list_endpoints():
             if e.format == "mailchannels":
                 await self._store.delete_endpoint(e.id)

@@ -101,7 +101,7 @@ class MailerLogicApi:
         return [web.post(PATH, in_shape(error_body, _STATUSES)(self.send))]
 
     async def send(self, request: web.Request) -> web.Response:
-        key = await auth.require(request, self._store, "emails:send")
+        key = await auth.require(request, self._store)
         m = parse(MlSend, await json_body(request))
         domain = await self._domain(m, key)
         message = prepare(self._submitter, self._submission(m, key, domain))

@@ -39,7 +39,15 @@ from ...types import (
 from .. import auth
 from ..errors import ApiError
 from ..idempotency import Answer, Claim, Idempotency, replay
-from ..native import _mailboxes, _unique, int_param, json_body, mailbox, parse
+from ..native import (
+    _mailboxes,
+    _unique,
+    found_message,
+    int_param,
+    json_body,
+    mailbox,
+    parse,
+)
 from ..schemas import Strict
 from ..views import iso
 from .common import commit, decode_base64, in_shape, named, prepare, reshaped, store_call
@@ -125,7 +133,7 @@ class PiiSendApi:
     # -- sending -------------------------------------------------------------------------
 
     async def send(self, request: web.Request) -> web.Response:
-        key = await auth.require(request, self._store, "emails:send")
+        key = await auth.require(request, self._store)
         raw = await json_body(request)
 
         async def produce(claim: Claim | None) -> Answer:
@@ -169,7 +177,7 @@ class PiiSendApi:
         subject, html, text = m.subject, m.html, m.text
         template_sender = None
         if m.template_id is not None:
-            filled = await self._template(m.template_id, m.template_vars)
+            filled = await self._template(m.template_id, m.template_vars, key)
             subject, html, text = filled.subject, filled.html, filled.text
             if filled.template.from_email:
                 template_sender = Mailbox(email=filled.template.from_email,
@@ -209,12 +217,13 @@ class PiiSendApi:
             track_opens=m.track_opens, track_clicks=m.track_clicks,
             scheduled_at=_scheduled(m.scheduled_at))
 
-    async def _template(self, template_id: str, data: dict[str, Any]) -> templates.Filled:
-        """A stored template filled with template_vars (a variable it lacks is the caller's
-        error, named as template_vars.<name>)."""
+    async def _template(self, template_id: str, data: dict[str, Any],
+                        key: ApiKey) -> templates.Filled:
+        """A stored template of the key's filled with template_vars (a variable it lacks is
+        the caller's error, named as template_vars.<name>)."""
         try:
             return await templates.render_stored(self._store, template_id, data,
-                                                 param="template_id")
+                                                 param="template_id", within=auth.reach(key))
         except templates.UnknownTemplate as exc:
             raise ApiError(404, str(exc), param="template_id") from None
         except ValidationError as exc:
@@ -242,7 +251,7 @@ class PiiSendApi:
     # -- reading -------------------------------------------------------------------------
 
     async def list(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, "emails:read")
+        key = await auth.require(request, self._store)
         q = request.query
         limit = int_param(q.get("limit"), "limit", default=50, low=1, high=100)
         offset = int_param(q.get("offset"), "offset", default=0, low=0, high=10**9)
@@ -250,41 +259,37 @@ class PiiSendApi:
         if status is not None and status not in LISTED:
             raise ApiError(422, f"status must be one of {', '.join(LISTED)}", param="status")
         page = await self._store.page_by_offset(
-            statuses=LISTED[status] if status else (), limit=limit, offset=offset)
+            statuses=LISTED[status] if status else (), limit=limit, offset=offset,
+            within=auth.reach(key))
         return web.json_response({"data": [_email(d) for d in page.items], "limit": limit,
                                   "offset": offset, "has_more": page.next_cursor is not None})
 
     async def get(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, "emails:read")
-        detail = await self._found(request.match_info["id"])
+        key = await auth.require(request, self._store)
+        detail = await found_message(self._store, key, request.match_info["id"])
         stored = await self._store.get_outgoing(detail.message.id)
         raw = compose.materialize(stored.body, stored.kind) if stored is not None else b""
         return web.json_response({**_email(detail), **_content(raw), **_history(detail),
                                   "resends": await self._store.resends_of(detail.message.id)})
 
-    async def _found(self, message_id: str) -> MessageDetail:
-        detail = await self._store.get_message(message_id)
-        if detail is None:
-            raise ApiError(404, f"no email {message_id}", param="id")
-        return detail
-
     # -- changing ------------------------------------------------------------------------
 
     async def cancel(self, request: web.Request) -> web.Response:
-        key = await auth.require(request, self._store, "emails:send")
-        detail = await self._found(request.match_info["id"])
+        key = await auth.require(request, self._store)
+        detail = await found_message(self._store, key, request.match_info["id"])
         count = await store_call(self._store.cancel(
             detail.message.id, f"api:{key.id}", time.time(), only=("scheduled",)))
         if not count:
             raise ApiError(409, f"{detail.message.id} is {_status(detail)}; only a scheduled "
                            "email can be cancelled", type="conflict", param="id")
-        return web.json_response(_email(await self._found(detail.message.id)))
+        return web.json_response(_email(await found_message(self._store, key,
+                                                            detail.message.id)))
 
     async def resend(self, request: web.Request) -> web.Response:
         """A new message with the first one's content, recipients, stream and tracking; its
         metadata names the first (resend_of), whose detail lists it among its resends."""
-        key = await auth.require(request, self._store, "emails:send")
-        detail = await self._found(request.match_info["id"])
+        key = await auth.require(request, self._store)
+        detail = await found_message(self._store, key, request.match_info["id"])
         stored = await self._store.get_outgoing(detail.message.id)
         if stored is None:
             raise ApiError(404, f"no email {detail.message.id}", param="id")

@@ -57,6 +57,7 @@ from ..native import (
     prepare,
 )
 from ..schemas import Address, AttachmentIn, HeaderName, HeaderValue, Strict
+from ..templates import found_template
 from ..views import iso
 
 MAX_RECIPIENTS = 100
@@ -115,7 +116,7 @@ class PlunkApi:
     # -- /v1/send ------------------------------------------------------------------------
 
     async def send(self, request: web.Request) -> web.Response:
-        key = await auth.require(request, self._store, "emails:send")
+        key = await auth.require(request, self._store)
         raw = await json_body(request)
 
         async def produce(claim: Claim | None) -> Answer:
@@ -139,7 +140,7 @@ class PlunkApi:
             raise ApiError(422, "relay sends html bodies; markdown is not rendered",
                            param="type")
         recipients = _recipients(m.to)
-        template = await self._template(m.template)
+        template = await self._template(m.template, key)
         stream = Stream.BROADCAST if template and template.type == "marketing" else \
             Stream.TRANSACTIONAL
         kept, send_only, removed = split_data(m.data)
@@ -147,20 +148,23 @@ class PlunkApi:
         now = time.time()
         changes, messages, skipped = [], {}, {}
         for mb in recipients:
-            found = await self._store.get_contact(mb.email)
+            found = await self._store.get_contact(mb.email, auth.reach(key))
             contact_data = {**(found.data if found else {}), **kept}
             for name in removed:
                 contact_data.pop(name, None)
             subscribed = m.subscribed if m.subscribed is not None else \
                 bool(found and found.subscribed)
             changes.append(ContactChange(email=mb.email, subscribed=m.subscribed,
-                                         data=kept, remove=removed))
+                                         data=kept, remove=removed, owner=key.domains))
             if stream is Stream.BROADCAST and not subscribed:
                 skipped[mb.email] = "unsubscribed"
                 continue
             sub = self._submission(m, key, template, stream, mb, default_from,
                                    {**contact_data, **send_only})
             message = prepare(self._submitter, sub)
+            if not await self._submitter.will_sign(message):  # Plunk: a verified domain only
+                raise ApiError(422, f"{message.sender_domain or 'the sender'} is not a verified "
+                               "sending domain of this relay (relay domains add)", param="from")
             try:
                 await check_broadcast(self._submitter, message)
             except ApiError as exc:  # Plunk has no stream field: the template made it so
@@ -190,13 +194,10 @@ class PlunkApi:
             return replay(existing, claim)
         return made[0] if made else answer(results)
 
-    async def _template(self, template_id: str | None) -> Template | None:
+    async def _template(self, template_id: str | None, key: ApiKey) -> Template | None:
         if template_id is None:
             return None
-        found = await self._store.get_template(template_id)
-        if found is None:
-            raise ApiError(404, f"no template {template_id}", param="template")
-        return found
+        return await found_template(self._store, key.domains, template_id, param="template")
 
     def _submission(self, m: PlunkSend, key: ApiKey, template: Template | None,
                     stream: Stream, to: Mailbox, default_from: str,
@@ -240,12 +241,12 @@ class PlunkApi:
     # -- /v1/track -----------------------------------------------------------------------
 
     async def track(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store, "emails:send")
+        key = await auth.require(request, self._store)
         m = parse(PlunkTrack, await json_body(request))
         email = mailbox(m.email, "email").email
         kept, send_only, removed = split_data(m.data)
         change = ContactChange(email=email, subscribed=m.subscribed, subscribed_if_new=True,
-                               data=kept, remove=removed)
+                               data=kept, remove=removed, owner=key.domains)
         now = time.time()
         done, event_id = await self._store_call(self._store.track_contact_event(
             change, m.event, {**kept, **send_only}, now))
