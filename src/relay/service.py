@@ -14,6 +14,7 @@ from aiohttp import web
 
 from .api.app import make_app
 from .config import Config, ListenerConfig
+from .datadir import DataDirLock
 from .deliver import Deliverer
 from .errors import ConfigError
 from .inbound import Inbound
@@ -50,16 +51,24 @@ class Service:
     webhooks: WebhookDispatcher | None = field(init=False, default=None)
     scheduler: Scheduler | None = field(init=False, default=None)  # delivery in this process
     worker: WorkerProcess | None = field(init=False, default=None)  # or in its own
+    lock: DataDirLock = field(init=False)
 
     def __post_init__(self) -> None:
+        self.lock = DataDirLock(self.config.server.data_dir)
         self.store = SQLiteStore(self.config.db_path)
         self.submitter = Submitter(self.config, self.store)
 
     async def start(self) -> None:
         """Open the store, then listen. Raises ConfigError when a listener cannot start."""
         self.config.server.data_dir.mkdir(parents=True, exist_ok=True)
-        contexts = [self._tls_context(i, lst) for i, lst in enumerate(self.config.smtp.listeners)]
-        await self.store.open()
+        self.lock.acquire()  # before the store: a second relay must not touch the queue
+        try:
+            contexts = [self._tls_context(i, lst)
+                        for i, lst in enumerate(self.config.smtp.listeners)]
+            await self.store.open()
+        except BaseException:
+            self.lock.release()
+            raise
         load_key(self.config.server.data_dir)  # made once, before any process needs it
         limits = self.config.limits
         throttle = AuthThrottle(delay_after=limits.auth_failures_before_delay,
@@ -176,6 +185,7 @@ class Service:
         self.servers.clear()
         self.handlers.clear()
         await self.store.close()
+        self.lock.release()
 
 
 def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],

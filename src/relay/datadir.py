@@ -1,0 +1,39 @@
+"""One relay on one data dir (DESIGN.md section 9): `serve` holds an exclusive lock on
+`<data_dir>/relay.lock` while it runs. A second one on the same dir would take the first's
+leased work back into the queue and deliver it again, so it stops at once instead."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from .errors import StoreError
+
+LOCK_NAME = "relay.lock"
+
+
+class DataDirLock:
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise StoreError naming the process that holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
+            os.close(fd)
+            raise StoreError(f"{self.path.parent} is in use by relay (pid {holder}); one relay "
+                             "serves one data dir (stop it first, or give this one its own "
+                             "[server] data_dir)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the lock
+            self._fd = None
