@@ -136,13 +136,18 @@ async def test_webhooks_are_their_owners_and_get_only_their_events(
                              {"eventId": f"evt_{event_id}"})
     assert status == 404
     assert await service.store.outbox(ids["a.test"]) == []
-    # MailChannels' enrolment routes: the list and the delete are the caller's own
-    await service.store.update_endpoint(ids["b.test"], enabled=True)
+    # MailChannels' enrolment routes: the list, the delete and a duplicate are the caller's
+    hook = "http://127.0.0.1:9/mc"
+    status, _ = await b.call("POST", f"/tx/v1/webhook?endpoint={hook}")
+    assert status == 201
     status, listed = await a.call("GET", "/tx/v1/webhook")
     assert status == 200 and listed["data"] == []
     status, _ = await a.call("DELETE", "/tx/v1/webhook")
     assert status == 204
-    assert await service.store.get_endpoint(ids["b.test"]) is not None
+    _, listed = await b.call("GET", "/tx/v1/webhook")
+    assert listed["data"] == [{"webhook": hook}]
+    status, _ = await a.call("POST", f"/tx/v1/webhook?endpoint={hook}")
+    assert status == 201  # not 409: B's enrolment is not A's to know of
 
 
 async def _endpoint(service: Service, t: Tenant) -> str:

@@ -288,7 +288,11 @@ MIGRATIONS: tuple[str, ...] = (
         AND (w.owner = '[]' OR EXISTS (
             SELECT 1 FROM messages m, json_each(w.owner) o WHERE m.id = NEW.message_id
             AND (m.sender_domain = o.value
-                 OR substr(m.sender_domain, -length(o.value) - 1) = '.' || o.value)));
+                 OR substr(m.sender_domain, -length(o.value) - 1) = '.' || o.value))
+            -- an event of no message (webhook.disabled) goes to its endpoint's owner
+            OR (NEW.message_id IS NULL AND w.owner = (
+                SELECT d.owner FROM webhook_endpoints d
+                WHERE d.id = json_extract(NEW.data, '$.endpointId'))));
     END;
     """,
 )

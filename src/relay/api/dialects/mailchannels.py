@@ -304,30 +304,30 @@ class MailChannelsApi:
 
     async def enrol(self, request: web.Request) -> web.Response:
         """POST /webhook?endpoint=URL: events in MailChannels' shape go to URL."""
-        await auth.require(request, self._store)
+        key = await auth.require(request, self._store)
         url = request.query.get("endpoint", "")
         if not url:
             raise ApiError(400, "the endpoint query parameter is required", param="endpoint")
         await check_target(url, self._config.webhooks.allow_private_targets)
-        known = await self._store.list_endpoints()
+        known = await self._store.list_endpoints(auth.reach(key))
         if any(e.format == "mailchannels" and e.url == url for e in known):
             raise ApiError(409, f"{url} is already enrolled", param="endpoint")
         await self._store.add_endpoint(WebhookEndpoint(
             id="wh_" + secrets.token_hex(8), url=url, secret=webhooks.new_secret(),
             events=webhooks_mailchannels.EVENTS, created_at=time.time(),
-            format="mailchannels"))
+            format="mailchannels", owner=key.domains))
         return web.Response(status=201)
 
     async def webhooks(self, request: web.Request) -> web.Response:
-        await auth.require(request, self._store)
-        known = await self._store.list_endpoints()
+        key = await auth.require(request, self._store)
+        known = await self._store.list_endpoints(auth.reach(key))
         return web.json_response({"data": [{"webhook": e.url} for e in known
                                            if e.format == "mailchannels"]})
 
     async def unenrol(self, request: web.Request) -> web.Response:
         """DELETE /webhook: every endpoint of this format (MailChannels deletes them all)."""
-        await auth.require(request, self._store)
-        for e in await self._store.list_endpoints():
+        key = await auth.require(request, self._store)
+        for e in await self._store.list_endpoints(auth.reach(key)):
             if e.format == "mailchannels":
                 await self._store.delete_endpoint(e.id)
         return web.Response(status=204)
