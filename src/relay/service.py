@@ -22,7 +22,8 @@ from .render import KeyRing, Marks, Renderer
 from .reports import ReportMaker
 from .scheduler import Scheduler
 from .signer import SignerProcess
-from .smtpd import AuthThrottle, RelayHandler, make_server_factory
+from .smtpd import RelayHandler, make_server_factory
+from .smtplimits import AuthThrottle
 from .store import SQLiteStore
 from .submit import Submitter
 from .supervise import WorkerProcess
@@ -61,10 +62,7 @@ class Service:
         contexts = [self._tls_context(i, lst) for i, lst in enumerate(self.config.smtp.listeners)]
         await self.store.open()
         load_key(self.config.server.data_dir)  # made once, before any process needs it
-        limits = self.config.limits
-        throttle = AuthThrottle(delay_after=limits.auth_failures_before_delay,
-                                block_after=limits.auth_failures_before_block,
-                                block_seconds=limits.auth_block_seconds)
+        throttle = AuthThrottle.from_limits(self.config.limits)
         inbound = Inbound(self.config, self.store, self.submitter,
                           Tokens(load_key(self.config.server.data_dir)))
         try:
