@@ -4,6 +4,7 @@ client address (421 at greeting time), and the failed-login throttle (issue 17).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import socket
@@ -18,6 +19,7 @@ from relay.service import Service
 from relay.smtpd import RelayHandler
 
 from .conftest import free_port, make_config
+from .smtputil import MESSAGE, connect, in_thread, send
 
 SECOND_CLIENT = "127.0.0.2"  # loopback too: Linux answers for all of 127.0.0.0/8
 
@@ -178,5 +180,41 @@ async def test_a_failed_starttls_handshake_gives_its_place_back(tmp_path: Path,
         await client.closed_by_server()
         await until(lambda: svc.handlers[0].caps.count == 0)
         assert (await clients.open(port)).greeting.startswith(b"220")
+    finally:
+        await svc.stop()
+
+
+# -- failed logins -------------------------------------------------------------------------
+
+
+async def test_a_client_blocked_for_failed_logins_on_submission_may_still_relay(
+        tmp_path: Path, clients: Clients) -> None:
+    submission = ListenerConfig(port=free_port())
+    relay = ListenerConfig(port=free_port(), mode="relay", tls="none",
+                           allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+    svc = Service(make_config(tmp_path, submission, relay, limits=LimitsConfig(
+        auth_failures_before_delay=5, auth_failures_before_block=2)))
+    await svc.start()
+    try:
+        submission_port, relay_port = svc.bound[0][1], svc.bound[1][1]
+
+        def fail_twice() -> list[int]:
+            wrong = base64.b64encode(b"\0x\0rk_000000000000_wrong").decode()
+            with connect(submission_port) as s:
+                return [s.docmd("AUTH", "PLAIN " + wrong)[0] for _ in range(2)]
+
+        assert await in_thread(fail_twice) == [535, 535]
+        blocked = await clients.open(submission_port)
+        blocked.writer.write(b"EHLO client.test\r\n")
+        reply = await asyncio.wait_for(blocked.reader.readline(), 10)
+        assert reply.startswith(b"421 4.7.0 Too many failed logins")
+        # the relay listener does not hold the submission port's failures against it
+        code, text = await in_thread(send, relay_port, None, MESSAGE, "alice@example.com",
+                                     ("bob@example.org",), False)
+        assert code == 250, text
+        # and the submission listener still does
+        blocked = await clients.open(submission_port)
+        blocked.writer.write(b"EHLO client.test\r\n")
+        assert (await asyncio.wait_for(blocked.reader.readline(), 10)).startswith(b"421 4.7.0")
     finally:
         await svc.stop()

@@ -23,7 +23,6 @@ from .reports import ReportMaker
 from .scheduler import Scheduler
 from .signer import SignerProcess
 from .smtpd import RelayHandler, make_server_factory
-from .smtplimits import AuthThrottle
 from .store import SQLiteStore
 from .submit import Submitter
 from .supervise import WorkerProcess
@@ -62,13 +61,11 @@ class Service:
         contexts = [self._tls_context(i, lst) for i, lst in enumerate(self.config.smtp.listeners)]
         await self.store.open()
         load_key(self.config.server.data_dir)  # made once, before any process needs it
-        throttle = AuthThrottle.from_limits(self.config.limits)
         inbound = Inbound(self.config, self.store, self.submitter,
                           Tokens(load_key(self.config.server.data_dir)))
         try:
             for i, (listener, ctx) in enumerate(zip(self.config.smtp.listeners, contexts)):
-                handler = RelayHandler(self.config, listener, self.store, self.submitter, throttle,
-                                       inbound)
+                handler = RelayHandler(self.config, listener, self.store, self.submitter, inbound)
                 self.handlers.append(handler)
                 factory = make_server_factory(handler, ctx)
                 try:

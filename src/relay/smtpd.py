@@ -319,14 +319,14 @@ class RelayHandler:
     """The policy of one listener."""
 
     def __init__(self, config: Config, listener: ListenerConfig, store: Store,
-                 submitter: Submitter, throttle: AuthThrottle,
-                 inbound: Inbound | None = None) -> None:
+                 submitter: Submitter, inbound: Inbound | None = None) -> None:
         self.config = config
         self.listener = listener
         self.store = store
         self.submitter = submitter
-        self.throttle = throttle
-        self.caps = ConnectionCaps.from_limits(config.limits)  # this listener's own
+        # this listener's own counts: failing AUTH on one port does not close the others
+        self.throttle = AuthThrottle.from_limits(config.limits)
+        self.caps = ConnectionCaps.from_limits(config.limits)
         self.inbound = inbound  # what an inbound listener hands its reports to
         self.connections: set[RelaySMTP] = set()
 

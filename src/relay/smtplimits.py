@@ -1,7 +1,8 @@
 """What one SMTP listener allows a client: concurrent connections, and failed logins.
 
-Each listener keeps its own connection counts, as Postfix's smtpd processes of one
-master.cf service share an anvil count that the next service does not see.
+Each listener keeps its own counts, as Postfix's smtpd processes of one master.cf service
+share an anvil count that the next service does not see: a client throttled for bad
+logins on the submission port still hands its bounces to the inbound one.
 """
 
 from __future__ import annotations
