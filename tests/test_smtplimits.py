@@ -19,7 +19,7 @@ from relay.service import Service
 from relay.smtpd import RelayHandler
 
 from .conftest import free_port, make_config
-from .smtputil import MESSAGE, connect, in_thread, send
+from .smtputil import MESSAGE, client_tls, connect, in_thread, send
 
 SECOND_CLIENT = "127.0.0.2"  # loopback too: Linux answers for all of 127.0.0.0/8
 
@@ -47,9 +47,10 @@ class Clients:
     def __init__(self) -> None:
         self.opened: list[Client] = []
 
-    async def open(self, port: int, source: str = "127.0.0.1") -> Client:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port,
-                                                       local_addr=(source, 0))
+    async def open(self, port: int, source: str = "127.0.0.1", *, tls: bool = False
+                   ) -> Client:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, local_addr=(source, 0), ssl=client_tls() if tls else None)
         client = Client(reader, writer, b"")
         self.opened.append(client)
         client.greeting = await asyncio.wait_for(reader.readline(), 10)
@@ -162,6 +163,29 @@ async def test_the_listener_cap_with_one_client_address(tmp_path: Path,
         assert await refused.closed_by_server()
         for c in held:
             await c.quit()
+    finally:
+        await svc.stop()
+
+
+async def test_a_refused_implicit_tls_connection_leaves_no_error_behind(
+        tmp_path: Path, clients: Clients) -> None:
+    errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+    listener = ListenerConfig(port=free_port(), tls="implicit")
+    svc = Service(make_config(tmp_path, listener,
+                              limits=LimitsConfig(max_smtp_connections_per_client=1)))
+    await svc.start()
+    try:
+        port = svc.bound[0][1]
+        admitted = await clients.open(port, tls=True)
+        assert admitted.greeting.startswith(b"220")
+        refused = await clients.open(port, tls=True)
+        assert refused.greeting.startswith(b"421 4.7.0 relay.test Too many connections from")
+        refused.writer.write(b"EHLO client.test\r\n")
+        assert await refused.closed_by_server()
+        await admitted.quit()
+        await until(lambda: svc.handlers[0].caps.count == 0)
+        assert errors == []  # the refused protocol was told of the TLS close and ignored it
     finally:
         await svc.stop()
 

@@ -102,6 +102,15 @@ class RelaySMTP(SMTP):
         self.event_handler.connections.add(self)
         super().connection_made(transport)
 
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:  # a refused client's words are not read
+            super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:  # a TLS transport still reports the client's close
+            return False
+        return super().eof_received()  # type: ignore[no-any-return]
+
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
