@@ -378,3 +378,14 @@ def test_many_recipients_in_one_field_block_stop_at_the_limit() -> None:
            b"Reporting-MTA: dns; mx\r\n\r\n" + fields.encode() + b"--b--\r\n")
     report = bounces.parse(raw, max_parts=64, max_recipients=3)
     assert [r.address for r in report.recipients] == [f"user{i}@example.org" for i in range(3)]
+
+
+def test_recipients_given_the_same_words_cost_one_reading_of_them() -> None:
+    """1,000 recipients all explained by the report's one paragraph (the usual shape): the
+    paragraph is classified once, not once a recipient (2.6 s of CPU)."""
+    prose = b"    some words of no interest here, and more words of filler\r\n" * 400
+    raw = many_recipient_dsn(1000).replace(b"user0@example.org: no such user", prose)
+    started = time.process_time()
+    report = bounces.parse(raw, max_parts=64, max_recipients=1000)
+    assert len(report.recipients) == 1000
+    assert time.process_time() - started < 1.2
