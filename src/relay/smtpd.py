@@ -72,7 +72,8 @@ def with_enhanced(status: str) -> str:
 
 
 class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP with enhanced status codes, DSN parameters and async key checks."""
+    """aiosmtpd's SMTP with enhanced status codes, DSN parameters, async key checks and
+    the listener's connection caps."""
 
     line_length_limit = 32768  # accept long lines; render makes them safe before delivery
 
