@@ -4,13 +4,22 @@ recipients with a reason and a hard/soft class; and `relay bounces parse`."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from relay import bounces
+from relay.config import LimitsConfig
 
 from .conftest import run_relay
+
+LIMITS = LimitsConfig()
+
+
+def parse(raw: bytes) -> bounces.Report:
+    return bounces.parse(raw, max_parts=LIMITS.max_report_parts,
+                         max_recipients=LIMITS.max_report_recipients)
 
 DSN = b"""\
 From: Mail Delivery System <MAILER-DAEMON@mx.sender.test>
@@ -64,7 +73,7 @@ hi
 
 
 def test_rfc3464_dsn_per_recipient() -> None:
-    report = bounces.parse(DSN)
+    report = parse(DSN)
     assert report.type == "dsn" and report.is_bounce
     gone, full, slow = report.recipients
     assert (gone.address, gone.action, gone.status, gone.reason, gone.bounce_class,
@@ -81,7 +90,7 @@ def test_rfc3464_dsn_per_recipient() -> None:
 
 def test_a_dsn_only_delayed_is_not_a_bounce() -> None:
     delayed = DSN.replace(b"Action: failed", b"Action: delayed")
-    report = bounces.parse(delayed)
+    report = parse(delayed)
     assert report.type == "dsn" and not report.is_bounce
     assert {r.bounce_class for r in report.recipients} == {"soft"}
 
@@ -120,7 +129,7 @@ Subject: offer
 
 
 def test_arf_complaint() -> None:
-    report = bounces.parse(ARF)
+    report = parse(ARF)
     assert (report.type, report.feedback_type, report.is_bounce) == ("arf", "abuse", False)
     (who,) = report.recipients
     assert (who.address, who.reason, who.action) == ("Reader@mail.isp.test", "feedback", "")
@@ -130,9 +139,9 @@ def test_arf_complaint() -> None:
 
 def test_arf_that_hides_the_recipient_takes_the_enclosed_to_or_none() -> None:
     no_rcpt = ARF.replace(b"Original-Rcpt-To: <Reader@Mail.ISP.test>\n", b"")
-    assert [r.address for r in bounces.parse(no_rcpt).recipients] == ["reader@mail.isp.test"]
+    assert [r.address for r in parse(no_rcpt).recipients] == ["reader@mail.isp.test"]
     hidden = no_rcpt.replace(b"To: reader@mail.isp.test", b"To: Undisclosed recipients:;")
-    assert [r.address for r in bounces.parse(hidden).recipients] == [""]
+    assert [r.address for r in parse(hidden).recipients] == [""]
 
 
 @pytest.mark.parametrize("header", [b"Auto-Submitted: auto-replied",
@@ -143,7 +152,7 @@ def test_auto_replies_are_never_bounces(header: bytes) -> None:
     raw = (b"From: Kim <kim@example.org>\nTo: app@sender.test\n" + subject
            + header + b"\n\nI am away until Monday; your mail about user unknown "
            b"mailbox full 550 5.1.1 will be read then.\n")
-    report = bounces.parse(raw)
+    report = parse(raw)
     assert report.type == "autoreply" and not report.is_bounce
     assert [(r.address, r.reason) for r in report.recipients] == [
         ("kim@example.org", "vacation")]
@@ -197,7 +206,7 @@ Subject: hello
 
 
 def test_qmail_bounce_per_recipient() -> None:
-    report = bounces.parse(QMAIL)
+    report = parse(QMAIL)
     assert report.type == "dsn" and report.is_bounce
     got = {r.address: (r.status, r.reason, r.bounce_class) for r in report.recipients}
     assert got == {"nobody@example.com": ("5.1.1", "userunknown", "hard"),
@@ -208,7 +217,7 @@ def test_qmail_bounce_per_recipient() -> None:
 
 
 def test_exim_bounce_with_auto_submitted_is_a_bounce_and_a_block_is_soft() -> None:
-    report = bounces.parse(EXIM)
+    report = parse(EXIM)
     assert report.type == "dsn" and report.is_bounce
     (r,) = report.recipients
     assert (r.address, r.status, r.reason, r.bounce_class) == (
@@ -245,7 +254,7 @@ def test_classify(status: str | None, code: int | None, text: str,
                                  b"Content-Type: message/delivery-status\n\nFinal-Recipient:",
                                  bytes(range(256)) * 40])
 def test_garbage_is_unknown_and_never_raises(raw: bytes) -> None:
-    report = bounces.parse(raw)
+    report = parse(raw)
     assert report.type in ("unknown", "dsn") and not report.is_bounce
 
 
@@ -276,3 +285,107 @@ def test_cli_parse_text(tmp_path: Path) -> None:
     assert f"{dsn}: dsn" in result.stdout
     assert "status 5.2.2  reason mailboxfull  class soft" in result.stdout
     assert "remote MTA mx.example.org" in result.stdout
+
+
+# -- reports too big to read whole (issue 17) ---------------------------------------------
+
+
+def many_part_dsn(parts: int) -> bytes:
+    """A report with one delivery-status part per recipient: 8,000 of them make 1.1 MB."""
+    b = "=_many"
+    head = (f"From: MAILER-DAEMON@mx.example.org\r\nTo: bounces+x@relay.test\r\n"
+            f"Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
+            f"Content-Type: multipart/report; report-type=delivery-status; boundary=\"{b}\""
+            f"\r\n\r\n--{b}\r\nContent-Type: text/plain\r\n\r\nNot delivered.\r\n")
+    out = [head]
+    out += [(f"--{b}\r\nContent-Type: message/delivery-status\r\n\r\n"
+             f"Reporting-MTA: dns; mx.example.org\r\n\r\n"
+             f"Final-Recipient: rfc822; user{i}@example.org\r\nAction: failed\r\n"
+             f"Status: 5.1.1\r\n") for i in range(parts)]
+    return "".join(out + [f"--{b}--\r\n"]).encode()
+
+
+def many_recipient_dsn(recipients: int) -> bytes:
+    """One delivery-status part naming many recipients."""
+    fields = "".join(f"Final-Recipient: rfc822; user{i}@example.org\r\nAction: failed\r\n"
+                     f"Status: 5.1.1\r\n\r\n" for i in range(recipients))
+    return (b"From: MAILER-DAEMON@mx.example.org\r\nSubject: Undelivered Mail\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/report; "
+            b"report-type=delivery-status; boundary=\"b\"\r\n\r\n"
+            b"--b\r\nContent-Type: text/plain\r\n\r\nuser0@example.org: no such user\r\n"
+            b"--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+            b"Reporting-MTA: dns; mx.example.org\r\n\r\n" + fields.encode() + b"--b--\r\n")
+
+
+def test_a_dsn_of_8000_parts_is_read_up_to_max_report_parts_in_linear_time() -> None:
+    raw = many_part_dsn(8000)
+    assert len(raw) > 1_100_000
+    started = time.process_time()
+    report = bounces.parse(raw, max_parts=10, max_recipients=1000)
+    spent = time.process_time() - started
+    # the text part and 9 delivery-status parts, one recipient each; the rest is not read
+    assert [r.address for r in report.recipients] == [f"user{i}@example.org" for i in range(9)]
+    assert all(r.bounce_class == "hard" for r in report.recipients)
+    assert spent < 3.0, f"{spent:.1f} s of CPU for a 1.1 MB report"  # it took ~20 s
+
+
+def test_recipients_beyond_max_report_recipients_are_ignored() -> None:
+    report = bounces.parse(many_recipient_dsn(5000), max_parts=64, max_recipients=7)
+    assert [r.address for r in report.recipients] == [f"user{i}@example.org" for i in range(7)]
+    assert report.recipients[0].reason == "userunknown"
+
+
+def test_parse_time_grows_linearly_with_the_report() -> None:
+    """Twice the report, about twice the time (a quadratic step would make it four times)."""
+    def cpu(raw: bytes) -> float:
+        started = time.process_time()
+        bounces.parse(raw, max_parts=100_000, max_recipients=100_000)
+        return time.process_time() - started
+
+    small, large = many_recipient_dsn(2000), many_recipient_dsn(8000)
+    cpu(small)  # warm the regex caches
+    assert cpu(large) < 8 * max(cpu(small), 0.01)
+
+
+def test_a_huge_header_parameter_does_not_stall_the_parser() -> None:
+    """The stdlib parses Content-Type parameters in quadratic time; a header is cut first."""
+    semicolons = b";\r\n " * 100_000  # a 400 KB folded header: minutes before the cut
+    raw = (b"From: MAILER-DAEMON@mx.example.org\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/report; x=\"" + semicolons + b"\"; boundary=\"b\"\r\n\r\n"
+           b"--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b--\r\n")
+    started = time.process_time()
+    bounces.parse(raw, max_parts=64, max_recipients=1000)
+    assert time.process_time() - started < 3.0
+
+
+def test_a_report_as_big_as_max_message_size_is_read_in_bounded_time() -> None:
+    """36 MB of text after the error (a returned message, say) is not read line by line."""
+    raw = (b"From: MAILER-DAEMON@mx.example.org\r\nSubject: Undelivered Mail\r\n"
+           b"To: a@relay.test\r\n\r\nuser@example.org: no such user\r\n" +
+           (b"y" * 70 + b"\r\n") * 500_000)
+    started = time.process_time()
+    report = bounces.parse(raw, max_parts=64, max_recipients=1000)
+    assert time.process_time() - started < 3.0  # it took 18 s
+    assert [r.address for r in report.recipients] == ["user@example.org"]
+
+
+def test_many_recipients_in_one_field_block_stop_at_the_limit() -> None:
+    fields = "".join(f"Final-Recipient: rfc822; user{i}@example.org\r\nAction: failed\r\n"
+                     for i in range(50_000))  # no blank lines between recipients
+    raw = (b"From: MAILER-DAEMON@mx.example.org\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n"
+           b"\r\n--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+           b"Reporting-MTA: dns; mx\r\n\r\n" + fields.encode() + b"--b--\r\n")
+    report = bounces.parse(raw, max_parts=64, max_recipients=3)
+    assert [r.address for r in report.recipients] == [f"user{i}@example.org" for i in range(3)]
+
+
+def test_recipients_given_the_same_words_cost_one_reading_of_them() -> None:
+    """1,000 recipients all explained by the report's one paragraph (the usual shape): the
+    paragraph is classified once, not once a recipient (2.6 s of CPU)."""
+    prose = b"    some words of no interest here, and more words of filler\r\n" * 400
+    raw = many_recipient_dsn(1000).replace(b"user0@example.org: no such user", prose)
+    started = time.process_time()
+    report = bounces.parse(raw, max_parts=64, max_recipients=1000)
+    assert len(report.recipients) == 1000
+    assert time.process_time() - started < 1.2

@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 
 from relay import bounces
+from relay.config import LimitsConfig
 
 _REPO = Path(__file__).resolve().parent.parent
 _CANDIDATES = (_REPO.parent / "shared" / "corpus" / "bounces",
                Path("/work/shared/corpus/bounces"))
+LIMITS = LimitsConfig()
 CORPUS = next((p for p in _CANDIDATES if (p / "expected.json").is_file()), None)
 
 
@@ -27,7 +29,9 @@ def score(corpus: Path) -> tuple[dict[str, float], list[tuple[str, str, Any, Any
     for row in expected:
         name = row["file"]
         if name not in reports:
-            reports[name] = bounces.parse((corpus / name).read_bytes())
+            reports[name] = bounces.parse((corpus / name).read_bytes(),
+                                          max_parts=LIMITS.max_report_parts,
+                                          max_recipients=LIMITS.max_report_recipients)
         report = reports[name]
         want = (row["recipient"] or "").lower()
         if row["reason"] == "feedback":

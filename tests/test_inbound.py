@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import json
 import smtplib
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 import pytest
 
 from relay import keys
-from relay.config import BouncesConfig, DeliveryConfig, DnsConfig, ListenerConfig
+from relay.config import BouncesConfig, DeliveryConfig, DnsConfig, LimitsConfig, ListenerConfig
 from relay.service import Service
 from relay.store.base import MessageDetail
 
@@ -25,6 +27,7 @@ from .conftest import free_port, make_config
 from .dnsserver import DNSServer
 from .sink import Received, Sink
 from .smtputil import in_thread
+from .test_bounces import many_part_dsn
 from .test_delivery import FAST, route, submit, wait_final
 
 COMPLAINTS = "fbl@relay.test"
@@ -309,3 +312,43 @@ async def test_the_message_detail_says_when_bounces_cannot_be_tracked(
     from relay.api.views import message_json
     assert "cannot track" in message_json(detail)["returnPath"]["note"]
     await asyncio.sleep(0)
+
+
+# -- a report too big to read whole (issue 17) -------------------------------------------
+
+
+@pytest.fixture
+async def small_limits_relay(tmp_path: Path, dns: DNSServer, sink: Sink
+                             ) -> AsyncIterator[Service]:
+    """relay as `relay` makes it, reading at most 4 parts and 5 recipients of a report."""
+    route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
+    config = make_config(
+        tmp_path, ListenerConfig(port=free_port()),
+        ListenerConfig(port=free_port(), mode="inbound", tls="none"),
+        delivery=DeliveryConfig(mx_port=sink.port, **FAST),
+        dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0),
+        limits=LimitsConfig(max_report_parts=4, max_report_recipients=5))
+    svc = Service(config)
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
+
+
+async def test_a_dsn_of_8000_parts_over_smtp_is_read_up_to_the_configured_limits(
+        small_limits_relay: Service, sink: Sink) -> None:
+    relay = small_limits_relay
+    message_id, got = await delivered_via_api(relay, sink)
+    raw = many_part_dsn(8000).replace(b"user0@example.org", b"bob@example.org")
+    started = time.process_time()  # relay's threads included: it runs in this process
+    code, text = await send_report(relay, got.mail_from, raw)
+    spent = time.process_time() - started
+    assert code == 250, text
+    assert spent < 3.0, f"{spent:.1f} s of CPU for a 1.1 MB report"  # it took ~20 s
+    with sqlite3.connect(relay.config.db_path) as db:
+        (summary,) = db.execute("SELECT summary FROM inbound_reports").fetchone()
+    # 3 delivery-status parts after the text part: 3 recipients, not 8000 (nor the 20 kept)
+    assert len(json.loads(summary)["parsed"]["recipients"]) == 3
+    detail = await relay.store.get_message(message_id)
+    assert detail is not None and detail.recipients[0].status.value == "bounced"

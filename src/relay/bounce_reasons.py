@@ -7,6 +7,7 @@ sentence says.  Hard only when the address itself is bad and will stay bad.
 
 from __future__ import annotations
 
+import functools
 import re
 
 REASONS: tuple[str, ...] = (
@@ -159,6 +160,8 @@ _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time
                       r" expired|message expired|still undeliver", re.I)
 
 
+# A report often gives all its recipients the same words; reading them takes ~2 ms a KB.
+@functools.lru_cache(maxsize=256)
 def phrase_reason(text: str) -> str | None:
     for reason, regex in _PHRASE_RES:
         if regex.search(text):

@@ -9,14 +9,18 @@ a reason and a hard/soft class: hard only when the address itself is bad for goo
 
 from __future__ import annotations
 
+import bisect
 import email
+import itertools
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 
 from flufl.bounce import all_failures
 
+from . import bounded_mime
 from .bounce_reasons import ADDRESS_RE, REASONS, classify, phrase_reason
 
 __all__ = ["REASONS", "BouncedRecipient", "Original", "Report", "classify", "parse"]
@@ -62,26 +66,42 @@ _STATUS_IN_TEXT = re.compile(r"(?<![\d.])([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
 _REPLY_IN_TEXT = re.compile(r"(?<![\d.\-])([245][0-5]\d)(?:[ \-]|$)", re.M)
 
 
-def parse(raw: bytes) -> Report:
-    """What a message reports; never raises: a message not understood is type "unknown"."""
+def parse(raw: bytes, *, max_parts: int, max_recipients: int) -> Report:
+    """What a message reports; never raises: a message not understood is type "unknown".
+
+    At most `max_parts` MIME parts and `max_recipients` recipients are read; the rest of a
+    report is ignored, so that its size cannot make reading it slow."""
     try:
-        msg = email.message_from_bytes(raw)
-        return _parse(msg)
+        # each delivery-status part has one per-message field block before its recipients'
+        msg, _ = bounded_mime.parse(raw, max_parts=max_parts,
+                                    max_blocks=max_recipients + max_parts)
+        return _parse(msg, max_recipients)
     except Exception:  # garbage in must never become a traceback in the inbound path
         log.debug("bounce not understood", exc_info=True)
         return Report(type="unknown")
 
 
-def _parse(msg: Message) -> Report:
-    parts = list(msg.walk())
+def _walk(msg: Message) -> list[Message]:
+    """The MIME parts, without the field blocks the email package makes of a
+    delivery-status part (they are fields, not text for a person)."""
+    parts = [msg]
+    if msg.get_content_type() not in _STATUS_TYPES and msg.is_multipart():
+        for sub in msg.get_payload():
+            if isinstance(sub, Message):
+                parts += _walk(sub)
+    return parts
+
+
+def _parse(msg: Message, max_recipients: int) -> Report:
+    parts = _walk(msg)
     types = {p.get_content_type() for p in parts}
     original = _original(parts)
     if "message/feedback-report" in types or (
             msg.get_content_type() == "multipart/report"
             and (msg.get_param("report-type") or "").lower() == "feedback-report"):
-        return _arf(parts, original)
+        return _arf(parts, original, max_recipients)
     if "message/delivery-status" in types or "message/global-delivery-status" in types:
-        recipients = _dsn_recipients(parts)
+        recipients = _dsn_recipients(parts, max_recipients)
         if recipients:
             return Report(type="dsn", recipients=recipients, original=original)
     if _is_autoreply(msg):
@@ -91,7 +111,8 @@ def _parse(msg: Message) -> Report:
                              diagnostic=str(msg.get("Subject", "")), remote_mta=None),))
     if not original.headers:
         original = _quoted_original(_all_text(msg))
-    recipients = _heuristic_recipients(msg) or _inline_dsn_recipients(msg)
+    recipients = _heuristic_recipients(msg, max_recipients) or \
+        _inline_dsn_recipients(msg, max_recipients)
     if not recipients and _looks_like_bounce(msg):
         recipients = _enclosed_recipient(msg, original)
     if recipients:
@@ -113,7 +134,7 @@ def _text(part: Message) -> str:
 def _all_text(msg: Message) -> str:
     """The readable text of a message, including parts whose MIME structure broke."""
     texts = []
-    for part in msg.walk():
+    for part in _walk(msg):
         if part.get_content_maintype() == "text":
             texts.append(_text(part))
         elif part.is_multipart() is False and isinstance(part.get_payload(), str) and \
@@ -122,14 +143,14 @@ def _all_text(msg: Message) -> str:
     return "\n".join(texts)
 
 
-def _fields(part: Message) -> list[Message]:
-    """The field blocks of a delivery-status part (the first is per-message)."""
+def _fields(part: Message, limit: int) -> list[Message]:
+    """The first `limit` field blocks of a delivery-status part (the first is per-message)."""
     payload = part.get_payload()
     if isinstance(payload, list):
-        return [p for p in payload if isinstance(p, Message)]
+        return [p for p in payload if isinstance(p, Message)][:limit]
     text = payload if isinstance(payload, str) else ""
-    return [email.message_from_string(block.strip() + "\n")
-            for block in re.split(r"\n\s*\n", text.replace("\r\n", "\n")) if block.strip()]
+    blocks = (b for b in re.split(r"\n\s*\n", text.replace("\r\n", "\n")) if b.strip())
+    return [email.message_from_string(b.strip() + "\n") for b in itertools.islice(blocks, limit)]
 
 
 def _address_of(value: str | None) -> str:
@@ -154,15 +175,18 @@ def _after_type(value: str | None) -> str:
     return text.split(";", 1)[1].strip() if ";" in text else text
 
 
-def _dsn_recipients(parts: list[Message]) -> tuple[BouncedRecipient, ...]:
+def _dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, ...]:
     found: list[BouncedRecipient] = []
     human = " ".join(_text(p) for p in parts if p.get_content_type() == "text/plain")[:20000]
+    prose = _Prose(human)
     for part in parts:
-        if part.get_content_type() not in ("message/delivery-status",
-                                           "message/global-delivery-status"):
+        if part.get_content_type() not in _STATUS_TYPES:
             continue
-        blocks = [group for block in _fields(part) for group in _split_recipients(block)]
+        blocks = (group for block in _fields(part, limit + 1)
+                  for group in _split_recipients(block))
         for block in blocks:
+            if len(found) >= limit:
+                return tuple(found)
             if not (block["Final-Recipient"] or block["Original-Recipient"]):
                 continue
             address = _address_of(block["Final-Recipient"])
@@ -175,7 +199,7 @@ def _dsn_recipients(parts: list[Message]) -> tuple[BouncedRecipient, ...]:
             text_status = _status(diagnostic)
             if text_status and text_status[0] == (status or text_status)[0]:
                 status = text_status
-            near = _sentence_near(human, address)
+            near = prose.near(address)
             diagnostic = diagnostic or near
             reply = _reply_code(diagnostic)
             remote = _after_type(block["Remote-MTA"]) or None
@@ -184,20 +208,21 @@ def _dsn_recipients(parts: list[Message]) -> tuple[BouncedRecipient, ...]:
     return tuple(found)
 
 
+_STATUS_TYPES = ("message/delivery-status", "message/global-delivery-status")
 _RECIPIENT_FIELDS = ("final-recipient", "original-recipient")
 
 
-def _split_recipients(block: Message) -> list[Message]:
-    """One block per recipient, for reports that leave out the blank lines between them."""
-    groups: list[Message] = []
+def _split_recipients(block: Message) -> Iterator[Message]:
+    """One block per recipient, for reports that leave out the blank lines between them
+    (one at a time: the caller stops at its limit)."""
     current = Message()
     for name, value in block.items():
         if name.lower() in _RECIPIENT_FIELDS and name.lower() in (
                 k.lower() for k in current.keys()):
-            groups.append(current)
+            yield current
             current = Message()
         current[name] = value
-    return groups + [current]
+    yield current
 
 
 def _recipient(address: str, action: str, status: str | None, reply: int | None,
@@ -273,15 +298,15 @@ def _reply_code(text: str) -> int | None:
 # -- ARF (RFC 5965) ----------------------------------------------------------------
 
 
-def _arf(parts: list[Message], original: Original) -> Report:
+def _arf(parts: list[Message], original: Original, limit: int) -> Report:
     report = next((p for p in parts if p.get_content_type() == "message/feedback-report"), None)
-    fields = _fields(report)[0] if report is not None and _fields(report) else Message()
+    fields = _fields(report, 1)[0] if report is not None and _fields(report, 1) else Message()
     if report is not None and not fields.keys():
         text = _text(report) or str(report.get_payload())
         fields = email.message_from_string(text.strip() + "\n")
     feedback_type = str(fields.get("Feedback-Type", "")).strip().lower() or "abuse"
     rcpts = [_address_of(v) for v in (fields.get_all("Original-Rcpt-To") or
-                                      fields.get_all("Removal-Recipient") or [])]
+                                      fields.get_all("Removal-Recipient") or [])[:limit]]
     if not any(rcpts):
         to = dict((k.lower(), v) for k, v in original.headers).get("to", "")
         rcpts = [_address_of(to)]
@@ -328,7 +353,7 @@ def _from_address(msg: Message) -> str:
 # -- non-standard bounces -----------------------------------------------------------
 
 
-def _heuristic_recipients(msg: Message) -> tuple[BouncedRecipient, ...]:
+def _heuristic_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, ...]:
     temporary, permanent = all_failures(msg)
     text = _all_text(msg)[:50000]
     named = [(m.group(0), action) for addresses, action in
@@ -337,14 +362,18 @@ def _heuristic_recipients(msg: Message) -> tuple[BouncedRecipient, ...]:
     if not named and _looks_like_bounce(msg):
         named = [(a, "failed") for a in _addresses_in_error(msg, text)] or [
             (a, "failed") for a in _original_to(text)]
-    others = tuple(a for a, _ in named)
+    named = named[:limit]
+    prose = _Prose(text, others=[a for a, _ in named])
+    error_text: str | None = None
     found: list[BouncedRecipient] = []
     for raw_address, action in named:
         address = _lower_domain(raw_address)
-        diagnostic = _sentence_near(text, address, others)
+        diagnostic = prose.near(address)
         if not _says_why(diagnostic):
             # the reason is often stated once, above the list of recipients
-            diagnostic = _error_text(text) or diagnostic
+            if error_text is None:
+                error_text = _error_text(text)
+            diagnostic = error_text or diagnostic
         found.append(_recipient(address, action, _status(diagnostic), _reply_code(diagnostic),
                                 diagnostic, _remote_near(diagnostic), transcript=text))
     return tuple(found)
@@ -383,13 +412,13 @@ def _original_to(text: str) -> list[str]:
 _INLINE_FIELDS = re.compile(r"^(Final|Original)-Recipient:.*(?:\n(?!\s*\n).*)*", re.I | re.M)
 
 
-def _inline_dsn_recipients(msg: Message) -> tuple[BouncedRecipient, ...]:
+def _inline_dsn_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, ...]:
     """Delivery-status fields quoted in the text of a report whose MIME structure broke."""
     text = _all_text(msg)
     fake = Message()
     fake.set_type("message/delivery-status")
     fake.set_payload("\n\n".join(m.group(0) for m in _INLINE_FIELDS.finditer(text)))
-    return _dsn_recipients([msg, fake]) if fake.get_payload() else ()
+    return _dsn_recipients([msg, fake], limit) if fake.get_payload() else ()
 
 
 def _looks_like_bounce(msg: Message) -> bool:
@@ -432,34 +461,59 @@ _COPY_MARKER = re.compile(
     r"|^content-type: message/rfc822|^\s*original message:?\s*$).*$", re.I | re.M)
 
 
-def _sentence_near(text: str, address: str, others: tuple[str, ...] = ()) -> str:
-    """The remote's words about an address: from the line naming it to the next one that
-    names another failed recipient, the copy of the original, or a status code's paragraph."""
-    cut = _COPY_MARKER.search(text)
-    body = text[:cut.start()] if cut else text
-    at = body.lower().find(address.lower()) if address else -1
-    if at < 0:
-        lines = [line.strip() for line in body.splitlines() if line.strip()]
-        return " ".join(lines)[:1000]
-    start = body.rfind("\n", 0, at) + 1
-    prefix = body[start:at]
-    if prefix.strip() and not (_STATUS_IN_TEXT.search(body[at:at + 300])
-                               or re.match(r"\s*([245]\d\d\b|>>>|<<<)", prefix)):
-        start = max(body.rfind("\n\n", 0, at), 0)  # the address is mid-sentence
-    end = at + len(address)
-    for other in others:
-        if other.lower() != address.lower():
-            pos = body.lower().find(other.lower(), end)
-            if pos > 0:
-                body = body[:body.rfind("\n", 0, pos) + 1 or pos]
-    chunk = body[start:]
-    for _ in range(3):  # the paragraph naming it, and the next ones until a code shows up
-        nxt = body.find("\n\n", end + 2)
-        end = nxt if nxt > 0 else len(body)
-        chunk = body[start:end]
-        if _STATUS_IN_TEXT.search(chunk) or _REPLY_IN_TEXT.search(chunk) or end == len(body):
-            break
-    return re.sub(r"\s+", " ", chunk).strip()[:1000]
+class _Prose:
+    """A report's text for people, cut before its copy of the original and read once, so
+    that finding the words about each of many recipients does not read it again for each
+    (nor, for each, look for every other recipient)."""
+
+    def __init__(self, text: str, others: list[str] | None = None) -> None:
+        cut = _COPY_MARKER.search(text)
+        self.body = text[:cut.start()] if cut else text
+        self._lower = self.body.lower()
+        wanted = {o.lower() for o in others or ()}
+        # where the failed recipients are named, in order
+        self._named = [(m.start(), m.group(0)) for m in ADDRESS_RE.finditer(self._lower)
+                       if m.group(0) in wanted] if wanted else []
+        self._starts = [pos for pos, _ in self._named]
+        self._summary: str | None = None
+
+    def near(self, address: str) -> str:
+        """The remote's words about an address: from the line naming it to the next one that
+        names another failed recipient, the copy of the original, or a status code's
+        paragraph."""
+        body = self.body
+        at = self._lower.find(address.lower()) if address else -1
+        if at < 0:
+            if self._summary is None:
+                lines = [line.strip() for line in body.splitlines() if line.strip()]
+                self._summary = " ".join(lines)[:1000]
+            return self._summary
+        start = body.rfind("\n", 0, at) + 1
+        prefix = body[start:at]
+        if prefix.strip() and not (_STATUS_IN_TEXT.search(body, at, at + 300)
+                                   or re.match(r"\s*([245]\d\d\b|>>>|<<<)", prefix)):
+            start = max(body.rfind("\n\n", 0, at), 0)  # the address is mid-sentence
+        end = at + len(address)
+        stop = self._next_other(address.lower(), end)
+        if stop is not None:
+            body = body[:body.rfind("\n", 0, stop) + 1 or stop]
+        chunk = body[start:]
+        for _ in range(3):  # the paragraph naming it, and the next ones until a code shows up
+            nxt = body.find("\n\n", end + 2)
+            end = nxt if nxt > 0 else len(body)
+            chunk = body[start:end]
+            if _STATUS_IN_TEXT.search(chunk) or _REPLY_IN_TEXT.search(chunk) or \
+                    end == len(body):
+                break
+        return re.sub(r"\s+", " ", chunk).strip()[:1000]
+
+    def _next_other(self, address: str, end: int) -> int | None:
+        """Where the first other failed recipient is named at or after `end`."""
+        i = bisect.bisect_left(self._starts, end)
+        for pos, named in itertools.islice(self._named, i, None):
+            if named != address and pos > 0:
+                return pos
+        return None
 
 
 _HOST_RE = re.compile(r"\b(?:host|server|mx)\s+\[?([a-z0-9][a-z0-9.\-]+\.[a-z]{2,})", re.I)

@@ -10,7 +10,7 @@ from typing import Any
 
 from . import bounces
 from .cliutil import Subparsers
-from .config import Config
+from .config import Config, LimitsConfig
 
 
 def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -47,6 +47,7 @@ def _print_text(name: str, report: bounces.Report) -> None:
 
 def cmd_parse(args: argparse.Namespace, config: Config | None) -> int:
     failed = False
+    limits = config.limits if config is not None else LimitsConfig()
     for name in args.files:
         try:
             with open(name, "rb") as f:
@@ -55,7 +56,8 @@ def cmd_parse(args: argparse.Namespace, config: Config | None) -> int:
             print(f"relay: cannot read {name}: {exc.strerror or exc}", file=sys.stderr)
             failed = True
             continue
-        report = bounces.parse(raw)
+        report = bounces.parse(raw, max_parts=limits.max_report_parts,
+                               max_recipients=limits.max_report_recipients)
         if args.json:
             print(json.dumps(report_json(name, report), ensure_ascii=False), flush=True)
         else:

@@ -72,7 +72,10 @@ class Inbound:
 
     async def receive(self, mail_from: str, rcpt_tos: Sequence[str], data: bytes) -> str:
         """Read the report, apply it for each envelope recipient; the SMTP reply."""
-        report = await asyncio.to_thread(bounces.parse, data)
+        limits = self._config.limits
+        report = await asyncio.to_thread(bounces.parse, data,
+                                         max_parts=limits.max_report_parts,
+                                         max_recipients=limits.max_report_recipients)
         try:
             for rcpt in rcpt_tos:
                 await self._one(mail_from, rcpt, report)

@@ -23,7 +23,7 @@ from .render import KeyRing, Marks, Renderer
 from .reports import ReportMaker
 from .scheduler import Scheduler
 from .signer import SignerProcess
-from .smtpd import AuthThrottle, RelayHandler, make_server_factory
+from .smtpd import RelayHandler, make_server_factory
 from .store import SQLiteStore
 from .submit import Submitter
 from .supervise import WorkerProcess
@@ -70,16 +70,11 @@ class Service:
             self.lock.release()
             raise
         load_key(self.config.server.data_dir)  # made once, before any process needs it
-        limits = self.config.limits
-        throttle = AuthThrottle(delay_after=limits.auth_failures_before_delay,
-                                block_after=limits.auth_failures_before_block,
-                                block_seconds=limits.auth_block_seconds)
         inbound = Inbound(self.config, self.store, self.submitter,
                           Tokens(load_key(self.config.server.data_dir)))
         try:
             for i, (listener, ctx) in enumerate(zip(self.config.smtp.listeners, contexts)):
-                handler = RelayHandler(self.config, listener, self.store, self.submitter, throttle,
-                                       inbound)
+                handler = RelayHandler(self.config, listener, self.store, self.submitter, inbound)
                 self.handlers.append(handler)
                 factory = make_server_factory(handler, ctx)
                 try:

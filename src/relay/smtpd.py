@@ -17,7 +17,6 @@ import json
 import logging
 import re
 import ssl
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,6 +29,7 @@ from .addresses import normalize_address
 from .config import Config, ListenerConfig
 from .errors import StoreError, ValidationError
 from .inbound import Inbound
+from .smtplimits import AuthThrottle, ConnectionCaps
 from .store import Store
 from .submit import Submitter
 from .types import ApiKey, EnvelopeRecipient, Stream, Submission
@@ -71,56 +71,58 @@ def with_enhanced(status: str) -> str:
     return f"{code} {_ENHANCED_BY_CODE[code]} {text}"
 
 
-class AuthThrottle:
-    """Failed logins per client IP: slowed after a few, refused (421) for a while after many."""
-
-    def __init__(self, *, delay_after: int, block_after: int, block_seconds: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._delay_after, self._block_after = delay_after, block_after
-        self._block_seconds = block_seconds
-        self._clock = clock
-        self._failures: dict[str, tuple[int, float]] = {}
-
-    def blocked(self, ip: str) -> bool:
-        count, last = self._failures.get(ip, (0, 0.0))
-        if count and self._clock() - last > self._block_seconds:
-            del self._failures[ip]
-            return False
-        return count >= self._block_after
-
-    def failed(self, ip: str) -> float:
-        """Record a failure; returns how long to wait before answering it."""
-        count, _ = self._failures.get(ip, (0, 0.0))
-        count += 1
-        self._failures[ip] = (count, self._clock())
-        if len(self._failures) > 100_000:  # bound memory under a spray of addresses
-            oldest = min(self._failures, key=lambda k: self._failures[k][1])
-            del self._failures[oldest]
-        return float(min(count - self._delay_after, 5)) if count > self._delay_after else 0.0
-
-    def succeeded(self, ip: str) -> None:
-        self._failures.pop(ip, None)
-
-
 class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP with enhanced status codes, DSN parameters and async key checks."""
+    """aiosmtpd's SMTP with enhanced status codes, DSN parameters, async key checks and
+    the listener's connection caps."""
 
     line_length_limit = 32768  # accept long lines; render makes them safe before delivery
 
     def __init__(self, handler: RelayHandler, *, implicit_tls: bool, **kwargs: Any) -> None:
         self.implicit_tls = implicit_tls
+        self._client: str | None = None  # the address counted against the caps, once admitted
+        self._refused = False
         with warnings.catch_warnings(), _fast_introspection():
             # With implicit TLS every byte is encrypted, so AUTH need not wait for STARTTLS.
             warnings.simplefilter("ignore")
             super().__init__(handler, auth_require_tls=not implicit_tls, **kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # called again with the TLS transport after STARTTLS: the same connection
+        if self._original_transport is None:
+            handler: RelayHandler = self.event_handler
+            client = _peer_ip(transport.get_extra_info("peername"))
+            why = handler.caps.admit(client)
+            if why is not None:
+                # the greeting's place; aiosmtpd's session never starts (nor needs ending)
+                self._refused = True
+                log.warning("refused a connection from %s: %s", client, why)
+                transport.write(f"421 4.7.0 {self.hostname} {why}\r\n".encode())
+                transport.close()
+                return
+            self._client = client
         self.event_handler.connections.add(self)
         super().connection_made(transport)
 
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:  # a refused client's words are not read
+            super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:  # a TLS transport still reports the client's close
+            return False
+        return super().eof_received()  # type: ignore[no-any-return]
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        self._release()
         self.event_handler.connections.discard(self)
         super().connection_lost(error)
+
+    def _release(self) -> None:
+        if self._client is not None:
+            self.event_handler.caps.release(self._client)
+            self._client = None
 
     def close(self) -> None:
         """Drop the connection (service shutdown)."""
@@ -327,13 +329,14 @@ class RelayHandler:
     """The policy of one listener."""
 
     def __init__(self, config: Config, listener: ListenerConfig, store: Store,
-                 submitter: Submitter, throttle: AuthThrottle,
-                 inbound: Inbound | None = None) -> None:
+                 submitter: Submitter, inbound: Inbound | None = None) -> None:
         self.config = config
         self.listener = listener
         self.store = store
         self.submitter = submitter
-        self.throttle = throttle
+        # this listener's own counts: failing AUTH on one port does not close the others
+        self.throttle = AuthThrottle.from_limits(config.limits)
+        self.caps = ConnectionCaps.from_limits(config.limits)
         self.inbound = inbound  # what an inbound listener hands its reports to
         self.connections: set[RelaySMTP] = set()
 
@@ -539,7 +542,10 @@ def _sender(envelope: Envelope) -> str:
 
 
 def _ip(session: Session) -> str:
-    peer = session.peer
+    return _peer_ip(session.peer)
+
+
+def _peer_ip(peer: Any) -> str:
     return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
