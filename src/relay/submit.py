@@ -6,9 +6,12 @@ import email.errors
 import email.header
 import email.utils
 import functools
+import json
 import os
 import time
 from collections.abc import Callable
+
+import orjson
 
 from . import compose, dkim, rawmail
 from .addresses import a_label, normalize_address, normalize_domain, self_and_parents
@@ -76,6 +79,27 @@ def decoded(value: str | None) -> str:
         return str(email.header.make_header(email.header.decode_header(value)))
     except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
         return value
+
+
+def json_size(value: object) -> int:
+    """Octets of `value` as JSON, as the store writes it (orjson; json past 64-bit ints)."""
+    try:
+        return len(orjson.dumps(value))
+    except (orjson.JSONEncodeError, TypeError):
+        return len(json.dumps(value, separators=(",", ":"), default=str))
+
+
+def check_metadata_size(metadata: object, tags: tuple[str, ...], limit: int, *,
+                        param: str = "metadata") -> None:
+    """Metadata and tags are copied into every event and every webhook of a message (one per
+    recipient and endpoint): past `limit` octets of JSON they would multiply memory there."""
+    size = json_size(metadata)
+    if size > limit:
+        raise ValidationError(f"{param} is {size} octets as JSON; at most {limit} "
+                              "([limits] max_metadata_size)", param=param, smtp="554 5.6.0")
+    if tags and size + json_size(list(tags)) > limit:
+        raise ValidationError(f"metadata and tags are over {limit} octets as JSON "
+                              "([limits] max_metadata_size)", param="tags", smtp="554 5.6.0")
 
 
 class Submitter:
@@ -155,6 +179,7 @@ class Submitter:
         if not sub.recipients:
             raise ValidationError("at least one recipient is required", param="to",
                                   smtp="554 5.5.1")
+        check_metadata_size(sub.metadata, sub.tags, limits.max_metadata_size)
         recipients = collapse_recipients(sub.recipients, smtputf8=sub.smtputf8)
         if len(recipients) > limits.max_recipients:
             raise ValidationError(f"more than {limits.max_recipients} recipients", param="to",
