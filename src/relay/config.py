@@ -246,11 +246,14 @@ class LimitsConfig:
     max_smtp_connections: int = field(default=1000, metadata=_meta(_check_positive))
     max_smtp_connections_per_client: int = field(default=50,
                                                  metadata=_meta(_check_positive))
-    # concurrent HTTP connections to the API, in all and from one client address
+    # concurrent HTTP connections to the API, in all and from one client address (past
+    # either: 503 and closed, api/connections.py)
     max_http_connections: int = field(default=2000, metadata=_meta(_check_positive))
     max_http_connections_per_client: int = field(default=200,
                                                  metadata=_meta(_check_positive))
-    # seconds an HTTP client may take to send its request line and headers, and its body
+    # seconds an HTTP client may take to send its request line and headers (from connecting,
+    # or from the first byte of a kept-alive connection's next request), and that its body
+    # may stall between two reads
     http_header_timeout: float = field(default=10.0, metadata=_meta(_check_positive))
     http_body_timeout: float = field(default=60.0, metadata=_meta(_check_positive))
 
