@@ -194,8 +194,10 @@ class Submitter:
         given = self._given_key(sub)
         message_id = new_message_id(now)
         date = _date_header(int(now))
+        parts: tuple[tuple[str, bytes], ...] = ()
         if sub.composition is not None:
-            body, kind, size, subject, header_from = self._composed(sub, message_id, date)
+            body, kind, size, subject, header_from, parts = self._composed(sub, message_id,
+                                                                           date)
             sender_domain = sub.composition.sender.email.rpartition("@")[2]
         else:
             body, subject, header_from = self._raw(sub, message_id, date, recipients)
@@ -210,6 +212,7 @@ class Submitter:
             body=body,
             body_kind=kind,
             size=size,
+            parts=parts,
             source=sub.source,
             api_key_id=sub.api_key_id,
             tags=sub.tags,
@@ -268,9 +271,10 @@ class Submitter:
                 decoded(froms[0].value))
 
     def _composed(self, sub: Submission, message_id: str, date: str
-                  ) -> tuple[bytes, str, int, str, str]:
+                  ) -> tuple[bytes, str, int, str, str, tuple[tuple[str, bytes], ...]]:
         """A composition is checked and stored as it is; compose builds it at delivery, so
-        accepting costs no MIME work (body, kind, estimated size, subject, From)."""
+        accepting costs no MIME work (body, kind, estimated size, subject, From, and the
+        large attachments as parts)."""
         c = sub.composition
         assert c is not None
         domain = c.sender.email.rpartition("@")[2]
@@ -283,9 +287,11 @@ class Submitter:
                 f"the message would be about {size} octets, over "
                 f"{self._config.limits.max_message_size}", param="attachments",
                 smtp="552 5.3.4")
-        stored = compose.dumps(c, message_id=self.message_id_header(message_id), date=date)
+        parts: dict[str, bytes] = {}
+        stored = compose.dumps(c, message_id=self.message_id_header(message_id), date=date,
+                               parts=parts)
         sender = f"{c.sender.name} <{c.sender.email}>" if c.sender.name else c.sender.email
-        return stored, "composition", size, c.subject, sender
+        return stored, "composition", size, c.subject, sender, tuple(parts.items())
 
     def message_id_header(self, message_id: str) -> str:
         """The Message-ID header value of a message relay composes (the id without "msg_")."""
