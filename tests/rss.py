@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from types import TracebackType
+from typing import Self
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -33,7 +34,7 @@ class PeakRss:
     def growth(self) -> int:
         return max(0, self.peak - self.start)
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> Self:
         self.start = self.peak = rss()
         self._thread.start()
         return self

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from ..config import LimitsConfig
 
+
 class _State(enum.Enum):
     IDLE = "idle"  # between requests, nothing of the next one read
     HEAD = "head"  # reading a request's head
