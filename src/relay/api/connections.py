@@ -25,11 +25,13 @@ import asyncio
 import enum
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from ..config import LimitsConfig
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class _State(enum.Enum):
@@ -64,14 +66,13 @@ class ConnectionGuard:
         return lambda: _Guarded(self, inner())
 
     @web.middleware
-    async def middleware(self, request: web.Request,
-                         handler: Callable[[web.Request], object]) -> web.StreamResponse:
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         conn = self._open.get(request.transport) if request.transport else None
         if conn is None:  # served some other way (a test server): nothing to time
-            return await handler(request)  # type: ignore[misc, no-any-return]
+            return await handler(request)
         conn.request_started(request)
         try:
-            return await handler(request)  # type: ignore[misc, no-any-return]
+            return await handler(request)
         finally:
             conn.request_done()
 
