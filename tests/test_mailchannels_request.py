@@ -138,6 +138,29 @@ async def test_mustache_that_grows_past_the_limit_is_a_413_while_building(
             await svc.stop()
 
 
+async def test_nested_sections_and_repeated_variables_stop_at_the_limit(
+        tmp_path: Path, dns: DNSServer) -> None:
+    """A few hundred octets of template and data that would write 50**6 passes, or a
+    variable of 100 KiB inserted 10,000 times: a 413 naming the content, quickly."""
+    async with Sink() as sink:
+        svc, secret = await start(tmp_path, dns, sink)
+        try:
+            for value, data in (("{{#a}}" * 6 + "x" + "{{/a}}" * 6, {"a": list(range(50))}),
+                                ("{{b}}" * 10_000, {"b": "y" * 100 * 1024})):
+                body = request(1, b"x", content=[{"type": "text/html", "value": value,
+                                                  "template_type": "mustache"}])
+                body["personalizations"][0]["dynamic_template_data"] = data
+                began = time.monotonic()
+                status, answer = await post(svc, secret, body, "?dry-run=true")
+                assert status == 413 and answer["param"] == "content[0].value", answer
+                assert "max_request_expansion" in answer["errors"][0]
+                assert time.monotonic() - began < 10.0
+            status, answer = await post(svc, secret, request(1, b"x"), "?dry-run=true")
+            assert status == 200  # the server is still fine
+        finally:
+            await svc.stop()
+
+
 async def test_mustache_partials_are_never_read_from_files(tmp_path: Path,
                                                            dns: DNSServer) -> None:
     secret_file = tmp_path / "secret.mustache"

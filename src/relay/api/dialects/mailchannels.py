@@ -23,6 +23,7 @@ unchanged):
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
 import uuid
@@ -184,7 +185,11 @@ class MailChannelsApi:
         cc = _unique(tuple(mailbox(a, f"{where}.cc[{j}]") for j, a in enumerate(p.cc)), seen)
         bcc = _unique(tuple(mailbox(a, f"{where}.bcc[{j}]") for j, a in enumerate(p.bcc)),
                       seen)
-        text, html = filled_content(m.content, p.dynamic_template_data)
+        fill = functools.partial(filled_content, m.content, p.dynamic_template_data,
+                                 limit=self._config.limits.max_request_expansion)
+        # mustache can take a while within its budget: in a thread, the loop serves others
+        mustache = any(c.template_type == "mustache" for c in m.content)
+        text, html = await asyncio.to_thread(fill) if mustache else fill()
         composition = Composition(
             sender=sender, to=to, cc=cc,
             reply_to=(mailbox(reply_to, "reply_to"),) if reply_to else (),

@@ -4,7 +4,8 @@ into, counted before any message is built."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from html import escape as html_escape
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -124,8 +125,10 @@ def campaign_id(value: str) -> str:
     return value
 
 
-def filled_content(content: list[McContent], data: Mapping[str, Any]
+def filled_content(content: list[McContent], data: Mapping[str, Any], *, limit: int
                    ) -> tuple[str | None, str | None]:
+    """text and html, mustache filled in with `data`; what one template may write is held
+    to `limit` octets (max_request_expansion), since sections and variables multiply."""
     found: dict[str, str] = {}
     for i, c in enumerate(content):
         kind = c.type.split(";")[0].strip().lower()
@@ -136,21 +139,99 @@ def filled_content(content: list[McContent], data: Mapping[str, Any]
             raise ApiError(400, f"more than one {kind} content", param=f"content[{i}].type")
         value = c.value
         if c.template_type == "mustache":
-            value = _mustache(value, data, html=kind == "text/html", param=f"content[{i}]")
+            value = _mustache(value, data, html=kind == "text/html", param=f"content[{i}]",
+                              limit=limit)
         found[kind] = value
     return found.get("text/plain"), found.get("text/html")
 
 
-def _mustache(template: str, data: Mapping[str, Any], *, html: bool, param: str) -> str:
-    # partials={}: pystache would otherwise read {{>name}} from the filesystem (any
-    # readable *.mustache, /abs/path and ../ included); a request has no partials to give
-    renderer = pystache.Renderer(escape=None if html else (lambda s: s),
-                                 missing_tags="ignore", partials={})
+class _OverBudget(Exception):
+    pass
+
+
+class _Budget:
+    """Octets a template may still write. Sections over lists nest (50 items, 6 deep, is
+    50**6 passes) and a variable can be inserted many times, so what a render costs is
+    counted as it goes, and it stops at the limit instead of filling memory."""
+
+    def __init__(self, octets: int) -> None:
+        self.left = octets
+
+    def spend(self, octets: int) -> None:
+        self.left -= octets
+        if self.left < 0:
+            raise _OverBudget
+
+
+class _Text(str):
+    """A string of the data; str() of it (how pystache inserts it unescaped) is counted."""
+
+    budget: _Budget
+
+    def __str__(self) -> str:
+        self.budget.spend(len(self))
+        return str.__str__(self)
+
+
+class _List(list[Any]):
+    """A list of the data; each pass of a section over it is counted as the whole template
+    written once more (the most a pass can write besides the variables, counted apart)."""
+
+    budget: _Budget
+    cost: int
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in list.__iter__(self):
+            self.budget.spend(self.cost)
+            yield item
+
+
+class _Renderer(pystache.Renderer):  # type: ignore[misc]
+    def __init__(self, budget: _Budget, *, html: bool) -> None:
+        # partials={}: pystache would otherwise read {{>name}} from the filesystem (any
+        # readable *.mustache, /abs/path and ../ included); a request has no partials
+        super().__init__(escape=self._escape, missing_tags="ignore", partials={})
+        self._budget = budget
+        self._html = html
+
+    def _escape(self, value: str) -> str:
+        self._budget.spend(len(value))
+        return html_escape(value, quote=True) if self._html else str.__str__(value)
+
+    def str_coerce(self, val: Any) -> str:
+        """Numbers, lists and objects inserted as text (pystache's documented hook)."""
+        text = str(val)
+        self._budget.spend(len(text))
+        return text
+
+
+def _counted(value: Any, budget: _Budget, cost: int) -> Any:
+    if isinstance(value, str):
+        text = _Text(value)
+        text.budget = budget
+        return text
+    if isinstance(value, list):
+        items = _List(_counted(v, budget, cost) for v in value)
+        items.budget, items.cost = budget, cost
+        return items
+    if isinstance(value, dict):
+        return {k: _counted(v, budget, cost) for k, v in value.items()}
+    return value
+
+
+def _mustache(template: str, data: Mapping[str, Any], *, html: bool, param: str,
+              limit: int) -> str:
+    budget = _Budget(limit)
+    renderer = _Renderer(budget, html=html)
     try:
-        return str(renderer.render(template, dict(data)))
+        return str.__str__(renderer.render(template, _counted(dict(data), budget,
+                                                             max(1, len(template)))))
     except pystache.parser.ParsingError as exc:
         raise ApiError(400, f"{param}: not a valid mustache template ({exc})",
                        param=f"{param}.value") from None
+    except _OverBudget:
+        raise ApiError(413, f"{param}: the template would write more than {limit} octets "
+                       "([limits] max_request_expansion)", param=f"{param}.value") from None
 
 
 def merged_headers(root: Mapping[str, str], own: Mapping[str, str], where: str,
