@@ -327,7 +327,7 @@ async def test_the_dispatcher_holds_a_bounded_batch_of_large_payloads(tmp_path: 
         with PeakRss() as peak:
             await until(lambda: len(got) == 60, timeout=60.0)
         assert all(n > 1024 * 1024 for n in got)
-        assert peak.growth < 30 * 1024 * 1024, f"{peak.growth / 2**20:.0f} MiB more at peak"
+        assert peak.growth < 64 * 1024 * 1024, f"{peak.growth / 2**20:.0f} MiB more at peak"
     finally:
         await api.close()
         await svc.stop()
