@@ -445,3 +445,20 @@ async def test_the_smtp_idempotency_header_shares_the_keys(api: Api, service: Se
                                      headers={"Idempotency-Key": "shared-1"})
     assert status == 202 and body["id"] == smtp_id
     assert len((await service.store.list_messages()).items) == 1
+
+
+async def test_metadata_over_its_limit_is_refused_naming_it(api: Api, service: Service) -> None:
+    limit = service.config.limits.max_metadata_size
+    big = {"blob": "x" * limit}  # its JSON is a few octets over the limit
+    status, body, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "metadata": big})
+    assert status == 422, body
+    assert body["error"]["type"] == "validation_error"
+    assert body["error"]["param"] == "metadata" and "max_metadata_size" in body["error"]["message"]
+    status, body, _ = await api.call("POST", "/v1/emails/batch", {"emails": [
+        SIMPLE, {**SIMPLE, "metadata": big}]})
+    assert status == 207 and body["results"][1]["error"]["param"] == "emails[1].metadata"
+    assert body["results"][0]["status"] == "queued"
+    status, body, _ = await api.call("POST", "/v1/emails", {
+        **SIMPLE, "metadata": {"blob": "x" * (limit - 200)}})
+    assert status == 202, body
+    assert len((await service.store.list_messages()).items) == 2

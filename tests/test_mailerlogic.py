@@ -222,3 +222,12 @@ async def test_attachment_limits(api: Api, service: Service) -> None:
     five = "x" * (5 * 1024 * 1024 + 1)  # 25 MB in all, the html counted in
     status, answer = await send(api, {**MINIMAL, "html": five, "attachments": files})
     assert status == 400 and answer["message"].startswith("attachments:"), answer
+
+
+async def test_metadata_over_its_limit_is_a_400_naming_it(api: Api, service: Service) -> None:
+    await add_signing_domain(service, "example.com")
+    big = {"blob": "x" * service.config.limits.max_metadata_size}
+    status, answer = await send(api, {**MINIMAL, "metadata": big})
+    assert status == 400 and set(answer) == ERROR_KEYS, answer
+    assert answer["message"].startswith("metadata") and "max_metadata_size" in answer["message"]
+    assert (await service.store.list_messages()).items == ()

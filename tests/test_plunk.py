@@ -350,3 +350,13 @@ async def test_limits_and_auth_in_plunks_shape(plunk: Api, service: Service) -> 
     got, answer, _ = await plunk.call("POST", "/v1/track", {"email": "x@example.org"})
     assert got == 422 and answer["error"]["errors"][0]["field"] == "event"
     assert (await service.store.list_messages()).items == ()
+
+
+async def test_data_over_the_metadata_limit_is_refused_naming_it(plunk: Api,
+                                                                 service: Service) -> None:
+    big = {"note": "x" * service.config.limits.max_metadata_size}
+    got, answer, _ = await plunk.call("POST", "/v1/send", {**OK, "data": big})
+    assert got == 422 and answer["error"]["code"] == "VALIDATION_ERROR", answer
+    assert answer["error"]["errors"][0]["field"] == "data"
+    assert (await service.store.list_messages()).items == ()
+    assert await service.store.get_contact("x@example.org") is None

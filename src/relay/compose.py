@@ -9,6 +9,9 @@ from __future__ import annotations
 import base64
 import email.charset
 import email.utils
+import functools
+import hashlib
+from collections.abc import Mapping
 from email.generator import BytesGenerator
 from email.header import Header
 from email.mime.application import MIMEApplication
@@ -17,6 +20,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
 from email.mime.text import MIMEText
 from io import BytesIO
+from typing import Any
 
 import orjson
 
@@ -131,10 +135,33 @@ def _unstructured(value: str) -> str:
 
 # -- stored form: a composition is queued as JSON and built at delivery ---------------------
 
-def dumps(c: Composition, *, message_id: str, date: str) -> bytes:
-    """The composition with its fixed Message-ID and Date, as the queue stores it."""
+# an attachment at least this large is stored once as a part, by its SHA-256, and named by
+# it in each composition that carries it (one file sent to many recipients, e.g. MailChannels'
+# personalizations, is one row and one bytes object, not a copy per message)
+PART_MIN = 16 * 1024
+
+
+@functools.lru_cache(maxsize=64)
+def part_id(content: bytes) -> str:
+    """An attachment's part id. Cached: the personalizations of one request share one bytes
+    object, whose hash Python keeps, so it is digested once, not once per message."""
+    return hashlib.sha256(content).hexdigest()
+
+
+def dumps(c: Composition, *, message_id: str, date: str,
+          parts: dict[str, bytes] | None = None) -> bytes:
+    """The composition with its fixed Message-ID and Date, as the queue stores it. With
+    `parts`, attachments of PART_MIN octets or more go there ({part id: content}) and the
+    stored form names them ("ref") instead of holding them."""
     def box(m: Mailbox) -> list[str | None]:
         return [m.email, m.name]
+
+    def content(a: Attachment) -> dict[str, str]:
+        if parts is None or len(a.content) < PART_MIN:
+            return {"content": base64.b64encode(a.content).decode("ascii")}
+        ref = part_id(a.content)
+        parts[ref] = a.content
+        return {"ref": ref}
 
     return orjson.dumps({
         "v": 1, "messageId": message_id, "date": date, "from": box(c.sender),
@@ -142,14 +169,37 @@ def dumps(c: Composition, *, message_id: str, date: str) -> bytes:
         "replyTo": [box(m) for m in c.reply_to], "subject": c.subject, "text": c.text,
         "html": c.html, "headers": [list(h) for h in c.headers], "ical": c.ical,
         "attachments": [{"filename": a.filename, "contentType": a.content_type,
-                         "contentId": a.content_id,
-                         "content": base64.b64encode(a.content).decode("ascii")}
+                         "contentId": a.content_id, **content(a)}
                         for a in c.attachments],
     })
 
 
-def loads(stored: bytes) -> tuple[Composition, str, str]:
+def part_refs(stored: bytes) -> list[str]:
+    """The part ids a stored composition names (none in one stored before parts existed)."""
+    if b'"ref"' not in stored:
+        return []
+    return [a["ref"] for a in orjson.loads(stored)["attachments"] if "ref" in a]
+
+
+def inline_parts(stored: bytes, parts: Mapping[str, bytes]) -> bytes:
+    """The stored form with its parts put back in (base64), as if it had none."""
     d = orjson.loads(stored)
+    for a in d["attachments"]:
+        if "ref" in a:
+            a["content"] = base64.b64encode(parts[a.pop("ref")]).decode("ascii")
+    return orjson.dumps(d)
+
+
+def loads(stored: bytes, parts: Mapping[str, bytes] | None = None
+          ) -> tuple[Composition, str, str]:
+    d = orjson.loads(stored)
+
+    def content(a: dict[str, Any]) -> bytes:
+        if "ref" in a:
+            if parts is None or a["ref"] not in parts:
+                raise KeyError(f"part {a['ref']} is not given")
+            return parts[a["ref"]]
+        return base64.b64decode(a["content"])
 
     def box(v: list[str | None]) -> Mailbox:
         return Mailbox(email=str(v[0]), name=v[1])
@@ -160,17 +210,17 @@ def loads(stored: bytes) -> tuple[Composition, str, str]:
         subject=d["subject"], text=d["text"], html=d["html"],
         headers=tuple((n, v) for n, v in d["headers"]), ical=d["ical"],
         attachments=tuple(Attachment(filename=a["filename"], content_type=a["contentType"],
-                                     content_id=a["contentId"],
-                                     content=base64.b64decode(a["content"]))
+                                     content_id=a["contentId"], content=content(a))
                           for a in d["attachments"]))
     return c, d["messageId"], d["date"]
 
 
-def materialize(stored: bytes, kind: str) -> bytes:
-    """The message's bytes from what the queue holds (raw bytes, or a composition)."""
+def materialize(stored: bytes, kind: str, parts: Mapping[str, bytes] | None = None) -> bytes:
+    """The message's bytes from what the queue holds (raw bytes, or a composition and the
+    parts it names)."""
     if kind == "raw":
         return stored
-    c, message_id, date = loads(stored)
+    c, message_id, date = loads(stored, parts)
     return build(c, message_id=message_id, date=date)
 
 

@@ -235,9 +235,11 @@ class LimitsConfig:
     auth_failures_before_block: int = field(default=10, metadata=_meta(_check_positive))
     auth_block_seconds: float = field(default=600.0, metadata=_meta(_check_positive))
     # a message's metadata (and tags) as JSON, in octets: every event and webhook carries it
+    # (also Plunk's contact data); past it, submit refuses the message naming the field
     max_metadata_size: int = field(default=16384, metadata=_meta(_check_positive))
-    # octets one API request may expand into: the sum of its built messages (MailChannels'
-    # personalizations x their content and attachments, a batch's items)
+    # octets one API request may expand into: the sum over the messages it builds of their
+    # content, headers and decoded attachments (MailChannels: every personalization is one,
+    # sharing the attachments), checked before building and again as templates fill in; 413
     max_request_expansion: int = field(default=52428800, metadata=_meta(_check_positive))
     # an inbound report (DSN, ARF): MIME parts and recipients read from it; the rest ignored
     max_report_parts: int = field(default=64, metadata=_meta(_check_positive))
@@ -246,11 +248,14 @@ class LimitsConfig:
     max_smtp_connections: int = field(default=1000, metadata=_meta(_check_positive))
     max_smtp_connections_per_client: int = field(default=50,
                                                  metadata=_meta(_check_positive))
-    # concurrent HTTP connections to the API, in all and from one client address
+    # concurrent HTTP connections to the API, in all and from one client address (past
+    # either: 503 and closed, api/connections.py)
     max_http_connections: int = field(default=2000, metadata=_meta(_check_positive))
     max_http_connections_per_client: int = field(default=200,
                                                  metadata=_meta(_check_positive))
-    # seconds an HTTP client may take to send its request line and headers, and its body
+    # seconds an HTTP client may take to send its request line and headers (from connecting,
+    # or from the first byte of a kept-alive connection's next request), and that its body
+    # may stall between two reads
     http_header_timeout: float = field(default=10.0, metadata=_meta(_check_positive))
     http_body_timeout: float = field(default=60.0, metadata=_meta(_check_positive))
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from .api.app import make_app
+from .api.app import CONNECTIONS, make_app
 from .config import Config, ListenerConfig
 from .datadir import DataDirLock
 from .deliver import Deliverer
@@ -48,6 +48,7 @@ class Service:
 
     api_bound: tuple[str, int] | None = None  # (address, port) of the HTTP API
     api_runner: web.AppRunner | None = field(init=False, default=None)
+    api_server: asyncio.base_events.Server | None = field(init=False, default=None)
     webhooks: WebhookDispatcher | None = field(init=False, default=None)
     scheduler: Scheduler | None = field(init=False, default=None)  # delivery in this process
     worker: WorkerProcess | None = field(init=False, default=None)  # or in its own
@@ -107,19 +108,23 @@ class Service:
         api = self.config.api
         if not api.enabled:
             return
-        self.api_runner = web.AppRunner(make_app(self.config, self.store, self.submitter),
-                                        access_log=None, handle_signals=False)
+        app = make_app(self.config, self.store, self.submitter)
+        self.api_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.api_runner.setup()
-        site = web.TCPSite(self.api_runner, api.address, api.port, reuse_address=True)
+        assert self.api_runner.server is not None
+        # aiohttp's protocol factory behind the connection guard (caps and read deadlines),
+        # on a server of our own rather than a TCPSite, which would serve it unguarded
+        factory = app[CONNECTIONS].protocol_factory(self.api_runner.server)
         try:
-            await site.start()
+            self.api_server = await asyncio.get_running_loop().create_server(
+                factory, api.address, api.port, reuse_address=True,
+                backlog=min(self.config.limits.max_http_connections, 4096))
         except OSError as exc:
             raise ConfigError(self.config.source, "api.port",
                               f"cannot listen on {api.address}:{api.port}: "
                               f"{exc.strerror or exc}") from None
-        server = site._server
-        assert server is not None and server.sockets
-        self.api_bound = server.sockets[0].getsockname()[:2]
+        assert self.api_server.sockets
+        self.api_bound = self.api_server.sockets[0].getsockname()[:2]
         log.info("HTTP API on %s:%s", *self.api_bound)
 
     async def _start_delivery(self) -> None:
@@ -152,6 +157,9 @@ class Service:
     async def stop(self) -> None:
         for server in self.servers:
             server.close()
+        if self.api_server is not None:
+            self.api_server.close()  # no new connections; the runner closes the open ones
+            self.api_server = None
         if self.api_runner is not None:
             await self.api_runner.cleanup()
             self.api_runner = None

@@ -6,9 +6,12 @@ import email.errors
 import email.header
 import email.utils
 import functools
+import json
 import os
 import time
 from collections.abc import Callable
+
+import orjson
 
 from . import compose, dkim, rawmail
 from .addresses import a_label, normalize_address, normalize_domain, self_and_parents
@@ -76,6 +79,27 @@ def decoded(value: str | None) -> str:
         return str(email.header.make_header(email.header.decode_header(value)))
     except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
         return value
+
+
+def json_size(value: object) -> int:
+    """Octets of `value` as JSON, as the store writes it (orjson; json past 64-bit ints)."""
+    try:
+        return len(orjson.dumps(value))
+    except (orjson.JSONEncodeError, TypeError):
+        return len(json.dumps(value, separators=(",", ":"), default=str))
+
+
+def check_metadata_size(metadata: object, tags: tuple[str, ...], limit: int, *,
+                        param: str = "metadata") -> None:
+    """Metadata and tags are copied into every event and every webhook of a message (one per
+    recipient and endpoint): past `limit` octets of JSON they would multiply memory there."""
+    size = json_size(metadata)
+    if size > limit:
+        raise ValidationError(f"{param} is {size} octets as JSON; at most {limit} "
+                              "([limits] max_metadata_size)", param=param, smtp="554 5.6.0")
+    if tags and size + json_size(list(tags)) > limit:
+        raise ValidationError(f"metadata and tags are over {limit} octets as JSON "
+                              "([limits] max_metadata_size)", param="tags", smtp="554 5.6.0")
 
 
 class Submitter:
@@ -161,6 +185,7 @@ class Submitter:
         if not sub.recipients:
             raise ValidationError("at least one recipient is required", param="to",
                                   smtp="554 5.5.1")
+        check_metadata_size(sub.metadata, sub.tags, limits.max_metadata_size)
         recipients = collapse_recipients(sub.recipients, smtputf8=sub.smtputf8)
         if len(recipients) > limits.max_recipients:
             raise ValidationError(f"more than {limits.max_recipients} recipients", param="to",
@@ -175,8 +200,10 @@ class Submitter:
         given = self._given_key(sub)
         message_id = new_message_id(now)
         date = _date_header(int(now))
+        parts: tuple[tuple[str, bytes], ...] = ()
         if sub.composition is not None:
-            body, kind, size, subject, header_from = self._composed(sub, message_id, date)
+            body, kind, size, subject, header_from, parts = self._composed(sub, message_id,
+                                                                           date)
             sender_domain = sub.composition.sender.email.rpartition("@")[2]
         else:
             body, subject, header_from = self._raw(sub, message_id, date, recipients)
@@ -191,6 +218,7 @@ class Submitter:
             body=body,
             body_kind=kind,
             size=size,
+            parts=parts,
             source=sub.source,
             api_key_id=sub.api_key_id,
             tags=sub.tags,
@@ -249,9 +277,10 @@ class Submitter:
                 decoded(froms[0].value))
 
     def _composed(self, sub: Submission, message_id: str, date: str
-                  ) -> tuple[bytes, str, int, str, str]:
+                  ) -> tuple[bytes, str, int, str, str, tuple[tuple[str, bytes], ...]]:
         """A composition is checked and stored as it is; compose builds it at delivery, so
-        accepting costs no MIME work (body, kind, estimated size, subject, From)."""
+        accepting costs no MIME work (body, kind, estimated size, subject, From, and the
+        large attachments as parts)."""
         c = sub.composition
         assert c is not None
         domain = c.sender.email.rpartition("@")[2]
@@ -264,9 +293,11 @@ class Submitter:
                 f"the message would be about {size} octets, over "
                 f"{self._config.limits.max_message_size}", param="attachments",
                 smtp="552 5.3.4")
-        stored = compose.dumps(c, message_id=self.message_id_header(message_id), date=date)
+        parts: dict[str, bytes] = {}
+        stored = compose.dumps(c, message_id=self.message_id_header(message_id), date=date,
+                               parts=parts)
         sender = f"{c.sender.name} <{c.sender.email}>" if c.sender.name else c.sender.email
-        return stored, "composition", size, c.subject, sender
+        return stored, "composition", size, c.subject, sender, tuple(parts.items())
 
     def message_id_header(self, message_id: str) -> str:
         """The Message-ID header value of a message relay composes (the id without "msg_")."""

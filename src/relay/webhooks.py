@@ -20,6 +20,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import io
 import ipaddress
 import logging
 import os
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 # Standard Webhooks' retry schedule (seconds after the previous attempt): about 3 days in all
 SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
 LEASE = 120.0
+BATCH = 100
+# the JSON (event data, metadata, tags) one round may hold: each delivery parses and then
+# serializes its own, so a round's memory is a small multiple of this, whatever the sizes
+BATCH_OCTETS = 4 * 1024 * 1024
 IDLE_POLL = 1.0
 METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 
@@ -87,12 +92,35 @@ def signed_headers(secret: str, event_id: str, created_at: float, body: bytes,
     }
 
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits: a packet to one of them
+# reaches that IPv4 address through a translator (NAT64 RFC 6052, SIIT RFC 7915), or is the
+# deprecated IPv4-compatible form (RFC 4291)
+_LAST_32_BITS = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::ffff:0:0:0/96"),
+                 ipaddress.IPv6Network("::/96"))
+# local-use NAT64 (RFC 8215): its translator and where it puts the IPv4 are the site's own
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
 def private(address: str) -> bool:
-    """Loopback, private, link-local, metadata and other non-global addresses."""
+    """Loopback, private, link-local, metadata and other non-global addresses, also when an
+    IPv6 address only carries one (mapped, NAT64, SIIT, 6to4, Teredo): Python's is_global
+    calls 64:ff9b::7f00:1 global, yet a NAT64 gateway turns it into 127.0.0.1."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip in METADATA_ADDRESSES or not ip.is_global
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip in METADATA_ADDRESSES or not ip.is_global
+    if ip in METADATA_ADDRESSES or not ip.is_global or ip in _LOCAL_NAT64:
+        return True
+    return any(private(str(v4)) for v4 in _embedded_ipv4(ip))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address stands for, if any."""
+    found = [v4 for v4 in (ip.ipv4_mapped, ip.sixtofour) if v4 is not None]
+    if ip.teredo is not None:
+        found += ip.teredo  # (server, client): traffic goes to both
+    if any(ip in net for net in _LAST_32_BITS):
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF))
+    return found
 
 
 class RefusedTarget(OSError):
@@ -165,7 +193,8 @@ class WebhookDispatcher:
     async def _run(self) -> None:
         while True:
             try:
-                due = await self._store.lease_deliveries(self._clock(), 100, LEASE)
+                due = await self._store.lease_deliveries(self._clock(), BATCH, LEASE,
+                                                        max_octets=BATCH_OCTETS)
                 if due:
                     await asyncio.gather(*(self._deliver(d) for d in due))
                     continue
@@ -212,7 +241,10 @@ class WebhookDispatcher:
             assert self._session is not None
             headers = self._headers(d, body)
             try:
-                async with self._session.post(d.endpoint.url, data=body, headers=headers,
+                # a stream, not bytes: aiohttp warns (an error under -W error) on a body
+                # over 1 MiB given as bytes, and large metadata makes one
+                async with self._session.post(d.endpoint.url, data=io.BytesIO(body),
+                                              headers=headers,
                                               allow_redirects=False) as resp:
                     status = resp.status
                     await resp.read()

@@ -17,6 +17,7 @@ from ..submit import Submitter
 from ..tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_key
 from ..webhooks_mailchannels import Signer
 from . import auth
+from .connections import ConnectionGuard
 from .contacts import ContactsApi, UpsertContact
 from .dialects.mailchannels import MailChannelsApi
 from .dialects.mailerlogic import MailerLogicApi
@@ -48,6 +49,7 @@ _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BOOT = secrets.token_hex(4)  # request ids: this process's random prefix and a counter
 _COUNTER = itertools.count(1)
 BODY_LIMIT = web.AppKey("body_limit", int)
+CONNECTIONS = web.AppKey("connections", ConnectionGuard)  # serve with its protocol_factory
 REQUEST_ID = web.RequestKey("request_id", str)
 
 
@@ -102,8 +104,12 @@ async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
 
 
 def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=body_limit(config))
+    guard = ConnectionGuard(config.limits)
+    # the guard first: it must see a request arrive before anything awaits its body
+    app = web.Application(middlewares=[guard.middleware, errors],
+                          client_max_size=body_limit(config))
     app[BODY_LIMIT] = body_limit(config)
+    app[CONNECTIONS] = guard
     app.add_routes(NativeApi(config, store, submitter).routes())
     app.add_routes(ManageApi(store).routes())
     app.add_routes(HooksApi(config, store).routes())

@@ -40,6 +40,8 @@ class NewMessage:
     source: str
     body_kind: str = "raw"  # raw | composition (compose.py builds it at delivery)
     size: int | None = None  # the built size when the body is a composition
+    # attachments a composition names by part id, stored once however many messages share them
+    parts: tuple[tuple[str, bytes], ...] = ()
     api_key_id: str | None = None
     tags: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)

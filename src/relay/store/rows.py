@@ -9,6 +9,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from .. import compose
 from ..types import (
     ApiKey,
     Attempt,
@@ -72,6 +73,12 @@ def insert_messages(db: sqlite3.Connection, batch: list[NewMessage],
              for m in given if (k := m.dkim) is not None])
     db.executemany("INSERT INTO bodies (message_id, data, kind) VALUES (?, ?, ?)",
                    [(m.id, m.body, m.body_kind) for m in batch])
+    # a part shared by many messages (or already stored for another) is written once
+    parts = {part: data for m in batch for part, data in m.parts}
+    if parts:
+        db.executemany("INSERT OR IGNORE INTO parts (id, data) VALUES (?, ?)", parts.items())
+        db.executemany("INSERT INTO message_parts (message_id, part_id) VALUES (?, ?)",
+                       [(m.id, part) for m in batch for part in dict(m.parts)])
     db.executemany(
         "INSERT INTO recipients (message_id, address, domain, status, next_attempt_at, notify, "
         "orcpt, updated_at, last_reply) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -100,6 +107,17 @@ def insert_messages(db: sqlite3.Connection, batch: list[NewMessage],
             [(m.idempotency_scope, m.idempotency_key, m.idempotency_fingerprint, m.id,
               m.created_at, m.idempotency_status, m.idempotency_response) for m in keyed],
         )
+
+
+def with_parts(db: sqlite3.Connection, body: bytes, kind: str) -> bytes:
+    """A stored body as readers take it: a composition's parts put back in, so nothing
+    above the store needs to know that large attachments are stored once, apart."""
+    refs = compose.part_refs(body) if kind == "composition" else []
+    if not refs:
+        return body
+    parts = {r[0]: bytes(r[1]) for r in db.execute(
+        f"SELECT id, data FROM parts WHERE id IN ({','.join('?' * len(refs))})", refs)}
+    return compose.inline_parts(body, parts)
 
 
 ATTEMPT_FIELDS = (
@@ -164,8 +182,8 @@ def load_detail_sync(db: sqlite3.Connection, message_id: str,
         "FROM events WHERE message_id = ? ORDER BY id", (message_id,)))
     body = None
     if with_body:
-        found = db.execute("SELECT data FROM bodies WHERE message_id = ?",
+        found = db.execute("SELECT data, kind FROM bodies WHERE message_id = ?",
                            (message_id,)).fetchone()
-        body = bytes(found[0]) if found else None
+        body = with_parts(db, bytes(found[0]), found[1]) if found else None
     return MessageDetail(message=message_row(row, recipients), recipients=recipients,
                          attempts=attempts, events=events, body=body)

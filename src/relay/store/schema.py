@@ -295,6 +295,24 @@ MIGRATIONS: tuple[str, ...] = (
                 WHERE d.id = json_extract(NEW.data, '$.endpointId'))));
     END;
     """,
+    # 14: large attachments stored once (by SHA-256) and named by each composition carrying
+    # them; a part no message names any more is deleted with its last link
+    """
+    CREATE TABLE parts (
+        id   TEXT PRIMARY KEY,
+        data BLOB NOT NULL
+    );
+    CREATE TABLE message_parts (
+        message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        part_id    TEXT NOT NULL REFERENCES parts(id),
+        PRIMARY KEY (message_id, part_id)
+    );
+    CREATE INDEX message_parts_part ON message_parts(part_id);
+    CREATE TRIGGER message_parts_unlinked AFTER DELETE ON message_parts
+    WHEN NOT EXISTS (SELECT 1 FROM message_parts WHERE part_id = OLD.part_id) BEGIN
+        DELETE FROM parts WHERE id = OLD.part_id;
+    END;
+    """,
 )
 
 

@@ -37,6 +37,7 @@ from .rows import (
     load_detail,
     message_row,
     recipient_row,
+    with_parts,
 )
 from .schema import migrate
 from .suppressions import SuppressionQueries, listed, screened
@@ -234,8 +235,9 @@ async def _connect(path: Path) -> aiosqlite.Connection:
 
 
 def _body(db: sqlite3.Connection, message_id: str) -> bytes | None:
-    rows = db.execute("SELECT data FROM bodies WHERE message_id = ?", (message_id,)).fetchall()
-    return bytes(rows[0][0]) if rows else None
+    rows = db.execute("SELECT data, kind FROM bodies WHERE message_id = ?",
+                      (message_id,)).fetchall()
+    return with_parts(db, bytes(rows[0][0]), rows[0][1]) if rows else None
 
 
 def _outgoing(db: sqlite3.Connection, message_ids: list[str]) -> dict[str, Outgoing]:
@@ -250,7 +252,8 @@ def _outgoing(db: sqlite3.Connection, message_ids: list[str]) -> dict[str, Outgo
                 f" WHERE m.id IN ({','.join('?' * len(ids))})", ids):
             given = (GivenDkimKey(domain=k_domain, selector=k_selector, private_key=k_private)
                      if k_domain is not None else None)
-            out[m_id] = Outgoing(body=bytes(data), sign_domains=tuple(json.loads(domains)),
+            out[m_id] = Outgoing(body=with_parts(db, bytes(data), kind),
+                                 sign_domains=tuple(json.loads(domains)),
                                  dkim=given, kind=kind)
     return out
 

@@ -113,15 +113,28 @@ class WebhookQueries:
         done: bool = await self._write(op)
         return done
 
-    async def lease_deliveries(self, now: float, limit: int, lease_for: float) -> list[Delivery]:
+    async def lease_deliveries(self, now: float, limit: int, lease_for: float,
+                               max_octets: int | None = None) -> list[Delivery]:
+        """Up to `limit` due deliveries, oldest first. With `max_octets`, they stop once the
+        event data, metadata and tags they carry (as stored JSON) pass it, though the first
+        is always taken: each delivery holds its own copy in memory until it is sent, and
+        a message's metadata goes to every recipient's events."""
+        budget = -1 if max_octets is None else max_octets
+
         def op(db: sqlite3.Connection) -> list[Delivery]:
             ids = [r[0] for r in db.execute(
                 "UPDATE webhook_outbox SET leased_until = ? WHERE id IN ("
-                " SELECT o.id FROM webhook_outbox o JOIN webhook_endpoints w"
-                " ON w.id = o.endpoint_id WHERE o.delivered_at IS NULL AND w.enabled"
+                " SELECT id FROM (SELECT o.id, sum(length(e.data) + coalesce(length("
+                "m.metadata) + length(m.tags), 0)) OVER (ORDER BY o.next_attempt_at, o.id"
+                " ROWS UNBOUNDED PRECEDING) AS upto, length(e.data) + coalesce(length("
+                "m.metadata) + length(m.tags), 0) AS own"
+                " FROM webhook_outbox o JOIN webhook_endpoints w ON w.id = o.endpoint_id"
+                " JOIN events e ON e.id = o.event_id LEFT JOIN messages m ON m.id = e.message_id"
+                " WHERE o.delivered_at IS NULL AND w.enabled"
                 " AND o.next_attempt_at <= ? AND (o.leased_until IS NULL OR o.leased_until < ?)"
-                " ORDER BY o.next_attempt_at LIMIT ?) RETURNING id",
-                (now + lease_for, now, now, limit))]
+                " ORDER BY o.next_attempt_at, o.id LIMIT ?) WHERE ? < 0 OR upto - own < ?)"
+                " RETURNING id",
+                (now + lease_for, now, now, limit, budget, budget))]
             if not ids:
                 return []
             rows = db.execute(
@@ -133,10 +146,13 @@ class WebhookQueries:
                 " LEFT JOIN messages m ON m.id = e.message_id"
                 f" WHERE o.id IN ({','.join('?' * len(ids))}) ORDER BY o.id", ids).fetchall()
             out = []
+            parsed: dict[str, Any] = {}  # a message's metadata read once, shared by its events
             for r in rows:
                 data = {"messageId": r[6], **json.loads(r[5] or "{}")}
                 if r[7] is not None:
-                    data["metadata"] = json.loads(r[7])
+                    if r[6] not in parsed:
+                        parsed[r[6]] = json.loads(r[7])
+                    data["metadata"] = parsed[r[6]]
                     data["campaignId"] = data["metadata"].get("campaignId")
                     data["tags"] = [{"name": n, "value": v} for n, _, v in
                                     (t.partition(":") for t in json.loads(r[8]))]

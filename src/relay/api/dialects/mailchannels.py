@@ -22,16 +22,15 @@ unchanged):
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import secrets
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import pystache
-import pystache.parser
+import orjson
 from aiohttp import web
-from pydantic import Field, StrictBool, StringConstraints
 
 from ... import compose, dkim, webhooks, webhooks_mailchannels
 from ...addresses import self_and_parents
@@ -54,88 +53,21 @@ from .. import auth
 from ..errors import ApiError
 from ..hooks import check_target
 from ..native import _unique, decode_attachments, json_body, mailbox, parse
-from ..schemas import RESERVED_HEADERS, AddressObject, AttachmentIn, Strict
+from ..schemas import AttachmentIn
 from ..views import iso
-from .common import checked_headers, in_shape, named, prepare, store_call
-
-MAX_PERSONALIZATIONS = 1000
-# the headers MailChannels' `headers` may not set (seed 000), beside relay's own list
-RESERVED = frozenset({
-    "authentication-results", "bcc", "cc", "content-transfer-encoding", "content-type",
-    "dkim-signature", "from", "message-id", "received", "reply-to", "subject", "to",
-}) | RESERVED_HEADERS
-
-HeaderMap = dict[Annotated[str, StringConstraints(min_length=1, max_length=76)], str]
-Selector = Annotated[str, StringConstraints(min_length=1, max_length=63,
-                                            pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")]
-DomainName = Annotated[str, StringConstraints(min_length=1, max_length=253)]
-
-
-class McToggle(Strict):
-    enable: StrictBool = False
-    custom_domain_name: str | None = None
-
-
-class McTracking(Strict):
-    click_tracking: McToggle | None = None
-    open_tracking: McToggle | None = None
-
-
-class McUnsubscribe(Strict):
-    custom_domain_name: str | None = None
-
-
-class McContent(Strict):
-    type: str
-    value: str
-    template_type: Literal["mustache"] | None = None
-
-
-class McAttachment(Strict):
-    content: str
-    filename: Annotated[str, StringConstraints(min_length=1, max_length=255,
-                                               pattern=r"^[^\r\n/\\]*$")]
-    type: Annotated[str, StringConstraints(
-        pattern=r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+$")] | None = None
-    disposition: Literal["attachment", "inline"] = "attachment"
-    content_id: Annotated[str, StringConstraints(
-        min_length=1, max_length=200, pattern=r"^[^\s<>\"]+$")] | None = None
-
-
-class McDkim(Strict):
-    dkim_domain: DomainName | None = None
-    dkim_selector: Selector | None = None
-    dkim_private_key: Annotated[str, StringConstraints(min_length=1)] | None = None
-
-
-class McPersonalization(McDkim):
-    to: list[AddressObject] = Field(min_length=1, max_length=1000)
-    cc: list[AddressObject] = Field(default_factory=list, max_length=1000)
-    bcc: list[AddressObject] = Field(default_factory=list, max_length=1000)
-    subject: Annotated[str, StringConstraints(max_length=998)] | None = None
-    from_: AddressObject | None = Field(default=None, alias="from")
-    reply_to: AddressObject | None = None
-    envelope_from: AddressObject | None = None
-    headers: HeaderMap = Field(default_factory=dict)
-    dynamic_template_data: dict[str, Any] = Field(default_factory=dict)
-    substitutions: dict[str, str] | None = None
-
-
-class McSend(McDkim):
-    personalizations: list[McPersonalization] = Field(min_length=1,
-                                                      max_length=MAX_PERSONALIZATIONS)
-    from_: AddressObject = Field(alias="from")
-    subject: Annotated[str, StringConstraints(max_length=998)] | None = None
-    content: list[McContent] = Field(min_length=1, max_length=2)
-    reply_to: AddressObject | None = None
-    envelope_from: AddressObject | None = None
-    headers: HeaderMap = Field(default_factory=dict)
-    attachments: list[McAttachment] = Field(default_factory=list, max_length=100)
-    transactional: StrictBool = True
-    campaign_id: str | None = None
-    tracking_settings: McTracking | None = None
-    unsubscribe_settings: McUnsubscribe | None = None
-
+from .common import in_shape, named, prepare, store_call
+from .mailchannels_request import (
+    McPersonalization,
+    McSend,
+    McTracking,
+    built_octets,
+    campaign_id,
+    check_expansion,
+    check_settings,
+    expansion,
+    filled_content,
+    merged_headers,
+)
 
 # MailChannels answers bad input with 400 and a too-large one with 413
 _STATUSES = {415: 400, 422: 400}
@@ -177,7 +109,7 @@ class MailChannelsApi:
         request_id = str(uuid.uuid4())
         messages = await self._prepared(m, key, request_id)
         if request.query.get("dry-run", "").lower() == "true":
-            return web.json_response({"data": [self._dry_run(msg) for msg in messages]})
+            return await self._dry_run_answer(request, messages)
         results, _ = await store_call(self._submitter.commit_all(messages))
         out = []
         for i, (msg, result) in enumerate(zip(messages, results, strict=True)):
@@ -200,11 +132,16 @@ class MailChannelsApi:
 
     async def _prepared(self, m: McSend, key: ApiKey, request_id: str) -> list[NewMessage]:
         """Every personalization checked and built before anything is written: a bad one
-        refuses the whole request, as MailChannels does."""
-        _check_settings(m)
+        refuses the whole request, as MailChannels does. What the request expands into is
+        counted first (and again as it is built: mustache can grow it), and the attachments
+        are decoded once, one bytes object each that every message shares (and that the
+        store keeps once)."""
+        check_settings(m)
+        limit = self._config.limits.max_request_expansion
+        check_expansion(expansion(m), limit)
         metadata: dict[str, Any] = {"requestId": request_id}
         if m.campaign_id is not None:
-            metadata["campaignId"] = _campaign_id(m.campaign_id)
+            metadata["campaignId"] = campaign_id(m.campaign_id)
         stream = Stream.TRANSACTIONAL if m.transactional else Stream.BROADCAST
         attachments = decode_attachments(
             [AttachmentIn(filename=a.filename, content=a.content, contentType=a.type,
@@ -212,7 +149,8 @@ class MailChannelsApi:
              for a in m.attachments],
             max_file=self._config.limits.max_attachment_size,
             max_total=self._config.limits.max_attachments_size)
-        out = []
+        out: list[NewMessage] = []
+        built = 0
         for i, p in enumerate(m.personalizations):
             where = f"personalizations[{i}]"
             if stream is Stream.BROADCAST and len(p.to) + len(p.cc) + len(p.bcc) != 1:
@@ -220,12 +158,16 @@ class MailChannelsApi:
                                "recipient per personalization", param=f"{where}.to")
             sub = await self._submission(m, p, where, key, stream, metadata, attachments)
             message = prepare(self._submitter, sub)
+            assert sub.composition is not None
+            built += built_octets(sub.composition)
+            check_expansion(built, limit, built=True)
             try:
                 await self._submitter.check_broadcast(message)
             except ValidationError as exc:
                 raise ApiError(400, f"transactional: false needs a DKIM signature: {exc}",
                                param="transactional") from None
             out.append(message)
+            await asyncio.sleep(0)  # a thousand personalizations must not hold the loop
         return out
 
     async def _submission(self, m: McSend, p: McPersonalization, where: str, key: ApiKey,
@@ -242,12 +184,16 @@ class MailChannelsApi:
         cc = _unique(tuple(mailbox(a, f"{where}.cc[{j}]") for j, a in enumerate(p.cc)), seen)
         bcc = _unique(tuple(mailbox(a, f"{where}.bcc[{j}]") for j, a in enumerate(p.bcc)),
                       seen)
-        text, html = _content(m.content, p.dynamic_template_data)
+        fill = functools.partial(filled_content, m.content, p.dynamic_template_data,
+                                 limit=self._config.limits.max_request_expansion)
+        # mustache can take a while within its budget: in a thread, the loop serves others
+        mustache = any(c.template_type == "mustache" for c in m.content)
+        text, html = await asyncio.to_thread(fill) if mustache else fill()
         composition = Composition(
             sender=sender, to=to, cc=cc,
             reply_to=(mailbox(reply_to, "reply_to"),) if reply_to else (),
             subject=subject, text=text, html=html, attachments=attachments,
-            headers=_headers(m.headers, p.headers, where, stream))
+            headers=merged_headers(m.headers, p.headers, where, stream))
         envelope = p.envelope_from or m.envelope_from
         mail_from = mailbox(envelope, "envelope_from").email if envelope else sender.email
         tracking = m.tracking_settings or McTracking()
@@ -292,8 +238,26 @@ class MailChannelsApi:
                            param=domain_at)
         return None
 
+    async def _dry_run_answer(self, request: web.Request,
+                              messages: list[NewMessage]) -> web.StreamResponse:
+        """{"data": [...]} written a message at a time: each is built (MIME, maybe a
+        signature) and sent before the next, so one is held, not all of them, and the loop
+        runs others in between."""
+        from ..app import REQUEST_ID  # the app imports this module
+
+        response = web.StreamResponse(headers={"Content-Type": "application/json",
+                                               "X-Request-Id": request.get(REQUEST_ID, "")})
+        await response.prepare(request)
+        await response.write(b'{"data": [')
+        for i, message in enumerate(messages):
+            await response.write((b", " if i else b"") + orjson.dumps(self._dry_run(message)))
+            await asyncio.sleep(0)
+        await response.write(b"]}")
+        await response.write_eof()
+        return response
+
     def _dry_run(self, message: NewMessage) -> str:
-        data = compose.materialize(message.body, message.body_kind)
+        data = compose.materialize(message.body, message.body_kind, dict(message.parts))
         if message.dkim is not None:
             given = message.dkim
             data = dkim.sign(data, [dkim.SigningKey(
@@ -338,75 +302,3 @@ class MailChannelsApi:
         if key_id != self._signer.key_id:
             raise ApiError(404, f"no webhook signing key {key_id!r}", param="id")
         return web.json_response(self._signer.public_key_json())
-
-
-def _check_settings(m: McSend) -> None:
-    tracking = m.tracking_settings
-    for name in ("click_tracking", "open_tracking"):
-        toggle = getattr(tracking, name) if tracking else None
-        if toggle is not None and toggle.custom_domain_name:
-            raise ApiError(400, "relay's tracking links use its [api] public_url; a custom "
-                           "tracking domain is not supported",
-                           param=f"tracking_settings.{name}.custom_domain_name")
-    if m.unsubscribe_settings is not None and m.unsubscribe_settings.custom_domain_name:
-        raise ApiError(400, "relay's unsubscribe links use its [api] public_url; a custom "
-                       "unsubscribe domain is not supported",
-                       param="unsubscribe_settings.custom_domain_name")
-    for i, p in enumerate(m.personalizations):
-        if p.substitutions:
-            raise ApiError(400, "substitutions are not supported: use a mustache template "
-                           "and dynamic_template_data", param=f"personalizations[{i}].substitutions")
-
-
-def _campaign_id(value: str) -> str:
-    if len(value) > 48:
-        raise ApiError(400, f"campaign_id is {len(value)} characters; at most 48",
-                       param="campaign_id")
-    if not value or any(c.isspace() for c in value):
-        raise ApiError(400, "campaign_id must not be empty or contain spaces",
-                       param="campaign_id")
-    return value
-
-
-def _content(content: list[McContent], data: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    found: dict[str, str] = {}
-    for i, c in enumerate(content):
-        kind = c.type.split(";")[0].strip().lower()
-        if kind not in ("text/plain", "text/html"):
-            raise ApiError(400, f"content type {c.type!r}: text/plain or text/html",
-                           param=f"content[{i}].type")
-        if kind in found:
-            raise ApiError(400, f"more than one {kind} content", param=f"content[{i}].type")
-        value = c.value
-        if c.template_type == "mustache":
-            value = _mustache(value, data, html=kind == "text/html", param=f"content[{i}]")
-        found[kind] = value
-    return found.get("text/plain"), found.get("text/html")
-
-
-def _mustache(template: str, data: Mapping[str, Any], *, html: bool, param: str) -> str:
-    renderer = pystache.Renderer(escape=None if html else (lambda s: s),
-                                 missing_tags="ignore")
-    try:
-        return str(renderer.render(template, dict(data)))
-    except pystache.parser.ParsingError as exc:
-        raise ApiError(400, f"{param}: not a valid mustache template ({exc})",
-                       param=f"{param}.value") from None
-
-
-def _headers(root: Mapping[str, str], own: Mapping[str, str], where: str,
-             stream: Stream) -> tuple[tuple[str, str], ...]:
-    """The root's headers with the personalization's beating them, names compared without
-    case; the reserved ones refused."""
-    merged: dict[str, tuple[str, str, str]] = {}
-    for source, headers in (("headers", root), (f"{where}.headers", own)):
-        for name, value in headers.items():
-            if name.lower() in RESERVED:
-                raise ApiError(400, f"the {name} header is reserved; it cannot be set in "
-                               "headers", param=f"{source}.{name}")
-            merged[name.lower()] = (name, value, source)
-    out: list[tuple[str, str]] = []
-    for name, value, source in merged.values():
-        out += checked_headers([(name, value)], stream, param=source)
-    return tuple(out)
-

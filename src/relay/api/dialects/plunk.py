@@ -32,7 +32,7 @@ from ...config import Config
 from ...errors import StoreError, ValidationError
 from ...store import Remembered, SQLiteStore
 from ...store.contacts import ContactChange
-from ...submit import Submitter
+from ...submit import Submitter, check_metadata_size
 from ...types import (
     ApiKey,
     Composition,
@@ -139,6 +139,8 @@ class PlunkApi:
         if m.type == "markdown":
             raise ApiError(422, "relay sends html bodies; markdown is not rendered",
                            param="type")
+        # data is kept on each contact (and read into every later send): metadata's limit
+        check_metadata_size(m.data, (), self._config.limits.max_metadata_size, param="data")
         recipients = _recipients(m.to)
         template = await self._template(m.template, key)
         stream = Stream.BROADCAST if template and template.type == "marketing" else \
