@@ -17,6 +17,7 @@ import pytest
 from relay.config import LimitsConfig, ListenerConfig
 from relay.service import Service
 from relay.smtpd import RelayHandler
+from relay.smtplimits import ConnectionCaps
 
 from .conftest import free_port, make_config
 from .smtputil import MESSAGE, client_tls, connect, in_thread, send
@@ -242,3 +243,13 @@ async def test_a_client_blocked_for_failed_logins_on_submission_may_still_relay(
         assert (await asyncio.wait_for(blocked.reader.readline(), 10)).startswith(b"421 4.7.0")
     finally:
         await svc.stop()
+
+
+def test_a_flood_of_refusals_is_one_log_line_a_minute() -> None:
+    now = [1000.0]
+    caps = ConnectionCaps(total=10, per_client=1, clock=lambda: now[0])
+    assert caps.to_log("192.0.2.1") == 1  # the first refusal is logged
+    assert [caps.to_log("192.0.2.1") for _ in range(500)] == [0] * 500
+    assert caps.to_log("192.0.2.9") == 1  # another client has its own line
+    now[0] += ConnectionCaps.LOG_EVERY
+    assert caps.to_log("192.0.2.1") == 501  # then one line with how many there were

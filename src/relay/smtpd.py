@@ -95,7 +95,10 @@ class RelaySMTP(SMTP):
             if why is not None:
                 # the greeting's place; aiosmtpd's session never starts (nor needs ending)
                 self._refused = True
-                log.warning("refused a connection from %s: %s", client, why)
+                refused = handler.caps.to_log(client)
+                if refused:
+                    log.warning("refused %d connection%s from %s: %s", refused,
+                                "s" if refused > 1 else "", client, why)
                 transport.write(f"421 4.7.0 {self.hostname} {why}\r\n".encode())
                 transport.close()
                 return

@@ -20,10 +20,28 @@ class ConnectionCaps:
     """Concurrent connections to one listener, in all and from one client address
     (Postfix's smtpd_client_connection_count_limit)."""
 
-    def __init__(self, *, total: int, per_client: int) -> None:
+    LOG_EVERY = 60.0  # seconds: one log line per refused client in this long, with a count
+
+    def __init__(self, *, total: int, per_client: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._total, self._per_client = total, per_client
         self._by_client: Counter[str] = Counter()
         self.count = 0
+        self._clock = clock
+        self._refused: dict[str, tuple[float, int]] = {}  # ip -> (logged at, refused since)
+
+    def to_log(self, ip: str) -> int:
+        """How many refusals of `ip` to log now (0: it was logged less than LOG_EVERY ago),
+        so that a flood of refused connections is one line a minute, not one each."""
+        now = self._clock()
+        logged, since = self._refused.get(ip, (now - self.LOG_EVERY, 0))
+        if now - logged < self.LOG_EVERY:
+            self._refused[ip] = (logged, since + 1)
+            return 0
+        if len(self._refused) >= 10_000:  # many addresses: forget, at worst log again
+            self._refused.clear()
+        self._refused[ip] = (now, 0)
+        return since + 1
 
     @classmethod
     def from_limits(cls, limits: LimitsConfig) -> ConnectionCaps:
