@@ -75,6 +75,10 @@ async def test_native_subject(client: Api, service: Service, subject: str) -> No
      "replyTo[0].name"),
     ({"headers": {"X-Foo": "a\x0bBcc : x@evil.test"}}, "headers.X-Foo"),
     ({"headers": {"X-Foo": "a\x00b"}}, "headers.X-Foo"),
+    ({"attachments": [{"filename": "a\x0bBcc: x.txt", "content": "eA=="}]},
+     "attachments[0].filename"),
+    ({"attachments": [{"filename": "a.png", "content": "eA==", "contentId": "a\x1cb"}]},
+     "attachments[0].contentId"),
 ])
 async def test_native_fields_and_template_values(client: Api, service: Service,
                                                  change: dict[str, Any], param: str) -> None:
