@@ -11,6 +11,7 @@ import email.charset
 import email.utils
 import functools
 import hashlib
+import re
 from collections.abc import Mapping
 from email.generator import BytesGenerator
 from email.header import Header
@@ -24,16 +25,60 @@ from typing import Any
 
 import orjson
 
+from .errors import ValidationError
 from .types import Attachment, Composition, Mailbox
 
 _UTF8_QP = email.charset.Charset("utf-8")
 _UTF8_QP.body_encoding = email.charset.QP
 _UTF8_QP.header_encoding = email.charset.QP
 
+# What may not be in a header value: NUL, CR, LF, and every other character str.splitlines()
+# breaks at, because the compat32 folding below splits a value there and writes each piece
+# on a line of its own (a "\x0b" or "\x1c" ends the header as a CRLF would; "\u2028" and
+# "\x85" silently lose the text's break inside an encoded word).
+_LINE_BREAKS = re.compile(r"[\x00\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
+def check_header_text(value: str, param: str) -> None:
+    """Refuse text that would end the header it is written into and start another (header
+    injection): the one rule for every subject, display name and header value relay
+    writes, whichever API or template it came from."""
+    found = _LINE_BREAKS.search(value)
+    if found is not None:
+        raise ValidationError(
+            f"{param}: a header may not contain CR, LF, NUL or another line break "
+            f"({found.group()!r} at {found.start()})", param=param)
+
+
+def check_headers(c: Composition) -> None:
+    """Every text of the composition that becomes a header (or a MIME part's header), as
+    it will be written: after templates are filled, before anything is queued. The params
+    are the native API's names; an adapter whose names differ checks its fields first."""
+    check_header_text(c.subject, "subject")
+    _check_mailbox(c.sender, "from")
+    for field, boxes in (("to", c.to), ("cc", c.cc), ("replyTo", c.reply_to)):
+        for i, m in enumerate(boxes):
+            _check_mailbox(m, f"{field}[{i}]")
+    for name, value in c.headers:
+        check_header_text(name, f"headers.{name}")
+        check_header_text(value, f"headers.{name}")
+    for i, a in enumerate(c.attachments):
+        check_header_text(a.filename, f"attachments[{i}].filename")
+        check_header_text(a.content_type, f"attachments[{i}].contentType")
+        if a.content_id is not None:
+            check_header_text(a.content_id, f"attachments[{i}].contentId")
+
+
+def _check_mailbox(m: Mailbox, param: str) -> None:
+    check_header_text(m.email, param)
+    if m.name:
+        check_header_text(m.name, f"{param}.name")
+
 
 def build(c: Composition, *, message_id: str | None = None, date: str | None = None) -> bytes:
     """The message's bytes with CRLF line endings (`submit` adds Message-ID and Date when
     they are not given here)."""
+    check_headers(c)  # submit checked it; mail queued before that check must not go out
     body = _alternatives(c)
     inline = [a for a in c.attachments if a.content_id]
     files = [a for a in c.attachments if not a.content_id]

@@ -283,6 +283,7 @@ class Submitter:
         large attachments as parts)."""
         c = sub.composition
         assert c is not None
+        compose.check_headers(c)  # as filled in: a template's values included
         domain = c.sender.email.rpartition("@")[2]
         if not may_send_as(sub.allowed_domains, domain):
             raise ValidationError(f"this key may not send as {domain}", param="from",

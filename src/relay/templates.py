@@ -11,25 +11,32 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import owners
+from .compose import check_header_text
 from .errors import ValidationError
 from .types import Template
 
 _TAG = re.compile(r"\{\{\s*([A-Za-z_][\w.-]*)\s*(?:\?\?\s*'((?:[^'\\]|\\.)*)'\s*)?\}\}")
 
 
-def render(text: str, data: Mapping[str, Any], *, escape: bool, param: str) -> str:
+def render(text: str, data: Mapping[str, Any], *, escape: bool, param: str,
+           header: bool = False) -> str:
+    """`text` filled from `data`. In a header (a subject) a value may not break the line:
+    refused naming the variable, as submit would refuse the filled subject anyway."""
     if "{{" not in text:
         return text
 
     def fill(m: re.Match[str]) -> str:
         value = _lookup(data, m.group(1))
+        where = f"data.{m.group(1)}"
         if value is None:
             if m.group(2) is None:
                 raise ValidationError(f"{param} uses {{{{{m.group(1)}}}}}, which data does not "
                                       "give (write {{name ?? 'fallback'}} for a default)",
-                                      param=f"data.{m.group(1)}")
-            value = re.sub(r"\\(.)", r"\1", m.group(2))
+                                      param=where)
+            value, where = re.sub(r"\\(.)", r"\1", m.group(2)), param  # the template's own
         text = value if isinstance(value, str) else _plain(value)
+        if header:
+            check_header_text(text, where)
         return html.escape(text) if escape else text
 
     return _TAG.sub(fill, text)
@@ -92,6 +99,6 @@ def fill(t: Template, data: Mapping[str, Any], *, subject: str | None = None,
     return Filled(
         template=t,
         subject=render(subject if subject is not None else t.subject, data, escape=False,
-                       param="subject"),
+                       param="subject", header=True),
         html=render(html if html is not None else t.html, data, escape=True, param="html"),
         text=render(body_text, data, escape=False, param="text") if body_text else None)

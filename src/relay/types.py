@@ -138,7 +138,7 @@ class Composition:
     text: str | None = None
     html: str | None = None
     attachments: tuple[Attachment, ...] = ()
-    headers: tuple[tuple[str, str], ...] = ()  # checked: no reserved names, no CR or LF
+    headers: tuple[tuple[str, str], ...] = ()  # no reserved names; no line breaks (compose)
     ical: str | None = None  # a calendar invite: text/calendar alternative + invite.ics
 
 

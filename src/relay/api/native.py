@@ -135,7 +135,11 @@ class NativeApi:
         return await self._idempotency.answer(request, key.id, raw, produce)
 
     def _prepare(self, model: SendEmail, key: ApiKey) -> NewMessage:
-        return prepare(self._submitter, to_submission(model, key, self._config))
+        try:
+            sub = to_submission(model, key, self._config)
+        except ValidationError as exc:  # a template's: an ApiError, so a batch item says it
+            raise ApiError(422, str(exc), param=exc.param) from None
+        return prepare(self._submitter, sub)
 
     async def _checked(self, message: NewMessage) -> None:
         await check_broadcast(self._submitter, message)
@@ -288,7 +292,8 @@ def _param(loc: tuple[int | str, ...], prefix: str,
 
 def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
     data = m.data or {}
-    subject = templates.render(m.subject or "", data, escape=False, param="subject")
+    subject = templates.render(m.subject or "", data, escape=False, param="subject",
+                               header=True)
     text = templates.render(m.text, data, escape=False, param="text") if m.text else m.text
     html = templates.render(m.html, data, escape=True, param="html") if m.html else m.html
     if text is None and html is None and not m.icalEvent:
@@ -351,14 +356,17 @@ def mailbox(value: Any, param: str) -> Mailbox:
         name, address = value.name or "", value.email
     try:
         address, _ = normalize_address(address, smtputf8=True, param=param)
+        # here, not only in submit, so that the error names the request's own field
+        compose.check_header_text(name, param if isinstance(value, str) else f"{param}.name")
     except ValidationError as exc:
-        raise ApiError(422, str(exc), param=param) from None
+        raise ApiError(422, str(exc), param=exc.param) from None
     return Mailbox(email=address, name=name or None)
 
 
 def checked_headers(given: Iterable[tuple[str, Any]], stream: Stream, *, param: str = "headers",
                     reserved: frozenset[str] = RESERVED_HEADERS) -> tuple[tuple[str, str], ...]:
-    """Custom headers: names relay writes itself are refused, as are CR and LF in values."""
+    """Custom headers: names relay writes itself are refused, as are line breaks in values
+    (compose's one rule) and values past RFC 5322's 998 characters."""
     out = []
     for name, value in given:
         lower = name.lower()
@@ -369,9 +377,13 @@ def checked_headers(given: Iterable[tuple[str, Any]], stream: Stream, *, param: 
                            param=where)
         if not isinstance(value, str):
             raise ApiError(422, f"{where}: a header value is a string", param=where)
-        if "\r" in value or "\n" in value or len(value) > 998:
-            raise ApiError(422, f"{where}: a header value may not contain CR or LF or be "
-                           "longer than 998 characters", param=where)
+        try:
+            compose.check_header_text(value, where)
+        except ValidationError as exc:
+            raise ApiError(422, str(exc), param=where) from None
+        if len(value) > 998:
+            raise ApiError(422, f"{where}: a header value may not be longer than 998 "
+                           "characters", param=where)
         if not name or len(name) > 76 or not all(33 <= ord(c) <= 126 and c != ":" for c in name):
             raise ApiError(422, f"{name!r} is not a header name", param=where)
         out.append((name, value))

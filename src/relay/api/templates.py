@@ -11,6 +11,8 @@ from aiohttp import web
 from pydantic import Field, StringConstraints
 
 from .. import owners, templates
+from ..compose import check_header_text
+from ..errors import ValidationError
 from ..store import SQLiteStore
 from ..types import Template
 from . import auth
@@ -132,11 +134,16 @@ def new_template(body: CreateTemplate, owner: tuple[str, ...] = ()) -> Template:
 
 def checked(subject: str, html: str, text: str | None) -> None:
     """Each part must be a template the renderer reads: filled with fallbacks only, any
-    {{var}} without one is fine (it needs data at send time), a broken tag is not."""
+    {{var}} without one is fine (it needs data at send time), a broken tag is not; the
+    subject, a header, has no line break (its values are checked when it is sent)."""
     for param, value in (("subject", subject), ("html", html), ("text", text or "")):
         if value.count("{{") != len(templates.tags(value)):
             raise ApiError(422, f"{param} has a {{{{ that is not a {{{{var}}}} or "
                            "{{var ?? 'fallback'}} tag", param=param)
+    try:  # a fallback too: {{name ?? '...'}} is written into the Subject header as it is
+        check_header_text(subject, "subject")
+    except ValidationError as exc:
+        raise ApiError(422, str(exc), param=exc.param) from None
 
 
 def template_json(t: Template) -> dict[str, Any]:

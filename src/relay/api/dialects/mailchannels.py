@@ -179,6 +179,9 @@ class MailChannelsApi:
         if subject is None:
             raise ApiError(400, "a subject is required, at the root or in each "
                            "personalization", param=f"{where}.subject")
+        # here, not only in submit, so that the error names the subject's own place
+        compose.check_header_text(subject, f"{where}.subject" if p.subject is not None
+                                  else "subject")
         seen: set[str] = set()
         to = _unique(tuple(mailbox(a, f"{where}.to[{j}]") for j, a in enumerate(p.to)), seen)
         cc = _unique(tuple(mailbox(a, f"{where}.cc[{j}]") for j, a in enumerate(p.cc)), seen)
@@ -191,11 +194,13 @@ class MailChannelsApi:
         text, html = await asyncio.to_thread(fill) if mustache else fill()
         composition = Composition(
             sender=sender, to=to, cc=cc,
-            reply_to=(mailbox(reply_to, "reply_to"),) if reply_to else (),
+            reply_to=(mailbox(reply_to, f"{where}.reply_to" if p.reply_to else "reply_to"),)
+            if reply_to else (),
             subject=subject, text=text, html=html, attachments=attachments,
             headers=merged_headers(m.headers, p.headers, where, stream))
         envelope = p.envelope_from or m.envelope_from
-        mail_from = mailbox(envelope, "envelope_from").email if envelope else sender.email
+        mail_from = mailbox(envelope, f"{where}.envelope_from" if p.envelope_from
+                            else "envelope_from").email if envelope else sender.email
         tracking = m.tracking_settings or McTracking()
         everyone = (sender, *to, *cc, *bcc)
         return Submission(

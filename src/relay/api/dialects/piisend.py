@@ -228,10 +228,11 @@ class PiiSendApi:
             raise ApiError(404, str(exc), param="template_id") from None
         except ValidationError as exc:
             param = exc.param or "template_vars"
+            message = str(exc).replace("data does not", "template_vars does not")
             if param.startswith("data."):
                 param = "template_vars." + param.removeprefix("data.")
-            raise ApiError(422, str(exc).replace("data does not", "template_vars does not"),
-                           param=param) from None
+                message = message.replace(f"{exc.param}:", f"{param}:")
+            raise ApiError(422, message, param=param) from None
 
     async def _domain(self, domain_id: str | None, key: ApiKey) -> str | None:
         """A domain_id is a sending domain's name (relay's domain objects are named so)."""

@@ -28,6 +28,7 @@ from aiohttp import web
 from pydantic import Field, StrictBool, StringConstraints
 
 from ... import templates
+from ...compose import check_header_text
 from ...config import Config
 from ...errors import StoreError, ValidationError
 from ...store import Remembered, SQLiteStore
@@ -212,7 +213,8 @@ class PlunkApi:
                 raise ApiError(422, "subject is required without a template", param="subject")
             if m.body is None:
                 raise ApiError(422, "body is required without a template", param="body")
-            subject = templates.render(m.subject, data, escape=False, param="subject")
+            subject = templates.render(m.subject, data, escape=False, param="subject",
+                                       header=True)
             html = templates.render(m.body, data, escape=True, param="body")
             text = None
         sender = _sender(m, template, default_from)
@@ -272,6 +274,8 @@ def _sender(m: PlunkSend, template: Template | None, default_from: str) -> Mailb
         given = Mailbox(email=template.from_email, name=template.from_name)
     else:
         given = Mailbox(email=default_from)
+    if m.name:
+        check_header_text(m.name, "name")  # submit would name it from.name
     name = m.name or given.name or (template.from_name if template else None)
     return Mailbox(email=given.email, name=name or None)
 
