@@ -16,14 +16,19 @@ from .errors import ValidationError
 from .types import Template
 
 _TAG = re.compile(r"\{\{\s*([A-Za-z_][\w.-]*)\s*(?:\?\?\s*'((?:[^'\\]|\\.)*)'\s*)?\}\}")
+# what one filled part may come to unless the caller says ([limits] max_message_size)
+DEFAULT_LIMIT = 64 * 1024 * 1024
 
 
 def render(text: str, data: Mapping[str, Any], *, escape: bool, param: str,
-           header: bool = False) -> str:
+           header: bool = False, limit: int = DEFAULT_LIMIT) -> str:
     """`text` filled from `data`. In a header (a subject) a value may not break the line:
-    refused naming the variable, as submit would refuse the filled subject anyway."""
+    refused naming the variable, as submit would refuse the filled subject anyway. The
+    result may be at most `limit` characters: a large value used many times is refused
+    (552) while it is being filled, before it takes the memory."""
     if "{{" not in text:
         return text
+    made = [0, 0]  # characters of the result so far, and where in `text` it has got to
 
     def fill(m: re.Match[str]) -> str:
         value = _lookup(data, m.group(1))
@@ -37,7 +42,14 @@ def render(text: str, data: Mapping[str, Any], *, escape: bool, param: str,
         text = value if isinstance(value, str) else _plain(value)
         if header:
             check_header_text(text, where)
-        return html.escape(text) if escape else text
+        out = html.escape(text) if escape else text
+        made[0] += m.start() - made[1] + len(out)
+        made[1] = m.end()
+        if made[0] > limit:
+            raise ValidationError(f"{param} filled from data would be over {limit} characters "
+                                  "([limits] max_message_size)", param=param,
+                                  smtp="552 5.3.4")
+        return out
 
     return _TAG.sub(fill, text)
 
@@ -83,22 +95,25 @@ class Filled:
 async def render_stored(source: TemplateSource, template_id: str, data: Mapping[str, Any], *,
                         param: str = "templateId", subject: str | None = None,
                         html: str | None = None, text: str | None = None,
-                        within: owners.Within = None) -> Filled:
+                        within: owners.Within = None, limit: int = DEFAULT_LIMIT) -> Filled:
     """Look the template up and fill its subject, html and text with `data`; a part given
     here replaces the template's own (a request's fields beat the template's). A template
     out of the caller's reach (`within`) is unknown to it."""
     found = await source.get_template(template_id)
     if found is None or not owners.sees(within, found.owner):
         raise UnknownTemplate(f"no template {template_id}", param=param)
-    return fill(found, data, subject=subject, html=html, text=text)
+    return fill(found, data, subject=subject, html=html, text=text, limit=limit)
 
 
 def fill(t: Template, data: Mapping[str, Any], *, subject: str | None = None,
-         html: str | None = None, text: str | None = None) -> Filled:
+         html: str | None = None, text: str | None = None,
+         limit: int = DEFAULT_LIMIT) -> Filled:
     body_text = text if text is not None else t.text
     return Filled(
         template=t,
         subject=render(subject if subject is not None else t.subject, data, escape=False,
-                       param="subject", header=True),
-        html=render(html if html is not None else t.html, data, escape=True, param="html"),
-        text=render(body_text, data, escape=False, param="text") if body_text else None)
+                       param="subject", header=True, limit=limit),
+        html=render(html if html is not None else t.html, data, escape=True, param="html",
+                    limit=limit),
+        text=render(body_text, data, escape=False, param="text", limit=limit)
+        if body_text else None)

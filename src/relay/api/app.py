@@ -78,7 +78,8 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ApiError as exc:
         return exc.response()
     except ValidationError as exc:  # bad input found below the handlers: still a 422
-        return ApiError(422, str(exc), param=exc.param).response()
+        too_large = exc.smtp.startswith("552")  # or a 413, like SMTP's 552
+        return ApiError(413 if too_large else 422, str(exc), param=exc.param).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -101,9 +101,19 @@ class NativeApi:
             batch = parse(SendBatch, raw)
             failed: dict[int, dict[str, Any]] = {}
             messages, indexes = [], []
+            # {{var}}s can make items far larger than the request: once the built messages
+            # pass [limits] max_request_expansion, this item and the rest are refused (413)
+            budget = limit = self._config.limits.max_request_expansion
             for i, item in enumerate(batch.emails):
+                over = ApiError(413, f"the batch's messages come to more than {limit} octets "
+                                "([limits] max_request_expansion)", param=f"emails[{i}]")
                 try:
+                    if budget < 0:
+                        raise over
                     message = self._prepare(parse(SendEmail, item, prefix=f"emails[{i}]"), key)
+                    budget -= message.size or len(message.body)
+                    if budget < 0:
+                        raise over
                     await self._checked(message)
                 except ApiError as exc:
                     failed[i] = _error_body(exc, f"emails[{i}]")
@@ -138,7 +148,8 @@ class NativeApi:
         try:
             sub = to_submission(model, key, self._config)
         except ValidationError as exc:  # a template's: an ApiError, so a batch item says it
-            raise ApiError(422, str(exc), param=exc.param) from None
+            status = 413 if exc.smtp.startswith("552") else 422  # filled past the size limit
+            raise ApiError(status, str(exc), param=exc.param) from None
         return prepare(self._submitter, sub)
 
     async def _checked(self, message: NewMessage) -> None:
@@ -292,10 +303,13 @@ def _param(loc: tuple[int | str, ...], prefix: str,
 
 def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
     data = m.data or {}
+    limit = config.limits.max_message_size
     subject = templates.render(m.subject or "", data, escape=False, param="subject",
-                               header=True)
-    text = templates.render(m.text, data, escape=False, param="text") if m.text else m.text
-    html = templates.render(m.html, data, escape=True, param="html") if m.html else m.html
+                               header=True, limit=limit)
+    text = templates.render(m.text, data, escape=False, param="text",
+                            limit=limit) if m.text else m.text
+    html = templates.render(m.html, data, escape=True, param="html",
+                            limit=limit) if m.html else m.html
     if text is None and html is None and not m.icalEvent:
         raise ApiError(422, "an email needs text, html or an icalEvent", param="text")
     stream = Stream(m.stream)

@@ -223,7 +223,8 @@ class PiiSendApi:
         the caller's error, named as template_vars.<name>)."""
         try:
             return await templates.render_stored(self._store, template_id, data,
-                                                 param="template_id", within=auth.reach(key))
+                                                 param="template_id", within=auth.reach(key),
+                                                 limit=self._config.limits.max_message_size)
         except templates.UnknownTemplate as exc:
             raise ApiError(404, str(exc), param="template_id") from None
         except ValidationError as exc:

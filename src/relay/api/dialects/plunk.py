@@ -206,16 +206,18 @@ class PlunkApi:
                     stream: Stream, to: Mailbox, default_from: str,
                     data: dict[str, Any]) -> Submission:
         if template is not None:
-            filled = templates.fill(template, data, subject=m.subject, html=m.body)
+            filled = templates.fill(template, data, subject=m.subject, html=m.body,
+                                    limit=self._config.limits.max_message_size)
             subject, html, text = filled.subject, filled.html, filled.text
         else:
             if m.subject is None:
                 raise ApiError(422, "subject is required without a template", param="subject")
             if m.body is None:
                 raise ApiError(422, "body is required without a template", param="body")
+            limit = self._config.limits.max_message_size
             subject = templates.render(m.subject, data, escape=False, param="subject",
-                                       header=True)
-            html = templates.render(m.body, data, escape=True, param="body")
+                                       header=True, limit=limit)
+            html = templates.render(m.body, data, escape=True, param="body", limit=limit)
             text = None
         sender = _sender(m, template, default_from)
         reply = (mailbox(m.reply, "reply"),) if m.reply else ()
