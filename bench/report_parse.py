@@ -6,7 +6,7 @@ The inputs are the tests' (tests/test_bounces.py): a DSN of 8,000 delivery-statu
 header (the stdlib parses its parameters in quadratic time), and a 36 MB text bounce (the
 default max_message_size). Run against another tree's code to compare:
 
-    PYTHONPATH=src:. python bench/report_parse.py
+    python bench/report_parse.py
     PYTHONPATH=/path/to/old/src:. python bench/report_parse.py   # parse(raw) without limits
 """
 
@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import time
+from pathlib import Path
 
-from relay import bounces
-from relay.config import LimitsConfig
-from tests.test_bounces import many_part_dsn, many_recipient_dsn
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the tests' input makers
+
+from relay import bounces  # noqa: E402
+from relay.config import LimitsConfig  # noqa: E402
+from tests.test_bounces import many_part_dsn, many_recipient_dsn  # noqa: E402
 
 LIMITS = LimitsConfig()
 WITH_LIMITS = "max_parts" in inspect.signature(bounces.parse).parameters
