@@ -26,8 +26,10 @@ from relay.service import Service
 from .apiutil import Api
 from .conftest import add_signing_domain
 from .dnsserver import DNSServer
+from .rss import PeakRss
 from .sink import Sink
 from .test_delivery import wait_final
+from .test_mailchannels_request import stored
 from .test_unsubscribe import delivering
 
 SDK_VERSION = "3.0.3"
@@ -360,3 +362,24 @@ async def test_data_over_the_metadata_limit_is_refused_naming_it(plunk: Api,
     assert answer["error"]["errors"][0]["field"] == "data"
     assert (await service.store.list_messages()).items == ()
     assert await service.store.get_contact("x@example.org") is None
+
+
+async def test_recipients_share_one_decoded_attachment_within_the_expansion_limit(
+        plunk: Api, service: Service) -> None:
+    """Each recipient is its own message: 100 of them with a 1 MiB file would build 100 MiB
+    (413, before anything is built); a few share one decoded, once-stored file."""
+    blob = base64.b64encode(os.urandom(1024 * 1024)).decode()
+    files = [{"filename": "a.bin", "content": blob, "contentType": "application/octet-stream"}]
+    many = [f"r{i}@example.org" for i in range(100)]
+    with PeakRss() as peak:
+        got, answer, _ = await plunk.call("POST", "/v1/send", {**OK, "to": many,
+                                                              "attachments": files})
+    assert got == 413 and answer["error"]["code"] == "PAYLOAD_TOO_LARGE", answer
+    assert "max_request_expansion" in answer["error"]["message"]
+    assert peak.growth < 40 * 1024 * 1024, peak.growth
+    await add_signing_domain(service, "example.com")  # Plunk sends from verified domains
+    got, answer, _ = await plunk.call("POST", "/v1/send", {
+        **OK, "to": ["a@example.org", "b@example.org", "c@example.org"], "attachments": files})
+    assert got == 200, answer
+    assert stored(service, "SELECT count(*) FROM parts") == (1,)
+    assert stored(service, "SELECT count(DISTINCT message_id) FROM message_parts") == (3,)

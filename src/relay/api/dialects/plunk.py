@@ -36,6 +36,7 @@ from ...store.contacts import ContactChange
 from ...submit import Submitter, check_metadata_size
 from ...types import (
     ApiKey,
+    Attachment,
     Composition,
     Contact,
     EnvelopeRecipient,
@@ -148,6 +149,18 @@ class PlunkApi:
             Stream.TRANSACTIONAL
         kept, send_only, removed = split_data(m.data)
         default_from = await self._default_sender(key)
+        # one message per recipient: attachments decoded once and shared (stored once, too),
+        # and what all of them come to held to [limits] max_request_expansion up front
+        attachments = decode_attachments(
+            m.attachments, max_file=self._config.limits.max_attachment_size,
+            max_total=min(MAX_ATTACHMENTS_SIZE, self._config.limits.max_attachments_size))
+        each = sum(len(a.content) for a in attachments) + len(m.body or "") + \
+            len(m.subject or "")
+        budget = self._config.limits.max_request_expansion
+        if each * len(recipients) > budget:
+            raise ApiError(413, f"{len(recipients)} recipients x {each} octets each come to "
+                           f"more than {budget} ([limits] max_request_expansion); send "
+                           "fewer recipients per request", param="to")
         now = time.time()
         changes, messages, skipped = [], {}, {}
         for mb in recipients:
@@ -163,8 +176,13 @@ class PlunkApi:
                 skipped[mb.email] = "unsubscribed"
                 continue
             sub = self._submission(m, key, template, stream, mb, default_from,
-                                   {**contact_data, **send_only})
+                                   {**contact_data, **send_only}, attachments)
             message = prepare(self._submitter, sub)
+            budget -= message.size or len(message.body)
+            if budget < 0:  # a template's {{var}}s made them larger than the request said
+                raise ApiError(413, "the recipients' messages come to more than "
+                               f"{self._config.limits.max_request_expansion} octets "
+                               "([limits] max_request_expansion)", param="to")
             if not await self._submitter.will_sign(message):  # Plunk: a verified domain only
                 raise ApiError(422, f"{message.sender_domain or 'the sender'} is not a verified "
                                "sending domain of this relay (relay domains add)", param="from")
@@ -204,7 +222,7 @@ class PlunkApi:
 
     def _submission(self, m: PlunkSend, key: ApiKey, template: Template | None,
                     stream: Stream, to: Mailbox, default_from: str,
-                    data: dict[str, Any]) -> Submission:
+                    data: dict[str, Any], attachments: tuple[Attachment, ...]) -> Submission:
         if template is not None:
             filled = templates.fill(template, data, subject=m.subject, html=m.body,
                                     limit=self._config.limits.max_message_size)
@@ -223,10 +241,7 @@ class PlunkApi:
         reply = (mailbox(m.reply, "reply"),) if m.reply else ()
         composition = Composition(
             sender=sender, to=(to,), reply_to=reply, subject=subject, html=html, text=text,
-            headers=checked_headers(m.headers.items(), stream),
-            attachments=decode_attachments(
-                m.attachments, max_file=self._config.limits.max_attachment_size,
-                max_total=min(MAX_ATTACHMENTS_SIZE, self._config.limits.max_attachments_size)))
+            headers=checked_headers(m.headers.items(), stream), attachments=attachments)
         metadata: dict[str, Any] = {"plunk": {"template": template.id}} if template else {}
         return Submission(
             mail_from=sender.email, recipients=(EnvelopeRecipient(address=to.email),),
