@@ -17,10 +17,10 @@ from aiohttp import web
 
 from relay import keys
 from relay.api import auth
+from relay.config import Config, WebhooksConfig
 from relay.service import Service
 from relay.store import SQLiteStore
 from relay.store.schema import MIGRATIONS
-from relay.config import Config, WebhooksConfig
 from relay.types import SCOPES
 
 from .apiutil import Api

@@ -18,7 +18,6 @@ from .native import address_param, int_param, json_body, parse
 from .schemas import Strict
 from .views import iso
 
-
 FieldName = Annotated[str, StringConstraints(min_length=1, max_length=100,
                                              pattern=r"^[^\r\n{}]*$")]
 

@@ -24,7 +24,6 @@ from .schemas import CreateWebhook, Redeliver, UpdateWebhook
 from .views import iso
 
 
-
 class HooksApi:
     def __init__(self, config: Config, store: SQLiteStore) -> None:
         self._config = config

@@ -21,7 +21,6 @@ from .schemas import AddSuppression, CreateApiKey
 from .views import iso
 
 
-
 class ManageApi:
     def __init__(self, store: SQLiteStore) -> None:
         self._store = store

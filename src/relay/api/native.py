@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 import pydantic
 from aiohttp import web
 
-from .. import compose, owners, templates
+from .. import compose, templates
 from ..addresses import normalize_address
 from ..config import Config
 from ..errors import StoreError, ValidationError
-from ..store import MessageDetail, NewMessage, Remembered, SQLiteStore
+from ..store import NewMessage, Remembered, SQLiteStore
 from ..submit import Submitter
 from ..types import (
     ApiKey,
@@ -37,6 +37,7 @@ from ..types import (
 from . import auth
 from .errors import ApiError
 from .idempotency import Answer, Claim, Idempotency, replay
+from .owned import found_message, owned_message
 from .schemas import BROADCAST_HEADERS, RESERVED_HEADERS, AttachmentIn, SendBatch, SendEmail
 from .views import message_json
 
@@ -220,24 +221,6 @@ class NativeApi:
             raise ApiError(409, f"{message_id} is {detail.message.status}; only a scheduled "
                            "email can be cancelled")
         return web.json_response({"id": message_id, "status": "cancelled"})
-
-
-# -- owners -----------------------------------------------------------------------------------
-
-async def owned_message(store: SQLiteStore, key: ApiKey, message_id: str) -> None:
-    """404 unless the message exists and is the key's (owners.py): another owner's id is
-    answered as if it did not exist."""
-    domain = await store.sender_domain_of(message_id)
-    if domain is None or not owners.sees_domain(auth.reach(key), domain):
-        raise ApiError(404, f"no email {message_id}", param="id")
-
-
-async def found_message(store: SQLiteStore, key: ApiKey, message_id: str) -> MessageDetail:
-    """The message with its recipients, attempts and events, if it is the key's; else 404."""
-    detail = await store.get_message(message_id)
-    if detail is None or not owners.sees_domain(auth.reach(key), detail.message.sender_domain):
-        raise ApiError(404, f"no email {message_id}", param="id")
-    return detail
 
 
 # -- request → Submission ---------------------------------------------------------------------

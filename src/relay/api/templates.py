@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import Field, StringConstraints
 
-from .. import owners, templates
+from .. import templates
 from ..compose import check_header_text
 from ..errors import ValidationError
 from ..store import SQLiteStore
@@ -18,9 +18,9 @@ from ..types import Template
 from . import auth
 from .errors import ApiError
 from .native import int_param, json_body, mailbox, parse
+from .owned import found_template
 from .schemas import Address, Strict
 from .views import iso
-
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\r\n]*$")]
 Subject = Annotated[str, StringConstraints(max_length=998, pattern=r"^[^\r\n]*$")]
@@ -108,16 +108,6 @@ class TemplatesApi:
     async def _found(self, request: web.Request) -> Template:
         key = await auth.require(request, self._store)
         return await found_template(self._store, key.domains, request.match_info["id"])
-
-
-async def found_template(store: SQLiteStore, domains: tuple[str, ...], template_id: str,
-                         param: str = "id") -> Template:
-    """The template if it is within reach of a key with these domains; else 404, as if it
-    did not exist (the sending dialects use it too)."""
-    t = await store.get_template(template_id)
-    if t is None or not owners.sees(owners.within(domains), t.owner):
-        raise ApiError(404, f"no template {template_id}", param=param)
-    return t
 
 
 def new_template(body: CreateTemplate, owner: tuple[str, ...] = ()) -> Template:

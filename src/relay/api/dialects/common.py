@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -14,10 +14,9 @@ from aiohttp import web
 from ...errors import StoreError, ValidationError
 from ...store import NewMessage
 from ...submit import Submitter
-from ...types import Stream, Submission, SubmitResult
+from ...types import Submission, SubmitResult
 from ..errors import ApiError
-from ..native import Handler, checked_headers
-from ..schemas import BROADCAST_HEADERS, RESERVED_HEADERS
+from ..native import Handler
 
 Shape = Callable[[ApiError], dict[str, Any]]
 

@@ -15,8 +15,8 @@ from pydantic import Field, StrictBool, StringConstraints
 
 from ...types import Composition, Stream
 from ..errors import ApiError
+from ..native import checked_headers
 from ..schemas import RESERVED_HEADERS, AddressObject, Strict
-from .common import checked_headers
 
 MAX_PERSONALIZATIONS = 1000
 # the headers MailChannels' `headers` may not set (seed 000), beside relay's own list

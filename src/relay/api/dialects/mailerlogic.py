@@ -27,10 +27,17 @@ from ...types import (
 )
 from .. import auth
 from ..errors import ApiError
-from ..native import _mailboxes, _unique, json_body, mailbox, parse  # the native forms
+from ..native import (  # the native forms
+    _mailboxes,
+    _unique,
+    checked_headers,
+    json_body,
+    mailbox,
+    parse,
+)
 from ..schemas import Strict
 from ..views import iso
-from .common import checked_headers, commit, decode_base64, in_shape, named, prepare
+from .common import commit, decode_base64, in_shape, named, prepare
 
 PATH = "/api/v1/send"
 

@@ -42,12 +42,12 @@ from ..idempotency import Answer, Claim, Idempotency, replay
 from ..native import (
     _mailboxes,
     _unique,
-    found_message,
     int_param,
     json_body,
     mailbox,
     parse,
 )
+from ..owned import found_message
 from ..schemas import Strict
 from ..views import iso
 from .common import commit, decode_base64, in_shape, named, prepare, reshaped, store_call

@@ -58,8 +58,8 @@ from ..native import (
     parse,
     prepare,
 )
+from ..owned import found_template
 from ..schemas import Address, AttachmentIn, HeaderName, HeaderValue, Strict
-from ..templates import found_template
 from ..views import iso
 
 MAX_RECIPIENTS = 100
