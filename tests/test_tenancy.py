@@ -332,3 +332,26 @@ async def test_owners_survive_the_migration_of_older_stores(tmp_path: Path) -> N
         assert await store.list_suppressions(within=("a.test",)) == []
     finally:
         await store.close()
+
+
+async def test_a_disabled_endpoint_is_reported_to_its_own_owner_only(
+        service: Service, tenants: tuple[Tenant, Tenant, Tenant]) -> None:
+    a, b, admin = tenants
+    assert service.webhooks is not None
+    await service.webhooks.stop()  # this test leases and records the deliveries itself
+    dying, other_a = await _endpoint(service, a), await _endpoint(service, a)
+    theirs, relay_wide = await _endpoint(service, b), await _endpoint(service, admin)
+    status, _ = await a.call("POST", "/v1/emails", a.email())
+    assert status == 202
+    (delivery,) = [d for d in await service.store.lease_deliveries(time.time() + 1, 100, 60)
+                   if d.endpoint.id == dying]
+    await service.store.record_delivery(delivery, now=time.time(), status=500, error="x",
+                                        next_at=None, disable="failing for 5 days")
+
+    async def disabled_events(endpoint_id: str) -> int:
+        rows = await service.store.outbox(endpoint_id)
+        return sum(1 for r in rows if r["event_id"] > delivery.event_id)
+
+    assert await disabled_events(other_a) == 1
+    assert await disabled_events(relay_wide) == 1
+    assert await disabled_events(theirs) == 0
