@@ -462,3 +462,17 @@ async def test_metadata_over_its_limit_is_refused_naming_it(api: Api, service: S
         **SIMPLE, "metadata": {"blob": "x" * (limit - 200)}})
     assert status == 202, body
     assert len((await service.store.list_messages()).items) == 2
+
+
+@pytest.mark.parametrize("value", [
+    "a@example.org, b@example.org",  # parseaddr kept a@ and dropped b@ without a word
+    "Alice Bcc : x@evil.test <alice@example.org>",  # read as a group: mail went to x@
+    "Team: a@example.org, b@example.org;",
+])
+async def test_an_address_field_holds_one_mailbox_not_a_list_or_group(api: Api,
+                                                                      value: str) -> None:
+    status, body, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "to": [value]})
+    assert status == 422 and body["error"]["param"] == "to[0]", body
+    status, body, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "to": [
+        '"Doe, John: Sales" <j@example.org>']})
+    assert status == 202, body  # quoted, a name may hold them

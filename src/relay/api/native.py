@@ -44,6 +44,8 @@ from .views import message_json
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _TYPE_TAG = re.compile(r"[\[\]]|^constrained-|^function-")  # union members pydantic names
 _SPECIAL = re.compile(r'[<"(,;]')  # none of these: a bare address
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')  # a quoted display name, which may hold : or ;
+_GROUP = re.compile(r"[:;]")  # outside quotes: RFC 5322 group syntax, not one mailbox
 _NAME_ADDR = re.compile(r"^\s*([^<>\"(),;:@\\]*?)\s*<([^<>\s\"(),;\\]+@[^<>\s\"(),;\\]+)>\s*$")
 _MODEL_NAMES = frozenset({"AddressObject", "AttachmentIn", "TagIn", "SendEmail", "str"})
 _NATIVE_NAMES = {"from_": "from"}  # a field's Python name → its JSON name, in error params
@@ -346,7 +348,13 @@ def mailbox(value: Any, param: str) -> Mailbox:
     elif simple is not None:  # Name <address>, the other common case
         name, address = simple.group(1).strip(), simple.group(2)
     elif isinstance(value, str):
-        name, address = email.utils.parseaddr(value)
+        # one mailbox per item: parseaddr would silently keep the first of a list
+        # ("a@x, b@y") or read "Name: evil@x <good@y>" as a group naming evil@x
+        found = email.utils.getaddresses([value])
+        if len(found) != 1 or _GROUP.search(_QUOTED.sub("", value)):
+            raise ApiError(422, f"{value!r} is not one email address (a list or a group; "
+                           "give one address per item)", param=param)
+        name, address = found[0]
         if not address or "@" not in address:
             raise ApiError(422, f"{value!r} is not an email address", param=param)
     else:
