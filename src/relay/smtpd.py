@@ -26,6 +26,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from . import keys, rawmail
 from .addresses import normalize_address
+from .clients import client_key
 from .config import Config, ListenerConfig
 from .errors import StoreError, ValidationError
 from .inbound import Inbound
@@ -90,7 +91,7 @@ class RelaySMTP(SMTP):
         # called again with the TLS transport after STARTTLS: the same connection
         if self._original_transport is None:
             handler: RelayHandler = self.event_handler
-            client = _peer_ip(transport.get_extra_info("peername"))
+            client = client_key(_peer_ip(transport.get_extra_info("peername")))
             why = handler.caps.admit(client)
             if why is not None:
                 # the greeting's place; aiosmtpd's session never starts (nor needs ending)
@@ -347,7 +348,7 @@ class RelayHandler:
 
     async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
-        if self.throttle.blocked(_ip(session)):
+        if self.throttle.blocked(client_key(_ip(session))):
             _close_soon(server)
             return ["421 4.7.0 Too many failed logins from your address; try again later"]
         session.host_name = hostname
@@ -358,7 +359,7 @@ class RelayHandler:
 
     async def handle_HELO(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           hostname: str) -> str:
-        if self.throttle.blocked(_ip(session)):
+        if self.throttle.blocked(client_key(_ip(session))):
             _close_soon(server)
             return "421 4.7.0 Too many failed logins from your address; try again later"
         session.host_name = hostname
@@ -366,7 +367,7 @@ class RelayHandler:
 
     async def check_login(self, server: RelaySMTP, creds: LoginPassword) -> AuthResult:
         assert server.session is not None
-        ip = _ip(server.session)
+        ip = client_key(_ip(server.session))  # failed logins count per client (clients.py)
         if self.throttle.blocked(ip):
             await server.push("421 4.7.0 Too many failed logins from your address; try again later")
             _close_soon(server)

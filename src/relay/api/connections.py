@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from ..clients import client_key
 from ..config import LimitsConfig
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -116,7 +117,7 @@ class _Guarded(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
         peer = transport.get_extra_info("peername")
-        self.client = str(peer[0]) if peer else ""
+        self.client = client_key(str(peer[0])) if peer else ""
         refused = self._guard._admit(self, transport)
         if refused is not None:
             assert isinstance(transport, asyncio.WriteTransport)
