@@ -27,9 +27,9 @@ from collections.abc import Callable
 import dkim as dkimpy
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from relay import dkim
 from relay.config import DkimConfig
-from relay.render import Renderer
+from relay.delivery import dkim
+from relay.delivery.render import Renderer
 from relay.store import Outgoing
 
 

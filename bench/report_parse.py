@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the tests' input makers
 
-from relay import bounces  # noqa: E402
-from relay.config import LimitsConfig  # noqa: E402
+from relay.config import LimitsConfig
+from relay.feedback import bounces
 from tests.test_bounces import many_part_dsn, many_recipient_dsn  # noqa: E402
 
 LIMITS = LimitsConfig()

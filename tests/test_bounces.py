@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from relay import bounces
 from relay.config import LimitsConfig
+from relay.feedback import bounces
 
 from .conftest import run_relay
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from relay import bounces
 from relay.config import LimitsConfig
+from relay.feedback import bounces
 
 _REPO = Path(__file__).resolve().parent.parent
 _CANDIDATES = (_REPO.parent / "shared" / "corpus" / "bounces",

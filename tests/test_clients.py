@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relay.clients import client_key
-from relay.smtplimits import AuthThrottle, ConnectionCaps
+from relay.smtp.limits import AuthThrottle, ConnectionCaps
 
 
 @pytest.mark.parametrize(("address", "key"), [

@@ -13,7 +13,7 @@ import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from relay.config import DeliveryConfig
-from relay.deliver import Deliverer, OutMessage, OutRecipient, Target, _is_local, classify
+from relay.delivery.deliver import Deliverer, OutMessage, OutRecipient, Target, _is_local, classify
 
 from .sink import Sink
 

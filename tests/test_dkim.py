@@ -22,11 +22,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import CanonicalizationPolicy
 
-from relay import dkim, keys, transcode
+from relay import keys
 from relay.config import Config, DeliveryConfig, DkimConfig, DnsConfig, ListenerConfig
+from relay.delivery import dkim, transcode
+from relay.delivery.render import Job, KeyRing, Rendered, Renderer
 from relay.domains import split_txt
 from relay.errors import StoreError, TemporaryFailure, ValidationError
-from relay.render import Job, KeyRing, Rendered, Renderer
 from relay.service import Service
 from relay.store import Outgoing
 from relay.types import DkimKeyInfo, EnvelopeRecipient, GivenDkimKey, Submission
@@ -430,7 +431,7 @@ def test_transcode_folds_a_header_line_over_998_octets() -> None:
 
 def test_attempt_log_shows_signing_in_queue_show_json(tmp_path: Path) -> None:
     # the CLI shows the attempt's DKIM line; nothing of a key is printed
-    from relay.cli import message_json
+    from relay.cli.main import message_json
     from relay.store import MessageDetail
     from relay.types import Attempt, Message, Stream
     detail = MessageDetail(
@@ -523,7 +524,7 @@ async def test_small_and_large_messages_render_in_order_and_sign(tmp_path: Path)
             return [DkimKeyInfo(domain="example.test", selector="e1", algorithm="ed25519-sha256",
                                 public_key="", path=str(path), state="active", created_at=1.0)]
 
-    from relay.render import INLINE_RENDER_MAX
+    from relay.delivery.render import INLINE_RENDER_MAX
     renderer = Renderer(DkimConfig(), KeyRing(Store()))  # type: ignore[arg-type]
     head = b"From: a@example.test\r\nTo: b@x.test\r\nSubject: s\r\n\r\n"
     small = head + b"hi\r\n"

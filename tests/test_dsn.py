@@ -5,7 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 
-from relay.dsn import ReportedRecipient, build_dsn
+from relay.feedback.dsn import ReportedRecipient, build_dsn
 
 ORIGINAL = (b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: hi\r\n"
             b"Message-ID: <orig@example.com>\r\n\r\nsecret body text\r\n")

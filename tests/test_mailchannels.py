@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mailchannels.webhooks.webhooks import signature_key_id, verify_webhook_signature
 
-from relay import webhooks, webhooks_mailchannels
+from relay.feedback import webhooks, webhooks_mailchannels
 from relay.service import Service
 from relay.types import WebhookEndpoint
 

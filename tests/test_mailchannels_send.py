@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from mailchannels.exceptions import InvalidRequestError
 
-from relay import dkim, keys
+from relay import keys
 from relay.config import ApiConfig, DeliveryConfig, DnsConfig, WebhooksConfig
+from relay.delivery import dkim
 from relay.service import Service
 
 from .conftest import add_signing_domain, free_port, make_config

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from relay.config import DnsConfig
+from relay.delivery.mx import MXHost, MXResolver
 from relay.errors import PermanentFailure, TemporaryFailure
-from relay.mx import MXHost, MXResolver
 
 from .dnsserver import DNSServer, silent_udp_socket
 

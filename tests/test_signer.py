@@ -14,11 +14,11 @@ import dkim as dkimpy
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from relay import dkim
-from relay import signer as signer_module
 from relay.config import DkimConfig
-from relay.render import Job, KeyRing, Rendered, Renderer
-from relay.signer import SignerProcess
+from relay.delivery import dkim
+from relay.delivery import signer as signer_module
+from relay.delivery.render import Job, KeyRing, Rendered, Renderer
+from relay.delivery.signer import SignerProcess
 from relay.store import Outgoing
 from relay.types import DkimKeyInfo
 

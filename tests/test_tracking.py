@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from relay import tracking
+from relay.feedback import tracking
 
 from .apiutil import SIMPLE, api_client
 from .dnsserver import DNSServer

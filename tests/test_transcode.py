@@ -10,7 +10,7 @@ from email.policy import compat32
 
 import pytest
 
-from relay import transcode
+from relay.delivery import transcode
 
 HEAD = b"From: a@b.test\r\nTo: c@d.test\r\nSubject: s\r\n"
 BINARY = bytes(b for b in range(1, 256) if b not in (10, 13)) + b"\r\n" + bytes(range(128, 256))

@@ -9,7 +9,7 @@ import pytest
 from drin.webhooks import DrinWebhookVerificationError, verify_webhook
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from relay import webhooks
+from relay.feedback import webhooks
 
 
 def test_both_verifiers_accept_a_delivery_and_a_late_retry_and_refuse_tampering() -> None:

@@ -16,8 +16,8 @@ from aiohttp import web
 from drin.webhooks import verify_webhook
 from standardwebhooks import Webhook
 
-from relay import webhooks
 from relay.config import ApiConfig, Config, LimitsConfig, WebhooksConfig
+from relay.feedback import webhooks
 from relay.service import Service
 from relay.types import WebhookEndpoint
 

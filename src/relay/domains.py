@@ -17,9 +17,9 @@ import dns.resolver
 import dns.reversename
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from . import dkim
 from .config import Config
-from .mx import make_resolver
+from .delivery import dkim
+from .delivery.mx import make_resolver
 from .types import DkimKeyInfo, Domain
 
 TTL = 3600

@@ -15,24 +15,24 @@ from aiohttp import web
 from .api.app import CONNECTIONS, make_app
 from .config import Config, ListenerConfig
 from .datadir import DataDirLock
-from .deliver import Deliverer
+from .delivery.deliver import Deliverer
+from .delivery.mx import MXResolver
+from .delivery.render import KeyRing, Marks, Renderer
+from .delivery.scheduler import Scheduler
+from .delivery.signer import SignerProcess
+from .delivery.supervise import WorkerProcess
+from .delivery.worker import WorkerArgs
 from .errors import ConfigError
-from .inbound import Inbound
-from .mx import MXResolver
-from .render import KeyRing, Marks, Renderer
-from .reports import ReportMaker
-from .scheduler import Scheduler
-from .signer import SignerProcess
-from .smtpd import RelayHandler, make_server_factory
+from .feedback import webhooks_mailchannels
+from .feedback.reports import ReportMaker
+from .feedback.tracking import Tokens, load_key
+from .feedback.verp import bounce_host
+from .feedback.webhooks import WebhookDispatcher
+from .smtp.inbound import Inbound
+from .smtp.smtpd import RelayHandler, make_server_factory
 from .store import SQLiteStore
 from .submit import Submitter
-from .supervise import WorkerProcess
 from .tlsutil import ensure_self_signed, server_context
-from .tracking import Tokens, load_key
-from .verp import bounce_host
-from . import webhooks_mailchannels
-from .webhooks import WebhookDispatcher
-from .worker import WorkerArgs
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,10 @@ from collections.abc import Callable
 
 import orjson
 
-from . import compose, dkim, rawmail
+from . import compose, rawmail
 from .addresses import a_label, normalize_address, normalize_domain, self_and_parents
 from .config import Config
+from .delivery import dkim
 from .errors import ValidationError
 from .keys import may_send_as
 from .store import NewMessage, NewRecipient, Remembered, Store

@@ -12,10 +12,10 @@ from aiohttp import web
 
 from ..config import Config
 from ..errors import ValidationError
+from ..feedback.tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_key
+from ..feedback.webhooks_mailchannels import Signer
 from ..store import SQLiteStore
 from ..submit import Submitter
-from ..tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_key
-from ..webhooks_mailchannels import Signer
 from . import auth
 from .connections import ConnectionGuard
 from .contacts import ContactsApi, UpsertContact

@@ -13,8 +13,9 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .. import owners, webhooks
+from .. import owners
 from ..config import Config
+from ..feedback import webhooks
 from ..store import SQLiteStore
 from ..types import WebhookEndpoint
 from . import auth

@@ -14,12 +14,7 @@ import aiosqlite
 from .. import owners
 from ..errors import StoreError
 from ..owners import Within
-from ..types import (
-    ApiKey,
-    GivenDkimKey,
-    Recipient,
-    SubmitResult,
-)
+from ..types import ApiKey, GivenDkimKey, Recipient, SubmitResult
 from .base import MessageDetail, MessagePage, NewMessage, Outgoing
 from .contacts import ContactQueries
 from .delivery import DeliveryQueries

@@ -32,10 +32,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ... import compose, dkim, webhooks, webhooks_mailchannels
+from ... import compose
 from ...addresses import self_and_parents
 from ...config import Config
+from ...delivery import dkim
 from ...errors import ValidationError
+from ...feedback import webhooks, webhooks_mailchannels
+from ...feedback.webhooks_mailchannels import Signer
 from ...store import NewMessage, SQLiteStore
 from ...submit import Submitter
 from ...types import (
@@ -48,7 +51,6 @@ from ...types import (
     Submission,
     WebhookEndpoint,
 )
-from ...webhooks_mailchannels import Signer
 from .. import auth
 from ..errors import ApiError
 from ..hooks import check_target
@@ -248,7 +250,7 @@ class MailChannelsApi:
         """{"data": [...]} written a message at a time: each is built (MIME, maybe a
         signature) and sent before the next, so one is held, not all of them, and the loop
         runs others in between."""
-        from ..app import REQUEST_ID  # the app imports this module
+        from ..app import REQUEST_ID
 
         response = web.StreamResponse(headers={"Content-Type": "application/json",
                                                "X-Request-Id": request.get(REQUEST_ID, "")})

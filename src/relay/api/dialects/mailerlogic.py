@@ -16,25 +16,10 @@ from ...errors import ValidationError
 from ...keys import may_send_as
 from ...store import SQLiteStore
 from ...submit import Submitter
-from ...types import (
-    ApiKey,
-    Attachment,
-    Composition,
-    EnvelopeRecipient,
-    Mailbox,
-    Stream,
-    Submission,
-)
+from ...types import ApiKey, Attachment, Composition, EnvelopeRecipient, Mailbox, Stream, Submission
 from .. import auth
 from ..errors import ApiError
-from ..native import (  # the native forms
-    _mailboxes,
-    _unique,
-    checked_headers,
-    json_body,
-    mailbox,
-    parse,
-)
+from ..native import _mailboxes, _unique, checked_headers, json_body, mailbox, parse
 from ..schemas import Strict
 from ..views import iso
 from .common import commit, decode_base64, in_shape, named, prepare

@@ -27,26 +27,11 @@ from ...errors import ValidationError
 from ...keys import may_send_as
 from ...store import MessageDetail, NewMessage, SQLiteStore
 from ...submit import Submitter
-from ...types import (
-    ApiKey,
-    Attachment,
-    Composition,
-    EnvelopeRecipient,
-    Mailbox,
-    Stream,
-    Submission,
-)
+from ...types import ApiKey, Attachment, Composition, EnvelopeRecipient, Mailbox, Stream, Submission
 from .. import auth
 from ..errors import ApiError
 from ..idempotency import Answer, Claim, Idempotency, replay
-from ..native import (
-    _mailboxes,
-    _unique,
-    int_param,
-    json_body,
-    mailbox,
-    parse,
-)
+from ..native import _mailboxes, _unique, int_param, json_body, mailbox, parse
 from ..owned import found_message
 from ..schemas import Strict
 from ..views import iso

@@ -349,7 +349,7 @@ def _email_item(contact: Contact, result: SubmitResult | None,
 
 
 def error_body(exc: ApiError, request: web.Request) -> dict[str, Any]:
-    from ..app import REQUEST_ID  # the app imports this module
+    from ..app import REQUEST_ID
 
     error: dict[str, Any] = {"code": CODES.get(exc.status, "INTERNAL_SERVER_ERROR"),
                              "message": exc.message, "statusCode": exc.status,

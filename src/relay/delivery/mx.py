@@ -19,8 +19,8 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from relay.config import DnsConfig, parse_hostport
-from relay.errors import PermanentFailure, TemporaryFailure
+from ..config import DnsConfig, parse_hostport
+from ..errors import PermanentFailure, TemporaryFailure
 
 T = TypeVar("T")
 

@@ -128,8 +128,8 @@ class SignerProcess:
         pipe: _Pipe | None = None
         try:
             _, pipe = await loop.subprocess_exec(
-                _Pipe, self._python, "-m", "relay.signer", stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=None)
+                _Pipe, self._python, "-m", "relay.delivery.signer",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None)
             self._children.add(pipe)
             pipe.exited.add_done_callback(lambda _: self._children.discard(pipe))
             await asyncio.wait_for(asyncio.shield(pipe.listening), TIMEOUT)

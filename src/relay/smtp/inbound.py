@@ -17,18 +17,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import bounces, verp
-from .bounces import BouncedRecipient, Report
-from .config import Config
-from .errors import StoreError
-from .reports import ReportMaker
-from .scheduler import wants_report
-from .store import SQLiteStore
-from .store.delivery import AttemptRecord
-from .store.inbound import Effect, InboundRecord, SentTo
-from .submit import Submitter
-from .tracking import Tokens
-from .types import EventType
+from ..config import Config
+from ..delivery.scheduler import wants_report
+from ..errors import StoreError
+from ..feedback import bounces, verp
+from ..feedback.bounces import BouncedRecipient, Report
+from ..feedback.reports import ReportMaker
+from ..feedback.tracking import Tokens
+from ..store import SQLiteStore
+from ..store.delivery import AttemptRecord
+from ..store.inbound import Effect, InboundRecord, SentTo
+from ..submit import Submitter
+from ..types import EventType
 
 log = logging.getLogger(__name__)
 

@@ -20,17 +20,22 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import (cli_bounces, cli_contacts, cli_domains, cli_suppressions, cli_templates,
-               cli_webhooks, keys)
-from . import config as config_mod
-from .api.views import message_json
-from .cliutil import Subparsers, iso, table, with_store
-from .config import Config
-from .errors import ConfigError, StoreError, ValidationError
-from .service import run
-from .store import SQLiteStore
-from .tlsutil import ensure_self_signed
-from .types import SCOPES
+from .. import config as config_mod
+from .. import keys
+from ..api.views import message_json
+from ..config import Config
+from ..errors import ConfigError, StoreError, ValidationError
+from ..service import run
+from ..store import SQLiteStore
+from ..tlsutil import ensure_self_signed
+from ..types import SCOPES
+from . import bounces as cli_bounces
+from . import contacts as cli_contacts
+from . import domains as cli_domains
+from . import suppressions as cli_suppressions
+from . import templates as cli_templates
+from . import webhooks as cli_webhooks
+from .util import Subparsers, iso, table, with_store
 
 EXIT_CONFIG = 2
 

@@ -8,11 +8,11 @@ import sys
 import time
 from typing import Any
 
-from .addresses import normalize_address
-from .api.contacts import contact_change, contact_json
-from .cliutil import Subparsers, iso, table, with_store
-from .config import Config
-from .store import SQLiteStore
+from ..addresses import normalize_address
+from ..api.contacts import contact_change, contact_json
+from ..config import Config
+from ..store import SQLiteStore
+from .util import Subparsers, iso, table, with_store
 
 
 def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ import signal
 import sys
 from dataclasses import dataclass
 
-from .config import Config
+from ..config import Config
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class WorkerArgs:
 
 
 async def serve(args: WorkerArgs, wake_fd: int) -> None:
-    from .service import delivery_stack  # the same parts as inline delivery
+    from ..service import delivery_stack
 
     store, scheduler = delivery_stack(args.config, list(args.own_listeners))
     await store.open()

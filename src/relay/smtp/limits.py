@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from .config import LimitsConfig
+from ..config import LimitsConfig
 
 __all__ = ["AuthThrottle", "ConnectionCaps"]
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
-from . import bounce_reasons
-from .config import DeliveryConfig
+from ..config import DeliveryConfig
+from ..feedback import bounce_reasons
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import datetime
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .config import Config
-from .store import SQLiteStore
+from ..config import Config
+from ..store import SQLiteStore
 
 
 class Subparsers:

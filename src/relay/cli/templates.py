@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .api.errors import ApiError
-from .api.native import parse
-from .api.templates import CreateTemplate, new_template, template_json
-from .cliutil import Subparsers, iso, table, with_store
-from .config import Config
-from .types import TEMPLATE_TYPES
+from ..api.errors import ApiError
+from ..api.native import parse
+from ..api.templates import CreateTemplate, new_template, template_json
+from ..config import Config
+from ..types import TEMPLATE_TYPES
+from .util import Subparsers, iso, table, with_store
 
 
 def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:

@@ -11,12 +11,12 @@ import sys
 import time
 from typing import Any
 
-from . import domains
-from .addresses import normalize_domain
-from .cliutil import Subparsers, iso, table, with_store
-from .config import Config
-from .errors import ValidationError
-from .types import Domain
+from .. import domains
+from ..addresses import normalize_domain
+from ..config import Config
+from ..errors import ValidationError
+from ..types import Domain
+from .util import Subparsers, iso, table, with_store
 
 
 def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:

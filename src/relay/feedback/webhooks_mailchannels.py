@@ -21,9 +21,9 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from .store.webhooks import Delivery
+from ..store.webhooks import Delivery
+from ..types import EventType
 from .tracking import load_key
-from .types import EventType
 
 FORMAT = "mailchannels"
 KEY_FILE = "webhook-ed25519.key"

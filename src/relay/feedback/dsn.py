@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import rawmail
+from .. import rawmail
 
 MAX_FULL_RETURN = 100 * 1024
 

@@ -8,9 +8,9 @@ import json
 import sys
 from typing import Any
 
-from . import bounces
-from .cliutil import Subparsers
-from .config import Config, LimitsConfig
+from ..config import Config, LimitsConfig
+from ..feedback import bounces
+from .util import Subparsers
 
 
 def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:

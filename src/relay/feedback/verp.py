@@ -13,8 +13,8 @@ import base64
 import hmac
 import re
 
-from .addresses import self_and_parents
-from .config import Config
+from ..addresses import self_and_parents
+from ..config import Config
 from .tracking import Tokens
 
 BOUNCE_PREFIX = "bounces+"

@@ -34,12 +34,12 @@ import aiohttp
 import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from ..aio import sleep_until_set
+from ..api.views import iso
+from ..config import WebhooksConfig
+from ..store import SQLiteStore
+from ..store.webhooks import Delivery
 from . import webhooks_mailchannels
-from .aio import sleep_until_set
-from .api.views import iso
-from .config import WebhooksConfig
-from .store import SQLiteStore
-from .store.webhooks import Delivery
 
 log = logging.getLogger(__name__)
 

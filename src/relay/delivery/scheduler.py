@@ -11,17 +11,17 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import bounce_reasons
-from .aio import sleep_until_set
-from .config import Config, parse_hostport
+from ..aio import sleep_until_set
+from ..config import Config, parse_hostport
+from ..errors import DeliveryFailure, StoreError, TemporaryFailure
+from ..feedback import bounce_reasons
+from ..feedback.reports import ReportMaker
+from ..store import SQLiteStore
+from ..store.delivery import AttemptRecord, DueRecipient, Outcome
+from ..types import EventType, RecipientStatus, Stream
 from .deliver import Deliverer, OutMessage, OutRecipient, Result, Target
-from .errors import DeliveryFailure, StoreError, TemporaryFailure
 from .mx import MXResolver
 from .render import Job, Renderer
-from .reports import ReportMaker
-from .store import SQLiteStore
-from .store.delivery import AttemptRecord, DueRecipient, Outcome
-from .types import EventType, RecipientStatus, Stream
 
 log = logging.getLogger(__name__)
 

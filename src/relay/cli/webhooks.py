@@ -9,14 +9,14 @@ import secrets
 import sys
 import time
 
-from . import webhooks
-from .api.errors import ApiError
-from .api.hooks import check_target, endpoint_json
-from .api.schemas import EVENT_TYPES
-from .cliutil import Subparsers, iso, table, with_store
-from .config import Config
-from .store import SQLiteStore
-from .types import WebhookEndpoint
+from ..api.errors import ApiError
+from ..api.hooks import check_target, endpoint_json
+from ..api.schemas import EVENT_TYPES
+from ..config import Config
+from ..feedback import webhooks
+from ..store import SQLiteStore
+from ..types import WebhookEndpoint
+from .util import Subparsers, iso, table, with_store
 
 EVENTS = EVENT_TYPES.__args__  # type: ignore[attr-defined]
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from .store import SQLiteStore
+    from ..store import SQLiteStore
 
 TOKEN_KEY_FILE = "token.key"
 _MAC_BYTES = 10

@@ -14,14 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import compose, dkim, rawmail, tracking, transcode, verp
-from .addresses import a_label, self_and_parents
-from .config import DkimConfig
-from .errors import StoreError, TemporaryFailure
-from .keys import may_send_as
+from .. import compose, rawmail
+from ..addresses import a_label, self_and_parents
+from ..config import DkimConfig
+from ..errors import StoreError, TemporaryFailure
+from ..feedback import tracking, verp
+from ..keys import may_send_as
+from ..store import Outgoing, SQLiteStore
+from ..types import GivenDkimKey
+from . import dkim, transcode
 from .signer import SignerProcess
-from .store import Outgoing, SQLiteStore
-from .types import GivenDkimKey
 
 log = logging.getLogger(__name__)
 

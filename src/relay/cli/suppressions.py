@@ -8,11 +8,11 @@ import json
 import sys
 import time
 
-from .addresses import normalize_address, normalize_domain
-from .api.manage import suppression_json
-from .cliutil import Subparsers, iso, table, with_store
-from .config import Config
-from .types import SUPPRESSION_REASONS, Suppression
+from ..addresses import normalize_address, normalize_domain
+from ..api.manage import suppression_json
+from ..config import Config
+from ..types import SUPPRESSION_REASONS, Suppression
+from .util import Subparsers, iso, table, with_store
 
 
 def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ class WorkerProcess:
         read_end, write_end = os.pipe()
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relay.worker", str(read_end),
+                sys.executable, "-m", "relay.delivery.worker", str(read_end),
                 stdin=asyncio.subprocess.PIPE, pass_fds=(read_end,))
         finally:
             os.close(read_end)

@@ -24,16 +24,16 @@ from typing import Any
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from . import keys, rawmail
-from .addresses import normalize_address
-from .clients import client_key
-from .config import Config, ListenerConfig
-from .errors import StoreError, ValidationError
+from .. import keys, rawmail
+from ..addresses import normalize_address
+from ..clients import client_key
+from ..config import Config, ListenerConfig
+from ..errors import StoreError, ValidationError
+from ..store import Store
+from ..submit import Submitter
+from ..types import ApiKey, EnvelopeRecipient, Stream, Submission
 from .inbound import Inbound
-from .smtplimits import AuthThrottle, ConnectionCaps
-from .store import Store
-from .submit import Submitter
-from .types import ApiKey, EnvelopeRecipient, Stream, Submission
+from .limits import AuthThrottle, ConnectionCaps
 
 log = logging.getLogger(__name__)
 

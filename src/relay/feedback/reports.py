@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from ..store import MessageDetail, NewMessage
+from ..submit import Submitter
+from ..types import EnvelopeRecipient, Submission
 from .dsn import ReportedRecipient, build_dsn
-from .store import MessageDetail, NewMessage
-from .submit import Submitter
-from .types import EnvelopeRecipient, Submission
 
 
 class ReportMaker:

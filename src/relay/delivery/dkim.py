@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from . import rawmail
+from .. import rawmail
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
 

@@ -1,0 +1,1 @@
+"""What comes back: bounces, DSNs, VERP, tracking, reports and webhooks."""

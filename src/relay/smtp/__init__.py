@@ -1,0 +1,1 @@
+"""SMTP in: the listeners (submission, relay, inbound) and their limits."""
