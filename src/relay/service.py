@@ -15,18 +15,13 @@ from aiohttp import web
 from .api.app import CONNECTIONS, make_app
 from .config import Config, ListenerConfig
 from .datadir import DataDirLock
-from .delivery.deliver import Deliverer
-from .delivery.mx import MXResolver
-from .delivery.render import KeyRing, Marks, Renderer
 from .delivery.scheduler import Scheduler
-from .delivery.signer import SignerProcess
+from .delivery.stack import delivery_stack
 from .delivery.supervise import WorkerProcess
 from .delivery.worker import WorkerArgs
 from .errors import ConfigError
 from .feedback import webhooks_mailchannels
-from .feedback.reports import ReportMaker
 from .feedback.tracking import Tokens, load_key
-from .feedback.verp import bounce_host
 from .feedback.webhooks import WebhookDispatcher
 from .smtp.inbound import Inbound
 from .smtp.smtpd import RelayHandler, make_server_factory
@@ -189,23 +184,6 @@ class Service:
         self.handlers.clear()
         await self.store.close()
         self.lock.release()
-
-
-def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],
-                   store: SQLiteStore | None = None, submitter: Submitter | None = None
-                   ) -> tuple[SQLiteStore, Scheduler]:
-    """The parts that deliver: a scheduler over the store, an MX resolver and a deliverer."""
-    store = store or SQLiteStore(config.db_path)
-    submitter = submitter or Submitter(config, store)
-    deliverer = Deliverer(hostname=config.server.hostname, delivery=config.delivery,
-                          own_listeners=own_listeners, smarthost=bool(config.delivery.smarthost))
-    scheduler = Scheduler(config, store, MXResolver(config.dns), deliverer,
-                          ReportMaker(submitter, config.server.hostname),
-                          Renderer(config.dkim, KeyRing(store), marks=Marks(
-                              Tokens(load_key(config.server.data_dir)), config.api.public_url,
-                              bounce_host(config)), signer=SignerProcess()))
-    submitter.on_queued.append(scheduler.notify)
-    return store, scheduler
 
 
 async def run(config: Config, *, on_ready: asyncio.Future[None] | None = None) -> None:

@@ -13,10 +13,9 @@ from collections.abc import Callable
 
 import orjson
 
-from . import compose, rawmail
+from . import compose, dkimkeys, rawmail
 from .addresses import a_label, normalize_address, normalize_domain, self_and_parents
 from .config import Config
-from .delivery import dkim
 from .errors import ValidationError
 from .keys import may_send_as
 from .store import NewMessage, NewRecipient, Remembered, Store
@@ -318,8 +317,8 @@ class Submitter:
         if not selector or not all(c.isalnum() or c in "-_." for c in selector):
             raise ValidationError(f"{selector!r} is not a DKIM selector", param="dkim_selector")
         try:
-            dkim.load_private_key(sub.dkim.private_key)
-        except dkim.KeyError_ as exc:
+            dkimkeys.load_private_key(sub.dkim.private_key)
+        except dkimkeys.KeyError_ as exc:
             raise ValidationError(str(exc), param="dkim_private_key") from None
         return GivenDkimKey(domain=domain, selector=selector, private_key=sub.dkim.private_key)
 

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 from ..store import MessageDetail
+from ..timefmt import iso
 
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(
-        timespec="milliseconds").replace("+00:00", "Z")
+__all__ = ["iso", "message_json", "tag_objects"]
 
 
 def tag_objects(tags: tuple[str, ...]) -> list[dict[str, str]]:

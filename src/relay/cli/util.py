@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..config import Config
 from ..store import SQLiteStore
+from ..timefmt import iso_seconds
 
 
 class Subparsers:
@@ -36,11 +36,7 @@ def with_store(config: Config, fn: Callable[[SQLiteStore], Awaitable[Any]]) -> A
     return asyncio.run(go())
 
 
-def iso(ts: float | None) -> str:
-    if ts is None:
-        return ""
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(
-        timespec="seconds").replace("+00:00", "Z")
+iso = iso_seconds  # the CLI's tables: to the second
 
 
 def table(rows: list[tuple[str, ...]]) -> None:

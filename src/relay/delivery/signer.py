@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import dkim
+from .child import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -308,9 +309,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def main() -> None:
-    from .worker import _die_with_parent
-
-    _die_with_parent()
+    die_with_parent()
     serve(sys.stdin.fileno(), sys.stdout.fileno())
 
 

@@ -10,8 +10,6 @@ kills it at once if the master dies, so no orphan delivers behind a restart).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import logging
 import os
 import pickle
@@ -20,6 +18,8 @@ import sys
 from dataclasses import dataclass
 
 from ..config import Config
+from .child import die_with_parent
+from .stack import delivery_stack
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ class WorkerArgs:
 
 
 async def serve(args: WorkerArgs, wake_fd: int) -> None:
-    from ..service import delivery_stack
 
     store, scheduler = delivery_stack(args.config, list(args.own_listeners))
     await store.open()
@@ -69,14 +68,8 @@ def _dump_tasks() -> None:
     sys.stderr.flush()
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def main() -> None:
-    _die_with_parent()
+    die_with_parent()
     wake_fd = int(sys.argv[1])
     args: WorkerArgs = pickle.load(sys.stdin.buffer)  # from our own master, over a pipe
     logging.basicConfig(level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),

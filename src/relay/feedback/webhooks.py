@@ -35,10 +35,10 @@ import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from ..aio import sleep_until_set
-from ..api.views import iso
 from ..config import WebhooksConfig
 from ..store import SQLiteStore
 from ..store.webhooks import Delivery
+from ..timefmt import iso
 from . import webhooks_mailchannels
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,34 @@
+"""The delivery stack, wired once for whichever process delivers (the master when delivery
+runs in-process, else the worker): a scheduler over the store with its MX resolver,
+deliverer, report maker and renderer (with the DKIM signer process)."""
+
+from __future__ import annotations
+
+from ..config import Config
+from ..feedback.reports import ReportMaker
+from ..feedback.tracking import Tokens, load_key
+from ..feedback.verp import bounce_host
+from ..store import SQLiteStore
+from ..submit import Submitter
+from .deliver import Deliverer
+from .mx import MXResolver
+from .render import KeyRing, Marks, Renderer
+from .scheduler import Scheduler
+from .signer import SignerProcess
+
+
+def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],
+                   store: SQLiteStore | None = None, submitter: Submitter | None = None
+                   ) -> tuple[SQLiteStore, Scheduler]:
+    """The parts that deliver: a scheduler over the store, an MX resolver and a deliverer."""
+    store = store or SQLiteStore(config.db_path)
+    submitter = submitter or Submitter(config, store)
+    deliverer = Deliverer(hostname=config.server.hostname, delivery=config.delivery,
+                          own_listeners=own_listeners, smarthost=bool(config.delivery.smarthost))
+    scheduler = Scheduler(config, store, MXResolver(config.dns), deliverer,
+                          ReportMaker(submitter, config.server.hostname),
+                          Renderer(config.dkim, KeyRing(store), marks=Marks(
+                              Tokens(load_key(config.server.data_dir)), config.api.public_url,
+                              bounce_host(config)), signer=SignerProcess()))
+    submitter.on_queued.append(scheduler.notify)
+    return store, scheduler
