@@ -13,7 +13,8 @@ import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from relay.config import DeliveryConfig
-from relay.delivery.deliver import Deliverer, OutMessage, OutRecipient, Target, _is_local, classify
+from relay.delivery.deliver import Deliverer, _is_local
+from relay.delivery.outbound import OutMessage, OutRecipient, Target, classify
 
 from .sink import Sink
 

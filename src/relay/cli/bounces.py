@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import Config, LimitsConfig
 from ..feedback import bounces
+from ..feedback.bounce_report import Report
 from .util import Subparsers
 
 
@@ -22,7 +23,7 @@ def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     s.set_defaults(func=cmd_parse)
 
 
-def report_json(name: str, report: bounces.Report) -> dict[str, Any]:
+def report_json(name: str, report: Report) -> dict[str, Any]:
     return {"file": name, "type": report.type, "feedbackType": report.feedback_type,
             "recipients": [{"address": r.address, "action": r.action, "status": r.status,
                             "reason": r.reason, "class": r.bounce_class,
@@ -30,7 +31,7 @@ def report_json(name: str, report: bounces.Report) -> dict[str, Any]:
                            for r in report.recipients]}
 
 
-def _print_text(name: str, report: bounces.Report) -> None:
+def _print_text(name: str, report: Report) -> None:
     print(f"{name}: {report.type}"
           + (f" (feedback type {report.feedback_type})" if report.feedback_type else ""))
     if not report.recipients:

@@ -19,8 +19,9 @@ from ..feedback.reports import ReportMaker
 from ..store import SQLiteStore
 from ..store.delivery import AttemptRecord, DueRecipient, Outcome
 from ..types import EventType, RecipientStatus, Stream
-from .deliver import Deliverer, OutMessage, OutRecipient, Result, Target
+from .deliver import Deliverer
 from .mx import MXResolver
+from .outbound import OutMessage, OutRecipient, Result, Target
 from .render import Job, Renderer
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from ..config import Config
 from ..delivery.scheduler import wants_report
 from ..errors import StoreError
 from ..feedback import bounces, verp
-from ..feedback.bounces import BouncedRecipient, Report
+from ..feedback.bounce_report import BouncedRecipient, Report
 from ..feedback.reports import ReportMaker
 from ..feedback.tracking import Tokens
 from ..store import SQLiteStore

@@ -1,0 +1,96 @@
+"""What a valid setting value is: the checks a config field names in its metadata, each
+returning the value (perhaps normalized) or raising ValueError with a readable reason."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+
+def check_address(value: str) -> str:
+    ipaddress.ip_address(value)  # raises ValueError with a readable message
+    return value
+
+
+def check_port(value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number 0..65535")
+    return value
+
+
+def check_positive(value: float) -> int | float:
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    return check
+
+
+def check_hostport(value: str) -> str:
+    if value:
+        parse_hostport(value, default_port=25)
+    return value
+
+
+def parse_hostport(value: str, *, default_port: int) -> tuple[str, int]:
+    """"host", "host:port", "[v6]:port" or a bare IPv6 address → (host, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:
+        host, port = value, ""
+    if not host:
+        raise ValueError(f"{value!r} has no host")
+    if port and not port.isdigit():
+        raise ValueError(f"{value!r}: port must be a number")
+    number = int(port) if port else default_port
+    check_port(number)
+    return host, number
+
+
+def check_nameserver(value: str) -> str:
+    host, _ = parse_hostport(value, default_port=53)
+    ipaddress.ip_address(host)
+    return value
+
+
+def check_domain(value: str) -> str:
+    value = value.strip().lower().rstrip(".")
+    if not value or "@" in value or " " in value:
+        raise ValueError(f"{value!r} is not a domain name")
+    return value
+
+
+def check_optional_domain(value: str) -> str:
+    return check_domain(value) if value.strip() else ""
+
+
+def check_label(value: str) -> str:
+    value = value.strip().lower()
+    if not value or not all(c.isalnum() or c == "-" for c in value) or len(value) > 63:
+        raise ValueError(f"{value!r} is not a DNS label (letters, digits, '-')")
+    return value
+
+
+def check_mailbox(value: str) -> str:
+    local, at, domain = value.strip().rpartition("@")
+    if not at or not local or not domain:
+        raise ValueError(f"{value!r} is not an e-mail address (local@domain)")
+    return f"{local}@{check_domain(domain)}"
+
+
+def meta(check: Callable[[Any], Any] | None = None, *, item: Callable[[Any], Any] | None = None,
+         doc: str = "") -> dict[str, Any]:
+    """A field's metadata: `check` for its value, `item` for each item of a list."""
+    return {"check": check, "item": item, "doc": doc}

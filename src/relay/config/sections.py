@@ -1,0 +1,198 @@
+"""The config's shape and defaults: one frozen, keyword-only dataclass per TOML section.
+
+Each field's metadata names the check its value must pass (checks.py); loader.py builds
+these from the file and the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checks import (
+    check_address,
+    check_domain,
+    check_hostport,
+    check_label,
+    check_mailbox,
+    check_nameserver,
+    check_optional_domain,
+    check_port,
+    check_positive,
+    meta,
+    one_of,
+)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+LISTENER_MODES = ("submission", "relay", "inbound")
+LISTENER_TLS = ("none", "starttls", "implicit")
+DELIVERY_TLS = ("opportunistic", "require", "none")
+SMARTHOST_TLS = ("starttls", "implicit", "none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    hostname: str = field(default_factory=socket.getfqdn)
+    data_dir: Path = Path("./relay-data")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListenerConfig:
+    address: str = field(default="127.0.0.1", metadata=meta(check_address))
+    port: int = field(default=2525, metadata=meta(check_port))
+    mode: str = field(default="submission", metadata=meta(one_of(*LISTENER_MODES)))
+    tls: str = field(default="starttls", metadata=meta(one_of(*LISTENER_TLS)))
+    tls_cert: str = ""
+    tls_key: str = ""
+    allowed_networks: tuple[IPNetwork, ...] = field(
+        default=(), metadata=meta(item=lambda v: ipaddress.ip_network(v, strict=False))
+    )
+    allowed_from_domains: tuple[str, ...] = field(default=(), metadata=meta(item=check_domain))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmtpConfig:
+    listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiConfig:
+    enabled: bool = True
+    address: str = field(default="127.0.0.1", metadata=meta(check_address))
+    port: int = field(default=8025, metadata=meta(check_port))
+    public_url: str = "http://127.0.0.1:8025"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliveryConfig:
+    paused: bool = False  # accept and queue, but deliver nothing (maintenance, staging)
+    process: bool = True  # deliver from a process of its own: accepting and delivering get a core each
+    smarthost: str = field(default="", metadata=meta(check_hostport))
+    smarthost_tls: str = field(default="starttls", metadata=meta(one_of(*SMARTHOST_TLS)))
+    smarthost_tls_verify: bool = True
+    smarthost_user: str = ""
+    smarthost_password: str = ""
+    mx_port: int = field(default=25, metadata=meta(check_port))
+    tls: str = field(default="opportunistic", metadata=meta(one_of(*DELIVERY_TLS)))
+    tls_verify: bool = False
+    tls_ca_file: str = ""  # extra CA bundle for verified TLS (tests, private PKI)
+    concurrency: int = field(default=100, metadata=meta(check_positive))
+    concurrency_per_destination: int = field(default=20, metadata=meta(check_positive))
+    connect_timeout: float = field(default=30.0, metadata=meta(check_positive))
+    command_timeout: float = field(default=300.0, metadata=meta(check_positive))
+    session_idle: float = field(default=5.0, metadata=meta(check_positive))
+    messages_per_session: int = field(default=100, metadata=meta(check_positive))
+    retry_min: float = field(default=300.0, metadata=meta(check_positive))
+    retry_max: float = field(default=14400.0, metadata=meta(check_positive))
+    queue_lifetime: float = field(default=432000.0, metadata=meta(check_positive))
+    lease: float = field(default=600.0, metadata=meta(check_positive))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = field(default=(), metadata=meta(item=check_nameserver))
+    timeout: float = field(default=5.0, metadata=meta(check_positive))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DkimConfig:
+    enabled: bool = True  # sign outgoing mail with the sending domain's keys
+    # signs mail whose From domain has no keys of its own (it needs keys: relay domains add)
+    default_domain: str = field(default="", metadata=meta(check_optional_domain))
+    # the return-path (MAIL FROM) host of a domain's mail is <label>.<domain>
+    return_path_label: str = field(default="bounces", metadata=meta(check_label))
+    # rua= of the DMARC record `relay domains add` suggests; empty = dmarc-reports@<domain>
+    dmarc_report_address: str = ""
+    # after `relay domains rotate --activate`, the old selectors stay published this long
+    rotation_overlap_days: float = field(default=7.0, metadata=meta(check_positive))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    # RFC 8058 needs https for one-click unsubscribe; true lets broadcast mail use an http
+    # [api] public_url (tests, a lab)
+    allow_insecure_public_url: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class BouncesConfig:
+    # the return-path host of mail whose sending domain relay has no record of (relay domains
+    # add gives each domain its own, bounces.<domain>); empty = [server] hostname
+    domain: str = field(default="", metadata=meta(check_optional_domain))
+    # addresses registered with mailbox providers' feedback loops: an inbound listener
+    # accepts complaint reports (ARF) sent to them
+    complaint_addresses: tuple[str, ...] = field(default=(), metadata=meta(item=check_mailbox))
+
+
+@dataclass(frozen=True, kw_only=True)
+class WebhooksConfig:
+    # loopback, private, link-local and metadata targets are refused unless this is true
+    allow_private_targets: bool = False
+    timeout: float = field(default=15.0, metadata=meta(check_positive))
+    # an endpoint whose deliveries have all failed this long is disabled
+    disable_after_days: float = field(default=5.0, metadata=meta(check_positive))
+    # multiplies the Standard Webhooks retry schedule (5 s, 5 min, 30 min, 2 h, ... 24 h)
+    retry_scale: float = field(default=1.0, metadata=meta(check_positive))
+    concurrency: int = field(default=20, metadata=meta(check_positive))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    # the built message, encoded: 25 MiB of attachments take about 34.2 MiB in base64
+    max_message_size: int = field(default=37748736, metadata=meta(check_positive))
+    max_recipients: int = field(default=1000, metadata=meta(check_positive))
+    # API attachments, decoded octets: one file, and all of a message's together
+    max_attachment_size: int = field(default=10485760, metadata=meta(check_positive))
+    max_attachments_size: int = field(default=26214400, metadata=meta(check_positive))
+    max_received_headers: int = field(default=50, metadata=meta(check_positive))
+    max_commands: int = field(default=10000, metadata=meta(check_positive))
+    idle_timeout: float = field(default=300.0, metadata=meta(check_positive))
+    auth_failures_before_delay: int = field(default=3, metadata=meta(check_positive))
+    auth_failures_before_block: int = field(default=10, metadata=meta(check_positive))
+    auth_block_seconds: float = field(default=600.0, metadata=meta(check_positive))
+    # a message's metadata (and tags) as JSON, in octets: every event and webhook carries it
+    # (also Plunk's contact data); past it, submit refuses the message naming the field
+    max_metadata_size: int = field(default=16384, metadata=meta(check_positive))
+    # octets one API request may expand into: the sum over the messages it builds of their
+    # content, headers and decoded attachments (MailChannels: every personalization is one,
+    # sharing the attachments), checked before building and again as templates fill in; 413
+    max_request_expansion: int = field(default=52428800, metadata=meta(check_positive))
+    # an inbound report (DSN, ARF): MIME parts and recipients read from it; the rest ignored
+    max_report_parts: int = field(default=64, metadata=meta(check_positive))
+    max_report_recipients: int = field(default=1000, metadata=meta(check_positive))
+    # concurrent connections: to one SMTP listener, and from one client address to it
+    max_smtp_connections: int = field(default=1000, metadata=meta(check_positive))
+    max_smtp_connections_per_client: int = field(default=50,
+                                                 metadata=meta(check_positive))
+    # concurrent HTTP connections to the API, in all and from one client address (past
+    # either: 503 and closed, api/connections.py)
+    max_http_connections: int = field(default=2000, metadata=meta(check_positive))
+    max_http_connections_per_client: int = field(default=200,
+                                                 metadata=meta(check_positive))
+    # seconds an HTTP client may take to send its request line and headers (from connecting,
+    # or from the first byte of a kept-alive connection's next request), and that its body
+    # may stall between two reads
+    http_header_timeout: float = field(default=10.0, metadata=meta(check_positive))
+    http_body_timeout: float = field(default=60.0, metadata=meta(check_positive))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    bounces: BouncesConfig = field(default_factory=BouncesConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    @property
+    def db_path(self) -> Path:
+        return self.server.data_dir / "relay.sqlite"

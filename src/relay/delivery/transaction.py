@@ -1,0 +1,102 @@
+"""One message over an open session: MAIL, RCPT for each recipient, DATA, and a result
+per recipient from what the server replied (or from what the session cannot carry)."""
+
+from __future__ import annotations
+
+import time
+
+import aiosmtplib
+from aiosmtplib import SMTPResponse
+
+from .outbound import OutMessage, OutRecipient, Result, classify, enhanced_code
+from .sessions import Session
+
+
+async def transaction(session: Session, msg: OutMessage, *, timeout: float) -> list[Result]:
+    started = time.time()
+    smtp = session.smtp
+
+    def done(r: OutRecipient, code: int | None, text: str, outcome: str | None = None,
+             enhanced: str | None = None, hard: bool | None = None) -> Result:
+        enhanced = enhanced or enhanced_code(text)
+        kind, is_hard = classify(code, enhanced, text)
+        return Result(
+            recipient_id=r.id, message_id=msg.id, outcome=outcome or kind, code=code,
+            enhanced=enhanced, text=text, hard=is_hard if hard is None else hard,
+            mx_host=session.target.hostname, ip=session.target.address,
+            port=session.target.port, tls_version=session.tls_version,
+            tls_cipher=session.tls_cipher, started_at=started,
+            duration=time.time() - started, peer_dsn=session.supports("dsn"))
+
+    if msg.smtputf8 and not session.supports("smtputf8"):
+        return [done(r, None, f"{session.target.hostname} does not support SMTPUTF8, "
+                     "which this message needs", "bounced", "5.6.7", False)
+                for r in msg.recipients]
+    size = session.smtp.esmtp_extensions.get("size", "")
+    if size.isdigit() and int(size) and len(msg.data) > int(size):
+        return [done(r, None, f"message of {len(msg.data)} octets is larger than "
+                     f"{session.target.hostname} accepts ({size})", "bounced", "5.3.4", False)
+                for r in msg.recipients]
+    reply = await smtp.execute_command(b"MAIL", *_mail_args(session, msg), timeout=timeout)
+    if reply.code != 250:
+        await _rset(smtp)
+        return [done(r, reply.code, reply.message) for r in msg.recipients]
+    accepted, results = [], []
+    for r in msg.recipients:
+        rcpt = await smtp.execute_command(b"RCPT", *_rcpt_args(session, r), timeout=timeout)
+        if rcpt.code in (250, 251):
+            accepted.append(r)
+        else:
+            results.append(done(r, rcpt.code, rcpt.message))
+    if not accepted:
+        await _rset(smtp)
+        return results
+    try:
+        final: SMTPResponse = await smtp.data(msg.data, timeout=timeout)
+    except aiosmtplib.SMTPDataError as exc:
+        final = SMTPResponse(exc.code, exc.message)
+        await _rset(smtp)
+    return results + [done(r, final.code, final.message) for r in accepted]
+
+
+def _mail_args(session: Session, msg: OutMessage) -> list[bytes]:
+    args = [b"FROM:<" + msg.mail_from.encode("utf-8") + b">"]
+    if session.supports("size"):
+        args.append(f"SIZE={len(msg.data)}".encode())
+    if session.supports("8bitmime") and not msg.data.isascii():
+        args.append(b"BODY=8BITMIME")
+    if msg.smtputf8:
+        args.append(b"SMTPUTF8")
+    if session.supports("dsn"):
+        if msg.dsn_ret:
+            args.append(f"RET={msg.dsn_ret}".encode())
+        if msg.dsn_envid:
+            args.append(b"ENVID=" + _xtext(msg.dsn_envid))
+    return args
+
+
+def _rcpt_args(session: Session, r: OutRecipient) -> list[bytes]:
+    args = [b"TO:<" + r.address.encode("utf-8") + b">"]
+    if session.supports("dsn"):
+        if r.notify:
+            args.append(("NOTIFY=" + ",".join(r.notify)).encode())
+        if r.orcpt:
+            kind, _, addr = r.orcpt.partition(";")
+            args.append(b"ORCPT=" + (kind.strip() or "rfc822").encode() + b";"
+                        + _xtext(addr.strip() if addr else r.orcpt))
+    return args
+
+
+async def _rset(smtp: aiosmtplib.SMTP) -> None:
+    try:
+        await smtp.execute_command(b"RSET")
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
+        smtp.close()
+
+
+def _xtext(value: str) -> bytes:
+    """RFC 3461 xtext: "+", "=" and anything outside printable ASCII as +HH."""
+    out = bytearray()
+    for b in value.encode("utf-8"):
+        out += f"+{b:02X}".encode() if b < 33 or b > 126 or b in (43, 61) else bytes([b])
+    return bytes(out)

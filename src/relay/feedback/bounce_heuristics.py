@@ -1,0 +1,159 @@
+"""Messages without a report's structure: whether one is an auto-reply or a bounce, and the
+recipients a non-RFC-3464 bounce names (flufl.bounce's detectors first, then the error
+text, the quoted delivery-status fields, or the returned message's one recipient)."""
+
+from __future__ import annotations
+
+import email
+import re
+from email.message import Message
+
+from flufl.bounce import all_failures
+
+from .bounce_reasons import ADDRESS_RE
+from .bounce_recipient import recipient
+from .bounce_report import BouncedRecipient, Original
+from .bounce_standard import dsn_recipients, original_of
+from .bounce_text import (
+    COPY_MARKER,
+    Prose,
+    address_of,
+    all_text,
+    error_text,
+    lower_domain,
+    remote_near,
+    reply_code_in,
+    says_why,
+    status_in,
+)
+
+# -- auto-replies (RFC 3834) --------------------------------------------------------
+
+_AUTOREPLY_SUBJECT = re.compile(
+    r"out of (the )?office|auto(matic|matisch)?[ -]?(reply|response|antwort|respon)"
+    r"|^auto:|vacation|away (from|until)|abwesen|absence|abwesenheit|r[ée]ponse automatique"
+    r"|i am away|on leave|on holiday", re.I)
+_BOUNCE_SUBJECT = re.compile(
+    r"undeliver|delivery (status|failure|notification|has failed)|returned mail|failure notice"
+    r"|mail delivery|not (be )?delivered|delivery failed|rejected|bounce", re.I)
+
+
+def is_autoreply(msg: Message) -> bool:
+    subject = str(msg.get("Subject", ""))
+    if _BOUNCE_SUBJECT.search(subject):
+        return False
+    sender = str(msg.get("From", "")).lower()
+    if "mailer-daemon" in sender or "postmaster" in sender:
+        return False
+    if str(msg.get("Auto-Submitted", "")).strip().lower().startswith("auto-replied"):
+        return True
+    if msg.get("X-Autoreply") or msg.get("X-Autorespond") or msg.get("X-Autoresponder"):
+        return True
+    if str(msg.get("Precedence", "")).strip().lower() == "auto_reply":
+        return True
+    return bool(_AUTOREPLY_SUBJECT.search(subject))
+
+
+def from_address(msg: Message) -> str:
+    return address_of(str(msg.get("From", "")))
+
+
+# -- non-standard bounces -----------------------------------------------------------
+
+
+def heuristic_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, ...]:
+    temporary, permanent = all_failures(msg)
+    text = all_text(msg)[:50000]
+    named = [(m.group(0), action) for addresses, action in
+             ((permanent, "failed"), (temporary, "delayed")) for raw in sorted(addresses)
+             if (m := ADDRESS_RE.search(raw.decode("ascii", "replace")))]
+    if not named and looks_like_bounce(msg):
+        named = [(a, "failed") for a in _addresses_in_error(msg, text)] or [
+            (a, "failed") for a in _original_to(text)]
+    named = named[:limit]
+    prose = Prose(text, others=[a for a, _ in named])
+    said: str | None = None
+    found: list[BouncedRecipient] = []
+    for raw_address, action in named:
+        address = lower_domain(raw_address)
+        diagnostic = prose.near(address)
+        if not says_why(diagnostic):
+            # the reason is often stated once, above the list of recipients
+            if said is None:
+                said = error_text(text)
+            diagnostic = said or diagnostic
+        found.append(recipient(address, action, status_in(diagnostic), reply_code_in(diagnostic),
+                               diagnostic, remote_near(diagnostic), transcript=text))
+    return tuple(found)
+
+
+def enclosed_recipient(msg: Message, original: Original) -> tuple[BouncedRecipient, ...]:
+    """A bounce that names nobody: the one recipient of the message it returns, if one."""
+    to = [v for k, v in original.headers if k.lower() == "to"]
+    addresses = [m.group(0) for m in ADDRESS_RE.finditer(to[0])] if to else []
+    if len(addresses) != 1:
+        return ()
+    diagnostic = error_text(all_text(msg))
+    return (recipient(lower_domain(addresses[0]), "failed", status_in(diagnostic),
+                      reply_code_in(diagnostic), diagnostic, None),)
+
+
+def _original_to(text: str) -> list[str]:
+    """The recipients of the quoted original, for a bounce that names no address itself."""
+    cut = COPY_MARKER.search(text)
+    if not cut:
+        return []
+    m = re.search(r"^To:\s*(.+)$", text[cut.end():], re.M | re.I)
+    return [a.group(0) for a in ADDRESS_RE.finditer(m.group(1))][:1] if m else []
+
+
+_INLINE_FIELDS = re.compile(r"^(Final|Original)-Recipient:.*(?:\n(?!\s*\n).*)*", re.I | re.M)
+
+
+def inline_dsn_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, ...]:
+    """Delivery-status fields quoted in the text of a report whose MIME structure broke."""
+    text = all_text(msg)
+    fake = Message()
+    fake.set_type("message/delivery-status")
+    fake.set_payload("\n\n".join(m.group(0) for m in _INLINE_FIELDS.finditer(text)))
+    return dsn_recipients([msg, fake], limit) if fake.get_payload() else ()
+
+
+def looks_like_bounce(msg: Message) -> bool:
+    sender = str(msg.get("From", "")).lower()
+    return bool("mailer-daemon" in sender or "postmaster" in sender
+                or _BOUNCE_SUBJECT.search(str(msg.get("Subject", "")))
+                or str(msg.get("Return-Path", "x")).strip() == "<>")
+
+
+_NOT_RECIPIENT = re.compile(r"^(mailer-daemon|postmaster|root|abuse|noreply|no-reply)@", re.I)
+
+
+def _addresses_in_error(msg: Message, text: str) -> list[str]:
+    """Where no detector knows the format: the addresses the error text names, other than
+    the bounce's own sender and receiver."""
+    cut = COPY_MARKER.search(text)
+    body = text[:cut.start()] if cut else text
+    own = {address_of(str(msg.get(h, ""))).lower() for h in ("From", "To", "Reply-To")}
+    found: list[str] = []
+    for m in ADDRESS_RE.finditer(body):
+        address = lower_domain(m.group(0).strip("."))
+        if address.lower() in own or _NOT_RECIPIENT.match(address) or address in found:
+            continue
+        found.append(address)
+    return found[:1] if len(found) > 1 and not _many_listed(body, found) else found
+
+
+def _many_listed(body: str, found: list[str]) -> bool:
+    """Several failed recipients are listed one a line; a single one is mentioned in prose."""
+    lines = [line for line in body.splitlines() if any(a in line for a in found)]
+    return len(lines) >= len(found) and all(len(line.strip()) < 120 for line in lines)
+
+
+def quoted_original(text: str) -> Original:
+    """The headers a non-MIME bounce quotes after its "copy of the message" line."""
+    cut = COPY_MARKER.search(text)
+    if not cut:
+        return Original()
+    quoted = text[cut.end():].lstrip("\r\n").replace("\r\n", "\n")
+    return original_of(email.message_from_string(quoted.split("\n\n", 1)[0] + "\n"))

@@ -1,0 +1,125 @@
+"""Reports in a standard format: the recipients of RFC 3464 delivery-status fields, the
+complaint of an RFC 5965 (ARF) feedback report, and the original message a report encloses."""
+
+from __future__ import annotations
+
+import email
+import itertools
+import re
+from collections.abc import Iterator
+from email.message import Message
+
+from .bounce_recipient import recipient
+from .bounce_report import BouncedRecipient, Original, Report
+from .bounce_text import (
+    STATUS_TYPES,
+    Prose,
+    address_of,
+    after_type,
+    part_text,
+    reply_code_in,
+    status_in,
+)
+
+_RECIPIENT_FIELDS = ("final-recipient", "original-recipient")
+
+
+def _field_blocks(part: Message, limit: int) -> list[Message]:
+    """The first `limit` field blocks of a delivery-status part (the first is per-message)."""
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        return [p for p in payload if isinstance(p, Message)][:limit]
+    text = payload if isinstance(payload, str) else ""
+    blocks = (b for b in re.split(r"\n\s*\n", text.replace("\r\n", "\n")) if b.strip())
+    return [email.message_from_string(b.strip() + "\n") for b in itertools.islice(blocks, limit)]
+
+
+def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, ...]:
+    found: list[BouncedRecipient] = []
+    human = " ".join(part_text(p) for p in parts if p.get_content_type() == "text/plain")[:20000]
+    prose = Prose(human)
+    for part in parts:
+        if part.get_content_type() not in STATUS_TYPES:
+            continue
+        blocks = (group for block in _field_blocks(part, limit + 1)
+                  for group in _split_recipients(block))
+        for block in blocks:
+            if len(found) >= limit:
+                return tuple(found)
+            if not (block["Final-Recipient"] or block["Original-Recipient"]):
+                continue
+            address = address_of(block["Final-Recipient"])
+            if not address.partition("@")[0]:
+                address = address_of(block["Original-Recipient"]) or address
+            action = str(block.get("Action", "failed")).strip().lower().split()[0] \
+                if block.get("Action") else "failed"
+            diagnostic = after_type(block["Diagnostic-Code"])
+            status = status_in(str(block.get("Status", "")))
+            text_status = status_in(diagnostic)
+            if text_status and text_status[0] == (status or text_status)[0]:
+                status = text_status
+            near = prose.near(address)
+            diagnostic = diagnostic or near
+            reply = reply_code_in(diagnostic)
+            remote = after_type(block["Remote-MTA"]) or None
+            found.append(recipient(address, action, status, reply, diagnostic, remote,
+                                   context=f"{near} {diagnostic}", transcript=human))
+    return tuple(found)
+
+
+def _split_recipients(block: Message) -> Iterator[Message]:
+    """One block per recipient, for reports that leave out the blank lines between them
+    (one at a time: the caller stops at its limit)."""
+    current = Message()
+    for name, value in block.items():
+        if name.lower() in _RECIPIENT_FIELDS and name.lower() in (
+                k.lower() for k in current.keys()):
+            yield current
+            current = Message()
+        current[name] = value
+    yield current
+
+
+def arf(parts: list[Message], original: Original, limit: int) -> Report:
+    report = next((p for p in parts if p.get_content_type() == "message/feedback-report"), None)
+    fields = _field_blocks(report, 1)[0] if report is not None and _field_blocks(report, 1) \
+        else Message()
+    if report is not None and not fields.keys():
+        text = part_text(report) or str(report.get_payload())
+        fields = email.message_from_string(text.strip() + "\n")
+    feedback_type = str(fields.get("Feedback-Type", "")).strip().lower() or "abuse"
+    rcpts = [address_of(v) for v in (fields.get_all("Original-Rcpt-To") or
+                                     fields.get_all("Removal-Recipient") or [])[:limit]]
+    if not any(rcpts):
+        to = dict((k.lower(), v) for k, v in original.headers).get("to", "")
+        rcpts = [address_of(to)]
+    # "Undisclosed Recipients" and the like: the report hides who it is about
+    rcpts = [r if "@" in r else "" for r in rcpts] or [""]
+    mta = after_type(fields["Reporting-MTA"]) or None
+    return Report(type="arf", feedback_type=feedback_type, original=original, recipients=tuple(
+        BouncedRecipient(address=rcpt, action="", status=None, reason="feedback",
+                         bounce_class="soft", diagnostic=feedback_type, remote_mta=mta)
+        for rcpt in dict.fromkeys(rcpts)))
+
+
+def original_of(enclosed: Message) -> Original:
+    headers = tuple((k, re.sub(r"\s+", " ", str(v)).strip()) for k, v in enclosed.items())
+    get = {k.lower(): v for k, v in reversed(headers)}
+    return Original(return_path=address_of(get.get("return-path")) or None,
+                    message_id=get.get("message-id"), feedback_id=get.get("feedback-id"),
+                    headers=headers)
+
+
+def enclosed_original(parts: list[Message]) -> Original:
+    for part in parts:
+        ctype = part.get_content_type()
+        enclosed: Message | None = None
+        if ctype in ("message/rfc822", "message/global"):
+            payload = part.get_payload()
+            if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+                enclosed = payload[0]
+        elif ctype in ("text/rfc822-headers", "message/global-headers"):
+            enclosed = email.message_from_string(part_text(part) or str(part.get_payload()))
+        if enclosed is not None and enclosed.keys():
+            return original_of(enclosed)
+    return Original()
