@@ -26,7 +26,8 @@ from .dialects.plunk import PlunkApi
 from .errors import ApiError
 from .hooks import HooksApi
 from .manage import ManageApi
-from .native import Handler, NativeApi
+from .native import NativeApi
+from .requests import Handler
 from .schemas import (
     AddSuppression,
     BatchResults,

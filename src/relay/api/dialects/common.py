@@ -16,7 +16,7 @@ from ...store import NewMessage
 from ...submit import Submitter
 from ...types import Submission, SubmitResult
 from ..errors import ApiError
-from ..native import Handler
+from ..requests import Handler
 
 Shape = Callable[[ApiError], dict[str, Any]]
 

@@ -31,8 +31,9 @@ from ...types import ApiKey, Attachment, Composition, EnvelopeRecipient, Mailbox
 from .. import auth
 from ..errors import ApiError
 from ..idempotency import Answer, Claim, Idempotency, replay
-from ..native import _mailboxes, _unique, int_param, json_body, mailbox, parse
+from ..mailboxes import mailbox, mailboxes, unique
 from ..owned import found_message
+from ..requests import int_param, json_body, parse
 from ..schemas import Strict
 from ..views import iso
 from .common import commit, decode_base64, in_shape, named, prepare, reshaped, store_call
@@ -185,11 +186,11 @@ class PiiSendApi:
             raise ApiError(422, f"from_ {sender.email} is not an address at {domain}",
                            param="from_")
         seen: set[str] = set()
-        to = _unique(_mailboxes(m.to, "to"), seen)
-        cc = _unique(_mailboxes(m.cc, "cc"), seen)
+        to = unique(mailboxes(m.to, "to"), seen)
+        cc = unique(mailboxes(m.cc, "cc"), seen)
         stream = Stream.BROADCAST if m.enable_unsubscribe else Stream.TRANSACTIONAL
         composition = Composition(
-            sender=sender, to=to, cc=cc, reply_to=_mailboxes(m.reply_to, "reply_to"),
+            sender=sender, to=to, cc=cc, reply_to=mailboxes(m.reply_to, "reply_to"),
             subject=subject or "", text=text, html=html, attachments=_attachments(m))
         utf8 = not all(mb.email.isascii() for mb in (sender, *to, *cc))
         return Submission(

@@ -49,17 +49,12 @@ from ...types import (
 from .. import auth
 from ..errors import ApiError
 from ..idempotency import Answer, Claim, Idempotency, replay
-from ..native import (
-    check_broadcast,
-    checked_headers,
-    decode_attachments,
-    json_body,
-    mailbox,
-    parse,
-    prepare,
-)
+from ..mailboxes import mailbox
 from ..owned import found_template
+from ..parts import checked_headers, decode_attachments
+from ..requests import json_body, parse
 from ..schemas import Address, AttachmentIn, HeaderName, HeaderValue, Strict
+from ..submitting import check_broadcast, prepare
 from ..views import iso
 
 MAX_RECIPIENTS = 100
