@@ -56,6 +56,7 @@ from ..errors import ApiError
 from ..hooks import check_target
 from ..mailboxes import mailbox, unique
 from ..parts import decode_attachments
+from ..request_ids import REQUEST_ID
 from ..requests import json_body, parse
 from ..schemas import AttachmentIn
 from ..views import iso
@@ -252,8 +253,6 @@ class MailChannelsApi:
         """{"data": [...]} written a message at a time: each is built (MIME, maybe a
         signature) and sent before the next, so one is held, not all of them, and the loop
         runs others in between."""
-        from ..app import REQUEST_ID
-
         response = web.StreamResponse(headers={"Content-Type": "application/json",
                                                "X-Request-Id": request.get(REQUEST_ID, "")})
         await response.prepare(request)
