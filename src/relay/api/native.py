@@ -6,15 +6,14 @@ from __future__ import annotations
 import dataclasses
 import email
 import time
-from collections.abc import Awaitable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
 from .. import compose, templates
 from ..config import Config
-from ..errors import StoreError, ValidationError
+from ..errors import ValidationError
 from ..store import NewMessage, Remembered, SQLiteStore
 from ..submit import Submitter
 from ..types import (
@@ -34,10 +33,8 @@ from .owned import found_message, owned_message
 from .parts import checked_headers, decode_attachments
 from .requests import address_param, int_param, json_body, parse
 from .schemas import SendBatch, SendEmail
-from .submitting import check_broadcast, prepare, suppressed_error
+from .submitting import check_broadcast, prepare, store_call, suppressed_error
 from .views import message_json
-
-T = TypeVar("T")
 
 
 class NativeApi:
@@ -72,7 +69,7 @@ class NativeApi:
                     idempotency_fingerprint=claim.fingerprint, idempotency_status=answer.status,
                     idempotency_response=answer.body)
             await self._checked(message)
-            result = await self._store_call(self._submitter.commit(message))
+            result = await store_call(self._submitter.commit(message))
             if result.duplicate and claim is not None:  # the key was taken meanwhile
                 found = await self._store.recall(claim.scope, claim.key, time.time())
                 if found is not None:
@@ -127,7 +124,7 @@ class NativeApi:
                 assert claim is not None
                 return claim.record(made[0])
 
-            queued, existing = await self._store_call(self._submitter.commit_all(
+            queued, existing = await store_call(self._submitter.commit_all(
                 messages, (claim.scope, claim.key, time.time()) if claim else None,
                 remembered if claim else None))
             if existing is not None and claim is not None:
@@ -146,14 +143,6 @@ class NativeApi:
 
     async def _checked(self, message: NewMessage) -> None:
         await check_broadcast(self._submitter, message)
-
-    @staticmethod
-    async def _store_call(call: Awaitable[T]) -> T:
-        try:
-            return await call
-        except StoreError as exc:
-            raise ApiError(503, f"the queue cannot take mail now: {exc}", type="internal_error",
-                           headers={"Retry-After": "5"}) from None
 
     # -- reading -------------------------------------------------------------------------
 

@@ -1,13 +1,18 @@
-"""Handing a request's Submission to `submit`: its refusals (and a message no recipient
-may get) as the API's typed errors."""
+"""Handing a request's Submission to `submit`: its refusals, a store that cannot take mail
+(503, retry) and a message no recipient may get, as the API's typed errors."""
 
 from __future__ import annotations
 
-from ..errors import ValidationError
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from ..errors import StoreError, ValidationError
 from ..store import NewMessage
 from ..submit import Submitter
 from ..types import Submission, SubmitResult
 from .errors import ApiError
+
+T = TypeVar("T")
 
 
 def prepare(submitter: Submitter, sub: Submission) -> NewMessage:
@@ -34,3 +39,21 @@ def suppressed_error(result: SubmitResult) -> ApiError:
     why = ", ".join(f"{address} ({reason})" for address, reason in result.suppressed)
     return ApiError(409, f"every recipient is on the suppression list: {why}",
                     type="suppressed", param="to")
+
+
+async def commit(submitter: Submitter, message: NewMessage) -> SubmitResult:
+    """Queued and on disk when this returns; a broadcast refusal is a 422, a store failure
+    a 503 the client may retry."""
+    try:
+        await submitter.check_broadcast(message)
+    except ValidationError as exc:
+        raise ApiError(422, str(exc), param=exc.param) from None
+    return await store_call(submitter.commit(message))
+
+
+async def store_call(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except StoreError as exc:
+        raise ApiError(503, f"the queue cannot take mail now: {exc}", type="internal_error",
+                       headers={"Retry-After": "5"}) from None

@@ -59,8 +59,9 @@ from ..parts import decode_attachments
 from ..request_ids import REQUEST_ID
 from ..requests import json_body, parse
 from ..schemas import AttachmentIn
+from ..submitting import prepare, store_call
 from ..views import iso
-from .common import in_shape, named, prepare, store_call
+from .common import in_shape, named
 from .mailchannels_request import (
     McPersonalization,
     McSend,

@@ -23,8 +23,9 @@ from ..mailboxes import mailbox, mailboxes, unique
 from ..parts import checked_headers
 from ..requests import json_body, parse
 from ..schemas import Strict
+from ..submitting import commit, prepare
 from ..views import iso
-from .common import commit, decode_base64, in_shape, named, prepare
+from .common import decode_base64, in_shape, named
 
 PATH = "/api/v1/send"
 

@@ -29,7 +29,8 @@ from ..idempotency import Answer, Claim, Idempotency, replay
 from ..mailboxes import mailbox, mailboxes, unique
 from ..owned import found_message
 from ..requests import int_param, json_body, parse
-from .common import commit, in_shape, named, prepare, reshaped, store_call
+from ..submitting import commit, prepare, store_call
+from .common import in_shape, named, reshaped
 from .piisend_emails import (
     LISTED,
     content_json,
