@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from relay import keys
-from relay.api.dialects import piisend
+from relay.api.dialects import piisend_emails as piisend
 from relay.service import Service
 from relay.types import RecipientStatus, Template
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
-import re
-import secrets
 from typing import Any
 
 from aiohttp import web
@@ -26,7 +23,9 @@ from .dialects.plunk import PlunkApi
 from .errors import ApiError
 from .hooks import HooksApi
 from .manage import ManageApi
-from .native import Handler, NativeApi
+from .native import NativeApi
+from .request_ids import REQUEST_ID, new_request_id, request_id
+from .requests import Handler
 from .schemas import (
     AddSuppression,
     BatchResults,
@@ -45,12 +44,8 @@ from .templates import CreateTemplate, TemplatesApi, UpdateTemplate
 
 log = logging.getLogger(__name__)
 
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_BOOT = secrets.token_hex(4)  # request ids: this process's random prefix and a counter
-_COUNTER = itertools.count(1)
 BODY_LIMIT = web.AppKey("body_limit", int)
 CONNECTIONS = web.AppKey("connections", ConnectionGuard)  # serve with its protocol_factory
-REQUEST_ID = web.RequestKey("request_id", str)
 
 
 def body_limit(config: Config) -> int:
@@ -65,10 +60,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every answer carries X-Request-Id (the client's, when it sent a sane one), and every
     failure becomes {"error": {"type", "message", "param"?}}: never HTML or a trace."""
     given = request.headers.get("X-Request-Id", "")
-    request_id = given if _CLIENT_ID.match(given) else f"req_{_BOOT}{next(_COUNTER):x}"
-    request[REQUEST_ID] = request_id
+    request[REQUEST_ID] = request_id(given)
     response = await _answer(request, handler)
-    response.headers["X-Request-Id"] = request_id
+    response.headers["X-Request-Id"] = request[REQUEST_ID]
     return response
 
 
@@ -101,7 +95,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["X-Request-Id"] = request.get(REQUEST_ID) or f"req_{_BOOT}{next(_COUNTER):x}"
+    response.headers["X-Request-Id"] = request.get(REQUEST_ID) or new_request_id()
 
 
 def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Application:

@@ -14,7 +14,7 @@ from ..store.contacts import ContactChange
 from ..types import Contact
 from . import auth
 from .errors import ApiError
-from .native import address_param, int_param, json_body, parse
+from .requests import address_param, int_param, json_body, parse
 from .schemas import Strict
 from .views import iso
 

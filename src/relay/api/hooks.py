@@ -20,7 +20,7 @@ from ..store import SQLiteStore
 from ..types import WebhookEndpoint
 from . import auth
 from .errors import ApiError
-from .native import json_body, parse
+from .requests import json_body, parse
 from .schemas import CreateWebhook, Redeliver, UpdateWebhook
 from .views import iso
 

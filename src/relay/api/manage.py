@@ -16,7 +16,7 @@ from ..store import SQLiteStore
 from ..types import SCOPES, ApiKey, Suppression
 from . import auth
 from .errors import ApiError
-from .native import address_param, int_param, json_body, parse
+from .requests import address_param, int_param, json_body, parse
 from .schemas import AddSuppression, CreateApiKey
 from .views import iso
 

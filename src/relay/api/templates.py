@@ -17,8 +17,9 @@ from ..store import SQLiteStore
 from ..types import Template
 from . import auth
 from .errors import ApiError
-from .native import int_param, json_body, mailbox, parse
+from .mailboxes import mailbox
 from .owned import found_template
+from .requests import int_param, json_body, parse
 from .schemas import Address, Strict
 from .views import iso
 

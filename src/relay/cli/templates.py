@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api.errors import ApiError
-from ..api.native import parse
+from ..api.requests import parse
 from ..api.templates import CreateTemplate, new_template, template_json
 from ..config import Config
 from ..types import TEMPLATE_TYPES

@@ -1,22 +1,19 @@
-"""What the dialect adapters share: answering errors in a dialect's own shape, and the
-checks of custom headers and base64 that every JSON shape needs."""
+"""What the dialect adapters share: answering errors in a dialect's own shape, and strict
+base64 (line breaks allowed) for the contents a request carries."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import functools
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 
-from ...errors import StoreError, ValidationError
-from ...store import NewMessage
-from ...submit import Submitter
-from ...types import Submission, SubmitResult
+from ...errors import ValidationError
 from ..errors import ApiError
-from ..native import Handler
+from ..requests import Handler
 
 Shape = Callable[[ApiError], dict[str, Any]]
 
@@ -74,37 +71,3 @@ def decode_base64(content: str, param: str) -> bytes:
         return base64.b64decode("".join(content.split()), validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, f"{param}: not valid base64", param=param) from None
-
-
-T = TypeVar("T")
-
-
-def prepare(submitter: Submitter, sub: Submission) -> NewMessage:
-    """`submit`'s checks, its refusals as the API's typed errors."""
-    try:
-        return submitter.prepare(sub)
-    except ValidationError as exc:
-        if exc.smtp.startswith("552"):  # too large: what makes a JSON email large
-            raise ApiError(413, f"the built message is too large: {exc}",
-                           param="attachments") from None
-        if " 5.7.1" in exc.smtp:  # a sender domain this key may not use
-            raise ApiError(403, str(exc), param=exc.param) from None
-        raise ApiError(422, str(exc), param=exc.param) from None
-
-
-async def commit(submitter: Submitter, message: NewMessage) -> SubmitResult:
-    """Queued and on disk when this returns; a broadcast refusal is a 422, a store failure
-    a 503 the client may retry."""
-    try:
-        await submitter.check_broadcast(message)
-    except ValidationError as exc:
-        raise ApiError(422, str(exc), param=exc.param) from None
-    return await store_call(submitter.commit(message))
-
-
-async def store_call(call: Awaitable[T]) -> T:
-    try:
-        return await call
-    except StoreError as exc:
-        raise ApiError(503, f"the queue cannot take mail now: {exc}", type="internal_error",
-                       headers={"Retry-After": "5"}) from None

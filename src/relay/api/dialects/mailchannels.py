@@ -54,10 +54,14 @@ from ...types import (
 from .. import auth
 from ..errors import ApiError
 from ..hooks import check_target
-from ..native import _unique, decode_attachments, json_body, mailbox, parse
+from ..mailboxes import mailbox, unique
+from ..parts import decode_attachments
+from ..request_ids import REQUEST_ID
+from ..requests import json_body, parse
 from ..schemas import AttachmentIn
+from ..submitting import prepare, store_call
 from ..views import iso
-from .common import in_shape, named, prepare, store_call
+from .common import in_shape, named
 from .mailchannels_request import (
     McPersonalization,
     McSend,
@@ -185,9 +189,9 @@ class MailChannelsApi:
         compose.check_header_text(subject, f"{where}.subject" if p.subject is not None
                                   else "subject")
         seen: set[str] = set()
-        to = _unique(tuple(mailbox(a, f"{where}.to[{j}]") for j, a in enumerate(p.to)), seen)
-        cc = _unique(tuple(mailbox(a, f"{where}.cc[{j}]") for j, a in enumerate(p.cc)), seen)
-        bcc = _unique(tuple(mailbox(a, f"{where}.bcc[{j}]") for j, a in enumerate(p.bcc)),
+        to = unique(tuple(mailbox(a, f"{where}.to[{j}]") for j, a in enumerate(p.to)), seen)
+        cc = unique(tuple(mailbox(a, f"{where}.cc[{j}]") for j, a in enumerate(p.cc)), seen)
+        bcc = unique(tuple(mailbox(a, f"{where}.bcc[{j}]") for j, a in enumerate(p.bcc)),
                       seen)
         fill = functools.partial(filled_content, m.content, p.dynamic_template_data,
                                  limit=self._config.limits.max_request_expansion)
@@ -250,8 +254,6 @@ class MailChannelsApi:
         """{"data": [...]} written a message at a time: each is built (MIME, maybe a
         signature) and sent before the next, so one is held, not all of them, and the loop
         runs others in between."""
-        from ..app import REQUEST_ID
-
         response = web.StreamResponse(headers={"Content-Type": "application/json",
                                                "X-Request-Id": request.get(REQUEST_ID, "")})
         await response.prepare(request)

@@ -15,7 +15,7 @@ from pydantic import Field, StrictBool, StringConstraints
 
 from ...types import Composition, Stream
 from ..errors import ApiError
-from ..native import checked_headers
+from ..parts import checked_headers
 from ..schemas import RESERVED_HEADERS, AddressObject, Strict
 
 MAX_PERSONALIZATIONS = 1000

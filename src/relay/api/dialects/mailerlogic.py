@@ -19,10 +19,13 @@ from ...submit import Submitter
 from ...types import ApiKey, Attachment, Composition, EnvelopeRecipient, Mailbox, Stream, Submission
 from .. import auth
 from ..errors import ApiError
-from ..native import _mailboxes, _unique, checked_headers, json_body, mailbox, parse
+from ..mailboxes import mailbox, mailboxes, unique
+from ..parts import checked_headers
+from ..requests import json_body, parse
 from ..schemas import Strict
+from ..submitting import commit, prepare
 from ..views import iso
-from .common import commit, decode_base64, in_shape, named, prepare
+from .common import decode_base64, in_shape, named
 
 PATH = "/api/v1/send"
 
@@ -155,7 +158,7 @@ class MailerLogicApi:
         if m.text is None and m.html is None and not m.icalEvent:
             raise ApiError(422, "an email needs text, html or an icalEvent", param="text")
         sender = mailbox(m.from_, "from") if m.from_ else Mailbox(email=f"noreply@{domain}")
-        reply_to = _mailboxes(m.reply_to, "reply_to") if m.reply_to else ()
+        reply_to = mailboxes(m.reply_to, "reply_to") if m.reply_to else ()
         given = []
         for name, value in m.headers.items():
             if name.lower() != "reply-to":
@@ -172,9 +175,9 @@ class MailerLogicApi:
             reply_to = (from_header,)
         headers = checked_headers(given, stream)
         seen: set[str] = set()
-        to = _unique(_mailboxes(m.to, "to"), seen)
-        cc = _unique(_mailboxes(m.cc, "cc"), seen)
-        bcc = _unique(_mailboxes(m.bcc, "bcc"), seen)
+        to = unique(mailboxes(m.to, "to"), seen)
+        cc = unique(mailboxes(m.cc, "cc"), seen)
+        bcc = unique(mailboxes(m.bcc, "bcc"), seen)
         composition = Composition(
             sender=sender, to=to, cc=cc, reply_to=reply_to, subject=m.subject, text=m.text,
             html=m.html, headers=headers, ical=m.icalEvent,

@@ -49,17 +49,13 @@ from ...types import (
 from .. import auth
 from ..errors import ApiError
 from ..idempotency import Answer, Claim, Idempotency, replay
-from ..native import (
-    check_broadcast,
-    checked_headers,
-    decode_attachments,
-    json_body,
-    mailbox,
-    parse,
-    prepare,
-)
+from ..mailboxes import mailbox
 from ..owned import found_template
+from ..parts import checked_headers, decode_attachments
+from ..request_ids import REQUEST_ID
+from ..requests import json_body, parse
 from ..schemas import Address, AttachmentIn, HeaderName, HeaderValue, Strict
+from ..submitting import check_broadcast, prepare
 from ..views import iso
 
 MAX_RECIPIENTS = 100
@@ -349,8 +345,6 @@ def _email_item(contact: Contact, result: SubmitResult | None,
 
 
 def error_body(exc: ApiError, request: web.Request) -> dict[str, Any]:
-    from ..app import REQUEST_ID
-
     error: dict[str, Any] = {"code": CODES.get(exc.status, "INTERNAL_SERVER_ERROR"),
                              "message": exc.message, "statusCode": exc.status,
                              "requestId": request.get(REQUEST_ID)}
