@@ -24,7 +24,7 @@ from .errors import ApiError
 from .hooks import HooksApi
 from .manage import ManageApi
 from .native import NativeApi
-from .request_ids import REQUEST_ID, new_request_id, request_id
+from .request_ids import REQUEST_ID, request_id
 from .requests import Handler
 from .schemas import (
     AddSuppression,
@@ -92,10 +92,6 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
                       request[REQUEST_ID])
         return ApiError(500, "an internal error; the request id names it in relay's log",
                         type="internal_error").response()
-
-
-async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["X-Request-Id"] = request.get(REQUEST_ID) or new_request_id()
 
 
 def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Application:

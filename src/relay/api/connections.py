@@ -25,14 +25,13 @@ import asyncio
 import enum
 import json
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from aiohttp import web
 
 from ..clients import client_key
 from ..config import LimitsConfig
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from .requests import Handler
 
 
 class _State(enum.Enum):

@@ -226,7 +226,7 @@ class MailChannelsApi:
             own = getattr(p, name)
             return (own, f"{where}.{name}") if own is not None else (getattr(m, name), name)
 
-        (domain, domain_at), (selector, selector_at), (private, private_at) = (
+        (domain, domain_at), (selector, selector_at), (private, _) = (
             pick("dkim_domain"), pick("dkim_selector"), pick("dkim_private_key"))
         if domain is None and selector is None and private is None:
             return None

@@ -20,7 +20,7 @@ Readings where Plunk's docs leave room (chosen so that @plunk/node 3.x works unc
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -53,7 +53,7 @@ from ..mailboxes import mailbox
 from ..owned import found_template
 from ..parts import checked_headers, decode_attachments
 from ..request_ids import REQUEST_ID
-from ..requests import json_body, parse
+from ..requests import Handler, json_body, parse
 from ..schemas import Address, AttachmentIn, HeaderName, HeaderValue, Strict
 from ..submitting import check_broadcast, prepare
 from ..views import iso
@@ -68,7 +68,6 @@ CODES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FO
          503: "SERVICE_UNAVAILABLE"}
 
 Line = Annotated[str, StringConstraints(max_length=998, pattern=r"^[^\r\n]*$")]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class PlunkAttachment(AttachmentIn):
