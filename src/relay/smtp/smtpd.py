@@ -10,18 +10,15 @@ never into the queue). No mode is ever an open relay.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import ipaddress
 import json
 import logging
 import re
 import ssl
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from .. import keys, rawmail
@@ -82,7 +79,7 @@ class RelaySMTP(SMTP):
         self.implicit_tls = implicit_tls
         self._client: str | None = None  # the address counted against the caps, once admitted
         self._refused = False
-        with warnings.catch_warnings(), _fast_introspection():
+        with warnings.catch_warnings():
             # With implicit TLS every byte is encrypted, so AUTH need not wait for STARTTLS.
             warnings.simplefilter("ignore")
             super().__init__(handler, auth_require_tls=not implicit_tls, **kwargs)
@@ -250,61 +247,6 @@ class RelaySMTP(SMTP):
             return result
         handler: RelayHandler = self.event_handler
         return await handler.check_login(self, result.auth_data)
-
-
-class _FastInspect:
-    """What aiosmtpd's SMTP.__init__ asks of `inspect`, answered from per-class caches.
-
-    aiosmtpd rebuilds its tables of smtp_*, handle_* and auth_* methods with
-    dir() and inspect.getmembers() for every connection, reading every attribute
-    of the protocol and the handler: about half a millisecond per connection, a
-    third of a core at 600 connections a second. The names depend only on the
-    class, so they are looked up once; the bound methods are still taken from
-    the new instance.
-    """
-
-    def __init__(self) -> None:
-        self._names: dict[type, tuple[str, ...]] = {}
-        self._signatures: dict[Any, inspect.Signature] = {}
-        self._dirs: dict[type, list[str]] = {}
-
-    def dir(self, obj: Any) -> list[str]:
-        """dir() of the class: the smtp_* and handle_* names aiosmtpd looks for are methods."""
-        cls = type(obj)
-        names = self._dirs.get(cls)
-        if names is None:
-            names = self._dirs[cls] = dir(cls)
-        return names
-
-    def getmembers(self, obj: Any) -> list[tuple[str, Any]]:
-        cls = type(obj)
-        names = self._names.get(cls)
-        if names is None:
-            names = self._names[cls] = tuple(n for n in dir(cls) if n.startswith("auth_"))
-        return [(n, getattr(obj, n)) for n in names]
-
-    def signature(self, obj: Any) -> inspect.Signature:
-        key = getattr(obj, "__func__", obj)  # a bound method's signature is its function's
-        sig = self._signatures.get(key)
-        if sig is None:
-            sig = self._signatures[key] = inspect.signature(obj)
-        return sig
-
-
-_FAST_INSPECT = _FastInspect()
-
-
-@contextlib.contextmanager
-def _fast_introspection() -> Iterator[None]:
-    # Safe: SMTP.__init__ is synchronous and only the event loop thread builds protocols.
-    module = aiosmtpd.smtp
-    module.inspect = _FAST_INSPECT  # type: ignore[attr-defined]
-    module.dir = _FAST_INSPECT.dir  # type: ignore[attr-defined]  # shadows the builtin there
-    try:
-        yield
-    finally:
-        module.inspect = inspect  # type: ignore[attr-defined]
-        del module.dir  # type: ignore[attr-defined]
 
 
 def _take_params(arg: str | None, names: tuple[str, ...]) -> tuple[str | None, dict[str, str]]:
