@@ -28,8 +28,9 @@ from .feedback.reports import ReportMaker
 from .feedback.tracking import Tokens, load_key
 from .feedback.verp import bounce_host
 from .feedback.webhooks import WebhookDispatcher
+from .smtp.handler import RelayHandler
 from .smtp.inbound import Inbound
-from .smtp.smtpd import RelayHandler, make_server_factory
+from .smtp.server import make_server_factory
 from .store import SQLiteStore
 from .submit import Submitter
 from .tlsutil import ensure_self_signed, server_context
