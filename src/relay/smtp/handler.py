@@ -216,7 +216,6 @@ def _ip(session: Session) -> str:
     return peer_ip(session.peer)
 
 
-
 def _clean(text: str) -> str:
     return re.sub(r"[^\x21-\x7e]", "?", text)[:255]
 
