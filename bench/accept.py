@@ -7,6 +7,8 @@ Starts `relay serve` on a temp data dir with a relay-mode listener, then:
     messages/s accepted.
  2. An asyncio client does the same and times each message from the end of DATA
     to the 250 reply: p50 and p99.
+Each phase also prints the CPU time relay's process spent per message, which a shared
+host's load moves far less than the rates.
 
 Usage: python bench/accept.py [--messages 5000] [--sessions 20] [--size 5120]
 """
@@ -79,6 +81,12 @@ def count_messages(tmp: Path) -> int:
         return int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_smtp_source(binary: str, port: int, messages: int, sessions: int, size: int) -> float:
     cmd = [binary, "-c", "-l", str(size), "-m", str(messages), "-s", str(sessions),
            "-f", "sender@example.com", "-t", "rcpt@example.org", f"127.0.0.1:{port}"]
@@ -138,19 +146,23 @@ def main() -> None:
         tmp = Path(d)
         proc, port = start_relay(tmp)
         try:
+            cpu0 = cpu_seconds(proc.pid)
             took = run_smtp_source(binary, port, args.messages, args.sessions, args.size)
+            cpu1 = cpu_seconds(proc.pid)
             stored = count_messages(tmp)
             elapsed, lat = asyncio.run(run_timed(port, args.messages, args.sessions, args.size))
+            cpu2 = cpu_seconds(proc.pid)
         finally:
             proc.terminate()
             proc.wait(30)
         lat.sort()
         print(f"smtp-source: {args.messages} messages of {args.size} B over {args.sessions} "
               f"sessions in {took:.2f} s = {args.messages / took:.0f} msg/s accepted "
-              f"({stored} committed)")
+              f"({stored} committed); relay CPU {(cpu1 - cpu0) / args.messages * 1000:.2f} ms/msg")
         print(f"timed client: {len(lat) / elapsed:.0f} msg/s; DATA end -> 250: "
               f"p50 {statistics.median(lat) * 1000:.1f} ms, "
-              f"p99 {lat[int(len(lat) * 0.99) - 1] * 1000:.1f} ms")
+              f"p99 {lat[int(len(lat) * 0.99) - 1] * 1000:.1f} ms; "
+              f"relay CPU {(cpu2 - cpu1) / len(lat) * 1000:.2f} ms/msg")
 
 
 if __name__ == "__main__":

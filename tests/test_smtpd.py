@@ -586,7 +586,7 @@ async def test_many_concurrent_sessions_share_commits(service: Service) -> None:
     (b"y" * 40000 + b".\r\nz\r\n.\r\n", b"y" * 40000 + b".\r\nz\r\n"),
 ])
 async def test_data_is_read_as_aiosmtpd_would(wire: bytes, expected: bytes) -> None:
-    from relay.smtp.smtpd import RelaySMTP
+    from relay.smtp.protocol import RelaySMTP
 
     proto = RelaySMTP.__new__(RelaySMTP)
     proto._reader = asyncio.StreamReader(limit=RelaySMTP.line_length_limit)
@@ -599,7 +599,7 @@ async def test_data_is_read_as_aiosmtpd_would(wire: bytes, expected: bytes) -> N
 
 
 async def test_data_over_the_limit_is_read_to_its_end_and_refused() -> None:
-    from relay.smtp.smtpd import RelaySMTP
+    from relay.smtp.protocol import RelaySMTP
 
     proto = RelaySMTP.__new__(RelaySMTP)
     proto._reader = asyncio.StreamReader(limit=RelaySMTP.line_length_limit)

@@ -16,8 +16,8 @@ import pytest
 
 from relay.config import LimitsConfig, ListenerConfig
 from relay.service import Service
+from relay.smtp.handler import RelayHandler
 from relay.smtp.limits import ConnectionCaps
-from relay.smtp.smtpd import RelayHandler
 
 from .conftest import free_port, make_config
 from .smtputil import MESSAGE, client_tls, connect, in_thread, send

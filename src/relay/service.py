@@ -23,8 +23,9 @@ from .errors import ConfigError
 from .feedback import webhooks_mailchannels
 from .feedback.tracking import Tokens, load_key
 from .feedback.webhooks import WebhookDispatcher
+from .smtp.handler import RelayHandler
 from .smtp.inbound import Inbound
-from .smtp.smtpd import RelayHandler, make_server_factory
+from .smtp.server import make_server_factory
 from .store import SQLiteStore
 from .submit import Submitter
 from .tlsutil import ensure_self_signed, server_context

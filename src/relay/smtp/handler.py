@@ -1,0 +1,225 @@
+"""The policy of one SMTP listener: who may send what, and where accepted mail goes.
+
+aiosmtpd speaks the protocol (protocol.py); this handler decides. Three modes:
+`submission` (AUTH with an API key, only over TLS), `relay` (no AUTH, only from
+`allowed_networks`) and `inbound` (from anyone, without AUTH, but only for relay's own
+bounce, unsubscribe and complaint addresses: the reports go to inbound.py, never into the
+queue). No mode is ever an open relay. Accepted mail goes to `submit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from .. import keys
+from ..addresses import normalize_address
+from ..clients import client_key
+from ..config import Config, ListenerConfig
+from ..errors import StoreError, ValidationError
+from ..store import Store
+from ..submit import Submitter
+from ..types import ApiKey, EnvelopeRecipient, Stream, Submission
+from .controls import read_controls
+from .inbound import Inbound
+from .limits import AuthThrottle, ConnectionCaps
+from .protocol import RelaySMTP, peer_ip
+
+log = logging.getLogger(__name__)
+
+NULL_SENDER = "<>"  # how aiosmtpd hands over MAIL FROM:<>
+
+
+class RelayHandler:
+    """The policy of one listener."""
+
+    def __init__(self, config: Config, listener: ListenerConfig, store: Store,
+                 submitter: Submitter, inbound: Inbound | None = None) -> None:
+        self.config = config
+        self.listener = listener
+        self.store = store
+        self.submitter = submitter
+        # this listener's own counts: failing AUTH on one port does not close the others
+        self.throttle = AuthThrottle.from_limits(config.limits)
+        self.caps = ConnectionCaps.from_limits(config.limits)
+        self.inbound = inbound  # what an inbound listener hands its reports to
+        self.connections: set[RelaySMTP] = set()
+
+    # -- connection and login ------------------------------------------------
+
+    async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        if self.throttle.blocked(client_key(_ip(session))):
+            _close_soon(server)
+            return ["421 4.7.0 Too many failed logins from your address; try again later"]
+        session.host_name = hostname
+        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
+        if self.listener.mode != "submission":
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
+        return responses[:-1] + extra + responses[-1:]
+
+    async def handle_HELO(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                          hostname: str) -> str:
+        if self.throttle.blocked(client_key(_ip(session))):
+            _close_soon(server)
+            return "421 4.7.0 Too many failed logins from your address; try again later"
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
+    async def check_login(self, server: RelaySMTP, creds: LoginPassword) -> AuthResult:
+        assert server.session is not None
+        ip = client_key(_ip(server.session))  # failed logins count per client (clients.py)
+        if self.throttle.blocked(ip):
+            await server.push("421 4.7.0 Too many failed logins from your address; try again later")
+            _close_soon(server)
+            return AuthResult(success=False, handled=True)
+        secret = creds.password.decode("utf-8", "replace")
+        try:
+            key = await keys.authenticate(self.store, secret)
+        except StoreError:
+            log.exception("key lookup failed")
+            return AuthResult(success=False, handled=False,
+                              message="454 4.7.0 Temporary authentication failure")
+        if key is None or "emails:send" not in key.scopes:
+            delay = self.throttle.failed(ip)
+            log.warning("failed login from %s", ip)
+            if delay:
+                await asyncio.sleep(delay)
+            return AuthResult(success=False, handled=False)
+        self.throttle.succeeded(ip)
+        return AuthResult(success=True, auth_data=key)
+
+    # -- the envelope ---------------------------------------------------------
+
+    async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        mode = self.listener.mode
+        if mode == "relay" and not self._allowed_network(session):
+            return "554 5.7.1 Relay access denied"
+        if address and address != NULL_SENDER:
+            try:
+                normalize_address(address, smtputf8=envelope.smtp_utf8, param="MAIL FROM")
+            except ValidationError as exc:
+                return f"{exc.smtp} {exc.message}"
+            domain = address.rpartition("@")[2].lower()
+            if mode != "inbound" and not keys.may_send_as(self._allowed_domains(session),
+                                                          domain):
+                return f"553 5.7.1 <{address}>: sender not allowed for this login"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= self.config.limits.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        try:
+            normalize_address(address, smtputf8=envelope.smtp_utf8, param="RCPT TO")
+        except ValidationError as exc:
+            return f"{exc.smtp} {exc.message}"
+        if self.listener.mode == "inbound":
+            try:
+                ours = self.inbound is not None and await self.inbound.accepts(address)
+            except StoreError:
+                return "451 4.3.0 Temporary failure; try again"
+            if not ours:
+                return f"550 5.7.1 <{address}>: recipient not accepted here"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        data = envelope.original_content or b""
+        if self.listener.mode == "inbound" and self.inbound is not None:
+            try:
+                return await self.inbound.receive(_sender(envelope), envelope.rcpt_tos, data)
+            except Exception:
+                log.exception("unexpected error while reading an inbound report")
+                return "451 4.3.0 Temporary internal error; try again"
+        try:
+            controls = read_controls(data)
+            sub = self._submission(server, session, envelope, data, controls)
+            result = await self.submitter.submit(sub)
+        except ValidationError as exc:
+            return f"{exc.smtp} {exc.message}"
+        except StoreError as exc:
+            log.error("could not queue a message: %s", exc)
+            return "451 4.3.0 Temporary failure: the queue could not store the message; try again"
+        except Exception:
+            log.exception("unexpected error while queueing a message")
+            return "451 4.3.0 Temporary internal error; try again"
+        return f"250 2.0.0 Ok: queued as {result.message_id}"
+
+    def _submission(self, server: RelaySMTP, session: Session, envelope: Envelope, data: bytes,
+                    controls: dict[str, Any]) -> Submission:
+        dsn_rcpt = getattr(envelope, "dsn_rcpt", [])
+        recipients = tuple(
+            EnvelopeRecipient(address=addr, notify=dsn_rcpt[i][0] if i < len(dsn_rcpt) else (),
+                              orcpt=dsn_rcpt[i][1] if i < len(dsn_rcpt) else None)
+            for i, addr in enumerate(envelope.rcpt_tos)
+        )
+        key: ApiKey | None = session.auth_data if isinstance(session.auth_data, ApiKey) else None
+        helo = session.host_name or "unknown"
+        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        if server.secure:
+            protocol += "S"
+        if key is not None:
+            protocol += "A"
+        return Submission(
+            mail_from=_sender(envelope),
+            recipients=recipients,
+            data=data,
+            source="smtp",
+            api_key_id=key.id if key else None,
+            allowed_domains=self._allowed_domains(session),
+            tags=controls.get("tags", ()),
+            metadata=controls.get("metadata", {}),
+            stream=controls.get("stream", Stream.TRANSACTIONAL),
+            idempotency_key=controls.get("idempotency_key"),
+            dsn_ret=getattr(envelope, "dsn_ret", None),
+            dsn_envid=getattr(envelope, "dsn_envid", None),
+            smtputf8=bool(envelope.smtp_utf8),
+            received_from=f"{_clean(helo)} ([{_ip(session)}])",
+            received_with=protocol,
+        )
+
+    def _allowed_network(self, session: Session) -> bool:
+        try:
+            ip = ipaddress.ip_address(_ip(session))
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.listener.allowed_networks)
+
+    def _allowed_domains(self, session: Session) -> tuple[str, ...]:
+        """A key's own domain limit, else the listener's `allowed_from_domains`; empty = any."""
+        key = session.auth_data if isinstance(session.auth_data, ApiKey) else None
+        if key is not None and key.domains:
+            return key.domains
+        return self.listener.allowed_from_domains
+
+
+def _sender(envelope: Envelope) -> str:
+    """MAIL FROM's address; "" for the null sender (aiosmtpd keeps it as "<>", which its RCPT
+    check needs to be truthy)."""
+    address = envelope.mail_from or ""
+    return "" if address == NULL_SENDER else address
+
+
+def _ip(session: Session) -> str:
+    return peer_ip(session.peer)
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"[^\x21-\x7e]", "?", text)[:255]
+
+
+def _close_soon(server: SMTP) -> None:
+    loop = asyncio.get_running_loop()
+    loop.call_soon(lambda: server.transport.close() if server.transport else None)

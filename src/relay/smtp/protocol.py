@@ -1,0 +1,270 @@
+"""The SMTP protocol of relay's listeners: aiosmtpd's SMTP, made to speak like an MTA.
+
+Enhanced status codes on every reply, the DSN parameters of MAIL and RCPT (RFC 3461),
+DATA read in one block, the listener's connection caps applied before the greeting, and
+AUTH's key check handed to the listener's policy. No policy is decided here: the handler
+(handler.py) says who may send what.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import warnings
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+from ..clients import client_key
+from .limits import ConnectionCaps
+
+log = logging.getLogger(__name__)
+
+# Enhanced status codes (RFC 3463) for the replies aiosmtpd writes without one.
+_ENHANCED_BY_CODE = {
+    "421": "4.7.0", "451": "4.3.0", "452": "4.5.3",
+    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+    "530": "5.7.0", "550": "5.0.0", "552": "5.3.4", "553": "5.1.3", "554": "5.7.0",
+    "555": "5.5.4",
+}
+_HAS_ENHANCED = re.compile(r"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}\b")
+_REPLY = re.compile(r"^([245]\d\d)([ -])(.*)$", re.DOTALL)
+# <local@domain> with a dot-atom local part (RFC 5321 4.1.2), then the parameters
+_SIMPLE_PATH = re.compile(
+    r"^\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>(\s.*)?$")
+_DSN_MAIL_PARAMS = ("RET", "ENVID", "AUTH")
+_DSN_RCPT_PARAMS = ("NOTIFY", "ORCPT")
+_NOTIFY_VALUES = {"SUCCESS", "FAILURE", "DELAY"}
+
+
+def with_enhanced(status: str) -> str:
+    """Add an enhanced status code to a reply that has none (not to greetings or 354/334)."""
+    if status in ("250 OK", "221 Bye"):
+        return status[:4] + "2.0.0 " + status[4:]
+    if _HAS_ENHANCED.match(status):
+        return status
+    m = _REPLY.match(status)
+    if not m or m.group(1) not in _ENHANCED_BY_CODE or m.group(2) == "-":
+        return status
+    code, _, text = m.groups()
+    if status.startswith("552 Error: Too much mail data") or "exceeds fixed maximum" in status:
+        text = "Message too big for system"
+    return f"{code} {_ENHANCED_BY_CODE[code]} {text}"
+
+
+class Policy(Protocol):
+    """What RelaySMTP asks of its handler (handler.RelayHandler)."""
+
+    caps: ConnectionCaps
+    connections: set[RelaySMTP]
+
+    async def check_login(self, server: RelaySMTP, creds: LoginPassword) -> AuthResult: ...
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with enhanced status codes, DSN parameters, async key checks and
+    the listener's connection caps."""
+
+    line_length_limit = 32768  # accept long lines; render makes them safe before delivery
+
+    def __init__(self, handler: Policy, *, implicit_tls: bool, **kwargs: Any) -> None:
+        self.implicit_tls = implicit_tls
+        self._client: str | None = None  # the address counted against the caps, once admitted
+        self._refused = False
+        with warnings.catch_warnings():
+            # With implicit TLS every byte is encrypted, so AUTH need not wait for STARTTLS.
+            warnings.simplefilter("ignore")
+            super().__init__(handler, auth_require_tls=not implicit_tls, **kwargs)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # called again with the TLS transport after STARTTLS: the same connection
+        if self._original_transport is None:
+            handler: Policy = self.event_handler
+            client = client_key(peer_ip(transport.get_extra_info("peername")))
+            why = handler.caps.admit(client)
+            if why is not None:
+                # the greeting's place; aiosmtpd's session never starts (nor needs ending)
+                self._refused = True
+                refused = handler.caps.to_log(client)
+                if refused:
+                    log.warning("refused %d connection%s from %s: %s", refused,
+                                "s" if refused > 1 else "", client, why)
+                transport.write(f"421 4.7.0 {self.hostname} {why}\r\n".encode())
+                transport.close()
+                return
+            self._client = client
+        self.event_handler.connections.add(self)
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:  # a refused client's words are not read
+            super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:  # a TLS transport still reports the client's close
+            return False
+        return super().eof_received()  # type: ignore[no-any-return]
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        self._release()
+        self.event_handler.connections.discard(self)
+        super().connection_lost(error)
+
+    def _release(self) -> None:
+        if self._client is not None:
+            self.event_handler.caps.release(self._client)
+            self._client = None
+
+    def close(self) -> None:
+        """Drop the connection (service shutdown)."""
+        if self._original_transport is not None:
+            self._original_transport.close()
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def secure(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """DATA read as one block up to CRLF.CRLF, not line by line (aiosmtpd's way).
+
+        The end is recognised exactly as aiosmtpd does (only <CRLF>.<CRLF>, so a
+        bare-LF dot line cannot end a message), and a leading dot is removed from
+        every line; the message is then handed to handle_DATA like aiosmtpd would.
+        """
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        data = await self._read_data()
+        if data is None:
+            self._set_post_data_state()
+            await self.push("552 5.3.4 Message too big for system")
+            return
+        self.envelope.content = self.envelope.original_content = data
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_data(self) -> bytes | None:
+        """The message without its terminator and dot-stuffing, or None when over the limit."""
+        reader, limit = self._reader, self.data_size_limit
+        max_size = limit + 3 if limit else 0
+        buf = bytearray()
+        size = 0
+        tail = b""  # the last two octets read, kept even when the data itself is dropped
+        while True:
+            try:
+                chunk = await reader.readuntil(b".\r\n")
+            except asyncio.LimitOverrunError as exc:
+                # Take what cannot hold the separator; its start stays buffered for the next try.
+                chunk = await reader.read(exc.consumed)
+                ended = False
+            else:
+                ended = size + len(chunk) == 3 or (tail + chunk)[-5:-3] == b"\r\n"
+            size += len(chunk)
+            tail = (tail + chunk)[-2:]
+            if not max_size or size <= max_size:
+                buf += chunk
+            if ended:
+                break
+        if max_size and size > max_size:
+            return None
+        # the data ends with CRLF "." CRLF (or is "." CRLF): drop ".CRLF", un-stuff leading dots
+        data = bytes(buf[:-3])
+        if data.startswith(b"."):
+            data = data[1:]
+        return data.replace(b"\r\n.", b"\r\n")
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd parses with the email package's header parser (slow: a class per call);
+        # the common "<simple@address> params" takes a regex, anything else the full parser.
+        m = _SIMPLE_PATH.match(arg)
+        if m:
+            return m.group(1), m.group(2) or ""
+        return super()._getaddr(arg)  # type: ignore[no-any-return]
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str):
+            status = with_enhanced(status)
+        await super().push(status)
+
+    # DSN (RFC 3461) parameters are taken off before aiosmtpd sees them; it knows none.
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        arg, params = _take_params(arg, _DSN_MAIL_PARAMS)
+        error = _check_mail_params(params)
+        if error:
+            await self.push(error)
+            return
+        await super().smtp_MAIL(arg)
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            self.envelope.dsn_ret = params.get("RET", "").upper() or None  # type: ignore[attr-defined]
+            self.envelope.dsn_envid = params.get("ENVID")  # type: ignore[attr-defined]
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        arg, params = _take_params(arg, _DSN_RCPT_PARAMS)
+        notify = tuple(v.strip().upper() for v in params.get("NOTIFY", "").split(",") if v.strip())
+        if notify and not (notify == ("NEVER",) or set(notify) <= _NOTIFY_VALUES):
+            await self.push("501 5.5.4 NOTIFY is NEVER or a list of SUCCESS, FAILURE, DELAY")
+            return
+        assert self.envelope is not None
+        before = len(self.envelope.rcpt_tos)
+        await super().smtp_RCPT(arg)
+        if len(self.envelope.rcpt_tos) > before:
+            dsn = getattr(self.envelope, "dsn_rcpt", [])
+            dsn.append((notify, params.get("ORCPT")))
+            self.envelope.dsn_rcpt = dsn  # type: ignore[attr-defined]
+
+    # AUTH: aiosmtpd parses PLAIN and LOGIN; the key is checked here, asynchronously.
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        return AuthResult(success=False, handled=False, auth_data=auth_data)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._check(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._check(await super().auth_LOGIN(_, args))
+
+    async def _check(self, result: AuthResult) -> AuthResult:
+        if result.success or result.handled or not isinstance(result.auth_data, LoginPassword):
+            return result
+        handler: Policy = self.event_handler
+        return await handler.check_login(self, result.auth_data)
+
+
+def _take_params(arg: str | None, names: tuple[str, ...]) -> tuple[str | None, dict[str, str]]:
+    if not arg:
+        return arg, {}
+    kept, taken = [], {}
+    parts = arg.split(" ")
+    for i, part in enumerate(parts):
+        name, eq, value = part.partition("=")
+        if i > 0 and eq and name.upper() in names:
+            taken[name.upper()] = value
+        else:
+            kept.append(part)
+    return " ".join(kept), taken
+
+
+def _check_mail_params(params: dict[str, str]) -> str | None:
+    if "RET" in params and params["RET"].upper() not in ("FULL", "HDRS"):
+        return "501 5.5.4 RET is FULL or HDRS"
+    if "ENVID" in params and len(params["ENVID"]) > 100:
+        return "501 5.5.4 ENVID is longer than 100 characters"
+    return None
+
+
+def peer_ip(peer: Any) -> str:
+    """The address of a peer as asyncio gives it (a tuple, or a string for a Unix socket)."""
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
