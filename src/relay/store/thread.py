@@ -193,6 +193,19 @@ def _report(fut: asyncio.Future[Any] | None, *, result: Any = None,
     if fut is None:
         return
     try:
-        fut.get_loop().call_soon_threadsafe(lambda: settle(fut, result=result, exc=exc))
+        if exc is None:
+            fut.get_loop().call_soon_threadsafe(_set_result, fut, result)
+        else:
+            fut.get_loop().call_soon_threadsafe(_set_exception, fut, exc)
     except RuntimeError:
         pass  # the loop is closed: nobody waits for this any more
+
+
+def _set_result(fut: asyncio.Future[Any], result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
