@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import StoreError
-from .thread import SQLiteThread, settle
+from .thread import SQLiteThread
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +93,18 @@ class GroupCommitWriter:
                 try:
                     (result,) = await self._transaction([work])
                 except _OperationFailed as exc:
-                    settle(fut, exc=exc.__cause__ or exc)
+                    _settle(fut, exc=exc.__cause__ or exc)
                 except StoreError as exc:
-                    settle(fut, exc=exc)
+                    _settle(fut, exc=exc)
                 else:
-                    settle(fut, result=result)
+                    _settle(fut, result=result)
             return
         except StoreError as exc:
             for _, fut in batch:
-                settle(fut, exc=exc)
+                _settle(fut, exc=exc)
             return
         for (_, fut), result in zip(batch, results):
-            settle(fut, result=result)
+            _settle(fut, result=result)
 
     async def _transaction(self, works: list[Work]) -> list[Any]:
         results: list[Any] = await self.conn.run(_transaction, works)
@@ -165,3 +165,12 @@ def _guard(fn: Callable[..., Any], *args: Any) -> Any:
 
 class _OperationFailed(Exception):
     """An operation raised an error of its own (not the store's)."""
+
+
+def _settle(fut: asyncio.Future[Any], *, result: Any = None, exc: BaseException | None = None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)

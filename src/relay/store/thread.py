@@ -134,17 +134,6 @@ class Rows:
         return rest
 
 
-def settle(fut: asyncio.Future[Any], *, result: Any = None,
-           exc: BaseException | None = None) -> None:
-    """Complete fut unless its waiter has given up (cancelled) or it is already done."""
-    if fut.done():
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(result)
-
-
 # -- on the thread ---------------------------------------------------------------------------
 
 
