@@ -10,12 +10,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiosqlite
-
 from .. import owners
 from ..owners import Within
 from ..types import Contact
-from .groupcommit import run_sync
+from .thread import SQLiteThread
 
 _COLUMNS = "id, email, subscribed, data, created_at, updated_at, owner"
 
@@ -42,7 +40,7 @@ class ContactQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: aiosqlite.Connection
+    _reader: SQLiteThread
 
     async def upsert_contacts(self, changes: Sequence[ContactChange], now: float
                               ) -> list[Upserted]:
@@ -69,7 +67,7 @@ class ContactQueries:
     async def get_contact(self, id_or_email: str, within: Within = None) -> Contact | None:
         """By id, within a caller's reach; by address, the caller's own contact (the one
         owned by exactly its domains, the one an upsert of the caller's changes)."""
-        found: Contact | None = await run_sync(self._reader, _find, id_or_email, within)
+        found: Contact | None = await self._reader.run(_find, id_or_email, within)
         return found
 
     async def list_contacts(self, *, limit: int = 100, after: str | None = None,
@@ -90,7 +88,7 @@ class ContactQueries:
             return [_contact(r) for r in db.execute(sql + " ORDER BY email, owner LIMIT ?",
                                                     (*args, limit))]
 
-        found: list[Contact] = await run_sync(self._reader, op)
+        found: list[Contact] = await self._reader.run(op)
         return found
 
     async def contact_events(self, contact_id: str) -> list[tuple[str, dict[str, Any], float]]:
@@ -100,7 +98,7 @@ class ContactQueries:
                 "SELECT name, data, created_at FROM contact_events WHERE contact_id = ?"
                 " ORDER BY id", (contact_id,))]
 
-        found: list[tuple[str, dict[str, Any], float]] = await run_sync(self._reader, op)
+        found: list[tuple[str, dict[str, Any], float]] = await self._reader.run(op)
         return found
 
     async def delete_contact(self, id_or_email: str, within: Within = None) -> bool:

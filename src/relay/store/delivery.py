@@ -9,12 +9,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiosqlite
-
 from ..types import EventType, RecipientStatus
 from .base import MessageDetail, NewMessage
-from .groupcommit import Batched, run_sync
+from .groupcommit import Batched
 from .rows import insert_messages, load_detail_sync
+from .thread import SQLiteThread
 
 PENDING = ("queued", "deferred", "scheduled")
 
@@ -82,7 +81,7 @@ class DeliveryQueries:
     """Mixed into SQLiteStore: every query the scheduler and the operator need."""
 
     _write: Callable[[Any], Any]
-    _reader: aiosqlite.Connection
+    _reader: SQLiteThread
 
     async def recover(self) -> int:
         """At start-up: one node owns this file, so every lease left by a crash is void."""
@@ -123,7 +122,7 @@ class DeliveryQueries:
         return due
 
     async def next_due_at(self) -> float | None:
-        due: float | None = await run_sync(self._reader, _next_due_at)
+        due: float | None = await self._reader.run(_next_due_at)
         return due
 
     async def record(self, outcomes: Sequence[Outcome]) -> None:
@@ -131,7 +130,7 @@ class DeliveryQueries:
         await asyncio.gather(*(self._write(Batched(_record_many, o)) for o in outcomes))
 
     async def pending_reports(self) -> list[str]:
-        ids: list[str] = await run_sync(self._reader, _pending_reports)
+        ids: list[str] = await self._reader.run(_pending_reports)
         return ids
 
     async def emit_report(self, message_id: str, make: MakeReport) -> str | None:

@@ -6,10 +6,8 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-import aiosqlite
-
 from ..types import DkimKeyInfo, Domain
-from .groupcommit import run_sync
+from .thread import SQLiteThread
 
 _KEY_COLUMNS = ("domain, selector, algorithm, public_key, path, state, created_at, activated_at,"
                 " retire_after")
@@ -19,7 +17,7 @@ class DomainQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: aiosqlite.Connection
+    _reader: SQLiteThread
 
     async def save_domain(self, domain: Domain, *, replace: bool = False) -> None:
         """Insert the domain with its keys; with `replace`, its old keys are dropped first.
@@ -40,11 +38,11 @@ class DomainQueries:
         await self._write(op)
 
     async def get_domain(self, name: str) -> Domain | None:
-        found: list[Domain] = await run_sync(self._reader, _domains, name)
+        found: list[Domain] = await self._reader.run(_domains, name)
         return found[0] if found else None
 
     async def list_domains(self) -> list[Domain]:
-        found: list[Domain] = await run_sync(self._reader, _domains, None)
+        found: list[Domain] = await self._reader.run(_domains, None)
         return found
 
     async def remove_domain(self, name: str) -> bool:
@@ -59,7 +57,7 @@ class DomainQueries:
         def op(db: sqlite3.Connection) -> dict[str, str]:
             return dict(db.execute("SELECT name, return_path FROM domains").fetchall())
 
-        paths: dict[str, str] = await run_sync(self._reader, op)
+        paths: dict[str, str] = await self._reader.run(op)
         return paths
 
     async def signing_keys(self) -> list[DkimKeyInfo]:
@@ -69,7 +67,7 @@ class DomainQueries:
                 f"SELECT {_KEY_COLUMNS} FROM dkim_keys WHERE state = 'active'"
                 " ORDER BY domain, algorithm DESC")]
 
-        keys: list[DkimKeyInfo] = await run_sync(self._reader, op)
+        keys: list[DkimKeyInfo] = await self._reader.run(op)
         return keys
 
 

@@ -6,20 +6,18 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Awaitable, Callable
 
-import aiosqlite
-
 from .. import owners
 from ..owners import Within
 from ..types import Recipient
 from .base import MessageDetail, MessagePage
-from .groupcommit import run_sync
 from .rows import MESSAGE_COLUMNS, message_row
+from .thread import SQLiteThread
 
 
 class EmailQueries:
     """Mixed into SQLiteStore."""
 
-    _reader: aiosqlite.Connection
+    _reader: SQLiteThread
     _recipients: Callable[[list[str]], Awaitable[dict[str, tuple[Recipient, ...]]]]
 
     async def page_by_offset(self, *, statuses: tuple[str, ...] = (), limit: int = 50,
@@ -50,7 +48,7 @@ class EmailQueries:
                              (message_id,)).fetchone()
             return str(row[0]) if row else None
 
-        found: str | None = await run_sync(self._reader, op)
+        found: str | None = await self._reader.run(op)
         return found
 
     async def resends_of(self, message_id: str) -> list[str]:
@@ -59,7 +57,7 @@ class EmailQueries:
                 "SELECT id FROM messages WHERE json_extract(metadata, '$.resend_of') = ?"
                 " ORDER BY created_at, id", (message_id,))]
 
-        found: list[str] = await run_sync(self._reader, op)
+        found: list[str] = await self._reader.run(op)
         return found
 
     async def tracking_of(self, message_id: str) -> tuple[bool, bool]:
@@ -68,6 +66,6 @@ class EmailQueries:
             row = db.execute("SELECT track FROM messages WHERE id = ?", (message_id,)).fetchone()
             return str(row[0]) if row else ""
 
-        track: str = await run_sync(self._reader, op)
+        track: str = await self._reader.run(op)
         kinds = set(track.split(","))
         return "opens" in kinds, "clicks" in kinds

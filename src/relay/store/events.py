@@ -7,17 +7,15 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-import aiosqlite
-
 from ..types import EventType
-from .groupcommit import run_sync
+from .thread import SQLiteThread
 
 
 class EventQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: aiosqlite.Connection
+    _reader: SQLiteThread
 
     async def delivered_at(self, recipient_id: int) -> float | None:
         def op(db: sqlite3.Connection) -> float | None:
@@ -25,7 +23,7 @@ class EventQueries:
                              " AND type = ?", (recipient_id, EventType.DELIVERED.value)).fetchone()
             return row[0] if row else None
 
-        found: float | None = await run_sync(self._reader, op)
+        found: float | None = await self._reader.run(op)
         return found
 
     async def add_recipient_event(self, recipient_id: int, event: str, now: float,

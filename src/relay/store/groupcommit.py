@@ -19,13 +19,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiosqlite
-
 from ..errors import StoreError
+from .thread import SQLiteThread
 
 log = logging.getLogger(__name__)
 
-# Both run on the database thread, inside the batch's transaction, and must not block on I/O.
+# Both run on the writer's thread, inside the batch's transaction, and must not block on I/O.
 Operation = Callable[[sqlite3.Connection], Any]
 RunMany = Callable[[sqlite3.Connection, Sequence[Any]], list[Any]]
 
@@ -44,7 +43,9 @@ Work = Operation | Batched
 
 
 class GroupCommitWriter:
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    """Owns the write connection; each transaction runs on its thread in one step."""
+
+    def __init__(self, conn: SQLiteThread) -> None:
         self.conn = conn
         self._queue: asyncio.Queue[tuple[Work, asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -106,25 +107,10 @@ class GroupCommitWriter:
             _settle(fut, result=result)
 
     async def _transaction(self, works: list[Work]) -> list[Any]:
-        results: list[Any] = await run_sync(self.conn, _transaction, works)
+        results: list[Any] = await self.conn.run(_transaction, works)
         self.batches += 1
         self.operations += len(works)
         return results
-
-
-async def run_sync(conn: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(sqlite3_connection, *args), run on aiosqlite's own thread in one go.
-
-    A transaction must not wait for the event loop between its statements: the
-    write lock is held meanwhile, and another process (the delivery worker, or
-    the master) would sleep in SQLite's busy handler for as long. And a read
-    must run to its end before the next read on the connection starts: a cursor
-    left open keeps its read transaction, so a read that interleaves with it
-    sees that older snapshot (a message committed since would look missing).
-    aiosqlite has no public call for this; `_execute` is what its methods use.
-    """
-    db = conn._conn
-    return await conn._execute(fn, db, *args)
 
 
 def _transaction(db: sqlite3.Connection, works: list[Work]) -> list[Any]:

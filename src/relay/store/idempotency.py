@@ -7,13 +7,11 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import aiosqlite
-
 from ..types import SubmitResult
 from .base import NewMessage, Remembered
-from .groupcommit import run_sync
 from .rows import insert_messages
 from .suppressions import listed, screened
+from .thread import SQLiteThread
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 
@@ -22,10 +20,10 @@ class IdempotencyQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: aiosqlite.Connection
+    _reader: SQLiteThread
 
     async def recall(self, scope: str, key: str, now: float) -> Remembered | None:
-        found: Remembered | None = await run_sync(self._reader, _recall, scope, key, now)
+        found: Remembered | None = await self._reader.run(_recall, scope, key, now)
         return found
 
     async def remember(self, record: Remembered) -> Remembered | None:

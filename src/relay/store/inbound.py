@@ -10,12 +10,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiosqlite
-
 from ..types import EventType, RecipientStatus
 from .delivery import AttemptRecord, wipe_given_keys
-from .groupcommit import run_sync
 from .suppressions import owner_of_mail
+from .thread import SQLiteThread
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +60,7 @@ class InboundQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: aiosqlite.Connection
+    _reader: SQLiteThread
 
     async def sent_to(self, *, recipient_id: int | None = None,
                       message_id: str | None = None) -> list[SentTo]:
@@ -77,7 +75,7 @@ class InboundQueries:
                         " FROM recipients r JOIN messages m ON m.id = r.message_id"
                         f" WHERE r.{where} ORDER BY r.id", (arg,))]
 
-        found: list[SentTo] = await run_sync(self._reader, op)
+        found: list[SentTo] = await self._reader.run(op)
         return found
 
     async def record_inbound(self, record: InboundRecord, effects: Sequence[Effect]) -> list[str]:
@@ -110,7 +108,7 @@ class InboundQueries:
                         " recipient_id, outcome, summary FROM inbound_reports"
                         " WHERE message_id = ? ORDER BY id", (message_id,))]
 
-        found: list[InboundRecord] = await run_sync(self._reader, op)
+        found: list[InboundRecord] = await self._reader.run(op)
         return found
 
 

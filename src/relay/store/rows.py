@@ -6,7 +6,6 @@ import json
 import sqlite3
 from typing import Any
 
-import aiosqlite
 import orjson
 
 from .. import compose
@@ -22,7 +21,7 @@ from ..types import (
     message_status,
 )
 from .base import MessageDetail, NewMessage
-from .groupcommit import run_sync
+from .thread import SQLiteThread
 
 MESSAGE_COLUMNS = (
     "id, created_at, mail_from, size, source, api_key_id, tags, metadata, stream, "
@@ -158,9 +157,9 @@ def api_key_row(row: Any) -> ApiKey:
 
 
 
-async def load_detail(conn: aiosqlite.Connection, message_id: str, *,
+async def load_detail(conn: SQLiteThread, message_id: str, *,
                       with_body: bool = False) -> MessageDetail | None:
-    detail: MessageDetail | None = await run_sync(conn, load_detail_sync, message_id, with_body)
+    detail: MessageDetail | None = await conn.run(load_detail_sync, message_id, with_body)
     return detail
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import aiosqlite
+import sqlite3
 
 from ..errors import StoreError
 
@@ -316,11 +316,11 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-async def migrate(conn: aiosqlite.Connection) -> int:
-    """Bring the schema up to the newest version; returns that version."""
-    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    async with conn.execute("SELECT version FROM schema_version") as cur:
-        row = await cur.fetchone()
+def migrate(db: sqlite3.Connection) -> int:
+    """Bring the schema up to the newest version; returns that version. Runs on the
+    writer's thread (`SQLiteThread.run`), before anything else is written."""
+    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = db.execute("SELECT version FROM schema_version").fetchone()
     current = row[0] if row else 0
     if current > len(MIGRATIONS):
         raise StoreError(
@@ -330,7 +330,7 @@ async def migrate(conn: aiosqlite.Connection) -> int:
     for version in range(current + 1, len(MIGRATIONS) + 1):
         # foreign keys off while a step runs: a table made again (SQLite's way to change a
         # key) must not take its dependants' rows with it when the old one is dropped
-        await conn.executescript(
+        db.executescript(
             "PRAGMA foreign_keys = OFF;\nBEGIN IMMEDIATE;\n" + MIGRATIONS[version - 1]
             + ("\nDELETE FROM schema_version;" if current else "")
             + f"\nINSERT INTO schema_version (version) VALUES ({version});\nCOMMIT;"

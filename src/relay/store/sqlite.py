@@ -1,4 +1,4 @@
-"""The queue and every table in one SQLite file (WAL, synchronous=FULL), via aiosqlite."""
+"""The queue and every table in one SQLite file (WAL, synchronous=FULL), via two SQLiteThreads."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import aiosqlite
 
 from .. import owners
 from ..errors import StoreError
@@ -21,7 +19,7 @@ from .delivery import DeliveryQueries
 from .domains import DomainQueries
 from .emails import EmailQueries
 from .events import EventQueries
-from .groupcommit import Batched, GroupCommitWriter, run_sync
+from .groupcommit import Batched, GroupCommitWriter
 from .idempotency import IDEMPOTENCY_WINDOW, IdempotencyQueries
 from .inbound import InboundQueries
 from .rows import (
@@ -37,6 +35,7 @@ from .rows import (
 from .schema import migrate
 from .suppressions import SuppressionQueries, listed, screened
 from .templates import TemplateQueries
+from .thread import SQLiteThread
 from .webhooks import WebhookQueries
 
 
@@ -45,23 +44,23 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
                   WebhookQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self._write_conn: aiosqlite.Connection | None = None
-        self._read_conn: aiosqlite.Connection | None = None
+        self._write_conn: SQLiteThread | None = None
+        self._read_conn: SQLiteThread | None = None
         self.writer: GroupCommitWriter | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write = read = None
+        write = SQLiteThread(self.path, name="store-writer")
+        read = SQLiteThread(self.path, name="store-reader")
         try:
-            write = await _connect(self.path)
-            await migrate(write)
-            read = await _connect(self.path)
+            await write.open()
+            await write.run(migrate)
+            await read.open()
         except BaseException as exc:
-            for conn in (write, read):
-                if conn is not None:
-                    await conn.close()
+            await read.close()
+            await write.close()
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"{self.path}: cannot open the database: {exc}") from exc
             raise
@@ -80,7 +79,7 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
         self._read_conn = self._write_conn = None
 
     @property
-    def _reader(self) -> aiosqlite.Connection:
+    def _reader(self) -> SQLiteThread:
         if self._read_conn is None:
             raise StoreError("the store is not open")
         return self._read_conn
@@ -102,7 +101,7 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
         return await load_detail(self._reader, message_id)
 
     async def get_body(self, message_id: str) -> bytes | None:
-        body: bytes | None = await run_sync(self._reader, _body, message_id)
+        body: bytes | None = await self._reader.run(_body, message_id)
         return body
 
     async def get_outgoing(self, message_id: str) -> Outgoing | None:
@@ -111,7 +110,7 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
 
     async def get_outgoing_many(self, message_ids: list[str]) -> dict[str, Outgoing]:
         """What render needs of each message, in one read; deleted ones are left out."""
-        found: dict[str, Outgoing] = await run_sync(self._reader, _outgoing, message_ids)
+        found: dict[str, Outgoing] = await self._reader.run(_outgoing, message_ids)
         return found
 
     async def list_messages(
@@ -216,17 +215,6 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
 
         result: bool = await self._write(op)
         return result
-
-
-async def _connect(path: Path) -> aiosqlite.Connection:
-    conn = await aiosqlite.connect(path, isolation_level=None, timeout=30.0)
-    await conn.execute("PRAGMA journal_mode = WAL")
-    await conn.execute("PRAGMA synchronous = FULL")
-    await conn.execute("PRAGMA foreign_keys = ON")
-    await conn.execute("PRAGMA busy_timeout = 30000")
-    # deleted rows are overwritten, not just unlinked: keys given with messages are wiped
-    await conn.execute("PRAGMA secure_delete = ON")
-    return conn
 
 
 def _body(db: sqlite3.Connection, message_id: str) -> bytes | None:

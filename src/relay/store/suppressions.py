@@ -8,13 +8,11 @@ import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import aiosqlite
-
 from .. import owners
 from ..owners import Within
 from ..types import EventType, Stream, SubmitResult, Suppression
 from .base import NewMessage
-from .groupcommit import run_sync
+from .thread import SQLiteThread
 
 _COLUMNS = "address, scope, reason, source, created_at, owner"
 
@@ -23,7 +21,7 @@ class SuppressionQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: aiosqlite.Connection
+    _reader: SQLiteThread
 
     async def add_suppression(self, entry: Suppression) -> bool:
         """Added (True) or already there (False; the first reason stays)."""
@@ -70,7 +68,7 @@ class SuppressionQueries:
             return [Suppression(address=r[0], scope=r[1], reason=r[2], source=r[3],
                                 created_at=r[4], owner=owners.decode(r[5])) for r in rows]
 
-        found: list[Suppression] = await run_sync(self._reader, op)
+        found: list[Suppression] = await self._reader.run(op)
         return found
 
     async def unsubscribe(self, recipient_id: int, now: float) -> tuple[str, str] | None:
@@ -108,7 +106,7 @@ class SuppressionQueries:
     async def suppressed(self, addresses: Sequence[str], *, stream: Stream,
                          sender_domain: str) -> dict[str, str]:
         """{address: reason} of those that may not get this kind of mail now."""
-        found: dict[str, str] = await run_sync(self._reader, screen, addresses, stream,
+        found: dict[str, str] = await self._reader.run(screen, addresses, stream,
                                                 sender_domain)
         return found
 

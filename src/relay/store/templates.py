@@ -7,12 +7,10 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-import aiosqlite
-
 from .. import owners
 from ..owners import Within
 from ..types import Template
-from .groupcommit import run_sync
+from .thread import SQLiteThread
 
 _FIELDS = tuple(f.name for f in fields(Template))
 _COLUMNS = ", ".join(_FIELDS)
@@ -23,7 +21,7 @@ class TemplateQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: aiosqlite.Connection
+    _reader: SQLiteThread
 
     async def add_template(self, t: Template) -> None:
         def op(db: sqlite3.Connection) -> None:
@@ -39,7 +37,7 @@ class TemplateQueries:
                              (template_id,)).fetchone()
             return _template(row) if row else None
 
-        found: Template | None = await run_sync(self._reader, op)
+        found: Template | None = await self._reader.run(op)
         return found
 
     async def list_templates(self, *, limit: int = 100, after: str | None = None,
@@ -56,7 +54,7 @@ class TemplateQueries:
             rows = db.execute(sql + " ORDER BY created_at, id LIMIT ?", (*args, limit))
             return [_template(r) for r in rows]
 
-        found: list[Template] = await run_sync(self._reader, op)
+        found: list[Template] = await self._reader.run(op)
         return found
 
     async def update_template(self, template_id: str, changes: dict[str, Any]

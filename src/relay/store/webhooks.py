@@ -9,12 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiosqlite
-
 from .. import owners
 from ..owners import Within
 from ..types import EventType, WebhookEndpoint
-from .groupcommit import run_sync
+from .thread import SQLiteThread
 
 _COLUMNS = ("id, url, secret, events, enabled, created_at, disabled_at, disabled_reason,"
             " failing_since, format, owner")
@@ -39,7 +37,7 @@ class WebhookQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: aiosqlite.Connection
+    _reader: SQLiteThread
 
     async def add_endpoint(self, ep: WebhookEndpoint) -> None:
         def op(db: sqlite3.Connection) -> None:
@@ -58,7 +56,7 @@ class WebhookQueries:
                 f"SELECT {_COLUMNS} FROM webhook_endpoints WHERE {where} ORDER BY created_at",
                 args)]
 
-        found: list[WebhookEndpoint] = await run_sync(self._reader, op)
+        found: list[WebhookEndpoint] = await self._reader.run(op)
         return found
 
     async def get_endpoint(self, endpoint_id: str) -> WebhookEndpoint | None:
@@ -67,7 +65,7 @@ class WebhookQueries:
                              (endpoint_id,)).fetchone()
             return _endpoint(row) if row else None
 
-        found: WebhookEndpoint | None = await run_sync(self._reader, op)
+        found: WebhookEndpoint | None = await self._reader.run(op)
         return found
 
     async def update_endpoint(self, endpoint_id: str, *, enabled: bool | None = None,
@@ -171,7 +169,7 @@ class WebhookQueries:
                              " AND leased_until IS NULL").fetchone()
             return row[0] if row else None
 
-        found: float | None = await run_sync(self._reader, op)
+        found: float | None = await self._reader.run(op)
         return found
 
     async def record_delivery(self, d: Delivery, *, now: float, status: int | None,
@@ -214,7 +212,7 @@ class WebhookQueries:
                 f"SELECT {', '.join(cols)} FROM webhook_outbox WHERE endpoint_id = ?"
                 " ORDER BY id", (endpoint_id,))]
 
-        found: list[dict[str, Any]] = await run_sync(self._reader, op)
+        found: list[dict[str, Any]] = await self._reader.run(op)
         return found
 
 
