@@ -100,3 +100,23 @@ def test_cli_adds_lists_shows_and_removes(tmp_path: Path) -> None:
     assert "KEY=VALUE" in relay("add", "ann@example.org", "--data", "oops", code=2)
     assert "removed" in relay("remove", "ann@example.org")
     assert "no contact" in relay("show", "ann@example.org", code=1)
+
+
+async def test_a_contacts_data_is_held_to_the_metadata_limit_once_merged(
+        api: Api, admin: str, service: Service) -> None:
+    """Each request may be small, yet field after field would grow what fills every later
+    send: the merged data is what is held to [limits] max_metadata_size (16 KiB)."""
+    chunk = "x" * 6000
+    for name in ("a", "b"):
+        status, _, _ = await api.call("POST", "/v1/contacts", {
+            "email": "big@example.org", "data": {name: chunk}}, key=admin)
+        assert status in (200, 201)
+    status, body, _ = await api.call("POST", "/v1/contacts", {
+        "email": "big@example.org", "data": {"c": chunk}}, key=admin)
+    assert status == 422 and body["error"]["param"] == "data", body
+    found = await service.store.get_contact("big@example.org")
+    assert found is not None and set(found.data) == {"a", "b"}  # the refused change left none
+    _, plunk = await keys.create_key(service.store, name="p", scopes=["contacts:manage"])
+    status, body, _ = await api.call("POST", "/v1/track", {
+        "email": "big@example.org", "event": "e", "data": {"c": chunk}}, key=plunk)
+    assert status == 422, body

@@ -8,6 +8,7 @@ import secrets
 import time
 from collections.abc import Iterable
 
+from . import owners
 from .addresses import normalize_domain
 from .errors import ValidationError
 from .store import Store
@@ -70,7 +71,4 @@ def _domain(value: str) -> str:
 
 def may_send_as(allowed: tuple[str, ...], domain: str) -> bool:
     """Whether a sender domain is among `allowed` (subdomains included); empty allows any."""
-    if not allowed:
-        return True
-    domain = domain.lower().rstrip(".")
-    return any(domain == d or domain.endswith("." + d) for d in allowed)
+    return not allowed or owners.covers(allowed, domain)

@@ -73,6 +73,15 @@ def message_sql(reach: Within, column: str = "sender_domain") -> tuple[str, list
     return domain_sql(column, reach)
 
 
+def covered_sql(owner: str, domain: str) -> str:
+    """SQL true when the row's owner (a JSON column, `owner`) is the relay or covers the
+    domain expression `domain`: where a row's outcome or event may go. Schema v13's webhook
+    fan-out trigger spells the same rule out, as a migration must not import code."""
+    return (f"({owner} = '[]' OR EXISTS (SELECT 1 FROM json_each({owner}) o"
+            f" WHERE {domain} = o.value OR substr({domain}, -length(o.value) - 1)"
+            " = '.' || o.value))")
+
+
 def owner_sql(reach: Within, column: str = "owner") -> tuple[str, list[Any]]:
     """A WHERE condition keeping rows whose JSON `owner` column is within reach."""
     if reach is None:

@@ -105,7 +105,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     app.add_routes(ManageApi(store).routes())
     app.add_routes(HooksApi(config, store).routes())
     app.add_routes(TemplatesApi(store).routes())
-    app.add_routes(ContactsApi(store).routes())
+    app.add_routes(ContactsApi(config, store).routes())
     app.add_routes(PiiSendApi(config, store, submitter).routes())
     app.add_routes(MailerLogicApi(config, store, submitter).routes())
     app.add_routes(PlunkApi(config, store, submitter).routes())

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from aiohttp import web
 from pydantic import Field, StrictBool, StringConstraints
 
+from ..config import Config
 from ..store import SQLiteStore
 from ..store.contacts import ContactChange
 from ..types import Contact
@@ -32,7 +33,8 @@ class UpsertContact(Strict):
 
 
 class ContactsApi:
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, config: Config, store: SQLiteStore) -> None:
+        self._config = config
         self._store = store
 
     def routes(self) -> list[web.RouteDef]:
@@ -48,7 +50,8 @@ class ContactsApi:
         body = parse(UpsertContact, await json_body(request))
         email = address_param(body.email, "email") or ""
         (done,) = await self._store.upsert_contacts([contact_change(
-            email, body.data, subscribed=body.subscribed, owner=key.domains)], time.time())
+            email, body.data, subscribed=body.subscribed, owner=key.domains,
+            max_data=self._config.limits.max_metadata_size)], time.time())
         return web.json_response(contact_json(done.contact), status=201 if done.created else 200)
 
     async def list(self, request: web.Request) -> web.Response:
@@ -82,10 +85,10 @@ class ContactsApi:
 
 
 def contact_change(email: str, data: dict[str, Any], *, subscribed: bool | None,
-                   subscribed_if_new: bool = False, owner: tuple[str, ...] = ()
-                   ) -> ContactChange:
+                   subscribed_if_new: bool = False, owner: tuple[str, ...] = (),
+                   max_data: int | None = None) -> ContactChange:
     """A request's data as a change: a value sets the field, a null deletes it."""
-    return ContactChange(email=email, subscribed=subscribed, owner=owner,
+    return ContactChange(email=email, subscribed=subscribed, owner=owner, max_data=max_data,
                          subscribed_if_new=subscribed_if_new,
                          data={k: v for k, v in data.items() if v is not None},
                          remove=tuple(k for k, v in data.items() if v is None))

@@ -33,7 +33,7 @@ from .owned import found_message, owned_message
 from .parts import checked_headers, decode_attachments
 from .requests import address_param, int_param, json_body, parse
 from .schemas import SendBatch, SendEmail
-from .submitting import check_broadcast, prepare, store_call, suppressed_error
+from .submitting import Expansion, check_broadcast, prepare, store_call, suppressed_error
 from .views import message_json
 
 
@@ -90,19 +90,13 @@ class NativeApi:
             batch = parse(SendBatch, raw)
             failed: dict[int, dict[str, Any]] = {}
             messages, indexes = [], []
-            # {{var}}s can make items far larger than the request: once the built messages
-            # pass [limits] max_request_expansion, this item and the rest are refused (413)
-            budget = limit = self._config.limits.max_request_expansion
+            # past the budget, this item and the rest are refused (413) and not built
+            budget = Expansion(self._config.limits.max_request_expansion)
             for i, item in enumerate(batch.emails):
-                over = ApiError(413, f"the batch's messages come to more than {limit} octets "
-                                "([limits] max_request_expansion)", param=f"emails[{i}]")
                 try:
-                    if budget < 0:
-                        raise over
+                    budget.check(f"emails[{i}]")
                     message = self._prepare(parse(SendEmail, item, prefix=f"emails[{i}]"), key)
-                    budget -= message.size or len(message.body)
-                    if budget < 0:
-                        raise over
+                    budget.spend(message, f"emails[{i}]")
                     await self._checked(message)
                 except ApiError as exc:
                     failed[i] = _error_body(exc, f"emails[{i}]")

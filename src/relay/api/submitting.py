@@ -57,3 +57,23 @@ async def store_call(call: Awaitable[T]) -> T:
     except StoreError as exc:
         raise ApiError(503, f"the queue cannot take mail now: {exc}", type="internal_error",
                        headers={"Retry-After": "5"}) from None
+
+
+class Expansion:
+    """What one request's built messages come to, held to [limits] max_request_expansion:
+    {{var}}s and one message per recipient can make a small request build far more than
+    it carries. Past the limit, 413 naming `param`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def check(self, param: str) -> None:
+        """413 once the limit is spent: nothing more is built."""
+        if self.left < 0:
+            raise ApiError(413, f"the request's messages come to more than {self.limit} "
+                           "octets ([limits] max_request_expansion)", param=param)
+
+    def spend(self, message: NewMessage, param: str) -> None:
+        self.left -= message.size or len(message.body)
+        self.check(param)

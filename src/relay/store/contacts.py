@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import owners
+from ..errors import ValidationError
 from ..owners import Within
 from ..types import Contact
 from .thread import SQLiteThread
@@ -28,6 +29,7 @@ class ContactChange:
     data: dict[str, Any] = field(default_factory=dict)  # set these fields
     remove: tuple[str, ...] = ()  # and delete these
     owner: tuple[str, ...] = ()  # whose contact: the caller's key's domains (() = relay)
+    max_data: int | None = None  # octets of the contact's data as JSON, once merged
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +137,7 @@ def _upsert(db: sqlite3.Connection, change: ContactChange, now: float) -> Upsert
                           data=data, created_at=now, updated_at=now,
                           owner=owners.decode(owner))
         db.execute(f"INSERT INTO contacts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (contact.id, contact.email, int(contact.subscribed), json.dumps(data),
+                   (contact.id, contact.email, int(contact.subscribed), _stored(data, change),
                     now, now, owner))
         return Upserted(contact=contact, created=True)
     old = _contact(row)
@@ -146,11 +148,22 @@ def _upsert(db: sqlite3.Connection, change: ContactChange, now: float) -> Upsert
     if data == old.data and subscribed == old.subscribed:
         return Upserted(contact=old, created=False)
     db.execute("UPDATE contacts SET subscribed = ?, data = ?, updated_at = ? WHERE id = ?",
-               (int(subscribed), json.dumps(data), now, old.id))
+               (int(subscribed), _stored(data, change), now, old.id))
     return Upserted(contact=Contact(id=old.id, email=old.email, subscribed=subscribed,
                                     data=data, created_at=old.created_at, updated_at=now,
                                     owner=old.owner),
                     created=False)
+
+
+def _stored(data: dict[str, Any], change: ContactChange) -> str:
+    """The data as stored, held to the change's limit once merged: it fills every later
+    send's variables, so field after field must not grow it without bound."""
+    text = json.dumps(data)
+    if change.max_data is not None and len(text) > change.max_data:
+        raise ValidationError(f"the contact's data would be {len(text)} octets as JSON; at "
+                              f"most {change.max_data} ([limits] max_metadata_size)",
+                              param="data")
+    return text
 
 
 def _contact(row: tuple[Any, ...]) -> Contact:

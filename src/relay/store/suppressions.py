@@ -94,10 +94,8 @@ class SuppressionQueries:
             # a contact has one subscription state (Plunk's): leaving any list of its
             # owner's leaves it
             db.execute("UPDATE contacts SET subscribed = 0, updated_at = ?"
-                       " WHERE email = ? AND subscribed = 1 AND (owner = '[]' OR EXISTS ("
-                       " SELECT 1 FROM json_each(owner) o WHERE o.value = ?"
-                       " OR substr(?, -length(o.value) - 1) = '.' || o.value))",
-                       (now, address, scope, scope))
+                       " WHERE email = ? AND subscribed = 1 AND"
+                       f" {owners.covered_sql('owner', '?')}", (now, address, scope, scope))
             return address, scope
 
         done: tuple[str, str] | None = await self._write(op)

@@ -102,10 +102,8 @@ class WebhookQueries:
             return db.execute(
                 "INSERT INTO webhook_outbox (endpoint_id, event_id, next_attempt_at, created_at)"
                 " SELECT w.id, e.id, ?, ? FROM webhook_endpoints w, events e"
-                " WHERE w.id = ? AND e.id = ? AND (w.owner = '[]' OR EXISTS ("
-                " SELECT 1 FROM messages m, json_each(w.owner) o WHERE m.id = e.message_id"
-                " AND (m.sender_domain = o.value"
-                " OR substr(m.sender_domain, -length(o.value) - 1) = '.' || o.value)))",
+                " LEFT JOIN messages m ON m.id = e.message_id WHERE w.id = ? AND e.id = ?"
+                f" AND {owners.covered_sql('w.owner', 'm.sender_domain')}",
                 (now, now, endpoint_id, event_id)).rowcount == 1
 
         done: bool = await self._write(op)

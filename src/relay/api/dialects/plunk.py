@@ -55,7 +55,7 @@ from ..parts import checked_headers, decode_attachments
 from ..request_ids import REQUEST_ID
 from ..requests import Handler, json_body, parse
 from ..schemas import Address, AttachmentIn, HeaderName, HeaderValue, Strict
-from ..submitting import check_broadcast, prepare
+from ..submitting import Expansion, check_broadcast, prepare
 from ..views import iso
 
 MAX_RECIPIENTS = 100
@@ -151,10 +151,10 @@ class PlunkApi:
             max_total=min(MAX_ATTACHMENTS_SIZE, self._config.limits.max_attachments_size))
         each = sum(len(a.content) for a in attachments) + len(m.body or "") + \
             len(m.subject or "")
-        budget = self._config.limits.max_request_expansion
-        if each * len(recipients) > budget:
+        budget = Expansion(self._config.limits.max_request_expansion)
+        if each * len(recipients) > budget.limit:
             raise ApiError(413, f"{len(recipients)} recipients x {each} octets each come to "
-                           f"more than {budget} ([limits] max_request_expansion); send "
+                           f"more than {budget.limit} ([limits] max_request_expansion); send "
                            "fewer recipients per request", param="to")
         now = time.time()
         changes, messages, skipped = [], {}, {}
@@ -166,18 +166,15 @@ class PlunkApi:
             subscribed = m.subscribed if m.subscribed is not None else \
                 bool(found and found.subscribed)
             changes.append(ContactChange(email=mb.email, subscribed=m.subscribed,
-                                         data=kept, remove=removed, owner=key.domains))
+                                         data=kept, remove=removed, owner=key.domains,
+                                         max_data=self._config.limits.max_metadata_size))
             if stream is Stream.BROADCAST and not subscribed:
                 skipped[mb.email] = "unsubscribed"
                 continue
             sub = self._submission(m, key, template, stream, mb, default_from,
                                    {**contact_data, **send_only}, attachments)
             message = prepare(self._submitter, sub)
-            budget -= message.size or len(message.body)
-            if budget < 0:  # a template's {{var}}s made them larger than the request said
-                raise ApiError(413, "the recipients' messages come to more than "
-                               f"{self._config.limits.max_request_expansion} octets "
-                               "([limits] max_request_expansion)", param="to")
+            budget.spend(message, "to")  # a template's {{var}}s may make them larger
             if not await self._submitter.will_sign(message):  # Plunk: a verified domain only
                 raise ApiError(422, f"{message.sender_domain or 'the sender'} is not a verified "
                                "sending domain of this relay (relay domains add)", param="from")
@@ -262,7 +259,8 @@ class PlunkApi:
         email = mailbox(m.email, "email").email
         kept, send_only, removed = split_data(m.data)
         change = ContactChange(email=email, subscribed=m.subscribed, subscribed_if_new=True,
-                               data=kept, remove=removed, owner=key.domains)
+                               data=kept, remove=removed, owner=key.domains,
+                               max_data=self._config.limits.max_metadata_size)
         now = time.time()
         done, event_id = await self._store_call(self._store.track_contact_event(
             change, m.event, {**kept, **send_only}, now))
