@@ -25,7 +25,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("relay.delivery",),  # scheduler, render, DKIM, outbound SMTP, worker processes
     ("relay.smtp",),  # the listeners (inbound reports go to feedback)
     ("relay.api",),  # the JSON APIs
-    ("relay.domains", "relay.service"),  # sending domains' management; the wiring
+    # sending domains' management; the pruner; the wiring
+    ("relay.domains", "relay.retention", "relay.service"),
     ("relay.cli",),  # the command
 )
 

@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .feedback import webhooks_mailchannels
 from .feedback.tracking import Tokens, load_key
 from .feedback.webhooks import WebhookDispatcher
+from .retention import Pruner
 from .smtp.handler import RelayHandler
 from .smtp.inbound import Inbound
 from .smtp.server import make_server_factory
@@ -49,6 +50,7 @@ class Service:
     scheduler: Scheduler | None = field(init=False, default=None)  # delivery in this process
     worker: WorkerProcess | None = field(init=False, default=None)  # or in its own
     lock: DataDirLock = field(init=False)
+    pruner: Pruner | None = field(init=False, default=None)  # [retention], every interval
 
     def __post_init__(self) -> None:
         self.lock = DataDirLock(self.config.server.data_dir)
@@ -96,6 +98,8 @@ class Service:
             self.submitter.on_queued.append(self.webhooks.notify)
             if not self.config.delivery.paused:
                 await self._start_delivery()
+            self.pruner = Pruner(self.config.retention, self.store)
+            self.pruner.start()
         except BaseException:
             await self.stop()
             raise
@@ -151,6 +155,9 @@ class Service:
                               f"cannot load the certificate and key: {exc}") from None
 
     async def stop(self) -> None:
+        if self.pruner is not None:
+            await self.pruner.stop()
+            self.pruner = None
         for server in self.servers:
             server.close()
         if self.api_server is not None:

@@ -31,6 +31,7 @@ from .idempotency import Answer, Claim, Idempotency, replay
 from .mailboxes import mailbox, mailboxes, unique
 from .owned import found_message, owned_message
 from .parts import checked_headers, decode_attachments
+from .pruned import raise_if_pruned
 from .requests import address_param, int_param, json_body, parse
 from .schemas import SendBatch, SendEmail
 from .submitting import Expansion, check_broadcast, prepare, store_call, suppressed_error
@@ -167,6 +168,7 @@ class NativeApi:
         await owned_message(self._store, key, message_id)
         stored = await self._store.get_outgoing(message_id)
         if stored is None:
+            await raise_if_pruned(self._store, message_id)
             raise ApiError(404, f"no email {message_id}", param="id")
         raw = compose.materialize(stored.body, stored.kind)
         parsed = email.message_from_bytes(raw)

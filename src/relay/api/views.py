@@ -43,4 +43,6 @@ def message_json(d: MessageDetail, *, full: bool = False) -> dict[str, Any]:
                            for a in d.attempts]
         out["events"] = [{"type": e.type, "at": iso(e.created_at), "recipient": e.recipient_id,
                           "data": e.data} for e in d.events]
+        # [retention] dropped the body: the history stays, the content is gone
+        out["bodyPrunedAt"] = iso(d.body_pruned_at) if d.body_pruned_at is not None else None
     return out

@@ -32,6 +32,7 @@ from ..types import SCOPES
 from . import bounces as cli_bounces
 from . import contacts as cli_contacts
 from . import domains as cli_domains
+from . import prune as cli_prune
 from . import suppressions as cli_suppressions
 from . import templates as cli_templates
 from . import webhooks as cli_webhooks
@@ -117,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_templates.add_parsers(sub, common)
     cli_contacts.add_parsers(sub, common)
     cli_bounces.add_parsers(sub, common)
+    cli_prune.add_parsers(sub, common)
 
     q = Subparsers(sub.add_parser("queue", help="the mail queue").add_subparsers(
         metavar="ACTION"), common)
@@ -310,6 +312,8 @@ def cmd_queue_show(args: argparse.Namespace, config: Config) -> int:
     for label in ("id", "status", "createdAt", "from", "headerFrom", "subject", "size", "tags"):
         print(f"{label:>11}: {data[label]}")
     print(f"{'returnPath':>11}: {data['returnPath']['mode']} ({data['returnPath']['note']})")
+    if data["bodyPrunedAt"]:
+        print(f"{'body':>11}: pruned at {data['bodyPrunedAt']} ([retention] bodies_days)")
     print()
     table([("RECIPIENT", "STATUS", "ATTEMPTS", "NEXT", "LAST REPLY")] + [
         (r["email"], r["status"], str(r["attempts"]), r["nextAttemptAt"] or "",

@@ -25,6 +25,22 @@ def check_positive(value: float) -> int | float:
     return value
 
 
+def check_non_negative(value: float) -> int | float:
+    if value < 0:
+        raise ValueError("must be zero or more")
+    return value
+
+
+def at_most(limit: int) -> Callable[[int], int]:
+    """A positive integer no greater than `limit` (a bound on one step's work)."""
+    def check(value: int) -> int:
+        if not 0 < value <= limit:
+            raise ValueError(f"must be 1..{limit}; got {value}")
+        return value
+
+    return check
+
+
 def one_of(*choices: str) -> Callable[[str], str]:
     def check(value: str) -> str:
         if value not in choices:

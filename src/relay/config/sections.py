@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checks import (
+    at_most,
     check_address,
     check_domain,
     check_hostport,
     check_label,
     check_mailbox,
     check_nameserver,
+    check_non_negative,
     check_optional_domain,
     check_port,
     check_positive,
@@ -180,6 +182,22 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RetentionConfig:
+    # days after a message's final state (every recipient delivered, bounced, expired,
+    # suppressed or cancelled) that its body goes, and then the whole message with its
+    # recipients, attempts and events; 0 keeps them forever (retention.py)
+    bodies_days: float = field(default=7.0, metadata=meta(check_non_negative))
+    messages_days: float = field(default=30.0, metadata=meta(check_non_negative))
+    # days a webhook delivery is kept once delivered or given up
+    webhook_outbox_days: float = field(default=7.0, metadata=meta(check_non_negative))
+    # days a contact's events are kept (Plunk's track); 0 = forever
+    contact_events_days: float = field(default=0.0, metadata=meta(check_non_negative))
+    # rows looked at per transaction, and seconds between two passes
+    batch_size: int = field(default=500, metadata=meta(at_most(10000)))
+    interval: float = field(default=300.0, metadata=meta(check_positive))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
@@ -191,6 +209,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     @property

@@ -95,6 +95,7 @@ class MessageDetail:
     attempts: tuple[Attempt, ...] = ()
     events: tuple[Event, ...] = ()
     body: bytes | None = None  # only when asked for
+    body_pruned_at: float | None = None  # when retention dropped the body (store/retention.py)
 
 
 @dataclass(frozen=True, kw_only=True)

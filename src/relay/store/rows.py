@@ -184,5 +184,7 @@ def load_detail_sync(db: sqlite3.Connection, message_id: str,
         found = db.execute("SELECT data, kind FROM bodies WHERE message_id = ?",
                            (message_id,)).fetchone()
         body = with_parts(db, bytes(found[0]), found[1]) if found else None
+    pruned = db.execute("SELECT body_pruned_at FROM messages WHERE id = ?",
+                        (message_id,)).fetchone()[0]
     return MessageDetail(message=message_row(row, recipients), recipients=recipients,
-                         attempts=attempts, events=events, body=body)
+                         attempts=attempts, events=events, body=body, body_pruned_at=pruned)

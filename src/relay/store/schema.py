@@ -313,6 +313,24 @@ MIGRATIONS: tuple[str, ...] = (
         DELETE FROM parts WHERE id = OLD.part_id;
     END;
     """,
+    # 15: retention (store/retention.py): when a message's body was pruned, and the indexes
+    # that make each prune batch a range scan: messages still holding a body, by age; an
+    # outbox row by its event, by delivery, or given up by age; old idempotency keys,
+    # contact events and unmatched reports; attempts by recipient (the cascade's lookup)
+    """
+    ALTER TABLE messages ADD COLUMN body_pruned_at REAL;
+    CREATE INDEX messages_with_body ON messages(created_at, id) WHERE body_pruned_at IS NULL;
+    CREATE INDEX webhook_outbox_event ON webhook_outbox(event_id);
+    CREATE INDEX webhook_outbox_delivered ON webhook_outbox(delivered_at)
+        WHERE delivered_at IS NOT NULL;
+    CREATE INDEX webhook_outbox_given_up ON webhook_outbox(created_at)
+        WHERE delivered_at IS NULL AND next_attempt_at IS NULL;
+    CREATE INDEX idempotency_created ON idempotency(created_at);
+    CREATE INDEX contact_events_created ON contact_events(created_at);
+    CREATE INDEX inbound_reports_unmatched ON inbound_reports(received_at)
+        WHERE message_id IS NULL;
+    CREATE INDEX attempts_recipient ON attempts(recipient_id);
+    """,
 )
 
 

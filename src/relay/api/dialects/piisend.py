@@ -28,6 +28,7 @@ from ..errors import ApiError
 from ..idempotency import Answer, Claim, Idempotency, replay
 from ..mailboxes import mailbox, mailboxes, unique
 from ..owned import found_message
+from ..pruned import raise_if_pruned
 from ..requests import int_param, json_body, parse
 from ..submitting import commit, prepare, store_call
 from .common import in_shape, named, reshaped
@@ -229,6 +230,7 @@ class PiiSendApi:
         detail = await found_message(self._store, key, request.match_info["id"])
         stored = await self._store.get_outgoing(detail.message.id)
         if stored is None:
+            await raise_if_pruned(self._store, detail.message.id)
             raise ApiError(404, f"no email {detail.message.id}", param="id")
         m = detail.message
         opens, clicks = await self._store.tracking_of(m.id)
