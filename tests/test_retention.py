@@ -33,10 +33,10 @@ RAW = b"From: a@example.com\r\nSubject: hi\r\n\r\nbody\r\n"
 
 
 def message(created_at: float, **kw: Any) -> NewMessage:
-    fields: dict[str, Any] = dict(
-        id=new_message_id(created_at), created_at=created_at, mail_from="a@example.com",
-        recipients=(NewRecipient(address="b@example.org", domain="example.org"),),
-        body=RAW, source="smtp")
+    fields: dict[str, Any] = {
+        "id": new_message_id(created_at), "created_at": created_at,
+        "mail_from": "a@example.com", "body": RAW, "source": "smtp",
+        "recipients": (NewRecipient(address="b@example.org", domain="example.org"),)}
     fields.update(kw)
     return NewMessage(**fields)
 
