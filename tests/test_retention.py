@@ -93,6 +93,7 @@ def pruner(store: SQLiteStore, **kw: Any) -> Pruner:
 async def test_old_final_messages_lose_their_body_then_go_and_the_rest_stays(
         store: SQLiteStore) -> None:
     gone = await delivered(store, NOW - 41 * DAY, NOW - 40 * DAY,
+                           parts=(("sha256-of-its-own-part", b"z" * 100),),
                            dkim=GivenDkimKey(domain="example.com", selector="s",
                                              private_key="secret"))
     bodiless = await final(store, NOW - 11 * DAY, NOW - 10 * DAY)
@@ -105,14 +106,18 @@ async def test_old_final_messages_lose_their_body_then_go_and_the_rest_stays(
     await store.hold(held.id, "test", NOW - 39 * DAY)
     scheduled = message(NOW - 40 * DAY, scheduled_at=NOW + DAY)
     await store.enqueue(scheduled)
+    assert count(store, "attempts", "message_id = ?", gone) == 1
+    assert count(store, "parts") == 1
 
     result = await pruner(store).run_pass()
 
     assert result.counts["messages"] == 1
     assert result.counts["bodies"] == 1
     assert await store.get_message(gone) is None
-    for table in ("recipients", "attempts", "events", "bodies", "message_dkim"):
+    for table in ("recipients", "attempts", "events", "bodies", "message_dkim",
+                  "message_parts"):
         assert count(store, table, "message_id = ?", gone) == 0, table
+    assert count(store, "parts") == 0  # the trigger ran on the cascade too
     # the body went, the history stayed, and says when the body went
     kept = await store.get_message(bodiless)
     assert kept is not None and kept.recipients and kept.events

@@ -85,17 +85,19 @@ class RetentionQueries:
                              dry_run: bool = False) -> Step:
         """Delete whole messages final before `before`: recipients, attempts, events, their
         webhook deliveries, matched reports, body, parts no other message names."""
-        return await self._prune(partial(_messages_batch, before=before, after=after,
-                                         limit=limit, dry_run=dry_run), dry_run)
+        step: Step = await self._prune(partial(_messages_batch, before=before, after=after,
+                                               limit=limit, dry_run=dry_run), dry_run)
+        return step
 
     async def prune_bodies(self, *, before: float, now: float, after: Key = START, limit: int,
                            dry_run: bool = False, unless_before: float | None = None) -> Step:
         """Drop the bodies of messages final before `before` (and a DKIM key given with
         one), marking when. A dry run leaves out messages final before `unless_before`:
         the messages step would have deleted them whole."""
-        return await self._prune(partial(_bodies_batch, before=before, now=now, after=after,
-                                         limit=limit, dry_run=dry_run,
-                                         unless_before=unless_before), dry_run)
+        step: Step = await self._prune(partial(_bodies_batch, before=before, now=now,
+                                               after=after, limit=limit, dry_run=dry_run,
+                                               unless_before=unless_before), dry_run)
+        return step
 
     async def prune_rows(self, kind: str, *, before: float, limit: int,
                          dry_run: bool = False) -> int:
