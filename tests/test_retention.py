@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -344,16 +345,23 @@ async def test_the_api_keeps_answering_while_a_pass_runs(service: Service, api: 
     assert answered_during >= 3  # accepts went in between the batches
 
 
-async def test_the_service_prunes_every_interval_and_stops_promptly(tmp_path: Path) -> None:
+async def test_the_service_prunes_every_interval_and_stops_promptly(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay.retention")
     config = make_config(tmp_path, retention=RetentionConfig(interval=0.05))
     svc = Service(config)
     await svc.start()
     try:
         old = await final(svc.store, time.time() - 41 * DAY, time.time() - 40 * DAY)
+        def logged() -> bool:  # one line per pass, with its counts
+            return any(r.getMessage().startswith("retention pass: pruned messages 1, bodies 0,")
+                       for r in caplog.records)
+
         for _ in range(200):
-            if await svc.store.get_message(old) is None:
+            if logged():
                 break
             await asyncio.sleep(0.05)
+        assert logged()
         assert await svc.store.get_message(old) is None
     finally:
         started = time.monotonic()
