@@ -14,7 +14,7 @@ def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("prune", help="apply [retention] now: one pass, counts printed")
     s.add_argument("--dry-run", action="store_true",
                    help="count what a pass would prune; change nothing")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="the counts as one JSON object")
     s.set_defaults(func=cmd_prune)
 
 
