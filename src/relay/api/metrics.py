@@ -20,7 +20,6 @@ import logging
 import time
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import metrics
 from ..config import Config, parse_hostport
@@ -34,6 +33,9 @@ log = logging.getLogger(__name__)
 
 CACHE_SECONDS = 1.0
 PATH = "/metrics"
+# what generate_latest writes (relay's names are all classic ones); newer prometheus_client
+# calls it 1.0.0, which Prometheus 2 does not know, while every Prometheus reads 0.0.4
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Scrape:
@@ -101,7 +103,7 @@ class MetricsRoute:
             log.warning("metrics: the store cannot be read: %s", exc)
             return ApiError(503, "the queue cannot be read just now",
                             type="unavailable").response()
-        return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE})
 
 
 def add_route(app: web.Application, config: Config, store: SQLiteStore) -> None:
