@@ -30,8 +30,8 @@ from .conftest import free_port, make_config, run_relay
 from .dnsserver import DNSServer
 from .sink import Sink
 
-FAST = dict(retry_min=0.2, retry_max=0.5, connect_timeout=2.0, command_timeout=5.0,
-            session_idle=0.5, process=False)
+FAST: dict[str, Any] = {"retry_min": 0.2, "retry_max": 0.5, "connect_timeout": 2.0,
+                        "command_timeout": 5.0, "session_idle": 0.5, "process": False}
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
