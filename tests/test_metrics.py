@@ -363,3 +363,37 @@ async def test_a_real_relay_process_shows_its_workers_deliveries(
     assert value(now, "relay_delivery_attempt_seconds_count", outcome="delivered") == 1
     assert value(now, "relay_store_commit_seconds_count", process="worker") >= 1
     assert value(now, "relay_store_commit_seconds_count", process="master") >= 1
+
+
+async def test_counters_survive_a_restart_of_the_worker(tmp_path: Path, dns: DNSServer) -> None:
+    async with Sink() as sink:
+        dns.add("example.org", "MX", "10 mx.example.org.")
+        dns.add("mx.example.org", "A", "127.0.0.1")
+        svc, key = await start(
+            tmp_path, delivery=DeliveryConfig(mx_port=sink.port, **{**FAST, "process": True}),
+            dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0))
+        try:
+            base = base_of(svc)
+            before = await samples(base)
+
+            def delivered(s: Samples) -> float:
+                return value(s, "relay_deliveries_total", outcome="delivered",
+                             domain="example.org") - value(
+                    before, "relay_deliveries_total", outcome="delivered", domain="example.org")
+
+            async def counted(n: int) -> bool:
+                return delivered(await samples(base)) == n
+
+            await send(base, key, SIMPLE)
+            await until(lambda: counted(1))
+            assert svc.worker is not None
+            old = svc.worker._proc  # the test kills the process the master supervises
+            assert old is not None
+            old.kill()
+            await old.wait()
+            assert await counted(1)  # the dead worker's count stays
+            await send(base, key, SIMPLE)  # delivered by the new worker
+            await until(lambda: counted(2))
+        finally:
+            await svc.stop()
+    assert len(sink.delivered_to("bob@example.org")) == 2
