@@ -26,7 +26,7 @@ from relay.service import Service
 from relay.types import WebhookEndpoint
 
 from .apiutil import SIMPLE
-from .conftest import free_port, make_config, run_relay
+from .conftest import free_port, make_config, run_relay, wait_port
 from .dnsserver import DNSServer
 from .sink import Sink
 
@@ -349,6 +349,7 @@ async def test_a_real_relay_process_shows_its_workers_deliveries(
                          "t", "--json")
         key = json.loads(made.stdout)["key"]
         await asyncio.to_thread(relay_process, toml, smtp)
+        await asyncio.to_thread(wait_port, api)  # the API starts just after SMTP
         base = f"http://127.0.0.1:{api}"
         await send(base, key, SIMPLE)
         await sink.wait_for(lambda s: len(s.delivered_to("bob@example.org")) == 1)
