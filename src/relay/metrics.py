@@ -211,7 +211,7 @@ def exposition(gauges: Gauges, remotes: Iterable[Snapshot] = ()) -> bytes:
     total = snapshot()
     for snap in remotes:
         total = add(total, snap)
-    families = []
+    families: list[Metric] = []
     for name, typ, doc, samples in total:
         family = Metric(name, doc, typ)
         for sample, labels, value in samples:
@@ -248,7 +248,8 @@ def parse_snapshot(data: bytes | str) -> Snapshot:
                             for k, v in sample[1].items())
                     and isinstance(sample[2], (int, float))):
                 raise ValueError("a sample is [name, labels, value]")
-    return snap
+    checked: Snapshot = snap
+    return checked
 
 
 def json_line(snap: Snapshot) -> bytes:

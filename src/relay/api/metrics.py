@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 CACHE_SECONDS = 1.0
 PATH = "/metrics"
-# what generate_latest writes (relay's names are all classic ones); newer prometheus_client
-# calls it 1.0.0, which Prometheus 2 does not know, while every Prometheus reads 0.0.4
+# the classic text format, which generate_latest writes for relay's (all classic) names and
+# every Prometheus and scraper reads; newer prometheus_client labels the same text 1.0.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 

@@ -108,6 +108,8 @@ def check_listen(value: str) -> str:
 
 
 def check_require_key(value: Any) -> bool | str:
-    if isinstance(value, bool) or value == "auto":
+    if isinstance(value, bool):
         return value
+    if value == "auto":
+        return "auto"
     raise ValueError(f'must be true, false or "auto"; got {value!r}')

@@ -13,7 +13,7 @@ from ..types import RecipientStatus
 def observe(outcomes: Sequence[Outcome], recipients: Sequence[DueRecipient]) -> None:
     """Count outcomes once they are committed (a failed commit is tried again: not counted)."""
     by_id = {r.id: r for r in recipients}
-    seen = []
+    seen: list[metrics.Observed] = []
     for o in outcomes:
         r = by_id.get(o.recipient_id)
         queued = None

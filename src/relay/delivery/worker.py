@@ -54,7 +54,7 @@ async def serve(args: WorkerArgs, wake_fd: int, metrics_fd: int | None = None) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)  # `kill -USR1`: what is it waiting on?
-    sending = None
+    sending: asyncio.Task[None] | None = None
     if metrics_fd is not None:
         sending = asyncio.create_task(metricspipe.send(metrics_fd), name="metrics")
     try:
