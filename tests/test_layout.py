@@ -18,7 +18,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # the values and rules everything shares
     ("relay.types", "relay.errors", "relay.aio", "relay.owners", "relay.clients",
      "relay.timefmt", "relay.addresses", "relay.config", "relay.tlsutil", "relay.rawmail",
-     "relay.compose", "relay.templates", "relay.dkimkeys", "relay.datadir"),
+     "relay.compose", "relay.templates", "relay.dkimkeys", "relay.datadir",
+     "relay.metrics"),
     ("relay.store",),  # the queue: the only SQL
     ("relay.keys", "relay.submit"),  # API keys; the one way into the queue
     ("relay.feedback",),  # what comes back: bounces, reports, tracking, webhooks

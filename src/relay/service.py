@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from . import metrics
+from .api import metrics as api_metrics
 from .api.app import CONNECTIONS, make_app
 from .config import Config, ListenerConfig
 from .datadir import DataDirLock
@@ -51,6 +53,9 @@ class Service:
     worker: WorkerProcess | None = field(init=False, default=None)  # or in its own
     lock: DataDirLock = field(init=False)
     pruner: Pruner | None = field(init=False, default=None)  # [retention], every interval
+    worker_metrics: metrics.Remote = field(init=False, default_factory=metrics.Remote)
+    metrics_runner: web.AppRunner | None = field(init=False, default=None)
+    metrics_bound: tuple[str, int] | None = None  # (address, port) of [metrics] address
 
     def __post_init__(self) -> None:
         self.lock = DataDirLock(self.config.server.data_dir)
@@ -69,6 +74,7 @@ class Service:
             self.lock.release()
             raise
         load_key(self.config.server.data_dir)  # made once, before any process needs it
+        metrics.configure(process="master", domains=self.config.metrics.domains)
         inbound = Inbound(self.config, self.store, self.submitter,
                           Tokens(load_key(self.config.server.data_dir)))
         try:
@@ -91,6 +97,7 @@ class Service:
                 log.info("SMTP %s listener on %s:%s (tls %s)", listener.mode,
                          *self.bound[-1], listener.tls)
             await self._start_api()
+            await self._start_metrics()
             self.webhooks = WebhookDispatcher(
                 self.config.webhooks, self.store,
                 signer=webhooks_mailchannels.Signer.load(self.config.server.data_dir))
@@ -127,9 +134,18 @@ class Service:
         self.api_bound = self.api_server.sockets[0].getsockname()[:2]
         log.info("HTTP API on %s:%s", *self.api_bound)
 
+    async def _start_metrics(self) -> None:
+        app = self.api_runner.app if self.api_runner is not None else None
+        scrape = app[api_metrics.SCRAPE] if app is not None else api_metrics.Scrape(self.store)
+        scrape.remotes.append(self.worker_metrics)
+        own = await api_metrics.serve_own(self.config, self.store, scrape)
+        if own is not None:
+            self.metrics_runner, self.metrics_bound = own
+
     async def _start_delivery(self) -> None:
         if self.config.delivery.process:
-            self.worker = WorkerProcess(WorkerArgs(self.config, tuple(self.bound)))
+            self.worker = WorkerProcess(WorkerArgs(self.config, tuple(self.bound)),
+                                        self.worker_metrics)
             await self.worker.start()
             self.submitter.on_queued.append(self.worker.poke)
         else:
@@ -166,6 +182,9 @@ class Service:
         if self.api_runner is not None:
             await self.api_runner.cleanup()
             self.api_runner = None
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
+            self.metrics_runner = None
         if self.webhooks is not None:
             await self.webhooks.stop()
             self.webhooks = None

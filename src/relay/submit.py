@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import orjson
 
-from . import compose, dkimkeys, rawmail
+from . import compose, dkimkeys, metrics, rawmail
 from .addresses import a_label, normalize_address, normalize_domain, self_and_parents
 from .config import Config
 from .errors import ValidationError
@@ -120,6 +120,7 @@ class Submitter:
         await self.check_broadcast(message)
         result = await self._store.enqueue(message)
         if not result.duplicate:
+            metrics.accepted(message.source)
             self.notify_queued()
         return result
 
@@ -130,6 +131,8 @@ class Submitter:
         """Prepared messages and an idempotency key's answer in one transaction; when the key
         has an answer already, nothing is queued and that answer comes back."""
         results, existing = await self._store.enqueue_all(messages, claim, answer)
+        metrics.accepted(messages[0].source if messages else "api",
+                         sum(not r.duplicate for r in results))
         if results:
             self.notify_queued()
         return results, existing

@@ -325,6 +325,7 @@ SCOPES = (
     "keys:manage",
     "templates:manage",
     "contacts:manage",
+    "metrics:read",
 )
 
 

@@ -13,7 +13,7 @@ from ..feedback.tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_
 from ..feedback.webhooks_mailchannels import Signer
 from ..store import SQLiteStore
 from ..submit import Submitter
-from . import auth
+from . import auth, metrics
 from .connections import ConnectionGuard
 from .contacts import ContactsApi, UpsertContact
 from .dialects.mailchannels import MailChannelsApi
@@ -115,6 +115,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     app.add_routes(MailChannelsApi(config, store, submitter,
                                    Signer.load(config.server.data_dir)).routes())
     app.add_routes([web.get("/v1/openapi.json", openapi_handler)])
+    metrics.add_route(app, config, store)
     auth.check_routes(app)
     return app
 

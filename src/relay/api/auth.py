@@ -72,6 +72,8 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("POST", "/u/{token}"): PUBLIC,
     ("GET", "/o/{token}"): PUBLIC,
     ("GET", "/c/{token}"): PUBLIC,
+    # Prometheus (api/metrics.py asks for the key only where [metrics] require_key says)
+    ("GET", "/metrics"): "metrics:read",
 }
 
 

@@ -110,3 +110,22 @@ def meta(check: Callable[[Any], Any] | None = None, *, item: Callable[[Any], Any
          doc: str = "") -> dict[str, Any]:
     """A field's metadata: `check` for its value, `item` for each item of a list."""
     return {"check": check, "item": item, "doc": doc}
+
+
+METRICS_PORT = 9025  # [metrics] address without a port
+
+
+def check_listen(value: str) -> str:
+    """"" (nothing) or "ip[:port]" to listen on."""
+    if value:
+        host, _ = parse_hostport(value, default_port=METRICS_PORT)
+        ipaddress.ip_address(host)
+    return value
+
+
+def check_require_key(value: Any) -> bool | str:
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return "auto"
+    raise ValueError(f'must be true, false or "auto"; got {value!r}')

@@ -17,12 +17,14 @@ from .checks import (
     check_domain,
     check_hostport,
     check_label,
+    check_listen,
     check_mailbox,
     check_nameserver,
     check_non_negative,
     check_optional_domain,
     check_port,
     check_positive,
+    check_require_key,
     meta,
     one_of,
 )
@@ -198,6 +200,18 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    enabled: bool = True  # GET /metrics (Prometheus) on the API port
+    # "ip:port": also serve /metrics there, on a listener of its own; empty: only the API port
+    address: str = field(default="", metadata=meta(check_listen))
+    # true, false or "auto": a key with the metrics:read scope is needed unless the listener
+    # serving /metrics is bound to a loopback address
+    require_key: bool | str = field(default="auto", metadata=meta(check_require_key))
+    # destination domains with a label of their own (the first seen); the rest are "other"
+    domains: int = field(default=50, metadata=meta(check_positive))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
@@ -210,6 +224,7 @@ class Config:
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     @property

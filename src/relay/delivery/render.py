@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import compose, rawmail
+from .. import compose, metrics, rawmail
 from ..addresses import a_label, self_and_parents
 from ..config import DkimConfig
 from ..errors import StoreError, TemporaryFailure
@@ -112,6 +112,7 @@ class KeyRing:
                 except (OSError, dkim.KeyError_) as exc:
                     log.error("DKIM key %s of %s is unusable: %s", info.selector, info.domain,
                               exc)
+                    metrics.dkim_failure("key")
                     continue
             parsed[cache_key] = key
             by_domain.setdefault(info.domain, []).append(key)
@@ -157,6 +158,7 @@ class Renderer:
                 pending.append((i, *self._unsigned(job.message, smtputf8=job.smtputf8,
                                                    job=job)))
             except Exception as exc:  # noqa: BLE001 - the caller parks that one message
+                metrics.dkim_failure("render")
                 out[i] = exc
         rsa_items = [(key.key, digest) for _, u, _, _ in pending
                      for key, _, digest in u.fields if key.algorithm == "rsa-sha256"]
@@ -194,6 +196,7 @@ class Renderer:
             try:
                 out.append(self.render(job.message, smtputf8=job.smtputf8, job=job))
             except Exception as exc:  # noqa: BLE001 - the caller parks that one message
+                metrics.dkim_failure("render")
                 out.append(exc)
         return out
 

@@ -21,6 +21,7 @@ from ..store.delivery import AttemptRecord, DueRecipient, Outcome
 from ..types import EventType, RecipientStatus, Stream
 from .deliver import Deliverer
 from .mx import MXResolver
+from .observe import observe
 from .outbound import OutMessage, OutRecipient, Result, Target
 from .render import Job, Renderer
 
@@ -160,7 +161,7 @@ class Scheduler:
             # Each message's outcomes are committed as soon as its transaction ends, so a
             # crash repeats at most the messages in flight, never a whole session's worth.
             recorded.update(o.recipient_id for o in outcomes)
-            records.append(asyncio.create_task(self._record(outcomes)))
+            records.append(asyncio.create_task(self._record(outcomes, job.recipients)))
 
         async with sem:
             try:
@@ -177,7 +178,7 @@ class Scheduler:
         for message_id in set().union(*await asyncio.gather(*records)):
             await self._emit_report(message_id)
 
-    async def _record(self, outcomes: list[Outcome]) -> set[str]:
+    async def _record(self, outcomes: list[Outcome], due: list[DueRecipient]) -> set[str]:
         """Commit outcomes; returns the messages that now owe their sender a report."""
         if not outcomes:
             return set()
@@ -187,6 +188,7 @@ class Scheduler:
             log.exception("could not record %d outcomes; their leases will expire and they "
                           "will be tried again", len(outcomes))
             return set()
+        observe(outcomes, due)
         return {o.message_id for o in outcomes if o.dsn}
 
     async def _emit_report(self, message_id: str) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from .. import metrics
 from . import dkim
 from .child import die_with_parent
 
@@ -82,6 +83,7 @@ class SignerProcess:
                 self.remote += len(out)
                 return out
             except SignerGone as exc:
+                metrics.dkim_failure("signer")
                 log.warning("the DKIM signer process failed (%s); signing in the worker",
                             exc)
                 self._lost(pipe)

@@ -9,6 +9,8 @@ import os
 import pickle
 import sys
 
+from .. import metrics
+from . import metricspipe
 from .worker import WorkerArgs
 
 log = logging.getLogger(__name__)
@@ -17,8 +19,10 @@ RESTART_DELAY = 1.0
 
 
 class WorkerProcess:
-    def __init__(self, args: WorkerArgs) -> None:
+    def __init__(self, args: WorkerArgs, remote: metrics.Remote | None = None) -> None:
         self._args = args
+        self._remote = remote  # where the worker's metrics snapshots go (metricspipe.py)
+        self._metrics: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._wake_w: int | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -30,12 +34,18 @@ class WorkerProcess:
 
     async def _spawn(self) -> None:
         read_end, write_end = os.pipe()
+        metrics_r, metrics_w = os.pipe()
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relay.delivery.worker", str(read_end),
-                stdin=asyncio.subprocess.PIPE, pass_fds=(read_end,))
+                sys.executable, "-m", "relay.delivery.worker", str(read_end), str(metrics_w),
+                stdin=asyncio.subprocess.PIPE, pass_fds=(read_end, metrics_w))
+        except BaseException:
+            os.close(metrics_r)
+            raise
         finally:
             os.close(read_end)
+            os.close(metrics_w)
+        await self._receive_metrics(metrics_r)
         assert self._proc.stdin is not None
         self._proc.stdin.write(pickle.dumps(self._args))
         await self._proc.stdin.drain()
@@ -52,6 +62,18 @@ class WorkerProcess:
             return
         with contextlib.suppress(BlockingIOError, BrokenPipeError):
             os.write(self._wake_w, b"\0")  # a full pipe already means "wake up"
+
+    async def _receive_metrics(self, fd: int) -> None:
+        """Read the new worker's snapshots; what the last one counted is kept."""
+        if self._metrics is not None:
+            self._metrics.cancel()
+            await asyncio.gather(self._metrics, return_exceptions=True)
+        if self._remote is None:
+            os.close(fd)
+            return
+        self._remote.restarted()
+        self._metrics = asyncio.create_task(metricspipe.receive(fd, self._remote),
+                                            name="worker-metrics")
 
     async def _supervise(self) -> None:
         while not self._stopping:
@@ -79,3 +101,7 @@ class WorkerProcess:
         if self._wake_w is not None:
             os.close(self._wake_w)
             self._wake_w = None
+        if self._metrics is not None:
+            self._metrics.cancel()
+            await asyncio.gather(self._metrics, return_exceptions=True)
+            self._metrics = None

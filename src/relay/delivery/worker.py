@@ -17,7 +17,9 @@ import signal
 import sys
 from dataclasses import dataclass
 
+from .. import metrics
 from ..config import Config
+from . import metricspipe
 from .child import die_with_parent
 from .stack import delivery_stack
 
@@ -30,8 +32,8 @@ class WorkerArgs:
     own_listeners: tuple[tuple[str, int], ...]
 
 
-async def serve(args: WorkerArgs, wake_fd: int) -> None:
-
+async def serve(args: WorkerArgs, wake_fd: int, metrics_fd: int | None = None) -> None:
+    metrics.configure(process="worker", domains=args.config.metrics.domains)
     store, scheduler = delivery_stack(args.config, list(args.own_listeners))
     await store.open()
     stop = asyncio.Event()
@@ -52,10 +54,16 @@ async def serve(args: WorkerArgs, wake_fd: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)  # `kill -USR1`: what is it waiting on?
+    sending: asyncio.Task[None] | None = None
+    if metrics_fd is not None:
+        sending = asyncio.create_task(metricspipe.send(metrics_fd), name="metrics")
     try:
         await scheduler.start()
         await stop.wait()
     finally:
+        if sending is not None:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
         loop.remove_reader(wake_fd)
         await scheduler.stop()
         await store.close()
@@ -71,12 +79,13 @@ def _dump_tasks() -> None:
 def main() -> None:
     die_with_parent()
     wake_fd = int(sys.argv[1])
+    metrics_fd = int(sys.argv[2]) if len(sys.argv) > 2 else None
     args: WorkerArgs = pickle.load(sys.stdin.buffer)  # from our own master, over a pipe
     logging.basicConfig(level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
     if os.getppid() == 1:  # the master died before we could ask to die with it
         return
-    asyncio.run(serve(args, wake_fd))
+    asyncio.run(serve(args, wake_fd, metrics_fd))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import aiohttp
 import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from .. import metrics
 from ..aio import sleep_until_set
 from ..config import WebhooksConfig
 from ..store import SQLiteStore
@@ -266,6 +267,7 @@ class WebhookDispatcher:
         if error and d.attempts < len(SCHEDULE):
             delay = SCHEDULE[d.attempts] * self._config.retry_scale
             next_at = now + max(delay, min(retry_after or 0.0, 86400.0))
+        metrics.webhook_attempt(ok=error is None)
         await self._store.record_delivery(d, now=now, status=status, error=error,
                                           next_at=next_at, disable=disable)
 

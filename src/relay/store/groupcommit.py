@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import metrics
 from ..errors import StoreError
 from .thread import SQLiteThread
 
@@ -107,7 +109,9 @@ class GroupCommitWriter:
             _settle(fut, result=result)
 
     async def _transaction(self, works: list[Work]) -> list[Any]:
+        started = time.perf_counter()
         results: list[Any] = await self.conn.run(_transaction, works)
+        metrics.commit_took(time.perf_counter() - started)
         self.batches += 1
         self.operations += len(works)
         return results

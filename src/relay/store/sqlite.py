@@ -15,6 +15,7 @@ from ..owners import Within
 from ..types import ApiKey, GivenDkimKey, Recipient, SubmitResult
 from .base import MessageDetail, MessagePage, NewMessage, Outgoing
 from .contacts import ContactQueries
+from .counts import CountQueries
 from .delivery import DeliveryQueries
 from .domains import DomainQueries
 from .emails import EmailQueries
@@ -42,7 +43,7 @@ from .webhooks import WebhookQueries
 
 class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, EventQueries,
                   IdempotencyQueries, InboundQueries, SuppressionQueries, TemplateQueries,
-                  WebhookQueries, RetentionQueries):
+                  WebhookQueries, RetentionQueries, CountQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: SQLiteThread | None = None

@@ -1,0 +1,256 @@
+"""Prometheus metrics: what each process counts, and one exposition of them all.
+
+Each process (the master, the delivery worker) counts into REGISTRY, a CollectorRegistry of
+relay's own rather than prometheus_client's global one, so nothing a library registers there
+shows up as relay's, and nothing of relay's collides with it. The counters are module-level,
+as Prometheus instrumentation is: the places they count from (the store's writer, render,
+the scheduler) are deep, and a handle threaded through every constructor would say nothing
+more. Tests read differences, not absolute values.
+
+The worker's counts reach the master as snapshots (`snapshot()`: plain JSON-able samples,
+cumulative); `exposition()` adds them to the master's own samples of the same name and
+labels, and puts the gauges read from the store at scrape time beside them.
+
+Destination domains come from recipients' addresses, which anyone sending mail chooses: as
+label values they would grow without bound. `DomainLabels` gives the first `domains`
+distinct ones seen their own value and calls every later one "other"; first come rather
+than a moving top N, so a label never changes meaning while its counter is being summed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+OTHER = "other"
+SOURCES = ("smtp", "api", "dsn")  # Submission.source
+DEFAULT_DOMAINS = 50
+MAX_LABEL = 253  # the longest domain name
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# seconds: an SMTP attempt runs from milliseconds (a sink next door) to the command timeout
+ATTEMPT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# seconds from queued to delivered: at once, after a retry or two, or days later
+QUEUE_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0,
+                 86400.0, 5 * 86400.0)
+COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+ACCEPTED = Counter("relay_messages_accepted", "Messages committed to the queue, by the way "
+                   "they came in (smtp or api)", ["source"], registry=REGISTRY)
+DELIVERIES = Counter("relay_deliveries", "Recipient outcomes committed by the scheduler: "
+                     "delivered, deferred, bounced, expired, suppressed, failed; by "
+                     "destination domain (bounded: see [metrics] domains)",
+                     ["outcome", "domain"], registry=REGISTRY)
+ATTEMPT_SECONDS = Histogram("relay_delivery_attempt_seconds", "Duration of an SMTP "
+                            "delivery attempt of one recipient, by its outcome",
+                            ["outcome"], buckets=ATTEMPT_BUCKETS, registry=REGISTRY)
+QUEUE_SECONDS = Histogram("relay_delivery_queue_seconds", "Time from a message's queueing "
+                          "to a recipient's delivery", buckets=QUEUE_BUCKETS,
+                          registry=REGISTRY)
+WEBHOOK_ATTEMPTS = Counter("relay_webhook_attempts", "Webhook POSTs made, by result "
+                           "(delivered: a 2xx; failed: anything else, retried on schedule)",
+                           ["result"], registry=REGISTRY)
+DKIM_FAILURES = Counter("relay_dkim_failures", "DKIM trouble, by reason: key (a stored key "
+                        "could not be loaded), signer (the signer process failed; signed in "
+                        "the worker instead), render (a message could not be rendered and "
+                        "signed; it is parked as failed)", ["reason"], registry=REGISTRY)
+COMMIT_SECONDS = Histogram("relay_store_commit_seconds", "Duration of a group commit "
+                           "(one transaction and fsync), by process (master or worker)",
+                           ["process"], buckets=COMMIT_BUCKETS, registry=REGISTRY)
+
+# the statuses a recipient waits in; the final ones only grow and are counted above
+WAITING = ("scheduled", "queued", "deferred", "held", "failed")
+
+
+class DomainLabels:
+    """The label value of a destination domain: its own for the first `limit` distinct
+    domains seen, OTHER for the rest."""
+
+    def __init__(self, limit: int = DEFAULT_DOMAINS) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, domain: str) -> str:
+        domain = domain.lower().rstrip(".")[:MAX_LABEL] or OTHER
+        if domain in self._seen:
+            return domain
+        if len(self._seen) < self.limit:
+            self._seen.add(domain)
+            return domain
+        return OTHER
+
+
+@dataclass
+class Setup:
+    """How this process labels what it counts (set once at start by `configure`)."""
+
+    process: str = "master"
+    domains: DomainLabels = field(default_factory=DomainLabels)
+
+
+SETUP = Setup()
+
+
+def configure(*, process: str, domains: int = DEFAULT_DOMAINS) -> None:
+    """At a process's start (one service per process; tests start several, each afresh)."""
+    SETUP.process = process
+    SETUP.domains = DomainLabels(domains)
+
+
+# -- what the hooks call ---------------------------------------------------------------------
+
+
+def accepted(source: str, count: int = 1) -> None:
+    if count:
+        ACCEPTED.labels(source if source in SOURCES else OTHER).inc(count)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One committed recipient outcome, as the scheduler knows it."""
+
+    outcome: str
+    domain: str
+    attempt_seconds: float | None = None  # None: no SMTP attempt (suppressed, failed, ...)
+    queued_seconds: float | None = None  # only for delivered
+
+
+def observe(outcomes: Iterable[Observed]) -> None:
+    for o in outcomes:
+        DELIVERIES.labels(o.outcome, SETUP.domains(o.domain)).inc()
+        if o.attempt_seconds is not None:
+            ATTEMPT_SECONDS.labels(o.outcome).observe(max(0.0, o.attempt_seconds))
+        if o.queued_seconds is not None:
+            QUEUE_SECONDS.observe(max(0.0, o.queued_seconds))
+
+
+def webhook_attempt(ok: bool) -> None:
+    WEBHOOK_ATTEMPTS.labels("delivered" if ok else "failed").inc()
+
+
+def dkim_failure(reason: str) -> None:
+    DKIM_FAILURES.labels(reason).inc()
+
+
+def commit_took(seconds: float) -> None:
+    COMMIT_SECONDS.labels(SETUP.process).observe(seconds)
+
+
+# -- snapshots and the exposition -------------------------------------------------------------
+
+# [name, type, help, [[sample name, labels, value], ...]] per family: JSON as it is
+Snapshot = list[list[Any]]
+
+
+def snapshot(registry: CollectorRegistry = REGISTRY) -> Snapshot:
+    """This process's cumulative samples, without the `_created` ones (a timestamp: summing
+    two processes' would mean nothing)."""
+    return [[m.name, m.type, m.documentation,
+             [[s.name, dict(s.labels), s.value] for s in m.samples
+              if not s.name.endswith("_created")]]
+            for m in registry.collect()]
+
+
+def add(total: Snapshot, more: Snapshot) -> Snapshot:
+    """Two snapshots' samples summed by family, sample name and labels."""
+    families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]]
+    families = {}
+    for name, typ, doc, samples in [*total, *more]:
+        _, _, values = families.setdefault(name, (typ, doc, {}))
+        for sample, labels, value in samples:
+            key = (sample, tuple(sorted(labels.items())))
+            values[key] = values.get(key, 0.0) + float(value)
+    return [[name, typ, doc, [[s, dict(labels), v] for (s, labels), v in values.items()]]
+            for name, (typ, doc, values) in families.items()]
+
+
+@dataclass
+class Remote:
+    """The last snapshot of a process that sends them (the delivery worker). When it is
+    restarted its counts start again from zero: what the dead one had counted is kept in
+    `base`, so the counters the master shows never go down."""
+
+    base: Snapshot = field(default_factory=list)
+    last: Snapshot = field(default_factory=list)
+
+    def update(self, snap: Snapshot) -> None:
+        self.last = snap
+
+    def restarted(self) -> None:
+        self.base, self.last = add(self.base, self.last), []
+
+    def total(self) -> Snapshot:
+        return add(self.base, self.last)
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """What is read from the store at scrape time."""
+
+    queue: Mapping[str, int]  # recipients by waiting status
+    webhook_backlog: int  # webhook deliveries not yet made (due or waiting to retry)
+
+
+class _Families(Collector):
+    def __init__(self, families: Sequence[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families
+
+
+def exposition(gauges: Gauges, remotes: Iterable[Snapshot] = ()) -> bytes:
+    """The text exposition: this process's counts plus the remotes', and the gauges."""
+    total = snapshot()
+    for snap in remotes:
+        total = add(total, snap)
+    families: list[Metric] = []
+    for name, typ, doc, samples in total:
+        family = Metric(name, doc, typ)
+        for sample, labels, value in samples:
+            family.add_sample(sample, labels, value)
+        families.append(family)
+    queue = Metric("relay_queue_recipients", "Recipients waiting in the queue, by status",
+                   "gauge")
+    for status in WAITING:
+        queue.add_sample("relay_queue_recipients", {"status": status},
+                         float(gauges.queue.get(status, 0)))
+    backlog = Metric("relay_webhook_backlog", "Webhook deliveries not yet made (due now or "
+                     "waiting for a retry)", "gauge")
+    backlog.add_sample("relay_webhook_backlog", {}, float(gauges.webhook_backlog))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families([*families, queue, backlog]))
+    return generate_latest(registry)
+
+
+def parse_snapshot(data: bytes | str) -> Snapshot:
+    """A snapshot as `snapshot()` made it, checked: a bad one raises ValueError, so it can
+    never break the exposition."""
+    snap = json.loads(data)
+    if not isinstance(snap, list):
+        raise ValueError("a snapshot is a list")  # noqa: TRY004 - callers catch ValueError
+    for family in snap:
+        if not (isinstance(family, list) and len(family) == 4
+                and all(isinstance(x, str) for x in family[:3])
+                and isinstance(family[3], list)):
+            raise ValueError("a family is [name, type, help, samples]")
+        for sample in family[3]:
+            if not (isinstance(sample, list) and len(sample) == 3
+                    and isinstance(sample[0], str) and isinstance(sample[1], dict)
+                    and all(isinstance(k, str) and isinstance(v, str)
+                            for k, v in sample[1].items())
+                    and isinstance(sample[2], (int, float))):
+                raise ValueError("a sample is [name, labels, value]")
+    checked: Snapshot = snap
+    return checked
+
+
+def json_line(snap: Snapshot) -> bytes:
+    return json.dumps(snap, separators=(",", ":")).encode() + b"\n"
