@@ -325,6 +325,8 @@ SCOPES = (
     "keys:manage",
     "templates:manage",
     "contacts:manage",
+    # the relay-wide view (the dashboard, GET /v1/stats); only with a key without domains
+    "admin",
 )
 
 

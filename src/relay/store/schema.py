@@ -313,6 +313,11 @@ MIGRATIONS: tuple[str, ...] = (
         DELETE FROM parts WHERE id = OLD.part_id;
     END;
     """,
+    # 15: the dashboard's last-day outcomes, failures and bounce reasons (store/stats.py) read
+    # events by type and time
+    """
+    CREATE INDEX events_type_created ON events(type, created_at);
+    """,
 )
 
 

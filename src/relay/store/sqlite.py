@@ -33,6 +33,7 @@ from .rows import (
     with_parts,
 )
 from .schema import migrate
+from .stats import StatsQueries
 from .suppressions import SuppressionQueries, listed, screened
 from .templates import TemplateQueries
 from .thread import SQLiteThread
@@ -40,8 +41,8 @@ from .webhooks import WebhookQueries
 
 
 class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, EventQueries,
-                  IdempotencyQueries, InboundQueries, SuppressionQueries, TemplateQueries,
-                  WebhookQueries):
+                  IdempotencyQueries, InboundQueries, StatsQueries, SuppressionQueries,
+                  TemplateQueries, WebhookQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: SQLiteThread | None = None
