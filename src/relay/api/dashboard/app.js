@@ -51,6 +51,13 @@ function fill(tableId, rows, empty) {
 
 function num(n) { return el("td", n, "num"); }
 
+// "550 5.1.1 text", without saying the enhanced code twice when the text starts with it
+function replyText(code, enhanced, text) {
+  const said = text || "";
+  const status = enhanced && !said.startsWith(enhanced) ? enhanced : null;
+  return [code, status, said].filter(Boolean).join(" ");
+}
+
 class HttpError extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
@@ -228,7 +235,7 @@ async function openMessage(id) {
     el("td", when(a.at), "nowrap"), el("td", a.email || a.recipient),
     el("td", [a.mxHost, a.ip].filter(Boolean).join(" ")), el("td", a.tls || "none"),
     el("td", a.outcome, "tag " + a.outcome),
-    el("td", [a.code, a.enhanced, a.reply].filter(Boolean).join(" "), "reply")]),
+    el("td", replyText(a.code, a.enhanced, a.reply), "reply")]),
     "no attempts yet");
   fill("msg-events", (m.events || []).map((e) => {
     const d = e.data || {};
