@@ -178,6 +178,17 @@ needs_chromium = pytest.mark.skipif(
     reason=f"{CHROMIUM} is missing (.ci/run installs it; CI never skips this)")
 
 
+HISTORY = {  # kind -> (code, enhanced, reply, bounce reason) to pick from
+    "email.delivered": [(250, "2.0.0", "Ok: queued", None)],
+    "email.deferred": [(451, "4.7.1", "greylisted, try again later", None),
+                       (421, "4.7.0", "too many connections from your IP", None),
+                       (452, "4.2.2", "mailbox full, try later", None)],
+    "email.bounced": [(550, "5.1.1", "no such user here", "userunknown"),
+                      (554, "5.7.1", "message rejected by policy", "policyviolation"),
+                      (552, "5.2.2", "mailbox quota exceeded", "mailboxfull")],
+}
+
+
 async def history(service: Service, mail: Mail) -> None:
     """For the screenshot only: a day of earlier outcomes, so the chart shows a day's shape
     rather than one bar. Recorded through the store, against the test's real recipients."""
@@ -195,10 +206,10 @@ async def history(service: Service, mail: Mail) -> None:
                               ("email.bounced", "gone@b.test", rng.randint(0, 3))):
             for _ in range(n):
                 at = now - hours_ago * 3600 + rng.uniform(-1500, 1500)
-                data: dict[str, Any] = {"email": rcpt, "reply": "history"}
-                if kind == "email.bounced":
-                    data["reason"] = rng.choice(["userunknown", "policyviolation",
-                                                 "mailboxfull"])
+                code, enhanced, reply, reason = rng.choice(HISTORY[kind])
+                data: dict[str, Any] = {"email": rcpt, "code": code, "enhanced": enhanced,
+                                        "reply": f"{enhanced} {reply}", "reason": reason,
+                                        "mxHost": "mx.b.test"}
                 await service.store.add_recipient_event(recipients[rcpt], kind, at, data)
 
 
@@ -215,7 +226,7 @@ async def test_a_person_logs_in_reads_the_numbers_and_opens_a_message(
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 1100})
+            page = await browser.new_page(viewport={"width": 1280, "height": 1200})
             page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
             page.on("console", lambda m: problems.append(f"console: {m.text}")
                     if m.type == "error" and "401" not in m.text and "403" not in m.text
@@ -264,7 +275,7 @@ async def test_a_person_logs_in_reads_the_numbers_and_opens_a_message(
             await expect(page.locator("#wh-pending")).not_to_have_text("0")
             await expect(page.locator("#endpoints tbody")).to_contain_text("127.0.0.1")
             if SCREENSHOT:
-                await page.screenshot(path=SCREENSHOT, full_page=True)
+                await page.screenshot(path=SCREENSHOT)
 
             # a message: its recipients, attempts (MX, TLS, reply) and events
             gone = mail.ids["gone@a.test"]
