@@ -311,3 +311,17 @@ def test_ci_installs_chromium_before_the_tests() -> None:
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text().splitlines()
     install = [i for i, line in enumerate(ci) if "apt-get install -y chromium" in line]
     assert install and install[0] < len(ci) - 1 and "command -v chromium" in ci[install[0]]
+
+
+def test_the_dashboard_files_are_package_data() -> None:
+    """A non-editable install ships what /dashboard/ serves (pyproject's package-data)."""
+    import tomllib
+
+    from relay.api.dashboard import FILES
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["relay"]
+    here = root / "src" / "relay"
+    shipped = {p.relative_to(here).as_posix() for g in globs for p in here.glob(g)}
+    assert {f"api/dashboard/{name}" for name in FILES} <= shipped
