@@ -35,6 +35,7 @@ XSS = "<img src=x onerror=window.__xss=1>"
 GONE_REPLY = f"550 5.1.1 {XSS} no such user"
 REPLIES = {"gone@a.test": [GONE_REPLY],
            "gone@b.test": ["550 5.7.1 rejected by policy"],
+           "gone@c.test": ["550 5.2.1 mailbox unavailable"],
            "slow@a.test": ["451 4.7.1 greylisted, try again later"]}
 DELIVERED = ["ok@a.test", "ok@b.test", "ok2@b.test", "ok@c.test"]
 SCREENSHOT = os.environ.get("RELAY_DASHBOARD_SCREENSHOT")
@@ -231,6 +232,7 @@ async def test_a_person_logs_in_reads_the_numbers_and_opens_a_message(
             page.on("console", lambda m: problems.append(f"console: {m.text}")
                     if m.type == "error" and "401" not in m.text and "403" not in m.text
                     else None)
+            await page.clock.install()  # the 10 s refresh, run on demand below
             await page.goto(api.base + "/dashboard/")
             await expect(page.locator("#login")).to_be_visible()
             login_error = page.locator("#login-error")
@@ -294,6 +296,17 @@ async def test_a_person_logs_in_reads_the_numbers_and_opens_a_message(
             assert await page.evaluate("window.__xss") is None
             await page.click("#msg-close")
             await expect(page.locator("#board")).to_be_visible()
+
+            # new mail shows without a reload: the board asks again every 10 seconds
+            status, later, _ = await api.call("POST", "/v1/emails", {
+                "from": "shop@sender.test", "to": ["gone@c.test"], "subject": "later",
+                "text": "x"})
+            assert status == 202
+            await settled(service, {"gone@c.test": later["id"]})
+            await expect(failures).not_to_contain_text("gone@c.test")
+            await page.clock.run_for(11_000)
+            await expect(failures).to_contain_text("gone@c.test")
+            await expect(failures).to_contain_text("mailbox unavailable")
 
             # logging out forgets the key
             await page.click("#logout")

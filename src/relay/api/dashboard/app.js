@@ -302,6 +302,8 @@ document.addEventListener("DOMContentLoaded", () => {
   if (sessionStorage.getItem(KEY)) {
     start();
     refresh();
+    const linked = location.hash.match(/^#message=(.+)$/);  // a link to one message
+    if (linked) openMessage(decodeURIComponent(linked[1]));
   } else {
     $("key").focus();
   }
