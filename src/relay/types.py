@@ -326,6 +326,8 @@ SCOPES = (
     "templates:manage",
     "contacts:manage",
     "metrics:read",
+    # the relay-wide view (the dashboard, GET /v1/stats); only with a key without domains
+    "admin",
 )
 
 

@@ -16,6 +16,7 @@ from ..submit import Submitter
 from . import auth, metrics
 from .connections import ConnectionGuard
 from .contacts import ContactsApi, UpsertContact
+from .dashboard import Dashboard
 from .dialects.mailchannels import MailChannelsApi
 from .dialects.mailerlogic import MailerLogicApi
 from .dialects.piisend import PiiSendApi
@@ -40,6 +41,7 @@ from .schemas import (
     SendEmail,
     UpdateWebhook,
 )
+from .stats import StatsApi
 from .templates import CreateTemplate, TemplatesApi, UpdateTemplate
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,8 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
                                    Signer.load(config.server.data_dir)).routes())
     app.add_routes([web.get("/v1/openapi.json", openapi_handler)])
     metrics.add_route(app, config, store)
+    app.add_routes(StatsApi(store).routes())
+    app.add_routes(Dashboard().routes())
     auth.check_routes(app)
     return app
 
@@ -167,6 +171,8 @@ def openapi() -> dict[str, Any]:
                                            params=id_param)},
         "/v1/emails/{id}/cancel": {"post": op("Cancel a scheduled email", params=id_param,
                                               answer=Cancelled)},
+        "/v1/stats": {"get": op("Relay-wide queue, outcomes, failures and webhook backlog "
+                                "(an admin key without domains)")},
         "/v1/api-keys": {"post": op("Create an API key (its secret is shown once)",
                                     body=CreateApiKey, status="201"),
                          "get": op("List API keys", answer=Page)},

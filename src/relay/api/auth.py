@@ -49,6 +49,11 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("GET", "/v1/contacts/{id}"): "contacts:manage",
     ("DELETE", "/v1/contacts/{id}"): "contacts:manage",
     ("GET", "/v1/openapi.json"): PUBLIC,
+    # the dashboard: static files anyone may fetch (they hold no data) and the admin's numbers
+    ("GET", "/v1/stats"): "admin",
+    ("GET", "/dashboard"): PUBLIC,
+    ("GET", "/dashboard/"): PUBLIC,
+    ("GET", "/dashboard/{name}"): PUBLIC,
     # PiiSend
     ("POST", "/api/v1/emails"): "emails:send",
     ("GET", "/api/v1/emails"): "emails:read",

@@ -124,7 +124,7 @@ class CreateApiKey(Strict):
                                             pattern=r"^[^\r\n]*$")]
     scopes: list[Literal["emails:send", "emails:read", "domains:manage", "webhooks:manage",
                          "suppressions:manage", "keys:manage", "templates:manage",
-                         "contacts:manage", "metrics:read"]] = Field(
+                         "contacts:manage", "metrics:read", "admin"]] = Field(
         default_factory=lambda: ["emails:send"], min_length=1)
     domains: list[Annotated[str, StringConstraints(min_length=1, max_length=253)]] = Field(
         default_factory=list, description="sender domains the key may use; empty = any")

@@ -35,7 +35,9 @@ def message_json(d: MessageDetail, *, full: bool = False) -> dict[str, Any]:
                         "lastReply": r.last_reply} for r in d.recipients],
     }
     if full:
-        out["attempts"] = [{"recipient": a.recipient_id, "at": iso(a.started_at),
+        emails = {r.id: r.address for r in d.recipients}
+        out["attempts"] = [{"recipient": a.recipient_id, "email": emails.get(a.recipient_id),
+                            "at": iso(a.started_at),
                             "mxHost": a.mx_host, "ip": a.ip, "port": a.port, "tls": a.tls_version,
                             "code": a.code, "enhanced": a.enhanced, "reply": a.text,
                             "outcome": a.outcome, "duration": round(a.duration, 3),

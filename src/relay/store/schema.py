@@ -331,6 +331,11 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE message_id IS NULL;
     CREATE INDEX attempts_recipient ON attempts(recipient_id);
     """,
+    # 16: the dashboard's last-day outcomes, failures and bounce reasons (store/stats.py) read
+    # events by type and time
+    """
+    CREATE INDEX events_type_created ON events(type, created_at);
+    """,
 )
 
 

@@ -35,6 +35,7 @@ from .rows import (
     with_parts,
 )
 from .schema import migrate
+from .stats import StatsQueries
 from .suppressions import SuppressionQueries, listed, screened
 from .templates import TemplateQueries
 from .thread import SQLiteThread
@@ -42,8 +43,8 @@ from .webhooks import WebhookQueries
 
 
 class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, EventQueries,
-                  IdempotencyQueries, InboundQueries, SuppressionQueries, TemplateQueries,
-                  WebhookQueries, RetentionQueries, CountQueries):
+                  IdempotencyQueries, InboundQueries, StatsQueries, SuppressionQueries,
+                  TemplateQueries, WebhookQueries, RetentionQueries, CountQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: SQLiteThread | None = None

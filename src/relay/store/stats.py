@@ -1,0 +1,178 @@
+"""The numbers an operator looks at (the dashboard, `GET /v1/stats`): the live queue, the last
+day's outcomes, failures and bounce reasons, the webhook backlog; every query bounded by a
+time window or a LIMIT and served by an index."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..types import FINAL_STATUSES, EventType, RecipientStatus
+from .thread import SQLiteThread
+
+WINDOW = 24 * 3600  # the chart, the failures and the bounce reasons cover the last day
+TOP_DESTINATIONS = 20
+RECENT_FAILURES = 25
+TOP_REASONS = 20
+FAILING_ENDPOINTS = 20
+
+# the queue: recipients not yet final (final ones are history, shown by the chart)
+LIVE = tuple(s.value for s in RecipientStatus if s not in FINAL_STATUSES)
+OUTCOMES = (EventType.DELIVERED.value, EventType.DEFERRED.value, EventType.BOUNCED.value,
+            EventType.EXPIRED.value)
+FAILURES = (EventType.DEFERRED.value, EventType.BOUNCED.value, EventType.EXPIRED.value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Destination:
+    domain: str
+    counts: dict[str, int]  # live status -> recipients
+    total: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class HourOutcomes:
+    start: float  # the hour's first second (epoch)
+    counts: dict[str, int]  # "delivered" | "deferred" | "bounced" | "expired" -> events
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    at: float
+    message_id: str
+    recipient: str
+    outcome: str  # "deferred" | "bounced" | "expired"
+    code: int | None
+    enhanced: str | None
+    reply: str  # the remote server's words (attacker-controlled text)
+    mx_host: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailingEndpoint:
+    id: str
+    url: str
+    enabled: bool
+    failing_since: float | None
+    disabled_reason: str | None
+    pending: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stats:
+    at: float
+    window: int
+    queue: dict[str, int]  # every live status, zero included
+    destinations: list[Destination]
+    hours: list[HourOutcomes]  # oldest first, 24 of them, the last one the current hour
+    failures: list[Failure]  # newest first
+    bounce_reasons: list[tuple[str, int]]  # most first
+    webhook_pending: int
+    webhook_oldest: float | None  # when the oldest undelivered webhook was made
+    failing_endpoints: list[FailingEndpoint]
+
+
+class StatsQueries:
+    """Mixed into SQLiteStore."""
+
+    _write: Callable[[Any], Any]
+    _reader: SQLiteThread
+
+    async def stats(self, now: float) -> Stats:
+        found: Stats = await self._reader.run(lambda db: _stats(db, now))
+        return found
+
+
+def _marks(values: tuple[str, ...]) -> str:
+    return ", ".join("?" * len(values))
+
+
+def _stats(db: sqlite3.Connection, now: float) -> Stats:
+    pending, oldest = db.execute(
+        "SELECT count(*), min(created_at) FROM webhook_outbox"
+        " WHERE delivered_at IS NULL AND next_attempt_at IS NOT NULL").fetchone()
+    return Stats(at=now, window=WINDOW, queue=_queue(db), destinations=_destinations(db),
+                 hours=_hours(db, now), failures=_failures(db, now),
+                 bounce_reasons=_reasons(db, now), webhook_pending=pending,
+                 webhook_oldest=oldest, failing_endpoints=_endpoints(db))
+
+
+def _queue(db: sqlite3.Connection) -> dict[str, int]:
+    counts = dict.fromkeys(LIVE, 0)
+    counts.update(db.execute(  # the recipients_due index (status, next_attempt_at)
+        f"SELECT status, count(*) FROM recipients WHERE status IN ({_marks(LIVE)})"
+        " GROUP BY status", LIVE).fetchall())
+    return counts
+
+
+def _destinations(db: sqlite3.Connection) -> list[Destination]:
+    rows = db.execute(
+        f"SELECT domain, status, count(*) FROM recipients WHERE status IN ({_marks(LIVE)})"
+        " GROUP BY domain, status", LIVE).fetchall()
+    by: dict[str, dict[str, int]] = {}
+    for domain, status, n in rows:
+        by.setdefault(domain, {})[status] = n
+    ranked = sorted(by.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+    return [Destination(domain=d, counts=c, total=sum(c.values()))
+            for d, c in ranked[:TOP_DESTINATIONS]]
+
+
+def _hour(t: float) -> float:
+    return float(int(t // 3600) * 3600)
+
+
+def _hours(db: sqlite3.Connection, now: float) -> list[HourOutcomes]:
+    first = _hour(now) - 23 * 3600
+    hours = [HourOutcomes(start=first + i * 3600, counts={t.removeprefix("email."): 0
+                                                         for t in OUTCOMES})
+             for i in range(24)]
+    rows = db.execute(  # the events_type_created index
+        f"SELECT CAST((created_at - ?) / 3600 AS INTEGER), type, count(*) FROM events"
+        f" WHERE type IN ({_marks(OUTCOMES)}) AND created_at >= ? AND created_at <= ?"
+        " GROUP BY 1, 2", (first, *OUTCOMES, first, now + 3600)).fetchall()
+    for index, kind, n in rows:
+        if 0 <= index < 24:
+            hours[index].counts[kind.removeprefix("email.")] = n
+    return hours
+
+
+def _failures(db: sqlite3.Connection, now: float) -> list[Failure]:
+    rows = db.execute(
+        "SELECT created_at, message_id, type, json_extract(data, '$.email'),"
+        " json_extract(data, '$.code'),"
+        " coalesce(json_extract(data, '$.enhanced'), json_extract(data, '$.status')),"
+        " coalesce(json_extract(data, '$.reply'), json_extract(data, '$.diagnostic'),"
+        "          json_extract(data, '$.reason'), ''),"
+        " coalesce(json_extract(data, '$.mxHost'), json_extract(data, '$.remoteMta'))"
+        f" FROM events WHERE type IN ({_marks(FAILURES)}) AND created_at >= ?"
+        " ORDER BY created_at DESC, id DESC LIMIT ?",
+        (*FAILURES, now - WINDOW, RECENT_FAILURES)).fetchall()
+    return [Failure(at=r[0], message_id=r[1] or "", outcome=r[2].removeprefix("email."),
+                    recipient=r[3] or "", code=r[4] if isinstance(r[4], int) else None,
+                    enhanced=r[5] if isinstance(r[5], str) else None, reply=str(r[6]),
+                    mx_host=r[7] if isinstance(r[7], str) else None) for r in rows]
+
+
+def _reasons(db: sqlite3.Connection, now: float) -> list[tuple[str, int]]:
+    rows = db.execute(
+        "SELECT CASE WHEN type = ? THEN 'expired'"
+        "  ELSE coalesce(json_extract(data, '$.reason'), 'unclassified') END, count(*)"
+        " FROM events WHERE type IN (?, ?) AND created_at >= ?"
+        " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?",
+        (EventType.EXPIRED.value, EventType.BOUNCED.value, EventType.EXPIRED.value,
+         now - WINDOW, TOP_REASONS)).fetchall()
+    return [(str(reason), n) for reason, n in rows]
+
+
+def _endpoints(db: sqlite3.Connection) -> list[FailingEndpoint]:
+    rows = db.execute(
+        "SELECT w.id, w.url, w.enabled, w.failing_since, w.disabled_reason,"
+        " (SELECT count(*) FROM webhook_outbox o WHERE o.endpoint_id = w.id"
+        "  AND o.delivered_at IS NULL AND o.next_attempt_at IS NOT NULL)"
+        " FROM webhook_endpoints w WHERE w.failing_since IS NOT NULL OR NOT w.enabled"
+        " ORDER BY w.failing_since IS NULL, w.failing_since, w.id LIMIT ?",
+        (FAILING_ENDPOINTS,)).fetchall()
+    return [FailingEndpoint(id=r[0], url=r[1], enabled=bool(r[2]), failing_since=r[3],
+                            disabled_reason=r[4], pending=r[5]) for r in rows]
