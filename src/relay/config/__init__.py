@@ -20,6 +20,7 @@ from .sections import (
     IPNetwork,
     LimitsConfig,
     ListenerConfig,
+    LogConfig,
     ServerConfig,
     SmtpConfig,
     TrackingConfig,
@@ -31,3 +32,4 @@ __all__ = ["DEFAULTS_SOURCE", "DELIVERY_TLS", "ENV_SOURCE", "LISTENER_MODES", "L
            "DeliveryConfig", "DkimConfig", "DnsConfig", "IPNetwork", "LimitsConfig",
            "ListenerConfig", "ServerConfig", "SmtpConfig", "TrackingConfig", "WebhooksConfig",
            "load", "parse_hostport"]
+__all__ += ["LogConfig"]

@@ -31,6 +31,8 @@ LISTENER_MODES = ("submission", "relay", "inbound")
 LISTENER_TLS = ("none", "starttls", "implicit")
 DELIVERY_TLS = ("opportunistic", "require", "none")
 SMARTHOST_TLS = ("starttls", "implicit", "none")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,6 +182,15 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    # text: a line a record, like Postfix's (no timestamp of its own under systemd: journald
+    # adds one); json: an object a line with a "ts" field and the record's fields
+    format: str = field(default="text", metadata=meta(one_of(*LOG_FORMATS)))
+    level: str = field(default="info", metadata=meta(one_of(*LOG_LEVELS)))  # RELAY_LOG_LEVEL wins
+    access_log: bool = True  # a line per HTTP request (logger relay.access)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
@@ -191,6 +202,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     @property

@@ -17,6 +17,7 @@ import signal
 import sys
 from dataclasses import dataclass
 
+from .. import logs
 from ..config import Config
 from .child import die_with_parent
 from .stack import delivery_stack
@@ -72,8 +73,7 @@ def main() -> None:
     die_with_parent()
     wake_fd = int(sys.argv[1])
     args: WorkerArgs = pickle.load(sys.stdin.buffer)  # from our own master, over a pipe
-    logging.basicConfig(level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
+    logs.configure(args.config.log, process="worker")
     if os.getppid() == 1:  # the master died before we could ask to die with it
         return
     asyncio.run(serve(args, wake_fd))
