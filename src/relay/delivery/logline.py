@@ -101,6 +101,8 @@ def log_outcomes(outcomes: Iterable[Outcome], due: Mapping[int, DueRecipient]) -
         log.log(level, "%s", line, extra=f)
 
 
+_NO_EFFECT = {"unmatched": "matches no message of ours; discarded",
+              "recorded": "recorded; it changes nothing"}
 _EFFECT_WORDS = {EventType.BOUNCED: "bounced", EventType.COMPLAINED: "complained",
                  EventType.DELAYED: "delayed"}
 
@@ -131,6 +133,6 @@ def log_inbound(record: InboundRecord, effects: Iterable[Effect]) -> None:
                          f["to"], dsn, word, detail, record.type, f["report_from"], extra=f)
     if not any_effect:
         inbound_log.info("%s report to %s from <%s>: %s", record.type, base["report_to"],
-                         base["report_from"], record.outcome,
+                         base["report_from"], _NO_EFFECT.get(record.outcome, record.outcome),
                          extra={**base, "queue_id": record.message_id,
                                 "status": record.outcome})
