@@ -355,3 +355,16 @@ async def test_a_late_bounce_a_complaint_and_a_stray_report_each_get_a_line(
                           "(feedback-type abuse), via=arf from <fbl@isp.example>")
     assert stray == "dsn report to bounces+forgedtoken@relay.test from <>: matches no " \
                     "message of ours; discarded"
+
+
+async def test_a_cancelled_email_gets_a_line_per_recipient(
+        api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay.delivery")
+    status, body, _ = await api.call("POST", "/v1/emails", {
+        **SIMPLE, "scheduledAt": "2099-01-01T00:00:00Z"})
+    assert status == 202, body
+    status, _, _ = await api.call("POST", f"/v1/emails/{body['id']}/cancel")
+    assert status == 200
+    (line,) = [r.getMessage() for r in lines(caplog, "relay.delivery")]
+    assert re.fullmatch(rf"{body['id']}: to=<bob@example.org>, status=cancelled "
+                        r"\(by api:rk_\w+\)", line), line
