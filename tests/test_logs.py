@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -177,6 +178,31 @@ def test_text_under_systemd_has_no_timestamp_of_its_own() -> None:
     obj = json.loads(logs.formatter(LogConfig(format="json"),
                                     environ={"JOURNAL_STREAM": "8:1"}).format(_record()))
     assert "ts" in obj
+
+
+CONFIGURED = ("import logging, sys; from relay import logs; from relay.config import LogConfig; "
+              "logs.configure(LogConfig(format=sys.argv[1])); "
+              "logging.getLogger('relay.delivery').info('msg_X: to=<a@b.example>, status=sent', "
+              "extra={'queue_id': 'msg_X'}); "
+              "logging.getLogger('mail.log').info('EHLO, at INFO: not shown')")
+
+
+@pytest.mark.parametrize("journal", [{}, {"JOURNAL_STREAM": "8:12345"}, {"INVOCATION_ID": "x"}])
+def test_a_configured_process_stamps_its_lines_unless_journald_does(
+        journal: dict[str, str]) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JOURNAL_STREAM", "INVOCATION_ID", "RELAY_LOG_LEVEL")}
+    for fmt in ("text", "json"):
+        done = subprocess.run([sys.executable, "-c", CONFIGURED, fmt], env={**env, **journal},
+                              capture_output=True, text=True, timeout=30, check=True)
+        (line,) = done.stderr.splitlines()
+        if fmt == "json":
+            assert json.loads(line)["queue_id"] == "msg_X" and "ts" in json.loads(line)
+        elif journal:
+            assert line == "<6>INFO relay.delivery: msg_X: to=<a@b.example>, status=sent"
+        else:
+            assert ISO.match(line) and line.endswith(
+                " INFO relay.delivery: msg_X: to=<a@b.example>, status=sent")
 
 
 def test_relay_log_level_overrides_the_file() -> None:
