@@ -224,6 +224,10 @@ def test_a_bad_log_format_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="log.level"):
         load(path, environ={})
     assert load(None, environ={"RELAY_LOG_FORMAT": "json"}).log.format == "json"
+    assert load(None, environ={"RELAY_LOG_LEVEL": "x", "RELAY_LOG_ACCESS_LOG": "false",
+                               "RELAY_CONFIG": ""}).log.access_log is False
+    path.write_text('[log]\nlevel = "WARNING"\n')
+    assert load(path, environ={}).log.level == "warning"
 
 
 def test_a_bad_log_format_stops_relay_serve_with_one_line(tmp_path: Path) -> None:

@@ -186,7 +186,9 @@ class LogConfig:
     # text: a line a record, like Postfix's (no timestamp of its own under systemd: journald
     # adds one); json: an object a line with a "ts" field and the record's fields
     format: str = field(default="text", metadata=meta(one_of(*LOG_FORMATS)))
-    level: str = field(default="info", metadata=meta(one_of(*LOG_LEVELS)))  # RELAY_LOG_LEVEL wins
+    # debug | info | warning | error, in any case; RELAY_LOG_LEVEL, when set, wins
+    level: str = field(default="info",
+                       metadata=meta(lambda v: one_of(*LOG_LEVELS)(v.strip().lower())))
     access_log: bool = True  # a line per HTTP request (logger relay.access)
 
 
