@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from relay import logs
 from relay.config import (
@@ -36,7 +37,7 @@ from .conftest import free_port, make_config, relay_cmd, run_relay, wait_port
 from .dnsserver import DNSServer
 from .sink import Sink
 from .smtputil import in_thread
-from .test_delivery import FAST, route, start_relay, submit, wait_final
+from .test_delivery import FAST, route, server_tls, start_relay, submit, wait_final
 from .test_inbound import COMPLAINTS, arf, delivered_via_api, dsn, send_report
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
@@ -84,6 +85,26 @@ async def test_a_delivery_and_its_acceptance_each_get_a_line(
         rf"{mid}: message-id=<[^>]+@relay.test>, from=<alice@sender.test>, size=\d+, "
         rf"nrcpt=2, via=smtp, key=rk_\w+, status=queued", accepted.getMessage())
     assert accepted.nrcpt == 2 and accepted.via == "smtp"  # type: ignore[attr-defined]
+
+
+async def test_a_delivery_over_starttls_names_the_tls_version_and_cipher(
+        tmp_path: Path, dns: DNSServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay.delivery")
+    async with Sink(tls=server_tls(trustme.CA())) as sink:
+        route(dns, "a.test", (10, "mx.a.test", "127.0.0.1"))
+        svc, key = await start_relay(tmp_path, dns, sink.port)
+        try:
+            mid = await in_thread(submit, svc.bound[0][1], key, ["x@a.test"])
+            await wait_final(svc, mid)
+            await _settle()
+        finally:
+            await svc.stop()
+    (record,) = [r for r in lines(caplog, "relay.delivery")
+                 if r.queue_id == mid]  # type: ignore[attr-defined]
+    assert re.search(r", tls=TLSv1\.[23]/[A-Z0-9_-]+, dsn=2.0.0, status=sent ",
+                     record.getMessage()), record.getMessage()
+    assert record.tls_version.startswith("TLSv1")  # type: ignore[attr-defined]
+    assert record.tls_cipher  # type: ignore[attr-defined]
 
 
 async def test_deferral_and_bounce_lines_carry_dsn_and_status(
