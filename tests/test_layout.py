@@ -19,9 +19,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("relay.types", "relay.errors", "relay.aio", "relay.owners", "relay.clients",
      "relay.timefmt", "relay.addresses", "relay.config", "relay.tlsutil", "relay.rawmail",
      "relay.compose", "relay.templates", "relay.dkimkeys", "relay.datadir",
-     "relay.metrics"),
+     "relay.metrics", "relay.logs"),
     ("relay.store",),  # the queue: the only SQL
-    ("relay.keys", "relay.submit"),  # API keys; the one way into the queue
+    ("relay.keys", "relay.submit", "relay.acceptlog"),  # API keys; the one way into the queue
     ("relay.feedback",),  # what comes back: bounces, reports, tracking, webhooks
     ("relay.delivery",),  # scheduler, render, DKIM, outbound SMTP, worker processes
     ("relay.smtp",),  # the listeners (inbound reports go to feedback)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import orjson
 
 from . import compose, dkimkeys, metrics, rawmail
+from .acceptlog import log_accepted
 from .addresses import a_label, normalize_address, normalize_domain, self_and_parents
 from .config import Config
 from .errors import ValidationError
@@ -119,6 +120,7 @@ class Submitter:
         """Commit a prepared message; returns only after the commit (or raises StoreError)."""
         await self.check_broadcast(message)
         result = await self._store.enqueue(message)
+        log_accepted([message], [result], self.message_id_header)
         if not result.duplicate:
             metrics.accepted(message.source)
             self.notify_queued()
@@ -133,6 +135,7 @@ class Submitter:
         results, existing = await self._store.enqueue_all(messages, claim, answer)
         metrics.accepted(messages[0].source if messages else "api",
                          sum(not r.duplicate for r in results))
+        log_accepted(messages, results, self.message_id_header)
         if results:
             self.notify_queued()
         return results, existing

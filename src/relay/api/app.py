@@ -13,7 +13,7 @@ from ..feedback.tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_
 from ..feedback.webhooks_mailchannels import Signer
 from ..store import SQLiteStore
 from ..submit import Submitter
-from . import auth, metrics
+from . import accesslog, auth, metrics
 from .connections import ConnectionGuard
 from .contacts import ContactsApi, UpsertContact
 from .dashboard import Dashboard
@@ -98,8 +98,10 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Application:
     guard = ConnectionGuard(config.limits)
-    # the guard first: it must see a request arrive before anything awaits its body
-    app = web.Application(middlewares=[guard.middleware, errors],
+    # the guard first: it must see a request arrive before anything awaits its body; the
+    # access log next, so its line has the final status and the refusals of neither
+    app = web.Application(middlewares=[guard.middleware,
+                                       accesslog.middleware(config.log.access_log), errors],
                           client_max_size=body_limit(config))
     app[BODY_LIMIT] = body_limit(config)
     app[CONNECTIONS] = guard

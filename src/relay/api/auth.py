@@ -13,6 +13,7 @@ from aiohttp import web
 from .. import keys, owners
 from ..store import Store
 from ..types import ApiKey
+from .accesslog import API_KEY_ID
 from .errors import ApiError
 
 PUBLIC = None  # a route anyone may call: signed links, the webhook key, the OpenAPI document
@@ -124,6 +125,7 @@ async def require(request: web.Request, store: Store) -> ApiKey:
     if key is None:
         raise ApiError(401, "the API key is not valid or was revoked",
                        headers={"WWW-Authenticate": 'Bearer realm="relay"'})
+    request[API_KEY_ID] = key.id  # for the access log: the key's id, never its secret
     if scope not in key.scopes:
         raise ApiError(403, f"this API key lacks the {scope} scope")
     return key

@@ -8,7 +8,6 @@ import asyncio
 import datetime
 import getpass
 import json
-import logging
 import os
 import smtplib
 import ssl
@@ -21,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as config_mod
-from .. import keys
+from .. import keys, logs
 from ..api.views import message_json
-from ..config import Config
+from ..config import Config, LogConfig
 from ..errors import ConfigError, StoreError, ValidationError
 from ..service import run
 from ..store import SQLiteStore
@@ -47,13 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_CONFIG
-    logging.basicConfig(level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # aiosmtpd logs every command at INFO: far too much for a busy relay
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
-    logging.getLogger("flufl.bounce").setLevel(logging.WARNING)  # a line per detector tried
+    logs.configure(LogConfig())  # until the config is read: its errors are printed plainly
     try:
         config = config_mod.load(args.config) if args.func is not cmd_init else None
+        if config is not None:
+            logs.configure(config.log)  # [log]: format, level, access log
         result: int = args.func(args, config)
         return result
     except ConfigError as exc:

@@ -20,6 +20,7 @@ from .sections import (
     IPNetwork,
     LimitsConfig,
     ListenerConfig,
+    LogConfig,
     MetricsConfig,
     RetentionConfig,
     ServerConfig,
@@ -31,5 +32,5 @@ from .sections import (
 __all__ = ["DEFAULTS_SOURCE", "DELIVERY_TLS", "ENV_SOURCE", "LISTENER_MODES", "LISTENER_TLS",
            "NOT_SETTINGS", "SMARTHOST_TLS", "ApiConfig", "BouncesConfig", "Config",
            "DeliveryConfig", "DkimConfig", "DnsConfig", "IPNetwork", "LimitsConfig",
-           "ListenerConfig", "MetricsConfig", "RetentionConfig", "ServerConfig", "SmtpConfig",
-           "TrackingConfig", "WebhooksConfig", "load", "parse_hostport"]
+           "ListenerConfig", "LogConfig", "MetricsConfig", "RetentionConfig", "ServerConfig",
+           "SmtpConfig", "TrackingConfig", "WebhooksConfig", "load", "parse_hostport"]

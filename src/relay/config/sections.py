@@ -35,6 +35,8 @@ LISTENER_MODES = ("submission", "relay", "inbound")
 LISTENER_TLS = ("none", "starttls", "implicit")
 DELIVERY_TLS = ("opportunistic", "require", "none")
 SMARTHOST_TLS = ("starttls", "implicit", "none")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,6 +214,17 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    # text: a line a record, like Postfix's (no timestamp of its own under systemd: journald
+    # adds one); json: an object a line with a "ts" field and the record's fields
+    format: str = field(default="text", metadata=meta(one_of(*LOG_FORMATS)))
+    # debug | info | warning | error, in any case; RELAY_LOG_LEVEL, when set, wins
+    level: str = field(default="info",
+                       metadata=meta(lambda v: one_of(*LOG_LEVELS)(v.strip().lower())))
+    access_log: bool = True  # a line per HTTP request (logger relay.access)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
@@ -225,6 +238,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     @property

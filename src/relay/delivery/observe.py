@@ -1,18 +1,21 @@
-"""The scheduler's committed outcomes, told to the metrics (relay.metrics) with what only the
-scheduler knows of each recipient: its destination domain and when its message was queued."""
+"""The scheduler's committed outcomes, told to the log (logline) and the metrics (relay.metrics)
+with what only the scheduler knows of each recipient: its address, destination domain and when
+its message was queued."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .. import metrics
 from ..store.delivery import DueRecipient, Outcome
 from ..types import RecipientStatus
+from .logline import log_outcomes
 
 
-def observe(outcomes: Sequence[Outcome], recipients: Sequence[DueRecipient]) -> None:
-    """Count outcomes once they are committed (a failed commit is tried again: not counted)."""
-    by_id = {r.id: r for r in recipients}
+def observe(outcomes: Sequence[Outcome], by_id: Mapping[int, DueRecipient]) -> None:
+    """Log and count outcomes once they are committed (a failed commit is tried again: neither
+    logged nor counted)."""
+    log_outcomes(outcomes, by_id)
     seen: list[metrics.Observed] = []
     for o in outcomes:
         r = by_id.get(o.recipient_id)

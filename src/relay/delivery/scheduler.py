@@ -156,12 +156,13 @@ class Scheduler:
             job.destination, asyncio.Semaphore(self._delivery.concurrency_per_destination))
         records: list[asyncio.Task[set[str]]] = []
         recorded: set[int] = set()
+        due = {r.id: r for r in job.recipients}  # for the log and metrics: address, queued at
 
         def record(outcomes: list[Outcome]) -> None:
             # Each message's outcomes are committed as soon as its transaction ends, so a
             # crash repeats at most the messages in flight, never a whole session's worth.
             recorded.update(o.recipient_id for o in outcomes)
-            records.append(asyncio.create_task(self._record(outcomes, job.recipients)))
+            records.append(asyncio.create_task(self._record(outcomes, due)))
 
         async with sem:
             try:
@@ -178,8 +179,10 @@ class Scheduler:
         for message_id in set().union(*await asyncio.gather(*records)):
             await self._emit_report(message_id)
 
-    async def _record(self, outcomes: list[Outcome], due: list[DueRecipient]) -> set[str]:
-        """Commit outcomes; returns the messages that now owe their sender a report."""
+    async def _record(self, outcomes: list[Outcome],
+                      due: dict[int, DueRecipient] | None = None) -> set[str]:
+        """Commit outcomes, then log and count them; returns the messages that now owe their
+        sender a report."""
         if not outcomes:
             return set()
         try:
@@ -188,7 +191,7 @@ class Scheduler:
             log.exception("could not record %d outcomes; their leases will expire and they "
                           "will be tried again", len(outcomes))
             return set()
-        observe(outcomes, due)
+        observe(outcomes, due or {})
         return {o.message_id for o in outcomes if o.dsn}
 
     async def _emit_report(self, message_id: str) -> None:

@@ -38,7 +38,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .. import metrics
+from .. import logs, metrics
+from ..config import LogConfig
 from . import dkim
 from .child import die_with_parent
 
@@ -56,8 +57,9 @@ class SignerGone(Exception):
 
 
 class SignerProcess:
-    def __init__(self, *, python: str = sys.executable) -> None:
+    def __init__(self, *, python: str = sys.executable, log: LogConfig | None = None) -> None:
         self._python = python
+        self._log = log or LogConfig()  # the child logs as the worker does
         self._pipe: _Pipe | None = None
         self._children: set[_Pipe] = set()  # every child not yet reaped, the lost ones too
         self._starting: asyncio.Task[None] | None = None
@@ -131,7 +133,8 @@ class SignerProcess:
         pipe: _Pipe | None = None
         try:
             _, pipe = await loop.subprocess_exec(
-                _Pipe, self._python, "-m", "relay.delivery.signer",
+                _Pipe, self._python, "-m", "relay.delivery.signer", self._log.format,
+                self._log.level,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None)
             self._children.add(pipe)
             pipe.exited.add_done_callback(lambda _: self._children.discard(pipe))
@@ -312,6 +315,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def main() -> None:
     die_with_parent()
+    if len(sys.argv) >= 3:  # [log] format and level, from the worker that started us
+        logs.configure(LogConfig(format=sys.argv[1], level=sys.argv[2]), process="signer")
     serve(sys.stdin.fileno(), sys.stdout.fileno())
 
 

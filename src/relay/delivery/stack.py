@@ -29,6 +29,6 @@ def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],
                           ReportMaker(submitter, config.server.hostname),
                           Renderer(config.dkim, KeyRing(store), marks=Marks(
                               Tokens(load_key(config.server.data_dir)), config.api.public_url,
-                              bounce_host(config)), signer=SignerProcess()))
+                              bounce_host(config)), signer=SignerProcess(log=config.log)))
     submitter.on_queued.append(scheduler.notify)
     return store, scheduler

@@ -17,7 +17,7 @@ import signal
 import sys
 from dataclasses import dataclass
 
-from .. import metrics
+from .. import logs, metrics
 from ..config import Config
 from . import metricspipe
 from .child import die_with_parent
@@ -81,8 +81,7 @@ def main() -> None:
     wake_fd = int(sys.argv[1])
     metrics_fd = int(sys.argv[2]) if len(sys.argv) > 2 else None
     args: WorkerArgs = pickle.load(sys.stdin.buffer)  # from our own master, over a pipe
-    logging.basicConfig(level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
+    logs.configure(args.config.log, process="worker")
     if os.getppid() == 1:  # the master died before we could ask to die with it
         return
     asyncio.run(serve(args, wake_fd, metrics_fd))

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config import Config
+from ..delivery.logline import log_inbound
 from ..delivery.scheduler import wants_report
 from ..errors import StoreError
 from ..feedback import bounces, verp
@@ -102,10 +103,8 @@ class Inbound:
                                message_id=first.message_id if first else None,
                                recipient_id=first.recipient_id if len(found.targets) == 1
                                else None, outcome=outcome, summary=summary)
-        if outcome == "unmatched":
-            log.info("inbound %s to %s from <%s> matches no message of ours; discarded",
-                     report.type, rcpt, mail_from)
         owed = await self._store.record_inbound(record, effects)
+        log_inbound(record, effects)  # after the commit: a line means it is on disk
         for message_id in owed:  # a late bounce of SMTP mail: its sender gets a DSN too
             if await self._store.emit_report(message_id, self._reports.make):
                 self._submitter.notify_queued()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from .base import MessageDetail, NewMessage
 from .groupcommit import Batched
 from .rows import insert_messages, load_detail_sync
 from .thread import SQLiteThread
+
+log = logging.getLogger("relay.delivery")  # a line per operator change, as per outcome
 
 PENDING = ("queued", "deferred", "scheduled")
 
@@ -186,7 +189,7 @@ class DeliveryQueries:
     async def _change(self, message_id: str, from_statuses: tuple[str, ...],
                       to: RecipientStatus, event: EventType, by: str, now: float,
                       due: float | None = None) -> int:
-        def op(db: sqlite3.Connection) -> int:
+        def op(db: sqlite3.Connection) -> list[tuple[int, str]]:
             marks = ",".join("?" * len(from_statuses))
             rows = db.execute(
                 f"UPDATE recipients SET status = ?, updated_at = ?,"
@@ -202,10 +205,14 @@ class DeliveryQueries:
             )
             if to.final:
                 wipe_given_keys(db, [message_id])
-            return len(rows)
+            return [(r[0], r[1]) for r in rows]
 
-        count: int = await self._write(op)
-        return count
+        changed: list[tuple[int, str]] = await self._write(op)
+        for _, address in changed:  # after the commit: an operator's change, a line each
+            log.info("%s: to=<%s>, status=%s (by %s)", message_id, address, to.value, by,
+                     extra={"queue_id": message_id, "to": address, "status": to.value,
+                            "by": by})
+        return len(changed)
 
 
 def _next_due_at(db: sqlite3.Connection) -> float | None:
