@@ -22,6 +22,7 @@ from .events import EventQueries
 from .groupcommit import Batched, GroupCommitWriter
 from .idempotency import IDEMPOTENCY_WINDOW, IdempotencyQueries
 from .inbound import InboundQueries
+from .operator import OperatorQueries
 from .rows import (
     MESSAGE_COLUMNS,
     RECIPIENT_COLUMNS,
@@ -41,7 +42,7 @@ from .webhooks import WebhookQueries
 
 class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, EventQueries,
                   IdempotencyQueries, InboundQueries, SuppressionQueries, TemplateQueries,
-                  WebhookQueries):
+                  WebhookQueries, OperatorQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: SQLiteThread | None = None
