@@ -3,8 +3,9 @@ qshape): recipients picked by message, destination domain, sender and age, acted
 statement each, and the queue's shape by destination and age.
 
 Every selection is one SQL statement with a LIMIT. The not-yet-final recipients, which are
-what an operator acts on, are found through the `recipients_due (status, ...)` index; the
-message id through `recipients_message`; the age through the join on the messages' key."""
+what an operator acts on (and qshape counts), are found through the `recipients_due (status,
+...)` index, a message id's through `recipients_message`; a listing walks `messages_created`
+newest first (an age is a range of it) and stops at its limit."""
 
 from __future__ import annotations
 
@@ -38,17 +39,16 @@ class Selector:
 
     def where(self) -> tuple[str, list[Any]]:
         """The SQL condition over `recipients r JOIN messages m`, and its arguments."""
+        (m_where, m_args), (r_where, r_args) = self.message_where(), self.recipient_where()
+        return f"{m_where} AND {r_where}", [*m_args, *r_args]
+
+    def message_where(self) -> tuple[str, list[Any]]:
+        """The conditions on the message (`messages m`)."""
         clauses: list[str] = []
         args: list[Any] = []
         if self.message_id is not None:
-            clauses.append("r.message_id = ?")
+            clauses.append("m.id = ?")
             args.append(self.message_id)
-        if self.statuses:
-            clauses.append(f"r.status IN ({','.join('?' * len(self.statuses))})")
-            args += self.statuses
-        if self.domain is not None:
-            clauses.append("r.domain = ?")
-            args.append(self.domain.lower())
         if self.sender is not None:
             if "@" in self.sender:
                 clauses.append("m.mail_from = ?")
@@ -62,6 +62,18 @@ class Selector:
         if self.created_after is not None:
             clauses.append("m.created_at >= ?")
             args.append(self.created_after)
+        return (" AND ".join(clauses) or "1"), args
+
+    def recipient_where(self) -> tuple[str, list[Any]]:
+        """The conditions on the recipient (`recipients r`)."""
+        clauses: list[str] = []
+        args: list[Any] = []
+        if self.statuses:
+            clauses.append(f"r.status IN ({','.join('?' * len(self.statuses))})")
+            args += self.statuses
+        if self.domain is not None:
+            clauses.append("r.domain = ?")
+            args.append(self.domain.lower())
         return (" AND ".join(clauses) or "1"), args
 
 
@@ -101,13 +113,15 @@ class OperatorQueries:
 
     async def select_messages(self, sel: Selector, limit: int) -> list[str]:
         """Ids of the messages with a selected recipient, newest first."""
-        where, args = sel.where()
+        (m_where, m_args), (r_where, r_args) = sel.message_where(), sel.recipient_where()
 
         def op(db: sqlite3.Connection) -> list[str]:
+            # newest first down `messages_created`, each message's recipients through
+            # `recipients_message`: it stops at the limit, and an age is a range of the index
             return [r[0] for r in db.execute(
-                "SELECT m.id FROM messages m WHERE m.id IN (SELECT r.message_id FROM recipients"
-                f" r JOIN messages m ON m.id = r.message_id WHERE {where})"
-                " ORDER BY m.created_at DESC, m.id DESC LIMIT ?", (*args, limit))]
+                f"SELECT m.id FROM messages m WHERE {m_where} AND EXISTS (SELECT 1 FROM"
+                f" recipients r WHERE r.message_id = m.id AND {r_where})"
+                " ORDER BY m.created_at DESC, m.id DESC LIMIT ?", (*m_args, *r_args, limit))]
 
         ids: list[str] = await self._reader.run(op)
         return ids
