@@ -1,5 +1,5 @@
 """The `relay` command: init, serve, send, keys, domains, suppressions, webhooks, templates,
-contacts, bounces, queue."""
+contacts, bounces, queue, check-config, backup, restore."""
 
 from __future__ import annotations
 
