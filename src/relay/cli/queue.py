@@ -120,7 +120,8 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps([message_json(d) for d in details], indent=2))
         return 0
-    rows = [("ID", "CREATED", "STATUS", "FROM", "RECIPIENT", "RCPT STATUS", "NEXT", "LAST REPLY")]
+    rows: list[tuple[str, ...]] = [
+        ("ID", "CREATED", "STATUS", "FROM", "RECIPIENT", "RCPT STATUS", "NEXT", "LAST REPLY")]
     for d in details:
         for i, r in enumerate(d.recipients):
             rows.append((d.message.id if i == 0 else "", iso(d.message.created_at) if i == 0
