@@ -7,21 +7,26 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from relay import keys
+from relay.feedback.reports import ReportMaker
+from relay.service import Service
+from relay.store.operator import Selector
+from relay.submit import Submitter
+
 from .conftest import free_port, run_relay
-from .smtputil import send
+from .smtputil import connect, in_thread, send
 from .test_cli import relay, setup
 
 YEAR = time.gmtime().tm_year
 
 
 def test_version_names_the_installed_package() -> None:
-    from importlib.metadata import version
-
     result = run_relay("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"relay {version('relay')}"
@@ -273,3 +278,38 @@ def test_unknown_ids_exit_1_with_a_message_and_usage_errors_exit_2(tmp_path: Pat
         result = run_relay("--config", str(path), *args)
         assert result.returncode == 2, (args, result.returncode, result.stderr)
         assert result.stderr and "Traceback" not in result.stderr, args
+
+
+# -- the store's side: NOTIFY honoured, only the selected recipients --------------------------
+
+
+async def test_bounce_reports_only_where_notify_asks(service: Service) -> None:
+    _, key = await keys.create_key(service.store, name="t", scopes=["emails:send"])
+
+    def go() -> str:
+        with connect(service.bound[0][1], key=key) as s:
+            s.mail("alice@example.com")
+            s.rcpt("quiet@a.test", ["NOTIFY=NEVER"])
+            s.rcpt("loud@a.test", ["NOTIFY=FAILURE"])
+            s.rcpt("default@a.test")
+            s.rcpt("other@b.test")
+            code, text = s.data(b"From: alice@example.com\r\nSubject: x\r\n\r\nx\r\n")
+            assert code == 250, text
+            return text.decode().split()[-1]
+
+    mid = await in_thread(go)
+    acted = await service.store.act(Selector(message_id=mid, domain="a.test"), "bounce",
+                                    "cli:test", time.time())
+    assert (acted.count, acted.message_ids) == (3, (mid,))
+    maker = ReportMaker(Submitter(service.config, service.store), "relay.test")
+    report_id = await service.store.emit_report(mid, maker.make)
+    assert report_id is not None
+    report = await service.store.get_body(report_id)
+    assert report is not None
+    assert b"loud@a.test" in report and b"default@a.test" in report
+    assert b"quiet@a.test" not in report and b"other@b.test" not in report
+    detail = await service.store.get_message(mid)
+    assert detail is not None
+    assert {r.address: r.status.value for r in detail.recipients} == {
+        "quiet@a.test": "bounced", "loud@a.test": "bounced", "default@a.test": "bounced",
+        "other@b.test": "queued"}
