@@ -52,7 +52,14 @@ def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_backup(args: argparse.Namespace, config: Config) -> int:
-    target: Path = args.dir
+    try:
+        return backup(args.dir, config)
+    except OSError as exc:  # a full disk, a directory we may not write: said, not a traceback
+        print(f"relay: backup to {args.dir} failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def backup(target: Path, config: Config) -> int:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         print(f"relay: {target} exists and is not an empty directory", file=sys.stderr)
         return 1
@@ -143,9 +150,16 @@ class BadBackup(Exception):
 def cmd_restore(args: argparse.Namespace, config: Config) -> int:
     try:
         manifest = read_manifest(args.dir)
+        return restore(args, manifest, config)
     except BadBackup as exc:
         print(f"relay: {args.dir}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"relay: restore from {args.dir} failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def restore(args: argparse.Namespace, manifest: dict[str, Any], config: Config) -> int:
     data_dir = config.server.data_dir
     present = [p for p in data_dir.iterdir() if p.name != LOCK_NAME] if data_dir.exists() else []
     if present and not args.force:
