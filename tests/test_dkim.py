@@ -431,7 +431,7 @@ def test_transcode_folds_a_header_line_over_998_octets() -> None:
 
 def test_attempt_log_shows_signing_in_queue_show_json(tmp_path: Path) -> None:
     # the CLI shows the attempt's DKIM line; nothing of a key is printed
-    from relay.cli.main import message_json
+    from relay.api.views import message_json
     from relay.store import MessageDetail
     from relay.types import Attempt, Message, Stream
     detail = MessageDetail(

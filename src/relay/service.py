@@ -17,6 +17,7 @@ from .api import metrics as api_metrics
 from .api.app import CONNECTIONS, make_app
 from .config import Config, ListenerConfig
 from .datadir import DataDirLock
+from .delivery.keycheck import check_signing_keys
 from .delivery.scheduler import Scheduler
 from .delivery.stack import delivery_stack
 from .delivery.supervise import WorkerProcess
@@ -78,6 +79,7 @@ class Service:
         inbound = Inbound(self.config, self.store, self.submitter,
                           Tokens(load_key(self.config.server.data_dir)))
         try:
+            await check_signing_keys(self.store)  # a corrupt DKIM key stops us here, named
             for i, (listener, ctx) in enumerate(zip(self.config.smtp.listeners, contexts)):
                 handler = RelayHandler(self.config, listener, self.store, self.submitter, inbound)
                 self.handlers.append(handler)

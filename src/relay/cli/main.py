@@ -1,18 +1,16 @@
 """The `relay` command: init, serve, send, keys, domains, suppressions, webhooks, templates,
-contacts, bounces, queue."""
+contacts, bounces, queue, check-config, backup, restore."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import datetime
-import getpass
 import json
 import os
 import smtplib
 import ssl
 import sys
-import time
 from email.message import EmailMessage
 from email.utils import make_msgid
 from importlib import resources
@@ -21,21 +19,23 @@ from typing import Any
 
 from .. import config as config_mod
 from .. import keys, logs
-from ..api.views import message_json
 from ..config import Config, LogConfig
 from ..errors import ConfigError, StoreError, ValidationError
 from ..service import run
 from ..store import SQLiteStore
 from ..tlsutil import ensure_self_signed
 from ..types import SCOPES
+from . import backup as cli_backup
 from . import bounces as cli_bounces
+from . import check as cli_check
 from . import contacts as cli_contacts
 from . import domains as cli_domains
 from . import prune as cli_prune
+from . import queue as cli_queue
 from . import suppressions as cli_suppressions
 from . import templates as cli_templates
 from . import webhooks as cli_webhooks
-from .util import Subparsers, iso, table, with_store
+from .util import Subparsers, iso, relay_version, table, with_store
 
 EXIT_CONFIG = 2
 
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relay", description="SMTP relay and mail API")
+    p.add_argument("--version", action="version", version=f"relay {relay_version()}")
     p.add_argument("--config", metavar="PATH", default=None,
                    help="config file (default: $RELAY_CONFIG, else embedded defaults)")
     # `relay serve --config X` works as well as `relay --config X serve`
@@ -117,28 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     cli_bounces.add_parsers(sub, common)
     cli_prune.add_parsers(sub, common)
 
-    q = Subparsers(sub.add_parser("queue", help="the mail queue").add_subparsers(
-        metavar="ACTION"), common)
-    s = q.add_parser("list", help="messages, newest first")
-    s.add_argument("--status", default=None)
-    s.add_argument("--limit", type=int, default=100)
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_queue_list)
-    s = q.add_parser("show", help="one message: recipients, attempts, events")
-    s.add_argument("id")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_queue_show)
-    s = q.add_parser("retry", help="deliver deferred recipients now")
-    target = s.add_mutually_exclusive_group(required=True)
-    target.add_argument("id", nargs="?")
-    target.add_argument("--all", action="store_true")
-    s.set_defaults(func=cmd_queue_retry)
-    for name, help_text in (("hold", "hold a message's pending recipients"),
-                            ("release", "release held (or failed) recipients"),
-                            ("delete", "cancel a message's pending recipients (recorded)")):
-        s = q.add_parser(name, help=help_text)
-        s.add_argument("id")
-        s.set_defaults(func=cmd_queue_action, action=name)
+    cli_queue.add_parsers(sub, common)
+    cli_backup.add_parsers(sub, common)
+    cli_check.add_parsers(sub, common)
     return p
 
 
@@ -274,82 +256,6 @@ def cmd_keys_revoke(args: argparse.Namespace, config: Config) -> int:
         print(f"relay: no active key {args.id}", file=sys.stderr)
         return 1
     print(f"revoked {args.id}")
-    return 0
-
-
-# -- queue -------------------------------------------------------------------------------
-
-
-def cmd_queue_list(args: argparse.Namespace, config: Config) -> int:
-    page = with_store(config, lambda s: s.list_messages(limit=args.limit, status=args.status))
-    if args.json:
-        print(json.dumps([message_json(d) for d in page.items], indent=2))
-        return 0
-    rows = [("ID", "CREATED", "STATUS", "FROM", "RECIPIENT", "RCPT STATUS", "NEXT", "LAST REPLY")]
-    for d in page.items:
-        for i, r in enumerate(d.recipients):
-            rows.append((d.message.id if i == 0 else "", iso(d.message.created_at) if i == 0
-                         else "", d.message.status if i == 0 else "",
-                         (d.message.mail_from or "<>") if i == 0 else "", r.address,
-                         r.status.value, iso(r.next_attempt_at) if r.next_attempt_at and
-                         not r.status.final else "", (r.last_reply or "")[:60]))
-    table(rows)
-    return 0
-
-
-def cmd_queue_show(args: argparse.Namespace, config: Config) -> int:
-    detail = with_store(config, lambda s: s.get_message(args.id))
-    if detail is None:
-        print(f"relay: no message {args.id}", file=sys.stderr)
-        return 1
-    data = message_json(detail, full=True)
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
-    for label in ("id", "status", "createdAt", "from", "headerFrom", "subject", "size", "tags"):
-        print(f"{label:>11}: {data[label]}")
-    print(f"{'returnPath':>11}: {data['returnPath']['mode']} ({data['returnPath']['note']})")
-    if data["bodyPrunedAt"]:
-        print(f"{'body':>11}: pruned at {data['bodyPrunedAt']} ([retention] bodies_days)")
-    print()
-    table([("RECIPIENT", "STATUS", "ATTEMPTS", "NEXT", "LAST REPLY")] + [
-        (r["email"], r["status"], str(r["attempts"]), r["nextAttemptAt"] or "",
-         r["lastReply"] or "") for r in data["recipients"]])
-    if data["attempts"]:
-        print()
-        table([("AT", "MX", "IP", "TLS", "REPLY", "OUTCOME", "DKIM")] + [
-            (a["at"], a["mxHost"] or "", a["ip"] or "", a["tls"] or "-",
-             f"{a['code'] or ''} {a['enhanced'] or ''} {a['reply']}".strip()[:70], a["outcome"],
-             a["dkim"] or "") for a in data["attempts"]])
-    print()
-    table([("AT", "EVENT", "RECIPIENT")] + [(e["at"], e["type"], str(e["recipient"] or ""))
-                                            for e in data["events"]])
-    return 0
-
-
-def cmd_queue_retry(args: argparse.Namespace, config: Config) -> int:
-    now = time.time()
-    count = with_store(config, lambda s: s.retry_now(None if args.all else args.id, now))
-    print(f"{count} recipient(s) due now")
-    return 0
-
-
-def cmd_queue_action(args: argparse.Namespace, config: Config) -> int:
-    by = f"cli:{getpass.getuser()}"
-    now = time.time()
-    actions = {"hold": "hold", "release": "release", "delete": "cancel"}
-
-    async def go(store: SQLiteStore) -> int | None:
-        if await store.get_message(args.id) is None:
-            return None
-        count: int = await getattr(store, actions[args.action])(args.id, by, now)
-        return count
-
-    count = with_store(config, go)
-    if count is None:
-        print(f"relay: no message {args.id}", file=sys.stderr)
-        return 1
-    print(f"{args.action}: {count} recipient(s) of {args.id}")
     return 0
 
 

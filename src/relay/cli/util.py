@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ..config import Config
@@ -43,3 +44,11 @@ def table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def relay_version() -> str:
+    """The installed package's version, as `relay --version` and backups name it."""
+    try:
+        return version("relay")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"

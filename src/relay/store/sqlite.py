@@ -23,6 +23,7 @@ from .events import EventQueries
 from .groupcommit import Batched, GroupCommitWriter
 from .idempotency import IDEMPOTENCY_WINDOW, IdempotencyQueries
 from .inbound import InboundQueries
+from .operator import OperatorQueries
 from .retention import RetentionQueries
 from .rows import (
     MESSAGE_COLUMNS,
@@ -43,8 +44,9 @@ from .webhooks import WebhookQueries
 
 
 class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, EventQueries,
-                  IdempotencyQueries, InboundQueries, StatsQueries, SuppressionQueries,
-                  TemplateQueries, WebhookQueries, RetentionQueries, CountQueries):
+                  IdempotencyQueries, InboundQueries, OperatorQueries, StatsQueries,
+                  SuppressionQueries, TemplateQueries, WebhookQueries, RetentionQueries,
+                  CountQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: SQLiteThread | None = None
