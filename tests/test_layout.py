@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("relay.delivery",),  # scheduler, render, DKIM, outbound SMTP, worker processes
     ("relay.smtp",),  # the listeners (inbound reports go to feedback)
     ("relay.api",),  # the JSON APIs
-    ("relay.domains", "relay.service"),  # sending domains' management; the wiring
+    ("relay.domains", "relay.service", "relay.lifecycle"),  # sending domains' management; the wiring
     ("relay.cli",),  # the command
 )
 

@@ -13,6 +13,25 @@ from .errors import StoreError
 LOCK_NAME = "relay.lock"
 
 
+def holder(data_dir: Path) -> int | None:
+    """The pid of the relay serving `data_dir`, or None when none does (no lock file, or
+    nobody holds the lock: a pid left by a crash is not trusted). Raises OSError when the
+    lock file cannot be read (another user's)."""
+    try:
+        fd = os.open(data_dir / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: read whose
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else None
+        return None  # we could take it: nobody serves
+    finally:
+        os.close(fd)  # drops our shared lock, if we took it
+
+
 class DataDirLock:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / LOCK_NAME

@@ -21,6 +21,7 @@ from .dialects.mailerlogic import MailerLogicApi
 from .dialects.piisend import PiiSendApi
 from .dialects.plunk import PlunkApi
 from .errors import ApiError
+from .health import HealthRoutes, Readiness
 from .hooks import HooksApi
 from .manage import ManageApi
 from .native import NativeApi
@@ -94,7 +95,8 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
                         type="internal_error").response()
 
 
-def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Application:
+def make_app(config: Config, store: SQLiteStore, submitter: Submitter, *,
+             readiness: Readiness | None = None) -> web.Application:
     guard = ConnectionGuard(config.limits)
     # the guard first: it must see a request arrive before anything awaits its body
     app = web.Application(middlewares=[guard.middleware, errors],
@@ -115,6 +117,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     app.add_routes(MailChannelsApi(config, store, submitter,
                                    Signer.load(config.server.data_dir)).routes())
     app.add_routes([web.get("/v1/openapi.json", openapi_handler)])
+    app.add_routes(HealthRoutes(readiness).routes())
     auth.check_routes(app)
     return app
 

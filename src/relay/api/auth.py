@@ -72,6 +72,9 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("POST", "/u/{token}"): PUBLIC,
     ("GET", "/o/{token}"): PUBLIC,
     ("GET", "/c/{token}"): PUBLIC,
+    # liveness and readiness (api/health.py): they say only whether each part works
+    ("GET", "/healthz"): PUBLIC,
+    ("GET", "/readyz"): PUBLIC,
 }
 
 

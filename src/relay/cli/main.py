@@ -32,6 +32,7 @@ from ..types import SCOPES
 from . import bounces as cli_bounces
 from . import contacts as cli_contacts
 from . import domains as cli_domains
+from . import lifecycle as cli_lifecycle
 from . import suppressions as cli_suppressions
 from . import templates as cli_templates
 from . import webhooks as cli_webhooks
@@ -117,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_templates.add_parsers(sub, common)
     cli_contacts.add_parsers(sub, common)
     cli_bounces.add_parsers(sub, common)
+    cli_lifecycle.add_parsers(sub, common)
 
     q = Subparsers(sub.add_parser("queue", help="the mail queue").add_subparsers(
         metavar="ACTION"), common)

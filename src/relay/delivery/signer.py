@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import dkim
-from .child import die_with_parent
+from .child import die_with_parent, ignore_hangup, signal_name
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,7 @@ class SignerProcess:
         self._pipe = None
         self._sent.clear()
         for pipe in list(self._children):
+            pipe.closing = True
             pipe.kill()
         if self._children:
             await asyncio.wait([pipe.exited for pipe in self._children], timeout=TIMEOUT)
@@ -173,6 +174,8 @@ class _Pipe(asyncio.SubprocessProtocol):
         self.exited: asyncio.Future[None] = loop.create_future()
         self.alive = False
         self.pid: int | None = None
+        self.closing = False  # the worker is closing the signer: its end is no news
+        self._why: str | None = None  # the first reason it failed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.SubprocessTransport)
@@ -230,11 +233,17 @@ class _Pipe(asyncio.SubprocessProtocol):
         self._fail(f"its pipe closed ({exc})" if exc else "its pipe closed")
 
     def process_exited(self) -> None:
+        killed = signal_name(self._transport.get_returncode() if self._transport else None)
+        # a signal from outside, not our own kill (at close, or of a child that misbehaved)
+        if killed and not self.closing and (self._why is None or self._why.startswith("its pipe")):
+            log.warning("the DKIM signer was killed by %s; signing in the worker until a "
+                        "new one starts", killed)
         self._fail("it exited")
         if not self.exited.done():
             self.exited.set_result(None)
 
     def _fail(self, why: str) -> None:
+        self._why = self._why or why
         self.alive = False
         if not self.listening.done():
             self.listening.set_exception(SignerGone(why))
@@ -310,6 +319,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def main() -> None:
     die_with_parent()
+    ignore_hangup()
     serve(sys.stdin.fileno(), sys.stdout.fileno())
 
 

@@ -9,6 +9,7 @@ import os
 import pickle
 import sys
 
+from .child import signal_name
 from .worker import WorkerArgs
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,15 @@ class WorkerProcess:
         self._wake_w: int | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
+
+    @property
+    def alive(self) -> bool:
+        """The worker process runs now (False between a death and its restart)."""
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     async def start(self) -> None:
         await self._spawn()
@@ -59,7 +69,11 @@ class WorkerProcess:
             code = await self._proc.wait()
             if self._stopping:
                 return
-            log.error("the delivery worker exited with %s; restarting it", code)
+            killed = signal_name(code)
+            if killed:
+                log.error("the delivery worker was killed by %s; restarting", killed)
+            else:
+                log.error("the delivery worker exited with %s; restarting it", code)
             await asyncio.sleep(RESTART_DELAY)
             await self._spawn()
 

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 
 from ..config import Config
-from .child import die_with_parent
+from .child import die_with_parent, ignore_hangup
 from .stack import delivery_stack
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 class WorkerArgs:
     config: Config
     own_listeners: tuple[tuple[str, int], ...]
+    recover: bool = True  # False for a reload's worker: the old one's leases stand
 
 
 async def serve(args: WorkerArgs, wake_fd: int) -> None:
@@ -53,7 +54,7 @@ async def serve(args: WorkerArgs, wake_fd: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)  # `kill -USR1`: what is it waiting on?
     try:
-        await scheduler.start()
+        await scheduler.start(recover=args.recover)
         await stop.wait()
     finally:
         loop.remove_reader(wake_fd)
@@ -70,6 +71,7 @@ def _dump_tasks() -> None:
 
 def main() -> None:
     die_with_parent()
+    ignore_hangup()
     wake_fd = int(sys.argv[1])
     args: WorkerArgs = pickle.load(sys.stdin.buffer)  # from our own master, over a pipe
     logging.basicConfig(level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),

@@ -20,6 +20,7 @@ from .domains import DomainQueries
 from .emails import EmailQueries
 from .events import EventQueries
 from .groupcommit import Batched, GroupCommitWriter
+from .health import HealthQueries
 from .idempotency import IDEMPOTENCY_WINDOW, IdempotencyQueries
 from .inbound import InboundQueries
 from .rows import (
@@ -40,8 +41,8 @@ from .webhooks import WebhookQueries
 
 
 class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, EventQueries,
-                  IdempotencyQueries, InboundQueries, SuppressionQueries, TemplateQueries,
-                  WebhookQueries):
+                  HealthQueries, IdempotencyQueries, InboundQueries, SuppressionQueries,
+                  TemplateQueries, WebhookQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: SQLiteThread | None = None
