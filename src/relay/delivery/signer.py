@@ -130,7 +130,8 @@ class SignerProcess:
         try:
             _, pipe = await loop.subprocess_exec(
                 _Pipe, self._python, "-m", "relay.delivery.signer",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None)
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
+                process_group=0)  # out of the terminal's signals, as the worker is
             self._children.add(pipe)
             pipe.exited.add_done_callback(lambda _: self._children.discard(pipe))
             await asyncio.wait_for(asyncio.shield(pipe.listening), TIMEOUT)

@@ -43,7 +43,10 @@ class WorkerProcess:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relay.delivery.worker", str(read_end),
-                stdin=asyncio.subprocess.PIPE, pass_fds=(read_end,))
+                stdin=asyncio.subprocess.PIPE, pass_fds=(read_end,),
+                # a group of its own: a terminal's hangup or ^C to relay's group is the
+                # master's to act on (reload, drain), not a kill of the worker mid-session
+                process_group=0)
         finally:
             os.close(read_end)
         assert self._proc.stdin is not None
