@@ -274,3 +274,17 @@ def _alive(pid: int) -> bool:
     # a zombie not yet reaped still answers: count it as gone
     with open(f"/proc/{pid}/stat") as fh:
         return fh.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can be refused")
+def test_root_is_refused_in_the_relay_users_data_dir(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, 65534, 65534)  # as StateDirectory= makes it: the service user's
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[server]\ndata_dir = "{data}"\n[api]\nport = {free_port()}\n')
+    done = run_relay("--config", str(config), "queue", "list", cwd=tmp_path)
+    assert done.returncode == 1
+    assert f"relay: {data} belongs to user " in done.stderr
+    assert "relay as that user (sudo -u " in done.stderr
+    assert list(data.iterdir()) == []  # nothing made as root

@@ -24,6 +24,7 @@ from .. import config as config_mod
 from .. import keys
 from ..api.views import message_json
 from ..config import Config
+from ..datadir import check_owner
 from ..errors import ConfigError, StoreError, ValidationError
 from ..service import run
 from ..store import SQLiteStore
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flufl.bounce").setLevel(logging.WARNING)  # a line per detector tried
     try:
         config = config_mod.load(args.config) if args.func is not cmd_init else None
+        if config is not None and args.func is not cli_lifecycle.cmd_reload:
+            check_owner(config.server.data_dir)
         result: int = args.func(args, config)
         return result
     except ConfigError as exc:
