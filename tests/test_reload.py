@@ -5,7 +5,9 @@ worker outliving a hangup of the whole process group (lifecycle/, service.run)."
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
 import smtplib
@@ -288,3 +290,82 @@ def test_root_is_refused_in_the_relay_users_data_dir(tmp_path: Path) -> None:
     assert f"relay: {data} belongs to user " in done.stderr
     assert "relay as that user (sudo -u " in done.stderr
     assert list(data.iterdir()) == []  # nothing made as root
+
+
+# -- in the master's own loop: what a reload changes, and what it keeps ------------------
+
+INPROC = """
+[server]
+hostname = "relay.test"
+data_dir = "{data}"
+[[smtp.listeners]]
+address = "127.0.0.1"
+port = {port}
+mode = "relay"
+tls = "none"
+allowed_networks = ["127.0.0.0/8"]
+[api]
+port = {api}
+[delivery]
+process = false
+concurrency = {concurrency}
+[webhooks]
+timeout = {timeout}
+[limits]
+max_recipients = {max_rcpt}
+"""
+
+
+async def test_a_reload_renews_delivery_and_webhooks_and_keeps_what_needs_a_restart(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from relay.config import load
+    from relay.lifecycle.reload import reload
+    from relay.service import Service
+
+    path, port, api = tmp_path / "relay.toml", free_port(), free_port()
+
+    def write(**values: Any) -> None:
+        path.write_text(INPROC.format(**{"data": tmp_path / "data", "port": port, "api": api,
+                                         "concurrency": 5, "timeout": 15, "max_rcpt": 100,
+                                         **values}))
+
+    write()
+    svc = Service(load(path))
+    await svc.start()
+    try:
+        scheduler, webhooks = svc.scheduler, svc.webhooks
+        assert scheduler is not None and webhooks is not None
+        write(concurrency=6, timeout=9, max_rcpt=2, port=free_port())
+        with caplog.at_level(logging.WARNING, logger="relay.lifecycle.reload"):
+            assert await reload(svc)
+        assert svc.config.delivery.concurrency == 6
+        assert svc.config.webhooks.timeout == 9
+        assert svc.handlers[0].config.limits.max_recipients == 2  # SMTP policy: live
+        assert svc.config.smtp.listeners[0].port == port  # where it listens: at restart
+        assert ("reload: smtp.listeners[0].port changed; it takes effect when relay restarts"
+                in caplog.messages)
+        assert svc.scheduler is not scheduler and svc.scheduler is not None
+        assert svc.scheduler.running and not scheduler.running
+        assert svc.webhooks is not webhooks
+        assert scheduler.notify not in svc.submitter.on_queued
+        assert webhooks.notify not in svc.submitter.on_queued
+        assert all(check.ok for check in await svc.readiness())
+
+        codes = await asyncio.to_thread(rcpt_codes, port, 3)
+        assert codes == [250, 250, 452]  # the new max_recipients, on a new session
+
+        path.write_text("[delivery]\nconcurrency = 0\n")
+        with caplog.at_level(logging.ERROR, logger="relay.lifecycle.reload"):
+            assert not await reload(svc)
+        assert caplog.messages[-1].startswith(f"reload refused: {path}: delivery.concurrency:")
+        assert svc.config.delivery.concurrency == 6
+    finally:
+        await svc.stop()
+
+
+def rcpt_codes(port: int, count: int) -> list[int]:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=10) as client:
+        client.ehlo("client.test")
+        code, text = client.mail("app@sender.test")
+        assert code == 250, text
+        return [client.rcpt(f"r{i}@rcpt.test")[0] for i in range(count)]

@@ -137,8 +137,8 @@ async def test_a_signal_death_of_the_child_is_logged_by_name_and_its_close_is_no
             assert pipe is not None and pid is not None
             os.kill(pid, signal.SIGKILL)
             await asyncio.wait_for(pipe.exited, 10)
-            assert caplog.messages == ["the DKIM signer was killed by SIGKILL; signing in the "
-                                       "worker until a new one starts"]
+            assert caplog.messages == [("the DKIM signer was killed by SIGKILL; signing in the "
+                                        "worker until a new one starts")]
             caplog.clear()
             await ready(closed, key)
             await closed.close()
