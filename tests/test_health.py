@@ -128,3 +128,13 @@ async def test_readyz_fails_when_the_in_process_scheduler_is_not_running(
         assert status == 503 and body["failed"] == ["delivery"]
     finally:
         await svc.stop()
+
+
+async def test_a_flood_of_readyz_costs_the_store_one_probe(service: Service,
+                                                          http: aiohttp.ClientSession) -> None:
+    writer = service.store.writer
+    assert writer is not None
+    before = writer.batches
+    answers = await asyncio.gather(*[get(http, service, "/readyz") for _ in range(50)])
+    assert {status for status, _ in answers} == {200}
+    assert writer.batches - before <= 2  # one shared probe (two if a second went stale)

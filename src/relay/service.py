@@ -52,6 +52,7 @@ class Service:
     scheduler: Scheduler | None = field(init=False, default=None)  # delivery in this process
     worker: WorkerProcess | None = field(init=False, default=None)  # or in its own
     lock: DataDirLock = field(init=False)
+    _checks: readiness.SharedChecks | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.lock = DataDirLock(self.config.server.data_dir)
@@ -156,7 +157,9 @@ class Service:
 
     async def readiness(self) -> list[Check]:
         """For `/readyz`: the store takes a write, delivery runs, every listener is bound."""
-        return await readiness.check_all(self)
+        if self._checks is None:
+            self._checks = readiness.SharedChecks(self)
+        return await self._checks()
 
     async def stop(self) -> None:
         for server in self.servers:

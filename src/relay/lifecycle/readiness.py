@@ -31,6 +31,29 @@ async def check_all(parts: Parts) -> list[Check]:
     return [await check_store(parts.store), check_delivery(parts), check_listeners(parts)]
 
 
+class SharedChecks:
+    """`/readyz` is public: callers at the same moment share one store probe, and a probe
+    younger than FRESH is answered again, so a flood of requests costs the store one write
+    transaction a second, not one each. The other checks cost nothing and are always new."""
+
+    FRESH = 1.0
+
+    def __init__(self, parts: Parts) -> None:
+        self._parts = parts
+        self._probe: asyncio.Task[Check] | None = None
+        self._done_at = 0.0
+
+    async def __call__(self) -> list[Check]:
+        loop = asyncio.get_running_loop()
+        probe = self._probe
+        if probe is None or (probe.done() and loop.time() - self._done_at > self.FRESH):
+            probe = self._probe = loop.create_task(check_store(self._parts.store),
+                                                   name="readiness-store")
+            probe.add_done_callback(lambda _: setattr(self, "_done_at", loop.time()))
+        store = await asyncio.shield(probe)
+        return [store, check_delivery(self._parts), check_listeners(self._parts)]
+
+
 async def check_store(store: SQLiteStore) -> Check:
     try:
         await asyncio.wait_for(store.probe_write(), PROBE_TIMEOUT)
