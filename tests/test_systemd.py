@@ -92,6 +92,7 @@ def test_the_unit_reloads_and_watches() -> None:
     d = directives()
     assert d["Type"] == ["notify"] and d["NotifyAccess"] == ["main"]
     assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert d["KillMode"] == ["mixed"]  # SIGTERM to the master, which drains its children
     assert "WatchdogSec" in d
     assert d["SystemCallFilter"][0] == "@system-service"
 
