@@ -178,6 +178,11 @@ def test_systemd_hears_ready_watchdog_status_and_stopping(
         assert heard[0] == "READY=1"
         status = next(h for h in heard if h.startswith("STATUS="))
         assert status == ("STATUS=scheduled 0, queued 0, deferred 0, held 0, failed 0; ready")
+        served.hup()
+        while not heard[-1].startswith("RELOADING=1\nMONOTONIC_USEC="):
+            heard.append(sd.recv(4096).decode())
+        while heard[-1] != "READY=1":
+            heard.append(sd.recv(4096).decode())
         served.proc.send_signal(signal.SIGTERM)
         while "STOPPING=1" not in heard:
             heard.append(sd.recv(4096).decode())

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import ssl
+import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -242,7 +243,9 @@ async def _reload_on_hangup(service: Service, hangups: asyncio.Event,
         async with reloading:
             hangups.clear()
             log.info("reloading on SIGHUP")
+            sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
             try:
                 await reload(service)
             except Exception:  # the running config stays; relay must outlive a failed reload
                 log.exception("reload failed")
+            sd_notify("READY=1")
