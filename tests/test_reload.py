@@ -349,6 +349,8 @@ async def test_a_reload_renews_delivery_and_webhooks_and_keeps_what_needs_a_rest
         assert svc.config.smtp.listeners[0].port == port  # where it listens: at restart
         assert ("reload: smtp.listeners[0].port changed; it takes effect when relay restarts"
                 in caplog.messages)
+        assert ("reload: [limits], [webhooks] changed: SMTP and delivery use it now, the HTTP "
+                "API when relay restarts" in caplog.messages)
         assert svc.scheduler is not scheduler and svc.scheduler is not None
         assert svc.scheduler.running and not scheduler.running
         assert svc.webhooks is not webhooks

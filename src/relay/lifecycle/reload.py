@@ -44,6 +44,14 @@ from ..tlsutil import ensure_self_signed, server_context
 log = logging.getLogger(__name__)
 
 LISTENER_SHAPE = ("address", "port", "mode", "tls")  # a listener with another is another socket
+# limits held by long-lived counters (connection caps, AUTH throttles, the HTTP guard)
+LIMITS_AT_RESTART = ("max_smtp_connections", "max_smtp_connections_per_client",
+                     "auth_failures_before_delay", "auth_failures_before_block",
+                     "auth_block_seconds", "max_http_connections",
+                     "max_http_connections_per_client", "http_header_timeout",
+                     "http_body_timeout")
+# sections the HTTP API reads besides [api]: its handlers keep the config they were built with
+API_READS = ("server", "limits", "tracking", "dkim", "bounces", "webhooks")
 
 
 class Reloadable(Protocol):
@@ -71,6 +79,9 @@ async def reload(service: Reloadable) -> bool:
     for key in restart_only(old, loaded):
         log.warning("reload: %s changed; it takes effect when relay restarts", key)
     new = effective(old, loaded)
+    if api := [s for s in API_READS if getattr(old, s) != getattr(new, s)]:
+        log.warning("reload: [%s] changed: SMTP and delivery use it now, the HTTP API when "
+                    "relay restarts", "], [".join(api))
     if new.smtp is loaded.smtp:
         for ctx, files in zip(service.contexts, tls):
             if ctx is not None and files is not None:
@@ -112,6 +123,8 @@ def restart_only(old: Config, new: Config) -> list[str]:
                 if getattr(old.api, f.name) != getattr(new.api, f.name)]
     if new.delivery.process != old.delivery.process:
         changed.append("delivery.process")
+    changed += [f"limits.{k}" for k in LIMITS_AT_RESTART
+                if getattr(old.limits, k) != getattr(new.limits, k)]
     if len(new.smtp.listeners) != len(old.smtp.listeners):
         changed.append("smtp.listeners (how many)")
     for i, (a, b) in enumerate(zip(old.smtp.listeners, new.smtp.listeners)):
