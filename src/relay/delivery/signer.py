@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
 import struct
 import sys
 import time
@@ -239,9 +240,9 @@ class _Pipe(asyncio.SubprocessProtocol):
         if killed and not self.closing and (self._why is None or self._why.startswith("its pipe")):
             log.warning("the DKIM signer was killed by %s; signing in the worker until a "
                         "new one starts", killed)
-        self._fail("it exited")
         if not self.exited.done():
             self.exited.set_result(None)
+        self._fail("it exited")  # and now kill() may close the transport
 
     def _fail(self, why: str) -> None:
         self._why = self._why or why
@@ -261,10 +262,17 @@ class _Pipe(asyncio.SubprocessProtocol):
     def kill(self) -> None:
         self.alive = False
         transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.close()  # kills the child if it still runs
-        elif transport is None and not self.exited.done():
-            self.exited.set_result(None)
+        if transport is None:
+            if not self.exited.done():
+                self.exited.set_result(None)
+        elif not self.exited.done() and self.pid is not None:
+            # a signal, not transport.close(): that polls the child (Popen.poll), reaping it
+            # before asyncio's watcher can, which then logs "Unknown child process" and
+            # loses how it ended; process_exited closes the transport once it is known
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        elif not transport.is_closing():
+            transport.close()
 
 
 def _frame(value: Any) -> bytes:
