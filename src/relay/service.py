@@ -25,13 +25,13 @@ from .feedback.tracking import Tokens, load_key
 from .feedback.webhooks import WebhookDispatcher
 from .lifecycle import readiness
 from .lifecycle.notify import Notifier, sd_notify
-from .lifecycle.reload import reload
+from .lifecycle.reload import reload, tls_files
 from .smtp.handler import RelayHandler
 from .smtp.inbound import Inbound
 from .smtp.server import make_server_factory
 from .store import SQLiteStore
 from .submit import Submitter
-from .tlsutil import ensure_self_signed, server_context
+from .tlsutil import server_context
 
 log = logging.getLogger(__name__)
 
@@ -139,22 +139,8 @@ class Service:
             await self.scheduler.start()
 
     def _tls_context(self, index: int, listener: ListenerConfig) -> ssl.SSLContext | None:
-        if listener.tls == "none":
-            if listener.mode == "submission":
-                raise ConfigError(self.config.source, f"smtp.listeners[{index}].tls",
-                                  "a submission listener needs TLS (AUTH is only offered over "
-                                  "TLS); use starttls or implicit")
-            return None
-        cert, key = listener.tls_cert, listener.tls_key
-        if not cert:
-            cert_path, key_path = ensure_self_signed(self.config.server.data_dir,
-                                                     self.config.server.hostname)
-            cert, key = str(cert_path), str(key_path)
-        try:
-            return server_context(cert, key)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(self.config.source, f"smtp.listeners[{index}].tls_cert",
-                              f"cannot load the certificate and key: {exc}") from None
+        files = tls_files(self.config, index, listener)  # checked, as a reload checks them
+        return None if files is None else server_context(*files)
 
     async def readiness(self) -> list[Check]:
         """For `/readyz`: the store takes a write, delivery runs, every listener is bound."""

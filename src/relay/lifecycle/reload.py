@@ -101,6 +101,10 @@ async def reload(service: Reloadable) -> bool:
 def tls_files(config: Config, index: int, listener: ListenerConfig) -> tuple[str, str] | None:
     """The certificate and key a listener serves, checked by loading them (ConfigError)."""
     if listener.tls == "none":
+        if listener.mode == "submission":
+            raise ConfigError(config.source, f"smtp.listeners[{index}].tls",
+                              "a submission listener needs TLS (AUTH is only offered over "
+                              "TLS); use starttls or implicit")
         return None
     cert, key = listener.tls_cert, listener.tls_key
     if not cert:
