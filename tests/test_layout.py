@@ -26,8 +26,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("relay.delivery",),  # scheduler, render, DKIM, outbound SMTP, worker processes
     ("relay.smtp",),  # the listeners (inbound reports go to feedback)
     ("relay.api",),  # the JSON APIs
-    # sending domains' management; the pruner; the wiring
-    ("relay.domains", "relay.retention", "relay.service"),
+    # sending domains' management; the pruner; the wiring (and its lifecycle: health, reload)
+    ("relay.domains", "relay.retention", "relay.service", "relay.lifecycle"),
     ("relay.cli",),  # the command
 )
 

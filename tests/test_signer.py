@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import signal
 import time
@@ -123,3 +124,25 @@ async def test_rendered_batches_verify_with_the_signatures_from_the_child(
                 assert d.verify(idx=i, dnsfunc=lambda name, timeout=5: records[name])
     finally:
         await renderer.close()
+
+
+async def test_a_signal_death_of_the_child_is_logged_by_name_and_its_close_is_not(
+        caplog: pytest.LogCaptureFixture) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    killed, closed = SignerProcess(), SignerProcess()
+    try:
+        with caplog.at_level(logging.WARNING, logger="relay.delivery.signer"):
+            await ready(killed, key)
+            pipe, pid = killed._pipe, killed.pid
+            assert pipe is not None and pid is not None
+            os.kill(pid, signal.SIGKILL)
+            await asyncio.wait_for(pipe.exited, 10)
+            assert caplog.messages == [("the DKIM signer was killed by SIGKILL; signing in the "
+                                        "worker until a new one starts")]
+            caplog.clear()
+            await ready(closed, key)
+            await closed.close()
+            assert caplog.messages == []
+    finally:
+        await killed.close()
+        await closed.close()

@@ -6,11 +6,51 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pwd
 from pathlib import Path
 
 from .errors import StoreError
 
 LOCK_NAME = "relay.lock"
+
+
+def check_owner(data_dir: Path) -> None:
+    """Root must not work in another user's data dir: the files it made (the WAL, keys,
+    certificates) would be root's, and the relay user could no longer open them. Raises
+    StoreError saying whom to run as."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = data_dir.stat().st_uid
+    except FileNotFoundError:
+        return
+    if owner != 0:
+        try:
+            name = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            name = str(owner)
+        raise StoreError(f"{data_dir} belongs to user {name}; run relay as that user "
+                         f"(sudo -u {name} relay ...), not as root, so that the files it "
+                         "makes stay readable by the service")
+
+
+def holder(data_dir: Path) -> int | None:
+    """The pid of the relay serving `data_dir`, or None when none does (no lock file, or
+    nobody holds the lock: a pid left by a crash is not trusted). Raises OSError when the
+    lock file cannot be read (another user's)."""
+    try:
+        fd = os.open(data_dir / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: read whose
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else None
+        return None  # we could take it: nobody serves
+    finally:
+        os.close(fd)  # drops our shared lock, if we took it
 
 
 class DataDirLock:

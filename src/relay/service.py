@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
 import ssl
+import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -15,6 +14,7 @@ from aiohttp import web
 from . import metrics
 from .api import metrics as api_metrics
 from .api.app import CONNECTIONS, make_app
+from .api.health import Check
 from .config import Config, ListenerConfig
 from .datadir import DataDirLock
 from .delivery.keycheck import check_signing_keys
@@ -26,13 +26,16 @@ from .errors import ConfigError
 from .feedback import webhooks_mailchannels
 from .feedback.tracking import Tokens, load_key
 from .feedback.webhooks import WebhookDispatcher
+from .lifecycle import readiness
+from .lifecycle.notify import Notifier, sd_notify
+from .lifecycle.reload import reload, tls_files
 from .retention import Pruner
 from .smtp.handler import RelayHandler
 from .smtp.inbound import Inbound
 from .smtp.server import make_server_factory
 from .store import SQLiteStore
 from .submit import Submitter
-from .tlsutil import ensure_self_signed, server_context
+from .tlsutil import server_context
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class Service:
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
     bound: list[tuple[str, int]] = field(default_factory=list)  # (address, port) per listener
     handlers: list[RelayHandler] = field(default_factory=list)
+    contexts: list[ssl.SSLContext | None] = field(default_factory=list)  # per listener
 
     api_bound: tuple[str, int] | None = None  # (address, port) of the HTTP API
     api_runner: web.AppRunner | None = field(init=False, default=None)
@@ -57,6 +61,7 @@ class Service:
     worker_metrics: metrics.Remote = field(init=False, default_factory=metrics.Remote)
     metrics_runner: web.AppRunner | None = field(init=False, default=None)
     metrics_bound: tuple[str, int] | None = None  # (address, port) of [metrics] address
+    _checks: readiness.SharedChecks | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.lock = DataDirLock(self.config.server.data_dir)
@@ -74,6 +79,7 @@ class Service:
         except BaseException:
             self.lock.release()
             raise
+        self.contexts = contexts  # a reload loads new certificates into these
         load_key(self.config.server.data_dir)  # made once, before any process needs it
         metrics.configure(process="master", domains=self.config.metrics.domains)
         inbound = Inbound(self.config, self.store, self.submitter,
@@ -117,7 +123,7 @@ class Service:
         api = self.config.api
         if not api.enabled:
             return
-        app = make_app(self.config, self.store, self.submitter)
+        app = make_app(self.config, self.store, self.submitter, readiness=self.readiness)
         self.api_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.api_runner.setup()
         assert self.api_runner.server is not None
@@ -155,22 +161,14 @@ class Service:
             await self.scheduler.start()
 
     def _tls_context(self, index: int, listener: ListenerConfig) -> ssl.SSLContext | None:
-        if listener.tls == "none":
-            if listener.mode == "submission":
-                raise ConfigError(self.config.source, f"smtp.listeners[{index}].tls",
-                                  "a submission listener needs TLS (AUTH is only offered over "
-                                  "TLS); use starttls or implicit")
-            return None
-        cert, key = listener.tls_cert, listener.tls_key
-        if not cert:
-            cert_path, key_path = ensure_self_signed(self.config.server.data_dir,
-                                                     self.config.server.hostname)
-            cert, key = str(cert_path), str(key_path)
-        try:
-            return server_context(cert, key)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(self.config.source, f"smtp.listeners[{index}].tls_cert",
-                              f"cannot load the certificate and key: {exc}") from None
+        files = tls_files(self.config, index, listener)  # checked, as a reload checks them
+        return None if files is None else server_context(*files)
+
+    async def readiness(self) -> list[Check]:
+        """For `/readyz`: the store takes a write, delivery runs, every listener is bound."""
+        if self._checks is None:
+            self._checks = readiness.SharedChecks(self)
+        return await self._checks()
 
     async def stop(self) -> None:
         if self.pruner is not None:
@@ -216,34 +214,52 @@ class Service:
 
 
 async def run(config: Config, *, on_ready: asyncio.Future[None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT."""
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file."""
     service = Service(config)
+    stopped_by: list[signal.Signals] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop(sig: signal.Signals) -> None:
+        stopped_by.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a stop while starting waits
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop, sig)
+    hangups = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, hangups.set)  # before start: a HUP must not kill
     await service.start()
-    _sd_notify("READY=1")
+    notifier = Notifier(service)
+    sd_notify("READY=1")
+    notifier.start()
+    reloading = asyncio.Lock()
+    reloader = asyncio.create_task(_reload_on_hangup(service, hangups, reloading),
+                                   name="reload")
     if on_ready is not None:
         on_ready.set_result(None)
     try:
         await stop.wait()
     finally:
-        _sd_notify("STOPPING=1")
-        log.info("stopping")
+        sd_notify("STOPPING=1")
+        log.info("stopping on %s", stopped_by[0].name if stopped_by else "request")
+        async with reloading:  # a reload under way finishes first: it has children to hand over
+            reloader.cancel()
+        await asyncio.gather(reloader, return_exceptions=True)
+        await notifier.stop()
         await service.stop()
 
 
-def _sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) where we are; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect(address)
-            sock.sendall(state.encode())
-        except OSError:
-            log.warning("could not notify systemd at %s", address)
+async def _reload_on_hangup(service: Service, hangups: asyncio.Event,
+                            reloading: asyncio.Lock) -> None:
+    """One reload at a time; HUPs that come during one make one more after it."""
+    while True:
+        await hangups.wait()
+        async with reloading:
+            hangups.clear()
+            log.info("reloading on SIGHUP")
+            sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                await reload(service)
+            except Exception:  # the running config stays; relay must outlive a failed reload
+                log.exception("reload failed")
+            sd_notify("READY=1")

@@ -112,6 +112,10 @@ class Submitter:
         self._domains: set[str] = set()  # domains with DKIM keys, re-read every 30 s
         self._domains_at: float | None = None
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload: submissions from now on are checked against the new config."""
+        self._config = config
+
     async def submit(self, sub: Submission) -> SubmitResult:
         """Validate and commit; returns only after the commit (or raises StoreError)."""
         return await self.commit(self.prepare(sub))

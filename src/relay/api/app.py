@@ -22,6 +22,7 @@ from .dialects.mailerlogic import MailerLogicApi
 from .dialects.piisend import PiiSendApi
 from .dialects.plunk import PlunkApi
 from .errors import ApiError
+from .health import HealthRoutes, Readiness
 from .hooks import HooksApi
 from .manage import ManageApi
 from .native import NativeApi
@@ -96,7 +97,8 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
                         type="internal_error").response()
 
 
-def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Application:
+def make_app(config: Config, store: SQLiteStore, submitter: Submitter, *,
+             readiness: Readiness | None = None) -> web.Application:
     guard = ConnectionGuard(config.limits)
     # the guard first: it must see a request arrive before anything awaits its body; the
     # access log next, so its line has the final status and the refusals of neither
@@ -122,6 +124,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter) -> web.Ap
     metrics.add_route(app, config, store)
     app.add_routes(StatsApi(store).routes())
     app.add_routes(Dashboard().routes())
+    app.add_routes(HealthRoutes(readiness).routes())
     auth.check_routes(app)
     return app
 

@@ -80,6 +80,9 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("GET", "/c/{token}"): PUBLIC,
     # Prometheus (api/metrics.py asks for the key only where [metrics] require_key says)
     ("GET", "/metrics"): "metrics:read",
+    # liveness and readiness (api/health.py): they say only whether each part works
+    ("GET", "/healthz"): PUBLIC,
+    ("GET", "/readyz"): PUBLIC,
 }
 
 

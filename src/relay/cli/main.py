@@ -20,6 +20,7 @@ from typing import Any
 from .. import config as config_mod
 from .. import keys, logs
 from ..config import Config, LogConfig
+from ..datadir import check_owner
 from ..errors import ConfigError, StoreError, ValidationError
 from ..service import run
 from ..store import SQLiteStore
@@ -30,6 +31,7 @@ from . import bounces as cli_bounces
 from . import check as cli_check
 from . import contacts as cli_contacts
 from . import domains as cli_domains
+from . import lifecycle as cli_lifecycle
 from . import prune as cli_prune
 from . import queue as cli_queue
 from . import suppressions as cli_suppressions
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config_mod.load(args.config) if args.func is not cmd_init else None
         if config is not None:
             logs.configure(config.log)  # [log]: format, level, access log
+        if config is not None and args.func is not cli_lifecycle.cmd_reload:
+            check_owner(config.server.data_dir)
         result: int = args.func(args, config)
         return result
     except ConfigError as exc:
@@ -117,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_contacts.add_parsers(sub, common)
     cli_bounces.add_parsers(sub, common)
     cli_prune.add_parsers(sub, common)
+    cli_lifecycle.add_parsers(sub, common)
 
     cli_queue.add_parsers(sub, common)
     cli_backup.add_parsers(sub, common)

@@ -72,10 +72,18 @@ class Scheduler:
         """New work was committed (or capacity freed): look at the queue now."""
         self._wake.set()
 
-    async def start(self) -> None:
-        await self._store.recover()
-        for message_id in await self._store.pending_reports():
-            await self._emit_report(message_id)  # reports a crash left unsent
+    @property
+    def running(self) -> bool:
+        """The loop that takes due work is alive (for `/readyz`)."""
+        return self._loop_task is not None and not self._loop_task.done()
+
+    async def start(self, *, recover: bool = True) -> None:
+        """recover=False when another scheduler may still hold leases on this store (a
+        reload's new worker while the old one finishes its sessions): those leases stand."""
+        if recover:
+            await self._store.recover()
+            for message_id in await self._store.pending_reports():
+                await self._emit_report(message_id)  # reports a crash left unsent
         self._loop_task = asyncio.create_task(self._run(), name="scheduler")
 
     async def stop(self, grace: float = 10.0) -> None:

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
 import struct
 import sys
 import time
@@ -41,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from .. import logs, metrics
 from ..config import LogConfig
 from . import dkim
-from .child import die_with_parent
+from .child import die_with_parent, ignore_hangup, signal_name
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ class SignerProcess:
             _, pipe = await loop.subprocess_exec(
                 _Pipe, self._python, "-m", "relay.delivery.signer", self._log.format,
                 self._log.level,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None)
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
+                process_group=0)  # out of the terminal's signals, as the worker is
             self._children.add(pipe)
             pipe.exited.add_done_callback(lambda _: self._children.discard(pipe))
             await asyncio.wait_for(asyncio.shield(pipe.listening), TIMEOUT)
@@ -157,6 +159,7 @@ class SignerProcess:
         self._pipe = None
         self._sent.clear()
         for pipe in list(self._children):
+            pipe.closing = True
             pipe.kill()
         if self._children:
             await asyncio.wait([pipe.exited for pipe in self._children], timeout=TIMEOUT)
@@ -178,6 +181,8 @@ class _Pipe(asyncio.SubprocessProtocol):
         self.exited: asyncio.Future[None] = loop.create_future()
         self.alive = False
         self.pid: int | None = None
+        self.closing = False  # the worker is closing the signer: its end is no news
+        self._why: str | None = None  # the first reason it failed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.SubprocessTransport)
@@ -235,11 +240,17 @@ class _Pipe(asyncio.SubprocessProtocol):
         self._fail(f"its pipe closed ({exc})" if exc else "its pipe closed")
 
     def process_exited(self) -> None:
-        self._fail("it exited")
+        killed = signal_name(self._transport.get_returncode() if self._transport else None)
+        # a signal from outside, not our own kill (at close, or of a child that misbehaved)
+        if killed and not self.closing and (self._why is None or self._why.startswith("its pipe")):
+            log.warning("the DKIM signer was killed by %s; signing in the worker until a "
+                        "new one starts", killed)
         if not self.exited.done():
             self.exited.set_result(None)
+        self._fail("it exited")  # and now kill() may close the transport
 
     def _fail(self, why: str) -> None:
+        self._why = self._why or why
         self.alive = False
         if not self.listening.done():
             self.listening.set_exception(SignerGone(why))
@@ -256,10 +267,17 @@ class _Pipe(asyncio.SubprocessProtocol):
     def kill(self) -> None:
         self.alive = False
         transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.close()  # kills the child if it still runs
-        elif transport is None and not self.exited.done():
-            self.exited.set_result(None)
+        if transport is None:
+            if not self.exited.done():
+                self.exited.set_result(None)
+        elif not self.exited.done() and self.pid is not None:
+            # a signal, not transport.close(): that polls the child (Popen.poll), reaping it
+            # before asyncio's watcher can, which then logs "Unknown child process" and
+            # loses how it ended; process_exited closes the transport once it is known
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        elif not transport.is_closing():
+            transport.close()
 
 
 def _frame(value: Any) -> bytes:
@@ -315,6 +333,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def main() -> None:
     die_with_parent()
+    ignore_hangup()
     if len(sys.argv) >= 3:  # [log] format and level, from the worker that started us
         logs.configure(LogConfig(format=sys.argv[1], level=sys.argv[2]), process="signer")
     serve(sys.stdin.fileno(), sys.stdout.fileno())

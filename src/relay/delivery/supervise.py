@@ -11,6 +11,7 @@ import sys
 
 from .. import metrics
 from . import metricspipe
+from .child import signal_name
 from .worker import WorkerArgs
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,15 @@ class WorkerProcess:
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
 
+    @property
+    def alive(self) -> bool:
+        """The worker process runs now (False between a death and its restart)."""
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     async def start(self) -> None:
         await self._spawn()
         self._watch = asyncio.create_task(self._supervise(), name="worker-supervisor")
@@ -38,7 +48,10 @@ class WorkerProcess:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relay.delivery.worker", str(read_end), str(metrics_w),
-                stdin=asyncio.subprocess.PIPE, pass_fds=(read_end, metrics_w))
+                stdin=asyncio.subprocess.PIPE, pass_fds=(read_end, metrics_w),
+                # a group of its own: a terminal's hangup or ^C to relay's group is the
+                # master's to act on (reload, drain), not a kill of the worker mid-session
+                process_group=0)
         except BaseException:
             os.close(metrics_r)
             raise
@@ -81,7 +94,11 @@ class WorkerProcess:
             code = await self._proc.wait()
             if self._stopping:
                 return
-            log.error("the delivery worker exited with %s; restarting it", code)
+            killed = signal_name(code)
+            if killed:
+                log.error("the delivery worker was killed by %s; restarting", killed)
+            else:
+                log.error("the delivery worker exited with %s; restarting it", code)
             await asyncio.sleep(RESTART_DELAY)
             await self._spawn()
 

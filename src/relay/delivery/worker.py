@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from .. import logs, metrics
 from ..config import Config
 from . import metricspipe
-from .child import die_with_parent
+from .child import die_with_parent, ignore_hangup
 from .stack import delivery_stack
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 class WorkerArgs:
     config: Config
     own_listeners: tuple[tuple[str, int], ...]
+    recover: bool = True  # False for a reload's worker: the old one's leases stand
 
 
 async def serve(args: WorkerArgs, wake_fd: int, metrics_fd: int | None = None) -> None:
@@ -58,7 +59,7 @@ async def serve(args: WorkerArgs, wake_fd: int, metrics_fd: int | None = None) -
     if metrics_fd is not None:
         sending = asyncio.create_task(metricspipe.send(metrics_fd), name="metrics")
     try:
-        await scheduler.start()
+        await scheduler.start(recover=args.recover)
         await stop.wait()
     finally:
         if sending is not None:
@@ -78,6 +79,7 @@ def _dump_tasks() -> None:
 
 def main() -> None:
     die_with_parent()
+    ignore_hangup()
     wake_fd = int(sys.argv[1])
     metrics_fd = int(sys.argv[2]) if len(sys.argv) > 2 else None
     args: WorkerArgs = pickle.load(sys.stdin.buffer)  # from our own master, over a pipe

@@ -50,6 +50,11 @@ class RelayHandler:
         self.inbound = inbound  # what an inbound listener hands its reports to
         self.connections: set[RelaySMTP] = set()
 
+    def reconfigure(self, config: Config, listener: ListenerConfig) -> None:
+        """A reload: sessions read the new policy and limits from their next command on (the
+        AUTH throttle and connection caps keep their counts, and their limits, until restart)."""
+        self.config, self.listener = config, listener
+
     # -- connection and login ------------------------------------------------
 
     async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: Envelope,

@@ -11,12 +11,13 @@ from .protocol import RelaySMTP
 
 def make_server_factory(handler: RelayHandler,
                         tls_context: ssl.SSLContext | None) -> Callable[[], RelaySMTP]:
-    config, listener = handler.config, handler.listener
-    limits = config.limits
+    listener = handler.listener  # its address, mode and tls do not change while it runs
     submission = listener.mode == "submission"
     implicit = listener.tls == "implicit"
 
     def factory() -> RelaySMTP:
+        config = handler.config  # read per connection: a reload's limits apply to new ones
+        limits = config.limits
         return RelaySMTP(
             handler,
             implicit_tls=implicit,

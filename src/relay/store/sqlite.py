@@ -21,6 +21,7 @@ from .domains import DomainQueries
 from .emails import EmailQueries
 from .events import EventQueries
 from .groupcommit import Batched, GroupCommitWriter
+from .health import HealthQueries
 from .idempotency import IDEMPOTENCY_WINDOW, IdempotencyQueries
 from .inbound import InboundQueries
 from .operator import OperatorQueries
@@ -44,9 +45,9 @@ from .webhooks import WebhookQueries
 
 
 class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, EventQueries,
-                  IdempotencyQueries, InboundQueries, OperatorQueries, StatsQueries,
-                  SuppressionQueries, TemplateQueries, WebhookQueries, RetentionQueries,
-                  CountQueries):
+                  HealthQueries, IdempotencyQueries, InboundQueries, OperatorQueries,
+                  StatsQueries, SuppressionQueries, TemplateQueries, WebhookQueries,
+                  RetentionQueries, CountQueries):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._write_conn: SQLiteThread | None = None

@@ -1,0 +1,1 @@
+"""The master's life beside its work: readiness, systemd notifications, reload on SIGHUP."""
