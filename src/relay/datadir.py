@@ -22,7 +22,7 @@ def check_owner(data_dir: Path) -> None:
         return
     try:
         owner = data_dir.stat().st_uid
-    except FileNotFoundError:
+    except OSError:  # not there (yet), or not a directory: the command itself says so
         return
     if owner != 0:
         try:

@@ -28,6 +28,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from .types import WAITING_STATUSES
+
 OTHER = "other"
 SOURCES = ("smtp", "api", "dsn")  # Submission.source
 DEFAULT_DOMAINS = 50
@@ -66,7 +68,7 @@ COMMIT_SECONDS = Histogram("relay_store_commit_seconds", "Duration of a group co
                            ["process"], buckets=COMMIT_BUCKETS, registry=REGISTRY)
 
 # the statuses a recipient waits in; the final ones only grow and are counted above
-WAITING = ("scheduled", "queued", "deferred", "held", "failed")
+WAITING = WAITING_STATUSES
 
 
 class DomainLabels:

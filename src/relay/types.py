@@ -33,6 +33,9 @@ FINAL_STATUSES = frozenset(
         RecipientStatus.CANCELLED,
     }
 )
+# the statuses a recipient waits in (not final): what the queue's gauges and STATUS= count
+WAITING_STATUSES: tuple[str, ...] = tuple(
+    s.value for s in RecipientStatus if s not in FINAL_STATUSES)
 
 # While any recipient is in one of these, the message takes the first that applies.
 _PENDING_PRECEDENCE = (

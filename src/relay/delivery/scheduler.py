@@ -1,11 +1,10 @@
-"""Takes due recipients with a lease, delivers them by destination within concurrency limits,
-and turns every result into an outcome: delivered, deferred with backoff, bounced or expired."""
+"""Takes due recipients with a lease and delivers them by destination within concurrency
+limits; what each result means for its recipient is outcomes.py's to say."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -14,35 +13,21 @@ from dataclasses import dataclass
 from ..aio import sleep_until_set
 from ..config import Config, parse_hostport
 from ..errors import DeliveryFailure, StoreError, TemporaryFailure
-from ..feedback import bounce_reasons
 from ..feedback.reports import ReportMaker
 from ..store import SQLiteStore
-from ..store.delivery import AttemptRecord, DueRecipient, Outcome
+from ..store.delivery import DueRecipient, Outcome
 from ..types import EventType, RecipientStatus, Stream
 from .deliver import Deliverer
 from .mx import MXResolver
 from .observe import observe
-from .outbound import OutMessage, OutRecipient, Result, Target
+from .outbound import OutMessage, OutRecipient, Target
+from .outcomes import Outcomes
 from .render import Job, Renderer
 
 log = logging.getLogger(__name__)
 
 SMARTHOST = "[smarthost]"
 IDLE_POLL = 2.0  # the destination key of everything when a smarthost is set
-
-
-def backoff(attempts: int, *, minimum: float, maximum: float,
-            rand: Callable[[], float] = random.random) -> float:
-    """Seconds to wait after the `attempts`-th failure: doubling from minimum, capped, ±10 %."""
-    base = min(maximum, minimum * 2 ** max(0, attempts - 1))
-    return min(maximum, base * (0.9 + 0.2 * rand()))
-
-
-def wants_report(notify: tuple[str, ...], kind: str) -> bool:
-    """RFC 3461: no NOTIFY means failures only; NEVER means nothing."""
-    if not notify:
-        return kind == "FAILURE"
-    return kind in notify
 
 
 @dataclass
@@ -63,6 +48,7 @@ class Scheduler:
         self._reports = reports
         self._renderer = renderer
         self._clock = clock
+        self._outcomes = Outcomes(config.delivery, clock)
         self._wake = asyncio.Event()
         self._per_destination: dict[str, asyncio.Semaphore] = {}
         self._jobs: set[asyncio.Task[None]] = set()
@@ -179,7 +165,7 @@ class Scheduler:
                 raise
             except Exception as exc:  # a stage crashed on this work: park it, never drop it
                 log.exception("delivery to %s crashed", job.destination)
-                record([self._outcome_failed(r, exc) for r in job.recipients
+                record([self._outcomes.failed(r, exc) for r in job.recipients
                         if r.id not in recorded])
         # One report per message and run: with relay's own return path each recipient has a
         # transaction of its own, so a message's outcomes arrive in several records, and a
@@ -241,14 +227,14 @@ class Scheduler:
         except StoreError as exc:  # cannot tell who is suppressed: send nothing, try later
             failure = TemporaryFailure(f"the suppression list cannot be read: {exc}",
                                        code=451, enhanced="4.3.0")
-            record([self._outcome_from_failure(r, failure, started) for r in job.recipients])
+            record([self._outcomes.of_failure(r, failure, started) for r in job.recipients])
             return
         if not job.recipients:
             return
         try:
             targets = await self._targets(job)
         except DeliveryFailure as failure:
-            record([self._outcome_from_failure(r, failure, started) for r in job.recipients])
+            record([self._outcomes.of_failure(r, failure, started) for r in job.recipients])
             return
         by_id = {r.id: r for r in job.recipients}
         messages = []
@@ -274,13 +260,13 @@ class Scheduler:
         try:
             rendered_all = await self._renderer.render_all([j for j, _ in todo])
         except DeliveryFailure as failure:  # e.g. the keys cannot be read yet: try later
-            record([self._outcome_from_failure(r, failure, started) for r in job.recipients])
+            record([self._outcomes.of_failure(r, failure, started) for r in job.recipients])
             return
         for (_, recipients), rendered in zip(todo, rendered_all, strict=True):
             first = recipients[0]
             if isinstance(rendered, Exception):  # park this message, deliver the others
                 log.error("rendering %s failed", first.message_id, exc_info=rendered)
-                record([self._outcome_failed(r, rendered) for r in recipients])
+                record([self._outcomes.failed(r, rendered) for r in recipients])
                 continue
             signed[first.message_id] = rendered.signed
             # relay's return path names one recipient, so each gets its own transaction (the
@@ -298,7 +284,7 @@ class Scheduler:
                     recipients=tuple(OutRecipient(id=r.id, address=r.address, notify=r.notify,
                                                   orcpt=r.orcpt) for r in group)))
         await self._deliverer.deliver(targets, messages, lambda results: record(
-            [self._outcome(by_id[res.recipient_id], res, signed.get(res.message_id))
+            [self._outcomes.of_result(by_id[res.recipient_id], res, signed.get(res.message_id))
              for res in results if res.recipient_id in by_id]))
 
     async def _targets(self, job: _Job) -> list[Target]:
@@ -310,92 +296,7 @@ class Scheduler:
         return [Target(hostname=h.name, address=a, port=self._delivery.mx_port)
                 for h in hosts for a in h.addresses]
 
-    # -- outcomes ------------------------------------------------------------------------------
-
-    def _outcome(self, r: DueRecipient, res: Result, signed: str | None = None) -> Outcome:
-        attempt = AttemptRecord(
-            started_at=res.started_at, duration=res.duration, mx_host=res.mx_host, ip=res.ip,
-            port=res.port, tls_version=res.tls_version, tls_cipher=res.tls_cipher,
-            code=res.code, enhanced=res.enhanced, text=res.text, outcome=res.outcome,
-            signed=signed)
-        reply = _reply(res.code, res.enhanced, res.text)
-        data = {"email": r.address, "mxHost": res.mx_host, "code": res.code,
-                "enhanced": res.enhanced, "reply": res.text}
-        now = self._clock()
-        if res.outcome == "delivered":
-            # NOTIFY=SUCCESS: a peer without DSN cannot report delivery, so we say "relayed"
-            relayed = wants_report(r.notify, "SUCCESS") and not res.peer_dsn
-            return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
-                           status=RecipientStatus.DELIVERED, event=EventType.DELIVERED,
-                           event_data=data, last_reply=reply, dsn="relayed" if relayed else None)
-        if res.outcome == "bounced":
-            return self._bounced(r, now, attempt, reply, data, hard=res.hard)
-        return self._deferred(r, now, attempt, reply, data)
-
-    def _outcome_from_failure(self, r: DueRecipient, failure: DeliveryFailure,
-                              started: float) -> Outcome:
-        now = self._clock()
-        attempt = AttemptRecord(
-            started_at=started, duration=now - started, mx_host=None, ip=None, port=None,
-            tls_version=None, tls_cipher=None, code=failure.code, enhanced=failure.enhanced,
-            text=failure.text, outcome="bounced" if failure.permanent else "deferred")
-        reply = _reply(failure.code, failure.enhanced, failure.text)
-        data = {"email": r.address, "code": failure.code, "enhanced": failure.enhanced,
-                "reply": failure.text}
-        if failure.permanent:
-            return self._bounced(r, now, attempt, reply, data, hard=failure.hard)
-        return self._deferred(r, now, attempt, reply, data)
-
-    def _bounced(self, r: DueRecipient, now: float, attempt: AttemptRecord, reply: str,
-                 data: dict[str, object], *, hard: bool) -> Outcome:
-        klass = "hard" if hard else "soft"
-        # the same fields as a bounce that comes back later (inbound.py)
-        reason, _ = bounce_reasons.classify(attempt.enhanced, attempt.code, attempt.text)
-        return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
-                       status=RecipientStatus.BOUNCED, event=EventType.BOUNCED,
-                       event_data={**data, "class": klass, "reason": reason,
-                                   "status": attempt.enhanced, "diagnostic": reply,
-                                   "remoteMta": attempt.mx_host}, last_reply=reply,
-                       bounce_class=klass,
-                       dsn="failed" if wants_report(r.notify, "FAILURE") else None)
-
-    def _deferred(self, r: DueRecipient, now: float, attempt: AttemptRecord, reply: str,
-                  data: dict[str, object]) -> Outcome:
-        expires = r.created_at + self._delivery.queue_lifetime
-        if now >= expires:
-            return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
-                           status=RecipientStatus.EXPIRED, event=EventType.EXPIRED,
-                           event_data={**data, "reason": f"expired after the queue lifetime; "
-                                                         f"last reply: {reply}"},
-                           last_reply=reply, bounce_class="soft",
-                           dsn="failed" if wants_report(r.notify, "FAILURE") else None)
-        wait = backoff(r.attempts + 1, minimum=self._delivery.retry_min,
-                       maximum=self._delivery.retry_max)
-        next_at = min(now + wait, expires)
-        first = r.attempts == 0
-        return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
-                       status=RecipientStatus.DEFERRED, event=EventType.DEFERRED,
-                       event_data={**data, "nextAttemptAt": next_at}, next_attempt_at=next_at,
-                       last_reply=reply,
-                       dsn="delayed" if first and wants_report(r.notify, "DELAY") else None)
-
-    def _outcome_failed(self, r: DueRecipient, exc: BaseException) -> Outcome:
-        return Outcome(recipient_id=r.id, message_id=r.message_id, at=self._clock(),
-                       status=RecipientStatus.FAILED, event=EventType.FAILED,
-                       event_data={"email": r.address, "error": f"{type(exc).__name__}: {exc}"},
-                       last_reply=f"internal error: {type(exc).__name__}")
-
-
 def _verp(r: DueRecipient) -> bool:
     """Mail goes out with relay's return path unless it is a report (null sender) or its
     submitter chose the envelope sender."""
     return bool(r.mail_from) and not r.keep_mail_from
-
-
-def _reply(code: int | None, enhanced: str | None, text: str) -> str:
-    """"550 5.1.1 text", the way a remote server said it (its text often repeats the code)."""
-    parts = [str(code)] if code else []
-    if enhanced and not text.startswith(enhanced):
-        parts.append(enhanced)
-    return " ".join([*parts, text])
-

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..delivery.logline import log_inbound
-from ..delivery.scheduler import wants_report
+from ..delivery.outcomes import wants_report
 from ..errors import StoreError
 from ..feedback import bounces, verp
 from ..feedback.bounce_report import BouncedRecipient, Report

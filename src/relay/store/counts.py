@@ -1,8 +1,9 @@
 """The store's numbers for monitoring: how much waits in the queue and in the webhook outbox.
 
-Read on the reader thread, never the writer's: a scrape must not wait behind a group commit
-nor delay one. Both counts are index range scans (recipients_due on status, and the partial
-webhook_outbox_due index), so they cost little however much history the tables keep.
+Read on the reader thread, never the writer's: a scrape (or systemd's STATUS= line, or the
+dashboard) must not wait behind a group commit nor delay one. Both counts are index range
+scans (recipients_due on status, and the partial webhook_outbox_due index), so they cost
+little however much history the tables keep.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from ..metrics import WAITING
+from ..types import WAITING_STATUSES
 from .thread import SQLiteThread
 
 
@@ -29,13 +30,23 @@ class CountQueries:
         found: Counts = await self._reader.run(_counts)
         return found
 
+    async def count_waiting(self) -> dict[str, int]:
+        """Recipients per waiting status, every one named (0 when none)."""
+        found: dict[str, int] = await self._reader.run(waiting)
+        return found
+
+
+def waiting(db: sqlite3.Connection) -> dict[str, int]:
+    """Recipients per waiting status, through the recipients_due index (status first)."""
+    queue = dict.fromkeys(WAITING_STATUSES, 0)
+    marks = ",".join("?" * len(WAITING_STATUSES))
+    queue.update(db.execute(f"SELECT status, count(*) FROM recipients"
+                            f" WHERE status IN ({marks}) GROUP BY status", WAITING_STATUSES))
+    return queue
+
 
 def _counts(db: sqlite3.Connection) -> Counts:
-    queue = dict.fromkeys(WAITING, 0)
-    marks = ",".join("?" * len(WAITING))
-    for status, n in db.execute(f"SELECT status, count(*) FROM recipients"
-                                f" WHERE status IN ({marks}) GROUP BY status", WAITING):
-        queue[status] = n
+    queue = waiting(db)
     (backlog,) = db.execute("SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL"
                             " AND next_attempt_at IS NOT NULL").fetchone()
     return Counts(queue=queue, webhook_backlog=backlog)

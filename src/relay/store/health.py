@@ -1,5 +1,5 @@
-"""What the master asks the store to know it is well: does it take a write, and how much
-mail waits (for `/readyz`, systemd's watchdog and its STATUS= line)."""
+"""What the master asks the store to know it is well: does it take a write (for `/readyz`
+and systemd's watchdog)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from ..types import RecipientStatus
 from .thread import SQLiteThread
-
-# the statuses a sysadmin watches: mail that is not done yet
-WAITING = tuple(s.value for s in RecipientStatus if not s.final)
 
 
 class HealthQueries:
@@ -27,22 +23,7 @@ class HealthQueries:
         StoreError."""
         await self._write(_touch)
 
-    async def count_waiting(self) -> dict[str, int]:
-        """Recipients per unfinished status, every one named (0 when none), counted on the
-        reader through the status index (a write lock held for it would stall submissions)."""
-        found: dict[str, int] = dict.fromkeys(WAITING, 0)
-        rows: list[tuple[str, int]] = await self._reader.run(_count)
-        found.update(rows)
-        return found
-
 
 def _touch(db: sqlite3.Connection) -> None:
     db.execute("SELECT 1").fetchall()
 
-
-def _count(db: sqlite3.Connection) -> list[tuple[str, int]]:
-    marks = ",".join("?" * len(WAITING))
-    rows: list[tuple[str, int]] = db.execute(
-        f"SELECT status, COUNT(*) FROM recipients WHERE status IN ({marks}) GROUP BY status",
-        WAITING).fetchall()
-    return rows

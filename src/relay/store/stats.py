@@ -9,7 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..types import FINAL_STATUSES, EventType, RecipientStatus
+from ..types import WAITING_STATUSES, EventType
+from .counts import waiting
 from .thread import SQLiteThread
 
 WINDOW = 24 * 3600  # the chart, the failures and the bounce reasons cover the last day
@@ -19,7 +20,7 @@ TOP_REASONS = 20
 FAILING_ENDPOINTS = 20
 
 # the queue: recipients not yet final (final ones are history, shown by the chart)
-LIVE = tuple(s.value for s in RecipientStatus if s not in FINAL_STATUSES)
+LIVE = WAITING_STATUSES
 OUTCOMES = (EventType.DELIVERED.value, EventType.DEFERRED.value, EventType.BOUNCED.value,
             EventType.EXPIRED.value)
 FAILURES = (EventType.DEFERRED.value, EventType.BOUNCED.value, EventType.EXPIRED.value)
@@ -93,18 +94,10 @@ def _stats(db: sqlite3.Connection, now: float) -> Stats:
     pending, oldest = db.execute(
         "SELECT count(*), min(created_at) FROM webhook_outbox"
         " WHERE delivered_at IS NULL AND next_attempt_at IS NOT NULL").fetchone()
-    return Stats(at=now, window=WINDOW, queue=_queue(db), destinations=_destinations(db),
+    return Stats(at=now, window=WINDOW, queue=waiting(db), destinations=_destinations(db),
                  hours=_hours(db, now), failures=_failures(db, now),
                  bounce_reasons=_reasons(db, now), webhook_pending=pending,
                  webhook_oldest=oldest, failing_endpoints=_endpoints(db))
-
-
-def _queue(db: sqlite3.Connection) -> dict[str, int]:
-    counts = dict.fromkeys(LIVE, 0)
-    counts.update(db.execute(  # the recipients_due index (status, next_attempt_at)
-        f"SELECT status, count(*) FROM recipients WHERE status IN ({_marks(LIVE)})"
-        " GROUP BY status", LIVE).fetchall())
-    return counts
 
 
 def _destinations(db: sqlite3.Connection) -> list[Destination]:

@@ -1,0 +1,118 @@
+"""What one delivery result means for a recipient: delivered, deferred with backoff, bounced
+(hard or soft, with its reason) or expired, and whether its sender asked for a report."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from ..config import DeliveryConfig
+from ..errors import DeliveryFailure
+from ..feedback import bounce_reasons
+from ..store.delivery import AttemptRecord, DueRecipient, Outcome
+from ..types import EventType, RecipientStatus
+from .outbound import Result
+
+
+def backoff(attempts: int, *, minimum: float, maximum: float,
+            rand: Callable[[], float] = random.random) -> float:
+    """Seconds to wait after the `attempts`-th failure: doubling from minimum, capped, ±10 %."""
+    base = min(maximum, minimum * 2 ** max(0, attempts - 1))
+    return min(maximum, base * (0.9 + 0.2 * rand()))
+
+
+def wants_report(notify: tuple[str, ...], kind: str) -> bool:
+    """RFC 3461: no NOTIFY means failures only; NEVER means nothing."""
+    if not notify:
+        return kind == "FAILURE"
+    return kind in notify
+
+
+class Outcomes:
+    """Turns results into outcomes with the [delivery] retry schedule and queue lifetime."""
+
+    def __init__(self, delivery: DeliveryConfig, clock: Callable[[], float]) -> None:
+        self._delivery = delivery
+        self._clock = clock
+
+    def of_result(self, r: DueRecipient, res: Result, signed: str | None = None) -> Outcome:
+        attempt = AttemptRecord(
+            started_at=res.started_at, duration=res.duration, mx_host=res.mx_host, ip=res.ip,
+            port=res.port, tls_version=res.tls_version, tls_cipher=res.tls_cipher,
+            code=res.code, enhanced=res.enhanced, text=res.text, outcome=res.outcome,
+            signed=signed)
+        reply = reply_text(res.code, res.enhanced, res.text)
+        data = {"email": r.address, "mxHost": res.mx_host, "code": res.code,
+                "enhanced": res.enhanced, "reply": res.text}
+        now = self._clock()
+        if res.outcome == "delivered":
+            # NOTIFY=SUCCESS: a peer without DSN cannot report delivery, so we say "relayed"
+            relayed = wants_report(r.notify, "SUCCESS") and not res.peer_dsn
+            return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
+                           status=RecipientStatus.DELIVERED, event=EventType.DELIVERED,
+                           event_data=data, last_reply=reply, dsn="relayed" if relayed else None)
+        if res.outcome == "bounced":
+            return self._bounced(r, now, attempt, reply, data, hard=res.hard)
+        return self._deferred(r, now, attempt, reply, data)
+
+    def of_failure(self, r: DueRecipient, failure: DeliveryFailure,
+                   started: float) -> Outcome:
+        now = self._clock()
+        attempt = AttemptRecord(
+            started_at=started, duration=now - started, mx_host=None, ip=None, port=None,
+            tls_version=None, tls_cipher=None, code=failure.code, enhanced=failure.enhanced,
+            text=failure.text, outcome="bounced" if failure.permanent else "deferred")
+        reply = reply_text(failure.code, failure.enhanced, failure.text)
+        data = {"email": r.address, "code": failure.code, "enhanced": failure.enhanced,
+                "reply": failure.text}
+        if failure.permanent:
+            return self._bounced(r, now, attempt, reply, data, hard=failure.hard)
+        return self._deferred(r, now, attempt, reply, data)
+
+    def _bounced(self, r: DueRecipient, now: float, attempt: AttemptRecord, reply: str,
+                 data: dict[str, object], *, hard: bool) -> Outcome:
+        klass = "hard" if hard else "soft"
+        # the same fields as a bounce that comes back later (inbound.py)
+        reason, _ = bounce_reasons.classify(attempt.enhanced, attempt.code, attempt.text)
+        return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
+                       status=RecipientStatus.BOUNCED, event=EventType.BOUNCED,
+                       event_data={**data, "class": klass, "reason": reason,
+                                   "status": attempt.enhanced, "diagnostic": reply,
+                                   "remoteMta": attempt.mx_host}, last_reply=reply,
+                       bounce_class=klass,
+                       dsn="failed" if wants_report(r.notify, "FAILURE") else None)
+
+    def _deferred(self, r: DueRecipient, now: float, attempt: AttemptRecord, reply: str,
+                  data: dict[str, object]) -> Outcome:
+        expires = r.created_at + self._delivery.queue_lifetime
+        if now >= expires:
+            return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
+                           status=RecipientStatus.EXPIRED, event=EventType.EXPIRED,
+                           event_data={**data, "reason": f"expired after the queue lifetime; "
+                                                         f"last reply: {reply}"},
+                           last_reply=reply, bounce_class="soft",
+                           dsn="failed" if wants_report(r.notify, "FAILURE") else None)
+        wait = backoff(r.attempts + 1, minimum=self._delivery.retry_min,
+                       maximum=self._delivery.retry_max)
+        next_at = min(now + wait, expires)
+        first = r.attempts == 0
+        return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
+                       status=RecipientStatus.DEFERRED, event=EventType.DEFERRED,
+                       event_data={**data, "nextAttemptAt": next_at}, next_attempt_at=next_at,
+                       last_reply=reply,
+                       dsn="delayed" if first and wants_report(r.notify, "DELAY") else None)
+
+    def failed(self, r: DueRecipient, exc: BaseException) -> Outcome:
+        return Outcome(recipient_id=r.id, message_id=r.message_id, at=self._clock(),
+                       status=RecipientStatus.FAILED, event=EventType.FAILED,
+                       event_data={"email": r.address, "error": f"{type(exc).__name__}: {exc}"},
+                       last_reply=f"internal error: {type(exc).__name__}")
+
+
+def reply_text(code: int | None, enhanced: str | None, text: str) -> str:
+    """"550 5.1.1 text", the way a remote server said it (its text often repeats the code)."""
+    parts = [str(code)] if code else []
+    if enhanced and not text.startswith(enhanced):
+        parts.append(enhanced)
+    return " ".join([*parts, text])
+
