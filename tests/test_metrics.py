@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import time
+from email.message import EmailMessage
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from .apiutil import SIMPLE
 from .conftest import free_port, make_config, run_relay, wait_port
 from .dnsserver import DNSServer
 from .sink import Sink
+from .smtputil import connect, in_thread
 
 FAST: dict[str, Any] = {"retry_min": 0.2, "retry_max": 0.5, "connect_timeout": 2.0,
                         "command_timeout": 5.0, "session_idle": 0.5, "process": False}
@@ -88,6 +90,28 @@ async def start(tmp_path: Path, **sections: Any) -> tuple[Service, str]:
     return svc, key
 
 
+async def test_smtp_mail_is_counted_by_the_listener_that_took_it(tmp_path: Path) -> None:
+    svc, key = await start(tmp_path)  # one submission listener (STARTTLS + AUTH)
+    try:
+        base = base_of(svc)
+        port = svc.bound[0][1]
+        before = await samples(base)
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "a@example.com", "b@example.org", "hi"
+        msg.set_content("hello")
+
+        def submit() -> None:
+            with connect(port, key=key) as client:
+                client.send_message(msg)
+        await in_thread(submit)
+        after = await samples(base)
+    finally:
+        await svc.stop()
+    label = {"source": "smtp", "listener": f"submission:{port}"}
+    assert value(after, "relay_messages_accepted_total", **label) - value(
+        before, "relay_messages_accepted_total", **label) == 1
+
+
 # -- a delivery, end to end --------------------------------------------------------------------
 
 
@@ -117,7 +141,7 @@ async def test_a_delivery_shows_in_the_counters_and_histograms(tmp_path: Path,
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("relay_messages_accepted_total", source="api") == 1
+    assert delta("relay_messages_accepted_total", source="api", listener="api") == 1
     assert delta("relay_deliveries_total", outcome="delivered", domain="example.org") == 1
     assert delta("relay_delivery_attempt_seconds_count", outcome="delivered") == 1
     assert delta("relay_delivery_attempt_seconds_bucket", outcome="delivered", le="+Inf") == 1
@@ -360,7 +384,8 @@ async def test_a_real_relay_process_shows_its_workers_deliveries(
                          domain="example.org") == 1
         await until(arrived)  # the worker's snapshot, a second later at most
         now = await samples(base)
-    assert value(now, "relay_messages_accepted_total", source="api") == 1  # the master's
+    assert value(now, "relay_messages_accepted_total", source="api",
+                 listener="api") == 1  # the master's
     assert value(now, "relay_delivery_attempt_seconds_count", outcome="delivered") == 1
     assert value(now, "relay_store_commit_seconds_count", process="worker") >= 1
     assert value(now, "relay_store_commit_seconds_count", process="master") >= 1

@@ -45,7 +45,9 @@ QUEUE_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 ACCEPTED = Counter("relay_messages_accepted", "Messages committed to the queue, by the way "
-                   "they came in (smtp or api)", ["source"], registry=REGISTRY)
+                   "they came in (smtp, api or dsn) and the listener that took them "
+                   "(mode:port of an SMTP listener; else the source again)",
+                   ["source", "listener"], registry=REGISTRY)
 DELIVERIES = Counter("relay_deliveries", "Recipient outcomes committed by the scheduler: "
                      "delivered, deferred, bounced, expired, suppressed, failed; by "
                      "destination domain (bounded: see [metrics] domains)",
@@ -109,9 +111,11 @@ def configure(*, process: str, domains: int = DEFAULT_DOMAINS) -> None:
 # -- what the hooks call ---------------------------------------------------------------------
 
 
-def accepted(source: str, count: int = 1) -> None:
+def accepted(source: str, count: int = 1, *, listener: str = "") -> None:
+    """Count committed messages; the listener values are the configured listeners' (bounded)."""
     if count:
-        ACCEPTED.labels(source if source in SOURCES else OTHER).inc(count)
+        source = source if source in SOURCES else OTHER
+        ACCEPTED.labels(source, listener or source).inc(count)
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ class Submitter:
         result = await self._store.enqueue(message)
         log_accepted([message], [result], self.message_id_header)
         if not result.duplicate:
-            metrics.accepted(message.source)
+            metrics.accepted(message.source, listener=message.listener)
             self.notify_queued()
         return result
 
@@ -138,7 +138,8 @@ class Submitter:
         has an answer already, nothing is queued and that answer comes back."""
         results, existing = await self._store.enqueue_all(messages, claim, answer)
         metrics.accepted(messages[0].source if messages else "api",
-                         sum(not r.duplicate for r in results))
+                         sum(not r.duplicate for r in results),
+                         listener=messages[0].listener if messages else "")
         log_accepted(messages, results, self.message_id_header)
         if results:
             self.notify_queued()
@@ -230,6 +231,7 @@ class Submitter:
             size=size,
             parts=parts,
             source=sub.source,
+            listener=sub.listener,
             api_key_id=sub.api_key_id,
             tags=sub.tags,
             metadata=sub.metadata,

@@ -154,6 +154,7 @@ class Submission:
     data: bytes = b""  # RFC 5322 bytes with CRLF line endings; or else:
     composition: Composition | None = None  # built into bytes at delivery (compose.py)
     source: str = "smtp"  # smtp | api
+    listener: str = ""  # the SMTP listener that took it ("submission:587"), for the metrics
     api_key_id: str | None = None
     tags: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)

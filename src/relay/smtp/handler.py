@@ -180,6 +180,7 @@ class RelayHandler:
             recipients=recipients,
             data=data,
             source="smtp",
+            listener=f"{self.listener.mode}:{self.listener.port}",
             api_key_id=key.id if key else None,
             allowed_domains=self._allowed_domains(session),
             tags=controls.get("tags", ()),

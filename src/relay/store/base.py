@@ -38,6 +38,7 @@ class NewMessage:
     recipients: tuple[NewRecipient, ...]
     body: bytes
     source: str
+    listener: str = ""  # Submission.listener; not stored
     body_kind: str = "raw"  # raw | composition (compose.py builds it at delivery)
     size: int | None = None  # the built size when the body is a composition
     # attachments a composition names by part id, stored once however many messages share them
