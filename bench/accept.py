@@ -60,7 +60,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("relay did not start")
 
 
-def start_relay(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_relay(tmp: Path, log_level: str = "WARNING") -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     conf = tmp / "relay.toml"
     conf.write_text(
@@ -69,9 +69,10 @@ def start_relay(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
         f"allowed_networks = ['127.0.0.0/8']\n"
         "[delivery]\npaused = true\n"  # acceptance alone: bench/deliver.py measures delivery
     )
-    env = {**os.environ, "RELAY_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "RELAY_LOG_LEVEL": log_level}
     proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "--config", str(conf), "serve"],
-                            env=env, stdout=subprocess.DEVNULL)
+                            env=env, stdout=subprocess.DEVNULL,
+                            stderr=None if log_level.upper() == "WARNING" else subprocess.DEVNULL)
     wait_port(port, proc)
     return proc, port
 
@@ -140,11 +141,14 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=5000)
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--size", type=int, default=5120)
+    ap.add_argument("--log-level", default="WARNING",
+                    help="relay's log level; INFO writes the accept line of every message "
+                         "(to /dev/null here), as a production relay does")
     args = ap.parse_args()
     binary = ensure_smtp_source()
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as d:
         tmp = Path(d)
-        proc, port = start_relay(tmp)
+        proc, port = start_relay(tmp, args.log_level)
         try:
             cpu0 = cpu_seconds(proc.pid)
             took = run_smtp_source(binary, port, args.messages, args.sessions, args.size)
