@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from relay import logs
+from relay import keys, logs
 from relay.config import (
     BouncesConfig,
     DeliveryConfig,
@@ -36,7 +36,7 @@ from .apiutil import SIMPLE, Api, api_client
 from .conftest import free_port, make_config, relay_cmd, run_relay, wait_port
 from .dnsserver import DNSServer
 from .sink import Sink
-from .smtputil import in_thread
+from .smtputil import connect, in_thread
 from .test_delivery import FAST, route, server_tls, start_relay, submit, wait_final
 from .test_inbound import COMPLAINTS, arf, delivered_via_api, dsn, send_report
 
@@ -419,3 +419,20 @@ async def test_a_cancelled_email_gets_a_line_per_recipient(
     (line,) = [r.getMessage() for r in lines(caplog, "relay.delivery")]
     assert re.fullmatch(rf"{body['id']}: to=<bob@example.org>, status=cancelled "
                         r"\(by api:rk_\w+\)", line), line
+
+
+async def test_a_login_leaves_no_aiosmtpd_deprecation_line(
+        service: Service, caplog: pytest.LogCaptureFixture) -> None:
+    """aiosmtpd warns "Session.login_data is deprecated" at every successful AUTH, on its
+    own attribute: relay's logging drops that one line, and nothing else of mail.log."""
+    logs.configure(LogConfig())
+    _, key = await keys.create_key(service.store, name="t", scopes=["emails:send"])
+
+    def login() -> None:
+        with connect(service.bound[0][1], key=key):
+            pass
+    caplog.set_level(logging.INFO)
+    await in_thread(login)
+    assert not [r for r in caplog.records if "login_data" in r.getMessage()]
+    logging.getLogger("mail.log").warning("something else")
+    assert [r for r in caplog.records if r.getMessage() == "something else"]

@@ -156,8 +156,19 @@ def configure(config: LogConfig, *, process: str = "", environ: Mapping[str, str
     _quiet(config)
 
 
+class _NotOurs(logging.Filter):
+    """aiosmtpd warns of its own deprecated `Session.login_data` at every successful AUTH
+    (it sets the attribute itself): a line per login that says nothing about relay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Session.login_data is deprecated")
+
+
 def _quiet(config: LogConfig) -> None:
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
+    aiosmtpd = logging.getLogger("mail.log")
+    if not any(isinstance(f, _NotOurs) for f in aiosmtpd.filters):
+        aiosmtpd.addFilter(_NotOurs())
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if config.access_log
                                               else logging.WARNING)
