@@ -70,7 +70,7 @@ async def test_a_delivery_and_its_acceptance_each_get_a_line(
     assert sorted(r.to for r in sent) == ["one@a.test", "two@a.test"]  # type: ignore[attr-defined]
     line = text(sent[0])
     assert re.search(
-        rf"INFO relay.delivery: {mid}: to=<(one|two)@a.test>, "
+        rf"INFO relay.delivery: {mid}: to=<(one|two)@a.test>, message-id=<[^>]+@relay.test>, "
         rf"relay=mx.a.test\[127.0.0.1\]:{sink.port}, delay=[0-9.]+, dsn=2.0.0, "
         r"status=sent \(250 2.0.0 Ok: queued\)$", line), line
     assert ISO.match(line)
@@ -85,6 +85,8 @@ async def test_a_delivery_and_its_acceptance_each_get_a_line(
         rf"{mid}: message-id=<[^>]+@relay.test>, from=<alice@sender.test>, size=\d+, "
         rf"nrcpt=2, via=smtp, key=rk_\w+, status=queued", accepted.getMessage())
     assert accepted.nrcpt == 2 and accepted.via == "smtp"  # type: ignore[attr-defined]
+    # the delivery line names the message as its recipient sees it, as the accept line does
+    assert f"message-id=<{r.message_id}>" in accepted.getMessage()  # type: ignore[attr-defined]
 
 
 async def test_a_delivery_over_starttls_names_the_tls_version_and_cipher(

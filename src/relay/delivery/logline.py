@@ -37,13 +37,15 @@ def dsn_status(enhanced: str | None, code: int | None) -> str | None:
     return None
 
 
-def outcome_fields(o: Outcome, due: DueRecipient | None) -> dict[str, Any]:
+def outcome_fields(o: Outcome, due: DueRecipient | None,
+                   message_id: str | None = None) -> dict[str, Any]:
     """What one outcome says, by name (the JSON object's fields)."""
     a = o.attempt
     out: dict[str, Any] = {
         "queue_id": o.message_id,
         "to": cut(due.address if due else o.event_data.get("email", "")),
         "status": STATUS_WORDS.get(o.status, o.status.value),
+        "message_id": cut(message_id.strip("<> \t")) if message_id else None,
     }
     if a is not None:
         out.update(relay=cut(a.mx_host) if a.mx_host else None, ip=a.ip, port=a.port,
@@ -66,6 +68,8 @@ def outcome_fields(o: Outcome, due: DueRecipient | None) -> dict[str, Any]:
 def outcome_line(f: Mapping[str, Any]) -> str:
     """The Postfix-shaped text of an outcome's fields."""
     parts = [f"to=<{f['to']}>"]
+    if f.get("message_id"):
+        parts.append(f"message-id=<{f['message_id']}>")
     relay = f.get("relay")
     if relay:
         ip = f"[{f['ip']}]" if f.get("ip") else ""
@@ -86,13 +90,15 @@ def outcome_line(f: Mapping[str, Any]) -> str:
     return f"{f['queue_id']}: " + ", ".join(parts)
 
 
-def log_outcomes(outcomes: Iterable[Outcome], due: Mapping[int, DueRecipient]) -> None:
+def log_outcomes(outcomes: Iterable[Outcome], due: Mapping[int, DueRecipient],
+                 message_ids: Mapping[str, str] | None = None) -> None:
     """A line for each committed outcome; internal failures at ERROR, the rest at INFO."""
     if not log.isEnabledFor(logging.INFO):
         return
     for o in outcomes:
         try:
-            f = outcome_fields(o, due.get(o.recipient_id))
+            f = outcome_fields(o, due.get(o.recipient_id),
+                               (message_ids or {}).get(o.message_id))
             line = outcome_line(f)
         except Exception:  # a line must never cost the report or the next outcome
             log.exception("could not make the log line of %s", o.message_id)

@@ -12,10 +12,11 @@ from ..types import RecipientStatus
 from .logline import log_outcomes
 
 
-def observe(outcomes: Sequence[Outcome], by_id: Mapping[int, DueRecipient]) -> None:
+def observe(outcomes: Sequence[Outcome], by_id: Mapping[int, DueRecipient],
+            message_ids: Mapping[str, str] | None = None) -> None:
     """Log and count outcomes once they are committed (a failed commit is tried again: neither
     logged nor counted)."""
-    log_outcomes(outcomes, by_id)
+    log_outcomes(outcomes, by_id, message_ids or {})
     seen: list[metrics.Observed] = []
     for o in outcomes:
         r = by_id.get(o.recipient_id)

@@ -8,12 +8,13 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..aio import sleep_until_set
 from ..config import Config, parse_hostport
 from ..errors import DeliveryFailure, StoreError, TemporaryFailure
 from ..feedback.reports import ReportMaker
+from ..rawmail import header_value
 from ..store import SQLiteStore
 from ..store.delivery import DueRecipient, Outcome
 from ..types import EventType, RecipientStatus, Stream
@@ -34,6 +35,8 @@ IDLE_POLL = 2.0  # the destination key of everything when a smarthost is set
 class _Job:
     destination: str
     recipients: list[DueRecipient]
+    # queue id -> its Message-ID header, read when rendered, for the delivery log line
+    message_ids: dict[str, str] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -156,7 +159,7 @@ class Scheduler:
             # Each message's outcomes are committed as soon as its transaction ends, so a
             # crash repeats at most the messages in flight, never a whole session's worth.
             recorded.update(o.recipient_id for o in outcomes)
-            records.append(asyncio.create_task(self._record(outcomes, due)))
+            records.append(asyncio.create_task(self._record(outcomes, due, job.message_ids)))
 
         async with sem:
             try:
@@ -173,8 +176,8 @@ class Scheduler:
         for message_id in set().union(*await asyncio.gather(*records)):
             await self._emit_report(message_id)
 
-    async def _record(self, outcomes: list[Outcome],
-                      due: dict[int, DueRecipient] | None = None) -> set[str]:
+    async def _record(self, outcomes: list[Outcome], due: dict[int, DueRecipient] | None = None,
+                      message_ids: dict[str, str] | None = None) -> set[str]:
         """Commit outcomes, then log and count them; returns the messages that now owe their
         sender a report."""
         if not outcomes:
@@ -185,7 +188,7 @@ class Scheduler:
             log.exception("could not record %d outcomes; their leases will expire and they "
                           "will be tried again", len(outcomes))
             return set()
-        observe(outcomes, due or {})
+        observe(outcomes, due or {}, message_ids or {})
         return {o.message_id for o in outcomes if o.dsn}
 
     async def _emit_report(self, message_id: str) -> None:
@@ -218,7 +221,8 @@ class Scheduler:
                                     "stage": "send"},
                         last_reply=f"suppressed: {dropped[r.id]}")
                 for r in job.recipients if r.id in dropped])
-        return _Job(job.destination, [r for r in job.recipients if r.id not in dropped])
+        return _Job(job.destination, [r for r in job.recipients if r.id not in dropped],
+                    job.message_ids)
 
     async def _deliver(self, job: _Job, record: Callable[[list[Outcome]], None]) -> None:
         started = self._clock()
@@ -269,6 +273,7 @@ class Scheduler:
                 record([self._outcomes.failed(r, rendered) for r in recipients])
                 continue
             signed[first.message_id] = rendered.signed
+            job.message_ids[first.message_id] = header_value(rendered.data, "Message-ID") or ""
             # relay's return path names one recipient, so each gets its own transaction (the
             # bytes are the same); the sender's own envelope sender keeps them together
             verp = _verp(first)
