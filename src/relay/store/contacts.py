@@ -58,10 +58,10 @@ class ContactQueries:
         """Upsert the contact and record an event of theirs; (the contact, the event id)."""
         def op(db: sqlite3.Connection) -> tuple[Upserted, int]:
             upserted = _upsert(db, change, now)
-            cur = db.execute("INSERT INTO contact_events (contact_id, name, data, created_at)"
-                             " VALUES (?, ?, ?, ?)",
-                             (upserted.contact.id, name, json.dumps(data), now))
-            return upserted, int(cur.lastrowid or 0)
+            row = db.execute("INSERT INTO contact_events (contact_id, name, data, created_at)"
+                             " VALUES (?, ?, ?, ?) RETURNING id",
+                             (upserted.contact.id, name, json.dumps(data), now)).fetchone()
+            return upserted, int(row[0])
 
         done: tuple[Upserted, int] = await self._write(op)
         return done

@@ -82,6 +82,9 @@ def _recall(db: sqlite3.Connection, scope: str, key: str, now: float) -> Remembe
 def _insert(db: sqlite3.Connection, r: Remembered) -> None:
     # a row past the window may still be there: it is replaced
     db.execute(
-        "INSERT OR REPLACE INTO idempotency (scope, key, fingerprint, message_id, created_at,"
-        " status, response) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO idempotency (scope, key, fingerprint, message_id, created_at,"
+        " status, response) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, key) DO UPDATE"
+        " SET fingerprint = excluded.fingerprint, message_id = excluded.message_id,"
+        " created_at = excluded.created_at, status = excluded.status,"
+        " response = excluded.response",
         (r.scope, r.key, r.fingerprint, r.message_id, r.created_at, r.status, r.response))

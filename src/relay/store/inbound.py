@@ -144,8 +144,8 @@ def _apply(db: sqlite3.Connection, e: Effect, now: float) -> bool:
     if e.suppress:
         domain = db.execute("SELECT sender_domain FROM messages WHERE id = ?",
                             (e.message_id,)).fetchone()
-        db.execute("INSERT OR IGNORE INTO suppressions (address, scope, reason, source,"
-                   " created_at, owner) VALUES (?, '', ?, ?, ?, ?)",
+        db.execute("INSERT INTO suppressions (address, scope, reason, source,"
+                   " created_at, owner) VALUES (?, '', ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                    (e.address, e.suppress, f"{_SOURCE[e.event]}:{e.message_id}", now,
                     owner_of_mail(domain[0] if domain else "")))
     db.execute("INSERT INTO events (message_id, recipient_id, type, created_at, data)"

@@ -62,7 +62,7 @@ class Selector:
         if self.created_after is not None:
             clauses.append("m.created_at >= ?")
             args.append(self.created_after)
-        return (" AND ".join(clauses) or "1"), args
+        return (" AND ".join(clauses) or "1 = 1"), args
 
     def recipient_where(self) -> tuple[str, list[Any]]:
         """The conditions on the recipient (`recipients r`)."""
@@ -74,7 +74,7 @@ class Selector:
         if self.domain is not None:
             clauses.append("r.domain = ?")
             args.append(self.domain.lower())
-        return (" AND ".join(clauses) or "1"), args
+        return (" AND ".join(clauses) or "1 = 1"), args
 
 
 @dataclass(frozen=True)
@@ -141,13 +141,14 @@ class OperatorQueries:
                 "UPDATE recipients SET status = ?, updated_at = ?, leased_until = NULL,"
                 " next_attempt_at = coalesce(?, next_attempt_at),"
                 " last_reply = coalesce(?, last_reply), bounce_class = coalesce(?, bounce_class),"
-                " dsn_pending = CASE WHEN ? AND notify NOT LIKE '%NEVER%' AND (notify = ''"
-                "  OR notify LIKE '%FAILURE%') THEN 'failed' ELSE dsn_pending END"
+                " dsn_pending = CASE WHEN ? = 1 AND upper(notify) NOT LIKE '%NEVER%'"
+                "  AND (notify = '' OR upper(notify) LIKE '%FAILURE%') THEN 'failed'"
+                "  ELSE dsn_pending END"
                 " WHERE id IN (SELECT r.id FROM recipients r JOIN messages m"
                 f"  ON m.id = r.message_id WHERE r.status IN ({marks}) AND {where} LIMIT ?)"
                 " RETURNING id, message_id, address",
                 (what.to.value, now, now if what.due_now else None,
-                 BOUNCE_REPLY if bounce else None, "soft" if bounce else None, bounce,
+                 BOUNCE_REPLY if bounce else None, "soft" if bounce else None, int(bounce),
                  *what.from_statuses, *args, limit)).fetchall()
             extra = ({"class": "soft", "reason": "undefined", "status": "5.0.0",
                       "diagnostic": BOUNCE_REPLY} if bounce else {})

@@ -75,7 +75,8 @@ def insert_messages(db: sqlite3.Connection, batch: list[NewMessage],
     # a part shared by many messages (or already stored for another) is written once
     parts = {part: data for m in batch for part, data in m.parts}
     if parts:
-        db.executemany("INSERT OR IGNORE INTO parts (id, data) VALUES (?, ?)", parts.items())
+        db.executemany("INSERT INTO parts (id, data) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                       parts.items())
         db.executemany("INSERT INTO message_parts (message_id, part_id) VALUES (?, ?)",
                        [(m.id, part) for m in batch for part in dict(m.parts)])
     db.executemany(

@@ -122,7 +122,8 @@ def _hours(db: sqlite3.Connection, now: float) -> list[HourOutcomes]:
                                                          for t in OUTCOMES})
              for i in range(24)]
     rows = db.execute(  # the events_type_created index
-        f"SELECT CAST((created_at - ?) / 3600 AS INTEGER), type, count(*) FROM events"
+        # floor, not CAST: PostgreSQL's CAST rounds to the nearest integer, SQLite's truncates
+        f"SELECT CAST(floor((created_at - ?) / 3600) AS INTEGER), type, count(*) FROM events"
         f" WHERE type IN ({_marks(OUTCOMES)}) AND created_at >= ? AND created_at <= ?"
         " GROUP BY 1, 2", (first, *OUTCOMES, first, now + 3600)).fetchall()
     for index, kind, n in rows:

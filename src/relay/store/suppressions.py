@@ -26,8 +26,8 @@ class SuppressionQueries:
     async def add_suppression(self, entry: Suppression) -> bool:
         """Added (True) or already there (False; the first reason stays)."""
         def op(db: sqlite3.Connection) -> bool:
-            cur = db.execute(f"INSERT OR IGNORE INTO suppressions ({_COLUMNS})"
-                             " VALUES (?, ?, ?, ?, ?, ?)",
+            cur = db.execute(f"INSERT INTO suppressions ({_COLUMNS})"
+                             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                              (entry.address, entry.scope, entry.reason, entry.source,
                               entry.created_at, owners.encode(entry.owner)))
             return cur.rowcount == 1
@@ -83,7 +83,8 @@ class SuppressionQueries:
                 return None
             address, scope, message_id = row
             added = db.execute(
-                f"INSERT OR IGNORE INTO suppressions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO suppressions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
                 (address, scope, "unsubscribed", f"unsubscribe:{message_id}", now,
                  owner_of_mail(scope))).rowcount
             if added:

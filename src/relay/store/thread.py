@@ -12,6 +12,7 @@ the loop with `call_soon_threadsafe`. Public stdlib only: what aiosqlite does in
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 import threading
 import warnings
@@ -163,10 +164,25 @@ def _connect(path: Path) -> sqlite3.Connection:
     try:
         for pragma in PRAGMAS:
             db.execute(pragma)
+        _ensure_floor(db)
     except BaseException:
         db.close()
         raise
     return db
+
+
+def _ensure_floor(db: sqlite3.Connection) -> None:
+    """floor(x), which the store's SQL shares with PostgreSQL (where CAST to an integer rounds
+    rather than truncates), is built into SQLite only with its math functions: an SQLite
+    built without them gets Python's."""
+    try:
+        db.execute("SELECT floor(1.5)")
+    except sqlite3.OperationalError:
+        db.create_function("floor", 1, _floor, deterministic=True)
+
+
+def _floor(x: float | None) -> float | None:
+    return None if x is None else float(math.floor(x))
 
 
 def _close(db: sqlite3.Connection) -> None:
