@@ -289,7 +289,7 @@ async def test_every_batch_is_an_index_range_scan(store: SQLiteStore) -> None:
         assert "SCAN" not in text, text  # no table scanned whole
     for specs in ROWS.values():
         for table, key, where, order in specs:
-            text = plan(store, f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table}"
+            text = plan(store, f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table}"
                         f" WHERE {where} ORDER BY {order} LIMIT ?)", NOW, 10)
             assert "USING" in text and "INDEX" in text and "SCAN" not in text, text
     cascade = plan(store, "DELETE FROM recipients WHERE message_id = ?", "m")

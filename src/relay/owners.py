@@ -67,9 +67,9 @@ def domain_sql(column: str, reach: tuple[str, ...]) -> tuple[str, list[Any]]:
 
 
 def message_sql(reach: Within, column: str = "sender_domain") -> tuple[str, list[Any]]:
-    """A WHERE condition keeping messages within reach ("1" when reach is the relay)."""
+    """A WHERE condition keeping messages within reach ("1 = 1" when reach is the relay)."""
     if reach is None:
-        return "1", []
+        return "1 = 1", []  # a boolean in PostgreSQL too, where a bare 1 is an integer
     return domain_sql(column, reach)
 
 
@@ -85,7 +85,7 @@ def covered_sql(owner: str, domain: str) -> str:
 def owner_sql(reach: Within, column: str = "owner") -> tuple[str, list[Any]]:
     """A WHERE condition keeping rows whose JSON `owner` column is within reach."""
     if reach is None:
-        return "1", []
+        return "1 = 1", []  # a boolean in PostgreSQL too, where a bare 1 is an integer
     inner, args = domain_sql("o.value", reach)
     return (f"({column} <> '[]' AND NOT EXISTS (SELECT 1 FROM json_each({column}) o"
             f" WHERE NOT {inner}))", args)

@@ -38,7 +38,7 @@ SELECT m.id, m.created_at,
     EXISTS (SELECT 1 FROM events e JOIN webhook_outbox o ON o.event_id = e.id
             JOIN webhook_endpoints w ON w.id = o.endpoint_id
             WHERE e.message_id = m.id AND o.delivered_at IS NULL
-            AND o.next_attempt_at IS NOT NULL AND w.enabled)
+            AND o.next_attempt_at IS NOT NULL AND w.enabled <> 0)
 FROM messages m
 WHERE m.created_at < ? AND (m.created_at, m.id) > (?, ?) {{extra}}
 ORDER BY m.created_at, m.id LIMIT ?
@@ -58,7 +58,8 @@ ROWS: dict[str, tuple[tuple[str, str, str, str], ...]] = {
         ("webhook_outbox", "id",
          "delivered_at IS NULL AND next_attempt_at IS NULL AND created_at < ?", "created_at"),
     ),
-    "idempotency": (("idempotency", "rowid", "created_at < ?", "created_at"),),
+    # its primary key as a row value: rowid is SQLite's alone
+    "idempotency": (("idempotency", "scope, key", "created_at < ?", "created_at"),),
     "contact_events": (("contact_events", "id", "created_at < ?", "created_at"),),
     # reports matched to a message go with it; these matched none
     "inbound_reports": (("inbound_reports", "id", "message_id IS NULL AND received_at < ?",
@@ -184,7 +185,7 @@ def _rows_batch(db: sqlite3.Connection, *, kind: str, before: float, limit: int,
             total += db.execute(f"SELECT count(*) FROM {table} WHERE {where}",
                                 (before,)).fetchone()[0]
             continue
-        total += db.execute(f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table}"
+        total += db.execute(f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table}"
                             f" WHERE {where} ORDER BY {order} LIMIT ?)",
                             (before, limit - total)).rowcount
         if total >= limit:

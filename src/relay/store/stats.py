@@ -144,7 +144,7 @@ def _failures(db: sqlite3.Connection, now: float) -> list[Failure]:
         " ORDER BY created_at DESC, id DESC LIMIT ?",
         (*FAILURES, now - WINDOW, RECENT_FAILURES)).fetchall()
     return [Failure(at=r[0], message_id=r[1] or "", outcome=r[2].removeprefix("email."),
-                    recipient=r[3] or "", code=r[4] if isinstance(r[4], int) else None,
+                    recipient=r[3] or "", code=_code(r[4]),
                     enhanced=r[5] if isinstance(r[5], str) else None, reply=str(r[6]),
                     mx_host=r[7] if isinstance(r[7], str) else None) for r in rows]
 
@@ -165,8 +165,16 @@ def _endpoints(db: sqlite3.Connection) -> list[FailingEndpoint]:
         "SELECT w.id, w.url, w.enabled, w.failing_since, w.disabled_reason,"
         " (SELECT count(*) FROM webhook_outbox o WHERE o.endpoint_id = w.id"
         "  AND o.delivered_at IS NULL AND o.next_attempt_at IS NOT NULL)"
-        " FROM webhook_endpoints w WHERE w.failing_since IS NOT NULL OR NOT w.enabled"
+        " FROM webhook_endpoints w WHERE w.failing_since IS NOT NULL OR w.enabled = 0"
         " ORDER BY w.failing_since IS NULL, w.failing_since, w.id LIMIT ?",
         (FAILING_ENDPOINTS,)).fetchall()
     return [FailingEndpoint(id=r[0], url=r[1], enabled=bool(r[2]), failing_since=r[3],
                             disabled_reason=r[4], pending=r[5]) for r in rows]
+
+
+def _code(value: Any) -> int | None:
+    """The SMTP code of an event: SQLite's json_extract gives a number, PostgreSQL's (the
+    schema's function) the text of it."""
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, str) and value.isdigit() else None

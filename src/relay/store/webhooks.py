@@ -126,7 +126,7 @@ class WebhookQueries:
                 "m.metadata) + length(m.tags), 0) AS own"
                 " FROM webhook_outbox o JOIN webhook_endpoints w ON w.id = o.endpoint_id"
                 " JOIN events e ON e.id = o.event_id LEFT JOIN messages m ON m.id = e.message_id"
-                " WHERE o.delivered_at IS NULL AND w.enabled"
+                " WHERE o.delivered_at IS NULL AND w.enabled <> 0"
                 " AND o.next_attempt_at <= ? AND (o.leased_until IS NULL OR o.leased_until < ?)"
                 " ORDER BY o.next_attempt_at, o.id LIMIT ?) WHERE ? < 0 OR upto - own < ?)"
                 " RETURNING id",
@@ -191,7 +191,7 @@ class WebhookQueries:
                            " coalesce(failing_since, ?) WHERE id = ?", (now, d.endpoint.id))
             if disable and db.execute(
                     "UPDATE webhook_endpoints SET enabled = 0, disabled_at = ?,"
-                    " disabled_reason = ? WHERE id = ? AND enabled",
+                    " disabled_reason = ? WHERE id = ? AND enabled <> 0",
                     (now, disable, d.endpoint.id)).rowcount:
                 db.execute("INSERT INTO events (message_id, recipient_id, type, created_at, data)"
                            " VALUES (NULL, NULL, ?, ?, ?)",
