@@ -15,7 +15,7 @@ from . import metrics
 from .api import metrics as api_metrics
 from .api.app import CONNECTIONS, make_app
 from .api.health import Check
-from .config import Config, ListenerConfig
+from .config import Config, ListenerConfig, unavailable
 from .datadir import DataDirLock
 from .delivery.keycheck import check_signing_keys
 from .delivery.scheduler import Scheduler
@@ -70,6 +70,8 @@ class Service:
 
     async def start(self) -> None:
         """Open the store, then listen. Raises ConfigError when a listener cannot start."""
+        if why := unavailable(self.config.store.url, self.config.db_path):
+            raise ConfigError(self.config.source, "store.url", why)  # before anything is made
         self.config.server.data_dir.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()  # before the store: a second relay must not touch the queue
         try:

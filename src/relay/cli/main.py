@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import config as config_mod
 from .. import keys, logs
-from ..config import Config, LogConfig
+from ..config import Config, LogConfig, unavailable
 from ..datadir import check_owner
 from ..errors import ConfigError, StoreError, ValidationError
 from ..service import run
@@ -165,6 +165,8 @@ def _first_key(config: Config, *, always: bool = False) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    if why := unavailable(config.store.url, config.db_path):  # before a store is made
+        raise ConfigError(config.source, "store.url", why)
     config.server.data_dir.mkdir(parents=True, exist_ok=True)
     _first_key(config)
     for lst in config.smtp.listeners:

@@ -28,6 +28,7 @@ from .checks import (
     meta,
     one_of,
 )
+from .storeurl import check_store_url, sqlite_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -225,6 +226,13 @@ class LogConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    # "": the SQLite file in server.data_dir; "sqlite:///path/relay.sqlite"; or
+    # "postgresql://user:password@host:port/database" (RELAY_STORE_URL, kept out of the file)
+    url: str = field(default="", metadata=meta(check_store_url))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
@@ -239,8 +247,14 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     @property
     def db_path(self) -> Path:
         return self.server.data_dir / "relay.sqlite"
+
+    @property
+    def store_url(self) -> str:
+        """[store] url with its default made explicit: the SQLite file in the data dir."""
+        return self.store.url or sqlite_url(self.db_path)
