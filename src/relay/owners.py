@@ -58,10 +58,11 @@ def decode(stored: str | None) -> tuple[str, ...]:
 
 def domain_sql(column: str, reach: tuple[str, ...]) -> tuple[str, list[Any]]:
     """SQL true when the domain in `column` is covered by `reach` (no LIKE: a domain's
-    characters are never wildcards), and its arguments."""
+    characters are never wildcards), and its arguments. The suffix is counted from the
+    length: a negative substr start counts from the end in SQLite only."""
     parts, args = [], []
     for d in reach:
-        parts.append(f"({column} = ? OR substr({column}, -?) = ?)")
+        parts.append(f"({column} = ? OR substr({column}, length({column}) - ? + 1) = ?)")
         args += [d, len(d) + 1, "." + d]
     return "(" + " OR ".join(parts) + ")", args
 
@@ -76,9 +77,10 @@ def message_sql(reach: Within, column: str = "sender_domain") -> tuple[str, list
 def covered_sql(owner: str, domain: str) -> str:
     """SQL true when the row's owner (a JSON column, `owner`) is the relay or covers the
     domain expression `domain`: where a row's outcome or event may go. Schema v13's webhook
-    fan-out trigger spells the same rule out, as a migration must not import code."""
+    fan-out trigger spells the same rule out, as a migration must not import code. `domain`
+    appears three times (a `?` there takes its argument thrice)."""
     return (f"({owner} = '[]' OR EXISTS (SELECT 1 FROM json_each({owner}) o"
-            f" WHERE {domain} = o.value OR substr({domain}, -length(o.value) - 1)"
+            f" WHERE {domain} = o.value OR substr({domain}, length({domain}) - length(o.value))"
             " = '.' || o.value))")
 
 

@@ -135,7 +135,8 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
             args += more_args
         if tag:
             where.append("EXISTS (SELECT 1 FROM json_each(messages.tags) t"
-                         " WHERE t.value = ? OR t.value LIKE ? ESCAPE '\\')")
+                         # lower(): SQLite's LIKE ignores ASCII case, PostgreSQL's does not
+                         " WHERE t.value = ? OR lower(t.value) LIKE lower(?) ESCAPE '\\')")
             args += [tag, tag.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
                      + ":%"]
         if to:

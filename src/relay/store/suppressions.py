@@ -96,7 +96,7 @@ class SuppressionQueries:
             # owner's leaves it
             db.execute("UPDATE contacts SET subscribed = 0, updated_at = ?"
                        " WHERE email = ? AND subscribed = 1 AND"
-                       f" {owners.covered_sql('owner', '?')}", (now, address, scope, scope))
+                       f" {owners.covered_sql('owner', '?')}", (now, address, scope, scope, scope))
             return address, scope
 
         done: tuple[str, str] | None = await self._write(op)
