@@ -222,3 +222,46 @@ def _dump_tasks(nodeid: str) -> None:
             print(f"-- {task!r}", file=out)
             task.print_stack(file=out)
     out.flush()
+
+
+# -- PostgreSQL (issue 20): one throwaway server per test run, a fresh database per test ----
+
+_pg: Any = None
+_pg_databases = 0
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """The run's PostgreSQL server (tests/pgserver.py), started at first use."""
+    global _pg
+    from .pgserver import PgServer
+
+    _pg = PgServer()
+    _pg.start()
+    try:
+        yield _pg
+    finally:
+        _pg.stop()
+        _pg = None
+
+
+@pytest.fixture
+def pg_url(pg_server: Any) -> Iterator[str]:
+    """postgresql:// URL of an empty database of this test's own, dropped after it."""
+    global _pg_databases
+    _pg_databases += 1
+    name = f"t{os.getpid()}_{_pg_databases}"
+    url = pg_server.create_database(name)
+    try:
+        yield url
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store URL on each backend in turn: the SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'q.sqlite'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url

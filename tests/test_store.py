@@ -1,4 +1,5 @@
-"""The SQLite store: schema, group commit, isolation of a bad write, durability settings."""
+"""The store on both backends (SQLite, PostgreSQL): schema, group commit, isolation of a bad
+write, durability settings."""
 
 from __future__ import annotations
 
@@ -25,20 +26,23 @@ def new_message(i: int = 0, **kw: object) -> NewMessage:
 
 
 @pytest.fixture
-async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
-    s = SQLiteStore(tmp_path / "q.sqlite")
+async def store(store_url: str):  # type: ignore[no-untyped-def]
+    s = SQLiteStore(store_url)
     await s.open()
     yield s
     await s.close()
 
 
-async def test_wal_and_full_sync(store: SQLiteStore) -> None:
+async def test_wal_and_full_sync(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "q.sqlite")
+    await store.open()
     assert store.writer is not None
     async with store.writer.conn.execute("PRAGMA journal_mode") as cur:
         assert (await cur.fetchone()) == ("wal",)
     async with store.writer.conn.execute("PRAGMA synchronous") as cur:
         assert (await cur.fetchone()) == (2,)  # FULL
-    assert (store.path.stat().st_mode & 0o777) == 0o600
+    assert store.path is not None and (store.path.stat().st_mode & 0o777) == 0o600
+    await store.close()
 
 
 async def test_schema_is_versioned_and_reopening_is_idempotent(tmp_path: Path) -> None:
@@ -85,10 +89,12 @@ async def test_one_bad_write_does_not_fail_its_batch(store: SQLiteStore) -> None
 
 async def test_failed_commit_leaves_nothing_half_written(store: SQLiteStore) -> None:
     assert store.writer is not None
-    await store.writer.conn.execute("PRAGMA query_only = ON")
+    read_only = ("SET default_transaction_read_only = {}" if store.postgresql
+                 else "PRAGMA query_only = {}")
+    await store.writer.conn.execute(read_only.format("on"))
     with pytest.raises(StoreError):
         await store.enqueue(new_message(1))
-    await store.writer.conn.execute("PRAGMA query_only = OFF")
+    await store.writer.conn.execute(read_only.format("off"))
     for table in ("messages", "bodies", "recipients", "events"):
         async with store._reader.execute(f"SELECT count(*) FROM {table}") as cur:
             assert await cur.fetchone() == (0,), table

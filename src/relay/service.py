@@ -15,7 +15,7 @@ from . import metrics
 from .api import metrics as api_metrics
 from .api.app import CONNECTIONS, make_app
 from .api.health import Check
-from .config import Config, ListenerConfig, unavailable
+from .config import Config, ListenerConfig
 from .datadir import DataDirLock
 from .delivery.keycheck import check_signing_keys
 from .delivery.scheduler import Scheduler
@@ -33,7 +33,7 @@ from .retention import Pruner
 from .smtp.handler import RelayHandler
 from .smtp.inbound import Inbound
 from .smtp.server import make_server_factory
-from .store import SQLiteStore
+from .store import SQLiteStore, store_for
 from .submit import Submitter
 from .tlsutil import server_context
 
@@ -65,13 +65,11 @@ class Service:
 
     def __post_init__(self) -> None:
         self.lock = DataDirLock(self.config.server.data_dir)
-        self.store = SQLiteStore(self.config.db_path)
+        self.store = store_for(self.config)
         self.submitter = Submitter(self.config, self.store)
 
     async def start(self) -> None:
         """Open the store, then listen. Raises ConfigError when a listener cannot start."""
-        if why := unavailable(self.config.store.url, self.config.db_path):
-            raise ConfigError(self.config.source, "store.url", why)  # before anything is made
         self.config.server.data_dir.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()  # before the store: a second relay must not touch the queue
         try:

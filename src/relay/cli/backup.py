@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
+from ..config import Config, mask_url
 from ..datadir import LOCK_NAME, DataDirLock
 from ..store.backup import backup_database, known_schema, schema_version
 from .util import Subparsers, relay_version, with_store
@@ -64,6 +64,11 @@ def backup(target: Path, config: Config) -> int:
         print(f"relay: {target} exists and is not an empty directory", file=sys.stderr)
         return 1
     data_dir = config.server.data_dir
+    if config.sqlite_file != config.db_path.absolute():
+        print(f"relay: the queue is in {mask_url(config.store_url)}, not the data dir's "
+              "SQLite file: back that up with its own tools (pg_dump for PostgreSQL), and "
+              "the data dir's keys with relay backup on the default store", file=sys.stderr)
+        return 1
     if not config.db_path.exists():
         print(f"relay: {config.db_path}: no queue database to back up", file=sys.stderr)
         return 1
@@ -161,6 +166,11 @@ def cmd_restore(args: argparse.Namespace, config: Config) -> int:
 
 def restore(args: argparse.Namespace, manifest: dict[str, Any], config: Config) -> int:
     data_dir = config.server.data_dir
+    if config.sqlite_file != config.db_path.absolute():
+        print(f"relay: the queue is in {mask_url(config.store_url)}: restore it with its own "
+              "tools (pg_restore for PostgreSQL); relay restore writes the data dir's SQLite "
+              "file", file=sys.stderr)
+        return 1
     present = [p for p in data_dir.iterdir() if p.name != LOCK_NAME] if data_dir.exists() else []
     if present and not args.force:
         print(f"relay: {data_dir} is not empty ({len(present)} entries); restore into an empty "

@@ -29,7 +29,7 @@ def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
     problems = [str(p) for p in (*tls_problems(config), *data_dir_problems(config))]
-    if config.db_path.exists() and not problems:
+    if (config.sqlite_file is None or config.sqlite_file.exists()) and not problems:
         problems += [str(p.error()) for p in with_store(config, unusable_signing_keys)]
     for warning in busy_ports(config):
         print(f"warning: {warning}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import json
 import os
@@ -19,7 +20,8 @@ from typing import Any
 
 from .. import config as config_mod
 from .. import keys, logs
-from ..config import Config, LogConfig, unavailable
+from ..config import Config, LogConfig, is_postgresql, mask_url
+from ..config.storeurl import check_store_url
 from ..datadir import check_owner
 from ..errors import ConfigError, StoreError, ValidationError
 from ..service import run
@@ -84,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="write a config, make the data dir, a TLS cert and a key")
     s.add_argument("--write-config", metavar="PATH",
                    help="where to write a commented config file (not overwritten)")
+    s.add_argument("--store", metavar="URL", default=None,
+                   help="the queue's store: postgresql://user:password@host/db (the schema "
+                   "is made there) or sqlite:///path; default the SQLite file in the data dir")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("serve", help="run relay")
@@ -143,9 +148,22 @@ def cmd_init(args: argparse.Namespace, _: Config | None) -> int:
             print(f"relay: {target} exists; not overwritten", file=sys.stderr)
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(example_config(), "utf-8")
+            text = example_config()
+            if args.store and is_postgresql(args.store):  # the password stays out of files
+                print(f"the config leaves [store] url empty: give the service "
+                      f"RELAY_STORE_URL={mask_url(args.store)} (with its password)")
+            elif args.store:
+                text = text.replace('\nurl = ""\n', f"\nurl = {json.dumps(args.store)}\n", 1)
+            target.write_text(text, "utf-8")
             print(f"wrote {target} (edit it, then: relay --config {target} serve)")
     config = config_mod.load(args.config or (args.write_config if args.write_config else None))
+    if args.store is not None:
+        try:
+            config = dataclasses.replace(config, store=dataclasses.replace(
+                config.store, url=check_store_url(args.store)))
+        except ValueError as exc:
+            raise ConfigError("--store", "store.url", str(exc)) from None
+        print(f"store {mask_url(config.store_url)} (schema made or brought up to date)")
     cert, _ = ensure_self_signed(config.server.data_dir, config.server.hostname)
     print(f"data dir {config.server.data_dir} (TLS certificate {cert})")
     _first_key(config, always=True)
@@ -165,8 +183,6 @@ def _first_key(config: Config, *, always: bool = False) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    if why := unavailable(config.store.url, config.db_path):  # before a store is made
-        raise ConfigError(config.source, "store.url", why)
     config.server.data_dir.mkdir(parents=True, exist_ok=True)
     _first_key(config)
     for lst in config.smtp.listeners:

@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ..config import Config
-from ..store import SQLiteStore
+from ..store import SQLiteStore, store_for
 from ..timefmt import iso_seconds
 
 
@@ -27,7 +27,7 @@ class Subparsers:
 
 def with_store(config: Config, fn: Callable[[SQLiteStore], Awaitable[Any]]) -> Any:
     async def go() -> Any:
-        store = SQLiteStore(config.db_path)
+        store = store_for(config)
         await store.open()
         try:
             return await fn(store)

@@ -29,12 +29,11 @@ from .sections import (
     TrackingConfig,
     WebhooksConfig,
 )
-from .storeurl import is_postgresql, mask_url, sqlite_path, unavailable
+from .storeurl import is_postgresql, mask_url, sqlite_path
 
 __all__ = ["DEFAULTS_SOURCE", "DELIVERY_TLS", "ENV_SOURCE", "LISTENER_MODES", "LISTENER_TLS",
            "NOT_SETTINGS", "SMARTHOST_TLS", "ApiConfig", "BouncesConfig", "Config",
            "DeliveryConfig", "DkimConfig", "DnsConfig", "IPNetwork", "LimitsConfig",
            "ListenerConfig", "LogConfig", "MetricsConfig", "RetentionConfig", "ServerConfig",
            "SmtpConfig", "StoreConfig", "TrackingConfig", "WebhooksConfig", "is_postgresql",
-           "load", "mask_url", "parse_hostport", "sqlite_path",
-           "unavailable"]
+           "load", "mask_url", "parse_hostport", "sqlite_path"]

@@ -6,6 +6,7 @@ these from the file and the environment.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import socket
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from .checks import (
     meta,
     one_of,
 )
-from .storeurl import check_store_url, sqlite_url
+from .storeurl import check_node_name, check_store_url, is_postgresql, sqlite_path, sqlite_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -230,6 +231,9 @@ class StoreConfig:
     # "": the SQLite file in server.data_dir; "sqlite:///path/relay.sqlite"; or
     # "postgresql://user:password@host:port/database" (RELAY_STORE_URL, kept out of the file)
     url: str = field(default="", metadata=meta(check_store_url))
+    # this node's name in the leases it takes on a shared (PostgreSQL) queue; "": the host's
+    # name and a digest of server.data_dir, the same at every start of this node
+    node: str = field(default="", metadata=meta(check_node_name))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -258,3 +262,17 @@ class Config:
     def store_url(self) -> str:
         """[store] url with its default made explicit: the SQLite file in the data dir."""
         return self.store.url or sqlite_url(self.db_path)
+
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The SQLite file the queue is in, or None when it is in PostgreSQL."""
+        return None if is_postgresql(self.store_url) else sqlite_path(self.store_url)
+
+    @property
+    def node_name(self) -> str:
+        """[store] node, or the host's name and a digest of the data dir (two nodes on one
+        host have two data dirs)."""
+        if self.store.node:
+            return self.store.node
+        digest = hashlib.sha256(str(self.server.data_dir.absolute()).encode()).hexdigest()
+        return f"{socket.gethostname()[:48]}-{digest[:8]}"

@@ -78,16 +78,10 @@ def mask_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{hostport}").geturl()
 
 
-def unavailable(url: str, db_path: Path) -> str | None:
-    """Why this build cannot open the store at `url`, or None: until the PostgreSQL store is
-    wired in (issue 20), only the SQLite file in the data dir opens, and a URL naming any
-    other store must stop `relay serve` rather than leave mail in a place nobody chose."""
-    if not url:
-        return None
-    if is_postgresql(url):
-        return (f"PostgreSQL ({mask_url(url)}) is not available in this build; leave it empty "
-                "for the SQLite file in server.data_dir")
-    if sqlite_path(url) != db_path.absolute():
-        return (f"an SQLite file other than {db_path.absolute()} is not available in this "
-                "build; leave it empty for that one")
-    return None
+def check_node_name(value: str) -> str:
+    """[store] node: letters, digits and . _ : - only, at most 64 (it names leases)."""
+    if len(value) > 64:
+        raise ValueError(f"must be at most 64 characters; got {len(value)}")
+    if value and not all(c.isascii() and (c.isalnum() or c in "._:-") for c in value):
+        raise ValueError("must be letters, digits and . _ : - only")
+    return value

@@ -8,7 +8,7 @@ from ..config import Config
 from ..feedback.reports import ReportMaker
 from ..feedback.tracking import Tokens, load_key
 from ..feedback.verp import bounce_host
-from ..store import SQLiteStore
+from ..store import SQLiteStore, store_for
 from ..submit import Submitter
 from .deliver import Deliverer
 from .mx import MXResolver
@@ -21,7 +21,7 @@ def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],
                    store: SQLiteStore | None = None, submitter: Submitter | None = None
                    ) -> tuple[SQLiteStore, Scheduler]:
     """The parts that deliver: a scheduler over the store, an MX resolver and a deliverer."""
-    store = store or SQLiteStore(config.db_path)
+    store = store or store_for(config)
     submitter = submitter or Submitter(config, store)
     deliverer = Deliverer(hostname=config.server.hostname, delivery=config.delivery,
                           own_listeners=own_listeners, smarthost=bool(config.delivery.smarthost))

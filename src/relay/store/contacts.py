@@ -14,7 +14,7 @@ from .. import owners
 from ..errors import ValidationError
 from ..owners import Within
 from ..types import Contact
-from .thread import SQLiteThread
+from .thread import DbThread
 
 _COLUMNS = "id, email, subscribed, data, created_at, updated_at, owner"
 
@@ -42,7 +42,7 @@ class ContactQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: SQLiteThread
+    _reader: DbThread
 
     async def upsert_contacts(self, changes: Sequence[ContactChange], now: float
                               ) -> list[Upserted]:

@@ -12,7 +12,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from ..types import WAITING_STATUSES
-from .thread import SQLiteThread
+from .thread import DbThread
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Counts:
 class CountQueries:
     """Mixed into SQLiteStore."""
 
-    _reader: SQLiteThread
+    _reader: DbThread
 
     async def counts(self) -> Counts:
         found: Counts = await self._reader.run(_counts)

@@ -14,7 +14,7 @@ from ..types import EventType, RecipientStatus
 from .base import MessageDetail, NewMessage
 from .groupcommit import Batched
 from .rows import insert_messages, load_detail_sync
-from .thread import SQLiteThread
+from .thread import DbThread
 
 log = logging.getLogger("relay.delivery")  # a line per operator change, as per outcome
 
@@ -84,7 +84,7 @@ class DeliveryQueries:
     """Mixed into SQLiteStore: every query the scheduler and the operator need."""
 
     _write: Callable[[Any], Any]
-    _reader: SQLiteThread
+    _reader: DbThread
 
     async def recover(self) -> int:
         """At start-up: one node owns this file, so every lease left by a crash is void."""

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..types import DkimKeyInfo, Domain
-from .thread import SQLiteThread
+from .thread import DbThread
 
 _KEY_COLUMNS = ("domain, selector, algorithm, public_key, path, state, created_at, activated_at,"
                 " retire_after")
@@ -17,7 +17,7 @@ class DomainQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: SQLiteThread
+    _reader: DbThread
 
     async def save_domain(self, domain: Domain, *, replace: bool = False) -> None:
         """Insert the domain with its keys; with `replace`, its old keys are dropped first.

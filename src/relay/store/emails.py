@@ -11,13 +11,13 @@ from ..owners import Within
 from ..types import Recipient
 from .base import MessageDetail, MessagePage
 from .rows import MESSAGE_COLUMNS, message_row
-from .thread import SQLiteThread
+from .thread import DbThread
 
 
 class EmailQueries:
     """Mixed into SQLiteStore."""
 
-    _reader: SQLiteThread
+    _reader: DbThread
     _recipients: Callable[[list[str]], Awaitable[dict[str, tuple[Recipient, ...]]]]
 
     async def page_by_offset(self, *, statuses: tuple[str, ...] = (), limit: int = 50,

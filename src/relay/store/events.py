@@ -8,14 +8,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ..types import EventType
-from .thread import SQLiteThread
+from .thread import DbThread
 
 
 class EventQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: SQLiteThread
+    _reader: DbThread
 
     async def delivered_at(self, recipient_id: int) -> float | None:
         def op(db: sqlite3.Connection) -> float | None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import metrics
 from ..errors import StoreError
-from .thread import SQLiteThread
+from .thread import DbThread
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ Work = Operation | Batched
 class GroupCommitWriter:
     """Owns the write connection; each transaction runs on its thread in one step."""
 
-    def __init__(self, conn: SQLiteThread) -> None:
+    def __init__(self, conn: DbThread) -> None:
         self.conn = conn
         self._queue: asyncio.Queue[tuple[Work, asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None

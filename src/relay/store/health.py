@@ -7,14 +7,14 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from .thread import SQLiteThread
+from .thread import DbThread
 
 
 class HealthQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: SQLiteThread
+    _reader: DbThread
 
     async def probe_write(self) -> None:
         """A write transaction through the group-commit writer, changing nothing: it takes

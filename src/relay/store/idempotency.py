@@ -11,7 +11,7 @@ from ..types import SubmitResult
 from .base import NewMessage, Remembered
 from .rows import insert_messages
 from .suppressions import listed, screened
-from .thread import SQLiteThread
+from .thread import DbThread
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 
@@ -20,7 +20,7 @@ class IdempotencyQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: SQLiteThread
+    _reader: DbThread
 
     async def recall(self, scope: str, key: str, now: float) -> Remembered | None:
         found: Remembered | None = await self._reader.run(_recall, scope, key, now)

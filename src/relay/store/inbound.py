@@ -13,7 +13,7 @@ from typing import Any
 from ..types import EventType, RecipientStatus
 from .delivery import AttemptRecord, wipe_given_keys
 from .suppressions import owner_of_mail
-from .thread import SQLiteThread
+from .thread import DbThread
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +60,7 @@ class InboundQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: SQLiteThread
+    _reader: DbThread
 
     async def sent_to(self, *, recipient_id: int | None = None,
                       message_id: str | None = None) -> list[SentTo]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..types import EventType, RecipientStatus
 from .delivery import wipe_given_keys
-from .thread import SQLiteThread
+from .thread import DbThread
 
 NOT_FINAL = ("queued", "deferred", "scheduled", "held", "failed")
 MAX_SELECT = 100_000  # recipients one command acts on; run it again for more
@@ -109,7 +109,7 @@ class OperatorQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: SQLiteThread
+    _reader: DbThread
 
     async def select_messages(self, sel: Selector, limit: int) -> list[str]:
         """Ids of the messages with a selected recipient, newest first."""

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 from ..types import FINAL_STATUSES
-from .thread import SQLiteThread
+from .thread import DbThread
 
 Key = tuple[float, str]  # (created_at, id) of the last message a batch looked at
 START: Key = (-1.0, "")
@@ -80,7 +80,7 @@ class RetentionQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: SQLiteThread
+    _reader: DbThread
 
     async def prune_messages(self, *, before: float, after: Key = START, limit: int,
                              dry_run: bool = False) -> Step:

@@ -21,7 +21,7 @@ from ..types import (
     message_status,
 )
 from .base import MessageDetail, NewMessage
-from .thread import SQLiteThread
+from .thread import DbThread
 
 MESSAGE_COLUMNS = (
     "id, created_at, mail_from, size, source, api_key_id, tags, metadata, stream, "
@@ -158,7 +158,7 @@ def api_key_row(row: Any) -> ApiKey:
 
 
 
-async def load_detail(conn: SQLiteThread, message_id: str, *,
+async def load_detail(conn: DbThread, message_id: str, *,
                       with_body: bool = False) -> MessageDetail | None:
     detail: MessageDetail | None = await conn.run(load_detail_sync, message_id, with_body)
     return detail

@@ -341,7 +341,7 @@ MIGRATIONS: tuple[str, ...] = (
 
 def migrate(db: sqlite3.Connection) -> int:
     """Bring the schema up to the newest version; returns that version. Runs on the
-    writer's thread (`SQLiteThread.run`), before anything else is written."""
+    writer's thread (`DbThread.run`), before anything else is written."""
     db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     row = db.execute("SELECT version FROM schema_version").fetchone()
     current = row[0] if row else 0

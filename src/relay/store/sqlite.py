@@ -1,18 +1,24 @@
-"""The queue and every table in one SQLite file (WAL, synchronous=FULL), via two SQLiteThreads."""
+"""The queue and every table: in one SQLite file (WAL, synchronous=FULL), or in a PostgreSQL
+database that many nodes share (store/pgconn.py) — the same queries on either, via two
+DbThreads: the group-commit writer's connection and the reader's."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import owners
+from ..config.storeurl import is_postgresql, mask_url, sqlite_path
 from ..errors import StoreError
 from ..owners import Within
 from ..types import ApiKey, GivenDkimKey, Recipient, SubmitResult
+from . import schema_pg
 from .base import MessageDetail, MessagePage, NewMessage, Outgoing
 from .contacts import ContactQueries
 from .counts import CountQueries
@@ -25,6 +31,7 @@ from .health import HealthQueries
 from .idempotency import IDEMPOTENCY_WINDOW, IdempotencyQueries
 from .inbound import InboundQueries
 from .operator import OperatorQueries
+from .pgconn import PgConnection
 from .retention import RetentionQueries
 from .rows import (
     MESSAGE_COLUMNS,
@@ -36,11 +43,11 @@ from .rows import (
     recipient_row,
     with_parts,
 )
-from .schema import migrate
+from .schema import MIGRATIONS, migrate
 from .stats import StatsQueries
 from .suppressions import SuppressionQueries, listed, screened
 from .templates import TemplateQueries
-from .thread import SQLiteThread
+from .thread import DbThread
 from .webhooks import WebhookQueries
 
 
@@ -48,29 +55,56 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
                   HealthQueries, IdempotencyQueries, InboundQueries, OperatorQueries,
                   StatsQueries, SuppressionQueries, TemplateQueries, WebhookQueries,
                   RetentionQueries, CountQueries):
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self._write_conn: SQLiteThread | None = None
-        self._read_conn: SQLiteThread | None = None
+    def __init__(self, path: Path | str, *, node: str = "") -> None:
+        """`path` is the SQLite file, a sqlite:///path URL or a postgresql:// URL. `node`
+        names this relay node in the leases it takes (on PostgreSQL, where nodes share
+        the queue); by default the host's name."""
+        self.url = ""
+        if isinstance(path, str) and is_postgresql(path):
+            self.url = path
+        elif isinstance(path, str) and path.startswith("sqlite:"):
+            path = sqlite_path(path)
+        self.path = Path(path) if not self.url else None
+        self.node = node or socket.gethostname()
+        self._write_conn: DbThread | None = None
+        self._read_conn: DbThread | None = None
         self.writer: GroupCommitWriter | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
+    @property
+    def postgresql(self) -> bool:
+        return bool(self.url)
+
+    @property
+    def where(self) -> str:
+        """The store for a log line or an error: the file, or the URL without its password."""
+        return mask_url(self.url) if self.url else str(self.path)
+
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write = SQLiteThread(self.path, name="store-writer")
-        read = SQLiteThread(self.path, name="store-reader")
+        if self.url:
+            url = self.url
+            write = DbThread(url, name="store-writer", connect=lambda: PgConnection(url))
+            read = DbThread(url, name="store-reader", connect=lambda: PgConnection(url))
+            upgrade: Any = functools.partial(schema_pg.migrate, newest=len(MIGRATIONS))
+        else:
+            assert self.path is not None
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write = DbThread(self.path, name="store-writer")
+            read = DbThread(self.path, name="store-reader")
+            upgrade = migrate
         try:
             await write.open()
-            await write.run(migrate)
+            await write.run(upgrade)
             await read.open()
         except BaseException as exc:
             await read.close()
             await write.close()
             if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"{self.path}: cannot open the database: {exc}") from exc
+                raise StoreError(f"{self.where}: cannot open the database: {exc}") from exc
             raise
-        os.chmod(self.path, 0o600)
+        if self.path is not None:
+            os.chmod(self.path, 0o600)
         self._write_conn, self._read_conn = write, read
         self.writer = GroupCommitWriter(write)
         self.writer.start()
@@ -85,7 +119,7 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
         self._read_conn = self._write_conn = None
 
     @property
-    def _reader(self) -> SQLiteThread:
+    def _reader(self) -> DbThread:
         if self._read_conn is None:
             raise StoreError("the store is not open")
         return self._read_conn

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..types import WAITING_STATUSES, EventType
 from .counts import waiting
-from .thread import SQLiteThread
+from .thread import DbThread
 
 WINDOW = 24 * 3600  # the chart, the failures and the bounce reasons cover the last day
 TOP_DESTINATIONS = 20
@@ -79,7 +79,7 @@ class StatsQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: SQLiteThread
+    _reader: DbThread
 
     async def stats(self, now: float) -> Stats:
         found: Stats = await self._reader.run(lambda db: _stats(db, now))

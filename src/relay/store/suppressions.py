@@ -12,7 +12,7 @@ from .. import owners
 from ..owners import Within
 from ..types import EventType, Stream, SubmitResult, Suppression
 from .base import NewMessage
-from .thread import SQLiteThread
+from .thread import DbThread
 
 _COLUMNS = "address, scope, reason, source, created_at, owner"
 
@@ -21,7 +21,7 @@ class SuppressionQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: SQLiteThread
+    _reader: DbThread
 
     async def add_suppression(self, entry: Suppression) -> bool:
         """Added (True) or already there (False; the first reason stays)."""

@@ -10,7 +10,7 @@ from typing import Any
 from .. import owners
 from ..owners import Within
 from ..types import Template
-from .thread import SQLiteThread
+from .thread import DbThread
 
 _FIELDS = tuple(f.name for f in fields(Template))
 _COLUMNS = ", ".join(_FIELDS)
@@ -21,7 +21,7 @@ class TemplateQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: SQLiteThread
+    _reader: DbThread
 
     async def add_template(self, t: Template) -> None:
         def op(db: sqlite3.Connection) -> None:

@@ -1,4 +1,4 @@
-"""One sqlite3 connection on a thread of its own, running the event loop's callables in order.
+"""One database connection on a thread of its own, running the event loop's callables in order.
 
 The store owns two: the group-commit writer's and the reader's. A callable gets the raw
 connection and runs to its end before the next one starts, so a transaction never waits
@@ -7,11 +7,14 @@ another process would sleep in SQLite's busy handler for as long), and a read ne
 interleaves with another on the same connection (a cursor left open keeps its read
 transaction: a read run beside it would see that older snapshot). Results come back to
 the loop with `call_soon_threadsafe`. Public stdlib only: what aiosqlite does inside, ours.
+The connection is an sqlite3 one by default; `connect` makes another of the same shape
+(store/pgconn.py's, on PostgreSQL).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import sqlite3
 import threading
@@ -41,10 +44,12 @@ PRAGMAS = (
 )
 
 
-class SQLiteThread:
-    def __init__(self, path: Path | str, *, name: str) -> None:
-        self.path = Path(path)
+class DbThread:
+    def __init__(self, path: Path | str, *, name: str,
+                 connect: Callable[[], Any] | None = None) -> None:
+        self.path = path
         self.name = name
+        self._connect: Callable[[], Any] = connect or functools.partial(_connect, Path(path))
         self._jobs: SimpleQueue[_Job] = SimpleQueue()
         self._thread: threading.Thread | None = None
         self._open = False
@@ -53,7 +58,7 @@ class SQLiteThread:
         """Start the thread and connect there; the connection never leaves it."""
         opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # The thread is given the queue, not self: a store dropped unclosed can be collected.
-        self._thread = threading.Thread(target=_serve, args=(self.path, opened, self._jobs),
+        self._thread = threading.Thread(target=_serve, args=(self._connect, opened, self._jobs),
                                         name=self.name)
         self._thread.start()
         try:
@@ -91,7 +96,7 @@ class SQLiteThread:
 
     def __del__(self) -> None:
         if self._open:
-            warnings.warn(f"{self.name}: SQLiteThread dropped without close()",
+            warnings.warn(f"{self.name}: DbThread dropped without close()",
                           ResourceWarning, stacklevel=1)
             self._open = False
             self._jobs.put((None, _close, ()))
@@ -100,7 +105,7 @@ class SQLiteThread:
 class Fetch:
     """The rows of one statement, run when awaited or entered."""
 
-    def __init__(self, thread: SQLiteThread, sql: str, params: Sequence[Any]) -> None:
+    def __init__(self, thread: DbThread, sql: str, params: Sequence[Any]) -> None:
         self._thread, self._sql, self._params = thread, sql, params
 
     def __await__(self) -> Generator[Any, None, Rows]:
@@ -138,10 +143,11 @@ class Rows:
 # -- on the thread ---------------------------------------------------------------------------
 
 
-def _serve(path: Path, opened: asyncio.Future[None], jobs: SimpleQueue[_Job]) -> None:
+def _serve(connect: Callable[[], Any], opened: asyncio.Future[None],
+           jobs: SimpleQueue[_Job]) -> None:
     """The thread's whole life: connect, run jobs in order until `_close`."""
     try:
-        db = _connect(path)
+        db = connect()
     except BaseException as exc:  # noqa: BLE001 - it is open()'s to raise
         _report(opened, exc=exc)
         return
@@ -185,7 +191,7 @@ def _floor(x: float | None) -> float | None:
     return None if x is None else float(math.floor(x))
 
 
-def _close(db: sqlite3.Connection) -> None:
+def _close(db: Any) -> None:
     db.close()
 
 

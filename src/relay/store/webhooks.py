@@ -12,7 +12,7 @@ from typing import Any
 from .. import owners
 from ..owners import Within
 from ..types import EventType, WebhookEndpoint
-from .thread import SQLiteThread
+from .thread import DbThread
 
 _COLUMNS = ("id, url, secret, events, enabled, created_at, disabled_at, disabled_reason,"
             " failing_since, format, owner")
@@ -37,7 +37,7 @@ class WebhookQueries:
     """Mixed into SQLiteStore."""
 
     _write: Callable[[Any], Any]
-    _reader: SQLiteThread
+    _reader: DbThread
 
     async def add_endpoint(self, ep: WebhookEndpoint) -> None:
         def op(db: sqlite3.Connection) -> None:
