@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
 import gc
 import os
@@ -26,6 +27,7 @@ from relay.config import (
     ListenerConfig,
     ServerConfig,
     SmtpConfig,
+    StoreConfig,
     TrackingConfig,
 )
 from relay.service import Service
@@ -47,6 +49,8 @@ def make_config(tmp_path: Path, *listeners: ListenerConfig, **sections: Any) -> 
     sections.setdefault("delivery", DeliveryConfig(paused=True))
     sections.setdefault("api", ApiConfig(port=0))
     sections.setdefault("tracking", TrackingConfig(allow_insecure_public_url=True))
+    if os.environ.get("RELAY_TEST_STORE") == "postgresql":  # the suite on PostgreSQL
+        sections.setdefault("store", StoreConfig(url=_shared_pg_database()))
     return Config(
         server=ServerConfig(hostname="relay.test", data_dir=tmp_path / "data"),
         smtp=SmtpConfig(listeners=listeners),
@@ -230,19 +234,28 @@ _pg: Any = None
 _pg_databases = 0
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[Any]:
-    """The run's PostgreSQL server (tests/pgserver.py), started at first use."""
+def _server() -> Any:
     global _pg
-    from .pgserver import PgServer
+    if _pg is None:
+        from .pgserver import PgServer
 
-    _pg = PgServer()
-    _pg.start()
-    try:
-        yield _pg
-    finally:
-        _pg.stop()
-        _pg = None
+        _pg = PgServer()
+        _pg.start()
+        atexit.register(_pg.stop)
+    return _pg
+
+
+def _shared_pg_database() -> str:
+    """A fresh database for a config of make_config's, under RELAY_TEST_STORE=postgresql."""
+    global _pg_databases
+    _pg_databases += 1
+    return _server().create_database(f"c{os.getpid()}_{_pg_databases}")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Any:
+    """The run's PostgreSQL server (tests/pgserver.py), started at first use, stopped at exit."""
+    return _server()
 
 
 @pytest.fixture
