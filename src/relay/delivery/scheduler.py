@@ -17,6 +17,7 @@ from ..feedback.reports import ReportMaker
 from ..rawmail import header_value
 from ..store import SQLiteStore
 from ..store.delivery import DueRecipient, Outcome
+from ..store.pgconn import Listener
 from ..types import EventType, RecipientStatus, Stream
 from .deliver import Deliverer
 from .mx import MXResolver
@@ -56,6 +57,7 @@ class Scheduler:
         self._per_destination: dict[str, asyncio.Semaphore] = {}
         self._jobs: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._listener: Listener | None = None
 
     def notify(self) -> None:
         """New work was committed (or capacity freed): look at the queue now."""
@@ -69,6 +71,7 @@ class Scheduler:
     async def start(self, *, recover: bool = True) -> None:
         """recover=False when another scheduler may still hold leases on this store (a
         reload's new worker while the old one finishes its sessions): those leases stand."""
+        self._listener = await self._store.listen(self.notify)  # other nodes' submissions
         if recover:
             await self._store.recover()
             for message_id in await self._store.pending_reports():
@@ -86,6 +89,9 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
         await self._deliverer.close()
         await self._renderer.close()
 

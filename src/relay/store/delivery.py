@@ -13,6 +13,7 @@ from typing import Any
 from ..types import EventType, RecipientStatus
 from .base import MessageDetail, NewMessage
 from .groupcommit import Batched
+from .pgconn import is_postgresql, skip_locked
 from .rows import insert_messages, load_detail_sync
 from .thread import DbThread
 
@@ -85,12 +86,17 @@ class DeliveryQueries:
 
     _write: Callable[[Any], Any]
     _reader: DbThread
+    node: str
 
     async def recover(self) -> int:
-        """At start-up: one node owns this file, so every lease left by a crash is void."""
+        """At start-up, every lease this node left by a crash is void: on SQLite, where one
+        node owns the file, every lease; on PostgreSQL, the leases taken under this node's
+        name (another node's stand, and lapse when it dies)."""
         def op(db: sqlite3.Connection) -> int:
+            mine, args = ("leased_by = ?", (self.node,)) if is_postgresql(db) else ("1 = 1", ())
             cur = db.execute(
-                "UPDATE recipients SET leased_until = NULL WHERE leased_until IS NOT NULL")
+                "UPDATE recipients SET leased_until = NULL, leased_by = NULL"
+                f" WHERE leased_until IS NOT NULL AND {mine}", args)
             return cur.rowcount
 
         count: int = await self._write(op)
@@ -99,11 +105,11 @@ class DeliveryQueries:
     async def lease_due(self, now: float, limit: int, lease_for: float) -> list[DueRecipient]:
         def op(db: sqlite3.Connection) -> list[DueRecipient]:
             ids = [r[0] for r in db.execute(
-                "UPDATE recipients SET leased_until = ? WHERE id IN ("
+                "UPDATE recipients SET leased_until = ?, leased_by = ? WHERE id IN ("
                 " SELECT id FROM recipients WHERE status IN ('queued', 'deferred', 'scheduled')"
                 " AND next_attempt_at <= ? AND (leased_until IS NULL OR leased_until < ?)"
-                " ORDER BY next_attempt_at LIMIT ?) RETURNING id",
-                (now + lease_for, now, now, limit),
+                f" ORDER BY next_attempt_at LIMIT ?{skip_locked(db)}) RETURNING id",
+                (now + lease_for, self.node, now, now, limit),
             ).fetchall()]
             if not ids:
                 return []

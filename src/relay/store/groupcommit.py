@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Any
 
 from .. import metrics
 from ..errors import StoreError
+from .pgconn import Conflict
 from .thread import DbThread
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ Operation = Callable[[sqlite3.Connection], Any]
 RunMany = Callable[[sqlite3.Connection, Sequence[Any]], list[Any]]
 
 MAX_BATCH = 512
+CONFLICT_RETRIES = 5
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,21 @@ class GroupCommitWriter:
 
 
 def _transaction(db: sqlite3.Connection, works: list[Work]) -> list[Any]:
+    """The works in one transaction, run again (a few times, after a short pause) when
+    PostgreSQL rolled it back for a deadlock or serialization failure with another node."""
+    for attempt in range(CONFLICT_RETRIES):
+        try:
+            return _once(db, works)
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, Conflict) or attempt == CONFLICT_RETRIES - 1:
+                raise
+            log.info("store: a conflict with another node (%s); running the transaction again",
+                     exc.__cause__)
+            time.sleep(0.01 * 2 ** attempt + random.random() * 0.01)  # on the writer's thread
+    raise AssertionError("unreachable")
+
+
+def _once(db: sqlite3.Connection, works: list[Work]) -> list[Any]:
     try:
         db.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:

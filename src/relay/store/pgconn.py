@@ -15,18 +15,22 @@ the next statement outside a transaction.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import asyncpg
+
+log = logging.getLogger("relay.store")
 
 # a quoted string, a quoted name or a comment (kept as they are), or a placeholder
 _TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/|\?", re.DOTALL)
 _ROWS = re.compile(r"^\s*(SELECT|WITH|VALUES|SHOW|TABLE)\b|\bRETURNING\b", re.IGNORECASE)
 _CACHE_MAX = 2048
 
+QUEUE_CHANNEL = "relay_queue"  # NOTIFY'd when messages are queued: idle nodes wake
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
 
@@ -62,9 +66,16 @@ async def _setup(conn: asyncpg.Connection) -> None:
                               format="text")
 
 
+class Conflict(sqlite3.OperationalError):
+    """A deadlock or serialization failure between nodes: the transaction is rolled back
+    and is run again (store/groupcommit.py)."""
+
+
 def error(exc: BaseException) -> sqlite3.Error:
     """The sqlite3 error class the store's callers already handle, for an asyncpg error."""
     text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, asyncpg.TransactionRollbackError):
+        return Conflict(text)
     if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
         return sqlite3.IntegrityError(text)
     if isinstance(exc, (asyncpg.SyntaxOrAccessError, asyncpg.DataError,
@@ -104,7 +115,11 @@ class PgConnection:
         self._loop = asyncio.new_event_loop()
         self._conn: asyncpg.Connection | None = None
         self._sql: dict[str, tuple[str, bool]] = {}
-        self._connect()
+        try:
+            self._connect()
+        except BaseException:
+            self._loop.close()
+            raise
 
     def _connect(self) -> None:
         try:
@@ -178,3 +193,61 @@ class PgConnection:
 def is_postgresql(db: Any) -> bool:
     """Whether a store function runs on PostgreSQL (for the few statements that differ)."""
     return isinstance(db, PgConnection)
+
+
+def skip_locked(db: Any, of: str = "") -> str:
+    """What ends a claim's SELECT: on PostgreSQL, where nodes claim side by side, rows
+    another transaction is claiming are passed over, not waited for (nor taken twice);
+    SQLite has one writer at a time and no such clause."""
+    if not is_postgresql(db):
+        return ""
+    return f" FOR UPDATE OF {of} SKIP LOCKED" if of else " FOR UPDATE SKIP LOCKED"
+
+
+def notify(db: Any, channel: str) -> None:
+    """Wake the nodes listening on `channel` when this transaction commits (PostgreSQL;
+    on SQLite the one node wakes itself)."""
+    if is_postgresql(db):
+        db.execute(f"NOTIFY {channel}")
+
+
+class Listener:
+    """LISTEN on a channel from the event loop, calling `wake` at each NOTIFY (and once on
+    every connect, for what was queued while it was not listening). A lost connection is
+    made again after a pause; until then the scheduler's idle poll still finds the work."""
+
+    RECONNECT = 2.0
+
+    def __init__(self, url: str, channel: str, wake: Callable[[], None]) -> None:
+        self.url, self.channel, self.wake = url, channel, wake
+        self._task: asyncio.Task[None] | None = None
+        self.listening = asyncio.Event()  # set while connected (tests wait for it)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"listen-{self.channel}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+                await conn.add_listener(self.channel, lambda *_: self.wake())
+                self.listening.set()
+                self.wake()
+                await lost.wait()
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("store: cannot LISTEN %s (%s); again in %.0f s", self.channel,
+                            exc, self.RECONNECT)
+            finally:
+                self.listening.clear()
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(self.RECONNECT)

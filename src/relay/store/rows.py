@@ -21,6 +21,7 @@ from ..types import (
     message_status,
 )
 from .base import MessageDetail, NewMessage
+from .pgconn import QUEUE_CHANNEL, notify
 from .thread import DbThread
 
 MESSAGE_COLUMNS = (
@@ -107,6 +108,7 @@ def insert_messages(db: sqlite3.Connection, batch: list[NewMessage],
             [(m.idempotency_scope, m.idempotency_key, m.idempotency_fingerprint, m.id,
               m.created_at, m.idempotency_status, m.idempotency_response) for m in keyed],
         )
+    notify(db, QUEUE_CHANNEL)  # idle nodes look at the queue when this commits
 
 
 def with_parts(db: sqlite3.Connection, body: bytes, kind: str) -> bytes:

@@ -336,6 +336,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX events_type_created ON events(type, created_at);
     """,
+    # 17: many nodes, one queue (issue 20): the node holding a recipient's or a webhook
+    # delivery's lease, so a node starting again frees its own leases and no other's
+    """
+    ALTER TABLE recipients ADD COLUMN leased_by TEXT;
+    ALTER TABLE webhook_outbox ADD COLUMN leased_by TEXT;
+    """,
 )
 
 

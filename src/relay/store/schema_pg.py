@@ -2,8 +2,8 @@
 PostgreSQL's types, and the few SQLite functions the store's SQL calls.
 
 A new database gets `BASELINE` (SQLite's version 16) in one step; each later SQLite
-migration has its PostgreSQL twin in `MIGRATIONS`, under the same number (schema.py's
-`PG_TWINS` holds them side by side, and a test checks none is missing). Migrations run
+migration has its PostgreSQL twin in `MIGRATIONS` here, under the same number (and
+a test checks none is missing). Migrations run
 under an advisory lock, so nodes starting together migrate once.
 """
 
@@ -299,7 +299,12 @@ CREATE TRIGGER message_parts_unlinked AFTER DELETE ON message_parts
 """
 
 # later versions, by number: each SQLite migration after the baseline, in PostgreSQL's words
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    17: """
+    ALTER TABLE recipients ADD COLUMN leased_by text;
+    ALTER TABLE webhook_outbox ADD COLUMN leased_by text;
+    """,
+}
 
 
 def migrate(db: Any, newest: int) -> int:

@@ -9,7 +9,7 @@ import json
 import os
 import socket
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from .health import HealthQueries
 from .idempotency import IDEMPOTENCY_WINDOW, IdempotencyQueries
 from .inbound import InboundQueries
 from .operator import OperatorQueries
-from .pgconn import PgConnection
+from .pgconn import QUEUE_CHANNEL, Listener, PgConnection
 from .retention import RetentionQueries
 from .rows import (
     MESSAGE_COLUMNS,
@@ -117,6 +117,15 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
             if conn is not None:
                 await conn.close()
         self._read_conn = self._write_conn = None
+
+    async def listen(self, wake: Callable[[], None]) -> Listener | None:
+        """On PostgreSQL, `wake` is called whenever any node queues messages (close the
+        Listener when done); on SQLite, None: this node's own submitter wakes it."""
+        if not self.url:
+            return None
+        listener = Listener(self.url, QUEUE_CHANNEL, wake)
+        listener.start()
+        return listener
 
     @property
     def _reader(self) -> DbThread:

@@ -12,6 +12,7 @@ from typing import Any
 from .. import owners
 from ..owners import Within
 from ..types import EventType, WebhookEndpoint
+from .pgconn import skip_locked
 from .thread import DbThread
 
 _COLUMNS = ("id, url, secret, events, enabled, created_at, disabled_at, disabled_reason,"
@@ -38,6 +39,7 @@ class WebhookQueries:
 
     _write: Callable[[Any], Any]
     _reader: DbThread
+    node: str
 
     async def add_endpoint(self, ep: WebhookEndpoint) -> None:
         def op(db: sqlite3.Connection) -> None:
@@ -118,19 +120,21 @@ class WebhookQueries:
         budget = -1 if max_octets is None else max_octets
 
         def op(db: sqlite3.Connection) -> list[Delivery]:
+            # the due rows claimed first (passed over while another node claims them), then
+            # cut where the octets they carry pass the budget
             ids = [r[0] for r in db.execute(
-                "UPDATE webhook_outbox SET leased_until = ? WHERE id IN ("
-                " SELECT id FROM (SELECT o.id, sum(length(e.data) + coalesce(length("
-                "m.metadata) + length(m.tags), 0)) OVER (ORDER BY o.next_attempt_at, o.id"
-                " ROWS UNBOUNDED PRECEDING) AS upto, length(e.data) + coalesce(length("
-                "m.metadata) + length(m.tags), 0) AS own"
+                "WITH due AS (SELECT o.id, o.next_attempt_at, length(e.data)"
+                " + coalesce(length(m.metadata) + length(m.tags), 0) AS own"
                 " FROM webhook_outbox o JOIN webhook_endpoints w ON w.id = o.endpoint_id"
                 " JOIN events e ON e.id = o.event_id LEFT JOIN messages m ON m.id = e.message_id"
                 " WHERE o.delivered_at IS NULL AND w.enabled <> 0"
                 " AND o.next_attempt_at <= ? AND (o.leased_until IS NULL OR o.leased_until < ?)"
-                " ORDER BY o.next_attempt_at, o.id LIMIT ?) WHERE ? < 0 OR upto - own < ?)"
-                " RETURNING id",
-                (now + lease_for, now, now, limit, budget, budget))]
+                f" ORDER BY o.next_attempt_at, o.id LIMIT ?{skip_locked(db, of='o')})"
+                " UPDATE webhook_outbox SET leased_until = ?, leased_by = ? WHERE id IN ("
+                " SELECT id FROM (SELECT id, own, sum(own) OVER (ORDER BY next_attempt_at, id"
+                " ROWS UNBOUNDED PRECEDING) AS upto FROM due) AS budgeted"
+                " WHERE ? < 0 OR upto - own < ?) RETURNING id",
+                (now, now, limit, now + lease_for, self.node, budget, budget))]
             if not ids:
                 return []
             rows = db.execute(

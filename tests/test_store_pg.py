@@ -1,0 +1,155 @@
+"""Many nodes on one PostgreSQL queue: claims never overlap, a node frees only its own
+leases, NOTIFY wakes the others, and the PostgreSQL schema keeps up with SQLite's."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from relay.store import SQLiteStore, schema, schema_pg
+from relay.store.pgconn import translate
+from relay.types import WebhookEndpoint
+
+from .test_store import new_message
+
+
+async def nodes(url: str, *names: str) -> list[SQLiteStore]:
+    stores = [SQLiteStore(url, node=name) for name in names]
+    for s in stores:
+        await s.open()
+    return stores
+
+
+def test_every_sqlite_migration_after_the_baseline_has_a_postgresql_twin() -> None:
+    newer = range(schema_pg.BASELINE_VERSION + 1, len(schema.MIGRATIONS) + 1)
+    assert sorted(schema_pg.MIGRATIONS) == list(newer)
+
+
+def test_placeholders_are_numbered_outside_quotes_and_comments() -> None:
+    text, rows = translate("SELECT '?', \"a?\", x FROM t -- why?\nWHERE a = ? AND b = ?")
+    assert text == "SELECT '?', \"a?\", x FROM t -- why?\nWHERE a = $1 AND b = $2"
+    assert rows
+    assert translate("UPDATE t SET a = ? WHERE b = 'RETURNING'") == (
+        "UPDATE t SET a = $1 WHERE b = 'RETURNING'", False)
+    assert translate("UPDATE t SET a = ? RETURNING id")[1]
+    assert translate("BEGIN IMMEDIATE") == ("BEGIN", False)
+
+
+async def test_two_nodes_never_lease_the_same_recipient(pg_url: str) -> None:
+    a, b = await nodes(pg_url, "node-a", "node-b")
+    try:
+        await asyncio.gather(*(a.enqueue(new_message(i, created_at=time.time() - 60))
+                               for i in range(300)))
+        now = time.time()
+        got = await asyncio.gather(*(s.lease_due(now, 20, 600) for _ in range(12)
+                                     for s in (a, b)))
+        ids = [r.id for batch in got for r in batch]
+        assert len(ids) == 300 and len(set(ids)) == 300  # all taken, none twice
+        holders = await a._reader.run(lambda db: db.execute(
+            "SELECT leased_by, count(*) FROM recipients GROUP BY leased_by").fetchall())
+        assert {h for h, _ in holders} == {"node-a", "node-b"}
+        # node-a starts again: its leases are void, node-b's stand
+        freed = await a.recover()
+        assert freed == dict(holders)["node-a"]
+        again = await b.lease_due(time.time(), 1000, 600)
+        assert len(again) == freed
+    finally:
+        for s in (a, b):
+            await s.close()
+
+
+async def test_a_dead_nodes_lease_lapses_for_the_others(pg_url: str) -> None:
+    a, b = await nodes(pg_url, "node-a", "node-b")
+    try:
+        await a.enqueue(new_message(1, created_at=time.time() - 60))
+        now = time.time()
+        assert len(await a.lease_due(now, 10, 5)) == 1
+        assert await b.lease_due(now + 1, 10, 5) == []  # held
+        assert len(await b.lease_due(now + 6, 10, 5)) == 1  # lapsed: b takes it
+    finally:
+        for s in (a, b):
+            await s.close()
+
+
+async def test_two_nodes_never_lease_the_same_webhook_delivery(pg_url: str) -> None:
+    a, b = await nodes(pg_url, "node-a", "node-b")
+    try:
+        await a.add_endpoint(WebhookEndpoint(id="wh_1", url="https://hooks.example/x",
+                                            secret="s" * 32, events=(), enabled=True,
+                                            created_at=time.time()))
+        await asyncio.gather(*(a.enqueue(new_message(i, created_at=time.time() - 60))
+                               for i in range(100)))
+        now = time.time() + 10
+        got = await asyncio.gather(*(s.lease_deliveries(now, 10, 120) for _ in range(8)
+                                     for s in (a, b)))
+        ids = [d.outbox_id for batch in got for d in batch]
+        assert len(ids) == 100 and len(set(ids)) == 100
+    finally:
+        for s in (a, b):
+            await s.close()
+
+
+async def test_a_message_queued_on_one_node_wakes_the_other(pg_url: str) -> None:
+    a, b = await nodes(pg_url, "node-a", "node-b")
+    woken = asyncio.Event()
+    listener = await b.listen(woken.set)
+    assert listener is not None
+    try:
+        await asyncio.wait_for(listener.listening.wait(), 10)
+        woken.clear()  # the wake every connect gives
+        await a.enqueue(new_message(1))
+        await asyncio.wait_for(woken.wait(), 5)
+    finally:
+        await listener.close()
+        for s in (a, b):
+            await s.close()
+
+
+async def test_sqlite_has_nothing_to_listen_to(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = SQLiteStore(tmp_path / "q.sqlite")
+    await s.open()
+    try:
+        assert await s.listen(lambda: None) is None
+    finally:
+        await s.close()
+
+
+async def test_a_deadlock_between_nodes_is_run_again(pg_url: str) -> None:
+    """Two batches that lock two rows in opposite orders: PostgreSQL kills one of them as a
+    deadlock, and the writer runs it again instead of failing its callers."""
+    a, b = await nodes(pg_url, "node-a", "node-b")
+    try:
+        first, second = new_message(1), new_message(2)
+        await a.enqueue(first)
+        await a.enqueue(second)
+        both = threading.Barrier(2)  # each holds its first row before taking the other's
+        runs: list[str] = []
+
+        def locker(one: str, two: str):  # type: ignore[no-untyped-def]
+            def op(db):  # type: ignore[no-untyped-def]
+                runs.append(one)
+                db.execute("UPDATE messages SET subject = 'x' WHERE id = ?", (one,))
+                if runs.count(one) == 1:
+                    both.wait(10)
+                db.execute("UPDATE messages SET subject = 'y' WHERE id = ?", (two,))
+                return "done"
+            return op
+
+        results = await asyncio.wait_for(asyncio.gather(
+            a._write(locker(first.id, second.id)), b._write(locker(second.id, first.id))), 30)
+        assert results == ["done", "done"]
+        assert len(runs) == 3  # one of them ran twice
+    finally:
+        for s in (a, b):
+            await s.close()
+
+
+@pytest.mark.parametrize("bad", ["postgresql://relay@127.0.0.1:1/none"])
+async def test_an_unreachable_database_is_a_store_error(bad: str) -> None:
+    from relay.errors import StoreError
+
+    with pytest.raises(StoreError, match="cannot connect to PostgreSQL"):
+        await SQLiteStore(bad).open()
