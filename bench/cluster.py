@@ -29,9 +29,9 @@ import aiosmtplib
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import free_port, relay_cmd, wait_port  # noqa: E402
-from tests.pgserver import PgServer  # noqa: E402
-from tests.sink import Sink  # noqa: E402
+from tests.conftest import free_port, relay_cmd, wait_port
+from tests.pgserver import PgServer
+from tests.sink import Sink
 
 
 def start_node(tmp: Path, name: str, store_url: str,
