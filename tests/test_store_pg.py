@@ -153,3 +153,25 @@ async def test_an_unreachable_database_is_a_store_error(bad: str) -> None:
 
     with pytest.raises(StoreError, match="cannot connect to PostgreSQL"):
         await SQLiteStore(bad).open()
+
+
+async def test_the_per_destination_limit_holds_across_nodes(pg_url: str) -> None:
+    """Limit 2 to a destination: node A holds both slots, so node B waits until A gives
+    one back; another destination is not held up; a dead node's slots come back."""
+    a, b = await nodes(pg_url, "node-a", "node-b")
+    try:
+        async with a.slots.hold("mx.example", 2) as one, a.slots.hold("mx.example", 2) as two:
+            assert {one, two} == {0, 1}
+            waiting = asyncio.create_task(b.slots.hold("mx.example", 2).__aenter__())
+            await asyncio.sleep(0.6)
+            assert not waiting.done()  # both of the cluster's slots are A's
+            async with b.slots.hold("other.example", 2) as other:
+                assert other == 0
+        assert await asyncio.wait_for(waiting, 5) in (0, 1)
+        # node B dies holding it: its connection goes, and the slot with it
+        await b.close()
+        async with a.slots.hold("mx.example", 1) as again:
+            assert again == 0
+    finally:
+        await a.close()
+        await b.close()

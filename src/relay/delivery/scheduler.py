@@ -167,7 +167,10 @@ class Scheduler:
             recorded.update(o.recipient_id for o in outcomes)
             records.append(asyncio.create_task(self._record(outcomes, due, job.message_ids)))
 
-        async with sem:
+        # this node's share, then a slot of the cluster's (PostgreSQL: every node's sessions
+        # to the destination count; SQLite: the semaphore is the whole limit)
+        async with sem, self._store.slots.hold(job.destination,
+                                               self._delivery.concurrency_per_destination):
             try:
                 await self._deliver(job, record)
             except asyncio.CancelledError:

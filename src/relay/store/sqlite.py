@@ -44,6 +44,7 @@ from .rows import (
     with_parts,
 )
 from .schema import MIGRATIONS, migrate
+from .slots import Slots
 from .stats import StatsQueries
 from .suppressions import SuppressionQueries, listed, screened
 from .templates import TemplateQueries
@@ -69,6 +70,8 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
         self._write_conn: DbThread | None = None
         self._read_conn: DbThread | None = None
         self.writer: GroupCommitWriter | None = None
+        self._slots_conn: DbThread | None = None
+        self.slots = Slots(None)  # cluster-wide delivery slots (store/slots.py)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -105,6 +108,18 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
             raise
         if self.path is not None:
             os.chmod(self.path, 0o600)
+        else:
+            url = self.url
+            self._slots_conn = DbThread(url, name="store-slots",
+                                        connect=lambda: PgConnection(url))
+            try:
+                await self._slots_conn.open()
+            except BaseException:
+                self._slots_conn = None
+                await read.close()
+                await write.close()
+                raise
+            self.slots = Slots(self._slots_conn)
         self._write_conn, self._read_conn = write, read
         self.writer = GroupCommitWriter(write)
         self.writer.start()
@@ -113,10 +128,11 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
         if self.writer is not None:
             await self.writer.stop()
             self.writer = None
-        for conn in (self._read_conn, self._write_conn):
+        for conn in (self._slots_conn, self._read_conn, self._write_conn):
             if conn is not None:
                 await conn.close()
-        self._read_conn = self._write_conn = None
+        self._read_conn = self._write_conn = self._slots_conn = None
+        self.slots = Slots(None)
 
     async def listen(self, wake: Callable[[], None]) -> Listener | None:
         """On PostgreSQL, `wake` is called whenever any node queues messages (close the
