@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import LimitsConfig, ListenerConfig
+from relay.config import LimitsConfig, ListenerConfig, StoreConfig
 from relay.service import Service
 from relay.smtp.handler import RelayHandler
 from relay.smtp.limits import ConnectionCaps
@@ -253,3 +253,28 @@ def test_a_flood_of_refusals_is_one_log_line_a_minute() -> None:
     assert caps.to_log("192.0.2.9") == 1  # another client has its own line
     now[0] += ConnectionCaps.LOG_EVERY
     assert caps.to_log("192.0.2.1") == 501  # then one line with how many there were
+
+
+async def test_failed_logins_on_one_node_block_the_client_on_another(
+        tmp_path: Path, pg_url: str) -> None:
+    """Two nodes on one PostgreSQL queue: the failures a client piles up on node A count on
+    node B, whose AUTH then answers 421; a good login clears the count everywhere."""
+    limits = LimitsConfig(auth_failures_before_delay=5, auth_failures_before_block=2)
+    a, b = (Service(make_config(tmp_path / name, ListenerConfig(port=free_port()),
+                                limits=limits, store=StoreConfig(url=pg_url, node=name)))
+            for name in ("a", "b"))
+    await a.start()
+    await b.start()
+    wrong = base64.b64encode(b"\0x\0rk_000000000000_wrong").decode()
+    try:
+        def fail_on(port: int, times: int) -> list[int]:
+            with connect(port) as s:
+                return [s.docmd("AUTH", "PLAIN " + wrong)[0] for _ in range(times)]
+
+        assert await in_thread(fail_on, a.bound[0][1], 2) == [535, 535]
+        assert await in_thread(fail_on, b.bound[0][1], 1) == [421]
+        assert a.store.postgresql and await b.store.auth_failures("submission", "127.0.0.1",
+                                                                  0.0) >= 2
+    finally:
+        await a.stop()
+        await b.stop()

@@ -10,9 +10,11 @@ queue). No mode is ever an open relay. Accepted mail goes to `submit`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import re
+import time
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -79,6 +81,7 @@ class RelayHandler:
     async def check_login(self, server: RelaySMTP, creds: LoginPassword) -> AuthResult:
         assert server.session is not None
         ip = client_key(_ip(server.session))  # failed logins count per client (clients.py)
+        shared = await self._shared_failures(ip)  # every node's, on PostgreSQL
         if self.throttle.blocked(ip):
             await server.push("421 4.7.0 Too many failed logins from your address; try again later")
             _close_soon(server)
@@ -91,13 +94,43 @@ class RelayHandler:
             return AuthResult(success=False, handled=False,
                               message="454 4.7.0 Temporary authentication failure")
         if key is None or "emails:send" not in key.scopes:
-            delay = self.throttle.failed(ip)
+            delay = self.throttle.failed(ip, await self._shared_failed(ip))
             log.warning("failed login from %s", ip)
             if delay:
                 await asyncio.sleep(delay)
             return AuthResult(success=False, handled=False)
         self.throttle.succeeded(ip)
+        if shared:
+            with contextlib.suppress(StoreError):
+                await self.store.auth_cleared(self._scope, ip)
         return AuthResult(success=True, auth_data=key)
+
+    @property
+    def _scope(self) -> str:
+        # by mode, not port: each node of a cluster has its own submission port number
+        return self.listener.mode
+
+    async def _shared_failures(self, ip: str) -> int:
+        """The nodes' count of this client's failed logins here (0 on SQLite: one node)."""
+        if not self.store.postgresql:
+            return 0
+        try:
+            count = await self.store.auth_failures(
+                self._scope, ip, time.time() - self.throttle.block_seconds)
+        except StoreError:
+            return 0  # the local count still holds
+        self.throttle.note(ip, count)
+        return count
+
+    async def _shared_failed(self, ip: str) -> int:
+        if not self.store.postgresql:
+            return 0
+        now = time.time()
+        try:
+            return await self.store.auth_failed(self._scope, ip, now,
+                                                now - self.throttle.block_seconds)
+        except StoreError:
+            return 0
 
     # -- the envelope ---------------------------------------------------------
 

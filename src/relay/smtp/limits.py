@@ -95,10 +95,21 @@ class AuthThrottle:
             return False
         return count >= self._block_after
 
-    def failed(self, ip: str) -> float:
-        """Record a failure; returns how long to wait before answering it."""
+    @property
+    def block_seconds(self) -> float:
+        return self._block_seconds
+
+    def note(self, ip: str, count: int) -> None:
+        """The cluster's count for this client (the store's, on PostgreSQL): ours is at
+        least that, as of now."""
+        if count > self._failures.get(ip, (0, 0.0))[0]:
+            self._failures[ip] = (count, self._clock())
+
+    def failed(self, ip: str, at_least: int = 0) -> float:
+        """Record a failure (`at_least`: the cluster's count with it); returns how long to
+        wait before answering it."""
         count, _ = self._failures.get(ip, (0, 0.0))
-        count += 1
+        count = max(count + 1, at_least)
         self._failures[ip] = (count, self._clock())
         if len(self._failures) > 100_000:  # bound memory under a spray of addresses
             oldest = min(self._failures, key=lambda k: self._failures[k][1])

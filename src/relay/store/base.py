@@ -106,7 +106,17 @@ class MessagePage:
 
 
 class Store(Protocol):
+    @property
+    def postgresql(self) -> bool: ...  # nodes may share this queue
+
     async def open(self) -> None: ...
+
+    # failed SMTP logins, counted across nodes (store/throttles.py)
+    async def auth_failures(self, scope: str, client: str, since: float) -> int: ...
+
+    async def auth_failed(self, scope: str, client: str, now: float, since: float) -> int: ...
+
+    async def auth_cleared(self, scope: str, client: str) -> None: ...
 
     async def close(self) -> None: ...
 

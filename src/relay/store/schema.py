@@ -342,6 +342,18 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE recipients ADD COLUMN leased_by TEXT;
     ALTER TABLE webhook_outbox ADD COLUMN leased_by TEXT;
     """,
+    # 18: failed SMTP logins per listener and client, counted across the nodes sharing a
+    # queue (smtp/handler.py asks on PostgreSQL; one node's own count suffices on SQLite)
+    """
+    CREATE TABLE auth_failures (
+        scope    TEXT NOT NULL,
+        client   TEXT NOT NULL,
+        failures INTEGER NOT NULL,
+        last_at  REAL NOT NULL,
+        PRIMARY KEY (scope, client)
+    );
+    CREATE INDEX auth_failures_last ON auth_failures(last_at);
+    """,
 )
 
 

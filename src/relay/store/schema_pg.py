@@ -304,6 +304,16 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE recipients ADD COLUMN leased_by text;
     ALTER TABLE webhook_outbox ADD COLUMN leased_by text;
     """,
+    18: """
+    CREATE TABLE auth_failures (
+        scope    text NOT NULL,
+        client   text NOT NULL,
+        failures integer NOT NULL,
+        last_at  double precision NOT NULL,
+        PRIMARY KEY (scope, client)
+    );
+    CREATE INDEX auth_failures_last ON auth_failures(last_at);
+    """,
 }
 
 

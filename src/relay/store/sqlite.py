@@ -46,6 +46,7 @@ from .rows import (
 from .schema import MIGRATIONS, migrate
 from .slots import Slots
 from .stats import StatsQueries
+from .throttles import ThrottleQueries
 from .suppressions import SuppressionQueries, listed, screened
 from .templates import TemplateQueries
 from .thread import DbThread
@@ -55,7 +56,7 @@ from .webhooks import WebhookQueries
 class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, EventQueries,
                   HealthQueries, IdempotencyQueries, InboundQueries, OperatorQueries,
                   StatsQueries, SuppressionQueries, TemplateQueries, WebhookQueries,
-                  RetentionQueries, CountQueries):
+                  RetentionQueries, CountQueries, ThrottleQueries):
     def __init__(self, path: Path | str, *, node: str = "") -> None:
         """`path` is the SQLite file, a sqlite:///path URL or a postgresql:// URL. `node`
         names this relay node in the leases it takes (on PostgreSQL, where nodes share
