@@ -175,3 +175,20 @@ async def test_the_per_destination_limit_holds_across_nodes(pg_url: str) -> None
     finally:
         await a.close()
         await b.close()
+
+
+async def test_one_idempotency_key_sent_to_two_nodes_at_once_queues_one_message(
+        pg_url: str) -> None:
+    a, b = await nodes(pg_url, "node-a", "node-b")
+    try:
+        for round_ in range(20):
+            key = f"k{round_}"
+            results = await asyncio.gather(
+                a.enqueue(new_message(1, idempotency_key=key, idempotency_scope="rk_a")),
+                b.enqueue(new_message(2, idempotency_key=key, idempotency_scope="rk_a")))
+            assert len({r.message_id for r in results}) == 1, results
+            assert sorted(r.duplicate for r in results) == [False, True]
+        assert len((await a.list_messages(limit=100)).items) == 20
+    finally:
+        for s in (a, b):
+            await s.close()
