@@ -128,7 +128,7 @@ class WebhookQueries:
                 " JOIN events e ON e.id = o.event_id LEFT JOIN messages m ON m.id = e.message_id"
                 " WHERE o.delivered_at IS NULL AND w.enabled <> 0"
                 " AND o.next_attempt_at <= ? AND (o.leased_until IS NULL OR o.leased_until < ?)"
-                " ORDER BY o.next_attempt_at, o.id LIMIT ?) WHERE ? < 0 OR upto - own < ?)"
+                " ORDER BY o.next_attempt_at, o.id LIMIT ?) AS due WHERE ? < 0 OR upto - own < ?)"
                 " RETURNING id",
                 (now + lease_for, now, now, limit, budget, budget))]
             if not ids:
