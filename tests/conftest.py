@@ -86,6 +86,19 @@ async def service(config: Config) -> AsyncIterator[Service]:
         await svc.stop()
 
 
+async def store_execute(svc: Service, sql: str, params: tuple[Any, ...] = ()) -> int:
+    """One statement on a running service's own store (SQLite or PostgreSQL), through its
+    writer: for a test that must set a row as no API would. The rows it changed."""
+    count: int = await svc.store._write(lambda db: db.execute(sql, params).rowcount)
+    return count
+
+
+async def store_rows(svc: Service, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """A query's rows on a running service's own store (SQLite or PostgreSQL)."""
+    rows: list[Any] = await svc.store._write(lambda db: db.execute(sql, params).fetchall())
+    return rows
+
+
 def write_toml(path: Path, text: str) -> Path:
     path.write_text(text, "utf-8")
     return path
@@ -128,6 +141,7 @@ class RelayProcess:
     def start(self) -> None:
         env = {**os.environ, "RELAY_LOG_LEVEL": "WARNING"}
         env.pop("RELAY_CONFIG", None)
+        env.pop("RELAY_TEST_STORE", None)  # the suite's switch, not a relay setting
         self.proc = subprocess.Popen(
             relay_cmd("--config", str(self.config_path), "serve"), cwd=self.cwd, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

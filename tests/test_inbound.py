@@ -8,7 +8,6 @@ import email
 import email.policy
 import json
 import smtplib
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
@@ -23,7 +22,7 @@ from relay.service import Service
 from relay.store.base import MessageDetail
 
 from .apiutil import SIMPLE, api_client
-from .conftest import free_port, make_config
+from .conftest import free_port, make_config, store_rows
 from .dnsserver import DNSServer
 from .sink import Received, Sink
 from .smtputil import in_thread
@@ -233,8 +232,7 @@ async def test_a_forged_token_is_accepted_and_discarded(relay: Service, sink: Si
     assert detail is not None and detail.recipients[0].status.value == "delivered"
     assert not events(detail, "email.bounced")
     assert not await suppressions(relay)
-    with sqlite3.connect(relay.config.db_path) as db:
-        rows = db.execute("SELECT envelope_to, outcome FROM inbound_reports").fetchall()
+    rows = await store_rows(relay, "SELECT envelope_to, outcome FROM inbound_reports")
     assert rows == [(forged, "unmatched")]
 
 
@@ -346,8 +344,7 @@ async def test_a_dsn_of_8000_parts_over_smtp_is_read_up_to_the_configured_limits
     spent = time.process_time() - started
     assert code == 250, text
     assert spent < 3.0, f"{spent:.1f} s of CPU for a 1.1 MB report"  # it took ~20 s
-    with sqlite3.connect(relay.config.db_path) as db:
-        (summary,) = db.execute("SELECT summary FROM inbound_reports").fetchone()
+    ((summary,),) = await store_rows(relay, "SELECT summary FROM inbound_reports")
     # 3 delivery-status parts after the text part: 3 recipients, not 8000 (nor the 20 kept)
     assert len(json.loads(summary)["parsed"]["recipients"]) == 3
     detail = await relay.store.get_message(message_id)

@@ -9,7 +9,6 @@ import base64
 import io
 import json
 import os
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from relay import keys
 from relay.config import ApiConfig, DeliveryConfig, DnsConfig, LimitsConfig
 from relay.service import Service
 
-from .conftest import free_port, make_config
+from .conftest import free_port, make_config, store_rows
 from .dnsserver import DNSServer
 from .rss import PeakRss
 from .sink import Sink
@@ -65,9 +64,8 @@ def request(personalizations: int, attachment: bytes, **extra: Any) -> dict[str,
         **extra}
 
 
-def stored(svc: Service, sql: str) -> Any:
-    with sqlite3.connect(f"file:{svc.config.db_path}?mode=ro", uri=True) as db:
-        return db.execute(sql).fetchone()
+async def stored(svc: Service, sql: str) -> Any:
+    return (await store_rows(svc, sql))[0]
 
 
 async def test_300_personalizations_of_one_mib_are_a_413_at_once(tmp_path: Path,
@@ -110,11 +108,11 @@ async def test_a_shared_attachment_is_stored_once_and_reaches_everyone(
                 assert part.get_filename() == "report.bin"
                 assert part.get_content() == report
             # one row of the file for the three messages; their bodies only name it
-            assert stored(svc, "SELECT count(*), sum(length(data)) FROM parts") == (
+            assert await stored(svc, "SELECT count(*), sum(length(data)) FROM parts") == (
                 1, len(report))
-            assert stored(svc, "SELECT count(DISTINCT message_id), count(DISTINCT part_id)"
+            assert await stored(svc, "SELECT count(DISTINCT message_id), count(DISTINCT part_id)"
                                " FROM message_parts") == (3, 1)
-            (largest,) = stored(svc, "SELECT max(length(data)) FROM bodies")
+            (largest,) = await stored(svc, "SELECT max(length(data)) FROM bodies")
             assert largest < 4096
         finally:
             await svc.stop()

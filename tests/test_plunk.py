@@ -381,5 +381,5 @@ async def test_recipients_share_one_decoded_attachment_within_the_expansion_limi
     got, answer, _ = await plunk.call("POST", "/v1/send", {
         **OK, "to": ["a@example.org", "b@example.org", "c@example.org"], "attachments": files})
     assert got == 200, answer
-    assert stored(service, "SELECT count(*) FROM parts") == (1,)
-    assert stored(service, "SELECT count(DISTINCT message_id) FROM message_parts") == (3,)
+    assert await stored(service, "SELECT count(*) FROM parts") == (1,)
+    assert await stored(service, "SELECT count(DISTINCT message_id) FROM message_parts") == (3,)

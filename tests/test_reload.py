@@ -322,8 +322,11 @@ max_recipients = {max_rcpt}
 
 
 async def test_a_reload_renews_delivery_and_webhooks_and_keeps_what_needs_a_restart(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     from relay.config import load
+    # load() reads RELAY_* from the environment; the suite's own switch is no setting
+    monkeypatch.delenv("RELAY_TEST_STORE", raising=False)
     from relay.lifecycle.reload import reload
     from relay.service import Service
 

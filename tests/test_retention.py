@@ -10,6 +10,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from relay.retention import DAY, Pruner
 from relay.service import Service
 from relay.store import NewMessage, NewRecipient, SQLiteStore
 from relay.store.delivery import AttemptRecord, Outcome
+from relay.store.pgconn import PgConnection
 from relay.store.retention import BODIES_SCAN, MESSAGES_SCAN, ROWS
 from relay.submit import new_message_id
 from relay.types import EventType, GivenDkimKey, RecipientStatus, WebhookEndpoint
@@ -68,20 +70,27 @@ async def delivered(store: SQLiteStore, created_at: float, final_at: float,
 
 
 def rows(store: SQLiteStore, sql: str, *args: Any) -> list[Any]:
-    db = sqlite3.connect(store.path)
+    if store.url:  # PgConnection runs its own loop: on a thread of its own, off the test's
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(_rows, PgConnection, store.url, sql, args).result()
+    return _rows(sqlite3.connect, store.path, sql, args)
+
+
+def _rows(connect: Any, where: Any, sql: str, args: tuple[Any, ...]) -> list[Any]:
+    db = connect(where)
     try:
         return db.execute(sql, args).fetchall()
     finally:
         db.close()
 
 
-def count(store: SQLiteStore, table: str, where: str = "1", *args: Any) -> int:
+def count(store: SQLiteStore, table: str, where: str = "1 = 1", *args: Any) -> int:
     return int(rows(store, f"SELECT count(*) FROM {table} WHERE {where}", *args)[0][0])
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "q.sqlite")
+async def store(store_url: str) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(store_url)
     await s.open()
     yield s
     await s.close()
@@ -280,6 +289,8 @@ def plan(store: SQLiteStore, sql: str, *args: Any) -> str:
 
 
 async def test_every_batch_is_an_index_range_scan(store: SQLiteStore) -> None:
+    if store.url:
+        pytest.skip("SQLite's EXPLAIN QUERY PLAN")
     messages = plan(store, MESSAGES_SCAN, NOW, 0.0, "", 10)
     assert "SEARCH m USING COVERING INDEX messages_created" in messages
     bodies = plan(store, BODIES_SCAN, NOW, 0.0, "", 10)

@@ -22,7 +22,7 @@ from relay.service import Service
 from relay.types import WebhookEndpoint
 
 from .apiutil import SIMPLE, api_client
-from .conftest import free_port, make_config
+from .conftest import free_port, make_config, store_execute, store_rows
 from .rss import PeakRss
 
 
@@ -365,17 +365,16 @@ async def test_a_delivery_long_after_its_event_verifies_both_ways(tmp_path: Path
                                                                   receiver: Receiver) -> None:
     """Standard Webhooks refuses a timestamp over 5 minutes old, Drin wants t = createdAt:
     a retry made 10 minutes after the event must satisfy both."""
-    import sqlite3
     config = hook_config(tmp_path)
     svc = Service(config)
     await svc.start()
     try:
         ep = await endpoint(svc, receiver.url)
         old = time.time() - 600
-        with sqlite3.connect(config.db_path) as db:  # an event from 10 minutes ago
-            db.execute("INSERT INTO events (message_id, recipient_id, type, created_at, data)"
-                       " VALUES (NULL, NULL, 'email.delivered', ?, '{\"email\": \"b@x.test\"}')",
-                       (old,))
+        await store_execute(  # an event from 10 minutes ago
+            svc, "INSERT INTO events (message_id, recipient_id, type, created_at, data)"
+            " VALUES (NULL, NULL, 'email.delivered', ?, '{\"email\": \"b@x.test\"}')",
+            (old,))
         await until(lambda: receiver.got)
         headers, body = receiver.got[0]
         event = verified(ep, headers, body)
@@ -387,7 +386,6 @@ async def test_a_delivery_long_after_its_event_verifies_both_ways(tmp_path: Path
 
 
 async def test_redirects_are_not_followed_and_long_failure_disables(tmp_path: Path) -> None:
-    import sqlite3
     hits: list[str] = []
 
     async def redirect(request: web.Request) -> web.Response:
@@ -414,15 +412,14 @@ async def test_redirects_are_not_followed_and_long_failure_disables(tmp_path: Pa
         assert "/elsewhere" not in hits
         rows = await svc.store.outbox(ep.id)
         assert rows[0]["last_status"] == 302 and rows[0]["delivered_at"] is None
-        with sqlite3.connect(config.db_path) as db:  # failing for two days already
-            db.execute("UPDATE webhook_endpoints SET failing_since = ?", (time.time() - 2 * 86400,))
+        await store_execute(svc, "UPDATE webhook_endpoints SET failing_since = ?",
+                            (time.time() - 2 * 86400,))  # failing for two days already
         seen = len(hits)
         await until(lambda: len(hits) > seen, 20)
         await asyncio.sleep(0.3)
         (listed,) = await svc.store.list_endpoints()
         assert not listed.enabled and "failed for 1 days" in (listed.disabled_reason or "")
-        with sqlite3.connect(config.db_path) as db:
-            kinds = [r[0] for r in db.execute("SELECT type FROM events")]
+        kinds = [r[0] for r in await store_rows(svc, "SELECT type FROM events")]
         assert "webhook.disabled" in kinds
     finally:
         await svc.stop()
