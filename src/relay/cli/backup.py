@@ -59,15 +59,22 @@ def cmd_backup(args: argparse.Namespace, config: Config) -> int:
         return 1
 
 
+def elsewhere(config: Config, verb: str, tool: str) -> bool:
+    """Whether the queue is not the data dir's SQLite file (backup and restore copy only
+    that one), said on stderr when so."""
+    if config.sqlite_file == config.db_path.absolute():
+        return False
+    print(f"relay: the queue is in {mask_url(config.store_url)}, not the data dir's SQLite "
+          f"file: {verb} with its own tools ({tool} for PostgreSQL)", file=sys.stderr)
+    return True
+
+
 def backup(target: Path, config: Config) -> int:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         print(f"relay: {target} exists and is not an empty directory", file=sys.stderr)
         return 1
     data_dir = config.server.data_dir
-    if config.sqlite_file != config.db_path.absolute():
-        print(f"relay: the queue is in {mask_url(config.store_url)}, not the data dir's "
-              "SQLite file: back that up with its own tools (pg_dump for PostgreSQL), and "
-              "the data dir's keys with relay backup on the default store", file=sys.stderr)
+    if elsewhere(config, "back it up", "pg_dump"):
         return 1
     if not config.db_path.exists():
         print(f"relay: {config.db_path}: no queue database to back up", file=sys.stderr)
@@ -166,10 +173,7 @@ def cmd_restore(args: argparse.Namespace, config: Config) -> int:
 
 def restore(args: argparse.Namespace, manifest: dict[str, Any], config: Config) -> int:
     data_dir = config.server.data_dir
-    if config.sqlite_file != config.db_path.absolute():
-        print(f"relay: the queue is in {mask_url(config.store_url)}: restore it with its own "
-              "tools (pg_restore for PostgreSQL); relay restore writes the data dir's SQLite "
-              "file", file=sys.stderr)
+    if elsewhere(config, "restore it", "pg_restore"):
         return 1
     present = [p for p in data_dir.iterdir() if p.name != LOCK_NAME] if data_dir.exists() else []
     if present and not args.force:

@@ -357,17 +357,24 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-def migrate(db: sqlite3.Connection) -> int:
-    """Bring the schema up to the newest version; returns that version. Runs on the
-    writer's thread (`DbThread.run`), before anything else is written."""
+def current_version(db: sqlite3.Connection) -> int:
+    """The schema version the database has (0: none yet), on either backend; StoreError
+    when it is newer than this relay knows."""
     db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     row = db.execute("SELECT version FROM schema_version").fetchone()
-    current = row[0] if row else 0
+    current: int = row[0] if row else 0
     if current > len(MIGRATIONS):
         raise StoreError(
             f"the database schema is version {current}, newer than this relay knows "
             f"({len(MIGRATIONS)}); upgrade relay"
         )
+    return current
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Bring the schema up to the newest version; returns that version. Runs on the
+    writer's thread (`DbThread.run`), before anything else is written."""
+    current = current_version(db)
     for version in range(current + 1, len(MIGRATIONS) + 1):
         # foreign keys off while a step runs: a table made again (SQLite's way to change a
         # key) must not take its dependants' rows with it when the old one is dropped

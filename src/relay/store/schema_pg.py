@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import StoreError
+from . import schema
 
 BASELINE_VERSION = 16
 MIGRATE_LOCK = 0x72656C6179  # pg_advisory_xact_lock key: "relay"
@@ -317,19 +317,14 @@ MIGRATIONS: dict[int, str] = {
 }
 
 
-def migrate(db: Any, newest: int) -> int:
-    """Bring a PostgreSQL database up to `newest` (SQLite's newest version); runs on the
-    writer's connection (store/pgconn.py) before anything else is written."""
+def migrate(db: Any) -> int:
+    """Bring a PostgreSQL database up to SQLite's newest version; runs on the writer's
+    connection (store/pgconn.py) before anything else is written."""
+    newest = len(schema.MIGRATIONS)
     db.execute("BEGIN")
     try:
         db.execute(f"SELECT pg_advisory_xact_lock({MIGRATE_LOCK})")
-        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
-        row = db.execute("SELECT version FROM schema_version").fetchone()
-        current = row[0] if row else 0
-        if current > newest:
-            raise StoreError(
-                f"the database schema is version {current}, newer than this relay knows "
-                f"({newest}); upgrade relay")
+        current = schema.current_version(db)
         if current < newest:
             db.executescript(FUNCTIONS)
         if current == 0:

@@ -4,7 +4,6 @@ DbThreads: the group-commit writer's connection and the reader's."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import socket
@@ -43,13 +42,13 @@ from .rows import (
     recipient_row,
     with_parts,
 )
-from .schema import MIGRATIONS, migrate
+from .schema import migrate
 from .slots import Slots
 from .stats import StatsQueries
-from .throttles import ThrottleQueries
 from .suppressions import SuppressionQueries, listed, screened
 from .templates import TemplateQueries
 from .thread import DbThread
+from .throttles import ThrottleQueries
 from .webhooks import WebhookQueries
 
 
@@ -85,42 +84,35 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
         """The store for a log line or an error: the file, or the URL without its password."""
         return mask_url(self.url) if self.url else str(self.path)
 
+    def _thread(self, name: str) -> DbThread:
+        """A connection on a thread of its own, to the file or to the PostgreSQL database."""
+        if self.path is not None:
+            return DbThread(self.path, name=name)
+        url = self.url
+        return DbThread(url, name=name, connect=lambda: PgConnection(url))
+
     async def open(self) -> None:
-        if self.url:
-            url = self.url
-            write = DbThread(url, name="store-writer", connect=lambda: PgConnection(url))
-            read = DbThread(url, name="store-reader", connect=lambda: PgConnection(url))
-            upgrade: Any = functools.partial(schema_pg.migrate, newest=len(MIGRATIONS))
-        else:
-            assert self.path is not None
+        if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write = DbThread(self.path, name="store-writer")
-            read = DbThread(self.path, name="store-reader")
-            upgrade = migrate
+        write, read = self._thread("store-writer"), self._thread("store-reader")
+        # PostgreSQL: a third connection holds the cluster's delivery slots (store/slots.py)
+        slots = self._thread("store-slots") if self.url else None
         try:
             await write.open()
-            await write.run(upgrade)
+            await write.run(schema_pg.migrate if self.url else migrate)
             await read.open()
+            if slots is not None:
+                await slots.open()
         except BaseException as exc:
-            await read.close()
-            await write.close()
+            for conn in (slots, read, write):
+                if conn is not None:
+                    await conn.close()
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"{self.where}: cannot open the database: {exc}") from exc
             raise
         if self.path is not None:
             os.chmod(self.path, 0o600)
-        else:
-            url = self.url
-            self._slots_conn = DbThread(url, name="store-slots",
-                                        connect=lambda: PgConnection(url))
-            try:
-                await self._slots_conn.open()
-            except BaseException:
-                self._slots_conn = None
-                await read.close()
-                await write.close()
-                raise
-            self.slots = Slots(self._slots_conn)
+        self._slots_conn, self.slots = slots, Slots(slots)
         self._write_conn, self._read_conn = write, read
         self.writer = GroupCommitWriter(write)
         self.writer.start()
