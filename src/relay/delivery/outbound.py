@@ -11,11 +11,53 @@ from ..feedback import bounce_reasons
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
+TLS_LEVELS = ("none", "may", "encrypt", "verify", "dane")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tlsa:
+    """One TLSA record (RFC 6698): usage, selector, matching type and association data."""
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsPolicy:
+    """How a session to one target must use TLS (Postfix's levels):
+    none: plain text; may: STARTTLS when offered, any certificate, plain when it fails;
+    encrypt: STARTTLS required, any certificate; verify: STARTTLS required and a certificate
+    a CA signed for the MX host name; dane: STARTTLS required and a certificate one of
+    `tlsa` matches (RFC 7672)."""
+
+    level: str = "may"
+    source: str = "default"  # default | config | mta-sts | dane
+    enforce: bool = True  # False: MTA-STS "testing": failures reported, mail sent as "may"
+    tlsa: tuple[Tlsa, ...] = ()
+    # TLS-RPT (RFC 8460): the policy domain, its type (sts | tlsa | no-policy-found) and text
+    policy_domain: str = ""
+    policy_type: str = "no-policy-found"
+    policy_string: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """What the attempt records: "verify (mta-sts)", "may", "verify (mta-sts testing)"."""
+        if self.source in ("default", "config"):
+            return self.level
+        return f"{self.level} ({self.source}{'' if self.enforce else ' testing'})"
+
+
+DEFAULT_TLS = TlsPolicy()
+
+
 @dataclass(frozen=True, kw_only=True)
 class Target:
     hostname: str  # MX or smarthost name: logs, the attempt record, TLS name checks
     address: str  # the IP to connect to
     port: int
+    tls: TlsPolicy = DEFAULT_TLS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +96,9 @@ class Result:
     started_at: float
     duration: float
     peer_dsn: bool = False  # the peer took our DSN request (RFC 3461): reporting is its job now
+    source_ip: str | None = None  # the local address the session came from ([[delivery.pools]])
+    tls_policy: str | None = None  # TlsPolicy.label of the target
+    tls_failure: str | None = None  # RFC 8460 result type, when the TLS policy failed
 
 
 def enhanced_code(text: str) -> str | None:

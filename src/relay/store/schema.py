@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from ..errors import StoreError
+from . import schema_late
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: messages, bodies, recipients, attempts, events, idempotency keys, API keys
@@ -354,7 +355,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX auth_failures_last ON auth_failures(last_at);
     """,
+    # 19 on: schema_late.py
+    *(schema_late.SQLITE[n] for n in sorted(schema_late.SQLITE)),
 )
+assert sorted(schema_late.SQLITE) == list(range(19, 19 + len(schema_late.SQLITE)))
 
 
 def current_version(db: sqlite3.Connection) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import schema
+from . import schema, schema_late
 
 BASELINE_VERSION = 16
 MIGRATE_LOCK = 0x72656C6179  # pg_advisory_xact_lock key: "relay"
@@ -314,6 +314,7 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX auth_failures_last ON auth_failures(last_at);
     """,
+    **schema_late.PG,
 }
 
 
