@@ -41,6 +41,11 @@ class DNSServer:
     SOA); a name with no records that is no parent of one answers NXDOMAIN (and an SOA).
     UDP answers larger than the client's payload size come back truncated (TC), so a
     client retries over TCP; `tcp_queries` counts those.
+
+    Standing in for a validating resolver (RFC 6698 4.1), it sets the AD flag on an answer,
+    positive or negative, when the query asked for it (AD or the EDNS DO bit, RFC 6840 5.7)
+    and every name the answer covers (the asked name and any CNAME target) was marked with
+    `secure` (or added with secure=True); any other answer goes without AD.
     """
 
     address = "127.0.0.1"
@@ -51,6 +56,8 @@ class DNSServer:
         self.tcp_queries = 0
         self._records: dict[dns.name.Name, dict[int, dns.rrset.RRset]] = {}
         self._servfail: set[dns.name.Name] = set()
+        self._secure: set[dns.name.Name] = set()
+        self._secure_zones: set[dns.name.Name] = set()
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -99,9 +106,14 @@ class DNSServer:
     ) -> None:
         await self.stop()
 
-    def add(self, name: str, rdtype: str, *values: str, ttl: int = 300) -> None:
-        """Add records, e.g. add("example.test", "MX", "10 mx1.example.test.")."""
+    def add(self, name: str, rdtype: str, *values: str, ttl: int = 300,
+            secure: bool = False) -> None:
+        """Add records, e.g. add("example.test", "MX", "10 mx1.example.test.") or
+        add("_25._tcp.mx.example.test", "TLSA", "3 1 1 <hex>", secure=True); secure marks
+        the name, so every answer about it, of any type, validates."""
         owner = _name(name)
+        if secure:
+            self._secure.add(owner)
         new = dns.rrset.from_text_list(
             owner, ttl, dns.rdataclass.IN, rdtype, list(values), origin=dns.name.root,
             relativize=False,
@@ -117,9 +129,16 @@ class DNSServer:
         """Queries for this name, of any type, answer SERVFAIL."""
         self._servfail.add(_name(name))
 
+    def secure(self, name: str, *, zone: bool = False) -> None:
+        """Answers about this name (zone=True: and every name under it, existing or not)
+        validate: they carry AD."""
+        (self._secure_zones if zone else self._secure).add(_name(name))
+
     def clear(self) -> None:
         self._records.clear()
         self._servfail.clear()
+        self._secure.clear()
+        self._secure_zones.clear()
         self.queries.clear()
         self.tcp_queries = 0
 
@@ -132,6 +151,8 @@ class DNSServer:
             return None
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
+        dnssec_ok = query.ednsflags & dns.flags.DO
+        response.ednsflags |= dnssec_ok  # echoed (RFC 3225 3)
         if len(query.question) != 1:
             response.set_rcode(dns.rcode.FORMERR)
             return response.to_wire()
@@ -142,7 +163,10 @@ class DNSServer:
         )
         if tcp:
             self.tcp_queries += 1
-        self._fill(response, question.name, question.rdtype)
+        names = self._fill(response, question.name, question.rdtype)
+        wants_ad = dnssec_ok or query.flags & dns.flags.AD
+        if wants_ad and response.rcode() != dns.rcode.SERVFAIL and all(map(self._is_secure, names)):
+            response.flags |= dns.flags.AD
         max_size = 65535 if tcp else (query.payload if query.edns >= 0 else 512)
         try:
             return response.to_wire(max_size=max_size)
@@ -153,25 +177,33 @@ class DNSServer:
             response.flags |= dns.flags.TC
             return response.to_wire(max_size=max_size)
 
-    def _fill(self, response: dns.message.Message, qname: dns.name.Name, rdtype: int) -> None:
+    def _is_secure(self, name: dns.name.Name) -> bool:
+        return name in self._secure or any(name.is_subdomain(z) for z in self._secure_zones)
+
+    def _fill(self, response: dns.message.Message, qname: dns.name.Name,
+              rdtype: int) -> list[dns.name.Name]:
+        """Puts the answer in; returns the names it covers (qname and CNAME targets)."""
+        names = [qname]
         for _ in range(8):  # follows CNAMEs within the server's records
             if qname in self._servfail:
                 response.answer.clear()
                 response.set_rcode(dns.rcode.SERVFAIL)
-                return
+                return names
             records = self._records.get(qname, {})
             if rdtype in records:
                 response.answer.append(records[rdtype])
-                return
+                return names
             cname = records.get(dns.rdatatype.CNAME)
             if cname is None:
                 break
             response.answer.append(cname)
             qname = cname[0].target
+            names.append(qname)
         exists = qname in self._records or any(n.is_subdomain(qname) for n in self._records)
         if not exists:
             response.set_rcode(dns.rcode.NXDOMAIN)
         response.authority.append(_soa(qname))
+        return names
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
