@@ -20,6 +20,8 @@ class Received:
     tls: bool
     mail_options: list[str] = field(default_factory=list)
     rcpt_options: list[str] = field(default_factory=list)
+    peer: str = ""  # the client's address
+    helo: str = ""  # the name it gave in EHLO
 
 
 class _Handler:
@@ -46,7 +48,8 @@ class _Handler:
         self.sink.messages.append(Received(
             mail_from=envelope.mail_from or "", rcpt_tos=list(envelope.rcpt_tos),
             data=envelope.original_content or b"", tls=session.ssl is not None,
-            mail_options=list(envelope.mail_options), rcpt_options=list(envelope.rcpt_options)))
+            mail_options=list(envelope.mail_options), rcpt_options=list(envelope.rcpt_options),
+            peer=session.peer[0] if session.peer else "", helo=session.host_name or ""))
         self.sink.arrived.set()
         return "250 2.0.0 Ok: queued"
 
@@ -55,8 +58,24 @@ class _SinkSMTP(SMTP):
     """aiosmtpd with DSN (RFC 3461) parameters kept instead of refused, and a way to break TLS."""
 
     broken_tls = False
+    sink: Sink
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.sink.active += 1
+        self.sink.max_active = max(self.sink.max_active, self.sink.active)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.sink.active -= 1
+        super().connection_lost(exc)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
+        if self.sink.mail_reply is not None:  # e.g. "421 4.7.28 slow down": then hang up
+            await self.push(self.sink.mail_reply)
+            self.sink.refused += 1
+            if self.sink.mail_reply.startswith("421") and self.transport is not None:
+                self.transport.close()
+            return
         arg, params = _split(arg, ("RET", "ENVID"))
         await super().smtp_MAIL(arg)
         if self.envelope is not None and self.envelope.mail_from is not None:
@@ -110,6 +129,10 @@ class Sink:
         self.address, self.port = address, port
         self.messages: list[Received] = []
         self.connections = 0
+        self.active = 0  # sessions open now, and the most open at once
+        self.max_active = 0
+        self.mail_reply: str | None = None  # set: every MAIL FROM gets this reply
+        self.refused = 0  # MAIL FROMs answered with mail_reply
         self.arrived = asyncio.Event()
         self._attempts: dict[str, int] = {}
         self._server: asyncio.base_events.Server | None = None
@@ -136,6 +159,7 @@ class Sink:
                 proto = _SinkSMTP(handler, hostname="sink.test", tls_context=self.tls,
                                   require_starttls=False, **self.options)
             proto.broken_tls = self.broken_tls
+            proto.sink = self
             self._protocols.add(proto)
             return proto
 

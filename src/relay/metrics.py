@@ -68,6 +68,15 @@ DKIM_FAILURES = Counter("relay_dkim_failures", "DKIM trouble, by reason: key (a 
 COMMIT_SECONDS = Histogram("relay_store_commit_seconds", "Duration of a group commit "
                            "(one transaction and fsync), by process (master or worker)",
                            ["process"], buckets=COMMIT_BUCKETS, registry=REGISTRY)
+SITE_HOLDS = Counter("relay_site_holds", "Sites held back by a remote's reply matching a "
+                     "[[delivery.backoff]] rule, by site (bounded like domains) and action "
+                     "(suspend or slow)", ["site", "action"], registry=REGISTRY)
+HELD = Counter("relay_delivery_held", "Recipients put back without an attempt, by reason: "
+               "site (its site is suspended), warmup (the pool's daily warm-up caps are "
+               "spent)", ["reason"], registry=REGISTRY)
+TLS_FAILURES = Counter("relay_tls_failures", "Outbound TLS failures, by the policy's source "
+                       "(default, config, mta-sts, dane) and RFC 8460 result type",
+                       ["policy", "result"], registry=REGISTRY)
 
 # the statuses a recipient waits in; the final ones only grow and are counted above
 WAITING = WAITING_STATUSES
@@ -143,6 +152,18 @@ def webhook_attempt(ok: bool) -> None:
 
 def dkim_failure(reason: str) -> None:
     DKIM_FAILURES.labels(reason).inc()
+
+
+def site_held(site: str, action: str) -> None:
+    SITE_HOLDS.labels(SETUP.domains(site), action).inc()
+
+
+def held(reason: str, count: int = 1) -> None:
+    HELD.labels(reason).inc(count)
+
+
+def tls_failure(policy: str, result: str) -> None:
+    TLS_FAILURES.labels(policy, result).inc()
 
 
 def commit_took(seconds: float) -> None:

@@ -197,6 +197,10 @@ class Submitter:
             raise ValidationError("at least one recipient is required", param="to",
                                   smtp="554 5.5.1")
         check_metadata_size(sub.metadata, sub.tags, limits.max_metadata_size)
+        if sub.pool and sub.pool not in {p.name for p in self._config.delivery.pools}:
+            known = ", ".join(p.name for p in self._config.delivery.pools) or "none configured"
+            raise ValidationError(f"no source pool named {sub.pool!r} ({known})", param="pool",
+                                  smtp="550 5.7.1")
         recipients = collapse_recipients(sub.recipients, smtputf8=sub.smtputf8)
         if len(recipients) > limits.max_recipients:
             raise ValidationError(f"more than {limits.max_recipients} recipients", param="to",
@@ -250,6 +254,7 @@ class Submitter:
             sender_domain=a_label(sender_domain) or "",
             refuse_if_suppressed=sub.refuse_if_suppressed,
             keep_mail_from=sub.keep_mail_from,
+            pool=sub.pool,
             track=",".join(k for k, on in (("opens", sub.track_opens),
                                            ("clicks", sub.track_clicks)) if on),
         )

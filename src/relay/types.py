@@ -172,6 +172,7 @@ class Submission:
     track_clicks: bool = False  # the html's links through signed redirects
     # the submitter chose the envelope sender: relay does not put its VERP return path there
     keep_mail_from: bool = False
+    pool: str = ""  # a [[delivery.pools]] name: the source addresses the mail leaves from
     # trace for the Received: header, e.g. ("client.example ([192.0.2.1])", "ESMTPSA")
     received_from: str | None = None
     received_with: str | None = None
@@ -240,6 +241,9 @@ class Attempt:
     text: str
     outcome: str  # delivered | deferred | bounced
     signed: str | None = None
+    source_ip: str | None = None  # the local address it left from ([[delivery.pools]])
+    tls_policy: str | None = None  # e.g. "may", "verify (mta-sts)", "dane (dane)"
+    tls_failure: str | None = None  # RFC 8460 result type when the TLS policy failed
 
 
 @dataclass(frozen=True, kw_only=True)

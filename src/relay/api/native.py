@@ -235,7 +235,7 @@ def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
         source="api", api_key_id=key.id, allowed_domains=key.domains,
         tags=tuple(t.name + (f":{t.value}" if t.value else "") for t in m.tags),
         metadata=m.metadata, stream=stream, smtputf8=utf8, refuse_if_suppressed=True,
-        track_opens=m.trackOpens, track_clicks=m.trackClicks,
+        track_opens=m.trackOpens, track_clicks=m.trackClicks, pool=m.pool or "",
         scheduled_at=m.scheduledAt.timestamp() if m.scheduledAt else None)
 
 

@@ -71,6 +71,9 @@ class SendEmail(Strict):
     metadata: dict[str, Any] = Field(default_factory=dict,
                                      description="stored with the message, never sent")
     stream: Literal["transactional", "broadcast"] = "transactional"
+    pool: Annotated[str, StringConstraints(max_length=63)] | None = Field(
+        default=None, description="the [[delivery.pools]] the mail leaves from; "
+                                  "default: the pool serving its stream")
     trackOpens: bool = False
     trackClicks: bool = False
 

@@ -41,7 +41,8 @@ def message_json(d: MessageDetail, *, full: bool = False) -> dict[str, Any]:
                             "mxHost": a.mx_host, "ip": a.ip, "port": a.port, "tls": a.tls_version,
                             "code": a.code, "enhanced": a.enhanced, "reply": a.text,
                             "outcome": a.outcome, "duration": round(a.duration, 3),
-                            "dkim": a.signed}
+                            "dkim": a.signed, "sourceIp": a.source_ip,
+                            "tlsPolicy": a.tls_policy, "tlsFailure": a.tls_failure}
                            for a in d.attempts]
         out["events"] = [{"type": e.type, "at": iso(e.created_at), "recipient": e.recipient_id,
                           "data": e.data} for e in d.events]

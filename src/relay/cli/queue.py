@@ -21,6 +21,7 @@ from ..config import Config
 from ..feedback.reports import ReportMaker
 from ..store import SQLiteStore
 from ..store.operator import AGE_BUCKETS, NOT_FINAL, Selector
+from ..store.shaping import SiteHold
 from ..submit import Submitter
 from ..types import RecipientStatus
 from .util import Subparsers, iso, table, with_store
@@ -69,6 +70,10 @@ def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     s.add_argument("--limit", type=limit, default=100, help="rows, largest first")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_summary)
+    s = q.add_parser("release-site", help="end a site's hold (suspended or slowed by a "
+                                          "[[delivery.backoff]] rule) now")
+    s.add_argument("site", help="as `relay queue summary` names it")
+    s.set_defaults(func=cmd_release_site)
     for name, help_text in (
             ("retry", "make queued and deferred recipients due now (postsuper -r)"),
             ("hold", "hold pending recipients (postsuper -h)"),
@@ -153,8 +158,9 @@ def cmd_show(args: argparse.Namespace, config: Config) -> int:
          r["lastReply"] or "") for r in data["recipients"]])
     if data["attempts"]:
         print()
-        table([("AT", "MX", "IP", "TLS", "REPLY", "OUTCOME", "DKIM")] + [
+        table([("AT", "MX", "IP", "TLS", "POLICY", "REPLY", "OUTCOME", "DKIM")] + [
             (a["at"], a["mxHost"] or "", a["ip"] or "", a["tls"] or "-",
+             (a["tlsPolicy"] or "") + (f" FAILED {a['tlsFailure']}" if a["tlsFailure"] else ""),
              f"{a['code'] or ''} {a['enhanced'] or ''} {a['reply']}".strip()[:70], a["outcome"],
              a["dkim"] or "") for a in data["attempts"]])
     print()
@@ -168,15 +174,23 @@ COLUMNS = ("T", *(str(m) for m in AGE_BUCKETS), f"{AGE_BUCKETS[-1]}+")
 
 def cmd_summary(args: argparse.Namespace, config: Config) -> int:
     now = time.time()
-    shape: dict[str, list[int]] = with_store(config, lambda s: s.queue_shape(
-        now, by=args.by, statuses=tuple(args.status or NOT_FINAL)))
+
+    async def go(store: SQLiteStore) -> tuple[dict[str, list[int]], list[SiteHold]]:
+        return (await store.queue_shape(now, by=args.by,
+                                        statuses=tuple(args.status or NOT_FINAL)),
+                await store.site_holds(now))
+
+    shape, holds = with_store(config, go)
     ranked = sorted(shape.items(), key=lambda kv: (-kv[1][0], kv[0]))
     total = [sum(col) for col in zip(*shape.values())] if shape else [0] * len(COLUMNS)
     if args.json:
         print(json.dumps({"by": args.by, "columns": list(COLUMNS), "ageUnit": "minutes",
                           "total": total, "rows": [{"name": name, "counts": counts}
-                                                   for name, counts in ranked[:args.limit]]},
-                         indent=2))
+                                                   for name, counts in ranked[:args.limit]],
+                          "heldSites": [{"site": h.site, "until": iso(h.until),
+                                         "action": "suspend" if h.rate is None else "slow",
+                                         "rate": h.rate, "reason": h.reason,
+                                         "since": iso(h.since)} for h in holds]}, indent=2))
         return 0
     rows = [("", *COLUMNS), ("TOTAL", *map(str, total))]
     rows += [(name, *map(str, counts)) for name, counts in ranked[:args.limit]]
@@ -186,6 +200,20 @@ def cmd_summary(args: argparse.Namespace, config: Config) -> int:
                                               for c, w in zip(r[1:], widths[1:])))
     if len(ranked) > args.limit:
         print(f"({len(ranked) - args.limit} more rows; --limit to see them)")
+    if holds:
+        print()
+        table([("HELD SITE", "UNTIL", "ACTION", "AFTER")] + [
+            (h.site, iso(h.until), "suspended" if h.rate is None else f"slowed to {h.rate:g}/s",
+             h.reason[:80]) for h in holds])
+    return 0
+
+
+def cmd_release_site(args: argparse.Namespace, config: Config) -> int:
+    if not with_store(config, lambda s: s.release_site(args.site)):
+        print(f"relay: site {args.site} is not held", file=sys.stderr)
+        return 1
+    print(f"site {args.site} released; its mail waits for its next attempt (`relay queue "
+          "retry` sends it now)")
     return 0
 
 

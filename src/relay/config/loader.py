@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .outbound import outbound_problems
 from .sections import Config
 
 DEFAULTS_SOURCE = "<defaults>"
@@ -116,7 +117,10 @@ def _convert(hint: Any, value: Any, f: dataclasses.Field[Any], source: str, key:
                 )
             out = []
             for i, v in enumerate(value):
-                if not isinstance(v, str):
+                if inner is int:
+                    if isinstance(v, bool) or not isinstance(v, int):
+                        raise ValueError(f"item {i} must be an integer, not {_tname(v)}")
+                elif not isinstance(v, str):
                     raise ValueError(f"item {i} must be a string, not {_tname(v)}")
                 try:
                     out.append(item(v) if item else v)
@@ -170,6 +174,8 @@ def _check_tls_files(config: Config) -> None:
     ca_file = config.delivery.tls_ca_file
     if ca_file and (reason := _unreadable(ca_file)):
         raise ConfigError(config.source, "delivery.tls_ca_file", f"{ca_file}: {reason}")
+    for key, reason in outbound_problems(config.delivery)[:1]:
+        raise ConfigError(config.source, key, reason)
 
 
 def _unreadable(path: str) -> str | None:

@@ -29,6 +29,14 @@ from .checks import (
     meta,
     one_of,
 )
+from .outbound import (
+    DEFAULT_BACKOFF,
+    BackoffRule,
+    PoolConfig,
+    SiteConfig,
+    TlsPolicyConfig,
+    check_rate,
+)
 from .storeurl import check_node_name, check_store_url, is_postgresql, sqlite_path, sqlite_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -97,6 +105,23 @@ class DeliveryConfig:
     retry_max: float = field(default=14400.0, metadata=meta(check_positive))
     queue_lifetime: float = field(default=432000.0, metadata=meta(check_positive))
     lease: float = field(default=600.0, metadata=meta(check_positive))
+    # messages per second to one site (its MX host, or a [[delivery.sites]] group): "10/s",
+    # "500/min", "20000/h"; "" = no limit. concurrency_per_destination and
+    # messages_per_session are a site's connections and messages per connection
+    max_rate: str = field(default="", metadata=meta(check_rate))
+    sites: tuple[SiteConfig, ...] = ()
+    backoff: tuple[BackoffRule, ...] = DEFAULT_BACKOFF
+    pools: tuple[PoolConfig, ...] = ()
+    tls_policy: tuple[TlsPolicyConfig, ...] = ()
+    # MTA-STS (RFC 8461): fetch recipient domains' policies and hold to "enforce" ones
+    mta_sts: bool = True
+    # the HTTPS port of mta-sts.<domain> (443; like mx_port, tests point it at their own)
+    mta_sts_port: int = field(default=443, metadata=meta(check_port))
+    # DANE (RFC 7672): TLSA records of MX hosts, believed only with the AD bit of a
+    # validating resolver ([dns] nameservers, e.g. unbound on loopback)
+    dane: bool = False
+    # TLS-RPT (RFC 8460): daily reports of TLS results to the domains that ask for them
+    tls_reports: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

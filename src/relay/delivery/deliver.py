@@ -11,32 +11,60 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import aiosmtplib
 
 from ..config import DeliveryConfig
-from .outbound import OutMessage, Result, Target, enhanced_code
-from .sessions import SessionPool, TargetFailure, quit_session
+from .outbound import OutMessage, Result, Target, enhanced_code, reply_text
+from .pools import Source
+from .sessions import SessionPool, TargetFailure, TlsObserver, quit_session
 from .transaction import transaction
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Hold:
+    reason: str
+    until: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Lane:
+    """How one destination's mail goes out: from which source, how many messages a session,
+    and its site's pace and holds (delivery/shaping.py)."""
+
+    source: Source
+    per_session: int
+    # before each message: waits for the site's pace; a Hold stops the delivery
+    pace: Callable[[], Awaitable[Hold | None]]
+    # each refusal, as "421 4.7.28 text": a Hold when it suspends the site
+    reply: Callable[[str], Hold | None]
+
+
 class Deliverer:
     def __init__(self, *, hostname: str, delivery: DeliveryConfig,
-                 own_listeners: Iterable[tuple[str, int]] = (), smarthost: bool = False) -> None:
+                 own_listeners: Iterable[tuple[str, int]] = (), smarthost: bool = False,
+                 tls_observer: TlsObserver | None = None) -> None:
         self._cfg = delivery
         self._own = list(own_listeners)  # read at each delivery: bound ports appear at start
-        self._sessions = SessionPool(hostname=hostname, delivery=delivery, smarthost=smarthost)
+        self._sessions = SessionPool(hostname=hostname, delivery=delivery, smarthost=smarthost,
+                                     tls_observer=tls_observer)
+        self._lane = Lane(source=Source(address=None, helo=hostname),
+                          per_session=delivery.messages_per_session, pace=_no_pace,
+                          reply=lambda reply: None)
 
     async def close(self) -> None:
         await self._sessions.close()
 
     async def deliver(self, targets: Sequence[Target], messages: Sequence[OutMessage],
-                      on_message: Callable[[list[Result]], None] | None = None) -> list[Result]:
+                      on_message: Callable[[list[Result]], None] | None = None, *,
+                      lane: Lane | None = None) -> list[Result]:
         """Results for every recipient. `on_message` hears each message's as soon as its
         transaction ends, so a caller can record them before the session is over."""
+        lane = lane or self._lane
         results: list[Result] = _Results(on_message)
         remaining = list(messages)
         failures: list[TargetFailure] = []
@@ -44,42 +72,59 @@ class Deliverer:
         for target in targets:
             if not remaining:
                 break
+            if (hold := await lane.pace()) is not None:
+                results.extend(_held(remaining, hold, started))
+                return list(results)
             if self._is_own(target):
                 failures.append(TargetFailure(f"mail loop: {target.hostname} [{target.address}]:"
                                               f"{target.port} is relay's own listener",
                                               code=554, permanent=True))
                 continue
             try:
-                await self._deliver_to(target, remaining, results)
+                hold = await self._deliver_to(target, remaining, results, lane)
             except TargetFailure as failure:
                 log.info("delivery to %s [%s]:%s failed: %s", target.hostname, target.address,
                          target.port, failure.text)
                 failures.append(failure)
+                hold = (lane.reply(reply_text(failure.code, failure.enhanced, failure.text))
+                        if failure.code else None)
+            if hold is not None:
+                results.extend(_held(remaining, hold, started))
+                return list(results)
         if remaining:
             results.extend(self._unsent(remaining, failures, targets, started))
         return list(results)
 
     async def _deliver_to(self, target: Target, remaining: list[OutMessage],
-                          results: list[Result]) -> None:
-        """Send what it can over sessions to this target; raises TargetFailure to move on."""
-        while remaining:
-            session, reused = await self._sessions.session(target)
+                          results: list[Result], lane: Lane) -> Hold | None:
+        """Send what it can over sessions to this target; raises TargetFailure to move on,
+        returns a Hold when the site's pace or a reply stops it."""
+        hold: Hold | None = None
+        while remaining and hold is None:
+            session, reused = await self._sessions.session(target, lane.source)
             try:
-                while remaining and session.sent < self._cfg.messages_per_session:
-                    results.extend(await transaction(session, remaining[0],
-                                                     timeout=self._cfg.command_timeout))
+                while remaining and session.sent < lane.per_session:
+                    if session.sent and (hold := await lane.pace()) is not None:
+                        break
+                    done = await transaction(session, remaining[0],
+                                             timeout=self._cfg.command_timeout)
+                    results.extend(done)
                     remaining.pop(0)
                     session.sent += 1
                     reused = False
+                    hold = _first(lane.reply(reply) for reply in _refusals(done))
+                    if hold is not None:
+                        break
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                 session.smtp.close()
                 if reused:  # the server closed it while it was parked: nothing was sent
                     continue
                 raise TargetFailure(f"connection to {target.hostname} lost: {exc}") from None
-            if session.sent >= self._cfg.messages_per_session:
+            if hold is not None or session.sent >= lane.per_session:
                 await quit_session(session)
             else:
                 self._sessions.park(session)
+        return hold
 
     def _is_own(self, target: Target) -> bool:
         try:
@@ -105,10 +150,14 @@ class Deliverer:
         target = targets[-1] if targets else None
         return [Result(
             recipient_id=r.id, message_id=m.id, outcome="bounced" if permanent else "deferred",
-            code=last.code, enhanced="5.4.6" if loop else enhanced_code(last.text),
+            code=last.code,
+            enhanced="5.4.6" if loop else last.enhanced or enhanced_code(last.text),
             text=last.text, hard=False, mx_host=target.hostname if target else None,
             ip=target.address if target else None, port=target.port if target else None,
-            tls_version=None, tls_cipher=None, started_at=started, duration=now - started)
+            tls_version=None, tls_cipher=None, started_at=started, duration=now - started,
+            tls_policy=self._sessions.policy(target).label if target else None,
+            tls_failure=next((f.tls_failure for f in reversed(failures) if f.tls_failure),
+                             None))
             for m in messages for r in m.recipients]
 
 
@@ -124,6 +173,34 @@ class _Results(list[Result]):
         super().extend(batch)
         if self._listener is not None and batch:
             self._listener(batch)
+
+
+async def _no_pace() -> Hold | None:
+    return None
+
+
+def _refusals(results: list[Result]) -> Iterable[str]:
+    """A message's refusals as "421 4.7.28 text", once each."""
+    seen: set[str] = set()
+    for r in results:
+        if r.outcome != "delivered" and r.code:
+            reply = reply_text(r.code, r.enhanced, r.text)
+            if reply not in seen:
+                seen.add(reply)
+                yield reply
+
+
+def _first(holds: Iterable[Hold | None]) -> Hold | None:
+    return next((h for h in holds if h is not None), None)
+
+
+def _held(messages: list[OutMessage], hold: Hold, started: float) -> list[Result]:
+    """Results for what a hold kept from being tried: back in the queue until it ends."""
+    return [Result(recipient_id=r.id, message_id=m.id, outcome="deferred", code=None,
+                   enhanced="4.7.0", text=hold.reason, hard=False, mx_host=None, ip=None,
+                   port=None, tls_version=None, tls_cipher=None, started_at=started,
+                   duration=0.0, held_until=hold.until)
+            for m in messages for r in m.recipients]
 
 
 def _is_local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

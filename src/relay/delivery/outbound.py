@@ -99,6 +99,7 @@ class Result:
     source_ip: str | None = None  # the local address the session came from ([[delivery.pools]])
     tls_policy: str | None = None  # TlsPolicy.label of the target
     tls_failure: str | None = None  # RFC 8460 result type, when the TLS policy failed
+    held_until: float | None = None  # not tried: its site is held back (or its pool capped)
 
 
 def enhanced_code(text: str) -> str | None:
@@ -114,3 +115,12 @@ def classify(code: int | None, enhanced: str | None, text: str = "") -> tuple[st
     if code is None or code < 500:
         return "deferred", False
     return "bounced", bounce_reasons.classify(enhanced, code, text)[1] == "hard"
+
+
+def reply_text(code: int | None, enhanced: str | None, text: str) -> str:
+    """"550 5.1.1 text", the way a remote server said it (its text often repeats the code)."""
+    parts = [str(code)] if code else []
+    if enhanced and not text.startswith(enhanced):
+        parts.append(enhanced)
+    return " ".join([*parts, text])
+

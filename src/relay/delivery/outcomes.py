@@ -11,7 +11,7 @@ from ..errors import DeliveryFailure
 from ..feedback import bounce_reasons
 from ..store.delivery import AttemptRecord, DueRecipient, Outcome
 from ..types import EventType, RecipientStatus
-from .outbound import Result
+from .outbound import Result, reply_text
 
 
 def backoff(attempts: int, *, minimum: float, maximum: float,
@@ -36,11 +36,14 @@ class Outcomes:
         self._clock = clock
 
     def of_result(self, r: DueRecipient, res: Result, signed: str | None = None) -> Outcome:
+        if res.held_until is not None:
+            return self.held(r, res.text, res.held_until)
         attempt = AttemptRecord(
             started_at=res.started_at, duration=res.duration, mx_host=res.mx_host, ip=res.ip,
             port=res.port, tls_version=res.tls_version, tls_cipher=res.tls_cipher,
             code=res.code, enhanced=res.enhanced, text=res.text, outcome=res.outcome,
-            signed=signed)
+            signed=signed, source_ip=res.source_ip, tls_policy=res.tls_policy,
+            tls_failure=res.tls_failure)
         reply = reply_text(res.code, res.enhanced, res.text)
         data = {"email": r.address, "mxHost": res.mx_host, "code": res.code,
                 "enhanced": res.enhanced, "reply": res.text}
@@ -68,6 +71,26 @@ class Outcomes:
         if failure.permanent:
             return self._bounced(r, now, attempt, reply, data, hard=failure.hard)
         return self._deferred(r, now, attempt, reply, data)
+
+    def held(self, r: DueRecipient, reason: str, until: float) -> Outcome:
+        """Put back without an attempt until `until` (its site is held back, its pool's
+        warm-up caps are spent): deferred, with no attempt counted."""
+        now = self._clock()
+        expires = r.created_at + self._delivery.queue_lifetime
+        data: dict[str, object] = {"email": r.address, "code": None, "enhanced": "4.7.0",
+                                   "reply": reason}
+        if now >= expires:
+            return Outcome(recipient_id=r.id, message_id=r.message_id, at=now,
+                           status=RecipientStatus.EXPIRED, event=EventType.EXPIRED,
+                           event_data={**data, "reason": f"expired after the queue lifetime; "
+                                                         f"last: {reason}"},
+                           last_reply=reason, bounce_class="soft",
+                           dsn="failed" if wants_report(r.notify, "FAILURE") else None)
+        next_at = min(max(until, now + 1.0), expires)
+        return Outcome(recipient_id=r.id, message_id=r.message_id, at=now,
+                       status=RecipientStatus.DEFERRED, event=EventType.DEFERRED,
+                       event_data={**data, "nextAttemptAt": next_at, "held": True},
+                       next_attempt_at=next_at, last_reply=reason)
 
     def _bounced(self, r: DueRecipient, now: float, attempt: AttemptRecord, reply: str,
                  data: dict[str, object], *, hard: bool) -> Outcome:
@@ -107,12 +130,4 @@ class Outcomes:
                        status=RecipientStatus.FAILED, event=EventType.FAILED,
                        event_data={"email": r.address, "error": f"{type(exc).__name__}: {exc}"},
                        last_reply=f"internal error: {type(exc).__name__}")
-
-
-def reply_text(code: int | None, enhanced: str | None, text: str) -> str:
-    """"550 5.1.1 text", the way a remote server said it (its text often repeats the code)."""
-    parts = [str(code)] if code else []
-    if enhanced and not text.startswith(enhanced):
-        parts.append(enhanced)
-    return " ".join([*parts, text])
 

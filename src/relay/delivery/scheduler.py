@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..aio import sleep_until_set
-from ..config import Config, parse_hostport
+from ..config import Config
 from ..errors import DeliveryFailure, StoreError, TemporaryFailure
 from ..feedback.reports import ReportMaker
 from ..rawmail import header_value
@@ -19,42 +19,41 @@ from ..store import SQLiteStore
 from ..store.delivery import DueRecipient, Outcome
 from ..store.pgconn import Listener
 from ..types import EventType, RecipientStatus, Stream
-from .deliver import Deliverer
-from .mx import MXResolver
+from .deliver import Deliverer, Hold
 from .observe import observe
-from .outbound import OutMessage, OutRecipient, Target
+from .outbound import OutMessage, OutRecipient
 from .outcomes import Outcomes
 from .render import Job, Renderer
+from .routes import Route, Router
 
 log = logging.getLogger(__name__)
 
-SMARTHOST = "[smarthost]"
-IDLE_POLL = 2.0  # the destination key of everything when a smarthost is set
+IDLE_POLL = 2.0
 
 
 @dataclass
 class _Job:
     destination: str
     recipients: list[DueRecipient]
+    pool: str = ""  # the [[delivery.pools]] its mail leaves from ("": the default source)
     # queue id -> its Message-ID header, read when rendered, for the delivery log line
     message_ids: dict[str, str] = field(default_factory=dict)
 
 
 class Scheduler:
-    def __init__(self, config: Config, store: SQLiteStore, resolver: MXResolver,
+    def __init__(self, config: Config, store: SQLiteStore, router: Router,
                  deliverer: Deliverer, reports: ReportMaker, renderer: Renderer, *,
                  clock: Callable[[], float] = time.time) -> None:
         self._config = config
         self._delivery = config.delivery
         self._store = store
-        self._resolver = resolver
+        self._router = router
         self._deliverer = deliverer
         self._reports = reports
         self._renderer = renderer
         self._clock = clock
         self._outcomes = Outcomes(config.delivery, clock)
         self._wake = asyncio.Event()
-        self._per_destination: dict[str, asyncio.Semaphore] = {}
         self._jobs: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
@@ -135,17 +134,18 @@ class Scheduler:
         return min(IDLE_POLL, max(0.0, nxt - self._clock()))
 
     def _dispatch(self, due: list[DueRecipient]) -> None:
-        by_destination: dict[str, list[DueRecipient]] = defaultdict(list)
+        by_destination: dict[tuple[str, str], list[DueRecipient]] = defaultdict(list)
         for r in due:
-            by_destination[SMARTHOST if self._delivery.smarthost else r.domain].append(r)
+            by_destination[(self._router.destination(r.domain),
+                            self._router.pool_name(r.pool, r.stream))].append(r)
         per_job = self._delivery.messages_per_session
-        for destination, recipients in by_destination.items():
+        for (destination, pool), recipients in by_destination.items():
             by_message: dict[str, list[DueRecipient]] = defaultdict(list)
             for r in recipients:
                 by_message[r.message_id].append(r)
             groups = list(by_message.values())
             for i in range(0, len(groups), per_job):
-                job = _Job(destination, [r for g in groups[i:i + per_job] for r in g])
+                job = _Job(destination, [r for g in groups[i:i + per_job] for r in g], pool)
                 task = asyncio.create_task(self._run_job(job), name=f"deliver {destination}")
                 self._jobs.add(task)
                 task.add_done_callback(self._job_done)
@@ -155,8 +155,6 @@ class Scheduler:
         self._wake.set()
 
     async def _run_job(self, job: _Job) -> None:
-        sem = self._per_destination.setdefault(
-            job.destination, asyncio.Semaphore(self._delivery.concurrency_per_destination))
         records: list[asyncio.Task[set[str]]] = []
         recorded: set[int] = set()
         due = {r.id: r for r in job.recipients}  # for the log and metrics: address, queued at
@@ -167,18 +165,14 @@ class Scheduler:
             recorded.update(o.recipient_id for o in outcomes)
             records.append(asyncio.create_task(self._record(outcomes, due, job.message_ids)))
 
-        # this node's share, then a slot of the cluster's (PostgreSQL: every node's sessions
-        # to the destination count; SQLite: the semaphore is the whole limit)
-        async with sem, self._store.slots.hold(job.destination,
-                                               self._delivery.concurrency_per_destination):
-            try:
-                await self._deliver(job, record)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a stage crashed on this work: park it, never drop it
-                log.exception("delivery to %s crashed", job.destination)
-                record([self._outcomes.failed(r, exc) for r in job.recipients
-                        if r.id not in recorded])
+        try:
+            await self._deliver(job, record)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a stage crashed on this work: park it, never drop it
+            log.exception("delivery to %s crashed", job.destination)
+            record([self._outcomes.failed(r, exc) for r in job.recipients
+                    if r.id not in recorded])
         # One report per message and run: with relay's own return path each recipient has a
         # transaction of its own, so a message's outcomes arrive in several records, and a
         # report made after the first would miss the recipients still being tried.
@@ -245,10 +239,28 @@ class Scheduler:
         if not job.recipients:
             return
         try:
-            targets = await self._targets(job)
+            route = await self._router.route(job.destination, job.pool, len(job.recipients))
         except DeliveryFailure as failure:
             record([self._outcomes.of_failure(r, failure, started) for r in job.recipients])
             return
+        if isinstance(route, Hold):
+            record([self._outcomes.held(r, route.reason, route.until) for r in job.recipients])
+            return
+        if route.grant.count < len(job.recipients):  # the pool's caps: the rest tomorrow
+            kept = _whole_messages(job.recipients, route.grant.count)
+            record([self._outcomes.held(r, f"the warm-up caps of pool {job.pool} are spent "
+                                           f"for today", route.grant.until)
+                    for r in job.recipients[len(kept):]])
+            job = _Job(job.destination, kept, job.pool, job.message_ids)
+        # this node's sessions to the site, then a slot of the cluster's (PostgreSQL: every
+        # node's sessions to the site count; SQLite: the semaphore is the whole limit)
+        site = route.site
+        async with (self._router.shaper.connections(site),
+                    self._store.slots.hold(site.key, site.max_connections)):
+            await self._send(job, route, record, started)
+
+    async def _send(self, job: _Job, route: Route, record: Callable[[list[Outcome]], None],
+                    started: float) -> None:
         by_id = {r.id: r for r in job.recipients}
         messages = []
         signed: dict[str, str] = {}
@@ -297,18 +309,19 @@ class Scheduler:
                     dsn_envid=first.dsn_envid,
                     recipients=tuple(OutRecipient(id=r.id, address=r.address, notify=r.notify,
                                                   orcpt=r.orcpt) for r in group)))
-        await self._deliverer.deliver(targets, messages, lambda results: record(
+        await self._deliverer.deliver(route.targets, messages, lambda results: record(
             [self._outcomes.of_result(by_id[res.recipient_id], res, signed.get(res.message_id))
-             for res in results if res.recipient_id in by_id]))
+             for res in results if res.recipient_id in by_id]), lane=self._router.lane(route))
 
-    async def _targets(self, job: _Job) -> list[Target]:
-        if job.destination == SMARTHOST:
-            host, port = parse_hostport(self._delivery.smarthost, default_port=25)
-            return [Target(hostname=host, address=a, port=port)
-                    for a in await self._resolver.addresses(host)]
-        hosts = await self._resolver.resolve(job.destination)
-        return [Target(hostname=h.name, address=a, port=self._delivery.mx_port)
-                for h in hosts for a in h.addresses]
+
+def _whole_messages(recipients: list[DueRecipient], count: int) -> list[DueRecipient]:
+    """The first recipients, at least one and as near `count` as whole messages allow."""
+    kept: list[DueRecipient] = []
+    for r in recipients:
+        if len(kept) >= count and r.message_id != kept[-1].message_id:
+            break
+        kept.append(r)
+    return kept
 
 def _verp(r: DueRecipient) -> bool:
     """Mail goes out with relay's return path unless it is a report (null sender) or its

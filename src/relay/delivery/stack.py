@@ -12,9 +12,13 @@ from ..store import SQLiteStore, store_for
 from ..submit import Submitter
 from .deliver import Deliverer
 from .mx import MXResolver
+from .mtasts import MtaSts
+from .mx import make_resolver
 from .render import KeyRing, Marks, Renderer
+from .routes import Router
 from .scheduler import Scheduler
 from .signer import SignerProcess
+from .tlspolicy import TlsPolicies
 
 
 def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],
@@ -25,7 +29,12 @@ def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],
     submitter = submitter or Submitter(config, store)
     deliverer = Deliverer(hostname=config.server.hostname, delivery=config.delivery,
                           own_listeners=own_listeners, smarthost=bool(config.delivery.smarthost))
-    scheduler = Scheduler(config, store, MXResolver(config.dns), deliverer,
+    dns = make_resolver(config.dns)
+    sts = MtaSts(dns, store, ca_file=config.delivery.tls_ca_file,
+                 port=config.delivery.mta_sts_port) if config.delivery.mta_sts else None
+    router = Router(config, store, MXResolver(config.dns),
+                    TlsPolicies(config.delivery, dns, sts))
+    scheduler = Scheduler(config, store, router, deliverer,
                           ReportMaker(submitter, config.server.hostname),
                           Renderer(config.dkim, KeyRing(store), marks=Marks(
                               Tokens(load_key(config.server.data_dir)), config.api.public_url,

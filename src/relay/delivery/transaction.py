@@ -26,7 +26,9 @@ async def transaction(session: Session, msg: OutMessage, *, timeout: float) -> l
             mx_host=session.target.hostname, ip=session.target.address,
             port=session.target.port, tls_version=session.tls_version,
             tls_cipher=session.tls_cipher, started_at=started,
-            duration=time.time() - started, peer_dsn=session.supports("dsn"))
+            duration=time.time() - started, peer_dsn=session.supports("dsn"),
+            source_ip=session.source.address, tls_policy=session.policy.label,
+            tls_failure=session.tls_failure)
 
     if msg.smtputf8 and not session.supports("smtputf8"):
         return [done(r, None, f"{session.target.hostname} does not support SMTPUTF8, "

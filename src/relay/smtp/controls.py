@@ -41,6 +41,11 @@ def read_controls(data: bytes) -> dict[str, Any]:
             except ValueError:
                 raise ValidationError("X-Relay-Stream must be transactional or broadcast",
                                       param=h.name) from None
+        elif h.key == "x-relay-pool":  # which [[delivery.pools]]: submit checks the name
+            if not value.strip() or len(value.strip()) > 63:
+                raise ValidationError("X-Relay-Pool must be a pool name of 1 to 63 characters",
+                                      param=h.name)
+            out["pool"] = value.strip()
         elif h.key == "x-relay-idempotency-key":
             if not value.strip() or len(value) > 255:
                 raise ValidationError("X-Relay-Idempotency-Key must be 1 to 255 characters",

@@ -220,6 +220,7 @@ class RelayHandler:
             metadata=controls.get("metadata", {}),
             stream=controls.get("stream", Stream.TRANSACTIONAL),
             idempotency_key=controls.get("idempotency_key"),
+            pool=controls.get("pool", ""),
             dsn_ret=getattr(envelope, "dsn_ret", None),
             dsn_envid=getattr(envelope, "dsn_envid", None),
             smtputf8=bool(envelope.smtp_utf8),

@@ -64,6 +64,7 @@ class NewMessage:
     track: str = ""  # "opens", "clicks", "opens,clicks" or ""
     dkim: GivenDkimKey | None = None
     keep_mail_from: bool = False  # no VERP return path: the submitter chose the envelope sender
+    pool: str = ""  # the [[delivery.pools]] name the submitter asked for; "" = by stream
 
 
 @dataclass(frozen=True, kw_only=True)

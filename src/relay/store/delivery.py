@@ -42,6 +42,7 @@ class DueRecipient:
     sender_domain: str = ""
     track: str = ""
     keep_mail_from: bool = False  # the submitter's envelope sender goes out, not VERP
+    pool: str = ""  # the source pool the submitter asked for ([[delivery.pools]])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +59,9 @@ class AttemptRecord:
     text: str
     outcome: str
     signed: str | None = None
+    source_ip: str | None = None
+    tls_policy: str | None = None
+    tls_failure: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,7 +120,7 @@ class DeliveryQueries:
             rows = db.execute(
                 "SELECT r.id, r.message_id, r.address, r.domain, r.attempts, r.notify, r.orcpt,"
                 " m.mail_from, m.created_at, m.smtputf8, m.dsn_ret, m.dsn_envid, m.stream,"
-                " m.sender_domain, m.track, m.keep_mail_from"
+                " m.sender_domain, m.track, m.keep_mail_from, m.pool"
                 " FROM recipients r JOIN messages m ON m.id = r.message_id"
                 f" WHERE r.id IN ({','.join('?' * len(ids))}) ORDER BY r.id", ids,
             ).fetchall()
@@ -125,6 +129,7 @@ class DeliveryQueries:
                 notify=tuple(n for n in r[5].split(",") if n), orcpt=r[6], mail_from=r[7],
                 created_at=r[8], smtputf8=bool(r[9]), dsn_ret=r[10], dsn_envid=r[11],
                 stream=r[12], sender_domain=r[13], track=r[14], keep_mail_from=bool(r[15]),
+                pool=r[16] or "",
             ) for r in rows]
 
         due: list[DueRecipient] = await self._write(op)
@@ -244,12 +249,14 @@ def _record_many(db: sqlite3.Connection, outcomes: Sequence[Outcome]) -> list[No
     )
     attempts = [(o.recipient_id, o.message_id, a.started_at, a.duration, a.mx_host, a.ip,
                  a.port, a.tls_version, a.tls_cipher, a.code, a.enhanced, a.text, a.outcome,
-                 a.signed) for o in outcomes if (a := o.attempt) is not None]
+                 a.signed, a.source_ip, a.tls_policy, a.tls_failure)
+                for o in outcomes if (a := o.attempt) is not None]
     if attempts:
         db.executemany(
             "INSERT INTO attempts (recipient_id, message_id, started_at, duration, mx_host, ip,"
-            " port, tls_version, tls_cipher, code, enhanced, text, outcome, signed)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", attempts)
+            " port, tls_version, tls_cipher, code, enhanced, text, outcome, signed, source_ip,"
+            " tls_policy, tls_failure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            attempts)
     db.executemany(
         "INSERT INTO events (message_id, recipient_id, type, created_at, data)"
         " VALUES (?, ?, ?, ?, ?)",

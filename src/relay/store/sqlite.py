@@ -43,6 +43,7 @@ from .rows import (
     with_parts,
 )
 from .schema import migrate
+from .shaping import ShapingQueries
 from .slots import Slots
 from .stats import StatsQueries
 from .suppressions import SuppressionQueries, listed, screened
@@ -54,6 +55,7 @@ from .webhooks import WebhookQueries
 
 class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, EventQueries,
                   HealthQueries, IdempotencyQueries, InboundQueries, OperatorQueries,
+                  ShapingQueries,
                   StatsQueries, SuppressionQueries, TemplateQueries, WebhookQueries,
                   RetentionQueries, CountQueries, ThrottleQueries):
     def __init__(self, path: Path | str, *, node: str = "") -> None:
