@@ -29,6 +29,7 @@ from .groupcommit import Batched, GroupCommitWriter
 from .health import HealthQueries
 from .idempotency import IDEMPOTENCY_WINDOW, IdempotencyQueries
 from .inbound import InboundQueries
+from .mtasts import MtaStsQueries
 from .operator import OperatorQueries
 from .pgconn import QUEUE_CHANNEL, Listener, PgConnection
 from .retention import RetentionQueries
@@ -57,7 +58,7 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
                   HealthQueries, IdempotencyQueries, InboundQueries, OperatorQueries,
                   ShapingQueries,
                   StatsQueries, SuppressionQueries, TemplateQueries, WebhookQueries,
-                  RetentionQueries, CountQueries, ThrottleQueries):
+                  RetentionQueries, CountQueries, ThrottleQueries, MtaStsQueries):
     def __init__(self, path: Path | str, *, node: str = "") -> None:
         """`path` is the SQLite file, a sqlite:///path URL or a postgresql:// URL. `node`
         names this relay node in the leases it takes (on PostgreSQL, where nodes share
