@@ -21,12 +21,19 @@ import trustme
 from aiohttp import web
 
 from relay.config import DnsConfig
-from relay.delivery import tlsrpt
+from relay.delivery import tlsrpt, tlsrpt_report
 from relay.delivery.mx import make_resolver
 from relay.delivery.outbound import Target, TlsPolicy
 from relay.delivery.tlsrpt import Sent, TlsReporter
-from relay.delivery.tlsrpt_report import MAX_RUA, RecordError, mailto_address, rua_of
+from relay.delivery.tlsrpt_report import (
+    MAX_RUA,
+    RecordError,
+    build_report,
+    mailto_address,
+    rua_of,
+)
 from relay.store import SQLiteStore
+from relay.store.tlsreports import TlsCount, TlsDay, TlsPolicyTotal
 from relay.submit import Submitter
 
 from .conftest import free_port, make_config
@@ -367,3 +374,27 @@ def test_the_record_is_read_as_rfc_8460_says() -> None:
         with pytest.raises(RecordError, match=why):
             rua_of(records)
     assert mailto_address("mailto:tls%2Creports@b.test?subject=x") == "tls,reports@b.test"
+
+
+def test_a_large_report_keeps_its_largest_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_REPORT gzipped octets the smallest failure details go; the totals stay."""
+    failures = tuple(TlsCount(day=DAY1, policy_domain="a.test", policy_type="sts",
+                              policy_string="\n".join(STS_LINES), mx_host="mx1.a.test",
+                              result_type="certificate-expired", sending_ip=f"198.51.100.{i}",
+                              receiving_ip=f"192.0.2.{i}", sessions=i + 1) for i in range(200))
+    data = TlsDay(totals=(TlsPolicyTotal(policy_type="sts", policy_string="\n".join(STS_LINES),
+                                         mx_host="mx1.a.test", successes=7,
+                                         failures=sum(f.sessions for f in failures)),),
+                  failures=failures)
+    report = build_report(organization="Org", contact="c", submitter="relay.test", day=DAY1,
+                          policy_domain="a.test", data=data)
+    whole = json.loads(gzip.decompress(report.gzipped()))
+    assert len(whole["policies"][0]["failure-details"]) == 200
+    monkeypatch.setattr(tlsrpt_report, "MAX_REPORT", 1500)
+    gz = report.gzipped()
+    assert len(gz) <= 1500
+    [policy] = json.loads(gzip.decompress(gz))["policies"]
+    counts = [d["failed-session-count"] for d in policy["failure-details"]]
+    assert 0 < len(counts) < 200 and min(counts) == 200 - len(counts) + 1
+    assert policy["summary"] == {"total-successful-session-count": 7,
+                                 "total-failure-session-count": 200 * 201 // 2}
