@@ -51,14 +51,15 @@ from .suppressions import SuppressionQueries, listed, screened
 from .templates import TemplateQueries
 from .thread import DbThread
 from .throttles import ThrottleQueries
+from .tlsreports import TlsReportQueries
 from .webhooks import WebhookQueries
 
 
 class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, EventQueries,
                   HealthQueries, IdempotencyQueries, InboundQueries, OperatorQueries,
-                  ShapingQueries,
                   StatsQueries, SuppressionQueries, TemplateQueries, WebhookQueries,
-                  RetentionQueries, CountQueries, ThrottleQueries, MtaStsQueries):
+                  RetentionQueries, CountQueries, ThrottleQueries, MtaStsQueries,
+                  ShapingQueries, TlsReportQueries):
     def __init__(self, path: Path | str, *, node: str = "") -> None:
         """`path` is the SQLite file, a sqlite:///path URL or a postgresql:// URL. `node`
         names this relay node in the leases it takes (on PostgreSQL, where nodes share
