@@ -25,6 +25,7 @@ from .outbound import OutMessage, OutRecipient
 from .outcomes import Outcomes
 from .render import Job, Renderer
 from .routes import Route, Router
+from .tlsrpt import TlsReporter
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class _Job:
 class Scheduler:
     def __init__(self, config: Config, store: SQLiteStore, router: Router,
                  deliverer: Deliverer, reports: ReportMaker, renderer: Renderer, *,
+                 tls_reporter: TlsReporter | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._config = config
         self._delivery = config.delivery
@@ -57,6 +59,8 @@ class Scheduler:
         self._jobs: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
+        self._tls_reporter = tls_reporter
+        self._reporting: asyncio.Task[None] | None = None
 
     def notify(self) -> None:
         """New work was committed (or capacity freed): look at the queue now."""
@@ -76,6 +80,8 @@ class Scheduler:
             for message_id in await self._store.pending_reports():
                 await self._emit_report(message_id)  # reports a crash left unsent
         self._loop_task = asyncio.create_task(self._run(), name="scheduler")
+        if self._tls_reporter is not None:
+            self._reporting = asyncio.create_task(self._tls_reporter.run(), name="tls-rpt")
 
     async def stop(self, grace: float = 10.0) -> None:
         if self._loop_task is not None:
@@ -88,6 +94,10 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._reporting is not None:  # its last counts are flushed as it is cancelled
+            self._reporting.cancel()
+            await asyncio.gather(self._reporting, return_exceptions=True)
+            self._reporting = None
         if self._listener is not None:
             await self._listener.close()
             self._listener = None

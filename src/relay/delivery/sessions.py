@@ -15,6 +15,7 @@ import aiosmtplib
 
 from .. import metrics
 from ..config import DeliveryConfig
+from . import dane
 from .outbound import DEFAULT_TLS, Target, TlsPolicy
 from .pools import Source
 
@@ -228,20 +229,21 @@ class SessionPool:
     def _tls_context(self, policy: TlsPolicy) -> ssl.SSLContext:
         if policy.level == "verify":
             return ssl.create_default_context(cafile=self._cfg.tls_ca_file or None)
-        ctx = ssl.create_default_context()  # the certificate is not checked (or, dane, by us)
+        if policy.level == "dane":  # the TLSA records judge the certificate (_check_dane)
+            return dane.dane_context()
+        ctx = ssl.create_default_context()  # the certificate is not checked
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
 
 def _check_dane(session: Session) -> None:
-    """RFC 7672: the certificate the MX host showed must match one of its TLSA records."""
-    from . import dane  # until delivery/dane.py lands
-
+    """RFC 7672: the certificate the MX host showed must match one of its TLSA records (a
+    DANE-TA record: a certificate of the chain it sent, which must name the MX host)."""
     obj = session.smtp.get_transport_info("ssl_object")
-    leaf = obj.getpeercert(binary_form=True) if obj is not None else None
+    leaf, chain = dane.peer_certificates(obj) if obj is not None else (b"", [])
     target = session.target
-    if not leaf or not dane.matches(session.policy.tlsa, leaf,
+    if not leaf or not dane.matches(session.policy.tlsa, leaf, chain,
                                     host_names=(target.hostname,)):
         raise TargetFailure(f"the certificate of {target.hostname} [{target.address}] matches "
                             f"none of its TLSA records (DANE)", tls_failure="tlsa-invalid",
