@@ -199,8 +199,7 @@ class Submitter:
         check_metadata_size(sub.metadata, sub.tags, limits.max_metadata_size)
         if sub.pool and sub.pool not in {p.name for p in self._config.delivery.pools}:
             known = ", ".join(p.name for p in self._config.delivery.pools) or "none configured"
-            raise ValidationError(f"no source pool named {sub.pool!r} ({known})", param="pool",
-                                  smtp="550 5.7.1")
+            raise ValidationError(f"no source pool named {sub.pool!r} ({known})", param="pool")
         recipients = collapse_recipients(sub.recipients, smtputf8=sub.smtputf8)
         if len(recipients) > limits.max_recipients:
             raise ValidationError(f"more than {limits.max_recipients} recipients", param="to",

@@ -7,6 +7,7 @@ transaction.py's; the values and what a reply means are outbound.py's."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -38,6 +39,7 @@ class Lane:
 
     source: Source
     per_session: int
+    site: str = ""  # the site's key: its parked sessions count against its connections
     # before each message: waits for the site's pace; a Hold stops the delivery
     pace: Callable[[], Awaitable[Hold | None]]
     # each refusal, as "421 4.7.28 text": a Hold when it suspends the site
@@ -101,18 +103,21 @@ class Deliverer:
         returns a Hold when the site's pace or a reply stops it."""
         hold: Hold | None = None
         while remaining and hold is None:
-            session, reused = await self._sessions.session(target, lane.source)
+            session, reused = await self._sessions.session(target, lane.source, lane.site)
             try:
                 while remaining and session.sent < lane.per_session:
                     if session.sent and (hold := await lane.pace()) is not None:
                         break
                     done = await transaction(session, remaining[0],
                                              timeout=self._cfg.command_timeout)
+                    hold = _first(lane.reply(reply) for reply in _refusals(done))
+                    if hold is not None:  # the refused wait for the hold too
+                        done = [r if r.outcome != "deferred" else
+                                dataclasses.replace(r, held_until=hold.until) for r in done]
                     results.extend(done)
                     remaining.pop(0)
                     session.sent += 1
                     reused = False
-                    hold = _first(lane.reply(reply) for reply in _refusals(done))
                     if hold is not None:
                         break
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:

@@ -36,7 +36,7 @@ class Outcomes:
         self._clock = clock
 
     def of_result(self, r: DueRecipient, res: Result, signed: str | None = None) -> Outcome:
-        if res.held_until is not None:
+        if res.held_until is not None and res.code is None:  # never tried: no attempt
             return self.held(r, res.text, res.held_until)
         attempt = AttemptRecord(
             started_at=res.started_at, duration=res.duration, mx_host=res.mx_host, ip=res.ip,
@@ -56,7 +56,7 @@ class Outcomes:
                            event_data=data, last_reply=reply, dsn="relayed" if relayed else None)
         if res.outcome == "bounced":
             return self._bounced(r, now, attempt, reply, data, hard=res.hard)
-        return self._deferred(r, now, attempt, reply, data)
+        return self._deferred(r, now, attempt, reply, data, until=res.held_until)
 
     def of_failure(self, r: DueRecipient, failure: DeliveryFailure,
                    started: float) -> Outcome:
@@ -106,7 +106,8 @@ class Outcomes:
                        dsn="failed" if wants_report(r.notify, "FAILURE") else None)
 
     def _deferred(self, r: DueRecipient, now: float, attempt: AttemptRecord, reply: str,
-                  data: dict[str, object]) -> Outcome:
+                  data: dict[str, object], until: float | None = None) -> Outcome:
+        """`until`: the reply held its site back; the recipient waits for the hold."""
         expires = r.created_at + self._delivery.queue_lifetime
         if now >= expires:
             return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
@@ -117,7 +118,7 @@ class Outcomes:
                            dsn="failed" if wants_report(r.notify, "FAILURE") else None)
         wait = backoff(r.attempts + 1, minimum=self._delivery.retry_min,
                        maximum=self._delivery.retry_max)
-        next_at = min(now + wait, expires)
+        next_at = min(max(until, now + wait) if until else now + wait, expires)
         first = r.attempts == 0
         return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
                        status=RecipientStatus.DEFERRED, event=EventType.DEFERRED,

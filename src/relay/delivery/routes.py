@@ -77,7 +77,7 @@ class Router:
             return _hold(site, hold.until, hold.reason) if hold else None
 
         return Lane(source=route.grant.source, per_session=site.messages_per_connection,
-                    pace=pace, reply=reply)
+                    site=site.key, pace=pace, reply=reply)
 
     async def _targets(self, destination: str) -> tuple[list[Target], str]:
         if destination == SMARTHOST:

@@ -41,6 +41,7 @@ class Session:
     smtp: aiosmtplib.SMTP
     target: Target
     source: Source
+    site: str = ""  # delivery/shaping.py's site: its connection limit counts parked sessions
     policy: TlsPolicy = DEFAULT_TLS  # the target's, as it applies (default: [delivery] tls)
     tls_version: str | None = None
     tls_cipher: str | None = None
@@ -73,8 +74,11 @@ class SessionPool:
         self._idle.clear()
         await asyncio.gather(*(quit_session(s) for s in sessions), return_exceptions=True)
 
-    async def session(self, target: Target, source: Source) -> tuple[Session, bool]:
-        """A parked session to this target from this source (True) or a new one (False)."""
+    async def session(self, target: Target, source: Source,
+                      site: str = "") -> tuple[Session, bool]:
+        """A parked session to this target from this source (True) or a new one (False).
+        A new one first closes the site's sessions parked for other targets: a site's
+        connections are the sessions in use (its limit) and none idle besides."""
         key = (target, source)
         idle = self._idle.get(key, [])
         while idle:
@@ -83,6 +87,19 @@ class SessionPool:
                     and session.smtp.is_connected):
                 return session, True
             await quit_session(session)
+        if site:
+            await self._close_parked(site)
+        session, reused = await self._open(target, source, key)
+        session.site = site
+        return session, reused
+
+    async def _close_parked(self, site: str) -> None:
+        parked = [s for group in self._idle.values() for s in group if s.site == site]
+        for session in parked:
+            self._idle[(session.target, session.source)].remove(session)
+        await asyncio.gather(*(quit_session(s) for s in parked))
+
+    async def _open(self, target: Target, source: Source, key: _Key) -> tuple[Session, bool]:
         policy = self.policy(target)
         if policy.level == "may" and self._plain_only.get(key, 0) > time.monotonic():
             policy = TlsPolicy(level="none", source=policy.source)

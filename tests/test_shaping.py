@@ -1,0 +1,265 @@
+"""Outbound shaping end to end: sites by MX host and by [[delivery.sites]] group, their
+connections, messages per connection and rate; replies that hold a site back (an MX that
+turns to 421 mid-run); source pools with their EHLO names; warm-up caps."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import time
+from pathlib import Path
+from typing import Any
+
+from relay import metrics
+from relay.config import DeliveryConfig, DnsConfig
+from relay.config.outbound import BackoffRule, PoolConfig, SiteConfig, SourceConfig
+from relay.service import Service
+from relay.types import RecipientStatus
+
+from .apiutil import Api, api_client
+from .conftest import make_config, run_relay, write_toml
+from .dnsserver import DNSServer
+from .sink import Sink
+
+FAST = dict(retry_min=30.0, retry_max=60.0, connect_timeout=2.0, command_timeout=5.0,
+            session_idle=0.5, process=False)
+
+
+async def start(tmp_path: Path, dns: DNSServer, sink: Sink, **delivery: Any) -> tuple[Service, Api]:
+    config = make_config(tmp_path, delivery=DeliveryConfig(mx_port=sink.port,
+                                                           **{**FAST, **delivery}),
+                         dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0))
+    svc = Service(config)
+    await svc.start()
+    return svc, await api_client(svc)
+
+
+async def send(svc: Service, api: Api, to: str, **fields: Any) -> str:
+    status, body, _ = await api.call("POST", "/v1/emails", {
+        "from": "alice@sender.test", "to": [to], "subject": "hi", "text": "hello", **fields})
+    assert status == 202, body
+    return str(body["id"])
+
+
+async def statuses(svc: Service, ids: list[str]) -> list[str]:
+    out = []
+    for i in ids:
+        detail = await svc.store.get_message(i)
+        assert detail is not None
+        out += [r.status.value for r in detail.recipients]
+    return out
+
+
+async def until(predicate: Any, timeout: float = 20.0) -> None:
+    async def loop() -> None:
+        while not await predicate():
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(loop(), timeout)
+
+
+def all_in(svc: Service, ids: list[str], *wanted: str) -> Any:
+    async def check() -> bool:
+        return all(s in wanted for s in await statuses(svc, ids))
+
+    return check
+
+
+# -- sites and their limits ------------------------------------------------------------------
+
+
+async def test_domains_on_one_mx_host_share_its_connection_limit(tmp_path: Path,
+                                                                 dns: DNSServer) -> None:
+    """Ten domains whose MX is one host are one site: two sessions at once, not twenty."""
+    for i in range(10):
+        dns.add(f"d{i}.test", "MX", "10 mx.shared.test.")
+    dns.add("mx.shared.test", "A", "127.0.0.1")
+    delays = {f"u@d{i}.test": 0.3 for i in range(10)}
+    async with Sink(rcpt_delay=delays) as sink:
+        svc, api = await start(tmp_path, dns, sink, concurrency_per_destination=2)
+        try:
+            ids = [await send(svc, api, f"u@d{i}.test") for i in range(10)]
+            await until(all_in(svc, ids, "delivered"))
+            assert sink.max_active <= 2
+            assert len(sink.messages) == 10
+        finally:
+            await api.close()
+            await svc.stop()
+
+
+async def test_a_site_groups_a_providers_mx_names(tmp_path: Path, dns: DNSServer) -> None:
+    """[[delivery.sites]]: every MX name under *.bigmail.test is one site with its limits."""
+    for i in range(6):
+        dns.add(f"p{i}.test", "MX", f"10 mx{i}.bigmail.test.")
+        dns.add(f"mx{i}.bigmail.test", "A", "127.0.0.1")
+    delays = {f"u@p{i}.test": 0.3 for i in range(6)}
+    async with Sink(rcpt_delay=delays) as sink:
+        svc, api = await start(tmp_path, dns, sink, sites=(SiteConfig(
+            name="bigmail", mx=("*.bigmail.test",), max_connections=1),))
+        try:
+            ids = [await send(svc, api, f"u@p{i}.test") for i in range(6)]
+            await until(all_in(svc, ids, "delivered"))
+            assert sink.max_active == 1
+        finally:
+            await api.close()
+            await svc.stop()
+
+
+async def test_messages_per_connection_and_rate_of_a_site(tmp_path: Path,
+                                                          dns: DNSServer) -> None:
+    dns.add("r.test", "MX", "10 mx.r.test.")
+    dns.add("mx.r.test", "A", "127.0.0.1")
+    async with Sink() as sink:
+        svc, api = await start(tmp_path, dns, sink, sites=(SiteConfig(
+            name="r", mx=("mx.r.test",), messages_per_connection=2, max_rate="5/s"),))
+        try:
+            ids = [await send(svc, api, f"u{i}@r.test") for i in range(8)]
+            started = time.monotonic()
+            await until(all_in(svc, ids, "delivered"))
+            took = time.monotonic() - started
+            assert sink.connections >= 4  # two messages a session
+            assert took >= 1.2, took  # eight messages 0.2 s apart: 1.4 s at least from the first
+        finally:
+            await api.close()
+            await svc.stop()
+
+
+# -- replies that hold a site back -----------------------------------------------------------
+
+
+async def test_an_mx_turning_to_421_suspends_its_site(tmp_path: Path, dns: DNSServer) -> None:
+    dns.add("g.test", "MX", "10 mx.g.test.")
+    dns.add("mx.g.test", "A", "127.0.0.1")
+    async with Sink() as sink:
+        svc, api = await start(tmp_path, dns, sink)
+        try:
+            first = [await send(svc, api, f"a{i}@g.test") for i in range(3)]
+            await until(all_in(svc, first, "delivered"))
+            sink.mail_reply = "421 4.7.28 Our system has detected an unusual rate of mail"
+            before = time.time()
+            later = [await send(svc, api, f"b{i}@g.test") for i in range(5)]
+            await until(all_in(svc, later, "deferred"))
+            assert sink.refused == 1  # one refusal, and the rest were never tried
+            holds = await svc.store.site_holds(time.time())
+            assert [(h.site, h.rate) for h in holds] == [("mx.g.test", None)]
+            assert before + 1700 < holds[0].until < time.time() + 1900
+            for message_id in later:
+                detail = await svc.store.get_message(message_id)
+                assert detail is not None
+                (r,) = detail.recipients
+                assert r.next_attempt_at is not None and r.next_attempt_at > before + 1700
+            tried = [a for m in later for a in (await svc.store.get_message(m)).attempts]
+            assert len(tried) == 1 and tried[0].code == 421
+            snap = {(s[0], tuple(sorted(s[1].items()))): s[2]
+                    for f in metrics.snapshot() for s in f[3]}
+            assert snap[("relay_site_holds_total", (("action", "suspend"),
+                                                    ("site", "mx.g.test")))] >= 1
+            assert snap[("relay_delivery_held_total", (("reason", "site"),))] >= 4
+        finally:
+            await api.close()
+            await svc.stop()
+
+
+async def test_a_slow_rule_paces_the_site_and_summary_shows_it(tmp_path: Path,
+                                                               dns: DNSServer) -> None:
+    dns.add("s.test", "MX", "10 mx.s.test.")
+    dns.add("mx.s.test", "A", "127.0.0.1")
+    rule = BackoffRule(match=r"^452 4\.5\.3 slow down", max_rate="2/s", duration=600.0)
+    async with Sink(replies={"first@s.test": ["452 4.5.3 slow down please"]}) as sink:
+        svc, api = await start(tmp_path, dns, sink, backoff=(rule,))
+        try:
+            slow = await send(svc, api, "first@s.test")
+            await until(all_in(svc, [slow], "deferred"))
+            ids = [await send(svc, api, f"u{i}@s.test") for i in range(5)]
+            started = time.monotonic()
+            await until(all_in(svc, ids, "delivered"))
+            assert time.monotonic() - started >= 1.5  # 2/s: 0.5 s apart
+            (hold,) = await svc.store.site_holds(time.time())
+            assert hold.site == "mx.s.test" and hold.rate == 2.0
+        finally:
+            await api.close()
+            await svc.stop()
+        toml = write_toml(tmp_path / "relay.toml",
+                          f"[server]\ndata_dir = '{svc.config.server.data_dir}'\n")
+        result = run_relay("--config", str(toml), "queue", "summary", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "mx.s.test" in result.stdout and "slowed to 2/s" in result.stdout
+        released = run_relay("--config", str(toml), "queue", "release-site", "mx.s.test",
+                             cwd=tmp_path)
+        assert released.returncode == 0, released.stderr
+        again = run_relay("--config", str(toml), "queue", "release-site", "mx.s.test",
+                          cwd=tmp_path)
+        assert again.returncode == 1 and "not held" in again.stderr
+
+
+# -- source pools ----------------------------------------------------------------------------
+
+
+POOLS = (
+    PoolConfig(name="tx", streams=("transactional",), sources=(
+        SourceConfig(address="127.0.0.2", helo="mta2.sender.test"),)),
+    PoolConfig(name="bulk", sources=(
+        SourceConfig(address="127.0.0.3", helo="mta3.sender.test"),
+        SourceConfig(address="127.0.0.4", helo="mta4.sender.test"))),
+)
+
+
+async def test_mail_leaves_from_its_pools_addresses_with_their_names(tmp_path: Path,
+                                                                     dns: DNSServer) -> None:
+    dns.add("p.test", "MX", "10 mx.p.test.")
+    dns.add("mx.p.test", "A", "127.0.0.1")
+    async with Sink() as sink:
+        svc, api = await start(tmp_path, dns, sink, pools=POOLS)
+        try:
+            tx = await send(svc, api, "tx@p.test")
+            bulk = [await send(svc, api, f"b{i}@p.test", pool="bulk") for i in range(4)]
+            await until(all_in(svc, [tx, *bulk], "delivered"))
+            (got,) = sink.delivered_to("tx@p.test")
+            assert (got.peer, got.helo) == ("127.0.0.2", "mta2.sender.test")
+            used = {(m.peer, m.helo) for i in range(4) for m in sink.delivered_to(f"b{i}@p.test")}
+            assert used == {("127.0.0.3", "mta3.sender.test"), ("127.0.0.4", "mta4.sender.test")}
+            detail = await svc.store.get_message(tx)
+            assert detail is not None and detail.attempts[0].source_ip == "127.0.0.2"
+            status, body, _ = await api.call("POST", "/v1/emails", {
+                "from": "alice@sender.test", "to": ["x@p.test"], "subject": "s", "text": "t",
+                "pool": "nope"})
+            assert status == 422 and body["error"]["param"] == "pool", body
+        finally:
+            await api.close()
+            await svc.stop()
+
+
+async def test_warmup_caps_a_sources_day_and_holds_the_rest(tmp_path: Path,
+                                                            dns: DNSServer) -> None:
+    dns.add("w.test", "MX", "10 mx.w.test.")
+    dns.add("mx.w.test", "A", "127.0.0.1")
+    today = datetime.datetime.now(datetime.UTC).date().isoformat()
+    pools = (PoolConfig(name="new", streams=("transactional",), warmup=(3, 10), sources=(
+        SourceConfig(address="127.0.0.5", helo="mta5.sender.test", warmup_start=today),)),)
+    async with Sink() as sink:
+        svc, api = await start(tmp_path, dns, sink, pools=pools)
+        try:
+            ids = [await send(svc, api, f"u{i}@w.test") for i in range(5)]
+            await until(all_in(svc, ids, "delivered", "deferred"))
+            await until(lambda: _count(svc, ids), 10)
+            got = await statuses(svc, ids)
+            assert got.count("delivered") == 3 and got.count("deferred") == 2, got
+            tomorrow = datetime.datetime.combine(
+                datetime.datetime.now(datetime.UTC).date() + datetime.timedelta(days=1),
+                datetime.time(), datetime.UTC).timestamp()
+            for i in ids:
+                detail = await svc.store.get_message(i)
+                assert detail is not None
+                r = detail.recipients[0]
+                if r.status == RecipientStatus.DEFERRED:
+                    assert r.next_attempt_at == tomorrow and "warm-up" in (r.last_reply or "")
+                    assert detail.attempts == ()
+            assert {m.peer for m in sink.messages} == {"127.0.0.5"}
+        finally:
+            await api.close()
+            await svc.stop()
+
+
+async def _count(svc: Service, ids: list[str]) -> bool:
+    got = await statuses(svc, ids)
+    return got.count("delivered") + got.count("deferred") == len(ids)
