@@ -476,3 +476,31 @@ async def test_an_address_field_holds_one_mailbox_not_a_list_or_group(api: Api,
     status, body, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "to": [
         '"Doe, John: Sales" <j@example.org>']})
     assert status == 202, body  # quoted, a name may hold them
+
+
+async def test_address_literals_and_u_labels_are_accepted_in_their_stored_form(
+        api: Api) -> None:
+    status, body, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "to": [
+        "bob@[192.0.2.1]", "Carol <carol@[IPv6:2001:DB8::1]>", "jörg@faß.example"]})
+    assert status == 202, body
+    status, detail, _ = await api.call("GET", f"/v1/emails/{body['id']}")
+    assert status == 200
+    # ß by IDNA 2008: IDNA 2003 would have sent it to fass.example, another domain
+    assert [r["email"] for r in detail["recipients"]] == [
+        "bob@[192.0.2.1]", "carol@[IPv6:2001:db8::1]", "jörg@xn--fa-hia.example"]
+
+
+@pytest.mark.parametrize("to, words", [
+    ("bob@[192.0.2.256]", "address literal"),
+    ("bob@[2001:db8::1]", "address literal"),  # IPv6 needs its tag
+    ("bob@[x-tag:anything]", "address literal"),
+    ("bob@[0.0.0.0]", "no host's address"),
+    ("bob@a\u200db.example", "IDNA 2008"),  # 2003 silently dropped the ZWJ: ab.example
+    ("bob@☃.example", "IDNA 2008"),
+])
+async def test_bad_literals_and_idna_2008_refusals_are_typed_errors(
+        api: Api, to: str, words: str) -> None:
+    status, body, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "cc": ["x@example.org", to]})
+    assert status == 422, body
+    assert body["error"]["type"] == "validation_error"
+    assert body["error"]["param"] == "cc[1]" and words in body["error"]["message"], body

@@ -92,6 +92,7 @@ max_recipients = 1000
     ("[limits]\nmax_recipients = true\n", "limits.max_recipients", "must be an integer"),
     ("[bounces]\ncomplaint_addresses = ['fbl']\n", "bounces.complaint_addresses", "item 0"),
     ("[bounces]\ndomain = 'not a host'\n", "bounces.domain", ""),
+    ("[bounces]\ndomain = '☃.example'\n", "bounces.domain", "IDNA 2008"),
     ("[server\n", "-", "not valid TOML"),
 ])
 def test_bad_values_name_file_key_and_reason(tmp_path: Path, text: str, key: str,
@@ -102,6 +103,13 @@ def test_bad_values_name_file_key_and_reason(tmp_path: Path, text: str, key: str
     assert err.value.key == key
     assert reason in err.value.reason
     assert str(err.value).startswith(f"{tmp_path / 'relay.toml'}: {key}: ")
+
+
+def test_domains_are_kept_as_idna_2008_a_labels(tmp_path: Path) -> None:
+    c = load_text(tmp_path, "[bounces]\ndomain = 'Faß.example'\n"
+                            "[[smtp.listeners]]\nallowed_from_domains = ['Bücher.example']\n")
+    assert c.bounces.domain == "xn--fa-hia.example"  # IDNA 2003: fass.example
+    assert c.smtp.listeners[0].allowed_from_domains == ("xn--bcher-kva.example",)
 
 
 def test_tls_file_that_is_a_directory(tmp_path: Path) -> None:

@@ -14,11 +14,11 @@ import pytest
 import trustme
 
 from relay import keys
-from relay.config import DeliveryConfig, DnsConfig
+from relay.config import DeliveryConfig, DnsConfig, ListenerConfig
 from relay.service import Service
 from relay.store import MessageDetail
 
-from .conftest import make_config
+from .conftest import free_port, make_config
 from .dnsserver import DNSServer
 from .sink import Sink
 from .smtputil import connect, in_thread
@@ -198,6 +198,96 @@ async def test_null_mx_and_nxdomain_bounce_at_once_servfail_defers(tmp_path: Pat
             assert by["c@flaky.test"].status.value in ("deferred", "queued")
             assert by["c@flaky.test"].attempts >= 1
             assert sink.messages == []
+        finally:
+            await svc.stop()
+
+
+# -- address literals and IDNA 2008 ---------------------------------------------------------
+
+
+async def test_mail_to_an_ipv4_literal_goes_straight_to_that_address(tmp_path: Path,
+                                                                      dns: DNSServer) -> None:
+    async with Sink(address="127.0.0.1") as sink:
+        svc, key = await start_relay(tmp_path, dns, sink.port)
+        try:
+            mid = await in_thread(submit, svc.bound[0][1], key, ["user@[127.0.0.1]"])
+            detail = await wait_final(svc, mid)
+            assert [(r.status.value, r.domain) for r in detail.recipients] == [
+                ("delivered", "[127.0.0.1]")]
+            assert [m.rcpt_tos for m in sink.messages] == [["user@[127.0.0.1]"]]
+            assert [(a.mx_host, a.ip, a.port) for a in detail.attempts] == [
+                ("127.0.0.1", "127.0.0.1", sink.port)]
+            assert dns.queries == []  # no MX lookup (RFC 5321 5.1)
+        finally:
+            await svc.stop()
+
+
+async def test_mail_to_an_ipv6_literal_goes_straight_to_that_address(tmp_path: Path,
+                                                                      dns: DNSServer) -> None:
+    try:
+        sink = await Sink(address="::1").start()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    try:
+        svc, key = await start_relay(tmp_path, dns, sink.port)
+        try:
+            mid = await in_thread(submit, svc.bound[0][1], key, ["user@[IPv6:0:0::1]"])
+            detail = await wait_final(svc, mid)
+            assert [(r.status.value, r.address) for r in detail.recipients] == [
+                ("delivered", "user@[IPv6:::1]")]
+            assert [m.rcpt_tos for m in sink.messages] == [["user@[IPv6:::1]"]]
+            assert [a.ip for a in detail.attempts] == ["::1"]
+            assert dns.queries == []
+        finally:
+            await svc.stop()
+    finally:
+        await sink.stop()
+
+
+async def test_a_literal_of_relays_own_listener_bounces_as_a_mail_loop(tmp_path: Path,
+                                                                       dns: DNSServer) -> None:
+    port = free_port()
+    config = make_config(tmp_path, ListenerConfig(port=port),
+                         delivery=DeliveryConfig(mx_port=port, **FAST),
+                         dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0))
+    svc = Service(config)
+    await svc.start()
+    try:
+        _, key = await keys.create_key(svc.store, name="t", scopes=["emails:send"])
+        mid = await in_thread(submit, port, key, ["user@[127.0.0.1]"])
+        detail = await wait_final(svc, mid)
+        (r,) = detail.recipients
+        assert r.status.value == "bounced" and "mail loop" in (r.last_reply or ""), r
+        assert [(a.enhanced, a.port) for a in detail.attempts] == [("5.4.6", port)]
+    finally:
+        await svc.stop()
+
+
+async def test_smtputf8_mail_to_a_u_label_domain_goes_to_its_idna_2008_mx(
+        tmp_path: Path, dns: DNSServer) -> None:
+    async with Sink() as sink:
+        route(dns, "xn--fa-hia.test", (10, "mx.xn--fa-hia.test", "127.0.0.1"))
+        svc, key = await start_relay(tmp_path, dns, sink.port)
+        data = ("From: Alice <alice@sender.test>\r\nTo: Jörg <jörg@faß.test>\r\n"
+                "Subject: Grüße\r\n\r\nHallo.\r\n").encode()
+
+        def go() -> str:
+            with connect(svc.bound[0][1], key=key) as s:
+                s.mail("alice@sender.test", ["SMTPUTF8"])
+                code, text = s.rcpt("jörg@faß.test")
+                assert code == 250, text
+                code, text = s.data(data)
+                assert code == 250, text
+                return text.decode().split()[-1]
+
+        try:
+            detail = await wait_final(svc, await in_thread(go))
+            assert [r.status.value for r in detail.recipients] == ["delivered"]
+            (got,) = sink.messages
+            assert got.rcpt_tos == ["jörg@xn--fa-hia.test"]
+            assert "To: Jörg <jörg@faß.test>" in got.data.decode()
+            assert ("xn--fa-hia.test", "MX") in dns.queries
+            assert not [q for q in dns.queries if "fass" in q[0]]  # IDNA 2003's answer
         finally:
             await svc.stop()
 

@@ -244,3 +244,71 @@ async def test_truncated_answer_is_retried_over_tcp(server: DNSServer) -> None:
 
     assert sorted(addresses) == sorted(many)
     assert server.tcp_queries >= 1
+
+
+# -- address literals (RFC 5321 4.1.3, 5.1) ------------------------------------------------
+
+
+@pytest.mark.parametrize("literal, address", [
+    ("[192.0.2.1]", "192.0.2.1"),
+    ("[IPv6:2001:db8::1]", "2001:db8::1"),
+    ("[IPv6:::ffff:192.0.2.7]", "192.0.2.7"),  # mapped: over IPv4, as the loop check sees it
+])
+async def test_an_address_literal_is_its_own_host_without_a_lookup(
+        server: DNSServer, literal: str, address: str) -> None:
+    hosts = await resolver_for(server).resolve(literal)
+
+    assert hosts == [MXHost(name=address, preference=0, addresses=(address,), implicit=True)]
+    assert server.queries == []
+
+
+@pytest.mark.parametrize("literal", ["[192.0.2.256]", "[2001:db8::1]", "[IPv6:192.0.2.1]",
+                                     "[x-tag:anything]", "[]"])
+async def test_a_bad_address_literal_fails_permanently_without_a_lookup(
+        server: DNSServer, literal: str) -> None:
+    with pytest.raises(PermanentFailure) as caught:
+        await resolver_for(server).resolve(literal)
+
+    assert caught.value.enhanced == "5.1.2" and caught.value.hard
+    assert server.queries == []
+
+
+async def test_addresses_of_a_tagged_ipv6_literal(server: DNSServer) -> None:
+    assert await resolver_for(server).addresses("[IPv6:2001:DB8::9]") == ["2001:db8::9"]
+    assert server.queries == []
+
+
+# -- IDNA 2008 (UTS 46), not Python's IDNA 2003 codec ----------------------------------------
+
+
+@pytest.mark.parametrize("u_label, idna2008", [
+    ("faß.test", "xn--fa-hia.test"),  # ß is a letter of its own in 2008; 2003 made it "ss"
+    ("βόλος.test", "xn--nxasmm1c.test"),  # final sigma ς kept; 2003 mapped it to σ
+    ("क्\u200dष.test", "xn--11b2ezcw70k.test"),  # ZWJ after a virama kept; 2003 dropped it
+    ("FAß.Test", "xn--fa-hia.test"),  # UTS 46 maps case
+])
+async def test_idn_is_queried_as_its_idna_2008_a_label(
+        server: DNSServer, u_label: str, idna2008: str) -> None:
+    server.add(idna2008, "MX", f"10 mx.{idna2008}.")
+    server.add(f"mx.{idna2008}", "A", "192.0.2.31")
+    idna2003 = u_label.encode("idna").decode("ascii").lower()
+    assert idna2003 != idna2008  # what the test tells apart
+
+    hosts = await resolver_for(server).resolve(u_label)
+
+    assert [h.name for h in hosts] == [f"mx.{idna2008}"]
+    assert server.queries[0] == (idna2008, "MX")
+    assert all(name != idna2003 for name, _ in server.queries)
+
+
+@pytest.mark.parametrize("name", ["a\u200db.test",  # ZWJ outside its context (2003: "ab")
+                                  "☃.test",  # a symbol, disallowed since 2008
+                                  "١٢a.test"])  # a right-to-left digit then a Latin letter
+async def test_a_name_idna_2008_disallows_fails_permanently_without_a_lookup(
+        server: DNSServer, name: str) -> None:
+    with pytest.raises(PermanentFailure) as caught:
+        await resolver_for(server).resolve(name)
+
+    assert caught.value.enhanced == "5.1.2" and caught.value.hard
+    assert "not a valid domain name" in caught.value.text
+    assert server.queries == []

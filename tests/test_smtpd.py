@@ -613,3 +613,124 @@ async def test_data_over_the_limit_is_read_to_its_end_and_refused() -> None:
     proto._reader.feed_data(b"z" * 50000 + b"\r\n.\r\nQUIT\r\n")
     assert await proto._read_data() is None
     assert await proto._reader.readline() == b"QUIT\r\n"
+
+
+# -- address literals and IDNA 2008 --------------------------------------------------------
+
+
+async def test_address_literal_recipients_are_stored_in_one_form(service: Service) -> None:
+    key = await make_key(service)
+
+    def go() -> tuple[int, bytes]:
+        with connect(service.bound[0][1], key=key) as s:
+            s.mail("alice@example.com")
+            for rcpt in ("bob@[192.0.2.1]", "carol@[IPv6:2001:DB8:0::1]",
+                         "carol@[ipv6:2001:db8::1]"):
+                code, text = s.rcpt(rcpt)
+                assert code == 250, (rcpt, text)
+            return s.data(MESSAGE)
+
+    code, text = await in_thread(go)
+    assert code == 250, text
+    detail = await service.store.get_message(text.split(b"queued as ")[1].decode())
+    assert detail is not None
+    assert [(r.address, r.domain) for r in detail.recipients] == [
+        ("bob@[192.0.2.1]", "[192.0.2.1]"),
+        ("carol@[IPv6:2001:db8::1]", "[IPv6:2001:db8::1]")]
+
+
+@pytest.mark.parametrize("rcpt, reply", [
+    ("bob@[192.0.2.256]", "501 5.1.3"),  # an octet over 255
+    ("bob@[192.0.2.01]", "501 5.1.3"),  # a leading zero: octal to some, decimal to others
+    ("bob@[2001:db8::1]", "501 5.1.3"),  # IPv6 without its tag
+    ("bob@[IPv6:fe80::1%eth0]", "501 5.1.3"),  # a zone id
+    ("bob@[IPv6:192.0.2.1]", "501 5.1.3"),
+    ("bob@[x-tag:anything]", "501 5.1.3"),  # a general literal: relay delivers only to IPs
+    ("bob@[0.0.0.0]", "553 5.1.2"),  # syntactically fine, but no host's address
+    ("bob@[IPv6:ff02::1]", "553 5.1.2"),  # multicast
+    ("bob@a\u200db.example", "501 5.1.2"),  # ZWJ outside its context: IDNA 2008 refuses
+    ("bob@☃.example", "501 5.1.2"),  # IDNA 2003 allowed symbols; 2008 does not
+])
+async def test_bad_literals_and_idna_2008_refusals_get_their_reply(
+        service: Service, rcpt: str, reply: str) -> None:
+    key = await make_key(service)
+
+    def go() -> tuple[int, bytes]:
+        with connect(service.bound[0][1], key=key) as s:
+            s.mail("alice@example.com", ["SMTPUTF8"])
+            return s.rcpt(rcpt)
+
+    code, text = await in_thread(go)
+    assert f"{code} {text.decode()[:5]}" == reply, text
+
+
+async def test_u_label_domain_is_stored_as_its_idna_2008_a_label(service: Service) -> None:
+    key = await make_key(service)
+
+    def go() -> tuple[int, bytes]:
+        with connect(service.bound[0][1], key=key) as s:
+            s.mail("alice@example.com", ["SMTPUTF8"])
+            for rcpt in ("jörg@faß.example", "x@βόλος.example"):
+                assert s.rcpt(rcpt)[0] == 250
+            return s.data(MESSAGE)
+
+    code, text = await in_thread(go)
+    assert code == 250, text
+    detail = await service.store.get_message(text.split(b"queued as ")[1].decode())
+    assert detail is not None
+    # IDNA 2003 would have said fass.example and xn--nxasmq6b.example: other domains
+    assert [r.address for r in detail.recipients] == [
+        "jörg@xn--fa-hia.example", "x@xn--nxasmm1c.example"]
+
+
+async def test_relay_listener_allowed_domains_hold_for_a_literal_sender(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import ipaddress
+
+    listener = ListenerConfig(port=free_port(), mode="relay", tls="none",
+                              allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),),
+                              allowed_from_domains=("example.com",))
+    svc = Service(make_config(tmp_path, listener))
+    await svc.start()
+    try:
+        port = svc.bound[0][1]
+        code, text = await in_thread(send, port, None, MESSAGE, "alice@[127.0.0.1]",
+                                     ("bob@example.org",), False)
+        assert (code, text[:5]) == (553, b"5.7.1"), text
+        code, text = await in_thread(send, port, None, MESSAGE, "alice@example.com",
+                                     ("bob@[192.0.2.1]",), False)
+        assert code == 250, text  # from an allowed network, as any recipient is
+        assert len(await stored_bodies(svc)) == 1
+    finally:
+        await svc.stop()
+
+
+async def test_relay_listener_refuses_a_literal_from_outside_its_networks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import ipaddress
+
+    listener = ListenerConfig(port=free_port(), mode="relay", tls="none",
+                              allowed_networks=(ipaddress.ip_network("10.0.0.0/8"),))
+    svc = Service(make_config(tmp_path, listener))
+    await svc.start()
+    try:
+        code, text = await in_thread(send, svc.bound[0][1], None, MESSAGE, "alice@[127.0.0.1]",
+                                     ("bob@[127.0.0.1]",), False)
+        assert (code, text[:5]) == (554, b"5.7.1"), text
+        assert await stored_bodies(svc) == []
+    finally:
+        await svc.stop()
+
+
+async def test_inbound_listener_refuses_a_literal_recipient(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    listener = ListenerConfig(port=free_port(), mode="inbound", tls="none")
+    svc = Service(make_config(tmp_path, listener))
+    await svc.start()
+    try:
+        def go() -> tuple[int, bytes]:
+            with connect(svc.bound[0][1], starttls=False) as s:
+                s.mail("mailer-daemon@example.net")
+                return s.rcpt("bounces+abc@[127.0.0.1]")
+
+        code, text = await in_thread(go)
+        assert (code, text[:5]) == (550, b"5.7.1"), text
+    finally:
+        await svc.stop()

@@ -7,6 +7,8 @@ import ipaddress
 from collections.abc import Callable
 from typing import Any
 
+from ..addresses import to_ascii
+
 
 def check_address(value: str) -> str:
     ipaddress.ip_address(value)  # raises ValueError with a readable message
@@ -82,10 +84,15 @@ def check_nameserver(value: str) -> str:
 
 
 def check_domain(value: str) -> str:
-    value = value.strip().lower().rstrip(".")
+    """A domain as relay stores it: U-labels as A-labels (IDNA 2008), so that a setting
+    matches the sender and recipient domains it is compared with."""
+    value = value.strip().rstrip(".")
     if not value or "@" in value or " " in value:
         raise ValueError(f"{value!r} is not a domain name")
-    return value
+    try:
+        return to_ascii(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a valid domain name (IDNA 2008: {exc})") from None
 
 
 def check_optional_domain(value: str) -> str:

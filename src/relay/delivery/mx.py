@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import itertools
 import random
@@ -19,6 +20,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from ..addresses import literal_ip, to_ascii
 from ..config import DnsConfig, parse_hostport
 from ..errors import PermanentFailure, TemporaryFailure
 
@@ -69,13 +71,26 @@ def _a_label(domain: str) -> str:
     try:
         if not text:
             raise ValueError("empty name")
-        ascii_name = text.encode("idna").decode("ascii").lower()
+        ascii_name = to_ascii(text)  # IDNA 2008 (UTS 46), as relay stores domains
         dns.name.from_text(ascii_name)  # checks label and name lengths
     except (UnicodeError, ValueError, dns.exception.DNSException) as exc:
         raise PermanentFailure(
             f"{domain!r} is not a valid domain name ({exc})", enhanced="5.1.2", hard=True
         ) from None
     return ascii_name
+
+
+def _literal_host(domain: str) -> MXHost:
+    """The one implicit host of an address literal, named by its IP: TLS then checks the
+    certificate for that IP, as there is no host name to check."""
+    try:
+        ip = literal_ip(domain.strip())
+    except ValueError as exc:
+        raise PermanentFailure(f"{domain!r} is not a valid address literal ({exc})",
+                               enhanced="5.1.2", hard=True) from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped  # connect over IPv4, where the mail-loop check can see it
+    return MXHost(name=str(ip), preference=0, addresses=(str(ip),), implicit=True)
 
 
 def _negative_ttl(response: dns.message.Message | None) -> float:
@@ -106,7 +121,11 @@ class MXResolver:
         self._host_cache: dict[str, tuple[float, list[str] | PermanentFailure]] = {}
 
     async def resolve(self, domain: str) -> list[MXHost]:
-        """The domain's MX hosts with addresses, in preference order (ties shuffled)."""
+        """The domain's MX hosts with addresses, in preference order (ties shuffled); an
+        address literal ("[192.0.2.1]", "[IPv6:2001:db8::1]") is its own one host, without
+        a lookup (RFC 5321 5.1)."""
+        if domain.startswith("["):
+            return [_literal_host(domain)]
         name = _a_label(domain)
         return _shuffled(await self._cached(self._mx_cache, name, self._resolve_mx))
 
@@ -116,10 +135,11 @@ class MXResolver:
         Raises PermanentFailure 5.4.4 when the name does not exist, TemporaryFailure
         4.4.4 when it has no address and 4.4.3 when DNS fails.
         """
-        try:
-            return [str(ipaddress.ip_address(host.strip().strip("[]")))]
-        except ValueError:
-            pass
+        text = host.strip()
+        with contextlib.suppress(ValueError):
+            return [str(literal_ip(text))]  # [IPv6:2001:db8::1]
+        with contextlib.suppress(ValueError):
+            return [str(ipaddress.ip_address(text.strip("[]")))]  # 192.0.2.1, [2001:db8::1]
         addresses: list[str] = await self._cached(self._host_cache, _a_label(host),
                                                   self._resolve_host)
         return list(addresses)

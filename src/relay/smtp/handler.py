@@ -141,10 +141,11 @@ class RelayHandler:
             return "554 5.7.1 Relay access denied"
         if address and address != NULL_SENDER:
             try:
-                normalize_address(address, smtputf8=envelope.smtp_utf8, param="MAIL FROM")
+                _, domain = normalize_address(address, smtputf8=envelope.smtp_utf8,
+                                              param="MAIL FROM")
             except ValidationError as exc:
                 return f"{exc.smtp} {exc.message}"
-            domain = address.rpartition("@")[2].lower()
+            # the stored form (A-label, canonical literal) is what allowed domains name
             if mode != "inbound" and not keys.may_send_as(self._allowed_domains(session),
                                                           domain):
                 return f"553 5.7.1 <{address}>: sender not allowed for this login"
