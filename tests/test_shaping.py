@@ -10,10 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from relay import metrics
-from relay.config import DeliveryConfig, DnsConfig
+from relay.config import DeliveryConfig, DnsConfig, load
 from relay.config.outbound import BackoffRule, PoolConfig, SiteConfig, SourceConfig
+from relay.delivery.pools import warmup_cap
+from relay.errors import ConfigError
 from relay.service import Service
+from relay.store import SQLiteStore
+from relay.store.shaping import SiteHold
 from relay.types import RecipientStatus
 
 from .apiutil import Api, api_client
@@ -263,3 +269,76 @@ async def test_warmup_caps_a_sources_day_and_holds_the_rest(tmp_path: Path,
 async def _count(svc: Service, ids: list[str]) -> bool:
     got = await statuses(svc, ids)
     return got.count("delivered") + got.count("deferred") == len(ids)
+
+
+# -- the shared state, on both backends ------------------------------------------------------
+
+
+async def test_holds_and_warmup_quotas_in_the_store(store_url: str) -> None:
+    store = SQLiteStore(store_url)
+    await store.open()
+    try:
+        await store.hold_site(SiteHold(site="mx.a.test", until=2000.0, rate=None,
+                                       reason="421 4.7.28 slow", since=1000.0))
+        # a shorter hold does not cut a longer one short; a longer one extends it
+        await store.hold_site(SiteHold(site="mx.a.test", until=1500.0, rate=1.0,
+                                       reason="421 x", since=1100.0))
+        (hold,) = await store.site_holds(1200.0)
+        assert (hold.until, hold.rate, hold.reason) == (2000.0, None, "421 4.7.28 slow")
+        await store.hold_site(SiteHold(site="mx.a.test", until=3000.0, rate=2.0,
+                                       reason="421 y", since=1300.0))
+        assert [(h.until, h.rate) for h in await store.site_holds(1400.0)] == [(3000.0, 2.0)]
+        assert await store.site_holds(3000.0) == []
+        assert await store.release_site("mx.a.test") and not await store.release_site("x")
+        # quotas: granted up to the cap, across callers, and never past it
+        assert await store.take_source_quota("192.0.2.1", "2026-12-05", 4, 10) == 4
+        assert await store.take_source_quota("192.0.2.1", "2026-12-05", 4, 10) == 4
+        assert await store.take_source_quota("192.0.2.1", "2026-12-05", 4, 10) == 2
+        assert await store.take_source_quota("192.0.2.1", "2026-12-05", 4, 10) == 0
+        assert await store.take_source_quota("192.0.2.1", "2026-12-06", 4, 10) == 4
+        assert await store.source_usage(["192.0.2.1"], "2026-12-05") == {"192.0.2.1": 10}
+    finally:
+        await store.close()
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("toml", "key", "reason"), [
+    ('[delivery]\nmax_rate = "fast"\n', "delivery.max_rate", "is not a rate"),
+    ('[[delivery.backoff]]\nmatch = "(unclosed"\nsuspend = 60\n', "delivery.backoff[0].match",
+     "is not a regular expression"),
+    ('[[delivery.backoff]]\nmatch = "^421"\n', "delivery.backoff[0]",
+     "needs suspend (seconds) or max_rate"),
+    ('[[delivery.sites]]\nname = "g"\n', "delivery.sites[0].mx", "needs at least one"),
+    ('[[delivery.sites]]\nname = "g"\nmx = ["a*.x.test"]\n', "delivery.sites[0].mx",
+     "a wildcard only as the first label"),
+    ('[[delivery.pools]]\nname = "p"\n', "delivery.pools[0].sources", "needs at least one"),
+    ('[[delivery.pools]]\nname = "p"\nwarmup = ["10"]\n[[delivery.pools.sources]]\n'
+     'address = "192.0.2.1"\n', "delivery.pools[0].warmup", "must be an integer"),
+    ('[[delivery.pools]]\nname = "p"\n[[delivery.pools.sources]]\naddress = "mta1"\n',
+     "delivery.pools[0].sources[0].address", "does not appear to be an IPv4 or IPv6"),
+    ('[[delivery.pools]]\nname = "a"\nstreams = ["broadcast"]\n[[delivery.pools.sources]]\n'
+     'address = "192.0.2.1"\n[[delivery.pools]]\nname = "b"\nstreams = ["broadcast"]\n'
+     '[[delivery.pools.sources]]\naddress = "192.0.2.2"\n', "delivery.pools[1].streams",
+     "broadcast is served by pool 'a' already"),
+    ('[[delivery.tls_policy]]\ndomain = "x.test"\nlevel = "strict"\n',
+     "delivery.tls_policy[0].level", "must be one of none, may, encrypt, verify, dane"),
+])
+def test_outbound_config_errors_name_the_key(tmp_path: Path, toml: str, key: str,
+                                             reason: str) -> None:
+    path = write_toml(tmp_path / "relay.toml", toml)
+    with pytest.raises(ConfigError) as err:
+        load(path, environ={})
+    assert err.value.key == key and reason in err.value.reason, str(err.value)
+
+
+def test_warmup_caps_by_day() -> None:
+    pool = PoolConfig(name="p", warmup=(10, 20, 40), sources=(
+        SourceConfig(address="192.0.2.1", warmup_start="2026-12-01"),
+        SourceConfig(address="192.0.2.2")))
+    day = datetime.datetime(2026, 12, 1, 12, tzinfo=datetime.UTC).timestamp()
+    first, warm = pool.sources
+    assert warmup_cap(pool, first, day - 86400) == 10  # before its first day: day 1's
+    assert [warmup_cap(pool, first, day + n * 86400) for n in range(4)] == [10, 20, 40, None]
+    assert warmup_cap(pool, warm, day) is None
