@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,18 @@ async def test_warmup_caps_a_sources_day_and_holds_the_rest(tmp_path: Path,
         finally:
             await api.close()
             await svc.stop()
+        toml = write_toml(tmp_path / "relay.toml", f"""[server]
+data_dir = '{svc.config.server.data_dir}'
+[[delivery.pools]]
+name = "new"
+warmup = [3, 10]
+[[delivery.pools.sources]]
+address = "127.0.0.5"
+warmup_start = "{today}"
+""")
+        result = run_relay("--config", str(toml), "queue", "summary", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert re.search(r"^new\s+127\.0\.0\.5\s+3\s+3\s*$", result.stdout, re.M), result.stdout
 
 
 async def _count(svc: Service, ids: list[str]) -> bool:

@@ -206,6 +206,25 @@ async def test_mta_sts_testing_reports_and_still_sends(tmp_path: Path, dns: DNSS
             await svc.stop()
 
 
+async def test_a_policy_that_cannot_be_had_is_reported_and_mail_goes_as_may(
+        tmp_path: Path, dns: DNSServer, ca: trustme.CA, ca_file: str,
+        policy_host: PolicyHost) -> None:
+    mx(dns, "sts.test", "mx.sts.test")
+    sts(dns, policy_host, "enforce", "mx.sts.test")
+    policy_host.body = "this is no policy\r\n"
+    async with Sink(tls=server_tls(ca, "elsewhere.test")[0]) as sink:
+        svc, api = await start(tmp_path, dns, sink, tls_ca_file=ca_file,
+                               mta_sts_port=policy_host.port)
+        try:
+            detail = await send_and_wait(svc, api, "bob@sts.test", "delivered")
+            assert detail.attempts[0].tls_policy == "may"
+        finally:
+            await api.close()
+            await svc.stop()
+        rows = await _results(svc)
+        assert ("sts.test", "sts", "", "sts-policy-invalid", 1) in rows
+
+
 # -- DANE ------------------------------------------------------------------------------------
 
 

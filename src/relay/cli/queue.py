@@ -18,6 +18,7 @@ from typing import Any
 
 from ..api.views import message_json
 from ..config import Config
+from ..delivery.pools import warmup_cap
 from ..feedback.reports import ReportMaker
 from ..store import SQLiteStore
 from ..store.operator import AGE_BUCKETS, NOT_FINAL, Selector
@@ -175,12 +176,21 @@ COLUMNS = ("T", *(str(m) for m in AGE_BUCKETS), f"{AGE_BUCKETS[-1]}+")
 def cmd_summary(args: argparse.Namespace, config: Config) -> int:
     now = time.time()
 
-    async def go(store: SQLiteStore) -> tuple[dict[str, list[int]], list[SiteHold]]:
+    day = time.strftime("%Y-%m-%d", time.gmtime(now))
+    # the sources in warm-up today: what they sent and may send
+    sources = [(pool, s) for pool in config.delivery.pools for s in pool.sources
+               if warmup_cap(pool, s, now) is not None]
+
+    async def go(store: SQLiteStore) -> tuple[dict[str, list[int]], list[SiteHold],
+                                             dict[str, int]]:
         return (await store.queue_shape(now, by=args.by,
                                         statuses=tuple(args.status or NOT_FINAL)),
-                await store.site_holds(now))
+                await store.site_holds(now),
+                await store.source_usage([s.address for _, s in sources], day))
 
-    shape, holds = with_store(config, go)
+    shape, holds, used = with_store(config, go)
+    warmup = [{"pool": pool.name, "address": s.address, "sentToday": used.get(s.address, 0),
+               "capToday": warmup_cap(pool, s, now)} for pool, s in sources]
     ranked = sorted(shape.items(), key=lambda kv: (-kv[1][0], kv[0]))
     total = [sum(col) for col in zip(*shape.values())] if shape else [0] * len(COLUMNS)
     if args.json:
@@ -190,7 +200,8 @@ def cmd_summary(args: argparse.Namespace, config: Config) -> int:
                           "heldSites": [{"site": h.site, "until": iso(h.until),
                                          "action": "suspend" if h.rate is None else "slow",
                                          "rate": h.rate, "reason": h.reason,
-                                         "since": iso(h.since)} for h in holds]}, indent=2))
+                                         "since": iso(h.since)} for h in holds],
+                          "sources": warmup}, indent=2))
         return 0
     rows = [("", *COLUMNS), ("TOTAL", *map(str, total))]
     rows += [(name, *map(str, counts)) for name, counts in ranked[:args.limit]]
@@ -205,6 +216,11 @@ def cmd_summary(args: argparse.Namespace, config: Config) -> int:
         table([("HELD SITE", "UNTIL", "ACTION", "AFTER")] + [
             (h.site, iso(h.until), "suspended" if h.rate is None else f"slowed to {h.rate:g}/s",
              h.reason[:80]) for h in holds])
+    if warmup:
+        print()
+        table([("POOL", "SOURCE", "SENT TODAY", "WARM-UP CAP")] + [
+            (w["pool"], w["address"], str(w["sentToday"]),
+             "-" if w["capToday"] is None else str(w["capToday"])) for w in warmup])
     return 0
 
 

@@ -40,8 +40,9 @@ def delivery_stack(config: Config, own_listeners: list[tuple[str, int]],
             target, failure, sending_ip=source.address, detail=detail)) if reporter else None)
     sts = MtaSts(dns, store, ca_file=config.delivery.tls_ca_file,
                  port=config.delivery.mta_sts_port) if config.delivery.mta_sts else None
-    router = Router(config, store, MXResolver(config.dns),
-                    TlsPolicies(config.delivery, dns, sts))
+    router = Router(config, store, MXResolver(config.dns), TlsPolicies(
+        config.delivery, dns, sts, on_failure=(lambda target, failure: reporter.session(
+            target, failure, sending_ip=None)) if reporter else None))
     scheduler = Scheduler(config, store, router, deliverer,
                           ReportMaker(submitter, config.server.hostname),
                           Renderer(config.dkim, KeyRing(store), marks=Marks(

@@ -13,7 +13,7 @@ import dns.asyncresolver
 from ..config import DeliveryConfig
 from ..errors import TemporaryFailure
 from . import dane
-from .mtasts import MtaSts
+from .mtasts import MtaSts, StsLookup
 from .mx import MXHost
 from .outbound import Target, Tlsa, TlsPolicy
 
@@ -23,12 +23,16 @@ _CACHE_MAX = 4096
 
 class TlsPolicies:
     def __init__(self, delivery: DeliveryConfig, resolver: dns.asyncresolver.Resolver,
-                 sts: MtaSts | None, *, clock: Callable[[], float] = time.monotonic) -> None:
+                 sts: MtaSts | None, *, clock: Callable[[], float] = time.monotonic,
+                 on_failure: Callable[[Target, str], None] | None = None) -> None:
+        """`on_failure` hears a policy that could not be had (an MTA-STS policy that could
+        not be fetched or parsed): TLS-RPT reports it to the domain."""
         self._overrides = [(p.domain, p.level) for p in delivery.tls_policy]
         self._resolver = resolver
         self._sts = sts
         self._dane = delivery.dane
         self._clock = clock
+        self._on_failure = on_failure
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
 
     def override(self, domain: str) -> str | None:
@@ -103,7 +107,7 @@ class TlsPolicies:
                            port: int) -> list[Target]:
         assert self._sts is not None
         sts = self._sts
-        found = await self._cached("sts", domain, lambda: sts.policy(domain))
+        found = await self._cached("sts", domain, lambda: self._sts_lookup(sts, domain))
         policy = found.policy
         if policy is None or policy.mode == "none":
             return [Target(hostname=h.name, address=a, port=port)
@@ -119,6 +123,14 @@ class TlsPolicies:
                 f"MTA-STS policy (mx: {', '.join(policy.mx)})", enhanced="4.7.5")
         return [Target(hostname=h.name, address=a, port=port, tls=tls)
                 for h in kept for a in h.addresses]
+
+    async def _sts_lookup(self, sts: MtaSts, domain: str) -> StsLookup:
+        found = await sts.policy(domain)
+        if found.failure and self._on_failure is not None:  # once per lookup, not per session
+            self._on_failure(Target(hostname="", address="", port=0, tls=TlsPolicy(
+                level="may", source="mta-sts", policy_domain=domain, policy_type="sts")),
+                found.failure)
+        return found
 
     async def _cached(self, kind: str, key: str, fetch: Callable[[], Any]) -> Any:
         now = self._clock()
