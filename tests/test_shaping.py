@@ -9,14 +9,16 @@ import datetime
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from relay import metrics
 from relay.config import DeliveryConfig, DnsConfig, load
 from relay.config.outbound import BackoffRule, PoolConfig, SiteConfig, SourceConfig
+from relay.delivery.outbound import Target
 from relay.delivery.pools import warmup_cap
+from relay.delivery.shaping import Shaper, Site
 from relay.errors import ConfigError
 from relay.service import Service
 from relay.store import SQLiteStore
@@ -355,3 +357,28 @@ def test_warmup_caps_by_day() -> None:
     assert warmup_cap(pool, first, day - 86400) == 10  # before its first day: day 1's
     assert [warmup_cap(pool, first, day + n * 86400) for n in range(4)] == [10, 20, 40, None]
     assert warmup_cap(pool, warm, day) is None
+
+
+def test_sites_of_destinations() -> None:
+    """The large providers are a site each by default; else the most preferred MX host."""
+    cfg = DeliveryConfig(concurrency_per_destination=7, messages_per_session=9, max_rate="2/s")
+    shaper = Shaper(cfg, cast(SQLiteStore, None))
+
+    def site(primary: str, *hosts: tuple[str, str]) -> Site:
+        return shaper.site(primary, [Target(hostname=h, address=a, port=25) for h, a in hosts])
+
+    google = site("aspmx.l.google.com", ("aspmx.l.google.com", "192.0.2.1"),
+                  ("alt1.aspmx.l.google.com", "192.0.2.2"))
+    assert google == Site(key="google", max_connections=7, messages_per_connection=9, rate=2.0)
+    assert site("x.mail.protection.outlook.com",
+                ("x.mail.protection.outlook.com", "192.0.2.3")).key == "microsoft"
+    assert site("MX.Example.TEST", ("mx.example.test", "192.0.2.4")).key == "mx.example.test"
+    custom = Shaper(DeliveryConfig(sites=(SiteConfig(name="lab", mx=("192.0.2.0/28",),
+                                                     max_connections=1, max_rate="10/min"),)),
+                    cast(SQLiteStore, None))
+    lab = custom.site("mx.lab.test", [Target(hostname="mx.lab.test", address="192.0.2.5",
+                                             port=25)])
+    assert (lab.key, lab.max_connections, lab.rate) == ("lab", 1, 10 / 60)
+    assert custom.site("aspmx.l.google.com", [Target(
+        hostname="aspmx.l.google.com", address="198.51.100.1", port=25)]).key == \
+        "aspmx.l.google.com"  # sites set in the file replace the defaults

@@ -89,6 +89,15 @@ class SiteConfig:
     max_rate: str = field(default="", metadata=meta(check_rate))
 
 
+# the large providers' MX names: every domain they host is one site, with one set of limits
+DEFAULT_SITES = (
+    SiteConfig(name="google", mx=("*.google.com", "*.googlemail.com")),
+    SiteConfig(name="microsoft", mx=("*.protection.outlook.com",)),
+    SiteConfig(name="yahoo", mx=("*.yahoodns.net",)),
+    SiteConfig(name="icloud", mx=("*.mail.icloud.com",)),
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class BackoffRule:
     """[[delivery.backoff]]: a remote reply ("421 4.7.28 text", matched case-insensitively)

@@ -31,6 +31,7 @@ from .checks import (
 )
 from .outbound import (
     DEFAULT_BACKOFF,
+    DEFAULT_SITES,
     BackoffRule,
     PoolConfig,
     SiteConfig,
@@ -109,7 +110,7 @@ class DeliveryConfig:
     # "500/min", "20000/h"; "" = no limit. concurrency_per_destination and
     # messages_per_session are a site's connections and messages per connection
     max_rate: str = field(default="", metadata=meta(check_rate))
-    sites: tuple[SiteConfig, ...] = ()
+    sites: tuple[SiteConfig, ...] = DEFAULT_SITES
     backoff: tuple[BackoffRule, ...] = DEFAULT_BACKOFF
     pools: tuple[PoolConfig, ...] = ()
     tls_policy: tuple[TlsPolicyConfig, ...] = ()
