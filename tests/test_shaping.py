@@ -59,6 +59,13 @@ async def statuses(svc: Service, ids: list[str]) -> list[str]:
     return out
 
 
+def cli_config(tmp_path: Path, svc: Service, more: str = "") -> Path:
+    """A config file for `relay` commands on the service's store (SQLite or PostgreSQL)."""
+    store = f"[store]\nurl = '{svc.config.store.url}'\n" if svc.config.store.url else ""
+    return write_toml(tmp_path / "relay.toml",
+                      f"[server]\ndata_dir = '{svc.config.server.data_dir}'\n{store}{more}")
+
+
 async def until(predicate: Any, timeout: float = 20.0) -> None:
     async def loop() -> None:
         while not await predicate():
@@ -188,8 +195,7 @@ async def test_a_slow_rule_paces_the_site_and_summary_shows_it(tmp_path: Path,
         finally:
             await api.close()
             await svc.stop()
-        toml = write_toml(tmp_path / "relay.toml",
-                          f"[server]\ndata_dir = '{svc.config.server.data_dir}'\n")
+        toml = cli_config(tmp_path, svc)
         result = run_relay("--config", str(toml), "queue", "summary", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert "mx.s.test" in result.stdout and "slowed to 2/s" in result.stdout
@@ -267,8 +273,7 @@ async def test_warmup_caps_a_sources_day_and_holds_the_rest(tmp_path: Path,
         finally:
             await api.close()
             await svc.stop()
-        toml = write_toml(tmp_path / "relay.toml", f"""[server]
-data_dir = '{svc.config.server.data_dir}'
+        toml = cli_config(tmp_path, svc, f"""
 [[delivery.pools]]
 name = "new"
 warmup = [3, 10]

@@ -54,9 +54,7 @@ class Router:
         hold = await self.shaper.held(site)
         if hold is not None:
             metrics.held("site", count)
-            return Hold(reason=f"site {site.key} is suspended until "
-                               f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(hold.until))} "
-                               f"UTC after: {hold.reason}", until=hold.until)
+            return _hold(site, hold.until, hold.reason)
         config = self.pools.pool(pool, "") if pool else None
         grant = await self.pools.grant(config, count)
         if grant.count == 0:
