@@ -74,9 +74,6 @@ class Deliverer:
         for target in targets:
             if not remaining:
                 break
-            if (hold := await lane.pace()) is not None:
-                results.extend(_held(remaining, hold, started))
-                return list(results)
             if self._is_own(target):
                 failures.append(TargetFailure(f"mail loop: {target.hostname} [{target.address}]:"
                                               f"{target.port} is relay's own listener",
@@ -106,7 +103,7 @@ class Deliverer:
             session, reused = await self._sessions.session(target, lane.source, lane.site)
             try:
                 while remaining and session.sent < lane.per_session:
-                    if session.sent and (hold := await lane.pace()) is not None:
+                    if (hold := await lane.pace()) is not None:  # every message keeps pace
                         break
                     done = await transaction(session, remaining[0],
                                              timeout=self._cfg.command_timeout)
