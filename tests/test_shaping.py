@@ -29,6 +29,8 @@ from .apiutil import Api, api_client
 from .conftest import make_config, run_relay, write_toml
 from .dnsserver import DNSServer
 from .sink import Sink
+from .smtputil import in_thread
+from .smtputil import send as send_smtp
 
 FAST = dict(retry_min=30.0, retry_max=60.0, connect_timeout=2.0, command_timeout=5.0,
             session_idle=0.5, process=False)
@@ -239,6 +241,21 @@ async def test_mail_leaves_from_its_pools_addresses_with_their_names(tmp_path: P
                 "from": "alice@sender.test", "to": ["x@p.test"], "subject": "s", "text": "t",
                 "pool": "nope"})
             assert status == 422 and body["error"]["param"] == "pool", body
+            # SMTP-only apps name the pool in a control header
+            port = svc.bound[0][1]
+            mail = (b"From: alice@sender.test\r\nTo: smtp@p.test\r\nSubject: s\r\n"
+                    b"X-Relay-Pool: bulk\r\n\r\nhello\r\n")
+            code, _ = await in_thread(send_smtp, port, api.key, mail, "alice@sender.test",
+                                      ("smtp@p.test",))
+            assert code == 250
+            await sink.wait_for(lambda k: bool(k.delivered_to("smtp@p.test")))
+            (via_smtp,) = sink.delivered_to("smtp@p.test")
+            assert via_smtp.peer in ("127.0.0.3", "127.0.0.4")
+            assert b"X-Relay-Pool" not in via_smtp.data
+            code, text = await in_thread(send_smtp, port, api.key,
+                                         mail.replace(b": bulk", b": nope"),
+                                         "alice@sender.test", ("smtp@p.test",))
+            assert code == 550 and b"no source pool named 'nope'" in text, text
         finally:
             await api.close()
             await svc.stop()
