@@ -9,6 +9,7 @@ import datetime
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -176,6 +177,47 @@ async def test_an_mx_turning_to_421_suspends_its_site(tmp_path: Path, dns: DNSSe
         finally:
             await api.close()
             await svc.stop()
+
+
+async def test_a_421_greeting_suspends_the_site_after_one_attempt(tmp_path: Path,
+                                                                   dns: DNSServer) -> None:
+    """Yahoo's way: "421 4.7.0 [TS01]" at connect, then the connection closes."""
+    dns.add("y.test", "MX", "10 mx.y.test.")
+    dns.add("mx.y.test", "A", "127.0.0.1")
+    connections = 0
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.write(b"421 4.7.0 [TS01] Messages from 127.0.0.1 temporarily deferred\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(greet, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    svc, api = await start(tmp_path, dns, cast(Sink, SimpleNamespace(port=port)))
+    try:
+        ids = [await send(svc, api, f"u{i}@y.test") for i in range(3)]
+        await until(all_in(svc, ids, "deferred"))
+        (hold,) = await svc.store.site_holds(time.time())
+        assert hold.site == "mx.y.test" and hold.until > time.time() + 3000  # an hour
+        assert hold.reason.startswith("421 4.7.0 [TS01]")
+        attempts = [a for i in ids for a in (await svc.store.get_message(i)).attempts]
+        assert {a.code for a in attempts} == {421}  # the refusal is on record
+        for i in ids:
+            (r,) = (await svc.store.get_message(i)).recipients
+            assert r.next_attempt_at is not None and r.next_attempt_at >= hold.until - 1
+        tried = connections  # the jobs that had connected at once, before the hold
+        later = [await send(svc, api, f"v{i}@y.test") for i in range(3)]
+        await until(all_in(svc, later, "deferred"))
+        assert connections == tried  # held: never connected
+        for i in later:
+            detail = await svc.store.get_message(i)
+            assert detail.attempts == () and "held back" in (detail.recipients[0].last_reply or "")
+    finally:
+        await api.close()
+        await svc.stop()
+        server.close()
 
 
 async def test_a_slow_rule_paces_the_site_and_summary_shows_it(tmp_path: Path,

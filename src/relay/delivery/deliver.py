@@ -85,8 +85,11 @@ class Deliverer:
                 log.info("delivery to %s [%s]:%s failed: %s", target.hostname, target.address,
                          target.port, failure.text)
                 failures.append(failure)
-                hold = (lane.reply(reply_text(failure.code, failure.enhanced, failure.text))
-                        if failure.code else None)
+                hold = lane.reply(failure.reply) if failure.reply else None
+                if hold is not None:  # e.g. a 421 greeting: the attempt, then the hold
+                    results.extend(dataclasses.replace(r, held_until=hold.until) for r in
+                                   self._unsent(remaining, [failure], [target], started))
+                    return list(results)
             if hold is not None:
                 results.extend(_held(remaining, hold, started))
                 return list(results)

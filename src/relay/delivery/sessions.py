@@ -29,8 +29,9 @@ class TargetFailure(Exception):
 
     def __init__(self, text: str, *, code: int | None = None, permanent: bool = False,
                  retry_plain: bool = False, tls_failure: str | None = None,
-                 enhanced: str | None = None) -> None:
+                 enhanced: str | None = None, reply: str | None = None) -> None:
         super().__init__(text)
+        self.reply = reply  # the remote's own reply ("421 4.7.0 text"), when it gave one
         self.text, self.code, self.permanent, self.retry_plain = text, code, permanent, retry_plain
         self.tls_failure = tls_failure  # RFC 8460 result type: the TLS policy failed
         self.enhanced = enhanced
@@ -170,7 +171,8 @@ class SessionPool:
         except aiosmtplib.SMTPConnectResponseError as exc:
             smtp.close()
             raise TargetFailure(f"{target.hostname} greeted with {exc.code} {exc.message}",
-                                code=exc.code, permanent=exc.code >= 500) from None
+                                code=exc.code, permanent=exc.code >= 500,
+                                reply=f"{exc.code} {exc.message}") from None
         except (TimeoutError, aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
             smtp.close()
             failure = _tls_result(exc) if implicit else None
@@ -209,7 +211,8 @@ class SessionPool:
             except aiosmtplib.SMTPHeloError as exc:
                 raise TargetFailure(f"{session.target.hostname} refused HELO: {exc.code} "
                                     f"{exc.message}", code=exc.code,
-                                    permanent=exc.code >= 500) from None
+                                    permanent=exc.code >= 500,
+                                    reply=f"{exc.code} {exc.message}") from None
 
     async def _starttls(self, session: Session) -> None:
         policy = session.policy

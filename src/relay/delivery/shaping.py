@@ -137,8 +137,9 @@ class Shaper:
                 hold = SiteHold(site=site.key, until=now + rule.duration, rate=rule.rate,
                                 reason=reply[:300], since=now)
             known = self._holds.get(site.key)
-            if known is not None and known.until >= hold.until and known.rate == hold.rate:
-                return known if known.rate is None else None
+            if known is not None and known.until > now and (
+                    known.rate is None or known.rate == hold.rate):
+                return known if known.rate is None else None  # held already (other sessions)
             self._holds[site.key] = hold
             site_held(site.key, "suspend" if hold.rate is None else "slow")
             log.warning("site %s %s until %s after %r", site.key,
