@@ -155,7 +155,8 @@ async def test_two_nodes_one_killed_every_accepted_message_arrives(
             while not want <= got() and time.monotonic() < deadline:
                 await asyncio.sleep(0.5)
             missing = want - got()
-            assert not missing, f"{len(missing)} accepted messages never arrived: {sorted(missing)[:5]}"
+            assert not missing, (f"{len(missing)} accepted messages never arrived: "
+                                 f"{sorted(missing)[:5]}")
             received = [m.data.split(b"Subject: ")[1].split(b"\r\n")[0].decode()
                         for m in sink.messages]
             twice = len(received) - len(set(received))
