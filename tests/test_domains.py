@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import stat
 import time
 from pathlib import Path
+
+from relay.store import SQLiteStore
+from relay.store.schema import MIGRATIONS
 
 from .conftest import run_relay
 from .dnsserver import DNSServer
@@ -165,3 +169,47 @@ async def test_rotate_publishes_first_then_switches_and_keeps_the_old_record(
     assert kept - time.mktime(time.gmtime()) >= 7 * 86400 - 120
     # the retiring records are still printed, to stay published
     assert f"r{year}a._domainkey.example.test" in [r["name"] for r in shown["records"]]
+
+
+def test_each_domain_has_an_id_that_add_force_and_rotate_keep(tmp_path: Path) -> None:
+    """The id PiiSend's domain_id may name: printed by add, list and show, and the same
+    after its keys are replaced or rotated."""
+    path = toml(tmp_path)
+    added = relay(path, "domains", "add", "a.test")
+    relay(path, "domains", "add", "b.test")
+    listed = {d["name"]: d["id"] for d in json.loads(relay(path, "domains", "list", "--json"))}
+    assert all(re.fullmatch(r"dom_[0-9a-f]{16}", i) for i in listed.values())
+    assert listed["a.test"] != listed["b.test"]
+    assert f"(id {listed['a.test']})" in added
+    assert listed["a.test"] in relay(path, "domains", "list")
+    assert listed["a.test"] in relay(path, "domains", "show", "a.test")
+    relay(path, "domains", "add", "a.test", "--force")
+    relay(path, "domains", "rotate", "a.test")
+    shown = json.loads(relay(path, "domains", "show", "a.test", "--json"))
+    assert shown["id"] == listed["a.test"]
+
+
+async def test_domains_of_an_older_store_get_ids(tmp_path: Path) -> None:
+    """Migration 20 gives the domains that existed each its own id."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for i, step in enumerate(MIGRATIONS[:19]):
+        db.executescript("BEGIN;" + step + ("DELETE FROM schema_version;" if i else "")
+                         + f"INSERT INTO schema_version VALUES ({i + 1}); COMMIT;")
+    for name in ("a.test", "b.test"):
+        db.execute("INSERT INTO domains (name, created_at, return_path) VALUES (?, ?, ?)",
+                   (name, time.time(), f"bounces.{name}"))
+    db.close()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        found = await store.list_domains()
+        assert [d.name for d in found] == ["a.test", "b.test"]
+        assert all(re.fullmatch(r"dom_[0-9a-f]{16}", d.id) for d in found)
+        assert found[0].id != found[1].id
+        again = await store.domain_by_id(found[1].id)
+        assert again is not None and again.name == "b.test"
+        assert await store.domain_by_id("dom_0000000000000000") is None
+    finally:
+        await store.close()

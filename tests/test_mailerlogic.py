@@ -15,15 +15,17 @@ from typing import Any
 import pytest
 
 from relay import keys
+from relay.config import ApiConfig, DeliveryConfig, DnsConfig, WebhooksConfig
 from relay.service import Service
 from relay.types import Domain
 
-from .apiutil import Api, api_client
-from .conftest import add_signing_domain
+from .apiutil import SIMPLE, Api, api_client
+from .conftest import add_signing_domain, make_config
 from .dnsserver import DNSServer
 from .sink import Sink
-from .test_delivery import wait_final
+from .test_delivery import FAST, route, wait_final
 from .test_unsubscribe import delivering
+from .test_webhooks import Receiver, endpoint, until, verified
 
 OK_KEYS = {"to", "submitted_at", "message_id", "email_id", "status", "message"}
 ERROR_KEYS = {"error", "message"}
@@ -231,3 +233,73 @@ async def test_metadata_over_its_limit_is_a_400_naming_it(api: Api, service: Ser
     assert status == 400 and set(answer) == ERROR_KEYS, answer
     assert answer["message"].startswith("metadata") and "max_metadata_size" in answer["message"]
     assert (await service.store.list_messages()).items == ()
+
+
+async def test_webhooks_carry_the_headers_beside_the_metadata(tmp_path: Path,
+                                                              dns: DNSServer) -> None:
+    """The seed: "Headers are included in webhook payloads alongside metadata", in every
+    event; a message from another dialect keeps the payload it had (no headers)."""
+    receiver = Receiver()
+    await receiver.start()
+    async with Sink() as sink:
+        route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
+        svc = Service(make_config(
+            tmp_path, delivery=DeliveryConfig(mx_port=sink.port, **FAST),
+            dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0), api=ApiConfig(port=0),
+            webhooks=WebhooksConfig(allow_private_targets=True, retry_scale=0.02)))
+        await svc.start()
+        await add_signing_domain(svc, "example.com")
+        ep = await endpoint(svc, receiver.url, ("email.queued", "email.delivered"))
+        api = await api_client(svc)
+        try:
+            given = {"X-Campaign-ID": "campaign-123", "X-User-ID": "user-456",
+                     "Reply-To": "support@example.com"}
+            status, answer = await send(api, {**MINIMAL, "headers": given,
+                                              "metadata": {"order_id": "ord_789"}})
+            assert status == 200, answer
+            await until(lambda: len(receiver.got) == 2)
+            events = {e["type"]: e for e in (verified(ep, h, b) for h, b in receiver.got)}
+            assert set(events) == {"email.queued", "email.delivered"}
+            for event in events.values():
+                assert event["data"]["messageId"] == answer["email_id"]
+                assert event["data"]["metadata"] == {"order_id": "ord_789"}
+                assert event["data"]["headers"] == given
+            got = parsed(sink.delivered_to("bob@example.org")[0].data)
+            assert got["X-Campaign-ID"] == "campaign-123"  # and sent with the email
+
+            # no headers given: an empty object, as the metadata is
+            status, answer = await send(api, MINIMAL)
+            assert status == 200, answer
+            await until(lambda: len(receiver.got) == 4)
+            for h, b in receiver.got[2:]:
+                assert verified(ep, h, b)["data"]["headers"] == {}
+
+            # the native API's custom headers are not in its webhooks
+            status, native, _ = await api.call("POST", "/v1/emails", {
+                **SIMPLE, "headers": {"X-Native": "1"}, "metadata": {"k": "v"}})
+            assert status == 202, native
+            await until(lambda: len(receiver.got) == 6)
+            for h, b in receiver.got[4:]:
+                data = verified(ep, h, b)["data"]
+                assert data["messageId"] == native["id"] and data["metadata"] == {"k": "v"}
+                assert "headers" not in data
+        finally:
+            await api.close()
+            await svc.stop()
+            await receiver.stop()
+
+
+async def test_headers_count_toward_the_metadata_limit(api: Api, service: Service) -> None:
+    """Every webhook carries them: with the metadata and tags they are held to [limits]
+    max_metadata_size, and past it the 400 names them and nothing is queued."""
+    await add_signing_domain(service, "example.com")
+    limit = service.config.limits.max_metadata_size
+    half = {"blob": "x" * (limit // 2)}
+    many = {f"X-H{i}": "y" * 900 for i in range(limit // 1800 + 1)}
+    status, answer = await send(api, {**MINIMAL, "metadata": half, "headers": many})
+    assert status == 400 and set(answer) == ERROR_KEYS, answer
+    assert answer["message"].startswith("headers") and "max_metadata_size" in answer["message"]
+    assert (await service.store.list_messages()).items == ()
+    status, answer = await send(api, {**MINIMAL, "metadata": half,
+                                      "headers": {"X-Small": "fits"}})
+    assert status == 200, answer

@@ -348,3 +348,51 @@ async def test_idempotency_scopes_and_auth(api: Api, service: Service) -> None:
     assert status == 401 and set(error) == ERROR_KEYS
     status, error, _ = await api.call("POST", "/api/v1/emails", raw=b"{nope")
     assert status == 400 and set(error) == ERROR_KEYS
+
+
+async def test_domain_id_is_a_domain_id_or_its_name(api: Api, service: Service) -> None:
+    """The seed's domain_id is a domain *object id*: relay's domain ids (`relay domains
+    list`) are taken, as are names; another owner's id is refused as an unknown one is."""
+    await add_signing_domain(service, "example.com")
+    await add_signing_domain(service, "other.test")
+    mine = await service.store.get_domain("example.com")
+    theirs = await service.store.get_domain("other.test")
+    assert mine is not None and theirs is not None
+    assert re.fullmatch(r"dom_[0-9a-f]{16}", mine.id) and mine.id != theirs.id
+    body = {k: v for k, v in SIMPLE.items() if k != "from_"}
+    _, limited = await keys.create_key(service.store, name="ex", scopes=["emails:send"],
+                                       domains=["example.com"])
+
+    async def sender(domain_id: str, key: str | None = None) -> str:
+        status, sent, _ = await api.call("POST", "/api/v1/emails",
+                                         {**body, "domain_id": domain_id}, key=key or api.key)
+        assert status == 202, sent
+        detail = await service.store.get_message(sent["id"])
+        assert detail is not None
+        return detail.message.header_from
+
+    assert await sender(mine.id) == "noreply@example.com"
+    assert await sender(f" {mine.id} ", limited) == "noreply@example.com"
+    assert await sender("example.com", limited) == "noreply@example.com"  # a name, as before
+    assert await sender(theirs.id) == "noreply@other.test"  # an admin key's reach is all
+
+    async def refused(domain_id: Any, key: str | None = None) -> dict[str, Any]:
+        status, error, _ = await api.call("POST", "/api/v1/emails",
+                                          {**body, "domain_id": domain_id}, key=key or api.key)
+        assert status == 422 and set(error) == ERROR_KEYS and error["field"] == "domain_id", \
+            error
+        return dict(error)
+
+    unknown = "dom_0123456789abcdef"
+    foreign = await refused(theirs.id, limited)
+    missing = await refused(unknown, limited)
+    assert foreign["detail"].replace(theirs.id, unknown) == missing["detail"]
+    assert foreign["type"] == missing["type"] and theirs.name not in foreign["detail"]
+    await refused(unknown)
+    for bad in ("dom_", "DOM_" + mine.id[4:], "not_a domain", 7, ["example.com"]):
+        await refused(bad)
+    # an id changes nothing about from_: it must be at that domain
+    status, error, _ = await api.call("POST", "/api/v1/emails", {
+        **body, "domain_id": mine.id, "from_": "x@other.test"})
+    assert status == 422 and error["field"] == "from_"
+    assert len((await service.store.list_messages(limit=10)).items) == 4

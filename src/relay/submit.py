@@ -91,16 +91,24 @@ def json_size(value: object) -> int:
 
 
 def check_metadata_size(metadata: object, tags: tuple[str, ...], limit: int, *,
-                        param: str = "metadata") -> None:
-    """Metadata and tags are copied into every event and every webhook of a message (one per
-    recipient and endpoint): past `limit` octets of JSON they would multiply memory there."""
+                        param: str = "metadata", headers: object = None) -> None:
+    """Metadata and tags (and the headers a webhook carries) are copied into every event and
+    every webhook of a message (one per recipient and endpoint): past `limit` octets of JSON
+    together they would multiply memory there."""
     size = json_size(metadata)
     if size > limit:
         raise ValidationError(f"{param} is {size} octets as JSON; at most {limit} "
                               "([limits] max_metadata_size)", param=param, smtp="554 5.6.0")
-    if tags and size + json_size(list(tags)) > limit:
-        raise ValidationError(f"metadata and tags are over {limit} octets as JSON "
-                              "([limits] max_metadata_size)", param="tags", smtp="554 5.6.0")
+    if tags:
+        size += json_size(list(tags))
+        if size > limit:
+            raise ValidationError(f"metadata and tags are over {limit} octets as JSON "
+                                  "([limits] max_metadata_size)", param="tags",
+                                  smtp="554 5.6.0")
+    if headers is not None and size + json_size(headers) > limit:
+        raise ValidationError(f"headers: with the metadata and tags, over {limit} octets as "
+                              "JSON, which every webhook carries ([limits] max_metadata_size)",
+                              param="headers", smtp="554 5.6.0")
 
 
 class Submitter:
@@ -196,7 +204,8 @@ class Submitter:
         if not sub.recipients:
             raise ValidationError("at least one recipient is required", param="to",
                                   smtp="554 5.5.1")
-        check_metadata_size(sub.metadata, sub.tags, limits.max_metadata_size)
+        check_metadata_size(sub.metadata, sub.tags, limits.max_metadata_size,
+                            headers=sub.webhook_headers)
         if sub.pool and sub.pool not in {p.name for p in self._config.delivery.pools}:
             known = ", ".join(p.name for p in self._config.delivery.pools) or "none configured"
             raise ValidationError(f"no source pool named {sub.pool!r} ({known})", param="pool")
@@ -238,6 +247,7 @@ class Submitter:
             api_key_id=sub.api_key_id,
             tags=sub.tags,
             metadata=sub.metadata,
+            webhook_headers=sub.webhook_headers,
             stream=sub.stream,
             subject=subject,
             header_from=header_from,

@@ -158,6 +158,9 @@ class Submission:
     api_key_id: str | None = None
     tags: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
+    # custom headers every webhook of the message carries beside its metadata (MailerLogic
+    # documents so); None: its webhooks carry none
+    webhook_headers: dict[str, str] | None = None
     stream: Stream = Stream.TRANSACTIONAL
     idempotency_key: str | None = None
     idempotency_fingerprint: str | None = None  # a hash of the request, to tell a replay from a reuse
@@ -277,6 +280,7 @@ class Domain:
     created_at: float
     return_path: str  # the MAIL FROM host of its mail (SPF, bounces)
     keys: tuple[DkimKeyInfo, ...] = ()
+    id: str = ""  # "dom_" + 16 hex, given by the store when first saved; kept on replace
 
 
 @dataclass(frozen=True, kw_only=True)

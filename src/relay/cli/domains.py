@@ -79,7 +79,9 @@ def cmd_add(args: argparse.Namespace, config: Config) -> int:
     for k in old.keys if old else ():  # the replaced keys' files go once the new ones are stored
         with contextlib.suppress(OSError):
             os.unlink(k.path)
-    print(f"added {name}. Publish these records, then run `relay domains verify {name}`:\n")
+    saved = _get(config, name)  # with the id the store gave it (or kept, with --force)
+    print(f"added {name} (id {saved.id}). Publish these records, then run "
+          f"`relay domains verify {name}`:\n")
     _print_records(config, domain)
     return 0
 
@@ -109,9 +111,9 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps([domain_json(d) for d in found], indent=2))
         return 0
-    rows = [("DOMAIN", "CREATED", "SIGNING SELECTORS", "PENDING", "RETURN PATH")]
+    rows = [("DOMAIN", "ID", "CREATED", "SIGNING SELECTORS", "PENDING", "RETURN PATH")]
     for d in found:
-        rows.append((d.name, iso(d.created_at),
+        rows.append((d.name, d.id, iso(d.created_at),
                      " ".join(k.selector for k in d.keys if k.state == "active"),
                      " ".join(k.selector for k in d.keys if k.state == "pending"), d.return_path))
     table(rows)
@@ -123,7 +125,8 @@ def cmd_show(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps(domain_json(domain, config), indent=2))
         return 0
-    print(f"{domain.name}, added {iso(domain.created_at)}, return path {domain.return_path}\n")
+    print(f"{domain.name} (id {domain.id}), added {iso(domain.created_at)}, return path "
+          f"{domain.return_path}\n")
     table([("SELECTOR", "ALGORITHM", "STATE", "SINCE", "KEEP PUBLISHED UNTIL")] + [
         (k.selector, k.algorithm, k.state, iso(k.activated_at or k.created_at),
          iso(k.retire_after)) for k in domain.keys])
@@ -182,7 +185,8 @@ def cmd_remove(args: argparse.Namespace, config: Config) -> int:
 
 def domain_json(d: Domain, config: Config | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "name": d.name, "createdAt": iso(d.created_at), "returnPath": d.return_path,
+        "id": d.id, "name": d.name, "createdAt": iso(d.created_at),
+        "returnPath": d.return_path,
         "keys": [{"selector": k.selector, "algorithm": k.algorithm, "state": k.state,
                   "createdAt": iso(k.created_at), "activatedAt": iso(k.activated_at) or None,
                   "retireAfter": iso(k.retire_after) or None} for k in d.keys],

@@ -187,7 +187,8 @@ class LimitsConfig:
     auth_failures_before_delay: int = field(default=3, metadata=meta(check_positive))
     auth_failures_before_block: int = field(default=10, metadata=meta(check_positive))
     auth_block_seconds: float = field(default=600.0, metadata=meta(check_positive))
-    # a message's metadata (and tags) as JSON, in octets: every event and webhook carries it
+    # a message's metadata (and tags, and the headers MailerLogic's webhooks carry) as JSON,
+    # in octets: every event and webhook carries it
     # (also Plunk's contact data); past it, submit refuses the message naming the field
     max_metadata_size: int = field(default=16384, metadata=meta(check_positive))
     # octets one API request may expand into: the sum over the messages it builds of their

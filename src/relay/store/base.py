@@ -46,6 +46,7 @@ class NewMessage:
     api_key_id: str | None = None
     tags: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
+    webhook_headers: dict[str, str] | None = None  # Submission.webhook_headers
     stream: Stream = Stream.TRANSACTIONAL
     subject: str = ""
     header_from: str = ""
@@ -162,6 +163,8 @@ class Store(Protocol):
     async def save_domain(self, domain: Domain, *, replace: bool = False) -> None: ...
 
     async def get_domain(self, name: str) -> Domain | None: ...
+
+    async def domain_by_id(self, domain_id: str) -> Domain | None: ...
 
     async def list_domains(self) -> list[Domain]: ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 from collections.abc import Callable
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from ..types import DkimKeyInfo, Domain
 from .thread import DbThread
 
+ID_PREFIX = "dom_"  # a domain name holds no "_", so an id is never taken for a name
 _KEY_COLUMNS = ("domain, selector, algorithm, public_key, path, state, created_at, activated_at,"
                 " retire_after")
 
@@ -21,15 +23,18 @@ class DomainQueries:
 
     async def save_domain(self, domain: Domain, *, replace: bool = False) -> None:
         """Insert the domain with its keys; with `replace`, its old keys are dropped first.
-        Raises ValueError when it exists and `replace` is false."""
+        Raises ValueError when it exists and `replace` is false. A domain saved anew gets
+        its id here (its own, if it has one); a replaced one keeps the id it had."""
         def op(db: sqlite3.Connection) -> None:
             exists = db.execute("SELECT 1 FROM domains WHERE name = ?", (domain.name,)).fetchall()
             if exists and not replace:
                 raise ValueError(f"{domain.name} exists")
             db.execute("DELETE FROM dkim_keys WHERE domain = ?", (domain.name,))
-            db.execute("INSERT INTO domains (name, created_at, return_path) VALUES (?, ?, ?)"
+            db.execute("INSERT INTO domains (name, created_at, return_path, id)"
+                       " VALUES (?, ?, ?, ?)"
                        " ON CONFLICT (name) DO UPDATE SET return_path = excluded.return_path",
-                       (domain.name, domain.created_at, domain.return_path))
+                       (domain.name, domain.created_at, domain.return_path,
+                        domain.id or new_domain_id()))
             db.executemany(
                 f"INSERT INTO dkim_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(k.domain, k.selector, k.algorithm, k.public_key, k.path, k.state,
@@ -39,6 +44,14 @@ class DomainQueries:
 
     async def get_domain(self, name: str) -> Domain | None:
         found: list[Domain] = await self._reader.run(_domains, name)
+        return found[0] if found else None
+
+    async def domain_by_id(self, domain_id: str) -> Domain | None:
+        def op(db: sqlite3.Connection) -> list[Domain]:
+            row = db.execute("SELECT name FROM domains WHERE id = ?", (domain_id,)).fetchone()
+            return _domains(db, row[0]) if row else []
+
+        found: list[Domain] = await self._reader.run(op)
         return found[0] if found else None
 
     async def list_domains(self) -> list[Domain]:
@@ -74,15 +87,20 @@ class DomainQueries:
 def _domains(db: sqlite3.Connection, name: str | None) -> list[Domain]:
     where, args = ("WHERE name = ?", (name,)) if name is not None else ("", ())
     domains = db.execute(
-        f"SELECT name, created_at, return_path FROM domains {where} ORDER BY name", args
+        f"SELECT name, created_at, return_path, id FROM domains {where} ORDER BY name", args
     ).fetchall()
     keys: dict[str, list[DkimKeyInfo]] = {}
     key_where = "WHERE domain = ?" if name is not None else ""
     for r in db.execute(f"SELECT {_KEY_COLUMNS} FROM dkim_keys {key_where}"
                         " ORDER BY created_at, algorithm DESC", args):
         keys.setdefault(r[0], []).append(_key_row(r))
-    return [Domain(name=d[0], created_at=d[1], return_path=d[2], keys=tuple(keys.get(d[0], ())))
-            for d in domains]
+    return [Domain(name=d[0], created_at=d[1], return_path=d[2], keys=tuple(keys.get(d[0], ())),
+                   id=d[3]) for d in domains]
+
+
+def new_domain_id() -> str:
+    """"dom_" and 64 random bits in hex, as migration 20 gave the domains that existed."""
+    return ID_PREFIX + secrets.token_hex(8)
 
 
 def _key_row(r: sqlite3.Row | tuple[Any, ...]) -> DkimKeyInfo:

@@ -56,13 +56,13 @@ def insert_messages(db: sqlite3.Connection, batch: list[NewMessage],
     db.executemany(
         "INSERT INTO messages (id, created_at, mail_from, size, source, api_key_id, tags, "
         "metadata, stream, subject, header_from, dsn_ret, dsn_envid, smtputf8, scheduled_at, "
-        "sign_domains, sender_domain, track, keep_mail_from, pool)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "sign_domains, sender_domain, track, keep_mail_from, pool, webhook_headers)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(m.id, m.created_at, m.mail_from, m.size or len(m.body), m.source, m.api_key_id,
           _json(m.tags), _json(m.metadata), m.stream.value, m.subject,
           m.header_from, m.dsn_ret, m.dsn_envid, int(m.smtputf8), m.scheduled_at,
           _json(m.sign_domains), m.sender_domain, m.track, int(m.keep_mail_from),
-          m.pool or None)
+          m.pool or None, None if m.webhook_headers is None else _json(m.webhook_headers))
          for m in batch],
     )
     given = [m for m in batch if m.dkim is not None]

@@ -56,6 +56,15 @@ SQLITE: dict[int, str] = {
         PRIMARY KEY (day, policy_domain)
     );
     """,
+    # 20: issue 22: the custom headers a MailerLogic message was sent with, which its
+    # webhooks carry beside the metadata (NULL for every other entry point); and an id for
+    # each sending domain, which PiiSend's domain_id may name instead of the domain
+    20: """
+    ALTER TABLE messages ADD COLUMN webhook_headers TEXT;
+    ALTER TABLE domains ADD COLUMN id TEXT;
+    UPDATE domains SET id = 'dom_' || lower(hex(randomblob(8)));
+    CREATE UNIQUE INDEX domains_id ON domains(id);
+    """,
 }
 
 PG: dict[int, str] = {
@@ -106,5 +115,11 @@ PG: dict[int, str] = {
         error         text,
         PRIMARY KEY (day, policy_domain)
     );
+    """,
+    20: """
+    ALTER TABLE messages ADD COLUMN webhook_headers text;
+    ALTER TABLE domains ADD COLUMN id text;
+    UPDATE domains SET id = 'dom_' || substr(md5(random()::text || name), 1, 16);
+    CREATE UNIQUE INDEX domains_id ON domains(id);
     """,
 }

@@ -114,9 +114,9 @@ class WebhookQueries:
     async def lease_deliveries(self, now: float, limit: int, lease_for: float,
                                max_octets: int | None = None) -> list[Delivery]:
         """Up to `limit` due deliveries, oldest first. With `max_octets`, they stop once the
-        event data, metadata and tags they carry (as stored JSON) pass it, though the first
-        is always taken: each delivery holds its own copy in memory until it is sent, and
-        a message's metadata goes to every recipient's events."""
+        event data, metadata, tags and headers they carry (as stored JSON) pass it, though
+        the first is always taken: each delivery holds its own copy in memory until it is
+        sent, and a message's metadata goes to every recipient's events."""
         budget = -1 if max_octets is None else max_octets
 
         def op(db: sqlite3.Connection) -> list[Delivery]:
@@ -124,7 +124,8 @@ class WebhookQueries:
             # cut where the octets they carry pass the budget
             ids = [r[0] for r in db.execute(
                 "WITH due AS (SELECT o.id, o.next_attempt_at, length(e.data)"
-                " + coalesce(length(m.metadata) + length(m.tags), 0) AS own"
+                " + coalesce(length(m.metadata) + length(m.tags), 0)"
+                " + coalesce(length(m.webhook_headers), 0) AS own"
                 " FROM webhook_outbox o JOIN webhook_endpoints w ON w.id = o.endpoint_id"
                 " JOIN events e ON e.id = o.event_id LEFT JOIN messages m ON m.id = e.message_id"
                 " WHERE o.delivered_at IS NULL AND w.enabled <> 0"
@@ -139,14 +140,16 @@ class WebhookQueries:
                 return []
             rows = db.execute(
                 f"SELECT o.id, o.attempts, e.id, e.type, e.created_at, e.data, e.message_id,"
-                f" m.metadata, m.tags, m.header_from, m.api_key_id,"
+                f" m.metadata, m.tags, m.header_from, m.api_key_id, m.webhook_headers,"
                 f" {', '.join('w.' + c.strip() for c in _COLUMNS.split(','))}"
                 " FROM webhook_outbox o JOIN events e ON e.id = o.event_id"
                 " JOIN webhook_endpoints w ON w.id = o.endpoint_id"
                 " LEFT JOIN messages m ON m.id = e.message_id"
                 f" WHERE o.id IN ({','.join('?' * len(ids))}) ORDER BY o.id", ids).fetchall()
             out = []
-            parsed: dict[str, Any] = {}  # a message's metadata read once, shared by its events
+            # a message's metadata and headers read once, shared by its events
+            parsed: dict[str, Any] = {}
+            headers: dict[str, Any] = {}
             for r in rows:
                 data = {"messageId": r[6], **json.loads(r[5] or "{}")}
                 if r[7] is not None:
@@ -156,7 +159,11 @@ class WebhookQueries:
                     data["campaignId"] = data["metadata"].get("campaignId")
                     data["tags"] = [{"name": n, "value": v} for n, _, v in
                                     (t.partition(":") for t in json.loads(r[8]))]
-                out.append(Delivery(outbox_id=r[0], attempts=r[1], endpoint=_endpoint(r[11:]),
+                if r[11] is not None:  # beside the metadata, as MailerLogic documents
+                    if r[6] not in headers:
+                        headers[r[6]] = json.loads(r[11])
+                    data["headers"] = headers[r[6]]
+                out.append(Delivery(outbox_id=r[0], attempts=r[1], endpoint=_endpoint(r[12:]),
                                     event_id=r[2], event_type=r[3], created_at=r[4], data=data,
                                     sender=r[9] or "", api_key_id=r[10]))
             return out

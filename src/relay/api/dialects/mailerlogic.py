@@ -188,6 +188,9 @@ class MailerLogicApi:
             recipients=tuple(EnvelopeRecipient(address=mb.email) for mb in (*to, *cc, *bcc)),
             composition=composition, source="api", api_key_id=key.id,
             allowed_domains=key.domains, tags=(m.tag,) if m.tag else (), metadata=m.metadata,
+            # "Headers are included in webhook payloads alongside metadata": as given,
+            # Reply-To too (it is sent); checked above, so every value is a string
+            webhook_headers={str(n): str(v) for n, v in m.headers.items()},
             stream=stream, smtputf8=utf8, refuse_if_suppressed=True,
             track_opens=m.track_opens, track_clicks=m.track_clicks)
 

@@ -21,6 +21,7 @@ from ...config import Config
 from ...errors import ValidationError
 from ...keys import may_send_as
 from ...store import SQLiteStore
+from ...store.domains import ID_PREFIX as DOMAIN_ID_PREFIX
 from ...submit import Submitter
 from ...types import ApiKey, Composition, EnvelopeRecipient, Mailbox, Stream, Submission
 from .. import auth
@@ -172,11 +173,20 @@ class PiiSendApi:
             raise ApiError(422, message, param=param) from None
 
     async def _domain(self, domain_id: str | None, key: ApiKey) -> str | None:
-        """A domain_id is a sending domain's name (relay's domain objects are named so)."""
+        """A domain_id is a sending domain's id ("dom_…", `relay domains list`) or its name.
+        An id names only a domain the key may send as: another's answers as an unknown one,
+        so an id tells nothing about domains beyond the key's reach."""
         if domain_id is None:
             return None
+        given = domain_id.strip()
+        if given.startswith(DOMAIN_ID_PREFIX):
+            found = await self._store.domain_by_id(given)
+            if found is None or not may_send_as(key.domains, found.name):
+                raise ApiError(422, f"no sending domain with id {given} (relay domains list)",
+                               param="domain_id")
+            return found.name
         try:
-            name = normalize_domain(domain_id.strip(), param="domain_id")
+            name = normalize_domain(given, param="domain_id")
         except ValidationError as exc:
             raise ApiError(422, str(exc), param="domain_id") from None
         if await self._store.get_domain(name) is None:
