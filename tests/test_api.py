@@ -141,6 +141,27 @@ async def test_batch_queues_the_good_items_and_names_the_bad_one(api: Api) -> No
     assert status == 422 and body["error"]["param"] == "emails"
 
 
+async def test_a_batch_item_of_the_wrong_type_fails_alone(api: Api) -> None:
+    """Seed 003: each item is validated on its own, so a non-object is its own error and the
+    good items are queued; only the batch's own shape and size are the whole request's."""
+    emails: list[Any] = [5, SIMPLE, "x", None, [SIMPLE], {**SIMPLE, "from": 7}, True]
+    status, body, _ = await api.call("POST", "/v1/emails/batch", {"emails": emails})
+    assert status == 207, body
+    results = body["results"]
+    assert [r["index"] for r in results] == list(range(7))
+    assert results[1]["status"] == "queued" and results[1]["id"].startswith("msg_")
+    for i in (0, 2, 3, 4, 6):
+        assert results[i]["error"]["type"] == "validation_error", results[i]
+        assert results[i]["error"]["param"] == f"emails[{i}]", results[i]
+        assert "JSON object" in results[i]["error"]["message"]
+    assert results[5]["error"]["param"] == "emails[5].from"
+    _, page, _ = await api.call("GET", "/v1/emails")
+    assert [m["id"] for m in page["data"]] == [results[1]["id"]]
+    for whole in ({"emails": []}, {"emails": 5}, {"emails": [5] * 101}, {}):
+        status, body, _ = await api.call("POST", "/v1/emails/batch", whole)
+        assert status == 422 and body["error"]["param"] == "emails", (whole, body)
+
+
 async def test_scheduled_email_can_be_cancelled_until_released(api: Api) -> None:
     later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     status, body, _ = await api.call("POST", "/v1/emails", {**SIMPLE, "scheduledAt": later})
@@ -504,3 +525,33 @@ async def test_bad_literals_and_idna_2008_refusals_are_typed_errors(
     assert status == 422, body
     assert body["error"]["type"] == "validation_error"
     assert body["error"]["param"] == "cc[1]" and words in body["error"]["message"], body
+
+
+async def test_reply_attachments_and_domains_answer_bad_input_with_typed_errors(
+        api: Api, service: Service) -> None:
+    _, sent, _ = await api.call("POST", "/v1/emails", SIMPLE)
+    reply = f"/v1/emails/{sent['id']}/reply"
+    for raw, status, param in ((b"{", 400, None), (b"[]", 422, None), (b"5", 422, None),
+                               (b'{"text": 5}', 422, "text"),
+                               (b'{"text": "x", "from": "a@b, c@d"}', 422, "from"),
+                               (b'{"text": "x", "subject": "' + b"s" * 999 + b'"}', 422,
+                                "subject"),
+                               (b'{"text": "x", "scheduledAt": "tomorrow"}', 422,
+                                "scheduledAt")):
+        got, body, _ = await api.call("POST", reply, raw=raw)
+        assert got == status, (raw, body)
+        assert body["error"].get("param") == param, (raw, body)
+    got, body, _ = await api.call("POST", reply, raw=b"{}", headers={
+        "Content-Type": "text/plain"})
+    assert got == 415 and body["error"]["type"] == "unsupported_media_type"
+    got, body, _ = await api.call("POST", f"/v1/emails/{'x' * 5000}/reply", {"text": "x"})
+    assert got == 404 and body["error"]["param"] == "id"
+    got, body, _ = await api.call("GET", f"/v1/emails/{'x' * 5000}/attachments")
+    assert got == 404 and body["error"]["param"] == "id"
+    _, admin = await keys.create_key(service.store, name="d", scopes=["domains:manage"])
+    for query, param in (("limit=0", "limit"), ("limit=x", "limit"), ("status=1", "status"),
+                         ("cursor=" + "a" * 300, "cursor")):
+        got, body, _ = await api.call("GET", f"/v1/domains?{query}", key=admin)
+        assert got == 422 and body["error"]["param"] == param, (query, body)
+    got, body, _ = await api.call("GET", "/v1/domains", key=admin)
+    assert got == 200 and body == {"data": [], "nextCursor": None}

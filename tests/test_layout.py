@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("relay.types", "relay.errors", "relay.aio", "relay.owners", "relay.clients",
      "relay.timefmt", "relay.addresses", "relay.config", "relay.tlsutil", "relay.rawmail",
      "relay.compose", "relay.templates", "relay.dkimkeys", "relay.datadir",
-     "relay.metrics", "relay.logs"),
+     "relay.metrics", "relay.logs", "relay.dnsrecords"),
     ("relay.store",),  # the queue: the only SQL
     ("relay.keys", "relay.submit", "relay.acceptlog"),  # API keys; the one way into the queue
     ("relay.feedback",),  # what comes back: bounces, reports, tracking, webhooks

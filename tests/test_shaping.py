@@ -24,7 +24,7 @@ from relay.errors import ConfigError
 from relay.service import Service
 from relay.store import SQLiteStore
 from relay.store.shaping import SiteHold
-from relay.types import RecipientStatus
+from relay.types import RecipientStatus, Suppression
 
 from .apiutil import Api, api_client
 from .conftest import make_config, run_relay, write_toml
@@ -298,6 +298,34 @@ async def test_mail_leaves_from_its_pools_addresses_with_their_names(tmp_path: P
                                          mail.replace(b": bulk", b": nope"),
                                          "alice@sender.test", ("smtp@p.test",))
             assert code == 550 and b"no source pool named 'nope'" in text, text
+        finally:
+            await api.close()
+            await svc.stop()
+
+
+async def test_a_job_keeps_its_pool_when_the_send_time_screen_drops_a_recipient(
+        tmp_path: Path, dns: DNSServer) -> None:
+    """The scheduler's suppression screen made the rest of the job anew and lost its pool:
+    the others left from the default address."""
+    dns.add("q.test", "MX", "10 mx.q.test.")
+    dns.add("mx.q.test", "A", "127.0.0.1")
+    async with Sink() as sink:
+        svc, api = await start(tmp_path, dns, sink, pools=POOLS)
+        try:
+            await svc.store.add_suppression(Suppression(
+                address="gone@q.test", scope="", reason="manual", source="test",
+                created_at=time.time()))
+            when = (datetime.datetime.now(datetime.UTC)
+                    + datetime.timedelta(seconds=1)).isoformat()
+            status, body, _ = await api.call("POST", "/v1/emails", {
+                "from": "alice@sender.test", "to": ["gone@q.test", "kept@q.test"],
+                "subject": "hi", "text": "hello", "pool": "bulk", "scheduledAt": when})
+            assert status == 202 and body["status"] == "scheduled", body
+            await until(all_in(svc, [body["id"]], "delivered", "suppressed"))
+            (got,) = sink.delivered_to("kept@q.test")
+            assert (got.peer, got.helo) in {("127.0.0.3", "mta3.sender.test"),
+                                            ("127.0.0.4", "mta4.sender.test")}
+            assert not sink.delivered_to("gone@q.test")
         finally:
             await api.close()
             await svc.stop()

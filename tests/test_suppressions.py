@@ -1,5 +1,6 @@
-"""The suppression list: managed over HTTP and the CLI, checked when mail is queued and again
-when it goes out; an unsubscribe is scoped to its sending domain's broadcast mail."""
+"""The suppression list: managed over HTTP and the CLI, checked when mail is queued (scheduled
+mail: only when it goes out) and again when it goes out; an unsubscribe is scoped to its
+sending domain's broadcast mail."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import json
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import pytest
+from drin import DrinClient, DrinSuppressedError
 
 from relay import keys
 from relay.config import DeliveryConfig, DnsConfig
@@ -122,6 +126,47 @@ async def test_suppressed_after_queueing_is_dropped_when_the_mail_goes_out(
                                 "stage": "send"}]
         finally:
             await api.close()
+            await svc.stop()
+
+
+async def test_scheduling_to_a_suppressed_address_is_accepted_and_screened_when_it_goes_out(
+        tmp_path: Path, dns: DNSServer) -> None:
+    """Seed 003: the list is checked when a scheduled message goes out, not when it is
+    scheduled. The SDK's send gets 202 scheduled; at its time the scheduler drops it."""
+    async with Sink() as sink:
+        route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
+        config = make_config(tmp_path, delivery=DeliveryConfig(mx_port=sink.port, **FAST),
+                             dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0))
+        svc = Service(config)
+        await svc.start()
+        try:
+            await svc.store.add_suppression(entry("gone@example.org", reason="hard_bounce"))
+            _, secret = await keys.create_key(svc.store, name="sdk", scopes=["emails:send"])
+            assert svc.api_bound is not None
+            drin = DrinClient(api_key=secret, max_retries=0,
+                              base_url="http://{}:{}".format(*svc.api_bound))
+            when = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+            alone = await in_thread(drin.emails.send, {
+                **SIMPLE, "to": ["gone@example.org"], "scheduledAt": when})
+            assert alone["status"] == "scheduled"
+            both = await in_thread(drin.emails.send, {
+                **SIMPLE, "to": ["gone@example.org", "bob@example.org"], "scheduledAt": when})
+            assert both["status"] == "scheduled"
+            waiting = await svc.store.get_message(alone["id"])
+            assert waiting is not None and [r.status.value for r in waiting.recipients] == [
+                "scheduled"]
+            # sent now, it is refused as before: only scheduling waits for the send time
+            with pytest.raises(DrinSuppressedError):
+                await in_thread(drin.emails.send, {**SIMPLE, "to": ["gone@example.org"]})
+            first = await wait_final(svc, alone["id"])
+            assert [r.status.value for r in first.recipients] == ["suppressed"]
+            assert [e.data for e in first.events if e.type == "email.dropped"] == [
+                {"email": "gone@example.org", "reason": "hard_bounce", "stage": "send"}]
+            second = await wait_final(svc, both["id"])
+            assert {r.address: r.status.value for r in second.recipients} == {
+                "gone@example.org": "suppressed", "bob@example.org": "delivered"}
+            assert [m.rcpt_tos for m in sink.messages] == [["bob@example.org"]]
+        finally:
             await svc.stop()
 
 

@@ -355,3 +355,26 @@ async def test_a_disabled_endpoint_is_reported_to_its_own_owner_only(
     assert await disabled_events(other_a) == 1
     assert await disabled_events(relay_wide) == 1
     assert await disabled_events(theirs) == 0
+
+
+async def test_reply_attachments_and_domains_reach_only_the_keys_own(
+        service: Service, tenants: tuple[Tenant, Tenant, Tenant]) -> None:
+    a, b, admin = tenants
+    _, theirs = await b.call("POST", "/v1/emails", b.email())
+    for method, path, body in (("POST", f"/v1/emails/{theirs['id']}/reply", {"text": "x"}),
+                               ("GET", f"/v1/emails/{theirs['id']}/attachments", None)):
+        status, answer = await a.call(method, path, body)
+        assert status == 404 and answer["error"]["param"] == "id", (path, answer)
+        status, answer = await b.call(method, path, body)
+        assert status in (200, 202), (path, answer)
+    _, listed = await a.call("GET", "/v1/emails")
+    assert listed["data"] == []  # A's reply to B's mail made nothing
+    # a reply from another owner's domain is refused like a send
+    _, mine = await a.call("POST", "/v1/emails", a.email())
+    status, answer = await a.call("POST", f"/v1/emails/{mine['id']}/reply", {
+        "text": "x", "from": "app@b.test"})
+    assert status == 403, answer
+    _, page = await a.call("GET", "/v1/domains")
+    assert [d["domain"] for d in page["data"]] == ["a.test"]
+    _, page = await admin.call("GET", "/v1/domains")
+    assert [d["domain"] for d in page["data"]] == ["a.test", "b.test"]

@@ -21,6 +21,7 @@ from .dialects.mailchannels import MailChannelsApi
 from .dialects.mailerlogic import MailerLogicApi
 from .dialects.piisend import PiiSendApi
 from .dialects.plunk import PlunkApi
+from .domains import DomainsApi
 from .errors import ApiError
 from .health import HealthRoutes, Readiness
 from .hooks import HooksApi
@@ -38,6 +39,7 @@ from .schemas import (
     Page,
     Queued,
     Redeliver,
+    ReplyEmail,
     SendBatch,
     SendEmail,
     UpdateWebhook,
@@ -109,6 +111,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter, *,
     app[CONNECTIONS] = guard
     app.add_routes(NativeApi(config, store, submitter).routes())
     app.add_routes(ManageApi(store).routes())
+    app.add_routes(DomainsApi(config, store).routes())
     app.add_routes(HooksApi(config, store).routes())
     app.add_routes(TemplatesApi(store).routes())
     app.add_routes(ContactsApi(config, store).routes())
@@ -176,6 +179,16 @@ def openapi() -> dict[str, Any]:
                                            params=id_param)},
         "/v1/emails/{id}/cancel": {"post": op("Cancel a scheduled email", params=id_param,
                                               answer=Cancelled)},
+        "/v1/emails/{id}/reply": {"post": op("Reply in the thread of an email (In-Reply-To, "
+                                             "References, Re: subject)", body=ReplyEmail,
+                                             status="202", params=id_param, answer=Queued)},
+        "/v1/emails/{id}/attachments": {"get": op("An email's attachments: metadata, no bytes "
+                                                  "(410 once retention dropped the body)",
+                                                  params=id_param)},
+        "/v1/domains": {"get": op("The key's sending domains and the DNS records each needs",
+                                  answer=Page, params=[
+            {"name": n, "in": "query", "required": False, "schema": {"type": t}}
+            for n, t in (("status", "string"), ("limit", "integer"), ("cursor", "string"))])},
         "/v1/stats": {"get": op("Relay-wide queue, outcomes, failures and webhook backlog "
                                 "(an admin key without domains)")},
         "/v1/api-keys": {"post": op("Create an API key (its secret is shown once)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import email
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -33,7 +34,8 @@ from .owned import found_message, owned_message
 from .parts import checked_headers, decode_attachments
 from .pruned import raise_if_pruned
 from .requests import address_param, int_param, json_body, parse
-from .schemas import SendBatch, SendEmail
+from .schemas import ReplyEmail, SendBatch, SendEmail
+from .stored import attachments_json, stored_mime, thread_of
 from .submitting import Expansion, check_broadcast, prepare, store_call, suppressed_error
 from .views import message_json
 
@@ -53,6 +55,8 @@ class NativeApi:
             web.get("/v1/emails/{id}", self.get),
             web.get("/v1/emails/{id}/body", self.body),
             web.post("/v1/emails/{id}/cancel", self.cancel),
+            web.post("/v1/emails/{id}/reply", self.reply),
+            web.get("/v1/emails/{id}/attachments", self.attachments),
         ]
 
     # -- sending -------------------------------------------------------------------------
@@ -61,8 +65,49 @@ class NativeApi:
         key = await auth.require(request, self._store)
         raw = await json_body(request)
 
+        async def model() -> SendEmail:
+            return parse(SendEmail, raw)
+
+        return await self._send(request, key, raw, model)
+
+    async def reply(self, request: web.Request) -> web.Response:
+        """A send in the thread of a stored message of the key's: In-Reply-To and References
+        from its Message-ID and chain, "Re: " its subject, from its From. Drin's parents are
+        mostly mail that came in, whose sender is the other party; relay keeps only the mail
+        it sends, whose other party is its To, so the reply goes there unless `to` is given."""
+        key = await auth.require(request, self._store)
+        raw = await json_body(request)
+        message_id = request.match_info["id"]
+        detail = await found_message(self._store, key, message_id)
+
+        async def build() -> SendEmail:
+            given = parse(ReplyEmail, raw)
+            for name in given.headers:
+                if name.lower() in ("in-reply-to", "references"):
+                    raise ApiError(422, f"the {name} header of a reply is set from the email "
+                                   "it answers", param=f"headers.{name}")
+            thread = thread_of(await stored_mime(self._store, message_id),
+                               detail.message.subject or "")
+            fields = given.model_dump(by_alias=True, exclude_unset=True, exclude_none=True)
+            fields.setdefault("from", thread.sender)
+            fields.setdefault("to", thread.to)
+            fields.setdefault("subject", thread.subject)
+            if fields["from"] is None:
+                raise ApiError(422, "the email has no From to reply from; give from",
+                               param="from")
+            if not fields["to"]:
+                raise ApiError(422, "the email has no To to reply to; give to", param="to")
+            fields["headers"] = {**given.headers, "In-Reply-To": thread.message_id,
+                                 "References": thread.references}
+            return parse(SendEmail, fields)
+
+        return await self._send(request, key, raw, build)
+
+    async def _send(self, request: web.Request, key: ApiKey, raw: bytes,
+                    model: Callable[[], Awaitable[SendEmail]]) -> web.Response:
+        """Queue one email (a send or a reply) under the request's Idempotency-Key."""
         async def produce(claim: Claim | None) -> Answer:
-            message = self._prepare(parse(SendEmail, raw), key)
+            message = self._prepare(await model(), key)
             answer = Answer.of(202, {"id": message.id, "status": _status(message)})
             if claim is not None:
                 message = dataclasses.replace(
@@ -96,6 +141,9 @@ class NativeApi:
             for i, item in enumerate(batch.emails):
                 try:
                     budget.check(f"emails[{i}]")
+                    if not isinstance(item, dict):
+                        raise ApiError(422, f"emails[{i}]: an email is a JSON object, not "
+                                       f"{_json_kind(item)}", param=f"emails[{i}]")
                     message = self._prepare(parse(SendEmail, item, prefix=f"emails[{i}]"), key)
                     budget.spend(message, f"emails[{i}]")
                     await self._checked(message)
@@ -187,6 +235,15 @@ class NativeApi:
         return web.json_response({"id": message_id, "text": text, "html": html,
                                   "raw": raw.decode("utf-8", "replace")})
 
+    async def attachments(self, request: web.Request) -> web.Response:
+        """The files of a message of the key's: metadata only, as Drin lists them (410 when
+        retention has dropped the body: the files went with it)."""
+        key = await auth.require(request, self._store)
+        message_id = request.match_info["id"]
+        await owned_message(self._store, key, message_id)
+        parsed = await stored_mime(self._store, message_id)
+        return web.json_response({"data": attachments_json(parsed)})
+
     async def cancel(self, request: web.Request) -> web.Response:
         key = await auth.require(request, self._store)
         message_id = request.match_info["id"]
@@ -256,6 +313,17 @@ def _batch_item(index: int, result: SubmitResult) -> dict[str, Any]:
     if result.status == "suppressed":
         return {"index": index, "error": suppressed_error(result).body()["error"]}
     return {"index": index, "id": result.message_id, "status": result.status}
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in words, for an error about a value of the wrong type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"
 
 
 def _status(message: NewMessage) -> str:

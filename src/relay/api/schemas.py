@@ -79,8 +79,32 @@ class SendEmail(Strict):
 
 
 class SendBatch(Strict):
-    emails: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH,
-                                         description=f"1 to {MAX_BATCH} SendEmail objects")
+    # the items are any JSON values here: each is validated on its own as a SendEmail, so
+    # one that is not an object fails alone, in its result, and the rest are queued (seed 003)
+    emails: list[Any] = Field(min_length=1, max_length=MAX_BATCH,
+                              description=f"1 to {MAX_BATCH} SendEmail objects, each "
+                                          "validated and queued on its own")
+
+
+class ReplyEmail(Strict):
+    """POST /v1/emails/{id}/reply: every field overrides what the parent gives (from: its
+    From; to: its To; subject: "Re: " and its subject); html or text is needed."""
+    from_: Address | None = Field(default=None, alias="from")
+    to: list[Address] | Address | None = None
+    cc: list[Address] | Address = Field(default_factory=list)
+    bcc: list[Address] | Address = Field(default_factory=list)
+    replyTo: list[Address] | Address | None = None
+    subject: Annotated[str, StringConstraints(max_length=998)] | None = None
+    html: str | None = None
+    text: str | None = None
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
+    tags: list[TagIn] = Field(default_factory=list, max_length=50)
+    attachments: list[AttachmentIn] = Field(default_factory=list, max_length=100)
+    scheduledAt: AwareDatetime | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict,
+                                     description="stored with the message, never sent")
+    trackOpens: bool = False
+    trackClicks: bool = False
 
 
 class Queued(BaseModel):

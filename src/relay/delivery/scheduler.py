@@ -8,7 +8,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..aio import sleep_until_set
 from ..config import Config
@@ -234,8 +234,8 @@ class Scheduler:
                                     "stage": "send"},
                         last_reply=f"suppressed: {dropped[r.id]}")
                 for r in job.recipients if r.id in dropped])
-        return _Job(job.destination, [r for r in job.recipients if r.id not in dropped],
-                    job.message_ids)
+        # by keyword: the job keeps its pool (given by place, message_ids took its place)
+        return replace(job, recipients=[r for r in job.recipients if r.id not in dropped])
 
     async def _deliver(self, job: _Job, record: Callable[[list[Outcome]], None]) -> None:
         started = self._clock()
