@@ -50,10 +50,10 @@ class DomainsApi:
                                   "nextCursor": page[-1].name if more else None})
 
     def domain_json(self, d: Domain) -> dict[str, Any]:
-        # relay keys a domain by its name, so the name is its id too. A record's own
+        # the store's id ("dom_..."; PiiSend's domain_id takes it too). A record's own
         # `verified` flag is not given: a list does not look DNS up (`relay domains verify`
         # does), and a guess would read as an answer.
-        return {"id": d.name, "domain": d.name, "status": domain_status(d),
+        return {"id": d.id or d.name, "domain": d.name, "status": domain_status(d),
                 "createdAt": iso(d.created_at), "returnPath": d.return_path,
                 "records": [{"type": r.type, "name": r.name, "value": r.value,
                              "purpose": r.purpose}

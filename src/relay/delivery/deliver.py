@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 class Hold:
     reason: str
     until: float
+    kind: str = "site"  # site: its site is held back; warmup: its pool's caps are spent
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from .. import metrics
 from ..config import DeliveryConfig
 from ..errors import DeliveryFailure
 from ..feedback import bounce_reasons
@@ -37,7 +38,7 @@ class Outcomes:
 
     def of_result(self, r: DueRecipient, res: Result, signed: str | None = None) -> Outcome:
         if res.held_until is not None and res.code is None:  # never tried: no attempt
-            return self.held(r, res.text, res.held_until)
+            return self.held(r, res.text, res.held_until, "site")
         attempt = AttemptRecord(
             started_at=res.started_at, duration=res.duration, mx_host=res.mx_host, ip=res.ip,
             port=res.port, tls_version=res.tls_version, tls_cipher=res.tls_cipher,
@@ -72,9 +73,10 @@ class Outcomes:
             return self._bounced(r, now, attempt, reply, data, hard=failure.hard)
         return self._deferred(r, now, attempt, reply, data)
 
-    def held(self, r: DueRecipient, reason: str, until: float) -> Outcome:
-        """Put back without an attempt until `until` (its site is held back, its pool's
-        warm-up caps are spent): deferred, with no attempt counted."""
+    def held(self, r: DueRecipient, reason: str, until: float, kind: str) -> Outcome:
+        """Put back without an attempt until `until` (kind "site": its site is held back;
+        "warmup": its pool's warm-up caps are spent): deferred, with no attempt counted."""
+        metrics.held(kind)
         now = self._clock()
         expires = r.created_at + self._delivery.queue_lifetime
         data: dict[str, object] = {"email": r.address, "code": None, "enhanced": "4.7.0",

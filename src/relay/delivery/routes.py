@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import metrics
 from ..config import Config, parse_hostport
 from ..store import SQLiteStore
 from .deliver import Hold, Lane
@@ -53,13 +52,11 @@ class Router:
         site = self.shaper.site(primary, targets)
         hold = await self.shaper.held(site)
         if hold is not None:
-            metrics.held("site", count)
             return _hold(site, hold.until, hold.reason)
         config = self.pools.pool(pool, "") if pool else None
         grant = await self.pools.grant(config, count)
         if grant.count == 0:
-            metrics.held("warmup", count)
-            return Hold(reason=f"the warm-up caps of pool {pool} are spent for today",
+            return Hold(kind="warmup", reason=f"the warm-up caps of pool {pool} are spent for today",
                         until=grant.until)
         return Route(targets=targets, site=site, grant=grant)
 

@@ -254,12 +254,13 @@ class Scheduler:
             record([self._outcomes.of_failure(r, failure, started) for r in job.recipients])
             return
         if isinstance(route, Hold):
-            record([self._outcomes.held(r, route.reason, route.until) for r in job.recipients])
+            record([self._outcomes.held(r, route.reason, route.until, route.kind)
+                    for r in job.recipients])
             return
         if route.grant.count < len(job.recipients):  # the pool's caps: the rest tomorrow
             kept = _whole_messages(job.recipients, route.grant.count)
             record([self._outcomes.held(r, f"the warm-up caps of pool {job.pool} are spent "
-                                           f"for today", route.grant.until)
+                                           f"for today", route.grant.until, "warmup")
                     for r in job.recipients[len(kept):]])
             job = _Job(job.destination, kept, job.pool, job.message_ids)
         # this node's sessions to the site, then a slot of the cluster's (PostgreSQL: every
