@@ -17,7 +17,10 @@ from . import accesslog, auth, metrics
 from .connections import ConnectionGuard
 from .contacts import ContactsApi, UpsertContact
 from .dashboard import Dashboard
+from .dialects.common import reshaped
+from .dialects.mailchannels import PREFIX as MAILCHANNELS_PREFIX
 from .dialects.mailchannels import MailChannelsApi
+from .dialects.mailchannels import error_body as mailchannels_error
 from .dialects.mailerlogic import MailerLogicApi
 from .dialects.piisend import PiiSendApi
 from .dialects.plunk import PlunkApi
@@ -87,7 +90,10 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
                    405: f"{request.method} is not allowed on {request.path}"}.get(
             exc.status, exc.reason)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return ApiError(exc.status, message, headers=headers).response()
+        error = ApiError(exc.status, message, headers=headers)
+        if request.path.startswith(MAILCHANNELS_PREFIX):  # its clients read its own shape
+            error = reshaped(error, mailchannels_error)
+        return error.response()
     except ConnectionResetError:
         raise  # the client went away mid-request: nothing to answer, nothing to log
     except Exception:
