@@ -21,6 +21,8 @@ from .dialects.common import reshaped
 from .dialects.mailchannels import PREFIX as MAILCHANNELS_PREFIX
 from .dialects.mailchannels import MailChannelsApi
 from .dialects.mailchannels import error_body as mailchannels_error
+from .dialects.mailchannels_manage import MailChannelsManageApi
+from .dialects.mailchannels_metrics import MailChannelsMetricsApi
 from .dialects.mailerlogic import MailerLogicApi
 from .dialects.piisend import PiiSendApi
 from .dialects.plunk import PlunkApi
@@ -126,6 +128,8 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter, *,
     app.add_routes(TrackingRoutes(store, tokens).routes())
     app.add_routes(MailChannelsApi(config, store, submitter,
                                    Signer.load(config.server.data_dir)).routes())
+    app.add_routes(MailChannelsManageApi(store).routes())
+    app.add_routes(MailChannelsMetricsApi(store).routes())
     app.add_routes([web.get("/v1/openapi.json", openapi_handler)])
     metrics.add_route(app, config, store)
     app.add_routes(StatsApi(store).routes())
