@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mailchannels.exceptions import ForbiddenError, InvalidRequestError
+from mailchannels.exceptions import ForbiddenError, InvalidRequestError, NotFoundError
 
 from relay.types import Suppression
 
@@ -63,6 +63,13 @@ async def test_volume_performance_engagement_and_usage_are_the_owners(
             usage = await asyncio.to_thread(mine.usage.retrieve)
             assert usage.total_usage == 3
             assert usage.period_start_date == today[:8] + "01"
+            campaigns = await asyncio.to_thread(mine.metrics.senders, "campaigns")
+            assert campaigns.total == 1 and (campaigns.limit, campaigns.offset) == (10, 0)
+            (c1,) = campaigns.senders
+            assert (c1.name, c1.processed, c1.delivered, c1.dropped, c1.bounced) == (
+                "c1", 2, 2, 1, 0)
+            assert (await asyncio.to_thread(mine.metrics.senders, "sub-accounts")).senders == []
+            assert (await asyncio.to_thread(theirs.metrics.senders, "campaigns")).total == 0
             # another owner's numbers hold none of it
             assert (await asyncio.to_thread(theirs.metrics.volume)).processed == 0
             assert (await asyncio.to_thread(theirs.usage.retrieve)).total_usage == 0
@@ -93,6 +100,12 @@ async def test_metrics_refusals_name_the_field(tmp_path: Path, dns: DNSServer) -
                                             params=params)
                 assert refused.value.status_code == 400
                 assert refused.value.response["param"] == param, params
+            with pytest.raises(InvalidRequestError) as refused:
+                await asyncio.to_thread(mine.request, "GET", "/metrics/senders/campaigns",
+                                        params={"sort_order": "sideways"})
+            assert refused.value.response["param"] == "sort_order"
+            with pytest.raises(NotFoundError):
+                await asyncio.to_thread(mine.request, "GET", "/metrics/senders/teams")
             with pytest.raises(ForbiddenError):
                 await asyncio.to_thread(no_read.metrics.engagement)
             with pytest.raises(ForbiddenError):

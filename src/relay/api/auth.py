@@ -82,6 +82,8 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("GET", "/tx/v1/metrics/performance"): "emails:read",
     ("GET", "/tx/v1/metrics/engagement"): "emails:read",
     ("GET", "/tx/v1/metrics/recipient-behaviour"): "emails:read",
+    ("GET", "/tx/v1/metrics/senders/campaigns"): "emails:read",
+    ("GET", "/tx/v1/metrics/senders/sub-accounts"): "emails:read",
     ("GET", "/tx/v1/usage"): "emails:read",
     # signed links in the mail itself (tracking.py): the token is the credential
     ("GET", "/u/{token}"): PUBLIC,

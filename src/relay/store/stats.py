@@ -121,6 +121,25 @@ class StatsQueries:
         return found
 
 
+    async def campaign_counts(self, *, types: tuple[str, ...], since: float, until: float,
+                              within: Within) -> list[tuple[str, str, int]]:
+        """(campaign, event type, count) of the message events of `types` in [since,
+        until) within a caller's reach, for mail with a campaign (metadata's campaignId)."""
+        def op(db: sqlite3.Connection) -> list[tuple[str, str, int]]:
+            reach, args = owners.message_sql(within, "m.sender_domain")
+            rows = db.execute(
+                "SELECT json_extract(m.metadata, '$.campaignId'), e.type, count(*)"
+                " FROM events e JOIN messages m ON m.id = e.message_id"
+                f" WHERE e.type IN ({_marks(types)}) AND e.created_at >= ?"
+                f" AND e.created_at < ? AND {reach}"
+                " AND json_extract(m.metadata, '$.campaignId') IS NOT NULL GROUP BY 1, 2",
+                (*types, since, until, *args)).fetchall()
+            return [(str(r[0]), r[1], r[2]) for r in rows]
+
+        found: list[tuple[str, str, int]] = await self._reader.run(op)
+        return found
+
+
 def _marks(values: tuple[str, ...]) -> str:
     return ", ".join("?" * len(values))
 

@@ -9,7 +9,8 @@ of messages sent with that tracking on, unsubscribe_delivered the deliveries of 
 not counted (the SDK's models leave them optional). The window is [start_time, end_time),
 30 days up to now by default and at most 366 days; buckets are UTC hours, days, ISO weeks
 (from Monday) or calendar months, each period of the window listed, zero ones included.
-Usage is what was processed in the current calendar month (UTC); relay sets no monthly
+Senders are campaigns (the campaign_id mail was sent with); relay has no sub-accounts, so
+that list is empty. Usage is what was processed in the current calendar month (UTC); relay sets no monthly
 limit.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +28,7 @@ from ...store.stats import HourCount
 from ...types import EventType, Stream
 from .. import auth
 from ..errors import ApiError
+from ..requests import int_param
 from .common import in_shape
 from .mailchannels import STATUSES, caller, error_body
 
@@ -71,6 +73,11 @@ _SERIES: dict[str, dict[str, Counts]] = {
 }
 
 
+# a sender row's numbers
+_SENDER_FIELDS = {"processed": EventType.QUEUED, "delivered": EventType.DELIVERED,
+                  "dropped": EventType.DROPPED, "bounced": EventType.BOUNCED}
+
+
 def time_param(raw: str | None, name: str) -> float | None:
     """An ISO 8601 date or time (UTC unless it says otherwise) as epoch seconds."""
     if not raw:
@@ -92,7 +99,10 @@ class MailChannelsMetricsApi:
     def routes(self) -> list[web.RouteDef]:
         shaped = in_shape(error_body, STATUSES)
         return [web.get(f"/tx/v1/metrics/{name}", shaped(self._metrics(name)))
-                for name in _SERIES] + [web.get("/tx/v1/usage", shaped(self.usage))]
+                for name in _SERIES] + [
+            web.get("/tx/v1/metrics/senders/campaigns", shaped(self.campaigns)),
+            web.get("/tx/v1/metrics/senders/sub-accounts", shaped(self.sub_accounts)),
+            web.get("/tx/v1/usage", shaped(self.usage))]
 
     def _metrics(self, name: str) -> Callable[[web.Request], Any]:
         async def handler(request: web.Request) -> web.Response:
@@ -103,14 +113,7 @@ class MailChannelsMetricsApi:
     async def metrics(self, request: web.Request, name: str) -> web.Response:
         key = await caller(request, self._store)
         q = request.query
-        now = self._clock()
-        until = time_param(q.get("end_time"), "end_time") or now
-        since = time_param(q.get("start_time"), "start_time")
-        since = until - DEFAULT_WINDOW if since is None else since
-        if since >= until:
-            raise ApiError(400, "start_time must be before end_time", param="start_time")
-        if until - since > MAX_WINDOW:
-            raise ApiError(400, "the window is at most 366 days", param="start_time")
+        since, until = _window(q, self._clock())
         interval = q.get("interval", "day")
         if interval not in INTERVALS:
             raise ApiError(400, f"interval {interval!r}: one of {', '.join(INTERVALS)}",
@@ -134,6 +137,41 @@ class MailChannelsMetricsApi:
                               for p, n in by_period.items()]
         return web.json_response({**out, "buckets": buckets})
 
+    async def campaigns(self, request: web.Request) -> web.Response:
+        """Each campaign's numbers (the campaign_id mail was sent with), most processed
+        first (sort_order=asc: fewest)."""
+        key = await caller(request, self._store)
+        q = request.query
+        since, until = _window(q, self._clock())
+        limit = int_param(q.get("limit"), "limit", default=10, low=1, high=1000)
+        offset = int_param(q.get("offset"), "offset", default=0, low=0, high=10**9)
+        order = q.get("sort_order", "desc")
+        if order not in ("asc", "desc"):
+            raise ApiError(400, f"sort_order {order!r}: asc or desc", param="sort_order")
+        counted = await self._store.campaign_counts(
+            types=tuple(e.value for e in _SENDER_FIELDS.values()), since=since, until=until,
+            within=auth.reach(key))
+        field_of = {event.value: field for field, event in _SENDER_FIELDS.items()}
+        rows: dict[str, dict[str, Any]] = {}
+        for campaign, type_, n in counted:
+            row = rows.setdefault(campaign, {"name": campaign,
+                                             **dict.fromkeys(_SENDER_FIELDS, 0)})
+            row[field_of[type_]] += n
+        ranked = sorted(rows.values(), key=lambda r: (r["processed"], r["name"]),
+                        reverse=order == "desc")
+        return web.json_response({"limit": limit, "offset": offset, "total": len(ranked),
+                                  "senders": ranked[offset:offset + limit]})
+
+    async def sub_accounts(self, request: web.Request) -> web.Response:
+        """relay has no sub-accounts: an empty page."""
+        await caller(request, self._store)
+        q = request.query
+        _window(q, self._clock())
+        return web.json_response({
+            "limit": int_param(q.get("limit"), "limit", default=10, low=1, high=1000),
+            "offset": int_param(q.get("offset"), "offset", default=0, low=0, high=10**9),
+            "total": 0, "senders": []})
+
     async def usage(self, request: web.Request) -> web.Response:
         key = await caller(request, self._store)
         now = datetime.datetime.fromtimestamp(self._clock(), UTC)
@@ -147,6 +185,18 @@ class MailChannelsMetricsApi:
             "period_start_date": first.date().isoformat(),
             "period_end_date": (following - datetime.timedelta(days=1)).date().isoformat(),
             "monthly_limit": None})
+
+
+def _window(q: Mapping[str, str], now: float) -> tuple[float, float]:
+    """[start_time, end_time): 30 days up to now unless given, at most 366 days."""
+    until = time_param(q.get("end_time"), "end_time") or now
+    since = time_param(q.get("start_time"), "start_time")
+    since = until - DEFAULT_WINDOW if since is None else since
+    if since >= until:
+        raise ApiError(400, "start_time must be before end_time", param="start_time")
+    if until - since > MAX_WINDOW:
+        raise ApiError(400, "the window is at most 366 days", param="start_time")
+    return since, until
 
 
 def _next_month(first: datetime.datetime) -> datetime.datetime:
