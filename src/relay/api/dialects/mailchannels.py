@@ -254,8 +254,7 @@ class MailChannelsApi:
             raise ApiError(400, "dkim_selector is required with dkim_domain or "
                            "dkim_private_key", param=selector_at)
         if private is not None and domain is None:
-            # the seed: a private key needs the matching dkim_domain and dkim_selector
-            # named beside the key: a personalization's key wants its own domain
+            # the seed: a key needs its dkim_domain too (named where the key is given)
             raise ApiError(400, f"dkim_domain is required with {private_at}",
                            param=private_at.removesuffix("dkim_private_key") + "dkim_domain")
         domain = (domain or sender.email.rpartition("@")[2]).lower()
