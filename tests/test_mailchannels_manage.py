@@ -18,10 +18,13 @@ from mailchannels.exceptions import (
     InvalidRequestError,
     NotFoundError,
 )
+from mailchannels.webhooks.webhooks import verify_webhook_signature
 
 from relay import keys
+from relay.feedback import webhooks_mailchannels
 from relay.service import Service
 
+from .conftest import free_port
 from .dnsserver import DNSServer
 from .sink import Sink
 from .test_delivery import wait_final
@@ -199,6 +202,52 @@ async def test_webhook_batches_list_and_resend_through_the_sdk(tmp_path: Path,
             await rx.stop()
 
 
+async def test_webhook_validate_posts_a_signed_test_event_to_each_endpoint(
+        tmp_path: Path, dns: DNSServer) -> None:
+    good, bad = Receiver(), Receiver()
+    await good.start()
+    await bad.start()
+    bad.answers = [503]
+    async with Sink() as sink:
+        svc, _ = await start(tmp_path, dns, sink)
+        mine, theirs = await keyed(svc, "example.com"), await keyed(svc, "other.example")
+        try:
+            assert (await asyncio.to_thread(mine.webhooks.validate)).results == []
+            await asyncio.to_thread(mine.webhooks.create, good.url)
+            checked = await asyncio.to_thread(mine.webhooks.validate, request_id="r-1")
+            assert checked.all_passed
+            (result,) = checked.results
+            assert (result.webhook, result.result) == (good.url, "passed")
+            assert result.response is not None and result.response.status == 200
+            assert result.response.body == "ok"
+            headers, body = good.got[-1]
+            signer = webhooks_mailchannels.Signer.load(svc.config.server.data_dir)
+            assert verify_webhook_signature(headers, body, signer.public_key_json())
+            (event,) = json.loads(body)
+            assert event["event"] == "test" and event["request_id"] == "r-1"
+
+            gone = good.url.replace(str(good.port), str(free_port()))
+            await asyncio.to_thread(theirs.webhooks.create, bad.url)
+            await asyncio.to_thread(theirs.webhooks.create, gone)
+            checked = await asyncio.to_thread(theirs.webhooks.validate)
+            assert not checked.all_passed
+            by_url = {r.webhook: r for r in checked.results}
+            assert set(by_url) == {bad.url, gone}  # the other owner's endpoint is not tried
+            assert by_url[bad.url].result == "failed"
+            assert by_url[bad.url].response is not None
+            assert by_url[bad.url].response.status == 503
+            assert by_url[gone].result == "failed" and by_url[gone].response is None
+            assert len(good.got) == 1
+            with pytest.raises(InvalidRequestError) as refused:
+                await asyncio.to_thread(mine.request, "POST", "/webhook/validate",
+                                        json={"request_id": 7})
+            assert refused.value.response["param"] == "request_id"
+        finally:
+            await svc.stop()
+            await good.stop()
+            await bad.stop()
+
+
 async def until_async(get: Any, ok: Any, timeout: float = 15.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not ok(await get()):
@@ -214,7 +263,7 @@ async def test_routes_need_their_scopes(tmp_path: Path, dns: DNSServer) -> None:
         root = "http://{}:{}/tx/v1".format(*svc.api_bound)
         try:
             async with aiohttp.ClientSession() as s:
-                for method, path in (("GET", "/webhook-batch"),
+                for method, path in (("GET", "/webhook-batch"), ("POST", "/webhook/validate"),
                                      ("POST", "/webhook-batch/1/resend"),
                                      ("GET", "/suppression-list"),
                                      ("DELETE", "/suppression-list/recipients/a@example.org")):

@@ -73,6 +73,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("GET", "/tx/v1/webhook"): "webhooks:manage",
     ("DELETE", "/tx/v1/webhook"): "webhooks:manage",
     ("GET", "/tx/v1/webhook/public-key"): PUBLIC,
+    ("POST", "/tx/v1/webhook/validate"): "webhooks:manage",
     ("GET", "/tx/v1/webhook-batch"): "webhooks:manage",
     ("POST", "/tx/v1/webhook-batch/{id}/resend"): "webhooks:manage",
     ("GET", "/tx/v1/suppression-list"): "suppressions:manage",

@@ -1,6 +1,7 @@
 """The MailChannels dialect (seed 000) at /tx/v1, auth X-Api-Key: /send and /send-async,
 each personalization its own message through the one Submission; the webhook enrolment
-(/webhook?endpoint=) and the public key its signatures verify with.
+(/webhook?endpoint=), its validation (a signed test event to each endpoint, at once) and
+the public key its signatures verify with.
 
 Readings where MailChannels' docs leave room (chosen so that the `mailchannels` SDK works
 unchanged):
@@ -69,6 +70,7 @@ from .mailchannels_request import (
     McPersonalization,
     McSend,
     McTracking,
+    McValidate,
     built_octets,
     campaign_id,
     check_expansion,
@@ -122,6 +124,7 @@ class MailChannelsApi:
             web.get("/tx/v1/webhook", shaped(self.webhooks)),
             web.delete("/tx/v1/webhook", shaped(self.unenrol)),
             web.get("/tx/v1/webhook/public-key", shaped(self.public_key)),
+            web.post("/tx/v1/webhook/validate", shaped(self.validate)),
         ]
 
     # -- sending -------------------------------------------------------------------------
@@ -328,6 +331,29 @@ class MailChannelsApi:
             if e.format == "mailchannels":
                 await self._store.delete_endpoint(e.id)
         return web.Response(status=204)
+
+    async def validate(self, request: web.Request) -> web.Response:
+        """POST /webhook/validate: a signed test event to each enrolled endpoint, now, and
+        what each answered (passed: a 2xx). With none enrolled, nothing passed."""
+        key = await caller(request, self._store)
+        raw = await request.read()
+        body = parse(McValidate, raw) if raw.strip() else McValidate()
+        endpoints = [e for e in await self._store.list_endpoints(auth.reach(key))
+                     if e.format == "mailchannels"]
+
+        async def one(e: WebhookEndpoint) -> dict[str, Any]:
+            now = time.time()
+            event = webhooks_mailchannels.test_payload(key.id, body.request_id, now)
+            status, answer = await webhooks.probe(self._config.webhooks, e.url, event,
+                                                  self._signer.headers(event, now))
+            passed = status is not None and 200 <= status < 300
+            return {"webhook": e.url, "result": "passed" if passed else "failed",
+                    "response": None if status is None else {"status": status,
+                                                             "body": answer}}
+
+        results = await asyncio.gather(*(one(e) for e in endpoints))
+        return web.json_response({"all_passed": bool(results) and all(
+            r["result"] == "passed" for r in results), "results": results})
 
     async def public_key(self, request: web.Request) -> web.Response:
         """The key the webhook signatures verify with; no API key needed, as there."""
