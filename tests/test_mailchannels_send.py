@@ -10,6 +10,7 @@ import email
 import email.policy
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,13 @@ import mailchannels
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from mailchannels.exceptions import InvalidRequestError
+from mailchannels.exceptions import InvalidRequestError, NotFoundError
 
 from relay import keys
 from relay.config import ApiConfig, DeliveryConfig, DnsConfig, WebhooksConfig
 from relay.delivery import dkim
 from relay.service import Service
+from relay.types import Suppression
 
 from .conftest import add_signing_domain, free_port, make_config
 from .dnsserver import DNSServer
@@ -278,8 +280,14 @@ async def test_refusals_name_the_field(tmp_path: Path, dns: DNSServer) -> None:
             assert (await post({**good, "campaign_id": "é" * 48}))[0] == 200
             cases: list[tuple[dict[str, Any], str]] = [
                 ({"dkim_domain": "example.com"}, "dkim_selector"),
-                ({"dkim_selector": "s", "dkim_private_key": "bm90IGEga2V5"},
-                 "dkim_private_key"),
+                ({"dkim_domain": "example.com", "dkim_selector": "s",
+                  "dkim_private_key": "bm90IGEga2V5"}, "dkim_private_key"),
+                # the seed: a private key needs its dkim_domain as well as its selector
+                ({"dkim_selector": "s", "dkim_private_key": "bm90IGEga2V5"}, "dkim_domain"),
+                ({"personalizations": [{"to": [{"email": "bob@example.org"}],
+                                        "dkim_selector": "s",
+                                        "dkim_private_key": "bm90IGEga2V5"}]},
+                 "personalizations[0].dkim_domain"),
                 ({"tracking_settings": {"open_tracking": {
                     "enable": True, "custom_domain_name": "t.example.com"}}},
                  "tracking_settings.open_tracking.custom_domain_name"),
@@ -298,7 +306,96 @@ async def test_refusals_name_the_field(tmp_path: Path, dns: DNSServer) -> None:
                 status, answer = await post(body)
                 assert status == 400 and param in (answer.get("param") or "") + \
                     answer["errors"][0], (change, answer)
+                if param.endswith("dkim_domain"):
+                    assert answer["param"] == param, answer
             status, answer = await post(good, key=None)
-            assert status == 401 and answer["errors"]
+            assert status == 401 and answer["param"] == "X-Api-Key"
+            assert "X-Api-Key" in answer["errors"][0] and "Bearer" not in answer["message"]
+            status, answer = await post(good, key="rk_not_a_key")
+            assert status == 401 and "X-Api-Key" in answer["message"]
         finally:
             await svc.stop()
+
+
+async def test_unknown_routes_and_methods_under_tx_v1_answer_in_its_shape(
+        tmp_path: Path, dns: DNSServer) -> None:
+    async with Sink() as sink:
+        svc, secret = await start(tmp_path, dns, sink)
+        assert svc.api_bound is not None
+        root = "http://{}:{}".format(*svc.api_bound)
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(root + "/tx/v1/no-such-thing",
+                                 headers={"X-Api-Key": secret}) as r:
+                    answer = await r.json()
+                    assert r.status == 404 and "error" not in answer
+                    assert answer["errors"] == [answer["message"]]
+                    assert "/tx/v1/no-such-thing" in answer["message"]
+                async with s.put(root + "/tx/v1/send", json={},
+                                 headers={"X-Api-Key": secret}) as r:
+                    answer = await r.json()
+                    assert r.status == 405 and "POST" in r.headers["Allow"]
+                    assert answer["errors"] and "error" not in answer
+                    assert r.headers["X-Request-Id"]
+                async with s.get(root + "/v1/no-such-thing") as r:  # relay's own shape
+                    assert r.status == 404 and "error" in await r.json()
+            # the SDK reads the message of such an answer
+            mc = client(svc, secret)
+            with pytest.raises(NotFoundError, match="no route"):
+                await asyncio.to_thread(mc.request, "GET", "/no-such-thing")
+        finally:
+            await svc.stop()
+
+
+async def test_a_suppressed_recipient_is_dropped_with_its_event_and_kept(
+        tmp_path: Path, dns: DNSServer) -> None:
+    rx = Receiver()
+    await rx.start()
+    async with Sink() as sink:
+        svc, secret = await start(tmp_path, dns, sink)
+        mc = client(svc, secret)
+        assert svc.api_bound is not None
+        root = "http://{}:{}".format(*svc.api_bound)
+        try:
+            await asyncio.to_thread(mc.webhooks.create, rx.url)
+            for address in ("gone@example.org", "left@example.org"):
+                await svc.store.add_suppression(Suppression(
+                    address=address, scope="", reason="hard_bounce", source="test",
+                    created_at=time.time()))
+            mail: dict[str, Any] = {
+                "from": {"email": "alice@example.com"}, "subject": "s",
+                "content": [{"type": "text/plain", "value": "x"}],
+                "personalizations": [{"to": [{"email": "gone@example.org"}]},
+                                     {"to": [{"email": "bob@example.org"}]}]}
+            sent = await asyncio.to_thread(mc.emails.send, mail)
+            refused, kept = sent["results"]
+            assert refused["status"] == "failed" and "gone@example.org" in refused["reason"]
+            assert kept["status"] == "sent"
+            async with aiohttp.ClientSession() as s, s.get(
+                    root + f"/v1/emails/{refused['message_id']}",
+                    headers={"Authorization": f"Bearer {secret}"}) as r:
+                assert r.status == 200, await r.text()
+                detail = await r.json()
+            assert [(x["email"], x["status"]) for x in detail["recipients"]] == [
+                ("gone@example.org", "suppressed")]
+            assert "email.dropped" in {e["type"] for e in detail["events"]}
+
+            queued = await asyncio.to_thread(mc.emails.queue, {
+                **mail, "personalizations": [{"to": [{"email": "left@example.org"}]}]})
+            assert queued["request_id"]
+
+            def dropped() -> list[dict[str, Any]]:
+                return [e for _, body in rx.got for e in json.loads(body)
+                        if e["event"] == "dropped"]
+
+            await until(lambda: len(dropped()) == 2)
+            by_request = {e["request_id"]: e for e in dropped()}
+            assert by_request[sent["request_id"]]["recipients"] == ["gone@example.org"]
+            assert by_request[sent["request_id"]]["message_id"] == refused["message_id"]
+            assert by_request[queued["request_id"]]["recipients"] == ["left@example.org"]
+            assert by_request[queued["request_id"]]["reason"] == "hard_bounce"
+            await wait_final(svc, kept["message_id"])
+            assert {r for m in sink.messages for r in m.rcpt_tos} == {"bob@example.org"}
+        finally:
+            await svc.stop()
+            await rx.stop()

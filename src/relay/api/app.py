@@ -17,7 +17,12 @@ from . import accesslog, auth, metrics
 from .connections import ConnectionGuard
 from .contacts import ContactsApi, UpsertContact
 from .dashboard import Dashboard
+from .dialects.common import reshaped
+from .dialects.mailchannels import PREFIX as MAILCHANNELS_PREFIX
 from .dialects.mailchannels import MailChannelsApi
+from .dialects.mailchannels import error_body as mailchannels_error
+from .dialects.mailchannels_manage import MailChannelsManageApi
+from .dialects.mailchannels_metrics import MailChannelsMetricsApi
 from .dialects.mailerlogic import MailerLogicApi
 from .dialects.piisend import PiiSendApi
 from .dialects.plunk import PlunkApi
@@ -89,7 +94,10 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
                    405: f"{request.method} is not allowed on {request.path}"}.get(
             exc.status, exc.reason)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return ApiError(exc.status, message, headers=headers).response()
+        error = ApiError(exc.status, message, headers=headers)
+        if request.path.startswith(MAILCHANNELS_PREFIX):  # its clients read its own shape
+            error = reshaped(error, mailchannels_error)
+        return error.response()
     except ConnectionResetError:
         raise  # the client went away mid-request: nothing to answer, nothing to log
     except Exception:
@@ -123,6 +131,8 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter, *,
     app.add_routes(TrackingRoutes(store, tokens).routes())
     app.add_routes(MailChannelsApi(config, store, submitter,
                                    Signer.load(config.server.data_dir)).routes())
+    app.add_routes(MailChannelsManageApi(store).routes())
+    app.add_routes(MailChannelsMetricsApi(store).routes())
     app.add_routes([web.get("/v1/openapi.json", openapi_handler)])
     metrics.add_route(app, config, store)
     app.add_routes(StatsApi(store).routes())

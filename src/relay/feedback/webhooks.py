@@ -159,6 +159,34 @@ def literal_refused(url: str, allow_private: bool) -> str | None:
     return None
 
 
+PROBE_ANSWER = 1024  # octets of a probed endpoint's answer kept
+
+
+async def probe(config: WebhooksConfig, url: str, body: bytes,
+                headers: Mapping[str, str]) -> tuple[int | None, str]:
+    """One POST outside the outbox (a validation's test event), with the guards deliveries
+    have: the status and the start of the answer, or None and why nothing was answered."""
+    refused = literal_refused(url, config.allow_private_targets)
+    if refused:
+        return None, refused
+    resolver = None if config.allow_private_targets else GuardedResolver()
+    try:
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(resolver=resolver),
+                timeout=aiohttp.ClientTimeout(total=config.timeout),
+                headers={"User-Agent": "relay-webhooks"}) as session, \
+                session.post(url, data=body, headers=dict(headers),
+                             allow_redirects=False) as resp:
+            answer = await resp.content.read(PROBE_ANSWER)
+            return resp.status, answer.decode("utf-8", "replace")
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, RefusedTarget) else exc
+        return None, f"{type(cause).__name__}: {cause}"[:300]
+    finally:
+        if resolver is not None:
+            await resolver.close()
+
+
 class WebhookDispatcher:
     def __init__(self, config: WebhooksConfig, store: SQLiteStore, *,
                  clock: Any = time.time,

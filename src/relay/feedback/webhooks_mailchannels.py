@@ -113,6 +113,13 @@ def payload(d: Delivery) -> bytes | None:
     return orjson.dumps([event])
 
 
+def test_payload(customer_handle: str, request_id: str | None, now: float) -> bytes:
+    """The body of a validation's test event (POST /tx/v1/webhook/validate)."""
+    return orjson.dumps([{"email": None, "customer_handle": customer_handle,
+                          "timestamp": int(now), "event": "test", "request_id": request_id,
+                          "recipients": []}])
+
+
 def _address(header_from: str) -> str:
     """The address in a From header value ("Alice <a@x>" -> "a@x")."""
     if "<" in header_from and header_from.endswith(">"):

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import owners
+from ..owners import Within
 from ..types import WAITING_STATUSES, EventType
 from .counts import waiting
 from .thread import DbThread
@@ -75,6 +77,17 @@ class Stats:
     failing_endpoints: list[FailingEndpoint]
 
 
+@dataclass(frozen=True, kw_only=True)
+class HourCount:
+    """Events of one type in one hour, of messages with one tracking setting and stream."""
+
+    hour: float  # the hour's first second (epoch)
+    type: str
+    track: str  # the message's tracking: "", "opens", "clicks" or "opens,clicks"
+    stream: str
+    count: int
+
+
 class StatsQueries:
     """Mixed into SQLiteStore."""
 
@@ -83,6 +96,47 @@ class StatsQueries:
 
     async def stats(self, now: float) -> Stats:
         found: Stats = await self._reader.run(lambda db: _stats(db, now))
+        return found
+
+
+    async def event_hours(self, *, types: tuple[str, ...], since: float, until: float,
+                          within: Within, campaign: str | None = None) -> list[HourCount]:
+        """Message events of `types` in [since, until), counted by hour, of the messages
+        within a caller's reach (and of one campaign: metadata's campaignId)."""
+        def op(db: sqlite3.Connection) -> list[HourCount]:
+            reach, args = owners.message_sql(within, "m.sender_domain")
+            sql = ("SELECT CAST(floor(e.created_at / 3600) AS INTEGER), e.type, m.track,"
+                   " m.stream, count(*) FROM events e JOIN messages m ON m.id = e.message_id"
+                   f" WHERE e.type IN ({_marks(types)}) AND e.created_at >= ?"
+                   f" AND e.created_at < ? AND {reach}")
+            values: list[Any] = [*types, since, until, *args]
+            if campaign is not None:
+                sql += " AND json_extract(m.metadata, '$.campaignId') = ?"
+                values.append(campaign)
+            rows = db.execute(sql + " GROUP BY 1, 2, 3, 4", values).fetchall()
+            return [HourCount(hour=float(r[0] * 3600), type=r[1], track=r[2] or "",
+                              stream=r[3], count=r[4]) for r in rows]
+
+        found: list[HourCount] = await self._reader.run(op)
+        return found
+
+
+    async def campaign_counts(self, *, types: tuple[str, ...], since: float, until: float,
+                              within: Within) -> list[tuple[str, str, int]]:
+        """(campaign, event type, count) of the message events of `types` in [since,
+        until) within a caller's reach, for mail with a campaign (metadata's campaignId)."""
+        def op(db: sqlite3.Connection) -> list[tuple[str, str, int]]:
+            reach, args = owners.message_sql(within, "m.sender_domain")
+            rows = db.execute(
+                "SELECT json_extract(m.metadata, '$.campaignId'), e.type, count(*)"
+                " FROM events e JOIN messages m ON m.id = e.message_id"
+                f" WHERE e.type IN ({_marks(types)}) AND e.created_at >= ?"
+                f" AND e.created_at < ? AND {reach}"
+                " AND json_extract(m.metadata, '$.campaignId') IS NOT NULL GROUP BY 1, 2",
+                (*types, since, until, *args)).fetchall()
+            return [(str(r[0]), r[1], r[2]) for r in rows]
+
+        found: list[tuple[str, str, int]] = await self._reader.run(op)
         return found
 
 

@@ -36,24 +36,33 @@ class SuppressionQueries:
         return added
 
     async def remove_suppression(self, address: str, scope: str | None = None,
-                                 within: Within = None) -> int:
-        """Removes the address's entries (of one scope, or all of them) within a caller's
-        reach; returns how many."""
+                                 within: Within = None, *,
+                                 reasons: Sequence[str] | None = None) -> int:
+        """Removes the address's entries (of one scope, or all of them; of some reasons, or
+        any) within a caller's reach; returns how many."""
         def op(db: sqlite3.Connection) -> int:
             clause, args = owners.owner_sql(within)
-            if scope is None:
-                return db.execute(f"DELETE FROM suppressions WHERE address = ? AND {clause}",
-                                  (address, *args)).rowcount
-            return db.execute("DELETE FROM suppressions WHERE address = ? AND scope = ?"
-                              f" AND {clause}", (address, scope, *args)).rowcount
+            where, values = ["address = ?", clause], [address, *args]
+            if scope is not None:
+                where.append("scope = ?")
+                values.append(scope)
+            if reasons is not None:
+                where.append(f"reason IN ({','.join('?' * len(reasons)) or 'NULL'})")
+                values += reasons
+            return db.execute("DELETE FROM suppressions WHERE " + " AND ".join(where),
+                              values).rowcount
 
         count: int = await self._write(op)
         return count
 
     async def list_suppressions(self, *, limit: int = 100, after: str | None = None,
-                                address: str | None = None,
-                                within: Within = None) -> list[Suppression]:
-        """By address; `after` is the last address of the previous page."""
+                                address: str | None = None, within: Within = None,
+                                reasons: Sequence[str] | None = None,
+                                created_after: float | None = None,
+                                created_before: float | None = None,
+                                offset: int = 0) -> list[Suppression]:
+        """By address; `after` is the last address of the previous page (or skip `offset`
+        entries); `reasons` and the creation times narrow it."""
         def op(db: sqlite3.Connection) -> list[Suppression]:
             clause, owner_args = owners.owner_sql(within)
             where, args = [clause], list(owner_args)
@@ -63,8 +72,18 @@ class SuppressionQueries:
             if after:
                 where.append("address > ?")
                 args.append(after)
+            if reasons is not None:
+                where.append(f"reason IN ({','.join('?' * len(reasons)) or 'NULL'})")
+                args += reasons
+            if created_after is not None:
+                where.append("created_at >= ?")
+                args.append(created_after)
+            if created_before is not None:
+                where.append("created_at < ?")
+                args.append(created_before)
             sql = f"SELECT {_COLUMNS} FROM suppressions WHERE " + " AND ".join(where)
-            rows = db.execute(sql + " ORDER BY address, scope, owner LIMIT ?", (*args, limit))
+            rows = db.execute(sql + " ORDER BY address, scope, owner LIMIT ? OFFSET ?",
+                              (*args, limit, offset))
             return [Suppression(address=r[0], scope=r[1], reason=r[2], source=r[3],
                                 created_at=r[4], owner=owners.decode(r[5])) for r in rows]
 

@@ -34,6 +34,24 @@ class Delivery:
     api_key_id: str | None = None  # the key that sent the message
 
 
+@dataclass(frozen=True, kw_only=True)
+class Attempted:
+    """An event's delivery to an endpoint that was attempted (what MailChannels calls a
+    webhook batch: relay posts one event at a time)."""
+
+    id: int  # the outbox row's
+    endpoint_id: str
+    url: str
+    event_id: int
+    created_at: float
+    attempts: int
+    last_status: int | None
+    delivered_at: float | None
+
+
+_STATUS_CLASSES = {"1xx": 100, "2xx": 200, "3xx": 300, "4xx": 400, "5xx": 500}
+
+
 class WebhookQueries:
     """Mixed into SQLiteStore."""
 
@@ -211,6 +229,51 @@ class WebhookQueries:
                                 "reason": disable})))
 
         await self._write(op)
+
+    async def attempted(self, *, format: str, within: Within, batch_id: int | None = None,
+                        url: str | None = None, statuses: tuple[str, ...] = (),
+                        created_after: float | None = None,
+                        created_before: float | None = None, limit: int = 100,
+                        offset: int = 0) -> list[Attempted]:
+        """Attempted deliveries to the endpoints of one format within a caller's reach,
+        newest first; `statuses` are classes ("2xx") or "no_response" (no HTTP answer)."""
+        def op(db: sqlite3.Connection) -> list[Attempted]:
+            reach, args = owners.owner_sql(within, "w.owner")
+            where, values = ["o.attempts > 0", "w.format = ?", reach], [format, *args]
+            if batch_id is not None:
+                where.append("o.id = ?")
+                values.append(batch_id)
+            if url is not None:
+                where.append("w.url = ?")
+                values.append(url)
+            if statuses:
+                ors = []
+                for status in statuses:
+                    if status == "no_response":
+                        ors.append("o.last_status IS NULL")
+                    else:
+                        ors.append("(o.last_status >= ? AND o.last_status < ?)")
+                        low = _STATUS_CLASSES[status]
+                        values += [low, low + 100]
+                where.append("(" + " OR ".join(ors) + ")")
+            if created_after is not None:
+                where.append("o.created_at >= ?")
+                values.append(created_after)
+            if created_before is not None:
+                where.append("o.created_at < ?")
+                values.append(created_before)
+            rows = db.execute(
+                "SELECT o.id, w.id, w.url, o.event_id, o.created_at, o.attempts,"
+                " o.last_status, o.delivered_at FROM webhook_outbox o"
+                " JOIN webhook_endpoints w ON w.id = o.endpoint_id"
+                f" WHERE {' AND '.join(where)} ORDER BY o.id DESC LIMIT ? OFFSET ?",
+                (*values, limit, offset)).fetchall()
+            return [Attempted(id=r[0], endpoint_id=r[1], url=r[2], event_id=r[3],
+                              created_at=r[4], attempts=r[5], last_status=r[6],
+                              delivered_at=r[7]) for r in rows]
+
+        found: list[Attempted] = await self._reader.run(op)
+        return found
 
     async def outbox(self, endpoint_id: str) -> list[dict[str, Any]]:
         """An endpoint's deliveries, oldest first (for tests and operators)."""

@@ -1,16 +1,20 @@
 """The MailChannels dialect (seed 000) at /tx/v1, auth X-Api-Key: /send and /send-async,
 each personalization its own message through the one Submission; the webhook enrolment
-(/webhook?endpoint=) and the public key its signatures verify with.
+(/webhook?endpoint=), its validation (a signed test event to each endpoint, at once) and
+the public key its signatures verify with.
 
 Readings where MailChannels' docs leave room (chosen so that the `mailchannels` SDK works
 unchanged):
 - A personalization's dkim_domain, dkim_selector and dkim_private_key each fall back to the
-  root's; a selector without a domain takes the From domain; a domain without a selector,
-  or a key without a selector, is a 400. Without a private key, the domain and selector
-  must name a key relay holds (`relay domains add`), which then signs as relay's keys do.
+  root's; a selector without a domain takes the From domain; a domain without a selector
+  is a 400, and so is a private key without both (the seed). Without a private key, the
+  domain and selector must name a key relay holds (`relay domains add`), which then signs
+  as relay's keys do.
   A private key is PEM or base64 DER (what MailChannels' docs make with openssl).
 - `/send` answers once the messages are on disk: "sent" there means queued for delivery,
-  "failed" (with a reason) a personalization whose every recipient is suppressed.
+  "failed" (with a reason) a personalization whose every recipient is suppressed. Such a
+  message is kept, its recipients stored suppressed with a dropped event each (and its
+  webhook), as a partly suppressed one's are: GET /v1/emails/{id} finds it.
 - Mustache (`template_type: "mustache"`) fills the content with the personalization's
   dynamic_template_data; html is escaped as mustache escapes, plain text is not.
 - The dry run answers each message as relay would queue it, signed with the key given
@@ -66,6 +70,7 @@ from .mailchannels_request import (
     McPersonalization,
     McSend,
     McTracking,
+    McValidate,
     built_octets,
     campaign_id,
     check_expansion,
@@ -75,8 +80,9 @@ from .mailchannels_request import (
     merged_headers,
 )
 
+PREFIX = "/tx/v1/"  # every route of this dialect, and every error under it in its shape
 # MailChannels answers bad input with 400 and a too-large one with 413
-_STATUSES = {415: 400, 422: 400}
+STATUSES = {415: 400, 422: 400}
 
 
 def error_body(exc: ApiError) -> dict[str, Any]:
@@ -88,6 +94,19 @@ def error_body(exc: ApiError) -> dict[str, Any]:
     return out
 
 
+async def caller(request: web.Request, store: SQLiteStore) -> ApiKey:
+    """auth.require, its 401 naming the header MailChannels' clients send the key in."""
+    try:
+        return await auth.require(request, store)
+    except ApiError as exc:
+        if exc.status != 401:
+            raise
+        missing = not auth.presented_key(request)
+        raise ApiError(401, "an API key is required in the X-Api-Key header" if missing
+                       else "the API key in X-Api-Key is not valid or was revoked",
+                       param="X-Api-Key") from None
+
+
 class MailChannelsApi:
     def __init__(self, config: Config, store: SQLiteStore, submitter: Submitter,
                  signer: Signer) -> None:
@@ -97,7 +116,7 @@ class MailChannelsApi:
         self._signer = signer
 
     def routes(self) -> list[web.RouteDef]:
-        shaped = in_shape(error_body, _STATUSES)
+        shaped = in_shape(error_body, STATUSES)
         return [
             web.post("/tx/v1/send", shaped(self.send)),
             web.post("/tx/v1/send-async", shaped(self.send_async)),
@@ -105,12 +124,13 @@ class MailChannelsApi:
             web.get("/tx/v1/webhook", shaped(self.webhooks)),
             web.delete("/tx/v1/webhook", shaped(self.unenrol)),
             web.get("/tx/v1/webhook/public-key", shaped(self.public_key)),
+            web.post("/tx/v1/webhook/validate", shaped(self.validate)),
         ]
 
     # -- sending -------------------------------------------------------------------------
 
     async def send(self, request: web.Request) -> web.Response:
-        key = await auth.require(request, self._store)
+        key = await caller(request, self._store)
         m = parse(McSend, await json_body(request))
         request_id = str(uuid.uuid4())
         messages = await self._prepared(m, key, request_id)
@@ -128,7 +148,7 @@ class MailChannelsApi:
         return web.json_response({"request_id": request_id, "results": out})
 
     async def send_async(self, request: web.Request) -> web.Response:
-        key = await auth.require(request, self._store)
+        key = await caller(request, self._store)
         m = parse(McSend, await json_body(request))
         request_id = str(uuid.uuid4())
         messages = await self._prepared(m, key, request_id)
@@ -214,7 +234,10 @@ class MailChannelsApi:
             recipients=tuple(EnvelopeRecipient(address=b.email) for b in (*to, *cc, *bcc)),
             composition=composition, source="api", api_key_id=key.id,
             allowed_domains=key.domains, metadata=metadata, stream=stream,
-            smtputf8=not all(b.email.isascii() for b in everyone), refuse_if_suppressed=True,
+            # a personalization whose every recipient is suppressed is still recorded (its
+            # recipients stored suppressed, each with a dropped event and its webhook), so
+            # that its message_id can be looked up like any other
+            smtputf8=not all(b.email.isascii() for b in everyone), refuse_if_suppressed=False,
             dkim=await self._dkim(m, p, where, sender),
             track_opens=bool(tracking.open_tracking and tracking.open_tracking.enable),
             track_clicks=bool(tracking.click_tracking and tracking.click_tracking.enable))
@@ -226,13 +249,17 @@ class MailChannelsApi:
             own = getattr(p, name)
             return (own, f"{where}.{name}") if own is not None else (getattr(m, name), name)
 
-        (domain, domain_at), (selector, selector_at), (private, _) = (
+        (domain, domain_at), (selector, selector_at), (private, private_at) = (
             pick("dkim_domain"), pick("dkim_selector"), pick("dkim_private_key"))
         if domain is None and selector is None and private is None:
             return None
         if selector is None:
             raise ApiError(400, "dkim_selector is required with dkim_domain or "
                            "dkim_private_key", param=selector_at)
+        if private is not None and domain is None:
+            # the seed: a key needs its dkim_domain too (named where the key is given)
+            raise ApiError(400, f"dkim_domain is required with {private_at}",
+                           param=private_at.removesuffix("dkim_private_key") + "dkim_domain")
         domain = (domain or sender.email.rpartition("@")[2]).lower()
         if private is not None:
             return GivenDkimKey(domain=domain, selector=selector, private_key=private)
@@ -277,7 +304,7 @@ class MailChannelsApi:
 
     async def enrol(self, request: web.Request) -> web.Response:
         """POST /webhook?endpoint=URL: events in MailChannels' shape go to URL."""
-        key = await auth.require(request, self._store)
+        key = await caller(request, self._store)
         url = request.query.get("endpoint", "")
         if not url:
             raise ApiError(400, "the endpoint query parameter is required", param="endpoint")
@@ -292,18 +319,41 @@ class MailChannelsApi:
         return web.Response(status=201)
 
     async def webhooks(self, request: web.Request) -> web.Response:
-        key = await auth.require(request, self._store)
+        key = await caller(request, self._store)
         known = await self._store.list_endpoints(auth.reach(key))
         return web.json_response({"data": [{"webhook": e.url} for e in known
                                            if e.format == "mailchannels"]})
 
     async def unenrol(self, request: web.Request) -> web.Response:
         """DELETE /webhook: every endpoint of this format (MailChannels deletes them all)."""
-        key = await auth.require(request, self._store)
+        key = await caller(request, self._store)
         for e in await self._store.list_endpoints(auth.reach(key)):
             if e.format == "mailchannels":
                 await self._store.delete_endpoint(e.id)
         return web.Response(status=204)
+
+    async def validate(self, request: web.Request) -> web.Response:
+        """POST /webhook/validate: a signed test event to each enrolled endpoint, now, and
+        what each answered (passed: a 2xx). With none enrolled, nothing passed."""
+        key = await caller(request, self._store)
+        raw = await request.read()
+        body = parse(McValidate, raw) if raw.strip() else McValidate()
+        endpoints = [e for e in await self._store.list_endpoints(auth.reach(key))
+                     if e.format == "mailchannels"]
+
+        async def one(e: WebhookEndpoint) -> dict[str, Any]:
+            now = time.time()
+            event = webhooks_mailchannels.test_payload(key.id, body.request_id, now)
+            status, answer = await webhooks.probe(self._config.webhooks, e.url, event,
+                                                  self._signer.headers(event, now))
+            passed = status is not None and 200 <= status < 300
+            return {"webhook": e.url, "result": "passed" if passed else "failed",
+                    "response": None if status is None else {"status": status,
+                                                             "body": answer}}
+
+        results = await asyncio.gather(*(one(e) for e in endpoints))
+        return web.json_response({"all_passed": bool(results) and all(
+            r["result"] == "passed" for r in results), "results": results})
 
     async def public_key(self, request: web.Request) -> web.Response:
         """The key the webhook signatures verify with; no API key needed, as there."""

@@ -97,6 +97,12 @@ class McSend(McDkim):
     unsubscribe_settings: McUnsubscribe | None = None
 
 
+class McValidate(Strict):
+    """POST /webhook/validate's body (optional): the request id the test event carries."""
+
+    request_id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+
+
 def check_settings(m: McSend) -> None:
     tracking = m.tracking_settings
     for name in ("click_tracking", "open_tracking"):
