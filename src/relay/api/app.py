@@ -23,6 +23,7 @@ from .dialects.mailchannels import MailChannelsApi
 from .dialects.mailchannels import error_body as mailchannels_error
 from .dialects.mailchannels_manage import MailChannelsManageApi
 from .dialects.mailchannels_metrics import MailChannelsMetricsApi
+from .dialects import mailerlogic, piisend, plunk
 from .dialects.mailerlogic import MailerLogicApi
 from .dialects.piisend import PiiSendApi
 from .dialects.plunk import PlunkApi
@@ -94,10 +95,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
                    405: f"{request.method} is not allowed on {request.path}"}.get(
             exc.status, exc.reason)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        error = ApiError(exc.status, message, headers=headers)
-        if request.path.startswith(MAILCHANNELS_PREFIX):  # its clients read its own shape
-            error = reshaped(error, mailchannels_error)
-        return error.response()
+        return in_dialect(request, ApiError(exc.status, message, headers=headers))
     except ConnectionResetError:
         raise  # the client went away mid-request: nothing to answer, nothing to log
     except Exception:
@@ -105,6 +103,22 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
                       request[REQUEST_ID])
         return ApiError(500, "an internal error; the request id names it in relay's log",
                         type="internal_error").response()
+
+
+def in_dialect(request: web.Request, error: ApiError) -> web.StreamResponse:
+    """A 404 or 405 in the shape of the dialect whose paths the request is under (its
+    clients read their own shape): MailChannels /tx/v1/, MailerLogic /api/v1/send, PiiSend
+    the rest of /api/v1/, Plunk /v1/send and /v1/track; relay's own otherwise."""
+    path = request.path
+    if path.startswith(MAILCHANNELS_PREFIX):
+        return reshaped(error, mailchannels_error).response()
+    if path == mailerlogic.PATH or path.startswith(mailerlogic.PATH + "/"):
+        return reshaped(error, mailerlogic.error_body, mailerlogic.STATUSES).response()
+    if path.startswith("/api/v1/"):
+        return reshaped(error, piisend.error_body).response()
+    if path in plunk.PATHS:
+        return plunk.respond(error, request)
+    return error.response()
 
 
 def make_app(config: Config, store: SQLiteStore, submitter: Submitter, *,

@@ -130,20 +130,23 @@ CACHE_SIZE = 1024
 _cache: dict[bytes, tuple[ApiKey, float]] = {}
 
 
-async def require(request: web.Request, store: Store) -> ApiKey:
+async def require(request: web.Request, store: Store, *,
+                  header: str = "Authorization") -> ApiKey:
     """The caller's key if it is live and has the scope ROUTE_SCOPES names for this route;
-    401 or 403 otherwise."""
+    401 or 403 otherwise. `header`: where the route's dialect takes the key, as its 401
+    says (either is read: `presented_key`)."""
     scope = route_scope(request)
     if scope is PUBLIC:
         raise RuntimeError(f"{request.method} {request.path} is public; it takes no key")
     secret = presented_key(request)
     if not secret:
-        raise ApiError(401, "an API key is required: Authorization: Bearer <key>",
+        wanted = "Authorization: Bearer <key>" if header == "Authorization" else header
+        raise ApiError(401, f"an API key is required: {wanted}", param=header,
                        headers={"WWW-Authenticate": 'Bearer realm="relay"'})
     key = await _authenticate(store, secret)
     if key is None:
-        raise ApiError(401, "the API key is not valid or was revoked",
-                       headers={"WWW-Authenticate": 'Bearer realm="relay"'})
+        raise ApiError(401, f"the API key in {header} is not valid or was revoked",
+                       param=header, headers={"WWW-Authenticate": 'Bearer realm="relay"'})
     request[API_KEY_ID] = key.id  # for the access log: the key's id, never its secret
     if scope not in key.scopes:
         raise ApiError(403, f"this API key lacks the {scope} scope")

@@ -67,7 +67,7 @@ class MlSend(Strict):
 
 # MailerLogic documents 400, 403, 404 and 500: bad input of every kind (relay's 422), an
 # attachment over its limit and a body that is not JSON are its 400
-_STATUSES = {413: 400, 415: 400, 422: 400}
+STATUSES = {413: 400, 415: 400, 422: 400}
 _PHRASES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 409: "Conflict", 429: "Too Many Requests",
             503: "Service Unavailable"}
@@ -93,10 +93,10 @@ class MailerLogicApi:
         self._submitter = submitter
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post(PATH, in_shape(error_body, _STATUSES)(self.send))]
+        return [web.post(PATH, in_shape(error_body, STATUSES)(self.send))]
 
     async def send(self, request: web.Request) -> web.Response:
-        key = await auth.require(request, self._store)
+        key = await auth.require(request, self._store, header="X-API-Key")
         m = parse(MlSend, await json_body(request))
         domain = await self._domain(m, key)
         message = prepare(self._submitter, self._submission(m, key, domain))

@@ -99,6 +99,8 @@ class PlunkTrack(Strict):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+PATHS = ("/v1/send", "/v1/track")  # beside the native routes under /v1
+
 class PlunkApi:
     def __init__(self, config: Config, store: SQLiteStore, submitter: Submitter) -> None:
         self._config = config
@@ -107,8 +109,8 @@ class PlunkApi:
         self._idempotency = Idempotency(store)
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/v1/send", plunk_errors(self.send)),
-                web.post("/v1/track", plunk_errors(self.track))]
+        return [web.post(PATHS[0], plunk_errors(self.send)),
+                web.post(PATHS[1], plunk_errors(self.track))]
 
     # -- /v1/send ------------------------------------------------------------------------
 
@@ -358,17 +360,17 @@ def plunk_errors(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except ApiError as exc:
-            return _response(exc, request)
+            return respond(exc, request)
         except ValidationError as exc:
-            return _response(ApiError(422, str(exc), param=exc.param), request)
+            return respond(ApiError(422, str(exc), param=exc.param), request)
         except web.HTTPRequestEntityTooLarge:
-            return _response(ApiError(413, "the request body is larger than this server "
+            return respond(ApiError(413, "the request body is larger than this server "
                                       "takes"), request)
 
     return wrapped
 
 
-def _response(exc: ApiError, request: web.Request) -> web.Response:
+def respond(exc: ApiError, request: web.Request) -> web.Response:
     return web.Response(status=exc.status, body=orjson.dumps(error_body(exc, request)),
                         content_type="application/json", headers=exc.headers)
 
