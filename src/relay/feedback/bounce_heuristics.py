@@ -127,6 +127,8 @@ def looks_like_bounce(msg: Message) -> bool:
 
 
 _NOT_RECIPIENT = re.compile(r"^(mailer-daemon|postmaster|root|abuse|noreply|no-reply)@", re.I)
+# a quoted "Message-ID: <...@host>" names a message, not a recipient
+_MESSAGE_ID = re.compile(r"message-id:\s*<?$", re.I)
 
 
 def _addresses_in_error(msg: Message, text: str) -> list[str]:
@@ -138,7 +140,8 @@ def _addresses_in_error(msg: Message, text: str) -> list[str]:
     found: list[str] = []
     for m in ADDRESS_RE.finditer(body):
         address = lower_domain(m.group(0).strip("."))
-        if address.lower() in own or _NOT_RECIPIENT.match(address) or address in found:
+        if address.lower() in own or _NOT_RECIPIENT.match(address) or address in found \
+                or _MESSAGE_ID.search(body, max(m.start() - 20, 0), m.start()):
             continue
         found.append(address)
     return found[:1] if len(found) > 1 and not _many_listed(body, found) else found

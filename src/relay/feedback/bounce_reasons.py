@@ -1,8 +1,11 @@
 """Why a message bounced: a reason from a fixed vocabulary, and a hard/soft class.
 
-Read from the RFC 3463 enhanced status code, the SMTP reply code and the remote's text
-together: a precise code stands alone; a vague one (5.0.0, 5.7.1, ...) yields to what the
-sentence says.  Hard only when the address itself is bad and will stay bad.
+Read from the RFC 3463 enhanced status code, the SMTP reply code, the remote's text and,
+when known, the SMTP stage it refused at: a precise code stands alone; a vague one (5.0.0,
+5.7.1, ...) yields to what the sentence says; and the stage says what the refusal can be
+about.  Hard only when the address itself is bad and will stay bad: never for a refusal of
+the sender (MAIL) or of the client (greeting, HELO), nor after the server took RCPT TO,
+unless the code itself names the address as bad.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ REASONS: tuple[str, ...] = (
 )
 # the address is bad and stays bad: the only reasons that may suppress a recipient
 HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept"})
+# RFC 3463 subject.detail codes that name the recipient's address as bad (X.1.x addressing):
+# the only ones that may make a refusal of the data hard
+_ADDRESS_BAD = frozenset({"1.1", "1.2", "1.3", "1.6", "1.10"})
 
 STATUS_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})")
 ADDRESS_RE = re.compile(r"[\w.!#$%&'*+/=?^`{|}~\-]+@[\w\-]+(?:\.[\w\-]+)+", re.U)
@@ -169,8 +175,10 @@ def phrase_reason(text: str) -> str | None:
     return None
 
 
-def classify(status: str | None, reply_code: int | None, text: str) -> tuple[str, str]:
-    """(reason, "hard"|"soft") from an RFC 3463 status, an SMTP reply code and the text."""
+def classify(status: str | None, reply_code: int | None, text: str, *,
+             stage: str | None = None) -> tuple[str, str]:
+    """(reason, "hard"|"soft") from an RFC 3463 status, an SMTP reply code and the text, and
+    the stage the remote refused at (bounce_stage.STAGES) when known."""
     cls, detail = "", ""
     if status and (m := STATUS_RE.fullmatch(status.strip())):
         cls, detail = m.group(1), f"{int(m.group(2))}.{int(m.group(3))}"
@@ -192,5 +200,26 @@ def classify(status: str | None, reply_code: int | None, text: str) -> tuple[str
         reason = "expired" if cls == "4" else "undefined"
     if reason == "hostunknown" and cls == "4":
         reason = "networkerror"  # a DNS answer that may still change
-    hard = reason in HARD_REASONS and cls != "4"
+    reason = by_stage(reason, detail, stage)
+    hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
     return reason, "hard" if hard else "soft"
+
+
+def by_stage(reason: str, detail: str, stage: str | None) -> str:
+    """The reason corrected by what the refused command was about."""
+    if stage == "DATA" and reason == "userunknown" and detail not in _ADDRESS_BAD:
+        return "filtered"  # it took RCPT TO, so the mailbox exists: a filter refused the data
+    if stage == "MAIL" and reason in ("userunknown", "undefined", "filtered"):
+        return "rejected"  # it refused the sender, not the recipient
+    if stage == "CONN" and reason in ("userunknown", "undefined", "filtered"):
+        return "blocked"  # it refused the client before hearing of any address
+    return reason
+
+
+def may_be_hard(reason: str, detail: str, stage: str | None) -> bool:
+    """Whether a refusal at this stage can say the recipient's address is bad: at RCPT or
+    at an unknown stage yes; after RCPT TO was taken only with an addressing code; before
+    it (greeting, HELO, MAIL) only of the whole domain (no SMTP service, no such host)."""
+    if stage in ("CONN", "MAIL"):
+        return reason in ("hostunknown", "notaccept")
+    return stage != "DATA" or detail in _ADDRESS_BAD
