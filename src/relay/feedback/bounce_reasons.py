@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import re
 
+from .bounce_stage import STAGE_SAID
+
 REASONS: tuple[str, ...] = (
     "userunknown", "hostunknown", "hasmoved", "mailboxfull", "mesgtoobig", "exceedlimit",
     "filtered", "rejected", "blocked", "spamdetected", "virusdetected", "policyviolation",
@@ -43,7 +45,10 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                    r"|insecure mail relay|we do not relay"),
     ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"),
     ("userunknown", r"(account|mailbox|address|recipient|user)( or domain)? (may|does) not exist"),
-    ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)"),
+    ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)|purported responsible address"
+                 r"|\bfrom:? (domain |address )?(is )?(invalid|not valid)"),
+    ("filtered", r"recipient preferences"),
+    ("policyviolation", r"content presents a potential"),
     ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent)"
                     r"|connection (rate|limit)|frequency limit"),
     ("virusdetected", r"virus|malware|infected|trojan"),
@@ -59,7 +64,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("blocked", r"black ?list|block ?list|\bdnsbl|\brbl\b|spamhaus|spamcop|sorbs|barracuda"
                 r"|(ip|address|host|connection|client).{0,40}(blocked|banned|denied|refused)"
                 r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"
-                r"|client host rejected|invalid ip|not accepting connections"),
+                r"|client host rejected|invalid ip|not accepting connections"
+                r"|(smtp|mail) server of your isp|dynamic ip|dial-?up|residential ip"),
     ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk mail|content.{0,20}rejected"
                      r"|message (has been |was )?(classified|identified|considered|marked) as"),
     ("speeding", r"rate limit|too many (messages|recipients|mails)|sending too (fast|much)"
@@ -105,7 +111,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("filtered", r"filter|recipient preferences|refused by|rejected by (the )?recipient"
                  r"|recipient.{0,20}refus"),
     ("expired", r"(retry|delivery|queue|time|lifetime).{0,40}(expired|exceeded|timeout|time out)"
-                r"|could not be delivered (for|within|in) .{0,20}(days|hours)|too long"
+                r"|(could )?not (be |been )?delivered (for|within|in) .{0,20}(days|hours)|too long"
                 r"|gave up|giving up|has been delayed|not (yet )?been delivered"
                 r"|delivery (attempts|time).{0,20}(failed|exhausted)|expired"),
     ("networkerror", r"connection (refused|timed? ?out|reset|closed|lost|dropped)"
@@ -125,6 +131,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                  r"|(reject|denied|refused).{0,30}sender|envelope.from|mail from"
                  r"|domain of sender|from address|return.path|rejected|denied|refused"),
     ("onhold", r"on hold|held"),
+    # a mailing list that refused the post (Google Groups says so in 40 languages)
+    ("rejected", r"google groups"),
 )
 _PHRASE_RES = tuple((reason, re.compile(pattern, re.I)) for reason, pattern in _PHRASES)
 
@@ -187,6 +195,7 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     if cls == "2":
         return "delivered", "soft"
     text = ADDRESS_RE.sub(" ", text or "")  # a local part such as "mailbox-full" says nothing
+    text = STAGE_SAID.sub(" ", text)  # "after MAIL FROM:": the reporter's words, not the remote's
     phrase = phrase_reason(text) if text else None
     if text and _GAVE_UP.search(text):
         phrase = "expired"
@@ -200,6 +209,9 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         reason = "expired" if cls == "4" else "undefined"
     if reason == "hostunknown" and cls == "4":
         reason = "networkerror"  # a DNS answer that may still change
+    if cls == "5" and detail == "4.4" and reason in ("networkerror", "systemerror", "expired",
+                                                      "undefined"):
+        reason = "notaccept"  # no route to the domain, for good: nothing to retry towards
     reason = by_stage(reason, detail, stage)
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
     return reason, "hard" if hard else "soft"
@@ -209,6 +221,8 @@ def by_stage(reason: str, detail: str, stage: str | None) -> str:
     """The reason corrected by what the refused command was about."""
     if stage == "DATA" and reason == "userunknown" and detail not in _ADDRESS_BAD:
         return "filtered"  # it took RCPT TO, so the mailbox exists: a filter refused the data
+    if reason == "userunknown" and detail.startswith("2.") and stage != "RCPT":
+        return "filtered"  # X.2.x: the mailbox exists; "unknown" is believed only at RCPT
     if stage == "MAIL" and reason in ("userunknown", "undefined", "filtered"):
         return "rejected"  # it refused the sender, not the recipient
     if stage == "CONN" and reason in ("userunknown", "undefined", "filtered"):

@@ -15,7 +15,7 @@ STAGES = ("CONN", "MAIL", "RCPT", "DATA")
 
 # "in reply to end of DATA command" (Postfix), "after end of data" / "after RCPT TO:<...>"
 # / "after initial connection" (Exim), "while sending DATA" and the like
-_SAID = re.compile(
+_SAID = STAGE_SAID = re.compile(
     r"(?:in reply to|in response to|after|while sending|during|while receiving)(?: the)?"
     r" (?:pipelined )?(end of data|data|message (?:body|data|content)|rcpt|mail from"
     r"|initial (?:connection|server greeting)|connect|greeting|banner|ehlo|helo|starttls)\b"
