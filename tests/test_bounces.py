@@ -544,3 +544,33 @@ def test_recipients_given_the_same_words_cost_one_reading_of_them() -> None:
     report = bounces.parse(raw, max_parts=64, max_recipients=1000)
     assert len(report.recipients) == 1000
     assert time.process_time() - started < 1.2
+
+
+def _ses(notification: dict[str, object]) -> bytes:
+    body = json.dumps(notification)
+    folded = "!\n ".join(body[i:i + 70] for i in range(0, len(body), 70))  # as SNS folds it
+    return (b"From: AWS Notifications <no-reply@sns.amazonaws.com>\nTo: ops@sender.test\n"
+            b"Subject: AWS Notification Message\nContent-Type: text/plain; charset=UTF-8\n\n"
+            + folded.encode() + b"\n\n--\nIf you wish to stop receiving notifications ...\n")
+
+
+def test_amazon_ses_notifications_by_email() -> None:
+    mail = {"source": "app@sender.test", "destination": ["fran@example.org"]}
+    bounce = parse(_ses({"notificationType": "Bounce", "mail": mail, "bounce": {
+        "bounceType": "Permanent", "reportingMTA": "dsn; a1.smtp-out.amazonses.com",
+        "bouncedRecipients": [{"emailAddress": "fran@example.org", "action": "failed",
+                               "status": "5.1.1",
+                               "diagnosticCode": "smtp; 550 5.1.1 user unknown"}]}}))
+    (r,) = bounce.recipients
+    assert (bounce.type, r.address, r.reason, r.bounce_class, r.reply_code) == (
+        "dsn", "fran@example.org", "userunknown", "hard", 550)
+    complaint = parse(_ses({"notificationType": "Complaint", "mail": mail, "complaint": {
+        "complainedRecipients": [{"emailAddress": "fran@example.org"}],
+        "complaintFeedbackType": "abuse"}}))
+    assert (complaint.type, complaint.feedback_type,
+            [r.address for r in complaint.recipients]) == ("arf", "abuse", ["fran@example.org"])
+    delivery = parse(_ses({"notificationType": "Delivery", "mail": mail, "delivery": {
+        "recipients": ["fran@example.org"], "smtpResponse": "250 2.6.0 Message received"}}))
+    assert [(r.address, r.reason) for r in delivery.recipients] == [
+        ("fran@example.org", "delivered")]
+    assert not delivery.is_bounce
