@@ -11,6 +11,7 @@ import pytest
 
 from relay.config import LimitsConfig
 from relay.feedback import bounces
+from relay.feedback.bounce_stage import smtp_stage
 
 from .conftest import run_relay
 
@@ -574,3 +575,18 @@ def test_amazon_ses_notifications_by_email() -> None:
     assert [(r.address, r.reason) for r in delivery.recipients] == [
         ("fran@example.org", "delivered")]
     assert not delivery.is_bounce
+
+
+@pytest.mark.parametrize(("words", "stage"), [
+    ("550 5.7.1 Unknown user (in reply to end of DATA command)", "DATA"),
+    ("554 5.7.1 Rejected (in reply to BDAT command)", "DATA"),
+    ("SMTP error from remote mail server after pipelined RCPT TO:<a@example.org>: 550",
+     "RCPT"),
+    ("550 5.1.8 Sender rejected (in reply to MAIL FROM command)", "MAIL"),
+    ("SMTP error from remote mail server after initial connection: 554 Go away", "CONN"),
+    ("host mx.example.org[192.0.2.1] refused to talk to me: 554 5.7.1 Blocked", "CONN"),
+    ("550 5.1.1 No such user", None),
+    ("Mail data after the message was rejected", None),  # words, not a stage
+])
+def test_the_smtp_stage_a_report_names(words: str, stage: str | None) -> None:
+    assert smtp_stage(words, "a@example.org", words) == stage

@@ -17,19 +17,21 @@ STAGES = ("CONN", "MAIL", "RCPT", "DATA")
 # / "after initial connection" (Exim), "while sending DATA" and the like
 _SAID = STAGE_SAID = re.compile(
     r"(?:in reply to|in response to|after|while sending|during|while receiving)(?: the)?"
-    r" (?:pipelined )?(end of data|data|message (?:body|data|content)|rcpt|mail from"
+    r" (?:pipelined )?(end of data|data|bdat|message (?:body|data|content)|rcpt|mail from"
     r"|initial (?:connection|server greeting)|connect|greeting|banner|ehlo|helo|starttls)\b"
     # "SMTP command: DATA", "Last SMTP command: RCPT TO" (m-FILTER, appliances)
-    r"|smtp command:?[\s\-]{0,5}(data|rcpt|mail|ehlo|helo)\b", re.I)
-_NAMES = {"end of data": "DATA", "data": "DATA", "message body": "DATA",
+    r"|smtp command:?[\s\-]{0,5}(data|bdat|rcpt|mail|ehlo|helo)\b"
+    # Postfix: "host mx.example.org[192.0.2.1] refused to talk to me: 554 ..." (the greeting)
+    r"|(refused to talk to me)", re.I)
+_NAMES = {"end of data": "DATA", "data": "DATA", "bdat": "DATA", "message body": "DATA",
           "message data": "DATA", "message content": "DATA", "rcpt": "RCPT",
           "mail from": "MAIL", "mail": "MAIL",
           "initial connection": "CONN", "initial server greeting": "CONN", "connect": "CONN",
           "greeting": "CONN", "banner": "CONN", "ehlo": "CONN", "helo": "CONN",
-          "starttls": "CONN"}
+          "starttls": "CONN", "refused to talk to me": "CONN"}
 # a session transcript (Sendmail, Exchange, appliances): ">>> DATA" then "<<< 550 ..."
 _TRANSCRIPT_SENT = re.compile(r"^\s*>>> (\w+|\.)", re.M)
-_SENT_NAMES = {"DATA": "DATA", ".": "DATA", "RCPT": "RCPT", "MAIL": "MAIL", "EHLO": "CONN",
+_SENT_NAMES = {"DATA": "DATA", "BDAT": "DATA", ".": "DATA", "RCPT": "RCPT", "MAIL": "MAIL", "EHLO": "CONN",
                "HELO": "CONN", "STARTTLS": "CONN"}
 _REPLY_LINE = re.compile(r"[245]\d\d[ -].{0,20}")
 
@@ -38,7 +40,7 @@ def smtp_stage(context: str, address: str, diagnostic: str, transcript: str = ""
     """The stage the remote refused at: what the report says it replied to, or in a session
     transcript, the last command sent before the reply about this recipient."""
     if m := _SAID.search(context):
-        return _NAMES[(m.group(1) or m.group(2)).lower()]
+        return _said(m)
     if "ail" in context and "sent the message" in context:  # qmail: "failed after I sent..."
         return "DATA"
     transcript = transcript or context
@@ -50,9 +52,13 @@ def smtp_stage(context: str, address: str, diagnostic: str, transcript: str = ""
     if at < 0:
         return None
     if m := _SAID.search(transcript, at, at + 300):  # "550 ...  SMTP command: DATA"
-        return _NAMES[(m.group(1) or m.group(2)).lower()]
+        return _said(m)
     sent = [m.group(1).upper() for m in _TRANSCRIPT_SENT.finditer(transcript, 0, at)]
     return _SENT_NAMES.get(sent[-1]) if sent else None
+
+def _said(m: re.Match[str]) -> str:
+    return _NAMES[next(g for g in m.groups() if g).lower()]
+
 
 def _reply_line(diagnostic: str) -> str:
     m = _REPLY_LINE.search(diagnostic)
