@@ -590,3 +590,34 @@ def test_amazon_ses_notifications_by_email() -> None:
 ])
 def test_the_smtp_stage_a_report_names(words: str, stage: str | None) -> None:
     assert smtp_stage(words, "a@example.org", words) == stage
+
+
+def test_a_final_recipient_without_a_mailbox_is_the_returned_messages_one_recipient() -> None:
+    raw = b"""\
+From: Mail Delivery Subsystem <MAILER-DAEMON@mx.sender.test>
+To: bounces+r@sender.test
+Subject: Returned mail: see transcript for details
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="S"
+
+--S
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.sender.test
+
+Final-Recipient: RFC822; @mx.example.org
+Action: failed
+Status: 5.1.2
+
+--S
+Content-Type: message/rfc822
+
+From: app@sender.test
+To: Gina <gina@Example.ORG>
+Subject: hello
+
+hi
+--S--
+"""
+    (r,) = parse(raw).recipients
+    assert (r.address, r.reason, r.bounce_class) == ("gina@example.org", "hostunknown", "hard")
