@@ -265,6 +265,8 @@ def test_classify(status: str | None, code: int | None, text: str,
     # before RCPT TO, a refusal is of the sender or of the client, not of the mailbox
     ("5.1.1", 550, "User unknown", "MAIL", ("rejected", "soft")),
     ("5.0.0", 554, "No such user here", "CONN", ("blocked", "soft")),
+    ("5.0.0", 554, "Service unavailable", "CONN", ("blocked", "soft")),
+    ("4.3.0", 421, "Service unavailable", "CONN", ("systemerror", "soft")),
     # ... unless the whole domain takes no mail
     ("5.0.0", 554, "No SMTP service here", "CONN", ("notaccept", "hard")),
     # X.2.x says the mailbox exists: its "unknown" is believed only at RCPT

@@ -212,12 +212,17 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     if cls == "5" and detail == "4.4" and reason in ("networkerror", "systemerror", "expired",
                                                       "undefined"):
         reason = "notaccept"  # no route to the domain, for good: nothing to retry towards
-    reason = by_stage(reason, detail, stage)
+    reason = by_stage(reason, cls, detail, stage)
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
     return reason, "hard" if hard else "soft"
 
 
-def by_stage(reason: str, detail: str, stage: str | None) -> str:
+# reasons that cannot be why a server refuses a client for good at its greeting or HELO
+_NOT_OF_A_CLIENT = frozenset({"userunknown", "undefined", "filtered", "rejected", "systemerror",
+                              "syntaxerror"})
+
+
+def by_stage(reason: str, cls: str, detail: str, stage: str | None) -> str:
     """The reason corrected by what the refused command was about."""
     if stage == "DATA" and reason == "userunknown" and detail not in _ADDRESS_BAD:
         return "filtered"  # it took RCPT TO, so the mailbox exists: a filter refused the data
@@ -225,8 +230,8 @@ def by_stage(reason: str, detail: str, stage: str | None) -> str:
         return "filtered"  # X.2.x: the mailbox exists; "unknown" is believed only at RCPT
     if stage == "MAIL" and reason in ("userunknown", "undefined", "filtered"):
         return "rejected"  # it refused the sender, not the recipient
-    if stage == "CONN" and reason in ("userunknown", "undefined", "filtered"):
-        return "blocked"  # it refused the client before hearing of any address
+    if stage == "CONN" and cls == "5" and reason in _NOT_OF_A_CLIENT:
+        return "blocked"  # it refused the client for good before hearing of any address
     return reason
 
 
