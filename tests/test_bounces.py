@@ -272,8 +272,6 @@ def test_classify(status: str | None, code: int | None, text: str,
     # X.2.x says the mailbox exists: its "unknown" is believed only at RCPT
     ("5.2.1", 550, "User unknown", None, ("filtered", "soft")),
     ("5.2.1", 550, "User unknown", "RCPT", ("userunknown", "hard")),
-    # a permanent X.4.4 (no route to the domain) is for good, whatever the DNS error says
-    ("5.4.4", None, "Malformed or unexpected name server reply", None, ("notaccept", "hard")),
 ])
 def test_classify_by_stage(status: str, code: int | None, text: str, stage: str | None,
                            expected: tuple[str, str]) -> None:
@@ -364,6 +362,23 @@ def test_a_transcript_says_the_refusal_came_after_data() -> None:
 """)
     (r,) = parse(raw).recipients
     assert (r.address, r.reason, r.bounce_class) == ("bert@example.org", "filtered", "soft")
+
+
+def test_a_pipelined_rcpt_refusal_read_after_data_is_of_the_rcpt() -> None:
+    # with PIPELINING the RCPT reply comes after DATA was sent; DATA's own reply follows it
+    raw = _plain_bounce("""\
+   ----- Transcript of session follows -----
+... while talking to mx.example.org.:
+>>> DATA
+<<< 550 5.5.0 Invalid recipient
+550 5.1.1 <bert@example.org>... User unknown
+<<< 554 5.5.1 Error: no valid recipients
+>>> RSET
+<<< 250 2.0.0 Ok
+""")
+    report = parse(raw)
+    (r,) = report.recipients
+    assert (r.address, r.reason, r.bounce_class) == ("bert@example.org", "userunknown", "hard")
 
 
 def test_an_appliance_naming_the_smtp_command_data() -> None:
@@ -587,6 +602,7 @@ def test_amazon_ses_notifications_by_email() -> None:
     ("550 5.1.8 Sender rejected (in reply to MAIL FROM command)", "MAIL"),
     ("SMTP error from remote mail server after initial connection: 554 Go away", "CONN"),
     ("host mx.example.org[192.0.2.1] refused to talk to me: 554 5.7.1 Blocked", "CONN"),
+    ("550 5.2.1 <a@example.org>... User Unknown [RCPT_TO]", "RCPT"),
     ("550 5.1.1 No such user", None),
     ("Mail data after the message was rejected", None),  # words, not a stage
 ])

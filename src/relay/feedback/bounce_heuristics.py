@@ -67,7 +67,7 @@ def heuristic_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, ..
     named = [(m.group(0), action) for addresses, action in
              ((permanent, "failed"), (temporary, "delayed")) for raw in sorted(addresses)
              if (m := ADDRESS_RE.search(raw.decode("ascii", "replace")))]
-    named = _not_message_ids(msg, named, text)
+    named = _not_message_ids(msg, named[:limit], text)
     if not named and looks_like_bounce(msg):
         named = [(a, "failed") for a in _addresses_in_error(msg, text)] or [
             (a, "failed") for a in _original_to(text)]

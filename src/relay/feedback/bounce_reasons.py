@@ -209,9 +209,6 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         reason = "expired" if cls == "4" else "undefined"
     if reason == "hostunknown" and cls == "4":
         reason = "networkerror"  # a DNS answer that may still change
-    if cls == "5" and detail == "4.4" and reason in ("networkerror", "systemerror", "expired",
-                                                      "undefined"):
-        reason = "notaccept"  # no route to the domain, for good: nothing to retry towards
     reason = by_stage(reason, cls, detail, stage)
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
     return reason, "hard" if hard else "soft"

@@ -26,7 +26,7 @@ def ses_notification(msg: Message, text: str, original: Original, limit: int) ->
     try:
         found, _ = json.JSONDecoder(strict=False).raw_decode(
             _FOLD.sub("", text[start:start + _MAX_JSON]))
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python reads
         return None
     if not isinstance(found, dict):
         return None

@@ -21,6 +21,8 @@ _SAID = STAGE_SAID = re.compile(
     r"|initial (?:connection|server greeting)|connect|greeting|banner|ehlo|helo|starttls)\b"
     # "SMTP command: DATA", "Last SMTP command: RCPT TO" (m-FILTER, appliances)
     r"|smtp command:?[\s\-]{0,5}(data|bdat|rcpt|mail|ehlo|helo)\b"
+    # "550 5.2.1 <a@example.org>... User Unknown [RCPT_TO]" (qmail-ldap, Yahoo)
+    r"|\[(rcpt_to|mail_from|data)\]"
     # Postfix: "host mx.example.org[192.0.2.1] refused to talk to me: 554 ..." (the greeting)
     r"|(refused to talk to me)", re.I)
 _NAMES = {"end of data": "DATA", "data": "DATA", "bdat": "DATA", "message body": "DATA",
@@ -28,11 +30,13 @@ _NAMES = {"end of data": "DATA", "data": "DATA", "bdat": "DATA", "message body":
           "mail from": "MAIL", "mail": "MAIL",
           "initial connection": "CONN", "initial server greeting": "CONN", "connect": "CONN",
           "greeting": "CONN", "banner": "CONN", "ehlo": "CONN", "helo": "CONN",
-          "starttls": "CONN", "refused to talk to me": "CONN"}
+          "starttls": "CONN", "refused to talk to me": "CONN", "rcpt_to": "RCPT",
+          "mail_from": "MAIL"}
 # a session transcript (Sendmail, Exchange, appliances): ">>> DATA" then "<<< 550 ..."
 _TRANSCRIPT_SENT = re.compile(r"^\s*>>> (\w+|\.)", re.M)
 _SENT_NAMES = {"DATA": "DATA", "BDAT": "DATA", ".": "DATA", "RCPT": "RCPT", "MAIL": "MAIL", "EHLO": "CONN",
                "HELO": "CONN", "STARTTLS": "CONN"}
+_TRANSCRIPT_REPLY = re.compile(r"^\s*<<< [245]\d\d", re.M)
 _REPLY_LINE = re.compile(r"[245]\d\d[ -].{0,20}")
 
 
@@ -53,8 +57,26 @@ def smtp_stage(context: str, address: str, diagnostic: str, transcript: str = ""
         return None
     if m := _SAID.search(transcript, at, at + 300):  # "550 ...  SMTP command: DATA"
         return _said(m)
+    return _transcript_stage(transcript, at)
+
+
+def _transcript_stage(transcript: str, at: int) -> str | None:
+    """In a session transcript, the command a "<<<" reply at `at` answered: the last one sent
+    before it, except that with PIPELINING the replies to RCPT come after DATA is sent, so a
+    reply followed by another before the next command answered a RCPT, not the DATA."""
+    line = transcript.rfind("\n", 0, at) + 1
+    if not transcript[line:at].lstrip().startswith("<<<"):
+        return None  # the words are not a reply quoted from a transcript
     sent = [m.group(1).upper() for m in _TRANSCRIPT_SENT.finditer(transcript, 0, at)]
-    return _SENT_NAMES.get(sent[-1]) if sent else None
+    stage = _SENT_NAMES.get(sent[-1]) if sent else None
+    if stage == "DATA":
+        end = transcript.find("\n", at)
+        nxt = _TRANSCRIPT_SENT.search(transcript, end if end > 0 else len(transcript))
+        if _TRANSCRIPT_REPLY.search(transcript, end if end > 0 else len(transcript),
+                                    nxt.start() if nxt else len(transcript)):
+            return "RCPT"
+    return stage
+
 
 def _said(m: re.Match[str]) -> str:
     return _NAMES[next(g for g in m.groups() if g).lower()]
