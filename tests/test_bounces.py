@@ -269,9 +269,12 @@ def test_classify(status: str | None, code: int | None, text: str,
     ("4.3.0", 421, "Service unavailable", "CONN", ("systemerror", "soft")),
     # ... unless the whole domain takes no mail
     ("5.0.0", 554, "No SMTP service here", "CONN", ("notaccept", "hard")),
-    # X.2.x says the mailbox exists: its "unknown" is believed only at RCPT
+    # X.2.x says the mailbox exists: its "unknown" is believed only in reply to RCPT TO
     ("5.2.1", 550, "User unknown", None, ("filtered", "soft")),
     ("5.2.1", 550, "User unknown", "RCPT", ("userunknown", "hard")),
+    # X.7.x says policy refused it: the same
+    ("5.7.1", 550, "550 User Unknown", None, ("filtered", "soft")),
+    ("5.7.1", 550, "550 User Unknown", "RCPT", ("userunknown", "hard")),
 ])
 def test_classify_by_stage(status: str, code: int | None, text: str, stage: str | None,
                            expected: tuple[str, str]) -> None:

@@ -223,8 +223,10 @@ def by_stage(reason: str, cls: str, detail: str, stage: str | None) -> str:
     """The reason corrected by what the refused command was about."""
     if stage == "DATA" and reason == "userunknown" and detail not in _ADDRESS_BAD:
         return "filtered"  # it took RCPT TO, so the mailbox exists: a filter refused the data
-    if reason == "userunknown" and detail.startswith("2.") and stage != "RCPT":
-        return "filtered"  # X.2.x: the mailbox exists; "unknown" is believed only at RCPT
+    if reason == "userunknown" and detail.startswith(("2.", "7.")) and stage != "RCPT":
+        # X.2.x says the mailbox exists, X.7.x that policy refused: their "unknown" is
+        # believed only in reply to RCPT TO
+        return "filtered"
     if stage == "MAIL" and reason in ("userunknown", "undefined", "filtered"):
         return "rejected"  # it refused the sender, not the recipient
     if stage == "CONN" and cls == "5" and reason in _NOT_OF_A_CLIENT:
