@@ -160,7 +160,7 @@ _BY_STATUS: dict[str, str] = {
 # codes that say little: a phrase in the text wins over them (servers send 5.1.1, 5.7.1 or
 # 5.0.0 for rejections of every kind; the sentence then says which)
 _VAGUE = frozenset({"5.5", "0.0", "7.0", "7.1", "5.0", "1.0", "2.0", "3.0", "4.0", "7.2", "1.1",
-                    "4.7", "4.4", "5.2", "4.1", "4.2", "2.1", "3.0", "6.0", "1.3", "1.10"})
+                    "4.7", "4.4", "5.2", "4.1", "4.2", "2.1", "6.0", "1.3", "1.10"})
 # RFC 5321 reply codes, where one means one thing (550 and 553 carry anything, so they
 # say nothing about the address by themselves)
 _BY_REPLY = {421: "systemerror", 451: "systemerror", 452: "systemfull", 551: "hasmoved",

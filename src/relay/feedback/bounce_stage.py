@@ -15,7 +15,8 @@ STAGES = ("CONN", "MAIL", "RCPT", "DATA")
 
 # "in reply to end of DATA command" (Postfix), "after end of data" / "after RCPT TO:<...>"
 # / "after initial connection" (Exim), "while sending DATA" and the like
-_SAID = STAGE_SAID = re.compile(
+# (bounce_reasons blanks these out: they are the reporter's words, not the remote's)
+STAGE_SAID = re.compile(
     r"(?:in reply to|in response to|after|while sending|during|while receiving)(?: the)?"
     r" (?:pipelined )?(end of data|data|bdat|message (?:body|data|content)|rcpt|mail from"
     r"|initial (?:connection|server greeting)|connect|greeting|banner|ehlo|helo|starttls)\b"
@@ -33,17 +34,18 @@ _NAMES = {"end of data": "DATA", "data": "DATA", "bdat": "DATA", "message body":
           "starttls": "CONN", "refused to talk to me": "CONN", "rcpt_to": "RCPT",
           "mail_from": "MAIL"}
 # a session transcript (Sendmail, Exchange, appliances): ">>> DATA" then "<<< 550 ..."
-_TRANSCRIPT_SENT = re.compile(r"^\s*>>> (\w+|\.)", re.M)
-_SENT_NAMES = {"DATA": "DATA", "BDAT": "DATA", ".": "DATA", "RCPT": "RCPT", "MAIL": "MAIL", "EHLO": "CONN",
-               "HELO": "CONN", "STARTTLS": "CONN"}
-_TRANSCRIPT_REPLY = re.compile(r"^\s*<<< [245]\d\d", re.M)
+# ("[ \t]*", not "\s*": a blank run must not be rescanned from every line it spans)
+_TRANSCRIPT_SENT = re.compile(r"^[ \t]*>>> (\w+|\.)", re.M)
+_SENT_NAMES = {"DATA": "DATA", "BDAT": "DATA", ".": "DATA", "RCPT": "RCPT", "MAIL": "MAIL",
+               "EHLO": "CONN", "HELO": "CONN", "STARTTLS": "CONN"}
+_TRANSCRIPT_REPLY = re.compile(r"^[ \t]*<<< [245]\d\d", re.M)
 _REPLY_LINE = re.compile(r"[245]\d\d[ -].{0,20}")
 
 
 def smtp_stage(context: str, address: str, diagnostic: str, transcript: str = "") -> str | None:
     """The stage the remote refused at: what the report says it replied to, or in a session
     transcript, the last command sent before the reply about this recipient."""
-    if m := _SAID.search(context):
+    if m := STAGE_SAID.search(context):
         return _said(m)
     if "ail" in context and "sent the message" in context:  # qmail: "failed after I sent..."
         return "DATA"
@@ -55,7 +57,7 @@ def smtp_stage(context: str, address: str, diagnostic: str, transcript: str = ""
     at = lower.rfind(reply) if reply else lower.find(address.lower()) if address else -1
     if at < 0:
         return None
-    if m := _SAID.search(transcript, at, at + 300):  # "550 ...  SMTP command: DATA"
+    if m := STAGE_SAID.search(transcript, at, at + 300):  # "550 ...  SMTP command: DATA"
         return _said(m)
     return _transcript_stage(transcript, at)
 
