@@ -45,6 +45,10 @@ class _Handler:
         return reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        refusal = next((self.sink.data_replies[a.lower()] for a in envelope.rcpt_tos
+                        if a.lower() in self.sink.data_replies), None)
+        if refusal:
+            return refusal
         self.sink.messages.append(Received(
             mail_from=envelope.mail_from or "", rcpt_tos=list(envelope.rcpt_tos),
             data=envelope.original_content or b"", tls=session.ssl is not None,
@@ -133,6 +137,8 @@ class Sink:
         self.max_active = 0
         self.mail_reply: str | None = None  # set: every MAIL FROM gets this reply
         self.refused = 0  # MAIL FROMs answered with mail_reply
+        # an address to the reply at the end of DATA of a message to it (RCPT was taken)
+        self.data_replies: dict[str, str] = {}
         self.arrived = asyncio.Event()
         self._attempts: dict[str, int] = {}
         self._server: asyncio.base_events.Server | None = None

@@ -154,6 +154,26 @@ async def test_550_and_250_bounce_one_deliver_the_other_and_report(tmp_path: Pat
             await svc.stop()
 
 
+async def test_a_refusal_at_end_of_data_is_soft_whatever_its_words(tmp_path: Path,
+                                                                  dns: DNSServer) -> None:
+    """RCPT TO was taken, so the mailbox exists: "unknown user" after the data is a filter's
+    word, and the address must not be suppressed."""
+    async with Sink() as sink:
+        sink.data_replies["kept@a.test"] = "550 5.7.1 Unknown user"
+        route(dns, "a.test", (10, "mx.a.test", "127.0.0.1"))
+        route(dns, "sender.test", (10, "mx.sender.test", "127.0.0.1"))
+        svc, key = await start_relay(tmp_path, dns, sink.port)
+        try:
+            mid = await in_thread(submit, svc.bound[0][1], key, ["kept@a.test"])
+            detail = await wait_final(svc, mid)
+            (r,) = detail.recipients
+            assert r.status.value == "bounced"
+            (bounce,) = [e for e in detail.events if e.type == "email.bounced"]
+            assert (bounce.data["class"], bounce.data["reason"]) == ("soft", "filtered")
+        finally:
+            await svc.stop()
+
+
 async def test_first_mx_refusing_connections_falls_to_the_second(tmp_path: Path,
                                                                  dns: DNSServer) -> None:
     async with Sink() as sink:

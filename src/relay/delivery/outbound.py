@@ -100,6 +100,7 @@ class Result:
     tls_policy: str | None = None  # TlsPolicy.label of the target
     tls_failure: str | None = None  # RFC 8460 result type, when the TLS policy failed
     held_until: float | None = None  # not tried: its site is held back (or its pool capped)
+    stage: str | None = None  # the command the reply answered: "MAIL", "RCPT" or "DATA"
 
 
 def enhanced_code(text: str) -> str | None:
@@ -107,14 +108,16 @@ def enhanced_code(text: str) -> str | None:
     return m.group(0) if m else None
 
 
-def classify(code: int | None, enhanced: str | None, text: str = "") -> tuple[str, bool]:
+def classify(code: int | None, enhanced: str | None, text: str = "",
+             stage: str | None = None) -> tuple[str, bool]:
     """What a reply means: (outcome, hard). Hard or soft as bounce_reasons says it of a
-    bounce that comes back later: only an address bad for good is hard."""
+    bounce that comes back later: only an address bad for good is hard, so a refusal of
+    MAIL or of the data (`stage`) is hard only when its code names the address."""
     if code is not None and 200 <= code < 300:
         return "delivered", False
     if code is None or code < 500:
         return "deferred", False
-    return "bounced", bounce_reasons.classify(enhanced, code, text)[1] == "hard"
+    return "bounced", bounce_reasons.classify(enhanced, code, text, stage=stage)[1] == "hard"
 
 
 def reply_text(code: int | None, enhanced: str | None, text: str) -> str:

@@ -56,7 +56,7 @@ class Outcomes:
                            status=RecipientStatus.DELIVERED, event=EventType.DELIVERED,
                            event_data=data, last_reply=reply, dsn="relayed" if relayed else None)
         if res.outcome == "bounced":
-            return self._bounced(r, now, attempt, reply, data, hard=res.hard)
+            return self._bounced(r, now, attempt, reply, data, hard=res.hard, stage=res.stage)
         return self._deferred(r, now, attempt, reply, data, until=res.held_until)
 
     def of_failure(self, r: DueRecipient, failure: DeliveryFailure,
@@ -95,10 +95,12 @@ class Outcomes:
                        next_attempt_at=next_at, last_reply=reason)
 
     def _bounced(self, r: DueRecipient, now: float, attempt: AttemptRecord, reply: str,
-                 data: dict[str, object], *, hard: bool) -> Outcome:
+                 data: dict[str, object], *, hard: bool,
+                 stage: str | None = None) -> Outcome:
         klass = "hard" if hard else "soft"
         # the same fields as a bounce that comes back later (inbound.py)
-        reason, _ = bounce_reasons.classify(attempt.enhanced, attempt.code, attempt.text)
+        reason, _ = bounce_reasons.classify(attempt.enhanced, attempt.code, attempt.text,
+                                            stage=stage)
         return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
                        status=RecipientStatus.BOUNCED, event=EventType.BOUNCED,
                        event_data={**data, "class": klass, "reason": reason,

@@ -17,9 +17,10 @@ async def transaction(session: Session, msg: OutMessage, *, timeout: float) -> l
     smtp = session.smtp
 
     def done(r: OutRecipient, code: int | None, text: str, outcome: str | None = None,
-             enhanced: str | None = None, hard: bool | None = None) -> Result:
+             enhanced: str | None = None, hard: bool | None = None,
+             stage: str | None = None) -> Result:
         enhanced = enhanced or enhanced_code(text)
-        kind, is_hard = classify(code, enhanced, text)
+        kind, is_hard = classify(code, enhanced, text, stage)
         return Result(
             recipient_id=r.id, message_id=msg.id, outcome=outcome or kind, code=code,
             enhanced=enhanced, text=text, hard=is_hard if hard is None else hard,
@@ -28,7 +29,7 @@ async def transaction(session: Session, msg: OutMessage, *, timeout: float) -> l
             tls_cipher=session.tls_cipher, started_at=started,
             duration=time.time() - started, peer_dsn=session.supports("dsn"),
             source_ip=session.source.address, tls_policy=session.policy.label,
-            tls_failure=session.tls_failure)
+            tls_failure=session.tls_failure, stage=stage)
 
     if msg.smtputf8 and not session.supports("smtputf8"):
         return [done(r, None, f"{session.target.hostname} does not support SMTPUTF8, "
@@ -42,14 +43,14 @@ async def transaction(session: Session, msg: OutMessage, *, timeout: float) -> l
     reply = await smtp.execute_command(b"MAIL", *_mail_args(session, msg), timeout=timeout)
     if reply.code != 250:
         await _rset(smtp)
-        return [done(r, reply.code, reply.message) for r in msg.recipients]
+        return [done(r, reply.code, reply.message, stage="MAIL") for r in msg.recipients]
     accepted, results = [], []
     for r in msg.recipients:
         rcpt = await smtp.execute_command(b"RCPT", *_rcpt_args(session, r), timeout=timeout)
         if rcpt.code in (250, 251):
             accepted.append(r)
         else:
-            results.append(done(r, rcpt.code, rcpt.message))
+            results.append(done(r, rcpt.code, rcpt.message, stage="RCPT"))
     if not accepted:
         await _rset(smtp)
         return results
@@ -58,7 +59,7 @@ async def transaction(session: Session, msg: OutMessage, *, timeout: float) -> l
     except aiosmtplib.SMTPDataError as exc:
         final = SMTPResponse(exc.code, exc.message)
         await _rset(smtp)
-    return results + [done(r, final.code, final.message) for r in accepted]
+    return results + [done(r, final.code, final.message, stage="DATA") for r in accepted]
 
 
 def _mail_args(session: Session, msg: OutMessage) -> list[bytes]:

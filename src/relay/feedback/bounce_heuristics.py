@@ -67,6 +67,7 @@ def heuristic_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, ..
     named = [(m.group(0), action) for addresses, action in
              ((permanent, "failed"), (temporary, "delayed")) for raw in sorted(addresses)
              if (m := ADDRESS_RE.search(raw.decode("ascii", "replace")))]
+    named = _not_message_ids(msg, named[:limit], text)
     if not named and looks_like_bounce(msg):
         named = [(a, "failed") for a in _addresses_in_error(msg, text)] or [
             (a, "failed") for a in _original_to(text)]
@@ -85,6 +86,27 @@ def heuristic_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, ..
         found.append(recipient(address, action, status_in(diagnostic), reply_code_in(diagnostic),
                                diagnostic, remote_near(diagnostic), transcript=text))
     return tuple(found)
+
+
+def _not_message_ids(msg: Message, named: list[tuple[str, str]],
+                     text: str) -> list[tuple[str, str]]:
+    """Without the addresses a detector took from a quoted Message-ID, and without the
+    bounce's own sender and receiver when others are named."""
+    kept = [(a, action) for a, action in named if not _only_as_message_id(a, text)]
+    own = {address_of(str(msg.get(h, ""))).lower() for h in ("From", "To")}
+    others = [(a, action) for a, action in kept if a.lower() not in own]
+    return others or kept
+
+
+def _only_as_message_id(address: str, text: str) -> bool:
+    at = text.find(address)
+    if at < 0:
+        return False
+    while at >= 0:
+        if not _MESSAGE_ID.search(text, max(at - 20, 0), at):
+            return False
+        at = text.find(address, at + 1)
+    return True
 
 
 def enclosed_recipient(msg: Message, original: Original) -> tuple[BouncedRecipient, ...]:
@@ -127,6 +149,8 @@ def looks_like_bounce(msg: Message) -> bool:
 
 
 _NOT_RECIPIENT = re.compile(r"^(mailer-daemon|postmaster|root|abuse|noreply|no-reply)@", re.I)
+# a quoted "Message-ID: <...@host>" names a message, not a recipient
+_MESSAGE_ID = re.compile(r"message-id:\s*<?$", re.I)
 
 
 def _addresses_in_error(msg: Message, text: str) -> list[str]:
@@ -138,7 +162,8 @@ def _addresses_in_error(msg: Message, text: str) -> list[str]:
     found: list[str] = []
     for m in ADDRESS_RE.finditer(body):
         address = lower_domain(m.group(0).strip("."))
-        if address.lower() in own or _NOT_RECIPIENT.match(address) or address in found:
+        if address.lower() in own or _NOT_RECIPIENT.match(address) or address in found \
+                or _MESSAGE_ID.search(body, max(m.start() - 20, 0), m.start()):
             continue
         found.append(address)
     return found[:1] if len(found) > 1 and not _many_listed(body, found) else found

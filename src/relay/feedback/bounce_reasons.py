@@ -1,14 +1,19 @@
 """Why a message bounced: a reason from a fixed vocabulary, and a hard/soft class.
 
-Read from the RFC 3463 enhanced status code, the SMTP reply code and the remote's text
-together: a precise code stands alone; a vague one (5.0.0, 5.7.1, ...) yields to what the
-sentence says.  Hard only when the address itself is bad and will stay bad.
+Read from the RFC 3463 enhanced status code, the SMTP reply code, the remote's text and,
+when known, the SMTP stage it refused at: a precise code stands alone; a vague one (5.0.0,
+5.7.1, ...) yields to what the sentence says; and the stage says what the refusal can be
+about.  Hard only when the address itself is bad and will stay bad: never for a refusal of
+the sender (MAIL) or of the client (greeting, HELO), nor after the server took RCPT TO,
+unless the code itself names the address as bad.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+
+from .bounce_stage import STAGE_SAID
 
 REASONS: tuple[str, ...] = (
     "userunknown", "hostunknown", "hasmoved", "mailboxfull", "mesgtoobig", "exceedlimit",
@@ -20,6 +25,9 @@ REASONS: tuple[str, ...] = (
 )
 # the address is bad and stays bad: the only reasons that may suppress a recipient
 HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept"})
+# RFC 3463 subject.detail codes that name the recipient's address as bad (X.1.x addressing):
+# the only ones that may make a refusal of the data hard
+_ADDRESS_BAD = frozenset({"1.1", "1.2", "1.3", "1.6", "1.10"})
 
 STATUS_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})")
 ADDRESS_RE = re.compile(r"[\w.!#$%&'*+/=?^`{|}~\-]+@[\w\-]+(?:\.[\w\-]+)+", re.U)
@@ -37,7 +45,10 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                    r"|insecure mail relay|we do not relay"),
     ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"),
     ("userunknown", r"(account|mailbox|address|recipient|user)( or domain)? (may|does) not exist"),
-    ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)"),
+    ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)|purported responsible address"
+                 r"|\bfrom:? (domain |address )?(is )?(invalid|not valid)"),
+    ("filtered", r"recipient preferences"),
+    ("policyviolation", r"content presents a potential"),
     ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent)"
                     r"|connection (rate|limit)|frequency limit"),
     ("virusdetected", r"virus|malware|infected|trojan"),
@@ -53,7 +64,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("blocked", r"black ?list|block ?list|\bdnsbl|\brbl\b|spamhaus|spamcop|sorbs|barracuda"
                 r"|(ip|address|host|connection|client).{0,40}(blocked|banned|denied|refused)"
                 r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"
-                r"|client host rejected|invalid ip|not accepting connections"),
+                r"|client host rejected|invalid ip|not accepting connections"
+                r"|(smtp|mail) server of your isp|dynamic ip|dial-?up|residential ip"),
     ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk mail|content.{0,20}rejected"
                      r"|message (has been |was )?(classified|identified|considered|marked) as"),
     ("speeding", r"rate limit|too many (messages|recipients|mails)|sending too (fast|much)"
@@ -99,7 +111,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("filtered", r"filter|recipient preferences|refused by|rejected by (the )?recipient"
                  r"|recipient.{0,20}refus"),
     ("expired", r"(retry|delivery|queue|time|lifetime).{0,40}(expired|exceeded|timeout|time out)"
-                r"|could not be delivered (for|within|in) .{0,20}(days|hours)|too long"
+                r"|(could )?not (be |been )?delivered (for|within|in) .{0,20}(days|hours)|too long"
                 r"|gave up|giving up|has been delayed|not (yet )?been delivered"
                 r"|delivery (attempts|time).{0,20}(failed|exhausted)|expired"),
     ("networkerror", r"connection (refused|timed? ?out|reset|closed|lost|dropped)"
@@ -119,6 +131,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                  r"|(reject|denied|refused).{0,30}sender|envelope.from|mail from"
                  r"|domain of sender|from address|return.path|rejected|denied|refused"),
     ("onhold", r"on hold|held"),
+    # a mailing list that refused the post (Google Groups says so in 40 languages)
+    ("rejected", r"google groups"),
 )
 _PHRASE_RES = tuple((reason, re.compile(pattern, re.I)) for reason, pattern in _PHRASES)
 
@@ -146,7 +160,7 @@ _BY_STATUS: dict[str, str] = {
 # codes that say little: a phrase in the text wins over them (servers send 5.1.1, 5.7.1 or
 # 5.0.0 for rejections of every kind; the sentence then says which)
 _VAGUE = frozenset({"5.5", "0.0", "7.0", "7.1", "5.0", "1.0", "2.0", "3.0", "4.0", "7.2", "1.1",
-                    "4.7", "4.4", "5.2", "4.1", "4.2", "2.1", "3.0", "6.0", "1.3", "1.10"})
+                    "4.7", "4.4", "5.2", "4.1", "4.2", "2.1", "6.0", "1.3", "1.10"})
 # RFC 5321 reply codes, where one means one thing (550 and 553 carry anything, so they
 # say nothing about the address by themselves)
 _BY_REPLY = {421: "systemerror", 451: "systemerror", 452: "systemfull", 551: "hasmoved",
@@ -169,8 +183,10 @@ def phrase_reason(text: str) -> str | None:
     return None
 
 
-def classify(status: str | None, reply_code: int | None, text: str) -> tuple[str, str]:
-    """(reason, "hard"|"soft") from an RFC 3463 status, an SMTP reply code and the text."""
+def classify(status: str | None, reply_code: int | None, text: str, *,
+             stage: str | None = None) -> tuple[str, str]:
+    """(reason, "hard"|"soft") from an RFC 3463 status, an SMTP reply code and the text, and
+    the stage the remote refused at (bounce_stage.STAGES) when known."""
     cls, detail = "", ""
     if status and (m := STATUS_RE.fullmatch(status.strip())):
         cls, detail = m.group(1), f"{int(m.group(2))}.{int(m.group(3))}"
@@ -179,6 +195,7 @@ def classify(status: str | None, reply_code: int | None, text: str) -> tuple[str
     if cls == "2":
         return "delivered", "soft"
     text = ADDRESS_RE.sub(" ", text or "")  # a local part such as "mailbox-full" says nothing
+    text = STAGE_SAID.sub(" ", text)  # "after MAIL FROM:": the reporter's words, not the remote's
     phrase = phrase_reason(text) if text else None
     if text and _GAVE_UP.search(text):
         phrase = "expired"
@@ -192,5 +209,35 @@ def classify(status: str | None, reply_code: int | None, text: str) -> tuple[str
         reason = "expired" if cls == "4" else "undefined"
     if reason == "hostunknown" and cls == "4":
         reason = "networkerror"  # a DNS answer that may still change
-    hard = reason in HARD_REASONS and cls != "4"
+    reason = by_stage(reason, cls, detail, stage)
+    hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
     return reason, "hard" if hard else "soft"
+
+
+# reasons that cannot be why a server refuses a client for good at its greeting or HELO
+_NOT_OF_A_CLIENT = frozenset({"userunknown", "undefined", "filtered", "rejected", "systemerror",
+                              "syntaxerror"})
+
+
+def by_stage(reason: str, cls: str, detail: str, stage: str | None) -> str:
+    """The reason corrected by what the refused command was about."""
+    if stage == "DATA" and reason == "userunknown" and detail not in _ADDRESS_BAD:
+        return "filtered"  # it took RCPT TO, so the mailbox exists: a filter refused the data
+    if reason == "userunknown" and detail.startswith(("2.", "7.")) and stage != "RCPT":
+        # X.2.x says the mailbox exists, X.7.x that policy refused: their "unknown" is
+        # believed only in reply to RCPT TO
+        return "filtered"
+    if stage == "MAIL" and reason in ("userunknown", "undefined", "filtered"):
+        return "rejected"  # it refused the sender, not the recipient
+    if stage == "CONN" and cls == "5" and reason in _NOT_OF_A_CLIENT:
+        return "blocked"  # it refused the client for good before hearing of any address
+    return reason
+
+
+def may_be_hard(reason: str, detail: str, stage: str | None) -> bool:
+    """Whether a refusal at this stage can say the recipient's address is bad: at RCPT or
+    at an unknown stage yes; after RCPT TO was taken only with an addressing code; before
+    it (greeting, HELO, MAIL) only of the whole domain (no SMTP service, no such host)."""
+    if stage in ("CONN", "MAIL"):
+        return reason in ("hostunknown", "notaccept")
+    return stage != "DATA" or detail in _ADDRESS_BAD

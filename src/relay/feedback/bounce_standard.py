@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator
 from email.message import Message
 
+from .bounce_reasons import ADDRESS_RE
 from .bounce_recipient import recipient
 from .bounce_report import BouncedRecipient, Original, Report
 from .bounce_text import (
@@ -16,6 +17,7 @@ from .bounce_text import (
     Prose,
     address_of,
     after_type,
+    lower_domain,
     part_text,
     reply_code_in,
     status_in,
@@ -50,7 +52,8 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
                 continue
             address = address_of(block["Final-Recipient"])
             if not address.partition("@")[0]:
-                address = address_of(block["Original-Recipient"]) or address
+                address = address_of(block["Original-Recipient"]) or \
+                    _only_recipient(enclosed_original(parts)) or address
             action = str(block.get("Action", "failed")).strip().lower().split()[0] \
                 if block.get("Action") else "failed"
             diagnostic = after_type(block["Diagnostic-Code"])
@@ -65,6 +68,14 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
             found.append(recipient(address, action, status, reply, diagnostic, remote,
                                    context=f"{near} {diagnostic}", transcript=human))
     return tuple(found)
+
+
+def _only_recipient(original: Original) -> str:
+    """The returned message's one To address, for a report whose Final-Recipient names no
+    mailbox (an RFC 821 source route such as "@mx.example.org")."""
+    to = [v for k, v in original.headers if k.lower() == "to"]
+    found = [m.group(0) for m in ADDRESS_RE.finditer(to[0])] if len(to) == 1 else []
+    return lower_domain(found[0]) if len(found) == 1 else ""
 
 
 def _split_recipients(block: Message) -> Iterator[Message]:

@@ -16,12 +16,14 @@ STATUS_IN_TEXT = re.compile(r"(?<![\d.])([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
 REPLY_IN_TEXT = re.compile(r"(?<![\d.\-])([245][0-5]\d)(?:[ \-]|$)", re.M)
 
 # the line after which a bounce quotes the original message (not "The original message
-# was received at ...", which opens Sendmail's report)
+# was received at ...", which opens Sendmail's report, nor Postfix's "delete your own text
+# from the attached returned message", which comes before its recipients)
 COPY_MARKER = re.compile(
     r"^.*(original message (follows|below|headers|is (attached|included))|message headers follow"
-    r"|copy of the (original )?message|returned message|unsent message below|below this line"
+    r"|copy of the (original )?message|(?<!attached )returned message|unsent message below"
+    r"|below this line"
     r"|headers of the original|original message ?-{2,}|-{3,} ?original message"
-    r"|^content-type: message/rfc822|^\s*original message:?\s*$).*$", re.I | re.M)
+    r"|^content-type: message/rfc822|^[ \t]*original message:?[ \t]*$).*$", re.I | re.M)
 
 
 def walk(msg: Message) -> list[Message]:

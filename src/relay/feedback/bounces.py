@@ -7,7 +7,8 @@ near each recipient itself.  `classify` turns a status, a reply code and the tex
 a reason and a hard/soft class: hard only when the address itself is bad for good.
 
 This module decides which kind of message it is and hands it on: bounce_standard reads
-the standard reports, bounce_heuristics the rest, bounce_text the words in either.
+the standard reports, bounce_ses Amazon SES notifications sent by email, bounce_heuristics
+the rest, bounce_text the words in any.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .bounce_heuristics import (
 )
 from .bounce_reasons import REASONS, classify
 from .bounce_report import BouncedRecipient, Original, Report
+from .bounce_ses import ses_notification
 from .bounce_standard import arf, dsn_recipients, enclosed_original
 from .bounce_text import all_text, walk
 
@@ -62,6 +64,8 @@ def _parse(msg: Message, max_recipients: int) -> Report:
         recipients = dsn_recipients(parts, max_recipients)
         if recipients:
             return Report(type="dsn", recipients=recipients, original=original)
+    if ses := ses_notification(msg, all_text(msg), original, max_recipients):
+        return ses
     if is_autoreply(msg):
         return Report(type="autoreply", original=original, recipients=(
             BouncedRecipient(address=from_address(msg), action="", status=None,

@@ -1,0 +1,89 @@
+"""At which SMTP stage a remote refused a message, read from a report's words: the greeting
+or HELO ("CONN"), MAIL, RCPT, or DATA (the DATA command or the end of the data).
+
+A refusal says more by when it came than by its words: a server that took RCPT TO and
+refused only after the data knows the mailbox; its "user unknown" there means the content
+or a filter, not the address.  All patterns are bounded (no nested repetition), so reading
+stays linear in the text.
+"""
+
+from __future__ import annotations
+
+import re
+
+STAGES = ("CONN", "MAIL", "RCPT", "DATA")
+
+# "in reply to end of DATA command" (Postfix), "after end of data" / "after RCPT TO:<...>"
+# / "after initial connection" (Exim), "while sending DATA" and the like
+# (bounce_reasons blanks these out: they are the reporter's words, not the remote's)
+STAGE_SAID = re.compile(
+    r"(?:in reply to|in response to|after|while sending|during|while receiving)(?: the)?"
+    r" (?:pipelined )?(end of data|data|bdat|message (?:body|data|content)|rcpt|mail from"
+    r"|initial (?:connection|server greeting)|connect|greeting|banner|ehlo|helo|starttls)\b"
+    # "SMTP command: DATA", "Last SMTP command: RCPT TO" (m-FILTER, appliances)
+    r"|smtp command:?[\s\-]{0,5}(data|bdat|rcpt|mail|ehlo|helo)\b"
+    # "550 5.2.1 <a@example.org>... User Unknown [RCPT_TO]" (qmail-ldap, Yahoo)
+    r"|\[(rcpt_to|mail_from|data)\]"
+    # Postfix: "host mx.example.org[192.0.2.1] refused to talk to me: 554 ..." (the greeting)
+    r"|(refused to talk to me)", re.I)
+_NAMES = {"end of data": "DATA", "data": "DATA", "bdat": "DATA", "message body": "DATA",
+          "message data": "DATA", "message content": "DATA", "rcpt": "RCPT",
+          "mail from": "MAIL", "mail": "MAIL",
+          "initial connection": "CONN", "initial server greeting": "CONN", "connect": "CONN",
+          "greeting": "CONN", "banner": "CONN", "ehlo": "CONN", "helo": "CONN",
+          "starttls": "CONN", "refused to talk to me": "CONN", "rcpt_to": "RCPT",
+          "mail_from": "MAIL"}
+# a session transcript (Sendmail, Exchange, appliances): ">>> DATA" then "<<< 550 ..."
+# ("[ \t]*", not "\s*": a blank run must not be rescanned from every line it spans)
+_TRANSCRIPT_SENT = re.compile(r"^[ \t]*>>> (\w+|\.)", re.M)
+_SENT_NAMES = {"DATA": "DATA", "BDAT": "DATA", ".": "DATA", "RCPT": "RCPT", "MAIL": "MAIL",
+               "EHLO": "CONN", "HELO": "CONN", "STARTTLS": "CONN"}
+_TRANSCRIPT_REPLY = re.compile(r"^[ \t]*<<< [245]\d\d", re.M)
+_REPLY_LINE = re.compile(r"[245]\d\d[ -].{0,20}")
+
+
+def smtp_stage(context: str, address: str, diagnostic: str, transcript: str = "") -> str | None:
+    """The stage the remote refused at: what the report says it replied to, or in a session
+    transcript, the last command sent before the reply about this recipient."""
+    if m := STAGE_SAID.search(context):
+        return _said(m)
+    if "ail" in context and "sent the message" in context:  # qmail: "failed after I sent..."
+        return "DATA"
+    transcript = transcript or context
+    lower = transcript.lower()
+    reply = _reply_line(diagnostic).lower()
+    # a reply line is the remote's own: its last copy is the one in the transcript (the first
+    # is often a summary above it); an address alone, its first mention
+    at = lower.rfind(reply) if reply else lower.find(address.lower()) if address else -1
+    if at < 0:
+        return None
+    if m := STAGE_SAID.search(transcript, at, at + 300):  # "550 ...  SMTP command: DATA"
+        return _said(m)
+    return _transcript_stage(transcript, at)
+
+
+def _transcript_stage(transcript: str, at: int) -> str | None:
+    """In a session transcript, the command a "<<<" reply at `at` answered: the last one sent
+    before it, except that with PIPELINING the replies to RCPT come after DATA is sent, so a
+    reply followed by another before the next command answered a RCPT, not the DATA."""
+    line = transcript.rfind("\n", 0, at) + 1
+    if not transcript[line:at].lstrip().startswith("<<<"):
+        return None  # the words are not a reply quoted from a transcript
+    sent = [m.group(1).upper() for m in _TRANSCRIPT_SENT.finditer(transcript, 0, at)]
+    stage = _SENT_NAMES.get(sent[-1]) if sent else None
+    if stage == "DATA":
+        end = transcript.find("\n", at)
+        nxt = _TRANSCRIPT_SENT.search(transcript, end if end > 0 else len(transcript))
+        if _TRANSCRIPT_REPLY.search(transcript, end if end > 0 else len(transcript),
+                                    nxt.start() if nxt else len(transcript)):
+            return "RCPT"
+    return stage
+
+
+def _said(m: re.Match[str]) -> str:
+    return _NAMES[next(g for g in m.groups() if g).lower()]
+
+
+def _reply_line(diagnostic: str) -> str:
+    m = _REPLY_LINE.search(diagnostic)
+    return m.group(0) if m else ""
