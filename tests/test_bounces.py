@@ -243,6 +243,16 @@ def test_exim_bounce_with_auto_submitted_is_a_bounce_and_a_block_is_soft() -> No
     (None, 550, "Relaying denied", ("norelaying", "soft")),
     (None, None, "", ("undefined", "soft")),
     ("2.0.0", 250, "OK", ("delivered", "soft")),
+    # RFC 3463 X.5.3's own words: one message's recipients, not a sending rate
+    ("5.0.0", 552, "552 Too many recipients", ("toomanyconn", "soft")),
+    # a submission-only server refusing a client that did not authenticate
+    (None, 550, "550 Unauthenticated senders not allowed", ("securityerror", "soft")),
+    # the reporter gave up, but the remote named a lasting condition: that is the reason
+    ("5.0.0", None, "mailbox is full: retry timeout exceeded", ("mailboxfull", "soft")),
+    ("4.7.0", 421, "421 4.7.0 Messages from 192.0.2.9 deferred due to user complaints; "
+     "I'm not going to try again; this message has been in the queue too long.",
+     ("badreputation", "soft")),
+    ("4.4.1", None, "Connection timed out: retry timeout exceeded", ("expired", "soft")),
 ])
 def test_classify(status: str | None, code: int | None, text: str,
                   expected: tuple[str, str]) -> None:
@@ -275,6 +285,11 @@ def test_classify(status: str | None, code: int | None, text: str,
     # X.7.x says policy refused it: the same
     ("5.7.1", 550, "550 User Unknown", None, ("filtered", "soft")),
     ("5.7.1", 550, "550 User Unknown", "RCPT", ("userunknown", "hard")),
+    # Exchange Online's directory-based edge blocking: no such recipient, not a block
+    ("5.4.1", 550, "550 5.4.1 Recipient address rejected: Access denied. AS(201806281)",
+     "RCPT", ("userunknown", "hard")),
+    ("5.7.1", 550, "550 5.7.1 Client host 192.0.2.9: Access denied", "RCPT",
+     ("blocked", "soft")),
 ])
 def test_classify_by_stage(status: str, code: int | None, text: str, stage: str | None,
                            expected: tuple[str, str]) -> None:
@@ -653,3 +668,44 @@ def test_a_transcript_of_blank_lines_is_read_in_linear_time() -> None:
     (r,) = parse(raw).recipients
     assert time.process_time() - started < 0.5
     assert (r.address, r.reason) == ("hana@example.org", "filtered")
+
+
+LOCAL_DELIVERY_DSN = b"""\
+From: Mail Delivery System <mailer-daemon@mx.sender.test>
+To: bounces+q@sender.test
+X-Failed-Recipients: cleo@example.org
+Subject: Mail delivery failed: returning message to sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="L"
+
+--L
+Content-Type: text/plain
+
+A message that you sent could not be delivered to one or more of its recipients.
+
+--L
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.sender.test
+
+Final-Recipient: rfc822;/var/mail/spool/c/cleo
+Action: failed
+Status: 5.0.0
+
+Final-Recipient: rfc822; dan@example.org
+Action: failed
+Status: 5.5.0
+Diagnostic-Code: X-Unix; 75
+
+--L--
+"""
+
+
+def test_a_local_delivery_report_names_its_failed_address_and_its_mailer() -> None:
+    report = parse(LOCAL_DELIVERY_DSN)
+    # a file is not a recipient: Exim's X-Failed-Recipients names the address it was for
+    assert [r.address for r in report.recipients] == ["cleo@example.org", "dan@example.org"]
+    # a bare exit status of a local program: the mailer failed, not the SMTP protocol
+    dan = report.recipients[1]
+    assert (dan.reason, dan.bounce_class) == ("mailererror", "soft")
+    assert dan.diagnostic == "X-Unix; 75"

@@ -44,12 +44,13 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                    r"|relaying (mail )?to .{1,80} (is )?not allowed|not configured to relay"
                    r"|insecure mail relay|we do not relay"),
     ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"),
+    ("userunknown", r"recipient address rejected: access denied"),
     ("userunknown", r"(account|mailbox|address|recipient|user)( or domain)? (may|does) not exist"),
     ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)|purported responsible address"
                  r"|\bfrom:? (domain |address )?(is )?(invalid|not valid)"),
     ("filtered", r"recipient preferences"),
     ("policyviolation", r"content presents a potential"),
-    ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent)"
+    ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent|recipients)"
                     r"|connection (rate|limit)|frequency limit"),
     ("virusdetected", r"virus|malware|infected|trojan"),
     ("requireptr", r"reverse (dns|lookup|hostname)|\bptr\b|rdns|no (dns|host ?name) for"
@@ -60,7 +61,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                      r"|blacklisted (url|link|domain in)|\buribl\b|surbl"),
     ("authfailure", r"\bspf\b|\bdkim\b|\bdmarc\b|sender policy framework"
                     r"|authenticat(ion|ed).{0,30}fail|not authenticated"),
-    ("badreputation", r"reputation|(ip|sender).{0,20}(has been )?temporarily (deferred|rate)"),
+    ("badreputation", r"reputation|(ip|sender).{0,20}(has been )?temporarily (deferred|rate)"
+                      r"|user complaints"),
     ("blocked", r"black ?list|block ?list|\bdnsbl|\brbl\b|spamhaus|spamcop|sorbs|barracuda"
                 r"|(ip|address|host|connection|client).{0,40}(blocked|banned|denied|refused)"
                 r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"
@@ -68,7 +70,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                 r"|(smtp|mail) server of your isp|dynamic ip|dial-?up|residential ip"),
     ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk mail|content.{0,20}rejected"
                      r"|message (has been |was )?(classified|identified|considered|marked) as"),
-    ("speeding", r"rate limit|too many (messages|recipients|mails)|sending too (fast|much)"
+    ("speeding", r"rate limit|too many (messages|mails)|sending too (fast|much)"
                  r"|try again later.{0,20}(too|rate)|exceeded .{0,20}rate|at a rate"),
     ("mailboxfull", r"(mailbox|mail box|inbox|mail ?folder|account|user|storage)"
                     r".{0,40}(full|quota|exceed|over)|quota|insufficient storage"
@@ -103,6 +105,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|no valid recipients|recipient rejected|bad recipient"
                     r"|undeliverable address|user not found|no account by that name"),
     ("securityerror", r"tls|starttls|encryption|certificate|security|authentication required"
+                      r"|unauthenticated senders?"
                       r"|must (issue|use) .{0,20}(auth|starttls)|smtp auth"),
     ("policyviolation", r"policy|prohibited|not allowed|violat|administrat(ive|or)"
                         r"|forbidden"),
@@ -174,6 +177,11 @@ _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time
                       r" expired|message expired|still undeliver", re.I)
 
 
+# conditions that last, so that they, not the queue's giving up, are why the mail failed:
+# a full mailbox, or a sender the remote distrusts
+_OUTLASTS_GIVING_UP = frozenset({"mailboxfull", "badreputation"})
+
+
 # A report often gives all its recipients the same words; reading them takes ~2 ms a KB.
 @functools.lru_cache(maxsize=256)
 def phrase_reason(text: str) -> str | None:
@@ -197,7 +205,7 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     text = ADDRESS_RE.sub(" ", text or "")  # a local part such as "mailbox-full" says nothing
     text = STAGE_SAID.sub(" ", text)  # "after MAIL FROM:": the reporter's words, not the remote's
     phrase = phrase_reason(text) if text else None
-    if text and _GAVE_UP.search(text):
+    if text and _GAVE_UP.search(text) and phrase not in _OUTLASTS_GIVING_UP:
         phrase = "expired"
     reason = None
     if detail and detail not in _VAGUE:

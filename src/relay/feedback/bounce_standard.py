@@ -23,6 +23,8 @@ from .bounce_text import (
     status_in,
 )
 
+_EXIT_STATUS = re.compile(r"\d{1,3}")
+_X_UNIX = re.compile(r"\s*x-unix\s*;", re.IGNORECASE)
 _RECIPIENT_FIELDS = ("final-recipient", "original-recipient")
 
 
@@ -51,12 +53,17 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
             if not (block["Final-Recipient"] or block["Original-Recipient"]):
                 continue
             address = address_of(block["Final-Recipient"])
-            if not address.partition("@")[0]:
-                address = address_of(block["Original-Recipient"]) or \
-                    _only_recipient(enclosed_original(parts)) or address
+            if not _mailbox(address):
+                # no mailbox named: a source route, or a local delivery's file or pipe
+                address = _mailbox(address_of(block["Original-Recipient"])) or \
+                    _only_failed(parts[0]) or _only_recipient(enclosed_original(parts)) \
+                    or address
             action = str(block.get("Action", "failed")).strip().lower().split()[0] \
                 if block.get("Action") else "failed"
             diagnostic = after_type(block["Diagnostic-Code"])
+            if _EXIT_STATUS.fullmatch(diagnostic) and _X_UNIX.match(str(block["Diagnostic-Code"])):
+                # a local program's bare exit status ("X-Unix; 71"): its type says who failed
+                diagnostic = re.sub(r"\s+", " ", str(block["Diagnostic-Code"])).strip()
             status = status_in(str(block.get("Status", "")))
             text_status = status_in(diagnostic)
             if text_status and text_status[0] == (status or text_status)[0]:
@@ -68,6 +75,17 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
             found.append(recipient(address, action, status, reply, diagnostic, remote,
                                    context=f"{near} {diagnostic}", transcript=human))
     return tuple(found)
+
+
+def _mailbox(address: str) -> str:
+    return address if address.partition("@")[0] and "@" in address else ""
+
+
+def _only_failed(top: Message) -> str:
+    """The one address of the report's X-Failed-Recipients header (Exim), if it names one."""
+    found = [m.group(0) for v in top.get_all("X-Failed-Recipients", [])
+             for m in ADDRESS_RE.finditer(str(v))]
+    return lower_domain(found[0]) if len(found) == 1 else ""
 
 
 def _only_recipient(original: Original) -> str:
