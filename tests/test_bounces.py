@@ -253,6 +253,7 @@ def test_exim_bounce_with_auto_submitted_is_a_bounce_and_a_block_is_soft() -> No
      "I'm not going to try again; this message has been in the queue too long.",
      ("badreputation", "soft")),
     ("4.4.1", None, "Connection timed out: retry timeout exceeded", ("expired", "soft")),
+    (None, None, "DNS lookup failure: host mx.example.org not found", ("hostunknown", "hard")),
 ])
 def test_classify(status: str | None, code: int | None, text: str,
                   expected: tuple[str, str]) -> None:
@@ -709,3 +710,59 @@ def test_a_local_delivery_report_names_its_failed_address_and_its_mailer() -> No
     dan = report.recipients[1]
     assert (dan.reason, dan.bounce_class) == ("mailererror", "soft")
     assert dan.diagnostic == "X-Unix; 75"
+
+
+@pytest.mark.parametrize(("said", "stage"), [
+    ("mx.example.org [192.0.2.1] did not like our RCPT TO:\n550 5.2.1 User unknown", "RCPT"),
+    ("mx.example.org [192.0.2.1] did not like our final DATA:\n554 5.7.1 Spam", "DATA"),
+    ("mx.example.org [192.0.2.1] did not like our MAIL FROM:\n550 5.7.1 No", "MAIL"),
+])
+def test_the_dragonfly_mail_agent_names_the_command_refused(said: str, stage: str) -> None:
+    assert smtp_stage(said, "ann@example.org", said) == stage
+
+
+TWO_IN_THE_TEXT_DSN = b"""\
+From: Mailer Daemon <MAILER-DAEMON@mx.sender.test>
+To: bounces+q@sender.test
+Subject: Delivery status notification: failed
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="T"
+
+--T
+Content-Type: text/plain
+
+An error has occurred while delivering a message for these recipients:
+
+ann@example.org: 550 5.1.1 <ann@example.org>: Recipient address rejected: User unknown
+bob@example.org: 452 4.2.2 <bob@example.org>: Recipient address rejected: Over quota
+
+--T
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.sender.test
+
+Final-Recipient: rfc822; ann@example.org
+Action: failed
+Status: 5.0.0
+
+Final-Recipient: rfc822; bob@example.org
+Action: failed
+Status: 5.0.0
+
+Final-Recipient: rfc822; @relay.example.net:carl@store7
+Original-Recipient: rfc822; carl@example.net
+Action: failed
+Status: 5.2.2
+Diagnostic-Code: smtp; 552 5.2.2 Over quota
+
+--T--
+"""
+
+
+def test_each_recipient_is_read_from_its_own_line_and_a_host_internal_name_yields() -> None:
+    got = [(r.address, r.reason, r.bounce_class) for r in parse(TWO_IN_THE_TEXT_DSN).recipients]
+    # the words about ann end where the text names bob, whose own line says something else
+    assert got[:2] == [("ann@example.org", "userunknown", "hard"),
+                       ("bob@example.org", "mailboxfull", "soft")]
+    # "carl@store7" is the last hop's own name for the mailbox: the original one is kept
+    assert got[2] == ("carl@example.net", "mailboxfull", "soft")

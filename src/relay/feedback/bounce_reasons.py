@@ -92,7 +92,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|no such (domain|host)|name or service not known|host not found"
                     r"|nxdomain|domain name not found|unrouteable (mail )?domain"
                     r"|unrouteable address|no mx|bad destination host|no route to host"
-                    r"|unresolvable|domain (is )?not reachable"),
+                    r"|unresolvable|domain (is )?not reachable"
+                    r"|\bhost [\w\-]+(\.[\w\-]+)+ not found"),
     ("userunknown", r"(user|recipient|mailbox|address|account|addressee|destination)"
                     r".{0,50}(unknown|not (found|exist|known|valid|listed)|does( not|n.?t)"
                     r" exist|doesn.?t have|invalid|no such|unavailable)"

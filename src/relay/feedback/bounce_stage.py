@@ -25,7 +25,9 @@ STAGE_SAID = re.compile(
     # "550 5.2.1 <a@example.org>... User Unknown [RCPT_TO]" (qmail-ldap, Yahoo)
     r"|\[(rcpt_to|mail_from|data)\]"
     # Postfix: "host mx.example.org[192.0.2.1] refused to talk to me: 554 ..." (the greeting)
-    r"|(refused to talk to me)", re.I)
+    r"|(refused to talk to me)"
+    # DragonFly Mail Agent: "mx.example.org [192.0.2.1] did not like our RCPT TO:"
+    r"|did not like our (?:final )?(data|rcpt|mail from)\b", re.I)
 _NAMES = {"end of data": "DATA", "data": "DATA", "bdat": "DATA", "message body": "DATA",
           "message data": "DATA", "message content": "DATA", "rcpt": "RCPT",
           "mail from": "MAIL", "mail": "MAIL",

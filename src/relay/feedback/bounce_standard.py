@@ -41,44 +41,45 @@ def _field_blocks(part: Message, limit: int) -> list[Message]:
 def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, ...]:
     found: list[BouncedRecipient] = []
     human = " ".join(part_text(p) for p in parts if p.get_content_type() == "text/plain")[:20000]
-    prose = Prose(human)
-    for part in parts:
-        if part.get_content_type() not in STATUS_TYPES:
-            continue
-        blocks = (group for block in _field_blocks(part, limit + 1)
-                  for group in _split_recipients(block))
-        for block in blocks:
-            if len(found) >= limit:
-                return tuple(found)
-            if not (block["Final-Recipient"] or block["Original-Recipient"]):
-                continue
-            address = address_of(block["Final-Recipient"])
-            if not _mailbox(address):
-                # no mailbox named: a source route, or a local delivery's file or pipe
-                address = _mailbox(address_of(block["Original-Recipient"])) or \
-                    _only_failed(parts[0]) or _only_recipient(enclosed_original(parts)) \
-                    or address
-            action = str(block.get("Action", "failed")).strip().lower().split()[0] \
-                if block.get("Action") else "failed"
-            diagnostic = after_type(block["Diagnostic-Code"])
-            if _EXIT_STATUS.fullmatch(diagnostic) and _X_UNIX.match(str(block["Diagnostic-Code"])):
-                # a local program's bare exit status ("X-Unix; 71"): its type says who failed
-                diagnostic = re.sub(r"\s+", " ", str(block["Diagnostic-Code"])).strip()
-            status = status_in(str(block.get("Status", "")))
-            text_status = status_in(diagnostic)
-            if text_status and text_status[0] == (status or text_status)[0]:
-                status = text_status
-            near = prose.near(address)
-            diagnostic = diagnostic or near
-            reply = reply_code_in(diagnostic)
-            remote = after_type(block["Remote-MTA"]) or None
-            found.append(recipient(address, action, status, reply, diagnostic, remote,
-                                   context=f"{near} {diagnostic}", transcript=human))
+    # each recipient's field block, at most `limit` of them
+    blocks = list(itertools.islice(
+        (group for part in parts if part.get_content_type() in STATUS_TYPES
+         for block in _field_blocks(part, limit + 1) for group in _split_recipients(block)
+         if group["Final-Recipient"] or group["Original-Recipient"]), limit))
+    # the words about one recipient end where the text names the next
+    prose = Prose(human, [address_of(b["Final-Recipient"] or b["Original-Recipient"])
+                          for b in blocks])
+    for block in blocks:
+        address = address_of(block["Final-Recipient"])
+        if not _mailbox(address):
+            # no mailbox named: a source route, a local file or pipe, a host-internal name
+            address = _mailbox(address_of(block["Original-Recipient"])) or \
+                _only_failed(parts[0]) or _only_recipient(enclosed_original(parts)) \
+                or address
+        action = str(block.get("Action", "failed")).strip().lower().split()[0] \
+            if block.get("Action") else "failed"
+        diagnostic = after_type(block["Diagnostic-Code"])
+        if _EXIT_STATUS.fullmatch(diagnostic) and _X_UNIX.match(str(block["Diagnostic-Code"])):
+            # a local program's bare exit status ("X-Unix; 71"): its type says who failed
+            diagnostic = re.sub(r"\s+", " ", str(block["Diagnostic-Code"])).strip()
+        status = status_in(str(block.get("Status", "")))
+        text_status = status_in(diagnostic)
+        if text_status and text_status[0] == (status or text_status)[0]:
+            status = text_status
+        near = prose.near(address)
+        diagnostic = diagnostic or near
+        reply = reply_code_in(diagnostic)
+        remote = after_type(block["Remote-MTA"]) or None
+        found.append(recipient(address, action, status, reply, diagnostic, remote,
+                               context=f"{near} {diagnostic}", transcript=human))
     return tuple(found)
 
 
 def _mailbox(address: str) -> str:
-    return address if address.partition("@")[0] and "@" in address else ""
+    """The address if it names a mailbox on the Internet: a local part at a dotted domain
+    (not a file, a pipe, a source route's remnant or a host-internal "user@server")."""
+    local, at, domain = address.partition("@")
+    return address if local and at and "." in domain else ""
 
 
 def _only_failed(top: Message) -> str:
