@@ -464,5 +464,11 @@ async def test_store_keeps_the_latest_fetch(store_url: str) -> None:
             fetched_at=T0, policy="p1"))
         assert await store.mta_sts_policy(DOMAIN) == newer
         assert await store.mta_sts_policy("other.test") is None
+        # a policy past its max_age goes when another is saved (its domain dropped MTA-STS)
+        await store.save_mta_sts_policy(CachedStsPolicy(
+            domain="other.test", id="x", mode="enforce", mx=("mx.other.test",), max_age=5,
+            fetched_at=T0 + 100, policy="p3"))
+        assert await store.mta_sts_policy(DOMAIN) is None
+        assert await store.mta_sts_policy("other.test") is not None
     finally:
         await store.close()

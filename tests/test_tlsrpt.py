@@ -20,6 +20,7 @@ import pytest
 import trustme
 from aiohttp import web
 
+from relay import metrics
 from relay.config import DnsConfig
 from relay.delivery import tlsrpt, tlsrpt_report
 from relay.delivery.mx import make_resolver
@@ -258,7 +259,9 @@ async def test_report_is_mailed_to_a_mailto_rua(store: SQLiteStore, dns: DNSServ
     count_day1(r)
     await r.flush()
     clock.now = NOON2
+    before = _accepted_tlsrpt()
     [sent] = await r.send_due()
+    assert _accepted_tlsrpt() == before + 1  # counted as its own source, not "other"
     assert sent.delivered == ("mailto:tls%2Dreports@b.test",)
     assert sent.error == f"{collector.url('/x')}: HTTP 500"
     sent_at, error = await store.tls_report(DAY1, "a.test") or (None, None)
@@ -398,3 +401,9 @@ def test_a_large_report_keeps_its_largest_failures(monkeypatch: pytest.MonkeyPat
     assert 0 < len(counts) < 200 and min(counts) == 200 - len(counts) + 1
     assert policy["summary"] == {"total-successful-session-count": 7,
                                  "total-failure-session-count": 200 * 201 // 2}
+
+
+def _accepted_tlsrpt() -> float:
+    return sum(sample[2] for family in metrics.snapshot() for sample in family[3]
+               if sample[0] == "relay_messages_accepted_total"
+               and sample[1].get("source") == "tlsrpt")

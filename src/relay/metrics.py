@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from .types import WAITING_STATUSES
 
 OTHER = "other"
-SOURCES = ("smtp", "api", "dsn")  # Submission.source
+SOURCES = ("smtp", "api", "dsn", "tlsrpt")  # Submission.source
 DEFAULT_DOMAINS = 50
 MAX_LABEL = 253  # the longest domain name
 
@@ -45,7 +45,7 @@ QUEUE_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 ACCEPTED = Counter("relay_messages_accepted", "Messages committed to the queue, by the way "
-                   "they came in (smtp, api or dsn) and the listener that took them "
+                   "they came in (smtp, api, dsn or tlsrpt) and the listener that took them "
                    "(mode:port of an SMTP listener; else the source again)",
                    ["source", "listener"], registry=REGISTRY)
 DELIVERIES = Counter("relay_deliveries", "Recipient outcomes committed by the scheduler: "

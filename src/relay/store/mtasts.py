@@ -38,16 +38,21 @@ class MtaStsQueries:
 
     async def save_mta_sts_policy(self, cached: CachedStsPolicy) -> None:
         """Saves the domain's policy, unless one fetched later is there already (another
-        node's)."""
-        await self._write(lambda db: db.execute(
-            "INSERT INTO mta_sts_policies (domain, id, mode, mx, max_age, fetched_at, policy)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (domain) DO UPDATE SET"
-            " id = excluded.id, mode = excluded.mode, mx = excluded.mx,"
-            " max_age = excluded.max_age, fetched_at = excluded.fetched_at,"
-            " policy = excluded.policy"
-            " WHERE excluded.fetched_at >= mta_sts_policies.fetched_at",
-            (cached.domain, cached.id, cached.mode, json.dumps(list(cached.mx)),
-             cached.max_age, cached.fetched_at, cached.policy)))
+        node's); policies past their max_age go (a domain that dropped MTA-STS)."""
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM mta_sts_policies WHERE fetched_at + max_age < ?"
+                       " AND domain <> ?", (cached.fetched_at, cached.domain))
+            db.execute(
+                "INSERT INTO mta_sts_policies (domain, id, mode, mx, max_age, fetched_at,"
+                " policy) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (domain) DO UPDATE SET"
+                " id = excluded.id, mode = excluded.mode, mx = excluded.mx,"
+                " max_age = excluded.max_age, fetched_at = excluded.fetched_at,"
+                " policy = excluded.policy"
+                " WHERE excluded.fetched_at >= mta_sts_policies.fetched_at",
+                (cached.domain, cached.id, cached.mode, json.dumps(list(cached.mx)),
+                 cached.max_age, cached.fetched_at, cached.policy))
+
+        await self._write(op)
 
 
 def _load(db: sqlite3.Connection, domain: str) -> CachedStsPolicy | None:
