@@ -7,12 +7,10 @@ import asyncio
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import trustme
-from aiohttp import web
 from dns.asyncresolver import Resolver
 
 from relay.config import DnsConfig
@@ -33,6 +31,7 @@ from relay.store import SQLiteStore
 from relay.store.mtasts import CachedStsPolicy
 
 from .dnsserver import DNSServer
+from .policyhost import PolicyHost
 
 DOMAIN = "example.test"
 POLICY = ("version: STSv1\r\nmode: enforce\r\nmx: mx1.example.test\r\n"
@@ -123,35 +122,6 @@ def test_txt_records(records: list[str], policy_id: str | None) -> None:
 # lookups against real servers
 
 
-@dataclass
-class PolicyHost:
-    """https://mta-sts.example.test:<port>/.well-known/mta-sts.txt, answering as told."""
-
-    port: int = 0
-    body: str = POLICY
-    content_type: str = "text/plain"
-    status: int = 200
-    location: str = ""
-    hits: int = 0
-    runner: web.AppRunner | None = field(default=None, repr=False)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.hits += 1
-        if self.location:
-            raise web.HTTPFound(self.location)
-        return web.Response(status=self.status, body=self.body.encode(),
-                            content_type=self.content_type)
-
-    async def start(self, tls: ssl.SSLContext) -> None:
-        app = web.Application()
-        app.router.add_get("/.well-known/mta-sts.txt", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=tls)
-        await site.start()
-        self.port = self.runner.addresses[0][1]
-
-
 def server_tls(ca: trustme.CA, name: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(name).configure_cert(ctx)
@@ -172,11 +142,10 @@ def ca_file(tmp_path: Path, ca: trustme.CA) -> str:
 
 @pytest.fixture
 async def host(ca: trustme.CA) -> AsyncIterator[PolicyHost]:
-    policy_host = PolicyHost()
+    policy_host = PolicyHost(body=POLICY)
     await policy_host.start(server_tls(ca, f"mta-sts.{DOMAIN}"))
     yield policy_host
-    assert policy_host.runner is not None
-    await policy_host.runner.cleanup()
+    await policy_host.stop()
 
 
 @pytest.fixture

@@ -160,14 +160,9 @@ def outbound_problems(delivery: Any) -> list[tuple[str, str]]:
     rules: tuple[BackoffRule, ...] = delivery.backoff
     pools: tuple[PoolConfig, ...] = delivery.pools
     policies: tuple[TlsPolicyConfig, ...] = delivery.tls_policy
-    out: list[tuple[str, str]] = []
-    seen: set[str] = set()
+    out = _names("sites", "site", [s.name for s in sites]) + _names(
+        "pools", "pool", [p.name for p in pools])
     for i, site in enumerate(sites):
-        if not site.name:
-            out.append((f"delivery.sites[{i}].name", "is required"))
-        elif site.name in seen:
-            out.append((f"delivery.sites[{i}].name", f"{site.name!r} names another site too"))
-        seen.add(site.name)
         if not site.mx:
             out.append((f"delivery.sites[{i}].mx", "needs at least one MX host pattern"))
     for i, rule in enumerate(rules):
@@ -175,16 +170,10 @@ def outbound_problems(delivery: Any) -> list[tuple[str, str]]:
             out.append((f"delivery.backoff[{i}].match", "is required"))
         if not rule.suspend and not rule.max_rate:
             out.append((f"delivery.backoff[{i}]", "needs suspend (seconds) or max_rate"))
-    names: set[str] = set()
     streams: dict[str, str] = {}
     addresses: dict[str, str] = {}
     for i, pool in enumerate(pools):
         key = f"delivery.pools[{i}]"
-        if not pool.name:
-            out.append((f"{key}.name", "is required"))
-        elif pool.name in names:
-            out.append((f"{key}.name", f"{pool.name!r} names another pool too"))
-        names.add(pool.name)
         if not pool.sources:
             out.append((f"{key}.sources", "needs at least one source address"))
         for j, source in enumerate(pool.sources):
@@ -203,4 +192,17 @@ def outbound_problems(delivery: Any) -> list[tuple[str, str]]:
         for name in ("domain", "level"):
             if not getattr(policy, name):
                 out.append((f"delivery.tls_policy[{i}].{name}", "is required"))
+    return out
+
+
+def _names(table: str, what: str, names: list[str]) -> list[tuple[str, str]]:
+    """Each entry of [[delivery.<table>]] needs a name of its own."""
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if not name:
+            out.append((f"delivery.{table}[{i}].name", "is required"))
+        elif name in seen:
+            out.append((f"delivery.{table}[{i}].name", f"{name!r} names another {what} too"))
+        seen.add(name)
     return out
