@@ -13,43 +13,26 @@ from typing import Any
 
 import pytest
 import trustme
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from relay import metrics
 from relay.config import DeliveryConfig, DnsConfig
 from relay.config.outbound import TlsPolicyConfig
+from relay.delivery.outbound import Target, TlsPolicy
+from relay.delivery.pools import Source
+from relay.delivery.sessions import SessionPool, TargetFailure
 from relay.service import Service
 from relay.store import MessageDetail
 
 from .apiutil import Api, api_client
-from .conftest import make_config, store_rows
+from .conftest import free_port, make_config, store_rows
 from .dnsserver import DNSServer
+from .policyhost import PolicyHost
 from .sink import Sink
 
 FAST = dict(retry_min=30.0, retry_max=60.0, connect_timeout=2.0, command_timeout=5.0,
             session_idle=0.5, process=False)
-
-
-class PolicyHost:
-    """https://mta-sts.<domain>:<port>/.well-known/mta-sts.txt"""
-
-    def __init__(self) -> None:
-        self.body = ""
-        self.port = 0
-        self.runner: web.AppRunner | None = None
-
-    async def handle(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.body, content_type="text/plain")
-
-    async def start(self, tls: ssl.SSLContext) -> None:
-        app = web.Application()
-        app.router.add_get("/.well-known/mta-sts.txt", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=tls).start()
-        self.port = self.runner.addresses[0][1]
 
 
 @pytest.fixture
@@ -77,8 +60,7 @@ async def policy_host(ca: trustme.CA) -> AsyncIterator[PolicyHost]:
     host = PolicyHost()
     await host.start(server_tls(ca, "mta-sts.sts.test")[0])
     yield host
-    assert host.runner is not None
-    await host.runner.cleanup()
+    await host.stop()
 
 
 async def start(tmp_path: Path, dns: DNSServer, sink: Sink, **delivery: Any
@@ -330,3 +312,17 @@ async def _results(svc: Service) -> list[tuple[Any, ...]]:
     finally:
         await svc.store.close()
     return [tuple(r) for r in rows]
+
+
+async def test_a_host_that_cannot_be_reached_is_no_tls_result() -> None:
+    """TLS-RPT counts sessions that got to TLS: a refused connection is neither a success
+    nor a TLS failure of the policy."""
+    heard: list[Any] = []
+    pool = SessionPool(hostname="relay.test", delivery=DeliveryConfig(connect_timeout=2.0),
+                       smarthost=False, tls_observer=lambda *a: heard.append(a))
+    target = Target(hostname="mx.sts.test", address="127.0.0.1", port=free_port(),
+                    tls=TlsPolicy(level="verify", source="mta-sts", policy_domain="sts.test",
+                                  policy_type="sts"))
+    with pytest.raises(TargetFailure):
+        await pool.session(target, Source(address=None, helo="relay.test"))
+    assert heard == []

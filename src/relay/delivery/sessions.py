@@ -107,7 +107,8 @@ class SessionPool:
         try:
             session = await self._connect(target, source, policy)
         except TargetFailure as failure:
-            self._observe(target, source, policy, failure.tls_failure, failure.text)
+            if failure.tls_failure:  # a session that never got to TLS is no TLS result
+                self._observe(target, source, policy, failure.tls_failure, failure.text)
             if failure.retry_plain:  # opportunistic TLS failed: this host in plain text
                 self._plain_only[key] = time.monotonic() + 3600
                 return await self._connect(target, source, TlsPolicy(
