@@ -254,7 +254,9 @@ def main() -> None:
             print(f"round {round_no} of {args.rounds}", flush=True)
         rates = {side: run_side(side, args) for side in sides}
         if len(rates) == 2:
-            ratios.append(rates[second] / rates[first])
+            # relay/Postfix (relay runs first), or DKIM on/off (off runs first)
+            ratios.append(rates[first] / rates[second] if args.dkim != "compare"
+                          else rates[second] / rates[first])
             name = "DKIM on/off" if args.dkim == "compare" else "relay/Postfix"
             print(f"ratio {name} = {ratios[-1]:.2f}", flush=True)
     if len(ratios) > 1:

@@ -734,3 +734,29 @@ async def test_inbound_listener_refuses_a_literal_recipient(tmp_path) -> None:  
         assert (code, text[:5]) == (550, b"5.7.1"), text
     finally:
         await svc.stop()
+
+
+async def test_a_connection_gets_aiosmtpd_whole_tables_without_reading_every_attribute(
+        service: Service) -> None:
+    """RelaySMTP and RelayHandler name only aiosmtpd's hooks in dir() (protocol.hook_names),
+    so a connection's set-up does not read every attribute; aiosmtpd's tables of commands,
+    AUTH mechanisms and handler hooks must still be whole."""
+    import inspect
+
+    from relay.smtp.protocol import RelaySMTP
+
+    handler = service.handlers[0]
+    proto = RelaySMTP(handler, implicit_tls=False, hostname="relay.test")
+    everything = object.__dir__(proto)
+    assert set(proto._smtp_methods) == {
+        n[len("smtp_"):] for n in everything if n.startswith("smtp_")}
+    assert {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "STARTTLS", "AUTH"} <= set(
+        proto._smtp_methods)
+    assert set(proto._handle_hooks) == {
+        n[len("handle_"):] for n in object.__dir__(handler) if n.startswith("handle_")}
+    assert proto._handle_hooks  # the handler's hooks are found
+    assert {"LOGIN", "PLAIN"} <= set(proto._auth_methods)
+    # and dir() is what aiosmtpd reads: no properties, no data attributes
+    assert len(dir(proto)) < len(everything) // 4
+    assert all(n.startswith(("smtp_", "auth_", "handle_")) for n in dir(proto))
+    assert dict(inspect.getmembers(handler)).keys() == set(dir(handler))

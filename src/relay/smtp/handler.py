@@ -30,7 +30,7 @@ from ..types import ApiKey, EnvelopeRecipient, Stream, Submission
 from .controls import read_controls
 from .inbound import Inbound
 from .limits import AuthThrottle, ConnectionCaps
-from .protocol import RelaySMTP, peer_ip
+from .protocol import RelaySMTP, hook_names, peer_ip
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ class RelayHandler:
         self.caps = ConnectionCaps.from_limits(config.limits)
         self.inbound = inbound  # what an inbound listener hands its reports to
         self.connections: set[RelaySMTP] = set()
+
+    def __dir__(self) -> list[str]:
+        return hook_names(self)  # what aiosmtpd reads on every connection, and no more
 
     def reconfigure(self, config: Config, listener: ListenerConfig) -> None:
         """A reload: sessions read the new policy and limits from their next command on (the
