@@ -3,6 +3,7 @@ per recipient from what the server replied (or from what the session cannot carr
 
 from __future__ import annotations
 
+import re
 import time
 
 import aiosmtplib
@@ -54,12 +55,44 @@ async def transaction(session: Session, msg: OutMessage, *, timeout: float) -> l
     if not accepted:
         await _rset(smtp)
         return results
-    try:
-        final: SMTPResponse = await smtp.data(msg.data, timeout=timeout)
-    except aiosmtplib.SMTPDataError as exc:
-        final = SMTPResponse(exc.code, exc.message)
+    final = await _data(smtp, msg.data, timeout)
+    if final.code != 250:
         await _rset(smtp)
     return results + [done(r, final.code, final.message, stage="DATA") for r in accepted]
+
+
+async def _data(smtp: aiosmtplib.SMTP, data: bytes, timeout: float) -> SMTPResponse:
+    """DATA and the message, as aiosmtplib's SMTP.data sends them, but with its two passes
+    over the message (line endings, dot-stuffing) made only when the message needs them:
+    they were an eighth of the delivery worker's CPU."""
+    start = await smtp.execute_command(b"DATA", timeout=timeout)
+    if start.code != 354:
+        return start
+    assert smtp.protocol is not None  # execute_command raised if the connection was lost
+    try:
+        smtp.protocol.write(wire_data(data))
+        # no await between the write and this read: the reply cannot arrive unawaited
+        return await smtp.protocol.read_response(timeout=timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        smtp.close()
+        raise
+
+
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def wire_data(data: bytes) -> bytes:
+    """A message as DATA carries it (RFC 5321 4.5.2): CRLF line endings, a line that starts
+    with "." doubled, and the ending "." line."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        data = _LINE_ENDINGS.sub(b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b".") or b"\n." in data:
+        data = _LEADING_DOT.sub(b"..", data)
+    return data + b".\r\n"
 
 
 def _mail_args(session: Session, msg: OutMessage) -> list[bytes]:
