@@ -137,7 +137,7 @@ class SignerProcess:
                 _Pipe, self._python, "-m", "relay.delivery.signer", self._log.format,
                 self._log.level,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
-                process_group=0)  # out of the terminal's signals, as the worker is
+                start_new_session=True)  # out of the terminal's signals, as the worker is
             self._children.add(pipe)
             pipe.exited.add_done_callback(lambda _: self._children.discard(pipe))
             await asyncio.wait_for(asyncio.shield(pipe.listening), TIMEOUT)
