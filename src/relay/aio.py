@@ -3,6 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run a process's main coroutine on uvloop's event loop where it is installed (a core
+    dependency on Linux), on asyncio's otherwise. relay's processes spend their time in
+    sessions' reads, writes, replies and timers, which uvloop does in C: about a fifth less
+    CPU a message, accepting and delivering (bench/deliver.py)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 async def sleep_until_set(event: asyncio.Event, timeout: float | None) -> bool:

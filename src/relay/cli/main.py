@@ -4,7 +4,6 @@ contacts, bounces, queue, check-config, backup, restore."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import datetime
 import json
@@ -20,6 +19,7 @@ from typing import Any
 
 from .. import config as config_mod
 from .. import keys, logs
+from ..aio import run_loop
 from ..config import Config, LogConfig, is_postgresql, mask_url
 from ..config.storeurl import check_store_url
 from ..datadir import check_owner
@@ -192,7 +192,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         print(f"Send a first message: swaks --server {sub.address}:{sub.port} -tls "
               f"--auth-user relay --auth-password <API key> --from you@example.com "
               f"--to someone@example.com   (or: relay send --to someone@example.com)", flush=True)
-    asyncio.run(run(config))
+    run_loop(run(config))
     return 0
 
 

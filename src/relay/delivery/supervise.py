@@ -51,7 +51,7 @@ class WorkerProcess:
                 stdin=asyncio.subprocess.PIPE, pass_fds=(read_end, metrics_w),
                 # a group of its own: a terminal's hangup or ^C to relay's group is the
                 # master's to act on (reload, drain), not a kill of the worker mid-session
-                process_group=0)
+                start_new_session=True)
         except BaseException:
             os.close(metrics_r)
             raise

@@ -15,11 +15,10 @@ import os
 import pickle
 import signal
 import sys
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
 
 from .. import logs, metrics
+from ..aio import run_loop
 from ..config import Config
 from . import metricspipe
 from .child import die_with_parent, ignore_hangup
@@ -90,17 +89,6 @@ def main() -> None:
         return
     run_loop(serve(args, wake_fd, metrics_fd))
 
-
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """The worker's event loop: uvloop's where it is installed (a core dependency on Linux),
-    asyncio's otherwise. The worker's time goes to sessions' reads and writes, replies and
-    timers, which uvloop does in C: a fifth less CPU a message in bench/deliver.py."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
 
 
 if __name__ == "__main__":
