@@ -49,7 +49,7 @@ class WorkerProcess:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relay.delivery.worker", str(read_end), str(metrics_w),
                 stdin=asyncio.subprocess.PIPE, pass_fds=(read_end, metrics_w),
-                # a group of its own: a terminal's hangup or ^C to relay's group is the
+                # a session (and group) of its own: a terminal's hangup or ^C to relay's group is the
                 # master's to act on (reload, drain), not a kill of the worker mid-session
                 start_new_session=True)
         except BaseException:

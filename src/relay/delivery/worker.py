@@ -90,6 +90,5 @@ def main() -> None:
     run_loop(serve(args, wake_fd, metrics_fd))
 
 
-
 if __name__ == "__main__":
     main()

@@ -55,7 +55,7 @@ def with_enhanced(status: str) -> str:
 
 
 _HOOK_PREFIXES = ("smtp_", "auth_", "handle_")
-_hook_names: dict[type, list[str]] = {}
+_hook_names: dict[type, tuple[str, ...]] = {}
 
 
 def hook_names(obj: object) -> list[str]:
@@ -70,9 +70,9 @@ def hook_names(obj: object) -> list[str]:
     cls = type(obj)
     names = _hook_names.get(cls)
     if names is None:
-        names = _hook_names[cls] = sorted(
-            n for n in object.__dir__(obj) if n.startswith(_HOOK_PREFIXES))
-    return names
+        names = _hook_names[cls] = tuple(sorted(
+            n for n in object.__dir__(obj) if n.startswith(_HOOK_PREFIXES)))
+    return list(names)  # a list of its own: the cache is not the caller's to change
 
 
 class Policy(Protocol):
