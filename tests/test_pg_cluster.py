@@ -56,7 +56,10 @@ def submit_api(port: int, key: str, subject: str) -> bool:
                        "subject": subject, "text": f"body {subject}"}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/emails", data=body, method="POST",
                                  headers={"Authorization": f"Bearer {key}",
-                                          "Content-Type": "application/json"})
+                                          "Content-Type": "application/json",
+                                          # a retry on the other node of a message this node
+                                          # committed but never answered is the same message
+                                          "Idempotency-Key": subject})
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return 200 <= resp.status < 300
@@ -73,7 +76,8 @@ def submit_smtp(port: int, key: str, subjects: list[str], accepted: list[str],
                     return
                 s.mail("alice@sender.test")
                 s.rcpt(f"{subject}@a.test")
-                code, _ = s.data(f"From: alice@sender.test\r\nSubject: {subject}\r\n\r\n"
+                code, _ = s.data(f"From: alice@sender.test\r\nSubject: {subject}\r\n"
+                                 f"X-Relay-Idempotency-Key: {subject}\r\n\r\n"
                                  f"body {subject}\r\n".encode())
                 if code == 250:
                     accepted.append(subject)
