@@ -116,12 +116,8 @@ class OperatorQueries:
         (m_where, m_args), (r_where, r_args) = sel.message_where(), sel.recipient_where()
 
         def op(db: sqlite3.Connection) -> list[str]:
-            # newest first down `messages_created`, each message's recipients through
-            # `recipients_message`: it stops at the limit, and an age is a range of the index
-            return [r[0] for r in db.execute(
-                f"SELECT m.id FROM messages m WHERE {m_where} AND EXISTS (SELECT 1 FROM"
-                f" recipients r WHERE r.message_id = m.id AND {r_where})"
-                " ORDER BY m.created_at DESC, m.id DESC LIMIT ?", (*m_args, *r_args, limit))]
+            return [r[0] for r in db.execute(list_sql(m_where, r_where),
+                                             (*m_args, *r_args, limit))]
 
         ids: list[str] = await self._reader.run(op)
         return ids
@@ -183,19 +179,10 @@ class OperatorQueries:
                           statuses: Sequence[str] = NOT_FINAL) -> dict[str, list[int]]:
         """qshape: {destination (or sender) domain: [total, count per AGE_BUCKETS column,
         count older than the last]} over the not-yet-final recipients, by message age."""
-        group = ("r.domain" if by == "domain" else
-                 "coalesce(nullif(lower(substr(m.mail_from, instr(m.mail_from, '@') + 1)),"
-                 " ''), '<>')")
-        cases = " ".join(f"WHEN ? - m.created_at < {minutes * 60} THEN {i}"
-                         for i, minutes in enumerate(AGE_BUCKETS))
-        marks = ",".join("?" * len(statuses))
+        sql, args = shape_sql(now, by, statuses)
 
         def op(db: sqlite3.Connection) -> list[tuple[str, int, int]]:
-            return db.execute(
-                f"SELECT {group}, CASE {cases} ELSE {len(AGE_BUCKETS)} END AS bucket, count(*)"
-                " FROM recipients r JOIN messages m ON m.id = r.message_id"
-                f" WHERE r.status IN ({marks}) GROUP BY 1, 2",
-                (*[now] * len(AGE_BUCKETS), *statuses)).fetchall()
+            return db.execute(sql, args).fetchall()
 
         shape: dict[str, list[int]] = {}
         for name, bucket, count in await self._reader.run(op):
@@ -215,3 +202,26 @@ class OperatorQueries:
 
         count: int = await self._write(op)
         return count
+
+
+def list_sql(m_where: str, r_where: str) -> str:
+    """`queue list`'s message ids (m_where's and r_where's arguments, then the limit):
+    newest first down `messages_created`, each message's recipients through
+    `recipients_message`; it stops at the limit, and an age is a range of the index."""
+    return (f"SELECT m.id FROM messages m WHERE {m_where} AND EXISTS (SELECT 1 FROM"
+            f" recipients r WHERE r.message_id = m.id AND {r_where})"
+            " ORDER BY m.created_at DESC, m.id DESC LIMIT ?")
+
+
+def shape_sql(now: float, by: str, statuses: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
+    """qshape's counts by (domain, age bucket), and their arguments."""
+    group = ("r.domain" if by == "domain" else
+             "coalesce(nullif(lower(substr(m.mail_from, instr(m.mail_from, '@') + 1)),"
+             " ''), '<>')")
+    cases = " ".join(f"WHEN ? - m.created_at < {minutes * 60} THEN {i}"
+                     for i, minutes in enumerate(AGE_BUCKETS))
+    marks = ",".join("?" * len(statuses))
+    sql = (f"SELECT {group}, CASE {cases} ELSE {len(AGE_BUCKETS)} END AS bucket, count(*)"
+           " FROM recipients r JOIN messages m ON m.id = r.message_id"
+           f" WHERE r.status IN ({marks}) GROUP BY 1, 2")
+    return sql, (*[now] * len(AGE_BUCKETS), *statuses)
