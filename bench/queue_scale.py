@@ -84,15 +84,7 @@ def family(pid: int) -> list[int]:
 
 def rss_mb(pid: int) -> float:
     """Resident memory of relay's master and its children, summed, in MB."""
-    total = 0
-    for p in family(pid):
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
+    return sum(rss_mb_one(p) for p in family(pid))
 
 
 class RssWatch:
@@ -184,6 +176,7 @@ async def picks(store: SQLiteStore, db_path: Path) -> dict[str, float]:
     """lease_due as the scheduler calls it (each lease given back after), its SELECT alone,
     and next_due_at; medians in ms."""
     found: dict[str, float] = {}
+    db = sqlite3.connect(db_path, isolation_level=None, timeout=60)
     for limit in (10_000, 100):
         took = []
         for _ in range(5):
@@ -191,15 +184,22 @@ async def picks(store: SQLiteStore, db_path: Path) -> dict[str, float]:
             due = await store.lease_due(time.time(), limit, 600.0)
             took.append(1000 * (time.perf_counter() - started))
             assert len(due) == limit, (len(due), limit)
-            await store.recover()
+            give_back(db, [r.id for r in due])
         found[f"lease {limit}"] = statistics.median(took)
-    db = sqlite3.connect(db_path)
     pick, nxt = on_pending(PICK_DUE, db), on_pending(NEXT_DUE, db)
     found["select 100"] = timed(lambda: db.execute(
         pick, (time.time(), time.time(), 100)).fetchall(), 20)
     found["next due"] = timed(lambda: db.execute(nxt).fetchall(), 20)
     db.close()
     return found
+
+
+def give_back(db: sqlite3.Connection, ids: list[int]) -> None:
+    """The bench's leases, given back by id (`recover` would read every recipient)."""
+    for i in range(0, len(ids), 500):
+        part = ids[i:i + 500]
+        db.execute("UPDATE recipients SET leased_until = NULL, leased_by = NULL"
+                   f" WHERE id IN ({','.join('?' * len(part))})", part)
 
 
 def cli_seconds(conf: Path, *args: str) -> float:
@@ -244,24 +244,42 @@ def explain(db_path: Path) -> None:
     db.close()
 
 
-def profile_picks(store_path: Path, seconds: float) -> None:
-    """py-spy, native frames included, on a process that does nothing but pick."""
-    code = (
-        "import asyncio, time\n"
-        "from relay.store import SQLiteStore\n"
-        "async def go():\n"
-        f"    s = SQLiteStore({str(store_path)!r}); await s.open()\n"
-        f"    end = time.monotonic() + {seconds}\n"
-        "    while time.monotonic() < end:\n"
-        "        await s.lease_due(time.time(), 100, 600.0); await s.recover()\n"
-        "        await s.next_due_at()\n"
-        "    await s.close()\n"
-        "asyncio.run(go())\n")
-    out = store_path.with_name("picks.txt")
+PICKER = """
+import asyncio, sqlite3, sys, time
+sys.path.insert(0, {bench!r})
+from queue_scale import give_back
+from relay.store import SQLiteStore
+async def go():
+    s = SQLiteStore({db!r}); await s.open()
+    db = sqlite3.connect({db!r}, isolation_level=None, timeout=60)
+    end, picks = time.monotonic() + {seconds}, 0
+    while time.monotonic() < end:
+        give_back(db, [r.id for r in await s.lease_due(time.time(), 100, 600.0)])
+        await s.next_due_at()
+        picks += 1
+    await s.close()
+    print(picks)
+asyncio.run(go())
+"""
+
+
+def spy(args: list[str], out: Path) -> None:
+    """py-spy record, native frames included, then the top functions by self time."""
     spy = Path(sys.executable).with_name("py-spy")
-    subprocess.run([str(spy), "record", "--native", "--threads", "--format", "raw",
-                    "--rate", "250", "-o", str(out), "--", sys.executable, "-c", code],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([str(spy), "record", "--native", "--format", "raw", "--rate", "250",
+                    "-o", str(out), *args], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    summarise(out)
+
+
+def profile_picks(store_path: Path, seconds: float) -> None:
+    """A process that does nothing but pick (lease 100, give them back, ask next_due_at)."""
+    code = PICKER.format(bench=str(Path(__file__).resolve().parent), db=str(store_path),
+                         seconds=seconds)
+    spy(["--", sys.executable, "-c", code], store_path.with_name("picks.txt"))
+
+
+def summarise(out: Path) -> None:
     own: dict[str, int] = {}
     total = 0
     for line in out.read_text().splitlines():
@@ -271,7 +289,7 @@ def profile_picks(store_path: Path, seconds: float) -> None:
         for frame in frames[-1:]:  # self time: the innermost frame
             name = frame.split(" (")[0]
             own[name] = own.get(name, 0) + int(count)
-    print(f"  py-spy, {total} samples (all threads), self time:")
+    print(f"  py-spy, {total} samples (threads not idle), self time:")
     for name, count in sorted(own.items(), key=lambda kv: -kv[1])[:12]:
         print(f"    {100 * count / total:5.1f}%  {name}")
 
@@ -348,8 +366,8 @@ def run(args: argparse.Namespace, proc: subprocess.Popen[bytes], conf: Path, db_
     print(f"\nquery plans at {checkpoints[-1]:,} queued:")
     explain(db_path)
     if args.profile:
-        print(f"\nprofile of the pick path (lease_due 100 + recover + next_due_at) at "
-              f"{checkpoints[-1]:,}:")
+        print(f"\nprofile of the pick path at {checkpoints[-1]:,} (a process doing nothing "
+              "else: lease_due 100, the leases given back by id, next_due_at):")
         profile_picks(db_path, 15)
     drain(args, proc, conf, sink, watch)
     watch.stop()
@@ -357,19 +375,28 @@ def run(args: argparse.Namespace, proc: subprocess.Popen[bytes], conf: Path, db_
 
 def drain(args: argparse.Namespace, proc: subprocess.Popen[bytes], conf: Path, sink: Sink,
           watch: RssWatch) -> None:
-    """Resume delivery (paused = false, SIGHUP) and let it drain to the sink for a while."""
+    """Resume delivery (paused = false, SIGHUP) and let it drain to the sink for a while;
+    with --profile, py-spy the delivery worker for 10 s of it."""
     text = conf.read_text().replace("paused = true", "paused = false")
     conf.write_text(text)
     watch.reset()
     before, started = sink.count, time.perf_counter()
+    cpu = {p: cpu_seconds(p) for p in family(proc.pid)}
     proc.send_signal(signal.SIGHUP)
-    first = None
+    first, spying = None, None
     marks = []
     while (took := time.perf_counter() - started) < args.drain:
         time.sleep(1)
         if first is None and sink.count > before:
             first = took
         marks.append((took, sink.count - before, rss_mb(proc.pid)))
+        workers = [p for p in family(proc.pid) if p != proc.pid and "serve" not in cmdline(p)]
+        if args.profile and spying is None and first is not None and took > first + 3 and \
+                workers:
+            out = conf.with_name("worker.txt")
+            spying = threading.Thread(target=spy, args=(
+                ["--pid", str(workers[0]), "--duration", "10", "--idle"], out))
+            spying.start()
     sent = sink.count - before
     steady = [m for m in marks if first is not None and m[0] >= first + 2]
     rate = ((steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])
@@ -377,6 +404,38 @@ def drain(args: argparse.Namespace, proc: subprocess.Popen[bytes], conf: Path, s
     print(f"\nresumed: first message at the sink after {first or 0:.1f} s; {sent:,} delivered "
           f"in {args.drain:.0f} s ({rate:,.0f} msg/s once running); relay RSS peak "
           f"{watch.peak():.0f} MB, at the end {marks[-1][2]:.0f} MB", flush=True)
+    for p in family(proc.pid):
+        used = cpu_seconds(p) - cpu.get(p, 0.0)
+        print(f"  pid {p} ({cmdline(p)[:60]}): RSS {rss_mb_one(p):.0f} MB, CPU "
+              f"{1000 * used / max(1, sent):.2f} ms/message", flush=True)
+    if spying is not None:
+        print("\nprofile of the delivery worker while draining (10 s):")
+        spying.join()
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
+    except OSError:
+        return "?"
+
+
+def rss_mb_one(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pytest
 from relay.errors import StoreError
 from relay.store import NewMessage, NewRecipient, SQLiteStore
 from relay.store.delivery import NEXT_DUE, PICK_DUE, DueRecipient, on_pending
+from relay.store.operator import Selector, list_query
 from relay.store.pgconn import is_postgresql, skip_locked
 from relay.store.schema import MIGRATIONS
 from relay.submit import new_message_id
@@ -199,3 +200,20 @@ async def test_a_pick_takes_the_soonest_due_and_passes_leased_and_held(
     assert await store.lease_due(now, 10, 600) == []  # every one is leased
     assert await store.next_due_at() is None
     assert len(await store.lease_due(now + 700, 10, 600)) == 4  # leases lapse
+
+
+async def test_listing_a_rare_status_looks_its_recipients_up(store: SQLiteStore) -> None:
+    """`queue list --status held` on a queue of queued mail: the few held recipients are
+    found through recipients_due, not by walking every message newest first (which read a
+    million messages to list none)."""
+    ids = [(await store.enqueue(new_message(i))).message_id for i in range(6)]
+    for held in (ids[1], ids[4]):
+        await store.hold(held, "test", 1_800_000_010.0)
+    held_sel = Selector(statuses=("held",))
+    assert await store.select_messages(held_sel, 10) == [ids[4], ids[1]]  # newest first
+    assert await store.select_messages(held_sel, 1) == [ids[4]]
+    assert await store.select_messages(Selector(statuses=("held",), domain="example.org",
+                                                created_before=1_800_000_004.0), 10) == [ids[1]]
+    assert await store.select_messages(Selector(statuses=("queued",)), 2) == [ids[5], ids[3]]
+    plan = await store._reader.run(lambda db: _plan(db, *list_query(db, held_sel, 10)))
+    assert "recipients_due" in plan and "messages_created" not in plan, plan
