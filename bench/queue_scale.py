@@ -263,35 +263,49 @@ asyncio.run(go())
 """
 
 
-def spy(args: list[str], out: Path) -> None:
-    """py-spy record, native frames included, then the top functions by self time."""
+def spy(args: list[str], out: Path) -> str:
+    """py-spy record (Python frames), then where the time went, as text."""
     spy = Path(sys.executable).with_name("py-spy")
-    subprocess.run([str(spy), "record", "--native", "--format", "raw", "--rate", "250",
-                    "-o", str(out), *args], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    summarise(out)
+    subprocess.run([str(spy), "record", "--format", "raw", "--rate", "200", "-o", str(out),
+                    *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return summarise(out)
 
 
 def profile_picks(store_path: Path, seconds: float) -> None:
     """A process that does nothing but pick (lease 100, give them back, ask next_due_at)."""
     code = PICKER.format(bench=str(Path(__file__).resolve().parent), db=str(store_path),
                          seconds=seconds)
-    spy(["--", sys.executable, "-c", code], store_path.with_name("picks.txt"))
+    print(spy(["--", sys.executable, "-c", code], store_path.with_name("picks.txt")))
 
 
-def summarise(out: Path) -> None:
+def summarise(out: Path, top: int = 10) -> str:
+    """Samples by the innermost frame of relay's own code (a statement's SQLite and fsync
+    time counts to the line that runs it), and by the innermost frame of all (self time)."""
+    mine: dict[str, int] = {}
     own: dict[str, int] = {}
     total = 0
     for line in out.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        frames = stack.split(";")
-        total += int(count)
-        for frame in frames[-1:]:  # self time: the innermost frame
-            name = frame.split(" (")[0]
-            own[name] = own.get(name, 0) + int(count)
-    print(f"  py-spy, {total} samples (threads not idle), self time:")
-    for name, count in sorted(own.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"    {100 * count / total:5.1f}%  {name}")
+        frames, n = stack.split(";"), int(count)
+        total += n
+        relay = [f for f in frames if "relay/" in f]
+        where = short(relay[-1]) if relay else "(outside relay: " + short(frames[-1]) + ")"
+        mine[where] = mine.get(where, 0) + n
+        own[short(frames[-1])] = own.get(short(frames[-1]), 0) + n
+    lines = [f"  py-spy, {total} samples; by relay's innermost frame:"]
+    lines += [f"    {100 * c / total:5.1f}%  {name}"
+              for name, c in sorted(mine.items(), key=lambda kv: -kv[1])[:top]]
+    lines += ["  by self time:"]
+    lines += [f"    {100 * c / total:5.1f}%  {name}"
+              for name, c in sorted(own.items(), key=lambda kv: -kv[1])[:top]]
+    return "\n".join(lines)
+
+
+def short(frame: str) -> str:
+    """'op (relay/store/delivery.py:131)' from py-spy's 'op (/long/path/relay/...:131)'."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rpartition('src/')[2].rpartition('site-packages/')[2]}" \
+        if where else name
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -384,7 +398,7 @@ def drain(args: argparse.Namespace, proc: subprocess.Popen[bytes], conf: Path, s
     cpu = {p: cpu_seconds(p) for p in family(proc.pid)}
     proc.send_signal(signal.SIGHUP)
     first, spying = None, None
-    marks = []
+    marks, profiled = [], []
     while (took := time.perf_counter() - started) < args.drain:
         time.sleep(1)
         if first is None and sink.count > before:
@@ -393,9 +407,8 @@ def drain(args: argparse.Namespace, proc: subprocess.Popen[bytes], conf: Path, s
         workers = [p for p in family(proc.pid) if p != proc.pid and "serve" not in cmdline(p)]
         if args.profile and spying is None and first is not None and took > first + 3 and \
                 workers:
-            out = conf.with_name("worker.txt")
-            spying = threading.Thread(target=spy, args=(
-                ["--pid", str(workers[0]), "--duration", "10", "--idle"], out))
+            spying = threading.Thread(target=lambda w=workers[0]: profiled.append(spy(
+                ["--pid", str(w), "--duration", "10"], conf.with_name("worker.txt"))))
             spying.start()
     sent = sink.count - before
     steady = [m for m in marks if first is not None and m[0] >= first + 2]
@@ -409,8 +422,9 @@ def drain(args: argparse.Namespace, proc: subprocess.Popen[bytes], conf: Path, s
         print(f"  pid {p} ({cmdline(p)[:60]}): RSS {rss_mb_one(p):.0f} MB, CPU "
               f"{1000 * used / max(1, sent):.2f} ms/message", flush=True)
     if spying is not None:
-        print("\nprofile of the delivery worker while draining (10 s):")
         spying.join()
+        print("\nprofile of the delivery worker while draining (10 s):")
+        print(*profiled)
 
 
 def cpu_seconds(pid: int) -> float:
