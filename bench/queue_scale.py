@@ -397,6 +397,7 @@ def drain(args: argparse.Namespace, proc: subprocess.Popen[bytes], conf: Path, s
     before, started = sink.count, time.perf_counter()
     cpu = {p: cpu_seconds(p) for p in family(proc.pid)}
     proc.send_signal(signal.SIGHUP)
+    print("\ndelivery resumed (paused = false, SIGHUP):", flush=True)
     first, spying = None, None
     marks, profiled = [], []
     while (took := time.perf_counter() - started) < args.drain:
@@ -404,6 +405,9 @@ def drain(args: argparse.Namespace, proc: subprocess.Popen[bytes], conf: Path, s
         if first is None and sink.count > before:
             first = took
         marks.append((took, sink.count - before, rss_mb(proc.pid)))
+        if len(marks) % 10 == 0:
+            print(f"  {took:5.0f} s: {marks[-1][1]:>9,} delivered, relay RSS "
+                  f"{marks[-1][2]:.0f} MB", flush=True)
         workers = [p for p in family(proc.pid) if p != proc.pid and "serve" not in cmdline(p)]
         if args.profile and spying is None and first is not None and took > first + 3 and \
                 workers:
@@ -414,7 +418,7 @@ def drain(args: argparse.Namespace, proc: subprocess.Popen[bytes], conf: Path, s
     steady = [m for m in marks if first is not None and m[0] >= first + 2]
     rate = ((steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])
             if len(steady) > 1 else 0.0)
-    print(f"\nresumed: first message at the sink after {first or 0:.1f} s; {sent:,} delivered "
+    print(f"resumed: first message at the sink after {first or 0:.1f} s; {sent:,} delivered "
           f"in {args.drain:.0f} s ({rate:,.0f} msg/s once running); relay RSS peak "
           f"{watch.peak():.0f} MB, at the end {marks[-1][2]:.0f} MB", flush=True)
     for p in family(proc.pid):
