@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import pytest
 
 from relay.errors import StoreError
 from relay.store import NewMessage, NewRecipient, SQLiteStore
+from relay.store.delivery import NEXT_DUE, PICK_DUE, DueRecipient, on_pending
+from relay.store.operator import Selector, list_query
+from relay.store.pgconn import is_postgresql, skip_locked
 from relay.store.schema import MIGRATIONS
 from relay.submit import new_message_id
 
@@ -142,3 +146,74 @@ async def test_list_messages_paginates_newest_first(store: SQLiteStore) -> None:
 async def test_message_ids_sort_by_time() -> None:
     a, b = new_message_id(1_800_000_000.0), new_message_id(1_800_000_000.002)
     assert a.startswith("msg_") and len(a) == 30 and a < b
+
+
+# -- picking due work on a long queue (issue 23) -------------------------------------------
+
+
+def _plan(db: Any, sql: str, args: tuple[Any, ...]) -> str:
+    """The query's plan as one text: SQLite's EXPLAIN QUERY PLAN details, or PostgreSQL's
+    EXPLAIN with sequential scans priced out (a test's few rows would be read whole)."""
+    if is_postgresql(db):
+        db.execute("SET enable_seqscan = off")
+        try:
+            return "\n".join(r[0] for r in db.execute("EXPLAIN " + sql, args).fetchall())
+        finally:
+            db.execute("RESET enable_seqscan")
+    return "\n".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall())
+
+
+async def test_a_pick_walks_the_pending_index_and_sorts_nothing(store: SQLiteStore) -> None:
+    """A pick and the idle scheduler's next-due question read the pending recipients in
+    next_attempt_at order from recipients_pending and stop at their LIMIT: no temp b-tree
+    (SQLite) or Sort (PostgreSQL) over every pending row, which made each pick O(n)."""
+    for i in range(3):
+        await store.enqueue(new_message(i))
+    now = 1_900_000_000.0
+
+    def plans(db: Any) -> tuple[str, str]:
+        pick = on_pending(PICK_DUE, db) + skip_locked(db)
+        return _plan(db, pick, (now, now, 100)), _plan(db, on_pending(NEXT_DUE, db), ())
+
+    pick, nxt = await store._reader.run(plans)
+    for plan in (pick, nxt):
+        assert "recipients_pending" in plan, plan
+        assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan
+        assert "SCAN recipients" not in plan and "Seq Scan" not in plan, plan
+
+
+async def test_a_pick_takes_the_soonest_due_and_passes_leased_and_held(
+        store: SQLiteStore) -> None:
+    ids = [(await store.enqueue(new_message(i))).message_id for i in (5, 1, 3, 2, 4)]
+    at = {m: 1_800_000_000.0 + i for m, i in zip(ids, (5, 1, 3, 2, 4))}
+    await store.hold(ids[1], "test", 1_800_000_000.0)  # due first, but held: never picked
+
+    def soonest_first(due: list[DueRecipient]) -> list[str]:
+        return sorted((r.message_id for r in due), key=at.__getitem__)
+
+    # at +3.5: +2 and +3 are due (+1 is held, +4 and +5 are not due yet)
+    assert soonest_first(await store.lease_due(1_800_000_003.5, 10, 600)) == [ids[3], ids[2]]
+    assert await store.next_due_at() == at[ids[4]]  # +4: the soonest neither leased nor held
+    now = 1_800_000_100.0
+    assert soonest_first(await store.lease_due(now, 1, 600)) == [ids[4]]  # the LIMIT
+    assert soonest_first(await store.lease_due(now, 10, 600)) == [ids[0]]
+    assert await store.lease_due(now, 10, 600) == []  # every one is leased
+    assert await store.next_due_at() is None
+    assert len(await store.lease_due(now + 700, 10, 600)) == 4  # leases lapse
+
+
+async def test_listing_a_rare_status_looks_its_recipients_up(store: SQLiteStore) -> None:
+    """`queue list --status held` on a queue of queued mail: the few held recipients are
+    found through recipients_due, not by walking every message newest first (which read a
+    million messages to list none)."""
+    ids = [(await store.enqueue(new_message(i))).message_id for i in range(6)]
+    for held in (ids[1], ids[4]):
+        await store.hold(held, "test", 1_800_000_010.0)
+    held_sel = Selector(statuses=("held",))
+    assert await store.select_messages(held_sel, 10) == [ids[4], ids[1]]  # newest first
+    assert await store.select_messages(held_sel, 1) == [ids[4]]
+    assert await store.select_messages(Selector(statuses=("held",), domain="example.org",
+                                                created_before=1_800_000_004.0), 10) == [ids[1]]
+    assert await store.select_messages(Selector(statuses=("queued",)), 2) == [ids[5], ids[3]]
+    plan = await store._reader.run(lambda db: _plan(db, *list_query(db, held_sel, 10)))
+    assert "recipients_due" in plan and "messages_created" not in plan, plan

@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 from ..addresses import normalize_address
-from ..api.contacts import contact_change, contact_json
 from ..config import Config
 from ..store import SQLiteStore
 from .util import Subparsers, iso, table, with_store
@@ -44,6 +43,9 @@ def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_list(args: argparse.Namespace, config: Config) -> int:
+    # here, not at the top: other commands start without aiohttp
+    from ..api.contacts import contact_json
+
     subscribed = None if args.subscribed is None else args.subscribed == "yes"
     found = with_store(config, lambda s: s.list_contacts(limit=args.limit,
                                                          subscribed=subscribed))
@@ -57,6 +59,9 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_show(args: argparse.Namespace, config: Config) -> int:
+    # here, not at the top: other commands start without aiohttp
+    from ..api.contacts import contact_json
+
     async def go(store: SQLiteStore) -> Any:
         found = await store.get_contact(_ident(args.contact))
         return (found, await store.contact_events(found.id)) if found else (None, [])
@@ -76,6 +81,9 @@ def cmd_show(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_add(args: argparse.Namespace, config: Config) -> int:
+    # here, not at the top: other commands start without aiohttp
+    from ..api.contacts import contact_change, contact_json
+
     data: dict[str, Any] = {}
     for item in args.data:
         key, sep, value = item.partition("=")

@@ -24,7 +24,6 @@ from ..config import Config, LogConfig, is_postgresql, mask_url
 from ..config.storeurl import check_store_url
 from ..datadir import check_owner
 from ..errors import ConfigError, StoreError, ValidationError
-from ..service import run
 from ..store import SQLiteStore
 from ..tlsutil import ensure_self_signed
 from ..types import SCOPES
@@ -192,6 +191,8 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         print(f"Send a first message: swaks --server {sub.address}:{sub.port} -tls "
               f"--auth-user relay --auth-password <API key> --from you@example.com "
               f"--to someone@example.com   (or: relay send --to someone@example.com)", flush=True)
+    from ..service import run  # here: the other commands (`queue list`) start without it
+
     run_loop(run(config))
     return 0
 

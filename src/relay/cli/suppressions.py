@@ -9,7 +9,6 @@ import sys
 import time
 
 from ..addresses import normalize_address, normalize_domain
-from ..api.manage import suppression_json
 from ..config import Config
 from ..types import SUPPRESSION_REASONS, Suppression
 from .util import Subparsers, iso, table, with_store
@@ -40,6 +39,9 @@ def _address(raw: str) -> str:
 
 
 def cmd_list(args: argparse.Namespace, config: Config) -> int:
+    # here, not at the top: other commands start without aiohttp
+    from ..api.manage import suppression_json
+
     email = _address(args.email) if args.email else None
     found = with_store(config, lambda s: s.list_suppressions(limit=args.limit, address=email))
     if args.json:

@@ -8,9 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..api.errors import ApiError
-from ..api.requests import parse
-from ..api.templates import CreateTemplate, new_template, template_json
 from ..config import Config
 from ..types import TEMPLATE_TYPES
 from .util import Subparsers, iso, table, with_store
@@ -45,6 +42,11 @@ def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_add(args: argparse.Namespace, config: Config) -> int:
+    # here, not at the top: other commands start without aiohttp
+    from ..api.errors import ApiError
+    from ..api.requests import parse
+    from ..api.templates import CreateTemplate, new_template, template_json
+
     body: dict[str, Any] = {
         "name": args.name, "type": args.type, "subject": args.subject,
         "html": args.html if args.html is not None else args.html_file.read_text(),
@@ -62,6 +64,9 @@ def cmd_add(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_list(args: argparse.Namespace, config: Config) -> int:
+    # here, not at the top: other commands start without aiohttp
+    from ..api.templates import template_json
+
     found = with_store(config, lambda s: s.list_templates(limit=100_000))
     if args.json:
         print(json.dumps([template_json(t) for t in found], indent=2))
@@ -72,6 +77,9 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_show(args: argparse.Namespace, config: Config) -> int:
+    # here, not at the top: other commands start without aiohttp
+    from ..api.templates import template_json
+
     t = with_store(config, lambda s: s.get_template(args.id))
     if t is None:
         print(f"relay: no template {args.id}", file=sys.stderr)

@@ -9,11 +9,8 @@ import secrets
 import sys
 import time
 
-from ..api.errors import ApiError
-from ..api.hooks import check_target, endpoint_json
 from ..api.schemas import EVENT_TYPES
 from ..config import Config
-from ..feedback import webhooks
 from ..store import SQLiteStore
 from ..types import WebhookEndpoint
 from .util import Subparsers, iso, table, with_store
@@ -45,6 +42,11 @@ def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_add(args: argparse.Namespace, config: Config) -> int:
+    # here, not at the top: other commands start without aiohttp
+    from ..api.errors import ApiError
+    from ..api.hooks import check_target, endpoint_json
+    from ..feedback import webhooks
+
     events = tuple(dict.fromkeys(e.strip() for e in args.events.split(",") if e.strip()))
     unknown = [e for e in events if e not in EVENTS]
     if unknown:
@@ -68,6 +70,9 @@ def cmd_add(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_list(args: argparse.Namespace, config: Config) -> int:
+    # here, not at the top: other commands start without aiohttp
+    from ..api.hooks import endpoint_json
+
     found = with_store(config, lambda s: s.list_endpoints())
     if args.json:
         print(json.dumps([endpoint_json(e) for e in found], indent=2))
@@ -79,6 +84,9 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_change(args: argparse.Namespace, config: Config) -> int:
+    # here, not at the top: other commands start without aiohttp
+    from ..feedback import webhooks
+
     secret = webhooks.new_secret() if args.action == "rotate" else None
 
     async def go(store: SQLiteStore) -> bool:

@@ -21,6 +21,10 @@ class Counts:
     webhook_backlog: int  # outbox rows not yet delivered that will still be tried
 
 
+WAITING_SQL = (f"SELECT status, count(*) FROM recipients WHERE status IN"
+               f" ({','.join('?' * len(WAITING_STATUSES))}) GROUP BY status")
+
+
 class CountQueries:
     """Mixed into SQLiteStore."""
 
@@ -39,9 +43,7 @@ class CountQueries:
 def waiting(db: sqlite3.Connection) -> dict[str, int]:
     """Recipients per waiting status, through the recipients_due index (status first)."""
     queue = dict.fromkeys(WAITING_STATUSES, 0)
-    marks = ",".join("?" * len(WAITING_STATUSES))
-    queue.update(db.execute(f"SELECT status, count(*) FROM recipients"
-                            f" WHERE status IN ({marks}) GROUP BY status", WAITING_STATUSES))
+    queue.update(db.execute(WAITING_SQL, WAITING_STATUSES))
     return queue
 
 

@@ -21,6 +21,24 @@ log = logging.getLogger("relay.delivery")  # a line per operator change, as per 
 
 PENDING = ("queued", "deferred", "scheduled")
 
+# The recipients due now and not leased, soonest first (now, now, limit); and when the next
+# unleased one falls due (how long an idle scheduler may sleep). Both walk the partial index
+# recipients_pending (migration 21) in order and stop at once: a pick reads its LIMIT and
+# the leases in flight, however long the queue. SQLite is told to (without ANALYZE's
+# statistics it takes recipients_due, status first, and sorts), PostgreSQL finds it itself.
+PICK_DUE = (
+    "SELECT id FROM recipients{} WHERE status IN ('queued', 'deferred', 'scheduled')"
+    " AND next_attempt_at <= ? AND (leased_until IS NULL OR leased_until < ?)"
+    " ORDER BY next_attempt_at LIMIT ?")
+NEXT_DUE = (
+    "SELECT min(next_attempt_at) FROM recipients{}"
+    " WHERE status IN ('queued', 'deferred', 'scheduled') AND leased_until IS NULL")
+
+
+def on_pending(sql: str, db: Any) -> str:
+    """PICK_DUE or NEXT_DUE for this connection's database."""
+    return sql.format("" if is_postgresql(db) else " INDEXED BY recipients_pending")
+
 
 @dataclass(frozen=True, kw_only=True)
 class DueRecipient:
@@ -110,9 +128,7 @@ class DeliveryQueries:
         def op(db: sqlite3.Connection) -> list[DueRecipient]:
             ids = [r[0] for r in db.execute(
                 "UPDATE recipients SET leased_until = ?, leased_by = ? WHERE id IN ("
-                " SELECT id FROM recipients WHERE status IN ('queued', 'deferred', 'scheduled')"
-                " AND next_attempt_at <= ? AND (leased_until IS NULL OR leased_until < ?)"
-                f" ORDER BY next_attempt_at LIMIT ?{skip_locked(db)}) RETURNING id",
+                f"{on_pending(PICK_DUE, db)}{skip_locked(db)}) RETURNING id",
                 (now + lease_for, self.node, now, now, limit),
             ).fetchall()]
             if not ids:
@@ -227,9 +243,7 @@ class DeliveryQueries:
 
 
 def _next_due_at(db: sqlite3.Connection) -> float | None:
-    rows = db.execute("SELECT min(next_attempt_at) FROM recipients"
-                      " WHERE status IN ('queued', 'deferred', 'scheduled')"
-                      " AND leased_until IS NULL").fetchall()
+    rows = db.execute(on_pending(NEXT_DUE, db)).fetchall()
     return rows[0][0] if rows else None
 
 

@@ -21,6 +21,7 @@ from .thread import DbThread
 
 NOT_FINAL = ("queued", "deferred", "scheduled", "held", "failed")
 MAX_SELECT = 100_000  # recipients one command acts on; run it again for more
+FEW = 50_000  # `queue list --status`: fewer recipients than this are looked up by status
 
 # qshape's columns: the upper bound of each age bucket in minutes (the last is open-ended)
 AGE_BUCKETS: tuple[int, ...] = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
@@ -113,15 +114,8 @@ class OperatorQueries:
 
     async def select_messages(self, sel: Selector, limit: int) -> list[str]:
         """Ids of the messages with a selected recipient, newest first."""
-        (m_where, m_args), (r_where, r_args) = sel.message_where(), sel.recipient_where()
-
         def op(db: sqlite3.Connection) -> list[str]:
-            # newest first down `messages_created`, each message's recipients through
-            # `recipients_message`: it stops at the limit, and an age is a range of the index
-            return [r[0] for r in db.execute(
-                f"SELECT m.id FROM messages m WHERE {m_where} AND EXISTS (SELECT 1 FROM"
-                f" recipients r WHERE r.message_id = m.id AND {r_where})"
-                " ORDER BY m.created_at DESC, m.id DESC LIMIT ?", (*m_args, *r_args, limit))]
+            return [r[0] for r in db.execute(*list_query(db, sel, limit))]
 
         ids: list[str] = await self._reader.run(op)
         return ids
@@ -183,19 +177,10 @@ class OperatorQueries:
                           statuses: Sequence[str] = NOT_FINAL) -> dict[str, list[int]]:
         """qshape: {destination (or sender) domain: [total, count per AGE_BUCKETS column,
         count older than the last]} over the not-yet-final recipients, by message age."""
-        group = ("r.domain" if by == "domain" else
-                 "coalesce(nullif(lower(substr(m.mail_from, instr(m.mail_from, '@') + 1)),"
-                 " ''), '<>')")
-        cases = " ".join(f"WHEN ? - m.created_at < {minutes * 60} THEN {i}"
-                         for i, minutes in enumerate(AGE_BUCKETS))
-        marks = ",".join("?" * len(statuses))
+        sql, args = shape_sql(now, by, statuses)
 
         def op(db: sqlite3.Connection) -> list[tuple[str, int, int]]:
-            return db.execute(
-                f"SELECT {group}, CASE {cases} ELSE {len(AGE_BUCKETS)} END AS bucket, count(*)"
-                " FROM recipients r JOIN messages m ON m.id = r.message_id"
-                f" WHERE r.status IN ({marks}) GROUP BY 1, 2",
-                (*[now] * len(AGE_BUCKETS), *statuses)).fetchall()
+            return db.execute(sql, args).fetchall()
 
         shape: dict[str, list[int]] = {}
         for name, bucket, count in await self._reader.run(op):
@@ -215,3 +200,48 @@ class OperatorQueries:
 
         count: int = await self._write(op)
         return count
+
+
+def list_query(db: sqlite3.Connection, sel: Selector, limit: int
+               ) -> tuple[str, tuple[Any, ...]]:
+    """`queue list`'s query and its arguments. Most selections walk the messages newest
+    first (list_sql) and stop at the limit; a status few recipients are in (held, failed,
+    deferred in a queue of a million queued ones) would have that walk read every message,
+    so those few are found through `recipients_due` (status first) and sorted."""
+    (m_where, m_args), (r_where, r_args) = sel.message_where(), sel.recipient_where()
+    if sel.statuses:
+        (few,) = db.execute(
+            "SELECT count(*) < ? FROM (SELECT 1 FROM recipients r WHERE r.status IN"
+            f" ({','.join('?' * len(sel.statuses))}) LIMIT ?) s",
+            (FEW, *sel.statuses, FEW)).fetchone()
+        if few:
+            # s CROSS JOIN m: SQLite keeps s the outer loop, as written
+            sql = (f"SELECT m.id FROM (SELECT DISTINCT r.message_id FROM recipients r"
+                   f" WHERE {r_where}) s CROSS JOIN messages m"
+                   f" WHERE m.id = s.message_id AND {m_where}"
+                   " ORDER BY m.created_at DESC, m.id DESC LIMIT ?")
+            return sql, (*r_args, *m_args, limit)
+    return list_sql(m_where, r_where), (*m_args, *r_args, limit)
+
+
+def list_sql(m_where: str, r_where: str) -> str:
+    """`queue list`'s message ids (m_where's and r_where's arguments, then the limit):
+    newest first down `messages_created`, each message's recipients through
+    `recipients_message`; it stops at the limit, and an age is a range of the index."""
+    return (f"SELECT m.id FROM messages m WHERE {m_where} AND EXISTS (SELECT 1 FROM"
+            f" recipients r WHERE r.message_id = m.id AND {r_where})"
+            " ORDER BY m.created_at DESC, m.id DESC LIMIT ?")
+
+
+def shape_sql(now: float, by: str, statuses: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
+    """qshape's counts by (domain, age bucket), and their arguments."""
+    group = ("r.domain" if by == "domain" else
+             "coalesce(nullif(lower(substr(m.mail_from, instr(m.mail_from, '@') + 1)),"
+             " ''), '<>')")
+    cases = " ".join(f"WHEN ? - m.created_at < {minutes * 60} THEN {i}"
+                     for i, minutes in enumerate(AGE_BUCKETS))
+    marks = ",".join("?" * len(statuses))
+    sql = (f"SELECT {group}, CASE {cases} ELSE {len(AGE_BUCKETS)} END AS bucket, count(*)"
+           " FROM recipients r JOIN messages m ON m.id = r.message_id"
+           f" WHERE r.status IN ({marks}) GROUP BY 1, 2")
+    return sql, (*[now] * len(AGE_BUCKETS), *statuses)

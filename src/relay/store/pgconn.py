@@ -27,7 +27,7 @@ log = logging.getLogger("relay.store")
 
 # a quoted string, a quoted name or a comment (kept as they are), or a placeholder
 _TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/|\?", re.DOTALL)
-_ROWS = re.compile(r"^\s*(SELECT|WITH|VALUES|SHOW|TABLE)\b|\bRETURNING\b", re.IGNORECASE)
+_ROWS = re.compile(r"^\s*(SELECT|WITH|VALUES|SHOW|TABLE|EXPLAIN)\b|\bRETURNING\b", re.IGNORECASE)
 _CACHE_MAX = 2048
 
 QUEUE_CHANNEL = "relay_queue"  # NOTIFY'd when messages are queued: idle nodes wake

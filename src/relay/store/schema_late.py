@@ -65,6 +65,15 @@ SQLITE: dict[int, str] = {
     UPDATE domains SET id = 'dom_' || lower(hex(randomblob(8)));
     CREATE UNIQUE INDEX domains_id ON domains(id);
     """,
+    # 21: issue 23 (a million queued): the recipients a scheduler may pick, by when they fall
+    # due, so that a pick reads its LIMIT of them soonest first (and the leases in flight)
+    # however many wait. Before, PostgreSQL read every due row and sorted them at each pick
+    # (O(n)); SQLite sorted its LIMIT from recipients_due's runs in a temp b-tree.
+    # leased_until stays out of it: taking or giving back a lease changes no index
+    21: """
+    CREATE INDEX recipients_pending ON recipients(next_attempt_at)
+        WHERE status IN ('queued', 'deferred', 'scheduled');
+    """,
 }
 
 PG: dict[int, str] = {
@@ -121,5 +130,9 @@ PG: dict[int, str] = {
     ALTER TABLE domains ADD COLUMN id text;
     UPDATE domains SET id = 'dom_' || substr(md5(random()::text || name), 1, 16);
     CREATE UNIQUE INDEX domains_id ON domains(id);
+    """,
+    21: """
+    CREATE INDEX recipients_pending ON recipients(next_attempt_at)
+        WHERE status IN ('queued', 'deferred', 'scheduled');
     """,
 }
