@@ -192,7 +192,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         print(f"Send a first message: swaks --server {sub.address}:{sub.port} -tls "
               f"--auth-user relay --auth-password <API key> --from you@example.com "
               f"--to someone@example.com   (or: relay send --to someone@example.com)", flush=True)
-    run_loop(run(config))
+    run_loop(run(config, freeze_startup=True))
     return 0
 
 
