@@ -16,8 +16,11 @@ all its threads). Needs Debian's wrk (installed if missing).
 Python's CPU time) into DIR/<phase>.txt (py-spy's raw format, for flamegraph.pl or speedscope)
 and prints the functions that take the most of it, inclusive.
 
+relay logs at WARNING unless --log-level says otherwise (INFO, the default of `relay serve`,
+adds an access line per request and an accept line per message).
+
 Usage: python bench/api.py [--seconds 10] [--connections 32] [--only single|batch]
-                           [--profile DIR]
+                           [--profile DIR] [--log-level INFO]
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--only", choices=("single", "batch"))
     ap.add_argument("--profile", type=Path, metavar="DIR")
+    ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args()
     ensure_wrk()
     with tempfile.TemporaryDirectory(prefix="bench-api-") as t:
@@ -140,9 +144,13 @@ def main() -> None:
                                "create", "--name", "bench", "--json"],
                               check=True, capture_output=True, text=True)
         key = json.loads(made.stdout)["key"]
+        # warnings and errors show here; at a lower level the lines go to a file, as the
+        # journal would take them
+        quiet = args.log_level.upper() in ("WARNING", "ERROR")
+        log = None if quiet else (tmp / "relay.log").open("wb")
         proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "--config", str(conf),
-                                 "serve"], env={"RELAY_LOG_LEVEL": "WARNING", **os.environ},
-                                stdout=subprocess.DEVNULL)
+                                 "serve"], env={**os.environ, "RELAY_LOG_LEVEL": args.log_level},
+                                stdout=subprocess.DEVNULL, stderr=log)
         try:
             deadline = time.monotonic() + 30
             while True:
@@ -179,6 +187,8 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(60)
+            if log is not None:
+                log.close()
 
 
 if __name__ == "__main__":
