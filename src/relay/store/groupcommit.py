@@ -61,9 +61,26 @@ class WriteLock:
     27-43 ms. A waiter is woken when the lock is given back; a process that dies gives it
     back with its file descriptors."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fd: int) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = fd
+
+    @classmethod
+    def beside(cls, database: Path) -> WriteLock | None:
+        """The lock of this SQLite file, owned as the file is (root running a command must
+        not leave one the service cannot open, as SQLite does for its -wal and -shm); None
+        when it cannot be opened: the writers then wait in SQLite's busy handler only."""
+        path = database.with_name(database.name + "-writer.lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.warning("%s: cannot open the writers' lock (%s); SQLite's locking only",
+                        path, exc.strerror or exc)
+            return None
+        if os.geteuid() == 0:
+            owner = os.stat(database)
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        return cls(path, fd)
 
     def __enter__(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # on the writer's thread; the GIL is let go

@@ -120,7 +120,7 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
         self._slots_conn, self.slots = slots, Slots(slots)
         self._write_conn, self._read_conn = write, read
         if self.path is not None:  # every process's writers take turns (groupcommit.py)
-            self._write_lock = WriteLock(self.path.with_name(self.path.name + "-writer.lock"))
+            self._write_lock = WriteLock.beside(self.path)
         self.writer = GroupCommitWriter(write, self._write_lock)
         self.writer.start()
 
