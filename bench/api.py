@@ -8,10 +8,19 @@ thread: a Python client would take as much CPU as the server) for SECONDS each:
   single   POST /v1/emails, a text+html message each; each 202 means committed to disk
   batch    POST /v1/emails/batch with 100 such messages each
 
-Prints requests/s and messages/s for each, how many answers were not 202/207, and relay's
-CPU per message (Linux /proc). Needs Debian's wrk (installed if missing).
+Prints requests/s and messages/s for each, p50 and p99 latency, how many answers were not
+202/207, and relay's CPU per message (Linux /proc: user and system time of the relay process,
+all its threads). Needs Debian's wrk (installed if missing).
+
+--profile DIR records each phase with py-spy (samples while a thread holds the GIL, which is
+Python's CPU time) into DIR/<phase>.txt (py-spy's raw format, for flamegraph.pl or speedscope)
+and prints the functions that take the most of it, inclusive.
+
+relay logs at WARNING unless --log-level says otherwise (INFO, the default of `relay serve`,
+adds an access line per request and an accept line per message).
 
 Usage: python bench/api.py [--seconds 10] [--connections 32] [--only single|batch]
+                           [--profile DIR] [--log-level INFO]
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 
@@ -64,6 +74,27 @@ end
 """
 
 
+def spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen([py_spy, "record", "-p", str(pid), "-d", str(max(1, int(seconds - 1))),
+                             "-r", "250", "--gil", "-f", "raw", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summary(raw: Path, top: int = 25) -> str:
+    """The relay and aiohttp functions with the most samples under them (a function counted
+    once per stack), as shares of all samples."""
+    total, under = 0, Counter[str]()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        for frame in set(stack.split(";")):
+            if "relay/" in frame or "aiohttp/" in frame or "pydantic" in frame:
+                under[re.sub(r" \(.*/(relay|aiohttp)/", r" (\1/", frame)] += n
+    return "\n".join(f"  {100 * n / max(1, total):5.1f}%  {f}" for f, n in under.most_common(top))
+
+
 def ensure_wrk() -> None:
     if shutil.which("wrk"):
         return
@@ -98,6 +129,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--only", choices=("single", "batch"))
+    ap.add_argument("--profile", type=Path, metavar="DIR")
+    ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args()
     ensure_wrk()
     with tempfile.TemporaryDirectory(prefix="bench-api-") as t:
@@ -111,9 +144,13 @@ def main() -> None:
                                "create", "--name", "bench", "--json"],
                               check=True, capture_output=True, text=True)
         key = json.loads(made.stdout)["key"]
+        # warnings and errors show here; at a lower level the lines go to a file, as the
+        # journal would take them
+        quiet = args.log_level.upper() in ("WARNING", "ERROR")
+        log = None if quiet else (tmp / "relay.log").open("wb")
         proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "--config", str(conf),
-                                 "serve"], env={**os.environ, "RELAY_LOG_LEVEL": "WARNING"},
-                                stdout=subprocess.DEVNULL)
+                                 "serve"], env={**os.environ, "RELAY_LOG_LEVEL": args.log_level},
+                                stdout=subprocess.DEVNULL, stderr=log)
         try:
             deadline = time.monotonic() + 30
             while True:
@@ -131,6 +168,10 @@ def main() -> None:
                                           ("batch", "/v1/emails/batch", batch, 100)):
                 if args.only and name != args.only:
                     continue
+                profile = None
+                if args.profile is not None:
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                    profile = spy(proc.pid, args.seconds, args.profile / f"{name}.txt")
                 cpu = cpu_seconds(proc.pid)
                 requests, took, latency = drive(tmp, base + path, key, body, args.seconds,
                                                 args.connections)
@@ -139,10 +180,15 @@ def main() -> None:
                       f"{args.connections} connections: {took:.2f} s = "
                       f"{requests / took:.0f} requests/s, {requests * per / took:.0f} "
                       f"messages/s ({latency}); relay CPU "
-                      f"{1000 * cpu / max(1, requests * per):.2f} ms/message", flush=True)
+                      f"{1000 * cpu / max(1, requests * per):.3f} ms/message", flush=True)
+                if profile is not None:
+                    profile.wait(60)
+                    print(summary(args.profile / f"{name}.txt"), flush=True)
         finally:
             proc.terminate()
             proc.wait(60)
+            if log is not None:
+                log.close()
 
 
 if __name__ == "__main__":

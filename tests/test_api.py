@@ -416,6 +416,26 @@ async def test_api_keys_are_made_listed_and_revoked_over_http(api: Api, service:
     assert status == 404
 
 
+async def test_a_key_revoked_elsewhere_stops_working_within_the_cache_bound(
+        api: Api, service: Service) -> None:
+    """`relay keys revoke` or another node revokes in the store only: this process's
+    remembered key is good until CACHE_SECONDS have passed (README: within 5 s), not after.
+    (The entry's time is run out by hand: the test does not wait the 5 s.)"""
+    from relay.api import auth
+    _, secret = await keys.create_key(service.store, name="app", scopes=["emails:send"])
+    status, _, _ = await api.call("POST", "/v1/emails", SIMPLE, key=secret)
+    assert status == 202  # checked against the store, and remembered
+    assert await service.store.revoke_api_key(keys.split_key(secret) or "", time.time())
+    status, _, _ = await api.call("POST", "/v1/emails", SIMPLE, key=secret)
+    assert status == 202  # still remembered: the bound, not a leak
+    (digest,) = [d for d, (k, _) in auth._cache.items() if secret.startswith(k.id + "_")]
+    remembered, until = auth._cache[digest]
+    assert until <= time.monotonic() + auth.CACHE_SECONDS
+    auth._cache[digest] = (remembered, time.monotonic() - 0.001)  # its 5 s are over
+    status, body, _ = await api.call("POST", "/v1/emails", SIMPLE, key=secret)
+    assert status == 401, body
+
+
 async def test_a_body_over_the_limit_is_a_json_413(tmp_path: Path) -> None:
     from relay.config import LimitsConfig
     config = make_config(tmp_path, limits=LimitsConfig(max_message_size=1000,

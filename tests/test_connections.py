@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -46,6 +47,11 @@ async def connect(svc: Service, source: str = "127.0.0.1"
                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     assert svc.api_bound is not None
     return await asyncio.open_connection(*svc.api_bound, local_addr=(source, 0))
+
+
+def waiting_for_body(svc: Service) -> bool:
+    assert svc.api_runner is not None
+    return any(c._state.name == "BODY" for c in svc.api_runner.app[CONNECTIONS]._open.values())
 
 
 def open_connections(svc: Service) -> int:
@@ -148,3 +154,27 @@ async def test_connections_past_the_caps_get_a_503_at_once(svc: Service) -> None
     writer.write(GET)
     assert (await read_response(reader)).startswith(b"HTTP/1.1 200")
     await close(held[0][1], held[2][1], writer)
+
+
+async def test_a_client_gone_mid_body_is_no_error_in_the_log(
+        svc: Service, caplog: pytest.LogCaptureFixture) -> None:
+    """wrk and impatient clients close connections mid-request: that is a 499 in the access
+    log and a debug line, not an ERROR with a traceback (aiohttp's, when the app raises)."""
+    caplog.set_level(logging.DEBUG)
+    _, secret = await keys.create_key(svc.store, name="k", scopes=("emails:send",))
+    _, writer = await connect(svc)
+    writer.write(b"POST /v1/emails HTTP/1.1\r\nHost: relay\r\nContent-Type: "
+                 b"application/json\r\nAuthorization: Bearer " + secret.encode() +
+                 b"\r\nContent-Length: 100\r\n\r\n{\"from\": ")
+    await writer.drain()
+    await until(lambda: waiting_for_body(svc), timeout=5)  # the handler reads the body
+    await close(writer)
+
+    def gone() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "relay.access" and " 499 " in
+                r.getMessage()]
+
+    await until(lambda: bool(gone()), timeout=5)
+    await served(svc)
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert errors == [], [r.getMessage() for r in errors]

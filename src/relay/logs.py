@@ -13,6 +13,7 @@ journald reads as the entry's priority.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import os
@@ -65,9 +66,19 @@ def fields(record: logging.LogRecord) -> dict[str, Any]:
             if k not in _STANDARD and not k.startswith("_")}
 
 
+@functools.lru_cache(maxsize=4)
+def _second(second: int) -> str:
+    return datetime.datetime.fromtimestamp(second, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+
+
 def _iso(created: float) -> str:
-    at = datetime.datetime.fromtimestamp(created, datetime.UTC)
-    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+    """UTC with milliseconds; the date and time to the second made once a second (a line
+    per request and per message: strftime was a third of a line's cost)."""
+    second = int(created)
+    micro = round((created - second) * 1_000_000)  # as datetime rounds it
+    if micro == 1_000_000:
+        second, micro = second + 1, 0
+    return f"{_second(second)}{micro // 1000:03d}Z"
 
 
 class TextFormatter(logging.Formatter):
@@ -153,6 +164,10 @@ def configure(config: LogConfig, *, process: str = "", environ: Mapping[str, str
     handler.setFormatter(formatter(config, process=process, environ=environ))
     root.addHandler(handler)
     root.setLevel(level_of(config, environ))
+    # No line shows the caller's file, line, thread or process name: skip looking them up
+    # for each record (the logging HOWTO's "Optimization"; about 5 µs of a line's 13)
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     _quiet(config)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import ssl
@@ -213,8 +214,13 @@ class Service:
         self.lock.release()
 
 
-async def run(config: Config, *, on_ready: asyncio.Future[None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file."""
+async def run(config: Config, *, on_ready: asyncio.Future[None] | None = None,
+              freeze_startup: bool = False) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file. `freeze_startup`
+    (`relay serve`, one service for the process's life): what starting made (modules, the
+    app, the routes, some 80,000 objects) is moved out of the garbage collector's sight, so
+    that its full collections scan only what requests make (gc.freeze; in `bench/api.py`
+    the collector took 15 → 4 µs of CPU per message in batches)."""
     service = Service(config)
     stopped_by: list[signal.Signals] = []
     stop = asyncio.Event()
@@ -229,6 +235,8 @@ async def run(config: Config, *, on_ready: asyncio.Future[None] | None = None) -
     hangups = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, hangups.set)  # before start: a HUP must not kill
     await service.start()
+    if freeze_startup:
+        gc.freeze()
     notifier = Notifier(service)
     sd_notify("READY=1")
     notifier.start()

@@ -17,13 +17,13 @@ from . import accesslog, auth, metrics
 from .connections import ConnectionGuard
 from .contacts import ContactsApi, UpsertContact
 from .dashboard import Dashboard
+from .dialects import mailerlogic, piisend, plunk
 from .dialects.common import reshaped
 from .dialects.mailchannels import PREFIX as MAILCHANNELS_PREFIX
 from .dialects.mailchannels import MailChannelsApi
 from .dialects.mailchannels import error_body as mailchannels_error
 from .dialects.mailchannels_manage import MailChannelsManageApi
 from .dialects.mailchannels_metrics import MailChannelsMetricsApi
-from .dialects import mailerlogic, piisend, plunk
 from .dialects.mailerlogic import MailerLogicApi
 from .dialects.piisend import PiiSendApi
 from .dialects.plunk import PlunkApi
@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 BODY_LIMIT = web.AppKey("body_limit", int)
 CONNECTIONS = web.AppKey("connections", ConnectionGuard)  # serve with its protocol_factory
+CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection
 
 
 def body_limit(config: Config) -> int:
@@ -97,12 +98,25 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return in_dialect(request, ApiError(exc.status, message, headers=headers))
     except ConnectionResetError:
-        raise  # the client went away mid-request: nothing to answer, nothing to log
+        if not _client_gone(request):
+            raise
+        # The client closed its connection mid-request (wrk at its end, an impatient app):
+        # nobody to answer and nothing wrong here. Raised on, aiohttp would log it as an
+        # ERROR with a traceback; answered, its write fails quietly and the access log says
+        # 499, as nginx does.
+        log.debug("%s %s: the client went away (request %s)", request.method, request.path,
+                  request[REQUEST_ID])
+        return web.Response(status=CLIENT_GONE)
     except Exception:
         log.exception("%s %s failed (request %s)", request.method, request.path,
                       request[REQUEST_ID])
         return ApiError(500, "an internal error; the request id names it in relay's log",
                         type="internal_error").response()
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def in_dialect(request: web.Request, error: ApiError) -> web.StreamResponse:

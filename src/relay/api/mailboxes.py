@@ -37,11 +37,10 @@ def mailboxes(value: Any, param: str) -> tuple[Mailbox, ...]:
 
 
 def mailbox(value: Any, param: str) -> Mailbox:
-    simple = _NAME_ADDR.match(value) if isinstance(value, str) else None
     if isinstance(value, str) and not _SPECIAL.search(value):
         name, address = "", value.strip()  # a bare address, the common case: no parsing
-    elif simple is not None:  # Name <address>, the other common case
-        name, address = simple.group(1).strip(), simple.group(2)
+    elif isinstance(value, str) and (simple := _NAME_ADDR.match(value)) is not None:
+        name, address = simple.group(1).strip(), simple.group(2)  # Name <address>
     elif isinstance(value, str):
         # one mailbox per item: parseaddr would silently keep the first of a list
         # ("a@x, b@y") or read "Name: evil@x <good@y>" as a group naming evil@x
@@ -57,7 +56,8 @@ def mailbox(value: Any, param: str) -> Mailbox:
     try:
         address, _ = normalize_address(address, smtputf8=True, param=param)
         # here, not only in submit, so that the error names the request's own field
-        compose.check_header_text(name, param if isinstance(value, str) else f"{param}.name")
+        if name:
+            compose.check_header_text(name, param if isinstance(value, str) else f"{param}.name")
     except ValidationError as exc:
         raise ApiError(422, str(exc), param=exc.param) from None
     return Mailbox(email=address, name=name or None)

@@ -32,7 +32,8 @@ MANIFEST = "manifest.json"
 DATA = "data"  # the data dir's files, under the backup dir
 CONFIG = "config"
 FORMAT = 1
-DB_FILES = ("relay.sqlite", "relay.sqlite-wal", "relay.sqlite-shm", "relay.sqlite-journal")
+DB_FILES = ("relay.sqlite", "relay.sqlite-wal", "relay.sqlite-shm", "relay.sqlite-journal",
+            "relay.sqlite-writer.lock")  # the last: store/groupcommit.py's WriteLock
 MAX_MANIFEST = 16 * 1024 * 1024
 
 

@@ -193,7 +193,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
               f"--to someone@example.com   (or: relay send --to someone@example.com)", flush=True)
     from ..service import run  # here: the other commands (`queue list`) start without it
 
-    run_loop(run(config))
+    run_loop(run(config, freeze_startup=True))
     return 0
 
 

@@ -7,18 +7,22 @@ one fsync. Operations of the same `Batched` kind are run together (one
 raises, the batch is rolled back and each of its operations is retried in a
 transaction of its own, so one bad write cannot fail the others. Nothing is
 ever half-written: a failed commit rolls back and every caller of that batch
-gets `StoreError`.
+gets `StoreError`. On SQLite, the writers of every process take turns by a `WriteLock`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import os
 import random
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .. import metrics
@@ -47,11 +51,54 @@ class Batched:
 Work = Operation | Batched
 
 
+class WriteLock:
+    """An flock on a file beside the SQLite file, held by a process's writer for each of its
+    transactions: the master, the delivery worker and a command take turns. SQLite alone
+    makes a writer that finds the file locked poll, sleeping 1, 2, 5 ... 100 ms between
+    tries, so a process committing back to back (the master under load) starves another:
+    two processes group-committing API sends into one file, the second made 2-8 % of the
+    commits and the p99 latency was 100-550 ms; taking turns here, about half each, p99
+    27-43 ms. A waiter is woken when the lock is given back; a process that dies gives it
+    back with its file descriptors."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def beside(cls, database: Path) -> WriteLock | None:
+        """The lock of this SQLite file, owned as the file is (root running a command must
+        not leave one the service cannot open, as SQLite does for its -wal and -shm); None
+        when it cannot be opened: the writers then wait in SQLite's busy handler only."""
+        path = database.with_name(database.name + "-writer.lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.warning("%s: cannot open the writers' lock (%s); SQLite's locking only",
+                        path, exc.strerror or exc)
+            return None
+        if os.geteuid() == 0:
+            owner = os.stat(database)
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        return cls(path, fd)
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # on the writer's thread; the GIL is let go
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Once the writer's thread has ended."""
+        os.close(self._fd)
+
+
 class GroupCommitWriter:
     """Owns the write connection; each transaction runs on its thread in one step."""
 
-    def __init__(self, conn: DbThread) -> None:
+    def __init__(self, conn: DbThread, lock: WriteLock | None = None) -> None:
         self.conn = conn
+        self._lock = lock
         self._queue: asyncio.Queue[tuple[Work, asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # commits made; lets tests and benches see the grouping
@@ -113,19 +160,22 @@ class GroupCommitWriter:
 
     async def _transaction(self, works: list[Work]) -> list[Any]:
         started = time.perf_counter()
-        results: list[Any] = await self.conn.run(_transaction, works)
+        results: list[Any] = await self.conn.run(_transaction, works, self._lock)
         metrics.commit_took(time.perf_counter() - started)
         self.batches += 1
         self.operations += len(works)
         return results
 
 
-def _transaction(db: sqlite3.Connection, works: list[Work]) -> list[Any]:
+def _transaction(db: sqlite3.Connection, works: list[Work],
+                 lock: WriteLock | None = None) -> list[Any]:
     """The works in one transaction, run again (a few times, after a short pause) when
-    PostgreSQL rolled it back for a deadlock or serialization failure with another node."""
+    PostgreSQL rolled it back for a deadlock or serialization failure with another node.
+    With `lock` (SQLite), inside it."""
     for attempt in range(CONFLICT_RETRIES):
         try:
-            return _once(db, works)
+            with lock if lock is not None else contextlib.nullcontext():
+                return _once(db, works)
         except StoreError as exc:
             if not isinstance(exc.__cause__, Conflict) or attempt == CONFLICT_RETRIES - 1:
                 raise

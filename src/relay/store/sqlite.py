@@ -25,7 +25,7 @@ from .delivery import DeliveryQueries
 from .domains import DomainQueries
 from .emails import EmailQueries
 from .events import EventQueries
-from .groupcommit import Batched, GroupCommitWriter
+from .groupcommit import Batched, GroupCommitWriter, WriteLock
 from .health import HealthQueries
 from .idempotency import IDEMPOTENCY_WINDOW, IdempotencyQueries
 from .inbound import InboundQueries
@@ -74,6 +74,7 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
         self._write_conn: DbThread | None = None
         self._read_conn: DbThread | None = None
         self.writer: GroupCommitWriter | None = None
+        self._write_lock: WriteLock | None = None
         self._slots_conn: DbThread | None = None
         self.slots = Slots(None)  # cluster-wide delivery slots (store/slots.py)
 
@@ -118,7 +119,9 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
             os.chmod(self.path, 0o600)
         self._slots_conn, self.slots = slots, Slots(slots)
         self._write_conn, self._read_conn = write, read
-        self.writer = GroupCommitWriter(write)
+        if self.path is not None:  # every process's writers take turns (groupcommit.py)
+            self._write_lock = WriteLock.beside(self.path)
+        self.writer = GroupCommitWriter(write, self._write_lock)
         self.writer.start()
 
     async def close(self) -> None:
@@ -129,6 +132,9 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
             if conn is not None:
                 await conn.close()
         self._read_conn = self._write_conn = self._slots_conn = None
+        if self._write_lock is not None:
+            self._write_lock.close()
+            self._write_lock = None
         self.slots = Slots(None)
 
     async def listen(self, wake: Callable[[], None]) -> Listener | None:
