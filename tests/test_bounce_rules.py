@@ -1,0 +1,155 @@
+"""bounce_reasons, bounce_stage, bounce_standard: the general rules that decide whether a
+"user unknown" is the address's fault (hard) or a filter's (soft): who said it, in reply to
+which SMTP command, and what the status code names."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.config import LimitsConfig
+from relay.feedback import bounces
+from relay.feedback.bounce_stage import smtp_stage
+
+LIMITS = LimitsConfig()
+
+
+def parse(raw: bytes) -> bounces.Report:
+    return bounces.parse(raw, max_parts=LIMITS.max_report_parts,
+                         max_recipients=LIMITS.max_report_recipients)
+
+
+def _dsn(human: str, status: str, diagnostic: str) -> bytes:
+    return f"""\
+From: Mail Delivery System <MAILER-DAEMON@mx.sender.test>
+To: bounces+abc@sender.test
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+--B
+Content-Type: text/plain
+
+{human}
+
+--B
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.sender.test
+
+Final-Recipient: rfc822; ann@example.org
+Action: failed
+Status: {status}
+Remote-MTA: dns; mx.example.org
+{diagnostic}
+
+--B--
+""".encode()
+
+
+def _plain(body: str) -> bytes:
+    return f"""\
+From: MAILER-DAEMON@mx.sender.test
+To: bounces+abc@sender.test
+Subject: failure notice
+
+{body}
+--- Below this line is a copy of the message.
+
+From: app@sender.test
+To: ann@example.org
+Subject: hello
+
+hi
+""".encode()
+
+
+def _one(raw: bytes) -> tuple[str, str, str]:
+    (r,) = parse(raw).recipients
+    return r.address, r.reason, r.bounce_class
+
+
+# -- who said "user unknown", and in reply to what ----------------------------------
+
+
+def test_a_remote_reply_quoted_without_its_command_is_not_believed_to_be_the_address() -> None:
+    # a gateway or a carrier answers "user unknown" for a mailbox that refuses this sender:
+    # without the command it answered, or a code naming the address, it is not hard
+    human = "<ann@example.org>: host mx.example.org[192.0.2.1] said: 550 User unknown"
+    raw = _dsn(human, "5.0.0", "Diagnostic-Code: smtp; 550 User unknown")
+    assert _one(raw) == ("ann@example.org", "filtered", "soft")
+    # the same words in reply to RCPT TO are the address's
+    raw = _dsn(human + " (in reply to RCPT TO command)", "5.0.0",
+               "Diagnostic-Code: smtp; 550 User unknown")
+    assert _one(raw) == ("ann@example.org", "userunknown", "hard")
+
+
+def test_the_host_that_keeps_the_mailbox_saying_so_in_its_own_words_is_believed() -> None:
+    # no SMTP reply quoted: the reporter itself looked the mailbox up (IMail, Exchange 2003)
+    assert _one(_plain("Unknown user: ann@example.org\n")) == (
+        "ann@example.org", "userunknown", "hard")
+    # a remote's reply quoted in the same kind of report is not
+    assert _one(_plain("<ann@example.org>:\n550 ann@example.org... No such user\n")) == (
+        "ann@example.org", "filtered", "soft")
+
+
+@pytest.mark.parametrize("status", ["5.1.0", "5.1.351"])
+def test_any_addressing_code_names_the_address_at_any_stage(status: str) -> None:
+    # RFC 3463 X.1.x is about the address (Exchange's X.1.351 "unknown recipient" too)
+    assert bounces.classify(status, 550, "Unknown recipient") == ("userunknown", "hard")
+    assert bounces.classify(status, 550, "Unknown recipient", stage="DATA") == (
+        "userunknown", "hard")
+    # but not X.1.7 / X.1.8, the sender's address
+    assert bounces.classify("5.1.8", 553, "User unknown", stage="DATA")[1] == "soft"
+
+
+# -- the SMTP stage in other reporters' words ---------------------------------------
+
+
+@pytest.mark.parametrize(("words", "stage"), [
+    # qmail
+    ("192.0.2.1 does not like recipient.\nRemote host said: 550 User unknown", "RCPT"),
+    ("192.0.2.1 does not like sender.\nRemote host said: 553 sorry", "MAIL"),
+    ("Connected to 192.0.2.1 but sender was rejected.\nRemote host said: 550 denied", "MAIL"),
+    ("Connected to 192.0.2.1 but greeting failed.\nRemote host said: 554 go away", "CONN"),
+    # Exchange and gateways
+    ("Technical details: SMTP:RCPT host 192.0.2.1: 553 5.3.0 No such user here", "RCPT"),
+    ("Technical details: SMTP:DATA host 192.0.2.1: 554 rejected", "DATA"),
+    # the reporter's own summary: the address, not the message, was refused
+    (("Address not found. Your message wasn't delivered to ann@example.org because the "
+      "address couldn't be found. The response was: 550 User unknown"), "RCPT"),
+])
+def test_the_stage_in_other_reporters_words(words: str, stage: str) -> None:
+    assert smtp_stage(words, "ann@example.org", "550 User unknown") == stage
+
+
+_QMAIL = """\
+Hi. This is the qmail-send program at mx.sender.test.
+I'm afraid I wasn't able to deliver your message to the following addresses.
+This is a permanent error; I've given up. Sorry it didn't work out.
+
+<ann@example.org>:
+"""
+
+
+def test_qmail_names_the_command_its_remote_refused() -> None:
+    reply = "Remote host said: 550 sorry, no mailbox here by that name\nGiving up.\n"
+    assert _one(_plain(_QMAIL + "192.0.2.1 does not like recipient.\n" + reply)) == (
+        "ann@example.org", "userunknown", "hard")
+    # the same reply without saying which command it answered
+    assert _one(_plain(_QMAIL + reply)) == ("ann@example.org", "filtered", "soft")
+
+
+# -- which status code to read ------------------------------------------------------
+
+
+def test_the_more_precise_of_the_status_field_and_the_remotes_code_is_read() -> None:
+    # the field says 5.0.0, the remote's words 5.1.1: the address is named bad
+    human = "ann@example.org: 550 5.1.1 <ann@example.org>: User unknown"
+    (r,) = parse(_dsn(human, "5.0.0", "")).recipients
+    assert (r.status, r.reason, r.bounce_class) == ("5.1.1", "userunknown", "hard")
+    # the remote said only 5.0.0 where the field is precise: the field
+    (r,) = parse(_dsn("", "5.1.1", "Diagnostic-Code: smtp; 550 5.0.0 User unknown")).recipients
+    assert (r.status, r.reason, r.bounce_class) == ("5.1.1", "userunknown", "hard")
+    # a code of another class in the words is not the outcome's
+    (r,) = parse(_dsn("", "4.4.7", "Diagnostic-Code: smtp; 550 5.1.1 User unknown")).recipients
+    assert r.status == "4.4.7"
