@@ -153,3 +153,47 @@ def test_the_more_precise_of_the_status_field_and_the_remotes_code_is_read() -> 
     # a code of another class in the words is not the outcome's
     (r,) = parse(_dsn("", "4.4.7", "Diagnostic-Code: smtp; 550 5.1.1 User unknown")).recipients
     assert r.status == "4.4.7"
+
+
+# -- the remote's words -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "code", "text", "expected"), [
+    # no MX and no address for the domain: it takes no mail (hard when permanent)
+    ("5.4.4", None, "Sorry, I couldn't find a mail exchanger or IP address. (#5.4.4)",
+     ("notaccept", "hard")),
+    ("4.4.4", None, "Unable to find a mail exchanger for example.org", ("notaccept", "soft")),
+    # a refusal of the sending IP in any words, not of the address nor of the sender
+    (None, 550, ("550 SC-004 Unfortunately, messages from 192.0.2.9 weren't sent. Too many "
+                 "unwanted messages have been sent from this IP address"), ("blocked", "soft")),
+])
+def test_the_remotes_words(status: str | None, code: int | None, text: str,
+                           expected: tuple[str, str]) -> None:
+    assert bounces.classify(status, code, text) == expected
+
+
+def test_the_address_an_alias_expanded_from_is_not_a_failed_recipient() -> None:
+    raw = b"""\
+From: Mail Delivery System <Mailer-Daemon@mx.sender.test>
+To: bounces+abc@sender.test
+Subject: Mail delivery failed: returning message to sender
+
+This message was created automatically by mail delivery software.
+
+A message that you sent could not be delivered to one or more of its
+recipients. This is a permanent error. The following address(es) failed:
+
+  ann@example.org
+    (generated from list@example.net)
+    SMTP error from remote mail server after end of data:
+    host mx.example.org [192.0.2.1]: 550 5.7.1 Mail rejected as spam
+
+------ This is a copy of the message, including all the headers. ------
+
+From: app@sender.test
+To: list@example.net
+Subject: hello
+
+hi
+"""
+    assert [r.address for r in parse(raw).recipients] == ["ann@example.org"]

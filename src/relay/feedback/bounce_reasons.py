@@ -64,6 +64,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("badreputation", r"reputation|(ip|sender).{0,20}(has been )?temporarily (deferred|rate)"
                       r"|user complaints"),
     ("blocked", r"black ?list|block ?list|\bdnsbl|\brbl\b|spamhaus|spamcop|sorbs|barracuda"
+                r"|messages from \d{1,3}(\.\d{1,3}){3} (weren.?t|were not|are not|will not be)"
+                r" (sent|accepted)"
                 r"|(ip|address|host|connection|client).{0,40}(blocked|banned|denied|refused)"
                 r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"
                 r"|client host rejected|invalid ip|not accepting connections"
@@ -84,7 +86,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("suspend", r"(account|mailbox|user|address).{0,40}(disabled|suspended|inactive|deactivated"
                 r"|expired|locked|frozen|not active|blocked|closed)|suspended"),
     ("notaccept", r"no smtp service|(does not|doesn.?t) (accept|receive) (e-?)?mail|null mx"
-                  r"|accepts no mail"),
+                  r"|accepts no mail|(couldn.?t|could not|unable to) find (a |any )?mail exchanger"),
     ("networkerror", r"try again.{0,10}$|temporary (dns|lookup)|host not reachable"
                      r"|unexpected name server reply"),
     ("hostunknown", r"host (or domain name )?(not found|unknown)|unknown host|domain"

@@ -43,7 +43,7 @@ _NAMES = {"end of data": "DATA", "data": "DATA", "bdat": "DATA", "message body":
 # the reporter's own summary that the remote refused the address itself, not the message
 # (Gmail, Google Workspace: "Address not found ... because the address couldn't be found")
 _ADDRESS_REFUSED = re.compile(r"\baddress (?:couldn.?t|could not|can ?not) be found"
-                              r"|\baddress not found\b", re.I)
+                              r"|\baddress not found\b", re.IGNORECASE)
 # a session transcript (Sendmail, Exchange, appliances): ">>> DATA" then "<<< 550 ..."
 # ("[ \t]*", not "\s*": a blank run must not be rescanned from every line it spans)
 _TRANSCRIPT_SENT = re.compile(r"^[ \t]*>>> (\w+|\.)", re.M)
