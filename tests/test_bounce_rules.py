@@ -197,3 +197,38 @@ Subject: hello
 hi
 """
     assert [r.address for r in parse(raw).recipients] == ["ann@example.org"]
+
+
+def test_the_reporters_help_desk_in_its_wrapper_text_is_not_a_failed_recipient() -> None:
+    raw = b"""\
+From: MAILER-DAEMON@smtp.isp.example (Mail Delivery System)
+To: bounces+abc@sender.test
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="X"
+
+--X
+Content-Type: text/plain
+
+This is the Postfix program at host smtp.isp.example.
+
+I'm sorry to have to inform you that the message returned
+below could not be delivered to one or more destinations.
+
+For further assistance, please contact <support@isp.example>
+
+<ann@example.org>: host mx.example.org[192.0.2.22] said: 550
+    <ann@example.org>: User unknown (in reply to RCPT TO command)
+
+--X
+Content-Type: message/rfc822
+
+From: app@sender.test
+To: ann@example.org
+Subject: hello
+
+hi
+--X--
+"""
+    assert [(r.address, r.reason, r.bounce_class) for r in parse(raw).recipients] == [
+        ("ann@example.org", "userunknown", "hard")]
