@@ -122,6 +122,17 @@ def test_the_stage_in_other_reporters_words(words: str, stage: str) -> None:
     assert smtp_stage(words, "ann@example.org", "550 User unknown") == stage
 
 
+def test_recipient_address_rejected_is_a_reply_to_rcpt_to() -> None:
+    # Exchange Online's directory-based edge blocking, relayed without the command's name
+    diagnostic = "Diagnostic-Code: smtp; 550 5.4.1 Recipient address rejected: Access denied"
+    (r,) = parse(_dsn("", "5.4.1", diagnostic)).recipients
+    assert (r.reason, r.bounce_class) == ("userunknown", "hard")
+    # an explicit stage still wins: after the data, the mailbox existed
+    human = "ann@example.org: 550 5.4.1 Recipient address rejected (in reply to end of DATA)"
+    (r,) = parse(_dsn(human, "5.4.1", diagnostic)).recipients
+    assert r.bounce_class == "soft"
+
+
 _QMAIL = """\
 Hi. This is the qmail-send program at mx.sender.test.
 I'm afraid I wasn't able to deliver your message to the following addresses.

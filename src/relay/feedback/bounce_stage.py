@@ -40,10 +40,13 @@ _NAMES = {"end of data": "DATA", "data": "DATA", "bdat": "DATA", "message body":
           "greeting": "CONN", "banner": "CONN", "ehlo": "CONN", "helo": "CONN",
           "starttls": "CONN", "refused to talk to me": "CONN", "rcpt_to": "RCPT",
           "mail_from": "MAIL", "recipient": "RCPT", "sender": "MAIL"}
-# the reporter's own summary that the remote refused the address itself, not the message
-# (Gmail, Google Workspace: "Address not found ... because the address couldn't be found")
+# words said only of the address itself, that is in reply to RCPT TO: the reporter's own
+# summary (Gmail, Google Workspace: "Address not found ... because the address couldn't be
+# found"), or the remote's "<a@example.org>: Recipient address rejected: ..." (Postfix's
+# smtpd and Exchange Online answer RCPT TO so, and nothing else)
 _ADDRESS_REFUSED = re.compile(r"\baddress (?:couldn.?t|could not|can ?not) be found"
-                              r"|\baddress not found\b", re.IGNORECASE)
+                              r"|\baddress not found\b|recipient address rejected:",
+                              re.IGNORECASE)
 # a session transcript (Sendmail, Exchange, appliances): ">>> DATA" then "<<< 550 ..."
 # ("[ \t]*", not "\s*": a blank run must not be rescanned from every line it spans)
 _TRANSCRIPT_SENT = re.compile(r"^[ \t]*>>> (\w+|\.)", re.M)
