@@ -114,6 +114,9 @@ def test_any_addressing_code_names_the_address_at_any_stage(status: str) -> None
     # Exchange and gateways
     ("Technical details: SMTP:RCPT host 192.0.2.1: 553 5.3.0 No such user here", "RCPT"),
     ("Technical details: SMTP:DATA host 192.0.2.1: 554 rejected", "DATA"),
+    # Gmail's older reports: the state its session was in
+    ("The error that the other server returned was: 550 550 User unknown (state 14).", "RCPT"),
+    ("The error that the other server returned was: 550 550 Unknown user (state 18).", "DATA"),
     # the reporter's own summary: the address, not the message, was refused
     (("Address not found. Your message wasn't delivered to ann@example.org because the "
       "address couldn't be found. The response was: 550 User unknown"), "RCPT"),

@@ -32,14 +32,18 @@ STAGE_SAID = re.compile(
     # failed." (its "... but sender was rejected." is read apart: the words say why too)
     r"|does not like (recipient|sender)\b|but (greeting) failed"
     # Exchange and gateways: "Technical details: SMTP:RCPT host 192.0.2.1: 553 ..."
-    r"|\bsmtp: ?(rcpt|data|mail)\b", re.I)
+    r"|\bsmtp: ?(rcpt|data|mail)\b"
+    # Gmail's older reports name the state of its session: "550 550 User unknown (state 14)."
+    # (14: the reply to RCPT TO; 15, 17, 18: to DATA or the end of the data)
+    r"|\(state (1[4578])\)", re.I)
 _NAMES = {"end of data": "DATA", "data": "DATA", "bdat": "DATA", "message body": "DATA",
           "message data": "DATA", "message content": "DATA", "rcpt": "RCPT",
           "mail from": "MAIL", "mail": "MAIL",
           "initial connection": "CONN", "initial server greeting": "CONN", "connect": "CONN",
           "greeting": "CONN", "banner": "CONN", "ehlo": "CONN", "helo": "CONN",
           "starttls": "CONN", "refused to talk to me": "CONN", "rcpt_to": "RCPT",
-          "mail_from": "MAIL", "recipient": "RCPT", "sender": "MAIL"}
+          "mail_from": "MAIL", "recipient": "RCPT", "sender": "MAIL",
+          "14": "RCPT", "15": "DATA", "17": "DATA", "18": "DATA"}
 # words said only of the address itself, that is in reply to RCPT TO: the reporter's own
 # summary (Gmail, Google Workspace: "Address not found ... because the address couldn't be
 # found"), or the remote's "<a@example.org>: Recipient address rejected: ..." (Postfix's
