@@ -177,10 +177,6 @@ def test_the_more_precise_of_the_status_field_and_the_remotes_code_is_read() -> 
     ("5.4.4", None, "Sorry, I couldn't find a mail exchanger or IP address. (#5.4.4)",
      ("notaccept", "hard")),
     ("4.4.4", None, "Unable to find a mail exchanger for example.org", ("notaccept", "soft")),
-    # a gateway's own words that the address is wrong (InterScan): no reply quoted, so hard
-    (None, None, ("Unable to deliver message to <ann@example.org> (and other recipients in "
-                  "the same domain). Please check if address is correct."),
-     ("userunknown", "hard")),
     # a refusal of the sending IP in any words, not of the address nor of the sender
     (None, 550, ("550 SC-004 Unfortunately, messages from 192.0.2.9 weren't sent. Too many "
                  "unwanted messages have been sent from this IP address"), ("blocked", "soft")),

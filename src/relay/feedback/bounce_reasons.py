@@ -106,9 +106,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|unrouteable|not a valid (user|mailbox|recipient)|not recogni[sz]ed"
                     r"|invalid .{0,20}userid|illegal user"
                     r"|no valid recipients|recipient rejected|bad recipient"
-                    r"|undeliverable address|user not found|no account by that name"
-                    r"|check (if|that|whether) (the )?(recipient'?s? )?(e-?mail )?address"
-                    r" (is|was) (correct|right|valid|spelled)"),
+                    r"|undeliverable address|user not found|no account by that name"),
     ("securityerror", r"tls|starttls|encryption|certificate|security|authentication required"
                       r"|unauthenticated senders?"
                       r"|must (issue|use) .{0,20}(auth|starttls)|smtp auth"),
