@@ -246,3 +246,14 @@ hi
 """
     assert [(r.address, r.reason, r.bounce_class) for r in parse(raw).recipients] == [
         ("ann@example.org", "userunknown", "hard")]
+
+
+def test_a_gateway_products_name_is_not_a_security_error() -> None:
+    text = "Message from InterScan Messaging Security Suite: the message could not be delivered"
+    assert bounces.classify(None, None, text)[0] != "securityerror"
+    assert bounces.classify("5.7.0", 554, "554 5.7.0 Email Security Gateway: message refused"
+                            " as spam")[0] == "spamdetected"
+    # a security requirement is one still
+    assert bounces.classify("5.7.0", 530, "530 5.7.0 Must issue a STARTTLS command first"
+                            )[0] == "securityerror"
+    assert bounces.classify(None, 550, "550 Security check failed")[0] == "securityerror"

@@ -107,7 +107,10 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|invalid .{0,20}userid|illegal user"
                     r"|no valid recipients|recipient rejected|bad recipient"
                     r"|undeliverable address|user not found|no account by that name"),
-    ("securityerror", r"tls|starttls|encryption|certificate|security|authentication required"
+    # ("security" alone, not a product's name: "InterScan Messaging Security Suite", an
+    # "Email Security Gateway" or "Appliance" reporting on a refusal of another kind)
+    ("securityerror", r"tls|starttls|encryption|certificate|authentication required"
+                      r"|security(?! (suite|gateway|appliance|virtual|cloud|service|server))"
                       r"|unauthenticated senders?"
                       r"|must (issue|use) .{0,20}(auth|starttls)|smtp auth"),
     ("policyviolation", r"policy|prohibited|not allowed|violat|administrat(ive|or)"
