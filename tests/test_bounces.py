@@ -239,7 +239,10 @@ def test_exim_bounce_with_auto_submitted_is_a_bounce_and_a_block_is_soft() -> No
     ("5.7.25", 550, "The sending IP has no PTR record", ("requireptr", "soft")),
     ("5.3.4", 552, "Message too big", ("mesgtoobig", "soft")),
     ("4.4.7", None, "Delivery time expired", ("expired", "soft")),
-    ("5.0.0", 550, "No such user here", ("userunknown", "hard")),
+    # a remote's reply quoted without its command: "no such user" alone is not believed
+    ("5.0.0", 550, "No such user here", ("filtered", "soft")),
+    # the reporting host's own words (no reply quoted): it keeps the mailbox, it knows
+    ("5.0.0", None, "No such user here", ("userunknown", "hard")),
     (None, 550, "Relaying denied", ("norelaying", "soft")),
     (None, None, "", ("undefined", "soft")),
     ("2.0.0", 250, "OK", ("delivered", "soft")),
@@ -269,7 +272,8 @@ def test_classify(status: str | None, code: int | None, text: str,
     ("5.1.1", 550, "User unknown", "DATA", ("userunknown", "hard")),
     ("5.0.0", 550, "Unknown user", "RCPT", ("userunknown", "hard")),
     ("5.1.1", 550, "No such user", "RCPT", ("userunknown", "hard")),
-    ("5.0.0", 550, "Unknown user", None, ("userunknown", "hard")),
+    ("5.0.0", 550, "Unknown user", None, ("filtered", "soft")),
+    ("5.0.0", None, "Unknown user", None, ("userunknown", "hard")),
     # a temporary reply is never hard, at any stage
     ("4.1.1", 450, "User unknown", "RCPT", ("userunknown", "soft")),
     ("4.2.2", 452, "Mailbox full", "DATA", ("mailboxfull", "soft")),

@@ -93,17 +93,30 @@ def _not_message_ids(msg: Message, named: list[tuple[str, str]],
     """Without the addresses a detector took from a quoted Message-ID, and without the
     bounce's own sender and receiver when others are named."""
     kept = [(a, action) for a, action in named if not _only_as_message_id(a, text)]
+    # "x@example.org (generated from alias@example.net)": the alias is not a recipient (the
+    # returned copy after the report may name it again, as its To)
+    cut = COPY_MARKER.search(text)
+    report = text[:cut.start()] if cut else text
+    kept = [(a, action) for a, action in kept
+            if not _only_after(_ALIAS_OF, a, report)] or kept
+    # "For further assistance, please contact <support@isp.example>": the reporter's help desk
+    kept = [(a, action) for a, action in kept if not _only_after(_HELP_DESK, a, report)] or kept
     own = {address_of(str(msg.get(h, ""))).lower() for h in ("From", "To")}
     others = [(a, action) for a, action in kept if a.lower() not in own]
     return others or kept
 
 
 def _only_as_message_id(address: str, text: str) -> bool:
+    return _only_after(_MESSAGE_ID, address, text)
+
+
+def _only_after(words: re.Pattern[str], address: str, text: str) -> bool:
+    """Whether every mention of the address in the text comes right after the words."""
     at = text.find(address)
     if at < 0:
         return False
     while at >= 0:
-        if not _MESSAGE_ID.search(text, max(at - 20, 0), at):
+        if not words.search(text, max(at - 20, 0), at):
             return False
         at = text.find(address, at + 1)
     return True
@@ -151,6 +164,11 @@ def looks_like_bounce(msg: Message) -> bool:
 _NOT_RECIPIENT = re.compile(r"^(mailer-daemon|postmaster|root|abuse|noreply|no-reply)@", re.I)
 # a quoted "Message-ID: <...@host>" names a message, not a recipient
 _MESSAGE_ID = re.compile(r"message-id:\s*<?$", re.I)
+# the reporter's own help desk or postmaster, named for people to write to
+_HELP_DESK = re.compile(r"(contact|send (e-?)?mail to|write to|e-?mail us at|reach us at"
+                        r"|questions? to|assistance):?\s*<?$", re.IGNORECASE)
+# the address an alias or a list expanded to the failed one (Exim, Postfix)
+_ALIAS_OF = re.compile(r"(generated|expanded) from:?\s*<?$", re.IGNORECASE)
 
 
 def _addresses_in_error(msg: Message, text: str) -> list[str]:
@@ -163,7 +181,8 @@ def _addresses_in_error(msg: Message, text: str) -> list[str]:
     for m in ADDRESS_RE.finditer(body):
         address = lower_domain(m.group(0).strip("."))
         if address.lower() in own or _NOT_RECIPIENT.match(address) or address in found \
-                or _MESSAGE_ID.search(body, max(m.start() - 20, 0), m.start()):
+                or _MESSAGE_ID.search(body, max(m.start() - 20, 0), m.start()) \
+                or _HELP_DESK.search(body, max(m.start() - 20, 0), m.start()):
             continue
         found.append(address)
     return found[:1] if len(found) > 1 and not _many_listed(body, found) else found

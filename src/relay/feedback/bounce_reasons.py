@@ -25,9 +25,9 @@ REASONS: tuple[str, ...] = (
 )
 # the address is bad and stays bad: the only reasons that may suppress a recipient
 HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept"})
-# RFC 3463 subject.detail codes that name the recipient's address as bad (X.1.x addressing):
-# the only ones that may make a refusal of the data hard
-_ADDRESS_BAD = frozenset({"1.1", "1.2", "1.3", "1.6", "1.10"})
+# RFC 3463 X.1.x (addressing) codes that do not name the recipient's address as bad: X.1.5
+# says it is valid, X.1.7 and X.1.8 are about the sender's
+_ADDRESS_NOT_BAD = frozenset({"1.5", "1.7", "1.8"})
 
 STATUS_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})")
 ADDRESS_RE = re.compile(r"[\w.!#$%&'*+/=?^`{|}~\-]+@[\w\-]+(?:\.[\w\-]+)+", re.U)
@@ -64,6 +64,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("badreputation", r"reputation|(ip|sender).{0,20}(has been )?temporarily (deferred|rate)"
                       r"|user complaints"),
     ("blocked", r"black ?list|block ?list|\bdnsbl|\brbl\b|spamhaus|spamcop|sorbs|barracuda"
+                r"|messages from \d{1,3}(\.\d{1,3}){3} (weren.?t|were not|are not|will not be)"
+                r" (sent|accepted)"
                 r"|(ip|address|host|connection|client).{0,40}(blocked|banned|denied|refused)"
                 r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"
                 r"|client host rejected|invalid ip|not accepting connections"
@@ -84,7 +86,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("suspend", r"(account|mailbox|user|address).{0,40}(disabled|suspended|inactive|deactivated"
                 r"|expired|locked|frozen|not active|blocked|closed)|suspended"),
     ("notaccept", r"no smtp service|(does not|doesn.?t) (accept|receive) (e-?)?mail|null mx"
-                  r"|accepts no mail"),
+                  r"|accepts no mail|(couldn.?t|could not|unable to) find (a |any )?mail exchanger"),
     ("networkerror", r"try again.{0,10}$|temporary (dns|lookup)|host not reachable"
                      r"|unexpected name server reply"),
     ("hostunknown", r"host (or domain name )?(not found|unknown)|unknown host|domain"
@@ -105,7 +107,10 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|invalid .{0,20}userid|illegal user"
                     r"|no valid recipients|recipient rejected|bad recipient"
                     r"|undeliverable address|user not found|no account by that name"),
-    ("securityerror", r"tls|starttls|encryption|certificate|security|authentication required"
+    # ("security" alone, not a product's name: "InterScan Messaging Security Suite", an
+    # "Email Security Gateway" or "Appliance" reporting on a refusal of another kind)
+    ("securityerror", r"tls|starttls|encryption|certificate|authentication required"
+                      r"|security(?! (suite|gateway|appliance|virtual|cloud|service|server))"
                       r"|unauthenticated senders?"
                       r"|must (issue|use) .{0,20}(auth|starttls)|smtp auth"),
     ("policyviolation", r"policy|prohibited|not allowed|violat|administrat(ive|or)"
@@ -218,7 +223,7 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         reason = "expired" if cls == "4" else "undefined"
     if reason == "hostunknown" and cls == "4":
         reason = "networkerror"  # a DNS answer that may still change
-    reason = by_stage(reason, cls, detail, stage)
+    reason = by_stage(reason, cls, detail, stage, quoted=reply_code is not None)
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
     return reason, "hard" if hard else "soft"
 
@@ -228,18 +233,30 @@ _NOT_OF_A_CLIENT = frozenset({"userunknown", "undefined", "filtered", "rejected"
                               "syntaxerror"})
 
 
-def by_stage(reason: str, cls: str, detail: str, stage: str | None) -> str:
-    """The reason corrected by what the refused command was about."""
-    if stage == "DATA" and reason == "userunknown" and detail not in _ADDRESS_BAD:
-        return "filtered"  # it took RCPT TO, so the mailbox exists: a filter refused the data
-    if reason == "userunknown" and detail.startswith(("2.", "7.")) and stage != "RCPT":
-        # X.2.x says the mailbox exists, X.7.x that policy refused: their "unknown" is
-        # believed only in reply to RCPT TO
-        return "filtered"
+def names_address(detail: str) -> bool:
+    """Whether an RFC 3463 subject.detail says the recipient's address is bad (X.1.x, but
+    for the few that say it is valid or are about the sender's; Exchange's X.1.351 and
+    X.1.10 count)."""
+    return detail.startswith("1.") and detail not in _ADDRESS_NOT_BAD
+
+
+def by_stage(reason: str, cls: str, detail: str, stage: str | None,
+             quoted: bool = False) -> str:
+    """The reason corrected by what the refused command was about.  `quoted`: the text
+    quotes a remote server's SMTP reply (a reply code), not the reporting host's own words."""
     if stage == "MAIL" and reason in ("userunknown", "undefined", "filtered"):
         return "rejected"  # it refused the sender, not the recipient
     if stage == "CONN" and cls == "5" and reason in _NOT_OF_A_CLIENT:
         return "blocked"  # it refused the client for good before hearing of any address
+    if reason == "userunknown" and stage != "RCPT" and not names_address(detail) and (
+            stage == "DATA" or quoted or detail.startswith(("2.", "7."))):
+        # "user unknown" is believed from the code (X.1.x), in reply to RCPT TO, or from the
+        # host that keeps the mailbox saying so in its own words.  After RCPT TO was taken
+        # the mailbox exists and a filter refused the data; X.2.x says the mailbox exists,
+        # X.7.x that policy refused; and a remote reply quoted without saying to which
+        # command is as likely a filter's (carriers and gateways answer "user unknown" for
+        # a mailbox that refuses this sender) as the address's
+        return "filtered"
     return reason
 
 
@@ -249,4 +266,4 @@ def may_be_hard(reason: str, detail: str, stage: str | None) -> bool:
     it (greeting, HELO, MAIL) only of the whole domain (no SMTP service, no such host)."""
     if stage in ("CONN", "MAIL"):
         return reason in ("hostunknown", "notaccept")
-    return stage != "DATA" or detail in _ADDRESS_BAD
+    return stage != "DATA" or names_address(detail)

@@ -27,14 +27,30 @@ STAGE_SAID = re.compile(
     # Postfix: "host mx.example.org[192.0.2.1] refused to talk to me: 554 ..." (the greeting)
     r"|(refused to talk to me)"
     # DragonFly Mail Agent: "mx.example.org [192.0.2.1] did not like our RCPT TO:"
-    r"|did not like our (?:final )?(data|rcpt|mail from)\b", re.I)
+    r"|did not like our (?:final )?(data|rcpt|mail from)\b"
+    # qmail: "192.0.2.1 does not like recipient.", "Connected to 192.0.2.1 but greeting
+    # failed." (its "... but sender was rejected." is read apart: the words say why too)
+    r"|does not like (recipient|sender)\b|but (greeting) failed"
+    # Exchange and gateways: "Technical details: SMTP:RCPT host 192.0.2.1: 553 ..."
+    r"|\bsmtp: ?(rcpt|data|mail)\b"
+    # Gmail's older reports name the state of its session: "550 550 User unknown (state 14)."
+    # (14: the reply to RCPT TO; 15, 17, 18: to DATA or the end of the data)
+    r"|\(state (1[4578])\)", re.I)
 _NAMES = {"end of data": "DATA", "data": "DATA", "bdat": "DATA", "message body": "DATA",
           "message data": "DATA", "message content": "DATA", "rcpt": "RCPT",
           "mail from": "MAIL", "mail": "MAIL",
           "initial connection": "CONN", "initial server greeting": "CONN", "connect": "CONN",
           "greeting": "CONN", "banner": "CONN", "ehlo": "CONN", "helo": "CONN",
           "starttls": "CONN", "refused to talk to me": "CONN", "rcpt_to": "RCPT",
-          "mail_from": "MAIL"}
+          "mail_from": "MAIL", "recipient": "RCPT", "sender": "MAIL",
+          "14": "RCPT", "15": "DATA", "17": "DATA", "18": "DATA"}
+# words said only of the address itself, that is in reply to RCPT TO: the reporter's own
+# summary (Gmail, Google Workspace: "Address not found ... because the address couldn't be
+# found"), or the remote's "<a@example.org>: Recipient address rejected: ..." (Postfix's
+# smtpd and Exchange Online answer RCPT TO so, and nothing else)
+_ADDRESS_REFUSED = re.compile(r"\baddress (?:couldn.?t|could not|can ?not) be found"
+                              r"|\baddress not found\b|recipient address rejected:",
+                              re.IGNORECASE)
 # a session transcript (Sendmail, Exchange, appliances): ">>> DATA" then "<<< 550 ..."
 # ("[ \t]*", not "\s*": a blank run must not be rescanned from every line it spans)
 _TRANSCRIPT_SENT = re.compile(r"^[ \t]*>>> (\w+|\.)", re.M)
@@ -51,6 +67,10 @@ def smtp_stage(context: str, address: str, diagnostic: str, transcript: str = ""
         return _said(m)
     if "ail" in context and "sent the message" in context:  # qmail: "failed after I sent..."
         return "DATA"
+    if "but sender was rejected" in context:  # qmail: "Connected to ... but sender was ..."
+        return "MAIL"
+    if _ADDRESS_REFUSED.search(context):
+        return "RCPT"
     transcript = transcript or context
     lower = transcript.lower()
     reply = _reply_line(diagnostic).lower()

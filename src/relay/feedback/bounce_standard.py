@@ -62,17 +62,23 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
         if _EXIT_STATUS.fullmatch(diagnostic) and _X_UNIX.match(str(block["Diagnostic-Code"])):
             # a local program's bare exit status ("X-Unix; 71"): its type says who failed
             diagnostic = re.sub(r"\s+", " ", str(block["Diagnostic-Code"])).strip()
-        status = status_in(str(block.get("Status", "")))
-        text_status = status_in(diagnostic)
-        if text_status and text_status[0] == (status or text_status)[0]:
-            status = text_status
         near = prose.near(address)
         diagnostic = diagnostic or near
+        status = _preferred(status_in(str(block.get("Status", ""))), status_in(diagnostic))
         reply = reply_code_in(diagnostic)
         remote = after_type(block["Remote-MTA"]) or None
         found.append(recipient(address, action, status, reply, diagnostic, remote,
                                context=f"{near} {diagnostic}", transcript=human))
     return tuple(found)
+
+
+def _preferred(field: str | None, said: str | None) -> str | None:
+    """Of the Status field and the code in the remote's words, the one to read: the remote's
+    own, unless it is of another class or says less (X.0.0) than the field."""
+    if not said or (field and (said[0] != field[0]
+                               or said.endswith(".0.0") and not field.endswith(".0.0"))):
+        return field
+    return said
 
 
 def _mailbox(address: str) -> str:

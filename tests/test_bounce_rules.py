@@ -1,0 +1,259 @@
+"""bounce_reasons, bounce_stage, bounce_standard: the general rules that decide whether a
+"user unknown" is the address's fault (hard) or a filter's (soft): who said it, in reply to
+which SMTP command, and what the status code names."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.config import LimitsConfig
+from relay.feedback import bounces
+from relay.feedback.bounce_stage import smtp_stage
+
+LIMITS = LimitsConfig()
+
+
+def parse(raw: bytes) -> bounces.Report:
+    return bounces.parse(raw, max_parts=LIMITS.max_report_parts,
+                         max_recipients=LIMITS.max_report_recipients)
+
+
+def _dsn(human: str, status: str, diagnostic: str) -> bytes:
+    return f"""\
+From: Mail Delivery System <MAILER-DAEMON@mx.sender.test>
+To: bounces+abc@sender.test
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+--B
+Content-Type: text/plain
+
+{human}
+
+--B
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.sender.test
+
+Final-Recipient: rfc822; ann@example.org
+Action: failed
+Status: {status}
+Remote-MTA: dns; mx.example.org
+{diagnostic}
+
+--B--
+""".encode()
+
+
+def _plain(body: str) -> bytes:
+    return f"""\
+From: MAILER-DAEMON@mx.sender.test
+To: bounces+abc@sender.test
+Subject: failure notice
+
+{body}
+--- Below this line is a copy of the message.
+
+From: app@sender.test
+To: ann@example.org
+Subject: hello
+
+hi
+""".encode()
+
+
+def _one(raw: bytes) -> tuple[str, str, str]:
+    (r,) = parse(raw).recipients
+    return r.address, r.reason, r.bounce_class
+
+
+# -- who said "user unknown", and in reply to what ----------------------------------
+
+
+def test_a_remote_reply_quoted_without_its_command_is_not_believed_to_be_the_address() -> None:
+    # a gateway or a carrier answers "user unknown" for a mailbox that refuses this sender:
+    # without the command it answered, or a code naming the address, it is not hard
+    human = "<ann@example.org>: host mx.example.org[192.0.2.1] said: 550 User unknown"
+    raw = _dsn(human, "5.0.0", "Diagnostic-Code: smtp; 550 User unknown")
+    assert _one(raw) == ("ann@example.org", "filtered", "soft")
+    # the same words in reply to RCPT TO are the address's
+    raw = _dsn(human + " (in reply to RCPT TO command)", "5.0.0",
+               "Diagnostic-Code: smtp; 550 User unknown")
+    assert _one(raw) == ("ann@example.org", "userunknown", "hard")
+
+
+def test_the_host_that_keeps_the_mailbox_saying_so_in_its_own_words_is_believed() -> None:
+    # no SMTP reply quoted: the reporter itself looked the mailbox up (IMail, Exchange 2003)
+    assert _one(_plain("Unknown user: ann@example.org\n")) == (
+        "ann@example.org", "userunknown", "hard")
+    # a remote's reply quoted in the same kind of report is not
+    assert _one(_plain("<ann@example.org>:\n550 ann@example.org... No such user\n")) == (
+        "ann@example.org", "filtered", "soft")
+
+
+@pytest.mark.parametrize("status", ["5.1.0", "5.1.351"])
+def test_any_addressing_code_names_the_address_at_any_stage(status: str) -> None:
+    # RFC 3463 X.1.x is about the address (Exchange's X.1.351 "unknown recipient" too)
+    assert bounces.classify(status, 550, "Unknown recipient") == ("userunknown", "hard")
+    assert bounces.classify(status, 550, "Unknown recipient", stage="DATA") == (
+        "userunknown", "hard")
+    # but not X.1.7 / X.1.8, the sender's address
+    assert bounces.classify("5.1.8", 553, "User unknown", stage="DATA")[1] == "soft"
+
+
+# -- the SMTP stage in other reporters' words ---------------------------------------
+
+
+@pytest.mark.parametrize(("words", "stage"), [
+    # qmail
+    ("192.0.2.1 does not like recipient.\nRemote host said: 550 User unknown", "RCPT"),
+    ("192.0.2.1 does not like sender.\nRemote host said: 553 sorry", "MAIL"),
+    ("Connected to 192.0.2.1 but sender was rejected.\nRemote host said: 550 denied", "MAIL"),
+    ("Connected to 192.0.2.1 but greeting failed.\nRemote host said: 554 go away", "CONN"),
+    # Exchange and gateways
+    ("Technical details: SMTP:RCPT host 192.0.2.1: 553 5.3.0 No such user here", "RCPT"),
+    ("Technical details: SMTP:DATA host 192.0.2.1: 554 rejected", "DATA"),
+    # Gmail's older reports: the state its session was in
+    ("The error that the other server returned was: 550 550 User unknown (state 14).", "RCPT"),
+    ("The error that the other server returned was: 550 550 Unknown user (state 18).", "DATA"),
+    # the reporter's own summary: the address, not the message, was refused
+    (("Address not found. Your message wasn't delivered to ann@example.org because the "
+      "address couldn't be found. The response was: 550 User unknown"), "RCPT"),
+])
+def test_the_stage_in_other_reporters_words(words: str, stage: str) -> None:
+    assert smtp_stage(words, "ann@example.org", "550 User unknown") == stage
+
+
+def test_recipient_address_rejected_is_a_reply_to_rcpt_to() -> None:
+    # Exchange Online's directory-based edge blocking, relayed without the command's name
+    diagnostic = "Diagnostic-Code: smtp; 550 5.4.1 Recipient address rejected: Access denied"
+    (r,) = parse(_dsn("", "5.4.1", diagnostic)).recipients
+    assert (r.reason, r.bounce_class) == ("userunknown", "hard")
+    # an explicit stage still wins: after the data, the mailbox existed
+    human = "ann@example.org: 550 5.4.1 Recipient address rejected (in reply to end of DATA)"
+    (r,) = parse(_dsn(human, "5.4.1", diagnostic)).recipients
+    assert r.bounce_class == "soft"
+
+
+_QMAIL = """\
+Hi. This is the qmail-send program at mx.sender.test.
+I'm afraid I wasn't able to deliver your message to the following addresses.
+This is a permanent error; I've given up. Sorry it didn't work out.
+
+<ann@example.org>:
+"""
+
+
+def test_qmail_names_the_command_its_remote_refused() -> None:
+    reply = "Remote host said: 550 sorry, no mailbox here by that name\nGiving up.\n"
+    assert _one(_plain(_QMAIL + "192.0.2.1 does not like recipient.\n" + reply)) == (
+        "ann@example.org", "userunknown", "hard")
+    # the same reply without saying which command it answered
+    assert _one(_plain(_QMAIL + reply)) == ("ann@example.org", "filtered", "soft")
+
+
+# -- which status code to read ------------------------------------------------------
+
+
+def test_the_more_precise_of_the_status_field_and_the_remotes_code_is_read() -> None:
+    # the field says 5.0.0, the remote's words 5.1.1: the address is named bad
+    human = "ann@example.org: 550 5.1.1 <ann@example.org>: User unknown"
+    (r,) = parse(_dsn(human, "5.0.0", "")).recipients
+    assert (r.status, r.reason, r.bounce_class) == ("5.1.1", "userunknown", "hard")
+    # the remote said only 5.0.0 where the field is precise: the field
+    (r,) = parse(_dsn("", "5.1.1", "Diagnostic-Code: smtp; 550 5.0.0 User unknown")).recipients
+    assert (r.status, r.reason, r.bounce_class) == ("5.1.1", "userunknown", "hard")
+    # a code of another class in the words is not the outcome's
+    (r,) = parse(_dsn("", "4.4.7", "Diagnostic-Code: smtp; 550 5.1.1 User unknown")).recipients
+    assert r.status == "4.4.7"
+
+
+# -- the remote's words -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "code", "text", "expected"), [
+    # no MX and no address for the domain: it takes no mail (hard when permanent)
+    ("5.4.4", None, "Sorry, I couldn't find a mail exchanger or IP address. (#5.4.4)",
+     ("notaccept", "hard")),
+    ("4.4.4", None, "Unable to find a mail exchanger for example.org", ("notaccept", "soft")),
+    # a refusal of the sending IP in any words, not of the address nor of the sender
+    (None, 550, ("550 SC-004 Unfortunately, messages from 192.0.2.9 weren't sent. Too many "
+                 "unwanted messages have been sent from this IP address"), ("blocked", "soft")),
+])
+def test_the_remotes_words(status: str | None, code: int | None, text: str,
+                           expected: tuple[str, str]) -> None:
+    assert bounces.classify(status, code, text) == expected
+
+
+def test_the_address_an_alias_expanded_from_is_not_a_failed_recipient() -> None:
+    raw = b"""\
+From: Mail Delivery System <Mailer-Daemon@mx.sender.test>
+To: bounces+abc@sender.test
+Subject: Mail delivery failed: returning message to sender
+
+This message was created automatically by mail delivery software.
+
+A message that you sent could not be delivered to one or more of its
+recipients. This is a permanent error. The following address(es) failed:
+
+  ann@example.org
+    (generated from list@example.net)
+    SMTP error from remote mail server after end of data:
+    host mx.example.org [192.0.2.1]: 550 5.7.1 Mail rejected as spam
+
+------ This is a copy of the message, including all the headers. ------
+
+From: app@sender.test
+To: list@example.net
+Subject: hello
+
+hi
+"""
+    assert [r.address for r in parse(raw).recipients] == ["ann@example.org"]
+
+
+def test_the_reporters_help_desk_in_its_wrapper_text_is_not_a_failed_recipient() -> None:
+    raw = b"""\
+From: MAILER-DAEMON@smtp.isp.example (Mail Delivery System)
+To: bounces+abc@sender.test
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="X"
+
+--X
+Content-Type: text/plain
+
+This is the Postfix program at host smtp.isp.example.
+
+I'm sorry to have to inform you that the message returned
+below could not be delivered to one or more destinations.
+
+For further assistance, please contact <support@isp.example>
+
+<ann@example.org>: host mx.example.org[192.0.2.22] said: 550
+    <ann@example.org>: User unknown (in reply to RCPT TO command)
+
+--X
+Content-Type: message/rfc822
+
+From: app@sender.test
+To: ann@example.org
+Subject: hello
+
+hi
+--X--
+"""
+    assert [(r.address, r.reason, r.bounce_class) for r in parse(raw).recipients] == [
+        ("ann@example.org", "userunknown", "hard")]
+
+
+def test_a_gateway_products_name_is_not_a_security_error() -> None:
+    text = "Message from InterScan Messaging Security Suite: the message could not be delivered"
+    assert bounces.classify(None, None, text)[0] != "securityerror"
+    assert bounces.classify("5.7.0", 554, "554 5.7.0 Email Security Gateway: message refused"
+                            " as spam")[0] == "spamdetected"
+    # a security requirement is one still
+    assert bounces.classify("5.7.0", 530, "530 5.7.0 Must issue a STARTTLS command first"
+                            )[0] == "securityerror"
+    assert bounces.classify(None, 550, "550 Security check failed")[0] == "securityerror"
