@@ -477,3 +477,26 @@ def test_sites_of_destinations() -> None:
     assert custom.site("aspmx.l.google.com", [Target(
         hostname="aspmx.l.google.com", address="198.51.100.1", port=25)]).key == \
         "aspmx.l.google.com"  # sites set in the file replace the defaults
+
+
+async def test_work_waiting_for_a_sites_connection_keeps_its_lease(tmp_path: Path,
+                                                                   dns: DNSServer) -> None:
+    """A pick leases more than a site's one connection can send before the lease runs out:
+    the jobs waiting for the connection renew their leases, so a later pick cannot take the
+    same recipients and send them a second time. Each recipient arrives exactly once."""
+    dns.add("slow.test", "MX", "10 mx.slow.test.")
+    dns.add("mx.slow.test", "A", "127.0.0.1")
+    rcpts = [f"u{i}@slow.test" for i in range(8)]
+    async with Sink(rcpt_delay={r: 0.4 for r in rcpts}) as sink:
+        svc, api = await start(tmp_path, dns, sink, concurrency=4,
+                               concurrency_per_destination=1, messages_per_session=1,
+                               lease=1.0, session_idle=0.0)
+        try:
+            ids = [await send(svc, api, r) for r in rcpts]
+            await until(all_in(svc, ids, "delivered"))
+            await asyncio.sleep(1.5)  # a second copy would be on its way by now
+            got = sorted(r for m in sink.messages for r in m.rcpt_tos)
+            assert got == sorted(rcpts)
+        finally:
+            await api.close()
+            await svc.stop()

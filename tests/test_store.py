@@ -11,6 +11,7 @@ from typing import Any
 import aiosqlite
 import pytest
 
+from relay.delivery.leases import Leases
 from relay.errors import StoreError
 from relay.store import NewMessage, NewRecipient, SQLiteStore
 from relay.store.delivery import NEXT_DUE, PICK_DUE, DueRecipient, on_pending
@@ -200,6 +201,33 @@ async def test_a_pick_takes_the_soonest_due_and_passes_leased_and_held(
     assert await store.lease_due(now, 10, 600) == []  # every one is leased
     assert await store.next_due_at() is None
     assert len(await store.lease_due(now + 700, 10, 600)) == 4  # leases lapse
+
+
+async def test_held_leases_are_renewed_and_a_lapsed_one_is_never_sent(
+        store: SQLiteStore) -> None:
+    """A scheduler renews the leases of the work it holds, so a later pick passes them; what
+    was recorded, held by an operator, or lapsed by the scheduler's own clock (the store
+    could not be written in time) is let go, and a lapsed one is not sendable."""
+    ids = [(await store.enqueue(new_message(i))).message_id for i in range(4)]
+    now = [1_800_000_100.0]
+    leases = Leases(store, 600.0, lambda: now[0])
+    due = await store.lease_due(now[0], 10, 600)
+    leases.taken((r.id for r in due), now[0])
+    by_message = {r.message_id: r.id for r in due}
+    await store.hold(ids[1], "test", now[0])  # the operator holds one meanwhile
+    leases.done([by_message[ids[2]]])  # one was recorded
+    now[0] += 500  # 100 s of the lease left: renewed a whole lease ahead
+    await leases.renew()
+    # past the first lease only the one let go is picked again
+    assert [r.message_id for r in await store.lease_due(now[0] + 400, 10, 600)] == [ids[2]]
+    keep, lapse = leases.sendable(by_message.values())
+    assert sorted(keep) == sorted([by_message[ids[0]], by_message[ids[3]]])
+    now[0] += 590  # the renewals failed: 10 s left, less than the margin: not sent
+    keep, lapse = leases.sendable([by_message[ids[0]]])
+    assert (keep, lapse) == ([], [by_message[ids[0]]])
+    now[0] += 20  # lapsed by its own clock: never renewed again, though the store has it
+    await leases.renew()
+    assert leases.sendable([by_message[ids[3]]]) == ([], [by_message[ids[3]]])
 
 
 async def test_listing_a_rare_status_looks_its_recipients_up(store: SQLiteStore) -> None:

@@ -20,6 +20,7 @@ from ..store.delivery import DueRecipient, Outcome
 from ..store.pgconn import Listener
 from ..types import EventType, RecipientStatus, Stream
 from .deliver import Deliverer, Hold
+from .leases import Leases
 from .observe import observe
 from .outbound import OutMessage, OutRecipient
 from .outcomes import Outcomes
@@ -57,6 +58,7 @@ class Scheduler:
         self._outcomes = Outcomes(config.delivery, clock)
         self._wake = asyncio.Event()
         self._jobs: set[asyncio.Task[None]] = set()
+        self._leases = Leases(store, config.delivery.lease, clock)
         self._loop_task: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
         self._tls_reporter = tls_reporter
@@ -80,6 +82,7 @@ class Scheduler:
             for message_id in await self._store.pending_reports():
                 await self._emit_report(message_id)  # reports a crash left unsent
         self._loop_task = asyncio.create_task(self._run(), name="scheduler")
+        self._leases.start()
         if self._tls_reporter is not None:
             self._reporting = asyncio.create_task(self._tls_reporter.run(), name="tls-rpt")
 
@@ -94,6 +97,7 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self._leases.stop()
         if self._reporting is not None:  # its last counts are flushed as it is cancelled
             self._reporting.cancel()
             await asyncio.gather(self._reporting, return_exceptions=True)
@@ -125,9 +129,11 @@ class Scheduler:
         free = self._delivery.concurrency - len(self._jobs)
         if free <= 0:
             return None  # a finishing job wakes us
+        now = self._clock()
         due = await self._store.lease_due(
-            self._clock(), free * self._delivery.messages_per_session, self._delivery.lease)
+            now, free * self._delivery.messages_per_session, self._delivery.lease)
         if due:
+            self._leases.taken((r.id for r in due), now)
             self._dispatch(due)
             return 0.0
         return await self._until_next_due()
@@ -176,18 +182,21 @@ class Scheduler:
             records.append(asyncio.create_task(self._record(outcomes, due, job.message_ids)))
 
         try:
-            await self._deliver(job, record)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a stage crashed on this work: park it, never drop it
-            log.exception("delivery to %s crashed", job.destination)
-            record([self._outcomes.failed(r, exc) for r in job.recipients
-                    if r.id not in recorded])
-        # One report per message and run: with relay's own return path each recipient has a
-        # transaction of its own, so a message's outcomes arrive in several records, and a
-        # report made after the first would miss the recipients still being tried.
-        for message_id in set().union(*await asyncio.gather(*records)):
-            await self._emit_report(message_id)
+            try:
+                await self._deliver(job, record)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a stage crashed on this work: park it, never drop it
+                log.exception("delivery to %s crashed", job.destination)
+                record([self._outcomes.failed(r, exc) for r in job.recipients
+                        if r.id not in recorded])
+            # One report per message and run: with relay's own return path each recipient
+            # has a transaction of its own, so a message's outcomes arrive in several
+            # records, and a report made after the first would miss the ones still tried.
+            for message_id in set().union(*await asyncio.gather(*records)):
+                await self._emit_report(message_id)
+        finally:  # recorded, or cut off and left to lapse: no more renewing
+            self._leases.done(r.id for r in job.recipients)
 
     async def _record(self, outcomes: list[Outcome], due: dict[int, DueRecipient] | None = None,
                       message_ids: dict[str, str] | None = None) -> set[str]:
@@ -268,7 +277,16 @@ class Scheduler:
         site = route.site
         async with (self._router.shaper.connections(site),
                     self._store.slots.hold(site.key, site.max_connections)):
-            await self._send(job, route, record, started)
+            # it may have waited long for the connection: send only what is still ours
+            keep, lapse = self._leases.sendable(r.id for r in job.recipients)
+            if lapse:
+                log.warning("%d recipients to %s waited past their lease (it could not be "
+                            "renewed); they are left to be picked again", len(lapse),
+                            job.destination)
+                kept = set(keep)
+                job = replace(job, recipients=[r for r in job.recipients if r.id in kept])
+            if job.recipients:
+                await self._send(job, route, record, started)
 
     async def _send(self, job: _Job, route: Route, record: Callable[[list[Outcome]], None],
                     started: float) -> None:

@@ -151,6 +151,23 @@ class DeliveryQueries:
         due: list[DueRecipient] = await self._write(op)
         return due
 
+    async def renew_leases(self, ids: Sequence[int], until: float) -> list[int]:
+        """Extend this node's leases on these recipients, still pending, to `until`; returns
+        the ids renewed (not those recorded, deleted or no longer leased here meanwhile)."""
+        def op(db: sqlite3.Connection) -> list[int]:
+            renewed: list[int] = []
+            for i in range(0, len(ids), 500):
+                chunk = list(ids[i:i + 500])
+                renewed += [r[0] for r in db.execute(
+                    "UPDATE recipients SET leased_until = ? WHERE leased_by = ?"
+                    " AND leased_until IS NOT NULL AND status IN ('queued', 'deferred',"
+                    f" 'scheduled') AND id IN ({','.join('?' * len(chunk))}) RETURNING id",
+                    (until, self.node, *chunk)).fetchall()]
+            return renewed
+
+        renewed: list[int] = await self._write(op)
+        return renewed
+
     async def next_due_at(self) -> float | None:
         due: float | None = await self._reader.run(_next_due_at)
         return due
