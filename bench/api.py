@@ -35,8 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
+
+from benchprof import spy, summary
 
 
 def free_port() -> int:
@@ -72,27 +73,6 @@ done = function(summary, latency, requests)
     latency:percentile(99) / 1000))
 end
 """
-
-
-def spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    return subprocess.Popen([py_spy, "record", "-p", str(pid), "-d", str(max(1, int(seconds - 1))),
-                             "-r", "250", "--gil", "-f", "raw", "-o", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def summary(raw: Path, top: int = 25) -> str:
-    """The relay and aiohttp functions with the most samples under them (a function counted
-    once per stack), as shares of all samples."""
-    total, under = 0, Counter[str]()
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        n = int(count)
-        total += n
-        for frame in set(stack.split(";")):
-            if "relay/" in frame or "aiohttp/" in frame or "pydantic" in frame:
-                under[re.sub(r" \(.*/(relay|aiohttp)/", r" (\1/", frame)] += n
-    return "\n".join(f"  {100 * n / max(1, total):5.1f}%  {f}" for f, n in under.most_common(top))
 
 
 def ensure_wrk() -> None:

@@ -41,6 +41,8 @@ import threading
 import time
 from pathlib import Path
 
+from benchprof import spy, stop
+
 SINK_RATE = re.compile(rb"mesg=(\d+)")
 
 
@@ -206,6 +208,19 @@ def report_cpu(pid: int, messages: int) -> None:
         flush=True)
 
 
+def profile(pid: int, into: Path | None, name: str) -> list[tuple[subprocess.Popen[bytes], Path]]:
+    """py-spy on relay's main process and its delivery worker, until stopped."""
+    if into is None:
+        return []
+    into.mkdir(parents=True, exist_ok=True)
+    time.sleep(1.0)  # the worker is started once the store is open
+    pids = {"main": pid}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        pids["worker"] = int(child)
+    return [(spy(p, None, into / f"{name}-{what}.txt"), into / f"{name}-{what}.txt")
+            for what, p in pids.items()]
+
+
 def cpu_ticks() -> list[int]:
     """The machine's CPU time so far by kind (/proc/stat's first line)."""
     return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -243,6 +258,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the sides this many times, alternating, and give each round's "
                          "ratio and the median (a host's load drifts between runs)")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="record relay's processes with py-spy during each relay run, into "
+                         "DIR/<side>-<round>-<process>.txt, and print where the time went")
     args = ap.parse_args()
     ensure_postfix()
     sides = ["relay-nodkim", "relay-dkim"] if args.dkim == "compare" else ["relay", "postfix"]
@@ -252,7 +270,7 @@ def main() -> None:
     for round_no in range(1, args.rounds + 1):
         if args.rounds > 1:
             print(f"round {round_no} of {args.rounds}", flush=True)
-        rates = {side: run_side(side, args) for side in sides}
+        rates = {side: run_side(side, args, round_no) for side in sides}
         if len(rates) == 2:
             # relay/Postfix (relay runs first), or DKIM on/off (off runs first)
             ratios.append(rates[first] / rates[second] if args.dkim != "compare"
@@ -264,7 +282,7 @@ def main() -> None:
               + f"; median {statistics.median(ratios):.2f}")
 
 
-def run_side(side: str, args: argparse.Namespace) -> float:
+def run_side(side: str, args: argparse.Namespace, round_no: int = 1) -> float:
     """One side's run on a fresh sink and a fresh relay or Postfix: its rate in msg/s."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as t:
         tmp = Path(t)
@@ -274,8 +292,10 @@ def run_side(side: str, args: argparse.Namespace) -> float:
                 signing = side == "relay-dkim" or (side == "relay" and args.dkim == "on")
                 proc, port = start_relay(tmp, sink.port, dkim=signing)
                 try:
+                    spies = profile(proc.pid, args.profile, f"{side}-{round_no}")
                     ticks = cpu_ticks()
                     took, got = run(port, sink, args)
+                    stop(spies, side)
                     steal = steal_share(ticks, cpu_ticks())
                     if got < args.messages:
                         report_stuck(tmp / "relay-data" / "relay.sqlite")

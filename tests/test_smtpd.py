@@ -760,3 +760,30 @@ async def test_a_connection_gets_aiosmtpd_whole_tables_without_reading_every_att
     assert len(dir(proto)) < len(everything) // 4
     assert all(n.startswith(("smtp_", "auth_", "handle_")) for n in dir(proto))
     assert dict(inspect.getmembers(handler)).keys() == set(dir(handler))
+
+
+async def test_a_multi_line_reply_is_written_once(service: Service,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """EHLO's reply goes out in one write (one send(), one segment), not a write per line;
+    its lines, enhanced codes and order are those a client reads line by line."""
+    written: list[bytes] = []
+    write = asyncio.StreamWriter.write
+
+    def counting(self: asyncio.StreamWriter, data: bytes) -> None:
+        written.append(bytes(data))
+        write(self, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", counting)
+    port = service.bound[0][1]
+
+    def ehlo() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+            return s.ehlo("client.test")
+
+    code, text = await in_thread(ehlo)
+    assert code == 250 and b"PIPELINING" in text and b"ENHANCEDSTATUSCODES" in text
+    replies = [w for w in written if w.startswith(b"250")]
+    assert len(replies) == 1, replies  # the greeting's, then EHLO's whole reply
+    lines = replies[0].split(b"\r\n")
+    assert lines[-1] == b"" and all(x.startswith(b"250-") for x in lines[:-2])
+    assert lines[-2].startswith(b"250 ")

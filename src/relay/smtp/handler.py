@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ipaddress
 import logging
 import re
@@ -247,6 +248,12 @@ class RelayHandler:
         if key is not None and key.domains:
             return key.domains
         return self.listener.allowed_from_domains
+
+
+# aiosmtpd reads handle_EHLO's signature on every connection (to tell its deprecated
+# 4-argument form): made once here, inspect.signature takes it as given (17 -> 5 µs).
+RelayHandler.handle_EHLO.__signature__ = (  # type: ignore[attr-defined]
+    inspect.signature(RelayHandler.handle_EHLO))
 
 
 def _sender(envelope: Envelope) -> str:

@@ -94,10 +94,14 @@ class RelaySMTP(SMTP):
         self.implicit_tls = implicit_tls
         self._client: str | None = None  # the address counted against the caps, once admitted
         self._refused = False
-        with warnings.catch_warnings():
+        self._continued = b""  # the lines of a multi-line reply before its last
+        if not implicit_tls:
+            super().__init__(handler, auth_require_tls=True, **kwargs)
+            return
+        with warnings.catch_warnings():  # costly (a filter list each time): this case only
             # With implicit TLS every byte is encrypted, so AUTH need not wait for STARTTLS.
             warnings.simplefilter("ignore")
-            super().__init__(handler, auth_require_tls=not implicit_tls, **kwargs)
+            super().__init__(handler, auth_require_tls=False, **kwargs)
 
     def __dir__(self) -> list[str]:
         return hook_names(self)
@@ -220,8 +224,17 @@ class RelaySMTP(SMTP):
         return super()._getaddr(arg)  # type: ignore[no-any-return]
 
     async def push(self, status: Any) -> None:
+        """One write per reply: aiosmtpd pushes each line of a multi-line reply (EHLO's ten)
+        by itself, a send() and a TCP segment each; the lines before the last ("250-") wait
+        for it. A reply is written whole before the next command is read, as before."""
         if isinstance(status, str):
             status = with_enhanced(status)
+            status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+        if status[3:4] == b"-":
+            self._continued += status + b"\r\n"
+            return
+        if self._continued:
+            status, self._continued = self._continued + status, b""
         await super().push(status)
 
     # DSN (RFC 3461) parameters are taken off before aiosmtpd sees them; it knows none.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Callable
 
@@ -31,6 +32,7 @@ def make_server_factory(handler: RelayHandler,
             auth_required=submission,
             auth_exclude_mechanism=() if submission else ("PLAIN", "LOGIN"),
             command_call_limit=limits.max_commands,
+            loop=asyncio.get_running_loop(),  # aiosmtpd looks it up with warnings caught
         )
 
     return factory
