@@ -55,6 +55,28 @@ async def test_signatures_come_from_the_child_and_equal_the_workers_own() -> Non
         await signer.close()
 
 
+def test_the_child_starts_on_the_loop_the_worker_runs() -> None:
+    """The delivery worker runs on uvloop (aio.run_loop), whose subprocess transport is not
+    asyncio's class: the signer must start and sign there too, not fail to start at every
+    message and leave the worker signing alone."""
+    from relay.aio import run_loop
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    seen: list[object] = []
+
+    async def main() -> None:
+        signer = SignerProcess()
+        try:
+            await ready(signer, key)
+            got = await signer.sign([(key, bytes(32))])
+            seen.extend([type(asyncio.get_running_loop()).__module__, signer.remote, got])
+        finally:
+            await signer.close()
+
+    run_loop(main())
+    assert seen == ["uvloop", 1, [dkim.raw_signature(key, bytes(32))]]
+
+
 async def test_pipelined_requests_get_their_own_answers() -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     signer = SignerProcess()

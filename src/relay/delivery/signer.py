@@ -34,7 +34,7 @@ import signal
 import struct
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -141,9 +141,10 @@ class SignerProcess:
             self._children.add(pipe)
             pipe.exited.add_done_callback(lambda _: self._children.discard(pipe))
             await asyncio.wait_for(asyncio.shield(pipe.listening), TIMEOUT)
-        except (OSError, asyncio.TimeoutError, SignerGone) as exc:
+        except Exception as exc:  # anything: a start that fails must not be tried per message
+            expected = isinstance(exc, (OSError, asyncio.TimeoutError, SignerGone))
             log.warning("the DKIM signer process did not start (%s); signing in the worker",
-                        exc)
+                        exc or type(exc).__name__, exc_info=not expected)
             if pipe is not None:
                 pipe.kill()
             self._failed_at = time.monotonic()
@@ -185,7 +186,8 @@ class _Pipe(asyncio.SubprocessProtocol):
         self._why: str | None = None  # the first reason it failed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
+        # a subprocess transport, though not asyncio's class on uvloop (the worker's loop)
+        transport = cast(asyncio.SubprocessTransport, transport)
         self._transport = transport
         self._stdin = transport.get_pipe_transport(0)  # type: ignore[assignment]
         self.pid = transport.get_pid()
