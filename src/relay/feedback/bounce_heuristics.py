@@ -68,7 +68,7 @@ def heuristic_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, ..
              ((permanent, "failed"), (temporary, "delayed")) for raw in sorted(addresses)
              if (m := ADDRESS_RE.search(raw.decode("ascii", "replace")))]
     named = _not_message_ids(msg, named[:limit], text)
-    if not named and looks_like_bounce(msg):
+    if not named and looks_like_bounce(msg, text):
         named = [(a, "failed") for a in _addresses_in_error(msg, text)] or [
             (a, "failed") for a in _original_to(text)]
     named = named[:limit]
@@ -154,11 +154,19 @@ def inline_dsn_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, .
     return dsn_recipients([msg, fake], limit) if fake.get_payload() else ()
 
 
-def looks_like_bounce(msg: Message) -> bool:
+def looks_like_bounce(msg: Message, text: str = "") -> bool:
+    """From a mail system, or (a subject in a language of its own, a no-reply sender) a text
+    that says in so many words that a message could not be delivered to an address."""
     sender = str(msg.get("From", "")).lower()
     return bool("mailer-daemon" in sender or "postmaster" in sender
                 or _BOUNCE_SUBJECT.search(str(msg.get("Subject", "")))
-                or str(msg.get("Return-Path", "x")).strip() == "<>")
+                or str(msg.get("Return-Path", "x")).strip() == "<>"
+                or _NOT_DELIVERED_TO.search(error_text(text)))
+
+
+# "Could not be delivered to: <ann@example.org>", "undeliverable to ann@example.org"
+_NOT_DELIVERED_TO = re.compile(r"(not (be )?delivered|undeliverable|delivery failed) to:?\s*<?"
+                               r"[\w.+\-]+@", re.IGNORECASE)
 
 
 _NOT_RECIPIENT = re.compile(r"^(mailer-daemon|postmaster|root|abuse|noreply|no-reply)@", re.I)
