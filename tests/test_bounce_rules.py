@@ -371,3 +371,28 @@ Your mail sent on: Thu, 29 Apr 2021 23:45:22 +0900
      As their mailbox is full.
 """.encode()
     assert _one(raw) == ("ann@example.org", "mailboxfull", "soft")
+
+
+def test_a_report_naming_the_refused_envelope_recipient_is_a_bounce() -> None:
+    # a carrier's own report format: no mail-system sender, a reply subject, but the SMTP
+    # reply and the RCPT TO it refused
+    raw = b"""\
+From: post_master@carrier.example
+To: app@sender.test
+Subject: Re: hello
+
+Error message below:
+550 - Requested action not taken: mailbox unavailable
+
+Message details:
+  MAIL FROM: app@sender.test
+  RCPT TO: ann@example.org
+"""
+    assert [r.address for r in parse(raw).recipients] == ["ann@example.org"]
+
+
+def test_a_two_hundred_number_in_a_failure_report_is_not_a_delivery() -> None:
+    # "Size (in bytes): 222" is not a 2xx reply: a failed recipient is never "delivered"
+    raw = _plain("ann@example.org: delivery failed, message rejected\nSize (in bytes): 222\n")
+    (r,) = parse(raw).recipients
+    assert r.reason != "delivered" and r.reply_code is None

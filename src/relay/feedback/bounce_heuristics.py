@@ -161,9 +161,13 @@ def looks_like_bounce(msg: Message, text: str = "") -> bool:
     return bool("mailer-daemon" in sender or "postmaster" in sender
                 or _BOUNCE_SUBJECT.search(str(msg.get("Subject", "")))
                 or str(msg.get("Return-Path", "x")).strip() == "<>"
-                or _NOT_DELIVERED_TO.search(error_text(text)))
+                or _NOT_DELIVERED_TO.search(error_text(text))
+                or bool(_RCPT_TO.search(text) and _REPLY_LINE.search(error_text(text))))
 
 
+# the envelope recipient a report names as such ("RCPT TO: ann@example.org") and a refusal
+_RCPT_TO = re.compile(r"\brcpt to:\s*<?([\w.+\-]+@[\w\-]+(?:\.[\w\-]+)+)", re.IGNORECASE)
+_REPLY_LINE = re.compile(r"(?:^|\s)[45]\d\d(?:[ \-]|$)")
 # "Could not be delivered to: <ann@example.org>", "undeliverable to ann@example.org"
 _NOT_DELIVERED_TO = re.compile(r"(not (be )?delivered|undeliverable|delivery failed) to:?\s*<?"
                                r"[\w.+\-]+@", re.IGNORECASE)

@@ -19,6 +19,8 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
     if action in ("delivered", "relayed", "expanded"):
         reason, cls = "delivered", "soft"
     else:
+        if reply is not None and reply < 400:
+            reply = None  # a report of a failure quotes no 2xx reply: a number in other words
         if action == "delayed" and status and status[0] == "5":
             status = "4" + status[1:]
         stage = smtp_stage(context or diagnostic, address, diagnostic, transcript)
