@@ -146,8 +146,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     # that RCPT TO was refused: the words after it, when they say why, win
     ("onhold", r"on hold|\bheld\b"),
     ("userunknown", r"(recipient )?address rejected"),
+    # ("MAIL FROM:" with its colon is a field of a report's message details, not a refusal)
     ("rejected", r"sender.{0,40}(reject|denied|refused|invalid|unknown|not allowed|blocked)"
-                 r"|(reject|denied|refused).{0,30}sender|envelope.from|mail from"
+                 r"|(reject|denied|refused).{0,30}sender|envelope.from|mail from(?!:)"
                  r"|domain of sender|from address|return.path|rejected|denied|refused"),
     # a mailing list that refused the post (Google Groups says so in 40 languages)
     ("rejected", r"google groups"),
