@@ -399,3 +399,36 @@ def test_a_two_hundred_number_in_a_failure_report_is_not_a_delivery() -> None:
     raw = _plain("ann@example.org: delivery failed, message rejected\nSize (in bytes): 222\n")
     (r,) = parse(raw).recipients
     assert r.reason != "delivered" and r.reply_code is None
+
+
+def test_delivery_status_fields_in_a_broken_reports_text_name_its_recipients() -> None:
+    # the boundary in the header differs from the one in the body: no MIME parts, but the
+    # delivery-status fields are there in the text; the sender it names is no recipient
+    raw = b"""\
+From: MAILER-DAEMON@mx.sender.test (Mail Delivery System)
+To: app@sender.test
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="AB.1/mx.sender"
+
+--AB.1/mx.sender.test
+Content-Type: text/plain
+
+<ann@example.org>: host mx.example.org[192.0.2.1] said: 550 5.1.1 unknown user
+    (in reply to RCPT TO command)
+
+--AB.1/mx.sender.test
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.sender.test
+X-Postfix-Sender: rfc822; owner@sender.test
+
+Final-Recipient: rfc822; ann@example.org
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550 5.1.1 unknown user
+
+--AB.1/mx.sender.test--
+"""
+    assert [(r.address, r.reason) for r in parse(raw).recipients] == [
+        ("ann@example.org", "userunknown")]
