@@ -432,3 +432,17 @@ Diagnostic-Code: smtp; 550 5.1.1 unknown user
 """
     assert [(r.address, r.reason) for r in parse(raw).recipients] == [
         ("ann@example.org", "userunknown")]
+
+
+def test_a_transcripts_accepted_commands_do_not_make_a_failure_a_delivery() -> None:
+    # a session transcript quotes the 2xx the remote gave before it refused: the failure's
+    # status and reply are the first 4xx/5xx ones
+    raw = _plain("""\
+Transcript of session follows.
+ In:  RCPT TO:<ann@example.org>
+ Out: 250 2.1.5 Ok
+ In:  DATA
+ Out: 451 4.3.0 Error: queue file write error
+""")
+    (r,) = [r for r in parse(raw).recipients if r.address == "ann@example.org"]
+    assert (r.status, r.reply_code, r.reason) == ("4.3.0", 451, "systemerror")

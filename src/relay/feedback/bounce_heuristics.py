@@ -20,6 +20,8 @@ from .bounce_text import (
     address_of,
     all_text,
     error_text,
+    failure_reply_in,
+    failure_status_in,
     lower_domain,
     remote_near,
     reply_code_in,
@@ -83,7 +85,8 @@ def heuristic_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, ..
             if said is None:
                 said = error_text(text)
             diagnostic = said or diagnostic
-        found.append(recipient(address, action, status_in(diagnostic), reply_code_in(diagnostic),
+        found.append(recipient(address, action, failure_status_in(diagnostic),
+                               failure_reply_in(diagnostic),
                                diagnostic, remote_near(diagnostic), transcript=text))
     return tuple(found)
 
