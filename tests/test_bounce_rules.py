@@ -359,7 +359,7 @@ def test_please_try_again_later_is_not_a_network_error() -> None:
 def test_a_report_in_its_own_language_that_names_an_undelivered_address_is_a_bounce() -> None:
     # no mailer-daemon sender, no null return path, a subject in another language: the text
     # saying the message could not be delivered to an address is what makes it a bounce
-    raw = """\
+    raw = b"""\
 From: no-reply@mail.example.org
 To: app@sender.test
 Subject: =?UTF-8?B?44Oh44O844Or44Ko44Op44O86YCa55+l?=
@@ -369,7 +369,7 @@ Content-Type: text/plain; charset=utf-8
 Your mail sent on: Thu, 29 Apr 2021 23:45:22 +0900
      Could not be delivered to: <ann@example.org>
      As their mailbox is full.
-""".encode()
+"""
     assert _one(raw) == ("ann@example.org", "mailboxfull", "soft")
 
 
