@@ -257,3 +257,192 @@ def test_a_gateway_products_name_is_not_a_security_error() -> None:
     assert bounces.classify("5.7.0", 530, "530 5.7.0 Must issue a STARTTLS command first"
                             )[0] == "securityerror"
     assert bounces.classify(None, 550, "550 Security check failed")[0] == "securityerror"
+
+
+# -- what a refusal can be about, and when the queue's giving up is the reason ---------
+
+
+def test_the_words_after_recipient_address_rejected_say_why() -> None:
+    # Postfix-style "Recipient address rejected:" says only that RCPT TO was refused
+    diagnostic = ("Diagnostic-Code: smtp; 550 5.0.0 <ann@example.org>: Recipient address "
+                  "rejected: Mailbox on hold by its owner")
+    assert _one(_dsn("", "5.0.0", diagnostic)) == ("ann@example.org", "onhold", "soft")
+
+
+_EXIM = """\
+From: Mail Delivery System <Mailer-Daemon@mx.sender.test>
+To: bounces+abc@sender.test
+Subject: Mail delivery failed: returning message to sender
+X-Failed-Recipients: ann@example.org
+
+This message was created automatically by mail delivery software.
+
+A message that you sent could not be delivered to one or more of its
+recipients. This is a permanent error. The following address(es) failed:
+
+  ann@example.org
+    {why}
+
+------ This is a copy of the message, including all the headers. ------
+
+From: app@sender.test
+To: ann@example.org
+Subject: hello
+
+hi
+"""
+
+
+def test_a_refusal_at_the_greeting_is_of_the_client_not_of_a_mailbox() -> None:
+    # "quota" names no mailbox here: the server refused the connection before any address
+    why = ("SMTP error from remote mail server after initial connection:\n"
+           "    host mx.example.org [192.0.2.1]: 554 sending quota reached for 192.0.2.9")
+    assert _one(_EXIM.format(why=why).encode()) == ("ann@example.org", "blocked", "soft")
+    # the same words in reply to RCPT TO are the mailbox's
+    why = ("SMTP error from remote mail server after RCPT TO:<ann@example.org>:\n"
+           "    host mx.example.org [192.0.2.1]: 552 mailbox quota exceeded")
+    assert _one(_EXIM.format(why=why).encode())[1] == "mailboxfull"
+
+
+def test_a_local_mailers_failure_is_a_mailer_error() -> None:
+    # Diagnostic-Code type X-Unix: a local delivery program failed, whatever vague words
+    raw = _dsn("", "4.3.0", "Diagnostic-Code: X-Unix; temporary failure")
+    assert _one(raw) == ("ann@example.org", "mailererror", "soft")
+    # words that name a cause of their own still win
+    raw = _dsn("", "5.2.2", "Diagnostic-Code: X-Unix; mailbox is full")
+    assert _one(raw)[1] == "mailboxfull"
+
+
+def test_an_unauthenticated_message_is_an_authentication_failure() -> None:
+    # the e-mail failed SPF/DKIM (a receiver's DMARC wording), not the SMTP client's AUTH
+    assert bounces.classify("5.7.1", 550, "550-5.7.1 Unauthenticated email from sender.test "
+                            "is not accepted due to domain's") == ("authfailure", "soft")
+    assert bounces.classify("5.0.0", 550, "550 Unauthenticated senders not allowed")[0] == \
+        "securityerror"
+
+
+def test_a_recipients_account_blocked_is_the_account_not_the_sending_host() -> None:
+    assert bounces.classify("5.5.0", 550, "550 5.5.0 The recipient account is blocked") == (
+        "suspend", "soft")
+    assert bounces.classify("5.7.1", 554, "554 Client host 192.0.2.9 blocked")[0] == "blocked"
+
+
+def test_a_count_of_failed_attempts_is_the_queue_giving_up() -> None:
+    assert _one(_plain("Delivery failed 20 attempts: ann@example.org\n")) == (
+        "ann@example.org", "expired", "soft")
+
+
+def test_a_final_failure_on_a_passing_network_condition_is_the_queue_running_out() -> None:
+    # failed for good, no status code, only an unanswered connection: the peer gave up
+    raw = _EXIM.format(why="all hosts for example.org have been failing: connection timed out")
+    assert _one(raw.encode()) == ("ann@example.org", "expired", "soft")
+    # a name service failure stays the reporter's own network error, however long it lasted
+    assert bounces.classify("4.4.7", None, "Name server: example.org.: host name lookup "
+                            "failure. Message could not be delivered for 5 days")[0] == \
+        "networkerror"
+
+
+def test_no_mx_for_a_domain_is_a_domain_that_takes_no_mail() -> None:
+    assert bounces.classify("4.0.0", None, "ann@example.org: No MX found for domain") == (
+        "notaccept", "soft")
+
+
+def test_please_try_again_later_is_not_a_network_error() -> None:
+    # a temporary refusal of the mail system (X.3.0), not trouble reaching it
+    assert bounces.classify("4.3.0", 451, "451 4.3.0 This message could not be delivered due "
+                            "to a recipient error. Please try again later.")[0] == "systemerror"
+    # the resolver's own "try again" is
+    assert bounces.classify(None, None, "Name service error for domain example.org: Host "
+                            "not found, try again")[0] == "networkerror"
+
+
+def test_a_report_in_its_own_language_that_names_an_undelivered_address_is_a_bounce() -> None:
+    # no mailer-daemon sender, no null return path, a subject in another language: the text
+    # saying the message could not be delivered to an address is what makes it a bounce
+    raw = b"""\
+From: no-reply@mail.example.org
+To: app@sender.test
+Subject: =?UTF-8?B?44Oh44O844Or44Ko44Op44O86YCa55+l?=
+MIME-Version: 1.0
+Content-Type: text/plain; charset=utf-8
+
+Your mail sent on: Thu, 29 Apr 2021 23:45:22 +0900
+     Could not be delivered to: <ann@example.org>
+     As their mailbox is full.
+"""
+    assert _one(raw) == ("ann@example.org", "mailboxfull", "soft")
+
+
+def test_a_report_naming_the_refused_envelope_recipient_is_a_bounce() -> None:
+    # a carrier's own report format: no mail-system sender, a reply subject, but the SMTP
+    # reply and the RCPT TO it refused
+    raw = b"""\
+From: post_master@carrier.example
+To: app@sender.test
+Subject: Re: hello
+
+Error message below:
+550 - Requested action not taken: mailbox unavailable
+
+Message details:
+  MAIL FROM: app@sender.test
+  RCPT TO: ann@example.org
+"""
+    (r,) = parse(raw).recipients
+    assert r.address == "ann@example.org"
+    # its "MAIL FROM:" field names the sender; it does not say the sender was refused
+    assert r.reason != "rejected"
+
+
+def test_a_two_hundred_number_in_a_failure_report_is_not_a_delivery() -> None:
+    # "Size (in bytes): 222" is not a 2xx reply: a failed recipient is never "delivered"
+    raw = _plain("ann@example.org: delivery failed, message rejected\nSize (in bytes): 222\n")
+    (r,) = parse(raw).recipients
+    assert r.reason != "delivered" and r.reply_code is None
+
+
+def test_delivery_status_fields_in_a_broken_reports_text_name_its_recipients() -> None:
+    # the boundary in the header differs from the one in the body: no MIME parts, but the
+    # delivery-status fields are there in the text; the sender it names is no recipient
+    raw = b"""\
+From: MAILER-DAEMON@mx.sender.test (Mail Delivery System)
+To: app@sender.test
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="AB.1/mx.sender"
+
+--AB.1/mx.sender.test
+Content-Type: text/plain
+
+<ann@example.org>: host mx.example.org[192.0.2.1] said: 550 5.1.1 unknown user
+    (in reply to RCPT TO command)
+
+--AB.1/mx.sender.test
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.sender.test
+X-Postfix-Sender: rfc822; owner@sender.test
+
+Final-Recipient: rfc822; ann@example.org
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550 5.1.1 unknown user
+
+--AB.1/mx.sender.test--
+"""
+    assert [(r.address, r.reason) for r in parse(raw).recipients] == [
+        ("ann@example.org", "userunknown")]
+
+
+def test_a_transcripts_accepted_commands_do_not_make_a_failure_a_delivery() -> None:
+    # a session transcript quotes the 2xx the remote gave before it refused: the failure's
+    # status and reply are the first 4xx/5xx ones
+    raw = _plain("""\
+Transcript of session follows.
+ In:  RCPT TO:<ann@example.org>
+ Out: 250 2.1.5 Ok
+ In:  DATA
+ Out: 451 4.3.0 Error: queue file write error
+""")
+    (r,) = [r for r in parse(raw).recipients if r.address == "ann@example.org"]
+    assert (r.status, r.reply_code, r.reason) == ("4.3.0", 451, "systemerror")

@@ -20,6 +20,8 @@ from .bounce_text import (
     address_of,
     all_text,
     error_text,
+    failure_reply_in,
+    failure_status_in,
     lower_domain,
     remote_near,
     reply_code_in,
@@ -68,7 +70,7 @@ def heuristic_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, ..
              ((permanent, "failed"), (temporary, "delayed")) for raw in sorted(addresses)
              if (m := ADDRESS_RE.search(raw.decode("ascii", "replace")))]
     named = _not_message_ids(msg, named[:limit], text)
-    if not named and looks_like_bounce(msg):
+    if not named and looks_like_bounce(msg, text):
         named = [(a, "failed") for a in _addresses_in_error(msg, text)] or [
             (a, "failed") for a in _original_to(text)]
     named = named[:limit]
@@ -83,7 +85,8 @@ def heuristic_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, ..
             if said is None:
                 said = error_text(text)
             diagnostic = said or diagnostic
-        found.append(recipient(address, action, status_in(diagnostic), reply_code_in(diagnostic),
+        found.append(recipient(address, action, failure_status_in(diagnostic),
+                               failure_reply_in(diagnostic),
                                diagnostic, remote_near(diagnostic), transcript=text))
     return tuple(found)
 
@@ -154,11 +157,23 @@ def inline_dsn_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, .
     return dsn_recipients([msg, fake], limit) if fake.get_payload() else ()
 
 
-def looks_like_bounce(msg: Message) -> bool:
+def looks_like_bounce(msg: Message, text: str = "") -> bool:
+    """From a mail system, or (a subject in a language of its own, a no-reply sender) a text
+    that says in so many words that a message could not be delivered to an address."""
     sender = str(msg.get("From", "")).lower()
     return bool("mailer-daemon" in sender or "postmaster" in sender
                 or _BOUNCE_SUBJECT.search(str(msg.get("Subject", "")))
-                or str(msg.get("Return-Path", "x")).strip() == "<>")
+                or str(msg.get("Return-Path", "x")).strip() == "<>"
+                or _NOT_DELIVERED_TO.search(error_text(text))
+                or bool(_RCPT_TO.search(text) and _REPLY_LINE.search(error_text(text))))
+
+
+# the envelope recipient a report names as such ("RCPT TO: ann@example.org") and a refusal
+_RCPT_TO = re.compile(r"\brcpt to:\s*<?([\w.+\-]+@[\w\-]+(?:\.[\w\-]+)+)", re.IGNORECASE)
+_REPLY_LINE = re.compile(r"(?:^|\s)[45]\d\d(?:[ \-]|$)")
+# "Could not be delivered to: <ann@example.org>", "undeliverable to ann@example.org"
+_NOT_DELIVERED_TO = re.compile(r"(not (be )?delivered|undeliverable|delivery failed) to:?\s*<?"
+                               r"[\w.+\-]+@", re.IGNORECASE)
 
 
 _NOT_RECIPIENT = re.compile(r"^(mailer-daemon|postmaster|root|abuse|noreply|no-reply)@", re.I)

@@ -60,7 +60,11 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("spamdetected", r"(spam|junk) (classification|score|content)|classified as (spam|junk)"
                      r"|blacklisted (url|link|domain in)|\buribl\b|surbl"),
     ("authfailure", r"\bspf\b|\bdkim\b|\bdmarc\b|sender policy framework"
-                    r"|authenticat(ion|ed).{0,30}fail|not authenticated"),
+                    r"|authenticat(ion|ed).{0,30}fail|not authenticated"
+                    # the message, not the SMTP client, failed authentication (SPF, DKIM)
+                    r"|unauthenticated (e-?mail|mail|messages?)\b"),
+    ("suspend", r"(recipient|user|mailbox|destination)(.s)? (e-?mail )?account (is |has been )?"
+                r"(blocked|disabled|suspended|deactivated|inactive|frozen|locked)"),
     ("badreputation", r"reputation|(ip|sender).{0,20}(has been )?temporarily (deferred|rate)"
                       r"|user complaints"),
     ("blocked", r"black ?list|block ?list|\bdnsbl|\brbl\b|spamhaus|spamcop|sorbs|barracuda"
@@ -86,8 +90,10 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("suspend", r"(account|mailbox|user|address).{0,40}(disabled|suspended|inactive|deactivated"
                 r"|expired|locked|frozen|not active|blocked|closed)|suspended"),
     ("notaccept", r"no smtp service|(does not|doesn.?t) (accept|receive) (e-?)?mail|null mx"
-                  r"|accepts no mail|(couldn.?t|could not|unable to) find (a |any )?mail exchanger"),
-    ("networkerror", r"try again.{0,10}$|temporary (dns|lookup)|host not reachable"
+                  r"|accepts no mail|(couldn.?t|could not|unable to) find (a |any )?mail exchanger"
+                  r"|no mx (records? )?(found )?for"),
+    ("networkerror", r"not found, try again|temporary (dns|lookup)|host not reachable"
+                     r"|dns (query|lookup) failed|host name lookup failure"
                      r"|unexpected name server reply"),
     ("hostunknown", r"host (or domain name )?(not found|unknown)|unknown host|domain"
                     r" (not found|does not exist|unknown|is not valid)|unknown domain"
@@ -126,6 +132,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("networkerror", r"connection (refused|timed? ?out|reset|closed|lost|dropped)"
                      r"|timed? ?out|network|unreachable|cannot connect|could not connect"
                      r"|unable to connect|dns (error|failure|lookup)|routing loop|mail loop"
+                     r"|socket error|requests to connect"
                      r"|too many hops|loop detected"),
     ("mailererror", r"mailer (error|program)|(pipe|command|program).{0,30}(fail|error|exit)"
                     r"|x-unix|unix;"
@@ -135,11 +142,14 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|unavailable|refused?)|resources|transaction failed"),
     ("syntaxerror", r"syntax error|command unrecognized|unrecognized command"
                     r"|command not (recognized|implemented)"),
+    # before Postfix's "<a@example.org>: Recipient address rejected: <why>", which says only
+    # that RCPT TO was refused: the words after it, when they say why, win
+    ("onhold", r"on hold|\bheld\b"),
     ("userunknown", r"(recipient )?address rejected"),
+    # ("MAIL FROM:" with its colon is a field of a report's message details, not a refusal)
     ("rejected", r"sender.{0,40}(reject|denied|refused|invalid|unknown|not allowed|blocked)"
-                 r"|(reject|denied|refused).{0,30}sender|envelope.from|mail from"
+                 r"|(reject|denied|refused).{0,30}sender|envelope.from|mail from(?!:)"
                  r"|domain of sender|from address|return.path|rejected|denied|refused"),
-    ("onhold", r"on hold|held"),
     # a mailing list that refused the post (Google Groups says so in 40 languages)
     ("rejected", r"google groups"),
 )
@@ -180,12 +190,16 @@ _BY_REPLY = {421: "systemerror", 451: "systemerror", 452: "systemfull", 551: "ha
 _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time|timeout|period)"
                       r" (exceeded|expired)|delivery time expired|could not be delivered"
                       r" (for|within) \d|failing for a long time|will be retried|envelope"
-                      r" expired|message expired|still undeliver", re.I)
+                      r" expired|message expired|still undeliver"
+                      r"|failed (after )?\d+ (delivery )?attempts", re.I)
 
 
 # conditions that last, so that they, not the queue's giving up, are why the mail failed:
 # a full mailbox, or a sender the remote distrusts
 _OUTLASTS_GIVING_UP = frozenset({"mailboxfull", "badreputation"})
+# a failure to look the destination up: the reporter's own trouble, that the queue's giving
+# up after it does not change
+NAME_SERVICE = re.compile(r"name serv|\bdns\b|host not found|lookup fail", re.IGNORECASE)
 
 
 # A report often gives all its recipients the same words; reading them takes ~2 ms a KB.
@@ -211,7 +225,8 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     text = ADDRESS_RE.sub(" ", text or "")  # a local part such as "mailbox-full" says nothing
     text = STAGE_SAID.sub(" ", text)  # "after MAIL FROM:": the reporter's words, not the remote's
     phrase = phrase_reason(text) if text else None
-    if text and _GAVE_UP.search(text) and phrase not in _OUTLASTS_GIVING_UP:
+    if text and _GAVE_UP.search(text) and phrase not in _OUTLASTS_GIVING_UP and not (
+            phrase == "networkerror" and NAME_SERVICE.search(text)):
         phrase = "expired"
     reason = None
     if detail and detail not in _VAGUE:
@@ -228,9 +243,11 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     return reason, "hard" if hard else "soft"
 
 
-# reasons that cannot be why a server refuses a client for good at its greeting or HELO
+# reasons that cannot be why a server refuses a client for good at its greeting or HELO,
+# among them any about a mailbox (full, disabled, moved, over a limit): none was named yet
 _NOT_OF_A_CLIENT = frozenset({"userunknown", "undefined", "filtered", "rejected", "systemerror",
-                              "syntaxerror"})
+                              "syntaxerror", "mailboxfull", "suspend", "hasmoved", "exceedlimit",
+                              "mesgtoobig"})
 
 
 def names_address(detail: str) -> bool:

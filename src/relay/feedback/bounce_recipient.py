@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from .bounce_reasons import classify, may_be_hard
+from .bounce_reasons import NAME_SERVICE, classify, may_be_hard
 from .bounce_report import BouncedRecipient
 from .bounce_stage import smtp_stage
 
@@ -19,6 +19,8 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
     if action in ("delivered", "relayed", "expanded"):
         reason, cls = "delivered", "soft"
     else:
+        if reply is not None and reply < 400:
+            reply = None  # a report of a failure quotes no 2xx reply: a number in other words
         if action == "delayed" and status and status[0] == "5":
             status = "4" + status[1:]
         stage = smtp_stage(context or diagnostic, address, diagnostic, transcript)
@@ -28,8 +30,15 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
         elif reason == "userunknown" and may_be_hard(reason, "", stage):
             cls = "hard"  # the remote said so, however transient its code, until giving up
         elif action == "failed" and (status or "").startswith("4") and (
-                reason == "undefined" or status == "4.4.7" or _TIMED_OUT.search(diagnostic)):
+                reason == "undefined" or status == "4.4.7" or _TIMED_OUT.search(diagnostic)) \
+                and not (reason == "networkerror" and NAME_SERVICE.search(diagnostic)):
             # failed with a temporary status: relay's peer retried until its queue ran out
+            reason = "expired"
+        elif action == "failed" and not status and reason == "networkerror" and (
+                reply is None or 400 <= reply < 500) and not NAME_SERVICE.search(diagnostic):
+            # failed for good on trouble that passes (no answer, a 4xx reply) and no code of
+            # its own: the peer gave up retrying, its queue lifetime ran out (a name service
+            # failure is the reporter's own trouble, and stays one)
             reason = "expired"
     return BouncedRecipient(address=address, action=action, status=status, reason=reason,
                             bounce_class=cls, diagnostic=diagnostic, remote_mta=remote,

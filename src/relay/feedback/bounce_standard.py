@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterator
 from email.message import Message
 
-from .bounce_reasons import ADDRESS_RE
+from .bounce_reasons import ADDRESS_RE, phrase_reason
 from .bounce_recipient import recipient
 from .bounce_report import BouncedRecipient, Original, Report
 from .bounce_text import (
@@ -26,6 +26,8 @@ from .bounce_text import (
 _EXIT_STATUS = re.compile(r"\d{1,3}")
 _X_UNIX = re.compile(r"\s*x-unix\s*;", re.IGNORECASE)
 _RECIPIENT_FIELDS = ("final-recipient", "original-recipient")
+# words of a local mailer's failure that name no cause of their own
+_SAYS_NOTHING_OF_ITS_OWN = frozenset({None, "systemerror"})
 
 
 def _field_blocks(part: Message, limit: int) -> list[Message]:
@@ -59,8 +61,11 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
         action = str(block.get("Action", "failed")).strip().lower().split()[0] \
             if block.get("Action") else "failed"
         diagnostic = after_type(block["Diagnostic-Code"])
-        if _EXIT_STATUS.fullmatch(diagnostic) and _X_UNIX.match(str(block["Diagnostic-Code"])):
-            # a local program's bare exit status ("X-Unix; 71"): its type says who failed
+        if _X_UNIX.match(str(block["Diagnostic-Code"])) and (
+                _EXIT_STATUS.fullmatch(diagnostic)
+                or phrase_reason(diagnostic) in _SAYS_NOTHING_OF_ITS_OWN):
+            # a local program's exit status ("X-Unix; 71") or words that name no cause
+            # ("X-Unix; temporary failure"): the type says who failed, the local mailer
             diagnostic = re.sub(r"\s+", " ", str(block["Diagnostic-Code"])).strip()
         near = prose.near(address)
         diagnostic = diagnostic or near

@@ -87,6 +87,19 @@ def status_in(text: str) -> str | None:
     return m.group(1) if m else None
 
 
+def failure_status_in(text: str) -> str | None:
+    """The first status code in a failure's words that is one (4.x.x or 5.x.x): a session
+    transcript quotes the 2.x.x of the commands the remote took before it refused one."""
+    return next((m.group(1) for m in STATUS_IN_TEXT.finditer(text or "")
+                 if m.group(1)[0] != "2"), None)
+
+
+def failure_reply_in(text: str) -> int | None:
+    """The first reply code in a failure's words that is one (4xx or 5xx)."""
+    return next((int(m.group(1)) for m in REPLY_IN_TEXT.finditer(text or "")
+                 if m.group(1)[0] != "2"), None)
+
+
 def reply_code_in(text: str) -> int | None:
     m = REPLY_IN_TEXT.search(text or "")
     return int(m.group(1)) if m else None

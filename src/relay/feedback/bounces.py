@@ -73,8 +73,10 @@ def _parse(msg: Message, max_recipients: int) -> Report:
                              diagnostic=str(msg.get("Subject", "")), remote_mta=None),))
     if not original.headers:
         original = quoted_original(all_text(msg))
-    recipients = heuristic_recipients(msg, max_recipients) or \
-        inline_dsn_recipients(msg, max_recipients)
+    # delivery-status fields in the text (a report whose MIME structure broke) say more than
+    # the addresses a detector or the error text names
+    recipients = inline_dsn_recipients(msg, max_recipients) or \
+        heuristic_recipients(msg, max_recipients)
     if not recipients and looks_like_bounce(msg):
         recipients = enclosed_recipient(msg, original)
     if recipients:
