@@ -19,8 +19,11 @@ and prints the functions that take the most of it, inclusive.
 relay logs at WARNING unless --log-level says otherwise (INFO, the default of `relay serve`,
 adds an access line per request and an accept line per message).
 
+--workers N sets `[api] workers` (the master and N - 1 API worker processes on one port);
+the CPU time is then all of relay's processes', and --profile records the master only.
+
 Usage: python bench/api.py [--seconds 10] [--connections 32] [--only single|batch]
-                           [--profile DIR] [--log-level INFO]
+                           [--profile DIR] [--log-level INFO] [--workers N]
 """
 
 from __future__ import annotations
@@ -46,8 +49,25 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User and system time of relay: the master and its child processes (API workers)."""
+    total = 0.0
+    for one in (pid, *children(pid)):
+        fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def listening(port: int) -> int:
+    """How many sockets listen on the TCP port (one a process serving the API)."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for r in rows if r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 EMAIL = {"from": "Alice <alice@example.com>", "to": ["bob@example.org"],
@@ -131,6 +151,8 @@ def main() -> None:
     ap.add_argument("--only", choices=("single", "batch"))
     ap.add_argument("--profile", type=Path, metavar="DIR")
     ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="[api] workers: processes serving the API (the master and N - 1 more)")
     args = ap.parse_args()
     ensure_wrk()
     with tempfile.TemporaryDirectory(prefix="bench-api-") as t:
@@ -139,7 +161,8 @@ def main() -> None:
         conf = tmp / "relay.toml"
         conf.write_text(f"[server]\nhostname = 'relay.bench'\ndata_dir = '{tmp / 'data'}'\n"
                         f"[[smtp.listeners]]\nport = {free_port()}\n"
-                        f"[api]\nport = {port}\n[delivery]\npaused = true\n")
+                        f"[api]\nport = {port}\nworkers = {args.workers}\n"
+                        f"[delivery]\npaused = true\n")
         made = subprocess.run([sys.executable, "-m", "relay.cli", "--config", str(conf), "keys",
                                "create", "--name", "bench", "--json"],
                               check=True, capture_output=True, text=True)
@@ -153,14 +176,10 @@ def main() -> None:
                                 stdout=subprocess.DEVNULL, stderr=log)
         try:
             deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("relay did not start") from None
-                    time.sleep(0.05)
+            while listening(port) < args.workers:  # the master's socket, then the workers'
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit("relay did not start")
+                time.sleep(0.05)
             base = f"http://127.0.0.1:{port}"
             single = json.dumps(EMAIL).encode()
             batch = json.dumps({"emails": [EMAIL] * 100}).encode()

@@ -200,7 +200,8 @@ def add(total: Snapshot, more: Snapshot) -> Snapshot:
 
 @dataclass
 class Remote:
-    """The last snapshot of a process that sends them (the delivery worker). When it is
+    """The last snapshot of a process that sends them (the delivery worker, an API worker).
+    When it is
     restarted its counts start again from zero: what the dead one had counted is kept in
     `base`, so the counters the master shows never go down."""
 
@@ -215,6 +216,36 @@ class Remote:
 
     def total(self) -> Snapshot:
         return add(self.base, self.last)
+
+
+@dataclass
+class Remotes:
+    """The snapshots of a changing set of processes (the API workers): a Remote for each
+    running one, and what the ended ones counted, so the totals never go down."""
+
+    ended: Snapshot = field(default_factory=list)
+    live: list[Remote] = field(default_factory=list)
+
+    def join(self) -> Remote:
+        remote = Remote()
+        self.live.append(remote)
+        return remote
+
+    def leave(self, remote: Remote) -> None:
+        self.live = [r for r in self.live if r is not remote]  # Remotes compare by value
+        self.ended = add(self.ended, remote.total())
+
+    def total(self) -> Snapshot:
+        total = self.ended
+        for remote in self.live:
+            total = add(total, remote.total())
+        return total
+
+
+def without(total: Snapshot, part: Snapshot) -> Snapshot:
+    """`total` less `part` (a process's own counts taken out of everyone's)."""
+    return add(total, [[name, typ, doc, [[s, labels, -float(v)] for s, labels, v in samples]]
+                       for name, typ, doc, samples in part])
 
 
 @dataclass(frozen=True)
