@@ -20,7 +20,7 @@ relay logs at WARNING unless --log-level says otherwise (INFO, the default of `r
 adds an access line per request and an accept line per message).
 
 --workers N sets `[api] workers` (the master and N - 1 API worker processes on one port);
-the CPU time is then all of relay's processes', and --profile records the master only.
+the CPU time is then all of relay's processes', and --profile records each of them.
 
 Usage: python bench/api.py [--seconds 10] [--connections 32] [--only single|batch]
                            [--profile DIR] [--log-level INFO] [--workers N]
@@ -187,10 +187,14 @@ def main() -> None:
                                           ("batch", "/v1/emails/batch", batch, 100)):
                 if args.only and name != args.only:
                     continue
-                profile = None
+                spies: list[tuple[Path, subprocess.Popen[bytes]]] = []
                 if args.profile is not None:
                     args.profile.mkdir(parents=True, exist_ok=True)
-                    profile = spy(proc.pid, args.seconds, args.profile / f"{name}.txt")
+                    workers = [c for c in children(proc.pid)
+                               if b"relay.apiworker" in Path(f"/proc/{c}/cmdline").read_bytes()]
+                    for i, pid in enumerate([proc.pid, *workers]):
+                        out = args.profile / (f"{name}.txt" if i == 0 else f"{name}-api{i}.txt")
+                        spies.append((out, spy(pid, args.seconds, out)))
                 cpu = cpu_seconds(proc.pid)
                 requests, took, latency = drive(tmp, base + path, key, body, args.seconds,
                                                 args.connections)
@@ -200,9 +204,9 @@ def main() -> None:
                       f"{requests / took:.0f} requests/s, {requests * per / took:.0f} "
                       f"messages/s ({latency}); relay CPU "
                       f"{1000 * cpu / max(1, requests * per):.3f} ms/message", flush=True)
-                if profile is not None:
+                for out, profile in spies:
                     profile.wait(60)
-                    print(summary(args.profile / f"{name}.txt"), flush=True)
+                    print(f"-- {out.name}\n{summary(out)}", flush=True)
         finally:
             proc.terminate()
             proc.wait(60)

@@ -183,7 +183,7 @@ def relay(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
 
 def accepted(text: str) -> float:
     found = re.search(r'^relay_messages_accepted_total\{listener="api",source="api"\} (\S+)$',
-                      text, re.M)
+                      text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
 
 

@@ -171,7 +171,7 @@ class ApiWorkers:
                 return
             try:
                 await self._spawn(index)
-            except Exception:  # noqa: BLE001 - fork or exec failed: try again later
+            except Exception:
                 log.exception("cannot start API worker %d; trying again in %.0f s", index,
                               delay)
 

@@ -1,6 +1,6 @@
 """Prometheus metrics: what each process counts, and one exposition of them all.
 
-Each process (the master, the delivery worker) counts into REGISTRY, a CollectorRegistry of
+Each process (the master, the delivery worker, API workers) counts into REGISTRY, a CollectorRegistry of
 relay's own rather than prometheus_client's global one, so nothing a library registers there
 shows up as relay's, and nothing of relay's collides with it. The counters are module-level,
 as Prometheus instrumentation is: the places they count from (the store's writer, render,
@@ -66,7 +66,8 @@ DKIM_FAILURES = Counter("relay_dkim_failures", "DKIM trouble, by reason: key (a 
                         "the worker instead), render (a message could not be rendered and "
                         "signed; it is parked as failed)", ["reason"], registry=REGISTRY)
 COMMIT_SECONDS = Histogram("relay_store_commit_seconds", "Duration of a group commit "
-                           "(one transaction and fsync), by process (master or worker)",
+                           "(one transaction and fsync), by process (master, worker, or api: "
+                           "the API workers)",
                            ["process"], buckets=COMMIT_BUCKETS, registry=REGISTRY)
 SITE_HOLDS = Counter("relay_site_holds", "Sites held back by a remote's reply matching a "
                      "[[delivery.backoff]] rule, by site (bounded like domains) and action "
