@@ -48,13 +48,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system time of relay: the master and its child processes (API workers)."""
-    total = 0.0
+def cpu_seconds(pid: int) -> dict[int, float]:
+    """User and system time of relay by process: the master and its children (API workers)."""
+    times = {}
     for one in (pid, *children(pid)):
         fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        times[one] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return times
 
 
 def listening(port: int) -> int:
@@ -195,15 +195,20 @@ def main() -> None:
                     for i, pid in enumerate([proc.pid, *workers]):
                         out = args.profile / (f"{name}.txt" if i == 0 else f"{name}-api{i}.txt")
                         spies.append((out, spy(pid, args.seconds, out)))
-                cpu = cpu_seconds(proc.pid)
+                before = cpu_seconds(proc.pid)
                 requests, took, latency = drive(tmp, base + path, key, body, args.seconds,
                                                 args.connections)
-                cpu = cpu_seconds(proc.pid) - cpu
+                spent = {p: t - before.get(p, 0.0) for p, t in cpu_seconds(proc.pid).items()}
+                cpu = sum(spent.values())
+                # with API workers, how the kernel spread the connections shows in each share
+                shares = "" if len(spent) < 2 else " (by process: " + ", ".join(
+                    f"{100 * t / max(cpu, 1e-9):.0f} %" for t in spent.values()) + ")"
                 print(f"{name:6s} {requests} requests, {requests * per} messages, "
                       f"{args.connections} connections: {took:.2f} s = "
                       f"{requests / took:.0f} requests/s, {requests * per / took:.0f} "
                       f"messages/s ({latency}); relay CPU "
-                      f"{1000 * cpu / max(1, requests * per):.3f} ms/message", flush=True)
+                      f"{1000 * cpu / max(1, requests * per):.3f} ms/message{shares}",
+                      flush=True)
                 for out, profile in spies:
                     profile.wait(60)
                     print(f"-- {out.name}\n{summary(out)}", flush=True)
