@@ -7,6 +7,7 @@ dead worker is restarted, SIGHUP replaces the workers, a bad value is a config e
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.client
 import json
 import os
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from relay.api.app import per_process
+from relay.config import Config, LimitsConfig
 
 from .conftest import free_port, relay_cmd, run_relay
 from .sink import Sink
@@ -288,3 +292,13 @@ def test_a_bad_workers_value_is_a_config_error(tmp_path: Path, value: str) -> No
     env = run_relay("--config", str(path), "serve", timeout=30,
                     env={"RELAY_API_WORKERS": "100"})
     assert env.returncode != 0 and "api.workers: must be 1..64" in env.stderr, env.stderr
+
+
+def test_the_connection_cap_is_shared_out_and_the_per_client_cap_holds_in_each() -> None:
+    config = Config(limits=LimitsConfig(max_http_connections=2000,
+                                        max_http_connections_per_client=200))
+    assert per_process(config, 1) is config
+    shared = per_process(config, 3)
+    assert shared.limits.max_http_connections == 667  # 3 × 667 ≥ 2000, rounded up
+    assert shared.limits.max_http_connections_per_client == 200
+    assert dataclasses.replace(shared, limits=config.limits) == config
