@@ -207,6 +207,12 @@ async def restart_api_workers(service: Reloadable, new: Config) -> None:
     old = service.api_workers
     if old is None:
         return
-    service.api_workers = None
-    await service.start_api_workers(new)
+    try:
+        await service.start_api_workers(new)  # the new set becomes service.api_workers
+    except BaseException:
+        started = service.api_workers
+        if started is not None and started is not old:
+            await started.stop()  # what of the new set started
+        service.api_workers = old  # the old ones serve on
+        raise
     await old.stop()
