@@ -54,12 +54,15 @@ EMAIL = {"from": "app@example.com", "to": ["bob@example.org"], "subject": "hi",
 class Relay:
     """`relay serve` with [api] workers = 2, its log in a file, a key to send with."""
 
-    def __init__(self, tmp_path: Path, *, sink_port: int = 9, paused: bool = True) -> None:
+    def __init__(self, tmp_path: Path, *, sink_port: int = 9, paused: bool = True,
+                 store_url: str = "") -> None:
         self.api_port = free_port()
         self.config = tmp_path / "relay.toml"
         self.config.write_text(CONFIG.format(data=tmp_path / "data", smtp=free_port(),
                                              api=self.api_port, sink=sink_port,
-                                             paused=str(paused).lower()), "utf-8")
+                                             paused=str(paused).lower())
+                               + (f"[store]\nurl = '{store_url}'\n" if store_url else ""),
+                               "utf-8")
         made = run_relay("--config", str(self.config), "keys", "create", "--name", "t",
                          "--json")
         assert made.returncode == 0, made.stderr
@@ -192,9 +195,12 @@ def accepted(text: str) -> float:
 
 
 async def test_both_processes_answer_and_mail_sent_through_the_worker_goes_out_at_once(
-        relay: Callable[..., Relay]) -> None:
+        relay: Callable[..., Relay], store_url: str) -> None:
+    """On SQLite (the worker's writer takes turns with the master's by the lock) and on
+    PostgreSQL (each process its own connections)."""
     async with Sink() as sink:
-        r = await asyncio.to_thread(relay, sink_port=sink.port, paused=False)
+        r = await asyncio.to_thread(relay, sink_port=sink.port, paused=False,
+                                    store_url=store_url)
         conns = await asyncio.to_thread(r.one_of_each)
         waits = []
         for i in range(7):
