@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -308,3 +309,45 @@ def test_the_connection_cap_is_shared_out_and_the_per_client_cap_holds_in_each()
     assert shared.limits.max_http_connections == 667  # 3 × 667 ≥ 2000, rounded up
     assert shared.limits.max_http_connections_per_client == 200
     assert dataclasses.replace(shared, limits=config.limits) == config
+
+
+def test_a_reload_under_load_fails_no_request(relay: Callable[..., Relay]) -> None:
+    """The old worker's answers say `Connection: close` once it stops serving, and it gives
+    its clients a moment to go: none sends a request down a connection being closed."""
+    r = relay()
+    stop = threading.Event()
+    done, failed = [0], []
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", r.api_port, timeout=10)
+        while not stop.is_set():
+            try:
+                conn.request("GET", "/healthz")
+                resp = conn.getresponse()
+                resp.read()
+                assert resp.status == 200
+                done[0] += 1
+            except (OSError, http.client.HTTPException) as exc:
+                failed.append(repr(exc))
+                conn.close()
+        conn.close()
+
+    clients = [threading.Thread(target=client) for _ in range(12)]
+    for t in clients:
+        t.start()
+    first = r.config.read_text("utf-8")
+    try:
+        for i in range(2):
+            (old,) = r.workers()
+            r.config.write_text(first + f"concurrency = {50 + i}\n", "utf-8")  # in [delivery]
+            r.proc.send_signal(signal.SIGHUP)
+            r.wait_for(lambda old=old: not alive(old) and len(r.workers()) == 1,
+                       "the old worker gone, a new one running")
+            r.wait_for(lambda i=i: len(LISTENING.findall(r.log())) == 2 + i,
+                       "the new worker listening")
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(15)
+    assert done[0] > 100
+    assert failed == []

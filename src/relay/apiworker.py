@@ -7,9 +7,9 @@ SQLite the writers of every process take turns by the store's WriteLock), its ow
 Submitter, the same app behind the same connection guard; a 202 still comes after the
 commit. What only the master has comes over three pipes (apiworkers.py holds the other ends):
 
-- wake, to the master: a byte after commits of new mail (at most one a turn of the loop),
-  so that the master wakes what `Submitter.on_queued` wakes there (the delivery worker, the
-  webhook dispatcher) as promptly as for its own API's mail;
+- wake, to the master: READY once it listens, then a byte after commits of new mail (at
+  most one a turn of the loop), so that the master wakes what `Submitter.on_queued` wakes
+  there (the delivery worker, the webhook dispatcher) as promptly as for its own API's mail;
 - metrics, to the master: this process's counts every second (delivery/metricspipe.py);
 - feed, from the master: every second a line with everyone else's counts (the master's,
   the delivery worker's, the other API workers') and the master's readiness checks
@@ -31,9 +31,11 @@ import sys
 import time
 from dataclasses import dataclass
 
+from aiohttp import web
+
 from . import logs, metrics
 from .aio import run_loop
-from .api.app import make_app, per_process
+from .api.app import CONNECTIONS, DRAINING, make_app, per_process
 from .api.app import serve as serve_app
 from .api.health import Check
 from .api.metrics import SCRAPE
@@ -47,6 +49,8 @@ from .submit import Submitter
 log = logging.getLogger("relay.apiworker")  # not __main__: it runs as `python -m`
 
 STALE = 5.0  # seconds without a feed line before /readyz says the master is not answering
+READY = b"R"  # on the wake pipe, once: listening (a wake is any other byte)
+GRACE = 2.0  # seconds a stopping worker gives its clients to take their connections elsewhere
 
 
 @dataclass(frozen=True)
@@ -138,17 +142,31 @@ async def serve(args: ApiWorkerArgs, wake_fd: int, metrics_fd: int, feed_fd: int
         tasks.append(listening)
         log.info("API worker %d (pid %d) on %s:%s", args.index, os.getpid(), api.address,
                  args.port)
+        os.write(wake_fd, READY)  # the first byte on a fresh pipe: never blocks
         gc.freeze()  # as `relay serve` does: start-up's objects out of the collector's sight
         await stop.wait()
     finally:
+        app[DRAINING].on = True  # every answer from now on closes its connection
         if server is not None:
             server.close()  # no new connections; the runner finishes the open ones' requests
+            await _quiet(app, GRACE)
         if runner is not None:
             await runner.cleanup()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await store.close()
+
+
+async def _quiet(app: web.Application, grace: float) -> None:
+    """Wait up to `grace` seconds for the clients to go: a busy connection's next answer
+    says `Connection: close`, and its client takes its next request to another process.
+    What is left then (an idle connection) is closed by the runner; a client that sends on
+    it at that very moment sees the connection close, as with any HTTP server."""
+    guard = app[CONNECTIONS]
+    deadline = asyncio.get_running_loop().time() + grace
+    while guard.open_connections and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from . import metrics
 from .api.health import Check
-from .apiworker import ApiWorkerArgs, feed_line
+from .apiworker import READY, ApiWorkerArgs, feed_line
 from .config import Config
 from .delivery import metricspipe
 from .delivery.child import signal_name
@@ -32,6 +32,7 @@ RESTART_DELAY = 1.0
 RESTART_MAX = 30.0
 STEADY = 60.0
 FEED_FRESH = 0.5  # seconds a sum of everyone's counts serves the workers' feed lines
+READY_TIMEOUT = 30.0  # seconds for a new worker to listen before start() goes on without
 STOP_TIMEOUT = 70.0  # aiohttp gives open requests 60 s to finish
 
 
@@ -46,6 +47,7 @@ class _Child:
         self.started = time.monotonic()
         self.tasks: list[asyncio.Task[None]] = []
         self.ended = False
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
 class ApiWorkers:
@@ -72,10 +74,24 @@ class ApiWorkers:
         return [c.proc.pid for c in self._children.values() if c.proc.returncode is None]
 
     async def start(self) -> None:
+        """Start the workers; return once each listens (or has failed to, or READY_TIMEOUT
+        passed): a reload stops the old ones only then, so capacity never dips."""
         indexes = range(1, self._config.api.workers)
         await asyncio.gather(*(self._spawn(i) for i in indexes))
         self._supervisors = [asyncio.create_task(self._supervise(i), name=f"api-worker-{i}")
                              for i in indexes]
+        await asyncio.gather(*(self._listening(c) for c in list(self._children.values())))
+
+    async def _listening(self, child: _Child) -> None:
+        exited = asyncio.ensure_future(child.proc.wait())
+        try:
+            await asyncio.wait([child.ready, exited], timeout=READY_TIMEOUT,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if not child.ready.done():
+            log.warning("API worker pid %d is not listening after %.0f s", child.proc.pid,
+                        READY_TIMEOUT)
 
     async def _spawn(self, index: int) -> None:
         wake_r, wake_w = os.pipe()
@@ -118,6 +134,8 @@ class ApiWorkers:
             data = os.read(child.wake_r, 4096)
         except BlockingIOError:
             return
+        if READY in data and not child.ready.done():
+            child.ready.set_result(None)
         if data:
             self._on_wake()
         else:  # the worker is gone; its end is closed

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from . import metrics
 from .api import metrics as api_metrics
-from .api.app import make_app, per_process
+from .api.app import DRAINING, make_app, per_process
 from .api.app import serve as serve_app
 from .api.health import Check
 from .apiworkers import ApiWorkers
@@ -199,6 +199,8 @@ class Service:
         if self.api_workers is not None:  # first: they drain while the master's API still serves
             await self.api_workers.stop()
             self.api_workers = None
+        if self.api_runner is not None:
+            self.api_runner.app[DRAINING].on = True
         if self.api_server is not None:
             self.api_server.close()  # no new connections; the runner closes the open ones
             self.api_server = None

@@ -57,7 +57,16 @@ from .templates import CreateTemplate, TemplatesApi, UpdateTemplate
 
 log = logging.getLogger(__name__)
 
+class Draining:
+    """Set when the process stops serving: answers from then on say `Connection: close`, so
+    that a client does not send its next request down a connection about to be closed
+    (aiohttp finishes the requests in progress, then closes every connection)."""
+
+    on = False
+
+
 BODY_LIMIT = web.AppKey("body_limit", int)
+DRAINING = web.AppKey("draining", Draining)
 CONNECTIONS = web.AppKey("connections", ConnectionGuard)  # serve with its protocol_factory
 CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection
 
@@ -77,6 +86,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = request_id(given)
     response = await _answer(request, handler)
     response.headers["X-Request-Id"] = request[REQUEST_ID]
+    if request.app[DRAINING].on:
+        response.force_close()
     return response
 
 
@@ -146,6 +157,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter, *,
                                        accesslog.middleware(config.log.access_log), errors],
                           client_max_size=body_limit(config))
     app[BODY_LIMIT] = body_limit(config)
+    app[DRAINING] = Draining()
     app[CONNECTIONS] = guard
     app.add_routes(NativeApi(config, store, submitter).routes())
     app.add_routes(ManageApi(store).routes())

@@ -200,10 +200,9 @@ async def restart_delivery(service: Reloadable, old: Config, new: Config) -> Non
 
 
 async def restart_api_workers(service: Reloadable, new: Config) -> None:
-    """New API workers on the new config first, then the old ones drained: each stops
-    accepting and finishes the requests it has. (A connection the kernel had queued on an
-    old worker's socket but that worker had not yet accepted when it closed is reset: the
-    client sees a refused request, never a lost message.)"""
+    """New API workers on the new config first (listening), then the old ones drained:
+    each stops accepting, tells its clients to go (`Connection: close`), finishes the
+    requests it has (apiworker.py). If the new ones cannot start, the old ones serve on."""
     old = service.api_workers
     if old is None:
         return
