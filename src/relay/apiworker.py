@@ -91,7 +91,7 @@ class Feed:
     def update(self, line: bytes) -> None:
         try:
             data = json.loads(line)
-            others = metrics.parse_snapshot(json.dumps(data["others"]))
+            others = metrics.checked_snapshot(data["others"])
             checks = [Check(str(n), bool(ok), str(d)) for n, ok, d in data["checks"]]
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("the master sent a feed line that is not one: %s", exc)

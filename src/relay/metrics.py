@@ -292,7 +292,11 @@ def exposition(gauges: Gauges, remotes: Iterable[Snapshot] = ()) -> bytes:
 def parse_snapshot(data: bytes | str) -> Snapshot:
     """A snapshot as `snapshot()` made it, checked: a bad one raises ValueError, so it can
     never break the exposition."""
-    snap = json.loads(data)
+    return checked_snapshot(json.loads(data))
+
+
+def checked_snapshot(snap: Any) -> Snapshot:
+    """A snapshot read from JSON (`parse_snapshot`, or within a larger JSON line), checked."""
     if not isinstance(snap, list):
         raise ValueError("a snapshot is a list")  # noqa: TRY004 - callers catch ValueError
     for family in snap:
