@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 
 from relay.api.app import per_process
+from relay.api.health import Check
+from relay.apiworker import STALE, Feed, feed_line
 from relay.config import Config, LimitsConfig
 
 from .conftest import free_port, relay_cmd, run_relay
@@ -351,3 +353,17 @@ def test_a_reload_under_load_fails_no_request(relay: Callable[..., Relay]) -> No
             t.join(15)
     assert done[0] > 100
     assert failed == []
+
+
+def test_a_worker_repeats_the_masters_checks_and_fails_master_when_it_is_silent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    feed = Feed()
+    assert [(c.name, c.ok) for c in feed.checks()] == [("master", False)]
+    checks = [Check("delivery", True, "worker pid 7 running"), Check("listeners", True, "1")]
+    feed.update(feed_line([["relay_x", "counter", "x", [["relay_x_total", {}, 2.0]]]], checks))
+    feed.update(b'{"others": "not a snapshot", "checks": []}\n')  # ignored, logged
+    assert feed.checks() == checks
+    assert feed.others.total()[0][3] == [["relay_x_total", {}, 2.0]]
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + STALE + 1)
+    assert [(c.name, c.ok) for c in feed.checks()] == [("master", False)]
