@@ -19,8 +19,11 @@ and prints the functions that take the most of it, inclusive.
 relay logs at WARNING unless --log-level says otherwise (INFO, the default of `relay serve`,
 adds an access line per request and an accept line per message).
 
+--workers N sets `[api] workers` (the master and N - 1 API worker processes on one port);
+the CPU time is then all of relay's processes', and --profile records each of them.
+
 Usage: python bench/api.py [--seconds 10] [--connections 32] [--only single|batch]
-                           [--profile DIR] [--log-level INFO]
+                           [--profile DIR] [--log-level INFO] [--workers N]
 """
 
 from __future__ import annotations
@@ -46,9 +49,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int) -> dict[int, float]:
+    """User and system time of relay by process: the master and its children (API workers)."""
+    times = {}
+    for one in (pid, *children(pid)):
+        fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        times[one] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return times
+
+
+def listening(port: int) -> int:
+    """How many sockets listen on the TCP port (one a process serving the API)."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for r in rows if r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 EMAIL = {"from": "Alice <alice@example.com>", "to": ["bob@example.org"],
@@ -111,6 +131,8 @@ def main() -> None:
     ap.add_argument("--only", choices=("single", "batch"))
     ap.add_argument("--profile", type=Path, metavar="DIR")
     ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="[api] workers: processes serving the API (the master and N - 1 more)")
     args = ap.parse_args()
     ensure_wrk()
     with tempfile.TemporaryDirectory(prefix="bench-api-") as t:
@@ -119,7 +141,8 @@ def main() -> None:
         conf = tmp / "relay.toml"
         conf.write_text(f"[server]\nhostname = 'relay.bench'\ndata_dir = '{tmp / 'data'}'\n"
                         f"[[smtp.listeners]]\nport = {free_port()}\n"
-                        f"[api]\nport = {port}\n[delivery]\npaused = true\n")
+                        f"[api]\nport = {port}\nworkers = {args.workers}\n"
+                        f"[delivery]\npaused = true\n")
         made = subprocess.run([sys.executable, "-m", "relay.cli", "--config", str(conf), "keys",
                                "create", "--name", "bench", "--json"],
                               check=True, capture_output=True, text=True)
@@ -133,14 +156,10 @@ def main() -> None:
                                 stdout=subprocess.DEVNULL, stderr=log)
         try:
             deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("relay did not start") from None
-                    time.sleep(0.05)
+            while listening(port) < args.workers:  # the master's socket, then the workers'
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit("relay did not start")
+                time.sleep(0.05)
             base = f"http://127.0.0.1:{port}"
             single = json.dumps(EMAIL).encode()
             batch = json.dumps({"emails": [EMAIL] * 100}).encode()
@@ -148,22 +167,31 @@ def main() -> None:
                                           ("batch", "/v1/emails/batch", batch, 100)):
                 if args.only and name != args.only:
                     continue
-                profile = None
+                spies: list[tuple[Path, subprocess.Popen[bytes]]] = []
                 if args.profile is not None:
                     args.profile.mkdir(parents=True, exist_ok=True)
-                    profile = spy(proc.pid, args.seconds, args.profile / f"{name}.txt")
-                cpu = cpu_seconds(proc.pid)
+                    workers = [c for c in children(proc.pid)
+                               if b"relay.apiworker" in Path(f"/proc/{c}/cmdline").read_bytes()]
+                    for i, pid in enumerate([proc.pid, *workers]):
+                        out = args.profile / (f"{name}.txt" if i == 0 else f"{name}-api{i}.txt")
+                        spies.append((out, spy(pid, args.seconds, out)))
+                before = cpu_seconds(proc.pid)
                 requests, took, latency = drive(tmp, base + path, key, body, args.seconds,
                                                 args.connections)
-                cpu = cpu_seconds(proc.pid) - cpu
+                spent = {p: t - before.get(p, 0.0) for p, t in cpu_seconds(proc.pid).items()}
+                cpu = sum(spent.values())
+                # with API workers, how the kernel spread the connections shows in each share
+                shares = "" if len(spent) < 2 else " (by process: " + ", ".join(
+                    f"{100 * t / max(cpu, 1e-9):.0f} %" for t in spent.values()) + ")"
                 print(f"{name:6s} {requests} requests, {requests * per} messages, "
                       f"{args.connections} connections: {took:.2f} s = "
                       f"{requests / took:.0f} requests/s, {requests * per / took:.0f} "
                       f"messages/s ({latency}); relay CPU "
-                      f"{1000 * cpu / max(1, requests * per):.3f} ms/message", flush=True)
-                if profile is not None:
+                      f"{1000 * cpu / max(1, requests * per):.3f} ms/message{shares}",
+                      flush=True)
+                for out, profile in spies:
                     profile.wait(60)
-                    print(summary(args.profile / f"{name}.txt"), flush=True)
+                    print(f"-- {out.name}\n{summary(out)}", flush=True)
         finally:
             proc.terminate()
             proc.wait(60)

@@ -26,8 +26,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("relay.delivery",),  # scheduler, render, DKIM, outbound SMTP, worker processes
     ("relay.smtp",),  # the listeners (inbound reports go to feedback)
     ("relay.api",),  # the JSON APIs
-    # sending domains' management; the pruner; the wiring (and its lifecycle: health, reload)
-    ("relay.domains", "relay.retention", "relay.service", "relay.lifecycle"),
+    # sending domains' management; the pruner; the wiring (and its lifecycle: health, reload;
+    # the API's worker processes)
+    ("relay.domains", "relay.retention", "relay.service", "relay.lifecycle",
+     "relay.apiworker", "relay.apiworkers"),
     ("relay.cli",),  # the command
 )
 

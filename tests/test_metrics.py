@@ -423,3 +423,35 @@ async def test_counters_survive_a_restart_of_the_worker(tmp_path: Path, dns: DNS
         finally:
             await svc.stop()
     assert len(sink.delivered_to("bob@example.org")) == 2
+
+
+def _counter(value: float, labels: dict[str, str] | None = None) -> metrics.Snapshot:
+    return [["relay_x", "counter", "x", [["relay_x_total", labels or {}, value]]]]
+
+
+def _value(snap: metrics.Snapshot) -> float:
+    (family,) = snap
+    return sum(v for _, _, v in family[3])
+
+
+def test_remotes_keep_what_an_ended_process_counted_and_tell_equal_ones_apart() -> None:
+    """The API workers' counts: a worker that ends leaves its counts in the total, and the
+    one that leaves is the one given, though another has counted the same (Remote compares
+    by value)."""
+    remotes = metrics.Remotes()
+    first, second = remotes.join(), remotes.join()
+    first.update(_counter(3))
+    second.update(_counter(3))
+    remotes.leave(second)
+    assert remotes.live == [first] and remotes.live[0] is first
+    first.update(_counter(5))
+    assert _value(remotes.total()) == 8
+    remotes.leave(first)
+    assert _value(remotes.total()) == 8 and remotes.live == []
+
+
+def test_without_takes_one_process_out_of_everyones_counts() -> None:
+    everyone = metrics.add(_counter(7, {"a": "1"}), _counter(2, {"a": "2"}))
+    others = metrics.without(everyone, _counter(4, {"a": "1"}))
+    (family,) = others
+    assert sorted((labels["a"], v) for _, labels, v in family[3]) == [("1", 3.0), ("2", 2.0)]

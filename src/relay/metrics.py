@@ -1,6 +1,6 @@
 """Prometheus metrics: what each process counts, and one exposition of them all.
 
-Each process (the master, the delivery worker) counts into REGISTRY, a CollectorRegistry of
+Each process (the master, the delivery worker, API workers) counts into REGISTRY, a CollectorRegistry of
 relay's own rather than prometheus_client's global one, so nothing a library registers there
 shows up as relay's, and nothing of relay's collides with it. The counters are module-level,
 as Prometheus instrumentation is: the places they count from (the store's writer, render,
@@ -66,7 +66,8 @@ DKIM_FAILURES = Counter("relay_dkim_failures", "DKIM trouble, by reason: key (a 
                         "the worker instead), render (a message could not be rendered and "
                         "signed; it is parked as failed)", ["reason"], registry=REGISTRY)
 COMMIT_SECONDS = Histogram("relay_store_commit_seconds", "Duration of a group commit "
-                           "(one transaction and fsync), by process (master or worker)",
+                           "(one transaction and fsync), by process (master, worker, or api: "
+                           "the API workers)",
                            ["process"], buckets=COMMIT_BUCKETS, registry=REGISTRY)
 SITE_HOLDS = Counter("relay_site_holds", "Sites held back by a remote's reply matching a "
                      "[[delivery.backoff]] rule, by site (bounded like domains) and action "
@@ -200,7 +201,8 @@ def add(total: Snapshot, more: Snapshot) -> Snapshot:
 
 @dataclass
 class Remote:
-    """The last snapshot of a process that sends them (the delivery worker). When it is
+    """The last snapshot of a process that sends them (the delivery worker, an API worker).
+    When it is
     restarted its counts start again from zero: what the dead one had counted is kept in
     `base`, so the counters the master shows never go down."""
 
@@ -215,6 +217,36 @@ class Remote:
 
     def total(self) -> Snapshot:
         return add(self.base, self.last)
+
+
+@dataclass
+class Remotes:
+    """The snapshots of a changing set of processes (the API workers): a Remote for each
+    running one, and what the ended ones counted, so the totals never go down."""
+
+    ended: Snapshot = field(default_factory=list)
+    live: list[Remote] = field(default_factory=list)
+
+    def join(self) -> Remote:
+        remote = Remote()
+        self.live.append(remote)
+        return remote
+
+    def leave(self, remote: Remote) -> None:
+        self.live = [r for r in self.live if r is not remote]  # Remotes compare by value
+        self.ended = add(self.ended, remote.total())
+
+    def total(self) -> Snapshot:
+        total = self.ended
+        for remote in self.live:
+            total = add(total, remote.total())
+        return total
+
+
+def without(total: Snapshot, part: Snapshot) -> Snapshot:
+    """`total` less `part` (a process's own counts taken out of everyone's)."""
+    return add(total, [[name, typ, doc, [[s, labels, -float(v)] for s, labels, v in samples]]
+                       for name, typ, doc, samples in part])
 
 
 @dataclass(frozen=True)
@@ -260,7 +292,11 @@ def exposition(gauges: Gauges, remotes: Iterable[Snapshot] = ()) -> bytes:
 def parse_snapshot(data: bytes | str) -> Snapshot:
     """A snapshot as `snapshot()` made it, checked: a bad one raises ValueError, so it can
     never break the exposition."""
-    snap = json.loads(data)
+    return checked_snapshot(json.loads(data))
+
+
+def checked_snapshot(snap: Any) -> Snapshot:
+    """A snapshot read from JSON (`parse_snapshot`, or within a larger JSON line), checked."""
     if not isinstance(snap, list):
         raise ValueError("a snapshot is a list")  # noqa: TRY004 - callers catch ValueError
     for family in snap:

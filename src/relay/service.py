@@ -14,8 +14,10 @@ from aiohttp import web
 
 from . import metrics
 from .api import metrics as api_metrics
-from .api.app import CONNECTIONS, make_app
+from .api.app import DRAINING, make_app, per_process
+from .api.app import serve as serve_app
 from .api.health import Check
+from .apiworkers import ApiWorkers
 from .config import Config, ListenerConfig
 from .datadir import DataDirLock
 from .delivery.keycheck import check_signing_keys
@@ -60,6 +62,8 @@ class Service:
     lock: DataDirLock = field(init=False)
     pruner: Pruner | None = field(init=False, default=None)  # [retention], every interval
     worker_metrics: metrics.Remote = field(init=False, default_factory=metrics.Remote)
+    api_workers: ApiWorkers | None = field(init=False, default=None)  # [api] workers > 1
+    api_metrics: metrics.Remotes = field(init=False, default_factory=metrics.Remotes)
     metrics_runner: web.AppRunner | None = field(init=False, default=None)
     metrics_bound: tuple[str, int] | None = None  # (address, port) of [metrics] address
     _checks: readiness.SharedChecks | None = field(init=False, default=None)
@@ -116,6 +120,7 @@ class Service:
                 await self._start_delivery()
             self.pruner = Pruner(self.config.retention, self.store)
             self.pruner.start()
+            await self.start_api_workers(self.config)
         except BaseException:
             await self.stop()
             raise
@@ -124,17 +129,13 @@ class Service:
         api = self.config.api
         if not api.enabled:
             return
-        app = make_app(self.config, self.store, self.submitter, readiness=self.readiness)
-        self.api_runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self.api_runner.setup()
-        assert self.api_runner.server is not None
-        # aiohttp's protocol factory behind the connection guard (caps and read deadlines),
-        # on a server of our own rather than a TCPSite, which would serve it unguarded
-        factory = app[CONNECTIONS].protocol_factory(self.api_runner.server)
+        workers = api.workers
+        config = per_process(self.config, workers)
+        app = make_app(config, self.store, self.submitter, readiness=self.readiness)
         try:
-            self.api_server = await asyncio.get_running_loop().create_server(
-                factory, api.address, api.port, reuse_address=True,
-                backlog=min(self.config.limits.max_http_connections, 4096))
+            self.api_runner, self.api_server = await serve_app(
+                app, api.address, api.port, reuse_port=workers > 1,
+                backlog=min(config.limits.max_http_connections, 4096))
         except OSError as exc:
             raise ConfigError(self.config.source, "api.port",
                               f"cannot listen on {api.address}:{api.port}: "
@@ -143,10 +144,27 @@ class Service:
         self.api_bound = self.api_server.sockets[0].getsockname()[:2]
         log.info("HTTP API on %s:%s", *self.api_bound)
 
+    async def start_api_workers(self, config: Config) -> None:
+        """The API's other processes (`[api] workers` - 1 of them) on the port it bound; a
+        reload starts a new set with its config, then stops the old one (lifecycle/reload)."""
+        if self.api_bound is None or config.api.workers <= 1:
+            return
+        self.api_workers = ApiWorkers(
+            config, self.api_bound[1], remotes=self.api_metrics, others=self.counts,
+            on_wake=self.submitter.notify_queued,
+            checks=lambda: readiness.master_checks(self))
+        await self.api_workers.start()
+
+    def counts(self) -> metrics.Snapshot:
+        """Every process's counts: the master's, the delivery worker's, the API workers'."""
+        return metrics.add(metrics.add(metrics.snapshot(), self.worker_metrics.total()),
+                           self.api_metrics.total())
+
     async def _start_metrics(self) -> None:
         app = self.api_runner.app if self.api_runner is not None else None
         scrape = app[api_metrics.SCRAPE] if app is not None else api_metrics.Scrape(self.store)
         scrape.remotes.append(self.worker_metrics)
+        scrape.remotes.append(self.api_metrics)
         own = await api_metrics.serve_own(self.config, self.store, scrape)
         if own is not None:
             self.metrics_runner, self.metrics_bound = own
@@ -168,7 +186,8 @@ class Service:
     async def readiness(self) -> list[Check]:
         """For `/readyz`: the store takes a write, delivery runs, every listener is bound."""
         if self._checks is None:
-            self._checks = readiness.SharedChecks(self)
+            self._checks = readiness.SharedChecks(
+                self.store, lambda: readiness.master_checks(self))
         return await self._checks()
 
     async def stop(self) -> None:
@@ -177,6 +196,11 @@ class Service:
             self.pruner = None
         for server in self.servers:
             server.close()
+        if self.api_workers is not None:  # first: they drain while the master's API still serves
+            await self.api_workers.stop()
+            self.api_workers = None
+        if self.api_runner is not None:
+            self.api_runner.app[DRAINING].on = True
         if self.api_server is not None:
             self.api_server.close()  # no new connections; the runner closes the open ones
             self.api_server = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 from typing import Any
 
@@ -55,7 +57,16 @@ from .templates import CreateTemplate, TemplatesApi, UpdateTemplate
 
 log = logging.getLogger(__name__)
 
+class Draining:
+    """Set when the process stops serving: answers from then on say `Connection: close`, so
+    that a client does not send its next request down a connection about to be closed
+    (aiohttp finishes the requests in progress, then closes every connection)."""
+
+    on = False
+
+
 BODY_LIMIT = web.AppKey("body_limit", int)
+DRAINING = web.AppKey("draining", Draining)
 CONNECTIONS = web.AppKey("connections", ConnectionGuard)  # serve with its protocol_factory
 CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection
 
@@ -75,6 +86,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = request_id(given)
     response = await _answer(request, handler)
     response.headers["X-Request-Id"] = request[REQUEST_ID]
+    if request.app[DRAINING].on:
+        response.force_close()
     return response
 
 
@@ -144,6 +157,7 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter, *,
                                        accesslog.middleware(config.log.access_log), errors],
                           client_max_size=body_limit(config))
     app[BODY_LIMIT] = body_limit(config)
+    app[DRAINING] = Draining()
     app[CONNECTIONS] = guard
     app.add_routes(NativeApi(config, store, submitter).routes())
     app.add_routes(ManageApi(store).routes())
@@ -168,6 +182,38 @@ def make_app(config: Config, store: SQLiteStore, submitter: Submitter, *,
     app.add_routes(HealthRoutes(readiness).routes())
     auth.check_routes(app)
     return app
+
+
+def per_process(config: Config, processes: int) -> Config:
+    """The config one of `processes` API processes serves with: the cap on open connections
+    (max_http_connections) shared out among them, so that together they hold no more than it
+    says; the cap per client holds in each (a client's connections are spread over them)."""
+    if processes <= 1:
+        return config
+    limits = config.limits
+    share = -(-limits.max_http_connections // processes)
+    return dataclasses.replace(config, limits=dataclasses.replace(
+        limits, max_http_connections=share))
+
+
+async def serve(app: web.Application, address: str, port: int, *, backlog: int,
+                reuse_port: bool = False
+                ) -> tuple[web.AppRunner, asyncio.base_events.Server]:
+    """The app on a server of its own: aiohttp's protocol factory behind the connection
+    guard (caps and read deadlines), rather than a TCPSite, which would serve it unguarded.
+    `reuse_port`: several processes serve the port (SO_REUSEPORT). Raises OSError."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    assert runner.server is not None
+    factory = app[CONNECTIONS].protocol_factory(runner.server)
+    try:
+        server = await asyncio.get_running_loop().create_server(
+            factory, address, port, reuse_address=True, reuse_port=reuse_port,
+            backlog=backlog)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, server
 
 
 async def openapi_handler(request: web.Request) -> web.Response:

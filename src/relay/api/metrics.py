@@ -46,7 +46,8 @@ class Scrape:
         self._lock = asyncio.Lock()
         self._gauges: metrics.Gauges | None = None
         self._at = 0.0
-        self.remotes: list[metrics.Remote] = []  # the delivery worker's, when it has one
+        # the delivery worker's, the API workers': anything with the total of its counts
+        self.remotes: list[metrics.Remote | metrics.Remotes] = []
 
     async def gauges(self) -> metrics.Gauges:
         async with self._lock:  # concurrent scrapes share one query

@@ -48,6 +48,7 @@ DELIVERY_TLS = ("opportunistic", "require", "none")
 SMARTHOST_TLS = ("starttls", "implicit", "none")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_API_WORKERS = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +82,8 @@ class ApiConfig:
     address: str = field(default="127.0.0.1", metadata=meta(check_address))
     port: int = field(default=8025, metadata=meta(check_port))
     public_url: str = "http://127.0.0.1:8025"
+    # processes serving the API on one port (SO_REUSEPORT): the master and workers - 1 more
+    workers: int = field(default=1, metadata=meta(at_most(MAX_API_WORKERS)))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,6 +5,7 @@ SMTP listener is bound."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 from ..api.health import Check
@@ -38,8 +39,9 @@ class SharedChecks:
 
     FRESH = 1.0
 
-    def __init__(self, parts: Parts) -> None:
-        self._parts = parts
+    def __init__(self, store: SQLiteStore, rest: Callable[[], list[Check]]) -> None:
+        self._store = store
+        self._rest = rest  # the checks that follow the store's (the master's: delivery, listeners)
         self._probe: asyncio.Task[Check] | None = None
         self._done_at = 0.0
 
@@ -47,11 +49,17 @@ class SharedChecks:
         loop = asyncio.get_running_loop()
         probe = self._probe
         if probe is None or (probe.done() and loop.time() - self._done_at > self.FRESH):
-            probe = self._probe = loop.create_task(check_store(self._parts.store),
+            probe = self._probe = loop.create_task(check_store(self._store),
                                                    name="readiness-store")
             probe.add_done_callback(lambda _: setattr(self, "_done_at", loop.time()))
         store = await asyncio.shield(probe)
-        return [store, check_delivery(self._parts), check_listeners(self._parts)]
+        return [store, *self._rest()]
+
+
+def master_checks(parts: Parts) -> list[Check]:
+    """What only the master knows: whether delivery runs and its SMTP listeners are bound
+    (an API worker process answers these as the master last told it)."""
+    return [check_delivery(parts), check_listeners(parts)]
 
 
 async def check_store(store: SQLiteStore) -> Check:

@@ -13,7 +13,9 @@ relay goes on with the config it has. Then:
   retried, never lost);
 - delivery: a new worker starts (without voiding leases) and the old one gets SIGTERM and
   finishes the sessions it has within the scheduler's grace; what it leased stays leased,
-  so the new worker never takes the same recipient meanwhile.
+  so the new worker never takes the same recipient meanwhile;
+- API workers (`[api] workers` > 1): new ones start on the new config, the old ones finish
+  the requests they have and stop. The master's own API keeps the config it started with.
 
 What cannot change in a running process (where it listens, the data dir, the API server,
 delivery in a process or not) is kept as it was, with a warning that it takes effect at
@@ -29,6 +31,7 @@ from typing import Protocol
 
 from .. import config as config_mod
 from .. import logs, metrics
+from ..apiworkers import ApiWorkers
 from ..config import Config, ListenerConfig
 from ..delivery.scheduler import Scheduler
 from ..delivery.stack import delivery_stack
@@ -68,6 +71,9 @@ class Reloadable(Protocol):
     worker: WorkerProcess | None
     worker_metrics: metrics.Remote
     pruner: Pruner | None
+    api_workers: ApiWorkers | None
+
+    async def start_api_workers(self, config: Config) -> None: ...
 
 
 async def reload(service: Reloadable) -> bool:
@@ -102,6 +108,7 @@ async def reload(service: Reloadable) -> bool:
     service.config = new
     if new != old:
         await restart_delivery(service, old, new)
+        await restart_api_workers(service, new)
     log.info("reloaded %s", new.source)
     return True
 
@@ -190,3 +197,21 @@ async def restart_delivery(service: Reloadable, old: Config, new: Config) -> Non
     if old_scheduler is not None:
         service.submitter.on_queued.remove(old_scheduler.notify)
         await old_scheduler.stop()
+
+
+async def restart_api_workers(service: Reloadable, new: Config) -> None:
+    """New API workers on the new config first (listening), then the old ones drained:
+    each stops accepting, tells its clients to go (`Connection: close`), finishes the
+    requests it has (apiworker.py). If the new ones cannot start, the old ones serve on."""
+    old = service.api_workers
+    if old is None:
+        return
+    try:
+        await service.start_api_workers(new)  # the new set becomes service.api_workers
+    except BaseException:
+        started = service.api_workers
+        if started is not None and started is not old:
+            await started.stop()  # what of the new set started
+        service.api_workers = old  # the old ones serve on
+        raise
+    await old.stop()

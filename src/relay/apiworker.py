@@ -1,0 +1,184 @@
+"""An API worker: one more process serving the HTTP API on the master's port, for
+`[api] workers` > 1 (the master serves it too; the kernel spreads connections over the
+processes by SO_REUSEPORT).
+
+It has what the master's API has: its own store connection and group-commit writer (on
+SQLite the writers of every process take turns by the store's WriteLock), its own
+Submitter, the same app behind the same connection guard; a 202 still comes after the
+commit. What only the master has comes over three pipes (apiworkers.py holds the other ends):
+
+- wake, to the master: READY once it listens, then a byte after commits of new mail (at
+  most one a turn of the loop), so that the master wakes what `Submitter.on_queued` wakes
+  there (the delivery worker, the webhook dispatcher) as promptly as for its own API's mail;
+- metrics, to the master: this process's counts every second (delivery/metricspipe.py);
+- feed, from the master: every second a line with everyone else's counts (the master's,
+  the delivery worker's, the other API workers') and the master's readiness checks
+  (delivery, SMTP listeners), so `/metrics` and `/readyz` answer here as there. Its EOF
+  means the master is gone: the worker stops (and on Linux the kernel kills it at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import os
+import pickle
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from . import logs, metrics
+from .aio import run_loop
+from .api.app import CONNECTIONS, DRAINING, make_app, per_process
+from .api.app import serve as serve_app
+from .api.health import Check
+from .api.metrics import SCRAPE
+from .config import Config
+from .delivery import metricspipe
+from .delivery.child import die_with_parent, ignore_hangup
+from .lifecycle.readiness import SharedChecks
+from .store import store_for
+from .submit import Submitter
+
+log = logging.getLogger("relay.apiworker")  # not __main__: it runs as `python -m`
+
+STALE = 5.0  # seconds without a feed line before /readyz says the master is not answering
+READY = b"R"  # on the wake pipe, once: listening (a wake is any other byte)
+GRACE = 2.0  # seconds a stopping worker gives its clients to take their connections elsewhere
+
+
+@dataclass(frozen=True)
+class ApiWorkerArgs:
+    config: Config
+    port: int  # the port the master bound (the config's may be 0)
+    index: int  # 1 .. workers - 1, for the log
+
+
+class Waker:
+    """`Submitter.on_queued` here: one byte to the master a turn of the loop at most, however
+    many requests committed in it; never blocks (a full pipe already says "wake up")."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._pending = False
+
+    def __call__(self) -> None:
+        if not self._pending:
+            self._pending = True
+            asyncio.get_running_loop().call_soon(self._write)
+
+    def _write(self) -> None:
+        self._pending = False
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self._fd, b"\0")
+
+
+class Feed:
+    """What the master last said: everyone else's counts and its own checks."""
+
+    def __init__(self) -> None:
+        self.others = metrics.Remote()
+        self._checks: list[Check] = []
+        self._at: float | None = None
+
+    def update(self, line: bytes) -> None:
+        try:
+            data = json.loads(line)
+            others = metrics.checked_snapshot(data["others"])
+            checks = [Check(str(n), bool(ok), str(d)) for n, ok, d in data["checks"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("the master sent a feed line that is not one: %s", exc)
+            return
+        self.others.update(others)
+        self._checks, self._at = checks, time.monotonic()
+
+    def checks(self) -> list[Check]:
+        if self._at is None:
+            return [Check("master", False, "no word from the master yet")]
+        quiet = time.monotonic() - self._at
+        if quiet > STALE:
+            return [Check("master", False, f"no word from the master for {quiet:.0f} s")]
+        return self._checks
+
+
+def feed_line(others: metrics.Snapshot, checks: list[Check]) -> bytes:
+    """The master's line to one worker (Feed.update reads it)."""
+    return json.dumps({"others": others, "checks": [[c.name, c.ok, c.detail] for c in checks]},
+                      separators=(",", ":")).encode() + b"\n"
+
+
+async def serve(args: ApiWorkerArgs, wake_fd: int, metrics_fd: int, feed_fd: int) -> None:
+    config = args.config
+    api = config.api
+    metrics.configure(process="api", domains=config.metrics.domains)
+    store = store_for(config)
+    await store.open()
+    submitter = Submitter(config, store)
+    submitter.on_queued.append(Waker(wake_fd))
+    feed = Feed()
+    served = per_process(config, api.workers)
+    app = make_app(served, store, submitter, readiness=SharedChecks(store, feed.checks))
+    app[SCRAPE].remotes.append(feed.others)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = server = None
+    tasks = [asyncio.create_task(metricspipe.send(metrics_fd), name="metrics")]
+    try:
+        runner, server = await serve_app(
+            app, api.address, args.port, reuse_port=True,
+            backlog=min(served.limits.max_http_connections, 4096))
+        listening = asyncio.create_task(
+            metricspipe.read_lines(feed_fd, feed.update, "the master"), name="feed")
+        listening.add_done_callback(lambda _: stop.set())  # EOF: the master is gone
+        tasks.append(listening)
+        log.info("API worker %d (pid %d) on %s:%s", args.index, os.getpid(), api.address,
+                 args.port)
+        os.write(wake_fd, READY)  # the first byte on a fresh pipe: never blocks
+        gc.freeze()  # as `relay serve` does: start-up's objects out of the collector's sight
+        await stop.wait()
+    finally:
+        app[DRAINING].on = True  # every answer from now on closes its connection
+        if server is not None:
+            server.close()  # no new connections; the runner finishes the open ones' requests
+            await _quiet(app, GRACE)
+        if runner is not None:
+            await runner.cleanup()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await store.close()
+
+
+async def _quiet(app: web.Application, grace: float) -> None:
+    """Wait up to `grace` seconds for the clients to go: a busy connection's next answer
+    says `Connection: close`, and its client takes its next request to another process.
+    What is left then (an idle connection) is closed by the runner; a client that sends on
+    it at that very moment sees the connection close, as with any HTTP server."""
+    guard = app[CONNECTIONS]
+    deadline = asyncio.get_running_loop().time() + grace
+    while guard.open_connections and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+
+
+def main() -> None:
+    die_with_parent()
+    ignore_hangup()
+    wake_fd, metrics_fd, feed_fd = (int(a) for a in sys.argv[1:4])
+    args: ApiWorkerArgs = pickle.load(sys.stdin.buffer)  # from our own master, over a pipe
+    logs.configure(args.config.log, process=f"api{args.index}")
+    if os.getppid() == 1:  # the master died before we could ask to die with it
+        return
+    run_loop(serve(args, wake_fd, metrics_fd, feed_fd))
+
+
+if __name__ == "__main__":
+    main()

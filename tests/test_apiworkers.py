@@ -1,0 +1,369 @@
+"""`[api] workers = 2`: a real `relay serve` whose API is served by the master and an API
+worker process on one port (apiworker.py, apiworkers.py): both answer, mail sent through the
+worker is delivered at once (the master wakes the delivery worker for it), /metrics counts
+every process, SIGTERM drains and leaves no process, SIGKILL of the master leaves none, a
+dead worker is restarted, SIGHUP replaces the workers, a bad value is a config error."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.api.app import per_process
+from relay.api.health import Check
+from relay.apiworker import STALE, Feed, feed_line
+from relay.config import Config, LimitsConfig
+
+from .conftest import free_port, relay_cmd, run_relay
+from .sink import Sink
+
+CONFIG = """
+[server]
+hostname = "relay.test"
+data_dir = "{data}"
+[[smtp.listeners]]
+port = {smtp}
+mode = "relay"
+tls = "none"
+allowed_networks = ["127.0.0.0/8"]
+[api]
+port = {api}
+workers = 2
+[delivery]
+paused = {paused}
+smarthost = "127.0.0.1:{sink}"
+smarthost_tls = "none"
+"""
+
+LISTENING = re.compile(r"API worker 1 \(pid \d+\) on ")
+EMAIL = {"from": "app@example.com", "to": ["bob@example.org"], "subject": "hi",
+         "text": "hello"}
+
+
+class Relay:
+    """`relay serve` with [api] workers = 2, its log in a file, a key to send with."""
+
+    def __init__(self, tmp_path: Path, *, sink_port: int = 9, paused: bool = True,
+                 store_url: str = "") -> None:
+        self.api_port = free_port()
+        self.config = tmp_path / "relay.toml"
+        self.config.write_text(CONFIG.format(data=tmp_path / "data", smtp=free_port(),
+                                             api=self.api_port, sink=sink_port,
+                                             paused=str(paused).lower())
+                               + (f"[store]\nurl = '{store_url}'\n" if store_url else ""),
+                               "utf-8")
+        made = run_relay("--config", str(self.config), "keys", "create", "--name", "t",
+                         "--json")
+        assert made.returncode == 0, made.stderr
+        self.key = json.loads(made.stdout)["key"]
+        self.log_path = tmp_path / "relay.log"
+        self.opened: list[http.client.HTTPConnection] = []
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        env["RELAY_LOG_LEVEL"] = "INFO"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(relay_cmd("--config", str(self.config), "serve"),
+                                         env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.wait_for(lambda: len(self.workers()) == 1 and LISTENING.search(self.log()),
+                      "the API worker to listen")
+
+    def log(self) -> str:
+        return self.log_path.read_text("utf-8", "replace")
+
+    def wait_for(self, ok: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ok():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"waited in vain for {what}:\n{self.log()}")
+
+    def workers(self) -> list[int]:
+        """The master's API worker processes (its delivery worker is not one)."""
+        return [pid for pid in children(self.proc.pid) if b"relay.apiworker" in cmdline(pid)]
+
+    def connect(self) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection("127.0.0.1", self.api_port, timeout=10)
+        conn.connect()
+        self.opened.append(conn)  # closed at stop
+        return conn
+
+    def request(self, conn: http.client.HTTPConnection, method: str, path: str,
+                body: Any = None) -> tuple[int, Any, str]:
+        """Status, JSON (or text) answer, and the process that served it ("master", "api1")."""
+        rid = uuid.uuid4().hex
+        headers = {"Authorization": f"Bearer {self.key}", "X-Request-Id": rid}
+        data = None
+        if body is not None:
+            data, headers["Content-Type"] = json.dumps(body), "application/json"
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read().decode()
+        answer = json.loads(raw) if resp.headers.get("Content-Type", "").startswith(
+            "application/json") else raw
+        return resp.status, answer, self.served_by(rid)
+
+    def served_by(self, request_id: str) -> str:
+        pattern = re.compile(r"relay\.access(?:\[(api\d+)\])?: .* req=" + request_id)
+        found: list[str] = []
+
+        def logged() -> bool:
+            found[:] = [m.group(1) or "master" for m in pattern.finditer(self.log())]
+            return bool(found)
+
+        self.wait_for(logged, f"the access line of {request_id}")
+        return found[0]
+
+    def one_of_each(self) -> dict[str, http.client.HTTPConnection]:
+        """A keep-alive connection served by the master and one by the worker (the kernel
+        picks a process for each new connection by a hash of its addresses)."""
+        conns: dict[str, http.client.HTTPConnection] = {}
+        for _ in range(200):
+            conn = self.connect()
+            _, _, by = self.request(conn, "GET", "/healthz")
+            if by in conns:
+                conn.close()
+            else:
+                conns[by] = conn
+            if len(conns) == 2:
+                return conns
+        raise AssertionError(f"only {sorted(conns)} answered 200 connections")
+
+    def stop(self) -> None:
+        for conn in self.opened:
+            conn.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
+    started: list[Relay] = []
+
+    def start(**kw: Any) -> Relay:
+        started.append(Relay(tmp_path, **kw))
+        return started[-1]
+
+    yield start
+    for r in started:
+        r.stop()
+
+
+def accepted(text: str) -> float:
+    found = re.search(r'^relay_messages_accepted_total\{listener="api",source="api"\} (\S+)$',
+                      text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+async def test_both_processes_answer_and_mail_sent_through_the_worker_goes_out_at_once(
+        relay: Callable[..., Relay], store_url: str) -> None:
+    """On SQLite (the worker's writer takes turns with the master's by the lock) and on
+    PostgreSQL (each process its own connections)."""
+    async with Sink() as sink:
+        r = await asyncio.to_thread(relay, sink_port=sink.port, paused=False,
+                                    store_url=store_url)
+        conns = await asyncio.to_thread(r.one_of_each)
+        waits = []
+        for i in range(7):
+            sent = time.monotonic()
+            status, answer, by = await asyncio.to_thread(
+                r.request, conns["api1"], "POST", "/v1/emails",
+                {**EMAIL, "to": [f"to{i}@example.org"]})
+            assert (status, by) == (202, "api1"), answer
+            async with asyncio.timeout(10):
+                while not sink.delivered_to(f"to{i}@example.org"):
+                    await asyncio.sleep(0.01)
+            waits.append(time.monotonic() - sent)
+        # the delivery worker polls every 2 s; woken by the master for the worker's commits,
+        # it sends each at once
+        assert sorted(waits)[-2] < 0.6, waits
+        status, answer, by = await asyncio.to_thread(
+            r.request, conns["master"], "POST", "/v1/emails", {**EMAIL, "to": ["m@example.org"]})
+        assert (status, by) == (202, "master"), answer
+
+
+def test_metrics_and_readiness_are_the_same_through_either_process(
+        relay: Callable[..., Relay]) -> None:
+    r = relay()
+    conns = r.one_of_each()
+    for _ in range(3):
+        assert r.request(conns["api1"], "POST", "/v1/emails", EMAIL)[0] == 202
+    assert r.request(conns["master"], "POST", "/v1/emails", EMAIL)[0] == 202
+
+    def scraped(by: str) -> float:
+        status, text, served = r.request(conns[by], "GET", "/metrics")
+        assert (status, served) == (200, by)
+        return accepted(text)
+
+    # counts travel once a second each way: the worker's to the master, the total back
+    r.wait_for(lambda: scraped("master") == 4 and scraped("api1") == 4, "4 accepted in both")
+    for by, conn in conns.items():
+        status, ready, served = r.request(conn, "GET", "/readyz")
+        assert (status, served) == (200, by), ready
+        assert set(ready["checks"]) == {"store", "delivery", "listeners"}
+        assert "paused" in ready["checks"]["delivery"]["detail"]
+
+
+def test_sigterm_stops_the_workers_and_sigkill_of_the_master_leaves_none(
+        relay: Callable[..., Relay], tmp_path: Path) -> None:
+    r = relay()
+    (worker,) = r.workers()
+    r.proc.send_signal(signal.SIGTERM)
+    assert r.proc.wait(30) == 0
+    assert not alive(worker)
+    assert "Traceback" not in r.log()
+    r.stop()
+
+    second = tmp_path / "second"
+    second.mkdir()
+    r2 = Relay(second)
+    (worker,) = r2.workers()
+    r2.proc.send_signal(signal.SIGKILL)
+    r2.proc.wait(10)
+    deadline = time.monotonic() + 5
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(worker)
+    r2.stop()
+
+
+def test_a_dead_worker_is_restarted_and_sighup_replaces_the_workers(
+        relay: Callable[..., Relay]) -> None:
+    r = relay()
+    (first,) = r.workers()
+    os.kill(first, signal.SIGKILL)
+    r.wait_for(lambda: len(r.workers()) == 1 and first not in r.workers(), "a new worker")
+    assert re.search(r"API worker 1 \(pid \d+\) was killed by SIGKILL after \d+ s; "
+                     r"restarting it", r.log())
+    (second,) = r.workers()
+    r.wait_for(lambda: len(LISTENING.findall(r.log())) == 2, "the new worker to listen")
+    with open(r.config, "a", encoding="utf-8") as f:
+        f.write("concurrency = 50\n")  # in [delivery]: a changed config restarts them
+    r.proc.send_signal(signal.SIGHUP)
+    r.wait_for(lambda: len(LISTENING.findall(r.log())) == 3 and not alive(second),
+               "the reload's worker, and the old one gone")
+    (third,) = r.workers()
+    assert third != second
+    conns = r.one_of_each()
+    assert r.request(conns["api1"], "POST", "/v1/emails", EMAIL)[0] == 202
+
+
+@pytest.mark.parametrize("value", ["0", "65", "'two'"])
+def test_a_bad_workers_value_is_a_config_error(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(f"[server]\ndata_dir = '{tmp_path / 'data'}'\n[api]\nport = "
+                    f"{free_port()}\nworkers = {value}\n", "utf-8")
+    done = run_relay("--config", str(path), "serve", timeout=30)
+    assert done.returncode != 0
+    assert f"{path}: api.workers: " in done.stderr, done.stderr
+    env = run_relay("--config", str(path), "serve", timeout=30,
+                    env={"RELAY_API_WORKERS": "100"})
+    assert env.returncode != 0 and "api.workers: must be 1..64" in env.stderr, env.stderr
+
+
+def test_the_connection_cap_is_shared_out_and_the_per_client_cap_holds_in_each() -> None:
+    config = Config(limits=LimitsConfig(max_http_connections=2000,
+                                        max_http_connections_per_client=200))
+    assert per_process(config, 1) is config
+    shared = per_process(config, 3)
+    assert shared.limits.max_http_connections == 667  # 3 × 667 ≥ 2000, rounded up
+    assert shared.limits.max_http_connections_per_client == 200
+    assert dataclasses.replace(shared, limits=config.limits) == config
+
+
+def test_a_reload_under_load_fails_no_request(relay: Callable[..., Relay]) -> None:
+    """The old worker's answers say `Connection: close` once it stops serving, and it gives
+    its clients a moment to go: none sends a request down a connection being closed."""
+    r = relay()
+    stop = threading.Event()
+    done, failed = [0], []
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", r.api_port, timeout=10)
+        while not stop.is_set():
+            try:
+                conn.request("GET", "/healthz")
+                resp = conn.getresponse()
+                resp.read()
+                assert resp.status == 200
+                done[0] += 1
+            except (OSError, http.client.HTTPException) as exc:
+                failed.append(repr(exc))
+                conn.close()
+        conn.close()
+
+    clients = [threading.Thread(target=client) for _ in range(12)]
+    for t in clients:
+        t.start()
+    first = r.config.read_text("utf-8")
+    try:
+        for i in range(2):
+            (old,) = r.workers()
+            r.config.write_text(first + f"concurrency = {50 + i}\n", "utf-8")  # in [delivery]
+            r.proc.send_signal(signal.SIGHUP)
+            r.wait_for(lambda old=old: not alive(old) and len(r.workers()) == 1,
+                       "the old worker gone, a new one running")
+            r.wait_for(lambda i=i: len(LISTENING.findall(r.log())) == 2 + i,
+                       "the new worker listening")
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(15)
+    assert done[0] > 100
+    assert failed == []
+
+
+def test_a_worker_repeats_the_masters_checks_and_fails_master_when_it_is_silent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    feed = Feed()
+    assert [(c.name, c.ok) for c in feed.checks()] == [("master", False)]
+    checks = [Check("delivery", True, "worker pid 7 running"), Check("listeners", True, "1")]
+    feed.update(feed_line([["relay_x", "counter", "x", [["relay_x_total", {}, 2.0]]]], checks))
+    feed.update(b'{"others": "not a snapshot", "checks": []}\n')  # ignored, logged
+    assert feed.checks() == checks
+    assert feed.others.total()[0][3] == [["relay_x_total", {}, 2.0]]
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + STALE + 1)
+    assert [(c.name, c.ok) for c in feed.checks()] == [("master", False)]
