@@ -31,7 +31,9 @@ class _Handler:
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        return responses[:-1] + (["250-DSN"] if self.sink.dsn else []) + responses[-1:]
+        extra = (["250-DSN"] if self.sink.dsn else []) + (
+            ["250-PIPELINING"] if self.sink.pipelining else [])
+        return responses[:-1] + extra + responses[-1:]
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -117,14 +119,17 @@ def _split(arg: str | None, names: tuple[str, ...]) -> tuple[str | None, list[st
 
 class Sink:
     """`replies` maps an address to a list of RCPT replies, used one per attempt (last repeats);
-    `rcpt_delay` an address to the seconds its RCPT is answered late."""
+    `rcpt_delay` an address to the seconds its RCPT is answered late; `pipelining` whether
+    EHLO offers PIPELINING (RFC 2920)."""
 
     def __init__(self, *, tls: ssl.SSLContext | None = None, broken_tls: bool = False,
                  replies: dict[str, list[str]] | None = None, address: str = "127.0.0.1",
                  port: int = 0, size_limit: int | None = None, smtputf8: bool = True,
                  authenticator: Any = None, auth_require_tls: bool = True,
-                 dsn: bool = True, rcpt_delay: dict[str, float] | None = None) -> None:
+                 dsn: bool = True, rcpt_delay: dict[str, float] | None = None,
+                 pipelining: bool = True) -> None:
         self.dsn = dsn
+        self.pipelining = pipelining  # advertised: MAIL, RCPT and DATA come in one write
         self.rcpt_delay = rcpt_delay or {}
         self.options = dict(data_size_limit=size_limit, enable_SMTPUTF8=smtputf8,
                             authenticator=authenticator, auth_require_tls=auth_require_tls)

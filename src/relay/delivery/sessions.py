@@ -15,9 +15,12 @@ import aiosmtplib
 
 from .. import metrics
 from ..config import DeliveryConfig
-from . import dane
+from . import dane, pipelining
 from .outbound import DEFAULT_TLS, Target, TlsPolicy
 from .pools import Source
+
+# aiosmtplib's connections keep pipelined replies (MAIL, RCPT and DATA in one write)
+pipelining.install()
 
 # what a session's TLS came to, for TLS-RPT (RFC 8460): the target, the source, and the
 # result type of a failure (None: the policy held)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
 from .outbound import OutMessage, OutRecipient, Result, classify, enhanced_code
+from .pipelining import QueuedReplies
 from .sessions import Session
 
 
@@ -41,6 +43,8 @@ async def transaction(session: Session, msg: OutMessage, *, timeout: float) -> l
         return [done(r, None, f"message of {len(msg.data)} octets is larger than "
                      f"{session.target.hostname} accepts ({size})", "bounced", "5.3.4", False)
                 for r in msg.recipients]
+    if session.supports("pipelining") and isinstance(smtp.protocol, QueuedReplies):
+        return await _pipelined(session, msg, timeout, done)
     reply = await smtp.execute_command(b"MAIL", *_mail_args(session, msg), timeout=timeout)
     if reply.code != 250:
         await _rset(smtp)
@@ -56,6 +60,51 @@ async def transaction(session: Session, msg: OutMessage, *, timeout: float) -> l
         await _rset(smtp)
         return results
     final = await _data(smtp, msg.data, timeout)
+    if final.code != 250:
+        await _rset(smtp)
+    return results + [done(r, final.code, final.message, stage="DATA") for r in accepted]
+
+
+async def _pipelined(session: Session, msg: OutMessage, timeout: float,
+                     done: Callable[..., Result]) -> list[Result]:
+    """MAIL, every RCPT and DATA in one write (RFC 2920), their replies read in order; then
+    the message, or (no recipient taken) the end of an empty one, which the server refuses."""
+    smtp = session.smtp
+    protocol = smtp.protocol
+    assert isinstance(protocol, QueuedReplies)
+    refused_all = False
+    try:
+        protocol.write_commands(
+            [b" ".join([b"MAIL", *_mail_args(session, msg)])]
+            + [b" ".join([b"RCPT", *_rcpt_args(session, r)]) for r in msg.recipients]
+            + [b"DATA"])
+        mail = await protocol.read_response(timeout=timeout)
+        refused_all = mail.code != 250  # what follows is moot (a 421 hangs up at once)
+        rcpts = [await protocol.read_response(timeout=timeout) for _ in msg.recipients]
+        start = await protocol.read_response(timeout=timeout)
+        if start.code == 354:  # the data, or an empty message if no recipient was taken
+            ok = mail.code == 250 and any(r.code in (250, 251) for r in rcpts)
+            protocol.write(wire_data(msg.data) if ok else b".\r\n")
+            final = await protocol.read_response(timeout=timeout)
+        else:
+            final = start
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        smtp.close()
+        if not refused_all:
+            raise
+        return [done(r, mail.code, mail.message, stage="MAIL") for r in msg.recipients]
+    if mail.code != 250:
+        await _rset(smtp)
+        return [done(r, mail.code, mail.message, stage="MAIL") for r in msg.recipients]
+    results, accepted = [], []
+    for r, rcpt in zip(msg.recipients, rcpts, strict=True):
+        if rcpt.code in (250, 251):
+            accepted.append(r)
+        else:
+            results.append(done(r, rcpt.code, rcpt.message, stage="RCPT"))
+    if not accepted:
+        await _rset(smtp)
+        return results
     if final.code != 250:
         await _rset(smtp)
     return results + [done(r, final.code, final.message, stage="DATA") for r in accepted]

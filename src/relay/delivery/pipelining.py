@@ -1,0 +1,82 @@
+"""SMTP command pipelining (RFC 2920) over aiosmtplib's connection.
+
+aiosmtplib reads one reply per command it writes and drops what arrives when no command is
+waiting, so MAIL, RCPT and DATA written together would lose their replies. Its protocol is
+given a queue instead: every reply the connection was told to expect is kept, in order, and
+read_response hands them out one by one; unsolicited data is still dropped, as before.
+
+`aiosmtplib.SMTP` makes its protocol from the module's `SMTPProtocol` name when it connects
+and has no hook for another class; `install()` points that name at the subclass here, in
+the delivery worker (the only user of aiosmtplib in the process), before any connection.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import aiosmtplib.smtp
+from aiosmtplib import SMTPResponse
+from aiosmtplib.errors import SMTPResponseException
+from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SMTPProtocol
+
+
+class QueuedReplies(SMTPProtocol):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._replies: collections.deque[SMTPResponse] = collections.deque()
+        self._expected = 0  # replies to pipelined commands not yet received
+
+    def write_commands(self, commands: list[bytes]) -> None:
+        """Write these commands at once; one reply is then read for each, in order."""
+        for command in commands:
+            if COMMAND_INJECTION_REGEX.search(command):
+                raise ValueError("Command contains a prohibited control character")
+        self._expected += len(commands)
+        self.write(b"\r\n".join(commands) + b"\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self._response_waiter
+        if waiter is None:
+            return
+        if not self._response_pending and not self._expected:
+            return  # unsolicited: never paired with a later command (aiosmtplib's rule)
+        self._buffer.extend(data)
+        if len(self._buffer) > MAX_RESPONSE_LENGTH:
+            del self._buffer[:]
+            self._fail(SMTPResponseException(-1, "Response too long"))
+            return
+        while True:
+            try:
+                reply = self._read_response_from_buffer()
+            except Exception as exc:  # a malformed line: the reader waiting gets it
+                self._fail(exc)
+                return
+            if reply is None:
+                break
+            self._expected = max(0, self._expected - 1)
+            self._replies.append(reply)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        waiter = self._response_waiter
+        if waiter is not None and not waiter.done() and self._replies:
+            waiter.set_result(self._replies.popleft())
+
+    def _fail(self, exc: BaseException) -> None:
+        waiter = self._response_waiter
+        if waiter is not None and not waiter.done():
+            self._set_response_exception(waiter, exc)
+
+    async def read_response(self, timeout: float | None = None) -> SMTPResponse:
+        # the waiter, when done, holds the oldest reply; else the queue's head is the oldest
+        waiter = self._response_waiter
+        if waiter is not None and not waiter.done() and self._replies:
+            return self._replies.popleft()
+        reply = await super().read_response(timeout)
+        self._hand_over()  # the fresh waiter takes the next reply already here
+        return reply
+
+
+def install() -> None:
+    """Make every aiosmtplib connection of this process keep its pipelined replies."""
+    aiosmtplib.smtp.SMTPProtocol = QueuedReplies  # type: ignore[misc]

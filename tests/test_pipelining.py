@@ -1,0 +1,134 @@
+"""SMTP pipelining (RFC 2920) on delivery: MAIL, every RCPT and DATA in one write to a server
+that offers PIPELINING, each reply read in its order; a server without it gets one command
+at a time. The replies decide each recipient as they did unpipelined."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from relay.delivery.outbound import OutMessage, OutRecipient
+
+from .sink import Sink
+from .test_deliver import DATA, deliverer, target
+
+
+def two(i: int = 1) -> OutMessage:
+    return OutMessage(id=f"m{i}", mail_from="a@example.com", data=DATA, recipients=(
+        OutRecipient(id=10 * i, address=f"ok{i}@example.org"),
+        OutRecipient(id=10 * i + 1, address=f"no{i}@example.org")))
+
+
+class Scripted:
+    """A server that says what it is told and records each chunk it reads."""
+
+    def __init__(self, pipelining: bool, replies: dict[bytes, bytes]) -> None:
+        self.pipelining, self.replies = pipelining, replies
+        self.chunks: list[bytes] = []
+        self.port = 0
+
+    async def __aenter__(self) -> Scripted:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.server.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 scripted\r\n")
+        in_data = False
+        while chunk := await reader.read(65536):
+            self.chunks.append(chunk)
+            out = b""
+            for line in chunk.split(b"\r\n")[:-1]:
+                if in_data:
+                    if line == b".":
+                        in_data, out = False, out + b"250 2.0.0 queued\r\n"
+                    continue
+                verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
+                if verb == b"EHLO":
+                    out += b"250-scripted\r\n" + (
+                        b"250-PIPELINING\r\n" if self.pipelining else b"") + b"250 8BITMIME\r\n"
+                elif verb == b"DATA":
+                    reply = self.replies.get(b"DATA", b"354 go ahead")
+                    in_data = reply.startswith(b"354")
+                    out += reply + b"\r\n"
+                elif verb == b"QUIT":
+                    out += b"221 bye\r\n"
+                else:
+                    key = next((k for k in self.replies if k in line), None)
+                    out += (self.replies[key] if key else b"250 2.0.0 ok") + b"\r\n"
+            writer.write(out)  # every reply to a chunk in one write, as Postfix's smtpd does
+        writer.close()
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_each_recipient_gets_its_own_reply(pipelining: bool) -> None:
+    async with Sink(replies={"no1@example.org": ["550 5.1.1 no such user"]},
+                    pipelining=pipelining) as sink:
+        d = deliverer()
+        try:
+            results = await d.deliver([target(sink)], [two(1), two(2)])
+        finally:
+            await d.close()
+    by_address = {r.recipient_id: (r.outcome, r.code, r.stage) for r in results}
+    assert by_address == {10: ("delivered", 250, "DATA"), 11: ("bounced", 550, "RCPT"),
+                          20: ("delivered", 250, "DATA"), 21: ("delivered", 250, "DATA")}
+    assert [m.rcpt_tos for m in sink.messages] == [
+        ["ok1@example.org"], ["ok2@example.org", "no2@example.org"]]
+    assert all(m.data == DATA for m in sink.messages)
+
+
+async def test_the_commands_go_in_one_write_when_offered() -> None:
+    async with Scripted(True, {}) as server:
+        d = deliverer()
+        try:
+            results = await d.deliver([target(server)], [two(1)])  # type: ignore[arg-type]
+        finally:
+            await d.close()
+    assert [r.outcome for r in results] == ["delivered", "delivered"]
+    envelope = next(c for c in server.chunks if c.startswith(b"MAIL"))
+    assert envelope.count(b"\r\n") == 4 and envelope.endswith(b"DATA\r\n")  # MAIL, 2 RCPT, DATA
+    async with Scripted(False, {}) as server:
+        d = deliverer()
+        try:
+            await d.deliver([target(server)], [two(1)])  # type: ignore[arg-type]
+        finally:
+            await d.close()
+    assert not any(c.count(b"\r\n") > 1 for c in server.chunks if c.startswith(b"MAIL"))
+
+
+@pytest.mark.parametrize("replies, expected, again_code, bodies", [
+    # every RCPT refused: DATA refused too, nothing sent, each recipient its RCPT reply
+    ({b"ok1@": b"550 5.1.1 unknown", b"no1@": b"452 4.2.2 full", b"DATA": b"503 5.5.1 no"},
+     {10: ("bounced", 550, "RCPT"), 11: ("deferred", 452, "RCPT")}, 503, 0),
+    # MAIL refused: the rest is moot; every recipient gets MAIL's reply
+    ({b"MAIL": b"451 4.3.0 try later", b"ok1@": b"503 5.5.1 no", b"no1@": b"503 5.5.1 no",
+      b"DATA": b"503 5.5.1 no"},
+     {10: ("deferred", 451, "MAIL"), 11: ("deferred", 451, "MAIL")}, 451, 0),
+    # a server that says 354 with no recipient taken gets an empty message, not this one
+    ({b"ok1@": b"550 5.1.1 unknown", b"no1@": b"550 5.1.1 unknown"},
+     {10: ("bounced", 550, "RCPT"), 11: ("bounced", 550, "RCPT")}, 250, 1),
+    # one taken, one refused
+    ({b"no1@": b"550 5.1.1 unknown"}, {10: ("delivered", 250, "DATA"),
+                                      11: ("bounced", 550, "RCPT")}, 250, 2),
+])
+async def test_refusals_at_each_stage(replies: dict[bytes, bytes],
+                                      expected: dict[int, tuple[str, int, str]],
+                                      again_code: int, bodies: int) -> None:
+    async with Scripted(True, replies) as server:
+        d = deliverer()
+        try:
+            results = await d.deliver([target(server)], [two(1)])  # type: ignore[arg-type]
+            again = await d.deliver([target(server)], [OutMessage(  # type: ignore[arg-type]
+                id="m3", mail_from="a@example.com", data=DATA,
+                recipients=(OutRecipient(id=30, address="x@example.org"),))])
+        finally:
+            await d.close()
+    assert {r.recipient_id: (r.outcome, r.code, r.stage) for r in results} == expected
+    # the session stays in step: the next message on it gets its own replies
+    assert [r.code for r in again] == [again_code]
+    assert b"".join(server.chunks).count(b"body\r\n") == bodies  # only with a recipient
