@@ -178,3 +178,28 @@ async def test_a_client_gone_mid_body_is_no_error_in_the_log(
     await served(svc)
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert errors == [], [r.getMessage() for r in errors]
+
+
+def test_a_connection_past_the_cap_gets_its_503_on_uvloop(tmp_path: Path) -> None:
+    """`relay serve` runs on uvloop, whose transports are not asyncio's classes: the refusal
+    must still be written (it was an AssertionError in connection_made, and no answer)."""
+    from relay.aio import run_loop
+
+    got: list[bytes] = []
+
+    async def main() -> None:
+        svc = Service(make_config(tmp_path, api=ApiConfig(port=0), limits=LimitsConfig(
+            max_http_connections=1, max_http_connections_per_client=1)))
+        await svc.start()
+        try:
+            held = await connect(svc)
+            await until(lambda: open_connections(svc) == 1, timeout=5)
+            reader, writer = await connect(svc)
+            got.append(await asyncio.wait_for(reader.read(), timeout=5))
+            writer.close()
+            held[1].close()
+        finally:
+            await svc.stop()
+
+    run_loop(main())
+    assert got[0].startswith(b"HTTP/1.1 503 "), got

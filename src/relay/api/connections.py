@@ -26,6 +26,7 @@ import enum
 import json
 from collections import Counter
 from collections.abc import Callable
+from typing import cast
 
 from aiohttp import web
 
@@ -119,8 +120,8 @@ class _Guarded(asyncio.Protocol):
         self.client = client_key(str(peer[0])) if peer else ""
         refused = self._guard._admit(self, transport)
         if refused is not None:
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(_refusal(refused))
+            # a write transport, though not asyncio's class on uvloop (`relay serve`'s loop)
+            cast(asyncio.WriteTransport, transport).write(_refusal(refused))
             transport.close()
             return
         self._admitted = True
