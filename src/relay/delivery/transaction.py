@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -44,14 +43,18 @@ async def transaction(session: Session, msg: OutMessage, *, timeout: float) -> l
                      f"{session.target.hostname} accepts ({size})", "bounced", "5.3.4", False)
                 for r in msg.recipients]
     if session.supports("pipelining") and isinstance(smtp.protocol, QueuedReplies):
-        return await _pipelined(session, msg, timeout, done)
-    reply = await smtp.execute_command(b"MAIL", *_mail_args(session, msg), timeout=timeout)
-    if reply.code != 250:
+        replies = await _pipelined(session, msg, timeout)
+        if isinstance(replies, SMTPResponse):  # MAIL refused, then the server hung up
+            return [done(r, replies.code, replies.message, stage="MAIL")
+                    for r in msg.recipients]
+    else:
+        replies = await _one_by_one(session, msg, timeout)
+    mail, rcpts, final = replies
+    if mail.code != 250:
         await _rset(smtp)
-        return [done(r, reply.code, reply.message, stage="MAIL") for r in msg.recipients]
+        return [done(r, mail.code, mail.message, stage="MAIL") for r in msg.recipients]
     accepted, results = [], []
-    for r in msg.recipients:
-        rcpt = await smtp.execute_command(b"RCPT", *_rcpt_args(session, r), timeout=timeout)
+    for r, rcpt in zip(msg.recipients, rcpts, strict=True):
         if rcpt.code in (250, 251):
             accepted.append(r)
         else:
@@ -59,16 +62,34 @@ async def transaction(session: Session, msg: OutMessage, *, timeout: float) -> l
     if not accepted:
         await _rset(smtp)
         return results
-    final = await _data(smtp, msg.data, timeout)
+    assert final is not None  # sent whenever a recipient was taken
     if final.code != 250:
         await _rset(smtp)
     return results + [done(r, final.code, final.message, stage="DATA") for r in accepted]
 
 
-async def _pipelined(session: Session, msg: OutMessage, timeout: float,
-                     done: Callable[..., Result]) -> list[Result]:
+# MAIL's reply, each RCPT's (none when MAIL was refused), and the end of the data's (or
+# DATA's refusal; None when no recipient was taken)
+Replies = tuple[SMTPResponse, list[SMTPResponse], SMTPResponse | None]
+
+
+async def _one_by_one(session: Session, msg: OutMessage, timeout: float) -> Replies:
+    smtp = session.smtp
+    mail = await smtp.execute_command(b"MAIL", *_mail_args(session, msg), timeout=timeout)
+    if mail.code != 250:
+        return mail, [], None
+    rcpts = [await smtp.execute_command(b"RCPT", *_rcpt_args(session, r), timeout=timeout)
+             for r in msg.recipients]
+    if not any(rcpt.code in (250, 251) for rcpt in rcpts):
+        return mail, rcpts, None
+    return mail, rcpts, await _data(smtp, msg.data, timeout)
+
+
+async def _pipelined(session: Session, msg: OutMessage,
+                     timeout: float) -> Replies | SMTPResponse:
     """MAIL, every RCPT and DATA in one write (RFC 2920), their replies read in order; then
-    the message, or (no recipient taken) the end of an empty one, which the server refuses."""
+    the message, or (no recipient taken) the end of an empty one, which the server refuses.
+    MAIL's reply alone when it refused and the server hung up (a 421)."""
     smtp = session.smtp
     protocol = smtp.protocol
     assert isinstance(protocol, QueuedReplies)
@@ -92,22 +113,8 @@ async def _pipelined(session: Session, msg: OutMessage, timeout: float,
         smtp.close()
         if not refused_all:
             raise
-        return [done(r, mail.code, mail.message, stage="MAIL") for r in msg.recipients]
-    if mail.code != 250:
-        await _rset(smtp)
-        return [done(r, mail.code, mail.message, stage="MAIL") for r in msg.recipients]
-    results, accepted = [], []
-    for r, rcpt in zip(msg.recipients, rcpts, strict=True):
-        if rcpt.code in (250, 251):
-            accepted.append(r)
-        else:
-            results.append(done(r, rcpt.code, rcpt.message, stage="RCPT"))
-    if not accepted:
-        await _rset(smtp)
-        return results
-    if final.code != 250:
-        await _rset(smtp)
-    return results + [done(r, final.code, final.message, stage="DATA") for r in accepted]
+        return mail
+    return mail, rcpts, final
 
 
 async def _data(smtp: aiosmtplib.SMTP, data: bytes, timeout: float) -> SMTPResponse:
