@@ -37,12 +37,11 @@ from . import logs, metrics
 from .aio import run_loop
 from .api.app import CONNECTIONS, DRAINING, make_app, per_process
 from .api.app import serve as serve_app
-from .api.health import Check
+from .api.health import Check, SharedChecks
 from .api.metrics import SCRAPE
 from .config import Config
 from .delivery import metricspipe
 from .delivery.child import die_with_parent, ignore_hangup
-from .lifecycle.readiness import SharedChecks
 from .store import store_for
 from .submit import Submitter
 

@@ -16,7 +16,7 @@ from . import metrics
 from .api import metrics as api_metrics
 from .api.app import DRAINING, make_app, per_process
 from .api.app import serve as serve_app
-from .api.health import Check
+from .api.health import Check, SharedChecks
 from .apiworkers import ApiWorkers
 from .config import Config, ListenerConfig
 from .datadir import DataDirLock
@@ -66,7 +66,7 @@ class Service:
     api_metrics: metrics.Remotes = field(init=False, default_factory=metrics.Remotes)
     metrics_runner: web.AppRunner | None = field(init=False, default=None)
     metrics_bound: tuple[str, int] | None = None  # (address, port) of [metrics] address
-    _checks: readiness.SharedChecks | None = field(init=False, default=None)
+    _checks: SharedChecks | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.lock = DataDirLock(self.config.server.data_dir)
@@ -186,7 +186,7 @@ class Service:
     async def readiness(self) -> list[Check]:
         """For `/readyz`: the store takes a write, delivery runs, every listener is bound."""
         if self._checks is None:
-            self._checks = readiness.SharedChecks(
+            self._checks = SharedChecks(
                 self.store, lambda: readiness.master_checks(self))
         return await self._checks()
 

@@ -7,10 +7,16 @@ the master hands to `make_app`, that answers one `Check` per part."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+
+from ..errors import StoreError
+from ..store import SQLiteStore
+
+PROBE_TIMEOUT = 2.0  # a store that takes no write this long is as good as down
 
 
 @dataclass(frozen=True)
@@ -42,3 +48,38 @@ class HealthRoutes:
 
 
 NO_CACHE = {"Cache-Control": "no-store"}
+
+
+async def check_store(store: SQLiteStore) -> Check:
+    try:
+        await asyncio.wait_for(store.probe_write(), PROBE_TIMEOUT)
+    except TimeoutError:
+        return Check("store", False, f"no write within {PROBE_TIMEOUT:g} s (the database is "
+                                     "locked by another process, or the disk is stalled)")
+    except StoreError as exc:
+        return Check("store", False, str(exc))
+    return Check("store", True, "takes writes")
+
+
+class SharedChecks:
+    """`/readyz` is public: callers at the same moment share one store probe, and a probe
+    younger than FRESH is answered again, so a flood of requests costs the store one write
+    transaction a second, not one each. The other checks cost nothing and are always new."""
+
+    FRESH = 1.0
+
+    def __init__(self, store: SQLiteStore, rest: Callable[[], list[Check]]) -> None:
+        self._store = store
+        self._rest = rest  # the checks that follow the store's (the master's: delivery, listeners)
+        self._probe: asyncio.Task[Check] | None = None
+        self._done_at = 0.0
+
+    async def __call__(self) -> list[Check]:
+        loop = asyncio.get_running_loop()
+        probe = self._probe
+        if probe is None or (probe.done() and loop.time() - self._done_at > self.FRESH):
+            probe = self._probe = loop.create_task(check_store(self._store),
+                                                   name="readiness-store")
+            probe.add_done_callback(lambda _: setattr(self, "_done_at", loop.time()))
+        store = await asyncio.shield(probe)
+        return [store, *self._rest()]

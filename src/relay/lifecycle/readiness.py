@@ -5,17 +5,13 @@ SMTP listener is bound."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Protocol
 
-from ..api.health import Check
+from ..api.health import Check, check_store
 from ..config import Config
 from ..delivery.scheduler import Scheduler
 from ..delivery.supervise import WorkerProcess
-from ..errors import StoreError
 from ..store import SQLiteStore
-
-PROBE_TIMEOUT = 2.0  # a store that takes no write this long is as good as down
 
 
 class Parts(Protocol):
@@ -32,45 +28,10 @@ async def check_all(parts: Parts) -> list[Check]:
     return [await check_store(parts.store), check_delivery(parts), check_listeners(parts)]
 
 
-class SharedChecks:
-    """`/readyz` is public: callers at the same moment share one store probe, and a probe
-    younger than FRESH is answered again, so a flood of requests costs the store one write
-    transaction a second, not one each. The other checks cost nothing and are always new."""
-
-    FRESH = 1.0
-
-    def __init__(self, store: SQLiteStore, rest: Callable[[], list[Check]]) -> None:
-        self._store = store
-        self._rest = rest  # the checks that follow the store's (the master's: delivery, listeners)
-        self._probe: asyncio.Task[Check] | None = None
-        self._done_at = 0.0
-
-    async def __call__(self) -> list[Check]:
-        loop = asyncio.get_running_loop()
-        probe = self._probe
-        if probe is None or (probe.done() and loop.time() - self._done_at > self.FRESH):
-            probe = self._probe = loop.create_task(check_store(self._store),
-                                                   name="readiness-store")
-            probe.add_done_callback(lambda _: setattr(self, "_done_at", loop.time()))
-        store = await asyncio.shield(probe)
-        return [store, *self._rest()]
-
-
 def master_checks(parts: Parts) -> list[Check]:
     """What only the master knows: whether delivery runs and its SMTP listeners are bound
     (an API worker process answers these as the master last told it)."""
     return [check_delivery(parts), check_listeners(parts)]
-
-
-async def check_store(store: SQLiteStore) -> Check:
-    try:
-        await asyncio.wait_for(store.probe_write(), PROBE_TIMEOUT)
-    except TimeoutError:
-        return Check("store", False, f"no write within {PROBE_TIMEOUT:g} s (the database is "
-                                     "locked by another process, or the disk is stalled)")
-    except StoreError as exc:
-        return Check("store", False, str(exc))
-    return Check("store", True, "takes writes")
 
 
 def check_delivery(parts: Parts) -> Check:
