@@ -78,8 +78,14 @@ class SharedChecks:
         loop = asyncio.get_running_loop()
         probe = self._probe
         if probe is None or (probe.done() and loop.time() - self._done_at > self.FRESH):
-            probe = self._probe = loop.create_task(check_store(self._store),
-                                                   name="readiness-store")
-            probe.add_done_callback(lambda _: setattr(self, "_done_at", loop.time()))
+            probe = self._probe = loop.create_task(self._probe_store(), name="readiness-store")
         store = await asyncio.shield(probe)
         return [store, *self._rest()]
+
+    async def _probe_store(self) -> Check:
+        # The time is set by the probe itself: a done callback runs a loop step after the task
+        # is done, and a request in between saw a finished probe of age "now" and began another.
+        try:
+            return await check_store(self._store)
+        finally:
+            self._done_at = asyncio.get_running_loop().time()
