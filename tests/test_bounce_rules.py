@@ -180,10 +180,101 @@ def test_the_more_precise_of_the_status_field_and_the_remotes_code_is_read() -> 
     # a refusal of the sending IP in any words, not of the address nor of the sender
     (None, 550, ("550 SC-004 Unfortunately, messages from 192.0.2.9 weren't sent. Too many "
                  "unwanted messages have been sent from this IP address"), ("blocked", "soft")),
+    # a mailbox that holds too many messages is full, not a sender sending too many
+    ("5.0.0", 550, "550 <ann@example.org> User has too many messages on the server.", (
+        "mailboxfull", "soft")),
+    # a mailbox there but inactive: suspended, not unknown, even under X.1.1
+    ("5.1.1", 550, "550 5.1.1 <ann@example.org>: inactive email address", (
+        "suspend", "soft")),
 ])
 def test_the_remotes_words(status: str | None, code: int | None, text: str,
                            expected: tuple[str, str]) -> None:
     assert bounces.classify(status, code, text) == expected
+
+
+@pytest.mark.parametrize(("status", "code", "text"), [
+    ("5.0.0", 550, "550-<ann@example.org> is not a known user on this system"),
+    ("5.7.1", 550, "550 5.7.1 No mailbox found"),
+    ("5.0.0", 550, "550 ** No mail box available for this user **"),
+    ("5.0.0", 554, "554 Rcpt <ann@example.org> does not exist"),
+])
+def test_mailboxes_not_there_in_other_words(status: str, code: int, text: str) -> None:
+    # in reply to RCPT TO, the address's fault
+    assert bounces.classify(status, code, text, stage="RCPT") == ("userunknown", "hard")
+
+
+# -- an explicit X.1.1 ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    # a scanner's disclaimer in the report ("scanned for all viruses") is not why it failed
+    "Delivery to the following recipients failed.\n\n  ann@example.org\n\n"
+    "**** This email has been scanned for all viruses by a gateway ****",
+    "550 5.1.1 <ann@example.org>: message classified as spam by the content filter",
+])
+def test_an_explicit_x11_is_not_unnamed_by_a_scanners_or_a_policys_words(text: str) -> None:
+    # "bad destination mailbox address" (RFC 3463): words of content, a scanner or a policy
+    # beside it do not make the address good (Sisimai reads X.1.1 so); this holds after
+    # DATA too, where the code, not the words, names the address
+    assert bounces.classify("5.1.1", 550, text) == ("userunknown", "hard")
+    assert bounces.classify("5.1.1", 550, text, stage="DATA") == ("userunknown", "hard")
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("550 5.1.1 <ann@example.org>... Mailbox is full", "mailboxfull"),
+    ("550 5.1.1 192.0.2.9 has sent to too many recipients this hour", "toomanyconn"),
+    ("550 5.1.1 RCP-P2 Refused due to recipient preferences", "filtered"),
+    ("550 5.1.1 Relaying denied", "norelaying"),
+])
+def test_words_that_the_mailbox_is_there_or_of_the_client_do_outweigh_x11(
+        text: str, reason: str) -> None:
+    # full, filtered by its owner, or a refusal of the relaying or of the client: the
+    # mailbox is not said to be missing, whatever the code
+    assert bounces.classify("5.1.1", 550, text) == (reason, "soft")
+
+
+def test_user_unknown_in_words_alone_after_the_data_stays_a_filters() -> None:
+    # no X.1.1: a server that took RCPT TO and refused at the end of the data (carriers and
+    # filters say "user unknown" or "does not exist" for a mailbox that refuses this sender)
+    human = ("<ann@example.org>: host mx.example.org[192.0.2.1] said: 554 Rcpt\n"
+             "    <ann@example.org> does not exist (in reply to end of DATA command)")
+    raw = _dsn(human, "5.0.0", "Diagnostic-Code: smtp; 554 Rcpt <ann@example.org> does not exist")
+    assert _one(raw) == ("ann@example.org", "filtered", "soft")
+
+
+def test_a_refusal_at_the_greeting_is_of_the_client_when_the_remote_says_for_good() -> None:
+    # the remote's 550 at the greeting, though Postfix's field says 4.5.0: it refused the
+    # client for good
+    human = ("<ann@example.org>: host mx.example.org[192.0.2.1] refused to\n"
+             "    talk to me: 550 5.5.0 Service refused, please try later.")
+    raw = _dsn(human, "4.5.0", "Diagnostic-Code: smtp; 550 5.5.0 Service refused, please try"
+               " later.")
+    assert _one(raw) == ("ann@example.org", "blocked", "soft")
+    # Postfix's "delivery temporarily suspended" is its own word on the destination, not an
+    # account suspended; a 421 at the greeting stays a remote's trouble for now
+    human = ("<ann@example.org>: delivery temporarily suspended: connect to\n"
+             "    mx.example.org[192.0.2.1]: server refused to talk to me: 421 Service not\n"
+             "    available, closing transmission channel")
+    raw = _dsn(human, "4.0.0", "Diagnostic-Code: X-Postfix; delivery temporarily suspended:"
+               " connect to mx.example.org[192.0.2.1]: server refused to talk to me: 421"
+               " Service not available, closing transmission channel")
+    assert _one(raw) == ("ann@example.org", "systemerror", "soft")
+
+
+def test_an_automatic_acknowledgement_is_an_auto_reply() -> None:
+    raw = b"""\
+Return-Path: <>
+From: Ann <ann@example.org>
+To: <bounces+abc@sender.test>
+Subject: Thank you for your e-mail
+Precedence: bulk
+
+Thank you for your e-mail. I will reply as soon as possible.
+"""
+    report = parse(raw)
+    assert not report.is_bounce
+    assert [(r.address, r.reason) for r in report.recipients] == [
+        ("ann@example.org", "vacation")]
 
 
 def test_the_address_an_alias_expanded_from_is_not_a_failed_recipient() -> None:

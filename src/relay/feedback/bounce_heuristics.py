@@ -34,7 +34,9 @@ from .bounce_text import (
 _AUTOREPLY_SUBJECT = re.compile(
     r"out of (the )?office|auto(matic|matisch)?[ -]?(reply|response|antwort|respon)"
     r"|^auto:|vacation|away (from|until)|abwesen|absence|abwesenheit|r[ée]ponse automatique"
-    r"|i am away|on leave|on holiday", re.I)
+    r"|i am away|on leave|on holiday"
+    # an automatic acknowledgement ("Thank you for your e-mail"), not a reply someone wrote
+    r"|^thank you for your (e-?mail|message)$", re.I)
 _BOUNCE_SUBJECT = re.compile(
     r"undeliver|delivery (status|failure|notification|has failed)|returned mail|failure notice"
     r"|mail delivery|not (be )?delivered|delivery failed|rejected|bounce", re.I)

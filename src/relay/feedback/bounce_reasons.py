@@ -65,6 +65,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|unauthenticated (e-?mail|mail|messages?)\b"),
     ("suspend", r"(recipient|user|mailbox|destination)(.s)? (e-?mail )?account (is |has been )?"
                 r"(blocked|disabled|suspended|deactivated|inactive|frozen|locked)"),
+    ("suspend", r"\b(inactive|disabled|deactivated|suspended) (e-?mail )?(address|account|mailbox)"),
     ("badreputation", r"reputation|(ip|sender).{0,20}(has been )?temporarily (deferred|rate)"
                       r"|user complaints"),
     ("blocked", r"black ?list|block ?list|\bdnsbl|\brbl\b|spamhaus|spamcop|sorbs|barracuda"
@@ -76,6 +77,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                 r"|(smtp|mail) server of your isp|dynamic ip|dial-?up|residential ip"),
     ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk mail|content.{0,20}rejected"
                      r"|message (has been |was )?(classified|identified|considered|marked) as"),
+    # a mailbox that holds too many messages is full (not a sender sending too many)
+    ("mailboxfull", r"too many (messages|mails) (on|in) (the |this |your )?(server|mail ?box|account)"
+                    r"|(user|mailbox|account) has too many (messages|mails)"),
     ("speeding", r"rate limit|too many (messages|mails)|sending too (fast|much)"
                  r"|try again later.{0,20}(too|rate)|exceeded .{0,20}rate|at a rate"),
     ("mailboxfull", r"(mailbox|mail box|inbox|mail ?folder|account|user|storage)"
@@ -102,10 +106,11 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|unrouteable address|no mx|bad destination host|no route to host"
                     r"|unresolvable|domain (is )?not reachable"
                     r"|\bhost [\w\-]+(\.[\w\-]+)+ not found"),
-    ("userunknown", r"(user|recipient|mailbox|address|account|addressee|destination)"
+    ("userunknown", r"(user|recipient|rcpt|mailbox|address|account|addressee|destination)"
                     r".{0,50}(unknown|not (found|exist|known|valid|listed)|does( not|n.?t)"
                     r" exist|doesn.?t have|invalid|no such|unavailable)"
                     r"|no such (user|recipient|mailbox|address|account|person)"
+                    r"|is not a known (user|recipient|address)|no mail ?box (found|available)"
                     r"|unknown (user|recipient|local|mailbox|address|alias|addressee)"
                     r"|invalid (recipient|mailbox|address|user)|mailbox not found"
                     r"|(user|recipient) doesn.?t|not our customer|no mailbox here"
@@ -180,6 +185,16 @@ _BY_STATUS: dict[str, str] = {
 # 5.0.0 for rejections of every kind; the sentence then says which)
 _VAGUE = frozenset({"5.5", "0.0", "7.0", "7.1", "5.0", "1.0", "2.0", "3.0", "4.0", "7.2", "1.1",
                     "4.7", "4.4", "5.2", "4.1", "4.2", "2.1", "6.0", "1.3", "1.10"})
+# what the words may say over an explicit X.1.1 ("bad destination mailbox address"): that
+# the mailbox is there but full, disabled, moved or filtered by its owner, or that the refusal
+# was of the relaying, the client (its address, rate, name, authentication), the sender or
+# of any mail at all (Sisimai's rule, widened to the client's other faults); a
+# scanner's or a policy's words beside X.1.1 (a disclaimer or a banner, as often) do not
+# unname it
+_BEATS_BAD_MAILBOX = frozenset({"userunknown", "norelaying", "blocked", "mailboxfull",
+                                "hasmoved", "rejected", "notaccept", "suspend", "expired",
+                                "mailererror", "filtered", "toomanyconn", "speeding",
+                                "badreputation", "requireptr", "authfailure"})
 # RFC 5321 reply codes, where one means one thing (550 and 553 carry anything, so they
 # say nothing about the address by themselves)
 _BY_REPLY = {421: "systemerror", 451: "systemerror", 452: "systemfull", 551: "hasmoved",
@@ -187,6 +202,8 @@ _BY_REPLY = {421: "systemerror", 451: "systemerror", 452: "systemfull", 551: "ha
              501: "syntaxerror", 530: "securityerror", 535: "securityerror"}
 
 
+# Postfix's own words on a destination it marked unreachable, not the remote's on an account
+_REPORTER_SAID = re.compile(r"delivery temporarily suspended:", re.I)
 _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time|timeout|period)"
                       r" (exceeded|expired)|delivery time expired|could not be delivered"
                       r" (for|within) \d|failing for a long time|will be retried|envelope"
@@ -224,10 +241,13 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         return "delivered", "soft"
     text = ADDRESS_RE.sub(" ", text or "")  # a local part such as "mailbox-full" says nothing
     text = STAGE_SAID.sub(" ", text)  # "after MAIL FROM:": the reporter's words, not the remote's
+    text = _REPORTER_SAID.sub(" ", text)
     phrase = phrase_reason(text) if text else None
     if text and _GAVE_UP.search(text) and phrase not in _OUTLASTS_GIVING_UP and not (
             phrase == "networkerror" and NAME_SERVICE.search(text)):
         phrase = "expired"
+    if detail == "1.1" and phrase not in _BEATS_BAD_MAILBOX:
+        phrase = None  # X.1.1 names the mailbox bad; words of a filter or of content do not
     reason = None
     if detail and detail not in _VAGUE:
         reason = _BY_STATUS.get(detail)
@@ -238,7 +258,10 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         reason = "expired" if cls == "4" else "undefined"
     if reason == "hostunknown" and cls == "4":
         reason = "networkerror"  # a DNS answer that may still change
-    reason = by_stage(reason, cls, detail, stage, quoted=reply_code is not None)
+    # the remote's own reply says whether it refused for good, over a reporter's 4.x.x field
+    # (Postfix: "refused to talk to me: 550 ..." with Status: 4.5.0)
+    said = str(reply_code)[0] if reply_code and stage == "CONN" else cls
+    reason = by_stage(reason, said, detail, stage, quoted=reply_code is not None)
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
     return reason, "hard" if hard else "soft"
 
