@@ -198,9 +198,6 @@ def dumps(c: Composition, *, message_id: str, date: str,
     """The composition with its fixed Message-ID and Date, as the queue stores it. With
     `parts`, attachments of PART_MIN octets or more go there ({part id: content}) and the
     stored form names them ("ref") instead of holding them."""
-    def box(m: Mailbox) -> list[str | None]:
-        return [m.email, m.name]
-
     def content(a: Attachment) -> dict[str, str]:
         if parts is None or len(a.content) < PART_MIN:
             return {"content": base64.b64encode(a.content).decode("ascii")}
@@ -209,14 +206,18 @@ def dumps(c: Composition, *, message_id: str, date: str,
         return {"ref": ref}
 
     return orjson.dumps({
-        "v": 1, "messageId": message_id, "date": date, "from": box(c.sender),
-        "to": [box(m) for m in c.to], "cc": [box(m) for m in c.cc],
-        "replyTo": [box(m) for m in c.reply_to], "subject": c.subject, "text": c.text,
-        "html": c.html, "headers": [list(h) for h in c.headers], "ical": c.ical,
+        "v": 1, "messageId": message_id, "date": date, "from": [c.sender.email, c.sender.name],
+        "to": _boxes(c.to), "cc": _boxes(c.cc), "replyTo": _boxes(c.reply_to),
+        "subject": c.subject, "text": c.text, "html": c.html,
+        "headers": [list(h) for h in c.headers] if c.headers else [], "ical": c.ical,
         "attachments": [{"filename": a.filename, "contentType": a.content_type,
                          "contentId": a.content_id, **content(a)}
-                        for a in c.attachments],
+                        for a in c.attachments] if c.attachments else [],
     })
+
+
+def _boxes(boxes: tuple[Mailbox, ...]) -> list[list[str | None]]:
+    return [[m.email, m.name] for m in boxes] if boxes else []
 
 
 def part_refs(stored: bytes) -> list[str]:

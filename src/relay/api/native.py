@@ -272,7 +272,7 @@ def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
                             limit=limit) if m.html else m.html
     if text is None and html is None and not m.icalEvent:
         raise ApiError(422, "an email needs text, html or an icalEvent", param="text")
-    stream = Stream(m.stream)
+    stream = _STREAMS[m.stream]
     headers = checked_headers(m.headers.items(), stream)
     sender = mailbox(m.from_, "from")
     seen: set[str] = set()  # one copy of each address: to first, then cc, then bcc
@@ -287,13 +287,14 @@ def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
         subject=subject, text=text, html=html, headers=tuple(headers), ical=m.icalEvent,
         attachments=decode_attachments(m.attachments, max_file=config.limits.max_attachment_size,
                                        max_total=config.limits.max_attachments_size))
-    utf8 = not all(mb.email.isascii() for mb in (sender, *to, *cc, *bcc))
+    every = (*to, *cc, *bcc)
+    utf8 = not (sender.email.isascii() and all([mb.email.isascii() for mb in every]))
     return Submission(
         mail_from=sender.email,
-        recipients=tuple(EnvelopeRecipient(address=mb.email) for mb in (*to, *cc, *bcc)),
+        recipients=tuple([EnvelopeRecipient(address=mb.email) for mb in every]),
         composition=composition,
         source="api", api_key_id=key.id, allowed_domains=key.domains,
-        tags=tuple(t.name + (f":{t.value}" if t.value else "") for t in m.tags),
+        tags=tuple([t.name + (f":{t.value}" if t.value else "") for t in m.tags]),
         metadata=m.metadata, stream=stream, smtputf8=utf8, refuse_if_suppressed=True,
         track_opens=m.trackOpens, track_clicks=m.trackClicks, pool=m.pool or "",
         scheduled_at=m.scheduledAt.timestamp() if m.scheduledAt else None)
@@ -307,6 +308,9 @@ def _valid_batch(raw: bytes) -> list[SendEmail] | None:
         return ValidBatch.model_validate_json(raw).emails
     except pydantic.ValidationError:
         return None
+
+
+_STREAMS = {s.value: s for s in Stream}
 
 
 def _time_param(raw: str | None) -> float | None:
