@@ -58,7 +58,8 @@ def check_headers(c: Composition) -> None:
     _check_mailbox(c.sender, "from")
     for field, boxes in (("to", c.to), ("cc", c.cc), ("replyTo", c.reply_to)):
         for i, m in enumerate(boxes):
-            _check_mailbox(m, f"{field}[{i}]")
+            if _LINE_BREAKS.search(m.email) or m.name and _LINE_BREAKS.search(m.name):
+                _check_mailbox(m, f"{field}[{i}]")  # refused, naming it (made only then)
     for name, value in c.headers:
         check_header_text(name, f"headers.{name}")
         check_header_text(value, f"headers.{name}")
@@ -273,7 +274,13 @@ def materialize(stored: bytes, kind: str, parts: Mapping[str, bytes] | None = No
 def estimated_size(c: Composition) -> int:
     """About what `build` will make, without building it: base64 is 4/3 plus line ends."""
     # quoted-printable makes a non-ASCII octet three (=XX); ASCII text stays as it is
-    text = sum(len(x) * 1.05 if x.isascii() else len(x.encode()) * 3
-               for x in (c.text, c.html, c.ical, c.subject) if x)
-    files = sum(len(a.content) * 4 / 3 * 78 / 76 + 300 for a in c.attachments)
-    return int(text + files + 1000 + sum(len(n) + len(v) + 4 for n, v in c.headers))
+    text = files = 0.0  # loops, not sum() of generators: this runs for every message
+    for x in (c.text, c.html, c.ical, c.subject):
+        if x:
+            text += len(x) * 1.05 if x.isascii() else len(x.encode()) * 3
+    for a in c.attachments:
+        files += len(a.content) * 4 / 3 * 78 / 76 + 300
+    headers = 0
+    for n, v in c.headers:
+        headers += len(n) + len(v) + 4
+    return int(text + files + 1000 + headers)
