@@ -141,6 +141,23 @@ async def test_batch_queues_the_good_items_and_names_the_bad_one(api: Api) -> No
     assert status == 422 and body["error"]["param"] == "emails"
 
 
+async def test_remembered_addresses_still_name_each_field(api: Api) -> None:
+    """Addresses are remembered across items (bulk mail repeats them): a bad one refused
+    again names the field it is in this time, and a good one is the same mailbox."""
+    bad, named = "eve@bad..example", "Eve\u2028X <eve@example.com>"
+    emails = [{**SIMPLE, "to": [bad]}, {**SIMPLE, "cc": ["carol@example.org", bad]},
+              {**SIMPLE, "replyTo": named}, {**SIMPLE, "to": ["bob@example.org", named]},
+              {**SIMPLE, "from": "Alice <ALICE@EXAMPLE.COM>"}]
+    for _ in range(2):  # the second time, each comes from what was remembered
+        status, body, _ = await api.call("POST", "/v1/emails/batch", {"emails": emails})
+        assert status == 207, body
+        assert [r.get("error", {}).get("param") for r in body["results"]] == [
+            "emails[0].to[0]", "emails[1].cc[1]", "emails[2].replyTo[0]",
+            "emails[3].to[1]", None]
+        _, detail, _ = await api.call("GET", f"/v1/emails/{body['results'][4]['id']}")
+        assert detail["from"] == "ALICE@example.com", detail  # the domain lower-cased
+
+
 async def test_a_batch_item_of_the_wrong_type_fails_alone(api: Api) -> None:
     """Seed 003: each item is validated on its own, so a non-object is its own error and the
     good items are queued; only the batch's own shape and size are the whole request's."""

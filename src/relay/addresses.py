@@ -22,6 +22,21 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 def normalize_address(address: str, *, smtputf8: bool, param: str) -> tuple[str, str]:
     """An envelope address with its domain as a lower-case A-label → (address, domain)."""
+    if address.isascii():  # then smtputf8 changes nothing
+        try:
+            return _ascii_address(address)
+        except ValidationError:
+            pass  # again, for the error naming `param`
+    return _normalized(address, smtputf8=smtputf8, param=param)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ascii_address(address: str) -> tuple[str, str]:
+    """Remembered, as bulk mail repeats its senders and recipients (a refusal is not)."""
+    return _normalized(address, smtputf8=False, param="")
+
+
+def _normalized(address: str, *, smtputf8: bool, param: str) -> tuple[str, str]:
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
         raise ValidationError(f"{address!r} is not an address (local@domain)", param=param,

@@ -58,7 +58,8 @@ def check_headers(c: Composition) -> None:
     _check_mailbox(c.sender, "from")
     for field, boxes in (("to", c.to), ("cc", c.cc), ("replyTo", c.reply_to)):
         for i, m in enumerate(boxes):
-            _check_mailbox(m, f"{field}[{i}]")
+            if _LINE_BREAKS.search(m.email) or m.name and _LINE_BREAKS.search(m.name):
+                _check_mailbox(m, f"{field}[{i}]")  # refused, naming it (made only then)
     for name, value in c.headers:
         check_header_text(name, f"headers.{name}")
         check_header_text(value, f"headers.{name}")
@@ -198,9 +199,6 @@ def dumps(c: Composition, *, message_id: str, date: str,
     """The composition with its fixed Message-ID and Date, as the queue stores it. With
     `parts`, attachments of PART_MIN octets or more go there ({part id: content}) and the
     stored form names them ("ref") instead of holding them."""
-    def box(m: Mailbox) -> list[str | None]:
-        return [m.email, m.name]
-
     def content(a: Attachment) -> dict[str, str]:
         if parts is None or len(a.content) < PART_MIN:
             return {"content": base64.b64encode(a.content).decode("ascii")}
@@ -209,14 +207,18 @@ def dumps(c: Composition, *, message_id: str, date: str,
         return {"ref": ref}
 
     return orjson.dumps({
-        "v": 1, "messageId": message_id, "date": date, "from": box(c.sender),
-        "to": [box(m) for m in c.to], "cc": [box(m) for m in c.cc],
-        "replyTo": [box(m) for m in c.reply_to], "subject": c.subject, "text": c.text,
-        "html": c.html, "headers": [list(h) for h in c.headers], "ical": c.ical,
+        "v": 1, "messageId": message_id, "date": date, "from": [c.sender.email, c.sender.name],
+        "to": _boxes(c.to), "cc": _boxes(c.cc), "replyTo": _boxes(c.reply_to),
+        "subject": c.subject, "text": c.text, "html": c.html,
+        "headers": [list(h) for h in c.headers] if c.headers else [], "ical": c.ical,
         "attachments": [{"filename": a.filename, "contentType": a.content_type,
                          "contentId": a.content_id, **content(a)}
-                        for a in c.attachments],
+                        for a in c.attachments] if c.attachments else [],
     })
+
+
+def _boxes(boxes: tuple[Mailbox, ...]) -> list[list[str | None]]:
+    return [[m.email, m.name] for m in boxes] if boxes else []
 
 
 def part_refs(stored: bytes) -> list[str]:
@@ -272,7 +274,13 @@ def materialize(stored: bytes, kind: str, parts: Mapping[str, bytes] | None = No
 def estimated_size(c: Composition) -> int:
     """About what `build` will make, without building it: base64 is 4/3 plus line ends."""
     # quoted-printable makes a non-ASCII octet three (=XX); ASCII text stays as it is
-    text = sum(len(x) * 1.05 if x.isascii() else len(x.encode()) * 3
-               for x in (c.text, c.html, c.ical, c.subject) if x)
-    files = sum(len(a.content) * 4 / 3 * 78 / 76 + 300 for a in c.attachments)
-    return int(text + files + 1000 + sum(len(n) + len(v) + 4 for n, v in c.headers))
+    text = files = 0.0  # loops, not sum() of generators: this runs for every message
+    for x in (c.text, c.html, c.ical, c.subject):
+        if x:
+            text += len(x) * 1.05 if x.isascii() else len(x.encode()) * 3
+    for a in c.attachments:
+        files += len(a.content) * 4 / 3 * 78 / 76 + 300
+    headers = 0
+    for n, v in c.headers:
+        headers += len(n) + len(v) + 4
+    return int(text + files + 1000 + headers)

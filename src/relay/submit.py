@@ -23,6 +23,9 @@ from .store import NewMessage, NewRecipient, Remembered, Store
 from .types import EnvelopeRecipient, GivenDkimKey, Stream, Submission, SubmitResult
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+# NewMessage.track by (track_opens, track_clicks)
+_TRACK = {(False, False): "", (True, False): "opens", (False, True): "clicks",
+          (True, True): "opens,clicks"}
 _CONTROL_PREFIX = "x-relay-"
 
 
@@ -264,8 +267,7 @@ class Submitter:
             refuse_if_suppressed=sub.refuse_if_suppressed,
             keep_mail_from=sub.keep_mail_from,
             pool=sub.pool,
-            track=",".join(k for k, on in (("opens", sub.track_opens),
-                                           ("clicks", sub.track_clicks)) if on),
+            track=_TRACK[bool(sub.track_opens), bool(sub.track_clicks)],
         )
 
     def _raw(self, sub: Submission, message_id: str, date: str,

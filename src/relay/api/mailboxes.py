@@ -4,6 +4,7 @@ Name <address>), normalized, and each address kept once across to, cc and bcc.""
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 from typing import Any
 
@@ -37,6 +38,22 @@ def mailboxes(value: Any, param: str) -> tuple[Mailbox, ...]:
 
 
 def mailbox(value: Any, param: str) -> Mailbox:
+    if isinstance(value, str):
+        try:
+            return _known(value)
+        except ApiError:
+            pass  # again, for the error naming `param`
+    return _mailbox(value, param)
+
+
+@functools.lru_cache(maxsize=4096)
+def _known(value: str) -> Mailbox:
+    """A mailbox given as text, remembered: bulk mail repeats its senders and recipients (a
+    refusal is not remembered; Mailbox is frozen, so one may be shared)."""
+    return _mailbox(value, "")
+
+
+def _mailbox(value: Any, param: str) -> Mailbox:
     if isinstance(value, str) and not _SPECIAL.search(value):
         name, address = "", value.strip()  # a bare address, the common case: no parsing
     elif isinstance(value, str) and (simple := _NAME_ADDR.match(value)) is not None:

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
+import pydantic
 from aiohttp import web
 
 from .. import compose, templates
@@ -34,7 +35,7 @@ from .owned import found_message, owned_message
 from .parts import checked_headers, decode_attachments
 from .pruned import raise_if_pruned
 from .requests import address_param, int_param, json_body, parse
-from .schemas import ReplyEmail, SendBatch, SendEmail
+from .schemas import ReplyEmail, SendBatch, SendEmail, ValidBatch
 from .stored import attachments_json, stored_mime, thread_of
 from .submitting import Expansion, check_broadcast, prepare, store_call, suppressed_error
 from .views import message_json
@@ -133,18 +134,20 @@ class NativeApi:
         raw = await json_body(request)
 
         async def produce(claim: Claim | None) -> Answer:
-            batch = parse(SendBatch, raw)
+            items = _valid_batch(raw) or parse(SendBatch, raw).emails
             failed: dict[int, dict[str, Any]] = {}
             messages, indexes = [], []
             # past the budget, this item and the rest are refused (413) and not built
             budget = Expansion(self._config.limits.max_request_expansion)
-            for i, item in enumerate(batch.emails):
+            for i, item in enumerate(items):
                 try:
                     budget.check(f"emails[{i}]")
-                    if not isinstance(item, dict):
+                    if not isinstance(item, (dict, SendEmail)):
                         raise ApiError(422, f"emails[{i}]: an email is a JSON object, not "
                                        f"{_json_kind(item)}", param=f"emails[{i}]")
-                    message = self._prepare(parse(SendEmail, item, prefix=f"emails[{i}]"), key)
+                    model = item if isinstance(item, SendEmail) else \
+                        parse(SendEmail, item, prefix=f"emails[{i}]")
+                    message = self._prepare(model, key)
                     budget.spend(message, f"emails[{i}]")
                     await self._checked(message)
                 except ApiError as exc:
@@ -158,7 +161,7 @@ class NativeApi:
                 by_index = dict(zip(indexes, queued, strict=True))
                 return Answer.of(207, {"results": [
                     {"index": i, "error": failed[i]} if i in failed else _batch_item(i, by_index[i])
-                    for i in range(len(batch.emails))]})
+                    for i in range(len(items))]})
 
             made: list[Answer] = []
 
@@ -269,7 +272,7 @@ def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
                             limit=limit) if m.html else m.html
     if text is None and html is None and not m.icalEvent:
         raise ApiError(422, "an email needs text, html or an icalEvent", param="text")
-    stream = Stream(m.stream)
+    stream = _STREAMS[m.stream]
     headers = checked_headers(m.headers.items(), stream)
     sender = mailbox(m.from_, "from")
     seen: set[str] = set()  # one copy of each address: to first, then cc, then bcc
@@ -284,16 +287,30 @@ def to_submission(m: SendEmail, key: ApiKey, config: Config) -> Submission:
         subject=subject, text=text, html=html, headers=tuple(headers), ical=m.icalEvent,
         attachments=decode_attachments(m.attachments, max_file=config.limits.max_attachment_size,
                                        max_total=config.limits.max_attachments_size))
-    utf8 = not all(mb.email.isascii() for mb in (sender, *to, *cc, *bcc))
+    every = (*to, *cc, *bcc)
+    utf8 = not (sender.email.isascii() and all([mb.email.isascii() for mb in every]))
     return Submission(
         mail_from=sender.email,
-        recipients=tuple(EnvelopeRecipient(address=mb.email) for mb in (*to, *cc, *bcc)),
+        recipients=tuple([EnvelopeRecipient(address=mb.email) for mb in every]),
         composition=composition,
         source="api", api_key_id=key.id, allowed_domains=key.domains,
-        tags=tuple(t.name + (f":{t.value}" if t.value else "") for t in m.tags),
+        tags=tuple([t.name + (f":{t.value}" if t.value else "") for t in m.tags]),
         metadata=m.metadata, stream=stream, smtputf8=utf8, refuse_if_suppressed=True,
         track_opens=m.trackOpens, track_clicks=m.trackClicks, pool=m.pool or "",
         scheduled_at=m.scheduledAt.timestamp() if m.scheduledAt else None)
+
+
+def _valid_batch(raw: bytes) -> list[SendEmail] | None:
+    """Every item of a batch at once, when every one is valid (the usual case): one pass of
+    pydantic over the body, not a pass to Python objects and another per item. Else None,
+    and each item is validated on its own, for its own error."""
+    try:
+        return ValidBatch.model_validate_json(raw).emails
+    except pydantic.ValidationError:
+        return None
+
+
+_STREAMS = {s.value: s for s in Stream}
 
 
 def _time_param(raw: str | None) -> float | None:

@@ -52,6 +52,7 @@ BATCH = 100
 # serializes its own, so a round's memory is a small multiple of this, whatever the sizes
 BATCH_OCTETS = 4 * 1024 * 1024
 IDLE_POLL = 1.0
+WAKE_GAP = 0.05  # seconds: the least between two rounds that found nothing due
 METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 
 SECRET_PREFIX = "whsec_"
@@ -221,6 +222,7 @@ class WebhookDispatcher:
 
     async def _run(self) -> None:
         while True:
+            started = time.monotonic()
             try:
                 due = await self._store.lease_deliveries(self._clock(), BATCH, LEASE,
                                                         max_octets=BATCH_OCTETS)
@@ -238,6 +240,9 @@ class WebhookDispatcher:
                 wait = IDLE_POLL
             self._wake.clear()
             await sleep_until_set(self._wake, wait)
+            # a round (a lease write and a read, even with no endpoint) at most every
+            # WAKE_GAP however many commits wake it: under load that is one a commit
+            await asyncio.sleep(started + WAKE_GAP - time.monotonic())
 
     def _body(self, d: Delivery) -> bytes | None:
         if d.endpoint.format == webhooks_mailchannels.FORMAT:

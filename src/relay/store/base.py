@@ -17,9 +17,11 @@ from ..types import (
     Recipient,
     Stream,
     SubmitResult,
+    quick_init,
 )
 
 
+@quick_init
 @dataclass(frozen=True, kw_only=True)
 class NewRecipient:
     address: str
@@ -28,6 +30,7 @@ class NewRecipient:
     orcpt: str | None = None
 
 
+@quick_init
 @dataclass(frozen=True, kw_only=True)
 class NewMessage:
     """A validated message ready to commit, as `submit` prepares it."""
@@ -68,6 +71,7 @@ class NewMessage:
     pool: str = ""  # the [[delivery.pools]] name the submitter asked for; "" = by stream
 
 
+@quick_init
 @dataclass(frozen=True, kw_only=True)
 class Remembered:
     """An idempotency key's first answer, kept 24 h for its scope (the API key)."""

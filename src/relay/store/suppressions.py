@@ -176,6 +176,8 @@ def screened(db: sqlite3.Connection, m: NewMessage, suppressed: dict[str, dict[s
     an address listed or removed meanwhile counts as it is then (seed 003)."""
     if m.scheduled_at is not None:
         return SubmitResult(message_id=m.id, status="scheduled"), True
+    if m.recipients and not candidates:  # the usual case: no recipient has an entry
+        return SubmitResult(message_id=m.id, status="queued"), True
     addresses = [r.address for r in m.recipients if r.address in candidates]
     found = screen(db, addresses, m.stream, m.sender_domain) if addresses else {}
     if found:
