@@ -59,9 +59,24 @@ def cpu_seconds(pid: int) -> dict[int, float]:
 
 
 def listening(port: int) -> int:
-    """How many sockets listen on the TCP port (one a process serving the API)."""
+    """How many sockets listen on the TCP port (the master's)."""
     rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
     return sum(1 for r in rows if r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A")
+
+
+def api_workers_up(pid: int, data_dir: Path) -> int:
+    """How many of the master's API workers have the store open (they take connections a
+    moment later: the master hands them out once each says it is ready)."""
+    up = 0
+    for child in children(pid):
+        try:
+            if b"relay.apiworker" not in Path(f"/proc/{child}/cmdline").read_bytes():
+                continue
+            fds = Path(f"/proc/{child}/fd").iterdir()
+            up += any(str(data_dir) in os.readlink(fd) for fd in fds)
+        except OSError:
+            continue
+    return up
 
 
 def children(pid: int) -> list[int]:
@@ -156,10 +171,11 @@ def main() -> None:
                                 stdout=subprocess.DEVNULL, stderr=log)
         try:
             deadline = time.monotonic() + 30
-            while listening(port) < args.workers:  # the master's socket, then the workers'
+            while not listening(port) or api_workers_up(proc.pid, tmp / "data") < args.workers - 1:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise SystemExit("relay did not start")
                 time.sleep(0.05)
+            time.sleep(0.5)  # the workers' "ready" to the master
             base = f"http://127.0.0.1:{port}"
             single = json.dumps(EMAIL).encode()
             batch = json.dumps({"emails": [EMAIL] * 100}).encode()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import http.client
+import itertools
 import json
 import os
 import re
@@ -129,8 +130,7 @@ class Relay:
         return found[0]
 
     def one_of_each(self) -> dict[str, http.client.HTTPConnection]:
-        """A keep-alive connection served by the master and one by the worker (the kernel
-        picks a process for each new connection by a hash of its addresses)."""
+        """A keep-alive connection served by the master and one by the worker."""
         conns: dict[str, http.client.HTTPConnection] = {}
         for _ in range(200):
             conn = self.connect()
@@ -222,6 +222,24 @@ async def test_both_processes_answer_and_mail_sent_through_the_worker_goes_out_a
         status, answer, by = await asyncio.to_thread(
             r.request, conns["master"], "POST", "/v1/emails", {**EMAIL, "to": ["m@example.org"]})
         assert (status, by) == (202, "master"), answer
+
+
+def test_the_connections_are_handed_out_in_turn_and_a_dead_workers_turns_served_here(
+        relay: Callable[..., Relay]) -> None:
+    """The master accepts and hands the worker every other connection (api/handoff.py): a
+    client's connections split evenly, where SO_REUSEPORT's hash of the addresses split 32 of
+    them as unevenly as 33/67. With the worker killed, its turns are the master's."""
+    r = relay()
+    order = [r.request(r.connect(), "GET", "/healthz")[2] for _ in range(20)]
+    assert sorted(set(order)) == ["api1", "master"], order
+    assert all(a != b for a, b in itertools.pairwise(order)), order  # strictly in turn
+    (worker,) = r.workers()
+    os.kill(worker, signal.SIGKILL)
+    # (its threads close its files a moment after its main thread shows it dead: what is
+    # handed to it then is lost with it, as what a dying process had accepted always was)
+    r.wait_for(lambda: "was killed by SIGKILL" in r.log(), "the master to see it die")
+    for _ in range(6):  # each served here (tests/test_handoff.py: a handoff that fails)
+        assert r.request(r.connect(), "GET", "/healthz")[0] == 200
 
 
 def test_metrics_and_readiness_are_the_same_through_either_process(

@@ -1,6 +1,6 @@
 """An API worker: one more process serving the HTTP API on the master's port, for
-`[api] workers` > 1 (the master serves it too; the kernel spreads connections over the
-processes by SO_REUSEPORT).
+`[api] workers` > 1. The master accepts the connections, serves its turn of them and hands
+this process its own over a Unix socket (api/handoff.py).
 
 It has what the master's API has: its own store connection and group-commit writer (on
 SQLite the writers of every process take turns by the store's WriteLock), its own
@@ -27,6 +27,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -35,8 +36,7 @@ from aiohttp import web
 
 from . import logs, metrics
 from .aio import run_loop
-from .api.app import CONNECTIONS, DRAINING, make_app, per_process
-from .api.app import serve as serve_app
+from .api.app import CONNECTIONS, DRAINING, make_app, per_process, serve_handed
 from .api.health import Check, SharedChecks
 from .api.metrics import SCRAPE
 from .config import Config
@@ -113,7 +113,8 @@ def feed_line(others: metrics.Snapshot, checks: list[Check]) -> bytes:
                       separators=(",", ":")).encode() + b"\n"
 
 
-async def serve(args: ApiWorkerArgs, wake_fd: int, metrics_fd: int, feed_fd: int) -> None:
+async def serve(args: ApiWorkerArgs, wake_fd: int, metrics_fd: int, feed_fd: int,
+                channel: socket.socket) -> None:
     config = args.config
     api = config.api
     metrics.configure(process="api", domains=config.metrics.domains)
@@ -129,12 +130,10 @@ async def serve(args: ApiWorkerArgs, wake_fd: int, metrics_fd: int, feed_fd: int
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = server = None
+    runner = receiver = None
     tasks = [asyncio.create_task(metricspipe.send(metrics_fd), name="metrics")]
     try:
-        runner, server = await serve_app(
-            app, api.address, args.port, reuse_port=True,
-            backlog=min(served.limits.max_http_connections, 4096))
+        runner, receiver = await serve_handed(app, channel, on_eof=stop.set)
         listening = asyncio.create_task(
             metricspipe.read_lines(feed_fd, feed.update, "the master"), name="feed")
         listening.add_done_callback(lambda _: stop.set())  # EOF: the master is gone
@@ -146,9 +145,9 @@ async def serve(args: ApiWorkerArgs, wake_fd: int, metrics_fd: int, feed_fd: int
         await stop.wait()
     finally:
         app[DRAINING].on = True  # every answer from now on closes its connection
-        if server is not None:
-            server.close()  # no new connections; the runner finishes the open ones' requests
-            await _quiet(app, GRACE)
+        if receiver is not None:
+            receiver.drain()  # what the master handed over before it stopped handing any
+            await _quiet(app, GRACE)  # the runner finishes the open connections' requests
         if runner is not None:
             await runner.cleanup()
         for task in tasks:
@@ -171,12 +170,12 @@ async def _quiet(app: web.Application, grace: float) -> None:
 def main() -> None:
     die_with_parent()
     ignore_hangup()
-    wake_fd, metrics_fd, feed_fd = (int(a) for a in sys.argv[1:4])
+    wake_fd, metrics_fd, feed_fd, channel_fd = (int(a) for a in sys.argv[1:5])
     args: ApiWorkerArgs = pickle.load(sys.stdin.buffer)  # from our own master, over a pipe
     logs.configure(args.config.log, process=f"api{args.index}")
     if os.getppid() == 1:  # the master died before we could ask to die with it
         return
-    run_loop(serve(args, wake_fd, metrics_fd, feed_fd))
+    run_loop(serve(args, wake_fd, metrics_fd, feed_fd, socket.socket(fileno=channel_fd)))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""The master's handle on its API workers (apiworker.py): start `[api] workers` - 1 of them on
-its API port, hear their wakes and counts, tell them everyone else's, restart one that dies,
-and stop them, each finishing the requests it has.
+"""The master's handle on its API workers (apiworker.py): start `[api] workers` - 1 of them,
+hand them their turns of the API's connections (api/handoff.py), hear their wakes and counts,
+tell them everyone else's, restart one that dies, and stop them, each finishing the requests
+it has.
 
 A worker that dies is started again after RESTART_DELAY, doubling up to RESTART_MAX while
 they keep dying young (a worker that ran STEADY seconds starts from RESTART_DELAY again).
-The kernel hands a dead worker's share of new connections to the processes still listening;
-connections it had accepted but not answered are lost with it, as with any server process.
+Until then the master serves its turns; connections it had been handed but not answered are
+lost with it, as with any server process.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import contextlib
 import logging
 import os
 import pickle
+import socket
 import sys
 import time
 from collections.abc import Callable
 
 from . import metrics
+from .api.handoff import Acceptor, channel_pair
 from .api.health import Check
 from .apiworker import READY, ApiWorkerArgs, feed_line
 from .config import Config
@@ -39,10 +42,11 @@ STOP_TIMEOUT = 70.0  # aiohttp gives open requests 60 s to finish
 class _Child:
     """One worker process and the master's ends of its pipes."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, wake_r: int,
+    def __init__(self, proc: asyncio.subprocess.Process, wake_r: int, channel: socket.socket,
                  remote: metrics.Remote) -> None:
         self.proc = proc
         self.wake_r = wake_r
+        self.channel = channel  # the master's end of its handoff socket
         self.remote = remote
         self.started = time.monotonic()
         self.tasks: list[asyncio.Task[None]] = []
@@ -51,14 +55,16 @@ class _Child:
 
 
 class ApiWorkers:
-    """`count` workers serving `port`; `on_wake` is called when one committed new mail;
-    `checks` are the master's own readiness checks, which the workers repeat."""
+    """`[api] workers` - 1 workers, each served its turn of `acceptor`'s connections;
+    `on_wake` is called when one committed new mail; `checks` are the master's own readiness
+    checks, which the workers repeat."""
 
-    def __init__(self, config: Config, port: int, *, remotes: metrics.Remotes,
+    def __init__(self, config: Config, acceptor: Acceptor, *, remotes: metrics.Remotes,
                  others: Callable[[], metrics.Snapshot], on_wake: Callable[[], None],
                  checks: Callable[[], list[Check]]) -> None:
         self._config = config
-        self._port = port
+        self._acceptor = acceptor
+        self._port = acceptor.sockets[0].getsockname()[1]  # for the workers' log
         self._remotes = remotes  # where each worker's counts go, kept when it ends
         self._others = others  # every count the master knows, the workers' included
         self._on_wake = on_wake
@@ -97,7 +103,8 @@ class ApiWorkers:
         wake_r, wake_w = os.pipe()
         metrics_r, metrics_w = os.pipe()
         feed_r, feed_w = os.pipe()
-        theirs = (wake_w, metrics_w, feed_r)
+        channel, their_channel = channel_pair()
+        theirs = (wake_w, metrics_w, feed_r, their_channel.detach())
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relay.apiworker", *map(str, theirs),
@@ -108,11 +115,12 @@ class ApiWorkers:
         except BaseException:
             for fd in (wake_r, metrics_r, feed_w):
                 os.close(fd)
+            channel.close()
             raise
         finally:
             for fd in theirs:
                 os.close(fd)
-        child = _Child(proc, wake_r, self._remotes.join())
+        child = _Child(proc, wake_r, channel, self._remotes.join())
         self._children[index] = child
         loop = asyncio.get_running_loop()
         os.set_blocking(wake_r, False)
@@ -136,6 +144,8 @@ class ApiWorkers:
             return
         if READY in data and not child.ready.done():
             child.ready.set_result(None)
+            if not child.ended and not self._stopping:
+                self._acceptor.add(child.channel)  # it serves its turns from now on
         if data:
             self._on_wake()
         else:  # the worker is gone; its end is closed
@@ -157,6 +167,8 @@ class ApiWorkers:
         if child.ended:
             return
         child.ended = True
+        self._acceptor.remove(child.channel)
+        child.channel.close()  # what it had not taken is closed with it
         asyncio.get_running_loop().remove_reader(child.wake_r)
         os.close(child.wake_r)
         receiving, feeding = child.tasks
@@ -203,6 +215,8 @@ class ApiWorkers:
         children = list(self._children.values())
         self._children.clear()
         for child in children:
+            # no more connections first: it serves those it has been handed, then stops
+            self._acceptor.remove(child.channel)
             if child.proc.returncode is None:
                 child.proc.terminate()
         await asyncio.gather(*(self._reap(c, timeout) for c in children))

@@ -14,8 +14,9 @@ from aiohttp import web
 
 from . import metrics
 from .api import metrics as api_metrics
-from .api.app import DRAINING, make_app, per_process
+from .api.app import DRAINING, make_app, per_process, serve_shared
 from .api.app import serve as serve_app
+from .api.handoff import Acceptor
 from .api.health import Check, SharedChecks
 from .apiworkers import ApiWorkers
 from .config import Config, ListenerConfig
@@ -55,7 +56,9 @@ class Service:
 
     api_bound: tuple[str, int] | None = None  # (address, port) of the HTTP API
     api_runner: web.AppRunner | None = field(init=False, default=None)
-    api_server: asyncio.base_events.Server | None = field(init=False, default=None)
+    # the API's listening socket: asyncio's server, or with API workers the Acceptor that
+    # hands them their turns of the connections
+    api_server: asyncio.base_events.Server | Acceptor | None = field(init=False, default=None)
     webhooks: WebhookDispatcher | None = field(init=False, default=None)
     scheduler: Scheduler | None = field(init=False, default=None)  # delivery in this process
     worker: WorkerProcess | None = field(init=False, default=None)  # or in its own
@@ -132,10 +135,14 @@ class Service:
         workers = api.workers
         config = per_process(self.config, workers)
         app = make_app(config, self.store, self.submitter, readiness=self.readiness)
+        backlog = min(self.config.limits.max_http_connections, 4096)  # one queue for all
         try:
-            self.api_runner, self.api_server = await serve_app(
-                app, api.address, api.port, reuse_port=workers > 1,
-                backlog=min(config.limits.max_http_connections, 4096))
+            if workers > 1:
+                self.api_runner, self.api_server = await serve_shared(
+                    app, api.address, api.port, backlog=backlog)
+            else:
+                self.api_runner, self.api_server = await serve_app(
+                    app, api.address, api.port, backlog=backlog)
         except OSError as exc:
             raise ConfigError(self.config.source, "api.port",
                               f"cannot listen on {api.address}:{api.port}: "
@@ -147,10 +154,10 @@ class Service:
     async def start_api_workers(self, config: Config) -> None:
         """The API's other processes (`[api] workers` - 1 of them) on the port it bound; a
         reload starts a new set with its config, then stops the old one (lifecycle/reload)."""
-        if self.api_bound is None or config.api.workers <= 1:
+        if self.api_bound is None or not isinstance(self.api_server, Acceptor):
             return
         self.api_workers = ApiWorkers(
-            config, self.api_bound[1], remotes=self.api_metrics, others=self.counts,
+            config, self.api_server, remotes=self.api_metrics, others=self.counts,
             on_wake=self.submitter.notify_queued,
             checks=lambda: readiness.master_checks(self))
         await self.api_workers.start()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -15,7 +17,7 @@ from ..feedback.tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_
 from ..feedback.webhooks_mailchannels import Signer
 from ..store import SQLiteStore
 from ..submit import Submitter
-from . import accesslog, auth, metrics
+from . import accesslog, auth, handoff, metrics
 from .connections import ConnectionGuard
 from .contacts import ContactsApi, UpsertContact
 from .dashboard import Dashboard
@@ -196,24 +198,46 @@ def per_process(config: Config, processes: int) -> Config:
         limits, max_http_connections=share))
 
 
-async def serve(app: web.Application, address: str, port: int, *, backlog: int,
-                reuse_port: bool = False
+async def serve(app: web.Application, address: str, port: int, *, backlog: int
                 ) -> tuple[web.AppRunner, asyncio.base_events.Server]:
     """The app on a server of its own: aiohttp's protocol factory behind the connection
     guard (caps and read deadlines), rather than a TCPSite, which would serve it unguarded.
-    `reuse_port`: several processes serve the port (SO_REUSEPORT). Raises OSError."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    assert runner.server is not None
-    factory = app[CONNECTIONS].protocol_factory(runner.server)
+    Raises OSError."""
+    runner, protocols = await _runner(app)
     try:
         server = await asyncio.get_running_loop().create_server(
-            factory, address, port, reuse_address=True, reuse_port=reuse_port,
-            backlog=backlog)
+            protocols, address, port, reuse_address=True, backlog=backlog)
     except BaseException:
         await runner.cleanup()
         raise
     return runner, server
+
+
+async def serve_shared(app: web.Application, address: str, port: int, *, backlog: int
+                       ) -> tuple[web.AppRunner, handoff.Acceptor]:
+    """As serve, for a master with API workers: it accepts every connection and hands the
+    workers their turns (api/handoff.py). Raises OSError."""
+    runner, protocols = await _runner(app)
+    try:
+        acceptor = handoff.Acceptor(handoff.listening_socket(address, port, backlog), protocols)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, acceptor
+
+
+async def serve_handed(app: web.Application, channel: socket.socket, *,
+                       on_eof: Callable[[], None]) -> tuple[web.AppRunner, handoff.Receiver]:
+    """As serve, for an API worker: the connections the master hands it over `channel`."""
+    runner, protocols = await _runner(app)
+    return runner, handoff.Receiver(channel, protocols, on_eof)
+
+
+async def _runner(app: web.Application) -> tuple[web.AppRunner, handoff.Protocols]:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    assert runner.server is not None
+    return runner, app[CONNECTIONS].protocol_factory(runner.server)
 
 
 async def openapi_handler(request: web.Request) -> web.Response:

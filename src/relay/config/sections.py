@@ -82,7 +82,7 @@ class ApiConfig:
     address: str = field(default="127.0.0.1", metadata=meta(check_address))
     port: int = field(default=8025, metadata=meta(check_port))
     public_url: str = "http://127.0.0.1:8025"
-    # processes serving the API on one port (SO_REUSEPORT): the master and workers - 1 more
+    # processes serving the API on one port: the master (which accepts) and workers - 1 more
     workers: int = field(default=1, metadata=meta(at_most(MAX_API_WORKERS)))
 
 

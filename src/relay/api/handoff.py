@@ -1,0 +1,202 @@
+"""The API's connections shared out among its processes (`[api] workers` > 1).
+
+The master accepts every connection and hands each of the workers its turn of them (round
+robin) over a Unix socket of its own (SCM_RIGHTS), as Node's cluster module does. The kernel's
+SO_REUSEPORT, which relay used before, picks a process by a hash of the addresses: a client's
+32 keep-alive connections were split 58/42 or 33/67 in some benchmark rounds, and the busier
+process set the pace for all. Handed out in turn, a client's connections split evenly.
+
+A connection whose handoff fails (the worker's socket is full, or the worker is gone) is
+served by the master: none is dropped for it. A worker stops getting connections before it is
+told to stop (ApiWorkers), and serves every one already on its socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+ACCEPTS_A_TURN = 64  # connections accepted in one wake of the loop, at most
+FDS_A_READ = 32  # connections taken off the handoff socket in one read, at most
+PAUSE_WHEN_OUT_OF_FILES = 1.0  # seconds without accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
+OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+Protocols = Callable[[], asyncio.Protocol]
+
+
+def listening_socket(address: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket on an IP literal (the config checks it is one), non-blocking,
+    bound as asyncio's create_server binds one. Raises OSError."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """A handoff socket: (the master's end, non-blocking; the worker's end, to pass on)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    return ours, theirs
+
+
+class _Serving:
+    """Connections the loop is taking on, kept referenced until it has."""
+
+    def __init__(self, protocols: Protocols) -> None:
+        self._protocols = protocols
+        self._starting: set[asyncio.Task[None]] = set()
+
+    def __call__(self, conn: socket.socket) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(conn))
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self._protocols, conn)
+        except OSError as exc:  # the client left already
+            log.debug("cannot serve a connection: %s", exc)
+            conn.close()
+
+
+class Acceptor:
+    """The master's listening socket: accepts, and serves each connection here or hands it
+    to the worker whose turn it is. Quacks like asyncio's Server where relay uses one
+    (`sockets`, `close`)."""
+
+    def __init__(self, sock: socket.socket, protocols: Protocols) -> None:
+        self._sock = sock
+        self._serve_here = _Serving(protocols)
+        self._channels: list[socket.socket] = []
+        self._turn = 0
+        self._closed = False
+        self.handed = 0  # connections handed to a worker; for tests and benches
+        self.kept = 0  # connections served here
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return () if self._closed else (self._sock,)
+
+    def add(self, channel: socket.socket) -> None:
+        """A worker that takes its turn of the connections from now on."""
+        self._channels.append(channel)
+
+    def remove(self, channel: socket.socket) -> None:
+        """A worker that gets no more (it is stopping, or gone)."""
+        if channel in self._channels:
+            self._channels.remove(channel)
+
+    def close(self) -> None:
+        """No new connections; the open ones are their protocols' to finish."""
+        if not self._closed:
+            self._closed = True
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPTS_A_TURN):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the client gave up while it waited in the backlog
+            except OSError as exc:
+                if exc.errno not in OUT_OF_RESOURCES:
+                    raise
+                self._pause(exc)
+                return
+            self._place(conn)
+
+    def _pause(self, exc: OSError) -> None:
+        """Out of files (or memory): leave the backlog waiting a moment, as asyncio does,
+        rather than spin on a socket that stays readable."""
+        log.error("cannot accept API connections for %.0f s: %s", PAUSE_WHEN_OUT_OF_FILES,
+                  exc.strerror)
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._sock.fileno())
+
+        def resume() -> None:
+            if not self._closed:
+                loop.add_reader(self._sock.fileno(), self._accept)
+
+        loop.call_later(PAUSE_WHEN_OUT_OF_FILES, resume)
+
+    def _place(self, conn: socket.socket) -> None:
+        self._turn = (self._turn + 1) % (len(self._channels) + 1)
+        if self._turn:  # a worker's turn
+            channel = self._channels[self._turn - 1]
+            try:
+                socket.send_fds(channel, [b"c"], [conn.fileno()])
+            except BlockingIOError:
+                pass  # its socket is full: it is behind, so this one is served here
+            except OSError as exc:  # it is gone; ApiWorkers will remove it too
+                log.warning("API worker not taking connections (%s); serving them here",
+                            exc.strerror)
+                self.remove(channel)
+            else:
+                conn.close()  # the worker has its own descriptor of it now
+                self.handed += 1
+                return
+        self.kept += 1
+        self._serve_here(conn)
+
+
+class Receiver:
+    """A worker's end of its handoff socket: serves each connection the master hands it.
+    `on_eof`: the master closed its end."""
+
+    def __init__(self, channel: socket.socket, protocols: Protocols,
+                 on_eof: Callable[[], None]) -> None:
+        self._channel = channel
+        self._serve = _Serving(protocols)
+        self._on_eof = on_eof
+        self._reading = True
+        channel.setblocking(False)
+        asyncio.get_running_loop().add_reader(channel.fileno(), self._read)
+
+    def _read(self) -> bool:
+        """Take up to FDS_A_READ connections; True if there may be more."""
+        for _ in range(FDS_A_READ):
+            try:
+                data, fds, _, _ = socket.recv_fds(self._channel, 16, 8)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                log.error("cannot read the master's handoff socket: %s", exc.strerror)
+                data, fds = b"", []
+            for fd in fds:
+                self._serve(socket.socket(fileno=fd))
+            if not data and not fds:
+                self._stop_reading()
+                self._on_eof()
+                return False
+        return True
+
+    def drain(self) -> None:
+        """Stopping: serve what the master handed over already (it hands no more once it
+        stops a worker), then read no more."""
+        while self._reading and self._read():
+            pass
+        self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            asyncio.get_running_loop().remove_reader(self._channel.fileno())
