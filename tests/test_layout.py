@@ -16,7 +16,7 @@ MAX_LINES = 400
 # Lower layers first. A module may import from its own layer and the ones before it.
 LAYERS: tuple[tuple[str, ...], ...] = (
     # the values and rules everything shares
-    ("relay.types", "relay.errors", "relay.aio", "relay.owners", "relay.clients",
+    ("relay.frozen", "relay.types", "relay.errors", "relay.aio", "relay.owners", "relay.clients",
      "relay.timefmt", "relay.addresses", "relay.config", "relay.tlsutil", "relay.rawmail",
      "relay.compose", "relay.templates", "relay.dkimkeys", "relay.datadir",
      "relay.metrics", "relay.logs", "relay.dnsrecords"),

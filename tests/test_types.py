@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from relay.frozen import quick_init
 from relay.store.base import NewMessage
-from relay.types import Mailbox, Submission, quick_init
+from relay.types import Mailbox, Submission
 
 
 def test_quick_init_keeps_frozen_dataclass_behaviour() -> None:

@@ -1,37 +1,12 @@
-"""The values that travel through relay. Imports nothing from the package."""
+"""The values that travel through relay. Imports nothing from the package but frozen.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-from dataclasses import MISSING, dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
 
-T = TypeVar("T")
-_GIVEN = object()  # the default of a default_factory field: not given
-
-
-def quick_init(cls: type[T]) -> type[T]:
-    """A frozen keyword-only dataclass's __init__, filling the instance's dict at once: the
-    one frozen=True makes calls object.__setattr__ a field, twice the cost in the classes
-    made per message. Still frozen (an assignment raises FrozenInstanceError)."""
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-    if not all(f.kw_only and f.init for f in fields) or hasattr(cls, "__post_init__"):
-        raise TypeError(f"quick_init cannot make {cls.__name__}'s __init__")
-    names: dict[str, Any] = {"_GIVEN": _GIVEN}
-    args, body = [], []
-    for f in fields:
-        names[f"_{f.name}"] = f.default if f.default_factory is MISSING else f.default_factory
-        made = f.default_factory is not MISSING  # made when not given: _name()
-        args.append(f.name if f.default is MISSING and not made
-                    else f"{f.name}=_GIVEN" if made else f"{f.name}=_{f.name}")
-        body.append(f"d[{f.name!r}] = _{f.name}() if {f.name} is _GIVEN else {f.name}"
-                    if made else f"d[{f.name!r}] = {f.name}")
-    source = f"def __init__(self, *, {', '.join(args)}):\n d = self.__dict__\n " + \
-        "\n ".join(body)
-    exec(source, names)  # noqa: S102 (the class's own field names, as dataclasses does)
-    cls.__init__ = names["__init__"]  # type: ignore[misc]
-    return cls
+from .frozen import quick_init
 
 
 class RecipientStatus(enum.StrEnum):

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..frozen import quick_init
 from ..types import (
     ApiKey,
     Attempt,
@@ -17,7 +18,6 @@ from ..types import (
     Recipient,
     Stream,
     SubmitResult,
-    quick_init,
 )
 
 
