@@ -537,3 +537,36 @@ Transcript of session follows.
 """)
     (r,) = [r for r in parse(raw).recipients if r.address == "ann@example.org"]
     assert (r.status, r.reply_code, r.reason) == ("4.3.0", 451, "systemerror")
+
+
+# -- words the rules above did not read (bounce-seven) ----------------------------------
+
+
+def test_words_in_a_token_joined_by_underscores_are_read() -> None:
+    # "550 BAD_RECIPIENT", "MAILBOX_FULL": a server's code word is still its words
+    assert bounces.classify("5.0.0", 550, "550 BAD_RECIPIENT - see http://mail.example.org/"
+                            "undelivered.php?r=BAD_RECIPIENT", stage="RCPT") == (
+        "userunknown", "hard")
+    assert bounces.classify("5.0.0", 552, "552 MAILBOX_FULL") == ("mailboxfull", "soft")
+
+
+def test_an_address_that_could_not_be_found_is_a_missing_mailbox() -> None:
+    # Gmail's notice with no Diagnostic-Code: "the address couldn't be found" (in reply to
+    # RCPT TO: bounce_stage reads the same words so)
+    human = ("** Address not found **\n\nYour message wasn't delivered to ann@example.org "
+             "because the address couldn't be found. Check for typos or unnecessary spaces "
+             "and try again.")
+    assert _one(_dsn(human, "5.0.0", "")) == ("ann@example.org", "userunknown", "hard")
+
+
+@pytest.mark.parametrize("reply", [
+    "554 delivery error: dd This user doesn't have a example.org account (ann@example.org)",
+    "550 ann@example.org unknown user account",
+])
+def test_a_quoted_reply_that_the_account_is_not_there_is_believed(reply: str) -> None:
+    # the terse "user unknown" quoted without its command may be a filter's cover (above);
+    # words that the account itself does not exist are the address's
+    assert _one(_plain(f"<ann@example.org>:\n{reply}\n")) == (
+        "ann@example.org", "userunknown", "hard")
+    assert _one(_plain("<ann@example.org>:\n550 ann@example.org... No such user\n")) == (
+        "ann@example.org", "filtered", "soft")

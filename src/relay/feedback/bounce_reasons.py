@@ -108,7 +108,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|\bhost [\w\-]+(\.[\w\-]+)+ not found"),
     ("userunknown", r"(user|recipient|rcpt|mailbox|address|account|addressee|destination)"
                     r".{0,50}(unknown|not (found|exist|known|valid|listed)|does( not|n.?t)"
-                    r" exist|doesn.?t have|invalid|no such|unavailable)"
+                    r" exist|doesn.?t have|invalid|no such|unavailable"
+                    r"|(couldn.?t|could not|can ?not) be found)"
                     r"|no such (user|recipient|mailbox|address|account|person)"
                     r"|is not a known (user|recipient|address)|no mail ?box (found|available)"
                     r"|unknown (user|recipient|local|mailbox|address|alias|addressee)"
@@ -211,6 +212,14 @@ _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time
                       r"|failed (after )?\d+ (delivery )?attempts", re.I)
 
 
+# words that the account itself is not there ("This user doesn't have a example.com account",
+# "unknown user account"), not the terse "user unknown" a filter or a carrier answers for a
+# mailbox that refuses this sender: believed from a quoted reply whose command is not said
+_NO_SUCH_ACCOUNT = re.compile(r"(does not|doesn.?t) have an? .{0,40}\baccount\b"
+                              r"|\b(unknown|no such|invalid|non-?existent) (user )?account\b",
+                              re.IGNORECASE)
+
+
 # conditions that last, so that they, not the queue's giving up, are why the mail failed:
 # a full mailbox, or a sender the remote distrusts
 _OUTLASTS_GIVING_UP = frozenset({"mailboxfull", "badreputation"})
@@ -242,6 +251,7 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     text = ADDRESS_RE.sub(" ", text or "")  # a local part such as "mailbox-full" says nothing
     text = STAGE_SAID.sub(" ", text)  # "after MAIL FROM:": the reporter's words, not the remote's
     text = _REPORTER_SAID.sub(" ", text)
+    text = text.replace("_", " ")  # "550 BAD_RECIPIENT", "MAILBOX_FULL": words in a token
     phrase = phrase_reason(text) if text else None
     if text and _GAVE_UP.search(text) and phrase not in _OUTLASTS_GIVING_UP and not (
             phrase == "networkerror" and NAME_SERVICE.search(text)):
@@ -261,7 +271,8 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     # the remote's own reply says whether it refused for good, over a reporter's 4.x.x field
     # (Postfix: "refused to talk to me: 550 ..." with Status: 4.5.0)
     said = str(reply_code)[0] if reply_code and stage == "CONN" else cls
-    reason = by_stage(reason, said, detail, stage, quoted=reply_code is not None)
+    reason = by_stage(reason, said, detail, stage,
+                      quoted=reply_code is not None and not _NO_SUCH_ACCOUNT.search(text))
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
     return reason, "hard" if hard else "soft"
 
