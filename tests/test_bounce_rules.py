@@ -120,9 +120,23 @@ def test_any_addressing_code_names_the_address_at_any_stage(status: str) -> None
     # the reporter's own summary: the address, not the message, was refused
     (("Address not found. Your message wasn't delivered to ann@example.org because the "
       "address couldn't be found. The response was: 550 User unknown"), "RCPT"),
+    # qmail when every MX refused: how far it got
+    (("Sorry, no SMTP connection got far enough; most progress was RCPT TO response; "
+      "remote host 192.0.2.1 said: 550 User unknown"), "RCPT"),
+    ("Remote host 192.0.2.1 said 550 for RCPT TO response: 550 User unknown", "RCPT"),
 ])
 def test_the_stage_in_other_reporters_words(words: str, stage: str) -> None:
     assert smtp_stage(words, "ann@example.org", "550 User unknown") == stage
+
+
+def test_sendmails_summary_line_defers_to_the_transcripts_copy() -> None:
+    # Sendmail repeats the remote's reply below the "<<<" line it quotes; that copy has no
+    # command before it, the quoted one answered the RCPT TO
+    transcript = ("... while talking to mx.example.org.:\n>>> RCPT To:<ann@example.org>\n"
+                  "<<< 550 5.1.1 <ann@example.org>... User unknown\n"
+                  "550 5.1.1 <ann@example.org>... User unknown\n>>> DATA\n<<< 503 5.0.0 Need RCPT\n")
+    diagnostic = "550 5.1.1 <ann@example.org>... User unknown"
+    assert smtp_stage(transcript, "ann@example.org", diagnostic) == "RCPT"
 
 
 def test_recipient_address_rejected_is_a_reply_to_rcpt_to() -> None:
