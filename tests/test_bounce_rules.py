@@ -265,14 +265,14 @@ def test_a_refusal_at_the_greeting_is_of_the_client_when_the_remote_says_for_goo
                " later.")
     assert _one(raw) == ("ann@example.org", "blocked", "soft")
     # Postfix's "delivery temporarily suspended" is its own word on the destination, not an
-    # account suspended; a 421 at the greeting stays a remote's trouble for now
+    # account suspended; a 421 at the greeting refuses the client too, for now
     human = ("<ann@example.org>: delivery temporarily suspended: connect to\n"
              "    mx.example.org[192.0.2.1]: server refused to talk to me: 421 Service not\n"
              "    available, closing transmission channel")
     raw = _dsn(human, "4.0.0", "Diagnostic-Code: X-Postfix; delivery temporarily suspended:"
                " connect to mx.example.org[192.0.2.1]: server refused to talk to me: 421"
                " Service not available, closing transmission channel")
-    assert _one(raw) == ("ann@example.org", "systemerror", "soft")
+    assert _one(raw) == ("ann@example.org", "blocked", "soft")
 
 
 def test_an_automatic_acknowledgement_is_an_auto_reply() -> None:

@@ -268,10 +268,7 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         reason = "expired" if cls == "4" else "undefined"
     if reason == "hostunknown" and cls == "4":
         reason = "networkerror"  # a DNS answer that may still change
-    # the remote's own reply says whether it refused for good, over a reporter's 4.x.x field
-    # (Postfix: "refused to talk to me: 550 ..." with Status: 4.5.0)
-    said = str(reply_code)[0] if reply_code and stage == "CONN" else cls
-    reason = by_stage(reason, said, detail, stage,
+    reason = by_stage(reason, detail, stage,
                       quoted=reply_code is not None and not _NO_SUCH_ACCOUNT.search(text))
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
     return reason, "hard" if hard else "soft"
@@ -291,14 +288,17 @@ def names_address(detail: str) -> bool:
     return detail.startswith("1.") and detail not in _ADDRESS_NOT_BAD
 
 
-def by_stage(reason: str, cls: str, detail: str, stage: str | None,
+def by_stage(reason: str, detail: str, stage: str | None,
              quoted: bool = False) -> str:
     """The reason corrected by what the refused command was about.  `quoted`: the text
     quotes a remote server's SMTP reply (a reply code), not the reporting host's own words."""
     if stage == "MAIL" and reason in ("userunknown", "undefined", "filtered"):
         return "rejected"  # it refused the sender, not the recipient
-    if stage == "CONN" and cls == "5" and reason in _NOT_OF_A_CLIENT:
-        return "blocked"  # it refused the client for good before hearing of any address
+    if stage == "CONN" and reason in _NOT_OF_A_CLIENT:
+        # it refused the client before hearing of any address, for good (5xx) or for now
+        # (4xx: "421 Service not available" at the greeting); too many connections and the
+        # like keep their own reason
+        return "blocked"
     if reason == "userunknown" and stage != "RCPT" and not names_address(detail) and (
             stage == "DATA" or quoted or detail.startswith(("2.", "7."))):
         # "user unknown" is believed from the code (X.1.x), in reply to RCPT TO, or from the
