@@ -584,3 +584,11 @@ def test_a_quoted_reply_that_the_account_is_not_there_is_believed(reply: str) ->
         "ann@example.org", "userunknown", "hard")
     assert _one(_plain("<ann@example.org>:\n550 ann@example.org... No such user\n")) == (
         "ann@example.org", "filtered", "soft")
+
+
+def test_a_rate_limit_says_why_a_system_does_not_accept_messages() -> None:
+    # X.3.2 "system not accepting network messages"; the words say it is this client's rate
+    assert bounces.classify("4.3.2", 452, "452 4.3.2 Connection rate limit exceeded.") == (
+        "toomanyconn", "soft")
+    # without such words the code's own reason stands
+    assert bounces.classify("5.3.2", 554, "554 5.3.2 Service not available")[0] == "notaccept"

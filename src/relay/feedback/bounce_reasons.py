@@ -261,7 +261,9 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     reason = None
     if detail and detail not in _VAGUE:
         reason = _BY_STATUS.get(detail)
-    if reason is None or (phrase and detail in _VAGUE):
+    if reason is None or (phrase and detail in _VAGUE) or (
+            detail == "3.2" and phrase in ("toomanyconn", "speeding")):
+        # X.3.2, "system not accepting network messages": a rate limit says why it does not
         reason = phrase or _BY_STATUS.get(detail) or (
             _BY_REPLY.get(reply_code) if reply_code else None)
     if reason is None:
