@@ -592,3 +592,12 @@ def test_a_rate_limit_says_why_a_system_does_not_accept_messages() -> None:
         "toomanyconn", "soft")
     # without such words the code's own reason stands
     assert bounces.classify("5.3.2", 554, "554 5.3.2 Service not available")[0] == "notaccept"
+
+
+def test_a_status_fields_comment_speaks_when_nothing_else_does() -> None:
+    # no Diagnostic-Code and no prose about the address: the comment says what failed
+    raw = _dsn("", "4.0.0 (example.org: host name lookup failure)", "")
+    assert _one(raw)[1] == "networkerror"
+    # the remote's own words still win over it
+    raw = _dsn("", "5.0.0 (permanent failure)", "Diagnostic-Code: smtp; 552 Mailbox full")
+    assert _one(raw)[1] == "mailboxfull"
