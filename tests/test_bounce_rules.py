@@ -236,7 +236,7 @@ def test_an_explicit_x11_is_not_unnamed_by_a_scanners_or_a_policys_words(text: s
 
 @pytest.mark.parametrize(("text", "reason"), [
     ("550 5.1.1 <ann@example.org>... Mailbox is full", "mailboxfull"),
-    ("550 5.1.1 192.0.2.9 has sent to too many recipients this hour", "toomanyconn"),
+    ("550 5.1.1 192.0.2.9 has sent to too many recipients this hour", "speeding"),
     ("550 5.1.1 RCP-P2 Refused due to recipient preferences", "filtered"),
     ("550 5.1.1 Relaying denied", "norelaying"),
 ])
@@ -601,3 +601,10 @@ def test_a_status_fields_comment_speaks_when_nothing_else_does() -> None:
     # the remote's own words still win over it
     raw = _dsn("", "5.0.0 (permanent failure)", "Diagnostic-Code: smtp; 552 Mailbox full")
     assert _one(raw)[1] == "mailboxfull"
+
+
+def test_too_many_recipients_in_a_span_of_time_is_a_sending_rate() -> None:
+    text = "550 5.1.1 <ann@example.org> - 192.0.2.9 has sent to too many recipients this hour"
+    assert bounces.classify("5.1.1", 550, text)[0] == "speeding"
+    # too many recipients for one message or session is not
+    assert bounces.classify("4.5.3", 452, "452 4.5.3 Too many recipients")[0] != "speeding"

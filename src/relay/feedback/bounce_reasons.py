@@ -50,6 +50,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                  r"|\bfrom:? (domain |address )?(is )?(invalid|not valid)"),
     ("filtered", r"recipient preferences"),
     ("policyviolation", r"content presents a potential"),
+    # too many recipients in a span of time is a sending rate, not one message's count
+    ("speeding", r"too many (messages|mails|recipients) (this|per|an?|in the last) "
+                 r"(\d+ )?(second|minute|hour|day)"),
     ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent|recipients)"
                     r"|connection (rate|limit)|frequency limit"),
     ("virusdetected", r"virus|malware|infected|trojan"),
