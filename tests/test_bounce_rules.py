@@ -608,3 +608,17 @@ def test_too_many_recipients_in_a_span_of_time_is_a_sending_rate() -> None:
     assert bounces.classify("5.1.1", 550, text)[0] == "speeding"
     # too many recipients for one message or session is not
     assert bounces.classify("4.5.3", 452, "452 4.5.3 Too many recipients")[0] != "speeding"
+
+
+def test_an_automatic_reply_in_another_language_and_an_encoded_subject() -> None:
+    raw = b"""\
+From: Ann <ann@example.org>
+To: sender@sender.test
+Subject: [Automatyczna =?iso-8859-2?Q?odpowied=BC?=] Hello
+Precedence: junk
+
+I am out until Monday.
+"""
+    report = parse(raw)
+    assert report.type == "autoreply"
+    assert _one(raw) == ("ann@example.org", "vacation", "soft")
