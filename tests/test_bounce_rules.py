@@ -622,3 +622,10 @@ I am out until Monday.
     report = parse(raw)
     assert report.type == "autoreply"
     assert _one(raw) == ("ann@example.org", "vacation", "soft")
+
+
+def test_rfc_5321s_mailbox_unavailable_is_the_addresss_own_reply() -> None:
+    # quoted without its command, but in the words RFC 5321 gives 550 for a mailbox
+    diagnostic = ("Diagnostic-Code: smtp;550 Requested action not taken: mailbox unavailable"
+                  " (-0000000022:2222:-0000000022)")
+    assert _one(_dsn("", "5.5.0", diagnostic)) == ("ann@example.org", "userunknown", "hard")

@@ -219,7 +219,9 @@ _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time
 # "unknown user account"), not the terse "user unknown" a filter or a carrier answers for a
 # mailbox that refuses this sender: believed from a quoted reply whose command is not said
 _NO_SUCH_ACCOUNT = re.compile(r"(does not|doesn.?t) have an? .{0,40}\baccount\b"
-                              r"|\b(unknown|no such|invalid|non-?existent) (user )?account\b",
+                              r"|\b(unknown|no such|invalid|non-?existent) (user )?account\b"
+                              # RFC 5321's own text for 550 on a mailbox
+                              r"|requested action not taken: mailbox unavailable",
                               re.IGNORECASE)
 
 
