@@ -120,9 +120,23 @@ def test_any_addressing_code_names_the_address_at_any_stage(status: str) -> None
     # the reporter's own summary: the address, not the message, was refused
     (("Address not found. Your message wasn't delivered to ann@example.org because the "
       "address couldn't be found. The response was: 550 User unknown"), "RCPT"),
+    # qmail when every MX refused: how far it got
+    (("Sorry, no SMTP connection got far enough; most progress was RCPT TO response; "
+      "remote host 192.0.2.1 said: 550 User unknown"), "RCPT"),
+    ("Remote host 192.0.2.1 said 550 for RCPT TO response: 550 User unknown", "RCPT"),
 ])
 def test_the_stage_in_other_reporters_words(words: str, stage: str) -> None:
     assert smtp_stage(words, "ann@example.org", "550 User unknown") == stage
+
+
+def test_sendmails_summary_line_defers_to_the_transcripts_copy() -> None:
+    # Sendmail repeats the remote's reply below the "<<<" line it quotes; that copy has no
+    # command before it, the quoted one answered the RCPT TO
+    transcript = ("... while talking to mx.example.org.:\n>>> RCPT To:<ann@example.org>\n"
+                  "<<< 550 5.1.1 <ann@example.org>... User unknown\n"
+                  "550 5.1.1 <ann@example.org>... User unknown\n>>> DATA\n<<< 503 5.0.0 Need RCPT\n")
+    diagnostic = "550 5.1.1 <ann@example.org>... User unknown"
+    assert smtp_stage(transcript, "ann@example.org", diagnostic) == "RCPT"
 
 
 def test_recipient_address_rejected_is_a_reply_to_rcpt_to() -> None:
@@ -222,7 +236,7 @@ def test_an_explicit_x11_is_not_unnamed_by_a_scanners_or_a_policys_words(text: s
 
 @pytest.mark.parametrize(("text", "reason"), [
     ("550 5.1.1 <ann@example.org>... Mailbox is full", "mailboxfull"),
-    ("550 5.1.1 192.0.2.9 has sent to too many recipients this hour", "toomanyconn"),
+    ("550 5.1.1 192.0.2.9 has sent to too many recipients this hour", "speeding"),
     ("550 5.1.1 RCP-P2 Refused due to recipient preferences", "filtered"),
     ("550 5.1.1 Relaying denied", "norelaying"),
 ])
@@ -251,14 +265,14 @@ def test_a_refusal_at_the_greeting_is_of_the_client_when_the_remote_says_for_goo
                " later.")
     assert _one(raw) == ("ann@example.org", "blocked", "soft")
     # Postfix's "delivery temporarily suspended" is its own word on the destination, not an
-    # account suspended; a 421 at the greeting stays a remote's trouble for now
+    # account suspended; a 421 at the greeting refuses the client too, for now
     human = ("<ann@example.org>: delivery temporarily suspended: connect to\n"
              "    mx.example.org[192.0.2.1]: server refused to talk to me: 421 Service not\n"
              "    available, closing transmission channel")
     raw = _dsn(human, "4.0.0", "Diagnostic-Code: X-Postfix; delivery temporarily suspended:"
                " connect to mx.example.org[192.0.2.1]: server refused to talk to me: 421"
                " Service not available, closing transmission channel")
-    assert _one(raw) == ("ann@example.org", "systemerror", "soft")
+    assert _one(raw) == ("ann@example.org", "blocked", "soft")
 
 
 def test_an_automatic_acknowledgement_is_an_auto_reply() -> None:
@@ -537,3 +551,81 @@ Transcript of session follows.
 """)
     (r,) = [r for r in parse(raw).recipients if r.address == "ann@example.org"]
     assert (r.status, r.reply_code, r.reason) == ("4.3.0", 451, "systemerror")
+
+
+# -- words the rules above did not read (bounce-seven) ----------------------------------
+
+
+def test_words_in_a_token_joined_by_underscores_are_read() -> None:
+    # "550 BAD_RECIPIENT", "MAILBOX_FULL": a server's code word is still its words
+    assert bounces.classify("5.0.0", 550, "550 BAD_RECIPIENT - see http://mail.example.org/"
+                            "undelivered.php?r=BAD_RECIPIENT", stage="RCPT") == (
+        "userunknown", "hard")
+    assert bounces.classify("5.0.0", 552, "552 MAILBOX_FULL") == ("mailboxfull", "soft")
+
+
+def test_an_address_that_could_not_be_found_is_a_missing_mailbox() -> None:
+    # Gmail's notice with no Diagnostic-Code: "the address couldn't be found" (in reply to
+    # RCPT TO: bounce_stage reads the same words so)
+    human = ("** Address not found **\n\nYour message wasn't delivered to ann@example.org "
+             "because the address couldn't be found. Check for typos or unnecessary spaces "
+             "and try again.")
+    assert _one(_dsn(human, "5.0.0", "")) == ("ann@example.org", "userunknown", "hard")
+
+
+@pytest.mark.parametrize("reply", [
+    "554 delivery error: dd This user doesn't have a example.org account (ann@example.org)",
+    "550 ann@example.org unknown user account",
+])
+def test_a_quoted_reply_that_the_account_is_not_there_is_believed(reply: str) -> None:
+    # the terse "user unknown" quoted without its command may be a filter's cover (above);
+    # words that the account itself does not exist are the address's
+    assert _one(_plain(f"<ann@example.org>:\n{reply}\n")) == (
+        "ann@example.org", "userunknown", "hard")
+    assert _one(_plain("<ann@example.org>:\n550 ann@example.org... No such user\n")) == (
+        "ann@example.org", "filtered", "soft")
+
+
+def test_a_rate_limit_says_why_a_system_does_not_accept_messages() -> None:
+    # X.3.2 "system not accepting network messages"; the words say it is this client's rate
+    assert bounces.classify("4.3.2", 452, "452 4.3.2 Connection rate limit exceeded.") == (
+        "toomanyconn", "soft")
+    # without such words the code's own reason stands
+    assert bounces.classify("5.3.2", 554, "554 5.3.2 Service not available")[0] == "notaccept"
+
+
+def test_a_status_fields_comment_speaks_when_nothing_else_does() -> None:
+    # no Diagnostic-Code and no prose about the address: the comment says what failed
+    raw = _dsn("", "4.0.0 (example.org: host name lookup failure)", "")
+    assert _one(raw)[1] == "networkerror"
+    # the remote's own words still win over it
+    raw = _dsn("", "5.0.0 (permanent failure)", "Diagnostic-Code: smtp; 552 Mailbox full")
+    assert _one(raw)[1] == "mailboxfull"
+
+
+def test_too_many_recipients_in_a_span_of_time_is_a_sending_rate() -> None:
+    text = "550 5.1.1 <ann@example.org> - 192.0.2.9 has sent to too many recipients this hour"
+    assert bounces.classify("5.1.1", 550, text)[0] == "speeding"
+    # too many recipients for one message or session is not
+    assert bounces.classify("4.5.3", 452, "452 4.5.3 Too many recipients")[0] != "speeding"
+
+
+def test_an_automatic_reply_in_another_language_and_an_encoded_subject() -> None:
+    raw = b"""\
+From: Ann <ann@example.org>
+To: sender@sender.test
+Subject: [Automatyczna =?iso-8859-2?Q?odpowied=BC?=] Hello
+Precedence: junk
+
+I am out until Monday.
+"""
+    report = parse(raw)
+    assert report.type == "autoreply"
+    assert _one(raw) == ("ann@example.org", "vacation", "soft")
+
+
+def test_rfc_5321s_mailbox_unavailable_is_the_addresss_own_reply() -> None:
+    # quoted without its command, but in the words RFC 5321 gives 550 for a mailbox
+    diagnostic = ("Diagnostic-Code: smtp;550 Requested action not taken: mailbox unavailable"
+                  " (-0000000022:2222:-0000000022)")
+    assert _one(_dsn("", "5.5.0", diagnostic)) == ("ann@example.org", "userunknown", "hard")

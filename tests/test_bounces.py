@@ -281,7 +281,9 @@ def test_classify(status: str | None, code: int | None, text: str,
     ("5.1.1", 550, "User unknown", "MAIL", ("rejected", "soft")),
     ("5.0.0", 554, "No such user here", "CONN", ("blocked", "soft")),
     ("5.0.0", 554, "Service unavailable", "CONN", ("blocked", "soft")),
-    ("4.3.0", 421, "Service unavailable", "CONN", ("systemerror", "soft")),
+    # for now, too: a 421 at the greeting refuses this client, soft
+    ("4.3.0", 421, "Service unavailable", "CONN", ("blocked", "soft")),
+    ("4.3.0", 421, "Too many connections from your host", "CONN", ("toomanyconn", "soft")),
     # ... unless the whole domain takes no mail
     ("5.0.0", 554, "No SMTP service here", "CONN", ("notaccept", "hard")),
     # X.2.x says the mailbox exists: its "unknown" is believed only in reply to RCPT TO

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email
 import re
+from email.header import decode_header, make_header
 from email.message import Message
 
 from flufl.bounce import all_failures
@@ -35,6 +36,10 @@ _AUTOREPLY_SUBJECT = re.compile(
     r"out of (the )?office|auto(matic|matisch)?[ -]?(reply|response|antwort|respon)"
     r"|^auto:|vacation|away (from|until)|abwesen|absence|abwesenheit|r[ée]ponse automatique"
     r"|i am away|on leave|on holiday"
+    # "automatic reply" in other languages (Polish, Spanish/Portuguese/Italian, Dutch,
+    # Scandinavian, Finnish, Japanese/Chinese)
+    r"|automatyczna odpowied|(respuesta|resposta|risposta) autom[aá]tica|automatisch antwoord"
+    r"|autosvar|automaattinen vastaus|自動応答|自動返信|自动回复"
     # an automatic acknowledgement ("Thank you for your e-mail"), not a reply someone wrote
     r"|^thank you for your (e-?mail|message)$", re.I)
 _BOUNCE_SUBJECT = re.compile(
@@ -42,8 +47,17 @@ _BOUNCE_SUBJECT = re.compile(
     r"|mail delivery|not (be )?delivered|delivery failed|rejected|bounce", re.I)
 
 
+def _subject(msg: Message) -> str:
+    """The Subject field, its encoded words ("=?iso-8859-2?Q?...?=") decoded."""
+    raw = str(msg.get("Subject", ""))
+    try:
+        return str(make_header(decode_header(raw)))
+    except (LookupError, UnicodeError, ValueError):
+        return raw
+
+
 def is_autoreply(msg: Message) -> bool:
-    subject = str(msg.get("Subject", ""))
+    subject = _subject(msg)
     if _BOUNCE_SUBJECT.search(subject):
         return False
     sender = str(msg.get("From", "")).lower()

@@ -50,6 +50,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                  r"|\bfrom:? (domain |address )?(is )?(invalid|not valid)"),
     ("filtered", r"recipient preferences"),
     ("policyviolation", r"content presents a potential"),
+    # too many recipients in a span of time is a sending rate, not one message's count
+    ("speeding", r"too many (messages|mails|recipients) (this|per|an?|in the last) "
+                 r"(\d+ )?(second|minute|hour|day)"),
     ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent|recipients)"
                     r"|connection (rate|limit)|frequency limit"),
     ("virusdetected", r"virus|malware|infected|trojan"),
@@ -108,7 +111,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|\bhost [\w\-]+(\.[\w\-]+)+ not found"),
     ("userunknown", r"(user|recipient|rcpt|mailbox|address|account|addressee|destination)"
                     r".{0,50}(unknown|not (found|exist|known|valid|listed)|does( not|n.?t)"
-                    r" exist|doesn.?t have|invalid|no such|unavailable)"
+                    r" exist|doesn.?t have|invalid|no such|unavailable"
+                    r"|(couldn.?t|could not|can ?not) be found)"
                     r"|no such (user|recipient|mailbox|address|account|person)"
                     r"|is not a known (user|recipient|address)|no mail ?box (found|available)"
                     r"|unknown (user|recipient|local|mailbox|address|alias|addressee)"
@@ -211,6 +215,16 @@ _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time
                       r"|failed (after )?\d+ (delivery )?attempts", re.I)
 
 
+# words that the account itself is not there ("This user doesn't have a example.com account",
+# "unknown user account"), not the terse "user unknown" a filter or a carrier answers for a
+# mailbox that refuses this sender: believed from a quoted reply whose command is not said
+_NO_SUCH_ACCOUNT = re.compile(r"(does not|doesn.?t) have an? .{0,40}\baccount\b"
+                              r"|\b(unknown|no such|invalid|non-?existent) (user )?account\b"
+                              # RFC 5321's own text for 550 on a mailbox
+                              r"|requested action not taken: mailbox unavailable",
+                              re.IGNORECASE)
+
+
 # conditions that last, so that they, not the queue's giving up, are why the mail failed:
 # a full mailbox, or a sender the remote distrusts
 _OUTLASTS_GIVING_UP = frozenset({"mailboxfull", "badreputation"})
@@ -242,6 +256,7 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     text = ADDRESS_RE.sub(" ", text or "")  # a local part such as "mailbox-full" says nothing
     text = STAGE_SAID.sub(" ", text)  # "after MAIL FROM:": the reporter's words, not the remote's
     text = _REPORTER_SAID.sub(" ", text)
+    text = text.replace("_", " ")  # "550 BAD_RECIPIENT", "MAILBOX_FULL": words in a token
     phrase = phrase_reason(text) if text else None
     if text and _GAVE_UP.search(text) and phrase not in _OUTLASTS_GIVING_UP and not (
             phrase == "networkerror" and NAME_SERVICE.search(text)):
@@ -251,17 +266,17 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     reason = None
     if detail and detail not in _VAGUE:
         reason = _BY_STATUS.get(detail)
-    if reason is None or (phrase and detail in _VAGUE):
+    if reason is None or (phrase and detail in _VAGUE) or (
+            detail == "3.2" and phrase in ("toomanyconn", "speeding")):
+        # X.3.2, "system not accepting network messages": a rate limit says why it does not
         reason = phrase or _BY_STATUS.get(detail) or (
             _BY_REPLY.get(reply_code) if reply_code else None)
     if reason is None:
         reason = "expired" if cls == "4" else "undefined"
     if reason == "hostunknown" and cls == "4":
         reason = "networkerror"  # a DNS answer that may still change
-    # the remote's own reply says whether it refused for good, over a reporter's 4.x.x field
-    # (Postfix: "refused to talk to me: 550 ..." with Status: 4.5.0)
-    said = str(reply_code)[0] if reply_code and stage == "CONN" else cls
-    reason = by_stage(reason, said, detail, stage, quoted=reply_code is not None)
+    reason = by_stage(reason, detail, stage,
+                      quoted=reply_code is not None and not _NO_SUCH_ACCOUNT.search(text))
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
     return reason, "hard" if hard else "soft"
 
@@ -280,14 +295,17 @@ def names_address(detail: str) -> bool:
     return detail.startswith("1.") and detail not in _ADDRESS_NOT_BAD
 
 
-def by_stage(reason: str, cls: str, detail: str, stage: str | None,
+def by_stage(reason: str, detail: str, stage: str | None,
              quoted: bool = False) -> str:
     """The reason corrected by what the refused command was about.  `quoted`: the text
     quotes a remote server's SMTP reply (a reply code), not the reporting host's own words."""
     if stage == "MAIL" and reason in ("userunknown", "undefined", "filtered"):
         return "rejected"  # it refused the sender, not the recipient
-    if stage == "CONN" and cls == "5" and reason in _NOT_OF_A_CLIENT:
-        return "blocked"  # it refused the client for good before hearing of any address
+    if stage == "CONN" and reason in _NOT_OF_A_CLIENT:
+        # it refused the client before hearing of any address, for good (5xx) or for now
+        # (4xx: "421 Service not available" at the greeting); too many connections and the
+        # like keep their own reason
+        return "blocked"
     if reason == "userunknown" and stage != "RCPT" and not names_address(detail) and (
             stage == "DATA" or quoted or detail.startswith(("2.", "7."))):
         # "user unknown" is believed from the code (X.1.x), in reply to RCPT TO, or from the

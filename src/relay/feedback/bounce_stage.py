@@ -35,7 +35,10 @@ STAGE_SAID = re.compile(
     r"|\bsmtp: ?(rcpt|data|mail)\b"
     # Gmail's older reports name the state of its session: "550 550 User unknown (state 14)."
     # (14: the reply to RCPT TO; 15, 17, 18: to DATA or the end of the data)
-    r"|\(state (1[4578])\)", re.I)
+    r"|\(state (1[4578])\)"
+    # qmail-remote when every MX refused: "most progress was RCPT TO response", "192.0.2.1
+    # said 550 for RCPT TO response"
+    r"|most progress was (rcpt|mail|data)\b|said \d{3} for (rcpt|mail|data)\b", re.I)
 _NAMES = {"end of data": "DATA", "data": "DATA", "bdat": "DATA", "message body": "DATA",
           "message data": "DATA", "message content": "DATA", "rcpt": "RCPT",
           "mail from": "MAIL", "mail": "MAIL",
@@ -79,6 +82,11 @@ def smtp_stage(context: str, address: str, diagnostic: str, transcript: str = ""
     at = lower.rfind(reply) if reply else lower.find(address.lower()) if address else -1
     if at < 0:
         return None
+    if reply and not _on_reply_line(transcript, at):
+        # Sendmail repeats the remote's "<<< 550 ..." in its own summary line below it: the
+        # copy in the transcript says which command it answered
+        quoted = [i for i in _occurrences(lower, reply, at) if _on_reply_line(transcript, i)]
+        at = quoted[-1] if quoted else at
     if m := STAGE_SAID.search(transcript, at, at + 300):  # "550 ...  SMTP command: DATA"
         return _said(m)
     return _transcript_stage(transcript, at)
@@ -100,6 +108,21 @@ def _transcript_stage(transcript: str, at: int) -> str | None:
                                     nxt.start() if nxt else len(transcript)):
             return "RCPT"
     return stage
+
+
+def _on_reply_line(transcript: str, at: int) -> bool:
+    line = transcript.rfind("\n", 0, at) + 1
+    return transcript[line:at].lstrip().startswith("<<<")
+
+
+def _occurrences(lower: str, needle: str, end: int) -> list[int]:
+    """Where `needle` starts in `lower` before `end` (at most 20 places)."""
+    found: list[int] = []
+    i = lower.find(needle)
+    while 0 <= i < end and len(found) < 20:
+        found.append(i)
+        i = lower.find(needle, i + 1)
+    return found
 
 
 def _said(m: re.Match[str]) -> str:

@@ -24,6 +24,7 @@ from .bounce_text import (
 )
 
 _EXIT_STATUS = re.compile(r"\d{1,3}")
+_STATUS_COMMENT = re.compile(r"\(([^()]{3,200})\)")
 _X_UNIX = re.compile(r"\s*x-unix\s*;", re.IGNORECASE)
 _RECIPIENT_FIELDS = ("final-recipient", "original-recipient")
 # words of a local mailer's failure that name no cause of their own
@@ -68,13 +69,21 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
             # ("X-Unix; temporary failure"): the type says who failed, the local mailer
             diagnostic = re.sub(r"\s+", " ", str(block["Diagnostic-Code"])).strip()
         near = prose.near(address)
-        diagnostic = diagnostic or near
+        # no words of the remote's or in the prose: the Status field's own comment
+        # ("Status: 4.0.0 (example.net: host name lookup failure)")
+        diagnostic = diagnostic or near or _comment(str(block.get("Status", "")))
         status = _preferred(status_in(str(block.get("Status", ""))), status_in(diagnostic))
         reply = reply_code_in(diagnostic)
         remote = after_type(block["Remote-MTA"]) or None
         found.append(recipient(address, action, status, reply, diagnostic, remote,
                                context=f"{near} {diagnostic}", transcript=human))
     return tuple(found)
+
+
+def _comment(status: str) -> str:
+    """The words of a Status field's parenthesised comment, if it has one."""
+    m = _STATUS_COMMENT.search(status)
+    return m.group(1).strip() if m else ""
 
 
 def _preferred(field: str | None, said: str | None) -> str | None:
