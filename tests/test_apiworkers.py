@@ -230,9 +230,13 @@ def test_the_connections_are_handed_out_in_turn_and_a_dead_workers_turns_served_
     client's connections split evenly, where SO_REUSEPORT's hash of the addresses split 32 of
     them as unevenly as 33/67. With the worker killed, its turns are the master's."""
     r = relay()
-    order = [r.request(r.connect(), "GET", "/healthz")[2] for _ in range(20)]
+    conns = [r.connect() for _ in range(20)]
+    order = [r.request(conn, "GET", "/healthz")[2] for conn in conns]
     assert sorted(set(order)) == ["api1", "master"], order
     assert all(a != b for a, b in itertools.pairwise(order)), order  # strictly in turn
+    _, text, _ = r.request(conns[order.index("master")], "GET", "/metrics")
+    assert 'relay_api_connections_total{served_by="worker"} 10.0' in text, text
+    assert 'relay_api_connections_total{served_by="master"} 10.0' in text, text
     (worker,) = r.workers()
     os.kill(worker, signal.SIGKILL)
     # (its threads close its files a moment after its main thread shows it dead: what is

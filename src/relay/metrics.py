@@ -78,6 +78,10 @@ HELD = Counter("relay_delivery_held", "Recipients put back without an attempt, b
 TLS_FAILURES = Counter("relay_tls_failures", "Outbound TLS failures, by the policy's source "
                        "(default, config, mta-sts, dane) and RFC 8460 result type",
                        ["policy", "result"], registry=REGISTRY)
+API_CONNECTIONS = Counter("relay_api_connections", "API connections the master accepted for "
+                          "its API workers ([api] workers > 1), by who served each: master, "
+                          "worker (handed over), fallback (the master, as the handoff failed)",
+                          ["served_by"], registry=REGISTRY)
 
 # the statuses a recipient waits in; the final ones only grow and are counted above
 WAITING = WAITING_STATUSES
@@ -165,6 +169,10 @@ def held(reason: str, count: int = 1) -> None:
 
 def tls_failure(policy: str, result: str) -> None:
     TLS_FAILURES.labels(policy, result).inc()
+
+
+def api_connection(served_by: str) -> None:
+    API_CONNECTIONS.labels(served_by).inc()
 
 
 def commit_took(seconds: float) -> None:

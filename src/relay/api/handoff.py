@@ -19,6 +19,8 @@ import logging
 import socket
 from collections.abc import Callable
 
+from .. import metrics
+
 log = logging.getLogger(__name__)
 
 ACCEPTS_A_TURN = 64  # connections accepted in one wake of the loop, at most
@@ -140,21 +142,25 @@ class Acceptor:
 
     def _place(self, conn: socket.socket) -> None:
         self._turn = (self._turn + 1) % (len(self._channels) + 1)
+        served_by = "master"
         if self._turn:  # a worker's turn
             channel = self._channels[self._turn - 1]
             try:
                 socket.send_fds(channel, [b"c"], [conn.fileno()])
             except BlockingIOError:
-                pass  # its socket is full: it is behind, so this one is served here
+                served_by = "fallback"  # its socket is full: it is behind
             except OSError as exc:  # it is gone; ApiWorkers will remove it too
                 log.warning("API worker not taking connections (%s); serving them here",
                             exc.strerror)
                 self.remove(channel)
+                served_by = "fallback"
             else:
                 conn.close()  # the worker has its own descriptor of it now
                 self.handed += 1
+                metrics.api_connection("worker")
                 return
         self.kept += 1
+        metrics.api_connection(served_by)
         self._serve_here(conn)
 
 
