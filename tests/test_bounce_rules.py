@@ -124,6 +124,9 @@ def test_any_addressing_code_names_the_address_at_any_stage(status: str) -> None
     (("Sorry, no SMTP connection got far enough; most progress was RCPT TO response; "
       "remote host 192.0.2.1 said: 550 User unknown"), "RCPT"),
     ("Remote host 192.0.2.1 said 550 for RCPT TO response: 550 User unknown", "RCPT"),
+    # Coremail (163.com)
+    ("SMTP error, RCPT TO: Host example.org(192.0.2.1) RCPT TO said 550 User unknown", "RCPT"),
+    ("Host example.org(192.0.2.1) MAIL FROM said 550 User unknown", "MAIL"),
 ])
 def test_the_stage_in_other_reporters_words(words: str, stage: str) -> None:
     assert smtp_stage(words, "ann@example.org", "550 User unknown") == stage
