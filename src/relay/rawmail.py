@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email.errors
+import email.header
 import email.utils
 import re
 from dataclasses import dataclass
@@ -100,3 +102,13 @@ def address_domains(value: str) -> list[str]:
     """The domains of the addresses in a header value such as From's, as written."""
     return [addr.rpartition("@")[2] for _, addr in email.utils.getaddresses([value])
             if "@" in addr]
+
+
+def decoded(value: str | None) -> str:
+    """A header value with its RFC 2047 encoded words decoded."""
+    if not value or "=?" not in value:
+        return value or ""
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
+        return value

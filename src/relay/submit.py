@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import email.errors
-import email.header
 import email.utils
 import functools
 import json
@@ -73,16 +71,6 @@ def collapse_recipients(
             seen[address] = NewRecipient(address=address, domain=domain, notify=r.notify,
                                          orcpt=r.orcpt)
     return tuple(seen.values())
-
-
-def decoded(value: str | None) -> str:
-    """A header value with its RFC 2047 encoded words decoded."""
-    if not value or "=?" not in value:
-        return value or ""
-    try:
-        return str(email.header.make_header(email.header.decode_header(value)))
-    except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
-        return value
 
 
 def json_size(value: object) -> int:
@@ -301,8 +289,9 @@ class Submitter:
             headers.append(rawmail.make("Message-ID", self.message_id_header(message_id)))
         if not rawmail.find(headers, "Date"):
             headers.append(rawmail.make("Date", date))
-        return (rawmail.join(headers, body), decoded(rawmail.first_value(headers, "Subject")),
-                decoded(froms[0].value))
+        return (rawmail.join(headers, body),
+                rawmail.decoded(rawmail.first_value(headers, "Subject")),
+                rawmail.decoded(froms[0].value))
 
     def _composed(self, sub: Submission, message_id: str, date: str
                   ) -> tuple[bytes, str, int, str, str, tuple[tuple[str, bytes], ...]]:

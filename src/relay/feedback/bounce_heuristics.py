@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import email
 import re
-from email.header import decode_header, make_header
 from email.message import Message
 
 from flufl.bounce import all_failures
 
+from .. import rawmail
 from .bounce_reasons import ADDRESS_RE
 from .bounce_recipient import recipient
 from .bounce_report import BouncedRecipient, Original
@@ -47,17 +47,8 @@ _BOUNCE_SUBJECT = re.compile(
     r"|mail delivery|not (be )?delivered|delivery failed|rejected|bounce", re.I)
 
 
-def _subject(msg: Message) -> str:
-    """The Subject field, its encoded words ("=?iso-8859-2?Q?...?=") decoded."""
-    raw = str(msg.get("Subject", ""))
-    try:
-        return str(make_header(decode_header(raw)))
-    except (LookupError, UnicodeError, ValueError):
-        return raw
-
-
 def is_autoreply(msg: Message) -> bool:
-    subject = _subject(msg)
+    subject = rawmail.decoded(str(msg.get("Subject", "")))  # "=?iso-8859-2?Q?...?="
     if _BOUNCE_SUBJECT.search(subject):
         return False
     sender = str(msg.get("From", "")).lower()
