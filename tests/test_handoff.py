@@ -8,7 +8,19 @@ import asyncio
 import socket
 from typing import cast
 
+from relay import metrics
 from relay.api.handoff import Acceptor, Receiver, channel_pair, listening_socket
+
+
+def served() -> dict[str, float]:
+    """relay_api_connections_total by served_by."""
+    return {by: metrics.REGISTRY.get_sample_value("relay_api_connections_total",
+                                                   {"served_by": by}) or 0.0
+            for by in ("master", "worker", "fallback")}
+
+
+def since(before: dict[str, float]) -> dict[str, float]:
+    return {by: n - before[by] for by, n in served().items()}
 
 
 class Tagging(asyncio.Protocol):
@@ -38,15 +50,17 @@ async def test_turns_alternate_and_a_failed_handoff_is_served_here() -> None:
     ended = asyncio.Event()
     receiver = Receiver(theirs, lambda: Tagging(b"worker"), on_eof=ended.set)
     acceptor.add(ours)
+    before = served()
     try:
         order = [await who(port) for _ in range(6)]
         assert order == [b"worker", b"master"] * 3
-        assert (acceptor.handed, acceptor.kept) == (3, 3)
+        assert since(before) == {"master": 3, "worker": 3, "fallback": 0}
 
         receiver.drain()  # stopping: it reads no more
         theirs.close()  # and is gone: the next send fails
         assert [await who(port) for _ in range(4)] == [b"master"] * 4
-        assert acceptor.handed == 3
+        # the first is the worker's turn, which fails (served here), and it is removed
+        assert since(before) == {"master": 6, "worker": 3, "fallback": 1}
     finally:
         acceptor.close()
         ours.close()

@@ -87,8 +87,6 @@ class Acceptor:
         self._channels: list[socket.socket] = []
         self._turn = 0
         self._closed = False
-        self.handed = 0  # connections handed to a worker; for tests and benches
-        self.kept = 0  # connections served here
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
 
     @property
@@ -156,10 +154,8 @@ class Acceptor:
                 served_by = "fallback"
             else:
                 conn.close()  # the worker has its own descriptor of it now
-                self.handed += 1
                 metrics.api_connection("worker")
                 return
-        self.kept += 1
         metrics.api_connection(served_by)
         self._serve_here(conn)
 
