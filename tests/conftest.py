@@ -297,7 +297,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 # `relay serve` runs on uvloop (relay.aio.run_loop); tests run on asyncio's loop. The modules
 # named here (the ones with sockets, TLS and timers) run each async test on both, since uvloop's
 # transports are not asyncio's classes (two isinstance asserts broke under uvloop only and no
-# test saw it) and its callbacks interleave differently. BOTH_LOOPS=<modules> overrides the set.
+# test saw it) and its callbacks interleave differently. BOTH_LOOPS=<modules> overrides the set;
+# BOTH_LOOPS=all runs every module on both (with -k uvloop: the whole suite on uvloop).
 NETWORK_MODULES = ("test_connections,test_smtpd,test_smtplimits,test_pipelining,test_deliver,"
                    "test_delivery,test_health,test_apiworkers,test_inbound,test_webhooks,"
                    "test_mtasts,test_dane,test_tls_policy,test_stop,test_handoff")
@@ -306,7 +307,8 @@ BOTH_LOOPS = frozenset(os.environ.get("BOTH_LOOPS", NETWORK_MODULES).split(","))
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Any:
     # a mapping for every test (None is a usage error); one factory adds no id
-    if item.module is None or item.module.__name__.rpartition(".")[2] not in BOTH_LOOPS:
+    if item.module is None or ("all" not in BOTH_LOOPS and
+                               item.module.__name__.rpartition(".")[2] not in BOTH_LOOPS):
         return {"asyncio": asyncio.new_event_loop}
     import uvloop
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
