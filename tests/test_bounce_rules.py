@@ -632,3 +632,38 @@ def test_rfc_5321s_mailbox_unavailable_is_the_addresss_own_reply() -> None:
     diagnostic = ("Diagnostic-Code: smtp;550 Requested action not taken: mailbox unavailable"
                   " (-0000000022:2222:-0000000022)")
     assert _one(_dsn("", "5.5.0", diagnostic)) == ("ann@example.org", "userunknown", "hard")
+
+
+def test_qmails_no_such_host_is_an_unknown_host() -> None:
+    raw = _plain("<ann@example.org>:\nSorry, I couldn't find any host by that name.\n")
+    assert _one(raw) == ("ann@example.org", "hostunknown", "hard")
+
+
+def test_an_undefined_mailbox_status_with_nothing_said_is_a_filter() -> None:
+    # X.2.0 "other or undefined mailbox status": the mailbox is there and refused this mail
+    assert _one(_dsn("Your message could not be delivered.", "5.2.0", "")) == (
+        "ann@example.org", "filtered", "soft")
+    # words that say more still win over it
+    raw = _dsn("", "5.2.0", "Diagnostic-Code: smtp; 552 Mailbox full")
+    assert _one(raw)[1] == "mailboxfull"
+    # for now (4.2.0) it is not yet a refusal of this mail
+    assert _one(_dsn("", "4.2.0", ""))[1] != "filtered"
+
+
+def test_a_recipient_on_qmails_badrcptto_list_is_filtered() -> None:
+    text = "553 sorry, your envelope recipient is in my badrcptto list (#5.7.1)"
+    assert bounces.classify("5.7.1", 553, text) == ("filtered", "soft")
+
+
+@pytest.mark.parametrize("text", ["Messages without Subject: fields are not accepted here",
+                                  "554 message refused: missing required Date header"])
+def test_a_message_refused_for_a_missing_header_field_is_a_content_error(text: str) -> None:
+    assert bounces.classify("5.0.0", None, text) == ("contenterror", "soft")
+
+
+def test_x23_with_a_message_too_large_is_its_size() -> None:
+    text = "550 5.2.3 RESOLVER.RST.RecipSizeLimit; message too large for this recipient"
+    assert bounces.classify("5.2.3", 550, text) == ("mesgtoobig", "soft")
+    # "exceeds a limit" alone keeps X.2.3's own reason
+    text = "552 5.2.3 Message length exceeds administrative limit"
+    assert bounces.classify("5.2.3", 552, text)[0] == "exceedlimit"

@@ -108,7 +108,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|nxdomain|domain name not found|unrouteable (mail )?domain"
                     r"|unrouteable address|no mx|bad destination host|no route to host"
                     r"|unresolvable|domain (is )?not reachable"
-                    r"|\bhost [\w\-]+(\.[\w\-]+)+ not found"),
+                    r"|\bhost [\w\-]+(\.[\w\-]+)+ not found"
+                    # qmail's "Sorry, I couldn't find any host by that name."
+                    r"|(couldn.?t|could not|unable to) find any host (named|by that name)"),
     ("userunknown", r"(user|recipient|rcpt|mailbox|address|account|addressee|destination)"
                     r".{0,50}(unknown|not (found|exist|known|valid|listed)|does( not|n.?t)"
                     r" exist|doesn.?t have|invalid|no such|unavailable"
@@ -131,8 +133,14 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("policyviolation", r"policy|prohibited|not allowed|violat|administrat(ive|or)"
                         r"|forbidden"),
     ("contenterror", r"content|header.{0,20}(invalid|error)|(mime|encoding|charset) error"
-                     r"|8-?bit|attachment"),
+                     r"|8-?bit|attachment"
+                     # a header field the message lacks ("Messages without To: fields are not
+                     # accepted here"): its header, not its sender or its address, was refused
+                     r"|without (an? |any )?[\w\-]+:? (header )?fields?\b"
+                     r"|missing (an? |the )?(valid |required )?[\w\-]+:? header"),
+    # qmail's badrcptto: the address is on the server's own list of recipients it refuses
     ("filtered", r"filter|recipient preferences|refused by|rejected by (the )?recipient"
+                 r"|in my badrcptto list"
                  r"|recipient.{0,20}refus"),
     ("expired", r"(retry|delivery|queue|time|lifetime).{0,40}(expired|exceeded|timeout|time out)"
                 r"|(could )?not (be |been )?delivered (for|within|in) .{0,20}(days|hours)|too long"
@@ -206,6 +214,11 @@ _BY_REPLY = {421: "systemerror", 451: "systemerror", 452: "systemfull", 551: "ha
              501: "syntaxerror", 530: "securityerror", 535: "securityerror"}
 
 
+# X.2.3 is "message length exceeds administrative limit", which Sisimai reads as a limit
+# exceeded; a server that says the message itself is too large (Exchange's
+# RESOLVER.RST.RecipSizeLimit / SendSizeLimit "message too large for this recipient") means
+# its size
+_TOO_BIG = re.compile(r"\btoo (large|big)\b", re.I)
 # Postfix's own words on a destination it marked unreachable, not the remote's on an account
 _REPORTER_SAID = re.compile(r"delivery temporarily suspended:", re.I)
 _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time|timeout|period)"
@@ -271,8 +284,12 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         # X.3.2, "system not accepting network messages": a rate limit says why it does not
         reason = phrase or _BY_STATUS.get(detail) or (
             _BY_REPLY.get(reply_code) if reply_code else None)
+    if reason is None and cls == "5" and detail == "2.0":
+        reason = "filtered"  # "other mailbox status", nothing more said: the mailbox refused it
     if reason is None:
         reason = "expired" if cls == "4" else "undefined"
+    if detail == "2.3" and _TOO_BIG.search(text):
+        reason = "mesgtoobig"  # X.2.3 with "message too large": the message's size, not a count
     if reason == "hostunknown" and cls == "4":
         reason = "networkerror"  # a DNS answer that may still change
     reason = by_stage(reason, detail, stage,
