@@ -667,3 +667,17 @@ def test_x23_with_a_message_too_large_is_its_size() -> None:
     # "exceeds a limit" alone keeps X.2.3's own reason
     text = "552 5.2.3 Message length exceeds administrative limit"
     assert bounces.classify("5.2.3", 552, text)[0] == "exceedlimit"
+
+
+def test_an_accounts_absence_said_in_full_after_data_is_the_address() -> None:
+    # Yahoo took RCPT TO and refused the data saying the account is not there: no filter
+    # says that of a mailbox that exists
+    yahoo = ("554 delivery error: dd This user doesn't have a yahoo.com account "
+             "(ann@yahoo.com) [0] - mta107.mail.re1.yahoo.com")
+    assert bounces.classify("5.0.0", 554, yahoo, stage="DATA") == ("userunknown", "hard")
+    # the terse "user unknown" after the data stays a filter's: Japanese carriers answer so
+    # for a mailbox whose owner refuses the sender's domain
+    assert bounces.classify("5.2.0", 550, "550 Unknown user ann@example.jp", stage="DATA") == (
+        "filtered", "soft")
+    assert bounces.classify("5.0.0", 550, "550 : User unknown", stage="DATA") == (
+        "filtered", "soft")

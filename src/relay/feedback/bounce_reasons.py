@@ -236,6 +236,11 @@ _NO_SUCH_ACCOUNT = re.compile(r"(does not|doesn.?t) have an? .{0,40}\baccount\b"
                               # RFC 5321's own text for 550 on a mailbox
                               r"|requested action not taken: mailbox unavailable",
                               re.IGNORECASE)
+# ... and of those, the ones no filter says of a mailbox that exists, even after the data
+# (Yahoo took RCPT TO and answered the data "554 delivery error: dd This user doesn't have a
+# yahoo.com account"): only an account's own absence, said in full
+_NO_ACCOUNT_AT_ALL = re.compile(r"(does not|doesn.?t) have an? .{0,40}\baccount\b"
+                                r"|\b(no such|non-?existent) (user )?account\b", re.IGNORECASE)
 
 
 # conditions that last, so that they, not the queue's giving up, are why the mail failed:
@@ -292,6 +297,8 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         reason = "mesgtoobig"  # X.2.3 with "message too large": the message's size, not a count
     if reason == "hostunknown" and cls == "4":
         reason = "networkerror"  # a DNS answer that may still change
+    if stage == "DATA" and reason == "userunknown" and _NO_ACCOUNT_AT_ALL.search(text):
+        stage = None  # the words say more than when they were said
     reason = by_stage(reason, detail, stage,
                       quoted=reply_code is not None and not _NO_SUCH_ACCOUNT.search(text))
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
