@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -35,3 +38,21 @@ async def sleep_until_set(event: asyncio.Event, timeout: float | None) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any] | None) -> None:
+    """Cancel the tasks (None: no task) and wait until each has ended: a stop.
+
+    How each ended is its own: its cancellation is not raised here, nor an error it had
+    ended with before, which is logged (no one else awaits it now). A cancellation of the
+    caller itself, while it waits, is raised (asyncio.gather passes it on, and cancels the
+    tasks again)."""
+    live = [t for t in tasks if t is not None]
+    for task in live:
+        task.cancel()
+    if not live:
+        return
+    for task, outcome in zip(live, await asyncio.gather(*live, return_exceptions=True)):
+        if isinstance(outcome, Exception):  # not CancelledError, a BaseException
+            name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
+            log.error("%s had ended with an error", name, exc_info=outcome)

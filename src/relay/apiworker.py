@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from . import logs, metrics
-from .aio import run_loop
+from .aio import cancel_and_wait, run_loop
 from .api.app import CONNECTIONS, DRAINING, make_app, per_process, serve_handed
 from .api.health import Check, SharedChecks
 from .api.metrics import SCRAPE
@@ -150,9 +150,7 @@ async def serve(args: ApiWorkerArgs, wake_fd: int, metrics_fd: int, feed_fd: int
             await _quiet(app, GRACE)  # the runner finishes the open connections' requests
         if runner is not None:
             await runner.cleanup()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
         await store.close()
 
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from . import metrics
+from .aio import cancel_and_wait
 from .api.handoff import Acceptor, channel_pair
 from .api.health import Check
 from .apiworker import READY, ApiWorkerArgs, feed_line
@@ -175,8 +176,7 @@ class ApiWorkers:
         feeding.cancel()  # closes the feed pipe
         with contextlib.suppress(TimeoutError):  # its last snapshot, up to its EOF
             await asyncio.wait_for(asyncio.shield(receiving), 1.0)
-        receiving.cancel()
-        await asyncio.gather(receiving, feeding, return_exceptions=True)
+        await cancel_and_wait(receiving, feeding)
         self._remotes.leave(child.remote)
 
     async def _supervise(self, index: int) -> None:
@@ -209,9 +209,7 @@ class ApiWorkers:
         """SIGTERM to each: it stops accepting, finishes the requests it has, closes its
         store; SIGKILL to one still running after `timeout`."""
         self._stopping = True
-        for task in self._supervisors:
-            task.cancel()
-        await asyncio.gather(*self._supervisors, return_exceptions=True)
+        await cancel_and_wait(*self._supervisors)
         children = list(self._children.values())
         self._children.clear()
         for child in children:

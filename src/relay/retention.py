@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from .aio import cancel_and_wait
 from .config import RetentionConfig
 from .errors import StoreError
 from .store import SQLiteStore
@@ -61,11 +62,7 @@ class Pruner:
     async def stop(self) -> None:
         """Stop at once: a batch being written still commits whole (it is one transaction)."""
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def run_pass(self, *, now: float | None = None, dry_run: bool = False) -> PassResult:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
+from ..aio import cancel_and_wait
 from ..errors import StoreError
 from ..store import SQLiteStore
 
@@ -65,8 +66,7 @@ class Leases:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def renew(self) -> None:

@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from ..aio import sleep_until_set
+from ..aio import cancel_and_wait, sleep_until_set
 from ..config import Config
 from ..errors import DeliveryFailure, StoreError, TemporaryFailure
 from ..feedback.reports import ReportMaker
@@ -88,19 +88,15 @@ class Scheduler:
 
     async def stop(self, grace: float = 10.0) -> None:
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+            await cancel_and_wait(self._loop_task)
             self._loop_task = None
         if self._jobs:
             # Let sessions in flight finish; what is cut off stays leased and is retried.
             _, pending = await asyncio.wait(self._jobs, timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_and_wait(*pending)
         await self._leases.stop()
         if self._reporting is not None:  # its last counts are flushed as it is cancelled
-            self._reporting.cancel()
-            await asyncio.gather(self._reporting, return_exceptions=True)
+            await cancel_and_wait(self._reporting)
             self._reporting = None
         if self._listener is not None:
             await self._listener.close()

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .. import logs, metrics
+from ..aio import cancel_and_wait
 from ..config import LogConfig
 from . import dkim
 from .child import die_with_parent, ignore_hangup, signal_name
@@ -154,9 +155,7 @@ class SignerProcess:
 
     async def close(self) -> None:
         if self._starting is not None and not self._starting.done():
-            self._starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._starting
+            await cancel_and_wait(self._starting)
         self._pipe = None
         self._sent.clear()
         for pipe in list(self._children):

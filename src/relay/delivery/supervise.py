@@ -10,6 +10,7 @@ import pickle
 import sys
 
 from .. import metrics
+from ..aio import cancel_and_wait
 from . import metricspipe
 from .child import signal_name
 from .worker import WorkerArgs
@@ -78,9 +79,7 @@ class WorkerProcess:
 
     async def _receive_metrics(self, fd: int) -> None:
         """Read the new worker's snapshots; what the last one counted is kept."""
-        if self._metrics is not None:
-            self._metrics.cancel()
-            await asyncio.gather(self._metrics, return_exceptions=True)
+        await cancel_and_wait(self._metrics)
         if self._remote is None:
             os.close(fd)
             return
@@ -104,9 +103,7 @@ class WorkerProcess:
 
     async def stop(self, timeout: float = 30.0) -> None:
         self._stopping = True
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+        await cancel_and_wait(self._watch)
         proc = self._proc
         if proc is not None and proc.returncode is None:
             proc.terminate()
@@ -118,7 +115,5 @@ class WorkerProcess:
         if self._wake_w is not None:
             os.close(self._wake_w)
             self._wake_w = None
-        if self._metrics is not None:
-            self._metrics.cancel()
-            await asyncio.gather(self._metrics, return_exceptions=True)
-            self._metrics = None
+        await cancel_and_wait(self._metrics)
+        self._metrics = None

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 
 from .. import logs, metrics
-from ..aio import run_loop
+from ..aio import cancel_and_wait, run_loop
 from ..config import Config
 from . import metricspipe
 from .child import die_with_parent, ignore_hangup
@@ -63,9 +63,7 @@ async def serve(args: WorkerArgs, wake_fd: int, metrics_fd: int | None = None) -
         await scheduler.start(recover=args.recover)
         await stop.wait()
     finally:
-        if sending is not None:
-            sending.cancel()
-            await asyncio.gather(sending, return_exceptions=True)
+        await cancel_and_wait(sending)
         loop.remove_reader(wake_fd)
         await scheduler.stop()
         await store.close()

@@ -35,7 +35,7 @@ import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from .. import metrics
-from ..aio import sleep_until_set
+from ..aio import cancel_and_wait, sleep_until_set
 from ..config import WebhooksConfig
 from ..store import SQLiteStore
 from ..store.webhooks import Delivery
@@ -213,8 +213,7 @@ class WebhookDispatcher:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
         if self._session is not None:
             await self._session.close()

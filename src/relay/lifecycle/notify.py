@@ -6,13 +6,13 @@ the environment (not under systemd) every call is a no-op."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import time
 from collections.abc import Mapping
 
+from ..aio import cancel_and_wait
 from .readiness import Parts, check_all
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,7 @@ class Notifier:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def _run(self) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import metrics
+from ..aio import cancel_and_wait
 from ..errors import StoreError
 from .pgconn import Conflict
 from .thread import DbThread
@@ -109,11 +110,7 @@ class GroupCommitWriter:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
             self._task = None
         while not self._queue.empty():
             _, fut = self._queue.get_nowait()

@@ -23,6 +23,8 @@ from typing import Any
 
 import asyncpg
 
+from ..aio import cancel_and_wait
+
 log = logging.getLogger("relay.store")
 
 # a quoted string, a quoted name or a comment (kept as they are), or a placeholder
@@ -228,8 +230,7 @@ class Listener:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def _run(self) -> None:
