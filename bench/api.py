@@ -22,8 +22,11 @@ adds an access line per request and an accept line per message).
 --workers N sets `[api] workers` (the master and N - 1 API worker processes on one port);
 the CPU time is then all of relay's processes', and --profile records each of them.
 
+--close sends each request on a connection of its own (Connection: close), as a client without
+a connection pool does: with API workers the master then accepts and hands over every one.
+
 Usage: python bench/api.py [--seconds 10] [--connections 32] [--only single|batch]
-                           [--profile DIR] [--log-level INFO] [--workers N]
+                           [--profile DIR] [--log-level INFO] [--workers N] [--close]
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")
+if os.getenv("BENCH_CLOSE") == "1" then wrk.headers["Connection"] = "close" end
 local f = io.open(os.getenv("BENCH_BODY"), "rb")
 wrk.body = f:read("*a")
 f:close()
@@ -120,14 +124,15 @@ def ensure_wrk() -> None:
 
 
 def drive(tmp: Path, url: str, key: str, body: bytes, seconds: float,
-          connections: int) -> tuple[int, float, str]:
+          connections: int, close: bool = False) -> tuple[int, float, str]:
     script, payload = tmp / "post.lua", tmp / "body.json"
     script.write_text(WRK_SCRIPT)
     payload.write_bytes(body)
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "30s", "-s",
          str(script), url], capture_output=True, text=True, check=True,
-        env={**os.environ, "BENCH_KEY": key, "BENCH_BODY": str(payload)}).stdout
+        env={**os.environ, "BENCH_KEY": key, "BENCH_BODY": str(payload),
+             "BENCH_CLOSE": "1" if close else "0"}).stdout
     found = re.search(r"requests=(\d+) seconds=([\d.]+) p50ms=([\d.]+) p99ms=([\d.]+)", out)
     if not found:
         raise SystemExit(f"wrk said:\n{out}")
@@ -148,6 +153,8 @@ def main() -> None:
     ap.add_argument("--log-level", default="WARNING")
     ap.add_argument("--workers", type=int, default=1,
                     help="[api] workers: processes serving the API (the master and N - 1 more)")
+    ap.add_argument("--close", action="store_true",
+                    help="a connection per request (Connection: close), not keep-alive")
     args = ap.parse_args()
     ensure_wrk()
     with tempfile.TemporaryDirectory(prefix="bench-api-") as t:
@@ -193,14 +200,15 @@ def main() -> None:
                         spies.append((out, spy(pid, args.seconds, out)))
                 before = cpu_seconds(proc.pid)
                 requests, took, latency = drive(tmp, base + path, key, body, args.seconds,
-                                                args.connections)
+                                                args.connections, args.close)
                 spent = {p: t - before.get(p, 0.0) for p, t in cpu_seconds(proc.pid).items()}
                 cpu = sum(spent.values())
                 # with API workers, how the kernel spread the connections shows in each share
                 shares = "" if len(spent) < 2 else " (by process: " + ", ".join(
                     f"{100 * t / max(cpu, 1e-9):.0f} %" for t in spent.values()) + ")"
                 print(f"{name:6s} {requests} requests, {requests * per} messages, "
-                      f"{args.connections} connections: {took:.2f} s = "
+                      f"{args.connections} connections"
+                      f"{' (one a request)' if args.close else ''}: {took:.2f} s = "
                       f"{requests / took:.0f} requests/s, {requests * per / took:.0f} "
                       f"messages/s ({latency}); relay CPU "
                       f"{1000 * cpu / max(1, requests * per):.3f} ms/message{shares}",
