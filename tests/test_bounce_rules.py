@@ -681,3 +681,37 @@ def test_an_accounts_absence_said_in_full_after_data_is_the_address() -> None:
         "filtered", "soft")
     assert bounces.classify("5.0.0", 550, "550 : User unknown", stage="DATA") == (
         "filtered", "soft")
+
+
+def _autoreply(sender: str, body: str, reply_to: str = "") -> bytes:
+    return (f"From: {sender}\r\nTo: app@sender.test\r\n"
+            + (f"Reply-To: {reply_to}\r\n" if reply_to else "")
+            + "Subject: Automatic reply: your order\r\nAuto-Submitted: auto-replied\r\n\r\n"
+            + body).encode()
+
+
+def test_an_auto_reply_from_a_no_reply_address_is_for_the_mailbox_in_reply_to() -> None:
+    # a gateway (Mimecast) answers for the mailbox from an address no one reads
+    raw = _autoreply("<noreply@example.com>", "I am away until Monday.\r\n",
+                     reply_to="<ann@example.com>")
+    assert _one(raw) == ("ann@example.com", "vacation", "soft")
+    # a person's own address is the mailbox, whatever Reply-To says
+    raw = _autoreply("Ann <ann@example.com>", "I am away until Monday.\r\n",
+                     reply_to="<desk@example.com>")
+    assert _one(raw)[0] == "ann@example.com"
+
+
+@pytest.mark.parametrize("body", [
+    "This email inbox ann@example.com is no longer in use. Please contact someone else.",
+    "Please note that this mailbox has been deactivated.",
+    "The e-mail address you wrote to is no longer monitored.",
+])
+def test_an_auto_reply_saying_the_mailbox_is_gone_is_suspend(body: str) -> None:
+    raw = _autoreply("<ann@example.com>", body + "\r\n")
+    assert _one(raw) == ("ann@example.com", "suspend", "soft")  # it still answered: soft
+
+
+def test_an_auto_reply_of_an_owner_away_is_vacation() -> None:
+    raw = _autoreply("<ann@example.com>", "I no longer check this account on weekends; "
+                     "I am away until Monday.\r\n")
+    assert _one(raw) == ("ann@example.com", "vacation", "soft")

@@ -67,6 +67,32 @@ def from_address(msg: Message) -> str:
     return address_of(str(msg.get("From", "")))
 
 
+# a gateway that answers for a mailbox from an address no one reads (Mimecast's "From:
+# <noreply@example.com>") names the mailbox in Reply-To
+_NO_REPLY = re.compile(r"^(no-?reply|do-?not-?reply)([+.\-][^@]*)?@", re.I)
+# an auto-reply saying the mailbox is gone for good, not its owner away for a while
+# (in one sentence: a dot only inside a name, "kijitora@example.com")
+_MAILBOX_GONE = re.compile(r"\b(inbox|mailbox|e-?mail address|account)\b(?:[^.\n]|\.(?=\w)){0,80}?"
+                           r"\b(is|has been)"
+                           r" (no longer (in use|active|monitored|being monitored|checked)"
+                           r"|(closed|deactivated|disabled|discontinued))\b", re.I)
+
+
+def autoreply(msg: Message) -> BouncedRecipient:
+    """The mailbox an auto-reply answered for, and whether it says that mailbox is gone
+    ("suspend", as Sisimai reads it; soft all the same: the mailbox still answered) or only
+    its owner away ("vacation")."""
+    address = from_address(msg)
+    if _NO_REPLY.match(address):
+        named = ADDRESS_RE.findall(str(msg.get("Reply-To", "")))
+        if len(named) == 1:
+            address = named[0]
+    reason = "suspend" if _MAILBOX_GONE.search(all_text(msg)[:20000]) else "vacation"
+    return BouncedRecipient(address=address, action="", status=None, reason=reason,
+                            bounce_class="soft", diagnostic=str(msg.get("Subject", "")),
+                            remote_mta=None)
+
+
 # -- non-standard bounces -----------------------------------------------------------
 
 

@@ -18,8 +18,8 @@ from email.message import Message
 
 from . import bounded_mime
 from .bounce_heuristics import (
+    autoreply,
     enclosed_recipient,
-    from_address,
     heuristic_recipients,
     inline_dsn_recipients,
     is_autoreply,
@@ -67,10 +67,7 @@ def _parse(msg: Message, max_recipients: int) -> Report:
     if ses := ses_notification(msg, all_text(msg), original, max_recipients):
         return ses
     if is_autoreply(msg):
-        return Report(type="autoreply", original=original, recipients=(
-            BouncedRecipient(address=from_address(msg), action="", status=None,
-                             reason="vacation", bounce_class="soft",
-                             diagnostic=str(msg.get("Subject", "")), remote_mta=None),))
+        return Report(type="autoreply", original=original, recipients=(autoreply(msg),))
     if not original.headers:
         original = quoted_original(all_text(msg))
     # delivery-status fields in the text (a report whose MIME structure broke) say more than
