@@ -715,3 +715,40 @@ def test_an_auto_reply_of_an_owner_away_is_vacation() -> None:
     raw = _autoreply("<ann@example.com>", "I no longer check this account on weekends; "
                      "I am away until Monday.\r\n")
     assert _one(raw) == ("ann@example.com", "vacation", "soft")
+
+
+def test_microsofts_x_supplementary_info_is_the_remotes_reply() -> None:
+    # Hotmail's older reports carry the reply in X-Supplementary-Info, with no
+    # Diagnostic-Code: the reply, not the bare 5.5.0 (a protocol error), says why
+    raw = _dsn("Delivery to the following recipients failed.", "5.5.0",
+               "X-Supplementary-Info: < #5.5.0 smtp;550 Requested action not taken: mailbox\n"
+               " unavailable (495782920:4198:-2147467259)>")
+    assert _one(raw) == ("ann@example.org", "userunknown", "hard")
+
+
+@pytest.mark.parametrize("subject", ["Arpus biroja atrasanas automatiska atbilde: hello",
+                                     "=?utf-8?q?Autom=C4=81tisk=C4=81_atbilde=3A_hello?=",
+                                     "Automatinis atsakymas: hello",
+                                     "Automaatne vastus: hello"])
+def test_an_automatic_reply_in_a_baltic_language_is_an_auto_reply(subject: str) -> None:
+    raw = f"""\
+From: <ann@example.org>
+To: <bounces+abc@sender.test>
+Subject: {subject}
+Content-Type: text/plain; charset="utf-8"
+
+Thank you for your email. I am out of office and will be back on Tuesday.
+""".encode()
+    report = parse(raw)
+    assert report.type == "autoreply"
+    assert [(r.address, r.reason) for r in report.recipients] == [("ann@example.org", "vacation")]
+
+
+def test_a_spam_verdict_named_in_a_camelcase_token_is_spam() -> None:
+    # the verdict's name says spam; the generic "security policies" around it does not
+    # make it a security (TLS, authentication) error
+    text = "554 email rejected due to security policies - MCSpamSignature.sa.2.2"
+    assert bounces.classify("5.0.0", 554, text) == ("spamdetected", "soft")
+    # a lower-case host name with "spam" in it is not a verdict
+    text = "host antispam.example.org said: 550 5.0.0 mailbox unavailable"
+    assert bounces.classify("5.0.0", 550, text)[0] != "spamdetected"

@@ -40,6 +40,8 @@ _AUTOREPLY_SUBJECT = re.compile(
     # Scandinavian, Finnish, Japanese/Chinese)
     r"|automatyczna odpowied|(respuesta|resposta|risposta) autom[aá]tica|automatisch antwoord"
     r"|autosvar|automaattinen vastaus|自動応答|自動返信|自动回复"
+    # Latvian, Lithuanian, Estonian ("automātiskā atbilde", often written without diacritics)
+    r"|autom[aā]tisk[aā] atbilde|automatinis atsakymas|automaatne vastus"
     # an automatic acknowledgement ("Thank you for your e-mail"), not a reply someone wrote
     r"|^thank you for your (e-?mail|message)$", re.I)
 _BOUNCE_SUBJECT = re.compile(

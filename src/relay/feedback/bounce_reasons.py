@@ -78,6 +78,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                 r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"
                 r"|client host rejected|invalid ip|not accepting connections"
                 r"|(smtp|mail) server of your isp|dynamic ip|dial-?up|residential ip"),
+    # a filter's verdict named in one CamelCase token ("MCSpamSignature", "SpamAssassin"):
+    # a spam finding, whatever generic words ("security policies") the refusal wraps it in
+    ("spamdetected", r"(?-i:[A-Za-z]*Spam[A-Z][a-z])"),
     ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk mail|content.{0,20}rejected"
                      r"|message (has been |was )?(classified|identified|considered|marked) as"),
     # a mailbox that holds too many messages is full (not a sender sending too many)

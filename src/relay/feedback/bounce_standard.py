@@ -61,13 +61,14 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
                 or address
         action = str(block.get("Action", "failed")).strip().lower().split()[0] \
             if block.get("Action") else "failed"
-        diagnostic = after_type(block["Diagnostic-Code"])
-        if _X_UNIX.match(str(block["Diagnostic-Code"])) and (
+        field = _diagnostic_field(block)
+        diagnostic = after_type(field)
+        if _X_UNIX.match(str(field)) and (
                 _EXIT_STATUS.fullmatch(diagnostic)
                 or phrase_reason(diagnostic) in _SAYS_NOTHING_OF_ITS_OWN):
             # a local program's exit status ("X-Unix; 71") or words that name no cause
             # ("X-Unix; temporary failure"): the type says who failed, the local mailer
-            diagnostic = re.sub(r"\s+", " ", str(block["Diagnostic-Code"])).strip()
+            diagnostic = re.sub(r"\s+", " ", str(field)).strip()
         near = prose.near(address)
         # no words of the remote's or in the prose: the Status field's own comment
         # ("Status: 4.0.0 (example.net: host name lookup failure)")
@@ -78,6 +79,15 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
         found.append(recipient(address, action, status, reply, diagnostic, remote,
                                context=f"{near} {diagnostic}", transcript=human))
     return tuple(found)
+
+
+def _diagnostic_field(block: Message) -> str:
+    """The remote's reply for one recipient: its Diagnostic-Code field or, where a report has
+    none, Microsoft's X-Supplementary-Info ("< #5.5.0 smtp;550 Requested action not taken:
+    mailbox unavailable>"), the same reply under another name."""
+    if block["Diagnostic-Code"]:
+        return str(block["Diagnostic-Code"])
+    return str(block.get("X-Supplementary-Info") or "").strip().strip("<>").strip()
 
 
 def _comment(status: str) -> str:
