@@ -13,15 +13,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import dkim as dkimpy
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from .. import rawmail
 from ..dkimkeys import KeyError_, load_private_key, private_pem, public_value, record_text
+from .rawsign import raw_signature
 
 __all__ = ["KeyError_", "SigningKey", "load_private_key", "prepare", "private_pem", "public_value",
-           "record_text", "sign"]
+           "raw_signature", "record_text", "sign"]
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
 
@@ -37,8 +36,6 @@ _SIGNED_BYTES = tuple(n.encode() for n in SIGNED_HEADERS)
 _UNFOLD = re.compile(rb"\r?\n")
 _FIELD = b"DKIM-Signature"
 B_LINE = 70  # octets of b= per folded line
-_PKCS1 = padding.PKCS1v15()
-_PREHASHED = Prehashed(hashes.SHA256())
 _TRAILING_WSP = re.compile(rb"[\t ]+(?=\r\n)")
 _WSP_RUN = re.compile(rb"[\t ]{2,}|\t")  # only the runs "relaxed" changes; a lone space stays
 
@@ -95,12 +92,6 @@ def prepare(data: bytes, keys: list[SigningKey], *, now: float | None = None,
     stamp = str(int(time.time() if now is None else now)).encode()
     return Unsigned(data, tuple(_field_value(signed, tuple(counts), key, body_hash, stamp)
                                 for key in keys))
-
-
-def raw_signature(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey, digest: bytes) -> bytes:
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(digest)  # RFC 8463: Ed25519 over the SHA-256 of the headers
-    return key.sign(digest, _PKCS1, _PREHASHED)
 
 
 def finish(u: Unsigned, signatures: list[bytes]) -> bytes:

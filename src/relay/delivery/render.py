@@ -122,6 +122,10 @@ class KeyRing:
     def keys_for(self, domain: str) -> list[dkim.SigningKey]:
         return self._by_domain.get(domain, [])
 
+    def has_rsa(self) -> bool:
+        return any(k.algorithm == "rsa-sha256" for keys in self._by_domain.values()
+                   for k in keys)
+
 
 class Renderer:
     def __init__(self, config: DkimConfig, keyring: KeyRing, *, threads: int = RENDER_THREADS,
@@ -133,6 +137,20 @@ class Renderer:
         self._given: dict[bytes, dkim.SigningKey] = {}
         self._from_domains: dict[bytes, str] = {}  # From field's bytes -> its domain
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="render")
+
+    async def warm(self) -> None:
+        """Start the signer process now when there is an RSA key to sign with, rather than
+        at the first message, whose RSA signatures (and those of the ~0.1 s of messages after
+        it) the worker would make itself while the child starts. A store that cannot be read
+        now is the first render's to report."""
+        if self._signer is None or not self._config.enabled:
+            return
+        try:
+            await self._keyring.fresh()
+        except TemporaryFailure:
+            return
+        if self._keyring.has_rsa():
+            self._signer.start()
 
     async def render_all(self, jobs: Sequence[Job]) -> list[Rendered | Exception]:
         """Each job rendered; a failure is returned, not raised.

@@ -81,6 +81,7 @@ class Scheduler:
             await self._store.recover()
             for message_id in await self._store.pending_reports():
                 await self._emit_report(message_id)  # reports a crash left unsent
+        await self._renderer.warm()
         self._loop_task = asyncio.create_task(self._run(), name="scheduler")
         self._leases.start()
         if self._tls_reporter is not None:

@@ -17,9 +17,9 @@ It is an optimisation and never a way to lose or stall mail: while it starts, an
 dies, answers wrongly or not within TIMEOUT, the worker signs in its own process (the same
 bytes) and starts a new one later.
 
-Protocol on the child's stdin/stdout: frames of a 4-octet big-endian length and a pickle;
-("key", id, DER) registers a key, ("reset",) forgets them all, ("sign", [(id, digest), ...])
-answers [signature, ...].
+The child is rawsign.py's (which says its protocol), lean so that it starts quickly; the
+worker starts it as soon as it has an RSA key to sign with (Renderer.warm), not at the first
+message.
 """
 
 from __future__ import annotations
@@ -31,27 +31,25 @@ import logging
 import os
 import pickle
 import signal
-import struct
 import sys
 import time
-from typing import Any, cast
+from typing import cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .. import logs, metrics
+from .. import metrics
 from ..aio import cancel_and_wait
 from ..config import LogConfig
-from . import dkim
-from .child import die_with_parent, ignore_hangup, signal_name
+from .child import signal_name
+from .rawsign import UP, frame, raw_signature, take_frames
 
 log = logging.getLogger(__name__)
 
 RESTART_AFTER = 30.0  # seconds before a new signer process after one failed
 MAX_KEYS = 256  # keys remembered in the child; past it, it starts afresh
 TIMEOUT = 5.0  # an answer slower than this: the child is stuck, sign here instead
-_LEN = struct.Struct(">I")
-_READ = 1 << 16
+CHILD = "relay.delivery.rawsign"  # the child's module, run with -m
 
 
 class SignerGone(Exception):
@@ -91,28 +89,28 @@ class SignerProcess:
                 log.warning("the DKIM signer process failed (%s); signing in the worker",
                             exc)
                 self._lost(pipe)
-        self._start_soon()
-        return [dkim.raw_signature(key, digest) for key, digest in items]
+        self.start()
+        return [raw_signature(key, digest) for key, digest in items]
 
     def _frames(self, items: list[tuple[rsa.RSAPrivateKey, bytes]]) -> bytes:
         frames = []
         if len(self._sent) + len(items) > MAX_KEYS and any(
                 id(k) not in self._sent for k, _ in items):
             self._sent.clear()  # the requests already written still name the old ids:
-            frames.append(_frame(("reset",)))  # the child answers them before this
+            frames.append(frame(("reset",)))  # the child answers them before this
         request = []
         for key, digest in items:
             known = self._sent.get(id(key))
             if known is None:
                 kid = len(self._sent)
                 self._sent[id(key)] = (key, kid)  # holds the key: its id stays its own
-                frames.append(_frame(("key", kid, key.private_bytes(
+                frames.append(frame(("key", kid, key.private_bytes(
                     serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                     serialization.NoEncryption()))))
             else:
                 kid = known[1]
             request.append((kid, digest))
-        frames.append(_frame(("sign", request)))
+        frames.append(frame(("sign", request)))
         return b"".join(frames)
 
     def _lost(self, pipe: _Pipe) -> None:
@@ -122,7 +120,9 @@ class SignerProcess:
             self._failed_at = time.monotonic()
         pipe.kill()
 
-    def _start_soon(self) -> None:
+    def start(self) -> None:
+        """Start the child unless it is up, starting, or failed less than RESTART_AFTER ago
+        (it starts in the background; meanwhile signatures are made here)."""
         if self._pipe is not None or (self._starting and not self._starting.done()):
             return
         if self._failed_at is not None and time.monotonic() - self._failed_at < RESTART_AFTER:
@@ -135,7 +135,7 @@ class SignerProcess:
         pipe: _Pipe | None = None
         try:
             _, pipe = await loop.subprocess_exec(
-                _Pipe, self._python, "-m", "relay.delivery.signer", self._log.format,
+                _Pipe, self._python, "-m", CHILD, self._log.format,
                 self._log.level,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
                 start_new_session=True)  # out of the terminal's signals, as the worker is
@@ -205,13 +205,13 @@ class _Pipe(asyncio.SubprocessProtocol):
         buf = self._buffer
         buf += data
         if not self.alive and not self.listening.done():
-            if buf[:1] != b"!":
+            if buf[:1] != UP:
                 self._fail("it did not start as a signer")
                 return
             del buf[:1]
             self.alive = True
             self.listening.set_result(None)
-        for body in _take_frames(buf):
+        for body in take_frames(buf):
             if not self._waiting:
                 self._fail("it answered what was not asked")
                 return
@@ -279,66 +279,3 @@ class _Pipe(asyncio.SubprocessProtocol):
                 os.kill(self.pid, signal.SIGKILL)
         elif not transport.is_closing():
             transport.close()
-
-
-def _frame(value: Any) -> bytes:
-    body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LEN.pack(len(body)) + body
-
-
-def _take_frames(buf: bytearray) -> list[bytes]:
-    """The bodies of the complete frames at the start of `buf`, taken out of it."""
-    pos, bodies = 0, []
-    while len(buf) - pos >= _LEN.size:
-        size = _LEN.unpack_from(buf, pos)[0]
-        if len(buf) - pos - _LEN.size < size:
-            break
-        start = pos + _LEN.size
-        pos = start + size
-        bodies.append(bytes(buf[start:pos]))
-    del buf[:pos]
-    return bodies
-
-
-def serve(stdin: int, stdout: int) -> None:
-    """The child: sign until stdin ends (the worker is gone), answering all it has read at
-    once."""
-    keys: dict[int, Any] = {}
-    _write_all(stdout, b"!")
-    buf = bytearray()
-    while True:
-        data = os.read(stdin, _READ)
-        if not data:
-            return
-        buf += data
-        answers = []
-        for body in _take_frames(buf):
-            message = pickle.loads(body)
-            if message[0] == "key":
-                keys[message[1]] = serialization.load_der_private_key(message[2],
-                                                                      password=None)
-            elif message[0] == "reset":
-                keys.clear()
-            elif message[0] == "sign":
-                answers.append(_frame([dkim.raw_signature(keys[kid], digest)
-                                       for kid, digest in message[1]]))
-        if answers:
-            _write_all(stdout, b"".join(answers))
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def main() -> None:
-    die_with_parent()
-    ignore_hangup()
-    if len(sys.argv) >= 3:  # [log] format and level, from the worker that started us
-        logs.configure(LogConfig(format=sys.argv[1], level=sys.argv[2]), process="signer")
-    serve(sys.stdin.fileno(), sys.stdout.fileno())
-
-
-if __name__ == "__main__":
-    main()
