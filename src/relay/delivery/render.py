@@ -122,9 +122,10 @@ class KeyRing:
     def keys_for(self, domain: str) -> list[dkim.SigningKey]:
         return self._by_domain.get(domain, [])
 
-    def has_rsa(self) -> bool:
-        return any(k.algorithm == "rsa-sha256" for keys in self._by_domain.values()
-                   for k in keys)
+    async def has_rsa(self) -> bool:
+        """Whether the store holds an RSA key, read now and not kept: what is loaded, and
+        when, stays the first render's (a domain added before it signs from the start)."""
+        return any(info.algorithm == "rsa-sha256" for info in await self._store.signing_keys())
 
 
 class Renderer:
@@ -146,10 +147,10 @@ class Renderer:
         if self._signer is None or not self._config.enabled:
             return
         try:
-            await self._keyring.fresh()
-        except TemporaryFailure:
+            rsa_key = await self._keyring.has_rsa()
+        except StoreError:
             return
-        if self._keyring.has_rsa():
+        if rsa_key:
             self._signer.start()
 
     async def render_all(self, jobs: Sequence[Job]) -> list[Rendered | Exception]:
