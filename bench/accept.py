@@ -67,6 +67,7 @@ def start_relay(tmp: Path, log_level: str = "WARNING") -> tuple[subprocess.Popen
         f"[server]\nhostname = 'relay.bench'\ndata_dir = '{tmp / 'data'}'\n"
         f"[[smtp.listeners]]\nport = {port}\nmode = 'relay'\ntls = 'none'\n"
         f"allowed_networks = ['127.0.0.0/8']\n"
+        f"[api]\nport = {free_port()}\n"  # not 8025: a bench may run beside the test suite
         "[delivery]\npaused = true\n"  # acceptance alone: bench/deliver.py measures delivery
     )
     env = {**os.environ, "RELAY_LOG_LEVEL": log_level}

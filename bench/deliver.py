@@ -107,6 +107,7 @@ def start_relay(tmp: Path, sink_port: int, dkim: bool = False
         f"[server]\nhostname = 'relay.bench'\ndata_dir = '{tmp / 'relay-data'}'\n"
         f"[[smtp.listeners]]\nport = {port}\nmode = 'relay'\ntls = 'none'\n"
         f"allowed_networks = ['127.0.0.0/8']\n"
+        f"[api]\nport = {free_port()}\n"  # not 8025: a bench may run beside the test suite
         f"[delivery]\nsmarthost = '127.0.0.1:{sink_port}'\nsmarthost_tls = 'none'\n"
         f"[dkim]\nenabled = {'true' if dkim else 'false'}\n")
     if dkim:
