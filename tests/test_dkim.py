@@ -460,6 +460,9 @@ async def test_keyring_callers_wait_for_the_first_load_and_keys_are_limited_to_t
         async def return_paths(self) -> dict[str, str]:
             return {}
 
+        async def signing_version(self) -> tuple[object, ...]:
+            return ()
+
         async def signing_keys(self) -> list[DkimKeyInfo]:
             await asyncio.sleep(0.05)
             return [DkimKeyInfo(domain="example.test", selector="e1", algorithm="ed25519-sha256",
@@ -494,6 +497,11 @@ async def test_unreadable_keys_defer_at_first_and_keep_the_loaded_ones_later(
         async def return_paths(self) -> dict[str, str]:
             return {}
 
+        async def signing_version(self) -> tuple[object, ...]:
+            if self.fail:
+                raise StoreError("database is locked")
+            return ()
+
         async def signing_keys(self) -> list[DkimKeyInfo]:
             if self.fail:
                 raise StoreError("database is locked")
@@ -523,6 +531,9 @@ async def test_small_and_large_messages_render_in_order_and_sign(tmp_path: Path)
         async def return_paths(self) -> dict[str, str]:
             return {}
 
+        async def signing_version(self) -> tuple[object, ...]:
+            return ()
+
         async def signing_keys(self) -> list[DkimKeyInfo]:
             return [DkimKeyInfo(domain="example.test", selector="e1", algorithm="ed25519-sha256",
                                 public_key="", path=str(path), state="active", created_at=1.0)]
@@ -546,3 +557,48 @@ async def test_small_and_large_messages_render_in_order_and_sign(tmp_path: Path)
     assert out[0].signed.startswith("signed: ed25519-sha256") and \
         out[2].signed.startswith("signed: ed25519-sha256")
     assert len(out[0].data) > len(out[2].data)
+
+
+async def test_a_domain_added_or_rotated_while_running_signs_within_a_second(
+        tmp_path: Path) -> None:
+    """The worker re-reads the keys every KEYRING_REFRESH (30 s), and also as soon as it sees
+    (looking once a second) that a domain was added or a key activated: `relay domains add`
+    then `send` signs from the first message a second later, not up to 30 s later."""
+    from relay import domains as domain_ops
+    from relay.store import SQLiteStore
+
+    config = make_config(tmp_path)
+    store = SQLiteStore(tmp_path / "relay.sqlite")
+    await store.open()
+    now = [100.0]
+    ring = KeyRing(store, clock=lambda: now[0])
+    try:
+        await ring.fresh()  # the first message: no domain yet
+        assert ring.keys_for("late.test") == []
+        domain = domain_ops.make_domain(config, "late.test", time.time())
+        await store.save_domain(domain)
+        now[0] += 0.5
+        await ring.fresh()  # looked less than a second ago
+        assert ring.keys_for("late.test") == []
+        now[0] += 1.0
+        await ring.fresh()
+        assert sorted(k.selector for k in ring.keys_for("late.test")) == sorted(
+            k.selector for k in domain.keys)
+        assert "late.test" in ring.return_paths
+
+        rotated = domain_ops.start_rotation(config, domain, time.time())
+        await store.save_domain(rotated, replace=True)  # published, not signing yet
+        now[0] += 1.5
+        await ring.fresh()
+        assert sorted(k.selector for k in ring.keys_for("late.test")) == sorted(
+            k.selector for k in domain.keys)
+        active = domain_ops.activate_rotation(config, rotated, time.time())
+        await store.save_domain(active, replace=True)
+        now[0] += 1.5
+        await ring.fresh()
+        assert sorted(k.selector for k in ring.keys_for("late.test")) == sorted(
+            k.selector for k in active.keys if k.state == "active")
+        assert set(k.selector for k in active.keys if k.state == "active").isdisjoint(
+            k.selector for k in domain.keys)
+    finally:
+        await store.close()

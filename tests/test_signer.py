@@ -131,6 +131,9 @@ async def test_rendered_batches_verify_with_the_signatures_from_the_child(
         async def return_paths(self) -> dict[str, str]:
             return {}
 
+        async def signing_version(self) -> tuple[object, ...]:
+            return ()
+
         async def signing_keys(self) -> list[DkimKeyInfo]:
             return infos
 
@@ -186,6 +189,9 @@ def _key_store(tmp_path: Path, keys: list[tuple[str, rsa.RSAPrivateKey | ed25519
     class Store:
         async def return_paths(self) -> dict[str, str]:
             return {}
+
+        async def signing_version(self) -> tuple[object, ...]:
+            return ()
 
         async def signing_keys(self) -> list[DkimKeyInfo]:
             return infos

@@ -173,3 +173,19 @@ async def test_one_idempotency_key_sent_to_two_nodes_at_once_queues_one_message(
         assert len({r.message_id for r in results}) == 1, results
         assert sorted(r.duplicate for r in results) == [False, True]
     assert len((await a.list_messages(limit=100)).items) == 20
+
+
+async def test_a_domain_added_on_one_node_changes_the_signing_version_on_the_other(
+        two: Two, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The delivery worker's keyring looks at signing_version once a second and re-reads
+    the keys when it changed (render.KeyRing), on PostgreSQL as on SQLite."""
+    from relay import domains
+
+    from .conftest import make_config
+
+    a, b = two
+    before = await b.signing_version()
+    await a.save_domain(domains.make_domain(make_config(tmp_path), "pg-late.test", time.time()))
+    after = await b.signing_version()
+    assert after != before and after == await a.signing_version()
+    assert {k.domain for k in await b.signing_keys()} >= {"pg-late.test"}

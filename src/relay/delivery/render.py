@@ -28,6 +28,8 @@ from .signer import SignerProcess
 log = logging.getLogger(__name__)
 
 KEYRING_REFRESH = 30.0  # seconds between re-reads of the domains' keys from the store
+KEYRING_CHECK = 1.0  # seconds between looks at whether they changed (a domain added, a key
+# activated): a change is read at once, not up to KEYRING_REFRESH later
 RENDER_THREADS = 2
 INLINE_RENDER_MAX = 256 * 1024  # octets of body: larger messages render in the thread pool
 GIVEN_CACHE = 256  # parsed keys given with messages, kept by the hash of their text
@@ -75,6 +77,9 @@ class KeyRing:
         self._refresh = refresh
         self._clock = clock
         self._loaded_at: float | None = None
+        self._checked_at = 0.0
+        self._version: tuple[object, ...] | None = None  # store.signing_version() when read
+        self._loads = 0
         self._by_domain: dict[str, list[dkim.SigningKey]] = {}
         self.return_paths: dict[str, str] = {}  # {domain: its return-path host}
         self._parsed: dict[tuple[str, float], dkim.SigningKey] = {}
@@ -84,12 +89,14 @@ class KeyRing:
         return self._loaded_at is None or self._clock() - self._loaded_at >= self._refresh
 
     async def fresh(self) -> None:
-        """Loaded, and re-read when stale; callers meanwhile wait (none signs with nothing)."""
-        if not self._stale():
+        """Loaded, and re-read when stale or changed; callers meanwhile wait (none signs
+        with nothing)."""
+        if not self._stale() and not await self._changed():
             return
+        loads = self._loads
         async with self._lock:
-            if not self._stale():
-                return
+            if self._loads != loads:
+                return  # another caller read them while this one waited
             try:
                 await self._load()
             except StoreError as exc:
@@ -97,9 +104,23 @@ class KeyRing:
                     raise TemporaryFailure(f"the DKIM keys cannot be read: {exc}",
                                            code=451, enhanced="4.3.0") from exc
                 log.error("DKIM keys not re-read (%s); signing with the ones loaded", exc)
-            self._loaded_at = self._clock()
+            self._loaded_at = self._checked_at = self._clock()
+            self._loads += 1
+
+    async def _changed(self) -> bool:
+        """Whether the domains or their active keys changed since they were read (looked at
+        once a KEYRING_CHECK: one small query)."""
+        now = self._clock()
+        if now - self._checked_at < KEYRING_CHECK:
+            return False
+        self._checked_at = now
+        try:
+            return await self._store.signing_version() != self._version
+        except StoreError:
+            return False  # the keys loaded stand; the next refresh says what is wrong
 
     async def _load(self) -> None:
+        version = await self._store.signing_version()  # before: a change after is seen next
         by_domain: dict[str, list[dkim.SigningKey]] = {}
         parsed = {}
         for info in await self._store.signing_keys():
@@ -117,7 +138,7 @@ class KeyRing:
             parsed[cache_key] = key
             by_domain.setdefault(info.domain, []).append(key)
         self.return_paths = await self._store.return_paths()
-        self._by_domain, self._parsed = by_domain, parsed
+        self._by_domain, self._parsed, self._version = by_domain, parsed, version
 
     def keys_for(self, domain: str) -> list[dkim.SigningKey]:
         return self._by_domain.get(domain, [])

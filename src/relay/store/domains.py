@@ -73,6 +73,18 @@ class DomainQueries:
         paths: dict[str, str] = await self._reader.run(op)
         return paths
 
+    async def signing_version(self) -> tuple[object, ...]:
+        """What changes when a domain is added or removed or a key activated (their counts
+        and latest times): the delivery worker re-reads its keys when it does."""
+        def op(db: sqlite3.Connection) -> tuple[object, ...]:
+            return tuple(db.execute(
+                "SELECT (SELECT count(*) FROM domains), (SELECT max(created_at) FROM domains),"
+                " count(*), max(created_at), max(activated_at) FROM dkim_keys"
+                " WHERE state = 'active'").fetchone())
+
+        version: tuple[object, ...] = await self._reader.run(op)
+        return version
+
     async def signing_keys(self) -> list[DkimKeyInfo]:
         """Every active key of every domain."""
         def op(db: sqlite3.Connection) -> list[DkimKeyInfo]:
