@@ -7,6 +7,8 @@ Starts `relay serve` on a temp data dir with a relay-mode listener, then:
     messages/s accepted.
  2. An asyncio client does the same and times each message from the end of DATA
     to the 250 reply: p50 and p99.
+ 3. The same client opens MESSAGES sessions that say only EHLO and QUIT: what a
+    connection alone costs relay (smtp-source's phase pays it once a message).
 Each phase also prints the CPU time relay's process spent per message, which a shared
 host's load moves far less than the rates.
 
@@ -137,6 +139,19 @@ async def run_timed(port: int, messages: int, sessions: int, size: int) -> tuple
     return time.perf_counter() - started, latencies
 
 
+async def run_connections(port: int, connections: int, sessions: int) -> float:
+    """`connections` sessions of EHLO and QUIT, `sessions` at a time."""
+    async def one_after_another(n: int) -> None:
+        for _ in range(n):
+            await timed_session(port, 0, b"", [])
+
+    per = [connections // sessions + (1 if i < connections % sessions else 0)
+           for i in range(sessions)]
+    started = time.perf_counter()
+    await asyncio.gather(*(one_after_another(n) for n in per))
+    return time.perf_counter() - started
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--messages", type=int, default=5000)
@@ -157,6 +172,8 @@ def main() -> None:
             stored = count_messages(tmp)
             elapsed, lat = asyncio.run(run_timed(port, args.messages, args.sessions, args.size))
             cpu2 = cpu_seconds(proc.pid)
+            connecting = asyncio.run(run_connections(port, args.messages, args.sessions))
+            cpu3 = cpu_seconds(proc.pid)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -168,6 +185,9 @@ def main() -> None:
               f"p50 {statistics.median(lat) * 1000:.1f} ms, "
               f"p99 {lat[int(len(lat) * 0.99) - 1] * 1000:.1f} ms; "
               f"relay CPU {(cpu2 - cpu1) / len(lat) * 1000:.2f} ms/msg")
+        print(f"connections: {args.messages} sessions of EHLO and QUIT, {args.sessions} at a "
+              f"time, in {connecting:.2f} s = {args.messages / connecting:.0f}/s; relay CPU "
+              f"{(cpu3 - cpu2) / args.messages * 1000:.2f} ms/connection")
 
 
 if __name__ == "__main__":
