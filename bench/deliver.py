@@ -186,22 +186,26 @@ def report_stuck(db_path: Path) -> None:
               f" {reply}; lease ends in {lease} s", flush=True)
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pid: int, *, reaped: bool = False) -> float:
+    """A process's CPU seconds; with `reaped`, its children's that it has waited for too
+    (/proc's cutime and cstime). Raises OSError when it is gone."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(f) for f in fields[11:15 if reaped else 13]) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def tree_cpu(pid: int) -> float:
-    """CPU seconds of a process and all its descendants, those it has reaped included
-    (/proc's cutime and cstime): all of relay's processes, or all of Postfix's under its
-    master (smtpd, cleanup, qmgr, smtp, trivial-rewrite, ... come and go)."""
+    """CPU seconds of a process and all its descendants, those it has reaped included: all
+    of relay's processes, or all of Postfix's under its master (smtpd, cleanup, qmgr, smtp,
+    trivial-rewrite, ... come and go)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        own = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        own, kids = _cpu_seconds(pid, reaped=True), _children(pid)
     except OSError:
         return 0.0
-    return own + sum(tree_cpu(int(k)) for k in kids)
+    return own + sum(tree_cpu(k) for k in kids)
 
 
 def postfix_master(d: Path) -> int:
@@ -211,14 +215,11 @@ def postfix_master(d: Path) -> int:
 def report_cpu(pid: int, messages: int) -> None:
     """CPU time per message of relay's main process, its delivery worker and the worker's
     DKIM signer process (Linux)."""
-    def children(p: int) -> list[int]:
-        return [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-
     try:
         parts = {"main (accept)": _cpu_seconds(pid)}
-        for worker in children(pid):
+        for worker in _children(pid):
             parts[f"worker {worker}"] = _cpu_seconds(worker)
-            parts.update({f"signer {c}": _cpu_seconds(c) for c in children(worker)})
+            parts.update({f"signer {c}": _cpu_seconds(c) for c in _children(worker)})
     except OSError:
         return
     print("  relay CPU per message: " + ", ".join(

@@ -524,22 +524,9 @@ async def test_small_and_large_messages_render_in_order_and_sign(tmp_path: Path)
     """Small messages render in the loop's thread, large ones in the pool; the results come
     back in the jobs' order, each signed, and a failure stays with its own job."""
     key = ed25519.Ed25519PrivateKey.generate()
-    path = tmp_path / "k.pem"
-    path.write_bytes(dkim.private_pem(key))
-
-    class Store:
-        async def return_paths(self) -> dict[str, str]:
-            return {}
-
-        async def signing_version(self) -> tuple[object, ...]:
-            return ()
-
-        async def signing_keys(self) -> list[DkimKeyInfo]:
-            return [DkimKeyInfo(domain="example.test", selector="e1", algorithm="ed25519-sha256",
-                                public_key="", path=str(path), state="active", created_at=1.0)]
-
     from relay.delivery.render import INLINE_RENDER_MAX
-    renderer = Renderer(DkimConfig(), KeyRing(Store()))  # type: ignore[arg-type]
+    renderer = Renderer(DkimConfig(), KeyRing(key_store(  # type: ignore[arg-type]
+        tmp_path, [("e1", key, "ed25519-sha256")])))
     head = b"From: a@example.test\r\nTo: b@x.test\r\nSubject: s\r\n\r\n"
     small = head + b"hi\r\n"
     large = head + b"0123456789abcdef" * (INLINE_RENDER_MAX // 16 + 1) + b"\r\n"
@@ -602,3 +589,27 @@ async def test_a_domain_added_or_rotated_while_running_signs_within_a_second(
             k.selector for k in domain.keys)
     finally:
         await store.close()
+
+
+def key_store(tmp_path: Path, keys: list[tuple[str, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey,
+                                                 str]]) -> object:
+    """A store with only the keys of example.test (written to files, as `relay domains add`
+    writes them), for a KeyRing."""
+    infos = []
+    for selector, key, algorithm in keys:
+        path = tmp_path / f"{selector}.pem"
+        path.write_bytes(dkim.private_pem(key))
+        infos.append(DkimKeyInfo(domain="example.test", selector=selector, algorithm=algorithm,
+                                 public_key="", path=str(path), state="active", created_at=1.0))
+
+    class Store:
+        async def return_paths(self) -> dict[str, str]:
+            return {}
+
+        async def signing_version(self) -> tuple[object, ...]:
+            return ()
+
+        async def signing_keys(self) -> list[DkimKeyInfo]:
+            return infos
+
+    return Store()

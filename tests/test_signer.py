@@ -23,7 +23,8 @@ from relay.delivery import signer as signer_module
 from relay.delivery.render import Job, KeyRing, Rendered, Renderer
 from relay.delivery.signer import SignerProcess
 from relay.store import Outgoing
-from relay.types import DkimKeyInfo
+
+from .test_dkim import key_store
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -116,29 +117,11 @@ async def test_rendered_batches_verify_with_the_signatures_from_the_child(
         tmp_path: Path) -> None:
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ed_key = ed25519.Ed25519PrivateKey.generate()
-    infos = []
-    for selector, key, algorithm in (("r1", rsa_key, "rsa-sha256"),
-                                     ("e1", ed_key, "ed25519-sha256")):
-        path = tmp_path / f"{selector}.pem"
-        path.write_bytes(dkim.private_pem(key))
-        infos.append(DkimKeyInfo(domain="example.test", selector=selector, algorithm=algorithm,
-                                 public_key="", path=str(path), state="active",
-                                 created_at=1.0))
     records = {b"r1._domainkey.example.test.": dkim.record_text(rsa_key).encode(),
                b"e1._domainkey.example.test.": dkim.record_text(ed_key).encode()}
-
-    class Store:
-        async def return_paths(self) -> dict[str, str]:
-            return {}
-
-        async def signing_version(self) -> tuple[object, ...]:
-            return ()
-
-        async def signing_keys(self) -> list[DkimKeyInfo]:
-            return infos
-
+    store = key_store(tmp_path, [("r1", rsa_key, "rsa-sha256"), ("e1", ed_key, "ed25519-sha256")])
     signer = SignerProcess()
-    renderer = Renderer(DkimConfig(), KeyRing(Store()), signer=signer)  # type: ignore[arg-type]
+    renderer = Renderer(DkimConfig(), KeyRing(store), signer=signer)  # type: ignore[arg-type]
     try:
         await ready(signer, rsa_key)
         jobs = [Job(Outgoing(body=b"From: a@example.test\r\nTo: b@x.test\r\nSubject: %d\r\n"
@@ -177,33 +160,11 @@ async def test_a_signal_death_of_the_child_is_logged_by_name_and_its_close_is_no
         await closed.close()
 
 
-def _key_store(tmp_path: Path, keys: list[tuple[str, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey,
-                                                  str]]) -> object:
-    infos = []
-    for selector, key, algorithm in keys:
-        path = tmp_path / f"{selector}.pem"
-        path.write_bytes(dkim.private_pem(key))
-        infos.append(DkimKeyInfo(domain="example.test", selector=selector, algorithm=algorithm,
-                                 public_key="", path=str(path), state="active", created_at=1.0))
-
-    class Store:
-        async def return_paths(self) -> dict[str, str]:
-            return {}
-
-        async def signing_version(self) -> tuple[object, ...]:
-            return ()
-
-        async def signing_keys(self) -> list[DkimKeyInfo]:
-            return infos
-
-    return Store()
-
-
 async def test_the_worker_starts_the_signer_before_its_first_message_when_it_has_rsa_keys(
         tmp_path: Path) -> None:
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     signer = SignerProcess()
-    renderer = Renderer(DkimConfig(), KeyRing(_key_store(tmp_path, [  # type: ignore[arg-type]
+    renderer = Renderer(DkimConfig(), KeyRing(key_store(tmp_path, [  # type: ignore[arg-type]
         ("r1", rsa_key, "rsa-sha256")])), signer=signer)
     try:
         await renderer.warm()  # Scheduler.start does this before it takes any work
@@ -222,7 +183,7 @@ async def test_the_worker_starts_the_signer_before_its_first_message_when_it_has
                                           "ed25519-sha256")]),
                          (DkimConfig(enabled=False), [("r1", rsa_key, "rsa-sha256")])):
         idle = SignerProcess()
-        renderer = Renderer(config, KeyRing(_key_store(tmp_path, keys)),  # type: ignore[arg-type]
+        renderer = Renderer(config, KeyRing(key_store(tmp_path, keys)),  # type: ignore[arg-type]
                             signer=idle)
         await renderer.warm()
         await asyncio.sleep(0.3)

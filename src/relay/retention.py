@@ -61,9 +61,8 @@ class Pruner:
 
     async def stop(self) -> None:
         """Stop at once: a batch being written still commits whole (it is one transaction)."""
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def run_pass(self, *, now: float | None = None, dry_run: bool = False) -> PassResult:
         now = self.clock() if now is None else now

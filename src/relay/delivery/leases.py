@@ -65,9 +65,8 @@ class Leases:
         self._task = asyncio.create_task(self._run(), name="lease renewal")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def renew(self) -> None:
         """Push every held lease a whole lease ahead; a recipient the store no longer has

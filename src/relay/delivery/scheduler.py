@@ -88,17 +88,15 @@ class Scheduler:
             self._reporting = asyncio.create_task(self._tls_reporter.run(), name="tls-rpt")
 
     async def stop(self, grace: float = 10.0) -> None:
-        if self._loop_task is not None:
-            await cancel_and_wait(self._loop_task)
-            self._loop_task = None
+        await cancel_and_wait(self._loop_task)
+        self._loop_task = None
         if self._jobs:
             # Let sessions in flight finish; what is cut off stays leased and is retried.
             _, pending = await asyncio.wait(self._jobs, timeout=grace)
             await cancel_and_wait(*pending)
         await self._leases.stop()
-        if self._reporting is not None:  # its last counts are flushed as it is cancelled
-            await cancel_and_wait(self._reporting)
-            self._reporting = None
+        await cancel_and_wait(self._reporting)  # its last counts are flushed as it is cancelled
+        self._reporting = None
         if self._listener is not None:
             await self._listener.close()
             self._listener = None

@@ -233,17 +233,17 @@ _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time
 
 # words that the account itself is not there ("This user doesn't have a example.com account",
 # "unknown user account"), not the terse "user unknown" a filter or a carrier answers for a
-# mailbox that refuses this sender: believed from a quoted reply whose command is not said
-_NO_SUCH_ACCOUNT = re.compile(r"(does not|doesn.?t) have an? .{0,40}\baccount\b"
-                              r"|\b(unknown|no such|invalid|non-?existent) (user )?account\b"
+# mailbox that refuses this sender: believed from a quoted reply whose command is not said.
+# _ACCOUNT_ABSENT, the ones among them no filter says of a mailbox that exists, even after
+# the data (Yahoo took RCPT TO and answered the data "554 delivery error: dd This user
+# doesn't have a yahoo.com account"): an account's own absence, said in full
+_ACCOUNT_ABSENT = (r"(does not|doesn.?t) have an? .{0,40}\baccount\b"
+                   r"|\b(no such|non-?existent) (user )?account\b")
+_NO_SUCH_ACCOUNT = re.compile(_ACCOUNT_ABSENT + r"|\b(unknown|invalid) (user )?account\b"
                               # RFC 5321's own text for 550 on a mailbox
                               r"|requested action not taken: mailbox unavailable",
                               re.IGNORECASE)
-# ... and of those, the ones no filter says of a mailbox that exists, even after the data
-# (Yahoo took RCPT TO and answered the data "554 delivery error: dd This user doesn't have a
-# yahoo.com account"): only an account's own absence, said in full
-_NO_ACCOUNT_AT_ALL = re.compile(r"(does not|doesn.?t) have an? .{0,40}\baccount\b"
-                                r"|\b(no such|non-?existent) (user )?account\b", re.IGNORECASE)
+_NO_ACCOUNT_AT_ALL = re.compile(_ACCOUNT_ABSENT, re.IGNORECASE)
 
 
 # conditions that last, so that they, not the queue's giving up, are why the mail failed:

@@ -57,9 +57,8 @@ class Notifier:
             self._task = asyncio.create_task(self._run(), name="systemd-notify")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         ping = watchdog_interval(self._environ)

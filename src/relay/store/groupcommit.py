@@ -109,9 +109,8 @@ class GroupCommitWriter:
         self._task = asyncio.create_task(self._run(), name="store-writer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         while not self._queue.empty():
             _, fut = self._queue.get_nowait()
             if not fut.done():

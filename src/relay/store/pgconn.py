@@ -229,9 +229,8 @@ class Listener:
         self._task = asyncio.create_task(self._run(), name=f"listen-{self.channel}")
 
     async def close(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:
