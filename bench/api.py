@@ -73,7 +73,7 @@ def api_workers_up(pid: int, data_dir: Path) -> int:
     up = 0
     for child in children(pid):
         try:
-            if b"relay.apiworker" not in Path(f"/proc/{child}/cmdline").read_bytes():
+            if b"relay.frontworker" not in Path(f"/proc/{child}/cmdline").read_bytes():
                 continue
             fds = Path(f"/proc/{child}/fd").iterdir()
             up += any(str(data_dir) in os.readlink(fd) for fd in fds)
@@ -194,7 +194,7 @@ def main() -> None:
                 if args.profile is not None:
                     args.profile.mkdir(parents=True, exist_ok=True)
                     workers = [c for c in children(proc.pid)
-                               if b"relay.apiworker" in Path(f"/proc/{c}/cmdline").read_bytes()]
+                               if b"relay.frontworker" in Path(f"/proc/{c}/cmdline").read_bytes()]
                     for i, pid in enumerate([proc.pid, *workers]):
                         out = args.profile / (f"{name}.txt" if i == 0 else f"{name}-api{i}.txt")
                         spies.append((out, spy(pid, args.seconds, out)))

@@ -97,7 +97,7 @@ class Sink:
         self.proc.wait(10)
 
 
-def start_relay(tmp: Path, sink_port: int, dkim: bool = False
+def start_relay(tmp: Path, sink_port: int, dkim: bool = False, smtp_workers: int = 1
                 ) -> tuple[subprocess.Popen[bytes], int]:
     """relay on its defaults; with `dkim`, example.com (smtp-source's From domain) has keys
     (RSA-2048 and Ed25519: two signatures a message), else signing is off."""
@@ -105,6 +105,7 @@ def start_relay(tmp: Path, sink_port: int, dkim: bool = False
     conf = tmp / "relay.toml"
     conf.write_text(
         f"[server]\nhostname = 'relay.bench'\ndata_dir = '{tmp / 'relay-data'}'\n"
+        f"[smtp]\nworkers = {smtp_workers}\n"
         f"[[smtp.listeners]]\nport = {port}\nmode = 'relay'\ntls = 'none'\n"
         f"allowed_networks = ['127.0.0.0/8']\n"
         f"[api]\nport = {free_port()}\n"  # not 8025: a bench may run beside the test suite
@@ -117,6 +118,13 @@ def start_relay(tmp: Path, sink_port: int, dkim: bool = False
                             env={**os.environ, "RELAY_LOG_LEVEL": "WARNING"},
                             stdout=subprocess.DEVNULL)
     wait_port(port)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and sum(  # its SMTP workers, before the clock starts
+            b"relay.frontworker" in Path(f"/proc/{c}/cmdline").read_bytes()
+            for c in _children(proc.pid)) < smtp_workers - 1:
+        time.sleep(0.05)
+    if smtp_workers > 1:
+        time.sleep(1.0)  # each opens its store and says it listens
     return proc, port
 
 
@@ -274,6 +282,8 @@ def main() -> None:
     ap.add_argument("--dkim", choices=("off", "on", "compare"), default="off",
                     help="relay's signing: off, on (RSA + Ed25519), or compare: relay with "
                          "DKIM off, then on, and the ratio on/off (no Postfix)")
+    ap.add_argument("--smtp-workers", type=int, default=1,
+                    help="relay's [smtp] workers: processes taking its SMTP connections")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the sides this many times, alternating, and give each round's "
                          "ratio and the median (a host's load drifts between runs)")
@@ -316,7 +326,8 @@ def run_side(side: str, args: argparse.Namespace, round_no: int = 1
         try:
             if side.startswith("relay"):
                 signing = side == "relay-dkim" or (side == "relay" and args.dkim == "on")
-                proc, port = start_relay(tmp, sink.port, dkim=signing)
+                proc, port = start_relay(tmp, sink.port, dkim=signing,
+                                         smtp_workers=args.smtp_workers)
                 try:
                     spies = profile(proc.pid, args.profile, f"{side}-{round_no}")
                     ticks, cpu = cpu_ticks(), tree_cpu(proc.pid)

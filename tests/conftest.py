@@ -300,7 +300,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 # test saw it) and its callbacks interleave differently. BOTH_LOOPS=<modules> overrides the set;
 # BOTH_LOOPS=all runs every module on both (with -k uvloop: the whole suite on uvloop).
 NETWORK_MODULES = ("test_connections,test_smtpd,test_smtplimits,test_pipelining,test_deliver,"
-                   "test_delivery,test_health,test_apiworkers,test_inbound,test_webhooks,"
+                   "test_delivery,test_health,test_frontworkers,test_inbound,test_webhooks,"
                    "test_mtasts,test_dane,test_tls_policy,test_stop,test_handoff")
 BOTH_LOOPS = frozenset(os.environ.get("BOTH_LOOPS", NETWORK_MODULES).split(","))
 

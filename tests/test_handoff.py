@@ -1,6 +1,6 @@
-"""api/handoff.py in one process: the Acceptor serves its turns and hands the others over a
+"""handoff.py in one process: the Acceptor serves its turns and hands the others over a
 real Unix socket to a Receiver, which serves them; a handoff that fails is served here; a
-stopping Receiver serves what it was handed. (tests/test_apiworkers.py: across processes.)"""
+stopping Receiver serves what it was handed. (tests/test_frontworkers.py: across processes.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import socket
 from typing import cast
 
 from relay import metrics
-from relay.api.handoff import Acceptor, Receiver, channel_pair, listening_socket
+from relay.handoff import API, Acceptor, Receiver, Serving, channel_pair, listening_socket
 
 
 def served() -> dict[str, float]:
@@ -45,10 +45,11 @@ async def who(port: int) -> bytes:
 async def test_turns_alternate_and_a_failed_handoff_is_served_here() -> None:
     sock = listening_socket("127.0.0.1", 0, 16)
     port = sock.getsockname()[1]
-    acceptor = Acceptor(sock, lambda: Tagging(b"master"))
+    acceptor = Acceptor(sock, Serving(lambda: Tagging(b"master")), tag=API,
+                        counted=metrics.api_connection, what="API")
     ours, theirs = channel_pair()
     ended = asyncio.Event()
-    receiver = Receiver(theirs, lambda: Tagging(b"worker"), on_eof=ended.set)
+    receiver = Receiver(theirs, {API: Serving(lambda: Tagging(b"worker"))}, on_eof=ended.set)
     acceptor.add(ours)
     before = served()
     try:
@@ -71,14 +72,14 @@ async def test_a_stopping_receiver_serves_what_it_was_handed_and_eof_is_the_mast
         ) -> None:
     ours, theirs = channel_pair()
     ended = asyncio.Event()
-    receiver = Receiver(theirs, lambda: Tagging(b"worker"), on_eof=ended.set)
+    receiver = Receiver(theirs, {API: Serving(lambda: Tagging(b"worker"))}, on_eof=ended.set)
     listener = listening_socket("127.0.0.1", 0, 16)
     port = listener.getsockname()[1]
     clients, handed = [], []
     for _ in range(40):  # more than one read takes (FDS_A_READ)
         client = socket.create_connection(("127.0.0.1", port))
         conn, _ = listener.accept()
-        socket.send_fds(ours, [b"c"], [conn.fileno()])
+        socket.send_fds(ours, [API], [conn.fileno()])
         conn.close()
         clients.append(client)
         handed.append(conn)
@@ -94,7 +95,7 @@ async def test_a_stopping_receiver_serves_what_it_was_handed_and_eof_is_the_mast
 
     ours2, theirs2 = channel_pair()
     ended2 = asyncio.Event()
-    Receiver(theirs2, lambda: Tagging(b"worker"), on_eof=ended2.set)
+    Receiver(theirs2, {API: Serving(lambda: Tagging(b"worker"))}, on_eof=ended2.set)
     ours2.close()
     await asyncio.wait_for(ended2.wait(), 5)
     theirs.close()

@@ -16,7 +16,8 @@ MAX_LINES = 400
 # Lower layers first. A module may import from its own layer and the ones before it.
 LAYERS: tuple[tuple[str, ...], ...] = (
     # the values and rules everything shares
-    ("relay.frozen", "relay.types", "relay.errors", "relay.aio", "relay.owners", "relay.clients",
+    ("relay.frozen", "relay.types", "relay.errors", "relay.aio", "relay.handoff", "relay.owners",
+     "relay.clients",
      "relay.timefmt", "relay.addresses", "relay.config", "relay.tlsutil", "relay.rawmail",
      "relay.compose", "relay.templates", "relay.dkimkeys", "relay.datadir",
      "relay.metrics", "relay.logs", "relay.dnsrecords"),
@@ -27,9 +28,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("relay.smtp",),  # the listeners (inbound reports go to feedback)
     ("relay.api",),  # the JSON APIs
     # sending domains' management; the pruner; the wiring (and its lifecycle: health, reload;
-    # the API's worker processes)
+    # the front worker processes)
     ("relay.domains", "relay.retention", "relay.service", "relay.lifecycle",
-     "relay.apiworker", "relay.apiworkers"),
+     "relay.frontworker", "relay.frontworkers"),
     ("relay.cli",),  # the command
 )
 

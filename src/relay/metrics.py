@@ -20,7 +20,7 @@ than a moving top N, so a label never changes meaning while its counter is being
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,10 @@ API_CONNECTIONS = Counter("relay_api_connections", "API connections the master a
                           "its API workers ([api] workers > 1), by who served each: master, "
                           "worker (handed over), fallback (the master, as the handoff failed)",
                           ["served_by"], registry=REGISTRY)
+SMTP_CONNECTIONS = Counter("relay_smtp_handoffs", "SMTP connections the master accepted for "
+                           "its SMTP workers ([smtp] workers > 1), by listener port and who "
+                           "served each: master, worker (handed over), fallback (the master, "
+                           "as the handoff failed)", ["port", "served_by"], registry=REGISTRY)
 
 # the statuses a recipient waits in; the final ones only grow and are counted above
 WAITING = WAITING_STATUSES
@@ -173,6 +177,13 @@ def tls_failure(policy: str, result: str) -> None:
 
 def api_connection(served_by: str) -> None:
     API_CONNECTIONS.labels(served_by).inc()
+
+
+def smtp_connection(port: int) -> Callable[[str], None]:
+    """What counts the connections of the SMTP listener on `port`, by who served each."""
+    counters = {by: SMTP_CONNECTIONS.labels(str(port), by)
+                for by in ("master", "worker", "fallback")}
+    return lambda served_by: counters[served_by].inc()
 
 
 def commit_took(seconds: float) -> None:

@@ -16,10 +16,8 @@ from . import metrics
 from .api import metrics as api_metrics
 from .api.app import DRAINING, make_app, per_process, serve_shared
 from .api.app import serve as serve_app
-from .api.handoff import Acceptor
 from .api.health import Check, SharedChecks
-from .apiworkers import ApiWorkers
-from .config import Config, ListenerConfig
+from .config import Config
 from .datadir import DataDirLock
 from .delivery.keycheck import check_signing_keys
 from .delivery.scheduler import Scheduler
@@ -28,20 +26,23 @@ from .delivery.supervise import WorkerProcess
 from .delivery.worker import WorkerArgs
 from .errors import ConfigError
 from .feedback import webhooks_mailchannels
-from .feedback.tracking import Tokens, load_key
+from .feedback.tracking import load_key
 from .feedback.webhooks import WebhookDispatcher
+from .frontworkers import FrontWorkers
+from .handoff import Acceptor, listening_socket, smtp_tag
 from .lifecycle import readiness
 from .lifecycle.notify import Notifier, sd_notify
-from .lifecycle.reload import reload, tls_files
+from .lifecycle.reload import reload
 from .retention import Pruner
 from .smtp.handler import RelayHandler
-from .smtp.inbound import Inbound
-from .smtp.server import make_server_factory
+from .smtp.listeners import Listeners
+from .smtp.listeners import contexts as listener_contexts
 from .store import SQLiteStore, store_for
 from .submit import Submitter
-from .tlsutil import server_context
 
 log = logging.getLogger(__name__)
+
+SMTP_BACKLOG = 100  # asyncio's, as an SMTP listener served here has
 
 
 @dataclass
@@ -49,9 +50,12 @@ class Service:
     config: Config
     store: SQLiteStore = field(init=False)
     submitter: Submitter = field(init=False)
-    servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    # per SMTP listener: asyncio's server, or with SMTP workers the Acceptor that hands
+    # them their turns of the connections
+    servers: list[asyncio.base_events.Server | Acceptor] = field(default_factory=list)
     bound: list[tuple[str, int]] = field(default_factory=list)  # (address, port) per listener
     handlers: list[RelayHandler] = field(default_factory=list)
+    listeners: Listeners = field(init=False)
     contexts: list[ssl.SSLContext | None] = field(default_factory=list)  # per listener
 
     api_bound: tuple[str, int] | None = None  # (address, port) of the HTTP API
@@ -65,8 +69,9 @@ class Service:
     lock: DataDirLock = field(init=False)
     pruner: Pruner | None = field(init=False, default=None)  # [retention], every interval
     worker_metrics: metrics.Remote = field(init=False, default_factory=metrics.Remote)
-    api_workers: ApiWorkers | None = field(init=False, default=None)  # [api] workers > 1
-    api_metrics: metrics.Remotes = field(init=False, default_factory=metrics.Remotes)
+    # [api] workers > 1 or [smtp] workers > 1
+    front_workers: FrontWorkers | None = field(init=False, default=None)
+    worker_counts: metrics.Remotes = field(init=False, default_factory=metrics.Remotes)
     metrics_runner: web.AppRunner | None = field(init=False, default=None)
     metrics_bound: tuple[str, int] | None = None  # (address, port) of [metrics] address
     _checks: SharedChecks | None = field(init=False, default=None)
@@ -81,8 +86,7 @@ class Service:
         self.config.server.data_dir.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()  # before the store: a second relay must not touch the queue
         try:
-            contexts = [self._tls_context(i, lst)
-                        for i, lst in enumerate(self.config.smtp.listeners)]
+            contexts = listener_contexts(self.config)  # checked, as a reload checks them
             await self.store.open()
         except BaseException:
             self.lock.release()
@@ -90,20 +94,13 @@ class Service:
         self.contexts = contexts  # a reload loads new certificates into these
         load_key(self.config.server.data_dir)  # made once, before any process needs it
         metrics.configure(process="master", domains=self.config.metrics.domains)
-        inbound = Inbound(self.config, self.store, self.submitter,
-                          Tokens(load_key(self.config.server.data_dir)))
+        self.listeners = Listeners(self.config, self.store, self.submitter, contexts)
+        self.handlers = self.listeners.handlers
         try:
             await check_signing_keys(self.store)  # a corrupt DKIM key stops us here, named
-            for i, (listener, ctx) in enumerate(zip(self.config.smtp.listeners, contexts)):
-                handler = RelayHandler(self.config, listener, self.store, self.submitter, inbound)
-                self.handlers.append(handler)
-                factory = make_server_factory(handler, ctx)
+            for i, listener in enumerate(self.config.smtp.listeners):
                 try:
-                    server = await asyncio.get_running_loop().create_server(
-                        factory, listener.address, listener.port,
-                        ssl=ctx if listener.tls == "implicit" else None,
-                        reuse_address=True,
-                    )
+                    server = await self._listen(i)
                 except OSError as exc:
                     raise ConfigError(self.config.source, f"smtp.listeners[{i}]",
                                       f"cannot listen on {listener.address}:{listener.port}: "
@@ -123,10 +120,23 @@ class Service:
                 await self._start_delivery()
             self.pruner = Pruner(self.config.retention, self.store)
             self.pruner.start()
-            await self.start_api_workers(self.config)
+            await self.start_workers(self.config)
         except BaseException:
             await self.stop()
             raise
+
+    async def _listen(self, index: int) -> asyncio.base_events.Server | Acceptor:
+        """SMTP listener `index`: served here, or with [smtp] workers > 1 accepted here and
+        handed out in turns (handoff.py). Raises OSError."""
+        listener = self.config.smtp.listeners[index]
+        if self.config.smtp.workers == 1:
+            serving = self.listeners.serving(index)
+            return await asyncio.get_running_loop().create_server(
+                serving.protocols, listener.address, listener.port, ssl=serving.ssl,
+                reuse_address=True)
+        sock = listening_socket(listener.address, listener.port, SMTP_BACKLOG)
+        return Acceptor(sock, self.listeners.serving(index), tag=smtp_tag(index),
+                        counted=metrics.smtp_connection(sock.getsockname()[1]), what="SMTP")
 
     async def _start_api(self) -> None:
         api = self.config.api
@@ -151,27 +161,30 @@ class Service:
         self.api_bound = self.api_server.sockets[0].getsockname()[:2]
         log.info("HTTP API on %s:%s", *self.api_bound)
 
-    async def start_api_workers(self, config: Config) -> None:
-        """The API's other processes (`[api] workers` - 1 of them) on the port it bound; a
-        reload starts a new set with its config, then stops the old one (lifecycle/reload)."""
-        if self.api_bound is None or not isinstance(self.api_server, Acceptor):
+    async def start_workers(self, config: Config) -> None:
+        """The front workers: the API's and the SMTP listeners' other processes, as many as
+        the larger of `[api] workers` and `[smtp] workers` says, less the master. A reload
+        starts a new set with its config, then stops the old one (lifecycle/reload)."""
+        api = self.api_server if isinstance(self.api_server, Acceptor) else None
+        smtp = [s for s in self.servers if isinstance(s, Acceptor)]
+        if api is None and not smtp:
             return
-        self.api_workers = ApiWorkers(
-            config, self.api_server, remotes=self.api_metrics, others=self.counts,
+        self.front_workers = FrontWorkers(
+            config, api=api, smtp=smtp, remotes=self.worker_counts, others=self.counts,
             on_wake=self.submitter.notify_queued,
             checks=lambda: readiness.master_checks(self))
-        await self.api_workers.start()
+        await self.front_workers.start()
 
     def counts(self) -> metrics.Snapshot:
-        """Every process's counts: the master's, the delivery worker's, the API workers'."""
+        """Every process's counts: the master's, the delivery worker's, the front workers'."""
         return metrics.add(metrics.add(metrics.snapshot(), self.worker_metrics.total()),
-                           self.api_metrics.total())
+                           self.worker_counts.total())
 
     async def _start_metrics(self) -> None:
         app = self.api_runner.app if self.api_runner is not None else None
         scrape = app[api_metrics.SCRAPE] if app is not None else api_metrics.Scrape(self.store)
         scrape.remotes.append(self.worker_metrics)
-        scrape.remotes.append(self.api_metrics)
+        scrape.remotes.append(self.worker_counts)
         own = await api_metrics.serve_own(self.config, self.store, scrape)
         if own is not None:
             self.metrics_runner, self.metrics_bound = own
@@ -186,10 +199,6 @@ class Service:
             _, self.scheduler = delivery_stack(self.config, self.bound, self.store, self.submitter)
             await self.scheduler.start()
 
-    def _tls_context(self, index: int, listener: ListenerConfig) -> ssl.SSLContext | None:
-        files = tls_files(self.config, index, listener)  # checked, as a reload checks them
-        return None if files is None else server_context(*files)
-
     async def readiness(self) -> list[Check]:
         """For `/readyz`: the store takes a write, delivery runs, every listener is bound."""
         if self._checks is None:
@@ -203,9 +212,9 @@ class Service:
             self.pruner = None
         for server in self.servers:
             server.close()
-        if self.api_workers is not None:  # first: they drain while the master's API still serves
-            await self.api_workers.stop()
-            self.api_workers = None
+        if self.front_workers is not None:  # first: they drain while the master still serves
+            await self.front_workers.stop()
+            self.front_workers = None
         if self.api_runner is not None:
             self.api_runner.app[DRAINING].on = True
         if self.api_server is not None:

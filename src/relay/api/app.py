@@ -5,19 +5,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import socket
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from .. import handoff
+from .. import metrics as relay_metrics
 from ..config import Config
 from ..errors import ValidationError
 from ..feedback.tracking import Tokens, TrackingRoutes, UnsubscribeRoutes, load_key
 from ..feedback.webhooks_mailchannels import Signer
 from ..store import SQLiteStore
 from ..submit import Submitter
-from . import accesslog, auth, handoff, metrics
+from . import accesslog, auth, metrics
 from .connections import ConnectionGuard
 from .contacts import ContactsApi, UpsertContact
 from .dashboard import Dashboard
@@ -215,22 +215,24 @@ async def serve(app: web.Application, address: str, port: int, *, backlog: int
 
 async def serve_shared(app: web.Application, address: str, port: int, *, backlog: int
                        ) -> tuple[web.AppRunner, handoff.Acceptor]:
-    """As serve, for a master with API workers: it accepts every connection and hands the
-    workers their turns (api/handoff.py). Raises OSError."""
+    """As serve, for a master with workers: it accepts every connection and hands the
+    workers their turns (handoff.py). Raises OSError."""
     runner, protocols = await _runner(app)
     try:
-        acceptor = handoff.Acceptor(handoff.listening_socket(address, port, backlog), protocols)
+        acceptor = handoff.Acceptor(handoff.listening_socket(address, port, backlog),
+                                    handoff.Serving(protocols), tag=handoff.API, counted=relay_metrics.api_connection,
+                                    what="API")
     except BaseException:
         await runner.cleanup()
         raise
     return runner, acceptor
 
 
-async def serve_handed(app: web.Application, channel: socket.socket, *,
-                       on_eof: Callable[[], None]) -> tuple[web.AppRunner, handoff.Receiver]:
-    """As serve, for an API worker: the connections the master hands it over `channel`."""
+async def serve_handed(app: web.Application) -> tuple[web.AppRunner, handoff.Serving]:
+    """As serve, for a worker: how to serve the connections the master hands it (its
+    handoff.Receiver serves them so)."""
     runner, protocols = await _runner(app)
-    return runner, handoff.Receiver(channel, protocols, on_eof)
+    return runner, handoff.Serving(protocols)
 
 
 async def _runner(app: web.Application) -> tuple[web.AppRunner, handoff.Protocols]:

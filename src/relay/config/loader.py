@@ -60,7 +60,7 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name in sorted(_env_keys(environ)):
         rest = name[len("RELAY_"):].lower()
         section, _, key = rest.partition("_")
-        if section not in sections or section == "smtp":
+        if section not in sections or (section == "smtp" and key != "workers"):
             raise ConfigError(ENV_SOURCE, name, "no such setting (use RELAY_<SECTION>_<KEY>; "
                               "listeners are set in the file)")
         try:

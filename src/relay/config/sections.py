@@ -48,7 +48,7 @@ DELIVERY_TLS = ("opportunistic", "require", "none")
 SMARTHOST_TLS = ("starttls", "implicit", "none")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-MAX_API_WORKERS = 64
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +74,9 @@ class ListenerConfig:
 @dataclass(frozen=True, kw_only=True)
 class SmtpConfig:
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
+    # processes serving the listeners: the master (which accepts every connection and hands
+    # the others their turns) and workers - 1 more
+    workers: int = field(default=1, metadata=meta(at_most(MAX_WORKERS)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +86,7 @@ class ApiConfig:
     port: int = field(default=8025, metadata=meta(check_port))
     public_url: str = "http://127.0.0.1:8025"
     # processes serving the API on one port: the master (which accepts) and workers - 1 more
-    workers: int = field(default=1, metadata=meta(at_most(MAX_API_WORKERS)))
+    workers: int = field(default=1, metadata=meta(at_most(MAX_WORKERS)))
 
 
 @dataclass(frozen=True, kw_only=True)

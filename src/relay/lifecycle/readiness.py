@@ -11,6 +11,7 @@ from ..api.health import Check, check_store
 from ..config import Config
 from ..delivery.scheduler import Scheduler
 from ..delivery.supervise import WorkerProcess
+from ..handoff import Acceptor
 from ..store import SQLiteStore
 
 
@@ -19,7 +20,7 @@ class Parts(Protocol):
 
     config: Config
     store: SQLiteStore
-    servers: list[asyncio.base_events.Server]
+    servers: list[asyncio.base_events.Server | Acceptor]
     worker: WorkerProcess | None
     scheduler: Scheduler | None
 

@@ -14,8 +14,10 @@ relay goes on with the config it has. Then:
 - delivery: a new worker starts (without voiding leases) and the old one gets SIGTERM and
   finishes the sessions it has within the scheduler's grace; what it leased stays leased,
   so the new worker never takes the same recipient meanwhile;
-- API workers (`[api] workers` > 1): new ones start on the new config, the old ones finish
-  the requests they have and stop. The master's own API keeps the config it started with.
+- front workers (`[api] workers` > 1, `[smtp] workers` > 1): new ones start on the new
+  config (and the listeners' certificates as they are now), the old ones finish the
+  requests and SMTP transactions they have and stop. The master's own API keeps the config
+  it started with.
 
 What cannot change in a running process (where it listens, the data dir, the API server,
 delivery in a process or not) is kept as it was, with a warning that it takes effect at
@@ -31,8 +33,7 @@ from typing import Protocol
 
 from .. import config as config_mod
 from .. import logs, metrics
-from ..apiworkers import ApiWorkers
-from ..config import Config, ListenerConfig
+from ..config import Config
 from ..delivery.scheduler import Scheduler
 from ..delivery.stack import delivery_stack
 from ..delivery.supervise import WorkerProcess
@@ -40,11 +41,12 @@ from ..delivery.worker import WorkerArgs
 from ..errors import ConfigError
 from ..feedback import webhooks_mailchannels
 from ..feedback.webhooks import WebhookDispatcher
+from ..frontworkers import FrontWorkers
 from ..retention import Pruner
 from ..smtp.handler import RelayHandler
+from ..smtp.listeners import tls_files
 from ..store import SQLiteStore
 from ..submit import Submitter
-from ..tlsutil import ensure_self_signed, server_context
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +73,9 @@ class Reloadable(Protocol):
     worker: WorkerProcess | None
     worker_metrics: metrics.Remote
     pruner: Pruner | None
-    api_workers: ApiWorkers | None
+    front_workers: FrontWorkers | None
 
-    async def start_api_workers(self, config: Config) -> None: ...
+    async def start_workers(self, config: Config) -> None: ...
 
 
 async def reload(service: Reloadable) -> bool:
@@ -92,7 +94,7 @@ async def reload(service: Reloadable) -> bool:
     if api := [s for s in API_READS if getattr(old, s) != getattr(new, s)]:
         log.warning("reload: [%s] changed: SMTP and delivery use it now, the HTTP API when "
                     "relay restarts", "], [".join(api))
-    if new.smtp is loaded.smtp:
+    if new.smtp.listeners is loaded.smtp.listeners:  # the same shape: the new files apply
         for ctx, files in zip(service.contexts, tls):
             if ctx is not None and files is not None:
                 ctx.load_cert_chain(*files)  # checked above; new handshakes use it
@@ -108,29 +110,11 @@ async def reload(service: Reloadable) -> bool:
     service.config = new
     if new != old:
         await restart_delivery(service, old, new)
-        await restart_api_workers(service, new)
+    if new != old or any(ctx is not None for ctx in service.contexts):
+        # an SMTP worker loads the certificates when it starts: a reload starts new ones
+        await restart_front_workers(service, new)
     log.info("reloaded %s", new.source)
     return True
-
-
-def tls_files(config: Config, index: int, listener: ListenerConfig) -> tuple[str, str] | None:
-    """The certificate and key a listener serves, checked by loading them (ConfigError)."""
-    if listener.tls == "none":
-        if listener.mode == "submission":
-            raise ConfigError(config.source, f"smtp.listeners[{index}].tls",
-                              "a submission listener needs TLS (AUTH is only offered over "
-                              "TLS); use starttls or implicit")
-        return None
-    cert, key = listener.tls_cert, listener.tls_key
-    if not cert:
-        cert_path, key_path = ensure_self_signed(config.server.data_dir, config.server.hostname)
-        cert, key = str(cert_path), str(key_path)
-    try:
-        server_context(cert, key)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(config.source, f"smtp.listeners[{index}].tls_cert",
-                          f"cannot load the certificate and key: {exc}") from None
-    return cert, key
 
 
 def restart_only(old: Config, new: Config) -> list[str]:
@@ -144,6 +128,8 @@ def restart_only(old: Config, new: Config) -> list[str]:
         changed.append("delivery.process")
     changed += [f"limits.{k}" for k in LIMITS_AT_RESTART
                 if getattr(old.limits, k) != getattr(new.limits, k)]
+    if new.smtp.workers != old.smtp.workers:
+        changed.append("smtp.workers")
     if len(new.smtp.listeners) != len(old.smtp.listeners):
         changed.append("smtp.listeners (how many)")
     for i, (a, b) in enumerate(zip(old.smtp.listeners, new.smtp.listeners)):
@@ -157,8 +143,10 @@ def effective(old: Config, new: Config) -> Config:
     same_shape = len(new.smtp.listeners) == len(old.smtp.listeners) and all(
         getattr(a, k) == getattr(b, k) for a, b in zip(old.smtp.listeners, new.smtp.listeners)
         for k in LISTENER_SHAPE)
+    # the listeners of the same sockets (their tuple itself: reload() looks), the workers there are
+    smtp = dataclasses.replace(new.smtp if same_shape else old.smtp, workers=old.smtp.workers)
     return dataclasses.replace(
-        new, api=old.api, smtp=new.smtp if same_shape else old.smtp,
+        new, api=old.api, smtp=smtp,
         server=dataclasses.replace(new.server, data_dir=old.server.data_dir),
         delivery=dataclasses.replace(new.delivery, process=old.delivery.process))
 
@@ -199,19 +187,20 @@ async def restart_delivery(service: Reloadable, old: Config, new: Config) -> Non
         await old_scheduler.stop()
 
 
-async def restart_api_workers(service: Reloadable, new: Config) -> None:
-    """New API workers on the new config first (listening), then the old ones drained:
-    each stops accepting, tells its clients to go (`Connection: close`), finishes the
-    requests it has (apiworker.py). If the new ones cannot start, the old ones serve on."""
-    old = service.api_workers
+async def restart_front_workers(service: Reloadable, new: Config) -> None:
+    """New front workers on the new config first (listening), then the old ones drained:
+    each stops accepting, tells its HTTP clients to go (`Connection: close`), finishes the
+    requests and SMTP transactions it has (frontworker.py). If the new ones cannot start,
+    the old ones serve on."""
+    old = service.front_workers
     if old is None:
         return
     try:
-        await service.start_api_workers(new)  # the new set becomes service.api_workers
+        await service.start_workers(new)  # the new set becomes service.front_workers
     except BaseException:
-        started = service.api_workers
+        started = service.front_workers
         if started is not None and started is not old:
             await started.stop()  # what of the new set started
-        service.api_workers = old  # the old ones serve on
+        service.front_workers = old  # the old ones serve on
         raise
     await old.stop()

@@ -49,7 +49,10 @@ class RelayHandler:
         self.submitter = submitter
         # this listener's own counts: failing AUTH on one port does not close the others
         self.throttle = AuthThrottle.from_limits(config.limits)
-        self.caps = ConnectionCaps.from_limits(config.limits)
+        # this process's share of them, with [smtp] workers > 1 (limits.py)
+        self.caps = ConnectionCaps.from_limits(config.limits, processes=config.smtp.workers)
+        # failed logins counted in the store too: every process's (and every node's) count
+        self._shared = store.postgresql or config.smtp.workers > 1
         self.inbound = inbound  # what an inbound listener hands its reports to
         self.connections: set[RelaySMTP] = set()
 
@@ -85,7 +88,7 @@ class RelayHandler:
     async def check_login(self, server: RelaySMTP, creds: LoginPassword) -> AuthResult:
         assert server.session is not None
         ip = client_key(_ip(server.session))  # failed logins count per client (clients.py)
-        shared = await self._shared_failures(ip)  # every node's, on PostgreSQL
+        shared = await self._shared_failures(ip)  # every process's and node's
         if self.throttle.blocked(ip):
             await server.push("421 4.7.0 Too many failed logins from your address; try again later")
             _close_soon(server)
@@ -115,8 +118,9 @@ class RelayHandler:
         return self.listener.mode
 
     async def _shared_failures(self, ip: str) -> int:
-        """The nodes' count of this client's failed logins here (0 on SQLite: one node)."""
-        if not self.store.postgresql:
+        """Every process's and node's count of this client's failed logins here (0 when
+        this process is the only one)."""
+        if not self._shared:
             return 0
         try:
             count = await self.store.auth_failures(
@@ -127,7 +131,7 @@ class RelayHandler:
         return count
 
     async def _shared_failed(self, ip: str) -> int:
-        if not self.store.postgresql:
+        if not self._shared:
             return 0
         now = time.time()
         try:

@@ -44,9 +44,13 @@ class ConnectionCaps:
         return since + 1
 
     @classmethod
-    def from_limits(cls, limits: LimitsConfig) -> ConnectionCaps:
-        return cls(total=limits.max_smtp_connections,
-                   per_client=limits.max_smtp_connections_per_client)
+    def from_limits(cls, limits: LimitsConfig, processes: int = 1) -> ConnectionCaps:
+        """The caps of one of `processes` serving the listener ([smtp] workers): each holds
+        its share of both, rounded up. The master hands connections out in turn, so a
+        client's spread evenly, and together the processes hold at most processes - 1 more
+        than the config says."""
+        return cls(total=-(-limits.max_smtp_connections // processes),
+                   per_client=-(-limits.max_smtp_connections_per_client // processes))
 
     def admit(self, ip: str) -> str | None:
         """Count a new connection from `ip`; or, when it is one too many, why not (it is

@@ -1,18 +1,21 @@
-"""An API worker: one more process serving the HTTP API on the master's port, for
-`[api] workers` > 1. The master accepts the connections, serves its turn of them and hands
-this process its own over a Unix socket (api/handoff.py).
+"""A front worker: one more process serving relay's listeners, for `[api] workers` > 1 or
+`[smtp] workers` > 1. The master accepts every connection, of the API and of each SMTP
+listener, serves its turn of them and hands this process its own over a Unix socket, each
+tagged with its listener (handoff.py). Worker i serves the API if i < `[api] workers` and
+every SMTP listener if i < `[smtp] workers`.
 
-It has what the master's API has: its own store connection and group-commit writer (on
-SQLite the writers of every process take turns by the store's WriteLock), its own
-Submitter, the same app behind the same connection guard; a 202 still comes after the
-commit. What only the master has comes over three pipes (apiworkers.py holds the other ends):
+It has what the master's listeners have: its own store connection and group-commit writer
+(on SQLite the writers of every process take turns by the store's WriteLock), its own
+Submitter, the same app behind the same connection guard, the same SMTP handlers with their
+share of the connection caps; a 202 or a 250 still comes after the commit. What only the
+master has comes over three pipes (frontworkers.py holds the other ends):
 
 - wake, to the master: READY once it listens, then a byte after commits of new mail (at
   most one a turn of the loop), so that the master wakes what `Submitter.on_queued` wakes
-  there (the delivery worker, the webhook dispatcher) as promptly as for its own API's mail;
+  there (the delivery worker, the webhook dispatcher) as promptly as for its own mail;
 - metrics, to the master: this process's counts every second (delivery/metricspipe.py);
 - feed, from the master: every second a line with everyone else's counts (the master's,
-  the delivery worker's, the other API workers') and the master's readiness checks
+  the delivery worker's, the other workers') and the master's readiness checks
   (delivery, SMTP listeners), so `/metrics` and `/readyz` answer here as there. Its EOF
   means the master is gone: the worker stops (and on Linux the kernel kills it at once).
 """
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from . import logs, metrics
+from . import handoff, logs, metrics
 from .aio import cancel_and_wait, run_loop
 from .api.app import CONNECTIONS, DRAINING, make_app, per_process, serve_handed
 from .api.health import Check, SharedChecks
@@ -42,21 +45,41 @@ from .api.metrics import SCRAPE
 from .config import Config
 from .delivery import metricspipe
 from .delivery.child import die_with_parent, ignore_hangup
+from .smtp.listeners import Listeners, contexts
 from .store import store_for
 from .submit import Submitter
 
-log = logging.getLogger("relay.apiworker")  # not __main__: it runs as `python -m`
+log = logging.getLogger("relay.frontworker")  # not __main__: it runs as `python -m`
 
 STALE = 5.0  # seconds without a feed line before /readyz says the master is not answering
 READY = b"R"  # on the wake pipe, once: listening (a wake is any other byte)
 GRACE = 2.0  # seconds a stopping worker gives its clients to take their connections elsewhere
+SMTP_GRACE = 30.0  # seconds a stopping worker gives an SMTP transaction to end (smtp/listeners)
 
 
 @dataclass(frozen=True)
-class ApiWorkerArgs:
+class FrontArgs:
     config: Config
-    port: int  # the port the master bound (the config's may be 0)
+    port: int | None  # the API's port as the master bound it (the config's may be 0)
     index: int  # 1 .. workers - 1, for the log
+    api: bool  # it serves the API
+    smtp: bool  # it serves the SMTP listeners
+
+    @property
+    def name(self) -> str:
+        """Its name in the log: api1, smtp2 or front1 (both)."""
+        return f"{'front' if self.api and self.smtp else 'api' if self.api else 'smtp'}" \
+               f"{self.index}"
+
+
+def roles(config: Config, index: int) -> tuple[bool, bool]:
+    """(serves the API, serves SMTP) for worker `index`."""
+    return config.api.enabled and index < config.api.workers, index < config.smtp.workers
+
+
+def how_many(config: Config) -> int:
+    """The front workers a master with `config` starts (besides itself)."""
+    return max(config.api.workers if config.api.enabled else 1, config.smtp.workers) - 1
 
 
 class Waker:
@@ -113,43 +136,52 @@ def feed_line(others: metrics.Snapshot, checks: list[Check]) -> bytes:
                       separators=(",", ":")).encode() + b"\n"
 
 
-async def serve(args: ApiWorkerArgs, wake_fd: int, metrics_fd: int, feed_fd: int,
+async def serve(args: FrontArgs, wake_fd: int, metrics_fd: int, feed_fd: int,
                 channel: socket.socket) -> None:
     config = args.config
-    api = config.api
-    metrics.configure(process="api", domains=config.metrics.domains)
+    metrics.configure(process="api" if args.api else "smtp", domains=config.metrics.domains)
     store = store_for(config)
     await store.open()
     submitter = Submitter(config, store)
     submitter.on_queued.append(Waker(wake_fd))
     feed = Feed()
-    served = per_process(config, api.workers)
-    app = make_app(served, store, submitter, readiness=SharedChecks(store, feed.checks))
-    app[SCRAPE].remotes.append(feed.others)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = receiver = None
+    app = runner = receiver = listeners = None
     tasks = [asyncio.create_task(metricspipe.send(metrics_fd), name="metrics")]
     try:
-        runner, receiver = await serve_handed(app, channel, on_eof=stop.set)
+        serving: dict[bytes, handoff.Serving] = {}
+        if args.smtp:
+            listeners = Listeners(config, store, submitter, contexts(config))
+            serving.update(listeners.servings())
+        if args.api:
+            app = make_app(per_process(config, config.api.workers), store, submitter,
+                           readiness=SharedChecks(store, feed.checks))
+            app[SCRAPE].remotes.append(feed.others)
+            runner, serving[handoff.API] = await serve_handed(app)
+        receiver = handoff.Receiver(channel, serving, on_eof=stop.set)
         listening = asyncio.create_task(
             metricspipe.read_lines(feed_fd, feed.update, "the master"), name="feed")
         listening.add_done_callback(lambda _: stop.set())  # EOF: the master is gone
         tasks.append(listening)
-        log.info("API worker %d (pid %d) on %s:%s", args.index, os.getpid(), api.address,
-                 args.port)
+        log.info("front worker %s (pid %d) serving%s%s", args.name, os.getpid(),
+                 f" the API on {config.api.address}:{args.port}" if args.api else "",
+                 f" {len(config.smtp.listeners)} SMTP listener(s)" if args.smtp else "")
         os.write(wake_fd, READY)  # the first byte on a fresh pipe: never blocks
         gc.freeze()  # as `relay serve` does: start-up's objects out of the collector's sight
         await stop.wait()
     finally:
-        app[DRAINING].on = True  # every answer from now on closes its connection
+        if app is not None:
+            app[DRAINING].on = True  # every answer from now on closes its connection
         if receiver is not None:
             receiver.drain()  # what the master handed over before it stopped handing any
-            await _quiet(app, GRACE)  # the runner finishes the open connections' requests
+            await asyncio.gather(
+                _quiet(app, GRACE) if app is not None else asyncio.sleep(0),
+                listeners.drain(SMTP_GRACE) if listeners is not None else asyncio.sleep(0))
         if runner is not None:
-            await runner.cleanup()
+            await runner.cleanup()  # the open connections' requests finish
         await cancel_and_wait(*tasks)
         await store.close()
 
@@ -169,8 +201,8 @@ def main() -> None:
     die_with_parent()
     ignore_hangup()
     wake_fd, metrics_fd, feed_fd, channel_fd = (int(a) for a in sys.argv[1:5])
-    args: ApiWorkerArgs = pickle.load(sys.stdin.buffer)  # from our own master, over a pipe
-    logs.configure(args.config.log, process=f"api{args.index}")
+    args: FrontArgs = pickle.load(sys.stdin.buffer)  # from our own master, over a pipe
+    logs.configure(args.config.log, process=args.name)
     if os.getppid() == 1:  # the master died before we could ask to die with it
         return
     run_loop(serve(args, wake_fd, metrics_fd, feed_fd, socket.socket(fileno=channel_fd)))

@@ -1,5 +1,5 @@
 """`[api] workers = 2`: a real `relay serve` whose API is served by the master and an API
-worker process on one port (apiworker.py, apiworkers.py): both answer, mail sent through the
+worker process on one port (frontworker.py, frontworkers.py): both answer, mail sent through the
 worker is delivered at once (the master wakes the delivery worker for it), /metrics counts
 every process, SIGTERM drains and leaves no process, SIGKILL of the master leaves none, a
 dead worker is restarted, SIGHUP replaces the workers, a bad value is a config error."""
@@ -26,8 +26,8 @@ import pytest
 
 from relay.api.app import per_process
 from relay.api.health import Check
-from relay.apiworker import STALE, Feed, feed_line
 from relay.config import Config, LimitsConfig
+from relay.frontworker import STALE, Feed, feed_line
 
 from .conftest import free_port, relay_cmd, run_relay
 from .sink import Sink
@@ -50,12 +50,49 @@ smarthost = "127.0.0.1:{sink}"
 smarthost_tls = "none"
 """
 
-LISTENING = re.compile(r"API worker 1 \(pid \d+\) on ")
+LISTENING = re.compile(r"front worker api1 \(pid \d+\) serving the API on ")
 EMAIL = {"from": "app@example.com", "to": ["bob@example.org"], "subject": "hi",
          "text": "hello"}
 
 
-class Relay:
+class Served:
+    """`relay serve` on `config`, its log in a file; its front worker processes."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.config, self.log_path = config, log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        env["RELAY_LOG_LEVEL"] = "INFO"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(relay_cmd("--config", str(self.config), "serve"),
+                                         env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text("utf-8", "replace")
+
+    def wait_for(self, ok: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ok():
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"waited in vain for {what}:\n{self.log()}")
+
+    def workers(self) -> list[int]:
+        """The master's front worker processes (its delivery worker is not one)."""
+        return [pid for pid in children(self.proc.pid) if b"relay.frontworker" in cmdline(pid)]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Relay(Served):
     """`relay serve` with [api] workers = 2, its log in a file, a key to send with."""
 
     def __init__(self, tmp_path: Path, *, sink_port: int = 9, paused: bool = True,
@@ -71,31 +108,10 @@ class Relay:
                          "--json")
         assert made.returncode == 0, made.stderr
         self.key = json.loads(made.stdout)["key"]
-        self.log_path = tmp_path / "relay.log"
         self.opened: list[http.client.HTTPConnection] = []
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-        env["RELAY_LOG_LEVEL"] = "INFO"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(relay_cmd("--config", str(self.config), "serve"),
-                                         env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+        super().__init__(self.config, tmp_path / "relay.log")
         self.wait_for(lambda: len(self.workers()) == 1 and LISTENING.search(self.log()),
                       "the API worker to listen")
-
-    def log(self) -> str:
-        return self.log_path.read_text("utf-8", "replace")
-
-    def wait_for(self, ok: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if ok():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"waited in vain for {what}:\n{self.log()}")
-
-    def workers(self) -> list[int]:
-        """The master's API worker processes (its delivery worker is not one)."""
-        return [pid for pid in children(self.proc.pid) if b"relay.apiworker" in cmdline(pid)]
 
     def connect(self) -> http.client.HTTPConnection:
         conn = http.client.HTTPConnection("127.0.0.1", self.api_port, timeout=10)
@@ -146,13 +162,7 @@ class Relay:
     def stop(self) -> None:
         for conn in self.opened:
             conn.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        super().stop()
 
 
 def children(pid: int) -> list[int]:
@@ -226,7 +236,7 @@ async def test_both_processes_answer_and_mail_sent_through_the_worker_goes_out_a
 
 def test_the_connections_are_handed_out_in_turn_and_a_dead_workers_turns_served_here(
         relay: Callable[..., Relay]) -> None:
-    """The master accepts and hands the worker every other connection (api/handoff.py): a
+    """The master accepts and hands the worker every other connection (handoff.py): a
     client's connections split evenly, where SO_REUSEPORT's hash of the addresses split 32 of
     them as unevenly as 33/67. With the worker killed, its turns are the master's."""
     r = relay()
@@ -297,7 +307,7 @@ def test_a_dead_worker_is_restarted_and_sighup_replaces_the_workers(
     (first,) = r.workers()
     os.kill(first, signal.SIGKILL)
     r.wait_for(lambda: len(r.workers()) == 1 and first not in r.workers(), "a new worker")
-    assert re.search(r"API worker 1 \(pid \d+\) was killed by SIGKILL after \d+ s; "
+    assert re.search(r"front worker api1 \(pid \d+\) was killed by SIGKILL after \d+ s; "
                      r"restarting it", r.log())
     (second,) = r.workers()
     r.wait_for(lambda: len(LISTENING.findall(r.log())) == 2, "the new worker to listen")

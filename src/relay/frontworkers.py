@@ -1,7 +1,7 @@
-"""The master's handle on its API workers (apiworker.py): start `[api] workers` - 1 of them,
-hand them their turns of the API's connections (api/handoff.py), hear their wakes and counts,
-tell them everyone else's, restart one that dies, and stop them, each finishing the requests
-it has.
+"""The master's handle on its front workers (frontworker.py): start as many as the larger of
+`[api] workers` and `[smtp] workers` says, less the master, hand each its turns of the
+connections of the listeners it serves (handoff.py), hear their wakes and counts, tell them
+everyone else's, restart one that dies, and stop them, each finishing what it has.
 
 A worker that dies is started again after RESTART_DELAY, doubling up to RESTART_MAX while
 they keep dying young (a worker that ran STEADY seconds starts from RESTART_DELAY again).
@@ -23,12 +23,12 @@ from collections.abc import Callable
 
 from . import metrics
 from .aio import cancel_and_wait
-from .api.handoff import Acceptor, channel_pair
 from .api.health import Check
-from .apiworker import READY, ApiWorkerArgs, feed_line
 from .config import Config
 from .delivery import metricspipe
 from .delivery.child import signal_name
+from .frontworker import READY, FrontArgs, feed_line, how_many, roles
+from .handoff import Acceptor, channel_pair
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,9 @@ STOP_TIMEOUT = 70.0  # aiohttp gives open requests 60 s to finish
 class _Child:
     """One worker process and the master's ends of its pipes."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, wake_r: int, channel: socket.socket,
-                 remote: metrics.Remote) -> None:
+    def __init__(self, args: FrontArgs, proc: asyncio.subprocess.Process, wake_r: int,
+                 channel: socket.socket, remote: metrics.Remote) -> None:
+        self.args = args
         self.proc = proc
         self.wake_r = wake_r
         self.channel = channel  # the master's end of its handoff socket
@@ -55,17 +56,20 @@ class _Child:
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
-class ApiWorkers:
-    """`[api] workers` - 1 workers, each served its turn of `acceptor`'s connections;
-    `on_wake` is called when one committed new mail; `checks` are the master's own readiness
-    checks, which the workers repeat."""
+class FrontWorkers:
+    """The front workers of `config`, each served its turn of the connections of `api` (the
+    API's Acceptor, if the master hands out the API's) and of `smtp` (the SMTP listeners',
+    if it hands out theirs), as its roles say; `on_wake` is called when one committed new
+    mail; `checks` are the master's own readiness checks, which the workers repeat."""
 
-    def __init__(self, config: Config, acceptor: Acceptor, *, remotes: metrics.Remotes,
-                 others: Callable[[], metrics.Snapshot], on_wake: Callable[[], None],
-                 checks: Callable[[], list[Check]]) -> None:
+    def __init__(self, config: Config, *, api: Acceptor | None, smtp: list[Acceptor],
+                 remotes: metrics.Remotes, others: Callable[[], metrics.Snapshot],
+                 on_wake: Callable[[], None], checks: Callable[[], list[Check]]) -> None:
         self._config = config
-        self._acceptor = acceptor
-        self._port = acceptor.sockets[0].getsockname()[1]  # for the workers' log
+        self._api = api
+        self._smtp = smtp
+        # the API's port as bound, for the workers' log
+        self._port = api.sockets[0].getsockname()[1] if api is not None else None
         self._remotes = remotes  # where each worker's counts go, kept when it ends
         self._others = others  # every count the master knows, the workers' included
         self._on_wake = on_wake
@@ -83,9 +87,9 @@ class ApiWorkers:
     async def start(self) -> None:
         """Start the workers; return once each listens (or has failed to, or READY_TIMEOUT
         passed): a reload stops the old ones only then, so capacity never dips."""
-        indexes = range(1, self._config.api.workers)
+        indexes = range(1, how_many(self._config) + 1)
         await asyncio.gather(*(self._spawn(i) for i in indexes))
-        self._supervisors = [asyncio.create_task(self._supervise(i), name=f"api-worker-{i}")
+        self._supervisors = [asyncio.create_task(self._supervise(i), name=f"front-worker-{i}")
                              for i in indexes]
         await asyncio.gather(*(self._listening(c) for c in list(self._children.values())))
 
@@ -97,7 +101,7 @@ class ApiWorkers:
         finally:
             exited.cancel()
         if not child.ready.done():
-            log.warning("API worker pid %d is not listening after %.0f s", child.proc.pid,
+            log.warning("front worker pid %d is not listening after %.0f s", child.proc.pid,
                         READY_TIMEOUT)
 
     async def _spawn(self, index: int) -> None:
@@ -108,7 +112,7 @@ class ApiWorkers:
         theirs = (wake_w, metrics_w, feed_r, their_channel.detach())
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relay.apiworker", *map(str, theirs),
+                sys.executable, "-m", "relay.frontworker", *map(str, theirs),
                 stdin=asyncio.subprocess.PIPE, pass_fds=theirs,
                 # a session of its own, as the delivery worker's: a terminal's hangup or ^C is
                 # the master's to act on, and the master stops its workers with a drain
@@ -121,19 +125,20 @@ class ApiWorkers:
         finally:
             for fd in theirs:
                 os.close(fd)
-        child = _Child(proc, wake_r, channel, self._remotes.join())
+        args = FrontArgs(self._config, self._port, index, *roles(self._config, index))
+        child = _Child(args, proc, wake_r, channel, self._remotes.join())
         self._children[index] = child
         loop = asyncio.get_running_loop()
         os.set_blocking(wake_r, False)
         loop.add_reader(wake_r, self._woken, child)
         child.tasks = [
             asyncio.create_task(metricspipe.receive(metrics_r, child.remote,
-                                                    f"API worker {index}"),
-                                name=f"api-worker-{index}-metrics"),
+                                                    f"front worker {args.name}"),
+                                name=f"{args.name}-metrics"),
             asyncio.create_task(metricspipe.send(feed_w, line=lambda: self._feed(child)),
-                                name=f"api-worker-{index}-feed")]
+                                name=f"{args.name}-feed")]
         assert proc.stdin is not None
-        proc.stdin.write(pickle.dumps(ApiWorkerArgs(self._config, self._port, index)))
+        proc.stdin.write(pickle.dumps(args))
         with contextlib.suppress(ConnectionError):  # it died at once: _supervise says so
             await proc.stdin.drain()
         proc.stdin.close()
@@ -146,11 +151,22 @@ class ApiWorkers:
         if READY in data and not child.ready.done():
             child.ready.set_result(None)
             if not child.ended and not self._stopping:
-                self._acceptor.add(child.channel)  # it serves its turns from now on
+                for acceptor in self._acceptors(child):
+                    acceptor.add(child.channel)  # it serves its turns from now on
         if data:
             self._on_wake()
         else:  # the worker is gone; its end is closed
             asyncio.get_running_loop().remove_reader(child.wake_r)
+
+    def _acceptors(self, child: _Child) -> list[Acceptor]:
+        """The listeners whose connections `child` has turns of."""
+        api = [self._api] if child.args.api and self._api is not None else []
+        return api + (self._smtp if child.args.smtp else [])
+
+    def _withdraw(self, child: _Child) -> None:
+        """No more connections for `child`."""
+        for acceptor in self._acceptors(child):
+            acceptor.remove(child.channel)
 
     def _feed(self, child: _Child) -> bytes:
         """Everyone's counts but the worker's own, as one sum (so a counter it shows never
@@ -168,7 +184,7 @@ class ApiWorkers:
         if child.ended:
             return
         child.ended = True
-        self._acceptor.remove(child.channel)
+        self._withdraw(child)
         child.channel.close()  # what it had not taken is closed with it
         asyncio.get_running_loop().remove_reader(child.wake_r)
         os.close(child.wake_r)
@@ -193,8 +209,8 @@ class ApiWorkers:
                 delay = RESTART_DELAY if lived >= STEADY else delay
                 why = (f"was killed by {signal_name(code)}" if signal_name(code)
                        else f"exited with {code}")
-                log.error("API worker %d (pid %d) %s after %.0f s; restarting it in %.0f s",
-                          index, child.proc.pid, why, lived, delay)
+                log.error("front worker %s (pid %d) %s after %.0f s; restarting it in %.0f s",
+                          child.args.name, child.proc.pid, why, lived, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESTART_MAX)
             if self._stopping:
@@ -202,7 +218,7 @@ class ApiWorkers:
             try:
                 await self._spawn(index)
             except Exception:
-                log.exception("cannot start API worker %d; trying again in %.0f s", index,
+                log.exception("cannot start front worker %d; trying again in %.0f s", index,
                               delay)
 
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
@@ -214,7 +230,7 @@ class ApiWorkers:
         self._children.clear()
         for child in children:
             # no more connections first: it serves those it has been handed, then stops
-            self._acceptor.remove(child.channel)
+            self._withdraw(child)
             if child.proc.returncode is None:
                 child.proc.terminate()
         await asyncio.gather(*(self._reap(c, timeout) for c in children))
@@ -223,7 +239,7 @@ class ApiWorkers:
         try:
             await asyncio.wait_for(child.proc.wait(), timeout)
         except TimeoutError:
-            log.error("API worker pid %d did not stop in %.0f s; killing it", child.proc.pid,
+            log.error("front worker pid %d did not stop in %.0f s; killing it", child.proc.pid,
                       timeout)
             child.proc.kill()
             await child.proc.wait()

@@ -1,14 +1,16 @@
-"""The API's connections shared out among its processes (`[api] workers` > 1).
+"""Connections shared out among relay's front processes (`[api] workers`, `[smtp] workers`).
 
-The master accepts every connection and hands each of the workers its turn of them (round
-robin) over a Unix socket of its own (SCM_RIGHTS), as Node's cluster module does. The kernel's
+The master accepts every connection, of the API and of each SMTP listener, and hands each of
+the workers its turn of them (round robin) over a Unix socket of its own (SCM_RIGHTS), as
+Node's cluster module does. Each handoff carries a tag naming the listener it came from, so
+one socket a worker serves every listener it has a turn of. The kernel's
 SO_REUSEPORT, which relay used before, picks a process by a hash of the addresses: a client's
 32 keep-alive connections were split 58/42 or 33/67 in some benchmark rounds, and the busier
 process set the pace for all. Handed out in turn, a client's connections split evenly.
 
 A connection whose handoff fails (the worker's socket is full, or the worker is gone) is
 served by the master: none is dropped for it. A worker stops getting connections before it is
-told to stop (ApiWorkers), and serves every one already on its socket.
+told to stop (frontworkers.py), and serves every one already on its socket.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
-from collections.abc import Callable
-
-from .. import metrics
+from collections.abc import Callable, Mapping
+from ssl import SSLContext
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,11 @@ PAUSE_WHEN_OUT_OF_FILES = 1.0  # seconds without accepting after EMFILE/ENFILE/E
 OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 Protocols = Callable[[], asyncio.Protocol]
+API = b"a"  # the tag of the API's connections; an SMTP listener's is smtp_tag(its index)
+
+
+def smtp_tag(index: int) -> bytes:
+    return b"s%d" % index
 
 
 def listening_socket(address: str, port: int, backlog: int) -> socket.socket:
@@ -56,11 +63,14 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-class _Serving:
-    """Connections the loop is taking on, kept referenced until it has."""
+class Serving:
+    """How a listener's connections are served: its protocols, over TLS from the first byte
+    with `ssl` (an implicit-TLS SMTP listener). Keeps each connection the loop is taking on
+    referenced until it has."""
 
-    def __init__(self, protocols: Protocols) -> None:
-        self._protocols = protocols
+    def __init__(self, protocols: Protocols, ssl: SSLContext | None = None) -> None:
+        self.protocols = protocols
+        self.ssl = ssl
         self._starting: set[asyncio.Task[None]] = set()
 
     def __call__(self, conn: socket.socket) -> None:
@@ -70,20 +80,25 @@ class _Serving:
 
     async def _serve(self, conn: socket.socket) -> None:
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(self._protocols, conn)
-        except OSError as exc:  # the client left already
+            await asyncio.get_running_loop().connect_accepted_socket(self.protocols, conn,
+                                                                     ssl=self.ssl)
+        except OSError as exc:  # the client left already, or its TLS handshake failed
             log.debug("cannot serve a connection: %s", exc)
             conn.close()
 
 
 class Acceptor:
     """The master's listening socket: accepts, and serves each connection here or hands it
-    to the worker whose turn it is. Quacks like asyncio's Server where relay uses one
-    (`sockets`, `close`)."""
+    to the worker whose turn it is, tagged `tag`; `counted(served_by)` after each. Quacks
+    like asyncio's Server where relay uses one (`sockets`, `close`, `wait_closed`)."""
 
-    def __init__(self, sock: socket.socket, protocols: Protocols) -> None:
+    def __init__(self, sock: socket.socket, serving: Serving, *, tag: bytes,
+                 counted: Callable[[str], None], what: str) -> None:
         self._sock = sock
-        self._serve_here = _Serving(protocols)
+        self._serve_here = serving
+        self._tag = tag
+        self._counted = counted
+        self._what = what  # "API", "SMTP": for the log
         self._channels: list[socket.socket] = []
         self._turn = 0
         self._closed = False
@@ -109,6 +124,12 @@ class Acceptor:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
 
+    def is_serving(self) -> bool:
+        return not self._closed
+
+    async def wait_closed(self) -> None:
+        """asyncio's Server waits for its connections here; the protocols' owners do."""
+
     def _accept(self) -> None:
         for _ in range(ACCEPTS_A_TURN):
             try:
@@ -127,8 +148,8 @@ class Acceptor:
     def _pause(self, exc: OSError) -> None:
         """Out of files (or memory): leave the backlog waiting a moment, as asyncio does,
         rather than spin on a socket that stays readable."""
-        log.error("cannot accept API connections for %.0f s: %s", PAUSE_WHEN_OUT_OF_FILES,
-                  exc.strerror)
+        log.error("cannot accept %s connections for %.0f s: %s", self._what,
+                  PAUSE_WHEN_OUT_OF_FILES, exc.strerror)
         loop = asyncio.get_running_loop()
         loop.remove_reader(self._sock.fileno())
 
@@ -144,30 +165,30 @@ class Acceptor:
         if self._turn:  # a worker's turn
             channel = self._channels[self._turn - 1]
             try:
-                socket.send_fds(channel, [b"c"], [conn.fileno()])
+                socket.send_fds(channel, [self._tag], [conn.fileno()])
             except BlockingIOError:
                 served_by = "fallback"  # its socket is full: it is behind
-            except OSError as exc:  # it is gone; ApiWorkers will remove it too
-                log.warning("API worker not taking connections (%s); serving them here",
-                            exc.strerror)
+            except OSError as exc:  # it is gone; FrontWorkers will remove it too
+                log.warning("a worker is not taking %s connections (%s); serving them here",
+                            self._what, exc.strerror)
                 self.remove(channel)
                 served_by = "fallback"
             else:
                 conn.close()  # the worker has its own descriptor of it now
-                metrics.api_connection("worker")
+                self._counted("worker")
                 return
-        metrics.api_connection(served_by)
+        self._counted(served_by)
         self._serve_here(conn)
 
 
 class Receiver:
-    """A worker's end of its handoff socket: serves each connection the master hands it.
-    `on_eof`: the master closed its end."""
+    """A worker's end of its handoff socket: serves each connection the master hands it
+    with the protocols of its tag. `on_eof`: the master closed its end."""
 
-    def __init__(self, channel: socket.socket, protocols: Protocols,
+    def __init__(self, channel: socket.socket, serving: Mapping[bytes, Serving],
                  on_eof: Callable[[], None]) -> None:
         self._channel = channel
-        self._serve = _Serving(protocols)
+        self._serve = dict(serving)
         self._on_eof = on_eof
         self._reading = True
         channel.setblocking(False)
@@ -183,8 +204,13 @@ class Receiver:
             except OSError as exc:
                 log.error("cannot read the master's handoff socket: %s", exc.strerror)
                 data, fds = b"", []
+            serve = self._serve.get(data)
             for fd in fds:
-                self._serve(socket.socket(fileno=fd))
+                if serve is not None:
+                    serve(socket.socket(fileno=fd))
+                else:  # a listener this process has no turn of: never sent, but not kept
+                    log.error("handed a connection tagged %r, which is not served here", data)
+                    os.close(fd)
             if not data and not fds:
                 self._stop_reading()
                 self._on_eof()
