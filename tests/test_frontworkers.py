@@ -96,13 +96,14 @@ class Relay(Served):
     """`relay serve` with [api] workers = 2, its log in a file, a key to send with."""
 
     def __init__(self, tmp_path: Path, *, sink_port: int = 9, paused: bool = True,
-                 store_url: str = "") -> None:
+                 store_url: str = "", extra: str = "") -> None:
         self.api_port = free_port()
         self.config = tmp_path / "relay.toml"
         self.config.write_text(CONFIG.format(data=tmp_path / "data", smtp=free_port(),
                                              api=self.api_port, sink=sink_port,
                                              paused=str(paused).lower())
-                               + (f"[store]\nurl = '{store_url}'\n" if store_url else ""),
+                               + (f"[store]\nurl = '{store_url}'\n" if store_url else "")
+                               + extra,
                                "utf-8")
         made = run_relay("--config", str(self.config), "keys", "create", "--name", "t",
                          "--json")
@@ -320,6 +321,17 @@ def test_a_dead_worker_is_restarted_and_sighup_replaces_the_workers(
     assert third != second
     conns = r.one_of_each()
     assert r.request(conns["api1"], "POST", "/v1/emails", EMAIL)[0] == 202
+
+
+def test_a_reload_that_changes_nothing_keeps_the_api_workers_beside_a_tls_listener(
+        relay: Callable[..., Relay]) -> None:
+    """Only SMTP workers load certificates: API workers stay when the config is the same."""
+    r = relay(extra=f"[[smtp.listeners]]\nport = {free_port()}\nmode = 'submission'\n"
+                    "tls = 'implicit'\n")
+    (worker,) = r.workers()
+    r.proc.send_signal(signal.SIGHUP)
+    r.wait_for(lambda: "reloaded " in r.log(), "the reload")
+    assert r.workers() == [worker] and len(LISTENING.findall(r.log())) == 1
 
 
 @pytest.mark.parametrize("value", ["0", "65", "'two'"])

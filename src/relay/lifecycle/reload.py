@@ -110,7 +110,7 @@ async def reload(service: Reloadable) -> bool:
     service.config = new
     if new != old:
         await restart_delivery(service, old, new)
-    if new != old or any(ctx is not None for ctx in service.contexts):
+    if new != old or (new.smtp.workers > 1 and any(c is not None for c in service.contexts)):
         # an SMTP worker loads the certificates when it starts: a reload starts new ones
         await restart_front_workers(service, new)
     log.info("reloaded %s", new.source)
