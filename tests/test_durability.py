@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
+import signal
 import smtplib
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from relay.store import SQLiteStore
 
 from .conftest import free_port, run_relay
 from .smtputil import connect
+from .test_frontworkers import children, cmdline
 
 SENDERS = 20
 
@@ -25,7 +30,7 @@ def sender(port: int, key: str, n: int, outcomes: dict[str, str], stop: threadin
     while not stop.is_set():
         try:
             with connect(port, key=key) as s:
-                while True:
+                while not stop.is_set():  # a session that outlived the kill ends here
                     token = f"t{n}-{i}"
                     i += 1
                     s.mail("alice@example.com")
@@ -60,10 +65,11 @@ def stored_subjects(db_path: Path) -> dict[str, str]:
     return asyncio.run(read())
 
 
-def relay_with_key(tmp_path: Path, relay_process: Any, smtp: int, api: int
-                   ) -> tuple[Any, str]:
+def relay_with_key(tmp_path: Path, relay_process: Any, smtp: int, api: int,
+                   smtp_workers: int = 1) -> tuple[Any, str]:
     """relay serving (delivery paused) on these ports, and a key made by the CLI."""
     toml = (f"[server]\nhostname = 'relay.test'\ndata_dir = '{tmp_path / 'data'}'\n"
+            f"[smtp]\nworkers = {smtp_workers}\n"
             f"[[smtp.listeners]]\nport = {smtp}\n[api]\nport = {api}\n"
             "[delivery]\npaused = true\n")
     (tmp_path / "relay.toml").write_text(toml)
@@ -95,10 +101,41 @@ def kill_while_sending(relay: Any, target: Any, port: int, key: str, ok: str,
     return outcomes
 
 
-def test_sigkill_loses_no_acknowledged_message(tmp_path: Path, relay_process: Any) -> None:
+class OnlyTheWorker:
+    """kill_while_sending's relay, for SIGKILL of the SMTP worker alone: the master serves
+    on, then stops."""
+
+    def __init__(self, relay: Any) -> None:
+        self.relay = relay
+
+    def kill(self) -> None:
+        (worker,) = [c for c in children(self.relay.proc.pid)
+                     if b"relay.frontworker" in cmdline(c)]
+        os.kill(worker, signal.SIGKILL)
+
+    def start(self) -> None:
+        pass  # it never stopped
+
+    def stop(self) -> None:
+        self.relay.stop()
+
+
+@pytest.mark.parametrize("killed", ["relay", "relay and its SMTP worker", "the SMTP worker"])
+def test_sigkill_loses_no_acknowledged_message(tmp_path: Path, relay_process: Any,
+                                               killed: str) -> None:
+    """With `[smtp] workers = 2` half the sessions are the worker's: SIGKILL of the master
+    takes the worker with it; SIGKILL of the worker alone ends only its sessions."""
     port = free_port()
-    relay, key = relay_with_key(tmp_path, relay_process, port, free_port())
-    outcomes = kill_while_sending(relay, sender, port, key, "250", 150)
+    relay, key = relay_with_key(tmp_path, relay_process, port, free_port(),
+                                smtp_workers=1 if killed == "relay" else 2)
+    if killed != "relay":
+        deadline = time.monotonic() + 20
+        while not [c for c in children(relay.proc.pid) if b"relay.frontworker" in cmdline(c)]:
+            assert time.monotonic() < deadline, "no SMTP worker"
+            time.sleep(0.05)
+        time.sleep(1.0)  # it opens its store and takes its turns
+    target = OnlyTheWorker(relay) if killed == "the SMTP worker" else relay
+    outcomes = kill_while_sending(target, sender, port, key, "250", 150)
 
     stored = stored_subjects(tmp_path / "data" / "relay.sqlite")
     acked = {t: v.split()[1] for t, v in outcomes.items() if v.startswith("250")}
