@@ -208,8 +208,11 @@ def test_a_reload_ends_the_old_workers_sessions_between_transactions_only(
     busy = smtplib.SMTP("127.0.0.1", r.port, timeout=40)  # the worker's turn
     mine = smtplib.SMTP("127.0.0.1", r.port, timeout=20)  # the master's
     idle = smtplib.SMTP("127.0.0.1", r.port, timeout=20)  # the worker's
+    # the submission listener's first turn is the worker's too: TLS from the first byte,
+    # its handshake made there
+    secure = smtplib.SMTP_SSL("127.0.0.1", r.submission, context=client_tls(), timeout=20)
     try:
-        for s in (busy, mine, idle):
+        for s in (busy, mine, idle, secure):
             assert s.ehlo("client.test")[0] == 250
         assert busy.mail("app@example.com")[0] == 250
         assert busy.rcpt("bob@example.org")[0] == 250  # in a transaction
@@ -220,8 +223,9 @@ def test_a_reload_ends_the_old_workers_sessions_between_transactions_only(
         r.wait_for(lambda: len(SERVING.findall(r.log())) == 2, "the reload's worker")
         assert "reload: smtp.workers changed; it takes effect when relay restarts" in r.log()
         # the idle session is told, and closed
-        code, text = idle.getreply()
-        assert (code, text[:5]) == (421, b"4.3.2"), text
+        for session in (idle, secure):
+            code, text = session.getreply()
+            assert (code, text[:5]) == (421, b"4.3.2"), text
         # the one in a transaction ends it, in the old worker, with its 250 after the commit
         data, mid = message("bob@example.org")
         code, _ = busy.data(data)
@@ -235,7 +239,7 @@ def test_a_reload_ends_the_old_workers_sessions_between_transactions_only(
         assert mine.noop()[0] == 250  # the master's session goes on
         assert old not in r.workers() and len(r.workers()) == 1
     finally:
-        for s in (busy, mine, idle):
+        for s in (busy, mine, idle, secure):
             try:
                 s.close()
             except OSError:

@@ -4,8 +4,10 @@ handler and a protocol factory per listener, and how a worker's sessions end whe
 A stopping worker (a reload's old set, or relay stopping) has been handed its last
 connection already. It closes at once each session that is between transactions, with a
 421 as Postfix's smtpd says on its way out, and lets a session in a transaction reach its
-end (the 250 after the commit) for up to `grace` seconds before closing it too. Either way
-no mail is lost: a 250 comes only after the commit, and a client without one sends again.
+end (the 250 after the commit) for up to `grace` seconds before closing it too. A closed
+session still open CLOSING seconds later (a TLS client that does not answer the close) is
+dropped. Either way no mail is lost: a 250 comes only after the commit, and a client
+without one sends again.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .protocol import RelaySMTP
 from .server import make_server_factory
 
 POLL = 0.02  # seconds between looks at the sessions still open while stopping
-CLOSING = 1.0  # seconds after the grace a closed session may take to go before it is dropped
+CLOSING = 1.0  # seconds a closed session may take to go (TLS waits for the peer's close_notify)
 
 
 def tls_files(config: Config, index: int, listener: ListenerConfig) -> tuple[str, str] | None:
@@ -85,9 +87,15 @@ class Listeners:
         transaction ends or `grace` seconds have passed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        closed: dict[RelaySMTP, float] = {}  # when each was told and closed
         while open_ := self.sessions():
             now = loop.time()
             for conn in open_:
-                if now >= deadline or not conn.in_transaction:
-                    conn.close_for_shutdown(now=now >= deadline + CLOSING)
+                if conn not in closed:
+                    if now >= deadline or not conn.in_transaction:
+                        conn.close_for_shutdown()
+                        closed[conn] = now
+                elif now - closed[conn] >= CLOSING:  # a TLS peer that does not close
+                    conn.close_for_shutdown(now=True)
+                    closed[conn] = float("inf")  # dropped; its connection_lost is due
             await asyncio.sleep(POLL)
