@@ -72,19 +72,6 @@ class Relay(Served):
         # by the log, not by connecting: a probe would take a turn of the connections
         self.wait_for(lambda: len(SERVING.findall(self.log())) == 1, "the SMTP worker")
 
-    def served_by(self, message_id: str) -> str:
-        """Which process took the message: "master" or "smtp1", by its accept line."""
-        pattern = re.compile(r"relay\.accept(?:\[(smtp\d+)\])?: \S+ message-id="
-                             + re.escape(message_id))
-        found: list[str] = []
-
-        def logged() -> bool:
-            found[:] = [m.group(1) or "master" for m in pattern.finditer(self.log())]
-            return bool(found)
-
-        self.wait_for(logged, f"the accept line of {message_id}")
-        return found[0]
-
     def handoffs(self) -> dict[str, float]:
         """relay_smtp_handoffs_total of the relay listener, by served_by, from /metrics."""
         conn = http.client.HTTPConnection("127.0.0.1", self.api, timeout=10)
@@ -94,6 +81,19 @@ class Relay(Served):
         return {m.group(1): float(m.group(2)) for m in re.finditer(
             rf'^relay_smtp_handoffs_total\{{port="{self.port}",served_by="(\w+)"\}} (\S+)$',
             text, re.MULTILINE)}
+
+
+def served_by(served: Served, message_id: str) -> str:
+    """Which process took the message: "master", "smtp1", "front1", by its accept line."""
+    pattern = re.compile(r"relay\.accept(?:\[(\w+)\])?: \S+ message-id=" + re.escape(message_id))
+    found: list[str] = []
+
+    def logged() -> bool:
+        found[:] = [m.group(1) or "master" for m in pattern.finditer(served.log())]
+        return bool(found)
+
+    served.wait_for(logged, f"the accept line of {message_id}")
+    return found[0]
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ async def test_mail_through_either_process_is_delivered_at_once_and_a_dead_worke
                 while not sink.delivered_to(f"to{i}@example.org"):
                     await asyncio.sleep(0.01)
             waits.append(time.monotonic() - sent)
-            by.append(await asyncio.to_thread(r.served_by, mid))
+            by.append(await asyncio.to_thread(served_by, r, mid))
         assert by == ["smtp1", "master"] * 3  # in turn, the worker's first
         # the delivery worker polls every 2 s; woken by the master for the worker's commits
         # as for its own, it sends each at once
@@ -230,7 +230,7 @@ def test_a_reload_ends_the_old_workers_sessions_between_transactions_only(
         data, mid = message("bob@example.org")
         code, _ = busy.data(data)
         assert code == 250
-        assert r.served_by(mid) == "smtp1"
+        assert served_by(r, mid) == "smtp1"
         r.wait_for(lambda: not alive(old), "the old worker to stop")
         try:  # told so (421) after its 250, or closed without a word after its grace
             assert busy.noop()[0] == 421
@@ -271,3 +271,28 @@ def test_the_environment_sets_the_workers_but_not_the_listeners(tmp_path: Path) 
     assert load(None, {"RELAY_SMTP_WORKERS": "3"}).smtp.workers == 3
     done = run_relay("serve", env={"RELAY_SMTP_LISTENERS": "[]"}, cwd=tmp_path, timeout=30)
     assert done.returncode != 0 and "listeners are set in the file" in done.stderr
+
+
+def test_with_more_api_workers_the_first_serve_both_and_the_rest_the_api(
+        tmp_path: Path) -> None:
+    """[api] workers = 3 and [smtp] workers = 2: two workers, the first (front1) with turns
+    of both, the second (api2) of the API only."""
+    port = free_port()
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f"[server]\nhostname = 'relay.test'\ndata_dir = '{tmp_path / 'data'}'\n"
+        f"[smtp]\nworkers = 2\n[[smtp.listeners]]\nport = {port}\nmode = 'relay'\n"
+        "tls = 'none'\nallowed_networks = ['127.0.0.0/8']\n"
+        f"[api]\nport = {free_port()}\nworkers = 3\n[delivery]\npaused = true\n", "utf-8")
+    served = Served(config, tmp_path / "relay.log")
+    try:
+        served.wait_for(lambda: len(re.findall(r"front worker \w+ \(pid", served.log())) == 2,
+                        "both workers")
+        log = served.log()
+        assert re.search(r"front worker front1 \(pid \d+\) serving the API on 127\.0\.0\.1:\d+"
+                         r" and 1 SMTP listener\(s\)", log), log
+        assert re.search(r"front worker api2 \(pid \d+\) serving the API on [\d.:]+\n", log)
+        ids = [send(port, "bob@example.org") for _ in range(4)]
+        assert [served_by(served, mid) for mid in ids] == ["front1", "master"] * 2
+    finally:
+        served.stop()

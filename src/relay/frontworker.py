@@ -166,9 +166,10 @@ async def serve(args: FrontArgs, wake_fd: int, metrics_fd: int, feed_fd: int,
             metricspipe.read_lines(feed_fd, feed.update, "the master"), name="feed")
         listening.add_done_callback(lambda _: stop.set())  # EOF: the master is gone
         tasks.append(listening)
-        log.info("front worker %s (pid %d) serving%s%s", args.name, os.getpid(),
-                 f" the API on {config.api.address}:{args.port}" if args.api else "",
-                 f" {len(config.smtp.listeners)} SMTP listener(s)" if args.smtp else "")
+        served = ([f"the API on {config.api.address}:{args.port}"] if args.api else []) \
+            + ([f"{len(config.smtp.listeners)} SMTP listener(s)"] if args.smtp else [])
+        log.info("front worker %s (pid %d) serving %s", args.name, os.getpid(),
+                 " and ".join(served))
         os.write(wake_fd, READY)  # the first byte on a fresh pipe: never blocks
         gc.freeze()  # as `relay serve` does: start-up's objects out of the collector's sight
         await stop.wait()
