@@ -78,6 +78,18 @@ class Served:
             time.sleep(0.02)
         raise AssertionError(f"waited in vain for {what}:\n{self.log()}")
 
+    def process_of(self, pattern: str, what: str) -> str:
+        """The process that logged the first line `pattern` matches: its name in the line's
+        brackets (pattern's group 1), or "master" (a line without)."""
+        found: list[str] = []
+
+        def logged() -> bool:
+            found[:] = [m.group(1) or "master" for m in re.finditer(pattern, self.log())]
+            return bool(found)
+
+        self.wait_for(logged, what)
+        return found[0]
+
     def workers(self) -> list[int]:
         """The master's front worker processes (its delivery worker is not one)."""
         return [pid for pid in children(self.proc.pid) if b"relay.frontworker" in cmdline(pid)]
@@ -136,15 +148,8 @@ class Relay(Served):
         return resp.status, answer, self.served_by(rid)
 
     def served_by(self, request_id: str) -> str:
-        pattern = re.compile(r"relay\.access(?:\[(api\d+)\])?: .* req=" + request_id)
-        found: list[str] = []
-
-        def logged() -> bool:
-            found[:] = [m.group(1) or "master" for m in pattern.finditer(self.log())]
-            return bool(found)
-
-        self.wait_for(logged, f"the access line of {request_id}")
-        return found[0]
+        return self.process_of(r"relay\.access(?:\[(api\d+)\])?: .* req=" + request_id,
+                               f"the access line of {request_id}")
 
     def one_of_each(self) -> dict[str, http.client.HTTPConnection]:
         """A keep-alive connection served by the master and one by the worker."""

@@ -85,15 +85,8 @@ class Relay(Served):
 
 def served_by(served: Served, message_id: str) -> str:
     """Which process took the message: "master", "smtp1", "front1", by its accept line."""
-    pattern = re.compile(r"relay\.accept(?:\[(\w+)\])?: \S+ message-id=" + re.escape(message_id))
-    found: list[str] = []
-
-    def logged() -> bool:
-        found[:] = [m.group(1) or "master" for m in pattern.finditer(served.log())]
-        return bool(found)
-
-    served.wait_for(logged, f"the accept line of {message_id}")
-    return found[0]
+    return served.process_of(r"relay\.accept(?:\[(\w+)\])?: \S+ message-id="
+                             + re.escape(message_id), f"the accept line of {message_id}")
 
 
 @pytest.fixture

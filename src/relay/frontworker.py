@@ -178,9 +178,10 @@ async def serve(args: FrontArgs, wake_fd: int, metrics_fd: int, feed_fd: int,
             app[DRAINING].on = True  # every answer from now on closes its connection
         if receiver is not None:
             receiver.drain()  # what the master handed over before it stopped handing any
-            await asyncio.gather(
-                _quiet(app, GRACE) if app is not None else asyncio.sleep(0),
-                listeners.drain(SMTP_GRACE) if listeners is not None else asyncio.sleep(0))
+            ending = [_quiet(app, GRACE)] if app is not None else []
+            if listeners is not None:
+                ending.append(listeners.drain(SMTP_GRACE))
+            await asyncio.gather(*ending)
         if runner is not None:
             await runner.cleanup()  # the open connections' requests finish
         await cancel_and_wait(*tasks)

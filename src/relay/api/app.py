@@ -220,8 +220,8 @@ async def serve_shared(app: web.Application, address: str, port: int, *, backlog
     runner, protocols = await _runner(app)
     try:
         acceptor = handoff.Acceptor(handoff.listening_socket(address, port, backlog),
-                                    handoff.Serving(protocols), tag=handoff.API, counted=relay_metrics.api_connection,
-                                    what="API")
+                                    handoff.Serving(protocols), tag=handoff.API,
+                                    counted=relay_metrics.api_connection, what="API")
     except BaseException:
         await runner.cleanup()
         raise

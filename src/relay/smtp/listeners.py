@@ -34,29 +34,39 @@ CLOSING = 1.0  # seconds a closed session may take to go (TLS waits for the peer
 
 def tls_files(config: Config, index: int, listener: ListenerConfig) -> tuple[str, str] | None:
     """The certificate and key a listener serves, checked by loading them (ConfigError)."""
+    files = _files(config, index, listener)
+    if files is not None:
+        _context(config, index, files)
+    return files
+
+
+def contexts(config: Config) -> list[ssl.SSLContext | None]:
+    """Each listener's TLS context (None for one without TLS), each file read once.
+    Raises ConfigError."""
+    found = [_files(config, i, listener) for i, listener in enumerate(config.smtp.listeners)]
+    return [None if files is None else _context(config, i, files)
+            for i, files in enumerate(found)]
+
+
+def _files(config: Config, index: int, listener: ListenerConfig) -> tuple[str, str] | None:
     if listener.tls == "none":
         if listener.mode == "submission":
             raise ConfigError(config.source, f"smtp.listeners[{index}].tls",
                               "a submission listener needs TLS (AUTH is only offered over "
                               "TLS); use starttls or implicit")
         return None
-    cert, key = listener.tls_cert, listener.tls_key
-    if not cert:
-        cert_path, key_path = ensure_self_signed(config.server.data_dir, config.server.hostname)
-        cert, key = str(cert_path), str(key_path)
+    if listener.tls_cert:
+        return listener.tls_cert, listener.tls_key
+    cert, key = ensure_self_signed(config.server.data_dir, config.server.hostname)
+    return str(cert), str(key)
+
+
+def _context(config: Config, index: int, files: tuple[str, str]) -> ssl.SSLContext:
     try:
-        server_context(cert, key)
+        return server_context(*files)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(config.source, f"smtp.listeners[{index}].tls_cert",
                           f"cannot load the certificate and key: {exc}") from None
-    return cert, key
-
-
-def contexts(config: Config) -> list[ssl.SSLContext | None]:
-    """Each listener's TLS context (None for one without TLS). Raises ConfigError."""
-    return [None if files is None else server_context(*files)
-            for files in (tls_files(config, i, listener)
-                          for i, listener in enumerate(config.smtp.listeners))]
 
 
 class Listeners:
@@ -96,6 +106,6 @@ class Listeners:
                         conn.close_for_shutdown()
                         closed[conn] = now
                 elif now - closed[conn] >= CLOSING:  # a TLS peer that does not close
-                    conn.close_for_shutdown(now=True)
+                    conn.abort()
                     closed[conn] = float("inf")  # dropped; its connection_lost is due
             await asyncio.sleep(POLL)

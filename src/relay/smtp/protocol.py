@@ -94,7 +94,6 @@ class RelaySMTP(SMTP):
         self.implicit_tls = implicit_tls
         self._client: str | None = None  # the address counted against the caps, once admitted
         self._refused = False
-        self._shutting_down = False
         self._continued = b""  # the lines of a multi-line reply before its last
         if not implicit_tls:
             super().__init__(handler, auth_require_tls=True, **kwargs)
@@ -158,25 +157,22 @@ class RelaySMTP(SMTP):
     @property
     def in_transaction(self) -> bool:
         """A MAIL FROM taken and its transaction not yet answered: aiosmtpd starts a new
-        envelope after DATA only once the reply is written."""
+        envelope after DATA in the step that writes the reply, with no wait between."""
         envelope = getattr(self, "envelope", None)
         return envelope is not None and envelope.mail_from is not None
 
-    def close_for_shutdown(self, *, now: bool = False) -> None:
-        """Say 421 and close (once); `now`: drop it, written or not (a TLS peer that does
-        not finish the close)."""
-        if now:
-            for transport in (self.transport, self._original_transport):
-                if transport is not None:
-                    transport.abort()
-            return
-        if self._shutting_down:
-            return
-        self._shutting_down = True
+    def close_for_shutdown(self) -> None:
+        """Say 421 and close (smtp/listeners.py calls it once a session)."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(f"421 4.3.2 {self.hostname} Service shutting down\r\n"
                                  .encode())
         self.close()
+
+    def abort(self) -> None:
+        """Drop the connection, written or not (a TLS peer that does not finish the close)."""
+        for transport in (self.transport, self._original_transport):
+            if transport is not None:
+                transport.abort()
 
     @property
     def secure(self) -> bool:
