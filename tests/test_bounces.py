@@ -586,7 +586,7 @@ def test_recipients_given_the_same_words_cost_one_reading_of_them() -> None:
     started = time.process_time()
     report = bounces.parse(raw, max_parts=64, max_recipients=1000)
     assert len(report.recipients) == 1000
-    assert time.process_time() - started < 1.2
+    assert time.process_time() - started < 1.2  # 0.15 s: the stage and class read once too
 
 
 def _ses(notification: dict[str, object]) -> bytes:
@@ -673,7 +673,9 @@ def test_a_transcript_of_blank_lines_is_read_in_linear_time() -> None:
                         "<<< 550 5.0.0 <hana@example.org>... User unknown\n")
     started = time.process_time()
     (r,) = parse(raw).recipients
-    assert time.process_time() - started < 0.5
+    # ~0.4 s, most of it flufl.bounce's detectors reading 20,000 lines (linear): the bound
+    # leaves room for a busy machine and still fails the quadratic 7 s
+    assert time.process_time() - started < 1.5
     assert (r.address, r.reason) == ("hana@example.org", "filtered")
 
 

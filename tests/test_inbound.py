@@ -264,6 +264,26 @@ async def test_an_arf_complaint_without_return_path_is_matched_by_feedback_id(
     assert (await suppressions(relay)).get("bob@example.org") == "complaint"
 
 
+async def test_an_outlook_jmrp_complaint_which_is_not_arf_is_a_complaint(
+        relay: Service, sink: Sink) -> None:
+    """Outlook.com's Junk Mail Reporting Program: the reported message enclosed whole in a
+    multipart/mixed, its recipient in X-HmXmrOriginalRecipient, no feedback-report part."""
+    message_id, got = await delivered_via_api(relay, sink)
+    enclosed = (b"X-HmXmrOriginalRecipient: bob@example.org\r\n"
+                + f"Return-Path: <{got.mail_from}>\r\n".encode() + got.data)
+    report = (f"From: <staff@hotmail.com>\r\nTo: {COMPLAINTS}\r\n"
+              "Subject: complaint about message from 192.0.2.1\r\nMIME-Version: 1.0\r\n"
+              'Content-Type: multipart/mixed; boundary="=_jmrp"\r\n\r\n--=_jmrp\r\n'
+              "Content-Type: message/rfc822\r\nContent-Disposition: inline\r\n\r\n"
+              ).encode() + enclosed + b"\r\n--=_jmrp--\r\n"
+    code, text = await send_report(relay, COMPLAINTS, report, sender="staff@hotmail.com")
+    assert code == 250, text
+    detail = await relay.store.get_message(message_id)
+    assert detail is not None
+    assert [e["feedbackType"] for e in events(detail, "email.complained")] == ["abuse"]
+    assert (await suppressions(relay)).get("bob@example.org") == "complaint"
+
+
 async def test_mail_to_the_unsubscribe_mailto_address_unsubscribes(
         relay: Service, sink: Sink, dns: DNSServer) -> None:
     from .conftest import add_signing_domain

@@ -189,7 +189,13 @@ def inline_dsn_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, .
     fake = Message()
     fake.set_type("message/delivery-status")
     fake.set_payload("\n\n".join(m.group(0) for m in _INLINE_FIELDS.finditer(text)))
-    return dsn_recipients([msg, fake], limit) if fake.get_payload() else ()
+    if not fake.get_payload():
+        return ()
+    # the words for people around the fields (a transcript, "mail.local: unknown user"):
+    # what a report without Diagnostic-Code fields says of each recipient
+    human = Message()
+    human.set_payload(_INLINE_FIELDS.sub("", text), "utf-8")
+    return dsn_recipients([msg, fake, human], limit)
 
 
 def looks_like_bounce(msg: Message, text: str = "") -> bool:

@@ -244,6 +244,10 @@ _NO_SUCH_ACCOUNT = re.compile(_ACCOUNT_ABSENT + r"|\b(unknown|invalid) (user )?a
                               r"|requested action not taken: mailbox unavailable",
                               re.IGNORECASE)
 _NO_ACCOUNT_AT_ALL = re.compile(_ACCOUNT_ABSENT, re.IGNORECASE)
+# the mailbox host's local delivery agent speaking for itself ("mail.local: unknown user:
+# ann", "procmail: ...", "maildrop: ..."): no filter in front of a mailbox, the mailbox's own
+_LOCAL_AGENT = re.compile(r"\b(?:mail\.local|procmail|maildrop|dovecot-lda|deliver|lmtp)"
+                          r"(?:\[\d+\])?: ", re.IGNORECASE)
 
 
 # conditions that last, so that they, not the queue's giving up, are why the mail failed:
@@ -263,6 +267,7 @@ def phrase_reason(text: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def classify(status: str | None, reply_code: int | None, text: str, *,
              stage: str | None = None) -> tuple[str, str]:
     """(reason, "hard"|"soft") from an RFC 3463 status, an SMTP reply code and the text, and
@@ -303,7 +308,8 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     if stage == "DATA" and reason == "userunknown" and _NO_ACCOUNT_AT_ALL.search(text):
         stage = None  # the words say more than when they were said
     reason = by_stage(reason, detail, stage,
-                      quoted=reply_code is not None and not _NO_SUCH_ACCOUNT.search(text))
+                      quoted=reply_code is not None and not _NO_SUCH_ACCOUNT.search(text)
+                      and not _LOCAL_AGENT.search(text))
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
     return reason, "hard" if hard else "soft"
 

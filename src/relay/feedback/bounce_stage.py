@@ -9,6 +9,7 @@ stays linear in the text.
 
 from __future__ import annotations
 
+import functools
 import re
 
 STAGES = ("CONN", "MAIL", "RCPT", "DATA")
@@ -68,14 +69,8 @@ _REPLY_LINE = re.compile(r"[245]\d\d[ -].{0,20}")
 def smtp_stage(context: str, address: str, diagnostic: str, transcript: str = "") -> str | None:
     """The stage the remote refused at: what the report says it replied to, or in a session
     transcript, the last command sent before the reply about this recipient."""
-    if m := STAGE_SAID.search(context):
-        return _said(m)
-    if "ail" in context and "sent the message" in context:  # qmail: "failed after I sent..."
-        return "DATA"
-    if "but sender was rejected" in context:  # qmail: "Connected to ... but sender was ..."
-        return "MAIL"
-    if _ADDRESS_REFUSED.search(context):
-        return "RCPT"
+    if stage := _stage_said(context):
+        return stage
     transcript = transcript or context
     lower = transcript.lower()
     reply = _reply_line(diagnostic).lower()
@@ -92,6 +87,21 @@ def smtp_stage(context: str, address: str, diagnostic: str, transcript: str = ""
     if m := STAGE_SAID.search(transcript, at, at + 300):  # "550 ...  SMTP command: DATA"
         return _said(m)
     return _transcript_stage(transcript, at)
+
+
+# A report often gives all its recipients the same words: they are read once.
+@functools.lru_cache(maxsize=256)
+def _stage_said(context: str) -> str | None:
+    """The stage the words about a recipient say in so many words, if they do."""
+    if m := STAGE_SAID.search(context):
+        return _said(m)
+    if "ail" in context and "sent the message" in context:  # qmail: "failed after I sent..."
+        return "DATA"
+    if "but sender was rejected" in context:  # qmail: "Connected to ... but sender was ..."
+        return "MAIL"
+    if _ADDRESS_REFUSED.search(context):
+        return "RCPT"
+    return None
 
 
 def _transcript_stage(transcript: str, at: int) -> str | None:

@@ -162,6 +162,18 @@ def arf(parts: list[Message], original: Original, limit: int) -> Report:
         for rcpt in dict.fromkeys(rcpts)))
 
 
+def microsoft_jmrp(original: Original) -> Report | None:
+    """A complaint from Outlook.com's Junk Mail Reporting Program, which is not ARF: the
+    reported message enclosed whole, its recipient in its X-HmXmrOriginalRecipient field."""
+    named = [v for k, v in original.headers if k.lower() == "x-hmxmroriginalrecipient"]
+    address = address_of(named[0]) if len(named) == 1 else ""
+    if "@" not in address:
+        return None
+    return Report(type="arf", feedback_type="abuse", original=original, recipients=(
+        BouncedRecipient(address=address, action="", status=None, reason="feedback",
+                         bounce_class="soft", diagnostic="abuse", remote_mta=None),))
+
+
 def original_of(enclosed: Message) -> Original:
     headers = tuple((k, re.sub(r"\s+", " ", str(v)).strip()) for k, v in enclosed.items())
     get = {k.lower(): v for k, v in reversed(headers)}

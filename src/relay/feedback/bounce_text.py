@@ -156,9 +156,9 @@ class Prose:
                                    or re.match(r"\s*([245]\d\d\b|>>>|<<<)", prefix)):
             start = max(body.rfind("\n\n", 0, at), 0)  # the address is mid-sentence
         end = at + len(address)
-        stop = self._next_other(address.lower(), end)
-        if stop is not None:
-            body = body[:body.rfind("\n", 0, stop) + 1 or stop]
+        nxt_other = self._next_other(address.lower(), end)
+        if nxt_other is not None:
+            body = body[:self._words_of_next(nxt_other, address.lower(), end)]
         chunk = body[start:]
         for _ in range(3):  # the paragraph naming it, and the next ones until a code shows up
             nxt = body.find("\n\n", end + 2)
@@ -169,10 +169,39 @@ class Prose:
                 break
         return re.sub(r"\s+", " ", chunk).strip()[:1000]
 
-    def _next_other(self, address: str, end: int) -> int | None:
-        """Where the first other failed recipient is named at or after `end`."""
+    def _next_other(self, address: str, end: int) -> tuple[int, str] | None:
+        """Where the first other failed recipient is named at or after `end`, and which."""
         i = bisect.bisect_left(self._starts, end)
         for pos, named in itertools.islice(self._named, i, None):
             if named != address and pos > 0:
-                return pos
+                return pos, named
         return None
+
+    def _words_of_next(self, other: tuple[int, str], address: str, end: int) -> int:
+        """Where the words about the next recipient begin: the line naming it, or up to two
+        lines above it that name its domain and not this address (Sendmail's "550
+        example.org (smtp)... 550 Host unknown" above "554 <ann@example.org>... 550 Host
+        unknown": the host's refusal, of that recipient, not of the one before)."""
+        pos, named = other
+        lower = self._lower
+        cut = lower.rfind("\n", 0, pos) + 1 or pos
+        domain = named.rpartition("@")[2]
+        for _ in range(2):
+            above = lower.rfind("\n", 0, max(cut - 1, 0)) + 1
+            line = lower[above:cut]
+            if above < end or address in line or not _names_host(line, domain):
+                break
+            cut = above
+        return cut
+
+
+def _names_host(line: str, domain: str) -> bool:
+    """Whether a line names the domain, or a host in it, not as the domain of an address."""
+    i = line.find(domain)
+    while i >= 0:
+        before = line[i - 1] if i else " "
+        if before != "@" and (i + len(domain) == len(line)
+                                                or not line[i + len(domain)].isalnum()):
+            return True
+        i = line.find(domain, i + 1)
+    return False

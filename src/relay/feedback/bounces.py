@@ -29,7 +29,7 @@ from .bounce_heuristics import (
 from .bounce_reasons import REASONS, classify
 from .bounce_report import BouncedRecipient, Original, Report
 from .bounce_ses import ses_notification
-from .bounce_standard import arf, dsn_recipients, enclosed_original
+from .bounce_standard import arf, dsn_recipients, enclosed_original, microsoft_jmrp
 from .bounce_text import all_text, walk
 
 __all__ = ["REASONS", "BouncedRecipient", "Original", "Report", "classify", "parse"]
@@ -64,6 +64,8 @@ def _parse(msg: Message, max_recipients: int) -> Report:
         recipients = dsn_recipients(parts, max_recipients)
         if recipients:
             return Report(type="dsn", recipients=recipients, original=original)
+    if jmrp := microsoft_jmrp(original):
+        return jmrp
     if ses := ses_notification(msg, all_text(msg), original, max_recipients):
         return ses
     if is_autoreply(msg):
