@@ -97,6 +97,16 @@ def test_the_unit_reloads_and_watches() -> None:
     assert d["SystemCallFilter"][0] == "@system-service"
 
 
+def test_systemd_waits_for_the_longest_drain() -> None:
+    """TimeoutStopSec covers relay's own bounds on a stop (each stage's timeout, in
+    order), so systemd's SIGKILL never cuts a drain that is keeping to them."""
+    from relay.frontworkers import STOP_TIMEOUT
+    from relay.service import STOP_BUDGET
+    (value,) = directives()["TimeoutStopSec"]
+    assert value.endswith("s") and float(value[:-1]) >= STOP_BUDGET
+    assert STOP_TIMEOUT < STOP_BUDGET and STOP_BUDGET <= 150  # and no stop takes forever
+
+
 def test_the_readme_installs_what_the_unit_runs() -> None:
     d, text = directives(), readme_systemd()
     binary, _, *args = exec_start()

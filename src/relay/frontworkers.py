@@ -23,11 +23,12 @@ from collections.abc import Callable
 
 from . import metrics
 from .aio import cancel_and_wait
+from .api.app import SHUTDOWN_TIMEOUT
 from .api.health import Check
 from .config import Config
 from .delivery import metricspipe
 from .delivery.child import signal_name
-from .frontworker import READY, FrontArgs, feed_line, how_many, roles
+from .frontworker import SMTP_GRACE, READY, FrontArgs, feed_line, how_many, roles
 from .handoff import Acceptor, channel_pair
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ RESTART_MAX = 30.0
 STEADY = 60.0
 FEED_FRESH = 0.5  # seconds a sum of everyone's counts serves the workers' feed lines
 READY_TIMEOUT = 30.0  # seconds for a new worker to listen before start() goes on without
-STOP_TIMEOUT = 70.0  # aiohttp gives open requests 60 s to finish
+# a stopping worker's SMTP transactions and then its open API requests get their time
+STOP_TIMEOUT = SMTP_GRACE + SHUTDOWN_TIMEOUT + 5.0
 
 
 class _Child:

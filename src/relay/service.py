@@ -14,20 +14,22 @@ from aiohttp import web
 
 from . import metrics
 from .api import metrics as api_metrics
-from .api.app import DRAINING, make_app, per_process, serve_shared
+from .api.app import DRAINING, SHUTDOWN_TIMEOUT, make_app, per_process, serve_shared
 from .api.app import serve as serve_app
 from .api.health import Check, SharedChecks
 from .config import Config
 from .datadir import DataDirLock
 from .delivery.keycheck import check_signing_keys
-from .delivery.scheduler import Scheduler
+from .delivery.scheduler import STOP_GRACE, Scheduler
 from .delivery.stack import delivery_stack
+from .delivery.supervise import STOP_TIMEOUT as WORKER_STOP_TIMEOUT
 from .delivery.supervise import WorkerProcess
 from .delivery.worker import WorkerArgs
 from .errors import ConfigError
 from .feedback import webhooks_mailchannels
 from .feedback.tracking import load_key
 from .feedback.webhooks import WebhookDispatcher
+from .frontworkers import STOP_TIMEOUT as FRONT_STOP_TIMEOUT
 from .frontworkers import FrontWorkers
 from .handoff import Acceptor, listening_socket, smtp_tag
 from .lifecycle import readiness
@@ -41,6 +43,12 @@ from .store import SQLiteStore, store_for
 from .submit import Submitter
 
 log = logging.getLogger(__name__)
+
+# The longest a stop takes, SIGTERM to exit, one stage after another (Service.stop): the
+# front workers', the master's API requests, its delivery sessions in flight, its delivery
+# worker's, and a margin for the store. systemd/relay.service's TimeoutStopSec is at least
+# this, so that systemd does not SIGKILL a relay that is still draining.
+STOP_BUDGET = FRONT_STOP_TIMEOUT + SHUTDOWN_TIMEOUT + STOP_GRACE + WORKER_STOP_TIMEOUT + 10.0
 
 SMTP_BACKLOG = 100  # asyncio's, as an SMTP listener served here has
 

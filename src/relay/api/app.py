@@ -71,6 +71,9 @@ BODY_LIMIT = web.AppKey("body_limit", int)
 DRAINING = web.AppKey("draining", Draining)
 CONNECTIONS = web.AppKey("connections", ConnectionGuard)  # serve with its protocol_factory
 CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection
+# seconds a stopping server gives the requests it is answering (aiohttp's default is 60): the
+# API's requests are bounded (body limits, read deadlines) and answer in well under a second
+SHUTDOWN_TIMEOUT = 15.0
 
 
 def body_limit(config: Config) -> int:
@@ -236,7 +239,8 @@ async def serve_handed(app: web.Application) -> tuple[web.AppRunner, handoff.Ser
 
 
 async def _runner(app: web.Application) -> tuple[web.AppRunner, handoff.Protocols]:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     assert runner.server is not None
     return runner, app[CONNECTIONS].protocol_factory(runner.server)

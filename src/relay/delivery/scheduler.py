@@ -31,6 +31,7 @@ from .tlsrpt import TlsReporter
 log = logging.getLogger(__name__)
 
 IDLE_POLL = 2.0
+STOP_GRACE = 10.0  # seconds a stopping scheduler lets its sessions in flight finish
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Scheduler:
         if self._tls_reporter is not None:
             self._reporting = asyncio.create_task(self._tls_reporter.run(), name="tls-rpt")
 
-    async def stop(self, grace: float = 10.0) -> None:
+    async def stop(self, grace: float = STOP_GRACE) -> None:
         await cancel_and_wait(self._loop_task)
         self._loop_task = None
         if self._jobs:

@@ -18,6 +18,7 @@ from .worker import WorkerArgs
 log = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0
+STOP_TIMEOUT = 30.0  # seconds a stopping worker process has before SIGKILL
 
 
 class WorkerProcess:
@@ -101,7 +102,7 @@ class WorkerProcess:
             await asyncio.sleep(RESTART_DELAY)
             await self._spawn()
 
-    async def stop(self, timeout: float = 30.0) -> None:
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         self._stopping = True
         await cancel_and_wait(self._watch)
         proc = self._proc
