@@ -23,6 +23,8 @@ Usage: python bench/deliver.py [--messages 5000] [--sessions 20] [--size 5120]
   every message), same load, and the ratio on/off.
   --rounds N: the sides N times, alternating; each round's ratio and their median. Each run
   also prints the host's steal time: on a busy host every rate drops and ratios scatter.
+  The run starts by printing the disk's fsync time: Postfix syncs every message's queue
+  file, relay a group of messages at once, so the ratio grows with the disk's latency.
 Needs Debian's postfix package (smtp-source, smtp-sink, postfix); installed if missing.
 """
 
@@ -270,6 +272,22 @@ def report_signing(db_path: Path) -> None:
         print(f"  {count} attempt(s): {signed}", flush=True)
 
 
+def fsync_ms(directory: str, writes: int = 200) -> float:
+    """The disk's time for a 4 KB write and fsync where the runs keep their queues: Postfix
+    syncs each message's queue file (several times on its way), relay one group commit for
+    the messages that arrive together, so a slower disk widens relay's lead."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix="bench-fsync-")
+    try:
+        started = time.perf_counter()
+        for _ in range(writes):
+            os.write(fd, b"x" * 4096)
+            os.fsync(fd)
+        return 1000 * (time.perf_counter() - started) / writes
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -291,6 +309,8 @@ def main() -> None:
                     help="record relay's processes with py-spy during each relay run, into "
                          "DIR/<side>-<round>-<process>.txt, and print where the time went")
     args = ap.parse_args()
+    print(f"fsync of 4 KB in {tempfile.gettempdir()}: {fsync_ms(tempfile.gettempdir()):.2f} ms",
+          flush=True)
     ensure_postfix()
     sides = ["relay-nodkim", "relay-dkim"] if args.dkim == "compare" else ["relay", "postfix"]
     sides = [side for side in sides if not args.only or side == args.only]
