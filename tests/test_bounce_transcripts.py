@@ -43,26 +43,32 @@ Last-Attempt-Date: Mon, 30 Nov 2026 10:00:01 +0000
 """
 
 
-def test_a_broken_reports_transcript_says_why_when_its_fields_do_not() -> None:
-    # the header names boundary "A", the parts are divided by "B": the delivery-status
-    # fields are read from the text, and so must the transcript be, the only words of why
-    raw = f"""\
+def _report(transcript: str = TRANSCRIPT, *, broken: bool = False) -> bytes:
+    """A Sendmail report about ann, the transcript its only words of why (no Diagnostic-Code).
+    `broken`: the header names boundary "A" while the parts are divided by "B", and the
+    text part has no Content-Type."""
+    return f"""\
 From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.org>
 To: <bounces@sender.test>
 Subject: Returned mail: Service unavailable
 MIME-Version: 1.0
-Content-Type: multipart/report; report-type=delivery-status; boundary="A"
+Content-Type: multipart/report; report-type=delivery-status; boundary="{"A" if broken else "B"}"
 
 --B
+{"" if broken else "Content-Type: text/plain"}
 
-{TRANSCRIPT}
+{transcript}
 --B
 Content-Type: message/delivery-status
 
 {FIELDS}
 --B--
 """.encode()
-    ann = _by_address(parse(raw))["ann@example.org"]
+
+
+def test_a_broken_reports_transcript_says_why_when_its_fields_do_not() -> None:
+    # the delivery-status fields are read from the text, and so must the transcript be
+    ann = _by_address(parse(_report(broken=True)))["ann@example.org"]
     assert "unknown user" in ann.diagnostic
     assert (ann.reason, ann.bounce_class) == ("userunknown", "hard")
 
@@ -70,48 +76,15 @@ Content-Type: message/delivery-status
 def test_a_local_delivery_agents_unknown_user_is_the_mailboxs_own_word() -> None:
     # Sendmail's own "554 <ann@...>... Service unavailable" line carries a reply code, but
     # the words before it are mail.local's, on the host that keeps the mailbox: no filter
-    raw = f"""\
-From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.org>
-To: <bounces@sender.test>
-Subject: Returned mail: Service unavailable
-MIME-Version: 1.0
-Content-Type: multipart/report; report-type=delivery-status; boundary="B"
-
---B
-Content-Type: text/plain
-
-{TRANSCRIPT}
---B
-Content-Type: message/delivery-status
-
-{FIELDS}
---B--
-""".encode()
-    ann = _by_address(parse(raw))["ann@example.org"]
+    ann = _by_address(parse(_report()))["ann@example.org"]
     assert (ann.reason, ann.bounce_class) == ("userunknown", "hard")
 
 
 def test_a_quoted_unknown_user_without_a_local_agent_stays_a_filters() -> None:
     # the same report, the words a gateway's: a reply quoted with no stage is as likely a
     # filter's, so the rule above is the local agent's, not any "unknown user"
-    raw = f"""\
-From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.org>
-To: <bounces@sender.test>
-Subject: Returned mail: Service unavailable
-MIME-Version: 1.0
-Content-Type: multipart/report; report-type=delivery-status; boundary="B"
-
---B
-Content-Type: text/plain
-
-{TRANSCRIPT.replace("mail.local: unknown user: ann", "gateway said: unknown user")}
---B
-Content-Type: message/delivery-status
-
-{FIELDS}
---B--
-""".encode()
-    ann = _by_address(parse(raw))["ann@example.org"]
+    gateway = TRANSCRIPT.replace("mail.local: unknown user: ann", "gateway said: unknown user")
+    ann = _by_address(parse(_report(gateway)))["ann@example.org"]
     assert ann.bounce_class == "soft"
 
 

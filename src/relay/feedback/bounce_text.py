@@ -156,9 +156,9 @@ class Prose:
                                    or re.match(r"\s*([245]\d\d\b|>>>|<<<)", prefix)):
             start = max(body.rfind("\n\n", 0, at), 0)  # the address is mid-sentence
         end = at + len(address)
-        nxt_other = self._next_other(address.lower(), end)
-        if nxt_other is not None:
-            body = body[:self._words_of_next(nxt_other, address.lower(), end)]
+        following = self._next_other(address.lower(), end)
+        if following is not None:
+            body = body[:self._words_of_next(*following, address.lower(), end)]
         chunk = body[start:]
         for _ in range(3):  # the paragraph naming it, and the next ones until a code shows up
             nxt = body.find("\n\n", end + 2)
@@ -177,12 +177,11 @@ class Prose:
                 return pos, named
         return None
 
-    def _words_of_next(self, other: tuple[int, str], address: str, end: int) -> int:
+    def _words_of_next(self, pos: int, named: str, address: str, end: int) -> int:
         """Where the words about the next recipient begin: the line naming it, or up to two
         lines above it that name its domain and not this address (Sendmail's "550
         example.org (smtp)... 550 Host unknown" above "554 <ann@example.org>... 550 Host
         unknown": the host's refusal, of that recipient, not of the one before)."""
-        pos, named = other
         lower = self._lower
         cut = lower.rfind("\n", 0, pos) + 1 or pos
         domain = named.rpartition("@")[2]
@@ -200,8 +199,8 @@ def _names_host(line: str, domain: str) -> bool:
     i = line.find(domain)
     while i >= 0:
         before = line[i - 1] if i else " "
-        if before != "@" and (i + len(domain) == len(line)
-                                                or not line[i + len(domain)].isalnum()):
+        after = i + len(domain)
+        if before != "@" and (after == len(line) or not line[after].isalnum()):
             return True
         i = line.find(domain, i + 1)
     return False
