@@ -752,3 +752,28 @@ def test_a_spam_verdict_named_in_a_camelcase_token_is_spam() -> None:
     # a lower-case host name with "spam" in it is not a verdict
     text = "host antispam.example.org said: 550 5.0.0 mailbox unavailable"
     assert bounces.classify("5.0.0", 550, text)[0] != "spamdetected"
+
+
+def test_a_refusal_for_the_messages_size_is_not_a_bad_address_whatever_its_code() -> None:
+    # X.1.1 beside words that the message was too big: the size was refused, not the address
+    diagnostic = ("Diagnostic-Code: smtp; 550 RCPT TO:<ann@example.org> max message size "
+                  "exceeded")
+    assert _one(_dsn("", "5.1.1 (bad destination mailbox address)", diagnostic)) == (
+        "ann@example.org", "mesgtoobig", "soft")
+    # the same code with words about the address stays hard
+    diagnostic = "Diagnostic-Code: smtp; 550 5.1.1 <ann@example.org>: user unknown"
+    assert _one(_dsn("", "5.1.1", diagnostic)) == ("ann@example.org", "userunknown", "hard")
+
+
+def test_a_server_that_will_not_be_used_as_a_relay_refuses_relaying() -> None:
+    text = ("host mx.example.org[192.0.2.7] said: 553-you are trying to use me "
+            "[mx.example.org] as a relay, but I have not been configured to let 553-you "
+            "[198.51.100.4, out.sender.test] do this. (#5.7.1) (in reply to RCPT TO command)")
+    assert bounces.classify("5.0.0", 553, text) == ("norelaying", "soft")
+
+
+def test_mail_that_loops_back_to_the_reporter_is_its_own_set_up_error() -> None:
+    # Postfix's words when the destination's MX is itself: a configuration error, not a
+    # network's trouble, and never the address's
+    text = "mail for example.org loops back to myself"
+    assert bounces.classify("5.0.0", None, text) == ("systemerror", "soft")

@@ -145,6 +145,17 @@ def test_arf_that_hides_the_recipient_takes_the_enclosed_to_or_none() -> None:
     assert [r.address for r in parse(hidden).recipients] == [""]
 
 
+def test_arf_whose_mime_boundary_was_lost_is_read_from_its_inline_fields() -> None:
+    # the boundary parameter on a line of its own, not folded: the parts are one text, in
+    # which the report's fields still name the recipient
+    broken = ARF.replace(b'report-type=feedback-report; boundary="F"',
+                         b'report-type=feedback-report;\nboundary="F"')
+    assert broken != ARF
+    report = parse(broken)
+    assert (report.type, report.feedback_type) == ("arf", "abuse")
+    assert [r.address for r in report.recipients] == ["Reader@mail.isp.test"]
+
+
 @pytest.mark.parametrize("header", [b"Auto-Submitted: auto-replied",
                                     b"X-Autoreply: yes", b"Precedence: auto_reply",
                                     b"Subject: Out of Office: hello"])

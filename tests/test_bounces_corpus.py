@@ -5,7 +5,8 @@ The corpus is split by sample file into a development part and a held-out part (
 hash of the file name, so all recipients of a file fall on one side): rules are tuned on
 the development part only, and the held-out part says how they do on bounces they were
 not tuned on.  `python tests/test_bounces_corpus.py` prints the shares of each part and the
-development misses (`--all` prints the held-out misses too)."""
+development misses (`--all` prints the held-out misses too); `python
+tests/test_bounces_corpus.py --all DIR` scores another set laid out the same way."""
 
 from __future__ import annotations
 
@@ -98,9 +99,11 @@ def test_corpus_shares() -> None:
     assert shares["held-out"]["reason"] >= 0.85, misses["held-out"]
 
 
-if __name__ == "__main__":  # python tests/test_bounces_corpus.py [--all]
-    assert CORPUS is not None
-    found, missed = score(CORPUS)
+if __name__ == "__main__":  # python tests/test_bounces_corpus.py [--all] [DIR]
+    # DIR: another labelled set in the same layout (its expected.json beside its samples)
+    named = [Path(a) for a in sys.argv[1:] if not a.startswith("--")]
+    assert named or CORPUS is not None
+    found, missed = score(named[0] if named else CORPUS)
     for miss in missed["all" if "--all" in sys.argv else "dev"]:
         print(*miss)
     print(_summary(found))

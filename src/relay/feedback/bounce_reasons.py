@@ -42,8 +42,13 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("norelaying", r"relay(ing)? (access )?(denied|not (permitted|allowed))|unable to relay"
                    r"|not permitted to relay|no relaying|relay not permitted|not a gateway"
                    r"|relaying (mail )?to .{1,80} (is )?not allowed|not configured to relay"
-                   r"|insecure mail relay|we do not relay"),
+                   r"|insecure mail relay|we do not relay"
+                   # MessageLabs' and others' "you are trying to use me [...] as a relay"
+                   r"|use (me|us|this (server|host|system))\b.{0,60}\bas a relay"),
     ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"),
+    # the reporter's own MX set-up (Postfix: "mail for example.org loops back to myself"),
+    # not the network's: a routing loop it will not leave by trying again
+    ("systemerror", r"loops back to myself|loop was found in the mail exchanger"),
     ("userunknown", r"recipient address rejected: access denied"),
     ("userunknown", r"(account|mailbox|address|recipient|user)( or domain)? (may|does) not exist"),
     ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)|purported responsible address"
@@ -207,7 +212,8 @@ _VAGUE = frozenset({"5.5", "0.0", "7.0", "7.1", "5.0", "1.0", "2.0", "3.0", "4.0
 # scanner's or a policy's words beside X.1.1 (a disclaimer or a banner, as often) do not
 # unname it
 _BEATS_BAD_MAILBOX = frozenset({"userunknown", "norelaying", "blocked", "mailboxfull",
-                                "hasmoved", "rejected", "notaccept", "suspend", "expired",
+                                "mesgtoobig", "hasmoved", "rejected", "notaccept", "suspend",
+                                "expired",
                                 "mailererror", "filtered", "toomanyconn", "speeding",
                                 "badreputation", "requireptr", "authfailure"})
 # RFC 5321 reply codes, where one means one thing (550 and 553 carry anything, so they

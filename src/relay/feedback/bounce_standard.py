@@ -147,6 +147,8 @@ def arf(parts: list[Message], original: Original, limit: int) -> Report:
     if report is not None and not fields.keys():
         text = part_text(report) or str(report.get_payload())
         fields = email.message_from_string(text.strip() + "\n")
+    if report is None:  # its MIME structure broke: the report's fields inline in the text
+        fields = _inline_fields(parts) or fields
     feedback_type = str(fields.get("Feedback-Type", "")).strip().lower() or "abuse"
     rcpts = [address_of(v) for v in (fields.get_all("Original-Rcpt-To") or
                                      fields.get_all("Removal-Recipient") or [])[:limit]]
@@ -160,6 +162,20 @@ def arf(parts: list[Message], original: Original, limit: int) -> Report:
         BouncedRecipient(address=rcpt, action="", status=None, reason="feedback",
                          bounce_class="soft", diagnostic=feedback_type, remote_mta=mta)
         for rcpt in dict.fromkeys(rcpts)))
+
+
+_FEEDBACK_TYPE = re.compile(r"^Feedback-Type:", re.IGNORECASE | re.MULTILINE)
+
+
+def _inline_fields(parts: list[Message]) -> Message | None:
+    """The feedback-report fields of a complaint whose MIME boundaries were lost, found in its
+    text from the Feedback-Type field on, to the first line that is not a field."""
+    for part in parts:
+        text = "" if part.is_multipart() else part_text(part)
+        if m := _FEEDBACK_TYPE.search(text[:20000]):
+            block = re.split(r"\n\s*\n", text[m.start():m.start() + 8192].replace("\r\n", "\n"))[0]
+            return email.message_from_string(block.strip() + "\n")
+    return None
 
 
 def microsoft_jmrp(original: Original) -> Report | None:
