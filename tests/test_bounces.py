@@ -156,6 +156,18 @@ def test_arf_whose_mime_boundary_was_lost_is_read_from_its_inline_fields() -> No
     assert [r.address for r in report.recipients] == ["Reader@mail.isp.test"]
 
 
+def test_apple_mails_unsubscribe_is_an_opt_out_of_its_sender_not_an_auto_reply() -> None:
+    raw = (b"From: reader@icloud.example\nTo: unsubscribe+tok@sender.test\n"
+           b"Subject: unsubscribe\nAuto-Submitted: auto-replied\nX-Apple-Unsubscribe: true\n"
+           b"\nApple Mail sent this email to unsubscribe from the message \"Offers\".\n")
+    report = parse(raw)
+    assert (report.type, report.feedback_type, report.is_bounce) == ("arf", "opt-out", False)
+    assert [(r.address, r.reason) for r in report.recipients] == [
+        ("reader@icloud.example", "feedback")]
+    # without Apple's field the same message is an auto-reply
+    assert parse(raw.replace(b"X-Apple-Unsubscribe: true\n", b"")).type == "autoreply"
+
+
 @pytest.mark.parametrize("header", [b"Auto-Submitted: auto-replied",
                                     b"X-Autoreply: yes", b"Precedence: auto_reply",
                                     b"Subject: Out of Office: hello"])

@@ -211,3 +211,17 @@ def enclosed_original(parts: list[Message]) -> Original:
         if enclosed is not None and enclosed.keys():
             return original_of(enclosed)
     return Original()
+
+
+def apple_unsubscribe(msg: Message, original: Original) -> Report | None:
+    """Apple Mail's unsubscribe ("X-Apple-Unsubscribe: true"), which it sends from the
+    reader's own address to a List-Unsubscribe mailto: an opt-out of its sender, not ARF and
+    not an auto-reply, though marked auto-submitted."""
+    if str(msg.get("X-Apple-Unsubscribe", "")).strip().lower() != "true":
+        return None
+    address = address_of(str(msg.get("From", "")))
+    if "@" not in address:
+        return None
+    return Report(type="arf", feedback_type="opt-out", original=original, recipients=(
+        BouncedRecipient(address=address, action="", status=None, reason="feedback",
+                         bounce_class="soft", diagnostic="opt-out", remote_mta=None),))

@@ -29,7 +29,13 @@ from .bounce_heuristics import (
 from .bounce_reasons import REASONS, classify
 from .bounce_report import BouncedRecipient, Original, Report
 from .bounce_ses import ses_notification
-from .bounce_standard import arf, dsn_recipients, enclosed_original, microsoft_jmrp
+from .bounce_standard import (
+    apple_unsubscribe,
+    arf,
+    dsn_recipients,
+    enclosed_original,
+    microsoft_jmrp,
+)
 from .bounce_text import all_text, walk
 
 __all__ = ["REASONS", "BouncedRecipient", "Original", "Report", "classify", "parse"]
@@ -68,6 +74,8 @@ def _parse(msg: Message, max_recipients: int) -> Report:
         return jmrp
     if ses := ses_notification(msg, all_text(msg), original, max_recipients):
         return ses
+    if opt_out := apple_unsubscribe(msg, original):  # auto-submitted, but not an auto-reply
+        return opt_out
     if is_autoreply(msg):
         return Report(type="autoreply", original=original, recipients=(autoreply(msg),))
     if not original.headers:
