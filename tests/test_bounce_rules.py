@@ -777,3 +777,15 @@ def test_mail_that_loops_back_to_the_reporter_is_its_own_set_up_error() -> None:
     # network's trouble, and never the address's
     text = "mail for example.org loops back to myself"
     assert bounces.classify("5.0.0", None, text) == ("systemerror", "soft")
+
+
+def test_rfc_5321s_generic_mailbox_unavailable_alone_does_not_suppress_the_address() -> None:
+    # RFC 5321 glosses it "mailbox not found, no access, or command rejected for policy
+    # reasons": with no stage and a code that names nothing, a filter's as likely
+    diagnostic = "Diagnostic-Code: smtp;550 Requested action not taken: mailbox unavailable"
+    assert _one(_dsn("", "5.0.0", diagnostic)) == ("ann@example.org", "filtered", "soft")
+    # in reply to RCPT TO it is the address's
+    transcript = ("<ann@example.org>: host mx.example.org[192.0.2.7] said: 550 Requested "
+                  "action not taken: mailbox unavailable (in reply to RCPT TO command)")
+    assert _one(_dsn(transcript, "5.0.0", diagnostic)) == ("ann@example.org", "userunknown",
+                                                           "hard")

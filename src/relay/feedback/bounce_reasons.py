@@ -245,10 +245,13 @@ _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time
 # doesn't have a yahoo.com account"): an account's own absence, said in full
 _ACCOUNT_ABSENT = (r"(does not|doesn.?t) have an? .{0,40}\baccount\b"
                    r"|\b(no such|non-?existent) (user )?account\b")
-_NO_SUCH_ACCOUNT = re.compile(_ACCOUNT_ABSENT + r"|\b(unknown|invalid) (user )?account\b"
-                              # RFC 5321's own text for 550 on a mailbox
-                              r"|requested action not taken: mailbox unavailable",
+_NO_SUCH_ACCOUNT = re.compile(_ACCOUNT_ABSENT + r"|\b(unknown|invalid) (user )?account\b",
                               re.IGNORECASE)
+# RFC 5321's own text for 550, which it glosses "mailbox not found, no access, or command
+# rejected for policy reasons": by itself no more the address's than a filter's, but with
+# X.5.0 it is Outlook.com's documented answer for a recipient it does not have
+_RFC_MAILBOX_UNAVAILABLE = re.compile(r"requested action not taken: mailbox unavailable",
+                                      re.IGNORECASE)
 _NO_ACCOUNT_AT_ALL = re.compile(_ACCOUNT_ABSENT, re.IGNORECASE)
 # the mailbox host's local delivery agent speaking for itself ("mail.local: unknown user:
 # ann", "procmail: ...", "maildrop: ..."): no filter in front of a mailbox, the mailbox's own
@@ -315,7 +318,8 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         stage = None  # the words say more than when they were said
     reason = by_stage(reason, detail, stage,
                       quoted=reply_code is not None and not _NO_SUCH_ACCOUNT.search(text)
-                      and not _LOCAL_AGENT.search(text))
+                      and not _LOCAL_AGENT.search(text)
+                      and not (detail == "5.0" and _RFC_MAILBOX_UNAVAILABLE.search(text)))
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
     return reason, "hard" if hard else "soft"
 
