@@ -789,3 +789,30 @@ def test_rfc_5321s_generic_mailbox_unavailable_alone_does_not_suppress_the_addre
                   "action not taken: mailbox unavailable (in reply to RCPT TO command)")
     assert _one(_dsn(transcript, "5.0.0", diagnostic)) == ("ann@example.org", "userunknown",
                                                            "hard")
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    # Postfix's pipe(8) quoting the local command that failed: a mailer's error, not a block
+    ("temporary failure. Command output: scanner: unable to connect to daemon: "
+     "Connection refused", "mailererror"),
+    # a directory with two entries for one name, a failure in the remote's processing
+    ("Recipient user name info (info@example.org) not unique. Several matches found in "
+     "Domino Directory.", "systemerror"),
+    ("The following mail has been returned because it encountered an error while being "
+     "processed.", "systemerror"),
+    ("Connection was dropped by remote host (SENT_HELO)", "networkerror"),
+    # a queue that gave up, in words of its own
+    ("Delivery to the following recipients was aborted after 5.0 hour(s)", "expired"),
+    ("failed because it has not been collected after 30 days", "expired"),
+])
+def test_what_a_reporter_says_in_words_of_its_own(text: str, reason: str) -> None:
+    assert bounces.classify("5.0.0", None, text) == (reason, "soft")
+
+
+def test_a_diagnostic_that_names_no_cause_yields_to_the_reports_words() -> None:
+    # an X.400 gateway's Diagnostic-Code says nothing; the text above names the refusal
+    human = ("Your message was not delivered to:\n        ann@example.org\nfor the following "
+             "reason:\nInformation MTA '192.0.2.7' gives error message 5.7.1 Unable to relay "
+             "for ann@example.org")
+    assert _one(_dsn(human, "5.0.0", "Diagnostic-Code: X-400; -1 (Unknown)")) == (
+        "ann@example.org", "norelaying", "soft")

@@ -45,10 +45,15 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                    r"|insecure mail relay|we do not relay"
                    # MessageLabs' and others' "you are trying to use me [...] as a relay"
                    r"|use (me|us|this (server|host|system))\b.{0,60}\bas a relay"),
-    ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"),
+    # (Postfix's pipe(8) quotes the failed command's "Command output:")
+    ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"
+                    r"|command output:"),
     # the reporter's own MX set-up (Postfix: "mail for example.org loops back to myself"),
     # not the network's: a routing loop it will not leave by trying again
-    ("systemerror", r"loops back to myself|loop was found in the mail exchanger"),
+    ("systemerror", r"loops back to myself|loop was found in the mail exchanger"
+                    # the remote's own trouble: a directory with two entries for one name
+                    # (Domino's "not unique. Several matches found"), a failure in processing
+                    r"|several matches found|encountered an error while being processed"),
     ("userunknown", r"recipient address rejected: access denied"),
     ("userunknown", r"(account|mailbox|address|recipient|user)( or domain)? (may|does) not exist"),
     ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)|purported responsible address"
@@ -153,8 +158,12 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("expired", r"(retry|delivery|queue|time|lifetime).{0,40}(expired|exceeded|timeout|time out)"
                 r"|(could )?not (be |been )?delivered (for|within|in) .{0,20}(days|hours)|too long"
                 r"|gave up|giving up|has been delayed|not (yet )?been delivered"
-                r"|delivery (attempts|time).{0,20}(failed|exhausted)|expired"),
-    ("networkerror", r"connection (refused|timed? ?out|reset|closed|lost|dropped)"
+                r"|delivery (attempts|time).{0,20}(failed|exhausted)|expired"
+                # "was aborted after 5.0 hour(s)", "has not been collected after 30 days"
+                r"|(aborted|abandoned|not been (collected|delivered|retrieved|picked up))"
+                r" (after|for|within|in) [\d.]+ (hour|day)"),
+    ("networkerror", r"connection (was |has been )?(refused|timed? ?out|reset|closed|lost"
+                     r"|dropped)"
                      r"|timed? ?out|network|unreachable|cannot connect|could not connect"
                      r"|unable to connect|dns (error|failure|lookup)|routing loop|mail loop"
                      r"|socket error|requests to connect"

@@ -73,6 +73,11 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
         # no words of the remote's or in the prose: the Status field's own comment
         # ("Status: 4.0.0 (example.net: host name lookup failure)")
         diagnostic = diagnostic or near or _comment(str(block.get("Status", "")))
+        if near and near not in diagnostic and phrase_reason(diagnostic) is None and \
+                phrase_reason(near) is not None:
+            # a Diagnostic-Code that names no cause (an X.400 gateway's "-1 (Unknown)"):
+            # the report's own words about the recipient do
+            diagnostic = f"{diagnostic} {near}"
         status = _preferred(status_in(str(block.get("Status", ""))), status_in(diagnostic))
         reply = reply_code_in(diagnostic)
         remote = after_type(block["Remote-MTA"]) or None
