@@ -784,6 +784,10 @@ def test_rfc_5321s_generic_mailbox_unavailable_alone_does_not_suppress_the_addre
     # reasons": with no stage and a code that names nothing, a filter's as likely
     diagnostic = "Diagnostic-Code: smtp;550 Requested action not taken: mailbox unavailable"
     assert _one(_dsn("", "5.0.0", diagnostic)) == ("ann@example.org", "filtered", "soft")
+    # nor in a report of no standard form, its code in words of the report's own
+    body = ("------ Failed Recipients ------\n<ann@example.org>: Requested action not taken: "
+            "mailbox unavailable. [SMTP Error Code 550]\n-------- Returned Mail --------")
+    assert _one(_plain(body)) == ("ann@example.org", "filtered", "soft")
     # in reply to RCPT TO it is the address's
     transcript = ("<ann@example.org>: host mx.example.org[192.0.2.7] said: 550 Requested "
                   "action not taken: mailbox unavailable (in reply to RCPT TO command)")
@@ -792,9 +796,11 @@ def test_rfc_5321s_generic_mailbox_unavailable_alone_does_not_suppress_the_addre
 
 
 @pytest.mark.parametrize(("text", "reason"), [
-    # Postfix's pipe(8) quoting the local command that failed: a mailer's error, not a block
+    # Postfix's pipe(8) quoting the local command that failed: a mailer's error, not a
+    # block, unless the command's output says what is wrong with the mailbox
     ("temporary failure. Command output: scanner: unable to connect to daemon: "
      "Connection refused", "mailererror"),
+    ("permission denied. Command output: Mail quota exceeded.", "mailboxfull"),
     # a directory with two entries for one name, a failure in the remote's processing
     ("Recipient user name info (info@example.org) not unique. Several matches found in "
      "Domino Directory.", "systemerror"),

@@ -95,7 +95,7 @@ def test_corpus_shares() -> None:
     # what the rules reach, less a recipient or two (the held-out part has 112 recipients)
     assert shares["all"]["recipient+class"] >= 0.95, misses["all"]
     assert shares["all"]["reason"] >= 0.88, misses["all"]
-    assert shares["held-out"]["recipient+class"] >= 0.94, misses["held-out"]
+    assert shares["held-out"]["recipient+class"] >= 0.95, misses["held-out"]
     assert shares["held-out"]["reason"] >= 0.85, misses["held-out"]
 
 

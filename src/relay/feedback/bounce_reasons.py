@@ -45,9 +45,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                    r"|insecure mail relay|we do not relay"
                    # MessageLabs' and others' "you are trying to use me [...] as a relay"
                    r"|use (me|us|this (server|host|system))\b.{0,60}\bas a relay"),
-    # (Postfix's pipe(8) quotes the failed command's "Command output:")
-    ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"
-                    r"|command output:"),
+    ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"),
     # the reporter's own MX set-up (Postfix: "mail for example.org loops back to myself"),
     # not the network's: a routing loop it will not leave by trying again
     ("systemerror", r"loops back to myself|loop was found in the mail exchanger"
@@ -268,6 +266,13 @@ _LOCAL_AGENT = re.compile(r"\b(?:mail\.local|procmail|maildrop|dovecot-lda|deliv
                           r"(?:\[\d+\])?: ", re.IGNORECASE)
 
 
+# Postfix's pipe(8) quoting the local command that failed ("permission denied. Command
+# output: Mail quota exceeded."): what the output says of the mailbox, else the mailer's error
+_COMMAND_OUTPUT = re.compile(r"\bcommand output:(.*)", re.IGNORECASE | re.DOTALL)
+_OF_A_MAILBOX = frozenset({"userunknown", "mailboxfull", "suspend", "hasmoved", "mesgtoobig",
+                           "exceedlimit", "filtered", "spamdetected", "virusdetected"})
+
+
 # conditions that last, so that they, not the queue's giving up, are why the mail failed:
 # a full mailbox, or a sender the remote distrusts
 _OUTLASTS_GIVING_UP = frozenset({"mailboxfull", "badreputation"})
@@ -302,6 +307,9 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     text = _REPORTER_SAID.sub(" ", text)
     text = text.replace("_", " ")  # "550 BAD_RECIPIENT", "MAILBOX_FULL": words in a token
     phrase = phrase_reason(text) if text else None
+    if text and (output := _COMMAND_OUTPUT.search(text)):
+        said = phrase_reason(output.group(1))
+        phrase = said if said in _OF_A_MAILBOX else "mailererror"
     if text and _GAVE_UP.search(text) and phrase not in _OUTLASTS_GIVING_UP and not (
             phrase == "networkerror" and NAME_SERVICE.search(text)):
         phrase = "expired"
@@ -325,10 +333,11 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         reason = "networkerror"  # a DNS answer that may still change
     if stage == "DATA" and reason == "userunknown" and _NO_ACCOUNT_AT_ALL.search(text):
         stage = None  # the words say more than when they were said
+    generic = _RFC_MAILBOX_UNAVAILABLE.search(text)  # a remote's reply, with a code or not
     reason = by_stage(reason, detail, stage,
-                      quoted=reply_code is not None and not _NO_SUCH_ACCOUNT.search(text)
-                      and not _LOCAL_AGENT.search(text)
-                      and not (detail == "5.0" and _RFC_MAILBOX_UNAVAILABLE.search(text)))
+                      quoted=(reply_code is not None or generic is not None)
+                      and not _NO_SUCH_ACCOUNT.search(text) and not _LOCAL_AGENT.search(text)
+                      and not (detail == "5.0" and generic))
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
     return reason, "hard" if hard else "soft"
 
