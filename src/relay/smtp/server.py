@@ -1,4 +1,5 @@
-"""The protocol factory of one listener: its config turned into aiosmtpd's arguments."""
+"""The protocol factory of one listener: its config turned into aiosmtpd's arguments, once
+per configuration, and each connection's protocol copied from the protocol they make."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import ssl
 from collections.abc import Callable
 
+from ..config import Config
 from .handler import RelayHandler
 from .protocol import RelaySMTP
 
@@ -16,8 +18,18 @@ def make_server_factory(handler: RelayHandler,
     submission = listener.mode == "submission"
     implicit = listener.tls == "implicit"
 
+    # the protocol every connection's is copied from (RelaySMTP.fresh), built anew when a
+    # reload gives the handler another configuration
+    made: list[tuple[Config, asyncio.AbstractEventLoop, RelaySMTP]] = []
+
     def factory() -> RelaySMTP:
         config = handler.config  # read per connection: a reload's limits apply to new ones
+        loop = asyncio.get_running_loop()
+        if not made or made[0][0] is not config or made[0][1] is not loop:
+            made[:] = [(config, loop, build(config, loop))]
+        return made[0][2].fresh()
+
+    def build(config: Config, loop: asyncio.AbstractEventLoop) -> RelaySMTP:
         limits = config.limits
         return RelaySMTP(
             handler,
@@ -32,7 +44,7 @@ def make_server_factory(handler: RelayHandler,
             auth_required=submission,
             auth_exclude_mechanism=() if submission else ("PLAIN", "LOGIN"),
             command_call_limit=limits.max_commands,
-            loop=asyncio.get_running_loop(),  # aiosmtpd looks it up with warnings caught
+            loop=loop,  # aiosmtpd looks it up with warnings caught
         )
 
     return factory
