@@ -822,3 +822,18 @@ def test_a_diagnostic_that_names_no_cause_yields_to_the_reports_words() -> None:
              "for ann@example.org")
     assert _one(_dsn(human, "5.0.0", "Diagnostic-Code: X-400; -1 (Unknown)")) == (
         "ann@example.org", "norelaying", "soft")
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    # a spam filter's verdict, though its advice names PTR records
+    ("554 5.7.1 Your message failed several antispam checks (SCORING) and it was rejected. "
+     "Please be sure your mailserver is configured correctly (spf, HELO, PTR)", "spamdetected"),
+    ("550 5.7.1 Rejected - bulk email", "spamdetected"),
+    # Postfix's "host ... said:" frames the remote's reply: its "host" was not blocked
+    ("host mx.ex.net[192.0.2.1] said: 550 5.7.1 Blocked by SpamAssassin (in reply to "
+     "end of DATA command)", "spamdetected"),
+    ("host mx.example.org[192.0.2.7] said: 554 5.7.1 Client host blocked", "blocked"),
+    ('Mailer mx.example.org said: "554 Message looping (received 6 times)"', "networkerror"),
+])
+def test_a_remotes_verdict_in_its_own_words(text: str, reason: str) -> None:
+    assert bounces.classify("5.0.0", None, text) == (reason, "soft")

@@ -64,6 +64,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent|recipients)"
                     r"|connection (rate|limit)|frequency limit"),
     ("virusdetected", r"virus|malware|infected|trojan"),
+    # a spam filter's verdict, before the checks its advice names ("spf, HELO, PTR")
+    ("spamdetected", r"(failed|failing|did not pass) .{0,30}\b(anti-?)?spam (checks?|tests?"
+                     r"|filters?)"),
     ("requireptr", r"reverse (dns|lookup|hostname)|\bptr\b|rdns|no (dns|host ?name) for"
                    r"|(ip|client).{0,40}(not|cannot be|could not be) resolved|unverif[iy]able"
                    r"|cannot find your (reverse )?hostname|hostname.{0,20}(lookup|resolve)"
@@ -89,7 +92,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     # a filter's verdict named in one CamelCase token ("MCSpamSignature", "SpamAssassin"):
     # a spam finding, whatever generic words ("security policies") the refusal wraps it in
     ("spamdetected", r"(?-i:[A-Za-z]*Spam[A-Z][a-z])"),
-    ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk mail|content.{0,20}rejected"
+    ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk (e-?)?mail"
+                     r"|content.{0,20}rejected"
                      r"|message (has been |was )?(classified|identified|considered|marked) as"),
     # a mailbox that holds too many messages is full (not a sender sending too many)
     ("mailboxfull", r"too many (messages|mails) (on|in) (the |this |your )?(server|mail ?box|account)"
@@ -165,7 +169,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                      r"|timed? ?out|network|unreachable|cannot connect|could not connect"
                      r"|unable to connect|dns (error|failure|lookup)|routing loop|mail loop"
                      r"|socket error|requests to connect"
-                     r"|too many hops|loop detected"),
+                     r"|too many hops|loop detected|(message|mail) looping"),
     ("mailererror", r"mailer (error|program)|(pipe|command|program).{0,30}(fail|error|exit)"
                     r"|x-unix|unix;"
                     r"|procmail|local delivery failed|exit (code|status)"),
@@ -236,7 +240,9 @@ _BY_REPLY = {421: "systemerror", 451: "systemerror", 452: "systemfull", 551: "ha
 # its size
 _TOO_BIG = re.compile(r"\btoo (large|big)\b", re.I)
 # Postfix's own words on a destination it marked unreachable, not the remote's on an account
-_REPORTER_SAID = re.compile(r"delivery temporarily suspended:", re.I)
+# and its frame around a remote's reply ("host mx.example.org[192.0.2.7] said:"), whose
+# "host" is no host that was blocked or refused
+_REPORTER_SAID = re.compile(r"delivery temporarily suspended:|\bhost \S{1,300} said:", re.I)
 _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time|timeout|period)"
                       r" (exceeded|expired)|delivery time expired|could not be delivered"
                       r" (for|within) \d|failing for a long time|will be retried|envelope"
