@@ -43,6 +43,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                    r"|not permitted to relay|no relaying|relay not permitted|not a gateway"
                    r"|relaying (mail )?to .{1,80} (is )?not allowed|not configured to relay"
                    r"|insecure mail relay|we do not relay"
+                   # qmail's "sorry, that domain isn't in my list of allowed rcpthosts"
+                   r"|allowed rcpthosts"
                    # MessageLabs' and others' "you are trying to use me [...] as a relay"
                    r"|use (me|us|this (server|host|system))\b.{0,60}\bas a relay"),
     ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"),
@@ -92,7 +94,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     # a filter's verdict named in one CamelCase token ("MCSpamSignature", "SpamAssassin"):
     # a spam finding, whatever generic words ("security policies") the refusal wraps it in
     ("spamdetected", r"(?-i:[A-Za-z]*Spam[A-Z][a-z])"),
-    ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk (e-?)?mail"
+    ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk (e-?)?mail|mass mail"
                      r"|content.{0,20}rejected"
                      r"|message (has been |was )?(classified|identified|considered|marked) as"),
     # a mailbox that holds too many messages is full (not a sender sending too many)
@@ -116,7 +118,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                   r"|no mx (records? )?(found )?for"),
     ("networkerror", r"not found, try again|temporary (dns|lookup)|host not reachable"
                      r"|dns (query|lookup) failed|host name lookup failure"
-                     r"|unexpected name server reply"),
+                     r"|(unexpected|malformed) name server reply"),
     ("hostunknown", r"host (or domain name )?(not found|unknown)|unknown host|domain"
                     r" (not found|does not exist|unknown|is not valid)|unknown domain"
                     r"|no such (domain|host)|name or service not known|host not found"
@@ -279,6 +281,12 @@ _OF_A_MAILBOX = frozenset({"userunknown", "mailboxfull", "suspend", "hasmoved", 
                            "exceedlimit", "filtered", "spamdetected", "virusdetected"})
 
 
+# a scanner's footer on the report ("This message has been scanned for viruses and dangerous
+# content by MailScanner, and is believed to be clean."): no finding of a virus
+_SCANNED = re.compile(r"\b(this (e-?mail|message) (has been |was |is )?)?(scanned|checked) for"
+                      r" viruses[^.<>]{0,200}", re.I)
+
+
 # conditions that last, so that they, not the queue's giving up, are why the mail failed:
 # a full mailbox, or a sender the remote distrusts
 _OUTLASTS_GIVING_UP = frozenset({"mailboxfull", "badreputation"})
@@ -311,6 +319,7 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     text = ADDRESS_RE.sub(" ", text or "")  # a local part such as "mailbox-full" says nothing
     text = STAGE_SAID.sub(" ", text)  # "after MAIL FROM:": the reporter's words, not the remote's
     text = _REPORTER_SAID.sub(" ", text)
+    text = _SCANNED.sub(" ", text)
     text = text.replace("_", " ")  # "550 BAD_RECIPIENT", "MAILBOX_FULL": words in a token
     phrase = phrase_reason(text) if text else None
     if text and (output := _COMMAND_OUTPUT.search(text)):
