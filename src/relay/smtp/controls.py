@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from .. import rawmail
@@ -10,11 +11,18 @@ from ..errors import ValidationError
 from ..types import Stream
 
 _MAX_METADATA = 8192
+_EMPTY_LINE = re.compile(rb"\r?\n\r?\n")
 
 
 def read_controls(data: bytes) -> dict[str, Any]:
-    """The X-Relay-* control headers of a message; a bad value names its header."""
-    headers, _ = rawmail.split(rawmail.normalize_newlines(data))
+    """The X-Relay-* control headers of a message; a bad value names its header.
+
+    Only the header is read: up to its first empty line in any line-break convention (each
+    break normalises by itself, so that part normalised is the start of the whole message
+    normalised), not the body, which submit reads once more."""
+    end = _EMPTY_LINE.search(data)
+    head = data[:end.end()] if end else data
+    headers, _ = rawmail.split(rawmail.normalize_newlines(head))
     out: dict[str, Any] = {}
     for h in headers:
         if not h.key.startswith("x-relay-"):
