@@ -9,7 +9,8 @@ import re
 from collections.abc import Iterator
 from email.message import Message
 
-from .bounce_reasons import ADDRESS_RE, phrase_reason
+from .bounce_phrases import phrase_reason
+from .bounce_reasons import ADDRESS_RE
 from .bounce_recipient import recipient
 from .bounce_report import BouncedRecipient, Original, Report
 from .bounce_text import (

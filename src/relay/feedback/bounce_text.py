@@ -9,7 +9,8 @@ import itertools
 import re
 from email.message import Message
 
-from .bounce_reasons import ADDRESS_RE, phrase_reason
+from .bounce_phrases import phrase_reason
+from .bounce_reasons import ADDRESS_RE
 
 STATUS_TYPES = ("message/delivery-status", "message/global-delivery-status")
 STATUS_IN_TEXT = re.compile(r"(?<![\d.])([245]\.\d{1,3}\.\d{1,3})(?![\d.])")

@@ -1,0 +1,176 @@
+"""The words of a bounce that say what went wrong: phrases, most specific first, each naming a
+reason of bounce_reasons' vocabulary.  Read whatever the status code says: many servers send
+5.0.0 or 5.7.1 for everything, and the sentence is then the fact; bounce_reasons decides when
+a code or the SMTP stage outranks them."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+_PHRASES: tuple[tuple[str, str], ...] = (
+    ("notcompliantrfc", r"\brfc ?(2822|5322|5321|1123)\b|not (rfc|standards).{0,10}compliant"
+                        r"|duplicate (header|message-id)|multiple \w+ headers"
+                        r"|multiple .{0,20}addresses in from"),
+    ("norelaying", r"relay(ing)? (access )?(denied|not (permitted|allowed))|unable to relay"
+                   r"|not permitted to relay|no relaying|relay not permitted|not a gateway"
+                   r"|relaying (mail )?to .{1,80} (is )?not allowed|not configured to relay"
+                   r"|insecure mail relay|we do not relay"
+                   # qmail's "sorry, that domain isn't in my list of allowed rcpthosts"
+                   r"|allowed rcpthosts"
+                   # MessageLabs' and others' "you are trying to use me [...] as a relay"
+                   r"|use (me|us|this (server|host|system))\b.{0,60}\bas a relay"),
+    ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"),
+    # the reporter's own MX set-up (Postfix: "mail for example.org loops back to myself"),
+    # not the network's: a routing loop it will not leave by trying again
+    ("systemerror", r"loops back to myself|loop was found in the mail exchanger"
+                    # the remote's own trouble: a directory with two entries for one name
+                    # (Domino's "not unique. Several matches found"), a failure in processing
+                    r"|several matches found|encountered an error while being processed"),
+    ("userunknown", r"recipient address rejected: access denied"),
+    ("userunknown", r"(account|mailbox|address|recipient|user)( or domain)? (may|does) not exist"),
+    ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)|purported responsible address"
+                 r"|\bfrom:? (domain |address )?(is )?(invalid|not valid)"),
+    ("filtered", r"recipient preferences"),
+    ("policyviolation", r"content presents a potential"),
+    # too many recipients in a span of time is a sending rate, not one message's count
+    ("speeding", r"too many (messages|mails|recipients) (this|per|an?|in the last) "
+                 r"(\d+ )?(second|minute|hour|day)"),
+    ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent|recipients)"
+                    r"|connection (rate|limit)|frequency limit"),
+    ("virusdetected", r"virus|malware|infected|trojan"),
+    # a spam filter's verdict, before the checks its advice names ("spf, HELO, PTR")
+    ("spamdetected", r"(failed|failing|did not pass) .{0,30}\b(anti-?)?spam (checks?|tests?"
+                     r"|filters?)"),
+    ("requireptr", r"reverse (dns|lookup|hostname)|\bptr\b|rdns|no (dns|host ?name) for"
+                   r"|(ip|client).{0,40}(not|cannot be|could not be) resolved|unverif[iy]able"
+                   r"|cannot find your (reverse )?hostname|hostname.{0,20}(lookup|resolve)"
+                   r"|(ip|host) ?name lookup failed"),
+    ("spamdetected", r"(spam|junk) (classification|score|content)|classified as (spam|junk)"
+                     r"|blacklisted (url|link|domain in)|\buribl\b|surbl"),
+    ("authfailure", r"\bspf\b|\bdkim\b|\bdmarc\b|sender policy framework"
+                    r"|authenticat(ion|ed).{0,30}fail|not authenticated"
+                    # the message, not the SMTP client, failed authentication (SPF, DKIM)
+                    r"|unauthenticated (e-?mail|mail|messages?)\b"),
+    ("suspend", r"(recipient|user|mailbox|destination)(.s)? (e-?mail )?account (is |has been )?"
+                r"(blocked|disabled|suspended|deactivated|inactive|frozen|locked)"),
+    ("suspend", r"\b(inactive|disabled|deactivated|suspended) (e-?mail )?(address|account|mailbox)"),
+    ("badreputation", r"reputation|(ip|sender).{0,20}(has been )?temporarily (deferred|rate)"
+                      r"|user complaints"),
+    ("blocked", r"black ?list|block ?list|\bdnsbl|\brbl\b|spamhaus|spamcop|sorbs|barracuda"
+                r"|messages from \d{1,3}(\.\d{1,3}){3} (weren.?t|were not|are not|will not be)"
+                r" (sent|accepted)"
+                r"|(ip|address|host|connection|client).{0,40}(blocked|banned|denied|refused)"
+                r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"
+                r"|client host rejected|invalid ip|not accepting connections"
+                r"|(smtp|mail) server of your isp|dynamic ip|dial-?up|residential ip"),
+    # a filter's verdict named in one CamelCase token ("MCSpamSignature", "SpamAssassin"):
+    # a spam finding, whatever generic words ("security policies") the refusal wraps it in
+    ("spamdetected", r"(?-i:[A-Za-z]*Spam[A-Z][a-z])"),
+    ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk (e-?)?mail|mass mail"
+                     r"|content.{0,20}rejected"
+                     r"|message (has been |was )?(classified|identified|considered|marked) as"),
+    # a mailbox that holds too many messages is full (not a sender sending too many)
+    ("mailboxfull", r"too many (messages|mails) (on|in) (the |this |your )?(server|mail ?box|account)"
+                    r"|(user|mailbox|account) has too many (messages|mails)"),
+    ("speeding", r"rate limit|too many (messages|mails)|sending too (fast|much)"
+                 r"|try again later.{0,20}(too|rate)|exceeded .{0,20}rate|at a rate"),
+    ("mailboxfull", r"(mailbox|mail box|inbox|mail ?folder|account|user|storage)"
+                    r".{0,40}(full|quota|exceed|over)|quota|insufficient storage"
+                    r"|not enough (storage|space)|full mailbox|mailbox size limit"),
+    ("mesgtoobig", r"(message|mail|size).{0,30}(too (big|large|long)|exceed(s|ed)?.{0,20}"
+                   r"(size|limit))|exceeds? .{0,30}(size limit|maximum (message )?size)"
+                   r"|message size|size limit"),
+    ("systemfull", r"(system|disk|server).{0,20}(full|out of space)|insufficient (system|disk)"),
+    ("exceedlimit", r"exceed(s|ed)? .{0,30}limit"),
+    ("hasmoved", r"has moved|moved to|no longer (valid|available) at|forwarding address"),
+    ("suspend", r"(account|mailbox|user|address).{0,40}(disabled|suspended|inactive|deactivated"
+                r"|expired|locked|frozen|not active|blocked|closed)|suspended"),
+    ("notaccept", r"no smtp service|(does not|doesn.?t) (accept|receive) (e-?)?mail|null mx"
+                  r"|accepts no mail|(couldn.?t|could not|unable to) find (a |any )?mail exchanger"
+                  r"|no mx (records? )?(found )?for"),
+    ("networkerror", r"not found, try again|temporary (dns|lookup)|host not reachable"
+                     r"|dns (query|lookup) failed|host name lookup failure"
+                     r"|(unexpected|malformed) name server reply"),
+    ("hostunknown", r"host (or domain name )?(not found|unknown)|unknown host|domain"
+                    r" (not found|does not exist|unknown|is not valid)|unknown domain"
+                    r"|no such (domain|host)|name or service not known|host not found"
+                    r"|nxdomain|domain name not found|unrouteable (mail )?domain"
+                    r"|unrouteable address|no mx|bad destination host|no route to host"
+                    r"|unresolvable|domain (is )?not reachable"
+                    r"|\bhost [\w\-]+(\.[\w\-]+)+ not found"
+                    # qmail's "Sorry, I couldn't find any host by that name."
+                    r"|(couldn.?t|could not|unable to) find any host (named|by that name)"),
+    ("userunknown", r"(user|recipient|rcpt|mailbox|address|account|addressee|destination)"
+                    r".{0,50}(unknown|not (found|exist|known|valid|listed)|does( not|n.?t)"
+                    r" exist|doesn.?t have|invalid|no such|unavailable"
+                    r"|(couldn.?t|could not|can ?not) be found)"
+                    r"|no such (user|recipient|mailbox|address|account|person)"
+                    r"|is not a known (user|recipient|address)|no mail ?box (found|available)"
+                    r"|unknown (user|recipient|local|mailbox|address|alias|addressee)"
+                    r"|invalid (recipient|mailbox|address|user)|mailbox not found"
+                    r"|(user|recipient) doesn.?t|not our customer|no mailbox here"
+                    r"|unrouteable|not a valid (user|mailbox|recipient)|not recogni[sz]ed"
+                    r"|invalid .{0,20}userid|illegal user"
+                    r"|no valid recipients|recipient rejected|bad recipient"
+                    r"|undeliverable address|user not found|no account by that name"),
+    # ("security" alone, not a product's name: "InterScan Messaging Security Suite", an
+    # "Email Security Gateway" or "Appliance" reporting on a refusal of another kind)
+    ("securityerror", r"tls|starttls|encryption|certificate|authentication required"
+                      r"|security(?! (suite|gateway|appliance|virtual|cloud|service|server))"
+                      r"|unauthenticated senders?"
+                      r"|must (issue|use) .{0,20}(auth|starttls)|smtp auth"),
+    ("policyviolation", r"policy|prohibited|not allowed|violat|administrat(ive|or)"
+                        r"|forbidden"),
+    ("contenterror", r"content|header.{0,20}(invalid|error)|(mime|encoding|charset) error"
+                     r"|8-?bit|attachment"
+                     # a header field the message lacks ("Messages without To: fields are not
+                     # accepted here"): its header, not its sender or its address, was refused
+                     r"|without (an? |any )?[\w\-]+:? (header )?fields?\b"
+                     r"|missing (an? |the )?(valid |required )?[\w\-]+:? header"),
+    # qmail's badrcptto: the address is on the server's own list of recipients it refuses
+    ("filtered", r"filter|recipient preferences|refused by|rejected by (the )?recipient"
+                 r"|in my badrcptto list"
+                 r"|recipient.{0,20}refus"),
+    ("expired", r"(retry|delivery|queue|time|lifetime).{0,40}(expired|exceeded|timeout|time out)"
+                r"|(could )?not (be |been )?delivered (for|within|in) .{0,20}(days|hours)|too long"
+                r"|gave up|giving up|has been delayed|not (yet )?been delivered"
+                r"|delivery (attempts|time).{0,20}(failed|exhausted)|expired"
+                # "was aborted after 5.0 hour(s)", "has not been collected after 30 days"
+                r"|(aborted|abandoned|not been (collected|delivered|retrieved|picked up))"
+                r" (after|for|within|in) [\d.]+ (hour|day)"),
+    ("networkerror", r"connection (was |has been )?(refused|timed? ?out|reset|closed|lost"
+                     r"|dropped)"
+                     r"|timed? ?out|network|unreachable|cannot connect|could not connect"
+                     r"|unable to connect|dns (error|failure|lookup)|routing loop|mail loop"
+                     r"|socket error|requests to connect"
+                     r"|too many hops|loop detected|(message|mail) looping"),
+    ("mailererror", r"mailer (error|program)|(pipe|command|program).{0,30}(fail|error|exit)"
+                    r"|x-unix|unix;"
+                    r"|procmail|local delivery failed|exit (code|status)"),
+    ("systemerror", r"system error|internal (server )?error|temporary (failure|error)"
+                    r"|server error|local error|try (again )?later|service.{0,20}(not available"
+                    r"|unavailable|refused?)|resources|transaction failed"),
+    ("syntaxerror", r"syntax error|command unrecognized|unrecognized command"
+                    r"|command not (recognized|implemented)"),
+    # before Postfix's "<a@example.org>: Recipient address rejected: <why>", which says only
+    # that RCPT TO was refused: the words after it, when they say why, win
+    ("onhold", r"on hold|\bheld\b"),
+    ("userunknown", r"(recipient )?address rejected"),
+    # ("MAIL FROM:" with its colon is a field of a report's message details, not a refusal)
+    ("rejected", r"sender.{0,40}(reject|denied|refused|invalid|unknown|not allowed|blocked)"
+                 r"|(reject|denied|refused).{0,30}sender|envelope.from|mail from(?!:)"
+                 r"|domain of sender|from address|return.path|rejected|denied|refused"),
+    # a mailing list that refused the post (Google Groups says so in 40 languages)
+    ("rejected", r"google groups"),
+)
+_PHRASE_RES = tuple((reason, re.compile(pattern, re.I)) for reason, pattern in _PHRASES)
+
+
+# A report often gives all its recipients the same words; reading them takes ~2 ms a KB.
+@functools.lru_cache(maxsize=256)
+def phrase_reason(text: str) -> str | None:
+    for reason, regex in _PHRASE_RES:
+        if regex.search(text):
+            return reason
+    return None
