@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -328,6 +329,35 @@ def test_a_dead_worker_is_restarted_and_sighup_replaces_the_workers(
     assert third != second
     conns = r.one_of_each()
     assert r.request(conns["api1"], "POST", "/v1/emails", EMAIL)[0] == 202
+
+
+def test_connections_handed_to_a_worker_that_dies_before_taking_them_are_served(
+        relay: Callable[..., Relay]) -> None:
+    """A worker stopped (SIGSTOP) and then killed with connections still queued on its
+    handoff socket: the master kept its own descriptors of them and serves them, so each
+    client gets its answer instead of a connection closed unanswered."""
+    r = relay()
+    (worker,) = r.workers()
+    os.kill(worker, signal.SIGSTOP)
+    clients = []
+    try:
+        for _ in range(4):  # turns alternate: two of them go to the stopped worker
+            client = socket.create_connection(("127.0.0.1", r.api_port), timeout=20)
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close"
+                           b"\r\n\r\n")
+            clients.append(client)
+        time.sleep(0.5)  # the master's own are answered; the worker's wait in its socket
+        os.kill(worker, signal.SIGKILL)
+        for client in clients:
+            answer = b""
+            while chunk := client.recv(4096):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+    finally:
+        for client in clients:
+            client.close()
+    r.wait_for(lambda: re.search(r"a front worker ended before it took [12] connection",
+                                 r.log()) is not None, "the master's word on them")
 
 
 def test_a_reload_that_changes_nothing_keeps_the_api_workers_beside_a_tls_listener(

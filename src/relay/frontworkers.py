@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import pickle
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from .config import Config
 from .delivery import metricspipe
 from .delivery.child import signal_name
 from .frontworker import SMTP_GRACE, READY, FrontArgs, feed_line, how_many, roles
-from .handoff import Acceptor, channel_pair
+from .handoff import Acceptor, Channel, channel_pair
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class _Child:
     """One worker process and the master's ends of its pipes."""
 
     def __init__(self, args: FrontArgs, proc: asyncio.subprocess.Process, wake_r: int,
-                 channel: socket.socket, remote: metrics.Remote) -> None:
+                 channel: Channel, remote: metrics.Remote) -> None:
         self.args = args
         self.proc = proc
         self.wake_r = wake_r
@@ -128,7 +127,7 @@ class FrontWorkers:
             for fd in theirs:
                 os.close(fd)
         args = FrontArgs(self._config, self._port, index, *roles(self._config, index))
-        child = _Child(args, proc, wake_r, channel, self._remotes.join())
+        child = _Child(args, proc, wake_r, Channel(channel), self._remotes.join())
         self._children[index] = child
         loop = asyncio.get_running_loop()
         os.set_blocking(wake_r, False)
@@ -187,7 +186,8 @@ class FrontWorkers:
             return
         child.ended = True
         self._withdraw(child)
-        child.channel.close()  # what it had not taken is closed with it
+        # what it had not taken yet is served here (closed when relay is stopping)
+        child.channel.close(serve_rest=not self._stopping)
         asyncio.get_running_loop().remove_reader(child.wake_r)
         os.close(child.wake_r)
         receiving, feeding = child.tasks

@@ -9,17 +9,24 @@ SO_REUSEPORT, which relay used before, picks a process by a hash of the addresse
 process set the pace for all. Handed out in turn, a client's connections split evenly.
 
 A connection whose handoff fails (the worker's socket is full, or the worker is gone) is
-served by the master: none is dropped for it. A worker stops getting connections before it is
-told to stop (frontworkers.py), and serves every one already on its socket.
+served by the master: none is dropped for it. The master keeps its own descriptor of each
+connection it handed over until the worker says it took it (an acknowledgement on the same
+socket, sent before the worker writes a byte to the client): if the worker dies first, the
+kernel closes the worker's descriptors still queued on its socket, and the master serves
+those connections itself, so the client gets a greeting, not a connection closed unanswered.
+A worker stops getting connections before it is told to stop (frontworkers.py), and serves
+every one already on its socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Callable, Mapping
 from ssl import SSLContext
 
@@ -63,6 +70,68 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
+class Channel:
+    """The master's end of one worker's handoff socket, and the connections handed over it
+    that the worker has not yet said it took (the master's own descriptors of them)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._pending: deque[tuple[socket.socket, Serving]] = deque()
+        self._closed = False
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._taken)
+
+    def hand(self, tag: bytes, conn: socket.socket, serving: Serving) -> None:
+        """Hand `conn` over, tagged `tag`; `serving` serves it here should the worker die
+        before it takes it. Raises BlockingIOError (the socket is full) or OSError."""
+        socket.send_fds(self.sock, [tag], [conn.fileno()])
+        self._pending.append((conn, serving))
+
+    def _taken(self) -> None:
+        """The worker's acknowledgements: each says how many more it took, in order."""
+        while True:
+            try:
+                data = self.sock.recv(16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # the worker's end is closed: nothing more will come
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+                return
+            for _ in range(min(int(data) if data.isdigit() else 0, len(self._pending))):
+                conn, _ = self._pending.popleft()
+                conn.close()  # the worker has its own descriptor of it
+
+    def close(self, *, serve_rest: bool = True) -> None:
+        """The worker is gone: read what it acknowledged last; each connection it had not
+        taken is served here (`serve_rest`), or closed (the master is stopping too)."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(ValueError):  # its reader is gone with the socket's EOF
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.setblocking(False)
+        while True:
+            try:
+                data = self.sock.recv(16)
+            except OSError:
+                break
+            if not data:
+                break
+            for _ in range(min(int(data) if data.isdigit() else 0, len(self._pending))):
+                self._pending.popleft()[0].close()
+        self.sock.close()
+        if self._pending:
+            log.warning("a front worker ended before it took %d connection(s); %s",
+                        len(self._pending), "serving them here" if serve_rest else "closing them")
+        while self._pending:
+            conn, serving = self._pending.popleft()
+            if serve_rest:
+                serving(conn)
+            else:
+                conn.close()
+
+
 class Serving:
     """How a listener's connections are served: its protocols, over TLS from the first byte
     with `ssl` (an implicit-TLS SMTP listener). Keeps each connection the loop is taking on
@@ -99,7 +168,7 @@ class Acceptor:
         self._tag = tag
         self._counted = counted
         self._what = what  # "API", "SMTP": for the log
-        self._channels: list[socket.socket] = []
+        self._channels: list[Channel] = []
         self._turn = 0
         self._closed = False
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
@@ -108,11 +177,11 @@ class Acceptor:
     def sockets(self) -> tuple[socket.socket, ...]:
         return () if self._closed else (self._sock,)
 
-    def add(self, channel: socket.socket) -> None:
+    def add(self, channel: Channel) -> None:
         """A worker that takes its turn of the connections from now on."""
         self._channels.append(channel)
 
-    def remove(self, channel: socket.socket) -> None:
+    def remove(self, channel: Channel) -> None:
         """A worker that gets no more (it is stopping, or gone)."""
         if channel in self._channels:
             self._channels.remove(channel)
@@ -165,7 +234,7 @@ class Acceptor:
         if self._turn:  # a worker's turn
             channel = self._channels[self._turn - 1]
             try:
-                socket.send_fds(channel, [self._tag], [conn.fileno()])
+                channel.hand(self._tag, conn, self._serve_here)
             except BlockingIOError:
                 served_by = "fallback"  # its socket is full: it is behind
             except OSError as exc:  # it is gone; FrontWorkers will remove it too
@@ -173,8 +242,7 @@ class Acceptor:
                             self._what, exc.strerror)
                 self.remove(channel)
                 served_by = "fallback"
-            else:
-                conn.close()  # the worker has its own descriptor of it now
+            else:  # the channel keeps ours of it until the worker says it took it
                 self._counted("worker")
                 return
         self._counted(served_by)
@@ -204,6 +272,11 @@ class Receiver:
             except OSError as exc:
                 log.error("cannot read the master's handoff socket: %s", exc.strerror)
                 data, fds = b"", []
+            if fds:  # taken: said before a byte is written to any of them (Channel)
+                try:
+                    self._channel.send(b"%d" % len(fds))
+                except OSError as exc:  # the master is gone, or behind: it closes its own later
+                    log.debug("cannot acknowledge a handoff: %s", exc)
             serve = self._serve.get(data)
             for fd in fds:
                 if serve is not None:
