@@ -156,6 +156,18 @@ def test_arf_whose_mime_boundary_was_lost_is_read_from_its_inline_fields() -> No
     assert [r.address for r in report.recipients] == ["Reader@mail.isp.test"]
 
 
+def test_an_auto_submitted_message_from_the_null_address_is_a_mail_systems_not_a_reply(
+        ) -> None:
+    # auto-replies come from the mailbox they answer for (RFC 3834); "<>" is a mail system
+    raw = (b"Return-Path: <>\nFrom: <>\nTo: bounces+abc@sender.test\n"
+           b"In-Reply-To: <m1@sender.test>\nAuto-Submitted: auto-replied\n\n"
+           b"You sent mail to ann@example.org. That's not a valid user here.\n")
+    report = parse(raw)
+    assert report.type == "dsn" and report.is_bounce
+    assert [(r.address, r.reason) for r in report.recipients] == [
+        ("ann@example.org", "userunknown")]
+
+
 def test_apple_mails_unsubscribe_is_an_opt_out_of_its_sender_not_an_auto_reply() -> None:
     raw = (b"From: reader@icloud.example\nTo: unsubscribe+tok@sender.test\n"
            b"Subject: unsubscribe\nAuto-Submitted: auto-replied\nX-Apple-Unsubscribe: true\n"

@@ -54,7 +54,9 @@ def is_autoreply(msg: Message) -> bool:
     if _BOUNCE_SUBJECT.search(subject):
         return False
     sender = str(msg.get("From", "")).lower()
-    if "mailer-daemon" in sender or "postmaster" in sender:
+    # a mail system's, not a person's: an auto-reply comes from the mailbox it answers for
+    # (RFC 3834), never from the null address "<>"
+    if "mailer-daemon" in sender or "postmaster" in sender or "<>" in sender:
         return False
     if str(msg.get("Auto-Submitted", "")).strip().lower().startswith("auto-replied"):
         return True
