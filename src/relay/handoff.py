@@ -87,20 +87,23 @@ class Channel:
         self._pending.append((conn, serving))
 
     def _taken(self) -> None:
-        """The worker's acknowledgements: each says how many more it took, in order."""
+        if not self._read_acknowledgements():  # the worker's end is closed
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+
+    def _read_acknowledgements(self) -> bool:
+        """Close our descriptors of the connections the worker says it took (each message
+        counts how many more, in order); False at the socket's end: nothing more will come."""
         while True:
             try:
                 data = self.sock.recv(16)
             except (BlockingIOError, InterruptedError):
-                return
+                return True
             except OSError:
-                data = b""
-            if not data:  # the worker's end is closed: nothing more will come
-                asyncio.get_running_loop().remove_reader(self.sock.fileno())
-                return
+                return False
+            if not data:
+                return False
             for _ in range(min(int(data) if data.isdigit() else 0, len(self._pending))):
-                conn, _ = self._pending.popleft()
-                conn.close()  # the worker has its own descriptor of it
+                self._pending.popleft()[0].close()  # the worker has its own descriptor of it
 
     def close(self, *, serve_rest: bool = True) -> None:
         """The worker is gone: read what it acknowledged last; each connection it had not
@@ -110,16 +113,7 @@ class Channel:
         self._closed = True
         with contextlib.suppress(ValueError):  # its reader is gone with the socket's EOF
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        self.sock.setblocking(False)
-        while True:
-            try:
-                data = self.sock.recv(16)
-            except OSError:
-                break
-            if not data:
-                break
-            for _ in range(min(int(data) if data.isdigit() else 0, len(self._pending))):
-                self._pending.popleft()[0].close()
+        self._read_acknowledgements()
         self.sock.close()
         if self._pending:
             log.warning("a front worker ended before it took %d connection(s); %s",
