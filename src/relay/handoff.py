@@ -75,7 +75,7 @@ class Channel:
     that the worker has not yet said it took (the master's own descriptors of them)."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+        self._sock = sock
         self._pending: deque[tuple[socket.socket, Serving]] = deque()
         self._closed = False
         asyncio.get_running_loop().add_reader(sock.fileno(), self._taken)
@@ -83,19 +83,19 @@ class Channel:
     def hand(self, tag: bytes, conn: socket.socket, serving: Serving) -> None:
         """Hand `conn` over, tagged `tag`; `serving` serves it here should the worker die
         before it takes it. Raises BlockingIOError (the socket is full) or OSError."""
-        socket.send_fds(self.sock, [tag], [conn.fileno()])
+        socket.send_fds(self._sock, [tag], [conn.fileno()])
         self._pending.append((conn, serving))
 
     def _taken(self) -> None:
         if not self._read_acknowledgements():  # the worker's end is closed
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
 
     def _read_acknowledgements(self) -> bool:
         """Close our descriptors of the connections the worker says it took (each message
         counts how many more, in order); False at the socket's end: nothing more will come."""
         while True:
             try:
-                data = self.sock.recv(16)
+                data = self._sock.recv(16)
             except (BlockingIOError, InterruptedError):
                 return True
             except OSError:
@@ -112,9 +112,9 @@ class Channel:
             return
         self._closed = True
         with contextlib.suppress(ValueError):  # its reader is gone with the socket's EOF
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
         self._read_acknowledgements()
-        self.sock.close()
+        self._sock.close()
         if self._pending:
             log.warning("a front worker ended before it took %d connection(s); %s",
                         len(self._pending), "serving them here" if serve_rest else "closing them")

@@ -184,18 +184,6 @@ def _inline_fields(parts: list[Message]) -> Message | None:
     return None
 
 
-def microsoft_jmrp(original: Original) -> Report | None:
-    """A complaint from Outlook.com's Junk Mail Reporting Program, which is not ARF: the
-    reported message enclosed whole, its recipient in its X-HmXmrOriginalRecipient field."""
-    named = [v for k, v in original.headers if k.lower() == "x-hmxmroriginalrecipient"]
-    address = address_of(named[0]) if len(named) == 1 else ""
-    if "@" not in address:
-        return None
-    return Report(type="arf", feedback_type="abuse", original=original, recipients=(
-        BouncedRecipient(address=address, action="", status=None, reason="feedback",
-                         bounce_class="soft", diagnostic="abuse", remote_mta=None),))
-
-
 def original_of(enclosed: Message) -> Original:
     headers = tuple((k, re.sub(r"\s+", " ", str(v)).strip()) for k, v in enclosed.items())
     get = {k.lower(): v for k, v in reversed(headers)}
@@ -218,16 +206,3 @@ def enclosed_original(parts: list[Message]) -> Original:
             return original_of(enclosed)
     return Original()
 
-
-def apple_unsubscribe(msg: Message, original: Original) -> Report | None:
-    """Apple Mail's unsubscribe ("X-Apple-Unsubscribe: true"), which it sends from the
-    reader's own address to a List-Unsubscribe mailto: an opt-out of its sender, not ARF and
-    not an auto-reply, though marked auto-submitted."""
-    if str(msg.get("X-Apple-Unsubscribe", "")).strip().lower() != "true":
-        return None
-    address = address_of(str(msg.get("From", "")))
-    if "@" not in address:
-        return None
-    return Report(type="arf", feedback_type="opt-out", original=original, recipients=(
-        BouncedRecipient(address=address, action="", status=None, reason="feedback",
-                         bounce_class="soft", diagnostic="opt-out", remote_mta=None),))

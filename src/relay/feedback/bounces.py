@@ -7,8 +7,9 @@ near each recipient itself.  `classify` turns a status, a reply code and the tex
 a reason and a hard/soft class: hard only when the address itself is bad for good.
 
 This module decides which kind of message it is and hands it on: bounce_standard reads
-the standard reports, bounce_ses Amazon SES notifications sent by email, bounce_heuristics
-the rest, bounce_text the words in any.
+the standard reports, bounce_complaints the complaints that are not ARF (Outlook.com's JMRP,
+Apple Mail's unsubscribe), bounce_ses Amazon SES notifications sent by email,
+bounce_heuristics the rest, bounce_text the words in any.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 from email.message import Message
 
 from . import bounded_mime
+from .bounce_complaints import apple_unsubscribe, microsoft_jmrp
 from .bounce_heuristics import (
     autoreply,
     enclosed_recipient,
@@ -29,13 +31,7 @@ from .bounce_heuristics import (
 from .bounce_reasons import REASONS, classify
 from .bounce_report import BouncedRecipient, Original, Report
 from .bounce_ses import ses_notification
-from .bounce_standard import (
-    apple_unsubscribe,
-    arf,
-    dsn_recipients,
-    enclosed_original,
-    microsoft_jmrp,
-)
+from .bounce_standard import arf, dsn_recipients, enclosed_original
 from .bounce_text import all_text, walk
 
 __all__ = ["REASONS", "BouncedRecipient", "Original", "Report", "classify", "parse"]
