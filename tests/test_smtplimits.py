@@ -278,3 +278,31 @@ async def test_failed_logins_on_one_node_block_the_client_on_another(
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_the_idle_timeout_runs_from_the_last_command_and_says_421(
+        tmp_path: Path, clients: Clients) -> None:
+    """Each command pushes the idle timeout back (relay moves a deadline instead of
+    re-arming a timer per command); a client silent for longer is told 421 4.4.2 and
+    closed, not cut off unanswered."""
+    listener = ListenerConfig(port=free_port(), mode="relay", tls="none",
+                              allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+    svc = Service(make_config(tmp_path, listener, limits=LimitsConfig(idle_timeout=0.6)))
+    await svc.start()
+    try:
+        client = await clients.open(svc.bound[0][1])
+        started = time.monotonic()
+        for _ in range(6):  # 1.5 s of commands 0.25 s apart: never 0.6 s idle
+            await asyncio.sleep(0.25)
+            client.writer.write(b"NOOP\r\n")
+            assert (await asyncio.wait_for(client.reader.readline(), 10)).startswith(b"250")
+        last = time.monotonic()
+        assert last - started > 1.2
+        reply = await asyncio.wait_for(client.reader.readline(), 10)
+        idle = time.monotonic() - last
+        assert reply.startswith(b"421 4.4.2 relay.test"), reply
+        assert await client.closed_by_server()
+        assert 0.5 < idle < 2.0, idle
+        await until(lambda: handler(svc).caps.count == 0)
+    finally:
+        await svc.stop()
