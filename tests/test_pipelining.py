@@ -5,6 +5,7 @@ at a time. The replies decide each recipient as they did unpipelined."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -45,8 +46,9 @@ class Scripted:
             out = b""
             for line in chunk.split(b"\r\n")[:-1]:
                 if in_data:
-                    if line == b".":
-                        in_data, out = False, out + b"250 2.0.0 queued\r\n"
+                    if line == b".":  # replies[b"<end>"] = b"": no reply to the data
+                        final = self.replies.get(b"<end>", b"250 2.0.0 queued")
+                        in_data, out = False, out + (final + b"\r\n" if final else b"")
                     continue
                 verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
                 if verb == b"EHLO":
@@ -132,3 +134,22 @@ async def test_refusals_at_each_stage(replies: dict[bytes, bytes],
     # the session stays in step: the next message on it gets its own replies
     assert [r.code for r in again] == [again_code]
     assert b"".join(server.chunks).count(b"body\r\n") == bodies  # only with a recipient
+
+
+async def test_a_server_silent_after_the_data_times_out_the_attempt() -> None:
+    """The pipelined reader's own timeout (not asyncio.wait_for): a reply that never comes
+    ends the attempt after command_timeout, deferred, and the next one gets a new session."""
+    async with Scripted(True, {b"<end>": b""}) as server:
+        d = deliverer(command_timeout=0.5)
+        try:
+            started = time.monotonic()
+            results = await d.deliver([target(server)], [two(1)])  # type: ignore[arg-type]
+            took = time.monotonic() - started
+            server.replies.clear()
+            again = await d.deliver([target(server)], [two(2)])  # type: ignore[arg-type]
+        finally:
+            await d.close()
+    assert [r.outcome for r in results] == ["deferred", "deferred"]
+    assert all("Timed out" in r.text for r in results), [r.text for r in results]
+    assert 0.4 < took < 4, took
+    assert [r.outcome for r in again] == ["delivered", "delivered"]

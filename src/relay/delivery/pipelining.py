@@ -12,11 +12,12 @@ the delivery worker (the only user of aiosmtplib in the process), before any con
 
 from __future__ import annotations
 
+import asyncio
 import collections
 
 import aiosmtplib.smtp
 from aiosmtplib import SMTPResponse
-from aiosmtplib.errors import SMTPResponseException
+from aiosmtplib.errors import SMTPReadTimeoutError, SMTPResponseException, SMTPServerDisconnected
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SMTPProtocol
 
 
@@ -68,13 +69,36 @@ class QueuedReplies(SMTPProtocol):
             self._set_response_exception(waiter, exc)
 
     async def read_response(self, timeout: float | None = None) -> SMTPResponse:
+        """The next reply, as aiosmtplib's read_response gives it, without asyncio.wait_for:
+        on Python 3.11 that makes a future, a timer and a callback per reply, and a turn of
+        the loop even when the reply is already here (four replies a message)."""
         # the waiter, when done, holds the oldest reply; else the queue's head is the oldest
         waiter = self._response_waiter
-        if waiter is not None and not waiter.done() and self._replies:
+        if waiter is None:
+            raise SMTPServerDisconnected("Connection lost")
+        if not waiter.done() and self._replies:
             return self._replies.popleft()
-        reply = await super().read_response(timeout)
+        self._response_pending = True
+        timer = None
+        try:
+            if not waiter.done():
+                if timeout is not None:
+                    timer = self._loop.call_later(timeout, self._time_out, waiter)
+                await waiter
+            reply = waiter.result()
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._response_pending = False
+            # a lost connection makes no new waiter (aiosmtplib's rule)
+            self._response_waiter = None if self.transport is None else self._loop.create_future()
         self._hand_over()  # the fresh waiter takes the next reply already here
         return reply
+
+    def _time_out(self, waiter: asyncio.Future[SMTPResponse]) -> None:
+        if not waiter.done():
+            self._set_response_exception(
+                waiter, SMTPReadTimeoutError("Timed out waiting for server response"))
 
 
 def install() -> None:
