@@ -306,3 +306,32 @@ async def test_the_idle_timeout_runs_from_the_last_command_and_says_421(
         await until(lambda: handler(svc).caps.count == 0)
     finally:
         await svc.stop()
+
+
+async def test_a_slow_message_is_not_cut_off_by_the_idle_timeout(
+        tmp_path: Path, clients: Clients) -> None:
+    """The idle timeout counts from the client's last octets, in the data too: a message
+    that takes longer than it to arrive, a line at a time, is taken (Postfix's
+    smtpd_timeout is per read likewise)."""
+    listener = ListenerConfig(port=free_port(), mode="relay", tls="none",
+                              allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+    svc = Service(make_config(tmp_path, listener, limits=LimitsConfig(idle_timeout=0.6)))
+    await svc.start()
+    try:
+        client = await clients.open(svc.bound[0][1])
+        for line in (b"EHLO c.test", b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.org>",
+                     b"DATA"):
+            client.writer.write(line + b"\r\n")
+            while (reply := await asyncio.wait_for(client.reader.readline(), 10))[3:4] == b"-":
+                pass
+        assert reply.startswith(b"354"), reply
+        client.writer.write(b"From: a@example.com\r\nTo: b@example.org\r\nSubject: slow\r\n\r\n")
+        for i in range(6):  # 1.5 s of data, 0.25 s apart
+            await asyncio.sleep(0.25)
+            client.writer.write(b"line %d\r\n" % i)
+        client.writer.write(b".\r\n")
+        reply = await asyncio.wait_for(client.reader.readline(), 10)
+        assert reply.startswith(b"250 2.0.0"), reply
+        await client.quit()
+    finally:
+        await svc.stop()

@@ -97,6 +97,7 @@ class RelaySMTP(SMTP):
         self._refused = False
         self._continued = b""  # the lines of a multi-line reply before its last
         self._deadline = 0.0  # when the idle timeout ends (_reset_timeout)
+        self._in_data = False  # reading a message after 354
         if not implicit_tls:
             super().__init__(handler, auth_require_tls=True, **kwargs)
             return
@@ -151,6 +152,8 @@ class RelaySMTP(SMTP):
 
     def data_received(self, data: bytes) -> None:
         if not self._refused:  # a refused client's words are not read
+            if self._in_data:  # the idle timeout runs from the last octets, not from DATA
+                self._deadline = self.loop.time() + self._timeout_duration
             super().data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -240,7 +243,11 @@ class RelaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        data = await self._read_data()
+        self._in_data = True
+        try:
+            data = await self._read_data()
+        finally:
+            self._in_data = False
         if data is None:
             self._set_post_data_state()
             await self.push("552 5.3.4 Message too big for system")
