@@ -802,7 +802,7 @@ async def test_each_connection_gets_its_own_protocol_state(service: Service) -> 
     one, two = factory(), factory()
     assert type(one) is type(two) and one is not two
     shared = {"event_handler", "loop", "_loop", "tls_context", "_handle_hooks",
-              "_call_limit_base", "_auth_callback", "_authenticator"}
+              "_call_limit_base", "_auth_callback", "_authenticator", "_smtp_functions"}
     immutable = (type(None), bool, int, float, str, bytes, tuple, frozenset)
     assert vars(one).keys() == vars(two).keys()
     for name, value in vars(one).items():
@@ -811,6 +811,8 @@ async def test_each_connection_gets_its_own_protocol_state(service: Service) -> 
         assert value is not vars(two)[name], f"{name} is shared by two connections"
     for proto in (one, two):
         assert all(m.__self__ is proto for m in proto._smtp_methods.values())
+        assert proto._smtp_methods.get("NOOP").__self__ is proto
+        assert proto._smtp_methods.keys() == one._smtp_functions.keys() >= {"EHLO", "DATA"}
         assert all(a.method.__self__ is (proto if a.is_builtin else proto.event_handler)
                    for a in proto._auth_methods.values())
         assert proto._stream_reader is not None and proto._client_connected_cb.__self__ is proto

@@ -9,9 +9,11 @@ AUTH's key check handed to the listener's policy. No policy is decided here: the
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import warnings
+from collections.abc import Iterator, Mapping
 from types import MethodType
 from typing import Any, Protocol
 
@@ -40,6 +42,7 @@ _DSN_RCPT_PARAMS = ("NOTIFY", "ORCPT")
 _NOTIFY_VALUES = {"SUCCESS", "FAILURE", "DELAY"}
 
 
+@functools.lru_cache(maxsize=256)  # most replies are a few fixed strings
 def with_enhanced(status: str) -> str:
     """Add an enhanced status code to a reply that has none (not to greetings or 354/334)."""
     if status in ("250 OK", "221 Bye"):
@@ -76,6 +79,29 @@ def hook_names(obj: object) -> list[str]:
     return list(names)  # a list of its own: the cache is not the caller's to change
 
 
+class _BoundOnLookup(Mapping[str, Any]):
+    """aiosmtpd's table of commands (smtp_*) for one connection: each bound to its protocol
+    when looked up (a command or two a connection) rather than all ~20 at every accept."""
+
+    __slots__ = ("_functions", "_owner")
+
+    def __init__(self, functions: dict[str, Any], owner: object) -> None:
+        self._functions, self._owner = functions, owner
+
+    def __getitem__(self, name: str) -> Any:
+        return MethodType(self._functions[name], self._owner)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        function = self._functions.get(name)
+        return default if function is None else MethodType(function, self._owner)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._functions)
+
+    def __len__(self) -> int:
+        return len(self._functions)
+
+
 class Policy(Protocol):
     """What RelaySMTP asks of its handler (handler.RelayHandler)."""
 
@@ -100,11 +126,13 @@ class RelaySMTP(SMTP):
         self._in_data = False  # reading a message after 354
         if not implicit_tls:
             super().__init__(handler, auth_require_tls=True, **kwargs)
-            return
-        with warnings.catch_warnings():  # costly (a filter list each time): this case only
-            # With implicit TLS every byte is encrypted, so AUTH need not wait for STARTTLS.
-            warnings.simplefilter("ignore")
-            super().__init__(handler, auth_require_tls=False, **kwargs)
+        else:
+            with warnings.catch_warnings():  # costly (a filter list each time): this case only
+                # With implicit TLS every byte is encrypted, so AUTH need not wait for STARTTLS.
+                warnings.simplefilter("ignore")
+                super().__init__(handler, auth_require_tls=False, **kwargs)
+        # the commands' functions, which fresh() binds to each connection as they are used
+        self._smtp_functions = {name: m.__func__ for name, m in self._smtp_methods.items()}
 
     def __dir__(self) -> list[str]:
         return hook_names(self)
@@ -123,8 +151,7 @@ class RelaySMTP(SMTP):
         asyncio.StreamReaderProtocol.__init__(
             new, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
             client_connected_cb=new._cb_client_connected, loop=loop)
-        new._smtp_methods = {name: MethodType(m.__func__, new)
-                             for name, m in self._smtp_methods.items()}
+        new._smtp_methods = _BoundOnLookup(self._smtp_functions, new)
         new._auth_methods = {
             name: a._replace(method=MethodType(a.method.__func__, new)) if a.is_builtin else a
             for name, a in self._auth_methods.items()}
