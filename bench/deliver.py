@@ -222,19 +222,25 @@ def postfix_master(d: Path) -> int:
     return int((d / "queue" / "pid" / "master.pid").read_text().split()[0])
 
 
-def report_cpu(pid: int, messages: int) -> None:
-    """CPU time per message of relay's main process, its delivery worker and the worker's
-    DKIM signer process (Linux)."""
+def relay_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of relay's main process, its delivery worker and the worker's DKIM
+    signer process (Linux), by name; {} when one is gone."""
     try:
         parts = {"main (accept)": _cpu_seconds(pid)}
         for worker in _children(pid):
             parts[f"worker {worker}"] = _cpu_seconds(worker)
             parts.update({f"signer {c}": _cpu_seconds(c) for c in _children(worker)})
     except OSError:
-        return
-    print("  relay CPU per message: " + ", ".join(
-        f"{name} {1000 * cpu / max(1, messages):.2f} ms" for name, cpu in parts.items()),
-        flush=True)
+        return {}
+    return parts
+
+
+def report_cpu(before: dict[str, float], after: dict[str, float], messages: int) -> None:
+    """Each of relay's processes' CPU time per message over the run (not their start-up)."""
+    if after:
+        print("  relay CPU per message: " + ", ".join(
+            f"{name} {1000 * (cpu - before.get(name, 0.0)) / max(1, messages):.2f} ms"
+            for name, cpu in after.items()), flush=True)
 
 
 def profile(pid: int, into: Path | None, name: str) -> list[tuple[subprocess.Popen[bytes], Path]]:
@@ -350,15 +356,15 @@ def run_side(side: str, args: argparse.Namespace, round_no: int = 1
                                          smtp_workers=args.smtp_workers)
                 try:
                     spies = profile(proc.pid, args.profile, f"{side}-{round_no}")
-                    ticks, cpu = cpu_ticks(), tree_cpu(proc.pid)
+                    ticks, cpu, parts = cpu_ticks(), tree_cpu(proc.pid), relay_cpu(proc.pid)
                     took, got = run(port, sink, args)
                     cpu = tree_cpu(proc.pid) - cpu
+                    report_cpu(parts, relay_cpu(proc.pid), got)
                     stop(spies, side)
                     steal = steal_share(ticks, cpu_ticks())
                     if got < args.messages:
                         report_stuck(tmp / "relay-data" / "relay.sqlite")
                     report_signing(tmp / "relay-data" / "relay.sqlite")
-                    report_cpu(proc.pid, got)
                 finally:
                     proc.terminate()
                     proc.wait(120)
