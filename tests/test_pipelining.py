@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
+from relay.delivery.deliver import Hold, Lane, _no_pace
 from relay.delivery.outbound import OutMessage, OutRecipient
+from relay.delivery.pools import Source
 
 from .sink import Sink
 from .test_deliver import DATA, deliverer, target
@@ -25,8 +27,11 @@ def two(i: int = 1) -> OutMessage:
 class Scripted:
     """A server that says what it is told and records each chunk it reads."""
 
-    def __init__(self, pipelining: bool, replies: dict[bytes, bytes]) -> None:
+    def __init__(self, pipelining: bool, replies: dict[bytes, bytes],
+                 finals: list[bytes] | None = None) -> None:
         self.pipelining, self.replies = pipelining, replies
+        self.finals = list(finals or ())  # the replies to the next ends of data, in turn
+        self.writers: list[asyncio.StreamWriter] = []
         self.chunks: list[bytes] = []
         self.port = 0
 
@@ -37,8 +42,12 @@ class Scripted:
 
     async def __aexit__(self, *exc: Any) -> None:
         self.server.close()
+        for writer in self.writers:  # a client that closed first may not have been read yet
+            writer.close()
+        await asyncio.sleep(0)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
         writer.write(b"220 scripted\r\n")
         in_data = False
         while chunk := await reader.read(65536):
@@ -47,8 +56,13 @@ class Scripted:
             for line in chunk.split(b"\r\n")[:-1]:
                 if in_data:
                     if line == b".":  # replies[b"<end>"] = b"": no reply to the data
-                        final = self.replies.get(b"<end>", b"250 2.0.0 queued")
+                        final = self.finals.pop(0) if self.finals else \
+                            self.replies.get(b"<end>", b"250 2.0.0 queued")
                         in_data, out = False, out + (final + b"\r\n" if final else b"")
+                        if final.startswith(b"421"):  # and hangs up
+                            writer.write(out)
+                            writer.close()
+                            return
                     continue
                 verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
                 if verb == b"EHLO":
@@ -153,3 +167,90 @@ async def test_a_server_silent_after_the_data_times_out_the_attempt() -> None:
     assert all("Timed out" in r.text for r in results), [r.text for r in results]
     assert 0.4 < took < 4, took
     assert [r.outcome for r in again] == ["delivered", "delivered"]
+
+
+def one(i: int) -> OutMessage:
+    return OutMessage(id=f"m{i}", mail_from="a@example.com", data=DATA,
+                      recipients=(OutRecipient(id=i, address=f"r{i}@example.org"),))
+
+
+async def test_the_next_message_commands_go_with_the_data() -> None:
+    """RFC 2920 3.1: a message's data may open a group, so the next message's MAIL, RCPT and
+    DATA go in the same write as this one's data: one round trip a message, not two."""
+    async with Scripted(True, {}) as server:
+        d = deliverer()
+        try:
+            results = await d.deliver([target(server)],  # type: ignore[arg-type]
+                                      [one(1), one(2), one(3)])
+        finally:
+            await d.close()
+    assert [(r.recipient_id, r.outcome) for r in results] == [
+        (1, "delivered"), (2, "delivered"), (3, "delivered")]
+    # the first envelope alone; the second and third each behind the data before them
+    assert sum(c.startswith(b"MAIL") for c in server.chunks) == 1
+    assert sum(b".\r\nMAIL FROM:<a@example.com>" in c for c in server.chunks) == 2
+    assert [c.count(b"DATA\r\n") for c in server.chunks if b"body" in c] == [1, 1, 0]
+
+
+async def test_a_refusal_of_the_data_before_a_message_written_ahead() -> None:
+    """Each message gets its own replies when the one before it was refused at the end of
+    its data (no RSET between: it would land behind the commands written ahead)."""
+    async with Scripted(True, {}, finals=[b"554 5.7.1 spam", b"250 2.0.0 ok"]) as server:
+        d = deliverer()
+        try:
+            results = await d.deliver([target(server)],  # type: ignore[arg-type]
+                                      [one(1), one(2)])
+        finally:
+            await d.close()
+    assert [(r.recipient_id, r.outcome, r.code, r.stage) for r in results] == [
+        (1, "bounced", 554, "DATA"), (2, "delivered", 250, "DATA")]
+    assert not any(b"RSET" in c for c in server.chunks)
+
+
+async def test_a_hang_up_after_the_data_sends_the_message_written_ahead_again() -> None:
+    """A 421 to the end of the data, then the close: the next message, whose commands went
+    ahead and got no reply, was not taken; it goes at once over a new connection."""
+    async with Scripted(True, {}, finals=[b"421 4.3.2 going down"]) as server:
+        d = deliverer()
+        try:
+            results = await d.deliver([target(server)],  # type: ignore[arg-type]
+                                      [one(1), one(2)])
+        finally:
+            await d.close()
+    assert [(r.recipient_id, r.outcome, r.code) for r in results] == [
+        (1, "deferred", 421), (2, "delivered", 250)]
+    assert sum(c.startswith(b"EHLO") for c in server.chunks) == 2  # a second connection
+
+
+async def test_no_quit_behind_commands_written_ahead_when_a_hold_stops_the_session() -> None:
+    """A reply that holds the site back ends the session with the next message's DATA
+    perhaps taken: it is closed without QUIT, which the server would read as that
+    message's data."""
+    hold = Hold(reason="slow down", until=9e9)
+    lane = Lane(source=Source(address=None, helo="relay.test"), per_session=100,
+                pace=_no_pace, reply=lambda text: hold if "4.7.28" in text else None)
+    async with Scripted(True, {}, finals=[b"451 4.7.28 slow down"]) as server:
+        d = deliverer()
+        try:
+            results = await d.deliver([target(server)],  # type: ignore[arg-type]
+                                      [one(1), one(2)], lane=lane)
+        finally:
+            await d.close()
+    assert [(r.recipient_id, r.outcome, r.held_until) for r in results] == [
+        (1, "deferred", 9e9), (2, "deferred", 9e9)]
+    sent = b"".join(server.chunks)
+    assert sent.count(b"MAIL FROM") == 2 and b"QUIT" not in sent
+
+
+async def test_a_paced_site_gets_no_commands_written_ahead() -> None:
+    lane = Lane(source=Source(address=None, helo="relay.test"), per_session=100,
+                pace=_no_pace, reply=lambda text: None, unpaced=lambda: False)
+    async with Scripted(True, {}) as server:
+        d = deliverer()
+        try:
+            results = await d.deliver([target(server)],  # type: ignore[arg-type]
+                                      [one(1), one(2)], lane=lane)
+        finally:
+            await d.close()
+    assert [r.outcome for r in results] == ["delivered", "delivered"]
+    assert sum(c.startswith(b"MAIL") for c in server.chunks) == 2

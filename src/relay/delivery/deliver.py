@@ -21,7 +21,7 @@ from ..config import DeliveryConfig
 from .outbound import OutMessage, Result, Target, enhanced_code, reply_text
 from .pools import Source
 from .sessions import SessionPool, TargetFailure, TlsObserver, quit_session
-from .transaction import transaction
+from .transaction import NotStarted, transaction
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class Lane:
     pace: Callable[[], Awaitable[Hold | None]]
     # each refusal, as "421 4.7.28 text": a Hold when it suspends the site
     reply: Callable[[str], Hold | None]
+    # True when pace() would not wait now (no rate and no hold on the site)
+    unpaced: Callable[[], bool] = lambda: True
 
 
 class Deliverer:
@@ -109,7 +111,11 @@ class Deliverer:
                 while remaining and session.sent < lane.per_session:
                     if (hold := await lane.pace()) is not None:  # every message keeps pace
                         break
-                    done = await transaction(session, remaining[0],
+                    # the next message's commands may go with this one's data when it is
+                    # sure to follow over this session: no pace to wait for, room left
+                    then = (remaining[1] if len(remaining) > 1 and lane.unpaced()
+                            and session.sent + 1 < lane.per_session else None)
+                    done = await transaction(session, remaining[0], then=then,
                                              timeout=self._cfg.command_timeout)
                     hold = _first(lane.reply(reply) for reply in _refusals(done))
                     if hold is not None:  # the refused wait for the hold too
@@ -123,10 +129,14 @@ class Deliverer:
                         break
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                 session.smtp.close()
-                if reused:  # the server closed it while it was parked: nothing was sent
+                # the server closed it while it was parked, or before it answered what was
+                # written ahead: nothing of the message was taken; it goes over a new one
+                if reused or isinstance(exc, NotStarted):
                     continue
                 raise TargetFailure(f"connection to {target.hostname} lost: {exc}") from None
-            if hold is not None or session.sent >= lane.per_session:
+            if session.ahead is not None:  # a hold stopped it with replies owed: no QUIT
+                session.smtp.close()  # (its DATA may have been taken: QUIT would be data)
+            elif hold is not None or session.sent >= lane.per_session:
                 await quit_session(session)
             else:
                 self._sessions.park(session)

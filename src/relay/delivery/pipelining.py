@@ -27,13 +27,15 @@ class QueuedReplies(SMTPProtocol):
         self._replies: collections.deque[SMTPResponse] = collections.deque()
         self._expected = 0  # replies to pipelined commands not yet received
 
-    def write_commands(self, commands: list[bytes]) -> None:
-        """Write these commands at once; one reply is then read for each, in order."""
+    def write_commands(self, commands: list[bytes], *, after_data: bytes = b"") -> None:
+        """Write these commands at once; one reply is then read for each, in order. With
+        `after_data` (a message's data and its ending, RFC 2920: the data may open a group),
+        the commands follow it in the same write and its reply is read first."""
         for command in commands:
             if COMMAND_INJECTION_REGEX.search(command):
                 raise ValueError("Command contains a prohibited control character")
-        self._expected += len(commands)
-        self.write(b"\r\n".join(commands) + b"\r\n")
+        self._expected += len(commands) + (1 if after_data else 0)
+        self.write(after_data + b"\r\n".join(commands) + b"\r\n")
 
     def data_received(self, data: bytes) -> None:
         waiter = self._response_waiter

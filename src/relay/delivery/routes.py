@@ -72,7 +72,8 @@ class Router:
             return _hold(site, hold.until, hold.reason) if hold else None
 
         return Lane(source=route.grant.source, per_session=site.messages_per_connection,
-                    site=site.key, pace=pace, reply=reply)
+                    site=site.key, pace=pace, reply=reply,
+                    unpaced=lambda: self.shaper.unpaced(site))
 
     async def _targets(self, destination: str) -> tuple[list[Target], str]:
         if destination == SMARTHOST:

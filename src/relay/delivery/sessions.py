@@ -16,7 +16,7 @@ import aiosmtplib
 from .. import metrics
 from ..config import DeliveryConfig
 from . import dane, pipelining
-from .outbound import DEFAULT_TLS, Target, TlsPolicy
+from .outbound import DEFAULT_TLS, OutMessage, Target, TlsPolicy
 from .pools import Source
 
 # aiosmtplib's connections keep pipelined replies (MAIL, RCPT and DATA in one write)
@@ -52,6 +52,9 @@ class Session:
     tls_failure: str | None = None  # a "testing" policy failed; the mail went as "may"
     sent: int = 0
     idle_since: float = 0.0
+    # the message whose MAIL, RCPT and DATA went with the last one's data (transaction.py):
+    # its replies are owed, so the session is neither parked nor QUIT until it is sent
+    ahead: OutMessage | None = None
 
     def supports(self, extension: str) -> bool:
         return self.smtp.supports_extension(extension)

@@ -123,6 +123,11 @@ class Shaper:
             await self._pacers.setdefault(site.key, _Pacer()).wait(rate)
         return None
 
+    def unpaced(self, site: Site) -> bool:
+        """True when pace() would return at once: no rate for the site and no hold on it."""
+        hold = self._holds.get(site.key)
+        return not site.rate and (hold is None or hold.until <= self._clock())
+
     def reply(self, site: Site, reply: str) -> SiteHold | None:
         """A remote's reply ("421 4.7.28 text"): the hold it starts under the first rule it
         matches (recorded in the store in the background), else None."""

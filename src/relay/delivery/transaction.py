@@ -14,7 +14,11 @@ from .pipelining import QueuedReplies
 from .sessions import Session
 
 
-async def transaction(session: Session, msg: OutMessage, *, timeout: float) -> list[Result]:
+async def transaction(session: Session, msg: OutMessage, *, timeout: float,
+                      then: OutMessage | None = None) -> list[Result]:
+    """`then`: the message to go next over this session, whose MAIL, RCPT and DATA may then
+    follow this one's data in the same write (RFC 2920 3.1) when the server pipelines:
+    a round trip a message less. Its transaction then starts by reading their replies."""
     started = time.time()
     smtp = session.smtp
 
@@ -33,25 +37,26 @@ async def transaction(session: Session, msg: OutMessage, *, timeout: float) -> l
             source_ip=session.source.address, tls_policy=session.policy.label,
             tls_failure=session.tls_failure, stage=stage)
 
-    if msg.smtputf8 and not session.supports("smtputf8"):
-        return [done(r, None, f"{session.target.hostname} does not support SMTPUTF8, "
-                     "which this message needs", "bounced", "5.6.7", False)
-                for r in msg.recipients]
-    size = session.smtp.esmtp_extensions.get("size", "")
-    if size.isdigit() and int(size) and len(msg.data) > int(size):
-        return [done(r, None, f"message of {len(msg.data)} octets is larger than "
-                     f"{session.target.hostname} accepts ({size})", "bounced", "5.3.4", False)
-                for r in msg.recipients]
-    if session.supports("pipelining") and isinstance(smtp.protocol, QueuedReplies):
-        replies = await _pipelined(session, msg, timeout)
+    refusal = _unsendable(session, msg)
+    if refusal is not None:
+        text, enhanced = refusal
+        return [done(r, None, text, "bounced", enhanced, False) for r in msg.recipients]
+    if _pipelines(session):
+        if then is not None and _unsendable(session, then) is not None:
+            then = None  # it is refused before a word is sent: not written ahead
+        replies = await _pipelined(session, msg, timeout, then)
         if isinstance(replies, SMTPResponse):  # MAIL refused, then the server hung up
             return [done(r, replies.code, replies.message, stage="MAIL")
                     for r in msg.recipients]
     else:
         replies = await _one_by_one(session, msg, timeout)
     mail, rcpts, final = replies
+    # after the reply to the data's end the server is ready for MAIL again (RFC 5321
+    # 4.1.1.4); a RSET then would land behind the next message's commands written ahead
+    ahead = session.ahead is not None
     if mail.code != 250:
-        await _rset(smtp)
+        if not ahead:
+            await _rset(smtp)
         return [done(r, mail.code, mail.message, stage="MAIL") for r in msg.recipients]
     accepted, results = [], []
     for r, rcpt in zip(msg.recipients, rcpts, strict=True):
@@ -60,12 +65,29 @@ async def transaction(session: Session, msg: OutMessage, *, timeout: float) -> l
         else:
             results.append(done(r, rcpt.code, rcpt.message, stage="RCPT"))
     if not accepted:
-        await _rset(smtp)
+        if not ahead:
+            await _rset(smtp)
         return results
     assert final is not None  # sent whenever a recipient was taken
-    if final.code != 250:
+    if final.code != 250 and not ahead:
         await _rset(smtp)
     return results + [done(r, final.code, final.message, stage="DATA") for r in accepted]
+
+
+def _pipelines(session: Session) -> bool:
+    return session.supports("pipelining") and isinstance(session.smtp.protocol, QueuedReplies)
+
+
+def _unsendable(session: Session, msg: OutMessage) -> tuple[str, str] | None:
+    """Why this session cannot carry the message at all (text, enhanced code), or None."""
+    if msg.smtputf8 and not session.supports("smtputf8"):
+        return (f"{session.target.hostname} does not support SMTPUTF8, which this message "
+                "needs", "5.6.7")
+    size = session.smtp.esmtp_extensions.get("size", "")
+    if size.isdigit() and int(size) and len(msg.data) > int(size):
+        return (f"message of {len(msg.data)} octets is larger than "
+                f"{session.target.hostname} accepts ({size})", "5.3.4")
+    return None
 
 
 # MAIL's reply, each RCPT's (none when MAIL was refused), and the end of the data's (or
@@ -85,27 +107,45 @@ async def _one_by_one(session: Session, msg: OutMessage, timeout: float) -> Repl
     return mail, rcpts, await _data(smtp, msg.data, timeout)
 
 
-async def _pipelined(session: Session, msg: OutMessage,
-                     timeout: float) -> Replies | SMTPResponse:
+class NotStarted(aiosmtplib.SMTPServerDisconnected):
+    """The connection ended before the server answered the MAIL that was written ahead
+    with the last message's data: nothing of this message was taken, so it may go over
+    another session at once (like a parked session found closed)."""
+
+
+async def _pipelined(session: Session, msg: OutMessage, timeout: float,
+                     then: OutMessage | None) -> Replies | SMTPResponse:
     """MAIL, every RCPT and DATA in one write (RFC 2920), their replies read in order; then
-    the message, or (no recipient taken) the end of an empty one, which the server refuses.
-    MAIL's reply alone when it refused and the server hung up (a 421)."""
+    the message, or (no recipient taken) the end of an empty one, which the server refuses,
+    with `then`'s MAIL, RCPT and DATA after it. MAIL's reply alone when it refused and the
+    server hung up (a 421)."""
     smtp = session.smtp
     protocol = smtp.protocol
     assert isinstance(protocol, QueuedReplies)
     refused_all = False
+    assert session.ahead is None or session.ahead is msg, "the message written ahead comes next"
+    written_ahead = session.ahead is msg  # with the last message's data
+    session.ahead = None
     try:
-        protocol.write_commands(
-            [b" ".join([b"MAIL", *_mail_args(session, msg)])]
-            + [b" ".join([b"RCPT", *_rcpt_args(session, r)]) for r in msg.recipients]
-            + [b"DATA"])
-        mail = await protocol.read_response(timeout=timeout)
+        if not written_ahead:
+            protocol.write_commands(_envelope(session, msg))
+        try:
+            mail = await protocol.read_response(timeout=timeout)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            if written_ahead:
+                raise NotStarted(str(exc)) from exc
+            raise
         refused_all = mail.code != 250  # what follows is moot (a 421 hangs up at once)
         rcpts = [await protocol.read_response(timeout=timeout) for _ in msg.recipients]
         start = await protocol.read_response(timeout=timeout)
         if start.code == 354:  # the data, or an empty message if no recipient was taken
             ok = mail.code == 250 and any(r.code in (250, 251) for r in rcpts)
-            protocol.write(wire_data(msg.data) if ok else b".\r\n")
+            data = wire_data(msg.data) if ok else b".\r\n"
+            if then is not None:
+                protocol.write_commands(_envelope(session, then), after_data=data)
+                session.ahead = then
+            else:
+                protocol.write(data)
             final = await protocol.read_response(timeout=timeout)
         else:
             final = start
@@ -115,6 +155,12 @@ async def _pipelined(session: Session, msg: OutMessage,
             raise
         return mail
     return mail, rcpts, final
+
+
+def _envelope(session: Session, msg: OutMessage) -> list[bytes]:
+    return ([b" ".join([b"MAIL", *_mail_args(session, msg)])]
+            + [b" ".join([b"RCPT", *_rcpt_args(session, r)]) for r in msg.recipients]
+            + [b"DATA"])
 
 
 async def _data(smtp: aiosmtplib.SMTP, data: bytes, timeout: float) -> SMTPResponse:
