@@ -5,6 +5,7 @@ at a time. The replies decide each recipient as they did unpipelined."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any
 
@@ -254,3 +255,70 @@ async def test_a_paced_site_gets_no_commands_written_ahead() -> None:
             await d.close()
     assert [r.outcome for r in results] == ["delivered", "delivered"]
     assert sum(c.startswith(b"MAIL") for c in server.chunks) == 2
+
+
+class SlowReader:
+    """A server whose end of the connection takes the data slowly (a small receive buffer
+    read every 10 ms): a large message takes seconds to send."""
+
+    def __init__(self, pipelining: bool) -> None:
+        self.pipelining = pipelining
+        self.received = 0
+
+    async def __aenter__(self) -> SlowReader:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # before listen: inherited
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        sock.setblocking(False)
+        self.server = await asyncio.start_server(self._client, sock=sock)
+        self.port = sock.getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.server.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow\r\n")
+        data = False
+        while line := await reader.readline():
+            if data:
+                self.received += len(line)
+                await asyncio.sleep(0.01) if self.received % 16384 < len(line) else None
+                if line == b".\r\n":
+                    data = False
+                    writer.write(b"250 2.0.0 taken\r\n")
+                continue
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-slow\r\n" + (b"250-PIPELINING\r\n" if self.pipelining
+                                                 else b"") + b"250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                data = True
+                writer.write(b"354 go ahead\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(b"250 2.0.0 ok\r\n")
+        writer.close()
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_message_slower_to_send_than_the_reply_timeout_is_delivered(
+        pipelining: bool) -> None:
+    """The reply's timeout starts once the data is sent: a transfer that keeps moving is
+    not cut off by command_timeout (it used to be: the reply's clock ran from the write)."""
+    big = b"From: a@example.com\r\nSubject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 3000
+    async with SlowReader(pipelining) as server:
+        d = deliverer(command_timeout=0.5)
+        try:
+            started = time.monotonic()
+            results = await d.deliver([target(server)], [OutMessage(  # type: ignore[arg-type]
+                id="big", mail_from="a@example.com", data=big,
+                recipients=(OutRecipient(id=1, address="r@example.org"),))])
+            took = time.monotonic() - started
+        finally:
+            await d.close()
+    assert [(r.outcome, r.code) for r in results] == [("delivered", 250)], results[0].text
+    assert took > 1.0  # slower than command_timeout, twice over

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import struct
+import sys
 
 import aiosmtplib.smtp
 from aiosmtplib import SMTPResponse
@@ -21,11 +24,21 @@ from aiosmtplib.errors import SMTPReadTimeoutError, SMTPResponseException, SMTPS
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SMTPProtocol
 
 
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+    _SIOCOUTQ: int | None = termios.TIOCOUTQ  # a TCP socket's unsent octets (tcp(7))
+else:
+    _SIOCOUTQ = None
+
+
 class QueuedReplies(SMTPProtocol):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._replies: collections.deque[SMTPResponse] = collections.deque()
         self._expected = 0  # replies to pipelined commands not yet received
+        self._timer: asyncio.TimerHandle | None = None  # the reply's timeout
 
     def write_commands(self, commands: list[bytes], *, after_data: bytes = b"") -> None:
         """Write these commands at once; one reply is then read for each, in order. With
@@ -35,7 +48,7 @@ class QueuedReplies(SMTPProtocol):
             if COMMAND_INJECTION_REGEX.search(command):
                 raise ValueError("Command contains a prohibited control character")
         self._expected += len(commands) + (1 if after_data else 0)
-        self.write(after_data + b"\r\n".join(commands) + b"\r\n")
+        self.write(after_data + b"".join(c + b"\r\n" for c in commands))
 
     def data_received(self, data: bytes) -> None:
         waiter = self._response_waiter
@@ -70,10 +83,15 @@ class QueuedReplies(SMTPProtocol):
         if waiter is not None and not waiter.done():
             self._set_response_exception(waiter, exc)
 
-    async def read_response(self, timeout: float | None = None) -> SMTPResponse:
+    async def read_response(self, timeout: float | None = None, *,
+                            sending: bool = False) -> SMTPResponse:
         """The next reply, as aiosmtplib's read_response gives it, without asyncio.wait_for:
         on Python 3.11 that makes a future, a timer and a callback per reply, and a turn of
-        the loop even when the reply is already here (four replies a message)."""
+        the loop even when the reply is already here (four replies a message).
+
+        `sending`: the reply to data still on its way out. A large message on a slow link
+        can take longer to send than `timeout`; the reply's time then runs from when the
+        data stops moving (Postfix's smtp_data_xfer_timeout is per stall likewise)."""
         # the waiter, when done, holds the oldest reply; else the queue's head is the oldest
         waiter = self._response_waiter
         if waiter is None:
@@ -81,26 +99,51 @@ class QueuedReplies(SMTPProtocol):
         if not waiter.done() and self._replies:
             return self._replies.popleft()
         self._response_pending = True
-        timer = None
+        self._timer = None
         try:
             if not waiter.done():
                 if timeout is not None:
-                    timer = self._loop.call_later(timeout, self._time_out, waiter)
+                    self._arm(waiter, timeout, self._unsent() if sending else 0)
                 await waiter
             reply = waiter.result()
         finally:
-            if timer is not None:
-                timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._response_pending = False
             # a lost connection makes no new waiter (aiosmtplib's rule)
             self._response_waiter = None if self.transport is None else self._loop.create_future()
         self._hand_over()  # the fresh waiter takes the next reply already here
         return reply
 
-    def _time_out(self, waiter: asyncio.Future[SMTPResponse]) -> None:
-        if not waiter.done():
-            self._set_response_exception(
-                waiter, SMTPReadTimeoutError("Timed out waiting for server response"))
+    def _arm(self, waiter: asyncio.Future[SMTPResponse], timeout: float, unsent: int) -> None:
+        self._timer = self._loop.call_later(timeout, self._time_out, waiter, timeout, unsent)
+
+    def _time_out(self, waiter: asyncio.Future[SMTPResponse], timeout: float,
+                  unsent: int) -> None:
+        if waiter.done():
+            return
+        if unsent:  # data was on its way out: time out only once it stopped moving
+            now = self._unsent()
+            if now < unsent:
+                self._arm(waiter, timeout, now)
+                return
+        self._set_response_exception(
+            waiter, SMTPReadTimeoutError("Timed out waiting for server response"))
+
+    def _unsent(self) -> int:
+        """Octets written and not yet taken by the peer: the transport's buffer and, on
+        Linux, the socket's send queue (SIOCOUTQ), where the kernel holds megabytes."""
+        transport = self.transport
+        if transport is None:
+            return 0
+        unsent = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if _SIOCOUTQ is not None and sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ,
+                                                         b"\0\0\0\0"))[0]
+        return unsent
 
 
 def install() -> None:

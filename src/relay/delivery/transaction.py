@@ -141,12 +141,9 @@ async def _pipelined(session: Session, msg: OutMessage, timeout: float,
         if start.code == 354:  # the data, or an empty message if no recipient was taken
             ok = mail.code == 250 and any(r.code in (250, 251) for r in rcpts)
             data = wire_data(msg.data) if ok else b".\r\n"
-            if then is not None:
-                protocol.write_commands(_envelope(session, then), after_data=data)
-                session.ahead = then
-            else:
-                protocol.write(data)
-            final = await protocol.read_response(timeout=timeout)
+            protocol.write_commands(_envelope(session, then) if then else [], after_data=data)
+            session.ahead = then
+            final = await protocol.read_response(timeout=timeout, sending=True)
         else:
             final = start
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
@@ -170,11 +167,15 @@ async def _data(smtp: aiosmtplib.SMTP, data: bytes, timeout: float) -> SMTPRespo
     start = await smtp.execute_command(b"DATA", timeout=timeout)
     if start.code != 354:
         return start
-    assert smtp.protocol is not None  # execute_command raised if the connection was lost
+    protocol = smtp.protocol
+    assert protocol is not None  # execute_command raised if the connection was lost
     try:
-        smtp.protocol.write(wire_data(data))
+        if isinstance(protocol, QueuedReplies):
+            protocol.write_commands([], after_data=wire_data(data))
+            return await protocol.read_response(timeout=timeout, sending=True)
+        protocol.write(wire_data(data))
         # no await between the write and this read: the reply cannot arrive unawaited
-        return await smtp.protocol.read_response(timeout=timeout)
+        return await protocol.read_response(timeout=timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()
         raise
