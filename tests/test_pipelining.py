@@ -5,8 +5,10 @@ at a time. The replies decide each recipient as they did unpipelined."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -322,3 +324,42 @@ async def test_a_message_slower_to_send_than_the_reply_timeout_is_delivered(
             await d.close()
     assert [(r.outcome, r.code) for r in results] == [("delivered", 250)], results[0].text
     assert took > 1.0  # slower than command_timeout, twice over
+
+
+async def test_the_scheduler_writes_queued_messages_ahead_over_one_session(
+        tmp_path: Path) -> None:
+    """End to end: messages queued for one destination go over one session, each one's
+    commands behind the data before it (the scheduler's lane has no pace here)."""
+    from relay.config import DeliveryConfig, ListenerConfig
+    from relay.service import Service
+
+    from .conftest import free_port, make_config
+    from .smtputil import connect
+
+    listener = ListenerConfig(port=free_port(), mode="relay", tls="none",
+                              allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+    async with Scripted(True, {}) as server:
+        paused = Service(make_config(tmp_path, listener))  # queue them while paused
+        await paused.start()
+        try:
+            def send() -> None:
+                with connect(paused.bound[0][1], starttls=False) as s:
+                    for i in range(3):
+                        s.sendmail("a@example.com", [f"r{i}@example.org"], DATA)
+            await asyncio.to_thread(send)
+        finally:
+            await paused.stop()
+        svc = Service(make_config(tmp_path, listener, delivery=DeliveryConfig(
+            smarthost=f"127.0.0.1:{server.port}", smarthost_tls="none", process=False,
+            retry_min=0.2, connect_timeout=2.0, command_timeout=5.0, session_idle=0.5)))
+        await svc.start()
+        try:
+            for _ in range(200):
+                if sum(b"body" in c for c in server.chunks) >= 3:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await svc.stop()
+    assert sum(b"body" in c for c in server.chunks) == 3
+    assert sum(c.startswith(b"EHLO") for c in server.chunks) == 1
+    assert sum(b".\r\nMAIL FROM:" in c for c in server.chunks) == 2
