@@ -31,8 +31,9 @@ class Scripted:
     """A server that says what it is told and records each chunk it reads."""
 
     def __init__(self, pipelining: bool, replies: dict[bytes, bytes],
-                 finals: list[bytes] | None = None) -> None:
+                 finals: list[bytes] | None = None, end_delay: float = 0.0) -> None:
         self.pipelining, self.replies = pipelining, replies
+        self.end_delay = end_delay  # seconds before the reply to each end of data
         self.finals = list(finals or ())  # the replies to the next ends of data, in turn
         self.writers: list[asyncio.StreamWriter] = []
         self.chunks: list[bytes] = []
@@ -59,6 +60,10 @@ class Scripted:
             for line in chunk.split(b"\r\n")[:-1]:
                 if in_data:
                     if line == b".":  # replies[b"<end>"] = b"": no reply to the data
+                        if self.end_delay:  # a content filter taking its time
+                            writer.write(out)
+                            out = b""
+                            await asyncio.sleep(self.end_delay)
                         final = self.finals.pop(0) if self.finals else \
                             self.replies.get(b"<end>", b"250 2.0.0 queued")
                         in_data, out = False, out + (final + b"\r\n" if final else b"")
@@ -155,9 +160,9 @@ async def test_refusals_at_each_stage(replies: dict[bytes, bytes],
 
 async def test_a_server_silent_after_the_data_times_out_the_attempt() -> None:
     """The pipelined reader's own timeout (not asyncio.wait_for): a reply that never comes
-    ends the attempt after command_timeout, deferred, and the next one gets a new session."""
+    ends the attempt after data_timeout, deferred, and the next one gets a new session."""
     async with Scripted(True, {b"<end>": b""}) as server:
-        d = deliverer(command_timeout=0.5)
+        d = deliverer(command_timeout=0.5, data_timeout=0.5)
         try:
             started = time.monotonic()
             results = await d.deliver([target(server)], [two(1)])  # type: ignore[arg-type]
@@ -363,3 +368,16 @@ async def test_the_scheduler_writes_queued_messages_ahead_over_one_session(
     assert sum(b"body" in c for c in server.chunks) == 3
     assert sum(c.startswith(b"EHLO") for c in server.chunks) == 1
     assert sum(b".\r\nMAIL FROM:" in c for c in server.chunks) == 2
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_the_reply_to_the_data_may_take_data_timeout(pipelining: bool) -> None:
+    """RFC 5321 4.5.3.2.6: a client waits 10 minutes for the reply to the data's end, which
+    a content filter may take; the other replies keep command_timeout."""
+    async with Scripted(pipelining, {}, end_delay=1.0) as server:
+        d = deliverer(command_timeout=0.5, data_timeout=5.0)
+        try:
+            results = await d.deliver([target(server)], [one(1)])  # type: ignore[arg-type]
+        finally:
+            await d.close()
+    assert [(r.outcome, r.code) for r in results] == [("delivered", 250)], results[0].text

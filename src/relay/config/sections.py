@@ -106,6 +106,8 @@ class DeliveryConfig:
     concurrency_per_destination: int = field(default=20, metadata=meta(check_positive))
     connect_timeout: float = field(default=30.0, metadata=meta(check_positive))
     command_timeout: float = field(default=300.0, metadata=meta(check_positive))
+    # the reply to a message's data, from when the data stops moving (RFC 5321 4.5.3.2.6)
+    data_timeout: float = field(default=600.0, metadata=meta(check_positive))
     session_idle: float = field(default=5.0, metadata=meta(check_positive))
     messages_per_session: int = field(default=100, metadata=meta(check_positive))
     retry_min: float = field(default=300.0, metadata=meta(check_positive))

@@ -116,7 +116,8 @@ class Deliverer:
                     then = (remaining[1] if len(remaining) > 1 and lane.unpaced()
                             and session.sent + 1 < lane.per_session else None)
                     done = await transaction(session, remaining[0], then=then,
-                                             timeout=self._cfg.command_timeout)
+                                             timeout=self._cfg.command_timeout,
+                                             data_timeout=self._cfg.data_timeout)
                     hold = _first(lane.reply(reply) for reply in _refusals(done))
                     if hold is not None:  # the refused wait for the hold too
                         done = [r if r.outcome != "deferred" else

@@ -15,8 +15,12 @@ from .sessions import Session
 
 
 async def transaction(session: Session, msg: OutMessage, *, timeout: float,
+                      data_timeout: float | None = None,
                       then: OutMessage | None = None) -> list[Result]:
-    """`then`: the message to go next over this session, whose MAIL, RCPT and DATA may then
+    """`timeout` for each reply but the data's: `data_timeout` (default `timeout`), counted
+    from when the data stops moving.
+
+    `then`: the message to go next over this session, whose MAIL, RCPT and DATA may then
     follow this one's data in the same write (RFC 2920 3.1) when the server pipelines:
     a round trip a message less. Its transaction then starts by reading their replies."""
     started = time.time()
@@ -44,12 +48,12 @@ async def transaction(session: Session, msg: OutMessage, *, timeout: float,
     if _pipelines(session):
         if then is not None and _unsendable(session, then) is not None:
             then = None  # it is refused before a word is sent: not written ahead
-        replies = await _pipelined(session, msg, timeout, then)
+        replies = await _pipelined(session, msg, timeout, data_timeout or timeout, then)
         if isinstance(replies, SMTPResponse):  # MAIL refused, then the server hung up
             return [done(r, replies.code, replies.message, stage="MAIL")
                     for r in msg.recipients]
     else:
-        replies = await _one_by_one(session, msg, timeout)
+        replies = await _one_by_one(session, msg, timeout, data_timeout or timeout)
     mail, rcpts, final = replies
     # after the reply to the data's end the server is ready for MAIL again (RFC 5321
     # 4.1.1.4); a RSET then would land behind the next message's commands written ahead
@@ -95,7 +99,8 @@ def _unsendable(session: Session, msg: OutMessage) -> tuple[str, str] | None:
 Replies = tuple[SMTPResponse, list[SMTPResponse], SMTPResponse | None]
 
 
-async def _one_by_one(session: Session, msg: OutMessage, timeout: float) -> Replies:
+async def _one_by_one(session: Session, msg: OutMessage, timeout: float,
+                      data_timeout: float) -> Replies:
     smtp = session.smtp
     mail = await smtp.execute_command(b"MAIL", *_mail_args(session, msg), timeout=timeout)
     if mail.code != 250:
@@ -104,7 +109,7 @@ async def _one_by_one(session: Session, msg: OutMessage, timeout: float) -> Repl
              for r in msg.recipients]
     if not any(rcpt.code in (250, 251) for rcpt in rcpts):
         return mail, rcpts, None
-    return mail, rcpts, await _data(smtp, msg.data, timeout)
+    return mail, rcpts, await _data(smtp, msg.data, timeout, data_timeout)
 
 
 class NotStarted(aiosmtplib.SMTPServerDisconnected):
@@ -113,7 +118,7 @@ class NotStarted(aiosmtplib.SMTPServerDisconnected):
     another session at once (like a parked session found closed)."""
 
 
-async def _pipelined(session: Session, msg: OutMessage, timeout: float,
+async def _pipelined(session: Session, msg: OutMessage, timeout: float, data_timeout: float,
                      then: OutMessage | None) -> Replies | SMTPResponse:
     """MAIL, every RCPT and DATA in one write (RFC 2920), their replies read in order; then
     the message, or (no recipient taken) the end of an empty one, which the server refuses,
@@ -143,7 +148,7 @@ async def _pipelined(session: Session, msg: OutMessage, timeout: float,
             data = wire_data(msg.data) if ok else b".\r\n"
             protocol.write_commands(_envelope(session, then) if then else [], after_data=data)
             session.ahead = then
-            final = await protocol.read_response(timeout=timeout, sending=True)
+            final = await protocol.read_response(timeout=data_timeout, sending=True)
         else:
             final = start
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
@@ -160,7 +165,8 @@ def _envelope(session: Session, msg: OutMessage) -> list[bytes]:
             + [b"DATA"])
 
 
-async def _data(smtp: aiosmtplib.SMTP, data: bytes, timeout: float) -> SMTPResponse:
+async def _data(smtp: aiosmtplib.SMTP, data: bytes, timeout: float,
+                data_timeout: float) -> SMTPResponse:
     """DATA and the message, as aiosmtplib's SMTP.data sends them, but with its two passes
     over the message (line endings, dot-stuffing) made only when the message needs them:
     they were an eighth of the delivery worker's CPU."""
@@ -172,10 +178,10 @@ async def _data(smtp: aiosmtplib.SMTP, data: bytes, timeout: float) -> SMTPRespo
     try:
         if isinstance(protocol, QueuedReplies):
             protocol.write_commands([], after_data=wire_data(data))
-            return await protocol.read_response(timeout=timeout, sending=True)
+            return await protocol.read_response(timeout=data_timeout, sending=True)
         protocol.write(wire_data(data))
         # no await between the write and this read: the reply cannot arrive unawaited
-        return await protocol.read_response(timeout=timeout)
+        return await protocol.read_response(timeout=data_timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()
         raise
