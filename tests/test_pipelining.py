@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from relay.delivery.deliver import Hold, Lane, _no_pace
-from relay.delivery.outbound import OutMessage, OutRecipient
+from relay.delivery.outbound import OutMessage, OutRecipient, Result
 from relay.delivery.pools import Source
 
 from .sink import Sink
@@ -25,6 +25,17 @@ def two(i: int = 1) -> OutMessage:
     return OutMessage(id=f"m{i}", mail_from="a@example.com", data=DATA, recipients=(
         OutRecipient(id=10 * i, address=f"ok{i}@example.org"),
         OutRecipient(id=10 * i + 1, address=f"no{i}@example.org")))
+
+
+async def send(server: Any, messages: list[OutMessage], *, lane: Lane | None = None,
+               **config: Any) -> list[Result]:
+    """The messages delivered to `server` by a deliverer of their own (`config`: its
+    [delivery] settings), closed afterwards."""
+    d = deliverer(**config)
+    try:
+        return await d.deliver([target(server)], messages, lane=lane)
+    finally:
+        await d.close()
 
 
 class Scripted:
@@ -93,11 +104,7 @@ class Scripted:
 async def test_each_recipient_gets_its_own_reply(pipelining: bool) -> None:
     async with Sink(replies={"no1@example.org": ["550 5.1.1 no such user"]},
                     pipelining=pipelining) as sink:
-        d = deliverer()
-        try:
-            results = await d.deliver([target(sink)], [two(1), two(2)])
-        finally:
-            await d.close()
+        results = await send(sink, [two(1), two(2)])
     by_address = {r.recipient_id: (r.outcome, r.code, r.stage) for r in results}
     assert by_address == {10: ("delivered", 250, "DATA"), 11: ("bounced", 550, "RCPT"),
                           20: ("delivered", 250, "DATA"), 21: ("delivered", 250, "DATA")}
@@ -108,20 +115,12 @@ async def test_each_recipient_gets_its_own_reply(pipelining: bool) -> None:
 
 async def test_the_commands_go_in_one_write_when_offered() -> None:
     async with Scripted(True, {}) as server:
-        d = deliverer()
-        try:
-            results = await d.deliver([target(server)], [two(1)])  # type: ignore[arg-type]
-        finally:
-            await d.close()
+        results = await send(server, [two(1)])
     assert [r.outcome for r in results] == ["delivered", "delivered"]
     envelope = next(c for c in server.chunks if c.startswith(b"MAIL"))
     assert envelope.count(b"\r\n") == 4 and envelope.endswith(b"DATA\r\n")  # MAIL, 2 RCPT, DATA
     async with Scripted(False, {}) as server:
-        d = deliverer()
-        try:
-            await d.deliver([target(server)], [two(1)])  # type: ignore[arg-type]
-        finally:
-            await d.close()
+        await send(server, [two(1)])
     assert not any(c.count(b"\r\n") > 1 for c in server.chunks if c.startswith(b"MAIL"))
 
 
@@ -186,12 +185,7 @@ async def test_the_next_message_commands_go_with_the_data() -> None:
     """RFC 2920 3.1: a message's data may open a group, so the next message's MAIL, RCPT and
     DATA go in the same write as this one's data: one round trip a message, not two."""
     async with Scripted(True, {}) as server:
-        d = deliverer()
-        try:
-            results = await d.deliver([target(server)],  # type: ignore[arg-type]
-                                      [one(1), one(2), one(3)])
-        finally:
-            await d.close()
+        results = await send(server, [one(1), one(2), one(3)])
     assert [(r.recipient_id, r.outcome) for r in results] == [
         (1, "delivered"), (2, "delivered"), (3, "delivered")]
     # the first envelope alone; the second and third each behind the data before them
@@ -204,12 +198,7 @@ async def test_a_refusal_of_the_data_before_a_message_written_ahead() -> None:
     """Each message gets its own replies when the one before it was refused at the end of
     its data (no RSET between: it would land behind the commands written ahead)."""
     async with Scripted(True, {}, finals=[b"554 5.7.1 spam", b"250 2.0.0 ok"]) as server:
-        d = deliverer()
-        try:
-            results = await d.deliver([target(server)],  # type: ignore[arg-type]
-                                      [one(1), one(2)])
-        finally:
-            await d.close()
+        results = await send(server, [one(1), one(2)])
     assert [(r.recipient_id, r.outcome, r.code, r.stage) for r in results] == [
         (1, "bounced", 554, "DATA"), (2, "delivered", 250, "DATA")]
     assert not any(b"RSET" in c for c in server.chunks)
@@ -219,12 +208,7 @@ async def test_a_hang_up_after_the_data_sends_the_message_written_ahead_again() 
     """A 421 to the end of the data, then the close: the next message, whose commands went
     ahead and got no reply, was not taken; it goes at once over a new connection."""
     async with Scripted(True, {}, finals=[b"421 4.3.2 going down"]) as server:
-        d = deliverer()
-        try:
-            results = await d.deliver([target(server)],  # type: ignore[arg-type]
-                                      [one(1), one(2)])
-        finally:
-            await d.close()
+        results = await send(server, [one(1), one(2)])
     assert [(r.recipient_id, r.outcome, r.code) for r in results] == [
         (1, "deferred", 421), (2, "delivered", 250)]
     assert sum(c.startswith(b"EHLO") for c in server.chunks) == 2  # a second connection
@@ -238,12 +222,7 @@ async def test_no_quit_behind_commands_written_ahead_when_a_hold_stops_the_sessi
     lane = Lane(source=Source(address=None, helo="relay.test"), per_session=100,
                 pace=_no_pace, reply=lambda text: hold if "4.7.28" in text else None)
     async with Scripted(True, {}, finals=[b"451 4.7.28 slow down"]) as server:
-        d = deliverer()
-        try:
-            results = await d.deliver([target(server)],  # type: ignore[arg-type]
-                                      [one(1), one(2)], lane=lane)
-        finally:
-            await d.close()
+        results = await send(server, [one(1), one(2)], lane=lane)
     assert [(r.recipient_id, r.outcome, r.held_until) for r in results] == [
         (1, "deferred", 9e9), (2, "deferred", 9e9)]
     sent = b"".join(server.chunks)
@@ -254,12 +233,7 @@ async def test_a_paced_site_gets_no_commands_written_ahead() -> None:
     lane = Lane(source=Source(address=None, helo="relay.test"), per_session=100,
                 pace=_no_pace, reply=lambda text: None, unpaced=lambda: False)
     async with Scripted(True, {}) as server:
-        d = deliverer()
-        try:
-            results = await d.deliver([target(server)],  # type: ignore[arg-type]
-                                      [one(1), one(2)], lane=lane)
-        finally:
-            await d.close()
+        results = await send(server, [one(1), one(2)], lane=lane)
     assert [r.outcome for r in results] == ["delivered", "delivered"]
     assert sum(c.startswith(b"MAIL") for c in server.chunks) == 2
 
@@ -318,15 +292,11 @@ async def test_a_message_slower_to_send_than_the_reply_timeout_is_delivered(
     not cut off by command_timeout (it used to be: the reply's clock ran from the write)."""
     big = b"From: a@example.com\r\nSubject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 3000
     async with SlowReader(pipelining) as server:
-        d = deliverer(command_timeout=0.5)
-        try:
-            started = time.monotonic()
-            results = await d.deliver([target(server)], [OutMessage(  # type: ignore[arg-type]
-                id="big", mail_from="a@example.com", data=big,
-                recipients=(OutRecipient(id=1, address="r@example.org"),))])
-            took = time.monotonic() - started
-        finally:
-            await d.close()
+        started = time.monotonic()
+        results = await send(server, [OutMessage(
+            id="big", mail_from="a@example.com", data=big,
+            recipients=(OutRecipient(id=1, address="r@example.org"),))], command_timeout=0.5)
+        took = time.monotonic() - started
     assert [(r.outcome, r.code) for r in results] == [("delivered", 250)], results[0].text
     assert took > 1.0  # slower than command_timeout, twice over
 
@@ -375,9 +345,5 @@ async def test_the_reply_to_the_data_may_take_data_timeout(pipelining: bool) -> 
     """RFC 5321 4.5.3.2.6: a client waits 10 minutes for the reply to the data's end, which
     a content filter may take; the other replies keep command_timeout."""
     async with Scripted(pipelining, {}, end_delay=1.0) as server:
-        d = deliverer(command_timeout=0.5, data_timeout=5.0)
-        try:
-            results = await d.deliver([target(server)], [one(1)])  # type: ignore[arg-type]
-        finally:
-            await d.close()
+        results = await send(server, [one(1)], command_timeout=0.5, data_timeout=5.0)
     assert [(r.outcome, r.code) for r in results] == [("delivered", 250)], results[0].text

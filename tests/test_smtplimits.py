@@ -280,16 +280,25 @@ async def test_failed_logins_on_one_node_block_the_client_on_another(
         await b.stop()
 
 
-async def test_the_idle_timeout_runs_from_the_last_command_and_says_421(
-        tmp_path: Path, clients: Clients) -> None:
-    """Each command pushes the idle timeout back (relay moves a deadline instead of
-    re-arming a timer per command); a client silent for longer is told 421 4.4.2 and
-    closed, not cut off unanswered."""
+@contextlib.asynccontextmanager
+async def idle_limited(tmp_path: Path) -> AsyncIterator[Service]:
+    """A relay listener whose clients may be idle 0.6 s."""
     listener = ListenerConfig(port=free_port(), mode="relay", tls="none",
                               allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
     svc = Service(make_config(tmp_path, listener, limits=LimitsConfig(idle_timeout=0.6)))
     await svc.start()
     try:
+        yield svc
+    finally:
+        await svc.stop()
+
+
+async def test_the_idle_timeout_runs_from_the_last_command_and_says_421(
+        tmp_path: Path, clients: Clients) -> None:
+    """Each command pushes the idle timeout back (relay moves a deadline instead of
+    re-arming a timer per command); a client silent for longer is told 421 4.4.2 and
+    closed, not cut off unanswered."""
+    async with idle_limited(tmp_path) as svc:
         client = await clients.open(svc.bound[0][1])
         started = time.monotonic()
         for _ in range(6):  # 1.5 s of commands 0.25 s apart: never 0.6 s idle
@@ -304,8 +313,6 @@ async def test_the_idle_timeout_runs_from_the_last_command_and_says_421(
         assert await client.closed_by_server()
         assert 0.5 < idle < 2.0, idle
         await until(lambda: handler(svc).caps.count == 0)
-    finally:
-        await svc.stop()
 
 
 async def test_a_slow_message_is_not_cut_off_by_the_idle_timeout(
@@ -313,11 +320,7 @@ async def test_a_slow_message_is_not_cut_off_by_the_idle_timeout(
     """The idle timeout counts from the client's last octets, in the data too: a message
     that takes longer than it to arrive, a line at a time, is taken (Postfix's
     smtpd_timeout is per read likewise)."""
-    listener = ListenerConfig(port=free_port(), mode="relay", tls="none",
-                              allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
-    svc = Service(make_config(tmp_path, listener, limits=LimitsConfig(idle_timeout=0.6)))
-    await svc.start()
-    try:
+    async with idle_limited(tmp_path) as svc:
         client = await clients.open(svc.bound[0][1])
         for line in (b"EHLO c.test", b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.org>",
                      b"DATA"):
@@ -333,5 +336,3 @@ async def test_a_slow_message_is_not_cut_off_by_the_idle_timeout(
         reply = await asyncio.wait_for(client.reader.readline(), 10)
         assert reply.startswith(b"250 2.0.0"), reply
         await client.quit()
-    finally:
-        await svc.stop()

@@ -4,6 +4,8 @@ aiosmtplib reads one reply per command it writes and drops what arrives when no 
 waiting, so MAIL, RCPT and DATA written together would lose their replies. Its protocol is
 given a queue instead: every reply the connection was told to expect is kept, in order, and
 read_response hands them out one by one; unsolicited data is still dropped, as before.
+read_response times each reply out itself, the data's only once the data stops moving
+(sendqueue.py says how much is left to go).
 
 `aiosmtplib.SMTP` makes its protocol from the module's `SMTPProtocol` name when it connects
 and has no hook for another class; `install()` points that name at the subclass here, in
@@ -14,23 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import struct
-import sys
 
 import aiosmtplib.smtp
 from aiosmtplib import SMTPResponse
 from aiosmtplib.errors import SMTPReadTimeoutError, SMTPResponseException, SMTPServerDisconnected
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SMTPProtocol
 
-
-if sys.platform == "linux":
-    import fcntl
-    import termios
-
-    _SIOCOUTQ: int | None = termios.TIOCOUTQ  # a TCP socket's unsent octets (tcp(7))
-else:
-    _SIOCOUTQ = None
+from .sendqueue import unsent
 
 
 class QueuedReplies(SMTPProtocol):
@@ -103,7 +95,7 @@ class QueuedReplies(SMTPProtocol):
         try:
             if not waiter.done():
                 if timeout is not None:
-                    self._arm(waiter, timeout, self._unsent() if sending else 0)
+                    self._arm(waiter, timeout, unsent(self.transport) if sending else 0)
                 await waiter
             reply = waiter.result()
         finally:
@@ -116,34 +108,20 @@ class QueuedReplies(SMTPProtocol):
         self._hand_over()  # the fresh waiter takes the next reply already here
         return reply
 
-    def _arm(self, waiter: asyncio.Future[SMTPResponse], timeout: float, unsent: int) -> None:
-        self._timer = self._loop.call_later(timeout, self._time_out, waiter, timeout, unsent)
+    def _arm(self, waiter: asyncio.Future[SMTPResponse], timeout: float, left: int) -> None:
+        self._timer = self._loop.call_later(timeout, self._time_out, waiter, timeout, left)
 
     def _time_out(self, waiter: asyncio.Future[SMTPResponse], timeout: float,
-                  unsent: int) -> None:
+                  left: int) -> None:
         if waiter.done():
             return
-        if unsent:  # data was on its way out: time out only once it stopped moving
-            now = self._unsent()
-            if now < unsent:
+        if left:  # data was on its way out: time out only once it stopped moving
+            now = unsent(self.transport)
+            if now < left:
                 self._arm(waiter, timeout, now)
                 return
         self._set_response_exception(
             waiter, SMTPReadTimeoutError("Timed out waiting for server response"))
-
-    def _unsent(self) -> int:
-        """Octets written and not yet taken by the peer: the transport's buffer and, on
-        Linux, the socket's send queue (SIOCOUTQ), where the kernel holds megabytes."""
-        transport = self.transport
-        if transport is None:
-            return 0
-        unsent = transport.get_write_buffer_size()
-        sock = transport.get_extra_info("socket")
-        if _SIOCOUTQ is not None and sock is not None:
-            with contextlib.suppress(OSError, ValueError):
-                unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ,
-                                                         b"\0\0\0\0"))[0]
-        return unsent
 
 
 def install() -> None:
