@@ -70,13 +70,6 @@ def split(data: bytes) -> tuple[list[Header], bytes]:
     return headers, b""
 
 
-def header_value(data: bytes, name: str) -> str | None:
-    """The first `name` field of a message's header, without reading (or copying) its body."""
-    end = data.find(b"\r\n\r\n")
-    headers, _ = split(data if end < 0 else data[:end + 2])
-    return first_value(headers, name)
-
-
 def join(headers: list[Header], body: bytes) -> bytes:
     return b"".join(h.raw for h in headers) + b"\r\n" + body
 

@@ -65,6 +65,7 @@ class Rendered:
     data: bytes
     smtputf8: bool  # its header needs an SMTPUTF8 transport (RFC 6532)
     signed: str  # for the attempt log: which keys signed it, or why none did
+    message_id: str = ""  # its Message-ID field's value, as written ("" when it has none)
 
 
 class KeyRing:
@@ -200,17 +201,17 @@ class Renderer:
             except Exception as exc:  # noqa: BLE001 - the caller parks that one message
                 metrics.dkim_failure("render")
                 out[i] = exc
-        rsa_items = [(key.key, digest) for _, u, _, _ in pending
+        rsa_items = [(key.key, digest) for _, u, _, _, _ in pending
                      for key, _, digest in u.fields if key.algorithm == "rsa-sha256"]
         if self._signer is not None and rsa_items:
             made = iter(await self._signer.sign(rsa_items))  # type: ignore[arg-type]
         else:
             made = iter([dkim.raw_signature(key, digest) for key, digest in rsa_items])
-        for i, u, needs_utf8, note in pending:
+        for i, u, needs_utf8, note, message_id in pending:
             signatures = [next(made) if key.algorithm == "rsa-sha256" else
                           dkim.raw_signature(key.key, digest) for key, _, digest in u.fields]
             out[i] = Rendered(data=dkim.finish(u, signatures), smtputf8=needs_utf8,
-                              signed=note)
+                              signed=note, message_id=message_id)
         return [r for r in out if r is not None]
 
     async def close(self) -> None:
@@ -243,13 +244,14 @@ class Renderer:
     def render(self, message: Outgoing, *, smtputf8: bool = False,
                job: Job | None = None) -> Rendered:
         """One message rendered and signed in this thread."""
-        u, needs_utf8, note = self._unsigned(message, smtputf8=smtputf8, job=job)
-        return Rendered(data=dkim.finish_here(u), smtputf8=needs_utf8, signed=note)
+        u, needs_utf8, note, message_id = self._unsigned(message, smtputf8=smtputf8, job=job)
+        return Rendered(data=dkim.finish_here(u), smtputf8=needs_utf8, signed=note,
+                        message_id=message_id)
 
     def _unsigned(self, message: Outgoing, *, smtputf8: bool, job: Job | None
-                  ) -> tuple[dkim.Unsigned, bool, str]:
+                  ) -> tuple[dkim.Unsigned, bool, str, str]:
         """Everything of rendering but the signatures: the final bytes, whether they need
-        SMTPUTF8, and the note on signing for the attempt log."""
+        SMTPUTF8, the note on signing for the attempt log, and the Message-ID."""
         data = transcode.seven_bit(self._materialize(message, job))
         headers, body = rawmail.split(data)
         marked = False  # relay's marks are short ASCII lines: added after the 7-bit pass
@@ -263,7 +265,8 @@ class Renderer:
             data = rawmail.join(headers, body)
         needs_utf8 = smtputf8 or transcode.needs_smtputf8(data)
         keys, note = self._choose(message, headers)
-        return dkim.prepare(data, keys, parts=(headers, body)), needs_utf8, note
+        return (dkim.prepare(data, keys, parts=(headers, body)), needs_utf8, note,
+                rawmail.first_value(headers, "Message-ID") or "")
 
     def _materialize(self, message: Outgoing, job: Job | None) -> bytes:
         """The message's bytes; a tracked composition gets this recipient's links and pixel

@@ -14,7 +14,6 @@ from ..aio import cancel_and_wait, sleep_until_set
 from ..config import Config
 from ..errors import DeliveryFailure, StoreError, TemporaryFailure
 from ..feedback.reports import ReportMaker
-from ..rawmail import header_value
 from ..store import SQLiteStore
 from ..store.delivery import DueRecipient, Outcome
 from ..store.pgconn import Listener
@@ -319,7 +318,7 @@ class Scheduler:
                 record([self._outcomes.failed(r, rendered) for r in recipients])
                 continue
             signed[first.message_id] = rendered.signed
-            job.message_ids[first.message_id] = header_value(rendered.data, "Message-ID") or ""
+            job.message_ids[first.message_id] = rendered.message_id
             # relay's return path names one recipient, so each gets its own transaction (the
             # bytes are the same); the sender's own envelope sender keeps them together
             verp = _verp(first)
