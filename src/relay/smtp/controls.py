@@ -22,6 +22,8 @@ def read_controls(data: bytes) -> dict[str, Any]:
     normalised), not the body, which submit reads once more."""
     end = _EMPTY_LINE.search(data)
     head = data[:end.end()] if end else data
+    if b"x-relay-" not in head.lower():  # most mail: nothing to read (a quick look, ~1 µs)
+        return {}
     headers, _ = rawmail.split(rawmail.normalize_newlines(head))
     out: dict[str, Any] = {}
     for h in headers:
