@@ -52,7 +52,7 @@ class Tokens:
 
     def make(self, kind: str, recipient_id: int) -> str:
         raw = recipient_id.to_bytes(8, "big")
-        return _b32(raw + self._mac(kind, raw))
+        return b32(raw + self._mac(kind, raw))
 
     def read(self, kind: str, token: str) -> int | None:
         """The recipient id, or None for anything not made by `make` for this kind."""
@@ -89,12 +89,24 @@ class Tokens:
         return self._mac(kind, raw)
 
     def _mac(self, kind: str, raw: bytes) -> bytes:
-        return hmac.new(self._key, kind.encode() + b"\0" + raw, hashlib.sha256).digest()[
-            :_MAC_BYTES]
+        # hmac.digest: OpenSSL's one-shot HMAC, without hmac.new's Python object (~3x faster)
+        return hmac.digest(self._key, kind.encode() + b"\0" + raw, "sha256")[:_MAC_BYTES]
 
 
-def _b32(raw: bytes) -> str:
-    return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+_B32_PAIRS = [a + b for a in "abcdefghijklmnopqrstuvwxyz234567"
+              for b in "abcdefghijklmnopqrstuvwxyz234567"]  # 10 bits -> two characters
+
+
+def b32(raw: bytes) -> str:
+    """base64.b32encode(raw), lower-cased, without its "=" padding: the form of relay's
+    tokens. base64's encoder is Python, 5 octets at a time; this takes the whole value as
+    one integer, two characters a step (~4x faster for a token, two of them a message)."""
+    chars = -(-len(raw) * 8 // 5)  # the last one padded with zero bits
+    steps = -(-chars // 2)
+    value = int.from_bytes(raw, "big") << (steps * 10 - len(raw) * 8)
+    text = "".join([_B32_PAIRS[(value >> shift) & 0x3FF]
+                    for shift in range(steps * 10 - 10, -1, -10)])
+    return text[:chars]
 
 
 _HREF = re.compile(r"""(<a\b[^>]*?\bhref\s*=\s*)(["'])(https?://[^"']+)\2""", re.IGNORECASE)

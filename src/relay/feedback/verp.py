@@ -15,7 +15,7 @@ import re
 
 from ..addresses import self_and_parents
 from ..config import Config
-from .tracking import Tokens
+from .tracking import Tokens, b32
 
 BOUNCE_PREFIX = "bounces+"
 UNSUBSCRIBE_PREFIX = "unsub+"  # tracking.unsubscribe_headers writes the mailto: form
@@ -95,4 +95,4 @@ def read_feedback_id(tokens: Tokens, value: str | None) -> str | None:
 
 def _feedback_mac(tokens: Tokens, message_id: str) -> str:
     digest = tokens.mac("feedback", message_id.encode())
-    return base64.b32encode(digest[:_FEEDBACK_MAC]).decode().rstrip("=").lower()
+    return b32(digest[:_FEEDBACK_MAC])
