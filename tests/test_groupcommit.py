@@ -1,19 +1,29 @@
-"""The SQLite writers of every process take turns by the store's write lock (an flock beside
+"""The store's group commit.
+
+The SQLite writers of every process take turns by the store's write lock (an flock beside
 the file): a commit waits while another process holds it, and goes ahead once it is given
 back. Another relay process is stood in for by a second open file description of the lock
 file, which flock treats as another owner; the wait is seen in /proc/locks, where a blocked
-flock is listed with "->"."""
+flock is listed with "->".
+
+A write nobody waits on (the delivery worker's leases and outcomes) lingers to share a
+commit with those that follow; any other write ends the wait."""
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from relay.errors import StoreError
 from relay.store import SQLiteStore
+from relay.store.delivery import Outcome
+from relay.types import EventType, RecipientStatus
 
 from .test_store import new_message
 from .test_webhooks import until
@@ -48,4 +58,93 @@ async def test_a_commit_waits_while_another_process_holds_the_write_lock(
         fcntl.flock(other, fcntl.LOCK_UN)
     finally:
         os.close(other)
+        await store.close()
+
+
+# -- lingering writes: the commit of a write nobody waits on may wait for company -----------
+
+def _select(db: Any) -> int:
+    return int(db.execute("SELECT 1").fetchone()[0])
+
+
+async def test_lingering_writes_wait_to_share_one_commit(store_url: str) -> None:
+    store = SQLiteStore(store_url)
+    await store.open()
+    try:
+        writer = store.writer
+        assert writer is not None
+        writer.linger = 0.3
+        before, started = writer.batches, time.monotonic()
+        first = asyncio.create_task(writer.write(_select, linger=True))
+        await asyncio.sleep(0.05)
+        assert not first.done()  # waiting for company, not committed alone at once
+        second = asyncio.create_task(writer.write(_select, linger=True))
+        assert await asyncio.gather(first, second) == [1, 1]
+        assert writer.batches - before == 1  # one transaction, one fsync for both
+        assert time.monotonic() - started >= 0.25
+    finally:
+        await store.close()
+
+
+async def test_a_write_that_may_not_linger_ends_the_wait(store_url: str) -> None:
+    store = SQLiteStore(store_url)
+    await store.open()
+    try:
+        writer = store.writer
+        assert writer is not None
+        writer.linger = 5.0
+        before, started = writer.batches, time.monotonic()
+        lingering = asyncio.create_task(writer.write(_select, linger=True))
+        await asyncio.sleep(0.05)
+        assert await writer.write(_select) == 1  # a client's write: committed now
+        assert await asyncio.wait_for(lingering, 1) == 1  # and the lingering one with it
+        assert writer.batches - before == 1
+        assert time.monotonic() - started < 2
+    finally:
+        await store.close()
+
+
+async def test_a_lingering_write_fails_cleanly_when_the_store_closes(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "relay.sqlite")
+    await store.open()
+    writer = store.writer
+    assert writer is not None
+    writer.linger = 30.0
+    lingering = asyncio.create_task(writer.write(_select, linger=True))
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(store.close(), 5)
+    with pytest.raises(StoreError, match="closing"):
+        await asyncio.wait_for(lingering, 1)
+
+
+async def test_the_delivery_workers_writes_linger(tmp_path: Path) -> None:
+    """Leases and outcomes (no client waits on them) share commits; new mail does not wait."""
+    store = SQLiteStore(tmp_path / "relay.sqlite")
+    await store.open()
+    try:
+        writer = store.writer
+        assert writer is not None
+        writer.linger = 0.3
+        started = time.monotonic()
+        result = await store.enqueue(new_message(1))
+        assert time.monotonic() - started < 0.25  # a client waits on this one
+        before = writer.batches
+        leased = asyncio.create_task(store.lease_due(2_000_000_000.0, 10, 600))
+        await asyncio.sleep(0.05)
+        assert not leased.done()
+        renewed = asyncio.create_task(store.renew_leases([1], 2_000_000_900.0))
+        (due,), _ = await asyncio.gather(leased, renewed)
+        assert due.message_id == result.message_id and writer.batches - before == 1
+        before = writer.batches
+        outcome = Outcome(
+            recipient_id=due.id, message_id=due.message_id, status=RecipientStatus.DELIVERED,
+            at=2_000_000_001.0, event=EventType.DELIVERED, last_reply="250 ok")
+        recorded = asyncio.create_task(store.record([outcome]))
+        await asyncio.sleep(0.05)
+        assert not recorded.done()
+        await recorded
+        assert writer.batches - before == 1
+        detail = await store.get_message(result.message_id)
+        assert detail is not None and detail.recipients[0].status is RecipientStatus.DELIVERED
+    finally:
         await store.close()

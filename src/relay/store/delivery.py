@@ -106,7 +106,7 @@ MakeReport = Callable[[MessageDetail, dict[int, str]], NewMessage | None]
 class DeliveryQueries:
     """Mixed into SQLiteStore: every query the scheduler and the operator need."""
 
-    _write: Callable[[Any], Any]
+    _write: Callable[..., Any]
     _reader: DbThread
     node: str
 
@@ -148,7 +148,7 @@ class DeliveryQueries:
                 pool=r[16] or "",
             ) for r in rows]
 
-        due: list[DueRecipient] = await self._write(op)
+        due: list[DueRecipient] = await self._write(op, linger=True)  # the worker's own
         return due
 
     async def renew_leases(self, ids: Sequence[int], until: float) -> list[int]:
@@ -165,7 +165,7 @@ class DeliveryQueries:
                     (until, self.node, *chunk)).fetchall()]
             return renewed
 
-        renewed: list[int] = await self._write(op)
+        renewed: list[int] = await self._write(op, linger=True)
         return renewed
 
     async def next_due_at(self) -> float | None:
@@ -173,8 +173,11 @@ class DeliveryQueries:
         return due
 
     async def record(self, outcomes: Sequence[Outcome]) -> None:
-        """Store each outcome: status, lease released, attempt row and event, in one commit."""
-        await asyncio.gather(*(self._write(Batched(_record_many, o)) for o in outcomes))
+        """Store each outcome: status, lease released, attempt row and event, in one commit,
+        which may wait a moment for others to share it (groupcommit.LINGER): the mail is
+        out, nobody waits on this write, and the writers' lock is better left to new mail."""
+        await asyncio.gather(*(self._write(Batched(_record_many, o), linger=True)
+                               for o in outcomes))
 
     async def pending_reports(self) -> list[str]:
         ids: list[str] = await self._reader.run(_pending_reports)

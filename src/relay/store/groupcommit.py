@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import metrics
-from ..aio import cancel_and_wait
+from ..aio import cancel_and_wait, sleep_until_set
 from ..errors import StoreError
 from .pgconn import Conflict
 from .thread import DbThread
@@ -38,6 +38,7 @@ Operation = Callable[[sqlite3.Connection], Any]
 RunMany = Callable[[sqlite3.Connection, Sequence[Any]], list[Any]]
 
 MAX_BATCH = 512
+LINGER = 0.02  # seconds a lingering write waits for company (GroupCommitWriter.write)
 CONFLICT_RETRIES = 5
 
 
@@ -97,10 +98,15 @@ class WriteLock:
 class GroupCommitWriter:
     """Owns the write connection; each transaction runs on its thread in one step."""
 
-    def __init__(self, conn: DbThread, lock: WriteLock | None = None) -> None:
+    def __init__(self, conn: DbThread, lock: WriteLock | None = None, *,
+                 linger: float = LINGER) -> None:
         self.conn = conn
         self._lock = lock
-        self._queue: asyncio.Queue[tuple[Work, asyncio.Future[Any]]] = asyncio.Queue()
+        self.linger = linger
+        # (work, its caller's future, whether it may linger)
+        self._queue: asyncio.Queue[tuple[Work, asyncio.Future[Any], bool]] = asyncio.Queue()
+        self._urgent = asyncio.Event()  # set when a write that may not linger is queued
+        self._urgent_queued = 0  # such writes in the queue
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # commits made; lets tests and benches see the grouping
         self.operations = 0
@@ -112,23 +118,44 @@ class GroupCommitWriter:
         await cancel_and_wait(self._task)
         self._task = None
         while not self._queue.empty():
-            _, fut = self._queue.get_nowait()
+            _, fut, _ = self._queue.get_nowait()
             if not fut.done():
                 fut.set_exception(StoreError("the store is closing"))
+        self._urgent_queued = 0
 
-    async def write(self, work: Work) -> Any:
+    async def write(self, work: Work, *, linger: bool = False) -> Any:
+        """Commit `work`, then return its result. With `linger`, the commit may wait up to
+        `linger` seconds for other writes to share it (a write that is not lingering ends
+        the wait): for writes that no client waits on, such as the delivery worker's
+        outcomes. Delivering 5 KB messages as fast as they came (bench/deliver.py), the
+        worker committed ~5 outcomes at a time, each commit taking the writers' lock and
+        an fsync, so the master's commits of new mail, which the clients do wait on, queued
+        behind it: lingering 20 ms, the worker made a fifth of the commits and relay took
+        12-19 % more messages a second."""
         if self._task is None or self._task.done():
             raise StoreError("the store is not open")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._queue.put((work, fut))
+        lingers = linger and self.linger > 0
+        if not lingers:
+            self._urgent_queued += 1
+            self._urgent.set()
+        await self._queue.put((work, fut, lingers))
         return await fut
 
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            if batch[0][2] and not self._urgent_queued:
+                self._urgent.clear()
+                try:
+                    await sleep_until_set(self._urgent, self.linger)
+                except asyncio.CancelledError:  # the store closes: as if still queued
+                    _settle(batch[0][1], exc=StoreError("the store is closing"))
+                    raise
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            live = [(work, fut) for work, fut in batch if not fut.cancelled()]
+            self._urgent_queued -= sum(not lingers for _, _, lingers in batch)
+            live = [(work, fut) for work, fut, _ in batch if not fut.cancelled()]
             if live:
                 await self._commit(live)
 

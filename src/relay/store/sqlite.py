@@ -152,10 +152,10 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
             raise StoreError("the store is not open")
         return self._read_conn
 
-    async def _write(self, op: Any) -> Any:
+    async def _write(self, op: Any, *, linger: bool = False) -> Any:
         if self.writer is None:
             raise StoreError("the store is not open")
-        return await self.writer.write(op)
+        return await self.writer.write(op, linger=linger)
 
     # -- the way in ----------------------------------------------------------
 
