@@ -36,10 +36,20 @@ from .apiutil import Api, open_api
 from .dnsserver import DNSServer
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, and never one handed out before in this run: the
+    kernel may give the same free port twice in a row, and a test that asks for two (SMTP
+    and API) before binding either then saw its relay refuse to start, "address in use"."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def make_config(tmp_path: Path, *listeners: ListenerConfig, **sections: Any) -> Config:
