@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from ..feedback import bounce_reasons
+from ..frozen import quick_init
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -60,6 +61,7 @@ class Target:
     tls: TlsPolicy = DEFAULT_TLS
 
 
+@quick_init
 @dataclass(frozen=True, kw_only=True)
 class OutRecipient:
     id: int
@@ -68,6 +70,7 @@ class OutRecipient:
     orcpt: str | None = None
 
 
+@quick_init
 @dataclass(frozen=True, kw_only=True)
 class OutMessage:
     id: str
@@ -79,6 +82,7 @@ class OutMessage:
     dsn_envid: str | None = None
 
 
+@quick_init
 @dataclass(frozen=True, kw_only=True)
 class Result:
     recipient_id: int

@@ -85,6 +85,7 @@ class Remembered:
     created_at: float
 
 
+@quick_init
 @dataclass(frozen=True, kw_only=True)
 class Outgoing:
     """What render needs of a message to be delivered."""

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..frozen import quick_init
 from ..types import EventType, RecipientStatus
 from .base import MessageDetail, NewMessage
 from .groupcommit import Batched
@@ -40,6 +41,7 @@ def on_pending(sql: str, db: Any) -> str:
     return sql.format("" if is_postgresql(db) else " INDEXED BY recipients_pending")
 
 
+@quick_init
 @dataclass(frozen=True, kw_only=True)
 class DueRecipient:
     """A leased recipient with what delivery needs of its message."""
@@ -63,6 +65,7 @@ class DueRecipient:
     pool: str = ""  # the source pool the submitter asked for ([[delivery.pools]])
 
 
+@quick_init
 @dataclass(frozen=True, kw_only=True)
 class AttemptRecord:
     started_at: float
@@ -82,6 +85,7 @@ class AttemptRecord:
     tls_failure: str | None = None
 
 
+@quick_init
 @dataclass(frozen=True, kw_only=True)
 class Outcome:
     """What became of one leased recipient: its new status, the attempt and the event."""
