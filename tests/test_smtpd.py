@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import logging
 import os
 import smtplib
 import socket
@@ -65,6 +66,29 @@ async def test_wrong_key_gets_535(service: Service) -> None:
         await in_thread(attempt)
     assert err.value.smtp_code == 535
     assert err.value.smtp_error.startswith(b"5.7.8")
+
+
+async def test_aiosmtpds_command_log_is_masked_and_made_only_when_written(
+        service: Service, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiosmtpd masks AUTH's secret in each command line it logs; relay keeps its logger at
+    WARNING, and then no line is masked at all (smtp/quietlog.py). Written, it is masked."""
+    import aiosmtpd.smtp
+
+    secret = await make_key(service)
+    port = service.bound[0][1]
+    masked: list[bytes] = []
+    real = aiosmtpd.smtp.sanitize
+    monkeypatch.setattr(aiosmtpd.smtp, "sanitize", lambda t: masked.append(t) or real(t))
+    mail_log = logging.getLogger("mail.log")
+    monkeypatch.setattr(mail_log, "level", logging.WARNING)
+    await in_thread(login, port, secret)
+    assert masked == []
+    blob = base64.b64encode(f"\0anyone\0{secret}".encode()).decode()
+    with caplog.at_level(logging.DEBUG, logger="mail.log"):
+        await in_thread(login, port, secret)
+    assert masked and "AUTH PLAIN ********" in caplog.text
+    assert blob not in caplog.text and secret not in caplog.text
 
 
 async def test_key_without_send_scope_is_refused(service: Service) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from ..clients import client_key
+from . import quietlog  # noqa: F401 - aiosmtpd's command log, masked only when written
 from .limits import ConnectionCaps
 from .replies import with_enhanced
 
