@@ -268,12 +268,19 @@ def steal_share(before: list[int], after: list[int]) -> float:
     return delta[7] / max(1, sum(delta[:8])) if len(delta) > 7 else 0.0
 
 
-def report_signing(db_path: Path) -> None:
-    """How many attempts were DKIM-signed, and how (the attempt log's line)."""
+def report_signing(db_path: Path, messages: int) -> None:
+    """How many attempts were DKIM-signed, and how (the attempt log's line). The worker
+    records outcomes a moment after the sink has the mail (its writes linger to share a
+    commit: store/groupcommit.py), so this waits up to 2 s for all of them."""
     import sqlite3
 
+    deadline = time.monotonic() + 2.0
     with sqlite3.connect(db_path) as db:
-        rows = db.execute("SELECT signed, count(*) FROM attempts GROUP BY signed").fetchall()
+        while True:
+            rows = db.execute("SELECT signed, count(*) FROM attempts GROUP BY signed").fetchall()
+            if sum(n for _, n in rows) >= messages or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     for signed, count in rows:
         print(f"  {count} attempt(s): {signed}", flush=True)
 
@@ -364,7 +371,7 @@ def run_side(side: str, args: argparse.Namespace, round_no: int = 1
                     steal = steal_share(ticks, cpu_ticks())
                     if got < args.messages:
                         report_stuck(tmp / "relay-data" / "relay.sqlite")
-                    report_signing(tmp / "relay-data" / "relay.sqlite")
+                    report_signing(tmp / "relay-data" / "relay.sqlite", got)
                 finally:
                     proc.terminate()
                     proc.wait(120)
