@@ -13,12 +13,14 @@ gets `StoreError`. On SQLite, the writers of every process take turns by a `Writ
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import logging
 import os
 import random
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from .. import metrics
-from ..aio import cancel_and_wait, sleep_until_set
 from ..errors import StoreError
 from .pgconn import Conflict
 from .thread import DbThread
@@ -96,32 +97,49 @@ class WriteLock:
 
 
 class GroupCommitWriter:
-    """Owns the write connection; each transaction runs on its thread in one step."""
+    """Owns the write connection. Writes wait in a list; the connection's thread takes
+    everything waiting, commits it in one transaction, hands each caller its result, and
+    takes what came meanwhile, until nothing waits.
+
+    The thread takes the next batch itself, as soon as a commit ends: when the event loop
+    handed each batch over and took each result back, every commit was followed by two
+    thread wake-ups (~1 ms together on a busy 2-core machine, a fifth of a commit's cycle)
+    during which nothing was written while new mail waited."""
 
     def __init__(self, conn: DbThread, lock: WriteLock | None = None, *,
                  linger: float = LINGER) -> None:
         self.conn = conn
         self._lock = lock
         self.linger = linger
-        # (work, its caller's future, whether it may linger)
-        self._queue: asyncio.Queue[tuple[Work, asyncio.Future[Any], bool]] = asyncio.Queue()
-        self._urgent = asyncio.Event()  # set when a write that may not linger is queued
-        self._urgent_queued = 0  # such writes in the queue
-        self._task: asyncio.Task[None] | None = None
+        self._cond = threading.Condition()  # guards the fields below it, loop and thread
+        # (work, its caller's future, whether it may linger), in order of arrival
+        self._pending: collections.deque[tuple[Work, asyncio.Future[Any], bool]] = \
+            collections.deque()
+        self._urgent = 0  # pending writes that may not linger
+        self._draining = False  # the thread is taking batches (a _drain job is running)
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_job: asyncio.Task[None] | None = None
         self.batches = 0  # commits made; lets tests and benches see the grouping
         self.operations = 0
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="store-writer")
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
-        while not self._queue.empty():
-            _, fut, _ = self._queue.get_nowait()
-            if not fut.done():
-                fut.set_exception(StoreError("the store is closing"))
-        self._urgent_queued = 0
+        with self._cond:
+            self._closing = True
+            left, self._pending = list(self._pending), collections.deque()
+            self._urgent = 0
+            self._cond.notify_all()
+        for _, fut, _ in left:
+            _settle(fut, exc=StoreError("the store is closing"))
+        job, self._drain_job = self._drain_job, None
+        if job is not None:  # its transaction ends; nothing is left for it to take
+            with contextlib.suppress(Exception):
+                await job
+        self._loop = None
 
     async def write(self, work: Work, *, linger: bool = False) -> Any:
         """Commit `work`, then return its result. With `linger`, the commit may wait up to
@@ -132,62 +150,94 @@ class GroupCommitWriter:
         an fsync, so the master's commits of new mail, which the clients do wait on, queued
         behind it: lingering 20 ms, the worker made a fifth of the commits and relay took
         12-19 % more messages a second."""
-        if self._task is None or self._task.done():
+        loop = self._loop
+        if loop is None or self._closing:
             raise StoreError("the store is not open")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = loop.create_future()
         lingers = linger and self.linger > 0
-        if not lingers:
-            self._urgent_queued += 1
-            self._urgent.set()
-        await self._queue.put((work, fut, lingers))
+        with self._cond:
+            self._pending.append((work, fut, lingers))
+            if not lingers:
+                self._urgent += 1
+                self._cond.notify()
+            start, self._draining = not self._draining, True
+        if start:
+            self._drain_job = asyncio.ensure_future(self.conn.run(self._drain))
+            self._drain_job.add_done_callback(self._drain_ended)
         return await fut
 
-    async def _run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            if batch[0][2] and not self._urgent_queued:
-                self._urgent.clear()
-                try:
-                    await sleep_until_set(self._urgent, self.linger)
-                except asyncio.CancelledError:  # the store closes: as if still queued
-                    _settle(batch[0][1], exc=StoreError("the store is closing"))
-                    raise
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            self._urgent_queued -= sum(not lingers for _, _, lingers in batch)
-            live = [(work, fut) for work, fut, _ in batch if not fut.cancelled()]
-            if live:
-                await self._commit(live)
+    def _drain_ended(self, job: asyncio.Task[None]) -> None:
+        """A drain that failed (the thread gone, a bug) fails what waits, never strands it."""
+        if job.cancelled() or job.exception() is not None:
+            why = "cancelled" if job.cancelled() else repr(job.exception())
+            exc = StoreError(f"the store's writer failed: {why}")
+            with self._cond:
+                left, self._pending = list(self._pending), collections.deque()
+                self._urgent, self._draining = 0, False
+            for _, fut, _ in left:
+                _settle(fut, exc=exc)
 
-    async def _commit(self, batch: list[tuple[Work, asyncio.Future[Any]]]) -> None:
+    def _drain(self, db: sqlite3.Connection) -> None:
+        """On the connection's thread: batches until nothing waits."""
+        while True:
+            with self._cond:
+                if self._pending and not self._urgent and not self._closing:
+                    # only writes that may linger: wait for company, or for one that may not
+                    self._cond.wait_for(lambda: self._urgent > 0 or self._closing,
+                                        timeout=self.linger)
+                if not self._pending or self._closing:
+                    self._draining = False
+                    return
+                batch = [self._pending.popleft()
+                         for _ in range(min(MAX_BATCH, len(self._pending)))]
+                self._urgent -= sum(not lingers for _, _, lingers in batch)
+            live = [(work, fut) for work, fut, _ in batch if not fut.cancelled()]
+            try:
+                if live:
+                    self._commit(db, live)
+            except BaseException as exc:  # a bug: the batch's callers are told, not stranded
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(_settle_all, [
+                    (fut, None, StoreError(f"the store's writer failed: {exc!r}"))
+                    for _, fut in live])
+                raise
+
+    def _commit(self, db: sqlite3.Connection,
+                batch: list[tuple[Work, asyncio.Future[Any]]]) -> None:
+        settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
         try:
-            results = await self._transaction([work for work, _ in batch])
+            results = self._transaction(db, [work for work, _ in batch])
         except _OperationFailed:
             # Isolate the failing operation: each one alone.
+            settled = []
             for work, fut in batch:
                 try:
-                    (result,) = await self._transaction([work])
+                    (result,) = self._transaction(db, [work])
                 except _OperationFailed as exc:
-                    _settle(fut, exc=exc.__cause__ or exc)
+                    settled.append((fut, None, exc.__cause__ or exc))
                 except StoreError as exc:
-                    _settle(fut, exc=exc)
+                    settled.append((fut, None, exc))
                 else:
-                    _settle(fut, result=result)
-            return
+                    settled.append((fut, result, None))
         except StoreError as exc:
-            for _, fut in batch:
-                _settle(fut, exc=exc)
-            return
-        for (_, fut), result in zip(batch, results):
-            _settle(fut, result=result)
+            settled = [(fut, None, exc) for _, fut in batch]
+        else:
+            settled = [(fut, result, None) for (_, fut), result in zip(batch, results)]
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_settle_all, settled)
 
-    async def _transaction(self, works: list[Work]) -> list[Any]:
+    def _transaction(self, db: sqlite3.Connection, works: list[Work]) -> list[Any]:
         started = time.perf_counter()
-        results: list[Any] = await self.conn.run(_transaction, works, self._lock)
+        results = _transaction(db, works, self._lock)
         metrics.commit_took(time.perf_counter() - started)
         self.batches += 1
         self.operations += len(works)
         return results
+
+
+def _settle_all(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, result, exc in settled:
+        _settle(fut, result=result, exc=exc)
 
 
 def _transaction(db: sqlite3.Connection, works: list[Work],
