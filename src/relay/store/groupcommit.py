@@ -1,4 +1,4 @@
-"""One writer task that owns the write connection and commits waiting writes together.
+"""The write connection's thread, which commits waiting writes together.
 
 Every caller hands in an operation and awaits its own commit. Operations that
 arrive while a commit is in progress are taken as one batch: one transaction,
@@ -8,6 +8,7 @@ raises, the batch is rolled back and each of its operations is retried in a
 transaction of its own, so one bad write cannot fail the others. Nothing is
 ever half-written: a failed commit rolls back and every caller of that batch
 gets `StoreError`. On SQLite, the writers of every process take turns by a `WriteLock`.
+A write no client waits on may linger to share a commit with those that follow.
 """
 
 from __future__ import annotations
