@@ -22,6 +22,7 @@ import pytest
 
 from relay.errors import StoreError
 from relay.store import SQLiteStore
+from relay.store.groupcommit import LINGER_MAX
 from relay.store.delivery import Outcome
 from relay.types import EventType, RecipientStatus
 
@@ -100,6 +101,27 @@ async def test_a_write_that_may_not_linger_ends_the_wait(store_url: str) -> None
         assert await asyncio.wait_for(lingering, 1) == 1  # and the lingering one with it
         assert writer.batches - before == 1
         assert time.monotonic() - started < 2
+    finally:
+        await store.close()
+
+
+async def test_enough_lingering_writes_end_the_wait(store_url: str) -> None:
+    """LINGER_MAX writes waiting are committed at once: what a crash can find delivered and
+    not recorded stays bounded by count, not by the linger's time alone."""
+    store = SQLiteStore(store_url)
+    await store.open()
+    try:
+        writer = store.writer
+        assert writer is not None
+        writer.linger = 5.0
+        before, started = writer.batches, time.monotonic()
+        few = [asyncio.create_task(writer.write(_select, linger=True))
+               for _ in range(LINGER_MAX - 1)]
+        await asyncio.sleep(0.1)
+        assert not any(t.done() for t in few)  # fewer: they wait
+        last = writer.write(_select, linger=True)
+        assert await asyncio.wait_for(asyncio.gather(*few, last), 2) == [1] * LINGER_MAX
+        assert writer.batches - before == 1 and time.monotonic() - started < 2
     finally:
         await store.close()
 
