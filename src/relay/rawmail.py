@@ -79,6 +79,14 @@ def find(headers: list[Header], name: str) -> list[Header]:
     return [h for h in headers if h.key == key]
 
 
+def index(headers: list[Header]) -> dict[str, list[Header]]:
+    """The fields by lower-cased name, each name's in order: one pass for many look-ups."""
+    out: dict[str, list[Header]] = {}
+    for h in headers:
+        out.setdefault(h.name.lower(), []).append(h)
+    return out
+
+
 def first_value(headers: list[Header], name: str) -> str | None:
     found = find(headers, name)
     return found[0].value if found else None

@@ -270,28 +270,33 @@ class Submitter:
             raise ValidationError(f"the message is larger than {limits.max_message_size} octets",
                                   param="data", smtp="552 5.3.4")
         headers, body = rawmail.split(data)
-        froms = rawmail.find(headers, "From")
+        by_name = rawmail.index(headers)  # one pass of lower-casing for every look-up below
+        froms = by_name.get("from", [])
         if len(froms) != 1:
             raise ValidationError(f"a message needs exactly one From header, not {len(froms)}",
                                   param="From")
-        for domain in rawmail.address_domains(froms[0].value) if sub.allowed_domains else ():
+        sender = froms[0].value
+        for domain in rawmail.address_domains(sender) if sub.allowed_domains else ():
             if not may_send_as(sub.allowed_domains, domain.lower()):
                 raise ValidationError(f"this key may not send as {domain}", param="From",
                                       smtp="550 5.7.1")
-        if len(rawmail.find(headers, "Received")) > limits.max_received_headers:
+        if len(by_name.get("received", ())) > limits.max_received_headers:
             raise ValidationError(
                 f"more than {limits.max_received_headers} Received headers: a mail loop",
                 param="Received", smtp="554 5.4.6")
-        headers = [h for h in headers
-                   if h.key != "bcc" and not h.key.startswith(_CONTROL_PREFIX)]
+        if any(k == "bcc" or k.startswith(_CONTROL_PREFIX) for k in by_name):
+            headers = [h for h in headers
+                       if h.key != "bcc" and not h.key.startswith(_CONTROL_PREFIX)]
         headers = self._trace(sub, message_id, date, recipients) + headers
-        if not rawmail.find(headers, "Message-ID"):
+        # the trace is Received fields only, and what was dropped is Bcc and X-Relay-*
+        if "message-id" not in by_name:
             headers.append(rawmail.make("Message-ID", self.message_id_header(message_id)))
-        if not rawmail.find(headers, "Date"):
+        if "date" not in by_name:
             headers.append(rawmail.make("Date", date))
+        subjects = by_name.get("subject")
         return (rawmail.join(headers, body),
-                rawmail.decoded(rawmail.first_value(headers, "Subject")),
-                rawmail.decoded(froms[0].value))
+                rawmail.decoded(subjects[0].value if subjects else None),
+                rawmail.decoded(sender))
 
     def _composed(self, sub: Submission, message_id: str, date: str
                   ) -> tuple[bytes, str, int, str, str, tuple[tuple[str, bytes], ...]]:
