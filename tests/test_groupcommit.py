@@ -12,17 +12,19 @@ commit with those that follow; any other write ends the wait."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import time
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from relay.errors import StoreError
 from relay.store import SQLiteStore
-from relay.store.groupcommit import LINGER_MAX
+from relay.store.groupcommit import LINGER_MAX, GroupCommitWriter
 from relay.store.delivery import Outcome
 from relay.types import EventType, RecipientStatus
 
@@ -68,13 +70,22 @@ def _select(db: Any) -> int:
     return int(db.execute("SELECT 1").fetchone()[0])
 
 
-async def test_lingering_writes_wait_to_share_one_commit(store_url: str) -> None:
-    store = SQLiteStore(store_url)
+@contextlib.asynccontextmanager
+async def lingering_store(url: str | Path, linger: float
+                          ) -> AsyncIterator[tuple[SQLiteStore, GroupCommitWriter]]:
+    """An open store, and its writer, which lets lingering writes wait `linger` seconds."""
+    store = SQLiteStore(url)
     await store.open()
     try:
-        writer = store.writer
-        assert writer is not None
-        writer.linger = 0.3
+        assert store.writer is not None
+        store.writer.linger = linger
+        yield store, store.writer
+    finally:
+        await store.close()
+
+
+async def test_lingering_writes_wait_to_share_one_commit(store_url: str) -> None:
+    async with lingering_store(store_url, 0.3) as (store, writer):
         before, started = writer.batches, time.monotonic()
         first = asyncio.create_task(writer.write(_select, linger=True))
         await asyncio.sleep(0.05)
@@ -83,17 +94,10 @@ async def test_lingering_writes_wait_to_share_one_commit(store_url: str) -> None
         assert await asyncio.gather(first, second) == [1, 1]
         assert writer.batches - before == 1  # one transaction, one fsync for both
         assert time.monotonic() - started >= 0.25
-    finally:
-        await store.close()
 
 
 async def test_a_write_that_may_not_linger_ends_the_wait(store_url: str) -> None:
-    store = SQLiteStore(store_url)
-    await store.open()
-    try:
-        writer = store.writer
-        assert writer is not None
-        writer.linger = 5.0
+    async with lingering_store(store_url, 5.0) as (store, writer):
         before, started = writer.batches, time.monotonic()
         lingering = asyncio.create_task(writer.write(_select, linger=True))
         await asyncio.sleep(0.05)
@@ -101,19 +105,12 @@ async def test_a_write_that_may_not_linger_ends_the_wait(store_url: str) -> None
         assert await asyncio.wait_for(lingering, 1) == 1  # and the lingering one with it
         assert writer.batches - before == 1
         assert time.monotonic() - started < 2
-    finally:
-        await store.close()
 
 
 async def test_enough_lingering_writes_end_the_wait(store_url: str) -> None:
     """LINGER_MAX writes waiting are committed at once: what a crash can find delivered and
     not recorded stays bounded by count, not by the linger's time alone."""
-    store = SQLiteStore(store_url)
-    await store.open()
-    try:
-        writer = store.writer
-        assert writer is not None
-        writer.linger = 5.0
+    async with lingering_store(store_url, 5.0) as (store, writer):
         before, started = writer.batches, time.monotonic()
         few = [asyncio.create_task(writer.write(_select, linger=True))
                for _ in range(LINGER_MAX - 1)]
@@ -122,8 +119,6 @@ async def test_enough_lingering_writes_end_the_wait(store_url: str) -> None:
         last = writer.write(_select, linger=True)
         assert await asyncio.wait_for(asyncio.gather(*few, last), 2) == [1] * LINGER_MAX
         assert writer.batches - before == 1 and time.monotonic() - started < 2
-    finally:
-        await store.close()
 
 
 async def test_a_lingering_write_fails_cleanly_when_the_store_closes(tmp_path: Path) -> None:
@@ -141,12 +136,7 @@ async def test_a_lingering_write_fails_cleanly_when_the_store_closes(tmp_path: P
 
 async def test_the_delivery_workers_writes_linger(tmp_path: Path) -> None:
     """Leases and outcomes (no client waits on them) share commits; new mail does not wait."""
-    store = SQLiteStore(tmp_path / "relay.sqlite")
-    await store.open()
-    try:
-        writer = store.writer
-        assert writer is not None
-        writer.linger = 0.3
+    async with lingering_store(tmp_path / "relay.sqlite", 0.3) as (store, writer):
         started = time.monotonic()
         result = await store.enqueue(new_message(1))
         assert time.monotonic() - started < 0.25  # a client waits on this one
@@ -168,5 +158,3 @@ async def test_the_delivery_workers_writes_linger(tmp_path: Path) -> None:
         assert writer.batches - before == 1
         detail = await store.get_message(result.message_id)
         assert detail is not None and detail.recipients[0].status is RecipientStatus.DELIVERED
-    finally:
-        await store.close()

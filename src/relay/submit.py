@@ -27,6 +27,11 @@ _TRACK = {(False, False): "", (True, False): "opens", (False, True): "clicks",
 _CONTROL_PREFIX = "x-relay-"
 
 
+def _dropped(key: str) -> bool:
+    """A field accepting takes out of a raw message: Bcc and relay's X-Relay-* controls."""
+    return key == "bcc" or key.startswith(_CONTROL_PREFIX)
+
+
 class _RandomPool:
     """os.urandom read 4 KiB at a time: one system call per 409 message ids, not one each."""
 
@@ -284,9 +289,8 @@ class Submitter:
             raise ValidationError(
                 f"more than {limits.max_received_headers} Received headers: a mail loop",
                 param="Received", smtp="554 5.4.6")
-        if any(k == "bcc" or k.startswith(_CONTROL_PREFIX) for k in by_name):
-            headers = [h for h in headers
-                       if h.key != "bcc" and not h.key.startswith(_CONTROL_PREFIX)]
+        if any(_dropped(k) for k in by_name):
+            headers = [h for h in headers if not _dropped(h.key)]
         headers = self._trace(sub, message_id, date, recipients) + headers
         # the trace is Received fields only, and what was dropped is Bcc and X-Relay-*
         if "message-id" not in by_name:

@@ -7,7 +7,6 @@ altered or made-up token maps to nothing (404), never to another recipient."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import html
 import os

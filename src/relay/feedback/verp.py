@@ -9,7 +9,6 @@ RFC 5321 4.5.3.1.1. A forged or altered token reads as None, never as another re
 
 from __future__ import annotations
 
-import base64
 import hmac
 import re
 

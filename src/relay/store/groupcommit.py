@@ -134,11 +134,8 @@ class GroupCommitWriter:
     async def stop(self) -> None:
         with self._cond:
             self._closing = True
-            left, self._pending = list(self._pending), collections.deque()
-            self._urgent = 0
             self._cond.notify_all()
-        for _, fut, _ in left:
-            _settle(fut, exc=StoreError("the store is closing"))
+        self._fail_pending(StoreError("the store is closing"))
         job, self._drain_job = self._drain_job, None
         if job is not None:  # its transaction ends; nothing is left for it to take
             with contextlib.suppress(Exception):
@@ -176,12 +173,15 @@ class GroupCommitWriter:
         """A drain that failed (the thread gone, a bug) fails what waits, never strands it."""
         if job.cancelled() or job.exception() is not None:
             why = "cancelled" if job.cancelled() else repr(job.exception())
-            exc = StoreError(f"the store's writer failed: {why}")
-            with self._cond:
-                left, self._pending = list(self._pending), collections.deque()
-                self._urgent, self._draining = 0, False
-            for _, fut, _ in left:
-                _settle(fut, exc=exc)
+            self._fail_pending(StoreError(f"the store's writer failed: {why}"))
+
+    def _fail_pending(self, exc: StoreError) -> None:
+        """Every waiting write gets `exc` (on the event loop); no drain is left running."""
+        with self._cond:
+            left, self._pending = list(self._pending), collections.deque()
+            self._urgent, self._draining = 0, False
+        for _, fut, _ in left:
+            _settle(fut, exc=exc)
 
     def _drain(self, db: sqlite3.Connection) -> None:
         """On the connection's thread: batches until nothing waits."""
