@@ -844,3 +844,59 @@ def test_a_diagnostic_that_names_no_cause_yields_to_the_reports_words() -> None:
 ])
 def test_a_remotes_verdict_in_its_own_words(text: str, reason: str) -> None:
     assert bounces.classify("5.0.0", None, text)[0] == reason
+
+
+# -- what a report says when its words name no cause ------------------------------------
+# (Sisimai's fallbacks, the labels of the corpus: a remote's words that name no reason are
+# "onhold", kept apart from a report that says nothing at all, "undefined")
+
+
+def test_words_that_name_no_cause_are_onhold_and_no_words_undefined() -> None:
+    raw = _dsn("", "5.0.0", "Diagnostic-Code: smtp; 550 zen.example.test Listed by CSS")
+    assert _one(raw) == ("ann@example.org", "onhold", "soft")
+    assert bounces.classify("5.0.0", None, "") == ("undefined", "soft")
+
+
+@pytest.mark.parametrize("diagnostic", [
+    "Diagnostic-Code: The email account that you tried to reach does not exist.",
+    "Diagnostic-Code: smtp; The email account that you tried to reach does not exist.",
+])
+def test_a_diagnostic_code_without_its_command_is_a_filters_user_unknown(
+        diagnostic: str) -> None:
+    # a report's Diagnostic-Code (typed smtp, or untyped) is a remote's reply: "does not
+    # exist" said to an unknown command is as likely a filter's as the address's
+    assert _one(_dsn("", "5.0.0", diagnostic)) == ("ann@example.org", "filtered", "soft")
+    # the reporter's own local delivery agent (X-Unix) is the mailbox's host speaking
+    raw = _dsn("", "5.0.0", "Diagnostic-Code: X-Unix; mail.local: unknown user: ann")
+    assert _one(raw) == ("ann@example.org", "userunknown", "hard")
+
+
+def _delayed(status: str, diagnostic: str, action: str = "delayed") -> tuple[str, str, str]:
+    return _one(_dsn("", status, f"Diagnostic-Code: {diagnostic}").replace(
+        b"Action: failed", f"Action: {action}".encode()))
+
+
+def test_a_delay_after_trouble_that_passes_is_the_queues_expiry() -> None:
+    # no answer, a timeout, a connection refused: the queue waits (RFC 3463 X.4.1, "no
+    # answer from host"); SendGrid's non-standard "expired" action says it stopped waiting
+    assert _delayed("4.4.1", "smtp; 421 4.4.1 Connection timed out")[1] == "expired"
+    assert _delayed("4.4.0", "smtp; 421 4.4.0 no MXs for this domain could be reached")[1] \
+        == "expired"
+    assert _delayed("", "Connection timed out", action="expired")[1] == "expired"
+    # no route to the host, or its name not found: the network's, which waiting does not mend
+    assert _delayed("4.4.1", "X-Postfix; connect to mx.example.org[192.0.2.2]:25: No route "
+                    "to host")[1] == "networkerror"
+    assert _delayed("4.4.0", "X-Postfix; Host or domain name not found. Name service error "
+                    "for name=example.org type=MX: Host not found, try again")[1] == \
+        "networkerror"
+
+
+@pytest.mark.parametrize(("status", "reason"), [
+    ("4.4.5", "systemfull"), ("5.2.4", "filtered"), ("5.3.0", "systemerror"),
+    ("5.3.3", "systemerror"), ("5.5.3", "toomanyconn"), ("5.5.4", "systemerror"),
+    ("5.5.5", "systemerror"),
+])
+def test_a_status_code_alone_reads_as_the_status_table_says(status: str, reason: str) -> None:
+    # RFC 3463's meanings, as Sisimai's table names them (X.4.5 "mail system congestion",
+    # X.3.3 "system not capable of selected features", X.5.3 "too many recipients")
+    assert bounces.classify(status, None, "")[0] == reason

@@ -82,7 +82,8 @@ def test_rfc3464_dsn_per_recipient() -> None:
         "Gone@example.org", "failed", "5.1.1", "userunknown", "hard", "mx.example.org", 550)
     assert "User unknown in local recipient table" in gone.diagnostic  # folded line kept
     assert (full.reason, full.bounce_class, full.status) == ("mailboxfull", "soft", "5.2.2")
-    assert (slow.action, slow.reason, slow.bounce_class) == ("delayed", "networkerror", "soft")
+    # still retrying after no answer (X.4.1): the queue's delay
+    assert (slow.action, slow.reason, slow.bounce_class) == ("delayed", "expired", "soft")
     assert report.original.return_path == "bounces+abc@sender.test"
     assert report.original.message_id == "<m1@sender.test>"
     assert report.original.feedback_id == "c1:relay"

@@ -39,11 +39,12 @@ _BY_STATUS: dict[str, str] = {
     "1.1": "userunknown", "1.2": "hostunknown", "1.3": "userunknown", "1.4": "userunknown",
     "1.5": "userunknown", "1.6": "hasmoved", "1.7": "rejected", "1.8": "rejected",
     "1.10": "notaccept", "2.1": "suspend", "2.2": "mailboxfull", "2.3": "exceedlimit",
-    "2.4": "mailererror", "3.1": "systemfull", "3.2": "notaccept", "3.3": "mailererror",
-    "3.4": "mesgtoobig", "3.5": "systemerror", "4.0": "networkerror", "4.1": "networkerror",
-    "4.2": "networkerror", "4.3": "systemerror", "4.4": "hostunknown", "4.5": "networkerror",
-    "4.6": "networkerror", "4.7": "expired", "5.0": "syntaxerror", "5.1": "syntaxerror",
-    "5.2": "syntaxerror", "5.3": "exceedlimit", "5.4": "syntaxerror", "6.0": "contenterror",
+    "2.4": "filtered", "3.0": "systemerror", "3.1": "systemfull", "3.2": "notaccept",
+    "3.3": "systemerror", "3.4": "mesgtoobig", "3.5": "systemerror", "4.0": "networkerror",
+    "4.1": "networkerror", "4.2": "networkerror", "4.3": "systemerror", "4.4": "hostunknown",
+    "4.5": "systemfull", "4.6": "networkerror", "4.7": "expired", "5.0": "syntaxerror",
+    "5.1": "syntaxerror", "5.2": "syntaxerror", "5.3": "toomanyconn", "5.4": "systemerror",
+    "5.5": "systemerror", "5.6": "securityerror", "6.0": "contenterror",
     "6.1": "contenterror", "6.2": "contenterror", "6.3": "contenterror", "6.5": "contenterror",
     "6.6": "contenterror", "6.7": "contenterror", "6.8": "contenterror", "6.9": "contenterror",
     "7.2": "rejected", "7.3": "securityerror", "7.4": "securityerror", "7.5": "securityerror",
@@ -138,9 +139,11 @@ NAME_SERVICE = re.compile(r"name serv|\bdns\b|host not found|lookup fail", re.IG
 
 @functools.lru_cache(maxsize=256)
 def classify(status: str | None, reply_code: int | None, text: str, *,
-             stage: str | None = None) -> tuple[str, str]:
+             stage: str | None = None, smtp_reply: bool = False) -> tuple[str, str]:
     """(reason, "hard"|"soft") from an RFC 3463 status, an SMTP reply code and the text, and
-    the stage the remote refused at (bounce_stage.STAGES) when known."""
+    the stage the remote refused at (bounce_stage.STAGES) when known.  `smtp_reply`: the
+    text is a report's Diagnostic-Code of type smtp (or of none), a remote's reply even
+    where it quotes no code."""
     cls, detail = "", ""
     if status and (m := STATUS_RE.fullmatch(status.strip())):
         cls, detail = m.group(1), f"{int(m.group(2))}.{int(m.group(3))}"
@@ -182,7 +185,7 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         stage = None  # the words say more than when they were said
     generic = _RFC_MAILBOX_UNAVAILABLE.search(text)  # a remote's reply, with a code or not
     reason = by_stage(reason, detail, stage,
-                      quoted=(reply_code is not None or generic is not None)
+                      quoted=(reply_code is not None or generic is not None or smtp_reply)
                       and not _NO_SUCH_ACCOUNT.search(text) and not _LOCAL_AGENT.search(text)
                       and not (detail == "5.0" and generic))
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)

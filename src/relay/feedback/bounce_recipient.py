@@ -11,11 +11,17 @@ from .bounce_stage import smtp_stage
 
 # what a retrying queue saw last, not why the message failed in the end
 _TIMED_OUT = re.compile(r"timed? ?out", re.I)
+# a network with no way to the host (no route, unreachable, a loop), which waiting for does
+# not mend
+_NO_WAY = re.compile(r"no route to host|unreachable|unroutable|unrouteable|\bloop|too many hops",
+                     re.I)
 
 
 def recipient(address: str, action: str, status: str | None, reply: int | None,
               diagnostic: str, remote: str | None, context: str = "",
-              transcript: str = "") -> BouncedRecipient:
+              transcript: str = "", code_type: str | None = None) -> BouncedRecipient:
+    """`code_type`: the type of the report's Diagnostic-Code field the words come from
+    ("smtp", "x-postfix", "" when untyped), None when they are read from the prose."""
     if action in ("delivered", "relayed", "expanded"):
         reason, cls = "delivered", "soft"
     else:
@@ -24,7 +30,13 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
         if action == "delayed" and status and status[0] == "5":
             status = "4" + status[1:]
         stage = smtp_stage(context or diagnostic, address, diagnostic, transcript)
-        reason, cls = classify(status, reply, diagnostic, stage=stage)
+        reason, cls = classify(status, reply, diagnostic, stage=stage,
+                               smtp_reply=code_type in ("smtp", ""))
+        if action in ("delayed", "expired") and reason in ("networkerror", "undefined") \
+                and not NAME_SERVICE.search(diagnostic) and not _NO_WAY.search(diagnostic):
+            # still retrying (or no longer: SendGrid's "expired") after trouble that passes,
+            # a timeout or no answer: the queue's delay, not a network that has no way there
+            reason = "expired"
         if action == "delayed":
             cls = "soft"
         elif reason == "userunknown" and may_be_hard(reason, "", stage):
@@ -40,6 +52,8 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
             # its own: the peer gave up retrying, its queue lifetime ran out (a name service
             # failure is the reporter's own trouble, and stays one)
             reason = "expired"
+        if reason == "undefined" and diagnostic.strip():
+            reason = "onhold"
     return BouncedRecipient(address=address, action=action, status=status, reason=reason,
                             bounce_class=cls, diagnostic=diagnostic, remote_mta=remote,
                             reply_code=reply)

@@ -83,8 +83,21 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
         reply = reply_code_in(diagnostic)
         remote = after_type(block["Remote-MTA"]) or None
         found.append(recipient(address, action, status, reply, diagnostic, remote,
-                               context=f"{near} {diagnostic}", transcript=human))
+                               context=f"{near} {diagnostic}", transcript=human,
+                               code_type=_code_type(field)))
     return tuple(found)
+
+
+_TYPE = re.compile(r"\s*([\w-]{1,40})\s*;")
+
+
+def _code_type(field: str) -> str | None:
+    """The type of a Diagnostic-Code ("smtp", "x-postfix", ...; "" when it names none), or
+    None when the report has no Diagnostic-Code for the recipient."""
+    if not field.strip():
+        return None
+    m = _TYPE.match(field)
+    return m.group(1).lower() if m else ""
 
 
 def _diagnostic_field(block: Message) -> str:
