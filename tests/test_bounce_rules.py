@@ -894,9 +894,16 @@ def test_a_delay_after_trouble_that_passes_is_the_queues_expiry() -> None:
 @pytest.mark.parametrize(("status", "reason"), [
     ("4.4.5", "systemfull"), ("5.2.4", "filtered"), ("5.3.0", "systemerror"),
     ("5.3.3", "systemerror"), ("5.5.3", "toomanyconn"), ("5.5.4", "systemerror"),
-    ("5.5.5", "systemerror"),
+    ("5.5.5", "systemerror"), ("5.7.0", "securityerror"), ("5.7.1", "securityerror"),
 ])
 def test_a_status_code_alone_reads_as_the_status_table_says(status: str, reason: str) -> None:
     # RFC 3463's meanings, as Sisimai's table names them (X.4.5 "mail system congestion",
     # X.3.3 "system not capable of selected features", X.5.3 "too many recipients")
     assert bounces.classify(status, None, "")[0] == reason
+
+
+def test_a_reply_code_followed_by_a_colon_is_a_remotes_reply() -> None:
+    # Yahoo's old relay quoted its remote as "550: : User unknown": a reply, with a code, so
+    # a filter's "user unknown" as much as the address's
+    raw = _plain("<ann@example.org>: 550: : User unknown\n")
+    assert _one(raw) == ("ann@example.org", "filtered", "soft")

@@ -47,7 +47,7 @@ _BY_STATUS: dict[str, str] = {
     "5.5": "systemerror", "5.6": "securityerror", "6.0": "contenterror",
     "6.1": "contenterror", "6.2": "contenterror", "6.3": "contenterror", "6.5": "contenterror",
     "6.6": "contenterror", "6.7": "contenterror", "6.8": "contenterror", "6.9": "contenterror",
-    "7.2": "rejected", "7.3": "securityerror", "7.4": "securityerror", "7.5": "securityerror",
+    "7.0": "securityerror", "7.1": "securityerror", "7.2": "rejected", "7.3": "securityerror", "7.4": "securityerror", "7.5": "securityerror",
     "7.6": "securityerror", "7.7": "securityerror", "7.8": "authfailure", "7.9": "policyviolation",
     "7.10": "securityerror", "7.11": "securityerror", "7.13": "suspend", "7.14": "securityerror",
     "7.15": "securityerror", "7.16": "mesgtoobig", "7.17": "suspend", "7.18": "suspend",

@@ -14,7 +14,7 @@ from .bounce_reasons import ADDRESS_RE
 
 STATUS_TYPES = ("message/delivery-status", "message/global-delivery-status")
 STATUS_IN_TEXT = re.compile(r"(?<![\d.])([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
-REPLY_IN_TEXT = re.compile(r"(?<![\d.\-])([245][0-5]\d)(?:[ \-]|$)", re.M)
+REPLY_IN_TEXT = re.compile(r"(?<![\d.\-])([245][0-5]\d)(?:[ \-]|:(?!\d)|$)", re.M)
 
 # the line after which a bounce quotes the original message (not "The original message
 # was received at ...", which opens Sendmail's report, nor Postfix's "delete your own text
