@@ -907,3 +907,12 @@ def test_a_reply_code_followed_by_a_colon_is_a_remotes_reply() -> None:
     # a filter's "user unknown" as much as the address's
     raw = _plain("<ann@example.org>: 550: : User unknown\n")
     assert _one(raw) == ("ann@example.org", "filtered", "soft")
+
+
+@pytest.mark.parametrize("words", [
+    "Domain example.ie has exceeded the max emails per hour (1250/1000 (125%)) allowed.",
+    "You have reached the limit of messages per day",
+    "550 exceeded the maximum number of recipients per hour",
+])
+def test_a_senders_quota_of_mail_per_hour_or_day_is_its_sending_rate(words: str) -> None:
+    assert bounces.classify("5.0.0", None, words)[0] == "speeding"
