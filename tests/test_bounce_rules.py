@@ -83,10 +83,30 @@ def test_a_remote_reply_quoted_without_its_command_is_not_believed_to_be_the_add
     assert _one(raw) == ("ann@example.org", "userunknown", "hard")
 
 
-def test_the_host_that_keeps_the_mailbox_saying_so_in_its_own_words_is_believed() -> None:
-    # no SMTP reply quoted: the reporter itself looked the mailbox up (IMail, Exchange 2003)
-    assert _one(_plain("Unknown user: ann@example.org\n")) == (
-        "ann@example.org", "userunknown", "hard")
+@pytest.mark.parametrize("words", [
+    "Unknown user: ann@example.org",  # IMail
+    "ann@example.org on Thu, 29 Apr 2010\nThe recipient name is not recognized",  # Exchange
+    "ann@example.org because: User ann (ann@example.org) not listed in Domino Directory",
+])
+def test_the_host_that_keeps_the_mailbox_saying_so_in_its_own_words_is_believed(
+        words: str) -> None:
+    # no SMTP reply quoted: the reporter itself looked the mailbox up in its directory
+    assert _one(_plain(words + "\n")) == ("ann@example.org", "userunknown", "hard")
+
+
+@pytest.mark.parametrize("words", [
+    "<ann@example.org>: This user doesn't have a example.org account (ann@example.org) [-9]",
+    "ann@example.org [User unknown]",
+    "ann@example.org (user not found)",
+])
+def test_a_text_bounces_user_unknown_in_no_reporters_own_words_is_a_filters(words: str) -> None:
+    # a plain-text report naming neither a code nor the command, in words that are no known
+    # reporter's own look-up: as likely a gateway's or a filter's answer (carriers answer
+    # "user unknown" for a mailbox that refuses this sender) as the address's
+    assert _one(_plain(words + "\n")) == ("ann@example.org", "filtered", "soft")
+
+
+def test_a_remote_reply_quoted_in_a_plain_text_report_is_not_the_addresses_own() -> None:
     # a remote's reply quoted in the same kind of report is not
     assert _one(_plain("<ann@example.org>:\n550 ann@example.org... No such user\n")) == (
         "ann@example.org", "filtered", "soft")
@@ -916,3 +936,13 @@ def test_a_reply_code_followed_by_a_colon_is_a_remotes_reply() -> None:
 ])
 def test_a_senders_quota_of_mail_per_hour_or_day_is_its_sending_rate(words: str) -> None:
     assert bounces.classify("5.0.0", None, words)[0] == "speeding"
+
+
+def test_cpanels_exim_on_a_destination_it_could_not_route_to() -> None:
+    words = ("The mail server could not deliver mail to ann@example.org. The account or domain "
+             "may not exist, they may be blacklisted, or missing the proper dns entries.")
+    assert bounces.classify(None, None, words) == ("hostunknown", "hard")
+    # a remote's reply (with its code) saying the account is not there, in full, is the
+    # address's own, its command said or not (Yahoo's)
+    assert bounces.classify("5.0.0", 554, "554 delivery error: dd This user doesn't have a "
+                            "example.org account (ann@example.org) [0]") == ("userunknown", "hard")

@@ -165,8 +165,10 @@ def test_an_auto_submitted_message_from_the_null_address_is_a_mail_systems_not_a
            b"You sent mail to ann@example.org. That's not a valid user here.\n")
     report = parse(raw)
     assert report.type == "dsn" and report.is_bounce
+    # words of no known reporter's own look-up, with no code or command: a filter's as much
+    # as the address's (test_bounce_rules)
     assert [(r.address, r.reason) for r in report.recipients] == [
-        ("ann@example.org", "userunknown")]
+        ("ann@example.org", "filtered")]
 
 
 def test_apple_mails_unsubscribe_is_an_opt_out_of_its_sender_not_an_auto_reply() -> None:

@@ -28,6 +28,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     # (Domino's "not unique. Several matches found"), a failure in processing
                     r"|several matches found|encountered an error while being processed"),
     ("userunknown", r"recipient address rejected: access denied"),
+    # cPanel's Exim, of a destination it could not route to: "The account or domain may not
+    # exist, they may be blacklisted, or missing the proper dns entries."
+    ("hostunknown", r"account or domain may not exist, they may be blacklisted"),
     ("userunknown", r"(account|mailbox|address|recipient|user)( or domain)? (may|does) not exist"),
     ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)|purported responsible address"
                  r"|\bfrom:? (domain |address )?(is )?(invalid|not valid)"),

@@ -47,7 +47,8 @@ _BY_STATUS: dict[str, str] = {
     "5.5": "systemerror", "5.6": "securityerror", "6.0": "contenterror",
     "6.1": "contenterror", "6.2": "contenterror", "6.3": "contenterror", "6.5": "contenterror",
     "6.6": "contenterror", "6.7": "contenterror", "6.8": "contenterror", "6.9": "contenterror",
-    "7.0": "securityerror", "7.1": "securityerror", "7.2": "rejected", "7.3": "securityerror", "7.4": "securityerror", "7.5": "securityerror",
+    "7.0": "securityerror", "7.1": "securityerror", "7.2": "rejected", "7.3": "securityerror",
+    "7.4": "securityerror", "7.5": "securityerror",
     "7.6": "securityerror", "7.7": "securityerror", "7.8": "authfailure", "7.9": "policyviolation",
     "7.10": "securityerror", "7.11": "securityerror", "7.13": "suspend", "7.14": "securityerror",
     "7.15": "securityerror", "7.16": "mesgtoobig", "7.17": "suspend", "7.18": "suspend",
@@ -139,11 +140,11 @@ NAME_SERVICE = re.compile(r"name serv|\bdns\b|host not found|lookup fail", re.IG
 
 @functools.lru_cache(maxsize=256)
 def classify(status: str | None, reply_code: int | None, text: str, *,
-             stage: str | None = None, smtp_reply: bool = False) -> tuple[str, str]:
+             stage: str | None = None, remote_reply: bool = False) -> tuple[str, str]:
     """(reason, "hard"|"soft") from an RFC 3463 status, an SMTP reply code and the text, and
-    the stage the remote refused at (bounce_stage.STAGES) when known.  `smtp_reply`: the
-    text is a report's Diagnostic-Code of type smtp (or of none), a remote's reply even
-    where it quotes no code."""
+    the stage the remote refused at (bounce_stage.STAGES) when known.  `remote_reply`: the
+    text is a remote server's reply though it quotes no code (a report's Diagnostic-Code of
+    type smtp or of none; a plain report's words that are no reporter's own look-up)."""
     cls, detail = "", ""
     if status and (m := STATUS_RE.fullmatch(status.strip())):
         cls, detail = m.group(1), f"{int(m.group(2))}.{int(m.group(3))}"
@@ -181,12 +182,14 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         reason = "mesgtoobig"  # X.2.3 with "message too large": the message's size, not a count
     if reason == "hostunknown" and cls == "4":
         reason = "networkerror"  # a DNS answer that may still change
-    if stage == "DATA" and reason == "userunknown" and _NO_ACCOUNT_AT_ALL.search(text):
+    absent = stage == "DATA" and reason == "userunknown" and _NO_ACCOUNT_AT_ALL.search(text)
+    if absent:
         stage = None  # the words say more than when they were said
     generic = _RFC_MAILBOX_UNAVAILABLE.search(text)  # a remote's reply, with a code or not
     reason = by_stage(reason, detail, stage,
-                      quoted=(reply_code is not None or generic is not None or smtp_reply)
-                      and not _NO_SUCH_ACCOUNT.search(text) and not _LOCAL_AGENT.search(text)
+                      quoted=(reply_code is not None or generic is not None or remote_reply)
+                      and not absent and not _LOCAL_AGENT.search(text)
+                      and not (reply_code is not None and _NO_SUCH_ACCOUNT.search(text))
                       and not (detail == "5.0" and generic))
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)
     return reason, "hard" if hard else "soft"

@@ -19,9 +19,9 @@ _NO_WAY = re.compile(r"no route to host|unreachable|unroutable|unrouteable|\bloo
 
 def recipient(address: str, action: str, status: str | None, reply: int | None,
               diagnostic: str, remote: str | None, context: str = "",
-              transcript: str = "", code_type: str | None = None) -> BouncedRecipient:
-    """`code_type`: the type of the report's Diagnostic-Code field the words come from
-    ("smtp", "x-postfix", "" when untyped), None when they are read from the prose."""
+              transcript: str = "", remote_reply: bool = False) -> BouncedRecipient:
+    """`remote_reply`: `diagnostic` is a remote server's reply though it quotes no code
+    (bounce_reasons.classify)."""
     if action in ("delivered", "relayed", "expanded"):
         reason, cls = "delivered", "soft"
     else:
@@ -31,7 +31,7 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
             status = "4" + status[1:]
         stage = smtp_stage(context or diagnostic, address, diagnostic, transcript)
         reason, cls = classify(status, reply, diagnostic, stage=stage,
-                               smtp_reply=code_type in ("smtp", ""))
+                               remote_reply=remote_reply)
         if action in ("delayed", "expired") and reason in ("networkerror", "undefined") \
                 and not NAME_SERVICE.search(diagnostic) and not _NO_WAY.search(diagnostic):
             # still retrying (or no longer: SendGrid's "expired") after trouble that passes,

@@ -84,20 +84,18 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
         remote = after_type(block["Remote-MTA"]) or None
         found.append(recipient(address, action, status, reply, diagnostic, remote,
                                context=f"{near} {diagnostic}", transcript=human,
-                               code_type=_code_type(field)))
+                               remote_reply=_remote_reply(field)))
     return tuple(found)
 
 
 _TYPE = re.compile(r"\s*([\w-]{1,40})\s*;")
 
 
-def _code_type(field: str) -> str | None:
-    """The type of a Diagnostic-Code ("smtp", "x-postfix", ...; "" when it names none), or
-    None when the report has no Diagnostic-Code for the recipient."""
-    if not field.strip():
-        return None
+def _remote_reply(field: str) -> bool:
+    """Whether a Diagnostic-Code is a remote's reply: of type smtp, or of none (Sisimai reads
+    an untyped one so too); X-Unix, X-Postfix and the like are the reporter's own words."""
     m = _TYPE.match(field)
-    return m.group(1).lower() if m else ""
+    return bool(field.strip()) and (m is None or m.group(1).lower() == "smtp")
 
 
 def _diagnostic_field(block: Message) -> str:
