@@ -934,8 +934,10 @@ def test_a_reply_code_followed_by_a_colon_is_a_remotes_reply() -> None:
     "You have reached the limit of messages per day",
     "550 exceeded the maximum number of recipients per hour",
 ])
-def test_a_senders_quota_of_mail_per_hour_or_day_is_its_sending_rate(words: str) -> None:
-    assert bounces.classify("5.0.0", None, words)[0] == "speeding"
+def test_a_senders_quota_of_mail_per_hour_or_day_is_toomanyconn(words: str) -> None:
+    # a quota the sender has used up, not its pace (Sisimai's table: "has exceeded the max
+    # emails per hour", "daily message quota exceeded" are toomanyconn)
+    assert bounces.classify("5.0.0", None, words)[0] == "toomanyconn"
 
 
 def test_cpanels_exim_on_a_destination_it_could_not_route_to() -> None:
@@ -946,3 +948,16 @@ def test_cpanels_exim_on_a_destination_it_could_not_route_to() -> None:
     # address's own, its command said or not (Yahoo's)
     assert bounces.classify("5.0.0", 554, "554 delivery error: dd This user doesn't have a "
                             "example.org account (ann@example.org) [0]") == ("userunknown", "hard")
+
+
+def test_a_full_mailbox_outranks_a_status_code_that_says_otherwise() -> None:
+    # "overdrawn his diskspace quota" under X.2.3 (message length over a limit) is a full
+    # mailbox; "message too large" under it is the message's size
+    assert bounces.classify("5.2.3", None, "maildir delivery failed: Sorry, the user's maildir "
+                            "has overdrawn his diskspace quota")[0] == "mailboxfull"
+    assert bounces.classify("5.2.3", 552, "552 5.2.3 message too large")[0] == "mesgtoobig"
+
+
+def test_a_delay_under_a_code_naming_no_route_stays_a_network_error() -> None:
+    assert _delayed("4.4.4", "smtp; 454 4.4.4 [internal] no MX or A for domain")[1] == \
+        "networkerror"

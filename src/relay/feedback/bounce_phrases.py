@@ -38,9 +38,11 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("policyviolation", r"content presents a potential"),
     # too many recipients in a span of time is a sending rate, not one message's count
     ("speeding", r"too many (messages|mails|recipients) (this|per|an?|in the last) "
-                 r"(\d+ )?(second|minute|hour|day)|(exceeded|over|reached) (the |its |your )?"
-                 r"(max(imum)?|limit)( number)?( of)? (e-?mails|messages|mails|recipients) "
-                 r"(per|an?|each) (second|minute|hour|day)"),
+                 r"(\d+ )?(second|minute|hour|day)"),
+    # a quota of mail per hour or day, over which the rest is refused (Sisimai: toomanyconn)
+    ("toomanyconn", r"(exceeded|over|reached) (the |its |your )?(max(imum)?|limit)( number)?"
+                    r"( of)? (e-?mails|messages|mails|recipients) (per|an?|each) "
+                    r"(second|minute|hour|day)|daily message quota exceeded"),
     ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent|recipients)"
                     r"|connection (rate|limit)|frequency limit"),
     ("virusdetected", r"virus|malware|infected|trojan"),

@@ -180,6 +180,10 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         reason = "expired" if cls == "4" else "undefined"
     if detail == "2.3" and _TOO_BIG.search(text):
         reason = "mesgtoobig"  # X.2.3 with "message too large": the message's size, not a count
+    elif phrase == "mailboxfull" and cls in ("4", "5"):
+        # a full mailbox ("overdrawn his diskspace quota" under X.2.3), whatever else the code
+        # says: Sisimai weighs that first of all
+        reason = "mailboxfull"
     if reason == "hostunknown" and cls == "4":
         reason = "networkerror"  # a DNS answer that may still change
     absent = stage == "DATA" and reason == "userunknown" and _NO_ACCOUNT_AT_ALL.search(text)

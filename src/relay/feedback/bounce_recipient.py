@@ -13,6 +13,8 @@ from .bounce_stage import smtp_stage
 _TIMED_OUT = re.compile(r"timed? ?out", re.I)
 # a network with no way to the host (no route, unreachable, a loop), which waiting for does
 # not mend
+# RFC 3463's X.4.2 bad connection, X.4.4 unable to route, X.4.6 routing loop
+_NO_WAY_STATUS = frozenset({".4.2", ".4.4", ".4.6"})
 _NO_WAY = re.compile(r"no route to host|unreachable|unroutable|unrouteable|\bloop|too many hops",
                      re.I)
 
@@ -33,7 +35,8 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
         reason, cls = classify(status, reply, diagnostic, stage=stage,
                                remote_reply=remote_reply)
         if action in ("delayed", "expired") and reason in ("networkerror", "undefined") \
-                and not NAME_SERVICE.search(diagnostic) and not _NO_WAY.search(diagnostic):
+                and not NAME_SERVICE.search(diagnostic) and not _NO_WAY.search(diagnostic) \
+                and not (status and status[1:] in _NO_WAY_STATUS):
             # still retrying (or no longer: SendGrid's "expired") after trouble that passes,
             # a timeout or no answer: the queue's delay, not a network that has no way there
             reason = "expired"
