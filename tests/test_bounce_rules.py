@@ -961,3 +961,23 @@ def test_a_full_mailbox_outranks_a_status_code_that_says_otherwise() -> None:
 def test_a_delay_under_a_code_naming_no_route_stays_a_network_error() -> None:
     assert _delayed("4.4.4", "smtp; 454 4.4.4 [internal] no MX or A for domain")[1] == \
         "networkerror"
+
+
+@pytest.mark.parametrize(("words", "reason"), [
+    ("550 Address not present in directory", "userunknown"),
+    ("550 kim@example.org is not an active address at this host", "userunknown"),
+    ("550 sorry, no mailbox by that name is currently available", "userunknown"),
+    ("553 Utilisateur inconnu !", "userunknown"),
+    ("vdeliver: Invalid or unknown virtual user 'kim'", "userunknown"),
+    ("550 Invalid/inactive user", "suspend"),
+    ("550 kim@example.org is unavailable: user is terminated", "suspend"),
+    ("451 Temporary local problem - please try later", "systemerror"),
+    ("554 5.3.5 Local configuration error", "systemerror"),
+    ("421 Too many SMTP sessions for this host", "toomanyconn"),
+    ("550 Sender verify failed", "rejected"),
+    ("553 BATV validation failure", "rejected"),
+    ("Unrouteable mail domain \"example.org\"", "networkerror"),
+    ("Unrouteable address", "hostunknown"),
+])
+def test_common_wordings_of_each_reason(words: str, reason: str) -> None:
+    assert bounces.classify("5.0.0", None, words)[0] == reason

@@ -30,7 +30,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("userunknown", r"recipient address rejected: access denied"),
     # cPanel's Exim, of a destination it could not route to: "The account or domain may not
     # exist, they may be blacklisted, or missing the proper dns entries."
-    ("hostunknown", r"account or domain may not exist, they may be blacklisted"),
+    ("hostunknown", r"the account or domain may not exist"),
     ("userunknown", r"(account|mailbox|address|recipient|user)( or domain)? (may|does) not exist"),
     ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)|purported responsible address"
                  r"|\bfrom:? (domain |address )?(is )?(invalid|not valid)"),
@@ -43,8 +43,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("toomanyconn", r"(exceeded|over|reached) (the |its |your )?(max(imum)?|limit)( number)?"
                     r"( of)? (e-?mails|messages|mails|recipients) (per|an?|each) "
                     r"(second|minute|hour|day)|daily message quota exceeded"),
-    ("toomanyconn", r"too many (connections|sessions|simultaneous|concurrent|recipients)"
-                    r"|connection (rate|limit)|frequency limit"),
+    ("toomanyconn", r"too many (smtp )?(connections|sessions|simultaneous|concurrent|recipients)"
+                    r"|connection (rate|limit)|frequency limit|too many errors from your ip"
+                    r"|trop de connexions|maximum sending rate"),
     ("virusdetected", r"virus|malware|infected|trojan"),
     # a spam filter's verdict, before the checks its advice names ("spf, HELO, PTR")
     ("spamdetected", r"(failed|failing|did not pass) .{0,30}\b(anti-?)?spam (checks?|tests?"
@@ -92,10 +93,13 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("exceedlimit", r"exceed(s|ed)? .{0,30}limit"),
     ("hasmoved", r"has moved|moved to|no longer (valid|available) at|forwarding address"),
     ("suspend", r"(account|mailbox|user|address).{0,40}(disabled|suspended|inactive|deactivated"
-                r"|expired|locked|frozen|not active|blocked|closed)|suspended"),
+                r"|expired|locked|frozen|not active|blocked|closed|terminated)|suspended"
+                r"|inactive user|archived recipient|temporar(il)?y locked"),
     ("notaccept", r"no smtp service|(does not|doesn.?t) (accept|receive) (e-?)?mail|null mx"
                   r"|accepts no mail|(couldn.?t|could not|unable to) find (a |any )?mail exchanger"
                   r"|no mx (records? )?(found )?for"),
+    # Exim's router found no way to the domain (Sisimai: a network error, not an unknown host)
+    ("networkerror", r"unrouteable mail domain"),
     ("networkerror", r"not found, try again|temporary (dns|lookup)|host not reachable"
                      r"|dns (query|lookup) failed|host name lookup failure"
                      r"|(unexpected|malformed) name server reply"),
@@ -120,7 +124,12 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|unrouteable|not a valid (user|mailbox|recipient)|not recogni[sz]ed"
                     r"|invalid .{0,20}userid|illegal user"
                     r"|no valid recipients|recipient rejected|bad recipient"
-                    r"|undeliverable address|user not found|no account by that name"),
+                    r"|undeliverable address|user not found|no account by that name"
+                    r"|not present in (the )?directory|not an active (address|user|mailbox)"
+                    r"|mail ?box not present|recipient (is )?not (local|ok)|no one at this address"
+                    r"|no mail ?box by that name|unknown virtual user|missing home directory"
+                    r"|can.?t accept user|address is wrong or no longer valid"
+                    r"|utilisateur inconnu|no existe (dicha persona|ese usuario)|nessun utente"),
     # ("security" alone, not a product's name: "InterScan Messaging Security Suite", an
     # "Email Security Gateway" or "Appliance" reporting on a refusal of another kind)
     ("securityerror", r"tls|starttls|encryption|certificate|authentication required"
@@ -155,6 +164,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("mailererror", r"mailer (error|program)|(pipe|command|program).{0,30}(fail|error|exit)"
                     r"|x-unix|unix;"
                     r"|procmail|local delivery failed|exit (code|status)"),
+    ("systemerror", r"config(uration)? error|server is misconfigured|queue file write error"
+                    r"|temporary local problem|interrupted system call|forwarding loop broken"
+                    r"|can.?t create (user )?output file"),
     ("systemerror", r"system error|internal (server )?error|temporary (failure|error)"
                     r"|server error|local error|try (again )?later|service.{0,20}(not available"
                     r"|unavailable|refused?)|resources|transaction failed"),
@@ -165,6 +177,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("onhold", r"on hold|\bheld\b"),
     ("userunknown", r"(recipient )?address rejected"),
     # ("MAIL FROM:" with its colon is a field of a report's message details, not a refusal)
+    ("rejected", r"invalid sender|sender verify failed|\bbatv\b|sender domain is empty"
+                 r"|fully qualified (e-?mail )?address required|unroutable sender"
+                 r"|no third.party dsns?|returned mail not accepted"),
     ("rejected", r"sender.{0,40}(reject|denied|refused|invalid|unknown|not allowed|blocked)"
                  r"|(reject|denied|refused).{0,30}sender|envelope.from|mail from(?!:)"
                  r"|domain of sender|from address|return.path|rejected|denied|refused"),
