@@ -981,3 +981,21 @@ def test_a_delay_under_a_code_naming_no_route_stays_a_network_error() -> None:
 ])
 def test_common_wordings_of_each_reason(words: str, reason: str) -> None:
     assert bounces.classify("5.0.0", None, words)[0] == reason
+
+
+def test_a_dsn_without_a_diagnostic_code_reads_its_prose_as_a_plain_report_does() -> None:
+    # Exim: the failed address and its words above, a delivery-status part with no
+    # Diagnostic-Code: a bare "No Such User Here" is a filter's as likely as the address's
+    human = ("This message was created automatically by mail delivery software.\n\n"
+             "  ann@example.org\n    No Such User Here\n")
+    assert _one(_dsn(human, "5.0.0", "")) == ("ann@example.org", "filtered", "soft")
+
+
+def test_the_address_a_forward_failed_at_is_the_recipient_that_bounced() -> None:
+    # Exim names the address a forward (or alias) led to and gives its DSN the address the
+    # mail was sent to
+    human = ("  kim@example.net\n    (ultimately generated from ann@example.org)\n"
+             "    host mx.example.net [192.0.2.9]\n    SMTP error from remote mail server after "
+             "end of data:\n    550 High probability of spam\n")
+    (r,) = parse(_dsn(human, "5.0.0", "")).recipients
+    assert (r.address, r.reason) == ("kim@example.net", "spamdetected")

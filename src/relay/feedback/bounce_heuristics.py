@@ -100,15 +100,6 @@ def autoreply(msg: Message) -> BouncedRecipient:
 # -- non-standard bounces -----------------------------------------------------------
 
 
-# a reporter's own look-up of the mailbox in its directory (Domino, Exchange 2003, IMail,
-# Verizon's MMS gateway), where a plain report's words are otherwise a remote's reply quoted
-# without its code or command, as likely a filter's answer as the address's
-_OWN_DIRECTORY = re.compile(
-    r"not listed in (the )?(domino directory|public name & address book)"
-    r"|recipient name is not recognized|\bunknown user: |invalid final delivery userid"
-    r"|no valid recipients for this", re.I)
-
-
 def heuristic_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, ...]:
     temporary, permanent = all_failures(msg)
     text = all_text(msg)[:50000]
@@ -133,8 +124,7 @@ def heuristic_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, ..
             diagnostic = said or diagnostic
         found.append(recipient(address, action, failure_status_in(diagnostic),
                                failure_reply_in(diagnostic),
-                               diagnostic, remote_near(diagnostic), transcript=text,
-                               remote_reply=not _OWN_DIRECTORY.search(diagnostic)))
+                               diagnostic, remote_near(diagnostic), transcript=text))
     return tuple(found)
 
 

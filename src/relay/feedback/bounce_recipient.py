@@ -11,19 +11,30 @@ from .bounce_stage import smtp_stage
 
 # what a retrying queue saw last, not why the message failed in the end
 _TIMED_OUT = re.compile(r"timed? ?out", re.I)
-# a network with no way to the host (no route, unreachable, a loop), which waiting for does
-# not mend
+# a reporter's own look-up of the mailbox in its directory (Domino, Exchange 2003, IMail,
+# Verizon's MMS gateway), where a plain report's words are otherwise a remote's reply quoted
+# without its code or command, as likely a filter's answer as the address's
+OWN_DIRECTORY = re.compile(
+    r"not listed in (the )?(domino directory|public name & address book)"
+    r"|recipient name is not recognized|\bunknown user: |invalid final delivery userid"
+    r"|no valid recipients for this", re.I)
+
 # RFC 3463's X.4.2 bad connection, X.4.4 unable to route, X.4.6 routing loop
 _NO_WAY_STATUS = frozenset({".4.2", ".4.4", ".4.6"})
+# a network with no way to the host (no route, unreachable, a loop), which waiting for does
+# not mend
 _NO_WAY = re.compile(r"no route to host|unreachable|unroutable|unrouteable|\bloop|too many hops",
                      re.I)
 
 
 def recipient(address: str, action: str, status: str | None, reply: int | None,
               diagnostic: str, remote: str | None, context: str = "",
-              transcript: str = "", remote_reply: bool = False) -> BouncedRecipient:
+              transcript: str = "", remote_reply: bool | None = None) -> BouncedRecipient:
     """`remote_reply`: `diagnostic` is a remote server's reply though it quotes no code
-    (bounce_reasons.classify)."""
+    (bounce_reasons.classify); None: words of a report's prose, which are one unless they
+    are a reporter's own directory look-up."""
+    if remote_reply is None:
+        remote_reply = not OWN_DIRECTORY.search(diagnostic)
     if action in ("delivered", "relayed", "expanded"):
         reason, cls = "delivered", "soft"
     else:

@@ -82,7 +82,8 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
         status = _preferred(status_in(str(block.get("Status", ""))), status_in(diagnostic))
         reply = reply_code_in(diagnostic)
         remote = after_type(block["Remote-MTA"]) or None
-        found.append(recipient(address, action, status, reply, diagnostic, remote,
+        found.append(recipient(_forwarded_to(human, address), action, status, reply,
+                               diagnostic, remote,
                                context=f"{near} {diagnostic}", transcript=human,
                                remote_reply=_remote_reply(field)))
     return tuple(found)
@@ -91,11 +92,25 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
 _TYPE = re.compile(r"\s*([\w-]{1,40})\s*;")
 
 
-def _remote_reply(field: str) -> bool:
+def _remote_reply(field: str) -> bool | None:
     """Whether a Diagnostic-Code is a remote's reply: of type smtp, or of none (Sisimai reads
-    an untyped one so too); X-Unix, X-Postfix and the like are the reporter's own words."""
+    an untyped one so too); X-Unix, X-Postfix and the like are the reporter's own words.
+    None without one: the words are then the report's prose (bounce_recipient.recipient)."""
+    if not field.strip():
+        return None
     m = _TYPE.match(field)
-    return bool(field.strip()) and (m is None or m.group(1).lower() == "smtp")
+    return m is None or m.group(1).lower() == "smtp"
+
+
+def _forwarded_to(human: str, address: str) -> str:
+    """The address that failed when the one relay sent to forwards to it: Exim names it in
+    its words, "kim@example.net (ultimately generated from ann@example.org)", and gives its
+    DSN the address it was sent to."""
+    if not address or "generated from" not in human:
+        return address
+    m = re.search(r"([^\s<>()\[\]]{1,200}@[^\s<>()\[\]]{1,255})\s*\((?:ultimately )?generated "
+                  r"from <?" + re.escape(address) + r">?\)", human, re.IGNORECASE)
+    return lower_domain(m.group(1)) if m else address
 
 
 def _diagnostic_field(block: Message) -> str:
