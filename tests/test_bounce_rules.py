@@ -999,3 +999,11 @@ def test_the_address_a_forward_failed_at_is_the_recipient_that_bounced() -> None
              "end of data:\n    550 High probability of spam\n")
     (r,) = parse(_dsn(human, "5.0.0", "")).recipients
     assert (r.address, r.reason) == ("kim@example.net", "spamdetected")
+
+
+def test_a_client_not_allowed_to_send_for_a_domain_is_blocked_unless_spf_says_why() -> None:
+    words = "550 192.0.2.1 is not allowed to send mail from example.org. Help at www.example.net"
+    assert bounces.classify("5.0.0", 550, words)[0] == "blocked"
+    words = ("550 5.1.0 192.0.2.1 is not allowed to send from <example.org> per it's SPF "
+             "Record. Please inspect your SPF settings")
+    assert bounces.classify("5.1.0", 550, words)[0] == "authfailure"

@@ -56,6 +56,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                    r"|(ip|host) ?name lookup failed"),
     ("spamdetected", r"(spam|junk) (classification|score|content)|classified as (spam|junk)"
                      r"|blacklisted (url|link|domain in)|\buribl\b|surbl"),
+    # the client's address may not send for the sender's domain ("192.0.2.1 is not allowed
+    # to send mail from example.org"): a block of the client, as Sisimai reads it
+    ("blocked", r"\bis not allowed to send mail from\b(?!.{0,200}\bspf\b)"),
     ("authfailure", r"\bspf\b|\bdkim\b|\bdmarc\b|sender policy framework"
                     r"|authenticat(ion|ed).{0,30}fail|not authenticated"
                     # the message, not the SMTP client, failed authentication (SPF, DKIM)
