@@ -108,9 +108,11 @@ def _forwarded_to(human: str, address: str) -> str:
     DSN the address it was sent to."""
     if not address or "generated from" not in human:
         return address
-    m = re.search(r"([^\s<>()\[\]]{1,200}@[^\s<>()\[\]]{1,255})\s*\((?:ultimately )?generated "
-                  r"from <?" + re.escape(address) + r">?\)", human, re.IGNORECASE)
-    return lower_domain(m.group(1)) if m else address
+    m = re.search(r"\((?:ultimately )?generated from <?" + re.escape(address) + r">?\)",
+                  human, re.IGNORECASE)
+    before = human[max(0, m.start() - 300):m.start()].split() if m else []
+    named = ADDRESS_RE.fullmatch(before[-1].strip("<>")) if before else None
+    return lower_domain(named.group(0)) if named else address
 
 
 def _diagnostic_field(block: Message) -> str:
