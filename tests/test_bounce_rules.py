@@ -1018,3 +1018,17 @@ def test_reading_a_forward_takes_linear_time_on_hostile_words() -> None:
     (r,) = parse(_dsn(human, "5.0.0", "")).recipients
     assert time.process_time() - started < 3.0
     assert r.address == "ann@example.org"
+
+
+def test_a_failure_on_a_domain_there_is_no_way_to_stays_the_networks() -> None:
+    # failed, no status, no code: not the queue's expiry when the words say the domain
+    # cannot be routed to (Exim's "Unrouteable mail domain")
+    raw = _plain('ann@example.org\n    Unrouteable mail domain "example.org"\n')
+    assert _one(raw) == ("ann@example.org", "networkerror", "soft")
+
+
+def test_the_word_network_alone_names_no_network_failure() -> None:
+    # Boxbe's challenge ("... our network of trusted senders ...") under X.7.0 is the
+    # security status its code says, not a network error
+    words = "Sender not pre-approved. Join the Boxbe network of trusted senders."
+    assert bounces.classify("4.7.0", None, words)[0] == "securityerror"

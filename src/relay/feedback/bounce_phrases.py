@@ -160,7 +160,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                 r" (after|for|within|in) [\d.]+ (hour|day)"),
     ("networkerror", r"connection (was |has been )?(refused|timed? ?out|reset|closed|lost"
                      r"|dropped)"
-                     r"|timed? ?out|network|unreachable|cannot connect|could not connect"
+                     r"|timed? ?out|network (error|failure|problem|is unreachable)|unreachable|cannot connect|could not connect"
                      r"|unable to connect|dns (error|failure|lookup)|routing loop|mail loop"
                      r"|socket error|requests to connect"
                      r"|too many hops|loop detected|(message|mail) looping"),

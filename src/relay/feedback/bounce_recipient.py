@@ -61,7 +61,8 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
             # failed with a temporary status: relay's peer retried until its queue ran out
             reason = "expired"
         elif action == "failed" and not status and reason == "networkerror" and (
-                reply is None or 400 <= reply < 500) and not NAME_SERVICE.search(diagnostic):
+                reply is None or 400 <= reply < 500) and not NAME_SERVICE.search(diagnostic) \
+                and not _NO_WAY.search(diagnostic):
             # failed for good on trouble that passes (no answer, a 4xx reply) and no code of
             # its own: the peer gave up retrying, its queue lifetime ran out (a name service
             # failure is the reporter's own trouble, and stays one)
