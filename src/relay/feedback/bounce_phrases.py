@@ -160,7 +160,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                 r" (after|for|within|in) [\d.]+ (hour|day)"),
     ("networkerror", r"connection (was |has been )?(refused|timed? ?out|reset|closed|lost"
                      r"|dropped)"
-                     r"|timed? ?out|network (error|failure|problem|is unreachable)|unreachable|cannot connect|could not connect"
+                     r"|timed? ?out|network (error|failure|problem|is unreachable)|unreachable"
+                     r"|cannot connect|could not connect"
                      r"|unable to connect|dns (error|failure|lookup)|routing loop|mail loop"
                      r"|socket error|requests to connect"
                      r"|too many hops|loop detected|(message|mail) looping"),
@@ -179,10 +180,10 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     # that RCPT TO was refused: the words after it, when they say why, win
     ("onhold", r"on hold|\bheld\b"),
     ("userunknown", r"(recipient )?address rejected"),
-    # ("MAIL FROM:" with its colon is a field of a report's message details, not a refusal)
     ("rejected", r"invalid sender|sender verify failed|\bbatv\b|sender domain is empty"
                  r"|fully qualified (e-?mail )?address required|unroutable sender"
                  r"|no third.party dsns?|returned mail not accepted"),
+    # ("MAIL FROM:" with its colon is a field of a report's message details, not a refusal)
     ("rejected", r"sender.{0,40}(reject|denied|refused|invalid|unknown|not allowed|blocked)"
                  r"|(reject|denied|refused).{0,30}sender|envelope.from|mail from(?!:)"
                  r"|domain of sender|from address|return.path|rejected|denied|refused"),
