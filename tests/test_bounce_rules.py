@@ -1032,3 +1032,17 @@ def test_the_word_network_alone_names_no_network_failure() -> None:
     # security status its code says, not a network error
     words = "Sender not pre-approved. Join the Boxbe network of trusted senders."
     assert bounces.classify("4.7.0", None, words)[0] == "securityerror"
+
+
+@pytest.mark.parametrize(("words", "reason", "cls"), [
+    # no route to the host, no DNS records for it: the network's for now, never a reason to
+    # suppress the address (both were read as an unknown host or user: hard)
+    ("connect to mx.example.org[192.0.2.1]:25: No route to host", "networkerror", "soft"),
+    ("The DNS records for the destination computer could not be found", "networkerror",
+     "soft"),
+    # the domain is not known, not the user
+    ("Mail domain mentioned in email address is unknown", "hostunknown", "hard"),
+])
+def test_a_host_that_cannot_be_reached_is_not_one_that_does_not_exist(
+        words: str, reason: str, cls: str) -> None:
+    assert bounces.classify("5.0.0", None, words) == (reason, cls)

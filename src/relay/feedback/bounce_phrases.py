@@ -101,8 +101,10 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("notaccept", r"no smtp service|(does not|doesn.?t) (accept|receive) (e-?)?mail|null mx"
                   r"|accepts no mail|(couldn.?t|could not|unable to) find (a |any )?mail exchanger"
                   r"|no mx (records? )?(found )?for"),
-    # Exim's router found no way to the domain (Sisimai: a network error, not an unknown host)
-    ("networkerror", r"unrouteable mail domain"),
+    # no way to the host for now, not a host that is not there: Exim's router found no route
+    # to the domain, the kernel none to its address, Exchange no DNS records for it
+    ("networkerror", r"unrouteable mail domain|no route to host"
+                     r"|dns records for the destination .{0,20}could not be found"),
     ("networkerror", r"not found, try again|temporary (dns|lookup)|host not reachable"
                      r"|dns (query|lookup) failed|host name lookup failure"
                      r"|(unexpected|malformed) name server reply"),
@@ -110,7 +112,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r" (not found|does not exist|unknown|is not valid)|unknown domain"
                     r"|no such (domain|host)|name or service not known|host not found"
                     r"|nxdomain|domain name not found|unrouteable (mail )?domain"
-                    r"|unrouteable address|no mx|bad destination host|no route to host"
+                    r"|unrouteable address|no mx|bad destination host"
+                    r"|mail domain mentioned in (the )?e-?mail address is unknown"
                     r"|unresolvable|domain (is )?not reachable"
                     r"|\bhost [\w\-]+(\.[\w\-]+)+ not found"
                     # qmail's "Sorry, I couldn't find any host by that name."
