@@ -1042,6 +1042,13 @@ def test_the_word_network_alone_names_no_network_failure() -> None:
      "soft"),
     # the domain is not known, not the user
     ("Mail domain mentioned in email address is unknown", "hostunknown", "hard"),
+    # a mailbox that is off for now, a sender refused, a client without a name: none is
+    # the address gone for good (they read as userunknown, notaccept and hostunknown: hard)
+    ("550 Recipient rejected: Temporarily inactive", "suspend", "soft"),
+    ("550 This server does not accept mail from sender.example", "rejected", "soft"),
+    ("450 Client host rejected: Unresolvable relay host name", "requireptr", "soft"),
+    # while a domain that takes no mail at all is closed to every sender
+    ("556 This domain does not accept mail (null MX)", "notaccept", "hard"),
 ])
 def test_a_host_that_cannot_be_reached_is_not_one_that_does_not_exist(
         words: str, reason: str, cls: str) -> None:

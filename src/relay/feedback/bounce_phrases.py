@@ -53,7 +53,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("requireptr", r"reverse (dns|lookup|hostname)|\bptr\b|rdns|no (dns|host ?name) for"
                    r"|(ip|client).{0,40}(not|cannot be|could not be) resolved|unverif[iy]able"
                    r"|cannot find your (reverse )?hostname|hostname.{0,20}(lookup|resolve)"
-                   r"|(ip|host) ?name lookup failed"),
+                   r"|(ip|host) ?name lookup failed|unresolvable relay host ?name"),
     ("spamdetected", r"(spam|junk) (classification|score|content)|classified as (spam|junk)"
                      r"|blacklisted (url|link|domain in)|\buribl\b|surbl"),
     # the client's address may not send for the sender's domain ("192.0.2.1 is not allowed
@@ -65,7 +65,11 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|unauthenticated (e-?mail|mail|messages?)\b"),
     ("suspend", r"(recipient|user|mailbox|destination)(.s)? (e-?mail )?account (is |has been )?"
                 r"(blocked|disabled|suspended|deactivated|inactive|frozen|locked)"),
-    ("suspend", r"\b(inactive|disabled|deactivated|suspended) (e-?mail )?(address|account|mailbox)"),
+    ("suspend", r"\b(inactive|disabled|deactivated|suspended) (e-?mail )?(address|account|mailbox)"
+                r"|\btemporarily inactive\b"),
+    # a server that takes no mail from this sender: the sender refused, not the recipient's
+    # domain closed to all mail
+    ("rejected", r"(does not|doesn.?t) accept (e-?)?mail from\b"),
     ("badreputation", r"reputation|(ip|sender).{0,20}(has been )?temporarily (deferred|rate)"
                       r"|user complaints"),
     ("blocked", r"black ?list|block ?list|\bdnsbl|\brbl\b|spamhaus|spamcop|sorbs|barracuda"
