@@ -877,6 +877,9 @@ def test_words_that_name_no_cause_are_onhold_and_no_words_undefined() -> None:
     raw = _dsn("", "5.0.0", "Diagnostic-Code: smtp; 550 zen.example.test Listed by CSS")
     assert _one(raw) == ("ann@example.org", "onhold", "soft")
     assert bounces.classify("5.0.0", None, "") == ("undefined", "soft")
+    # the same words refusing relay's own delivery (outcomes.py reads them with classify)
+    assert bounces.classify("5.0.0", 550, "550 zen.example.test Listed by CSS") == (
+        "onhold", "soft")
 
 
 @pytest.mark.parametrize("diagnostic", [

@@ -24,6 +24,8 @@ REASONS: tuple[str, ...] = (
     "norelaying", "notaccept", "securityerror", "syntaxerror", "contenterror", "mailererror",
     "vacation", "feedback", "delivered", "undefined",
 )
+# no cause named: words that say none ("onhold", Sisimai's word) or none at all ("undefined")
+NO_CAUSE = frozenset({"onhold", "undefined"})
 # the address is bad and stays bad: the only reasons that may suppress a recipient
 HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept"})
 # RFC 3463 X.1.x (addressing) codes that do not name the recipient's address as bad: X.1.5
@@ -152,7 +154,8 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         cls = str(reply_code)[0]
     if cls == "2":
         return "delivered", "soft"
-    text = ADDRESS_RE.sub(" ", text or "")  # a local part such as "mailbox-full" says nothing
+    said = text or ""
+    text = ADDRESS_RE.sub(" ", said)  # a local part such as "mailbox-full" says nothing
     text = STAGE_SAID.sub(" ", text)  # "after MAIL FROM:": the reporter's words, not the remote's
     text = _REPORTER_SAID.sub(" ", text)
     text = _SCANNED.sub(" ", text)
@@ -177,7 +180,8 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     if reason is None and cls == "5" and detail == "2.0":
         reason = "filtered"  # "other mailbox status", nothing more said: the mailbox refused it
     if reason is None:
-        reason = "expired" if cls == "4" else "undefined"
+        # a remote's words that name no cause are onhold; no words at all, undefined
+        reason = "expired" if cls == "4" else "onhold" if said.strip() else "undefined"
     if detail == "2.3" and _TOO_BIG.search(text):
         reason = "mesgtoobig"  # X.2.3 with "message too large": the message's size, not a count
     elif phrase == "mailboxfull" and cls in ("4", "5"):
@@ -201,7 +205,7 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
 
 # reasons that cannot be why a server refuses a client for good at its greeting or HELO,
 # among them any about a mailbox (full, disabled, moved, over a limit): none was named yet
-_NOT_OF_A_CLIENT = frozenset({"userunknown", "undefined", "filtered", "rejected", "systemerror",
+_NOT_OF_A_CLIENT = frozenset({"userunknown", *NO_CAUSE, "filtered", "rejected", "systemerror",
                               "syntaxerror", "mailboxfull", "suspend", "hasmoved", "exceedlimit",
                               "mesgtoobig"})
 
@@ -217,7 +221,7 @@ def by_stage(reason: str, detail: str, stage: str | None,
              quoted: bool = False) -> str:
     """The reason corrected by what the refused command was about.  `quoted`: the text
     quotes a remote server's SMTP reply (a reply code), not the reporting host's own words."""
-    if stage == "MAIL" and reason in ("userunknown", "undefined", "filtered"):
+    if stage == "MAIL" and reason in ("userunknown", "filtered", *NO_CAUSE):
         return "rejected"  # it refused the sender, not the recipient
     if stage == "CONN" and reason in _NOT_OF_A_CLIENT:
         # it refused the client before hearing of any address, for good (5xx) or for now

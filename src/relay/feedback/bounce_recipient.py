@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from .bounce_reasons import NAME_SERVICE, classify, may_be_hard
+from .bounce_reasons import NAME_SERVICE, NO_CAUSE, classify, may_be_hard
 from .bounce_report import BouncedRecipient
 from .bounce_stage import smtp_stage
 
@@ -45,7 +45,7 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
         stage = smtp_stage(context or diagnostic, address, diagnostic, transcript)
         reason, cls = classify(status, reply, diagnostic, stage=stage,
                                remote_reply=remote_reply)
-        if action in ("delayed", "expired") and reason in ("networkerror", "undefined") \
+        if action in ("delayed", "expired") and (reason == "networkerror" or reason in NO_CAUSE) \
                 and not NAME_SERVICE.search(diagnostic) and not _NO_WAY.search(diagnostic) \
                 and not (status and status[1:] in _NO_WAY_STATUS):
             # still retrying (or no longer: SendGrid's "expired") after trouble that passes,
@@ -56,7 +56,7 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
         elif reason == "userunknown" and may_be_hard(reason, "", stage):
             cls = "hard"  # the remote said so, however transient its code, until giving up
         elif action == "failed" and (status or "").startswith("4") and (
-                reason == "undefined" or status == "4.4.7" or _TIMED_OUT.search(diagnostic)) \
+                reason in NO_CAUSE or status == "4.4.7" or _TIMED_OUT.search(diagnostic)) \
                 and not (reason == "networkerror" and NAME_SERVICE.search(diagnostic)):
             # failed with a temporary status: relay's peer retried until its queue ran out
             reason = "expired"
@@ -67,8 +67,6 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
             # its own: the peer gave up retrying, its queue lifetime ran out (a name service
             # failure is the reporter's own trouble, and stays one)
             reason = "expired"
-        if reason == "undefined" and diagnostic.strip():
-            reason = "onhold"
     return BouncedRecipient(address=address, action=action, status=status, reason=reason,
                             bounce_class=cls, diagnostic=diagnostic, remote_mta=remote,
                             reply_code=reply)
