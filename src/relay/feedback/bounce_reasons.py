@@ -99,7 +99,8 @@ _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time
 
 # words that the account itself is not there ("This user doesn't have a example.com account",
 # "unknown user account"), not the terse "user unknown" a filter or a carrier answers for a
-# mailbox that refuses this sender: believed from a quoted reply whose command is not said.
+# mailbox that refuses this sender: believed from a remote's reply with its code, whose
+# command is not said.
 # _ACCOUNT_ABSENT, the ones among them no filter says of a mailbox that exists, even after
 # the data (Yahoo took RCPT TO and answered the data "554 delivery error: dd This user
 # doesn't have a yahoo.com account"): an account's own absence, said in full

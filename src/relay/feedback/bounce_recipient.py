@@ -14,7 +14,7 @@ _TIMED_OUT = re.compile(r"timed? ?out", re.I)
 # a reporter's own look-up of the mailbox in its directory (Domino, Exchange 2003, IMail,
 # Verizon's MMS gateway), where a plain report's words are otherwise a remote's reply quoted
 # without its code or command, as likely a filter's answer as the address's
-OWN_DIRECTORY = re.compile(
+_OWN_DIRECTORY = re.compile(
     r"not listed in (the )?(domino directory|public name & address book)"
     r"|recipient name is not recognized|\bunknown user: |invalid final delivery userid"
     r"|no valid recipients for this", re.I)
@@ -27,6 +27,12 @@ _NO_WAY = re.compile(r"no route to host|unreachable|unroutable|unrouteable|\bloo
                      re.I)
 
 
+def _passes(diagnostic: str) -> bool:
+    """Whether the trouble the words tell of passes with waiting: not a name service failure
+    (the reporter's own) and not a network with no way to the host."""
+    return not NAME_SERVICE.search(diagnostic) and not _NO_WAY.search(diagnostic)
+
+
 def recipient(address: str, action: str, status: str | None, reply: int | None,
               diagnostic: str, remote: str | None, context: str = "",
               transcript: str = "", remote_reply: bool | None = None) -> BouncedRecipient:
@@ -34,7 +40,7 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
     (bounce_reasons.classify); None: words of a report's prose, which are one unless they
     are a reporter's own directory look-up."""
     if remote_reply is None:
-        remote_reply = not OWN_DIRECTORY.search(diagnostic)
+        remote_reply = not _OWN_DIRECTORY.search(diagnostic)
     if action in ("delivered", "relayed", "expanded"):
         reason, cls = "delivered", "soft"
     else:
@@ -46,8 +52,7 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
         reason, cls = classify(status, reply, diagnostic, stage=stage,
                                remote_reply=remote_reply)
         if action in ("delayed", "expired") and (reason == "networkerror" or reason in NO_CAUSE) \
-                and not NAME_SERVICE.search(diagnostic) and not _NO_WAY.search(diagnostic) \
-                and not (status and status[1:] in _NO_WAY_STATUS):
+                and _passes(diagnostic) and not (status and status[1:] in _NO_WAY_STATUS):
             # still retrying (or no longer: SendGrid's "expired") after trouble that passes,
             # a timeout or no answer: the queue's delay, not a network that has no way there
             reason = "expired"
@@ -61,8 +66,7 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
             # failed with a temporary status: relay's peer retried until its queue ran out
             reason = "expired"
         elif action == "failed" and not status and reason == "networkerror" and (
-                reply is None or 400 <= reply < 500) and not NAME_SERVICE.search(diagnostic) \
-                and not _NO_WAY.search(diagnostic):
+                reply is None or 400 <= reply < 500) and _passes(diagnostic):
             # failed for good on trouble that passes (no answer, a 4xx reply) and no code of
             # its own: the peer gave up retrying, its queue lifetime ran out (a name service
             # failure is the reporter's own trouble, and stays one)
