@@ -149,6 +149,25 @@ async def test_message_ids_sort_by_time() -> None:
     assert a.startswith("msg_") and len(a) == 30 and a < b
 
 
+def test_message_id_is_its_time_and_eighty_random_bits() -> None:
+    """26 Crockford characters of one 130-bit number: 48 bits of milliseconds first, then 80
+    random bits, then two zero bits; however the characters are made."""
+    alphabet = "0123456789abcdefghjkmnpqrstvwxyz"
+    ids = [new_message_id((1_800_000_000_123 + i + 0.5) / 1000) for i in range(2000)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    randoms = []
+    for i, mid in enumerate(ids):
+        value = 0
+        for ch in mid.removeprefix("msg_"):
+            value = value << 5 | alphabet.index(ch)
+        assert value >> 82 == 1_800_000_000_123 + i and value & 3 == 0
+        randoms.append(value >> 2 & (1 << 80) - 1)
+    # every one of the 80 bits is random: each is set in about half the ids
+    for bit in range(80):
+        ones = sum(r >> bit & 1 for r in randoms)
+        assert 800 < ones < 1200, (bit, ones)
+
+
 # -- picking due work on a long queue (issue 23) -------------------------------------------
 
 
