@@ -95,7 +95,12 @@ class Scripted:
                     out += b"221 bye\r\n"
                 else:
                     key = next((k for k in self.replies if k in line), None)
-                    out += (self.replies[key] if key else b"250 2.0.0 ok") + b"\r\n"
+                    reply = self.replies[key] if key else b"250 2.0.0 ok"
+                    out += reply + b"\r\n"
+                    if reply.startswith(b"421"):  # closing the channel (RFC 5321 3.8)
+                        writer.write(out)
+                        writer.close()
+                        return
             writer.write(out)  # every reply to a chunk in one write, as Postfix's smtpd does
         writer.close()
 
@@ -204,10 +209,12 @@ async def test_a_refusal_of_the_data_before_a_message_written_ahead() -> None:
     assert not any(b"RSET" in c for c in server.chunks)
 
 
-async def test_a_hang_up_after_the_data_sends_the_message_written_ahead_again() -> None:
-    """A 421 to the end of the data, then the close: the next message, whose commands went
-    ahead and got no reply, was not taken; it goes at once over a new connection."""
-    async with Scripted(True, {}, finals=[b"421 4.3.2 going down"]) as server:
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_hang_up_after_the_data_sends_the_next_message_again(pipelining: bool) -> None:
+    """A 421 to the end of the data, then the close: the next message (whose commands went
+    ahead and got no reply, when pipelining) was not taken; it goes at once over a new
+    connection, one command at a time as well (it was "connection lost" there)."""
+    async with Scripted(pipelining, {}, finals=[b"421 4.3.2 going down"]) as server:
         results = await send(server, [one(1), one(2)])
     assert [(r.recipient_id, r.outcome, r.code) for r in results] == [
         (1, "deferred", 421), (2, "delivered", 250)]
@@ -347,3 +354,42 @@ async def test_the_reply_to_the_data_may_take_data_timeout(pipelining: bool) -> 
     async with Scripted(pipelining, {}, end_delay=1.0) as server:
         results = await send(server, [one(1)], command_timeout=0.5, data_timeout=5.0)
     assert [(r.outcome, r.code) for r in results] == [("delivered", 250)], results[0].text
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_421_to_a_recipient_is_each_recipients_reason(pipelining: bool) -> None:
+    """A server that answers RCPT with 421 closes the channel (RFC 5321 3.8): the message's
+    recipients are deferred with its words, at RCPT, not for a "connection lost" that hides
+    them; the next message goes over a new connection."""
+    async with Scripted(pipelining, {b"ok1@": b"421 4.7.0 Too many recipients this hour"}
+                        ) as server:
+        results = await send(server, [two(1), two(2)])
+    assert [(r.recipient_id, r.outcome, r.code, r.stage, r.text) for r in results] == [
+        (10, "deferred", 421, "RCPT", "4.7.0 Too many recipients this hour"),
+        (11, "deferred", 421, "RCPT", "4.7.0 Too many recipients this hour"),
+        (20, "delivered", 250, "DATA", "2.0.0 queued"),
+        (21, "delivered", 250, "DATA", "2.0.0 queued")]
+    assert sum(c.startswith(b"EHLO") for c in server.chunks) == 2
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_421_to_mail_defers_the_message_and_the_next_reconnects(pipelining: bool) -> None:
+    async with Scripted(pipelining, {b"MAIL FROM": b"421 4.3.2 shutting down"}) as server:
+        results = await send(server, [one(1), one(2)])
+    assert [(r.recipient_id, r.outcome, r.code, r.stage, r.text) for r in results] == [
+        (1, "deferred", 421, "MAIL", "4.3.2 shutting down"),
+        (2, "deferred", 421, "MAIL", "4.3.2 shutting down")]
+    assert sum(c.startswith(b"EHLO") for c in server.chunks) == 2
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize("first, expected_first", [
+    (b"250 2.1.5 ok", ("deferred", 421)),  # taken, but the message was never sent
+    (b"550 5.1.1 no such user", ("bounced", 550)),  # its own refusal stands
+])
+async def test_a_421_after_a_recipient_replied(pipelining: bool, first: bytes,
+                                               expected_first: tuple[str, int]) -> None:
+    async with Scripted(pipelining, {b"ok1@": first, b"no1@": b"421 4.4.5 busy"}) as server:
+        results = await send(server, [two(1)])
+    assert [(r.recipient_id, r.outcome, r.code) for r in results] == [
+        (10, *expected_first), (11, "deferred", 421)]

@@ -107,6 +107,7 @@ class Deliverer:
         hold: Hold | None = None
         while remaining and hold is None:
             session, reused = await self._sessions.session(target, lane.source, lane.site)
+            hung_up = False
             try:
                 while remaining and session.sent < lane.per_session:
                     if (hold := await lane.pace()) is not None:  # every message keeps pace
@@ -126,7 +127,10 @@ class Deliverer:
                     remaining.pop(0)
                     session.sent += 1
                     reused = False
-                    if hold is not None:
+                    # a 421 closes the channel (RFC 5321 3.8): the next message, and any
+                    # commands of it written ahead, go over a new connection
+                    hung_up = any(r.code == 421 for r in done)
+                    if hold is not None or hung_up:
                         break
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                 session.smtp.close()
@@ -135,8 +139,8 @@ class Deliverer:
                 if reused or isinstance(exc, NotStarted):
                     continue
                 raise TargetFailure(f"connection to {target.hostname} lost: {exc}") from None
-            if session.ahead is not None:  # a hold stopped it with replies owed: no QUIT
-                session.smtp.close()  # (its DATA may have been taken: QUIT would be data)
+            if session.ahead is not None or hung_up:  # replies owed, or none will come:
+                session.smtp.close()  # no QUIT (a DATA written ahead may have been taken)
             elif hold is not None or session.sent >= lane.per_session:
                 await quit_session(session)
             else:

@@ -105,11 +105,24 @@ async def _one_by_one(session: Session, msg: OutMessage, timeout: float,
     mail = await smtp.execute_command(b"MAIL", *_mail_args(session, msg), timeout=timeout)
     if mail.code != 250:
         return mail, [], None
-    rcpts = [await smtp.execute_command(b"RCPT", *_rcpt_args(session, r), timeout=timeout)
-             for r in msg.recipients]
+    rcpts: list[SMTPResponse] = []
+    for r in msg.recipients:
+        rcpts.append(await smtp.execute_command(b"RCPT", *_rcpt_args(session, r),
+                                                timeout=timeout))
+        if rcpts[-1].code == 421:  # the server closes the channel (aiosmtplib has closed it)
+            return mail, _closing(rcpts, len(msg.recipients)), None
     if not any(rcpt.code in (250, 251) for rcpt in rcpts):
         return mail, rcpts, None
     return mail, rcpts, await _data(smtp, msg.data, timeout, data_timeout)
+
+
+def _closing(rcpts: list[SMTPResponse], count: int) -> list[SMTPResponse]:
+    """RCPT's replies when the last was a 421 (RFC 5321 3.8, the server closing the
+    channel): a recipient refused keeps its own reply, every other one gets the 421, the
+    words that say why the message was not sent."""
+    closing = rcpts[-1]
+    kept = [r if r.code not in (250, 251) else closing for r in rcpts]
+    return kept + [closing] * (count - len(kept))
 
 
 class NotStarted(aiosmtplib.SMTPServerDisconnected):
@@ -141,7 +154,12 @@ async def _pipelined(session: Session, msg: OutMessage, timeout: float, data_tim
                 raise NotStarted(str(exc)) from exc
             raise
         refused_all = mail.code != 250  # what follows is moot (a 421 hangs up at once)
-        rcpts = [await protocol.read_response(timeout=timeout) for _ in msg.recipients]
+        rcpts: list[SMTPResponse] = []
+        for _ in msg.recipients:
+            rcpts.append(await protocol.read_response(timeout=timeout))
+            if rcpts[-1].code == 421:  # and the server hangs up: no more replies come
+                smtp.close()
+                return mail, _closing(rcpts, len(msg.recipients)), None
         start = await protocol.read_response(timeout=timeout)
         if start.code == 354:  # the data, or an empty message if no recipient was taken
             ok = mail.code == 250 and any(r.code in (250, 251) for r in rcpts)
