@@ -81,7 +81,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                 r"|(smtp|mail) server of your isp|dynamic ip|dial-?up|residential ip"),
     # a filter's verdict named in one CamelCase token ("MCSpamSignature", "SpamAssassin"):
     # a spam finding, whatever generic words ("security policies") the refusal wraps it in
-    ("spamdetected", r"(?-i:[A-Za-z]*Spam[A-Z][a-z])"),
+    ("spamdetected", r"(?-i:Spam[A-Z][a-z])"),  # searched: any letters may come before
     ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk (e-?)?mail|mass mail"
                      r"|content.{0,20}rejected"
                      r"|message (has been |was )?(classified|identified|considered|marked) as"),

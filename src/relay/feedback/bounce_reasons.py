@@ -33,7 +33,10 @@ HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept"}
 _ADDRESS_NOT_BAD = frozenset({"1.5", "1.7", "1.8"})
 
 STATUS_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})")
-ADDRESS_RE = re.compile(r"[\w.!#$%&'*+/=?^`{|}~\-]+@[\w\-]+(?:\.[\w\-]+)+", re.U)
+# a match may start only where a run of local-part characters starts: tried from each of a
+# long run's characters, the run was read again each time (1.2 s for 20,000 letters)
+ADDRESS_RE = re.compile(r"(?<![\w.!#$%&'*+/=?^`{|}~\-])[\w.!#$%&'*+/=?^`{|}~\-]+"
+                        r"@[\w\-]+(?:\.[\w\-]+)+", re.U)
 
 
 # RFC 3463 subject.detail codes whose meaning is precise enough to stand alone
