@@ -123,7 +123,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     # qmail's "Sorry, I couldn't find any host by that name."
                     r"|(couldn.?t|could not|unable to) find any host (named|by that name)"),
     ("userunknown", r"(user|recipient|rcpt|mailbox|address|account|addressee|destination)"
-                    r".{0,50}(unknown|not (found|exist|known|valid|listed)|does( not|n.?t)"
+                    r".{0,50}(unknown|not (found|exist|known|valid|listed|recogni[sz]ed)"
+                    r"|does( not|n.?t)"
                     r" exist|doesn.?t have|invalid|no such|unavailable"
                     r"|(couldn.?t|could not|can ?not) be found)"
                     r"|no such (user|recipient|mailbox|address|account|person)"
@@ -131,7 +132,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|unknown (user|recipient|local|mailbox|address|alias|addressee)"
                     r"|invalid (recipient|mailbox|address|user)|mailbox not found"
                     r"|(user|recipient) doesn.?t|not our customer|no mailbox here"
-                    r"|unrouteable|not a valid (user|mailbox|recipient)|not recogni[sz]ed"
+                    r"|unrouteable|not a valid (user|mailbox|recipient)"
                     r"|invalid .{0,20}userid|illegal user"
                     r"|no valid recipients|recipient rejected|bad recipient"
                     r"|undeliverable address|user not found|no account by that name"
@@ -140,6 +141,30 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|no mail ?box by that name|unknown virtual user|missing home directory"
                     r"|can.?t accept user|address is wrong or no longer valid"
                     r"|utilisateur inconnu|no existe (dicha persona|ese usuario)|nessun utente"),
+    # the same in the languages servers answer in besides English (German, French, Spanish,
+    # Portuguese, Italian, Dutch, Polish, Russian), where the code is a generic 5.0.0
+    ("userunknown", r"\b(benutzer|empf.nger|adressat)( ist)? unbekannt|unbekannte[rn]? "
+                    r"(benutzer|empf.nger|adresse)|destinataire inconnu|adresse (e-?mail )?"
+                    r"(inconnue|inexistante)|(usuario|destinatario) (desconocido|inexistente)"
+                    r"|usu.rio (desconhecido|inexistente)|destinat.rio desconhecido"
+                    r"|utente (sconosciuto|inesistente)"
+                    r"|onbekende (gebruiker|ontvanger|geadresseerde)"
+                    r"|nieznany (u.ytkownik|adresat|odbiorca)"
+                    r"|нет такого (пользователя|ящика|адреса)"
+                    r"|(benutzer|empf.nger|adresse|postfach|mailbox|utilisateur|destinataire"
+                    r"|bo.te|usuario|destinatario|buz.n|cuenta|direcci.n|usu.rio|conta"
+                    r"|endere.o|utente|indirizzo|casella|gebruiker|adres|u.ytkownik|skrzynka"
+                    r"|odbiorc[ay]|пользовател\w{0,6}|адрес\w{0,6}|ящик\w{0,6})\b.{0,40}"
+                    r"(existiert nicht"
+                    r"|n.existe (pas|plus)|no existe|n.o existe|non esiste|bestaat niet"
+                    r"|nie istnieje|не (найден\w{0,6}|существует))"),
+    ("mailboxfull", r"\b(postfach|mailbox|bo.te (aux lettres|mail|de r.ception)|buz.n"
+                    r"|caixa (postal|de (correio|entrada))|casella( (di posta|postale))?"
+                    r"|postvak|skrzynka|ящик)\b.{0,30}(voll|pleine|llen[oa]|cheia|lotada"
+                    r"|pien[ao]|\bvol\b|pe.na|przepe.niona|переполнен)"
+                    r"|speicherplatz.{0,20}(.berschritten|ersch.pft)|превышен\w{0,6} квот"),
+    ("hostunknown", r"\bdomain(e)? (existiert nicht|unbekannt|inconnu|inexistant)"
+                    r"|dominio (desconocido|inexistente|no existe|n.o existe|sconosciuto)"),
     # ("security" alone, not a product's name: "InterScan Messaging Security Suite", an
     # "Email Security Gateway" or "Appliance" reporting on a refusal of another kind)
     ("securityerror", r"tls|starttls|encryption|certificate|authentication required"
@@ -181,7 +206,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("systemerror", r"system error|internal (server )?error|temporary (failure|error)"
                     r"|server error|local error|try (again )?later|service.{0,20}(not available"
                     r"|unavailable|refused?)|resources|transaction failed"),
-    ("syntaxerror", r"syntax error|command unrecognized|unrecognized command"
+    ("syntaxerror", r"syntax error|command unrecognized|unrecognized command|unknown command"
                     r"|command not (recognized|implemented)"),
     # before Postfix's "<a@example.org>: Recipient address rejected: <why>", which says only
     # that RCPT TO was refused: the words after it, when they say why, win
