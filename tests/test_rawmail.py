@@ -29,3 +29,11 @@ def test_the_fast_path_is_linear() -> None:
     # no backtracking between the display name, the spaces and the address
     assert rawmail.address_domains(" " * 200_000 + "x") == []
     assert rawmail.address_domains("a" * 100_000 + " <" + "b" * 100_000) == []
+
+
+def test_comments_nested_past_the_parsers_stack_are_refused() -> None:
+    """email.utils.getaddresses recurses once a nested comment: ~300 deep raised
+    RecursionError wherever a From was read (accept, delivery)."""
+    with pytest.raises(ValueError, match="comments"):
+        rawmail.address_domains("(" * 600 + "a@b.example")
+    assert rawmail.address_domains("(c) a@b.example") == ["b.example"]

@@ -257,6 +257,16 @@ async def test_no_from_header_is_refused(service: Service) -> None:
     assert code == 550
 
 
+async def test_a_from_of_comments_nested_past_any_reader_is_refused(service: Service) -> None:
+    """The stdlib's address parser recursed once a "(" (RecursionError, and aiosmtpd's
+    "500 Error" with its text): a typed refusal, and nothing stored."""
+    key = await make_key(service)
+    data = b"From: " + b"(" * 600 + b"a@example.com\r\nSubject: x\r\n\r\nbody\r\n"
+    code, text = await in_thread(send, service.bound[0][1], key, data)
+    assert (code, text[:5]) == (550, b"5.1.7"), text
+    assert await stored_bodies(service) == []
+
+
 async def test_51_received_headers_are_a_loop(service: Service) -> None:
     key = await make_key(service)
     port = service.bound[0][1]

@@ -107,13 +107,26 @@ _ONE_MAILBOX = re.compile(  # linear: no two adjacent parts share a character
     rf"\s*{_ATOMS}@({_ATOMS})\s*|[^<>@\",;:()\\\[\]]*<{_ATOMS}@({_ATOMS})>\s*")
 
 
+# email.utils.getaddresses reads a comment inside a comment by calling itself: some 300
+# nested "(" exhaust Python's stack (RecursionError), and no address needs more than a few
+MAX_COMMENTS = 64
+
+
+def getaddresses(values: list[str]) -> list[tuple[str, str]]:
+    """email.utils.getaddresses; ValueError for values with more than MAX_COMMENTS "(" (a
+    header no one writes but to break its reader)."""
+    if any(v.count("(") > MAX_COMMENTS for v in values):
+        raise ValueError(f"more than {MAX_COMMENTS} comments in an address field")
+    return email.utils.getaddresses(values)
+
+
 def address_domains(value: str) -> list[str]:
-    """The domains of the addresses in a header value such as From's, as written."""
+    """The domains of the addresses in a header value such as From's, as written (ValueError
+    for one getaddresses will not read)."""
     m = _ONE_MAILBOX.fullmatch(value)
     if m is not None:
         return [m.group(1) or m.group(2)]
-    return [addr.rpartition("@")[2] for _, addr in email.utils.getaddresses([value])
-            if "@" in addr]
+    return [addr.rpartition("@")[2] for _, addr in getaddresses([value]) if "@" in addr]
 
 
 def decoded(value: str | None) -> str:

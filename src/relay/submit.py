@@ -237,7 +237,10 @@ class Submitter:
         else:
             body, subject, header_from = self._raw(sub, message_id, date, recipients)
             kind, size = "raw", None
-            found = rawmail.address_domains(header_from)
+            try:
+                found = rawmail.address_domains(header_from)
+            except ValueError:  # decoded, a name may read as more comments than it was
+                found = []
             sender_domain = found[0] if found else ""
         return NewMessage(
             id=message_id,
@@ -291,7 +294,11 @@ class Submitter:
             raise ValidationError(f"a message needs exactly one From header, not {len(froms)}",
                                   param="From")
         sender = froms[0].value
-        for domain in rawmail.address_domains(sender) if sub.allowed_domains else ():
+        try:
+            domains = rawmail.address_domains(sender)
+        except ValueError as exc:  # comments nested past any reader's patience
+            raise ValidationError(f"From: {exc}", param="From", smtp="550 5.1.7") from None
+        for domain in domains if sub.allowed_domains else ():
             if not may_send_as(sub.allowed_domains, domain.lower()):
                 raise ValidationError(f"this key may not send as {domain}", param="From",
                                       smtp="550 5.7.1")

@@ -7,11 +7,10 @@ from __future__ import annotations
 import email.message
 import email.parser
 import email.policy
-import email.utils
 from dataclasses import dataclass
 from typing import Any
 
-from .. import compose
+from .. import compose, rawmail
 from ..store import SQLiteStore
 from .errors import ApiError
 from .pruned import raise_if_pruned
@@ -112,7 +111,11 @@ def _message_id(value: object) -> str | None:
 
 def _mailboxes(parsed: email.message.EmailMessage, header: str) -> list[dict[str, str]]:
     out = []
-    for name, address in email.utils.getaddresses([str(v) for v in parsed.get_all(header, [])]):
+    try:
+        found = rawmail.getaddresses([str(v) for v in parsed.get_all(header, [])])
+    except ValueError:
+        return []  # a field no reader takes apart: none to show
+    for name, address in found:
         if "@" in address:
             out.append({"email": address, "name": name} if name else {"email": address})
     return out

@@ -342,7 +342,10 @@ class Renderer:
         raw = found[0].raw if found else b""
         domain = self._from_domains.get(raw)
         if domain is None:
-            domains = rawmail.address_domains(found[0].value if found else "")
+            try:
+                domains = rawmail.address_domains(found[0].value if found else "")
+            except ValueError:  # no domain to read: signed with no From domain's key
+                domains = []
             domain = (a_label(domains[0]) or domains[0].lower()) if domains else ""
             if len(self._from_domains) >= FROM_CACHE:
                 self._from_domains.clear()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import email
 import email.policy
-import email.utils
 from typing import Any
 
+from ... import rawmail
 from ...store import MessageDetail, NewMessage
 from ..views import iso
 
@@ -89,8 +89,11 @@ def content_json(raw: bytes) -> dict[str, Any]:
             html = part.get_content()
 
     def addresses(name: str) -> list[str]:
-        return [a for _, a in email.utils.getaddresses([str(v) for v in
-                                                        parsed.get_all(name) or []]) if a]
+        try:
+            found = rawmail.getaddresses([str(v) for v in parsed.get_all(name) or []])
+        except ValueError:
+            return []  # a field no reader takes apart: none to show
+        return [a for _, a in found if a]
 
     return {"to": addresses("To"), "cc": addresses("Cc"), "reply_to": addresses("Reply-To"),
             "message_id": parsed.get("Message-ID"), "text": text, "html": html,
