@@ -829,3 +829,18 @@ def test_each_recipient_is_read_from_its_own_line_and_a_host_internal_name_yield
                        ("bob@example.org", "mailboxfull", "soft")]
     # "carl@store7" is the last hop's own name for the mailbox: the original one is kept
     assert got[2] == ("carl@example.net", "mailboxfull", "soft")
+
+
+def test_a_bounce_without_a_from_address_is_still_read() -> None:
+    """flufl.bounce's Yale detector raises IndexError on a message without a From address,
+    and the whole report was lost ("unknown"); relay reads the text without it."""
+    raw = (b"Return-Path: <>\r\nTo: bounces@relay.test\r\n"
+           b"Subject: Mail delivery failed: returning message to sender\r\n\r\n"
+           b"A message that you sent could not be delivered to one or more of its\r\n"
+           b"recipients. The following address(es) failed:\r\n\r\n  ann@example.org\r\n"
+           b"    SMTP error from remote mail server after RCPT TO:<ann@example.org>:\r\n"
+           b"    550 5.1.1 No such user here\r\n")
+    report = bounces.parse(raw, max_parts=64, max_recipients=1000)
+    assert report.type == "dsn"
+    assert [(r.address, r.reason, r.bounce_class) for r in report.recipients] == [
+        ("ann@example.org", "userunknown", "hard")]

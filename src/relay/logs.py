@@ -182,6 +182,9 @@ class _NotOurs(logging.Filter):
 def _quiet(config: LogConfig) -> None:
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # a detector's failure is logged there with its traceback before relay hears of it and
+    # reads the bounce without it (feedback/bounce_heuristics.py)
+    logging.getLogger("flufl.bounce").setLevel(logging.CRITICAL)
     aiosmtpd = logging.getLogger("mail.log")
     if not any(isinstance(f, _NotOurs) for f in aiosmtpd.filters):
         aiosmtpd.addFilter(_NotOurs())

@@ -5,6 +5,7 @@ text, the quoted delivery-status fields, or the returned message's one recipient
 from __future__ import annotations
 
 import email
+import logging
 import re
 from email.message import Message
 
@@ -29,6 +30,8 @@ from .bounce_text import (
     says_why,
     status_in,
 )
+
+log = logging.getLogger(__name__)
 
 # -- auto-replies (RFC 3834) --------------------------------------------------------
 
@@ -100,8 +103,19 @@ def autoreply(msg: Message) -> BouncedRecipient:
 # -- non-standard bounces -----------------------------------------------------------
 
 
+def _detected(msg: Message) -> tuple[frozenset[bytes], frozenset[bytes]]:
+    """flufl.bounce's findings (temporary, permanent); none when a detector fails on what it
+    did not expect (its Yale detector raises IndexError on a message without a From address):
+    relay's own reading of the text still runs."""
+    try:
+        return all_failures(msg)
+    except Exception:
+        log.debug("a flufl.bounce detector failed", exc_info=True)
+        return frozenset(), frozenset()
+
+
 def heuristic_recipients(msg: Message, limit: int) -> tuple[BouncedRecipient, ...]:
-    temporary, permanent = all_failures(msg)
+    temporary, permanent = _detected(msg)
     text = all_text(msg)[:50000]
     named = [(m.group(0), action) for addresses, action in
              ((permanent, "failed"), (temporary, "delayed")) for raw in sorted(addresses)
