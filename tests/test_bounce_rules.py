@@ -1056,3 +1056,32 @@ def test_the_word_network_alone_names_no_network_failure() -> None:
 def test_a_host_that_cannot_be_reached_is_not_one_that_does_not_exist(
         words: str, reason: str, cls: str) -> None:
     assert bounces.classify("5.0.0", None, words) == (reason, cls)
+
+
+@pytest.mark.parametrize("words", [
+    "connect to mx.example.org[192.0.2.7]:25: Connection refused",
+    "'[Errno 111] Connection refused' (delivery attempts: 3)",
+])
+def test_a_connection_refused_by_tcp_is_the_networks_not_a_block(words: str) -> None:
+    """Nothing listening there: no server answered to refuse this client."""
+    from relay.feedback.bounce_reasons import classify
+    assert classify("4.4.1", None, words) == ("networkerror", "soft")
+    # a server that answered and refused the client is still a block
+    assert classify("5.7.1", 554, "Connection refused: your IP is on our block list")[0] \
+        == "blocked"
+
+
+def test_failed_with_a_temporary_status_after_a_connection_refused_is_expired() -> None:
+    """Postfix's "delivery temporarily suspended: connect to ...: Connection refused" under
+    Action: failed and 4.4.1: its queue retried the trouble until it gave up."""
+    raw = _dsn("ann@example.org: delivery temporarily suspended", "4.4.1",
+               "Diagnostic-Code: X-Postfix; delivery temporarily suspended: connect to\n"
+               "    mx.example.org[192.0.2.7]: Connection refused")
+    assert _one(raw) == ("ann@example.org", "expired", "soft")
+
+
+def test_a_delivery_expired_in_the_diagnostic_is_expired() -> None:
+    raw = _dsn("ann@example.org: failed", "5.0.0 (permanent failure)",
+               "Diagnostic-Code: smtp; 5.4.7 - Delivery expired (message too old) '[Errno 61]\n"
+               "    Connection refused' (delivery attempts: 0)")
+    assert _one(raw) == ("ann@example.org", "expired", "soft")

@@ -96,7 +96,8 @@ _REPORTER_SAID = re.compile(r"delivery temporarily suspended:|\bhost \S{1,300} s
 _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time|timeout|period)"
                       r" (exceeded|expired)|delivery time expired|could not be delivered"
                       r" (for|within) \d|failing for a long time|will be retried|envelope"
-                      r" expired|message expired|still undeliver"
+                      r" expired|message expired|still undeliver|delivery expired"
+                      r"|message too old"
                       r"|failed (after )?\d+ (delivery )?attempts", re.I)
 
 

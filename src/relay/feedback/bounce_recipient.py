@@ -61,9 +61,12 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
         elif reason == "userunknown" and may_be_hard(reason, "", stage):
             cls = "hard"  # the remote said so, however transient its code, until giving up
         elif action == "failed" and (status or "").startswith("4") and (
-                reason in NO_CAUSE or status == "4.4.7" or _TIMED_OUT.search(diagnostic)) \
-                and not (reason == "networkerror" and NAME_SERVICE.search(diagnostic)):
+                reason in NO_CAUSE or status == "4.4.7" or _TIMED_OUT.search(diagnostic)
+                or (reason == "networkerror" and status[1:] not in _NO_WAY_STATUS)) \
+                and not (reason == "networkerror" and not _passes(diagnostic)):
             # failed with a temporary status: relay's peer retried until its queue ran out
+            # (after no answer, or a connection refused: trouble that passes, not a name
+            # service failure or a network with no way there)
             reason = "expired"
         elif action == "failed" and not status and reason == "networkerror" and (
                 reply is None or 400 <= reply < 500) and _passes(diagnostic):
