@@ -611,3 +611,21 @@ def test_a_name_and_address_are_read_in_linear_time() -> None:
     assert time.process_time() - started < 0.05
     assert mailbox("  Ann Lee  <ann@example.org> ", "to[0]") == Mailbox(
         email="ann@example.org", name="Ann Lee")
+
+
+def test_a_stored_message_with_comments_nested_too_deep_is_a_422_to_read() -> None:
+    """A raw message takes any header (relay routes by the envelope); reading its To for a
+    reply, its files or PiiSend's detail parsed it with the email package's structured
+    headers, which recurse once a nested comment: RecursionError, a 500."""
+    from relay.api.dialects.piisend_emails import content_json
+    from relay.api.errors import ApiError
+    from relay.api.stored import readable_mime, thread_of
+    raw = (b"From: a@example.com\r\nTo: " + b"(" * 600 + b"b@example.org\r\n"
+           b"Subject: x\r\nMessage-ID: <1@example.com>\r\n\r\nbody\r\n")
+    for read in (readable_mime, content_json):
+        with pytest.raises(ApiError) as caught:
+            read(raw)
+        assert caught.value.status == 422 and caught.value.param == "id"
+    fine = raw.replace(b"(" * 600, b"(a) ")
+    assert content_json(fine)["to"] == ["b@example.org"]
+    assert thread_of(readable_mime(fine), "msg_x").sender is not None

@@ -25,8 +25,20 @@ async def stored_mime(store: SQLiteStore, message_id: str) -> email.message.Emai
         await raise_if_pruned(store, message_id)
         raise ApiError(404, f"no email {message_id}", param="id")
     raw = compose.materialize(stored.body, stored.kind)
+    return readable_mime(raw)
+
+
+def readable_mime(raw: bytes) -> email.message.EmailMessage:
+    """Stored bytes parsed for reading, or a 422 when a header field holds comments nested
+    past what the email package's structured headers parse without RecursionError (a raw
+    message takes any header; reading it then must not be a 500)."""
     parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(raw)
     assert isinstance(parsed, email.message.EmailMessage)
+    for part in parsed.walk():
+        for name, value in part.raw_items():
+            if value.count("(") > rawmail.MAX_COMMENTS:
+                raise ApiError(422, f"the stored message's {name} field cannot be read: more"
+                               f" than {rawmail.MAX_COMMENTS} comments", param="id")
     return parsed
 
 
@@ -111,11 +123,8 @@ def _message_id(value: object) -> str | None:
 
 def _mailboxes(parsed: email.message.EmailMessage, header: str) -> list[dict[str, str]]:
     out = []
-    try:
-        found = rawmail.getaddresses([str(v) for v in parsed.get_all(header, [])])
-    except ValueError:
-        return []  # a field no reader takes apart: none to show
-    for name, address in found:
+    # (stored_mime refused comments nested deeper than getaddresses reads)
+    for name, address in rawmail.getaddresses([str(v) for v in parsed.get_all(header, [])]):
         if "@" in address:
             out.append({"email": address, "name": name} if name else {"email": address})
     return out

@@ -3,12 +3,11 @@ the object every answer carries, with the fields the detail adds, read from rela
 
 from __future__ import annotations
 
-import email
-import email.policy
 from typing import Any
 
 from ... import rawmail
 from ...store import MessageDetail, NewMessage
+from ..stored import readable_mime
 from ..views import iso
 
 # relay's message status (types.message_status) → PiiSend's lifecycle name. "queued+started"
@@ -72,7 +71,7 @@ def new_email_json(message: NewMessage) -> dict[str, Any]:
 
 def content_json(raw: bytes) -> dict[str, Any]:
     """The bodies and the attachments' metadata, read back from the message's bytes."""
-    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    parsed = readable_mime(raw)
     text = html = None
     files = []
     for part in parsed.walk():
@@ -88,12 +87,9 @@ def content_json(raw: bytes) -> dict[str, Any]:
         elif part.get_content_type() == "text/html" and html is None:
             html = part.get_content()
 
-    def addresses(name: str) -> list[str]:
-        try:
-            found = rawmail.getaddresses([str(v) for v in parsed.get_all(name) or []])
-        except ValueError:
-            return []  # a field no reader takes apart: none to show
-        return [a for _, a in found if a]
+    def addresses(name: str) -> list[str]:  # (readable_mime refused deeper comments)
+        return [a for _, a in rawmail.getaddresses([str(v) for v in
+                                                   parsed.get_all(name) or []]) if a]
 
     return {"to": addresses("To"), "cc": addresses("Cc"), "reply_to": addresses("Reply-To"),
             "message_id": parsed.get("Message-ID"), "text": text, "html": html,
