@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from relay.config import DkimConfig
 from relay.delivery import dkim
+from relay.delivery.rawsign import raw_signature
 from relay.delivery.render import Renderer
 from relay.store import Outgoing
 
@@ -83,8 +84,8 @@ def main() -> None:
     outgoing = Outgoing(body=data, sign_domains=(), dkim=None)
     pem = dkim.private_pem(rsa_key)
     rows = [
-        ("rsa-2048 signatures", lambda: rsa_key.sign(digest, dkim._PKCS1, dkim._PREHASHED)),
-        ("ed25519 signatures", lambda: ed_key.sign(digest)),
+        ("rsa-2048 signatures", lambda: raw_signature(rsa_key, digest)),
+        ("ed25519 signatures", lambda: raw_signature(ed_key, digest)),
         ("sign(rsa)", lambda: dkim.sign(data, both[:1])),
         ("sign(rsa + ed25519)", lambda: dkim.sign(data, both)),
         ("render", lambda: renderer.render(outgoing)),
