@@ -235,13 +235,9 @@ class Submitter:
                                                                            date)
             sender_domain = sub.composition.sender.email.rpartition("@")[2]
         else:
-            body, subject, header_from = self._raw(sub, message_id, date, recipients)
+            body, subject, header_from, sender_domain = self._raw(sub, message_id, date,
+                                                                  recipients)
             kind, size = "raw", None
-            try:
-                found = rawmail.address_domains(header_from)
-            except ValueError:  # decoded, a name may read as more comments than it was
-                found = []
-            sender_domain = found[0] if found else ""
         return NewMessage(
             id=message_id,
             created_at=now,
@@ -277,8 +273,9 @@ class Submitter:
         )
 
     def _raw(self, sub: Submission, message_id: str, date: str,
-             recipients: tuple[NewRecipient, ...]) -> tuple[bytes, str, str]:
-        """Checked bytes with trace, Message-ID and Date added; Bcc and control headers gone."""
+             recipients: tuple[NewRecipient, ...]) -> tuple[bytes, str, str, str]:
+        """Checked bytes with trace, Message-ID and Date added; Bcc and control headers gone
+        (and the subject, the From and its first address's domain, as written)."""
         limits = self._config.limits
         data = sub.data
         if b"\x00" in data:
@@ -317,7 +314,7 @@ class Submitter:
         subjects = by_name.get("subject")
         return (rawmail.join(headers, body),
                 rawmail.decoded(subjects[0].value if subjects else None),
-                rawmail.decoded(sender))
+                rawmail.decoded(sender), domains[0] if domains else "")
 
     def _composed(self, sub: Submission, message_id: str, date: str
                   ) -> tuple[bytes, str, int, str, str, tuple[tuple[str, bytes], ...]]:
