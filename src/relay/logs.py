@@ -29,8 +29,8 @@ from .config import LogConfig
 ACCESS_LOGGER = "relay.access"  # the HTTP access log: `[log] access_log = false` quiets it
 LIMIT = 500  # characters of one outside value (a remote reply, a header) in a line
 
-# aiosmtpd logs every SMTP command at INFO, flufl.bounce a line per detector it tries
-QUIET = ("mail.log", "flufl.bounce")
+# aiosmtpd logs every SMTP command at INFO
+QUIET = ("mail.log",)
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message", "asctime", "taskName"}
@@ -182,8 +182,9 @@ class _NotOurs(logging.Filter):
 def _quiet(config: LogConfig) -> None:
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
-    # a detector's failure is logged there with its traceback before relay hears of it and
-    # reads the bounce without it (feedback/bounce_heuristics.py)
+    # flufl.bounce logs a line per detector it tries, and a detector's failure with its
+    # traceback before relay hears of it and reads the bounce without it
+    # (feedback/bounce_heuristics.py)
     logging.getLogger("flufl.bounce").setLevel(logging.CRITICAL)
     aiosmtpd = logging.getLogger("mail.log")
     if not any(isinstance(f, _NotOurs) for f in aiosmtpd.filters):
