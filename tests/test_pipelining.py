@@ -393,3 +393,15 @@ async def test_a_421_after_a_recipient_replied(pipelining: bool, first: bytes,
         results = await send(server, [two(1)])
     assert [(r.recipient_id, r.outcome, r.code) for r in results] == [
         (10, *expected_first), (11, "deferred", 421)]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_two_connections_closed_by_a_421_in_a_row_end_the_tries(pipelining: bool) -> None:
+    """A new connection a message after a 421 is bounded: when the second one in a row also
+    closes with a 421 and nothing taken, the rest are deferred with its words at once."""
+    async with Scripted(pipelining, {b"MAIL FROM": b"421 4.7.0 Try again later"}) as server:
+        results = await send(server, [one(1), one(2), one(3), one(4)])
+    assert [(r.recipient_id, r.outcome, r.code) for r in results] == [
+        (1, "deferred", 421), (2, "deferred", 421), (3, "deferred", 421), (4, "deferred", 421)]
+    assert results[3].text.endswith("421 4.7.0 Try again later")
+    assert sum(c.startswith(b"EHLO") for c in server.chunks) == 2

@@ -105,9 +105,10 @@ class Deliverer:
         """Send what it can over sessions to this target; raises TargetFailure to move on,
         returns a Hold when the site's pace or a reply stops it."""
         hold: Hold | None = None
+        fruitless = 0  # sessions in a row closed by a 421 before any message was delivered
         while remaining and hold is None:
             session, reused = await self._sessions.session(target, lane.source, lane.site)
-            hung_up = False
+            hung_up, delivered = False, False
             try:
                 while remaining and session.sent < lane.per_session:
                     if (hold := await lane.pace()) is not None:  # every message keeps pace
@@ -130,6 +131,7 @@ class Deliverer:
                     # a 421 closes the channel (RFC 5321 3.8): the next message, and any
                     # commands of it written ahead, go over a new connection
                     hung_up = any(r.code == 421 for r in done)
+                    delivered = delivered or any(r.outcome == "delivered" for r in done)
                     if hold is not None or hung_up:
                         break
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
@@ -145,6 +147,16 @@ class Deliverer:
                 await quit_session(session)
             else:
                 self._sessions.park(session)
+            if delivered:
+                fruitless = 0
+            elif hung_up:
+                fruitless += 1
+            if fruitless >= 2 and remaining and hold is None:
+                # a second connection in a row closed with a 421 and nothing taken: the
+                # rest wait (or try the next host) with its words, not a connection apiece
+                said = next(reply_text(r.code, r.enhanced, r.text) for r in done
+                            if r.code == 421)
+                raise TargetFailure(f"{target.hostname} said: {said}", code=421, reply=said)
         return hold
 
     def _is_own(self, target: Target) -> bool:
