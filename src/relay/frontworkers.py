@@ -178,7 +178,9 @@ class FrontWorkers:
             own = {id(c.remote): c.remote.total() for c in self._children.values()}
             self._everyone = (now, self._others(), own)  # in one step: nothing counts between
         _, everyone, own = self._everyone
-        return feed_line(metrics.without(everyone, own[id(child.remote)]), self._checks())
+        # a worker being stopped is no longer listed, and its feed may be asked a line still
+        mine = own.get(id(child.remote)) or child.remote.total()
+        return feed_line(metrics.without(everyone, mine), self._checks())
 
     async def _ended(self, child: _Child) -> None:
         """Close the master's ends of a worker that has exited; keep what it counted."""
