@@ -773,7 +773,7 @@ async def test_inbound_listener_refuses_a_literal_recipient(tmp_path) -> None:  
 
 async def test_a_connection_gets_aiosmtpd_whole_tables_without_reading_every_attribute(
         service: Service) -> None:
-    """RelaySMTP and RelayHandler name only aiosmtpd's hooks in dir() (protocol.hook_names),
+    """RelaySMTP and RelayHandler name only aiosmtpd's hooks in dir() (tables.hook_names),
     so a connection's set-up does not read every attribute; aiosmtpd's tables of commands,
     AUTH mechanisms and handler hooks must still be whole."""
     import inspect
@@ -860,3 +860,66 @@ async def test_each_connection_gets_its_own_protocol_state(service: Service) -> 
     finally:
         handler.reconfigure(before, handler.listener)
     assert factory().data_size_limit == before.limits.max_message_size
+
+
+# -- pipelining (RFC 2920) ----------------------------------------------------------------
+
+
+async def test_pipelined_commands_are_answered_in_one_write(
+        service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Postfix's smtpd: the replies to MAIL, two RCPTs and DATA sent together go out in
+    one write (a send() and a segment, not four), in order; a client that waits for each
+    reply still gets each at once."""
+    writes: list[bytes] = []
+    real_write = asyncio.StreamWriter.write
+
+    def counted(self: asyncio.StreamWriter, data: bytes) -> None:
+        writes.append(bytes(data))
+        real_write(self, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", counted)
+    key = await make_key(service)
+
+    def go() -> bytes:
+        sock = socket.create_connection(("127.0.0.1", service.bound[0][1]), timeout=10)
+        f = sock.makefile("rb")
+
+        def reply() -> bytes:
+            lines = [f.readline()]
+            while lines[-1][3:4] == b"-":
+                lines.append(f.readline())
+            return b"".join(lines)
+
+        reply()
+        sock.sendall(b"EHLO client.test\r\n")
+        assert b"PIPELINING" in reply()
+        sock.sendall(b"STARTTLS\r\n")
+        reply()
+        tls = client_tls().wrap_socket(sock, server_hostname="relay.test")
+        f = tls.makefile("rb")
+        tls.sendall(b"EHLO client.test\r\n")
+        reply()
+        auth = base64.b64encode(b"\0u\0" + key.encode()).decode()
+        tls.sendall(f"AUTH PLAIN {auth}\r\n".encode())
+        assert reply().startswith(b"235")
+        writes.clear()
+        tls.sendall(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\n"
+                    b"RCPT TO:<carol@example.org>\r\nDATA\r\n")
+        group = reply() + reply() + reply() + reply()
+        grouped = list(writes)
+        tls.sendall(MESSAGE + b".\r\n")
+        done = reply()
+        tls.sendall(b"NOOP\r\n")
+        noop = reply()
+        assert len(writes) == len(grouped) + 2, (grouped, writes)  # 250 and NOOP's 250
+        tls.sendall(b"QUIT\r\n")
+        reply()
+        tls.close()
+        assert done.startswith(b"250") and noop.startswith(b"250")
+        return group + b"|" + b"|".join(grouped)
+
+    out = await in_thread(go)
+    group, *grouped = out.split(b"|")
+    codes = [line[:3] for line in group.splitlines()]
+    assert codes == [b"250", b"250", b"250", b"354"], group
+    assert grouped == [group], grouped  # all four in one write

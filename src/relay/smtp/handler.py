@@ -32,7 +32,8 @@ from ..types import ApiKey, EnvelopeRecipient, Stream, Submission
 from .controls import read_controls
 from .inbound import Inbound
 from .limits import AuthThrottle, ConnectionCaps
-from .protocol import RelaySMTP, hook_names, peer_ip
+from .protocol import RelaySMTP, peer_ip
+from .tables import hook_names
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Mapping
 from types import MethodType
 from typing import Any, Protocol
 
@@ -22,6 +21,7 @@ from ..clients import client_key
 from . import quietlog  # noqa: F401 - aiosmtpd's command log, masked only when written
 from .limits import ConnectionCaps
 from .replies import with_enhanced
+from .tables import BoundOnLookup, hook_names
 
 log = logging.getLogger(__name__)
 
@@ -32,50 +32,10 @@ _SIMPLE_PATH = re.compile(
 _DSN_MAIL_PARAMS = ("RET", "ENVID", "AUTH")
 _DSN_RCPT_PARAMS = ("NOTIFY", "ORCPT")
 _NOTIFY_VALUES = {"SUCCESS", "FAILURE", "DELAY"}
-
-
-_HOOK_PREFIXES = ("smtp_", "auth_", "handle_")
-_hook_names: dict[type, tuple[str, ...]] = {}
-
-
-def hook_names(obj: object) -> list[str]:
-    """The names aiosmtpd looks for on a protocol or handler: its commands (smtp_*), AUTH
-    mechanisms (auth_*) and hooks (handle_*), found once per class.
-
-    aiosmtpd's SMTP.__init__ builds its tables of these with dir() and inspect.getmembers()
-    on every connection, which reads every attribute of the protocol and its handler: a
-    fifth of the accept path's CPU when a client opens a connection per message. A
-    `__dir__` that returns only these names gives aiosmtpd the same tables for a fraction
-    of that (tests/test_smtpd.py checks the tables are whole)."""
-    cls = type(obj)
-    names = _hook_names.get(cls)
-    if names is None:
-        names = _hook_names[cls] = tuple(sorted(
-            n for n in object.__dir__(obj) if n.startswith(_HOOK_PREFIXES)))
-    return list(names)  # a list of its own: the cache is not the caller's to change
-
-
-class _BoundOnLookup(Mapping[str, Any]):
-    """aiosmtpd's table of commands (smtp_*) for one connection: each bound to its protocol
-    when looked up (a command or two a connection) rather than all ~20 at every accept."""
-
-    __slots__ = ("_functions", "_owner")
-
-    def __init__(self, functions: dict[str, Any], owner: object) -> None:
-        self._functions, self._owner = functions, owner
-
-    def __getitem__(self, name: str) -> Any:
-        return MethodType(self._functions[name], self._owner)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        function = self._functions.get(name)
-        return default if function is None else MethodType(function, self._owner)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._functions)
-
-    def __len__(self) -> int:
-        return len(self._functions)
+# replies written at once, even when more commands are waiting: the greeting, STARTTLS's
+# 220 (the TLS handshake follows), 354 (the client waits for it), an AUTH challenge, and the
+# last words before a close
+_AT_ONCE = frozenset({b"220", b"221", b"334", b"354", b"421"})
 
 
 class Policy(Protocol):
@@ -98,6 +58,7 @@ class RelaySMTP(SMTP):
         self._client: str | None = None  # the address counted against the caps, once admitted
         self._refused = False
         self._continued = b""  # the lines of a multi-line reply before its last
+        self._held = b""  # replies to pipelined commands, written with the group's last (push)
         self._deadline = 0.0  # when the idle timeout ends (_reset_timeout)
         self._in_data = False  # reading a message after 354
         if not implicit_tls:
@@ -127,7 +88,7 @@ class RelaySMTP(SMTP):
         asyncio.StreamReaderProtocol.__init__(
             new, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
             client_connected_cb=new._cb_client_connected, loop=loop)
-        new._smtp_methods = _BoundOnLookup(self._smtp_functions, new)
+        new._smtp_methods = BoundOnLookup(self._smtp_functions, new)
         new._auth_methods = {
             name: a._replace(method=MethodType(a.method.__func__, new)) if a.is_builtin else a
             for name, a in self._auth_methods.items()}
@@ -180,6 +141,7 @@ class RelaySMTP(SMTP):
         if self.loop.time() < self._deadline:  # a command since the timer was set
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
             return
+        self._write_held()
         if self.transport is not None and not self.transport.is_closing():
             # said before closing, as Postfix does: the client learns why (RFC 5321 4.5.3.2)
             self.transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n"
@@ -214,6 +176,7 @@ class RelaySMTP(SMTP):
 
     def close_for_shutdown(self) -> None:
         """Say 421 and close (smtp/listeners.py calls it once a session)."""
+        self._write_held()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(f"421 4.3.2 {self.hostname} Service shutting down\r\n"
                                  .encode())
@@ -301,7 +264,11 @@ class RelaySMTP(SMTP):
     async def push(self, status: Any) -> None:
         """One write per reply: aiosmtpd pushes each line of a multi-line reply (EHLO's ten)
         by itself, a send() and a TCP segment each; the lines before the last ("250-") wait
-        for it. A reply is written whole before the next command is read, as before."""
+        for it. And one write for the replies of commands that came together, as Postfix's
+        smtpd answers a client that pipelines (RFC 2920): a reply waits while the client's
+        next command is already here, and goes out with the first reply that finds none
+        waiting. Every command is answered, so nothing waits past the commands at hand;
+        a greeting, 354, a challenge and a closing 221 or 421 go out at once."""
         if isinstance(status, str):
             status = with_enhanced(status)
             status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
@@ -310,7 +277,23 @@ class RelaySMTP(SMTP):
             return
         if self._continued:
             status, self._continued = self._continued + status, b""
+        if status[:3] not in _AT_ONCE and not self._in_data and self._command_waiting():
+            self._held += status + b"\r\n"
+            return
+        if self._held:
+            status, self._held = self._held + status, b""
         await super().push(status)
+
+    def _command_waiting(self) -> bool:
+        """Whether a whole command line is read and not yet taken (a pipelining client's)."""
+        buffer: bytearray = self._reader._buffer  # type: ignore[attr-defined]
+        return b"\n" in buffer
+
+    def _write_held(self) -> None:
+        """Replies held for a pipelined group, written before the connection is closed."""
+        if self._held and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self._held)
+        self._held = b""
 
     # DSN (RFC 3461) parameters are taken off before aiosmtpd sees them; it knows none.
     async def smtp_MAIL(self, arg: str | None) -> None:
