@@ -923,3 +923,61 @@ async def test_pipelined_commands_are_answered_in_one_write(
     codes = [line[:3] for line in group.splitlines()]
     assert codes == [b"250", b"250", b"250", b"354"], group
     assert grouped == [group], grouped  # all four in one write
+
+
+async def test_every_pipelined_command_is_answered_however_the_stream_is_cut(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Replies held for a pipelined group must all come out: random commands (refusals,
+    unknown words and empty lines among them) sent in pieces cut anywhere, a line split
+    across writes included; every command gets its reply, in order, and no session hangs."""
+    import ipaddress
+    import random
+
+    listener = ListenerConfig(port=free_port(), mode="relay", tls="none",
+                              allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+    svc = Service(make_config(tmp_path, listener))
+    await svc.start()
+    words = [b"NOOP", b"RSET", b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@example.org>",
+             b"RCPT TO:<not an address>", b"VRFY bob", b"HELP", b"EHLO again.test", b""]
+
+    def session(seed: int) -> None:
+        rng = random.Random(seed)
+        commands = [rng.choice(words) for _ in range(rng.randint(1, 12))]
+        commands += [b"RSET", b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@example.org>",
+                     b"DATA"]
+        stream = b"EHLO client.test\r\n" + b"".join(c + b"\r\n" for c in commands)
+        sock = socket.create_connection(("127.0.0.1", svc.bound[0][1]), timeout=5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        f = sock.makefile("rb")
+
+        def reply() -> bytes:
+            line = f.readline()
+            while line[3:4] == b"-":
+                line = f.readline()
+            return line
+
+        assert reply().startswith(b"220")
+        codes: list[bytes] = []
+        sent = 0  # whole lines sent
+        while stream:
+            cut = rng.randint(1, 40)
+            if rng.random() < 0.3 and b"\n" in stream:  # to a line's end
+                cut = stream.index(b"\n") + 1
+            sock.sendall(stream[:cut])
+            sent += stream[:cut].count(b"\n")
+            stream = stream[cut:]
+            if rng.random() < 0.4:
+                # a client that waits now (part of its next line sent or not) must get every
+                # reply it is owed: none held back for a command that has not come whole
+                codes += [reply()[:3] for _ in range(sent - len(codes))]
+        codes += [reply()[:3] for _ in range(len(commands) + 1 - len(codes))]
+        assert codes[-1] == b"354", (seed, commands, codes)
+        sock.sendall(MESSAGE + b".\r\nQUIT\r\n")
+        assert reply().startswith(b"250") and reply().startswith(b"221"), seed
+        sock.close()
+
+    try:
+        for seed in range(40):
+            await in_thread(session, seed)
+    finally:
+        await svc.stop()
