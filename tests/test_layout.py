@@ -27,9 +27,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("relay.delivery",),  # scheduler, render, DKIM, outbound SMTP, worker processes
     ("relay.smtp",),  # the listeners (inbound reports go to feedback)
     ("relay.api",),  # the JSON APIs
-    # sending domains' management; the pruner; the wiring (and its lifecycle: health, reload;
-    # the front worker processes)
-    ("relay.domains", "relay.retention", "relay.service", "relay.lifecycle",
+    # sending domains' management and their DNS checked; the pruner; the wiring (and its
+    # lifecycle: health, reload; the front worker processes)
+    ("relay.domains", "relay.domaincheck", "relay.retention", "relay.service", "relay.lifecycle",
      "relay.frontworker", "relay.frontworkers"),
     ("relay.cli",),  # the command
 )

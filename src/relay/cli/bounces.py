@@ -9,7 +9,6 @@ import sys
 from typing import Any
 
 from ..config import Config, LimitsConfig
-from ..feedback import bounces
 from ..feedback.bounce_report import Report
 from .util import Subparsers
 
@@ -47,6 +46,8 @@ def _print_text(name: str, report: Report) -> None:
 
 
 def cmd_parse(args: argparse.Namespace, config: Config | None) -> int:
+    from ..feedback import bounces  # the parser's tables: only this command needs them
+
     failed = False
     limits = config.limits if config is not None else LimitsConfig()
     for name in args.files:

@@ -13,9 +13,7 @@ import ssl
 import sys
 
 from ..config import Config
-from ..delivery.keycheck import unusable_signing_keys
 from ..errors import ConfigError
-from ..tlsutil import server_context
 from .util import Subparsers, with_store
 
 EXIT_PROBLEMS = 2
@@ -28,6 +26,10 @@ def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
+    # here, not at the top: the keys' and certificates' readers are this command's alone,
+    # and every command of the CLI pays for what its start-up imports
+    from ..delivery.keycheck import unusable_signing_keys
+
     problems = [str(p) for p in (*tls_problems(config), *data_dir_problems(config))]
     if (config.sqlite_file is None or config.sqlite_file.exists()) and not problems:
         problems += [str(p.error()) for p in with_store(config, unusable_signing_keys)]
@@ -43,6 +45,8 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
 
 def tls_problems(config: Config) -> list[ConfigError]:
     """Each listener's certificate and key load; a submission listener has TLS at all."""
+    from ..tlsutil import server_context  # cryptography's x509 (see cmd_check_config)
+
     found = []
     for i, lst in enumerate(config.smtp.listeners):
         key = f"smtp.listeners[{i}]"

@@ -87,8 +87,10 @@ def cmd_add(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, config: Config) -> int:
+    from .. import domaincheck  # the DNS library: only verify and rotate need it
+
     domain = _get(config, _name(args.domain))
-    checks = asyncio.run(domains.verify(config, domain))
+    checks = asyncio.run(domaincheck.verify(config, domain))
     if args.json:
         print(json.dumps([{"record": c.what, "ok": c.ok, "detail": c.detail} for c in checks],
                          indent=2))
@@ -136,6 +138,8 @@ def cmd_show(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace, config: Config) -> int:
+    from .. import domaincheck  # the DNS library: only verify and rotate need it
+
     domain = _get(config, _name(args.domain))
     now = time.time()
     try:
@@ -153,7 +157,7 @@ def cmd_rotate(args: argparse.Namespace, config: Config) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
     if not args.force:
-        checks = asyncio.run(domains.verify(config, domain))
+        checks = asyncio.run(domaincheck.verify(config, domain))
         missing = [c for c in checks if c.record is not None and c.record.name.split(".")[0]
                    in {k.selector for k in pending} and not c.ok]
         if missing:

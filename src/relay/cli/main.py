@@ -8,11 +8,8 @@ import dataclasses
 import datetime
 import json
 import os
-import smtplib
 import ssl
 import sys
-from email.message import EmailMessage
-from email.utils import make_msgid
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,6 @@ from ..config.storeurl import check_store_url
 from ..datadir import check_owner
 from ..errors import ConfigError, StoreError, ValidationError
 from ..store import SQLiteStore
-from ..tlsutil import ensure_self_signed
 from ..types import SCOPES
 from . import backup as cli_backup
 from . import bounces as cli_bounces
@@ -163,6 +159,8 @@ def cmd_init(args: argparse.Namespace, _: Config | None) -> int:
         except ValueError as exc:
             raise ConfigError("--store", "store.url", str(exc)) from None
         print(f"store {mask_url(config.store_url)} (schema made or brought up to date)")
+    from ..tlsutil import ensure_self_signed  # cryptography's x509: only init needs it
+
     cert, _ = ensure_self_signed(config.server.data_dir, config.server.hostname)
     print(f"data dir {config.server.data_dir} (TLS certificate {cert})")
     _first_key(config, always=True)
@@ -201,6 +199,10 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_send(args: argparse.Namespace, config: Config) -> int:
+    import smtplib  # here, not at the top: the CLI starts without it (tests/test_cli.py)
+    from email.message import EmailMessage
+    from email.utils import make_msgid
+
     listener = next((lst for lst in config.smtp.listeners if lst.mode != "inbound"), None)
     if listener is None:
         print("relay: no submission or relay listener is configured", file=sys.stderr)

@@ -9,13 +9,12 @@ import secrets
 import sys
 import time
 
-from ..api.schemas import EVENT_TYPES
 from ..config import Config
 from ..store import SQLiteStore
-from ..types import WebhookEndpoint
+from ..types import EventType, WebhookEndpoint
 from .util import Subparsers, iso, table, with_store
 
-EVENTS = EVENT_TYPES.__args__  # type: ignore[attr-defined]
+EVENTS = tuple(e.value for e in EventType)  # the API's EVENT_TYPES, without its models
 
 
 def add_parsers(sub: Subparsers, common: argparse.ArgumentParser) -> None:
