@@ -137,6 +137,8 @@ def example_config() -> str:
 
 
 def cmd_init(args: argparse.Namespace, _: Config | None) -> int:
+    from ..tlsutil import ensure_self_signed  # cryptography's x509: only init needs it
+
     if args.write_config:
         target = Path(args.write_config)
         if target.exists():
@@ -159,8 +161,6 @@ def cmd_init(args: argparse.Namespace, _: Config | None) -> int:
         except ValueError as exc:
             raise ConfigError("--store", "store.url", str(exc)) from None
         print(f"store {mask_url(config.store_url)} (schema made or brought up to date)")
-    from ..tlsutil import ensure_self_signed  # cryptography's x509: only init needs it
-
     cert, _ = ensure_self_signed(config.server.data_dir, config.server.hostname)
     print(f"data dir {config.server.data_dir} (TLS certificate {cert})")
     _first_key(config, always=True)
