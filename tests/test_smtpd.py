@@ -11,6 +11,7 @@ import smtplib
 import socket
 import ssl
 import time
+from typing import Any
 
 import pytest
 
@@ -461,37 +462,45 @@ async def test_idempotency_key_repeat_queues_nothing(service: Service) -> None:
 # -- SMTP smuggling and STARTTLS injection -------------------------------------------------
 
 
-def raw_session(port: int, key: str, payload: bytes) -> bytes:
-    """Send DATA bytes exactly as given over STARTTLS; returns everything the server said."""
+def read_reply(f: Any) -> bytes:
+    """One reply, all its lines (a multi-line one ends at the line whose 4th octet is not -)."""
+    lines = [f.readline()]
+    while lines[-1][3:4] == b"-":
+        lines.append(f.readline())
+    return b"".join(lines)
+
+
+def logged_in(port: int, key: str) -> tuple[ssl.SSLSocket, Any, bytes]:
+    """A raw session over STARTTLS, AUTH PLAIN with `key` done: the socket, its reader, and
+    what the server said since STARTTLS."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     f = sock.makefile("rb")
-
-    def reply() -> bytes:
-        lines = []
-        while True:
-            line = f.readline()
-            lines.append(line)
-            if line[3:4] != b"-":
-                return b"".join(lines)
-
-    reply()
+    read_reply(f)
     sock.sendall(b"EHLO client.test\r\n")
-    reply()
+    assert b"PIPELINING" in read_reply(f)
     sock.sendall(b"STARTTLS\r\n")
-    reply()
+    read_reply(f)
     tls = client_tls().wrap_socket(sock, server_hostname="relay.test")
     f = tls.makefile("rb")
     out = b""
     auth = base64.b64encode(b"\0u\0" + key.encode()).decode()
-    for cmd in (b"EHLO client.test", f"AUTH PLAIN {auth}".encode(),
-                b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@example.org>", b"DATA"):
+    for cmd in (b"EHLO client.test", f"AUTH PLAIN {auth}".encode()):
         tls.sendall(cmd + b"\r\n")
-        out += reply()
+        out += read_reply(f)
+    return tls, f, out
+
+
+def raw_session(port: int, key: str, payload: bytes) -> bytes:
+    """Send DATA bytes exactly as given over STARTTLS; returns everything the server said."""
+    tls, f, out = logged_in(port, key)
+    for cmd in (b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@example.org>", b"DATA"):
+        tls.sendall(cmd + b"\r\n")
+        out += read_reply(f)
     tls.sendall(payload)
-    out += reply()
+    out += read_reply(f)
     tls.sendall(b"QUIT\r\n")
     try:
-        out += reply()
+        out += read_reply(f)
     except (OSError, ssl.SSLError):
         pass
     tls.close()
@@ -797,18 +806,24 @@ async def test_a_connection_gets_aiosmtpd_whole_tables_without_reading_every_att
     assert dict(inspect.getmembers(handler)).keys() == set(dir(handler))
 
 
-async def test_a_multi_line_reply_is_written_once(service: Service,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """EHLO's reply goes out in one write (one send(), one segment), not a write per line;
-    its lines, enhanced codes and order are those a client reads line by line."""
-    written: list[bytes] = []
+@pytest.fixture
+def written(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """What the in-process listeners write, one item a write (a send() and a segment each)."""
+    writes: list[bytes] = []
     write = asyncio.StreamWriter.write
 
     def counting(self: asyncio.StreamWriter, data: bytes) -> None:
-        written.append(bytes(data))
+        writes.append(bytes(data))
         write(self, data)
 
     monkeypatch.setattr(asyncio.StreamWriter, "write", counting)
+    return writes
+
+
+async def test_a_multi_line_reply_is_written_once(service: Service,
+                                                  written: list[bytes]) -> None:
+    """EHLO's reply goes out in one write (one send(), one segment), not a write per line;
+    its lines, enhanced codes and order are those a client reads line by line."""
     port = service.bound[0][1]
 
     def ehlo() -> tuple[int, bytes]:
@@ -866,52 +881,29 @@ async def test_each_connection_gets_its_own_protocol_state(service: Service) -> 
 
 
 async def test_pipelined_commands_are_answered_in_one_write(
-        service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+        service: Service, written: list[bytes]) -> None:
     """As Postfix's smtpd: the replies to MAIL, two RCPTs and DATA sent together go out in
     one write (a send() and a segment, not four), in order; a client that waits for each
     reply still gets each at once."""
-    writes: list[bytes] = []
-    real_write = asyncio.StreamWriter.write
-
-    def counted(self: asyncio.StreamWriter, data: bytes) -> None:
-        writes.append(bytes(data))
-        real_write(self, data)
-
-    monkeypatch.setattr(asyncio.StreamWriter, "write", counted)
     key = await make_key(service)
 
     def go() -> bytes:
-        sock = socket.create_connection(("127.0.0.1", service.bound[0][1]), timeout=10)
-        f = sock.makefile("rb")
+        tls, f, said = logged_in(service.bound[0][1], key)
+        assert b"\r\n235 " in said  # EHLO's reply, then AUTH's
 
         def reply() -> bytes:
-            lines = [f.readline()]
-            while lines[-1][3:4] == b"-":
-                lines.append(f.readline())
-            return b"".join(lines)
+            return read_reply(f)
 
-        reply()
-        sock.sendall(b"EHLO client.test\r\n")
-        assert b"PIPELINING" in reply()
-        sock.sendall(b"STARTTLS\r\n")
-        reply()
-        tls = client_tls().wrap_socket(sock, server_hostname="relay.test")
-        f = tls.makefile("rb")
-        tls.sendall(b"EHLO client.test\r\n")
-        reply()
-        auth = base64.b64encode(b"\0u\0" + key.encode()).decode()
-        tls.sendall(f"AUTH PLAIN {auth}\r\n".encode())
-        assert reply().startswith(b"235")
-        writes.clear()
+        written.clear()
         tls.sendall(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\n"
                     b"RCPT TO:<carol@example.org>\r\nDATA\r\n")
         group = reply() + reply() + reply() + reply()
-        grouped = list(writes)
+        grouped = list(written)
         tls.sendall(MESSAGE + b".\r\n")
         done = reply()
         tls.sendall(b"NOOP\r\n")
         noop = reply()
-        assert len(writes) == len(grouped) + 2, (grouped, writes)  # 250 and NOOP's 250
+        assert len(written) == len(grouped) + 2, (grouped, written)  # 250 and NOOP's 250
         tls.sendall(b"QUIT\r\n")
         reply()
         tls.close()
@@ -951,10 +943,7 @@ async def test_every_pipelined_command_is_answered_however_the_stream_is_cut(
         f = sock.makefile("rb")
 
         def reply() -> bytes:
-            line = f.readline()
-            while line[3:4] == b"-":
-                line = f.readline()
-            return line
+            return read_reply(f)
 
         assert reply().startswith(b"220")
         codes: list[bytes] = []
