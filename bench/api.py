@@ -10,7 +10,10 @@ thread: a Python client would take as much CPU as the server) for SECONDS each:
 
 Prints requests/s and messages/s for each, p50 and p99 latency, how many answers were not
 202/207, and relay's CPU per message (Linux /proc: user and system time of the relay process,
-all its threads). Needs Debian's wrk (installed if missing).
+all its threads). Then how the store committed them (relay's /metrics): the group commits,
+writes a commit, and how much of the time the SQLite file's writers' lock was held, which
+every process's commits take in turn (with API workers, the limit once it nears 100 %).
+Needs Debian's wrk (installed if missing).
 
 --profile DIR records each phase with py-spy (samples while a thread holds the GIL, which is
 Python's CPU time) into DIR/<phase>.txt (py-spy's raw format, for flamegraph.pl or speedscope)
@@ -41,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from benchprof import spy, summary
@@ -59,6 +63,39 @@ def cpu_seconds(pid: int) -> dict[int, float]:
         fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
         times[one] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return times
+
+
+# the store's commit series (relay's /metrics, every process's counts summed)
+STORE_SERIES = ("relay_store_commit_seconds_sum", "relay_store_commit_seconds_count",
+                "relay_store_lock_wait_seconds_sum", "relay_store_commit_writes_sum")
+SETTLE = 2.5  # seconds for the workers' counts to reach the master and back (1 s each way)
+
+
+def store_totals(base: str) -> dict[str, float]:
+    """The group commits so far, summed over relay's processes and their labels."""
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    totals = dict.fromkeys(STORE_SERIES, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def store_line(before: dict[str, float], after: dict[str, float], took: float) -> str:
+    """How the phase's writes were committed: commits, writes a commit, and the share of the
+    time the SQLite file's writers' lock was held (a commit's time less its wait for the
+    lock: the commits of all processes one after another)."""
+    d = {k: after[k] - before[k] for k in STORE_SERIES}
+    commits = max(d["relay_store_commit_seconds_count"], 1.0)
+    held = d["relay_store_commit_seconds_sum"] - d["relay_store_lock_wait_seconds_sum"]
+    # the commits of requests still in flight when wrk stopped count too: at most all of it
+    share = min(100.0, 100 * held / took)
+    writes = d["relay_store_commit_writes_sum"] / commits
+    return (f"       store: {commits:.0f} commits of {writes:.1f} writes on average; the writers' lock held {share:.0f} % of the time"
+            f" ({1000 * held / commits:.2f} ms a commit), waited for "
+            f"{1000 * d['relay_store_lock_wait_seconds_sum'] / commits:.2f} ms a commit")
 
 
 def listening(port: int) -> int:
@@ -186,6 +223,8 @@ def main() -> None:
             base = f"http://127.0.0.1:{port}"
             single = json.dumps(EMAIL).encode()
             batch = json.dumps({"emails": [EMAIL] * 100}).encode()
+            time.sleep(SETTLE)
+            committed = store_totals(base)
             for name, path, body, per in (("single", "/v1/emails", single, 1),
                                           ("batch", "/v1/emails/batch", batch, 100)):
                 if args.only and name != args.only:
@@ -213,6 +252,9 @@ def main() -> None:
                       f"messages/s ({latency}); relay CPU "
                       f"{1000 * cpu / max(1, requests * per):.3f} ms/message{shares}",
                       flush=True)
+                time.sleep(SETTLE)
+                committed, before_store = store_totals(base), committed
+                print(store_line(before_store, committed, took), flush=True)
                 for out, profile in spies:
                     profile.wait(60)
                     print(f"-- {out.name}\n{summary(out)}", flush=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from relay import metrics
 from relay.errors import StoreError
 from relay.store import SQLiteStore
 from relay.store.groupcommit import LINGER_MAX, GroupCommitWriter
@@ -30,6 +31,12 @@ from relay.types import EventType, RecipientStatus
 
 from .test_store import new_message
 from .test_webhooks import until
+
+
+def lock_waited() -> float:
+    """This process's seconds waited for the writers' lock, as /metrics says them."""
+    return metrics.REGISTRY.get_sample_value(
+        "relay_store_lock_wait_seconds_sum", {"process": metrics.SETUP.process}) or 0.0
 
 
 def waiting_for_flock() -> bool:
@@ -48,14 +55,18 @@ async def test_a_commit_waits_while_another_process_holds_the_write_lock(
     store = SQLiteStore(tmp_path / "relay.sqlite")
     await store.open()
     other = os.open(tmp_path / "relay.sqlite-writer.lock", os.O_RDWR)
+    waited_before = lock_waited()
     try:
         fcntl.flock(other, fcntl.LOCK_EX)  # another process's writer, mid-transaction
         queued = asyncio.create_task(store.enqueue(new_message(1)))
         await until(waiting_for_flock, timeout=10)
         assert not queued.done()
+        await asyncio.sleep(0.2)
         fcntl.flock(other, fcntl.LOCK_UN)
         result = await asyncio.wait_for(queued, timeout=10)
         assert await store.get_message(result.message_id) is not None
+        # the wait is counted (relay_store_lock_wait_seconds), for an operator to see
+        assert lock_waited() - waited_before >= 0.2
         # and the lock is given back after each transaction: the other process gets it
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(other, fcntl.LOCK_UN)

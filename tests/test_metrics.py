@@ -148,6 +148,11 @@ async def test_a_delivery_shows_in_the_counters_and_histograms(tmp_path: Path,
     assert delta("relay_delivery_queue_seconds_count") == 1
     assert delta("relay_delivery_queue_seconds_sum") > 0
     assert delta("relay_store_commit_seconds_count", process="master") >= 2  # queued, recorded
+    # each commit says how many writes it took together, and how long it waited for the lock
+    commits = delta("relay_store_commit_seconds_count", process="master")
+    assert delta("relay_store_commit_writes_count", process="master") == commits
+    assert delta("relay_store_commit_writes_sum", process="master") >= commits
+    assert delta("relay_store_lock_wait_seconds_count", process="master") >= commits
     assert value(after, "relay_queue_recipients", status="queued") == 0
 
 
@@ -163,6 +168,8 @@ async def test_scrape_answers_in_prometheus_text_format(tmp_path: Path) -> None:
     assert names["relay_queue_recipients"] == "gauge"
     assert names["relay_webhook_backlog"] == "gauge"
     assert names["relay_store_commit_seconds"] == "histogram"
+    assert names["relay_store_commit_writes"] == "histogram"
+    assert names["relay_store_lock_wait_seconds"] == "histogram"
     assert names["relay_messages_accepted"] == "counter"
 
 

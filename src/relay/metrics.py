@@ -69,6 +69,14 @@ COMMIT_SECONDS = Histogram("relay_store_commit_seconds", "Duration of a group co
                            "(one transaction and fsync), by process (master, worker, or api: "
                            "the API workers)",
                            ["process"], buckets=COMMIT_BUCKETS, registry=REGISTRY)
+LOCK_WAIT_SECONDS = Histogram("relay_store_lock_wait_seconds", "Time a commit waited for the "
+                              "SQLite file's writers' lock while other processes' commits "
+                              "held it (part of relay_store_commit_seconds), by process",
+                              ["process"], buckets=COMMIT_BUCKETS, registry=REGISTRY)
+COMMIT_WRITES = Histogram("relay_store_commit_writes", "Writes (a message, a batch, an "
+                          "outcome, ...) taken together into one group commit, by process",
+                          ["process"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+                          registry=REGISTRY)
 SITE_HOLDS = Counter("relay_site_holds", "Sites held back by a remote's reply matching a "
                      "[[delivery.backoff]] rule, by site (bounded like domains) and action "
                      "(suspend or slow)", ["site", "action"], registry=REGISTRY)
@@ -186,8 +194,13 @@ def smtp_connection(port: int) -> Callable[[str], None]:
     return lambda served_by: counters[served_by].inc()
 
 
-def commit_took(seconds: float) -> None:
+def commit_took(seconds: float, writes: int) -> None:
     COMMIT_SECONDS.labels(SETUP.process).observe(seconds)
+    COMMIT_WRITES.labels(SETUP.process).observe(writes)
+
+
+def lock_waited(seconds: float) -> None:
+    LOCK_WAIT_SECONDS.labels(SETUP.process).observe(seconds)
 
 
 # -- snapshots and the exposition -------------------------------------------------------------

@@ -90,7 +90,9 @@ class WriteLock:
         return cls(path, fd)
 
     def __enter__(self) -> None:
+        started = time.perf_counter()
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # on the writer's thread; the GIL is let go
+        metrics.lock_waited(time.perf_counter() - started)
 
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -236,7 +238,7 @@ class GroupCommitWriter:
     def _transaction(self, db: sqlite3.Connection, works: list[Work]) -> list[Any]:
         started = time.perf_counter()
         results = _transaction(db, works, self._lock)
-        metrics.commit_took(time.perf_counter() - started)
+        metrics.commit_took(time.perf_counter() - started, len(works))
         self.batches += 1
         self.operations += len(works)
         return results
