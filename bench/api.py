@@ -66,7 +66,7 @@ def cpu_seconds(pid: int) -> dict[int, float]:
 
 
 # the store's commit series (relay's /metrics, every process's counts summed)
-STORE_SERIES = ("relay_store_commit_seconds_sum", "relay_store_commit_seconds_count",
+STORE_SERIES = ("relay_store_commit_seconds_count", "relay_store_lock_held_seconds_sum",
                 "relay_store_lock_wait_seconds_sum", "relay_store_commit_writes_sum")
 SETTLE = 2.5  # seconds for the workers' counts to reach the master and back (1 s each way)
 
@@ -85,15 +85,15 @@ def store_totals(base: str) -> dict[str, float]:
 
 def store_line(before: dict[str, float], after: dict[str, float], took: float) -> str:
     """How the phase's writes were committed: commits, writes a commit, and the share of the
-    time the SQLite file's writers' lock was held (a commit's time less its wait for the
-    lock: the commits of all processes one after another)."""
+    time the SQLite file's writers' lock was held (by one process's commit at a time)."""
     d = {k: after[k] - before[k] for k in STORE_SERIES}
     commits = max(d["relay_store_commit_seconds_count"], 1.0)
-    held = d["relay_store_commit_seconds_sum"] - d["relay_store_lock_wait_seconds_sum"]
+    held = d["relay_store_lock_held_seconds_sum"]
     # the commits of requests still in flight when wrk stopped count too: at most all of it
     share = min(100.0, 100 * held / took)
     writes = d["relay_store_commit_writes_sum"] / commits
-    return (f"       store: {commits:.0f} commits of {writes:.1f} writes on average; the writers' lock held {share:.0f} % of the time"
+    return (f"       store: {commits:.0f} commits of {writes:.1f} writes on average; the"
+            f" writers' lock held {share:.0f} % of the time"
             f" ({1000 * held / commits:.2f} ms a commit), waited for "
             f"{1000 * d['relay_store_lock_wait_seconds_sum'] / commits:.2f} ms a commit")
 

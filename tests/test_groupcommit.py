@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
+import threading
 import time
 from pathlib import Path
 from collections.abc import AsyncIterator
@@ -25,6 +27,7 @@ import pytest
 from relay import metrics
 from relay.errors import StoreError
 from relay.store import SQLiteStore
+from relay.store import walsync
 from relay.store.groupcommit import LINGER_MAX, GroupCommitWriter
 from relay.store.delivery import Outcome
 from relay.types import EventType, RecipientStatus
@@ -72,6 +75,74 @@ async def test_a_commit_waits_while_another_process_holds_the_write_lock(
         fcntl.flock(other, fcntl.LOCK_UN)
     finally:
         os.close(other)
+        await store.close()
+
+
+# -- each commit synced by the writer, out of the lock, before anyone is answered ------------
+
+class HeldSync:
+    """os.fdatasync and os.fsync as relay's writer calls them, each held until let go: what
+    was synced, by path, in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, error: OSError | None = None) -> None:
+        self.synced: list[str] = []
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self._error = error
+        real_fdatasync, real_fsync = os.fdatasync, os.fsync
+
+        def held(real: Any) -> Any:
+            def call(fd: int) -> None:
+                self.synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                self.entered.set()
+                assert self.go.wait(10)
+                if self._error is not None:
+                    raise self._error
+                real(fd)
+            return call
+
+        monkeypatch.setattr(walsync.os, "fdatasync", held(real_fdatasync))
+        monkeypatch.setattr(walsync.os, "fsync", held(real_fsync))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs Linux's /proc")
+async def test_a_commit_is_answered_once_its_wal_is_synced_out_of_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SQLiteStore(tmp_path / "relay.sqlite")
+    await store.open()
+    sync = HeldSync(monkeypatch)
+    other = os.open(tmp_path / "relay.sqlite-writer.lock", os.O_RDWR)
+    try:
+        queued = asyncio.create_task(store.enqueue(new_message(1)))
+        await until(sync.entered.is_set, timeout=10)
+        await asyncio.sleep(0.1)
+        assert not queued.done()  # committed, not yet on disk: nobody is told
+        # and the writers' lock is free meanwhile: another process commits while this syncs
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_UN)
+        sync.go.set()
+        result = await asyncio.wait_for(queued, timeout=10)
+        assert await store.get_message(result.message_id) is not None
+        await store.enqueue(new_message(2))
+    finally:
+        sync.go.set()
+        os.close(other)
+        await store.close()
+    # the first sync puts the WAL's name on disk (its directory), then the WAL each commit
+    assert sync.synced == [str(tmp_path), str(tmp_path / "relay.sqlite-wal"),
+                           str(tmp_path / "relay.sqlite-wal")]
+
+
+async def test_a_commit_that_cannot_be_synced_is_not_answered_as_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SQLiteStore(tmp_path / "relay.sqlite")
+    await store.open()
+    sync = HeldSync(monkeypatch, error=OSError(errno.EIO, "Input/output error"))
+    sync.go.set()
+    try:
+        with pytest.raises(StoreError, match="cannot sync the commit to disk"):
+            await store.enqueue(new_message(1))
+    finally:
         await store.close()
 
 

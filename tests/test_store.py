@@ -38,13 +38,17 @@ async def store(store_url: str):  # type: ignore[no-untyped-def]
     await s.close()
 
 
-async def test_wal_and_full_sync(tmp_path: Path) -> None:
+async def test_wal_and_synced_commits(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "q.sqlite")
     await store.open()
     assert store.writer is not None
     async with store.writer.conn.execute("PRAGMA journal_mode") as cur:
         assert (await cur.fetchone()) == ("wal",)
+    # the writer syncs each commit itself (store/walsync.py; tests/test_groupcommit.py), as
+    # FULL would inside the commit; every other connection is FULL
     async with store.writer.conn.execute("PRAGMA synchronous") as cur:
+        assert (await cur.fetchone()) == (1,)  # NORMAL
+    async with store._reader.execute("PRAGMA synchronous") as cur:
         assert (await cur.fetchone()) == (2,)  # FULL
     assert store.path is not None and (store.path.stat().st_mode & 0o777) == 0o600
     await store.close()

@@ -73,6 +73,10 @@ LOCK_WAIT_SECONDS = Histogram("relay_store_lock_wait_seconds", "Time a commit wa
                               "SQLite file's writers' lock while other processes' commits "
                               "held it (part of relay_store_commit_seconds), by process",
                               ["process"], buckets=COMMIT_BUCKETS, registry=REGISTRY)
+LOCK_HELD_SECONDS = Histogram("relay_store_lock_held_seconds", "Time a commit held the SQLite "
+                              "file's writers' lock (its transaction, not the wait for the lock "
+                              "nor the sync after it), by process", ["process"],
+                              buckets=COMMIT_BUCKETS, registry=REGISTRY)
 COMMIT_WRITES = Histogram("relay_store_commit_writes", "Writes (a message, a batch, an "
                           "outcome, ...) taken together into one group commit, by process",
                           ["process"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
@@ -201,6 +205,10 @@ def commit_took(seconds: float, writes: int) -> None:
 
 def lock_waited(seconds: float) -> None:
     LOCK_WAIT_SECONDS.labels(SETUP.process).observe(seconds)
+
+
+def lock_held(seconds: float) -> None:
+    LOCK_HELD_SECONDS.labels(SETUP.process).observe(seconds)
 
 
 # -- snapshots and the exposition -------------------------------------------------------------

@@ -71,6 +71,7 @@ class WriteLock:
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self._fd = fd
+        self._since = 0.0  # when this process's writer last took it
 
     @classmethod
     def beside(cls, database: Path) -> WriteLock | None:
@@ -92,10 +93,12 @@ class WriteLock:
     def __enter__(self) -> None:
         started = time.perf_counter()
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # on the writer's thread; the GIL is let go
-        metrics.lock_waited(time.perf_counter() - started)
+        self._since = time.perf_counter()
+        metrics.lock_waited(self._since - started)
 
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
+        metrics.lock_held(time.perf_counter() - self._since)
 
     def close(self) -> None:
         """Once the writer's thread has ended."""
@@ -113,9 +116,10 @@ class GroupCommitWriter:
     during which nothing was written while new mail waited."""
 
     def __init__(self, conn: DbThread, lock: WriteLock | None = None, *,
-                 linger: float = LINGER) -> None:
+                 linger: float = LINGER, sync: Callable[[], None] | None = None) -> None:
         self.conn = conn
         self._lock = lock
+        self._sync = sync  # after each COMMIT, out of the lock (SQLite: walsync.py)
         self.linger = linger
         self._cond = threading.Condition()  # guards the fields below it, loop and thread
         # (work, its caller's future, whether it may linger), in order of arrival
@@ -238,6 +242,8 @@ class GroupCommitWriter:
     def _transaction(self, db: sqlite3.Connection, works: list[Work]) -> list[Any]:
         started = time.perf_counter()
         results = _transaction(db, works, self._lock)
+        if self._sync is not None:
+            self._sync()  # on disk before anyone is answered; StoreError fails the batch
         metrics.commit_took(time.perf_counter() - started, len(works))
         self.batches += 1
         self.operations += len(works)

@@ -1,6 +1,7 @@
-"""The queue and every table: in one SQLite file (WAL, synchronous=FULL), or in a PostgreSQL
-database that many nodes share (store/pgconn.py) — the same queries on either, via two
-DbThreads: the group-commit writer's connection and the reader's."""
+"""The queue and every table: in one SQLite file (WAL, each commit synced before anyone is
+told: walsync.py), or in a PostgreSQL database that many nodes share (store/pgconn.py) — the
+same queries on either, via two DbThreads: the group-commit writer's connection and the
+reader's."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ from .stats import StatsQueries
 from .suppressions import SuppressionQueries, listed, screened
 from .templates import TemplateQueries
 from .thread import DbThread
+from .walsync import WalSync
 from .throttles import ThrottleQueries
 from .tlsreports import TlsReportQueries
 from .webhooks import WebhookQueries
@@ -75,6 +77,7 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
         self._read_conn: DbThread | None = None
         self.writer: GroupCommitWriter | None = None
         self._write_lock: WriteLock | None = None
+        self._wal_sync: WalSync | None = None
         self._slots_conn: DbThread | None = None
         self.slots = Slots(None)  # cluster-wide delivery slots (store/slots.py)
 
@@ -121,7 +124,11 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
         self._write_conn, self._read_conn = write, read
         if self.path is not None:  # every process's writers take turns (groupcommit.py)
             self._write_lock = WriteLock.beside(self.path)
-        self.writer = GroupCommitWriter(write, self._write_lock)
+            # and each syncs its commits itself, out of the lock (walsync.py)
+            self._wal_sync = WalSync(self.path)
+            await write.run(self._wal_sync.prepare)
+        self.writer = GroupCommitWriter(write, self._write_lock,
+                                        sync=self._wal_sync.sync if self._wal_sync else None)
         self.writer.start()
 
     async def close(self) -> None:
@@ -135,6 +142,9 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
         if self._write_lock is not None:
             self._write_lock.close()
             self._write_lock = None
+        if self._wal_sync is not None:
+            self._wal_sync.close()
+            self._wal_sync = None
         self.slots = Slots(None)
 
     async def listen(self, wake: Callable[[], None]) -> Listener | None:

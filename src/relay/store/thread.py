@@ -33,7 +33,8 @@ T = TypeVar("T")
 _Job = tuple["asyncio.Future[Any] | None", Callable[..., Any], tuple[Any, ...]]
 
 # Set on every connection, the reader's too: WAL so readers never block the writer, FULL so
-# a commit is on disk before anyone is told, a busy timeout for the other process's writes.
+# a commit is on disk before anyone is told (a store's writer syncs its commits itself, out
+# of the writers' lock: walsync.py), a busy timeout for the other process's writes.
 PRAGMAS = (
     "PRAGMA journal_mode = WAL",
     "PRAGMA synchronous = FULL",
