@@ -16,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -144,6 +145,21 @@ async def test_a_commit_that_cannot_be_synced_is_not_answered_as_done(
             await store.enqueue(new_message(1))
     finally:
         await store.close()
+
+
+def test_a_file_not_in_wal_mode_keeps_sqlites_own_syncs(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "relay.sqlite", isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode = DELETE")  # as where WAL cannot be had
+        db.execute("PRAGMA synchronous = FULL")
+        wal = walsync.WalSync(tmp_path / "relay.sqlite")
+        wal.prepare(db)
+        assert db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL: SQLite syncs
+        db.execute("CREATE TABLE t (x)")
+        wal.sync()  # nothing to sync, and no -wal file to look for
+        wal.close()
+    finally:
+        db.close()
 
 
 # -- lingering writes: the commit of a write nobody waits on may wait for company -----------

@@ -35,15 +35,24 @@ class WalSync:
     def __init__(self, database: Path) -> None:
         self.wal = database.with_name(database.name + "-wal")
         self._fd: int | None = None
+        self.active = False  # prepared on a connection in WAL mode
 
     def prepare(self, db: sqlite3.Connection) -> None:
         """On the writer's connection, outside a transaction: SQLite leaves the commits'
-        syncs to `sync`."""
+        syncs to `sync`. Where the file could not be put in WAL mode (a file system without
+        the shared memory WAL needs), SQLite keeps its own syncs (FULL) and `sync` does
+        nothing."""
+        (mode,) = db.execute("PRAGMA journal_mode").fetchone()
+        if str(mode).lower() != "wal":
+            return
         db.execute("PRAGMA synchronous = NORMAL")
+        self.active = True
 
     def sync(self) -> None:
         """After a COMMIT (on the writer's thread): the WAL, and the first time its name, on
         disk. An error is the commit's: its callers get StoreError, not an answer."""
+        if not self.active:
+            return
         try:
             if self._fd is None:
                 fd = os.open(self.wal, os.O_RDONLY | os.O_CLOEXEC)
