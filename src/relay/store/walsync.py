@@ -62,7 +62,8 @@ class WalSync:
                     os.close(fd)
                     raise
                 self._fd = fd
-            os.fdatasync(self._fd)
+            # fdatasync, as SQLite's own sync on Linux; fsync where there is none (macOS)
+            (getattr(os, "fdatasync", None) or os.fsync)(self._fd)
         except OSError as exc:
             raise StoreError(f"{self.wal}: cannot sync the commit to disk: "
                              f"{exc.strerror or exc}") from exc
