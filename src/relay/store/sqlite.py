@@ -105,9 +105,13 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
         write, read = self._thread("store-writer"), self._thread("store-reader")
         # PostgreSQL: a third connection holds the cluster's delivery slots (store/slots.py)
         slots = self._thread("store-slots") if self.url else None
+        # each SQLite writer syncs its commits itself, out of the writers' lock (walsync.py)
+        wal_sync = WalSync(self.path) if self.path is not None else None
         try:
             await write.open()
             await write.run(schema_pg.migrate if self.url else migrate)
+            if wal_sync is not None:
+                await write.run(wal_sync.prepare)
             await read.open()
             if slots is not None:
                 await slots.open()
@@ -124,11 +128,9 @@ class SQLiteStore(ContactQueries, DeliveryQueries, DomainQueries, EmailQueries, 
         self._write_conn, self._read_conn = write, read
         if self.path is not None:  # every process's writers take turns (groupcommit.py)
             self._write_lock = WriteLock.beside(self.path)
-            # and each syncs its commits itself, out of the lock (walsync.py)
-            self._wal_sync = WalSync(self.path)
-            await write.run(self._wal_sync.prepare)
+        self._wal_sync = wal_sync
         self.writer = GroupCommitWriter(write, self._write_lock,
-                                        sync=self._wal_sync.sync if self._wal_sync else None)
+                                        sync=wal_sync.sync if wal_sync is not None else None)
         self.writer.start()
 
     async def close(self) -> None:
