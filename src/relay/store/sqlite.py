@@ -51,9 +51,9 @@ from .stats import StatsQueries
 from .suppressions import SuppressionQueries, listed, screened
 from .templates import TemplateQueries
 from .thread import DbThread
-from .walsync import WalSync
 from .throttles import ThrottleQueries
 from .tlsreports import TlsReportQueries
+from .walsync import WalSync
 from .webhooks import WebhookQueries
 
 
