@@ -19,7 +19,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                    # qmail's "sorry, that domain isn't in my list of allowed rcpthosts"
                    r"|allowed rcpthosts"
                    # MessageLabs' and others' "you are trying to use me [...] as a relay"
-                   r"|use (me|us|this (server|host|system))\b.{0,60}\bas a relay"),
+                   r"|use (me|us|this (server|host|system))\b.{0,60}\bas a relay"
+                   r"|credentials for relay"),
     ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"),
     # the reporter's own MX set-up (Postfix: "mail for example.org loops back to myself"),
     # not the network's: a routing loop it will not leave by trying again
@@ -27,13 +28,22 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     # the remote's own trouble: a directory with two entries for one name
                     # (Domino's "not unique. Several matches found"), a failure in processing
                     r"|several matches found|encountered an error while being processed"),
+    # a destination's TLS policy not met (RFC 8460's DANE, DNSSEC and MTA-STS failures)
+    ("securityerror", r"\b(dnssec|dane|mta-sts)\b"),
     ("userunknown", r"recipient address rejected: access denied"),
     # cPanel's Exim, of a destination it could not route to: "The account or domain may not
     # exist, they may be blacklisted, or missing the proper dns entries."
     ("hostunknown", r"the account or domain may not exist"),
     ("userunknown", r"(account|mailbox|address|recipient|user)( or domain)? (may|does) not exist"),
     ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)|purported responsible address"
-                 r"|\bfrom:? (domain |address )?(is )?(invalid|not valid)"),
+                 r"|\bfrom:? (domain |address )?(is )?(invalid|not valid)"
+                 # the sender on a list of refused ones, not the client's IP address
+                 r"|envelope sender|badmailfrom|(blocked|banned) senders?\b"
+                 # RFC 7505 4.2's "Sender address has null MX": of the sender's domain
+                 r"|sender (address |domain )?(has|with) (an? )?null mx"
+                 # a recipient (a group, a mailbox) that takes mail from known senders only
+                 r"|sender (was |is )?not authenticated"
+                 r"|your (e-?mail )?(address|domain) (has been |is )(blocked|black ?listed)"),
     ("filtered", r"recipient preferences"),
     ("policyviolation", r"content presents a potential"),
     # too many recipients in a span of time is a sending rate, not one message's count
@@ -45,7 +55,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"(second|minute|hour|day)|daily message quota exceeded"),
     ("toomanyconn", r"too many (smtp )?(connections|sessions|simultaneous|concurrent|recipients)"
                     r"|connection (rate|limit)|frequency limit|too many errors from your ip"
-                    r"|trop de connexions|maximum sending rate"),
+                    r"|trop de connexions|maximum sending rate"
+                    r"|(messages?|mails?|recipients?) per (connection|session)"
+                    r"|(exceeded|reached) the max(imum)? number of connections"),
     ("virusdetected", r"virus|malware|infected|trojan"),
     # a spam filter's verdict, before the checks its advice names ("spf, HELO, PTR")
     ("spamdetected", r"(failed|failing|did not pass) .{0,30}\b(anti-?)?spam (checks?|tests?"
@@ -87,13 +99,16 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     # a filter's verdict named in one CamelCase token ("MCSpamSignature", "SpamAssassin"):
     # a spam finding, whatever generic words ("security policies") the refusal wraps it in
     ("spamdetected", r"(?-i:Spam[A-Z][a-z])"),  # searched: any letters may come before
-    ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk (e-?)?mail|mass mail"
+    # ("bulk email senders" are whom a provider's rules are for, not a verdict on this mail)
+    ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk (e-?)?mail(?! senders?)"
+                     r"|mass mail"
                      r"|content.{0,20}rejected"
                      r"|message (has been |was )?(classified|identified|considered|marked) as"),
     # a mailbox that holds too many messages is full (not a sender sending too many)
     ("mailboxfull", r"too many (messages|mails) (on|in) (the |this |your )?(server|mail ?box|account)"
                     r"|(user|mailbox|account) has too many (messages|mails)"),
-    ("speeding", r"rate limit|too many (messages|mails)|sending too (fast|much)"
+    ("speeding", r"rate limit|too many (messages|mails)|sending too (fast|much)|too quickly"
+                 r"|excessive (volume|rate)"
                  r"|try again later.{0,20}(too|rate)|exceeded .{0,20}rate|at a rate"),
     ("mailboxfull", r"(mailbox|mail box|inbox|mail ?folder|account|user|storage)"
                     r".{0,40}(full|quota|exceed|over)|quota|insufficient storage"
@@ -103,7 +118,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                    r"|message size|size limit"),
     ("systemfull", r"(system|disk|server).{0,20}(full|out of space)|insufficient (system|disk)"),
     ("exceedlimit", r"exceed(s|ed)? .{0,30}limit"),
-    ("hasmoved", r"has moved|moved to|no longer (valid|available) at|forwarding address"),
+    # (a "misconfigured forwarding address" is the system's trouble, not a mailbox that moved)
+    ("hasmoved", r"has moved|moved to|no longer (valid|available) at"
+                 r"|(?<!misconfigured )forwarding address"),
     ("suspend", r"(account|mailbox|user|address).{0,40}(disabled|suspended|inactive|deactivated"
                 r"|expired|locked|frozen|not active|blocked|closed|terminated)|suspended"
                 r"|inactive user|archived recipient|temporar(il)?y locked"),
@@ -209,6 +226,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|temporary local problem|interrupted system call|forwarding loop broken"
                     r"|can.?t create (user )?output file"),
     ("systemerror", r"system error|internal (server )?error|temporary (failure|error)"
+                    r"|(temporary )?system problem"
                     r"|server error|local error|try (again )?later|service.{0,20}(not available"
                     r"|unavailable|refused?)|resources|transaction failed"),
     ("syntaxerror", r"syntax error|command unrecognized|unrecognized command|unknown command"
@@ -230,9 +248,20 @@ _PHRASES: tuple[tuple[str, str], ...] = (
 _PHRASE_RES = tuple((reason, re.compile(pattern, re.I)) for reason, pattern in _PHRASES)
 
 
+# what a refusal says after these words is why ("rate limited because DKIM did not pass")
+_BECAUSE = re.compile(r"\bbecause\b(?: of\b)?", re.I)
+
+
 # A report often gives all its recipients the same words; reading them takes ~2 ms a KB.
 @functools.lru_cache(maxsize=256)
 def phrase_reason(text: str) -> str | None:
+    """The reason the words name; where they say "because", the reason named after it."""
+    if (cause := _BECAUSE.search(text)) and (said := _first(text[cause.end():])):
+        return said
+    return _first(text)
+
+
+def _first(text: str) -> str | None:
     for reason, regex in _PHRASE_RES:
         if regex.search(text):
             return reason

@@ -33,6 +33,8 @@ HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept"}
 _ADDRESS_NOT_BAD = frozenset({"1.5", "1.7", "1.8"})
 
 STATUS_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})")
+# qmail's way of giving the status, at the end of the text: "550 Invalid recipient (#5.1.1)"
+_HASH_STATUS = re.compile(r"\(#([245]\.\d{1,3}\.\d{1,3})\)")
 # a match may start only where a run of local-part characters starts: tried from each of a
 # long run's characters, the run was read again each time (1.2 s for 20,000 letters)
 ADDRESS_RE = re.compile(r"(?<![\w.!#$%&'*+/=?^`{|}~\-])[\w.!#$%&'*+/=?^`{|}~\-]+"
@@ -59,13 +61,18 @@ _BY_STATUS: dict[str, str] = {
     "7.15": "securityerror", "7.16": "mesgtoobig", "7.17": "suspend", "7.18": "suspend",
     "7.19": "policyviolation", "7.20": "authfailure", "7.21": "authfailure",
     "7.22": "authfailure", "7.23": "authfailure", "7.24": "authfailure", "7.25": "requireptr",
-    "7.26": "authfailure", "7.27": "notaccept", "7.28": "spamdetected", "7.29": "authfailure",
+    "7.26": "authfailure", "7.27": "rejected", "7.28": "spamdetected", "7.29": "authfailure",
     "7.30": "securityerror",
 }
+# (X.7.27 is the sender's null MX, RFC 7505 4.2: the sender refused, the recipient's address
+# as good as before)
 # codes that say little: a phrase in the text wins over them (servers send 5.1.1, 5.7.1 or
 # 5.0.0 for rejections of every kind; the sentence then says which)
 _VAGUE = frozenset({"5.5", "0.0", "7.0", "7.1", "5.0", "1.0", "2.0", "3.0", "4.0", "7.2", "1.1",
-                    "4.7", "4.4", "5.2", "4.1", "4.2", "2.1", "6.0", "1.3", "1.10"})
+                    "4.7", "4.4", "5.2", "4.1", "4.2", "2.1", "6.0", "1.3", "1.10",
+                    # the newest codes, which the largest providers give meanings of their own
+                    # (Gmail: 5.7.27 an SPF failure, 4.7.29 no TLS, 5.7.30 a DKIM failure)
+                    "7.27", "7.28", "7.29", "7.30"})
 # what the words may say over an explicit X.1.1 ("bad destination mailbox address"): that
 # the mailbox is there but full, disabled, moved or filtered by its owner, or that the refusal
 # was of the relaying, the client (its address, rate, name, authentication), the sender or
@@ -153,6 +160,8 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     text is a remote server's reply though it quotes no code (a report's Diagnostic-Code of
     type smtp or of none; a plain report's words that are no reporter's own look-up)."""
     cls, detail = "", ""
+    if not status and text and (hashed := _HASH_STATUS.search(text)):
+        status = hashed.group(1)
     if status and (m := STATUS_RE.fullmatch(status.strip())):
         cls, detail = m.group(1), f"{int(m.group(2))}.{int(m.group(3))}"
     if not cls and reply_code:
@@ -172,8 +181,10 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     if text and _GAVE_UP.search(text) and phrase not in _OUTLASTS_GIVING_UP and not (
             phrase == "networkerror" and NAME_SERVICE.search(text)):
         phrase = "expired"
-    if detail == "1.1" and phrase not in _BEATS_BAD_MAILBOX:
-        phrase = None  # X.1.1 names the mailbox bad; words of a filter or of content do not
+    if detail in ("1.1", "1.3") and phrase not in _BEATS_BAD_MAILBOX:
+        # X.1.1 names the mailbox bad, X.1.3 its address's syntax ("not a valid RFC 5321
+        # address"); words of a filter or of content do not unname it
+        phrase = None
     reason = None
     if detail and detail not in _VAGUE:
         reason = _BY_STATUS.get(detail)
