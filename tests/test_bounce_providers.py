@@ -19,7 +19,7 @@ from relay.feedback.bounce_reasons import classify
 from .dnsserver import DNSServer
 from .sink import Sink
 from .smtputil import in_thread
-from .test_bounce_rules import _dsn, _one
+from .test_bounce_rules import _EXIM, _dsn, _one
 from .test_delivery import route, start_relay, submit, wait_final
 
 GMAIL_DKIM = ("550 5.7.30 This mail has been blocked because DKIM does not pass. Gmail requires"
@@ -99,6 +99,18 @@ def test_a_status_given_at_the_end_the_qmail_way_is_read(reply: str, reason: str
 ])
 def test_what_a_refusal_is_about_in_the_providers_words(reply: str, reason: str) -> None:
     assert _read(reply) == (reason, "soft")
+
+
+@pytest.mark.parametrize("reply", ["550 5.4.4 SMTPSEND.DNS.NonExistentDomain; nonexistent domain",
+                                   "553 5.1.2 Domain not found"])
+def test_a_domain_unknown_in_reply_to_mail_from_is_the_senders(reply: str) -> None:
+    # MAIL FROM names no domain but the sender's: the recipient's address is not in question
+    assert _read(reply, "MAIL") == ("rejected", "soft")
+    assert outbound.classify(int(reply[:3]), reply[4:9], reply[10:], "MAIL") == (
+        "bounced", False)
+    why = ("SMTP error from remote mail server after MAIL FROM:<app@sender.test> SIZE=1234:\n"
+           f"    host mx.example.org [192.0.2.1]: {reply}")
+    assert _one(_EXIM.format(why=why).encode()) == ("ann@example.org", "rejected", "soft")
 
 
 def test_a_misconfigured_forward_is_not_a_mailbox_that_moved() -> None:

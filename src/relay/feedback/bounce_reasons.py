@@ -237,8 +237,10 @@ def by_stage(reason: str, detail: str, stage: str | None,
              quoted: bool = False) -> str:
     """The reason corrected by what the refused command was about.  `quoted`: the text
     quotes a remote server's SMTP reply (a reply code), not the reporting host's own words."""
-    if stage == "MAIL" and reason in ("userunknown", "filtered", *NO_CAUSE):
-        return "rejected"  # it refused the sender, not the recipient
+    if stage == "MAIL" and reason in ("userunknown", "hostunknown", "filtered", *NO_CAUSE):
+        # it refused the sender, not the recipient: MAIL FROM names no domain but the
+        # sender's, so a domain it does not know there is the sender's
+        return "rejected"
     if stage == "CONN" and reason in _NOT_OF_A_CLIENT:
         # it refused the client before hearing of any address, for good (5xx) or for now
         # (4xx: "421 Service not available" at the greeting); too many connections and the
@@ -259,7 +261,10 @@ def by_stage(reason: str, detail: str, stage: str | None,
 def may_be_hard(reason: str, detail: str, stage: str | None) -> bool:
     """Whether a refusal at this stage can say the recipient's address is bad: at RCPT or
     at an unknown stage yes; after RCPT TO was taken only with an addressing code; before
-    it (greeting, HELO, MAIL) only of the whole domain (no SMTP service, no such host)."""
-    if stage in ("CONN", "MAIL"):
+    it only of the whole domain (at the greeting or HELO: no SMTP service, no such host; at
+    MAIL, whose only domain is the sender's: a server that takes no mail at all)."""
+    if stage == "CONN":
         return reason in ("hostunknown", "notaccept")
+    if stage == "MAIL":
+        return reason == "notaccept"  # a server that takes no mail at all
     return stage != "DATA" or names_address(detail)
