@@ -129,6 +129,46 @@ async def test_suppressed_after_queueing_is_dropped_when_the_mail_goes_out(
             await svc.stop()
 
 
+async def test_an_address_that_bounces_hard_during_delivery_is_suppressed(
+        tmp_path: Path, dns: DNSServer) -> None:
+    """Seed 003: "an address that bounces in the meantime is still protected". A hard bounce
+    during relay's own delivery suppresses the address, as one that comes back later does
+    (inbound); a soft one (a filter's refusal) does not."""
+    replies = {"gone@example.org": ["550 5.1.1 <gone@example.org>: Recipient address rejected:"
+                                    " User unknown in virtual mailbox table"],
+               "picky@example.org": ["550 5.7.1 Message rejected as spam"]}
+    async with Sink(replies=replies) as sink:
+        route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
+        config = make_config(tmp_path, delivery=DeliveryConfig(mx_port=sink.port, **FAST),
+                             dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0))
+        svc = Service(config)
+        await svc.start()
+        api = await api_client(svc)
+        try:
+            status, body, _ = await api.call("POST", "/v1/emails", {
+                **SIMPLE, "to": ["gone@example.org", "picky@example.org", "bob@example.org"]})
+            assert status == 202
+            detail = await wait_final(svc, body["id"])
+            address = {r.id: r.address for r in detail.recipients}
+            assert {address[e.recipient_id]: e.data["class"] for e in detail.events
+                    if e.type == "email.bounced"} == {"gone@example.org": "hard",
+                                                       "picky@example.org": "soft"}
+            listed = await svc.store.list_suppressions()
+            assert [(e.address, e.scope, e.reason, e.source) for e in listed] == [
+                ("gone@example.org", "", "hard_bounce", f"bounce:{body['id']}")]
+            # the next message to it is not sent; the soft-bounced address still gets mail
+            status, body, _ = await api.call("POST", "/v1/emails", {
+                **SIMPLE, "to": ["gone@example.org"]})
+            assert status == 409 and body["error"]["type"] == "suppressed"
+            status, body, _ = await api.call("POST", "/v1/emails", {
+                **SIMPLE, "to": ["picky@example.org"]})
+            assert status == 202
+            assert len(sink.delivered_to("gone@example.org")) == 0
+        finally:
+            await api.close()
+            await svc.stop()
+
+
 async def test_scheduling_to_a_suppressed_address_is_accepted_and_screened_when_it_goes_out(
         tmp_path: Path, dns: DNSServer) -> None:
     """Seed 003: the list is checked when a scheduled message goes out, not when it is

@@ -16,6 +16,7 @@ from .base import MessageDetail, NewMessage
 from .groupcommit import Batched
 from .pgconn import is_postgresql, skip_locked
 from .rows import insert_messages, load_detail_sync
+from .suppressions import suppress_for_mail
 from .thread import DbThread
 
 log = logging.getLogger("relay.delivery")  # a line per operator change, as per outcome
@@ -301,6 +302,14 @@ def _record_many(db: sqlite3.Connection, outcomes: Sequence[Outcome]) -> list[No
         [(o.message_id, o.recipient_id, o.event.value, o.at, json.dumps(o.event_data))
          for o in outcomes],
     )
+    for o in outcomes:
+        if o.status == RecipientStatus.BOUNCED and o.bounce_class == "hard":
+            # the address is bad for good: no more mail to it, as when a hard bounce comes
+            # back later (inbound)
+            (address,) = db.execute("SELECT address FROM recipients WHERE id = ?",
+                                    (o.recipient_id,)).fetchone()
+            suppress_for_mail(db, address, "hard_bounce", f"bounce:{o.message_id}", o.at,
+                              o.message_id)
     wipe_given_keys(db, sorted({o.message_id for o in outcomes if o.status.final}))
     return [None] * len(outcomes)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..types import EventType, RecipientStatus
 from .delivery import AttemptRecord, wipe_given_keys
-from .suppressions import owner_of_mail
+from .suppressions import suppress_for_mail
 from .thread import DbThread
 
 
@@ -142,12 +142,8 @@ def _apply(db: sqlite3.Connection, e: Effect, now: float) -> bool:
         if had:
             return False
     if e.suppress:
-        domain = db.execute("SELECT sender_domain FROM messages WHERE id = ?",
-                            (e.message_id,)).fetchone()
-        db.execute("INSERT INTO suppressions (address, scope, reason, source,"
-                   " created_at, owner) VALUES (?, '', ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                   (e.address, e.suppress, f"{_SOURCE[e.event]}:{e.message_id}", now,
-                    owner_of_mail(domain[0] if domain else "")))
+        suppress_for_mail(db, e.address, e.suppress, f"{_SOURCE[e.event]}:{e.message_id}",
+                          now, e.message_id)
     db.execute("INSERT INTO events (message_id, recipient_id, type, created_at, data)"
                " VALUES (?, ?, ?, ?, ?)",
                (e.message_id, e.recipient_id, e.event.value, now, json.dumps(e.event_data)))

@@ -149,6 +149,18 @@ def screen(db: sqlite3.Connection, addresses: Iterable[str], stream: Stream | st
     return out
 
 
+def suppress_for_mail(db: sqlite3.Connection, address: str, reason: str, source: str,
+                      now: float, message_id: str) -> None:
+    """A suppression of all mail to `address` that an outcome of message `message_id` makes
+    (a hard bounce, during delivery or reported later; a complaint), owned as the message's
+    sending domain is; the first reason for an address stays."""
+    domain = db.execute("SELECT sender_domain FROM messages WHERE id = ?",
+                        (message_id,)).fetchone()
+    db.execute(f"INSERT INTO suppressions ({_COLUMNS}) VALUES (?, '', ?, ?, ?, ?)"
+               " ON CONFLICT DO NOTHING",
+               (address, reason, source, now, owner_of_mail(domain[0] if domain else "")))
+
+
 def owner_of_mail(sender_domain: str) -> str:
     """The stored owner of what a message's outcome makes (a bounce's or unsubscribe's
     suppression): its sender domain, or the relay for mail without one."""
