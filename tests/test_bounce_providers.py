@@ -96,6 +96,10 @@ def test_a_status_given_at_the_end_the_qmail_way_is_read(reply: str, reason: str
     ("450 4.7.324 dnssec-invalid: Destination domain returned invalid DNSSEC records",
      "securityerror"),
     ("550 5.4.8 MX hosts of example.org failed MTA-STS validation", "securityerror"),
+    ("550 envelope blocked - user entry", "rejected"),
+    ("552 5.7.0 Our system detected an illegal attachment on your message.", "policyviolation"),
+    # RFC 3463's X.6.XXX is the content's, with a detail of the server's own too
+    ("550 5.6.11 SMTPSEND.BareLinefeedsAreIllegal; invalid characters", "contenterror"),
 ])
 def test_what_a_refusal_is_about_in_the_providers_words(reply: str, reason: str) -> None:
     assert _read(reply) == (reason, "soft")

@@ -38,14 +38,15 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)|purported responsible address"
                  r"|\bfrom:? (domain |address )?(is )?(invalid|not valid)"
                  # the sender on a list of refused ones, not the client's IP address
-                 r"|envelope sender|badmailfrom|(blocked|banned) senders?\b"
+                 r"|envelope sender|badmailfrom|(blocked|banned) senders?\b|envelope blocked"
                  # RFC 7505 4.2's "Sender address has null MX": of the sender's domain
                  r"|sender (address |domain )?(has|with) (an? )?null mx"
                  # a recipient (a group, a mailbox) that takes mail from known senders only
                  r"|sender (was |is )?not authenticated"
                  r"|your (e-?mail )?(address|domain) (has been |is )(blocked|black ?listed)"),
     ("filtered", r"recipient preferences"),
-    ("policyviolation", r"content presents a potential"),
+    # a kind of attachment the receiver refuses, not a malformed one
+    ("policyviolation", r"content presents a potential|illegal attachment"),
     # too many recipients in a span of time is a sending rate, not one message's count
     ("speeding", r"too many (messages|mails|recipients) (this|per|an?|in the last) "
                  r"(\d+ )?(second|minute|hour|day)"),

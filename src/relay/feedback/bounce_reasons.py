@@ -195,6 +195,10 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
             _BY_REPLY.get(reply_code) if reply_code else None)
     if reason is None and cls == "5" and detail == "2.0":
         reason = "filtered"  # "other mailbox status", nothing more said: the mailbox refused it
+    if reason is None and detail.startswith("6."):
+        # RFC 3463's X.6.XXX, "message content or media status", with a detail of a server's
+        # own (Exchange's 5.6.11 "invalid characters"): the content, whatever words follow
+        reason = "contenterror"
     if reason is None:
         # a remote's words that name no cause are onhold; no words at all, undefined
         reason = "expired" if cls == "4" else "onhold" if said.strip() else "undefined"
