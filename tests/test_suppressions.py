@@ -26,6 +26,15 @@ from .smtputil import in_thread, send
 from .test_delivery import FAST, route, wait_final
 
 
+async def _delivering(tmp_path: Path, dns: DNSServer, sink: Sink) -> Service:
+    """A started relay that delivers example.org's mail to `sink`; the caller stops it."""
+    route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
+    svc = Service(make_config(tmp_path, delivery=DeliveryConfig(mx_port=sink.port, **FAST),
+                              dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0)))
+    await svc.start()
+    return svc
+
+
 def entry(address: str, scope: str = "", reason: str = "manual") -> Suppression:
     return Suppression(address=address, scope=scope, reason=reason, source="test",
                        created_at=time.time())
@@ -103,11 +112,7 @@ async def test_an_unsubscribe_stops_that_domains_broadcast_mail_only(api: Api,
 async def test_suppressed_after_queueing_is_dropped_when_the_mail_goes_out(
         tmp_path: Path, dns: DNSServer) -> None:
     async with Sink() as sink:
-        route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
-        config = make_config(tmp_path, delivery=DeliveryConfig(mx_port=sink.port, **FAST),
-                             dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0))
-        svc = Service(config)
-        await svc.start()
+        svc = await _delivering(tmp_path, dns, sink)
         api = await api_client(svc)
         try:
             when = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
@@ -138,11 +143,7 @@ async def test_an_address_that_bounces_hard_during_delivery_is_suppressed(
                                     " User unknown in virtual mailbox table"],
                "picky@example.org": ["550 5.7.1 Message rejected as spam"]}
     async with Sink(replies=replies) as sink:
-        route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
-        config = make_config(tmp_path, delivery=DeliveryConfig(mx_port=sink.port, **FAST),
-                             dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0))
-        svc = Service(config)
-        await svc.start()
+        svc = await _delivering(tmp_path, dns, sink)
         api = await api_client(svc)
         try:
             status, body, _ = await api.call("POST", "/v1/emails", {
@@ -174,11 +175,7 @@ async def test_scheduling_to_a_suppressed_address_is_accepted_and_screened_when_
     """Seed 003: the list is checked when a scheduled message goes out, not when it is
     scheduled. The SDK's send gets 202 scheduled; at its time the scheduler drops it."""
     async with Sink() as sink:
-        route(dns, "example.org", (10, "mx.example.org", "127.0.0.1"))
-        config = make_config(tmp_path, delivery=DeliveryConfig(mx_port=sink.port, **FAST),
-                             dns=DnsConfig(nameservers=(dns.nameserver,), timeout=1.0))
-        svc = Service(config)
-        await svc.start()
+        svc = await _delivering(tmp_path, dns, sink)
         try:
             await svc.store.add_suppression(entry("gone@example.org", reason="hard_bounce"))
             _, secret = await keys.create_key(svc.store, name="sdk", scopes=["emails:send"])
