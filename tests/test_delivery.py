@@ -124,6 +124,36 @@ async def test_451_then_250_is_deferred_retried_and_delivered(tmp_path: Path,
             await svc.stop()
 
 
+async def test_deferred_past_the_queue_lifetime_expires_reported_like_a_bounce(
+        tmp_path: Path, dns: DNSServer) -> None:
+    """An expiry's event has a bounce's fields (class, reason, status, diagnostic); with no
+    status of its own (the host refused connections) it is 4.4.7, in the event and the DSN."""
+    async with Sink(replies={"slow@a.test": ["451 4.3.0 try again later"]}) as sink:
+        route(dns, "a.test", (10, "mx.a.test", "127.0.0.1"))
+        route(dns, "b.test", (10, "mx.b.test", "127.0.0.2"))  # nothing listens there
+        route(dns, "sender.test", (10, "mx.sender.test", "127.0.0.1"))
+        svc, key = await start_relay(tmp_path, dns, sink.port, queue_lifetime=1.5)
+        try:
+            mid = await in_thread(submit, svc.bound[0][1], key, ["slow@a.test", "gone@b.test"])
+            detail = await wait_final(svc, mid)
+            assert {r.address: r.status.value for r in detail.recipients} == {
+                "slow@a.test": "expired", "gone@b.test": "expired"}
+            ends = {e.data["email"]: e.data for e in detail.events
+                    if e.type == "email.expired"}
+            assert {a: (d["class"], d["reason"], d["status"]) for a, d in ends.items()} == {
+                "slow@a.test": ("soft", "expired", "4.3.0"),
+                "gone@b.test": ("soft", "expired", "4.4.7")}
+            assert ends["slow@a.test"]["diagnostic"] == (
+                "expired after the queue lifetime; last: 451 4.3.0 try again later")
+            await sink.wait_for(lambda s: bool(s.delivered_to("alice@sender.test")))
+            (dsn,) = sink.delivered_to("alice@sender.test")
+            fields = dsn.data.split(b"Content-Type: message/delivery-status")[1]
+            assert b"Action: failed\r\nStatus: 4.3.0" in fields
+            assert b"Action: failed\r\nStatus: 4.4.7" in fields
+        finally:
+            await svc.stop()
+
+
 async def test_550_and_250_bounce_one_deliver_the_other_and_report(tmp_path: Path,
                                                                    dns: DNSServer) -> None:
     replies = {"gone@a.test": ["550 5.1.1 <gone@a.test>: no such user"]}

@@ -10,6 +10,7 @@ from .. import metrics
 from ..config import DeliveryConfig
 from ..errors import DeliveryFailure
 from ..feedback import bounce_reasons
+from ..feedback.dsn import EXPIRED_STATUS
 from ..store.delivery import AttemptRecord, DueRecipient, Outcome
 from ..types import EventType, RecipientStatus
 from .outbound import Result, reply_text
@@ -27,6 +28,19 @@ def wants_report(notify: tuple[str, ...], kind: str) -> bool:
     if not notify:
         return kind == "FAILURE"
     return kind in notify
+
+
+def _expired(r: DueRecipient, now: float, attempt: AttemptRecord | None, last: str,
+             data: dict[str, object]) -> Outcome:
+    """The queue lifetime ran out: a soft failure, reported with the fields a bounce has
+    (class, reason, status, diagnostic), so that every failure reads the same."""
+    return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
+                   status=RecipientStatus.EXPIRED, event=EventType.EXPIRED,
+                   event_data={**data, "class": "soft", "reason": "expired",
+                               "status": data.get("enhanced") or EXPIRED_STATUS,
+                               "diagnostic": f"expired after the queue lifetime; last: {last}"},
+                   last_reply=last, bounce_class="soft",
+                   dsn="failed" if wants_report(r.notify, "FAILURE") else None)
 
 
 class Outcomes:
@@ -82,12 +96,7 @@ class Outcomes:
         data: dict[str, object] = {"email": r.address, "code": None, "enhanced": "4.7.0",
                                    "reply": reason}
         if now >= expires:
-            return Outcome(recipient_id=r.id, message_id=r.message_id, at=now,
-                           status=RecipientStatus.EXPIRED, event=EventType.EXPIRED,
-                           event_data={**data, "reason": f"expired after the queue lifetime; "
-                                                         f"last: {reason}"},
-                           last_reply=reason, bounce_class="soft",
-                           dsn="failed" if wants_report(r.notify, "FAILURE") else None)
+            return _expired(r, now, None, reason, data)
         next_at = min(max(until, now + 1.0), expires)
         return Outcome(recipient_id=r.id, message_id=r.message_id, at=now,
                        status=RecipientStatus.DEFERRED, event=EventType.DEFERRED,
@@ -114,12 +123,7 @@ class Outcomes:
         """`until`: the reply held its site back; the recipient waits for the hold."""
         expires = r.created_at + self._delivery.queue_lifetime
         if now >= expires:
-            return Outcome(recipient_id=r.id, message_id=r.message_id, at=now, attempt=attempt,
-                           status=RecipientStatus.EXPIRED, event=EventType.EXPIRED,
-                           event_data={**data, "reason": f"expired after the queue lifetime; "
-                                                         f"last reply: {reply}"},
-                           last_reply=reply, bounce_class="soft",
-                           dsn="failed" if wants_report(r.notify, "FAILURE") else None)
+            return _expired(r, now, attempt, reply, data)
         wait = backoff(r.attempts + 1, minimum=self._delivery.retry_min,
                        maximum=self._delivery.retry_max)
         next_at = min(max(until, now + wait) if until else now + wait, expires)

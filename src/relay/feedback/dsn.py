@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from .. import rawmail
 
 MAX_FULL_RETURN = 100 * 1024
+# RFC 3463 4.4.7, delivery time expired: the status of an expiry whose last reply had none
+EXPIRED_STATUS = "4.4.7"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..store import MessageDetail, NewMessage
 from ..submit import Submitter
 from ..types import EnvelopeRecipient, Submission
-from .dsn import ReportedRecipient, build_dsn
+from .dsn import EXPIRED_STATUS, ReportedRecipient, build_dsn
 
 
 class ReportMaker:
@@ -27,7 +27,9 @@ class ReportMaker:
             if action is None:
                 continue
             attempt = last.get(r.id)
-            default = {"failed": "5.0.0", "delayed": "4.0.0"}.get(action, "2.0.0")
+            expired = r.status.value == "expired"
+            default = {"failed": EXPIRED_STATUS if expired else "5.0.0",
+                       "delayed": "4.0.0"}.get(action, "2.0.0")
             status = attempt.enhanced if attempt and attempt.enhanced else default
             if action == "failed" and status[0] != "5":
                 # a bounce is permanent (5.x.x); an expiry keeps its last temporary status
