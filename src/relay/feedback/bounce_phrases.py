@@ -25,6 +25,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     # the reporter's own MX set-up (Postfix: "mail for example.org loops back to myself"),
     # not the network's: a routing loop it will not leave by trying again
     ("systemerror", r"loops back to myself|loop was found in the mail exchanger"
+                    # Exim's words for the same ("lowest numbered MX record points to local
+                    # host")
+                    r"|mx record points to local host"
                     # the remote's own trouble: a directory with two entries for one name
                     # (Domino's "not unique. Several matches found"), a failure in processing
                     r"|several matches found|encountered an error while being processed"),
@@ -39,6 +42,11 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                  r"|\bfrom:? (domain |address )?(is )?(invalid|not valid)"
                  # the sender on a list of refused ones, not the client's IP address
                  r"|envelope sender|badmailfrom|(blocked|banned) senders?\b|envelope blocked"
+                 r"|sender (envelope )?address .{0,40}black ?listed"
+                 # Exim's callout to the sender's domain ("Verification failed for <ann@x>
+                 # / Unrouteable address / Sender verify failed"): the sender's address
+                 # that does not route, not the recipient's
+                 r"|sender verif(y|ication) failed"
                  # RFC 7505 4.2's "Sender address has null MX": of the sender's domain
                  r"|sender (address |domain )?(has|with) (an? )?null mx"
                  # a recipient (a group, a mailbox) that takes mail from known senders only
@@ -156,7 +164,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|invalid (recipient|mailbox|address|user)|mailbox not found"
                     r"|(user|recipient) doesn.?t|not our customer|no mailbox here"
                     r"|unrouteable|not a valid (user|mailbox|recipient)"
-                    r"|invalid .{0,20}userid|illegal user"
+                    r"|invalid .{0,20}userid|illegal user|permanent failure in user lookup"
                     r"|no valid recipients|recipient rejected|bad recipient"
                     r"|undeliverable address|user not found|no account by that name"
                     r"|not present in (the )?directory|not an active (address|user|mailbox)"
@@ -197,6 +205,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("policyviolation", r"policy|prohibited|not allowed|violat|administrat(ive|or)"
                         r"|forbidden"),
     ("contenterror", r"content|header.{0,20}(invalid|error)|(mime|encoding|charset) error"
+                     r"|header syntax"
                      r"|8-?bit|attachment"
                      # a header field the message lacks ("Messages without To: fields are not
                      # accepted here"): its header, not its sender or its address, was refused
@@ -236,7 +245,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     # that RCPT TO was refused: the words after it, when they say why, win
     ("onhold", r"on hold|\bheld\b"),
     ("userunknown", r"(recipient )?address rejected"),
-    ("rejected", r"invalid sender|sender verify failed|\bbatv\b|sender domain is empty"
+    ("rejected", r"invalid sender|\bbatv\b|sender domain is empty"
                  r"|fully qualified (e-?mail )?address required|unroutable sender"
                  r"|no third.party dsns?|returned mail not accepted"),
     # ("MAIL FROM:" with its colon is a field of a report's message details, not a refusal)

@@ -84,6 +84,18 @@ _BEATS_BAD_MAILBOX = frozenset({"userunknown", "norelaying", "blocked", "mailbox
                                 "expired",
                                 "mailererror", "filtered", "toomanyconn", "speeding",
                                 "badreputation", "requireptr", "authfailure"})
+# Exim's "Unrouteable address": no router of the one saying it takes the address. Its own
+# report says so of a domain it found no way to (hostunknown); a remote's answer to RCPT TO,
+# the domain's MX by then, of a local part it does not have
+_UNROUTEABLE_ADDRESS = re.compile(r"\bunrouteable address\b", re.I)
+# explicit codes that say what happened but not why, and the reason whose words say why:
+# X.3.2 "system not accepting network messages" (a rate limit), X.5.1 "invalid command"
+# ("530 5.5.1 Must issue a STARTTLS command first", "Authentication Required"), X.1.6
+# "mailbox has moved" where the words say it never was there (OpenSMTPD's 5.1.6 "Permanent
+# failure in user lookup")
+_WORDS_SAY_WHY: dict[str, frozenset[str]] = {"3.2": frozenset({"toomanyconn", "speeding"}),
+                                             "5.1": frozenset({"securityerror"}),
+                                             "1.6": frozenset({"userunknown"})}
 # RFC 5321 reply codes, where one means one thing (550 and 553 carry anything, so they
 # say nothing about the address by themselves)
 _BY_REPLY = {421: "systemerror", 451: "systemerror", 452: "systemfull", 551: "hasmoved",
@@ -189,8 +201,7 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     if detail and detail not in _VAGUE:
         reason = _BY_STATUS.get(detail)
     if reason is None or (phrase and detail in _VAGUE) or (
-            detail == "3.2" and phrase in ("toomanyconn", "speeding")):
-        # X.3.2, "system not accepting network messages": a rate limit says why it does not
+            phrase in _WORDS_SAY_WHY.get(detail, ())):
         reason = phrase or _BY_STATUS.get(detail) or (
             _BY_REPLY.get(reply_code) if reply_code else None)
     if reason is None and cls == "5" and detail == "2.0":
@@ -210,6 +221,9 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         reason = "mailboxfull"
     if reason == "hostunknown" and cls == "4":
         reason = "networkerror"  # a DNS answer that may still change
+    elif reason == "hostunknown" and stage == "RCPT" and _UNROUTEABLE_ADDRESS.search(text) and (
+            reply_code is not None or remote_reply):
+        reason = "userunknown"
     absent = stage == "DATA" and reason == "userunknown" and _NO_ACCOUNT_AT_ALL.search(text)
     if absent:
         stage = None  # the words say more than when they were said

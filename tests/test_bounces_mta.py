@@ -1,0 +1,86 @@
+"""The parser on real MTAs' bounces whose cause we know because we made it happen
+(tests/mta_dsns: Postfix, Exim and OpenSMTPD, each refusing or failing on purpose; see its
+README): the recipient, its hard/soft class and its reason, against the cause, not against
+another parser's reading. `python tests/test_bounces_mta.py` prints the shares and misses."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.config import LimitsConfig
+from relay.feedback import bounces
+
+SET = Path(__file__).resolve().parent / "mta_dsns"
+LIMITS = LimitsConfig()
+
+
+def score() -> tuple[Counter[str], list[tuple[Any, ...]]]:
+    counts: Counter[str] = Counter()
+    misses = []
+    for line in (SET / "labels.jsonl").read_text("utf-8").splitlines():
+        row = json.loads(line)
+        report = bounces.parse((SET / row["file"]).read_bytes(),
+                               max_parts=LIMITS.max_report_parts,
+                               max_recipients=LIMITS.max_report_recipients)
+        got = [r for r in report.recipients if r.address.lower() == row["recipient"]]
+        hard = bool(got) and got[0].bounce_class == "hard"
+        counts["rows"] += 1
+        counts["recipient"] += bool(got)
+        counts["class"] += bool(got) and hard == row["hard"]
+        counts["false hard"] += hard and not row["hard"]
+        counts["reason"] += bool(got) and got[0].reason == row["reason"]
+        if not got or hard != row["hard"] or got[0].reason != row["reason"]:
+            misses.append((row["file"], row["condition"], row["reason"], row["hard"],
+                           [(r.address, r.reason, r.bounce_class) for r in report.recipients]))
+    return counts, misses
+
+
+def test_real_mtas_bounces_read_for_their_cause() -> None:
+    counts, misses = score()
+    assert counts["rows"] == 56
+    assert counts["recipient"] == counts["rows"], misses
+    assert counts["false hard"] == 0, misses  # never a working address taken for a bad one
+    # what the bounces allow: OpenSMTPD's one "550 Invalid recipient" for every refusal and
+    # its "Envelope expired" for a full mailbox or a null MX say nothing of their cause
+    assert counts["class"] / counts["rows"] >= 0.94, misses
+    assert counts["reason"] / counts["rows"] >= 0.73, misses
+
+
+@pytest.mark.parametrize(("status", "code", "text", "stage", "expected"), [
+    # Exim's sender callout: the sender's domain does not route, the recipient's address is
+    # as good as before (it was hostunknown, hard)
+    ("5.0.0", 550, "550-Verification failed for <ann@example.com>\n550-Unrouteable address\n"
+     "550 Sender verification failed", "RCPT", ("rejected", "soft")),
+    ("5.0.0", 550, "550-sender envelope address ann@example.com is locally blacklisted here.",
+     "RCPT", ("rejected", "soft")),
+    # a domain's MX (Exim) that has no such local part; a reporter's own look-up is the domain's
+    ("5.0.0", 550, "550 Unrouteable address", "RCPT", ("userunknown", "hard")),
+    ("5.0.0", None, "Unrouteable address", None, ("hostunknown", "hard")),
+    ("5.0.0", 550, "550 header syntax", "DATA", ("contenterror", "soft")),
+    ("5.0.0", None, "lowest numbered MX record points to local host", None,
+     ("systemerror", "soft")),
+    # an explicit code the words say more than: X.1.6 of a user never there (OpenSMTPD),
+    # X.5.1 "invalid command" for want of TLS or authentication (OpenSMTPD, Gmail)
+    ("5.1.6", None, "Permanent failure in user lookup", None, ("userunknown", "hard")),
+    ("5.5.1", 530, "530 5.5.1 Invalid command: Must issue a STARTTLS command first", "MAIL",
+     ("securityerror", "soft")),
+    ("5.5.1", 530, "530 5.5.1 Authentication Required.", "MAIL", ("securityerror", "soft")),
+])
+def test_readings_of_real_mtas_words(status: str, code: int | None, text: str,
+                                     stage: str | None, expected: tuple[str, str]) -> None:
+    assert bounces.classify(status, code, text, stage=stage) == expected
+
+
+if __name__ == "__main__":
+    found, missed = score()
+    for miss in missed:
+        print(*miss)
+    n = found["rows"]
+    print(f"rows {n}: recipient {found['recipient'] / n:.1%}, recipient+class "
+          f"{found['class'] / n:.1%}, reason {found['reason'] / n:.1%}, "
+          f"false hard {found['false hard']}")
