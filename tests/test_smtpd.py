@@ -208,6 +208,43 @@ async def test_relay_listener_checks_allowed_networks(tmp_path, networks, expect
         await svc.stop()
 
 
+def _half_closed(port: int, last: bytes) -> bytes:
+    """A session written as Exim writes one: MAIL, RCPT and DATA, then `last` (the message's
+    end and QUIT together) and its sending side shut down; all the server answers after."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        replies = sock.makefile("rb")
+        replies.readline()  # the greeting
+        sock.sendall(b"EHLO client.test\r\n")
+        while replies.readline()[3:4] == b"-":
+            pass
+        sock.sendall(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+        said = [replies.readline() for _ in range(3)]
+        sock.sendall(last)
+        sock.shutdown(socket.SHUT_WR)
+        return b"".join(said) + replies.read()
+
+
+@pytest.mark.parametrize(("last", "stored", "answers"), [
+    (MESSAGE + b".\r\nQUIT\r\n", 1, [b"250", b"221"]),  # every command answered
+    (MESSAGE, 0, []),  # the data never ended: nothing taken, the session ends
+])
+async def test_a_client_closing_its_side_after_its_last_command_is_answered(
+        tmp_path, last: bytes, stored: int, answers: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    import ipaddress
+    listener = ListenerConfig(port=free_port(), mode="relay", tls="none",
+                              allowed_networks=(ipaddress.ip_network("127.0.0.1/32"),))
+    svc = Service(make_config(tmp_path, listener))
+    await svc.start()
+    try:
+        said = await in_thread(_half_closed, svc.bound[0][1], last)
+        lines = said.splitlines()
+        assert [line[:3] for line in lines[:3]] == [b"250", b"250", b"354"]
+        assert [line[:3] for line in lines[3:]] == answers
+        assert len(await stored_bodies(svc)) == stored
+    finally:
+        await svc.stop()
+
+
 async def test_relay_listener_without_networks_is_closed(tmp_path) -> None:  # type: ignore[no-untyped-def]
     svc = Service(make_config(tmp_path, ListenerConfig(port=free_port(), mode="relay", tls="none")))
     await svc.start()

@@ -38,6 +38,10 @@ _NOTIFY_VALUES = {"SUCCESS", "FAILURE", "DELAY"}
 _AT_ONCE = frozenset({b"220", b"221", b"334", b"354", b"421"})
 
 
+# how often a session the client closed its side of looks again for its commands' end
+_EOF_POLL = 0.01
+
+
 class Policy(Protocol):
     """What RelaySMTP asks of its handler (handler.RelayHandler)."""
 
@@ -123,7 +127,28 @@ class RelaySMTP(SMTP):
     def eof_received(self) -> bool | None:
         if self._refused:  # a TLS transport still reports the client's close
             return False
-        return super().eof_received()  # type: ignore[no-any-return]
+        if self.secure or self._idle():
+            # aiosmtpd's end of the session (a TLS transport cannot stay half open)
+            return super().eof_received()  # type: ignore[no-any-return]
+        # The client closed its side with commands still unanswered: Exim writes the end of
+        # the data and QUIT together, then shuts down its sending side. They are answered
+        # first; aiosmtpd ended the session at once, so the message was never answered and
+        # came again at the client's next queue run (minutes to an hour later).
+        self.loop.call_later(_EOF_POLL, self._end_when_idle)
+        return True  # the transport stays open for the replies
+
+    def _idle(self) -> bool:
+        """Whether the session waits for the client with no whole command left to read."""
+        waiting = self._reader._waiter is not None  # type: ignore[attr-defined]
+        return waiting and (self._in_data or not self._command_waiting())
+
+    def _end_when_idle(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # answered and closed (QUIT)
+        if not self._idle():
+            self.loop.call_later(_EOF_POLL, self._end_when_idle)
+            return
+        super().eof_received()  # the last command answered: the end aiosmtpd makes
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """The idle timeout, pushed back at every command by moving a deadline; the timer
