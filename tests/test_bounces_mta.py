@@ -84,3 +84,18 @@ if __name__ == "__main__":
     print(f"rows {n}: recipient {found['recipient'] / n:.1%}, recipient+class "
           f"{found['class'] / n:.1%}, reason {found['reason'] / n:.1%}, "
           f"false hard {found['false hard']}")
+
+
+def test_the_returned_messages_words_are_not_the_reports() -> None:
+    """Exim's own bounce for a mail loop names the recipient and no cause; the message it
+    returns (message/rfc822) says "unknown user" in its body. That is the sender's text, not
+    why it failed: no reason from it, and never a hard bounce."""
+    raw = (SET / "exim" / "018.eml").read_bytes().replace(
+        b"Some text to make the message a little longer than one kilobyte.",
+        b"Unknown user: this mailbox does not exist.")
+    report = bounces.parse(raw, max_parts=LIMITS.max_report_parts,
+                           max_recipients=LIMITS.max_report_recipients)
+    (got,) = report.recipients
+    assert got.address == "c25-exim@c25.dest.test"
+    assert "Unknown user" not in got.diagnostic
+    assert (got.reason, got.bounce_class) == ("onhold", "soft")

@@ -21,6 +21,7 @@ from .bounce_text import (
     lower_domain,
     part_text,
     reply_code_in,
+    report_words,
     status_in,
 )
 
@@ -44,7 +45,7 @@ def _field_blocks(part: Message, limit: int) -> list[Message]:
 
 def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, ...]:
     found: list[BouncedRecipient] = []
-    human = " ".join(part_text(p) for p in parts if p.get_content_type() == "text/plain")[:20000]
+    human = report_words(parts)[:20000]
     # each recipient's field block, at most `limit` of them
     blocks = list(itertools.islice(
         (group for part in parts if part.get_content_type() in STATUS_TYPES

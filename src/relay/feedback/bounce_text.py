@@ -38,6 +38,22 @@ def walk(msg: Message) -> list[Message]:
     return parts
 
 
+def report_words(parts: list[Message]) -> str:
+    """The plain text of a report's own parts (walk's list), not of a message it encloses:
+    a returned original's body says nothing of why it failed (a newsletter's "your account
+    is suspended" would read as the reason). A message/rfc822 that holds a delivery-status
+    part is the report itself, forwarded: its words count."""
+    enclosed: set[int] = set()
+    for part in parts:
+        if part.get_content_maintype() == "message" and part.get_content_type() \
+                not in STATUS_TYPES and id(part) not in enclosed:
+            inner = walk(part)[1:]
+            if not any(p.get_content_type() in STATUS_TYPES for p in inner):
+                enclosed.update(id(p) for p in inner)
+    return " ".join(part_text(p) for p in parts
+                    if p.get_content_type() == "text/plain" and id(p) not in enclosed)
+
+
 def part_text(part: Message) -> str:
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
