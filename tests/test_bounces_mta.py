@@ -58,6 +58,10 @@ def test_real_mtas_bounces_read_for_their_cause() -> None:
      "550 Sender verification failed", "RCPT", ("rejected", "soft")),
     ("5.0.0", 550, "550-sender envelope address ann@example.com is locally blacklisted here.",
      "RCPT", ("rejected", "soft")),
+    # the same reply as relay's own delivery reads it: Exim's lines joined, a line break
+    # between any two words
+    (None, 550, "sender envelope address bounces+x@relay.test is\nlocally blacklisted here. If"
+     " you think this is wrong, get in touch with\npostmaster", "RCPT", ("rejected", "soft")),
     # a domain's MX (Exim) that has no such local part; a reporter's own look-up is the domain's
     ("5.0.0", 550, "550 Unrouteable address", "RCPT", ("userunknown", "hard")),
     ("5.0.0", None, "Unrouteable address", None, ("hostunknown", "hard")),

@@ -180,7 +180,8 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         cls = str(reply_code)[0]
     if cls == "2":
         return "delivered", "soft"
-    said = text or ""
+    # one line: a multi-line reply's words run on ("... is\nlocally blacklisted here")
+    said = " ".join(text.split()) if text else ""
     text = ADDRESS_RE.sub(" ", said)  # a local part such as "mailbox-full" says nothing
     text = STAGE_SAID.sub(" ", text)  # "after MAIL FROM:": the reporter's words, not the remote's
     text = _REPORTER_SAID.sub(" ", text)
