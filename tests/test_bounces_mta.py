@@ -103,3 +103,28 @@ def test_the_returned_messages_words_are_not_the_reports() -> None:
     assert got.address == "c25-exim@c25.dest.test"
     assert "Unknown user" not in got.diagnostic
     assert (got.reason, got.bounce_class) == ("onhold", "soft")
+
+
+@pytest.mark.parametrize("name", ["012.eml", "013.eml", "014.eml"])
+def test_opensmtpds_expiry_in_a_delay_notices_words_is_a_failure(name: str) -> None:
+    """OpenSMTPD 6.8 reports its own expiry as "delayed" (Action: delayed, 4.4.7, "Envelope
+    expired", "only a temporary failure report"): the message was dropped, so the recipient
+    failed (soft, expired), not a delay that changes nothing."""
+    report = bounces.parse((SET / "opensmtpd" / name).read_bytes(),
+                           max_parts=LIMITS.max_report_parts,
+                           max_recipients=LIMITS.max_report_recipients)
+    (got,) = report.recipients
+    assert (got.action, got.reason, got.bounce_class) == ("failed", "expired", "soft")
+
+
+def test_a_delay_notice_that_is_one_stays_a_delay() -> None:
+    raw = (b"From: MAILER-DAEMON@mx.example.net\r\nTo: ann@example.com\r\n"
+           b"Subject: Delayed Mail (still being retried)\r\nMIME-Version: 1.0\r\n"
+           b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+           b"--b\r\nContent-Type: text/plain\r\n\r\nDelivery to bob@example.org has been "
+           b"delayed; it will be retried.\r\n\r\n--b\r\n"
+           b"Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example.net\r\n"
+           b"\r\nFinal-Recipient: rfc822; bob@example.org\r\nAction: delayed\r\n"
+           b"Status: 4.4.7\r\nWill-Retry-Until: Fri, 30 Jan 2026 21:28:58 -0800\r\n\r\n--b--\r\n")
+    (got,) = bounces.parse(raw, max_parts=64, max_recipients=10).recipients
+    assert (got.action, got.bounce_class) == ("delayed", "soft")

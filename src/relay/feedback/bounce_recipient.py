@@ -19,6 +19,10 @@ _OWN_DIRECTORY = re.compile(
     r"|recipient name is not recognized|\bunknown user: |invalid final delivery userid"
     r"|no valid recipients for this", re.I)
 
+# OpenSMTPD (up to 6.8, as Debian 12 ships it) writes its own expiry in its delay notice's
+# words ("A message is delayed for more than 0 seconds ... Envelope expired", Action:
+# delayed; OpenSMTPD pull request 1133): the message was dropped, not delayed
+_DROPPED = re.compile(r"\benvelope expired\b", re.I)
 # RFC 3463's X.4.2 bad connection, X.4.4 unable to route, X.4.6 routing loop
 _NO_WAY_STATUS = frozenset({".4.2", ".4.4", ".4.6"})
 # a network with no way to the host (no route, unreachable, a loop), which waiting for does
@@ -41,6 +45,8 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
     are a reporter's own directory look-up."""
     if remote_reply is None:
         remote_reply = not _OWN_DIRECTORY.search(diagnostic)
+    if action == "delayed" and _DROPPED.search(diagnostic):
+        action = "failed"
     if action in ("delivered", "relayed", "expanded"):
         reason, cls = "delivered", "soft"
     else:
