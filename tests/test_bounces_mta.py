@@ -128,3 +128,34 @@ def test_a_delay_notice_that_is_one_stays_a_delay() -> None:
            b"Status: 4.4.7\r\nWill-Retry-Until: Fri, 30 Jan 2026 21:28:58 -0800\r\n\r\n--b--\r\n")
     (got,) = bounces.parse(raw, max_parts=64, max_recipients=10).recipients
     assert (got.action, got.bounce_class) == ("delayed", "soft")
+
+
+@pytest.mark.parametrize(("code", "status", "text", "stage", "expected"), [
+    # Postfix 3.7 as the MX, refusing relay's own delivery (its default words)
+    (550, "5.1.1", "<ann@dest.test>: Recipient address rejected: User unknown in local "
+     "recipient table", "RCPT", ("userunknown", "hard")),
+    (554, "5.7.1", "<ann@elsewhere.test>: Relay access denied", "RCPT", ("norelaying", "soft")),
+    (550, "5.1.6", "<ann@dest.test>: Recipient address rejected: User has moved to "
+     "bob@elsewhere.test", "RCPT", ("hasmoved", "hard")),
+    (554, "5.7.1", "<bounces+x@relay.test>: Sender address rejected: Access denied", "RCPT",
+     ("rejected", "soft")),
+    (554, "5.7.1", "<unknown[127.0.0.1]>: Client host rejected: Access denied", "RCPT",
+     ("blocked", "soft")),
+    (554, "5.7.1", "Service unavailable; Client host [127.0.0.1] blocked using bl.test", "RCPT",
+     ("blocked", "soft")),
+    (550, "5.7.1", "Client host rejected: cannot find your reverse hostname, [127.0.0.1]",
+     "RCPT", ("requireptr", "soft")),
+    # Exim 4.96 with Debian's ACLs as the MX: no enhanced status, lines as relay reads them
+    (550, None, "relay not permitted", "RCPT", ("norelaying", "soft")),
+    (550, None, "sender IP address 127.0.0.1 is locally blacklisted here. If you think this\n"
+     "is wrong, get in touch with postmaster", "RCPT", ("blocked", "soft")),
+    (550, None, "Verification failed for <bounces+x@relay.test>\nUnrouteable address\n"
+     "Sender verification failed", "RCPT", ("rejected", "soft")),
+    # OpenSMTPD 6.8: the same words for an unknown user and for every refusing rule
+    (550, None, "Invalid recipient: <ann@dest.test>", "RCPT", ("userunknown", "hard")),
+])
+def test_real_mtas_replies_to_relays_own_delivery(code: int, status: str | None, text: str,
+                                                  stage: str, expected: tuple[str, str]) -> None:
+    """What relay's own delivery met when it sent to real Postfix, Exim and OpenSMTPD MXs
+    refusing on purpose (relay's outcomes read a refusal with this same call)."""
+    assert bounces.classify(status, code, text, stage=stage) == expected
