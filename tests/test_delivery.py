@@ -150,6 +150,9 @@ async def test_deferred_past_the_queue_lifetime_expires_reported_like_a_bounce(
             fields = dsn.data.split(b"Content-Type: message/delivery-status")[1]
             assert b"Action: failed\r\nStatus: 4.3.0" in fields
             assert b"Action: failed\r\nStatus: 4.4.7" in fields
+            # the remote's reply typed smtp, relay's own words its own
+            assert b"Diagnostic-Code: smtp; 451 4.3.0 try again later" in fields
+            assert b"Diagnostic-Code: X-Relay; cannot connect to mx.b.test" in fields
         finally:
             await svc.stop()
 

@@ -209,6 +209,26 @@ async def test_a_soft_bounce_is_an_event_without_a_suppression(
     assert "bob@example.org" not in await suppressions(relay)
 
 
+async def test_a_late_bounce_is_stored_as_the_report_said_it(relay: Service, sink: Sink) -> None:
+    """No reply code made up where the report quoted none, and a remote's expiry keeps its
+    4.4.7 (it was stored as "550 5.0.0")."""
+    message_id, got = await delivered_via_api(relay, sink)
+    code, _ = await send_report(relay, got.mail_from, dsn(
+        got.data, "bob@example.org", status="4.4.7",
+        diagnostic="X-Postfix; connect to mx.example.org[192.0.2.7]:25: Connection timed out"))
+    assert code == 250
+    detail = await relay.store.get_message(message_id)
+    assert detail is not None
+    (r,) = detail.recipients
+    assert r.status.value == "bounced"
+    (attempt,) = [a for a in detail.attempts if a.outcome == "bounced"]
+    assert (attempt.code, attempt.enhanced) == (None, "4.4.7")
+    assert r.last_reply == ("4.4.7 connect to mx.example.org[192.0.2.7]:25: Connection timed "
+                            "out")
+    (bounced,) = events(detail, "email.bounced")
+    assert (bounced["class"], bounced["reason"], bounced["status"]) == ("soft", "expired", "4.4.7")
+
+
 async def test_delayed_is_an_event_and_changes_no_status(relay: Service, sink: Sink) -> None:
     message_id, got = await delivered_via_api(relay, sink)
     code, _ = await send_report(relay, got.mail_from, dsn(

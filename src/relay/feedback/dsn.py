@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .. import rawmail
 
 MAX_FULL_RETURN = 100 * 1024
+_REPLY = re.compile(r"[245]\d\d\b")  # a diagnostic that is an SMTP reply
 # RFC 3463 4.4.7, delivery time expired: the status of an expiry whose last reply had none
 EXPIRED_STATUS = "4.4.7"
 
@@ -109,7 +110,10 @@ def _status_fields(mta: str, recipients: Sequence[ReportedRecipient], arrival: f
         if r.remote_mta:
             block.append(f"Remote-MTA: dns; {_clean(r.remote_mta)}")
         if r.diagnostic:
-            block.append(f"Diagnostic-Code: smtp; {_clean(r.diagnostic)}"[:990])
+            # an SMTP reply is typed smtp (RFC 3464 2.3.6); relay's own words (a host that
+            # refused connections, a report's words without a code) are relay's
+            kind_of = "smtp" if _REPLY.match(r.diagnostic) else "X-Relay"
+            block.append(f"Diagnostic-Code: {kind_of}; {_clean(r.diagnostic)}"[:990])
         if r.last_attempt:
             block.append(f"Last-Attempt-Date: {email.utils.formatdate(r.last_attempt, True)}")
         if r.will_retry_until and r.action == "delayed":

@@ -36,7 +36,7 @@ class ReportMaker:
                 status = "5" + status[1:] if r.status.value == "bounced" else status
             reported.append(ReportedRecipient(
                 address=r.address, action=action, status=status, orcpt=r.orcpt,
-                diagnostic=r.last_reply if attempt and attempt.code else None,
+                diagnostic=r.last_reply if attempt and attempt.text else None,
                 remote_mta=attempt.mx_host if attempt else None,
                 last_attempt=attempt.started_at if attempt else None,
                 will_retry_until=None,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..delivery.logline import log_inbound
+from ..delivery.outbound import reply_text
 from ..delivery.outcomes import wants_report
 from ..errors import StoreError
 from ..feedback import bounces, verp
@@ -180,10 +181,12 @@ class Inbound:
         return effects, outcome
 
     def _bounce(self, t: SentTo, said: BouncedRecipient, now: float) -> Effect:
-        status = said.status if said.status and said.status[0] == "5" else "5.0.0"
-        code = said.reply_code if said.reply_code and said.reply_code >= 500 else 550
+        # what the report said, none made up: no reply code when it quoted none, and the
+        # status it gave (a remote's expiry keeps its 4.4.7)
+        status = said.status or "5.0.0"
+        code = said.reply_code if said.reply_code and said.reply_code >= 400 else None
         text = said.diagnostic or f"{said.reason} (reported after delivery)"
-        reply = f"{code} {status} {text}" if not text.startswith(f"{code}") else text
+        reply = text if code and text.startswith(str(code)) else reply_text(code, status, text)
         return Effect(
             recipient_id=t.recipient_id, message_id=t.message_id, address=t.address,
             event=EventType.BOUNCED, event_data=_event_data(t, said),
