@@ -53,6 +53,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                  r"|sender (was |is )?not authenticated"
                  r"|your (e-?mail )?(address|domain) (has been |is )(blocked|black ?listed)"),
     ("filtered", r"recipient preferences"),
+    # a limit on the header's size is the header's (sendmail's "Headers too large (4000
+    # max)", Courier's "Message header size exceeds policy limit"), not the message's size
+    ("contenterror", r"\bheaders? (size )?(too (large|long|big)|exceeds?)"),
     # a kind of attachment the receiver refuses, not a malformed one
     ("policyviolation", r"content presents a potential|illegal attachment"),
     # too many recipients in a span of time is a sending rate, not one message's count
@@ -104,6 +107,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                 r"|(ip|address|host|connection|client).{0,40}(blocked|banned|denied|refused)"
                 r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"
                 r"|client host rejected|invalid ip|not accepting connections"
+                # sendmail's dnsbl: "Rejected: 192.0.2.7 listed at bl.example.net"
+                r"|\d{1,3}(\.\d{1,3}){3}\]? (is )?listed (at|in|on|by)\b"
                 r"|(smtp|mail) server of your isp|dynamic ip|dial-?up|residential ip"),
     # a filter's verdict named in one CamelCase token ("MCSpamSignature", "SpamAssassin"):
     # a spam finding, whatever generic words ("security policies") the refusal wraps it in
