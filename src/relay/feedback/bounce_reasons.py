@@ -86,7 +86,8 @@ _BEATS_BAD_MAILBOX = frozenset({"userunknown", "norelaying", "blocked", "mailbox
                                 "badreputation", "requireptr", "authfailure"})
 # Exim's "Unrouteable address": no router of the one saying it takes the address. Its own
 # report says so of a domain it found no way to (hostunknown); a remote's answer to RCPT TO,
-# the domain's MX by then, of a local part it does not have
+# the domain's MX by then, or a report from a host of the recipient's own domain, of a local
+# part it does not have
 _UNROUTEABLE_ADDRESS = re.compile(r"\bunrouteable address\b", re.I)
 # explicit codes that say what happened but not why, and the reason whose words say why:
 # X.3.2 "system not accepting network messages" (a rate limit), X.5.1 "invalid command"
@@ -166,11 +167,14 @@ NAME_SERVICE = re.compile(r"name serv|\bdns\b|host not found|lookup fail", re.IG
 
 @functools.lru_cache(maxsize=256)
 def classify(status: str | None, reply_code: int | None, text: str, *,
-             stage: str | None = None, remote_reply: bool = False) -> tuple[str, str]:
+             stage: str | None = None, remote_reply: bool = False,
+             own_host: bool = False) -> tuple[str, str]:
     """(reason, "hard"|"soft") from an RFC 3463 status, an SMTP reply code and the text, and
     the stage the remote refused at (bounce_stage.STAGES) when known.  `remote_reply`: the
     text is a remote server's reply though it quotes no code (a report's Diagnostic-Code of
-    type smtp or of none; a plain report's words that are no reporter's own look-up)."""
+    type smtp or of none; a plain report's words that are no reporter's own look-up).
+    `own_host`: the words are those of the host that keeps the recipient's domain (a report
+    from it that names no remote), believed as a local delivery agent's are."""
     cls, detail = "", ""
     if not status and text and (hashed := _HASH_STATUS.search(text)):
         status = hashed.group(1)
@@ -222,8 +226,12 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
         reason = "mailboxfull"
     if reason == "hostunknown" and cls == "4":
         reason = "networkerror"  # a DNS answer that may still change
-    elif reason == "hostunknown" and stage == "RCPT" and _UNROUTEABLE_ADDRESS.search(text) and (
-            reply_code is not None or remote_reply):
+    # the mailbox host's own words: typed as its own (not a reply it quotes, nor prose that
+    # may quote a filter's "unknown user"), or its router's, which no filter says
+    unrouteable = _UNROUTEABLE_ADDRESS.search(text) is not None
+    own_host = own_host and (not remote_reply or unrouteable)
+    if reason == "hostunknown" and unrouteable and (own_host or (
+            stage == "RCPT" and (reply_code is not None or remote_reply))):
         reason = "userunknown"
     absent = stage == "DATA" and reason == "userunknown" and _NO_ACCOUNT_AT_ALL.search(text)
     if absent:
@@ -231,7 +239,7 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     generic = _RFC_MAILBOX_UNAVAILABLE.search(text)  # a remote's reply, with a code or not
     reason = by_stage(reason, detail, stage,
                       quoted=(reply_code is not None or generic is not None or remote_reply)
-                      and not absent and not _LOCAL_AGENT.search(text)
+                      and not absent and not own_host and not _LOCAL_AGENT.search(text)
                       and not (reply_code is not None and _NO_SUCH_ACCOUNT.search(text))
                       and not (detail == "5.0" and generic))
     hard = reason in HARD_REASONS and cls != "4" and may_be_hard(reason, detail, stage)

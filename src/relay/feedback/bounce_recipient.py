@@ -39,10 +39,12 @@ def _passes(diagnostic: str) -> bool:
 
 def recipient(address: str, action: str, status: str | None, reply: int | None,
               diagnostic: str, remote: str | None, context: str = "",
-              transcript: str = "", remote_reply: bool | None = None) -> BouncedRecipient:
+              transcript: str = "", remote_reply: bool | None = None,
+              own_host: bool = False) -> BouncedRecipient:
     """`remote_reply`: `diagnostic` is a remote server's reply though it quotes no code
     (bounce_reasons.classify); None: words of a report's prose, which are one unless they
-    are a reporter's own directory look-up."""
+    are a reporter's own directory look-up. `own_host`: the reporter keeps the recipient's
+    domain and names no remote, so the words are the mailbox host's own."""
     if remote_reply is None:
         remote_reply = not _OWN_DIRECTORY.search(diagnostic)
     if action == "delayed" and _DROPPED.search(diagnostic):
@@ -56,7 +58,7 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
             status = "4" + status[1:]
         stage = smtp_stage(context or diagnostic, address, diagnostic, transcript)
         reason, cls = classify(status, reply, diagnostic, stage=stage,
-                               remote_reply=remote_reply)
+                               remote_reply=remote_reply, own_host=own_host)
         if action in ("delayed", "expired") and (reason == "networkerror" or reason in NO_CAUSE) \
                 and _passes(diagnostic) and not (status and status[1:] in _NO_WAY_STATUS):
             # still retrying (or no longer: SendGrid's "expired") after trouble that passes,

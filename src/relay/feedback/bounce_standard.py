@@ -54,6 +54,7 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
     # the words about one recipient end where the text names the next
     prose = Prose(human, [address_of(b["Final-Recipient"] or b["Original-Recipient"])
                           for b in blocks])
+    reporters = _reporters(parts, limit)
     for block in blocks:
         address = address_of(block["Final-Recipient"])
         if not _mailbox(address):
@@ -83,11 +84,37 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
         status = _preferred(status_in(str(block.get("Status", ""))), status_in(diagnostic))
         reply = reply_code_in(diagnostic)
         remote = after_type(block["Remote-MTA"]) or None
+        # no remote named nor its reply quoted (a smtp Diagnostic-Code: a filtering gateway
+        # of the domain quoting a server behind it), and the reporter is a host of the
+        # recipient's own domain: the words are the mailbox host's own (its local delivery,
+        # its own routing)
+        remote_reply = _remote_reply(field)
+        own = remote is None and remote_reply is not True and \
+            _of_site(address.rpartition("@")[2], reporters)
         found.append(recipient(_forwarded_to(human, address), action, status, reply,
                                diagnostic, remote,
                                context=f"{near} {diagnostic}", transcript=human,
-                               remote_reply=_remote_reply(field)))
+                               remote_reply=remote_reply, own_host=own))
     return tuple(found)
+
+
+def _reporters(parts: list[Message], limit: int) -> tuple[str, ...]:
+    """The reporting host's names: its Reporting-MTA and the domain of the report's From."""
+    names = [lower_domain(address_of(parts[0]["From"])).rpartition("@")[2]]
+    for part in parts:
+        if part.get_content_type() in STATUS_TYPES:
+            first = _field_blocks(part, 1)
+            if first:
+                names.append(after_type(first[0]["Reporting-MTA"]).lower().rstrip("."))
+            break
+    return tuple(n for n in names if "." in n)
+
+
+def _of_site(domain: str, names: tuple[str, ...]) -> bool:
+    """Whether one of the reporter's names is the domain, a host in it or its parent."""
+    domain = domain.lower()
+    return bool(domain) and any(n == domain or n.endswith("." + domain)
+                                or domain.endswith("." + n) for n in names)
 
 
 _TYPE = re.compile(r"\s*([\w-]{1,40})\s*;")
