@@ -89,6 +89,10 @@ _BEATS_BAD_MAILBOX = frozenset({"userunknown", "norelaying", "blocked", "mailbox
 # the domain's MX by then, or a report from a host of the recipient's own domain, of a local
 # part it does not have
 _UNROUTEABLE_ADDRESS = re.compile(r"\bunrouteable address\b", re.I)
+# sendmail's access map refusing an address ("<ann@example.com>... Access denied"); its
+# refusal of the client names none ("550 5.7.1 Access denied"). Other words after a named
+# address may still be about the client ("<ann@...>... Please use the smtp server of your ISP")
+_NAMES_AN_ADDRESS = re.compile(r"<[^<>\s]+@[^<>\s]+>\.\.\. access denied\b", re.I)
 # explicit codes that say what happened but not why, and the reason whose words say why:
 # X.3.2 "system not accepting network messages" (a rate limit), X.5.1 "invalid command"
 # ("530 5.5.1 Must issue a STARTTLS command first", "Authentication Required"), X.1.6
@@ -233,6 +237,8 @@ def classify(status: str | None, reply_code: int | None, text: str, *,
     if reason == "hostunknown" and unrouteable and (own_host or (
             stage == "RCPT" and (reply_code is not None or remote_reply))):
         reason = "userunknown"
+    if reason == "blocked" and stage == "MAIL" and _NAMES_AN_ADDRESS.search(said):
+        reason = "rejected"  # the access map refused MAIL FROM's one address: the sender
     absent = stage == "DATA" and reason == "userunknown" and _NO_ACCOUNT_AT_ALL.search(text)
     if absent:
         stage = None  # the words say more than when they were said
