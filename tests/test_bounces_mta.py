@@ -19,14 +19,26 @@ SET = Path(__file__).resolve().parent / "mta_dsns"
 LIMITS = LimitsConfig()
 
 
+def parse(raw: bytes) -> bounces.Report:
+    return bounces.parse(raw, max_parts=LIMITS.max_report_parts,
+                         max_recipients=LIMITS.max_report_recipients)
+
+
+def _read(name: str, *edits: tuple[bytes, bytes]) -> bounces.BouncedRecipient:
+    """The one recipient of a sample of the set, after replacing bytes (`edits`)."""
+    raw = (SET / name).read_bytes()
+    for old, new in edits:
+        raw = raw.replace(old, new)
+    (got,) = parse(raw).recipients
+    return got
+
+
 def score() -> tuple[Counter[str], list[tuple[Any, ...]]]:
     counts: Counter[str] = Counter()
     misses = []
     for line in (SET / "labels.jsonl").read_text("utf-8").splitlines():
         row = json.loads(line)
-        report = bounces.parse((SET / row["file"]).read_bytes(),
-                               max_parts=LIMITS.max_report_parts,
-                               max_recipients=LIMITS.max_report_recipients)
+        report = parse((SET / row["file"]).read_bytes())
         got = [r for r in report.recipients if r.address.lower() == row["recipient"]]
         hard = bool(got) and got[0].bounce_class == "hard"
         counts["rows"] += 1
@@ -111,12 +123,8 @@ def test_the_returned_messages_words_are_not_the_reports() -> None:
     """Exim's own bounce for a mail loop names the recipient and no cause; the message it
     returns (message/rfc822) says "unknown user" in its body. That is the sender's text, not
     why it failed: no reason from it, and never a hard bounce."""
-    raw = (SET / "exim" / "018.eml").read_bytes().replace(
-        b"Some text to make the message a little longer than one kilobyte.",
-        b"Unknown user: this mailbox does not exist.")
-    report = bounces.parse(raw, max_parts=LIMITS.max_report_parts,
-                           max_recipients=LIMITS.max_report_recipients)
-    (got,) = report.recipients
+    got = _read("exim/018.eml", (b"Some text to make the message a little longer than one "
+                                 b"kilobyte.", b"Unknown user: this mailbox does not exist."))
     assert got.address == "c25-exim@c25.dest.test"
     assert "Unknown user" not in got.diagnostic
     assert (got.reason, got.bounce_class) == ("onhold", "soft")
@@ -127,10 +135,7 @@ def test_opensmtpds_expiry_in_a_delay_notices_words_is_a_failure(name: str) -> N
     """OpenSMTPD 6.8 reports its own expiry as "delayed" (Action: delayed, 4.4.7, "Envelope
     expired", "only a temporary failure report"): the message was dropped, so the recipient
     failed (soft, expired), not a delay that changes nothing."""
-    report = bounces.parse((SET / "opensmtpd" / name).read_bytes(),
-                           max_parts=LIMITS.max_report_parts,
-                           max_recipients=LIMITS.max_report_recipients)
-    (got,) = report.recipients
+    got = _read(f"opensmtpd/{name}")
     assert (got.action, got.reason, got.bounce_class) == ("failed", "expired", "soft")
 
 
@@ -143,7 +148,7 @@ def test_a_delay_notice_that_is_one_stays_a_delay() -> None:
            b"Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example.net\r\n"
            b"\r\nFinal-Recipient: rfc822; bob@example.org\r\nAction: delayed\r\n"
            b"Status: 4.4.7\r\nWill-Retry-Until: Fri, 30 Jan 2026 21:28:58 -0800\r\n\r\n--b--\r\n")
-    (got,) = bounces.parse(raw, max_parts=64, max_recipients=10).recipients
+    (got,) = parse(raw).recipients
     assert (got.action, got.bounce_class) == ("delayed", "soft")
 
 
@@ -176,15 +181,6 @@ def test_real_mtas_replies_to_relays_own_delivery(code: int, status: str | None,
     """What relay's own delivery met when it sent to real Postfix, Exim and OpenSMTPD MXs
     refusing on purpose (relay's outcomes read a refusal with this same call)."""
     assert bounces.classify(status, code, text, stage=stage) == expected
-
-
-def _read(name: str, *edits: tuple[bytes, bytes]) -> bounces.BouncedRecipient:
-    raw = (SET / name).read_bytes()
-    for old, new in edits:
-        raw = raw.replace(old, new)
-    (got,) = bounces.parse(raw, max_parts=LIMITS.max_report_parts,
-                           max_recipients=LIMITS.max_report_recipients).recipients
-    return got
 
 
 def test_the_mailbox_hosts_own_words_are_believed() -> None:

@@ -150,6 +150,18 @@ async def suppressions(svc: Service) -> dict[str, str]:
     return {s.address: s.reason for s in await svc.store.list_suppressions()}
 
 
+async def reported(relay: Service, sink: Sink, **report: Any) -> MessageDetail:
+    """A message delivered to bob, then a report about bob (dsn's fields: `report`) sent
+    to its return path and taken; the message as the store has it after."""
+    message_id, got = await delivered_via_api(relay, sink)
+    code, text = await send_report(relay, got.mail_from,
+                                   dsn(got.data, "bob@example.org", **report))
+    assert code == 250, text
+    detail = await relay.store.get_message(message_id)
+    assert detail is not None
+    return detail
+
+
 async def test_delivered_mail_carries_a_verp_return_path_and_a_feedback_id(
         relay: Service, sink: Sink) -> None:
     message_id, got = await delivered_via_api(relay, sink)
@@ -197,13 +209,9 @@ async def test_a_late_dsn_bounces_the_right_recipient_with_class_event_and_suppr
 
 async def test_a_soft_bounce_is_an_event_without_a_suppression(
         relay: Service, sink: Sink) -> None:
-    message_id, got = await delivered_via_api(relay, sink)
-    code, _ = await send_report(relay, got.mail_from, dsn(
-        got.data, "bob@example.org", status="5.2.2",
-        diagnostic="smtp; 552 5.2.2 <bob@example.org>: mailbox full"))
-    assert code == 250
-    detail = await relay.store.get_message(message_id)
-    assert detail is not None and detail.recipients[0].status.value == "bounced"
+    detail = await reported(relay, sink, status="5.2.2",
+                            diagnostic="smtp; 552 5.2.2 <bob@example.org>: mailbox full")
+    assert detail.recipients[0].status.value == "bounced"
     (bounced,) = events(detail, "email.bounced")
     assert (bounced["class"], bounced["reason"]) == ("soft", "mailboxfull")
     assert "bob@example.org" not in await suppressions(relay)
@@ -212,13 +220,8 @@ async def test_a_soft_bounce_is_an_event_without_a_suppression(
 async def test_a_late_bounce_is_stored_as_the_report_said_it(relay: Service, sink: Sink) -> None:
     """No reply code made up where the report quoted none, and a remote's expiry keeps its
     4.4.7 (it was stored as "550 5.0.0")."""
-    message_id, got = await delivered_via_api(relay, sink)
-    code, _ = await send_report(relay, got.mail_from, dsn(
-        got.data, "bob@example.org", status="4.4.7",
-        diagnostic="X-Postfix; connect to mx.example.org[192.0.2.7]:25: Connection timed out"))
-    assert code == 250
-    detail = await relay.store.get_message(message_id)
-    assert detail is not None
+    detail = await reported(relay, sink, status="4.4.7", diagnostic=(
+        "X-Postfix; connect to mx.example.org[192.0.2.7]:25: Connection timed out"))
     (r,) = detail.recipients
     assert r.status.value == "bounced"
     (attempt,) = [a for a in detail.attempts if a.outcome == "bounced"]
@@ -230,13 +233,9 @@ async def test_a_late_bounce_is_stored_as_the_report_said_it(relay: Service, sin
 
 
 async def test_delayed_is_an_event_and_changes_no_status(relay: Service, sink: Sink) -> None:
-    message_id, got = await delivered_via_api(relay, sink)
-    code, _ = await send_report(relay, got.mail_from, dsn(
-        got.data, "bob@example.org", action="delayed", status="4.4.7",
-        diagnostic="smtp; 451 4.4.7 still trying"))
-    assert code == 250
-    detail = await relay.store.get_message(message_id)
-    assert detail is not None and detail.recipients[0].status.value == "delivered"
+    detail = await reported(relay, sink, action="delayed", status="4.4.7",
+                            diagnostic="smtp; 451 4.4.7 still trying")
+    assert detail.recipients[0].status.value == "delivered"
     assert [e["status"] for e in events(detail, "email.delayed")] == ["4.4.7"]
     assert not events(detail, "email.bounced")
 
