@@ -230,9 +230,10 @@ def _soa(qname: dns.name.Name) -> dns.rrset.RRset:
     """A synthetic SOA for the zone of qname: its last two labels."""
     labels = qname.labels[-3:] if len(qname.labels) >= 3 else qname.labels
     zone = dns.name.Name(labels)
+    ns, mbox = (dns.name.Name((label,) + zone.labels) for label in (b"ns", b"hostmaster"))
     return dns.rrset.from_text(
         zone, SOA_MINIMUM, dns.rdataclass.IN, dns.rdatatype.SOA,
-        f"ns.{zone} hostmaster.{zone} 1 3600 600 86400 {SOA_MINIMUM}",
+        f"{ns} {mbox} 1 3600 600 86400 {SOA_MINIMUM}",
     )
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import dns.asyncquery
+import dns.message
+import dns.name
+import dns.rcode
 import pytest
 
 from relay.config import DnsConfig
@@ -109,6 +113,17 @@ async def test_nxdomain_is_a_hard_permanent_failure(server: DNSServer) -> None:
     assert caught.value.enhanced == "5.1.2"
     assert caught.value.hard
     assert "NXDOMAIN" in caught.value.text
+
+
+async def test_the_test_dns_server_answers_for_the_root_name(server: DNSServer) -> None:
+    """An MTA looks up "." after a null MX ("MX 0 ."); the loopback server must answer it."""
+    server.add("exists.test", "A", "192.0.2.1")
+
+    reply = await dns.asyncquery.udp(dns.message.make_query(".", "A"), "127.0.0.1",
+                                     port=server.port, timeout=2)
+
+    assert reply.rcode() == dns.rcode.NOERROR and not reply.answer
+    assert reply.authority[0].name == dns.name.root
 
 
 async def test_servfail_is_temporary(server: DNSServer) -> None:
