@@ -229,8 +229,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                 r" (after|for|within|in) [\d.]+ (hour|day)"),
     ("networkerror", r"connection (was |has been )?(refused|timed? ?out|reset|closed|lost"
                      r"|dropped)"
-                     r"|timed? ?out|network (error|failure|problem|is unreachable)|unreachable"
-                     r"|cannot connect|could not connect"
+                     r"|timed? ?out|network (error|failure|problem|is unreachable|is down)|unreachable"
+                     r"|cannot connect|could not connect|\bconnect(ion)? failed"
                      r"|unable to connect|dns (error|failure|lookup)|routing loop|mail loop"
                      r"|socket error|requests to connect"
                      r"|too many hops|loop detected|(message|mail) looping"),

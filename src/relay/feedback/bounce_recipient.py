@@ -76,7 +76,7 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
             # (after no answer, or a connection refused: trouble that passes, not a name
             # service failure or a network with no way there)
             reason = "expired"
-        elif action == "failed" and not status and reason == "networkerror" and (
+        elif action == "failed" and status in (None, "", "5.0.0") and reason == "networkerror" and (
                 reply is None or 400 <= reply < 500) and _passes(diagnostic):
             # failed for good on trouble that passes (no answer, a 4xx reply) and no code of
             # its own: the peer gave up retrying, its queue lifetime ran out (a name service
