@@ -54,7 +54,7 @@ def score() -> tuple[Counter[str], list[tuple[Any, ...]]]:
 
 def test_real_mtas_bounces_read_for_their_cause() -> None:
     counts, misses = score()
-    assert counts["rows"] == 121
+    assert counts["rows"] == 133
     assert counts["recipient"] == counts["rows"], misses
     assert counts["false hard"] == 0, misses  # never a working address taken for a bad one
     # what the bounces allow: OpenSMTPD's one "550 Invalid recipient" for every refusal and
@@ -153,6 +153,21 @@ def test_a_connection_never_made_then_given_up_is_an_expiry(name: str, words: by
     assert no_way.reason == "networkerror"
     replied = _read(name, (words, b"550 " + words))
     assert replied.reason != "expired"
+
+
+def test_a_sieve_reject_is_the_recipients_filter_and_a_read_receipt_no_bounce() -> None:
+    """Dovecot's Sieve `reject` answers with a disposition notification (RFC 8098, "deleted"
+    by an automatic action, RFC 5429): the recipient's own filter refused the message,
+    filtered, soft. The same notice saying "displayed" is a read receipt: no bounce."""
+    got = _read("lmtp/006.eml")
+    assert (got.action, got.reason, got.bounce_class) == ("failed", "filtered", "soft")
+    assert got.remote_mta == "mx.dest.test"
+    read = parse((SET / "lmtp/006.eml").read_bytes().replace(
+        b"automatic-action/MDN-sent-automatically; deleted",
+        b"manual-action/MDN-sent-manually; displayed"))
+    assert read.type == "mdn" and not read.is_bounce
+    assert [(r.address, r.action) for r in read.recipients] == [("c26-dovecot@dest.test",
+                                                                 "displayed")]
 
 
 def test_a_delay_notice_that_is_one_stays_a_delay() -> None:

@@ -142,6 +142,22 @@ def arf(original: bytes, *, return_path: str | None) -> bytes:
         f"\r\n--{b}--\r\n".encode()
 
 
+def mdn(original: bytes, rcpt: str, disposition: str, words: str) -> bytes:
+    """An RFC 8098 disposition notification as Dovecot's Sieve writes one, the returned
+    message's headers enclosed."""
+    b = "=_mdn"
+    headers = original.split(b"\r\n\r\n", 1)[0]
+    return (f"From: Postmaster <postmaster@example.org>\r\nTo: whoever@relay.test\r\n"
+            f"Subject: about your message\r\nMIME-Version: 1.0\r\nContent-Type: "
+            f"multipart/report; report-type=disposition-notification; boundary=\"{b}\"\r\n\r\n"
+            f"--{b}\r\nContent-Type: text/plain\r\n\r\n{words}\r\n"
+            f"--{b}\r\nContent-Type: message/disposition-notification\r\n\r\n"
+            f"Reporting-UA: mx.example.org; Dovecot Mail Delivery Agent\r\n"
+            f"Final-Recipient: rfc822; {rcpt}\r\nDisposition: {disposition}\r\n\r\n"
+            f"--{b}\r\nContent-Type: text/rfc822-headers\r\n\r\n").encode() + headers + \
+        f"\r\n\r\n--{b}--\r\n".encode()
+
+
 def events(detail: MessageDetail, kind: str) -> list[dict[str, Any]]:
     return [e.data for e in detail.events if e.type == kind]
 
@@ -238,6 +254,35 @@ async def test_delayed_is_an_event_and_changes_no_status(relay: Service, sink: S
     assert detail.recipients[0].status.value == "delivered"
     assert [e["status"] for e in events(detail, "email.delayed")] == ["4.4.7"]
     assert not events(detail, "email.bounced")
+
+
+async def test_a_read_receipt_is_no_bounce_and_a_sieve_reject_is(
+        relay: Service, sink: Sink) -> None:
+    """A disposition notification sent to the return path: "displayed" (a read receipt)
+    says the message reached the mailbox, and is recorded, no bounce; a Sieve `reject`
+    (automatic-action, "deleted", RFC 5429) is the recipient's own filter refusing it: a soft
+    bounce, reason filtered, no suppression. Both read as failed bounces before."""
+    message_id, got = await delivered_via_api(relay, sink)
+    code, text = await send_report(relay, got.mail_from, mdn(
+        got.data, "bob@example.org", "manual-action/MDN-sent-manually; displayed",
+        "Your message to bob@example.org was displayed on the recipient's computer."))
+    assert code == 250, text
+    detail = await relay.store.get_message(message_id)
+    assert detail is not None and detail.recipients[0].status.value == "delivered"
+    assert not events(detail, "email.bounced")
+    rows = await store_rows(relay, "SELECT type, outcome FROM inbound_reports")
+    assert rows == [("mdn", "recorded")]
+
+    code, text = await send_report(relay, got.mail_from, mdn(
+        got.data, "bob@example.org", "automatic-action/MDN-sent-automatically; deleted",
+        "Your message to <bob@example.org> was automatically rejected:\r\nNot wanted here."))
+    assert code == 250, text
+    detail = await relay.store.get_message(message_id)
+    assert detail is not None and detail.recipients[0].status.value == "bounced"
+    (bounced,) = events(detail, "email.bounced")
+    assert (bounced["class"], bounced["reason"]) == ("soft", "filtered")
+    assert "Not wanted here." in bounced["diagnostic"]
+    assert "bob@example.org" not in await suppressions(relay)
 
 
 async def test_a_forged_token_is_accepted_and_discarded(relay: Service, sink: Sink) -> None:

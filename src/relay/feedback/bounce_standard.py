@@ -1,5 +1,6 @@
 """Reports in a standard format: the recipients of RFC 3464 delivery-status fields, the
-complaint of an RFC 5965 (ARF) feedback report, and the original message a report encloses."""
+complaint of an RFC 5965 (ARF) feedback report, what an RFC 8098 disposition notification
+says became of a message, and the original message a report encloses."""
 
 from __future__ import annotations
 
@@ -224,6 +225,36 @@ def arf(parts: list[Message], original: Original, limit: int) -> Report:
         BouncedRecipient(address=rcpt, action="", status=None, reason="feedback",
                          bounce_class="soft", diagnostic=feedback_type, remote_mta=mta)
         for rcpt in dict.fromkeys(rcpts)))
+
+
+# RFC 8098's Disposition field: "action-mode/sending-mode; disposition-type"
+_DISPOSITION = re.compile(r"\s*([\w-]+)\s*/\s*[\w-]+\s*;\s*([\w-]+)")
+
+
+def mdn(parts: list[Message], original: Original) -> Report:
+    """A message disposition notification (RFC 8098): what became of a message in the
+    recipient's mailbox. A Sieve `reject` answers with one whose disposition is "deleted" by
+    an automatic action (RFC 5429 2.2): the recipient's own filter refused the message, a
+    failure (filtered, soft). RFC 2298's "denied" says the same. Every other one (displayed,
+    dispatched, processed, deleted by its reader) says the message reached the mailbox: a
+    report of type "mdn", no bounce."""
+    part = next(p for p in parts if p.get_content_type() == "message/disposition-notification")
+    blocks = _field_blocks(part, 1)
+    fields = blocks[0] if blocks and blocks[0].keys() else email.message_from_string(
+        (part_text(part) or str(part.get_payload())).strip() + "\n")
+    address = _mailbox(address_of(fields["Final-Recipient"])) or _mailbox(
+        address_of(fields["Original-Recipient"])) or _only_recipient(original)
+    m = _DISPOSITION.match(str(fields.get("Disposition", "")))
+    mode, kind = (m.group(1).lower(), m.group(2).lower()) if m else ("", "")
+    reporter = str(fields.get("Reporting-UA", "")).split(";")[0].strip() or None  # its host
+    words = " ".join(report_words(parts)[:20000].split())[:1000]
+    if (mode == "automatic-action" and kind == "deleted") or kind == "denied":
+        return Report(type="dsn", original=original, recipients=(BouncedRecipient(
+            address=address, action="failed", status=None, reason="filtered",
+            bounce_class="soft", diagnostic=words, remote_mta=reporter),))
+    return Report(type="mdn", original=original, recipients=(BouncedRecipient(
+        address=address, action=kind, status=None, reason="delivered", bounce_class="soft",
+        diagnostic=words, remote_mta=reporter),))
 
 
 _FEEDBACK_TYPE = re.compile(r"^Feedback-Type:", re.IGNORECASE | re.MULTILINE)

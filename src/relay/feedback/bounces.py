@@ -1,8 +1,8 @@
 """Read a bounce, complaint or auto-reply: who it is about, what happened, and why.
 
 Pure parsing, no I/O: RFC 3464 delivery-status reports, RFC 5965 (ARF) complaints,
-RFC 3834 auto-replies, and the older non-standard bounce formats, whose recipients
-flufl.bounce's detectors find; relay reads the status code and the remote's sentence
+RFC 8098 disposition notifications, RFC 3834 auto-replies, and the older non-standard
+bounce formats, whose recipients flufl.bounce's detectors find; relay reads the status code and the remote's sentence
 near each recipient itself.  `classify` turns a status, a reply code and the text into
 a reason and a hard/soft class: hard only when the address itself is bad for good.
 
@@ -31,7 +31,7 @@ from .bounce_heuristics import (
 from .bounce_reasons import REASONS, classify
 from .bounce_report import BouncedRecipient, Original, Report
 from .bounce_ses import ses_notification
-from .bounce_standard import arf, dsn_recipients, enclosed_original
+from .bounce_standard import arf, dsn_recipients, enclosed_original, mdn
 from .bounce_text import all_text, walk
 
 __all__ = ["REASONS", "BouncedRecipient", "Original", "Report", "classify", "parse"]
@@ -66,6 +66,8 @@ def _parse(msg: Message, max_recipients: int) -> Report:
         recipients = dsn_recipients(parts, max_recipients)
         if recipients:
             return Report(type="dsn", recipients=recipients, original=original)
+    if "message/disposition-notification" in types:
+        return mdn(parts, original)
     if jmrp := microsoft_jmrp(original):
         return jmrp
     if ses := ses_notification(msg, all_text(msg), original, max_recipients):

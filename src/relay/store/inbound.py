@@ -49,7 +49,7 @@ class InboundRecord:
     received_at: float
     envelope_to: str
     mail_from: str
-    type: str  # dsn | arf | unsubscribe | autoreply | unknown
+    type: str  # dsn | arf | mdn | unsubscribe | autoreply | unknown
     message_id: str | None
     recipient_id: int | None
     outcome: str  # bounced | delayed | complained | unsubscribed | recorded | unmatched
