@@ -2,9 +2,10 @@
 
 Pure parsing, no I/O: RFC 3464 delivery-status reports, RFC 5965 (ARF) complaints,
 RFC 8098 disposition notifications, RFC 3834 auto-replies, and the older non-standard
-bounce formats, whose recipients flufl.bounce's detectors find; relay reads the status code and the remote's sentence
-near each recipient itself.  `classify` turns a status, a reply code and the text into
-a reason and a hard/soft class: hard only when the address itself is bad for good.
+bounce formats, whose recipients flufl.bounce's detectors find; relay reads the status
+code and the remote's sentence near each recipient itself.  `classify` turns a status, a
+reply code and the text into a reason and a hard/soft class: hard only when the address
+itself is bad for good.
 
 This module decides which kind of message it is and hands it on: bounce_standard reads
 the standard reports, bounce_complaints the complaints that are not ARF (Outlook.com's JMRP,
