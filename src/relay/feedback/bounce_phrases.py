@@ -97,10 +97,12 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("badreputation", r"reputation|(ip|sender).{0,20}(has been )?temporarily (deferred|rate)"
                       r"|user complaints"),
     # the reporter's own try to connect that the remote's TCP refused ("connect to
-    # mx.example.org[192.0.2.7]:25: Connection refused", "[Errno 111] Connection refused"):
-    # nothing listening there, not a refusal of this client by a server that answered
+    # mx.example.org[192.0.2.7]:25: Connection refused", "[Errno 111] Connection refused",
+    # Go's "dial tcp 192.0.2.7:25: connect: connection refused"): nothing listening there,
+    # not a refusal of this client by a server that answered
     ("networkerror", r"\bconnect to \S{1,300}: connection (refused|reset|timed out)"
-                     r"|\berrno \d+\]? connection refused"),
+                     r"|\berrno \d+\]? connection refused"
+                     r"|\bconnect: connection (refused|reset|timed out)"),
     ("blocked", r"black ?list|block ?list|\bdnsbl|\brbl\b|spamhaus|spamcop|sorbs|barracuda"
                 r"|messages from \d{1,3}(\.\d{1,3}){3} (weren.?t|were not|are not|will not be)"
                 r" (sent|accepted)"
