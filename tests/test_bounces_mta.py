@@ -54,7 +54,7 @@ def score() -> tuple[Counter[str], list[tuple[Any, ...]]]:
 
 def test_real_mtas_bounces_read_for_their_cause() -> None:
     counts, misses = score()
-    assert counts["rows"] == 143
+    assert counts["rows"] == 160
     assert counts["recipient"] == counts["rows"], misses
     assert counts["false hard"] == 0, misses  # never a working address taken for a bad one
     # what the bounces allow: OpenSMTPD's one "550 Invalid recipient" for every refusal and
@@ -146,8 +146,9 @@ def test_a_connection_never_made_then_given_up_is_an_expiry(name: str, words: by
     """nullmailer ("Status: 5.0.0", "SMTP; Connect failed"), Courier ("Status: 5.0.0",
     "Network is down") and chasquid ("Status: 4.0.0", Go's "dial tcp 127.0.11.99:25: connect:
     connection refused", which read as a client refused: blocked) fail a message whose
-    destination refused connections until their queue lifetime ran out: no code of the remote's, an undefined status, trouble that passes with
-    waiting. The queue gave up: expired, soft. A network with no way there stays what it is,
+    destination refused connections until their queue lifetime ran out: no code of the
+    remote's, an undefined status, trouble that passes with waiting. The queue gave up:
+    expired, soft. A network with no way there stays what it is,
     and so does a remote's reply."""
     got = _read(name)
     assert (got.action, got.reason, got.bounce_class) == ("failed", "expired", "soft")
@@ -171,6 +172,31 @@ def test_a_sieve_reject_is_the_recipients_filter_and_a_read_receipt_no_bounce() 
     assert read.type == "mdn" and not read.is_bounce
     assert [(r.address, r.action) for r in read.recipients] == [("c26-dovecot@dest.test",
                                                                  "displayed")]
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    # Haraka's own words for an address nothing accepted at RCPT TO
+    ("haraka/001.eml", ("userunknown", "hard")),  # "550 I cannot deliver mail for <x>"
+    ("haraka/002.eml", ("norelaying", "soft")),  # "550 You are not allowed to relay"
+    ("haraka/005.eml", ("rejected", "soft")),  # "550 <x> That sender cannot send mail here"
+    # "550 No MX for your FROM address": the sender's domain, not the recipient's (notaccept,
+    # hard, before)
+    ("haraka/006.eml", ("rejected", "soft")),
+    # "554 NXDOMAIN [192.0.2.1] You are not allowed to connect": the client, whose address
+    # has no name (hostunknown, hard, before)
+    ("haraka/007.eml", ("blocked", "soft")),
+    ("haraka/012.eml", ("notaccept", "hard")),  # "Status: 5.1.10": was the prose's below
+    ("haraka/015.eml", ("blocked", "soft")),  # "550 HELO host name invalid"
+    # "Status: 5.1.2 (550 Tried all MXs c15.test)", "Too many failures": its MX hosts exist
+    # and refused connections until Haraka gave up (hostunknown, hard, before)
+    ("haraka/017.eml", ("expired", "soft")),
+])
+def test_harakas_bounces(name: str, expected: tuple[str, str]) -> None:
+    """Haraka 3.3.4 (A and B): its report's greeting, "This is the Haraka Mailer program",
+    is no local mailer's failure (mailererror, soft, for seven of them before), and its
+    refusals carry no enhanced status code, so their words decide."""
+    got = _read(name)
+    assert (got.reason, got.bounce_class) == expected
 
 
 def test_a_delay_notice_that_is_one_stays_a_delay() -> None:

@@ -15,13 +15,15 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("norelaying", r"relay(ing)? (access )?(denied|not (permitted|allowed))|unable to relay"
                    r"|not permitted to relay|no relaying|relay not permitted|not a gateway"
                    r"|relaying (mail )?to .{1,80} (is )?not allowed|not configured to relay"
-                   r"|insecure mail relay|we do not relay"
+                   r"|insecure mail relay|we do not relay|not allowed to relay"
                    # qmail's "sorry, that domain isn't in my list of allowed rcpthosts"
                    r"|allowed rcpthosts"
                    # MessageLabs' and others' "you are trying to use me [...] as a relay"
                    r"|use (me|us|this (server|host|system))\b.{0,60}\bas a relay"
                    r"|credentials for relay"),
-    ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed|mail(er)? program"),
+    # a local program that failed, not a report's "This is the Haraka Mailer program"
+    ("mailererror", r"procmail|pipe to \||x-unix|local delivery failed"
+                    r"|mail(er)? program (error|fail|exit|return|died|crash)"),
     # the reporter's own MX set-up (Postfix: "mail for example.org loops back to myself"),
     # not the network's: a routing loop it will not leave by trying again
     ("systemerror", r"loops back to myself|loop was found in the mail exchanger"
@@ -38,6 +40,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     # exist, they may be blacklisted, or missing the proper dns entries."
     ("hostunknown", r"the account or domain may not exist"),
     ("userunknown", r"(account|mailbox|address|recipient|user)( or domain)? (may|does) not exist"),
+    ("userunknown", r"\bI cannot deliver mail for\b"),  # Haraka's, at RCPT TO
     ("rejected", r"sender.{0,30}(was |is )?(rejected|denied|refused)|purported responsible address"
                  r"|\bfrom:? (domain |address )?(is )?(invalid|not valid)"
                  # the sender on a list of refused ones, not the client's IP address
@@ -51,6 +54,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                  r"|sender (address |domain )?(has|with) (an? )?null mx"
                  # a recipient (a group, a mailbox) that takes mail from known senders only
                  r"|sender (was |is )?not authenticated"
+                 # Haraka's "That sender cannot send mail here", "No MX for your FROM address"
+                 r"|sender (cannot|can.?t|may not|is not allowed to) send"
+                 r"|\byour (from|mail from|sender|envelope sender) (address|domain)\b"
                  r"|your (e-?mail )?(address|domain) (has been |is )(blocked|black ?listed)"),
     ("filtered", r"recipient preferences"),
     # a limit on the header's size is the header's (sendmail's "Headers too large (4000
@@ -109,6 +115,11 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                 r"|(ip|address|host|connection|client).{0,40}(blocked|banned|denied|refused)"
                 r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"
                 r"|client host rejected|invalid ip|not accepting connections"
+                r"|not allowed to connect"
+                # the name the client gave in HELO refused ("550 HELO host name invalid",
+                # "HELO/EHLO argument is invalid")
+                r"|\b(he|eh)lo\b.{0,30}\b(invalid|not valid|not allowed|rejected|refused|denied"
+                r"|forged|not (a )?fully qualified|not resolv)|(invalid|bad|forged|bogus) (he|eh)lo"
                 # sendmail's dnsbl: "Rejected: 192.0.2.7 listed at bl.example.net"
                 r"|\d{1,3}(\.\d{1,3}){3}\]? (is )?listed (at|in|on|by)\b"
                 r"|(smtp|mail) server of your isp|dynamic ip|dial-?up|residential ip"),
@@ -231,12 +242,13 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                 r" (after|for|within|in) [\d.]+ (hour|day)"),
     ("networkerror", r"connection (was |has been )?(refused|timed? ?out|reset|closed|lost"
                      r"|dropped)"
-                     r"|timed? ?out|network (error|failure|problem|is unreachable|is down)|unreachable"
+                     r"|timed? ?out|network (error|failure|problem|is unreachable|is down)"
+                     r"|unreachable"
                      r"|cannot connect|could not connect|\bconnect(ion)? failed"
                      r"|unable to connect|dns (error|failure|lookup)|routing loop|mail loop"
                      r"|socket error|requests to connect"
                      r"|too many hops|loop detected|(message|mail) looping"),
-    ("mailererror", r"mailer (error|program)|(pipe|command|program).{0,30}(fail|error|exit)"
+    ("mailererror", r"mailer error|(pipe|command|program).{0,30}(fail|error|exit)"
                     r"|x-unix|unix;"
                     r"|procmail|local delivery failed|exit (code|status)"),
     ("systemerror", r"config(uration)? error|server is misconfigured|queue file write error"

@@ -100,7 +100,9 @@ _NAMES_AN_ADDRESS = re.compile(r"<[^<>\s]+@[^<>\s]+>\.\.\. access denied\b", re.
 # failure in user lookup")
 _WORDS_SAY_WHY: dict[str, frozenset[str]] = {"3.2": frozenset({"toomanyconn", "speeding"}),
                                              "5.1": frozenset({"securityerror"}),
-                                             "1.6": frozenset({"userunknown"})}
+                                             "1.6": frozenset({"userunknown"}),
+                                             # "550 Tried all MXs": its MX hosts exist
+                                             "1.2": frozenset({"expired"})}
 # RFC 5321 reply codes, where one means one thing (550 and 553 carry anything, so they
 # say nothing about the address by themselves)
 _BY_REPLY = {421: "systemerror", 451: "systemerror", 452: "systemfull", 551: "hasmoved",
@@ -121,7 +123,7 @@ _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time
                       r" (exceeded|expired)|delivery time expired|could not be delivered"
                       r" (for|within) \d|failing for a long time|will be retried|envelope"
                       r" expired|message expired|still undeliver|delivery expired"
-                      r"|message too old"
+                      r"|message too old|too many failures|tried all mx"
                       r"|failed (after )?\d+ (delivery )?attempts", re.I)
 
 
@@ -134,8 +136,9 @@ _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time
 # doesn't have a yahoo.com account"): an account's own absence, said in full
 _ACCOUNT_ABSENT = (r"(does not|doesn.?t) have an? .{0,40}\baccount\b"
                    r"|\b(no such|non-?existent) (user )?account\b")
-_NO_SUCH_ACCOUNT = re.compile(_ACCOUNT_ABSENT + r"|\b(unknown|invalid) (user )?account\b",
-                              re.IGNORECASE)
+_NO_SUCH_ACCOUNT = re.compile(_ACCOUNT_ABSENT + r"|\b(unknown|invalid) (user )?account\b"
+                              # Haraka's answer to RCPT TO for an address nothing accepted
+                              r"|\bI cannot deliver mail for\b", re.IGNORECASE)
 # RFC 5321's own text for 550, which it glosses "mailbox not found, no access, or command
 # rejected for policy reasons": by itself no more the address's than a filter's, but with
 # X.5.0 it is Outlook.com's documented answer for a recipient it does not have
