@@ -127,7 +127,10 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     # a spam finding, whatever generic words ("security policies") the refusal wraps it in
     ("spamdetected", r"(?-i:Spam[A-Z][a-z])"),  # searched: any letters may come before
     # ("bulk email senders" are whom a provider's rules are for, not a verdict on this mail)
+    # GTUBE, the Generic Test for Unsolicited Bulk Email every spam filter knows (rspamd's
+    # "554 5.7.1 Gtube pattern")
     ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|bulk (e-?)?mail(?! senders?)"
+                     r"|\bgtube\b"
                      r"|mass mail"
                      r"|content.{0,20}rejected"
                      r"|message (has been |was )?(classified|identified|considered|marked) as"),
