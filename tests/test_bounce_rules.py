@@ -224,7 +224,21 @@ def test_the_more_precise_of_the_status_field_and_the_remotes_code_is_read() -> 
         "mailboxfull", "soft")),
     # a mailbox there but inactive: suspended, not unknown, even under X.1.1
     ("5.1.1", 550, "550 5.1.1 <ann@example.org>: inactive email address", (
-        "suspend", "soft")),
+        "suspend", "soft")),    # words of Sisimai's own phrase lists that relay had no reading for (or another)
+    (None, 552, "552 Requested mail action aborted: exceeded storage allocation",
+     ("mailboxfull", "soft")),
+    (None, 550, "550 The user's space has been used up.", ("mailboxfull", "soft")),
+    (None, 550, "550 Boite du destinataire pleine", ("mailboxfull", "soft")),
+    (None, 554, "554 This message contain invalid MIME headers.", ("contenterror", "soft")),
+    (None, 554, "554 Maximum forwarding loop count exceeded", ("networkerror", "soft")),
+    (None, 550, "550 Posting by non-member to a members-only list", ("policyviolation", "soft")),
+    (None, 550, "550 Message bounced due to organizational settings", (
+        "policyviolation", "soft")),
+    (None, 553, "553 sorry, that domain isn't in my list of allowed rcpthost", (
+        "norelaying", "soft")),
+    (None, 550, "550 Sender is in my black list", ("rejected", "soft")),
+    (None, 550, "550 Null sender is not allowed", ("rejected", "soft")),
+    (None, 550, "550 Banned sending IP [192.0.2.9]", ("blocked", "soft")),
 ])
 def test_the_remotes_words(status: str | None, code: int | None, text: str,
                            expected: tuple[str, str]) -> None:

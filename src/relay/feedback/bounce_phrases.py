@@ -17,7 +17,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                    r"|relaying (mail )?to .{1,80} (is )?not allowed|not configured to relay"
                    r"|insecure mail relay|we do not relay|not allowed to relay"
                    # qmail's "sorry, that domain isn't in my list of allowed rcpthosts"
-                   r"|allowed rcpthosts"
+                   r"|allowed rcpthosts?"
                    # MessageLabs' and others' "you are trying to use me [...] as a relay"
                    r"|use (me|us|this (server|host|system))\b.{0,60}\bas a relay"
                    r"|credentials for relay"),
@@ -56,6 +56,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                  r"|sender (was |is )?not authenticated"
                  # Haraka's "That sender cannot send mail here", "No MX for your FROM address"
                  r"|sender (cannot|can.?t|may not|is not allowed to) send"
+                 r"|sender (is )?(in|on) (my|the|our) black ?list|null sender is not allowed"
                  r"|\byour (from|mail from|sender|envelope sender) (address|domain)\b"
                  r"|your (e-?mail )?(address|domain) (has been |is )(blocked|black ?listed)"),
     ("filtered", r"recipient preferences"),
@@ -63,7 +64,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     # max)", Courier's "Message header size exceeds policy limit"), not the message's size
     ("contenterror", r"\bheaders? (size )?(too (large|long|big)|exceeds?)"),
     # a kind of attachment the receiver refuses, not a malformed one
-    ("policyviolation", r"content presents a potential|illegal attachment"),
+    ("policyviolation", r"content presents a potential|illegal attachment"
+                        # a list or group that takes mail from its members only
+                        r"|members-only list|closed (mailing )?list|organizational settings"),
     # too many recipients in a span of time is a sending rate, not one message's count
     ("speeding", r"too many (messages|mails|recipients) (this|per|an?|in the last) "
                  r"(\d+ )?(second|minute|hour|day)"),
@@ -115,7 +118,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                 r"|(ip|address|host|connection|client).{0,40}(blocked|banned|denied|refused)"
                 r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"
                 r"|client host rejected|invalid ip|not accepting connections"
-                r"|not allowed to connect"
+                r"|not allowed to connect|banned (sending )?ip"
                 # the name the client gave in HELO refused ("550 HELO host name invalid",
                 # "HELO/EHLO argument is invalid")
                 r"|\b(he|eh)lo\b.{0,30}\b(invalid|not valid|not allowed|rejected|refused|denied"
@@ -140,6 +143,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("speeding", r"rate limit|too many (messages|mails)|sending too (fast|much)|too quickly"
                  r"|excessive (volume|rate)"
                  r"|try again later.{0,20}(too|rate)|exceeded .{0,20}rate|at a rate"),
+    # RFC 821's own 552 text, "Requested mail action aborted: exceeded storage allocation"
+    ("mailboxfull", r"exceeded storage allocation|space has been used up"),
     ("mailboxfull", r"(mailbox|mail box|inbox|mail ?folder|account|user|storage)"
                     r".{0,40}(full|quota|exceed|over)|quota|insufficient storage"
                     r"|not enough (storage|space)|full mailbox|mailbox size limit"),
@@ -210,7 +215,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"(existiert nicht"
                     r"|n.existe (pas|plus)|no existe|n.o existe|non esiste|bestaat niet"
                     r"|nie istnieje|не (найден\w{0,6}|существует))"),
-    ("mailboxfull", r"\b(postfach|mailbox|bo.te (aux lettres|mail|de r.ception)|buz.n"
+    ("mailboxfull", r"\b(postfach|mailbox|bo.te (aux lettres|mail|de r.ception|du destinataire)"
+                    r"|buz.n"
                     r"|caixa (postal|de (correio|entrada))|casella( (di posta|postale))?"
                     r"|postvak|skrzynka|ящик)\b.{0,30}(voll|pleine|llen[oa]|cheia|lotada"
                     r"|pien[ao]|\bvol\b|pe.na|przepe.niona|переполнен)"
@@ -226,6 +232,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("policyviolation", r"policy|prohibited|not allowed|violat|administrat(ive|or)"
                         r"|forbidden"),
     ("contenterror", r"content|header.{0,20}(invalid|error)|(mime|encoding|charset) error"
+                     r"|invalid mime|unnecessary base64"
                      r"|header syntax"
                      r"|8-?bit|attachment"
                      # a header field the message lacks ("Messages without To: fields are not
@@ -250,7 +257,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                      r"|cannot connect|could not connect|\bconnect(ion)? failed"
                      r"|unable to connect|dns (error|failure|lookup)|routing loop|mail loop"
                      r"|socket error|requests to connect"
-                     r"|too many hops|loop detected|(message|mail) looping"),
+                     r"|too many hops|loop detected|(message|mail) looping|forwarding loop"),
     ("mailererror", r"mailer error|(pipe|command|program).{0,30}(fail|error|exit)"
                     r"|x-unix|unix;"
                     r"|procmail|local delivery failed|exit (code|status)"),
