@@ -224,7 +224,8 @@ def test_the_more_precise_of_the_status_field_and_the_remotes_code_is_read() -> 
         "mailboxfull", "soft")),
     # a mailbox there but inactive: suspended, not unknown, even under X.1.1
     ("5.1.1", 550, "550 5.1.1 <ann@example.org>: inactive email address", (
-        "suspend", "soft")),    # words of Sisimai's own phrase lists that relay had no reading for (or another)
+        "suspend", "soft")),
+    # words of Sisimai's own phrase lists that relay had no reading for (or another)
     (None, 552, "552 Requested mail action aborted: exceeded storage allocation",
      ("mailboxfull", "soft")),
     (None, 550, "550 The user's space has been used up.", ("mailboxfull", "soft")),
