@@ -1,8 +1,8 @@
 """The parser on real MTAs' bounces whose cause we know because we made it happen
 (tests/mta_dsns: Postfix, Exim, OpenSMTPD, Courier, sendmail, nullmailer, dma, chasquid,
 Haraka, Dovecot's and Cyrus's LMTP, and filters in front of Postfix, each refusing or failing
-on purpose; see its README): the recipient, its hard/soft class and its reason, against the cause, not against
-another parser's reading. `python tests/test_bounces_mta.py` prints the shares and misses."""
+on purpose; see its README): the recipient, its hard/soft class and its reason, against the
+cause, not against another parser's reading. `python tests/test_bounces_mta.py` prints the shares and misses."""
 
 from __future__ import annotations
 

@@ -79,8 +79,9 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
         elif action == "failed" and status in (None, "", "5.0.0") and reason == "networkerror" and (
                 reply is None or 400 <= reply < 500) and _passes(diagnostic):
             # failed for good on trouble that passes (no answer, a 4xx reply) and no code of
-            # its own: the peer gave up retrying, its queue lifetime ran out (a name service
-            # failure is the reporter's own trouble, and stays one)
+            # its own, or X.0.0, which says no more (nullmailer's "5.0.0 Connect failed"): the
+            # peer gave up retrying, its queue lifetime ran out (a name service failure is the
+            # reporter's own trouble, and stays one)
             reason = "expired"
     return BouncedRecipient(address=address, action=action, status=status, reason=reason,
                             bounce_class=cls, diagnostic=diagnostic, remote_mta=remote,
