@@ -231,7 +231,6 @@ def test_the_more_precise_of_the_status_field_and_the_remotes_code_is_read() -> 
     (None, 550, "550 The user's space has been used up.", ("mailboxfull", "soft")),
     (None, 550, "550 Boite du destinataire pleine", ("mailboxfull", "soft")),
     (None, 554, "554 This message contain invalid MIME headers.", ("contenterror", "soft")),
-    (None, 554, "554 Maximum forwarding loop count exceeded", ("networkerror", "soft")),
     (None, 550, "550 Posting by non-member to a members-only list", ("policyviolation", "soft")),
     (None, 550, "550 Message bounced due to organizational settings", (
         "policyviolation", "soft")),
@@ -240,10 +239,29 @@ def test_the_more_precise_of_the_status_field_and_the_remotes_code_is_read() -> 
     (None, 550, "550 Sender is in my black list", ("rejected", "soft")),
     (None, 550, "550 Null sender is not allowed", ("rejected", "soft")),
     (None, 550, "550 Banned sending IP [192.0.2.9]", ("blocked", "soft")),
+    (None, 554, "554 Your remotehost looks suspiciously like spammer", ("blocked", "soft")),
+    (None, 550, "550 Sender is spammer", ("rejected", "soft")),
+    (None, 552, "552 Message header size, or recipient list, exceeds policy limit", (
+        "contenterror", "soft")),
+    (None, 550, "550 Unable to deliver message after multiple retries", ("expired", "soft")),
+    # a loop the reporter broke is its own set-up's trouble, a forwarding loop the network's
+    (None, None, "aliasing/forwarding loop broken", ("systemerror", "soft")),
+    (None, 554, "554 Maximum forwarding loop count exceeded", ("networkerror", "soft")),
 ])
 def test_the_remotes_words(status: str | None, code: int | None, text: str,
                            expected: tuple[str, str]) -> None:
     assert bounces.classify(status, code, text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "RESOLVER.ADR.RecipientNotFound; not found",  # Exchange's, under X.5.0 or none
+    "Invalid-Recipient",
+    "No user by that name is currently available",
+])
+def test_words_of_a_mailbox_not_there(text: str) -> None:
+    """Words that name the mailbox not there; believed as the address's at RCPT TO (a reply
+    quoted with no command may be a filter's: test_a_remote_reply_quoted_...)."""
+    assert bounces.classify(None, 550, text, stage="RCPT") == ("userunknown", "hard")
 
 
 @pytest.mark.parametrize(("status", "code", "text"), [

@@ -57,14 +57,17 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                  # Haraka's "That sender cannot send mail here", "No MX for your FROM address"
                  r"|sender (cannot|can.?t|may not|is not allowed to) send"
                  r"|sender (is )?(in|on) (my|the|our) black ?list|null sender is not allowed"
+                 r"|sender is (a )?spammer"
                  r"|\byour (from|mail from|sender|envelope sender) (address|domain)\b"
                  r"|your (e-?mail )?(address|domain) (has been |is )(blocked|black ?listed)"),
     ("filtered", r"recipient preferences"),
     # a limit on the header's size is the header's (sendmail's "Headers too large (4000
     # max)", Courier's "Message header size exceeds policy limit"), not the message's size
-    ("contenterror", r"\bheaders? (size )?(too (large|long|big)|exceeds?)"),
+    ("contenterror", r"\bheaders? (size )?(too (large|long|big)|exceeds?)"
+                     r"|\bheader size\b.{0,30}\bexceeds?"),
     # a kind of attachment the receiver refuses, not a malformed one
     ("policyviolation", r"content presents a potential|illegal attachment"
+                        r"|do not accept messages containing"
                         # a list or group that takes mail from its members only
                         r"|members-only list|closed (mailing )?list|organizational settings"),
     # too many recipients in a span of time is a sending rate, not one message's count
@@ -118,7 +121,10 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                 r"|(ip|address|host|connection|client).{0,40}(blocked|banned|denied|refused)"
                 r"|blocked.{0,20}(ip|address|host)|access denied|poor reputation"
                 r"|client host rejected|invalid ip|not accepting connections"
-                r"|not allowed to connect|banned (sending )?ip"
+                r"|not allowed to connect|banned (sending )?ip|forbidden by your ip"
+                # the client's sending of spam, not a verdict on this message
+                r"|(currently )?sending spam|looks (suspiciously )?like (a )?spammer"
+                r"|have been sent from (the following |this |your )?ip"
                 # the name the client gave in HELO refused ("550 HELO host name invalid",
                 # "HELO/EHLO argument is invalid")
                 r"|\b(he|eh)lo\b.{0,30}\b(invalid|not valid|not allowed|rejected|refused|denied"
@@ -187,7 +193,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|no such (user|recipient|mailbox|address|account|person)"
                     r"|is not a known (user|recipient|address)|no mail ?box (found|available)"
                     r"|unknown (user|recipient|local|mailbox|address|alias|addressee)"
-                    r"|invalid (recipient|mailbox|address|user)|mailbox not found"
+                    r"|invalid[ -](recipient|mailbox|address|user)|mailbox not found"
                     r"|(user|recipient) doesn.?t|not our customer|no mailbox here"
                     r"|unrouteable|not a valid (user|mailbox|recipient)"
                     r"|invalid .{0,20}userid|illegal user|permanent failure in user lookup"
@@ -195,7 +201,9 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                     r"|undeliverable address|user not found|no account by that name"
                     r"|not present in (the )?directory|not an active (address|user|mailbox)"
                     r"|mail ?box not present|recipient (is )?not (local|ok)|no one at this address"
-                    r"|no mail ?box by that name|unknown virtual user|missing home directory"
+                    r"|no (mail ?box|user) by that name|unknown virtual user|missing home directory"
+                    # Exchange's "RESOLVER.ADR.RecipientNotFound" / "RecipNotFound"
+                    r"|resolver\.adr\.recip(ient)? ?not ?found"
                     r"|can.?t accept user|address is wrong or no longer valid"
                     r"|utilisateur inconnu|no existe (dicha persona|ese usuario)|nessun utente"),
     # the same in the languages servers answer in besides English (German, French, Spanish,
@@ -246,6 +254,7 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     ("expired", r"(retry|delivery|queue|time|lifetime).{0,40}(expired|exceeded|timeout|time out)"
                 r"|(could )?not (be |been )?delivered (for|within|in) .{0,20}(days|hours)|too long"
                 r"|gave up|giving up|has been delayed|not (yet )?been delivered"
+                r"|after multiple retries|within the allowed queue period"
                 r"|delivery (attempts|time).{0,20}(failed|exhausted)|expired"
                 # "was aborted after 5.0 hour(s)", "has not been collected after 30 days"
                 r"|(aborted|abandoned|not been (collected|delivered|retrieved|picked up))"
@@ -257,7 +266,8 @@ _PHRASES: tuple[tuple[str, str], ...] = (
                      r"|cannot connect|could not connect|\bconnect(ion)? failed"
                      r"|unable to connect|dns (error|failure|lookup)|routing loop|mail loop"
                      r"|socket error|requests to connect"
-                     r"|too many hops|loop detected|(message|mail) looping|forwarding loop"),
+                     r"|too many hops|loop detected|(message|mail) looping"
+                     r"|forwarding loop(?! broken)"),
     ("mailererror", r"mailer error|(pipe|command|program).{0,30}(fail|error|exit)"
                     r"|x-unix|unix;"
                     r"|procmail|local delivery failed|exit (code|status)"),

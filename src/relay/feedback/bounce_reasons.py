@@ -124,6 +124,7 @@ _GAVE_UP = re.compile(r"in the queue too long|not going to try again|retry (time
                       r" (for|within) \d|failing for a long time|will be retried|envelope"
                       r" expired|message expired|still undeliver|delivery expired"
                       r"|message too old|too many failures|tried all mx"
+                      r"|after multiple retries|within the allowed queue period"
                       r"|failed (after )?\d+ (delivery )?attempts", re.I)
 
 
