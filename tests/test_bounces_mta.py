@@ -200,6 +200,15 @@ def test_a_sieve_reject_is_the_recipients_filter_and_a_read_receipt_no_bounce() 
     assert read.type == "mdn" and not read.is_bounce
     assert [(r.address, r.action) for r in read.recipients] == [("c26-dovecot@dest.test",
                                                                  "displayed")]
+    # deleted by its reader, dispatched or processed: it reached the mailbox; RFC 2298's
+    # "denied" is a refusal, as an automatic "deleted" is
+    for disposition, failed in (("manual-action/MDN-sent-manually; deleted", False),
+                                ("automatic-action/MDN-sent-automatically; dispatched", False),
+                                ("automatic-action/MDN-sent-automatically; processed", False),
+                                ("manual-action/MDN-sent-manually; denied", True)):
+        other = parse((SET / "lmtp/006.eml").read_bytes().replace(
+            b"automatic-action/MDN-sent-automatically; deleted", disposition.encode()))
+        assert other.is_bounce is failed, disposition
 
 
 @pytest.mark.parametrize(("name", "expected"), [
