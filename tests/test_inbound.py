@@ -263,22 +263,27 @@ async def test_a_read_receipt_is_no_bounce_and_a_sieve_reject_is(
     (automatic-action, "deleted", RFC 5429) is the recipient's own filter refusing it: a soft
     bounce, reason filtered, no suppression. Both read as failed bounces before."""
     message_id, got = await delivered_via_api(relay, sink)
-    code, text = await send_report(relay, got.mail_from, mdn(
-        got.data, "bob@example.org", "manual-action/MDN-sent-manually; displayed",
-        "Your message to bob@example.org was displayed on the recipient's computer."))
-    assert code == 250, text
-    detail = await relay.store.get_message(message_id)
-    assert detail is not None and detail.recipients[0].status.value == "delivered"
+
+    async def notified(disposition: str, words: str) -> MessageDetail:
+        code, text = await send_report(relay, got.mail_from,
+                                       mdn(got.data, "bob@example.org", disposition, words))
+        assert code == 250, text
+        detail = await relay.store.get_message(message_id)
+        assert detail is not None
+        return detail
+
+    detail = await notified("manual-action/MDN-sent-manually; displayed",
+                            "Your message to bob@example.org was displayed on the recipient's "
+                            "computer.")
+    assert detail.recipients[0].status.value == "delivered"
     assert not events(detail, "email.bounced")
     rows = await store_rows(relay, "SELECT type, outcome FROM inbound_reports")
     assert rows == [("mdn", "recorded")]
 
-    code, text = await send_report(relay, got.mail_from, mdn(
-        got.data, "bob@example.org", "automatic-action/MDN-sent-automatically; deleted",
-        "Your message to <bob@example.org> was automatically rejected:\r\nNot wanted here."))
-    assert code == 250, text
-    detail = await relay.store.get_message(message_id)
-    assert detail is not None and detail.recipients[0].status.value == "bounced"
+    detail = await notified("automatic-action/MDN-sent-automatically; deleted",
+                            "Your message to <bob@example.org> was automatically rejected:"
+                            "\r\nNot wanted here.")
+    assert detail.recipients[0].status.value == "bounced"
     (bounced,) = events(detail, "email.bounced")
     assert (bounced["class"], bounced["reason"]) == ("soft", "filtered")
     assert "Not wanted here." in bounced["diagnostic"]
