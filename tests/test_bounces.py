@@ -97,6 +97,19 @@ def test_a_dsn_only_delayed_is_not_a_bounce() -> None:
     assert {r.bounce_class for r in report.recipients} == {"soft"}
 
 
+@pytest.mark.parametrize(("field", "action"), [
+    (b"Action: failure", "failed"), (b"Action: error", "failed"), (b"Action: Failed;", "failed"),
+    (b"Action: failed (bad destination mailbox address)", "failed"),
+    (b"Action: delay", "delayed"), (b"Action: warning", "delayed")])
+def test_an_action_a_reporter_words_its_own_way_is_read_as_rfc_3464s(field: bytes,
+                                                                     action: str) -> None:
+    # PMDF and others write "Action: failure" / "Action: error" for a failed recipient
+    report = parse(DSN.replace(b"Action: failed", field, 1))
+    gone = report.recipients[0]
+    assert (gone.action, gone.reason) == (action, "userunknown")
+    assert gone.bounce_class == ("hard" if action == "failed" else "soft")
+
+
 ARF = b"""\
 From: feedback@isp.test
 To: fbl@sender.test

@@ -63,8 +63,7 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
             address = _mailbox(address_of(block["Original-Recipient"])) or \
                 _only_failed(parts[0]) or _only_recipient(enclosed_original(parts)) \
                 or address
-        action = str(block.get("Action", "failed")).strip().lower().split()[0] \
-            if block.get("Action") else "failed"
+        action = _action(block.get("Action"))
         field = _diagnostic_field(block)
         diagnostic = after_type(field)
         if _X_UNIX.match(str(field)) and (
@@ -97,6 +96,22 @@ def dsn_recipients(parts: list[Message], limit: int) -> tuple[BouncedRecipient, 
                                context=f"{near} {diagnostic}", transcript=human,
                                remote_reply=remote_reply, own_host=own))
     return tuple(found)
+
+
+# RFC 3464's action values, and the words reporters write in their place: "Action: failure"
+# and "Action: error" (a failure, which Sisimai reads so too), "delay" and "warning"
+_ACTIONS = {"failure": "failed", "fail": "failed", "error": "failed", "delay": "delayed",
+            "warning": "delayed"}
+
+
+def _action(field: object) -> str:
+    """A recipient's Action field, one of RFC 3464's values where the word means one; no
+    field at all is a failure (what a report without one is sent for)."""
+    words = str(field or "").lower().split()  # "failed (bad destination mailbox address)"
+    if not words:
+        return "failed"
+    word = words[0].strip(";:,.")
+    return _ACTIONS.get(word, word)
 
 
 def _reporters(parts: list[Message], limit: int) -> tuple[str, ...]:
