@@ -149,6 +149,10 @@ def test_any_addressing_code_names_the_address_at_any_stage(status: str) -> None
     # Coremail (163.com)
     ("SMTP error, RCPT TO: Host example.org(192.0.2.1) RCPT TO said 550 User unknown", "RCPT"),
     ("Host example.org(192.0.2.1) MAIL FROM said 550 User unknown", "MAIL"),
+    # IMail (SMTP32)
+    (("Unknown user: ann@example.org RCPT TO generated following response: 553 5.3.0 "
+      "<ann@example.org>... Addressee unknown"), "RCPT"),
+    ("DATA generated following response: 554 Message refused", "DATA"),
 ])
 def test_the_stage_in_other_reporters_words(words: str, stage: str) -> None:
     assert smtp_stage(words, "ann@example.org", "550 User unknown") == stage

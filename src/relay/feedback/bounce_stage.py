@@ -40,8 +40,9 @@ STAGE_SAID = re.compile(
     # qmail-remote when every MX refused: "most progress was RCPT TO response", "192.0.2.1
     # said 550 for RCPT TO response"
     r"|most progress was (rcpt|mail|data)\b|said \d{3} for (rcpt|mail|data)\b"
-    # Coremail (163.com, 126.com): "Host mx.example.org(192.0.2.1) RCPT TO said 550 ..."
-    r"|\b(rcpt|mail|data)(?: to| from)? said \d{3}\b", re.I)
+    # Coremail (163.com, 126.com): "Host mx.example.org(192.0.2.1) RCPT TO said 550 ...";
+    # IMail: "RCPT TO generated following response: 553 ..."
+    r"|\b(rcpt|mail|data)(?: to| from)? (?:said \d{3}|generated following response)\b", re.I)
 _NAMES = {"end of data": "DATA", "data": "DATA", "bdat": "DATA", "message body": "DATA",
           "message data": "DATA", "message content": "DATA", "rcpt": "RCPT",
           "mail from": "MAIL", "mail": "MAIL",
