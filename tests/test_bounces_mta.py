@@ -209,6 +209,11 @@ def test_a_sieve_reject_is_the_recipients_filter_and_a_read_receipt_no_bounce() 
         other = parse((SET / "lmtp/006.eml").read_bytes().replace(
             b"automatic-action/MDN-sent-automatically; deleted", disposition.encode()))
         assert other.is_bounce is failed, disposition
+    # Dovecot's delivery agent refuses a message over the mailbox's quota with the same
+    # notice: the words say why
+    full = parse((SET / "lmtp/006.eml").read_bytes().replace(
+        b"Not wanted here.", b"Quota exceeded (mailbox for user is full)"))
+    assert [(r.reason, r.bounce_class) for r in full.recipients] == [("mailboxfull", "soft")]
 
 
 @pytest.mark.parametrize(("name", "expected"), [

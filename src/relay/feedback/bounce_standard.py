@@ -244,13 +244,16 @@ def arf(parts: list[Message], original: Original, limit: int) -> Report:
 
 # RFC 8098's Disposition field: "action-mode/sending-mode; disposition-type"
 _DISPOSITION = re.compile(r"\s*([\w-]+)\s*/\s*[\w-]+\s*;\s*([\w-]+)")
+_AUTO_REJECTED = re.compile(r"automatically rejected:", re.IGNORECASE)
+_MAILBOX_COULD_NOT = frozenset({"mailboxfull", "mesgtoobig", "exceedlimit"})
 
 
 def mdn(parts: list[Message], original: Original) -> Report:
     """A message disposition notification (RFC 8098): what became of a message in the
     recipient's mailbox. A Sieve `reject` answers with one whose disposition is "deleted" by
     an automatic action (RFC 5429 2.2): the recipient's own filter refused the message, a
-    failure (filtered, soft). RFC 2298's "denied" says the same. Every other one (displayed,
+    failure (filtered, soft; mailboxfull when the words say the quota, as Dovecot's delivery
+    agent does). RFC 2298's "denied" says the same. Every other one (displayed,
     dispatched, processed, deleted by its reader) says the message reached the mailbox: a
     report of type "mdn", no bounce."""
     part = next(p for p in parts if p.get_content_type() == "message/disposition-notification")
@@ -264,8 +267,12 @@ def mdn(parts: list[Message], original: Original) -> Report:
     reporter = str(fields.get("Reporting-UA", "")).split(";")[0].strip() or None  # its host
     words = " ".join(report_words(parts)[:20000].split())[:1000]
     if (mode == "automatic-action" and kind == "deleted") or kind == "denied":
+        # why, when the words say the mailbox could not take it (Dovecot's "... was
+        # automatically rejected: Quota exceeded"); whatever else a script says, its filter
+        said = phrase_reason(_AUTO_REJECTED.split(words, 1)[-1])
         return Report(type="dsn", original=original, recipients=(BouncedRecipient(
-            address=address, action="failed", status=None, reason="filtered",
+            address=address, action="failed", status=None,
+            reason=said if said in _MAILBOX_COULD_NOT else "filtered",
             bounce_class="soft", diagnostic=words, remote_mta=reporter),))
     return Report(type="mdn", original=original, recipients=(BouncedRecipient(
         address=address, action=kind, status=None, reason="delivered", bounce_class="soft",
