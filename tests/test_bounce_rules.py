@@ -492,6 +492,11 @@ def test_a_recipients_account_blocked_is_the_account_not_the_sending_host() -> N
     assert bounces.classify("5.5.0", 550, "550 5.5.0 The recipient account is blocked") == (
         "suspend", "soft")
     assert bounces.classify("5.7.1", 554, "554 Client host 192.0.2.9 blocked")[0] == "blocked"
+    # whole words only: Exim's "The following address(es) failed: an undisclosed address"
+    # names no closed account
+    said = "The following address(es) failed: an undisclosed address (generated from x)"
+    assert bounces.classify("5.0.0", None, said)[0] != "suspend"
+    assert bounces.classify("5.0.0", None, "550 mailbox closed")[0] == "suspend"
 
 
 def test_a_count_of_failed_attempts_is_the_queue_giving_up() -> None:

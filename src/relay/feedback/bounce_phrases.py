@@ -162,8 +162,10 @@ _PHRASES: tuple[tuple[str, str], ...] = (
     # (a "misconfigured forwarding address" is the system's trouble, not a mailbox that moved)
     ("hasmoved", r"has moved|moved to|no longer (valid|available) at"
                  r"|(?<!misconfigured )forwarding address"),
-    ("suspend", r"(account|mailbox|user|address).{0,40}(disabled|suspended|inactive|deactivated"
-                r"|expired|locked|frozen|not active|blocked|closed|terminated)|suspended"
+    # whole words: "address(es) failed: an undisclosed address" closed nothing
+    ("suspend", r"(account|mailbox|user|address).{0,40}\b(disabled|suspended|inactive"
+                r"|deactivated|expired|locked|frozen|not active|blocked|closed|terminated)\b"
+                r"|suspended"
                 r"|inactive user|archived recipient|temporar(il)?y locked"),
     ("notaccept", r"no smtp service|(does not|doesn.?t) (accept|receive) (e-?)?mail|null mx"
                   r"|accepts no mail|(couldn.?t|could not|unable to) find (a |any )?mail exchanger"
