@@ -421,6 +421,27 @@ def _plain_bounce(body: str, headers: str = "") -> bytes:
             + headers.encode() + b"\n" + body.encode())
 
 
+def test_a_failure_report_that_names_nobody_is_a_failure_of_the_unnamed_recipient() -> None:
+    """No address, no returned message (a report cut short, or one that keeps its recipient
+    to itself): one failed recipient without an address, whom the return path's token names;
+    its words still say why, never for good (the failed address may be a forward's). A delay
+    or success notice in the same shape is none."""
+    report = parse(_plain_bounce("Your message could not be delivered.\n"
+                                 "Reason: 552 Mailbox full\n"))
+    assert report.is_bounce
+    assert [(r.address, r.action, r.reason, r.bounce_class) for r in report.recipients] == [
+        ("", "failed", "mailboxfull", "soft")]
+    unknown = parse(_plain_bounce("Reason: 550 5.1.1 User unknown\n"))
+    assert [(r.reason, r.bounce_class) for r in unknown.recipients] == [("userunknown", "soft")]
+    cut = parse(_plain_bounce("<<< No Message Collected >>>\n"))
+    assert [(r.address, r.action, r.bounce_class) for r in cut.recipients] == [
+        ("", "failed", "soft")]
+    for notice in ("Your message has been delayed. No action is required.\n",
+                   "THIS IS A WARNING MESSAGE ONLY.\nYour message could not be delivered "
+                   "for 4 hours.\n", "Your message was successfully delivered.\n"):
+        assert not parse(_plain_bounce(notice)).is_bounce, notice
+
+
 def test_a_transcript_says_the_refusal_came_after_data() -> None:
     raw = _plain_bounce("""\
    ----- The following addresses had permanent fatal errors -----

@@ -248,6 +248,23 @@ async def test_a_late_bounce_is_stored_as_the_report_said_it(relay: Service, sin
     assert (bounced["class"], bounced["reason"], bounced["status"]) == ("soft", "expired", "4.4.7")
 
 
+async def test_a_failure_report_that_names_nobody_bounces_the_recipient_its_token_names(
+        relay: Service, sink: Sink) -> None:
+    """A report cut short names no address and returns no message: the return path's token
+    says whose it is, a soft bounce (never a suppression: the address is not named)."""
+    message_id, got = await delivered_via_api(relay, sink)
+    report = (b"From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.org>\n"
+              b"Subject: Returned mail: see transcript for details\n"
+              b"Auto-Submitted: auto-generated (failure)\n\n<<< No Message Collected >>>\n")
+    code, text = await send_report(relay, got.mail_from, report)
+    assert code == 250, text
+    detail = await relay.store.get_message(message_id)
+    assert detail is not None and detail.recipients[0].status.value == "bounced"
+    (bounced,) = events(detail, "email.bounced")
+    assert (bounced["email"], bounced["class"]) == ("bob@example.org", "soft")
+    assert "bob@example.org" not in await suppressions(relay)
+
+
 async def test_delayed_is_an_event_and_changes_no_status(relay: Service, sink: Sink) -> None:
     detail = await reported(relay, sink, action="delayed", status="4.4.7",
                             diagnostic="smtp; 451 4.4.7 still trying")

@@ -4,6 +4,7 @@ text, the quoted delivery-status fields, or the returned message's one recipient
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import logging
 import re
@@ -176,15 +177,32 @@ def _only_after(words: re.Pattern[str], address: str, text: str) -> bool:
     return True
 
 
-def enclosed_recipient(msg: Message, original: Original) -> tuple[BouncedRecipient, ...]:
-    """A bounce that names nobody: the one recipient of the message it returns, if one."""
+# a notice that a message is only delayed, or was delivered: no failure
+_NOT_A_FAILURE = re.compile(
+    r"\bdelay|\bwarning\b|still (being )?retr|will (be )?retried|will (keep|continue) (on )?"
+    r"trying|no action is required|do not need to resend|\bsuccess|(has been|was) "
+    r"(successfully )?(delivered|relayed)\b", re.I)
+
+
+def unnamed_recipient(msg: Message, original: Original) -> tuple[BouncedRecipient, ...]:
+    """A failure report that names nobody: the one recipient of the message it returns, else
+    one without an address (a report cut short, or one that keeps the address to itself),
+    whom the token of the return path it came to names (VERP); its words still say why, but
+    never a hard bounce. A notice that the message is only delayed, or was delivered, names
+    no failure."""
+    text = all_text(msg)
+    if _NOT_A_FAILURE.search(f"{msg.get('Subject', '')} {text[:3000]}"):
+        return ()
     to = [v for k, v in original.headers if k.lower() == "to"]
     addresses = [m.group(0) for m in ADDRESS_RE.finditer(to[0])] if to else []
-    if len(addresses) != 1:
-        return ()
-    diagnostic = error_text(all_text(msg))
-    return (recipient(lower_domain(addresses[0]), "failed", status_in(diagnostic),
-                      reply_code_in(diagnostic), diagnostic, None),)
+    address = lower_domain(addresses[0]) if len(addresses) == 1 else ""
+    diagnostic = error_text(text)
+    found = recipient(address, "failed", status_in(diagnostic), reply_code_in(diagnostic),
+                      diagnostic, None)
+    if not address and found.bounce_class == "hard":
+        # the address that failed may be one ours forwarded to: bad for good, it is not named
+        found = dataclasses.replace(found, bounce_class="soft")
+    return (found,)
 
 
 def _original_to(text: str) -> list[str]:

@@ -22,12 +22,12 @@ from . import bounded_mime
 from .bounce_complaints import apple_unsubscribe, microsoft_jmrp
 from .bounce_heuristics import (
     autoreply,
-    enclosed_recipient,
     heuristic_recipients,
     inline_dsn_recipients,
     is_autoreply,
     looks_like_bounce,
     quoted_original,
+    unnamed_recipient,
 )
 from .bounce_reasons import REASONS, classify
 from .bounce_report import BouncedRecipient, Original, Report
@@ -84,7 +84,7 @@ def _parse(msg: Message, max_recipients: int) -> Report:
     recipients = inline_dsn_recipients(msg, max_recipients) or \
         heuristic_recipients(msg, max_recipients)
     if not recipients and looks_like_bounce(msg):
-        recipients = enclosed_recipient(msg, original)
+        recipients = unnamed_recipient(msg, original)
     if recipients:
         return Report(type="dsn", recipients=recipients, original=original)
     return Report(type="unknown", original=original)
