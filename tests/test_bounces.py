@@ -438,8 +438,16 @@ def test_a_failure_report_that_names_nobody_is_a_failure_of_the_unnamed_recipien
         ("", "failed", "soft")]
     for notice in ("Your message has been delayed. No action is required.\n",
                    "THIS IS A WARNING MESSAGE ONLY.\nYour message could not be delivered "
-                   "for 4 hours.\n", "Your message was successfully delivered.\n"):
+                   "for 4 hours.\n", "Your message was successfully delivered.\n",
+                   "Delivery to these recipients or groups is complete, but no delivery "
+                   "notification was sent by the destination server.\n",
+                   "Your message was read on Monday, 7 December 2026.\n"):
         assert not parse(_plain_bounce(notice)).is_bounce, notice
+    # a read receipt some mail programs send to the return path, from the null sender
+    receipt = (b"From: Ann <ann@example.org>\nTo: bounces+q@sender.test\nReturn-Path: <>\n"
+               b"Subject: Read: Your invoice\n\nThis receipt verifies that the message has "
+               b"been displayed on the recipient's computer.\n")
+    assert not parse(receipt).is_bounce
 
 
 def test_a_transcript_says_the_refusal_came_after_data() -> None:

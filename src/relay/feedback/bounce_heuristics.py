@@ -177,21 +177,27 @@ def _only_after(words: re.Pattern[str], address: str, text: str) -> bool:
     return True
 
 
-# a notice that a message is only delayed, or was delivered: no failure
+# a notice that a message is only delayed, was delivered or relayed (Exchange's "Delivery to
+# these recipients or groups is complete"), or was read: no failure
 _NOT_A_FAILURE = re.compile(
     r"\bdelay|\bwarning\b|still (being )?retr|will (be )?retried|will (keep|continue) (on )?"
     r"trying|no action is required|do not need to resend|\bsuccess|(has been|was) "
-    r"(successfully )?(delivered|relayed)\b", re.I)
+    r"(successfully )?(delivered|relayed)\b|\(relay\)|\bis complete\b|\bwas read\b"
+    r"|was received by\b", re.I)
+# a read or return receipt's subject ("Read: Your invoice", German, French, Spanish, Italian)
+_RECEIPT_SUBJECT = re.compile(r"^\s*(read|gelesen|lu|le[ií]do|letto|(return|delivery|read) "
+                              r"receipt)\b", re.I)
 
 
 def unnamed_recipient(msg: Message, original: Original) -> tuple[BouncedRecipient, ...]:
     """A failure report that names nobody: the one recipient of the message it returns, else
     one without an address (a report cut short, or one that keeps the address to itself),
     whom the token of the return path it came to names (VERP); its words still say why, but
-    never a hard bounce. A notice that the message is only delayed, or was delivered, names
-    no failure."""
+    never a hard bounce. A notice that the message is only delayed, was delivered or was
+    read names no failure."""
     text = all_text(msg)
-    if _NOT_A_FAILURE.search(f"{msg.get('Subject', '')} {text[:3000]}"):
+    subject = rawmail.decoded(str(msg.get("Subject", "")))
+    if _RECEIPT_SUBJECT.search(subject) or _NOT_A_FAILURE.search(f"{subject} {text[:3000]}"):
         return ()
     to = [v for k, v in original.headers if k.lower() == "to"]
     addresses = [m.group(0) for m in ADDRESS_RE.finditer(to[0])] if to else []
