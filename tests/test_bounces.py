@@ -443,6 +443,10 @@ def test_a_failure_report_that_names_nobody_is_a_failure_of_the_unnamed_recipien
                    "notification was sent by the destination server.\n",
                    "Your message was read on Monday, 7 December 2026.\n"):
         assert not parse(_plain_bounce(notice)).is_bounce, notice
+    # a delay's words do not unsay a failure for good
+    given_up = parse(_plain_bounce("Your message was delayed for 5 days. This is a permanent "
+                                   "error; I've given up.\n"))
+    assert [(r.address, r.action) for r in given_up.recipients] == [("", "failed")]
     # a read receipt some mail programs send to the return path, from the null sender
     receipt = (b"From: Ann <ann@example.org>\nTo: bounces+q@sender.test\nReturn-Path: <>\n"
                b"Subject: Read: Your invoice\n\nThis receipt verifies that the message has "

@@ -184,6 +184,9 @@ _NOT_A_FAILURE = re.compile(
     r"trying|no action is required|do not need to resend|\bsuccess|(has been|was) "
     r"(successfully )?(delivered|relayed)\b|\(relay\)|\bis complete\b|\bwas read\b"
     r"|was received by\b", re.I)
+# words that the failure is for good, which outweigh a delay's ("delayed for 5 days; I gave up")
+_FOR_GOOD = re.compile(r"permanent(ly)? (error|fail)|\bfailed permanently\b|\bg(a|i)ve(n)? up\b"
+                       r"|giving up|will not be (re)?tried|no further (attempts|retries)", re.I)
 # a read or return receipt's subject ("Read: Your invoice", German, French, Spanish, Italian)
 _RECEIPT_SUBJECT = re.compile(r"^\s*(read|gelesen|lu|le[ií]do|letto|(return|delivery|read) "
                               r"receipt)\b", re.I)
@@ -197,7 +200,9 @@ def unnamed_recipient(msg: Message, original: Original) -> tuple[BouncedRecipien
     read names no failure."""
     text = all_text(msg)
     subject = rawmail.decoded(str(msg.get("Subject", "")))
-    if _RECEIPT_SUBJECT.search(subject) or _NOT_A_FAILURE.search(f"{subject} {text[:3000]}"):
+    said = f"{subject} {text[:3000]}"
+    if _RECEIPT_SUBJECT.search(subject) or (
+            _NOT_A_FAILURE.search(said) and not _FOR_GOOD.search(said)):
         return ()
     to = [v for k, v in original.headers if k.lower() == "to"]
     addresses = [m.group(0) for m in ADDRESS_RE.finditer(to[0])] if to else []
