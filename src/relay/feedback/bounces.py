@@ -65,7 +65,10 @@ def _parse(msg: Message, max_recipients: int) -> Report:
         return arf(parts, original, max_recipients)
     if "message/delivery-status" in types or "message/global-delivery-status" in types:
         recipients = dsn_recipients(parts, max_recipients)
-        if recipients:
+        # maildrop's mailbot -M answers in a report's shape that says "delivered": an
+        # auto-reply (RFC 3834) all the same
+        if recipients and not (is_autoreply(msg) and all(
+                r.action in ("delivered", "relayed", "expanded") for r in recipients)):
             return Report(type="dsn", recipients=recipients, original=original)
     if "message/disposition-notification" in types:
         return mdn(parts, original)
