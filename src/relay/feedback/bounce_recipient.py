@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from .bounce_reasons import NAME_SERVICE, NO_CAUSE, classify, may_be_hard
-from .bounce_report import BouncedRecipient
+from .bounce_report import DELIVERED_ACTIONS, BouncedRecipient
 from .bounce_stage import smtp_stage
 
 # what a retrying queue saw last, not why the message failed in the end
@@ -49,7 +49,7 @@ def recipient(address: str, action: str, status: str | None, reply: int | None,
         remote_reply = not _OWN_DIRECTORY.search(diagnostic)
     if action == "delayed" and _DROPPED.search(diagnostic):
         action = "failed"
-    if action in ("delivered", "relayed", "expanded"):
+    if action in DELIVERED_ACTIONS:
         reason, cls = "delivered", "soft"
     else:
         if reply is not None and reply < 400:

@@ -6,6 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# RFC 3464's actions that say the message reached the recipient or went on: no failure
+DELIVERED_ACTIONS = ("delivered", "relayed", "expanded")
+
+
 @dataclass(frozen=True, kw_only=True)
 class BouncedRecipient:
     address: str

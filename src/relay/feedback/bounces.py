@@ -30,7 +30,7 @@ from .bounce_heuristics import (
     unnamed_recipient,
 )
 from .bounce_reasons import REASONS, classify
-from .bounce_report import BouncedRecipient, Original, Report
+from .bounce_report import DELIVERED_ACTIONS, BouncedRecipient, Original, Report
 from .bounce_ses import ses_notification
 from .bounce_standard import arf, dsn_recipients, enclosed_original, mdn
 from .bounce_text import all_text, walk
@@ -67,8 +67,8 @@ def _parse(msg: Message, max_recipients: int) -> Report:
         recipients = dsn_recipients(parts, max_recipients)
         # maildrop's mailbot -M answers in a report's shape that says "delivered": an
         # auto-reply (RFC 3834) all the same
-        if recipients and not (is_autoreply(msg) and all(
-                r.action in ("delivered", "relayed", "expanded") for r in recipients)):
+        if recipients and not (is_autoreply(msg)
+                               and all(r.action in DELIVERED_ACTIONS for r in recipients)):
             return Report(type="dsn", recipients=recipients, original=original)
     if "message/disposition-notification" in types:
         return mdn(parts, original)

@@ -23,7 +23,7 @@ from ..delivery.outbound import reply_text
 from ..delivery.outcomes import wants_report
 from ..errors import StoreError
 from ..feedback import bounces, verp
-from ..feedback.bounce_report import BouncedRecipient, Report
+from ..feedback.bounce_report import DELIVERED_ACTIONS, BouncedRecipient, Report
 from ..feedback.reports import ReportMaker
 from ..feedback.tracking import Tokens
 from ..store import SQLiteStore
@@ -33,8 +33,6 @@ from ..submit import Submitter
 from ..types import EventType
 
 log = logging.getLogger(__name__)
-
-_RECORDED = ("delivered", "relayed", "expanded")  # RFC 3464 actions that change nothing
 
 
 @dataclass(frozen=True)
@@ -209,7 +207,7 @@ def _about(said: Sequence[BouncedRecipient], t: SentTo, *, single: bool
     if not single:
         return None
     rank = {"failed": 0, "delayed": 1}
-    return min(said, key=lambda r: rank.get(r.action, 2 if r.action in _RECORDED else 3))
+    return min(said, key=lambda r: rank.get(r.action, 2 if r.action in DELIVERED_ACTIONS else 3))
 
 
 def _event_data(t: SentTo, said: BouncedRecipient) -> dict[str, object]:
